@@ -1,0 +1,263 @@
+"""Frozen settings for the model, the video geometry, the memory and the sampler.
+
+Every size the rest of the package needs is derived here from a handful of
+numbers (resolution, patch, VAE stride, chunk length), never typed elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MemoryMode = Literal["nam", "sink", "none"]
+MEMORY_MODES: tuple[str, ...] = ("nam", "sink", "none")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the generator cannot use; names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of the Wan2.1 text-to-video transformer (original Wan naming)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise SettingsError("dim", f"{self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise SettingsError("dim", "head dim must be even for the rotary embedding")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_wan_config(cls, config: dict[str, Any]) -> TransformerConfig:
+        """Build from a Wan `config.json` dict; unlisted keys keep the Wan2.1 defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in known}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        model_type = config.get("model_type", "t2v")
+        if model_type != "t2v":
+            raise SettingsError("model_type", f"only text-to-video ('t2v') Wan models are supported, got {model_type!r}")
+        return cls(**kwargs)
+
+
+WAN_1_3B = TransformerConfig()
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """Pixel and latent sizes of the video, and the chunk grid of the generator."""
+
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    latent_channels: int = 16
+    vae_stride_t: int = 4
+    vae_stride_hw: int = 8
+    patch_hw: int = 2
+    frames_per_chunk: int = 3  # latent frames generated together
+
+    def __post_init__(self) -> None:
+        unit = self.vae_stride_hw * self.patch_hw
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % unit:
+                raise SettingsError(name, f"{value} must be a positive multiple of {unit}")
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // self.vae_stride_hw
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // self.vae_stride_hw
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_height // self.patch_hw) * (self.latent_width // self.patch_hw)
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        return self.tokens_per_frame * self.frames_per_chunk
+
+    @property
+    def video_frames_per_chunk(self) -> int:
+        return self.vae_stride_t * self.frames_per_chunk
+
+    @property
+    def chunk_seconds(self) -> float:
+        return self.video_frames_per_chunk / self.fps
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Decoded frames of a latent video: the first latent frame gives one, the others four each."""
+        return 0 if latent_frames <= 0 else self.vae_stride_t * (latent_frames - 1) + 1
+
+    def latent_shape(self, latent_frames: int) -> tuple[int, int, int, int]:
+        return (latent_frames, self.latent_channels, self.latent_height, self.latent_width)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The KV memory: local window, attention sink and the MemFlow memory bank.
+
+    Defaults are the official release: NAM with a 3-frame bank refreshed every
+    3 chunks, a 12-frame local window that includes a 3-frame sink, SMA off.
+    """
+
+    mode: MemoryMode = "nam"
+    window: int = 12  # local attention window in latent frames, sink included
+    sink: int = 3  # attention-sink frames kept from the start
+    bank_size: int = 3  # memory-bank capacity in frames
+    record_interval: int = 3  # chunks between two recordings into the bank
+    sma: bool = False  # sparse memory activation
+    sma_top_k: int = 3  # frames of sink+bank kept per head when SMA is on
+
+    def __post_init__(self) -> None:
+        if self.mode not in MEMORY_MODES:
+            raise SettingsError("memory", f"unknown mode {self.mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+        if self.window < 1:
+            raise SettingsError("window", f"must be at least 1 frame, got {self.window}")
+        if self.sink < 0 or self.sink >= self.window:
+            raise SettingsError("sink", f"must be between 0 and window-1 ({self.window - 1}), got {self.sink}")
+        if self.bank_size < 1:
+            raise SettingsError("bank_size", f"must be at least 1, got {self.bank_size}")
+        if self.record_interval < 1:
+            raise SettingsError("record_interval", f"must be at least 1 chunk, got {self.record_interval}")
+        if self.sma_top_k < 1:
+            raise SettingsError("sma_top_k", f"must be at least 1, got {self.sma_top_k}")
+        if self.sma and self.mode != "nam":
+            raise SettingsError("sma", f"sparse memory activation needs memory 'nam', not {self.mode!r}")
+        if self.mode == "nam" and self.sink == 0:
+            raise SettingsError("sink", "memory 'nam' attends its bank only beside a sink: use sink >= 1")
+
+    @property
+    def sink_frames(self) -> int:
+        """Frames of the sink actually kept (mode `none` keeps none)."""
+        return 0 if self.mode == "none" else self.sink
+
+    @property
+    def bank_frames(self) -> int:
+        """Frames of bank storage (only mode `nam` has a bank)."""
+        return self.bank_size if self.mode == "nam" else 0
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Few-step flow matching, as released: 4 steps warped through a shift-5 schedule."""
+
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    train_timesteps: int = 1000
+    context_noise: int = 0  # timestep of the cache-writing pass
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise SettingsError("steps", "needs at least one denoising step")
+        for step in self.steps:
+            if not 0 < step <= self.train_timesteps:
+                raise SettingsError("steps", f"each step must be in 1..{self.train_timesteps}, got {step}")
+        if list(self.steps) != sorted(self.steps, reverse=True) or len(set(self.steps)) != len(self.steps):
+            raise SettingsError("steps", f"must be strictly decreasing, got {list(self.steps)}")
+        if self.shift <= 0:
+            raise SettingsError("shift", f"must be positive, got {self.shift}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How `lora.pt` is scaled when merged: alpha / rank (released: rank 256, alpha 256)."""
+
+    rank: int | None = 256  # None: take the rank from the file
+    alpha: float = 256.0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything the generator needs besides weights, prompts and noise."""
+
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    geometry: VideoGeometry = field(default_factory=VideoGeometry)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> GenerationSettings:
+        """Apply user-facing overrides (names as in `SETTING_NAMES`); raises SettingsError."""
+        memory: dict[str, Any] = {}
+        sampler: dict[str, Any] = {}
+        for name, value in overrides.items():
+            if name not in SETTING_NAMES:
+                raise SettingsError(name, f"unknown setting; known: {', '.join(sorted(SETTING_NAMES))}")
+            kind, attr = SETTING_NAMES[name]
+            value = _coerce(name, value)
+            (memory if kind == "memory" else sampler)[attr] = value
+        return GenerationSettings(
+            memory=dataclasses.replace(self.memory, **memory),
+            sampler=dataclasses.replace(self.sampler, **sampler),
+            geometry=self.geometry,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# user-facing name -> (settings group, attribute); CLI options and YAML keys use these names
+SETTING_NAMES: dict[str, tuple[str, str]] = {
+    "memory": ("memory", "mode"),
+    "window": ("memory", "window"),
+    "sink": ("memory", "sink"),
+    "bank_size": ("memory", "bank_size"),
+    "record_interval": ("memory", "record_interval"),
+    "sma": ("memory", "sma"),
+    "sma_top_k": ("memory", "sma_top_k"),
+    "steps": ("sampler", "steps"),
+    "shift": ("sampler", "shift"),
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check the type of one override value and normalise it."""
+    if name == "memory":
+        if not isinstance(value, str):
+            raise SettingsError(name, f"must be one of {', '.join(MEMORY_MODES)}, got {value!r}")
+        return value
+    if name == "sma":
+        if not isinstance(value, bool):
+            raise SettingsError(name, f"must be true or false, got {value!r}")
+        return value
+    if name == "shift":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(name, f"must be a number, got {value!r}")
+        return float(value)
+    if name == "steps":
+        if isinstance(value, str):
+            try:
+                value = [int(v) for v in value.replace(",", " ").split()]
+            except ValueError:
+                raise SettingsError(name, f"must be a list of integers like [1000, 750, 500, 250], got {value!r}") from None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise SettingsError(name, f"must be a list of integers like [1000, 750, 500, 250], got {value!r}")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(name, f"must be an integer, got {value!r}")
+    return value
