@@ -1,0 +1,587 @@
+"""Narrative scripts: YAML or JSONL files -> a validated Story -> a Timeline on the chunk grid.
+
+A story is a list of prompts, each starting at a time. The generator makes video in chunks of
+`VideoGeometry.frames_per_chunk` latent frames, so every start snaps up to the next chunk boundary and
+the prompt switches at most once per chunk; `Story.timeline` does that arithmetic.
+
+Everything a script says is checked here, once. Any problem becomes one `ScriptError` naming the file,
+the line, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
+
+YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
+JSONL_SUFFIXES: tuple[str, ...] = (".jsonl",)
+STORY_KEYS: tuple[str, ...] = ("title", "seed", "duration", "segments", "settings")
+SEGMENT_KEYS: tuple[str, ...] = ("start", "prompt")
+JSONL_KEYS: tuple[str, ...] = ("prompts",)
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator accepts
+SNAP_TOLERANCE = 1e-9  # in chunks: 10.5 s is chunk 14 exactly, not 15
+
+TIME_HINT = "write it like 10s, 1m30s, 0:10 or 1:02.5"
+SEGMENTS_HINT = "write segments as a list of `- start: 0s` / `  prompt: ...` entries"
+JSONL_HINT = 'each line must look like {"prompts": ["first segment", "second segment"]}'
+
+T = TypeVar("T")
+
+
+class ScriptError(Exception):
+    """A script cannot be used: where (file, line, field), what is wrong, and how to fix it."""
+
+    def __init__(self, path: Path, line: int | None, field: str | None, message: str, hint: str = ""):
+        super().__init__(path, line, field, message, hint)
+        self.path = Path(path)
+        self.line = line
+        self.field = field
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
+        text = ": ".join(part for part in (where, self.field, self.message) if part)
+        return f"{text} — {self.hint}" if self.hint else text
+
+
+class InvalidValue(ValueError):
+    """A value is wrong; whoever knows where it was written turns this into a ScriptError."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(f"{message} — {hint}" if hint else message)
+        self.message = message
+        self.hint = hint
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stories and their timelines
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One prompt and the time it starts, as written."""
+
+    start_s: float
+    prompt: str
+    line: int | None = field(default=None, compare=False)  # where the start was written, for errors
+
+
+@dataclass(frozen=True)
+class TimelineSegment:
+    """A segment placed on the chunk grid: where its prompt takes over, and for how long."""
+
+    index: int
+    prompt: str
+    start_s: float  # as written
+    start_chunk: int
+    start_latent_frame: int
+    start_video_frame: int
+    snapped_start_s: float
+    chunks: int
+    video_frames: int
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The chunks of one video and the prompt that drives each of them."""
+
+    chunks: int
+    latent_frames: int
+    video_frames: int
+    duration_s: float
+    segments: tuple[TimelineSegment, ...]
+
+    @property
+    def switch_chunks(self) -> tuple[int, ...]:
+        """Chunks at which the prompt changes (the starts of segments 1..n-1)."""
+        return tuple(segment.start_chunk for segment in self.segments[1:])
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return tuple(segment.prompt for segment in self.segments)
+
+    def prompt_index_for_chunk(self, chunk: int) -> int:
+        """Index of the segment whose prompt drives `chunk`."""
+        if not 0 <= chunk < self.chunks:
+            raise IndexError(f"chunk {chunk} is outside the timeline (0..{self.chunks - 1})")
+        position = bisect.bisect_right(self.segments, chunk, key=lambda segment: segment.start_chunk) - 1
+        return self.segments[position].index
+
+
+@dataclass(frozen=True)
+class Story:
+    """A validated narrative: prompts with start times, a length, a seed and generation overrides."""
+
+    path: Path
+    title: str
+    seed: int
+    duration_s: float
+    segments: tuple[Segment, ...]
+    settings: dict[str, Any] = field(default_factory=dict)  # overrides, names from SETTING_NAMES
+    line: int | None = None  # line of a JSONL story
+
+    def __post_init__(self) -> None:
+        _check_order(self)
+
+    def timeline(self, geometry: VideoGeometry, duration_s: float | None = None) -> Timeline:
+        """Snap the segments onto the chunk grid; `duration_s` cuts the video shorter (for previews)."""
+        return _build_timeline(self, geometry, duration_s)
+
+
+def _check_order(story: Story) -> None:
+    """Segments start at 0, strictly increase, and all begin before the end of the story."""
+
+    def fail(index: int, message: str, hint: str) -> ScriptError:
+        segment = story.segments[index]
+        return ScriptError(story.path, segment.line, f"segments[{index}].start", message, hint)
+
+    if not story.segments:
+        raise ScriptError(story.path, story.line, "segments", "a story needs at least one segment", SEGMENTS_HINT)
+    first = story.segments[0].start_s
+    if first != 0:
+        message = f"the first segment starts at {format_seconds(first)}, not at 0s"
+        raise fail(0, message, "start the first segment at 0s")
+    pairs = itertools.pairwise(story.segments)
+    for index, (before, segment) in enumerate(pairs, start=1):
+        if segment.start_s <= before.start_s:
+            relation = "the same time as" if segment.start_s == before.start_s else "before"
+            message = (
+                f"{format_seconds(segment.start_s)} is {relation} segments[{index - 1}] "
+                f"({format_seconds(before.start_s)})"
+            )
+            raise fail(index, message, "starts must increase strictly: reorder the segments or fix the times")
+    for index, segment in enumerate(story.segments):
+        if segment.start_s >= story.duration_s:
+            message = (
+                f"{format_seconds(segment.start_s)} is at or after the end of the story "
+                f"(duration {format_seconds(story.duration_s)})"
+            )
+            raise fail(index, message, "make the duration longer or remove this segment")
+
+
+def chunk_for(seconds: float, geometry: VideoGeometry) -> int:
+    """The first chunk starting at or after `seconds`."""
+    return max(0, math.ceil(seconds / geometry.chunk_seconds - SNAP_TOLERANCE))
+
+
+def _build_timeline(story: Story, geometry: VideoGeometry, limit_s: float | None) -> Timeline:
+    # 1. snap every start onto the grid of the whole story, and check no two share a chunk
+    story_chunks = chunk_for(story.duration_s, geometry)
+    starts = [chunk_for(segment.start_s, geometry) for segment in story.segments]
+    _check_grid(story, starts, story_chunks, geometry)
+
+    # 2. cut to the preview length: segments starting at or after the cut are dropped
+    chunks = story_chunks if limit_s is None else min(story_chunks, chunk_for(_check_limit(limit_s), geometry))
+    kept = [start for start in starts if start < chunks]
+    ends = [*kept[1:], chunks]
+
+    # 3. frames: 3 latent frames per chunk, 4N-3 video frames for N latent frames
+    latent_frames = geometry.frames_per_chunk * chunks
+    video_frames = geometry.video_frames(latent_frames)
+    segments = tuple(
+        _place(index, story.segments[index], start, end, geometry)
+        for index, (start, end) in enumerate(zip(kept, ends, strict=True))
+    )
+    return Timeline(chunks, latent_frames, video_frames, video_frames / geometry.fps, segments)
+
+
+def _place(index: int, segment: Segment, start: int, end: int, geometry: VideoGeometry) -> TimelineSegment:
+    start_latent = geometry.frames_per_chunk * start
+    end_latent = geometry.frames_per_chunk * end
+    start_video = geometry.video_frames(start_latent)
+    return TimelineSegment(
+        index=index,
+        prompt=segment.prompt,
+        start_s=segment.start_s,
+        start_chunk=start,
+        start_latent_frame=start_latent,
+        start_video_frame=start_video,
+        snapped_start_s=start * geometry.chunk_seconds,
+        chunks=end - start,
+        video_frames=geometry.video_frames(end_latent) - start_video,
+    )
+
+
+def _check_grid(story: Story, starts: list[int], chunks: int, geometry: VideoGeometry) -> None:
+    """At most one prompt switch per chunk, and every segment keeps at least one chunk."""
+    spacing = format_seconds(geometry.chunk_seconds)
+    for index in range(1, len(starts)):
+        if starts[index] == starts[index - 1]:
+            segment, before = story.segments[index], story.segments[index - 1]
+            message = (
+                f"{format_seconds(segment.start_s)} snaps to chunk {starts[index]}, the same chunk as "
+                f"segments[{index - 1}] ({format_seconds(before.start_s)})"
+            )
+            hint = f"space starts at least {geometry.chunk_seconds:g} s apart: the prompt switches at most once a chunk"
+            raise ScriptError(story.path, segment.line, f"segments[{index}].start", message, hint)
+    for index, start in enumerate(starts):
+        if start >= chunks:
+            segment = story.segments[index]
+            last = format_seconds((chunks - 1) * geometry.chunk_seconds)
+            message = (
+                f"{format_seconds(segment.start_s)} snaps to the {spacing} chunk grid at "
+                f"{format_seconds(start * geometry.chunk_seconds)}, the end of the video"
+            )
+            hint = f"start it at {last} or earlier, or make the duration longer"
+            raise ScriptError(story.path, segment.line, f"segments[{index}].start", message, hint)
+
+
+def _check_limit(limit_s: float) -> float:
+    if isinstance(limit_s, bool) or not isinstance(limit_s, (int, float)) or not 0 < limit_s < math.inf:
+        raise ValueError(f"a duration limit must be a positive number of seconds, got {limit_s!r}")
+    return float(limit_s)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Times
+
+_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
+_PLAIN_RE = re.compile(_NUMBER)
+_UNITS_RE = re.compile(rf"(?:(?P<h>{_NUMBER})h)?(?:(?P<m>{_NUMBER})m)?(?:(?P<s>{_NUMBER})s)?")
+_CLOCK_RE = re.compile(r"(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+(?:\.\d*)?)")
+
+
+def parse_time(value: str | float) -> float:
+    """Seconds from a time as written: "10s", "1m30s", "1h", "0:10", "1:02.5", "1:00:00", "90" or a number."""
+    seconds = _signed_seconds(value)
+    if not math.isfinite(seconds):
+        raise InvalidValue(f"{_show(value)} is not a finite time", TIME_HINT)
+    if seconds < 0:
+        raise InvalidValue(f"{_show(value)} is negative", "times count from the start of the video: use 0s or later")
+    return seconds + 0.0  # no -0.0
+
+
+def format_seconds(seconds: float) -> str:
+    """A time for messages: 10s, 10.2s, 0.75s."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _signed_seconds(value: Any) -> float:
+    if value is None:
+        raise InvalidValue("no time given", TIME_HINT)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidValue(f"{_show(value)} is not a time", TIME_HINT)
+    if not isinstance(value, str):
+        return float(value)
+    text = value.strip().lower().replace(" ", "")
+    seconds = _unsigned_seconds(text.removeprefix("-"))
+    if seconds is None:
+        raise InvalidValue(f"{_show(value)} is not a time", TIME_HINT)
+    return -seconds if text.startswith("-") else seconds
+
+
+def _unsigned_seconds(text: str) -> float | None:
+    if _PLAIN_RE.fullmatch(text):
+        return float(text)
+    units = _UNITS_RE.fullmatch(text)
+    if units and any(units.groups()):
+        return sum(float(units[name] or 0) * scale for name, scale in (("h", 3600), ("m", 60), ("s", 1)))
+    clock = _CLOCK_RE.fullmatch(text)
+    if clock and float(clock["s"]) < 60 and (clock["h"] is None or int(clock["m"]) < 60):
+        return int(clock["h"] or 0) * 3600 + int(clock["m"]) * 60 + float(clock["s"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Values shared by both formats
+
+
+def _check_title(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValue(f"the title must be non-blank text, got {_show(value)}", "write a short name in quotes")
+    return value.strip()
+
+
+def _check_seed(value: Any) -> int:
+    hint = "use a whole number from 0 up, such as 0 or 42"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(f"the seed must be a whole number, got {_show(value)}", hint)
+    if not 0 <= value <= MAX_SEED:
+        raise InvalidValue(f"the seed must be between 0 and 2**64-1, got {value}", hint)
+    return value
+
+
+def _check_duration(value: Any) -> float:
+    seconds = parse_time(value)
+    if seconds == 0:
+        raise InvalidValue("the duration must be longer than 0s", "give the video length, like 60s or 1m")
+    return seconds
+
+
+def _check_prompt(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidValue(f"the prompt must be text, got {_show(value)}", "write the prompt as text, quoted")
+    if not value.strip():
+        raise InvalidValue("the prompt is blank", "describe what happens in this segment")
+    return value.strip()
+
+
+def _show(value: Any) -> str:
+    """A value for messages, short."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _suggest(name: str, known: Iterable[str], label: str) -> str:
+    known = tuple(known)
+    listing = f"known {label}: {', '.join(known)}"
+    match = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {match[0]!r}? {listing}" if match else listing
+
+
+@contextmanager
+def _located(path: Path, line: int | None, field_name: str | None) -> Iterator[None]:
+    """Turn an InvalidValue raised inside into a ScriptError at this place."""
+    try:
+        yield
+    except InvalidValue as exc:
+        raise ScriptError(path, line, field_name, exc.message, exc.hint) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_scripts(path: Path | str, segment_seconds: float = 10.0, geometry: VideoGeometry | None = None) -> list[Story]:
+    """Stories of one script: a .yaml/.yml story, or a .jsonl prompt file (one story per line).
+
+    `segment_seconds` is the length of every JSONL segment, and of the last YAML segment when the story
+    gives no duration. Stories are checked against the chunk grid of `geometry` (default: the released one).
+    """
+    path = Path(path)
+    geometry = geometry or VideoGeometry()
+    load = _loader_for(path)
+    _check_segment_seconds(path, segment_seconds, geometry)
+    stories = load(path, _read_text(path), float(segment_seconds))
+    for story in stories:
+        story.timeline(geometry)  # raises if two segments snap onto one chunk
+    return stories
+
+
+def load_many(
+    paths: Iterable[Path | str], segment_seconds: float = 10.0, geometry: VideoGeometry | None = None
+) -> list[Story]:
+    """Stories of several scripts, in order; raises the first error."""
+    return [story for path in paths for story in load_scripts(path, segment_seconds, geometry)]
+
+
+def _loader_for(path: Path) -> Callable[[Path, str, float], list[Story]]:
+    suffix = path.suffix.lower()
+    if suffix in YAML_SUFFIXES:
+        return _load_yaml
+    if suffix in JSONL_SUFFIXES:
+        return _load_jsonl
+    kind = f"'{path.suffix}' files" if path.suffix else "files without an extension"
+    accepted = ", ".join((*YAML_SUFFIXES, *JSONL_SUFFIXES))
+    raise ScriptError(path, None, None, f"cannot read {kind}", f"give a story script ending in {accepted}")
+
+
+def _check_segment_seconds(path: Path, value: float, geometry: VideoGeometry) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not geometry.chunk_seconds <= value < math.inf:
+        message = f"must be a number of seconds no shorter than one chunk, got {_show(value)}"
+        hint = f"use at least {geometry.chunk_seconds:g} s, such as 10"
+        raise ScriptError(path, None, "segment_seconds", message, hint)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ScriptError(path, None, None, "no such file", "check the path and the file name") from None
+    except IsADirectoryError:
+        raise ScriptError(path, None, None, "is a folder, not a script", "give one script file") from None
+    except UnicodeDecodeError as exc:
+        raise ScriptError(path, None, None, f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
+    except OSError as exc:
+        message = f"cannot read the file: {exc.strerror or exc}"
+        raise ScriptError(path, None, None, message, "check that the file exists and is readable") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML: one story per file, with the line of every value kept for errors
+
+
+def _load_yaml(path: Path, text: str, segment_seconds: float) -> list[Story]:
+    reader = _YamlReader(path)
+    root = reader.compose(text)
+    entries = reader.mapping(root, "", STORY_KEYS, "keys")
+    if "segments" not in entries:
+        raise reader.error(root, "segments", "the story has no segments", SEGMENTS_HINT)
+    segments = reader.segments(entries["segments"])
+    title = reader.optional(entries, "title", _check_title, path.stem)
+    seed = reader.optional(entries, "seed", _check_seed, 0)
+    duration = reader.optional(entries, "duration", _check_duration, segments[-1].start_s + segment_seconds)
+    settings = reader.settings(entries["settings"]) if "settings" in entries else {}
+    return [Story(path, title, seed, duration, segments, settings)]
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+class _YamlReader:
+    """Reads a composed YAML document node by node, so that every error can name its line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def error(self, node: yaml.Node, field_name: str | None, message: str, hint: str = "") -> ScriptError:
+        return ScriptError(self.path, _line(node), field_name or None, message, hint)
+
+    def compose(self, text: str) -> yaml.Node:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            detail = ", ".join(part for part in (exc.context, exc.problem) if part)
+            message = f"not valid YAML: {detail}"
+            raise ScriptError(self.path, line, None, message, "check the indentation and quoting here") from None
+        except yaml.YAMLError as exc:
+            raise ScriptError(self.path, None, None, f"not valid YAML: {exc}", "save the file as plain text") from None
+        if root is None:
+            raise ScriptError(self.path, None, None, "the file is empty", "a story needs at least `segments:`")
+        return root
+
+    def value(self, node: yaml.Node, field_name: str) -> Any:
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            message = f"cannot read this value: {getattr(exc, 'problem', None) or exc}"
+            raise self.error(node, field_name, message, "write plain YAML values") from None
+
+    def read(self, node: yaml.Node, field_name: str, check: Callable[[Any], T]) -> T:
+        with _located(self.path, _line(node), field_name):
+            return check(self.value(node, field_name))
+
+    def optional(self, entries: dict[str, yaml.Node], key: str, check: Callable[[Any], T], default: T) -> T:
+        return self.read(entries[key], key, check) if key in entries else default
+
+    def mapping(self, node: yaml.Node, field_name: str, known: tuple[str, ...], label: str) -> dict[str, yaml.Node]:
+        """Value nodes of a mapping by key; rejects other nodes, unknown keys and repeated keys."""
+        if not isinstance(node, yaml.MappingNode):
+            message = f"expected a mapping, got {_show(self.value(node, field_name))}"
+            raise self.error(node, field_name, message, f"write `key: value` lines; known {label}: {', '.join(known)}")
+        entries: dict[str, yaml.Node] = {}
+        key_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(self.value(key_node, field_name))
+            name = f"{field_name}.{key}" if field_name else key
+            if key not in known:
+                raise self.error(key_node, name, f"unknown key {key!r}", _suggest(key, known, label))
+            if key in entries:
+                raise self.error(key_node, name, f"{key!r} is given twice (first on line {key_lines[key]})", "keep one")
+            entries[key] = value_node
+            key_lines[key] = _line(key_node)
+        return entries
+
+    def segments(self, node: yaml.Node) -> tuple[Segment, ...]:
+        if not isinstance(node, yaml.SequenceNode):
+            shown = _show(self.value(node, "segments"))
+            raise self.error(node, "segments", f"expected a list, got {shown}", SEGMENTS_HINT)
+        if not node.value:
+            raise self.error(node, "segments", "the list of segments is empty", SEGMENTS_HINT)
+        return tuple(self.segment(item, f"segments[{index}]") for index, item in enumerate(node.value))
+
+    def segment(self, node: yaml.Node, field_name: str) -> Segment:
+        entries = self.mapping(node, field_name, SEGMENT_KEYS, "keys")
+        for key, example in (("start", "start: 10s"), ("prompt", "prompt: what happens next")):
+            if key not in entries:
+                raise self.error(node, field_name, f"the segment has no {key!r}", f"add `{example}`")
+        start_node = entries["start"]
+        start = self.read(start_node, f"{field_name}.start", parse_time)
+        prompt = self.read(entries["prompt"], f"{field_name}.prompt", _check_prompt)
+        return Segment(start, prompt, _line(start_node))
+
+    def settings(self, node: yaml.Node) -> dict[str, Any]:
+        """Generation overrides, checked by GenerationSettings itself."""
+        if isinstance(node, yaml.ScalarNode) and self.value(node, "settings") is None:
+            return {}  # `settings:` with everything commented out
+        entries = self.mapping(node, "settings", tuple(SETTING_NAMES), "settings")
+        overrides = {name: self.value(value_node, f"settings.{name}") for name, value_node in entries.items()}
+        try:
+            GenerationSettings().with_overrides(overrides)
+        except SettingsError as exc:
+            written = exc.field in entries
+            where = entries[exc.field] if written else node
+            raise self.error(where, f"settings.{exc.field}", exc.message, _setting_hint(exc.field, written)) from None
+        return overrides
+
+
+def _setting_hint(name: str, written: bool) -> str:
+    if name not in SETTING_NAMES:
+        return "fix the settings or remove them to keep the defaults"
+    group, attribute = SETTING_NAMES[name]
+    default = getattr(getattr(GenerationSettings(), group), attribute)
+    shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+    if not written:
+        return f"the default `{name}` ({shown}) does not fit the other settings: set `{name}` too"
+    return f"fix the value, or remove `{name}` to keep the default ({shown})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# JSONL: the official MemFlow prompt files, one story per line, equal-length segments
+
+
+def _load_jsonl(path: Path, text: str, segment_seconds: float) -> list[Story]:
+    stories: list[Story] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        prompts = _jsonl_prompts(path, number, raw)
+        if stories and len(prompts) != len(stories[0].segments):
+            first = stories[0]
+            counts = f"{len(prompts)} prompts here, {len(first.segments)} on line {first.line}"
+            message = f"stories of one file must have as many segments each: {counts}"
+            hint = "split the file so that each one holds stories of one length"
+            raise ScriptError(path, number, "prompts", message, hint)
+        stories.append(_jsonl_story(path, number, prompts, segment_seconds))
+    if not stories:
+        raise ScriptError(path, None, None, "the file is empty", JSONL_HINT)
+    return stories
+
+
+def _jsonl_prompts(path: Path, number: int, raw: str) -> list[str]:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ScriptError(path, number, None, f"not valid JSON: {exc.msg} (column {exc.colno})", JSONL_HINT) from None
+    if not isinstance(record, dict):
+        raise ScriptError(path, number, None, f"a line must be a JSON object, got {_show(record)}", JSONL_HINT)
+    for key in record:
+        if key not in JSONL_KEYS:
+            raise ScriptError(path, number, key, f"unknown key {key!r}", _suggest(key, JSONL_KEYS, "keys"))
+    prompts = record.get("prompts")
+    if not isinstance(prompts, list) or not prompts:
+        message = f"needs a non-empty list of prompts, got {_show(prompts)}"
+        raise ScriptError(path, number, "prompts", message, JSONL_HINT)
+    checked = []
+    for index, prompt in enumerate(prompts):
+        with _located(path, number, f"prompts[{index}]"):
+            checked.append(_check_prompt(prompt))
+    return checked
+
+
+def _jsonl_story(path: Path, number: int, prompts: list[str], segment_seconds: float) -> Story:
+    segments = tuple(Segment(index * segment_seconds, prompt, number) for index, prompt in enumerate(prompts))
+    title = f"{path.stem}-{number:03d}"
+    return Story(path, title, 0, len(prompts) * segment_seconds, segments, {}, number)
