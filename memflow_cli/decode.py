@@ -1,0 +1,127 @@
+"""Streaming VAE decode: latent chunks in, RGB frames out, with a persistent causal cache.
+
+The Wan VAE decoder is causal in time: diffusers' `AutoencoderKLWan._decode` runs it one latent frame at a
+time and carries, for every causal 3-D conv, the last two input frames in a feature map (`feat_cache`,
+indexed through `feat_idx`). `StreamingDecoder` drives the same diffusers modules the same way, but keeps
+that feature map alive between calls, so decoding a video chunk by chunk gives exactly the frames of
+decoding it all at once, while memory stays flat: only the fixed-size causal cache outlives a chunk.
+
+The feature map belongs to this object, not to the VAE, so a `vae.encode`/`vae.decode` elsewhere (which
+clears the VAE's own map) cannot corrupt a video in progress.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders import autoencoder_kl_wan
+
+# The first latent frame of a video decodes to one RGB frame, every later one to this many.
+FRAMES_PER_LATENT = 4
+
+
+def frames_from_decoded(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output [N, 3, H, W] in [-1, 1] -> uint8 frames [N, H, W, 3] on the CPU.
+
+    As the official code does: float32, clamp, map to [0, 1], times 255, then truncate (not round).
+    """
+    video = (0.5 * x.float().clamp(-1.0, 1.0) + 0.5).clamp(0.0, 1.0)
+    return (video * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def decoded_frame_count(latent_frames: int) -> int:
+    """RGB frames that a whole video of `latent_frames` latent frames decodes to."""
+    return 0 if latent_frames <= 0 else 1 + FRAMES_PER_LATENT * (latent_frames - 1)
+
+
+def _count_causal_convs(module: torch.nn.Module) -> int:
+    """Slots of the feature map: one per causal conv, as diffusers sizes it in `clear_cache`."""
+    return sum(isinstance(m, autoencoder_kl_wan.WanCausalConv3d) for m in module.modules())
+
+
+def _accepts_first_chunk(decoder: torch.nn.Module) -> bool:
+    """Newer diffusers (Wan2.2 residual VAE) pass `first_chunk` to the decoder; older ones do not."""
+    return "first_chunk" in inspect.signature(decoder.forward).parameters
+
+
+class StreamingDecoder:
+    """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks."""
+
+    def __init__(self, vae: AutoencoderKLWan, dtype: torch.dtype | None = None):
+        self.vae = vae.eval()
+        self.device = vae.device
+        self.dtype = dtype or vae.dtype
+        if self.dtype != vae.dtype:
+            vae.to(dtype=self.dtype)
+        self.latent_channels: int = vae.config.z_dim
+        self.patch_size: int | None = getattr(vae.config, "patch_size", None)
+        self._first_chunk_kwarg = _accepts_first_chunk(vae.decoder)
+        self._num_slots = _count_causal_convs(vae.decoder)
+        self._mean, self._inv_std = self._normalisation(vae.config)
+        self._feat_map: list[Any] = []
+        self.latent_frames_seen = 0
+        self.reset()
+
+    def _normalisation(self, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and 1/std, shaped [1, C, 1, 1, 1], in the compute dtype (as the reference does)."""
+        shape = (1, self.latent_channels, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, dtype=self.dtype, device=self.device).view(shape)
+        std = torch.tensor(config.latents_std, dtype=self.dtype, device=self.device).view(shape)
+        return mean, 1.0 / std
+
+    def reset(self) -> None:
+        """Start a new video: drop the causal cache."""
+        self._feat_map = [None] * self._num_slots
+        self.latent_frames_seen = 0
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Generator latents [1, F, C, h, w] (normalised) -> VAE latents z [1, C, F, h, w]."""
+        self._check_latents(latents)
+        x = latents.to(device=self.device, dtype=self.dtype).permute(0, 2, 1, 3, 4)  # [1, C, F, h, w]
+        return x / self._inv_std + self._mean  # z = latent * std + mean, via the reference's rounded 1/std
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        shape_ok = latents.dim() == 5 and latents.shape[0] == 1 and latents.shape[2] == self.latent_channels
+        if not shape_ok or latents.shape[1] == 0:
+            raise ValueError(
+                f"latents must be [1, F>0, {self.latent_channels}, h, w] (frame-major, one video), "
+                f"got {list(latents.shape)}"
+            )
+
+    @torch.inference_mode()
+    def decode_z(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents z [1, C, F, h, w] -> frames [1, 3, N, H, W] in [-1, 1], continuing the cached video."""
+        x = self.vae.post_quant_conv(z)  # 1x1x1 conv: frames are independent
+        outputs = [self._decode_frame(x[:, :, i : i + 1]) for i in range(x.shape[2])]
+        out = torch.cat(outputs, dim=2)
+        if self.patch_size is not None:
+            out = autoencoder_kl_wan.unpatchify(out, patch_size=self.patch_size)
+        return out.float().clamp(-1.0, 1.0)
+
+    def _decode_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """One latent frame [1, C, 1, h, w] through the causal decoder; updates the feature map in place."""
+        kwargs: dict[str, Any] = {"feat_cache": self._feat_map, "feat_idx": [0]}
+        if self._first_chunk_kwarg:
+            kwargs["first_chunk"] = self.latent_frames_seen == 0
+        out = self.vae.decoder(x, **kwargs)
+        self.latent_frames_seen += 1
+        return out
+
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """One generator chunk [1, F, C, h, w] -> float32 frames [N, 3, H, W] in [-1, 1]."""
+        frames = self.decode_z(self.denormalise(latents))  # [1, 3, N, H, W]
+        return frames[0].permute(1, 0, 2, 3)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """One generator chunk [1, F, C, h, w] -> uint8 frames [N, H, W, 3] on the CPU."""
+        return frames_from_decoded(self.decode_float(latents))
+
+    def stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Decode one whole video, chunk by chunk: resets, then yields uint8 frames [N, H, W, 3] per chunk."""
+        self.reset()
+        for latents in chunks:
+            yield self.decode(latents)

@@ -1,0 +1,304 @@
+"""MP4 output: a fragmented H.264 writer that grows on disk, and the JSON sidecar beside it.
+
+`Mp4Writer` pipes raw RGB frames into ffmpeg (the binary shipped with imageio-ffmpeg). The MP4 is
+fragmented at every keyframe, so whatever has been written so far plays at any moment, even if the
+process is killed. Frames go to `<stem>.partial.mp4` beside the target; only a successful `close()`
+moves it onto the target (atomically, same folder), so the target is never left corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+
+LOG_TAIL_CHARS = 2000
+QUEUE_CHUNKS = 2
+ABORT_TIMEOUT_S = 60.0
+_STOP = None  # queue sentinel: no more frames
+
+
+class OutputError(RuntimeError):
+    """The video could not be written; the message says why and what to do."""
+
+
+class OutputExistsError(OutputError):
+    """The target file exists and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    width: int
+    height: int
+    fps: float
+
+
+def partial_path(target: Path) -> Path:
+    """Where frames go until the video is complete: `out.mp4` -> `out.partial.mp4`, same folder."""
+    return target.with_name(f"{target.stem}.partial.mp4")
+
+
+def sidecar_path(target: Path) -> Path:
+    """The metadata file of a video: `out.mp4` -> `out.json`."""
+    return target.with_suffix(".json")
+
+
+def write_sidecar(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as indented JSON, atomically (temporary file in the same folder, then os.replace)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Frame count, size and frame rate of a video file (decodes it to count frames exactly)."""
+    if not path.is_file():
+        raise OutputError(f"{path}: no such video file")
+    try:
+        meta = _read_metadata(path)
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except (RuntimeError, OSError) as error:
+        last_line = (str(error).strip().splitlines() or ["unknown error"])[-1]
+        raise OutputError(f"{path}: ffmpeg cannot read it: {last_line}") from error
+    width, height = meta["size"]
+    return VideoInfo(frames=frames, width=width, height=height, fps=float(meta["fps"]))
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The header imageio-ffmpeg parses from ffmpeg's output, without decoding any frame."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        return next(reader)
+    finally:
+        reader.close()
+
+
+def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_interval: int) -> list[str]:
+    """rawvideo rgb24 on stdin -> H.264 yuv420p, a keyframe (and an MP4 fragment) every `keyframe_interval`."""
+    source = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0"]
+    codec = ["-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-r", str(fps)]
+    gop = ["-g", str(keyframe_interval), "-keyint_min", str(keyframe_interval), "-sc_threshold", "0"]
+    container = ["-movflags", "+frag_keyframe+empty_moov+default_base_moof", "-flush_packets", "1", "-f", "mp4"]
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "warning", "-y",
+            *source, *codec, *gop, *container, str(output)]  # fmt: skip
+
+
+def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A uint8 [N, H, W, 3] tensor or array -> a contiguous numpy array on the CPU."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray):
+        raise TypeError(f"frames must be a torch tensor or a numpy array, got {type(frames).__name__}")
+    return np.ascontiguousarray(frames)
+
+
+def _check_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 2:
+            raise OutputError(f"video {name} must be a positive even number (H.264 4:2:0), got {value}")
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write {target}: folder {target.parent} does not exist")
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a folder")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists; use --overwrite to replace it")
+
+
+class _PipeFeeder:
+    """Writes queued byte chunks to a pipe from a background thread, so a slow ffmpeg never stalls the caller.
+
+    The queue is bounded: the caller blocks only when `QUEUE_CHUNKS` chunks are already waiting. After a
+    write error the thread keeps draining the queue, so the caller can never block on a dead pipe; the
+    error is kept in `error` for the caller to raise.
+    """
+
+    def __init__(self, pipe: IO[bytes]):
+        self.pipe = pipe
+        self.error: BaseException | None = None
+        self._stop_sent = False
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._thread = threading.Thread(target=self._run, name="mp4-writer-feed", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not _STOP:
+            if self.error is None:
+                try:
+                    self.pipe.write(chunk)
+                    self.pipe.flush()
+                except (OSError, ValueError) as error:  # BrokenPipeError when ffmpeg died
+                    self.error = error
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        try:
+            self.pipe.close()
+        except OSError as error:  # flushing into a dead ffmpeg
+            self.error = self.error or error
+
+    def put(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Send end-of-stream and wait until everything queued has reached the pipe; False on timeout."""
+        try:
+            if not self._stop_sent:
+                self._queue.put(_STOP, timeout=timeout)
+                self._stop_sent = True
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class Mp4Writer:
+    """Appends uint8 RGB frames to a fragmented MP4 that is playable at every moment.
+
+    Use as a context manager: a clean exit calls `close()` (the partial file becomes the target), an
+    exception (KeyboardInterrupt included) calls `abort()` (the partial file stays, playable) and re-raises.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        width: int,
+        height: int,
+        fps: int = 16,
+        *,
+        overwrite: bool = False,
+        keyframe_interval: int = 12,
+    ):
+        _check_size(width, height)
+        _check_target(target, overwrite)
+        if keyframe_interval < 1:
+            raise OutputError(f"keyframe_interval must be at least 1, got {keyframe_interval}")
+        self.target = target
+        self.partial = partial_path(target)
+        self.width, self.height, self.fps = width, height, fps
+        self._frames_written = 0
+        self._finished = False
+        self._log = tempfile.TemporaryFile()
+        command = _ffmpeg_command(self.partial, width, height, fps, keyframe_interval)
+        # A session of its own: Ctrl-C reaches only us, and abort() then finishes ffmpeg cleanly.
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+        )
+        assert self._process.stdin is not None
+        self._feeder = _PipeFeeder(self._process.stdin)
+
+    @property
+    def pid(self) -> int:
+        """Process id of the ffmpeg encoder."""
+        return self._process.pid
+
+    @property
+    def frames_written(self) -> int:
+        """Frames accepted by `write` so far."""
+        return self._frames_written
+
+    def write(self, frames: torch.Tensor | np.ndarray) -> None:
+        """Append uint8 frames [N, H, W, 3]. Raises OutputError if ffmpeg has stopped."""
+        if self._finished:
+            raise OutputError(f"{self.target}: the writer is already closed")
+        array = self._validated(_as_frames(frames))
+        self._raise_if_failed()
+        if len(array):
+            self._feeder.put(array.tobytes())
+            self._frames_written += len(array)
+
+    def _validated(self, array: np.ndarray) -> np.ndarray:
+        expected = (self.height, self.width, 3)
+        if array.ndim != 4 or array.shape[1:] != expected:
+            raise ValueError(f"frames must be [N, {self.height}, {self.width}, 3], got {list(array.shape)}")
+        if array.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8, got {array.dtype}")
+        return array
+
+    def _raise_if_failed(self) -> None:
+        if self._feeder.error is not None or self._process.poll() is not None:
+            raise OutputError(self._failure_message())
+
+    def _failure_message(self) -> str:
+        code = self._process.poll()
+        status = "is still running" if code is None else f"exited with code {code}"
+        return f"ffmpeg failed writing {self.partial} ({status}):\n{self._log_tail()}"
+
+    def _log_tail(self) -> str:
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace").strip()
+        return text[-LOG_TAIL_CHARS:] or "(ffmpeg printed nothing)"
+
+    def _finish_ffmpeg(self, timeout: float | None) -> int:
+        """End the frame stream and wait for ffmpeg to write its last fragment; returns its exit code."""
+        self._finished = True
+        try:
+            if self._feeder.finish(timeout):
+                return self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self._process.kill()  # hung: a dead pipe unblocks the feeder
+        self._feeder.finish()
+        return self._process.wait()
+
+    def close(self) -> Path:
+        """Finish the video and move it onto the target; returns the target."""
+        if self._finished:
+            raise OutputError(f"{self.target}: the writer is already closed")
+        code = self._finish_ffmpeg(timeout=None)
+        try:
+            if self._frames_written == 0:
+                self.partial.unlink(missing_ok=True)
+                raise OutputError(f"no frames were written; {self.target} was not created")
+            if code != 0 or self._feeder.error is not None:
+                raise OutputError(self._failure_message())
+            os.replace(self.partial, self.target)
+            return self.target
+        finally:
+            self._log.close()
+
+    def abort(self) -> Path | None:
+        """Finish ffmpeg cleanly and keep the partial file; returns its path, or None if no frame was written."""
+        if self._finished:
+            return self.partial if self.partial.exists() else None
+        self._finish_ffmpeg(timeout=ABORT_TIMEOUT_S)
+        self._log.close()
+        if self._frames_written == 0:
+            self.partial.unlink(missing_ok=True)
+            return None
+        return self.partial if self.partial.exists() else None
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

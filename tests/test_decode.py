@@ -1,0 +1,114 @@
+"""Streaming VAE decode against diffusers' whole-video decode, on a tiny random Wan VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from memflow_cli.decode import StreamingDecoder, decoded_frame_count, frames_from_decoded
+
+LATENT_FRAMES = 9
+CHUNK = 3
+LATENT_HW = (4, 6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny convolutions run fastest on one thread; several threads on a busy CPU spin for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae() -> AutoencoderKLWan:
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def latents() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(1, LATENT_FRAMES, 16, *LATENT_HW, generator=generator)  # [1, F, C, h, w]
+
+
+def _decode_in_chunks(decoder: StreamingDecoder, latents: torch.Tensor) -> torch.Tensor:
+    chunks = [decoder.decode_float(chunk) for chunk in latents.split(CHUNK, dim=1)]
+    return torch.cat(chunks)  # [N, 3, H, W]
+
+
+def _relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((ours - expected).norm() / expected.norm()).item()
+
+
+def test_chunked_decode_matches_whole_video_decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    ours = _decode_in_chunks(decoder, latents)
+
+    with torch.no_grad():
+        expected = vae.decode(decoder.denormalise(latents)).sample[0].permute(1, 0, 2, 3)
+
+    assert ours.shape == expected.shape == (decoded_frame_count(LATENT_FRAMES), 3, 32, 48)
+    assert _relative_error(ours, expected) < 1e-4
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_frame_counts_per_chunk(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    counts = [decoder.decode(chunk).shape[0] for chunk in latents.split(CHUNK, dim=1)]
+    assert counts == [1 + 4 * (CHUNK - 1), 4 * CHUNK, 4 * CHUNK]
+    assert sum(counts) == 1 + 4 * (LATENT_FRAMES - 1)
+
+
+def test_uint8_frames_layout(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    frames = decoder.decode(latents[:, :2])
+    assert frames.dtype == torch.uint8
+    assert frames.device.type == "cpu"
+    assert frames.shape == (5, 32, 48, 3)
+
+
+def test_reset_starts_a_new_video(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    first = _decode_in_chunks(decoder, latents)
+    decoder.reset()
+    second = _decode_in_chunks(decoder, latents)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_cache_survives_an_unrelated_vae_decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    reference = _decode_in_chunks(decoder, latents)
+    decoder.reset()
+    head = decoder.decode_float(latents[:, :CHUNK])
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 2, *LATENT_HW))  # clears the VAE's own feature map, not ours
+    tail = decoder.decode_float(latents[:, CHUNK:])
+    torch.testing.assert_close(torch.cat([head, tail]), reference, rtol=0, atol=0)
+
+
+def test_stream_yields_the_frames_of_each_chunk(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    decoder.decode(latents[:, :1])  # a stale video in progress: stream() starts afresh
+    streamed = torch.cat(list(decoder.stream(latents.split(CHUNK, dim=1))))
+    expected = frames_from_decoded(_decode_in_chunks(StreamingDecoder(vae), latents))
+    assert torch.equal(streamed, expected)
+
+
+def test_frames_from_decoded_truncates() -> None:
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    frames = frames_from_decoded(x)  # [1, 1, 6, 3]
+    # 0.5*0 + 0.5 = 0.5 -> 127.5 -> 127 (truncated, not rounded); 0.999 -> 254.87 -> 254
+    assert frames[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
+    assert frames.dtype == torch.uint8
+
+
+def test_rejects_channel_major_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae)
+    with pytest.raises(ValueError, match="frame-major"):
+        decoder.decode(latents.permute(0, 2, 1, 3, 4))

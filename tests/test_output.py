@@ -1,0 +1,220 @@
+"""Fragmented MP4 writer and sidecar, with the real ffmpeg of imageio-ffmpeg, on tiny videos."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+
+from memflow_cli.output import (
+    Mp4Writer,
+    OutputError,
+    OutputExistsError,
+    VideoInfo,
+    partial_path,
+    probe_video,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
+
+WIDTH, HEIGHT, FPS, KEYFRAMES = 64, 48, 16, 12
+
+
+def pattern(start: int, count: int) -> np.ndarray:
+    """Frames [count, H, W, 3]: smooth gradients that vary with the frame index."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    frames = [np.stack([x * 4, y * 5, np.full_like(x, (8 * t) % 256)], axis=-1) for t in range(start, start + count)]
+    return np.stack(frames).astype(np.uint8)
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Every decodable frame of a video [N, H, W, 3] uint8."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
+    return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
+
+
+def write_pattern(writer: Mp4Writer, total: int, chunk: int = KEYFRAMES) -> None:
+    for start in range(0, total, chunk):
+        writer.write(pattern(start, min(chunk, total - start)))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def decodable_frames(path: Path) -> int:
+    try:
+        return len(read_frames(path))
+    except (OSError, RuntimeError, StopIteration):  # not even a header yet
+        return 0
+
+
+def assert_close_to_pattern(decoded: np.ndarray, start: int = 0) -> None:
+    expected = pattern(start, len(decoded)).astype(np.float32)
+    assert np.abs(decoded.astype(np.float32) - expected).mean() < 4.0  # lossy H.264, CRF 18
+
+
+def new_writer(target: Path, **kwargs: bool) -> Mp4Writer:
+    return Mp4Writer(target, WIDTH, HEIGHT, FPS, keyframe_interval=KEYFRAMES, **kwargs)
+
+
+def test_writes_a_video(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    with new_writer(target) as writer:
+        write_pattern(writer, 30)
+        assert writer.frames_written == 30
+    assert target.is_file()
+    assert not partial_path(target).exists()
+    assert probe_video(target) == VideoInfo(frames=30, width=WIDTH, height=HEIGHT, fps=16.0)
+    decoded = read_frames(target)
+    assert len(decoded) == 30
+    assert_close_to_pattern(decoded[:1])
+
+
+def test_accepts_torch_frames_and_returns_target(tmp_path: Path) -> None:
+    writer = new_writer(tmp_path / "t.mp4")
+    writer.write(torch.from_numpy(pattern(0, 5)))
+    assert writer.close() == tmp_path / "t.mp4"
+    assert probe_video(tmp_path / "t.mp4").frames == 5
+
+
+def test_existing_target_is_not_clobbered(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="use --overwrite") as error:
+        new_writer(target)
+    assert str(target) in str(error.value)
+    assert isinstance(error.value, OutputError)
+    assert target.read_bytes() == b"precious"
+
+
+def test_overwrite_replaces_only_on_close(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"old")
+    with new_writer(target, overwrite=True) as writer:
+        write_pattern(writer, 12)
+        assert target.read_bytes() == b"old"
+    assert probe_video(target).frames == 12
+
+
+def test_exception_keeps_target_and_leaves_playable_partial(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), new_writer(target, overwrite=True) as writer:
+        write_pattern(writer, 24)
+        raise KeyboardInterrupt
+    assert target.read_bytes() == b"old"
+    partial = partial_path(target)
+    assert partial == tmp_path / "out.partial.mp4"
+    decoded = read_frames(partial)
+    assert len(decoded) == 24
+    assert_close_to_pattern(decoded[:1])
+    assert_close_to_pattern(decoded[-1:], start=23)
+
+
+def test_abort_before_any_frame_removes_partial(tmp_path: Path) -> None:
+    writer = new_writer(tmp_path / "out.mp4")
+    assert writer.abort() is None
+    assert not partial_path(tmp_path / "out.mp4").exists()
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_partial_plays_while_the_writer_is_open(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    with new_writer(target) as writer:
+        write_pattern(writer, 3 * KEYFRAMES)  # two fragments can be finished; the encoder may hold the third
+        partial = partial_path(target)
+        wait_for(lambda: decodable_frames(partial) >= 2 * KEYFRAMES)
+        decoded = read_frames(partial)
+        assert len(decoded) % KEYFRAMES == 0
+        assert_close_to_pattern(decoded)
+        assert not target.exists()
+    assert probe_video(target).frames == 3 * KEYFRAMES
+
+
+def test_killed_encoder_leaves_finished_fragments_playable(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    partial = partial_path(target)
+    with pytest.raises(OutputError, match="ffmpeg failed"), new_writer(target) as writer:
+        write_pattern(writer, 3 * KEYFRAMES)
+        wait_for(lambda: decodable_frames(partial) >= KEYFRAMES)
+        os.kill(writer.pid, signal.SIGKILL)
+        for start in range(100):  # the death surfaces on a following write
+            writer.write(pattern(start, 1))
+            time.sleep(0.05)
+    assert not target.exists()
+    decoded = read_frames(partial)
+    assert len(decoded) >= KEYFRAMES
+    assert_close_to_pattern(decoded[:KEYFRAMES])
+
+
+def test_write_does_not_wait_for_a_stalled_encoder(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    writer = new_writer(target)
+    os.kill(writer.pid, signal.SIGSTOP)
+    try:
+        # One chunk blocks in the pipe, two wait in the queue: three writes return at once.
+        feeder = threading.Thread(target=write_pattern, args=(writer, 3 * KEYFRAMES))
+        feeder.start()
+        feeder.join(timeout=5.0)
+        assert not feeder.is_alive()
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    feeder.join()
+    writer.close()
+    assert probe_video(target).frames == 3 * KEYFRAMES
+
+
+def test_probe_rejects_a_non_video(tmp_path: Path) -> None:
+    path = tmp_path / "junk.mp4"
+    path.write_bytes(b"not a video")
+    with pytest.raises(OutputError, match="cannot read"):
+        probe_video(path)
+    with pytest.raises(OutputError, match="no such"):
+        probe_video(tmp_path / "missing.mp4")
+
+
+def test_rejects_bad_frames(tmp_path: Path) -> None:
+    with new_writer(tmp_path / "out.mp4") as writer:
+        with pytest.raises(ValueError, match=r"\[N, 48, 64, 3\]"):
+            writer.write(np.zeros((2, 64, 48, 3), np.uint8))
+        with pytest.raises(ValueError, match="uint8"):
+            writer.write(np.zeros((2, 48, 64, 3), np.float32))
+        writer.write(pattern(0, 1))
+
+
+def test_odd_size_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="even"):
+        Mp4Writer(tmp_path / "out.mp4", 63, 48)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="does not exist"):
+        Mp4Writer(tmp_path / "nope" / "out.mp4", WIDTH, HEIGHT)
+
+
+def test_sidecar_round_trip(tmp_path: Path) -> None:
+    path = sidecar_path(tmp_path / "out.mp4")
+    assert path == tmp_path / "out.json"
+    data = {"prompts": ["a café at dusk", "rain"], "seed": 7, "fps": 16, "nested": {"frames": [1, 2]}}
+    write_sidecar(path, data)
+    write_sidecar(path, data)  # replacing an existing sidecar
+    assert read_sidecar(path) == data
+    assert path.read_text(encoding="utf-8").startswith('{\n  "prompts"')
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
