@@ -1,0 +1,228 @@
+"""The causal Wan2.1 text-to-video transformer, run one chunk of latent frames at a time.
+
+Parameter names follow the original Wan checkpoints (`blocks.0.self_attn.q`, ...),
+so MemFlow's `base.pt` loads without renaming. The module is plain eager
+PyTorch; caching lives in `cache.py` and the chunk loop in `generator.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..settings import TransformerConfig
+from .cache import KVMemory, TextCache
+from .memory import CachePlan
+
+
+@dataclass
+class PassState:
+    """What every block of one pass needs besides the hidden states."""
+
+    plan: CachePlan
+    memory: KVMemory
+    text: TextCache
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [N, 1, D/2]
+    bank_view: int
+    sma_top_k: int | None  # None: SMA off
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Non-affine LayerNorm, accumulated in float32 and cast back."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
+
+
+class AffineLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def timestep_sinusoid(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] embedding of float timesteps, computed in float64: [N, dim]."""
+    half = dim // 2
+    position = timesteps.double()
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=timesteps.device).div(half))
+    angles = torch.outer(position, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Rotary pairs given to (time, height, width): 22/21/21 of 64 for head dim 128."""
+    third = head_dim // 6
+    return (head_dim - 4 * third) // 2, third, third
+
+
+def rope_angles(config: TransformerConfig, frame0: int, frames: int, height: int, width: int, device) -> torch.Tensor:
+    """Rotation angle of every (token, pair) for tokens of frames frame0.., in float64: [N, D/2].
+
+    Frame positions are absolute latent-frame indices; they never re-base when the cache rolls.
+    """
+    pairs_t, pairs_h, pairs_w = rope_split(config.head_dim)
+
+    def inv_freq(pairs: int) -> torch.Tensor:
+        dim = 2 * pairs
+        return 1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64, device=device).div(dim))
+
+    f = torch.arange(frame0, frame0 + frames, dtype=torch.float64, device=device)
+    h = torch.arange(height, dtype=torch.float64, device=device)
+    w = torch.arange(width, dtype=torch.float64, device=device)
+    angles_f = torch.outer(f, inv_freq(pairs_t))[:, None, None].expand(frames, height, width, pairs_t)
+    angles_h = torch.outer(h, inv_freq(pairs_h))[None, :, None].expand(frames, height, width, pairs_h)
+    angles_w = torch.outer(w, inv_freq(pairs_w))[None, None, :].expand(frames, height, width, pairs_w)
+    return torch.cat([angles_f, angles_h, angles_w], dim=-1).reshape(frames * height * width, -1)
+
+
+def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [N, 1, D/2] in `dtype` (float64 for exact parity, float32 for speed)."""
+    return torch.cos(angles).to(dtype)[:, None], torch.sin(angles).to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate consecutive pairs of x [B, N, H, D] by the table's angles; computed in the table's dtype."""
+    cos, sin = rope
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))  # [B, N, H, D/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim = config.dim
+        self.heads = config.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+
+    def forward(self, x: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+        heads = (self.heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), state.rope).transpose(1, 2)  # [B, H, N, D]
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), state.rope).transpose(1, 2)
+        v = self.v(x).unflatten(-1, heads).transpose(1, 2)
+        memory = state.memory
+        memory.write(layer, state.plan, k, v)
+        if state.sma_top_k is None:
+            keys, values = memory.attention_kv(layer, state.plan, state.bank_view)
+        else:
+            keys, values = memory.sparse_attention_kv(layer, state.plan, state.bank_view, q, state.sma_top_k)
+        out = F.scaled_dot_product_attention(q, keys, values)  # [B, H, N, D]
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim = config.dim
+        self.heads = config.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+
+    def fill(self, context: torch.Tensor, layer: int, text: TextCache) -> None:
+        """Compute this layer's text keys/values [B, H, T, D] into the text cache."""
+        text.k[layer] = self.norm_k(self.k(context)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        text.v[layer] = self.v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, layer: int, text: TextCache) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, text.k[layer], text.v[layer])
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.eps = config.eps
+        self.self_attn = SelfAttention(config)
+        self.cross_attn = CrossAttention(config)
+        self.norm3 = AffineLayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
+        self.ffn = nn.Sequential(
+            nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, config.dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+        # x: [B, F, P, dim]; e0: [B, F, 6, dim] -> six [B, F, 1, dim] modulations
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)
+        frames = x.shape[1]
+        u = layer_norm(x, self.eps) * (1 + scale1) + shift1
+        x = x + self.self_attn(u.flatten(1, 2), layer, state).unflatten(1, (frames, -1)) * gate1
+        flat = x.flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(flat), layer, state.text).unflatten(1, (frames, -1))
+        v = layer_norm(x, self.eps) * (1 + scale2) + shift2
+        return x + self.ffn(v) * gate2
+
+
+class Head(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.eps = config.eps
+        self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # x: [B, F, P, dim]; e: [B, F, dim]
+        shift, scale = (self.modulation[:, None] + e[:, :, None]).chunk(2, dim=2)
+        return self.head(layer_norm(x, self.eps) * (1 + scale) + shift)
+
+
+class CausalWanTransformer(nn.Module):
+    """Wan2.1 T2V DiT whose self-attention reads and writes a `KVMemory`."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+
+    def embed_text(self, context: torch.Tensor, text: TextCache) -> None:
+        """Fill every layer's cross-attention cache from prompt embeddings [B, T, text_dim]."""
+        embedded = self.text_embedding(context.to(self.patch_embedding.weight.dtype))
+        for layer, block in enumerate(self.blocks):
+            block.cross_attn.fill(embedded, layer, text)
+        text.valid = True
+
+    def forward(self, x: torch.Tensor, timestep: float, state: PassState) -> torch.Tensor:
+        """Flow prediction for latents x [B, F, C, h, w] at one shared timestep."""
+        b, frames, _, h, w = x.shape
+        pt, ph, pw = self.config.patch_size
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.transpose(1, 2).to(dtype))  # [B, dim, F, h/2, w/2]
+        grid = tokens.shape[2:]
+        tokens = tokens.flatten(2).transpose(1, 2).unflatten(1, (frames, -1))  # [B, F, P, dim]
+
+        t = torch.full((b * frames,), timestep, dtype=torch.float64, device=x.device)
+        e = self.time_embedding(timestep_sinusoid(self.config.freq_dim, t).to(dtype))  # [B*F, dim]
+        e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (b, frames))  # [B, F, 6, dim]
+
+        for layer, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, layer, state)
+
+        out = self.head(tokens, e.unflatten(0, (b, frames)))  # [B, F, P, C*pt*ph*pw]
+        # unpatchify: token (f, i, j), channel (a*pw + c_)*C + ch  ->  latent [B, F, C, i*ph + a, j*pw + c_]
+        out = out.reshape(b, frames, grid[1], grid[2], pt, ph, pw, -1)
+        out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(b, frames * pt, -1, grid[1] * ph, grid[2] * pw)
+        return out
