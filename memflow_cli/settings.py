@@ -60,7 +60,7 @@ class TransformerConfig:
             kwargs["patch_size"] = tuple(kwargs["patch_size"])
         model_type = config.get("model_type", "t2v")
         if model_type != "t2v":
-            raise SettingsError("model_type", f"only text-to-video ('t2v') Wan models are supported, got {model_type!r}")
+            raise SettingsError("model_type", f"only text-to-video ('t2v') Wan models work here, got {model_type!r}")
         return cls(**kwargs)
 
 
@@ -201,6 +201,15 @@ class GenerationSettings:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     geometry: VideoGeometry = field(default_factory=VideoGeometry)
 
+    def __post_init__(self) -> None:
+        local = self.memory.window - self.memory.sink_frames
+        if local < self.geometry.frames_per_chunk:
+            raise SettingsError(
+                "window",
+                f"window ({self.memory.window}) minus sink ({self.memory.sink_frames}) must hold at least one chunk "
+                f"({self.geometry.frames_per_chunk} frames)",
+            )
+
     def with_overrides(self, overrides: dict[str, Any]) -> GenerationSettings:
         """Apply user-facing overrides (names as in `SETTING_NAMES`); raises SettingsError."""
         memory: dict[str, Any] = {}
@@ -250,14 +259,19 @@ def _coerce(name: str, value: Any) -> Any:
             raise SettingsError(name, f"must be a number, got {value!r}")
         return float(value)
     if name == "steps":
+        problem = f"must be a list of integers like [1000, 750, 500, 250], got {value!r}"
         if isinstance(value, str):
             try:
                 value = [int(v) for v in value.replace(",", " ").split()]
             except ValueError:
-                raise SettingsError(name, f"must be a list of integers like [1000, 750, 500, 250], got {value!r}") from None
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise SettingsError(name, f"must be a list of integers like [1000, 750, 500, 250], got {value!r}")
+                raise SettingsError(name, problem) from None
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+            raise SettingsError(name, problem)
         return tuple(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise SettingsError(name, f"must be an integer, got {value!r}")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
