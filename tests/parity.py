@@ -1,0 +1,70 @@
+"""Reading the parity fixtures (official MemFlow outputs on tiny random weights) into our settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from memflow_cli.generator import FixedNoise, switch_chunks_from_frames
+from memflow_cli.settings import GenerationSettings, LoraSettings, MemorySettings, SamplerSettings, VideoGeometry
+
+ROOT = Path(__file__).resolve().parent.parent
+PARITY_DIR = Path(os.environ.get("MEMFLOW_PARITY_DIR", ROOT.parent / "shared" / "parity" / "public"))
+
+
+def manifest() -> dict:
+    path = PARITY_DIR / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {"scenarios": {}}
+
+
+def scenario_settings(man: dict, scenario: dict) -> GenerationSettings:
+    channels, latent_h, latent_w = man["latent_shape"]
+    geometry = VideoGeometry(
+        height=latent_h * VideoGeometry.vae_stride_hw,
+        width=latent_w * VideoGeometry.vae_stride_hw,
+        latent_channels=channels,
+        frames_per_chunk=man["frames_per_chunk"],
+    )
+    memory = MemorySettings(
+        mode=scenario.get("memory", "nam"),
+        window=scenario["local_attn_size"],
+        sink=scenario["sink_size"],
+        bank_size=scenario["bank_size"],
+        record_interval=scenario["record_interval"],
+        sma=scenario["sma"],
+    )
+    sampler = SamplerSettings(steps=tuple(scenario["denoising_step_list"]))
+    return GenerationSettings(memory=memory, sampler=sampler, geometry=geometry)
+
+
+def lora_settings(man: dict) -> LoraSettings:
+    return LoraSettings(rank=man["lora"]["rank"], alpha=man["lora"]["alpha"])
+
+
+def prompt_embeds(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Embeddings in float32 with every row past a prompt's length zeroed, as the text encoder gives them."""
+    embeds = inputs["prompt_embeds"].float().clone()
+    for i, length in enumerate(inputs["prompt_lens"].tolist()):
+        embeds[i, length:] = 0
+    return embeds
+
+
+def load_inputs() -> dict[str, torch.Tensor]:
+    return load_file(PARITY_DIR / "inputs.safetensors")
+
+
+def fixed_noise(inputs: dict[str, torch.Tensor], settings: GenerationSettings) -> FixedNoise:
+    steps = len(settings.sampler.steps)
+    return FixedNoise(inputs["noise"].float(), inputs["renoise"].float(), settings.geometry.frames_per_chunk, steps)
+
+
+def switch_chunks(scenario: dict, settings: GenerationSettings) -> tuple[int, ...]:
+    return switch_chunks_from_frames(scenario["switch_frames"], settings.geometry.frames_per_chunk)
+
+
+def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((ours.double() - expected.double()).norm() / expected.double().norm())
