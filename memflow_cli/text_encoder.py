@@ -1,0 +1,139 @@
+"""The umT5 text encoder: prompts in, zero-padded prompt embeddings [n, max_length, d] out.
+
+It does what the official Wan text-encoder wrapper does (spec §11): clean each prompt ('whitespace' mode),
+tokenise with EOS, pad with id 0 and truncate to `max_length`, run the encoder under the attention mask,
+then set every row at or past the prompt's true length (EOS included) to exactly zero. The encoder is
+transformers' own `UMT5EncoderModel`; nothing of it is re-implemented here.
+
+The render command encodes all prompts of a story once, then calls `offload()` so the ~11 GB encoder
+leaves the GPU before generation starts.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import ftfy
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+
+# What the official pipeline uses: prompts are padded or truncated to this many tokens.
+DEFAULT_MAX_LENGTH = 512
+PAD_TOKEN_ID = 0
+
+_WHITESPACE_RUN = re.compile(r"\s+")
+
+
+def clean_prompt(text: str) -> str:
+    """The official 'whitespace' cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    text = _WHITESPACE_RUN.sub(" ", text.strip())
+    return text.strip()
+
+
+class TextEncoder:
+    """A tokenizer and a `UMT5EncoderModel` that turn prompts into the DiT's `prompt_embeds`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: UMT5EncoderModel,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ):
+        if tokenizer.pad_token_id != PAD_TOKEN_ID:
+            raise ValueError(f"the tokenizer must pad with id {PAD_TOKEN_ID}, not {tokenizer.pad_token_id}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> TextEncoder:
+        """Load `folder/tokenizer` and `folder/text_encoder` (the Diffusers Wan2.1-T2V-1.3B layout)."""
+        folder = Path(folder)
+        return cls.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype, max_length)
+
+    @classmethod
+    def from_folders(
+        cls,
+        tokenizer_dir: Path,
+        encoder_dir: Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> TextEncoder:
+        """Load a tokenizer folder and a transformers `UMT5EncoderModel` folder."""
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), dtype=dtype)
+        return cls(tokenizer, encoder.to(device), max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    @property
+    def dim(self) -> int:
+        """Width of one embedding row (4096 for umT5-XXL)."""
+        return self.encoder.config.d_model
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned prompts -> token ids and attention mask, both [n, max_length] int64 on the CPU."""
+        batch = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return batch["input_ids"], batch["attention_mask"]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], keep_on_device: bool = False, batch_size: int = 8) -> torch.Tensor:
+        """Prompts -> embeddings [n, max_length, dim], rows past each prompt's length exactly zero.
+
+        By default the result is float32 on the CPU (exact for bf16 values); with `keep_on_device` it
+        stays on the encoder's device in the encoder's dtype.
+        """
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        chunks = [self._encode_batch(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        embeds = torch.cat(chunks)
+        return embeds if keep_on_device else embeds.to("cpu", torch.float32)
+
+    def _encode_batch(self, prompts: list[str]) -> torch.Tensor:
+        ids, mask = self.tokenize(prompts)
+        device = self.device
+        hidden = self.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        # hidden: [n, max_length, dim]; a row is padding when its position is >= the prompt's true length
+        lengths = mask.sum(dim=1).to(device)
+        padding = torch.arange(self.max_length, device=device)[None, :] >= lengths[:, None]
+        return hidden.masked_fill(padding[:, :, None], 0.0)
+
+    def to(self, device: torch.device | str) -> TextEncoder:
+        """Move the encoder to `device`; returns self."""
+        self.encoder.to(device)
+        return self
+
+    def offload(self) -> TextEncoder:
+        """Move the encoder to the CPU and release the GPU memory it held."""
+        was_cuda = self.device.type == "cuda"
+        self.encoder.to("cpu")
+        if was_cuda:
+            torch.cuda.empty_cache()
+        return self

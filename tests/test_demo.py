@@ -1,0 +1,74 @@
+"""The demo components: small, seeded, self-consistent, and built without any download."""
+
+from __future__ import annotations
+
+import torch
+
+from memflow_cli import demo
+
+
+def test_geometry_is_small_and_on_the_patch_grid():
+    geometry = demo.DEMO_GEOMETRY
+    assert (geometry.latent_height, geometry.latent_width) == (8, 12)
+    assert geometry.tokens_per_frame == 24
+
+
+def test_transformer_matches_the_text_encoder():
+    config = demo.DEMO_TRANSFORMER
+    assert config.head_dim >= 32 and config.head_dim % 2 == 0
+    encoder = demo.build_demo_text_encoder()
+    assert config.text_dim == encoder.dim
+    assert config.text_len == encoder.max_length
+    assert config.in_dim == config.out_dim == demo.DEMO_GEOMETRY.latent_channels
+
+
+def test_tokenizer_pads_with_zero_appends_eos_and_knows_no_unknown():
+    tokenizer = demo.build_demo_tokenizer()
+    assert tokenizer.pad_token_id == 0
+    ids = tokenizer("a zebra in Zürich, 日本")["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id not in ids  # byte-level: every text has tokens
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a zebra in Zürich, 日本"
+
+
+def test_tokenizer_is_deterministic():
+    first, second = demo.build_demo_tokenizer(), demo.build_demo_tokenizer()
+    assert first.get_vocab() == second.get_vocab()
+    text = "The beekeeper kneels beside her son in the meadow."
+    assert first(text)["input_ids"] == second(text)["input_ids"]
+
+
+def test_text_encoder_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    prompts = ["a dog on a beach", "a castle in the fog"]
+    first = demo.build_demo_text_encoder(seed=0).encode(prompts)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first, demo.build_demo_text_encoder(seed=0).encode(prompts))
+    assert not torch.equal(first, demo.build_demo_text_encoder(seed=1).encode(prompts))
+    assert first.shape == (2, demo.DEMO_TEXT_LEN, demo.DEMO_TEXT_DIM)
+    assert not torch.equal(first[0], first[1])
+
+
+def test_vae_has_the_wan_strides_and_latent_statistics():
+    geometry = demo.DEMO_GEOMETRY
+    vae = demo.build_demo_vae()
+    assert len(vae.config.latents_mean) == len(vae.config.latents_std) == geometry.latent_channels
+    latents = torch.randn(1, geometry.latent_channels, 3, geometry.latent_height, geometry.latent_width)
+    with torch.no_grad():
+        video = vae.decode(latents).sample
+        assert video.shape == (1, 3, geometry.video_frames(3), geometry.height, geometry.width)
+        encoded = vae.encode(video).latent_dist.mode()
+    assert encoded.shape == latents.shape
+
+
+def test_vae_is_seeded():
+    first, second = demo.build_demo_vae(seed=0), demo.build_demo_vae(seed=0)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    other = demo.build_demo_vae(seed=1).state_dict()
+    assert not torch.equal(first.state_dict()["decoder.conv_in.weight"], other["decoder.conv_in.weight"])
+
+
+def test_notice_says_the_output_is_noise():
+    assert "random" in demo.DEMO_NOTICE and "noise" in demo.DEMO_NOTICE
+    assert "\n" not in demo.DEMO_NOTICE

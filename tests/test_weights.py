@@ -1,0 +1,510 @@
+"""Locating, checking and loading model files, on tiny files in the real formats, written by the tests.
+
+The original-format files (`Wan2.1_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`) are made by renaming a tiny
+diffusers/transformers model's state dict back to the original Wan names, with inverse maps written here
+independently of the loader's own maps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import UMT5Config, UMT5EncoderModel
+
+from memflow_cli import weights
+from memflow_cli.demo import build_demo_tokenizer
+from memflow_cli.settings import WAN_1_3B
+from memflow_cli.weights import (
+    TRUNCATED,
+    WAN21_VAE_CONFIG,
+    ModelFiles,
+    WeightsError,
+    download,
+    load_text_encoder,
+    load_transformer_config,
+    load_vae,
+    resolve_model,
+    verify,
+    weights_identity,
+)
+
+TINY_VAE_CONFIG = {**WAN21_VAE_CONFIG, "base_dim": 4}  # keeps num_res_blocks 2: the converter's block indices
+PROMPTS = ["a dog runs on the beach", "the knight rides toward the castle in the fog"]
+
+WAN_DIFFUSERS_TRANSFORMER_CONFIG = {
+    "_class_name": "WanTransformer3DModel",
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "image_dim": None,
+    "in_channels": 16,
+    "num_attention_heads": 12,
+    "num_layers": 30,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "text_dim": 4096,
+}
+WAN_ORIGINAL_CONFIG = {"_class_name": "WanModel", "model_type": "t2v", "dim": 1536, "ffn_dim": 8960, "num_heads": 12,
+                       "num_layers": 30, "freq_dim": 256, "text_len": 512, "in_dim": 16, "out_dim": 16}  # fmt: skip
+
+
+# -- tiny models and their original-format state dicts ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_demo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def umt5(tokenizer) -> UMT5EncoderModel:
+    config = UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2  # gated-gelu by default
+    )
+    torch.manual_seed(0)
+    return UMT5EncoderModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def vae() -> AutoencoderKLWan:
+    torch.manual_seed(0)
+    return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
+
+
+_RESNET_NAMES = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1.weight": "residual.2.weight",
+    "conv1.bias": "residual.2.bias",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2.weight": "residual.6.weight",
+    "conv2.bias": "residual.6.bias",
+    "conv_shortcut.weight": "shortcut.weight",
+    "conv_shortcut.bias": "shortcut.bias",
+}
+_VAE_TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+_VAE_ENDS = (("conv_in.", "conv1."), ("conv_out.", "head.2."), ("norm_out.", "head.0."))
+
+
+def original_vae_key(key: str) -> str:
+    """diffusers AutoencoderKLWan key -> original Wan VAE key (the Wan2.1 layout: 2 res blocks, 4 stages)."""
+    module, _, param = key.rpartition(".")
+    if module in _VAE_TOP:
+        return f"{_VAE_TOP[module]}.{param}"
+    side, rest = key.split(".", 1)
+    for new, old in _VAE_ENDS:
+        if rest.startswith(new):
+            return f"{side}.{old}{rest[len(new):]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", rest):
+        return f"{side}.middle.{2 * int(m[1])}.{_RESNET_NAMES[m[2]]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
+        return f"{side}.middle.1.{m[1]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest):
+        return f"{side}.downsamples.{m[1]}.{_RESNET_NAMES.get(m[2], m[2])}"
+    if m := re.fullmatch(r"up_blocks\.(\d)\.resnets\.(\d)\.(.+)", rest):
+        return f"{side}.upsamples.{4 * int(m[1]) + int(m[2])}.{_RESNET_NAMES[m[3]]}"
+    if m := re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.(.+)", rest):
+        return f"{side}.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+    raise KeyError(key)
+
+
+def original_vae_state(vae: AutoencoderKLWan) -> dict[str, torch.Tensor]:
+    original = {original_vae_key(k): v.clone() for k, v in vae.state_dict().items()}
+    diffusers_only = ("blocks", "resnets", "mid_block", "conv_in", "conv_out", "norm_out", "quant_conv", "upsamplers")
+    assert not [k for k in original if any(word in k for word in diffusers_only)]
+    assert set(convert_wan_vae_to_diffusers(original)) == set(vae.state_dict())  # the inverse is exact
+    return original
+
+
+_T5_NAMES = {
+    "0.SelfAttention.q": "attn.q",
+    "0.SelfAttention.k": "attn.k",
+    "0.SelfAttention.v": "attn.v",
+    "0.SelfAttention.o": "attn.o",
+    "0.SelfAttention.relative_attention_bias": "pos_embedding.embedding",
+    "0.layer_norm": "norm1",
+    "1.DenseReluDense.wi_0": "ffn.gate.0",
+    "1.DenseReluDense.wi_1": "ffn.fc1",
+    "1.DenseReluDense.wo": "ffn.fc2",
+    "1.layer_norm": "norm2",
+}
+
+
+def wan_t5_state(encoder: UMT5EncoderModel) -> dict[str, torch.Tensor]:
+    """transformers UMT5EncoderModel -> the key names of Wan's `models_t5_umt5-xxl-enc-bf16.pth`."""
+    state = {}
+    for key, value in encoder.state_dict().items():
+        if key == "shared.weight":
+            state["token_embedding.weight"] = value.clone()
+        elif key == "encoder.final_layer_norm.weight":
+            state["norm.weight"] = value.clone()
+        elif m := re.fullmatch(r"encoder\.block\.(\d+)\.layer\.(.+)\.weight", key):
+            state[f"blocks.{m[1]}.{_T5_NAMES[m[2]]}.weight"] = value.clone()
+    return state
+
+
+# -- folders in each layout -------------------------------------------------------------------------------
+
+
+def write_checkpoints(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": {"model.head.modulation": torch.randn(1, 2, 8)}}, folder / "base.pt")
+    lora_key = "base_model.model.blocks.0.self_attn.q.lora_A.weight"
+    torch.save({"generator_lora": {lora_key: torch.randn(4, 8)}}, folder / "lora.pt")
+
+
+def write_diffusers_wan(root: Path, tokenizer, umt5, vae, shard: bool = False) -> Path:
+    tokenizer.save_pretrained(root / "tokenizer")
+    umt5.save_pretrained(root / "text_encoder", max_shard_size="40KB" if shard else "10GB")
+    vae.save_pretrained(root / "vae")
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(WAN_DIFFUSERS_TRANSFORMER_CONFIG))
+    return root
+
+
+def write_official(root: Path, tokenizer, umt5, vae) -> Path:
+    write_checkpoints(root / "checkpoints")
+    wan = root / "wan_models" / "Wan2.1-T2V-1.3B"
+    tokenizer.save_pretrained(wan / "google" / "umt5-xxl")
+    torch.save({k: v.to(torch.bfloat16) for k, v in wan_t5_state(umt5).items()}, wan / weights.OFFICIAL_T5_FILE)
+    torch.save(original_vae_state(vae), wan / weights.OFFICIAL_VAE_FILE)
+    (wan / "config.json").write_text(json.dumps(WAN_ORIGINAL_CONFIG))
+    return root
+
+
+@pytest.fixture
+def local_folder(tmp_path, tokenizer, umt5, vae) -> Path:
+    write_checkpoints(tmp_path)
+    write_diffusers_wan(tmp_path / weights.WAN_DIFFUSERS_DIR, tokenizer, umt5, vae)
+    return tmp_path
+
+
+def fake_hub_snapshot(cache: Path, repo: str) -> Path:
+    """An entry of the hub cache as huggingface_hub lays it out: refs/main -> snapshots/<commit>/."""
+    commit = "1" * 40
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+@pytest.fixture
+def hub_home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return tmp_path / "hf"
+
+
+# -- resolve ----------------------------------------------------------------------------------------------
+
+
+def test_resolves_a_local_folder_with_a_diffusers_subfolder(local_folder):
+    files = resolve_model(local_folder)
+    wan = local_folder / weights.WAN_DIFFUSERS_DIR
+    assert files == ModelFiles(
+        base=local_folder / "base.pt",
+        lora=local_folder / "lora.pt",
+        text_encoder_dir=wan / "text_encoder",
+        tokenizer_dir=wan / "tokenizer",
+        vae=wan / "vae",
+        transformer_config=wan / "transformer" / "config.json",
+    )
+    assert files.layout == "diffusers"
+    assert all(result.ok for result in verify(files)), verify(files)
+
+
+def test_resolves_diffusers_subfolders_placed_directly_in_the_folder(tmp_path, tokenizer, umt5, vae):
+    write_checkpoints(tmp_path)
+    write_diffusers_wan(tmp_path, tokenizer, umt5, vae)
+    files = resolve_model(str(tmp_path))
+    assert files.vae == tmp_path / "vae" and files.text_encoder_dir == tmp_path / "text_encoder"
+
+
+def test_resolves_the_official_memflow_layout(tmp_path, tokenizer, umt5, vae):
+    write_official(tmp_path, tokenizer, umt5, vae)
+    files = resolve_model(tmp_path)
+    wan = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
+    assert files.layout == "official"
+    assert files.base == tmp_path / "checkpoints" / "base.pt"
+    assert files.text_encoder_dir == wan / "models_t5_umt5-xxl-enc-bf16.pth"
+    assert files.vae == wan / "Wan2.1_VAE.pth" and files.tokenizer_dir == wan / "google" / "umt5-xxl"
+    assert files.transformer_config == wan / "config.json"
+    assert all(result.ok for result in verify(files)), verify(files)
+
+
+def test_missing_files_are_named_with_the_download_command(local_folder):
+    (local_folder / "lora.pt").unlink()
+    shutil.rmtree(local_folder / weights.WAN_DIFFUSERS_DIR / "vae")
+    with pytest.raises(WeightsError) as err:
+        resolve_model(local_folder)
+    message = str(err.value)
+    assert str(local_folder / "lora.pt") in message
+    assert "vae/config.json" in message and "vae/diffusion_pytorch_model.safetensors" in message
+    assert "base.pt" not in message.replace(str(local_folder), "")
+    assert "memflow weights download" in message
+
+
+def test_a_missing_shard_of_the_text_encoder_is_named(tmp_path, tokenizer, umt5, vae):
+    write_checkpoints(tmp_path)
+    wan = write_diffusers_wan(tmp_path / weights.WAN_DIFFUSERS_DIR, tokenizer, umt5, vae, shard=True)
+    shards = sorted((wan / "text_encoder").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(WeightsError, match=re.escape(shards[-1].name)):
+        resolve_model(tmp_path)
+
+
+def test_a_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(WeightsError, match="no such weights folder"):
+        resolve_model(tmp_path / "nowhere")
+
+
+def test_resolves_the_hub_cache_under_hf_home(hub_home, tokenizer, umt5, vae):
+    cache = hub_home / "hub"
+    write_checkpoints(fake_hub_snapshot(cache, weights.MEMFLOW_REPO))
+    wan = write_diffusers_wan(fake_hub_snapshot(cache, weights.WAN_REPO), tokenizer, umt5, vae)
+    files = resolve_model(None)
+    assert files.base.parent.parent.parent == cache / "models--KlingTeam--MemFlow"
+    assert files.vae == wan / "vae" and files.transformer_config == wan / "transformer" / "config.json"
+
+
+def test_an_empty_hub_cache_lists_every_missing_piece(hub_home):
+    with pytest.raises(WeightsError) as err:
+        resolve_model(None)
+    message = str(err.value)
+    for piece in ("KlingTeam/MemFlow: base.pt", "KlingTeam/MemFlow: lora.pt", f"{weights.WAN_REPO}: vae/*"):
+        assert piece in message
+    assert str(hub_home / "hub") in message and "memflow weights download" in message
+
+
+# -- download ---------------------------------------------------------------------------------------------
+
+
+def test_download_offline_says_so_and_lists_what_is_missing(hub_home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = weights.hf_hub_download
+
+    def local_only(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "no network access when offline"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "hf_hub_download", local_only)
+    with pytest.raises(WeightsError) as err:
+        download()
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE" in message and "base.pt" in message and "lora.pt" in message
+
+
+def test_download_offline_with_everything_present_returns_the_files(local_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download(local_folder) == resolve_model(local_folder)
+
+
+def test_download_network_failure_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(weights, "hf_hub_download", unreachable)
+    with pytest.raises(WeightsError, match="could not download KlingTeam/MemFlow/base.pt") as err:
+        download(tmp_path)
+    assert "memflow weights download" in str(err.value)
+
+
+def test_download_into_a_folder_fetches_only_what_is_needed(tmp_path, monkeypatch, tokenizer, umt5, vae):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    template = tmp_path / "hub"
+    write_checkpoints(template / "memflow")
+    write_diffusers_wan(template / "wan", tokenizer, umt5, vae)
+    calls = []
+
+    def fake_file(repo, name, *, cache_dir=None, local_dir=None):
+        calls.append((repo, name))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        return shutil.copy(template / "memflow" / name, Path(local_dir) / name)
+
+    def fake_snapshot(repo, *, allow_patterns, cache_dir=None, local_dir=None):
+        calls.append((repo, tuple(allow_patterns)))
+        return shutil.copytree(template / "wan", local_dir)
+
+    monkeypatch.setattr(weights, "hf_hub_download", fake_file)
+    monkeypatch.setattr(weights, "snapshot_download", fake_snapshot)
+    files = download(tmp_path / "weights")
+    assert files == resolve_model(tmp_path / "weights")
+    patterns = calls[-1][1]
+    assert calls[:2] == [("KlingTeam/MemFlow", "base.pt"), ("KlingTeam/MemFlow", "lora.pt")]
+    assert calls[-1][0] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert "transformer/config.json" in patterns and not any(p.startswith("transformer/*") for p in patterns)
+
+
+# -- verify -----------------------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _failures(files: ModelFiles) -> dict[str, str]:
+    return {result.name: str(result) for result in verify(files) if not result.ok}
+
+
+def test_verify_reports_a_truncated_pt_file_by_name(local_folder):
+    files = resolve_model(local_folder)
+    _truncate(files.base)
+    failures = _failures(files)
+    assert list(failures) == ["base"]
+    assert TRUNCATED in failures["base"] and str(files.base) in failures["base"]
+    assert TRUNCATED == "truncated or corrupt: re-run memflow weights download"
+
+
+def test_verify_reports_a_truncated_safetensors_file_by_name(local_folder):
+    files = resolve_model(local_folder)
+    _truncate(files.vae / "diffusion_pytorch_model.safetensors")
+    failures = _failures(files)
+    assert list(failures) == ["vae/diffusion_pytorch_model.safetensors"]
+    assert TRUNCATED in failures["vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_verify_reports_empty_files_and_bad_json(local_folder):
+    files = resolve_model(local_folder)
+    files.lora.write_bytes(b"")
+    (files.tokenizer_dir / "tokenizer.json").write_text('{"version": ')
+    failures = _failures(files)
+    assert set(failures) == {"lora", "tokenizer/tokenizer.json"}
+    assert "empty" in failures["lora"]
+
+
+def test_verify_reports_a_truncated_original_pth(tmp_path, tokenizer, umt5, vae):
+    files = resolve_model(write_official(tmp_path, tokenizer, umt5, vae))
+    _truncate(files.vae)
+    assert list(_failures(files)) == ["vae"]
+    with pytest.raises(WeightsError, match=re.escape(f"{files.vae}: {TRUNCATED}")):
+        load_vae(files.vae)
+
+
+# -- load -------------------------------------------------------------------------------------------------
+
+
+def _decode(vae: AutoencoderKLWan) -> torch.Tensor:
+    latents = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return vae.decode(latents).sample
+
+
+def test_load_vae_from_a_diffusers_folder(tmp_path, vae):
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = load_vae(tmp_path / "vae", "cpu", torch.float32)
+    torch.testing.assert_close(_decode(loaded), _decode(vae), rtol=0, atol=0)
+
+
+def test_load_vae_from_an_original_single_file(tmp_path, vae):
+    torch.save(original_vae_state(vae), tmp_path / "Wan2.1_VAE.pth")
+    loaded = load_vae(tmp_path / "Wan2.1_VAE.pth", "cpu", torch.float32, config=TINY_VAE_CONFIG)
+    torch.testing.assert_close(_decode(loaded), _decode(vae), rtol=0, atol=0)
+    assert list(loaded.config.latents_std) == WAN21_VAE_CONFIG["latents_std"]
+
+
+def test_load_vae_refuses_a_single_file_that_does_not_match_the_config(tmp_path, vae):
+    state = original_vae_state(vae)
+    del state["decoder.head.2.weight"]
+    torch.save(state, tmp_path / "Wan2.1_VAE.pth")
+    with pytest.raises(WeightsError, match="1 missing"):
+        load_vae(tmp_path / "Wan2.1_VAE.pth", config=TINY_VAE_CONFIG)
+
+
+def test_load_text_encoder_from_the_diffusers_layout(local_folder, tokenizer, umt5):
+    from memflow_cli.text_encoder import TextEncoder
+
+    expected = TextEncoder(tokenizer, umt5, max_length=32).encode(PROMPTS)
+    loaded = load_text_encoder(resolve_model(local_folder), "cpu", torch.float32, max_length=32)
+    torch.testing.assert_close(loaded.encode(PROMPTS), expected, rtol=0, atol=0)
+
+
+def test_load_text_encoder_from_the_official_t5_pth(tmp_path, tokenizer, umt5, vae):
+    from memflow_cli.text_encoder import TextEncoder
+
+    files = resolve_model(write_official(tmp_path, tokenizer, umt5, vae))
+    loaded = load_text_encoder(files, "cpu", torch.bfloat16, max_length=32)
+    assert loaded.encoder.encoder.embed_tokens.weight is loaded.encoder.shared.weight  # one embedding, tied
+    assert loaded.dtype == torch.bfloat16 and loaded.encoder.config.num_layers == 2
+    expected = TextEncoder(tokenizer, UMT5EncoderModel(umt5.config).to(torch.bfloat16), max_length=32)
+    expected.encoder.load_state_dict(umt5.state_dict())
+    torch.testing.assert_close(loaded.encode(PROMPTS), expected.encode(PROMPTS), rtol=0, atol=0)
+
+
+def test_t5_ffn_mapping_puts_gelu_on_the_wan_gate(umt5):
+    """Wan's FFN is fc2(fc1(x) * gelu_tanh(gate(x))): gate.0 must become the gelu branch wi_0."""
+    state = wan_t5_state(umt5)
+    converted = UMT5EncoderModel(weights.umt5_config_from_wan_t5(state)).eval()
+    converted.load_state_dict(weights.convert_wan_t5_to_umt5(state), strict=False)
+    x = torch.randn(3, 32)
+    gate, fc1, fc2 = (state[f"blocks.1.ffn.{name}.weight"] for name in ("gate.0", "fc1", "fc2"))
+    wan = (x @ fc1.T * torch.nn.functional.gelu(x @ gate.T, approximate="tanh")) @ fc2.T
+    with torch.no_grad():
+        ours = converted.encoder.block[1].layer[1].DenseReluDense(x)
+    torch.testing.assert_close(ours, wan)
+
+
+def test_unknown_t5_keys_are_refused():
+    with pytest.raises(WeightsError, match="unexpected key 'blocks.0.attn.x.weight'"):
+        weights.convert_wan_t5_to_umt5({"blocks.0.attn.x.weight": torch.zeros(1)})
+
+
+def test_transformer_config_from_either_naming(local_folder, tmp_path, tokenizer, umt5, vae):
+    assert load_transformer_config(resolve_model(local_folder)) == WAN_1_3B
+    official = resolve_model(write_official(tmp_path / "official", tokenizer, umt5, vae))
+    assert load_transformer_config(official) == WAN_1_3B
+
+
+# -- identity ---------------------------------------------------------------------------------------------
+
+
+def test_weights_identity_lists_every_file_with_a_fingerprint(local_folder):
+    files = resolve_model(local_folder)
+    identity = weights_identity(files)
+    assert identity["layout"] == "diffusers"
+    names = {entry["name"] for entry in identity["files"]}
+    assert {"base.pt", "lora.pt", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"} <= names
+    assert "text_encoder/model.safetensors" in names and "tokenizer/tokenizer.json" in names
+    base = next(entry for entry in identity["files"] if entry["role"] == "base")
+    assert base["size"] == files.base.stat().st_size and len(base["fingerprint"]) == 64
+    assert weights_identity(files) == identity
+    json.dumps(identity)
+
+
+def test_fingerprint_sees_the_head_and_the_tail_of_large_files(tmp_path):
+    path = tmp_path / "big.bin"
+    data = bytearray(3 * (1 << 20))
+    path.write_bytes(data)
+    first = weights.file_fingerprint(path)
+    data[-1] = 1
+    path.write_bytes(data)
+    assert weights.file_fingerprint(path) != first
+    data[-1], data[len(data) // 2] = 0, 1  # the middle MiB is not read: a cheap fingerprint, not a checksum
+    path.write_bytes(data)
+    assert weights.file_fingerprint(path) == first
+
+
+class _NotATensor:
+    pass
+
+
+def test_verify_tells_an_unsafe_pickle_from_a_truncated_file(local_folder):
+    files = resolve_model(local_folder)
+    torch.save({"generator": {}, "config": _NotATensor()}, files.base)
+    failure = _failures(files)["base"]
+    assert "weights_only" in failure and "_NotATensor" in failure and TRUNCATED not in failure
