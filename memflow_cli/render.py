@@ -1,0 +1,229 @@
+"""Render stories: the engine (weights loaded once), prompt encoding, and the chunk -> frames -> MP4 loop.
+
+Data flows one way: story -> settings -> generator (latent chunks) -> decoder (frames) -> writer.
+Nothing here prints: progress goes to a callback, results come back as values.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from . import __version__
+from .checkpoint import load_transformer
+from .decode import StreamingDecoder
+from .generator import MemFlowGenerator, SeededNoise
+from .model.transformer import CausalWanTransformer
+from .output import Mp4Writer, sidecar_path, write_sidecar
+from .script import Story, Timeline
+from .settings import GenerationSettings, LoraSettings, VideoGeometry
+from .text_encoder import TextEncoder
+
+DEMO = "demo"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (as released), float32 on CPU (where bf16 is slow and parity is checked)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class Engine:
+    """Everything loaded once and shared by every story of a run."""
+
+    transformer: CausalWanTransformer
+    text_encoder: TextEncoder
+    vae: AutoencoderKLWan
+    geometry: VideoGeometry
+    device: torch.device
+    identity: dict[str, Any]
+    notice: str | None = None  # shown to the user (the demo model's warning)
+    _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def encode(self, prompts: Sequence[str]) -> None:
+        """Encode every prompt not seen yet, once, then move the text encoder off the GPU."""
+        todo = sorted({p for p in prompts if p not in self._embeds})
+        if not todo:
+            return
+        self.text_encoder.to(self.device)
+        for prompt, embeds in zip(todo, self.text_encoder.encode(todo), strict=True):
+            self._embeds[prompt] = embeds
+        self.text_encoder.offload()
+
+    def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[n, text_len, text_dim] for prompts already encoded."""
+        return torch.stack([self._embeds[p] for p in prompts])
+
+
+def load_engine(model: str | None, device: str | None = None, lora: LoraSettings | None = None) -> Engine:
+    """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None)."""
+    dev = torch.device(device or default_device())
+    dtype = model_dtype(dev)
+    if model == DEMO:
+        return _demo_engine(dev, dtype)
+    from . import weights
+
+    files = weights.resolve_model(model)
+    transformer = load_transformer(
+        files.base, files.lora, weights.load_transformer_config(files), lora, device=dev, dtype=dtype
+    )
+    return Engine(
+        transformer=transformer,
+        text_encoder=weights.load_text_encoder(files, "cpu", dtype),
+        vae=weights.load_vae(files.vae, dev, dtype),
+        geometry=VideoGeometry(),
+        device=dev,
+        identity=weights.weights_identity(files),
+    )
+
+
+def _demo_engine(device: torch.device, dtype: torch.dtype) -> Engine:
+    from . import demo
+
+    torch.manual_seed(0)
+    transformer = CausalWanTransformer(demo.DEMO_TRANSFORMER).to(device, dtype).eval().requires_grad_(False)
+    return Engine(
+        transformer=transformer,
+        text_encoder=demo.build_demo_text_encoder(),
+        vae=demo.build_demo_vae().to(device, dtype),
+        geometry=demo.DEMO_GEOMETRY,
+        device=device,
+        identity={"model": DEMO, "note": demo.DEMO_NOTICE},
+        notice=demo.DEMO_NOTICE,
+    )
+
+
+@dataclass(frozen=True)
+class ChunkProgress:
+    """Reported after every chunk is written."""
+
+    chunk: int  # chunks done
+    chunks: int
+    segment: int
+    segment_start_s: float
+    prompt: str
+    video_frames: int  # frames written so far
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    path: Path
+    sidecar: Path
+    timeline: Timeline
+    seconds: float
+    first_frame_s: float
+
+
+class RenderInterrupted(Exception):
+    """The render was stopped (Ctrl-C); `partial` is the playable file of the finished chunks, if any."""
+
+    def __init__(self, partial: Path | None, frames: int):
+        super().__init__(f"interrupted after {frames} frames")
+        self.partial, self.frames = partial, frames
+
+
+def render_story(
+    engine: Engine,
+    story: Story,
+    target: Path,
+    settings: GenerationSettings,
+    *,
+    seed: int,
+    duration_s: float | None = None,
+    overwrite: bool = False,
+    progress: Callable[[ChunkProgress], None] | None = None,
+) -> RenderResult:
+    """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk)."""
+    timeline = story.timeline(engine.geometry, duration_s)
+    geometry = engine.geometry
+    writer = Mp4Writer(
+        target, geometry.width, geometry.height, geometry.fps,
+        overwrite=overwrite, keyframe_interval=geometry.video_frames_per_chunk,
+    )  # fmt: skip
+    engine.encode(timeline.prompts)
+    generator = MemFlowGenerator(engine.transformer, settings)
+    noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
+    decoder = StreamingDecoder(engine.vae)
+    chunks = generator.generate(
+        engine.embeddings(timeline.prompts), timeline.chunks, noise, timeline.switch_chunks
+    )
+    started = time.perf_counter()
+    first_frame_s = 0.0
+    try:
+        for done, latents in enumerate(chunks, start=1):
+            writer.write(decoder.decode(latents))
+            elapsed = time.perf_counter() - started
+            first_frame_s = first_frame_s or elapsed
+            if progress:
+                segment = timeline.segments[timeline.prompt_index_for_chunk(done - 1)]
+                progress(
+                    ChunkProgress(
+                        done, timeline.chunks, segment.index, segment.snapped_start_s, segment.prompt,
+                        writer.frames_written, elapsed,
+                    )
+                )  # fmt: skip
+        path = writer.close()
+    except KeyboardInterrupt:
+        partial = writer.abort()
+        raise RenderInterrupted(partial, writer.frames_written) from None
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - started
+    sidecar = sidecar_path(path)
+    write_sidecar(sidecar, _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s))
+    return RenderResult(path, sidecar, timeline, seconds, first_frame_s)
+
+
+def _metadata(
+    engine: Engine,
+    story: Story,
+    timeline: Timeline,
+    settings: GenerationSettings,
+    seed: int,
+    seconds: float,
+    first_frame_s: float,
+) -> dict[str, Any]:
+    return {
+        "memflow_version": __version__,
+        "script": str(story.path),
+        "script_line": story.line,
+        "title": story.title,
+        "seed": seed,
+        "timeline": {
+            "chunks": timeline.chunks,
+            "latent_frames": timeline.latent_frames,
+            "video_frames": timeline.video_frames,
+            "duration_s": timeline.duration_s,
+            "segments": [
+                {
+                    "start_s": s.start_s,
+                    "snapped_start_s": s.snapped_start_s,
+                    "start_chunk": s.start_chunk,
+                    "video_frames": s.video_frames,
+                    "prompt": s.prompt,
+                }
+                for s in timeline.segments
+            ],
+        },
+        "settings": settings.as_dict(),
+        "weights": engine.identity,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "timings": {"render_s": round(seconds, 3), "first_chunk_s": round(first_frame_s, 3)},
+    }
