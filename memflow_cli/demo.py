@@ -8,6 +8,8 @@ noise, and `DEMO_NOTICE` says so. The tiny transformer is built elsewhere from `
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import AutoencoderKLWan
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -125,5 +127,5 @@ def build_demo_vae(seed: int = 0) -> AutoencoderKLWan:
     """A narrow, randomly initialised Wan VAE (float32, CPU, eval mode)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(**DEMO_VAE_CONFIG)
+        vae = AutoencoderKLWan(**copy.deepcopy(DEMO_VAE_CONFIG))
     return vae.eval().requires_grad_(False)

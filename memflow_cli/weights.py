@@ -501,18 +501,20 @@ def load_vae(
     if path.is_dir():
         vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype)
     else:
-        vae = _vae_from_original(path, config or WAN21_VAE_CONFIG)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        vae = _vae_from_original(path, config or WAN21_VAE_CONFIG, dtype)
+    # dtype is already right: diffusers' `to(dtype=...)` warns about fp32 modules even when there are none
+    return vae.to(device).eval().requires_grad_(False)
 
 
-def _vae_from_original(path: Path, config: dict[str, Any]) -> AutoencoderKLWan:
+def _vae_from_original(path: Path, config: dict[str, Any], dtype: torch.dtype) -> AutoencoderKLWan:
     """What `AutoencoderKLWan.from_single_file` does, offline, and strict about missing keys."""
     checkpoint = _torch_load(path)
     while "state_dict" in checkpoint:  # some exports nest the weights, as diffusers allows
         checkpoint = checkpoint["state_dict"]
-    state = convert_wan_vae_to_diffusers(checkpoint)
-    vae = AutoencoderKLWan(**copy.deepcopy(config))
-    _load_strict(vae, state, path)
+    state = {key: tensor.to(dtype) for key, tensor in convert_wan_vae_to_diffusers(checkpoint).items()}
+    with torch.device("meta"):  # the converted tensors become the parameters: no random init, no copy
+        vae = AutoencoderKLWan(**copy.deepcopy(config))
+    _load_strict(vae, state, path, assign=True)
     return vae
 
 

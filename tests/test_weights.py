@@ -508,3 +508,10 @@ def test_verify_tells_an_unsafe_pickle_from_a_truncated_file(local_folder):
     torch.save({"generator": {}, "config": _NotATensor()}, files.base)
     failure = _failures(files)["base"]
     assert "weights_only" in failure and "_NotATensor" in failure and TRUNCATED not in failure
+
+
+def test_load_vae_casts_a_single_file_to_the_requested_dtype(tmp_path, vae):
+    torch.save(original_vae_state(vae), tmp_path / "Wan2.1_VAE.pth")
+    loaded = load_vae(tmp_path / "Wan2.1_VAE.pth", "cpu", torch.bfloat16, config=TINY_VAE_CONFIG)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in loaded.parameters()) and not loaded.training
