@@ -149,12 +149,10 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or hub_constants.HF_HUB_OFFLINE
 
 
-def _missing_error(missing: list[str], where: str) -> WeightsError:
+def _missing_error(missing: list[str], where: str, command: str = DOWNLOAD_COMMAND) -> WeightsError:
     listing = "\n".join(f"  - {item}" for item in missing)
     offline = " (HF_HUB_OFFLINE is set: unset it to download)" if hub_offline() else ""
-    return WeightsError(
-        f"model files missing from {where}:\n{listing}\nrun `{DOWNLOAD_COMMAND}` to fetch them{offline}"
-    )
+    return WeightsError(f"model files missing from {where}:\n{listing}\nrun `{command}` to fetch them{offline}")
 
 
 def _resolve_cache() -> ModelFiles:
@@ -198,7 +196,7 @@ def _resolve_folder(root: Path) -> ModelFiles:
     parts_missing = _diffusers_missing(wan_root) if layout == "diffusers" else _official_missing(wan_root)
     missing += [str(wan_root / item) for item in parts_missing]
     if missing:
-        raise _missing_error(missing, str(root))
+        raise _missing_error(missing, str(root), f"{DOWNLOAD_COMMAND} --to {root}")
     if layout == "diffusers":
         return _diffusers_files(base, lora, wan_root)
     return _official_files(base, lora, wan_root)
