@@ -41,13 +41,13 @@ def read_config(path: Path | None) -> TransformerConfig:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(path, "config file not found") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(path, f"not a readable JSON config ({err})") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "expected a JSON object with the Wan transformer config")
     try:
         return TransformerConfig.from_wan_config(data)
-    except (SettingsError, TypeError) as err:
+    except (SettingsError, TypeError, ValueError) as err:
         raise CheckpointError(path, f"unusable transformer config: {err}") from None
 
 
@@ -57,7 +57,7 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(path, "file not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(
             path, f"cannot read this checkpoint: it is truncated, corrupt or not a torch.save file ({err})"
         ) from None

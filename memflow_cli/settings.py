@@ -42,6 +42,9 @@ class TransformerConfig:
     cross_attn_norm: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "text_dim", "text_len"):
+            if getattr(self, name) < 1:
+                raise SettingsError(name, f"must be a positive integer, got {getattr(self, name)}")
         if self.dim % self.num_heads:
             raise SettingsError("dim", f"{self.dim} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2:

@@ -8,7 +8,6 @@ re-encoded by a re-cache are written with an offset of RE and read back as RE + 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from memflow_cli.model.cache import KVMemory, TextCache
@@ -388,11 +387,6 @@ def test_text_cache_reset_zeroes_keys_and_values():
 # -- known divergence --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="§6.4 attends tmp[0:sink_tokens] whole; KVMemory.attention_kv returns only [0, end), so while "
-    "end < sink (chunk 0 when the sink is longer than a chunk) the reference's all-zero sink keys are dropped",
-)
 def test_sink_longer_than_first_chunk_is_attended_whole():
     memory = make_memory(window=4, sink=2, bank_size=2)
     plan = memory.plan(0, P)  # chunk 0, one frame: end = 2 < sink = 4

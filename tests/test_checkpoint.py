@@ -271,12 +271,6 @@ def test_truncated_base_is_reported(tmp_path, base, config_json):
     assert str(truncated) in str(err.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="_torch_load catches RuntimeError/EOFError/... but not OSError; for some cut points torch's "
-    "PyTorchFileReader raises a bare 'OSError: [Errno 22] Invalid argument' with no file name",
-)
 def test_truncated_checkpoint_raising_oserror_is_reported(tmp_path):
     full = tmp_path / "full.pt"
     torch.save({"generator": {"model.a": torch.arange(10000, dtype=torch.float32).reshape(100, 100)}}, full)
@@ -402,12 +396,6 @@ def test_config_errors(tmp_path):
         read_config(odd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="read_config catches OSError and JSONDecodeError but not UnicodeDecodeError: a binary file "
-    "(e.g. the safetensors passed as config) escapes as a bare UnicodeDecodeError without the file name",
-)
 def test_binary_config_is_reported(tmp_path):
     path = tmp_path / "config.json"
     path.write_bytes(b"\xff\xfe\x00\x81binary")
@@ -415,12 +403,6 @@ def test_binary_config_is_reported(tmp_path):
         read_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="read_config wraps SettingsError/TypeError only; num_heads 0 raises ZeroDivisionError in "
-    "TransformerConfig.__post_init__ (dim % num_heads) and escapes without the file name",
-)
 def test_zero_heads_config_is_reported(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**CONFIG_JSON, "num_heads": 0}))

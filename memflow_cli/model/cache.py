@@ -100,15 +100,16 @@ class KVMemory:
             self.recorded = recorded_frames(plan.global_end // chunk_tokens, record_interval)
 
     def attention_kv(self, layer: int, plan: CachePlan, bank_view: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, K, D] a pass attends to: sink, local window, bank view."""
+        """Keys and values [B, H, K, D] a pass attends to: the whole sink, the local window, the bank view."""
         k, v = self.kv[0, layer], self.kv[1, layer]
-        if bank_view == 0 or plan.end == self.capacity:
-            stop = plan.end if bank_view == 0 else self.capacity + bank_view * self.frame
+        end = max(plan.end, self.sink)  # a sink longer than what is written so far is attended whole (zeros)
+        if bank_view == 0 or end == self.capacity:
+            stop = end if bank_view == 0 else self.capacity + bank_view * self.frame
             return k[:, :, :stop], v[:, :, :stop]
         bank = slice(self.capacity, self.capacity + bank_view * self.frame)
         return (
-            torch.cat([k[:, :, : plan.end], k[:, :, bank]], dim=2),
-            torch.cat([v[:, :, : plan.end], v[:, :, bank]], dim=2),
+            torch.cat([k[:, :, :end], k[:, :, bank]], dim=2),
+            torch.cat([v[:, :, :end], v[:, :, bank]], dim=2),
         )
 
     def sparse_attention_kv(

@@ -43,8 +43,8 @@ class RMSNorm(nn.Module):
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Non-affine LayerNorm, accumulated in float32 and cast back."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
+    """Non-affine LayerNorm in the input dtype (the kernel accumulates in float32)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
 class AffineLayerNorm(nn.LayerNorm):
