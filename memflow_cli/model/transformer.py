@@ -110,19 +110,23 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
-    def forward(self, x: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+    def project(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Rotary-embedded queries and keys, and values, each [B, H, N, D], from u [B, N, dim]."""
         heads = (self.heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), state.rope).transpose(1, 2)  # [B, H, N, D]
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), state.rope).transpose(1, 2)
-        v = self.v(x).unflatten(-1, heads).transpose(1, 2)
+        q = apply_rope(self.norm_q(self.q(u)).unflatten(-1, heads), rope).transpose(1, 2)
+        k = apply_rope(self.norm_k(self.k(u)).unflatten(-1, heads), rope).transpose(1, 2)
+        v = self.v(u).unflatten(-1, heads).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+        """Write this pass's keys/values into the memory, attend over sink, window and bank: [B, N, dim]."""
         memory = state.memory
         memory.write(layer, state.plan, k, v)
         if state.sma_top_k is None:
             keys, values = memory.attention_kv(layer, state.plan, state.bank_view)
         else:
             keys, values = memory.sparse_attention_kv(layer, state.plan, state.bank_view, q, state.sma_top_k)
-        out = F.scaled_dot_product_attention(q, keys, values)  # [B, H, N, D]
-        return self.o(out.transpose(1, 2).flatten(2))
+        return F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2)
 
 
 class CrossAttention(nn.Module):
@@ -139,9 +143,9 @@ class CrossAttention(nn.Module):
         text.k[layer] = self.norm_k(self.k(context)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         text.v[layer] = self.v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, layer: int, text: TextCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, text.k[layer], text.v[layer])
+        out = F.scaled_dot_product_attention(q, text_k, text_v)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -157,16 +161,27 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
-        # x: [B, F, P, dim]; e0: [B, F, 6, dim] -> six [B, F, 1, dim] modulations
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)
+    def attention_inputs(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Modulated, normalised input projected to q, k, v. x: [B, F, P, dim]; e0: [B, F, 6, dim]."""
+        shift, scale = (self.modulation[:, None, :2] + e0[:, :, :2]).chunk(2, dim=2)  # [B, F, 1, dim] each
+        u = layer_norm(x, self.eps) * (1 + scale) + shift
+        return self.self_attn.project(u.flatten(1, 2), rope)
+
+    def after_attention(
+        self, x: torch.Tensor, attn: torch.Tensor, e0: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
+    ) -> torch.Tensor:
+        """Gated self-attention output, cross-attention to the text, gated FFN. attn: [B, F*P, dim]."""
+        gate1, shift2, scale2, gate2 = (self.modulation[:, None, 2:] + e0[:, :, 2:]).chunk(4, dim=2)
         frames = x.shape[1]
-        u = layer_norm(x, self.eps) * (1 + scale1) + shift1
-        x = x + self.self_attn(u.flatten(1, 2), layer, state).unflatten(1, (frames, -1)) * gate1
-        flat = x.flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(flat), layer, state.text).unflatten(1, (frames, -1))
+        x = x + self.self_attn.o(attn).unflatten(1, (frames, -1)) * gate1
+        x = x + self.cross_attn(self.norm3(x.flatten(1, 2)), text_k, text_v).unflatten(1, (frames, -1))
         v = layer_norm(x, self.eps) * (1 + scale2) + shift2
         return x + self.ffn(v) * gate2
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+        q, k, v = self.attention_inputs(x, e0, state.rope)
+        attn = self.self_attn.attend(q, k, v, layer, state)
+        return self.after_attention(x, attn, e0, state.text.k[layer], state.text.v[layer])
 
 
 class Head(nn.Module):
