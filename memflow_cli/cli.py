@@ -151,6 +151,8 @@ def render(
             duration_s = parse_time(duration)
         except ValueError as error:
             fail(f"--duration: {error}", EXIT_BAD_INPUT)
+        if duration_s == 0:
+            fail("--duration: must be longer than 0s", EXIT_BAD_INPUT, "give the preview length, like 5s")
     cli_settings = {
         "memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
         "record_interval": record_interval, "sma": sma, "steps": steps,
@@ -235,6 +237,57 @@ def _render_one(engine_mod, engine, story, target, settings, seed, duration_s, o
         return engine_mod.render_story(
             engine, story, target, settings, seed=seed, duration_s=duration_s, overwrite=overwrite, progress=update
         )
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str | None, typer.Option(help="'demo' (tiny, CPU smoke run), a weights folder, or the HF cache by default.")
+    ] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Full-size 1.3B model with random weights (nothing to load).")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="cuda, cpu... Default: cuda if present.")] = None,
+    frames: Annotated[int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3)] = 120,
+    switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0)] = 0,
+    memory: Annotated[str, typer.Option(help="Memory: nam, sink or none.")] = "nam",
+    bank_size: Annotated[int, typer.Option(help="Memory-bank frames.")] = 3,
+    sma: Annotated[bool, typer.Option("--sma/--no-sma", help="Sparse memory activation.")] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the blocks (CUDA).")] = True,
+    compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
+) -> None:
+    """Measure speed and memory; prints a table, then one JSON line."""
+    import json
+
+    import torch
+
+    from . import bench as bench_mod
+    from .render import default_device
+    from .settings import MemorySettings
+
+    if random_weights and model is not None:
+        fail("give either --model or --random-weights, not both", EXIT_BAD_INPUT)
+    try:
+        memory_settings = MemorySettings(mode=memory, bank_size=bank_size, sma=sma)  # type: ignore[arg-type]
+        dev = torch.device(device or default_device())
+    except (SettingsError, RuntimeError) as error:
+        fail(str(error), EXIT_BAD_INPUT)
+    options = bench_mod.BenchOptions(
+        model=bench_mod.RANDOM if random_weights else model, device=dev, latent_frames=frames,
+        switches=switches, memory=memory_settings, compile=compile, compare=compare,
+    )  # fmt: skip
+    with err.status("benchmark") as spinner:
+        try:
+            result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
+        except Exception as error:  # noqa: BLE001 - weights/device problems reach the user as one line
+            fail(f"{type(error).__name__}: {error}", hint="memflow weights download fetches the weights")
+    table = Table(title=f"memflow bench: {result['model']} on {result['device']}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(table)
+    out.print(json.dumps(result), soft_wrap=True, markup=False)
 
 
 @weights_app.command("download")

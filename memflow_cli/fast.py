@@ -1,0 +1,52 @@
+"""Speed, applied from outside the model in one place: attention kernel choice and regional compile.
+
+The model code stays plain eager PyTorch. `accelerate` compiles the two pure
+per-block steps (everything but the cache read/write and the attention call)
+and `attention_kernels` picks the fastest SDPA backend the machine has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .model.transformer import CausalWanTransformer
+
+# fastest first on Hopper at MemFlow's shapes: cuDNN, then flash, then memory-efficient
+CUDA_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def attention_backend_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sdpa (cpu)"
+    return "sdpa: " + " > ".join(b.name.lower() for b in CUDA_BACKENDS)
+
+
+@contextlib.contextmanager
+def attention_kernels(device: torch.device) -> Iterator[None]:
+    """Within this block, SDPA prefers cuDNN attention, then flash, on CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    with sdpa_kernel(CUDA_BACKENDS, set_priority=True):
+        yield
+
+
+def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
+    """Compile every block's pure steps (shapes are static per pass kind, so few graphs are built)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if not compile:
+        return
+    for block in model.blocks:
+        block.attention_inputs = torch.compile(block.attention_inputs, dynamic=False)
+        block.after_attention = torch.compile(block.after_attention, dynamic=False)
