@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,8 +29,9 @@ app = typer.Typer(
 weights_app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.")
 app.add_typer(weights_app, name="weights")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# User text (titles, prompts, paths) is escaped where markup is used: `[camera pans left]` is not a style.
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -42,9 +44,9 @@ SegmentSeconds = Annotated[
 
 
 def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     if hint:
-        err.print(f"  hint: {hint}", soft_wrap=True)
+        err.print(f"  hint: {escape(hint)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -60,14 +62,14 @@ def load_stories(paths: list[Path], segment_seconds: float, geometry: VideoGeome
 
 def timeline_table(story: Story, timeline: Timeline) -> Table:
     name = f"{story.path}" + (f":{story.line}" if story.line else "")
-    table = Table(title=f"{story.title}  ({name}, seed {story.seed})", title_justify="left")
+    table = Table(title=escape(f"{story.title}  ({name}, seed {story.seed})"), title_justify="left")
     for column in ("#", "start", "snapped", "chunk", "frames", "prompt"):
         table.add_column(column, overflow="fold" if column == "prompt" else "ellipsis")
     for s in timeline.segments:
         prompt = s.prompt if len(s.prompt) <= 80 else s.prompt[:77] + "..."
         table.add_row(
             str(s.index), format_seconds(s.start_s), format_seconds(s.snapped_start_s),
-            str(s.start_chunk), str(s.video_frames), prompt,
+            str(s.start_chunk), str(s.video_frames), escape(prompt),
         )  # fmt: skip
     table.caption = (
         f"{timeline.chunks} chunks, {timeline.latent_frames} latent frames, "
@@ -177,18 +179,19 @@ def render(
             result = _render_one(engine_mod, engine, story, target, settings, seed, duration_s, overwrite, quiet)
         except engine_mod.RenderInterrupted as stop:
             where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
-            err.print(f"[yellow]interrupted:[/] {story.title}: {stop.frames} frames written; {where}")
+            err.print(f"[yellow]interrupted:[/] {escape(f'{story.title}: {stop.frames} frames written; {where}')}")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (OutputError, SettingsError, ScriptError, ValueError) as error:
-            err.print(f"[bold red]error:[/] {story.title}: {error}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(f'{story.title}: {error}')}", soft_wrap=True)
             failures += 1
             continue
-        out.print(str(result.path))
+        out.print(str(result.path), markup=False, soft_wrap=True)
         if not quiet:
             err.print(
                 f"{story.title}: {result.timeline.video_frames} frames in {result.seconds:.1f} s "
-                f"({result.timeline.video_frames / max(result.seconds, 1e-9):.1f} frames/s); metadata {result.sidecar}"
-            )
+                f"({result.timeline.video_frames / max(result.seconds, 1e-9):.1f} frames/s); metadata {result.sidecar}",
+                markup=False, soft_wrap=True,
+            )  # fmt: skip
     if failures:
         raise typer.Exit(EXIT_FAILED)
 
@@ -227,7 +230,7 @@ def _render_one(engine_mod, engine, story, target, settings, seed, duration_s, o
         TimeRemainingColumn(),
     )  # fmt: skip
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(story.title, total=None, segment="", fps="")
+        task = bar.add_task(escape(story.title), total=None, segment="", fps="")
 
         def update(p) -> None:
             fps = p.video_frames / max(p.elapsed_s, 1e-9)
@@ -302,7 +305,7 @@ def weights_download(
     except WeightsError as error:
         fail(str(error))
     for role, path in files.components().items():
-        out.print(f"{role}: {path}")
+        out.print(f"{role}: {path}", markup=False, soft_wrap=True)
 
 
 @weights_app.command("verify")
@@ -318,7 +321,7 @@ def weights_verify(
         fail(str(error), hint="fetch the weights with: memflow weights download")
     bad = [r for r in results if not r.ok]
     for result in results:
-        out.print(str(result))
+        out.print(str(result), markup=False, soft_wrap=True)
     if bad:
         fail(f"{len(bad)} problem(s) in the weights", hint="re-run: memflow weights download")
 
