@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from .decode import StreamingDecoder
-from .fast import accelerate, attention_backend_name, attention_kernels
+from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer
+from .overlap import overlapped
 from .settings import WAN_1_3B, GenerationSettings, MemorySettings, VideoGeometry
 
 RANDOM = "random"
@@ -165,8 +166,7 @@ def _generate_only(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
 def _decoding(bench: Bench) -> Callable[[Iterator[torch.Tensor]], Iterator[None]]:
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
         decoder = StreamingDecoder(bench.vae)
-        for latents in chunks:
-            decoder.decode(latents)
+        for _ in overlapped(chunks, decoder.decode, bench.device):
             yield None
 
     return sink
@@ -181,8 +181,8 @@ def _writing(bench: Bench, folder: Path) -> Callable[[Iterator[torch.Tensor]], I
             target, geometry.width, geometry.height, geometry.fps, keyframe_interval=geometry.video_frames_per_chunk
         )
         try:
-            for latents in chunks:
-                writer.write(decoder.decode(latents))
+            for frames in overlapped(chunks, decoder.decode, bench.device):
+                writer.write(frames)
                 yield None
             writer.close()
         except BaseException:
@@ -203,6 +203,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     video_frames = geometry.video_frames(latent_frames)
     settings = GenerationSettings(memory=options.memory, geometry=geometry)
     accelerate(bench.transformer, compile=options.compile and device.type == "cuda")
+    accelerate_vae(bench.vae)
     seed = options.seed
 
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:

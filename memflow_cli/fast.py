@@ -50,3 +50,11 @@ def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
     for block in model.blocks:
         block.attention_inputs = torch.compile(block.attention_inputs, dynamic=False)
         block.after_attention = torch.compile(block.after_attention, dynamic=False)
+
+
+def accelerate_vae(vae: torch.nn.Module) -> None:
+    """Channels-last 3-D layout and cuDNN autotuning for the VAE's convolutions on CUDA."""
+    if next(vae.parameters()).device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    vae.to(memory_format=torch.channels_last_3d)

@@ -18,9 +18,11 @@ from diffusers import AutoencoderKLWan
 from . import __version__
 from .checkpoint import load_transformer
 from .decode import StreamingDecoder
+from .fast import accelerate, accelerate_vae, attention_kernels
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer, sidecar_path, write_sidecar
+from .overlap import overlapped
 from .script import Story, Timeline
 from .settings import GenerationSettings, LoraSettings, VideoGeometry
 from .text_encoder import TextEncoder
@@ -69,12 +71,22 @@ class Engine:
         return torch.stack([self._embeds[p] for p in prompts])
 
 
-def load_engine(model: str | None, device: str | None = None, lora: LoraSettings | None = None) -> Engine:
-    """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None)."""
+def load_engine(
+    model: str | None, device: str | None = None, lora: LoraSettings | None = None, *, compile: bool | None = None
+) -> Engine:
+    """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None).
+
+    On CUDA the blocks are compiled unless `compile` is False (the first chunk then pays the warm-up).
+    """
     dev = torch.device(device or default_device())
+    engine = _demo_engine(dev, model_dtype(dev)) if model == DEMO else _weights_engine(model, dev, lora)
+    accelerate(engine.transformer, compile=dev.type == "cuda" if compile is None else compile)
+    accelerate_vae(engine.vae)
+    return engine
+
+
+def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None) -> Engine:
     dtype = model_dtype(dev)
-    if model == DEMO:
-        return _demo_engine(dev, dtype)
     from . import weights
 
     files = weights.resolve_model(model)
@@ -165,18 +177,19 @@ def render_story(
     started = time.perf_counter()
     first_frame_s = 0.0
     try:
-        for done, latents in enumerate(chunks, start=1):
-            writer.write(decoder.decode(latents))
-            elapsed = time.perf_counter() - started
-            first_frame_s = first_frame_s or elapsed
-            if progress:
-                segment = timeline.segments[timeline.prompt_index_for_chunk(done - 1)]
-                progress(
-                    ChunkProgress(
-                        done, timeline.chunks, segment.index, segment.snapped_start_s, segment.prompt,
-                        writer.frames_written, elapsed,
-                    )
-                )  # fmt: skip
+        with attention_kernels(engine.device):
+            for done, frames in enumerate(overlapped(chunks, decoder.decode, engine.device), start=1):
+                writer.write(frames)
+                elapsed = time.perf_counter() - started
+                first_frame_s = first_frame_s or elapsed
+                if progress:
+                    segment = timeline.segments[timeline.prompt_index_for_chunk(done - 1)]
+                    progress(
+                        ChunkProgress(
+                            done, timeline.chunks, segment.index, segment.snapped_start_s, segment.prompt,
+                            writer.frames_written, elapsed,
+                        )
+                    )  # fmt: skip
         path = writer.close()
     except KeyboardInterrupt:
         partial = writer.abort()

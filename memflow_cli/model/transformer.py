@@ -47,11 +47,6 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
-class AffineLayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
-
-
 def timestep_sinusoid(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
     """[cos | sin] embedding of float timesteps, computed in float64: [N, dim]."""
     half = dim // 2
@@ -155,7 +150,7 @@ class Block(nn.Module):
         self.eps = config.eps
         self.self_attn = SelfAttention(config)
         self.cross_attn = CrossAttention(config)
-        self.norm3 = AffineLayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
+        self.norm3 = nn.LayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
         self.ffn = nn.Sequential(
             nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, config.dim)
         )
