@@ -1,0 +1,534 @@
+"""The `memflow` commands, run for real on the demo model: check, render, weights, and batch_render.sh.
+
+Expected timelines are computed here from the rules, not read back from the code: a start snaps up to the
+next chunk of 0.75 s (12 video frames at 16 fps), a chunk is 3 latent frames, N latent frames decode to
+4N-3 video frames. The demo model renders 96x64 at 16 fps, a chunk in well under a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from memflow_cli.cli import app
+from memflow_cli.decode import StreamingDecoder
+from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.output import partial_path, probe_video, sidecar_path
+from memflow_cli.render import load_engine
+from memflow_cli.script import parse_time
+from memflow_cli.settings import GenerationSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEMFLOW_SHARED_DIR", REPO.parent / "shared"))
+STORIES = SHARED / "stories"
+EXAMPLES = REPO / "scripts_examples"
+BATCH_RENDER = EXAMPLES / "batch_render.sh"
+
+CHUNK_S = 0.75  # 12 video frames at 16 fps
+FPS = 16
+WIDTH, HEIGHT = 96, 64  # the demo model
+JSONL_SEGMENT_S = 10.0  # `--segment-seconds` default
+DEMO = ("--model", "demo", "--device", "cpu")
+
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def chunks_until(seconds: float) -> int:
+    """The first chunk starting at or after `seconds`."""
+    return math.ceil(seconds / CHUNK_S - 1e-9)
+
+
+def video_frames(chunks: int) -> int:
+    """Frames of the first `chunks` chunks: 3 latent frames each, 4N-3 video frames for N latent frames."""
+    return 0 if chunks == 0 else 4 * 3 * chunks - 3
+
+
+def memflow(*args: str | Path):
+    result = runner.invoke(app, [str(arg) for arg in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert "Traceback" not in result.stdout + result.stderr
+    return result
+
+
+def write_story(path: Path, starts: list[str], duration: str, title: str | None = None, seed: int = 0) -> Path:
+    prompts = ["a red fox trots across a snowy field", "the fox stops at the edge of a pine forest", "night falls"]
+    lines = [f"title: {title}"] if title else []
+    lines += [f"seed: {seed}", f"duration: {duration}", "segments:"]
+    for start, prompt in zip(starts, prompts, strict=False):
+        lines += [f"  - start: {start}", f"    prompt: {prompt}"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, stories: list[list[str]]) -> Path:
+    path.write_text("".join(json.dumps({"prompts": prompts}) + "\n" for prompts in stories), encoding="utf-8")
+    return path
+
+
+def decoded(path: Path) -> bytes:
+    """Every RGB frame of a video, decoded in one go."""
+    frames = imageio_ffmpeg.read_frames(str(path))
+    next(frames)  # metadata
+    return b"".join(frames)
+
+
+def assert_video(path: Path, frames: int) -> None:
+    info = probe_video(path)
+    assert (info.frames, info.width, info.height, info.fps) == (frames, WIDTH, HEIGHT, FPS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# check: timelines of every shared story
+
+
+def expected_timelines(path: Path) -> list[dict]:
+    """The timelines of a script's stories, computed from the file with the grid rules above."""
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        stories = [
+            ([i * JSONL_SEGMENT_S for i in range(len(line["prompts"]))], len(line["prompts"]) * JSONL_SEGMENT_S)
+            for line in lines
+        ]
+    else:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        starts = [parse_time(segment["start"]) for segment in data["segments"]]
+        stories = [(starts, parse_time(data["duration"]) if "duration" in data else starts[-1] + JSONL_SEGMENT_S)]
+    timelines = []
+    for starts, duration in stories:
+        chunks = chunks_until(duration)
+        first = [chunks_until(start) for start in starts]
+        ends = [*first[1:], chunks]
+        segments = [
+            (i, starts[i], c * CHUNK_S, c, video_frames(end) - video_frames(c))
+            for i, (c, end) in enumerate(zip(first, ends, strict=True))
+        ]
+        timelines.append({"chunks": chunks, "frames": video_frames(chunks), "segments": segments})
+    return timelines
+
+
+_ROW = re.compile(r"^[│|]\s*(\d+)\s*[│|]\s*([\d.]+)s\s*[│|]\s*([\d.]+)s\s*[│|]\s*(\d+)\s*[│|]\s*(\d+)\s*[│|]")
+_CAPTION = re.compile(r"(\d+) chunks, (\d+) latent frames, (\d+) video frames, ([\d.]+) s")
+
+
+def printed_timelines(stdout: str) -> list[dict]:
+    """The timelines `memflow check` printed: its table rows, closed by each table's caption."""
+    timelines, rows = [], []
+    for line in stdout.splitlines():
+        if row := _ROW.match(line.strip()):
+            index, start, snapped, chunk, frames = row.groups()
+            rows.append((int(index), float(start), float(snapped), int(chunk), int(frames)))
+        elif caption := _CAPTION.search(line):
+            chunks, latent, frames, seconds = caption.groups()
+            assert int(latent) == 3 * int(chunks)
+            assert float(seconds) == pytest.approx(int(frames) / FPS, abs=0.005)
+            timelines.append({"chunks": int(chunks), "frames": int(frames), "segments": rows})
+            rows = []
+    return timelines
+
+
+SHARED_SCRIPTS = sorted([*STORIES.glob("*.yaml"), *STORIES.glob("*.jsonl")]) if STORIES.is_dir() else []
+needs_shared = pytest.mark.skipif(not SHARED_SCRIPTS, reason=f"no stories in {STORIES} (set MEMFLOW_SHARED_DIR)")
+
+
+@needs_shared
+@pytest.mark.parametrize("script", SHARED_SCRIPTS, ids=lambda path: path.name)
+def test_check_prints_the_resolved_timeline_of_every_shared_story(script: Path):
+    result = memflow("check", script)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    expected = expected_timelines(script)
+    printed = printed_timelines(result.stdout)
+    assert len(printed) == len(expected)
+    for got, want in zip(printed, expected, strict=True):
+        assert got["chunks"] == want["chunks"] and got["frames"] == want["frames"]
+        assert got["segments"] == [pytest.approx(segment) for segment in want["segments"]]
+    assert result.stdout.rstrip().endswith("ok: 1 script(s) valid")
+
+
+@needs_shared
+def test_check_example_000_numbers():
+    result = memflow("check", STORIES / "example-000.yaml")
+    (timeline,) = printed_timelines(result.stdout)
+    assert (timeline["chunks"], timeline["frames"]) == (80, 957)
+    # 10s -> chunk 14 (10.5 s), 20s -> 27 (20.25 s), 30s -> 40 exactly, 40s -> 54, 50s -> 67
+    assert [(snapped, chunk) for _, _, snapped, chunk, _ in timeline["segments"]] == [
+        (0, 0), (10.5, 14), (20.25, 27), (30, 40), (40.5, 54), (50.25, 67),
+    ]  # fmt: skip
+    assert [frames for *_, frames in timeline["segments"]] == [165, 156, 156, 168, 156, 156]
+    assert "59.81 s" in result.stdout
+
+
+@needs_shared
+def test_check_takes_many_scripts_at_once():
+    result = memflow("check", *SHARED_SCRIPTS)
+    assert result.exit_code == 0, result.stderr
+    assert len(printed_timelines(result.stdout)) == sum(len(expected_timelines(s)) for s in SHARED_SCRIPTS)
+    assert f"ok: {len(SHARED_SCRIPTS)} script(s) valid" in result.stdout
+
+
+def test_check_the_example_scripts():
+    scripts = sorted(path for path in EXAMPLES.iterdir() if path.suffix in (".yaml", ".yml", ".jsonl"))
+    assert len(scripts) >= 2
+    result = memflow("check", *scripts)
+    assert result.exit_code == 0, result.stderr
+    for script in scripts:
+        assert printed_timelines(memflow("check", script).stdout) == expected_timelines(script)
+
+
+def test_check_does_not_read_prompts_as_markup(tmp_path: Path):
+    script = tmp_path / "brackets.yaml"
+    script.write_text('title: "[draft] fox"\nsegments:\n  - start: 0s\n    prompt: "[pan left] a fox [/pan]"\n')
+    result = memflow("check", script)
+    assert result.exit_code == 0, result.stderr
+    assert "[draft] fox" in result.stdout and "[pan left] a fox [/pan]" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# check and render: a bad script is one line naming file:line, field and fix; exit 2
+
+
+BAD_SCRIPTS = {
+    "two starts in one chunk": (
+        "snap.yaml", "segments:\n- start: 0s\n  prompt: a\n- start: 5s\n  prompt: b\n- start: 5.2s\n  prompt: c\n",
+        "6: segments[2].start:", "0.75 s apart",
+    ),
+    "misspelt key": (
+        "key.yaml", "segments:\n- start: 0s\n  promt: a\n", "3: segments[0].promt:", "did you mean 'prompt'",
+    ),
+    "not a time": ("time.yaml", "segments:\n- start: ten\n  prompt: a\n", "2: segments[0].start:", "write it like 10s"),
+    "first start not 0": ("first.yaml", "segments:\n- start: 2s\n  prompt: a\n", "2: segments[0].start:", "at 0s"),
+    "start after the end": (
+        "late.yaml", "duration: 10s\nsegments:\n- start: 0s\n  prompt: a\n- start: 12s\n  prompt: b\n",
+        "5: segments[1].start:", "duration longer",
+    ),
+    "bad setting": (
+        "settings.yaml", "segments:\n- start: 0s\n  prompt: a\nsettings:\n  memory: bank\n",
+        "5: settings.memory:", "remove `memory`",
+    ),
+    "blank prompt": ("blank.yaml", "segments:\n- start: 0s\n  prompt: '  '\n", "3: segments[0].prompt:", "describe"),
+    "bad yaml": ("syntax.yaml", "segments:\n  - start: 0s\n   prompt: a\n", "3: not valid YAML", "indentation"),
+    "empty jsonl prompts": ("bad.jsonl", '{"prompts": ["a", "b"]}\n{"prompts": []}\n', "2: prompts:", "each line"),
+    "jsonl not json": ("broken.jsonl", '{"prompts": ["a"]\n', "1: not valid JSON", "each line"),
+    "unknown extension": ("story.txt", "segments: []\n", ": cannot read '.txt' files", ".yaml, .yml, .jsonl"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_SCRIPTS.values(), ids=BAD_SCRIPTS.keys())
+def test_check_reports_a_bad_script_in_one_line(tmp_path: Path, case: tuple[str, str, str, str]):
+    name, text, where, fix = case
+    script = tmp_path / name
+    script.write_text(text, encoding="utf-8")
+    result = memflow("check", script)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {script}{'' if where.startswith(':') else ':'}{where}"), line
+    assert fix in line
+
+
+def test_check_a_missing_file(tmp_path: Path):
+    result = memflow("check", tmp_path / "nothere.yaml")
+    assert result.exit_code == 2
+    message = f"error: {tmp_path / 'nothere.yaml'}: no such file — check the path and the file name"
+    assert result.stderr.strip() == message
+
+
+def test_render_refuses_a_bad_script_before_loading_anything(tmp_path: Path):
+    name, text, where, _ = BAD_SCRIPTS["two starts in one chunk"]
+    script = tmp_path / name
+    script.write_text(text, encoding="utf-8")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "out.mp4")
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {script}:{where}")
+    assert list(tmp_path.iterdir()) == [script]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--duration", "0s"), "--duration: must be longer than 0s"),
+        (("--duration", "soon"), "--duration: 'soon' is not a time"),
+        (("--memory", "bank"), "memory: unknown mode 'bank'"),
+        (("--window", "2"), "sink: must be between 0 and window-1"),
+        (("--steps", "250,500"), "steps: must be strictly decreasing"),
+    ],
+)
+def test_render_rejects_bad_options(tmp_path: Path, options: tuple[str, ...], message: str):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", *options)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "fox.mp4").exists() and not partial_path(tmp_path / "fox.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# render on the demo model
+
+
+def test_render_a_two_prompt_story(tmp_path: Path):
+    # the switch at 1s snaps to chunk 2 (1.5 s), inside the 3 s preview; the third prompt (5s) is cut off
+    script = write_story(tmp_path / "fox.yaml", ["0s", "1s", "5s"], "10s", seed=11)
+    target = tmp_path / "fox.mp4"
+    result = memflow("render", script, *DEMO, "-o", target, "--duration", "3s")
+    assert result.exit_code == 0, result.stderr
+
+    chunks = chunks_until(3.0)
+    assert chunks == 4
+    assert result.stdout == f"{target}\n"
+    assert "demo model" in result.stderr  # the warning
+    assert f"{video_frames(chunks)} frames in" in result.stderr  # the report, on stderr
+    assert_video(target, video_frames(chunks))
+    assert not partial_path(target).exists()
+
+    meta = json.loads(sidecar_path(target).read_text(encoding="utf-8"))
+    assert {"script", "title", "seed", "timeline", "settings", "weights", "timings"} <= meta.keys()
+    assert meta["script"] == str(script) and meta["title"] == "fox" and meta["seed"] == 11
+    timeline = meta["timeline"]
+    assert (timeline["chunks"], timeline["latent_frames"], timeline["video_frames"]) == (4, 12, 45)
+    segments = [(s["start_s"], s["snapped_start_s"], s["start_chunk"], s["video_frames"]) for s in timeline["segments"]]
+    assert segments == [(0.0, 0.0, 0, video_frames(2)), (1.0, 1.5, 2, video_frames(4) - video_frames(2))]
+    assert meta["settings"]["memory"]["mode"] == "nam"
+    assert meta["weights"]["model"] == "demo"
+    assert meta["timings"]["render_s"] > 0
+
+
+def test_render_options_reach_the_settings_and_the_sidecar(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "10s", seed=3)
+    target = tmp_path / "fox.mp4"
+    options = ("--seed", "9", "--steps", "1000,500", "--memory", "sink", "--window", "9", "--sink", "3", "-q")
+    result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", *options)
+    assert result.exit_code == 0, result.stderr
+    assert_video(target, video_frames(2))
+    meta = json.loads(sidecar_path(target).read_text(encoding="utf-8"))
+    assert meta["seed"] == 9
+    assert meta["settings"]["sampler"]["steps"] == [1000, 500]
+    assert meta["settings"]["memory"] | {"mode": "sink", "window": 9, "sink": 3} == meta["settings"]["memory"]
+
+
+def test_render_several_scripts_into_a_folder(tmp_path: Path):
+    first = write_story(tmp_path / "a.yaml", ["0s", "0.75s"], "2s", title='"[draft] first"')
+    second = write_story(tmp_path / "b.yaml", ["0s"], "1.5s")  # no title: the file name
+    out = tmp_path / f"renders-{'x' * 80}"  # stdout is one path a line, however long
+    result = memflow("render", first, second, *DEMO, "--out-dir", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [str(out / "[draft] first.mp4"), str(out / "b.mp4")]
+    assert result.stderr.count("demo model") == 1  # the model is loaded once
+    assert_video(out / "[draft] first.mp4", video_frames(chunks_until(2.0)))
+    assert_video(out / "b.mp4", video_frames(chunks_until(1.5)))
+    assert sidecar_path(out / "b.mp4").is_file()
+
+
+def test_render_a_jsonl_file_of_several_stories(tmp_path: Path):
+    script = write_jsonl(tmp_path / "batch.jsonl", [["a fox", "a forest"], ["a boat", "a storm"]])
+    out = tmp_path / "out"
+    result = memflow("render", script, *DEMO, "--out-dir", out, "--duration", "1.5s", "-q")
+    assert result.exit_code == 0, result.stderr
+    targets = [out / "batch-001.mp4", out / "batch-002.mp4"]
+    assert result.stdout.splitlines() == [str(path) for path in targets]
+    for line, target in enumerate(targets, start=1):
+        assert_video(target, video_frames(2))
+        meta = json.loads(sidecar_path(target).read_text(encoding="utf-8"))
+        assert meta["script_line"] == line and meta["timeline"]["chunks"] == 2
+
+
+def test_render_a_jsonl_file_of_several_stories_to_one_file_is_an_error(tmp_path: Path):
+    script = write_jsonl(tmp_path / "batch.jsonl", [["a fox"], ["a boat"]])
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "out.mp4")
+    assert result.exit_code == 2
+    assert "2 stories" in result.stderr and "--out-dir" in result.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_render_needs_exactly_one_of_output_and_out_dir(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    assert memflow("render", script, *DEMO).exit_code == 2
+    both = memflow("render", script, *DEMO, "-o", tmp_path / "a.mp4", "--out-dir", tmp_path / "out")
+    assert both.exit_code == 2 and "exactly one" in both.stderr
+
+
+def test_render_never_clobbers_without_overwrite(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "10s")
+    target = tmp_path / "fox.mp4"
+    target.write_bytes(b"precious")
+    result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s")
+    assert result.exit_code == 2
+    assert "exists" in result.stderr and "--overwrite" in result.stderr
+    assert result.stdout == ""
+    assert target.read_bytes() == b"precious"
+    assert not partial_path(target).exists() and not sidecar_path(target).exists()
+
+    result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--overwrite", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert_video(target, video_frames(2))
+
+
+def test_render_with_out_dir_checks_every_target_first(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.mp4").write_bytes(b"precious")
+    first, second = (write_story(tmp_path / f"{name}.yaml", ["0s"], "1.5s") for name in "ab")
+    result = memflow("render", first, second, *DEMO, "--out-dir", out)
+    assert result.exit_code == 2 and "b.mp4" in result.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["b.mp4"]  # a.mp4 was not rendered either
+
+
+def test_render_is_deterministic_for_a_seed(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "10s")
+    videos = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        target = tmp_path / f"{name}.mp4"
+        result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--seed", str(seed), "-q")
+        assert result.exit_code == 0, result.stderr
+        videos[name] = decoded(target)
+    assert len(videos["a"]) == video_frames(2) * WIDTH * HEIGHT * 3
+    assert videos["a"] == videos["b"]
+    assert videos["a"] != videos["c"]
+
+
+def test_render_interrupted_leaves_a_playable_partial_file(tmp_path: Path):
+    """Ctrl-C (SIGINT) in a real process: exit 130, the finished chunks stay playable, the target never appears."""
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
+    target = tmp_path / "fox.mp4"
+    partial = partial_path(target)
+    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, "-o", str(target)]
+    process = subprocess.Popen(
+        [*command, "--duration", "15s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background jobs ignore SIGINT, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 2000):  # the header, then a first fragment
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no frames were written in 60 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stdout == ""
+    assert "interrupted" in stderr and str(partial) in stderr and "Traceback" not in stderr
+    assert not target.exists() and not sidecar_path(target).exists()
+
+    frames = probe_video(partial).frames
+    chunks = (frames + 3) // 12
+    assert 0 < chunks < chunks_until(15.0) and frames == video_frames(chunks)
+    assert f"{frames} frames written" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The engine's streaming decode
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine("demo", "cpu")
+
+
+def test_streaming_decode_of_generated_chunks_equals_one_shot_decode(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    prompts = ("a red fox in the snow",)
+    engine.encode(prompts)
+    generator = MemFlowGenerator(engine.transformer, settings)
+    noise = SeededNoise(0, generator.noise_shape(), engine.device, engine.dtype)
+    chunks = list(generator.generate(engine.embeddings(prompts), 3, noise))
+
+    decoder = StreamingDecoder(engine.vae)
+    streamed = torch.cat([decoder.decode_float(latents) for latents in chunks])  # [N, 3, H, W]
+
+    vae = engine.vae
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape)
+    std = torch.tensor(vae.config.latents_std).view(shape)
+    z = torch.cat(chunks, dim=1).permute(0, 2, 1, 3, 4) * std + mean  # [1, F, C, h, w] -> [1, C, F, h, w]
+    with torch.no_grad():
+        whole = vae.decode(z).sample[0].permute(1, 0, 2, 3).clamp(-1, 1)  # [N, 3, H, W]
+
+    assert streamed.shape == whole.shape == (video_frames(3), 3, HEIGHT, WIDTH)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Without weights
+
+
+@pytest.fixture
+def no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def test_render_without_weights_names_the_download_command(tmp_path: Path, no_weights: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    result = memflow("render", script, "--device", "cpu", "-o", tmp_path / "fox.mp4")
+    assert result.exit_code == 1
+    assert "memflow weights download" in result.stderr
+    assert str(no_weights) in result.stderr  # where it looked
+    assert not (tmp_path / "fox.mp4").exists() and not partial_path(tmp_path / "fox.mp4").exists()
+
+
+def test_weights_verify_without_weights_names_the_download_command(no_weights: Path):
+    result = memflow("weights", "verify")
+    assert result.exit_code == 1
+    assert "memflow weights download" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scripts_examples/batch_render.sh
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_batch_render_renders_logs_failures_and_skips_finished_scripts(tmp_path: Path):
+    scripts, out = tmp_path / "scripts", tmp_path / "out"
+    scripts.mkdir()
+    write_story(scripts / "one.yaml", ["0s"], "10s", title="first story")
+    write_story(scripts / "two.yml", ["0s"], "10s")
+    (scripts / "broken.yaml").write_text("segments:\n- start: 0s\n  promt: a\n", encoding="utf-8")
+    (scripts / "notes.txt").write_text("not a script\n", encoding="utf-8")
+    memflow_command = Path(sys.executable).with_name("memflow")  # the console script of this environment
+    if not memflow_command.is_file():
+        pytest.skip(f"no {memflow_command}")
+    env = {**os.environ, "MEMFLOW": str(memflow_command)}
+    command = ["bash", str(BATCH_RENDER), str(scripts), str(out), *DEMO, "--duration", "1.5s", "-q"]
+
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 1, first.stderr
+    assert_video(out / "first story.mp4", video_frames(2))
+    assert_video(out / "two.mp4", video_frames(2))
+    log = (out / "failures.log").read_text(encoding="utf-8")
+    assert "broken.yaml" in log and "segments[0].promt" in log and "notes.txt" not in log
+    assert first.stdout.splitlines()[-1] == "batch: 2 rendered, 0 skipped, 1 failed"
+    assert str(out / "two.mp4") in first.stdout.splitlines()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 1
+    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 2 skipped, 1 failed"
+    assert "skip:" in second.stderr and "one.yaml" in second.stderr and "two.yml" in second.stderr
