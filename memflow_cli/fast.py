@@ -57,4 +57,6 @@ def accelerate_vae(vae: torch.nn.Module) -> None:
     if next(vae.parameters()).device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
-    vae.to(memory_format=torch.channels_last_3d)
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
