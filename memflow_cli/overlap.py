@@ -44,6 +44,7 @@ def overlapped(
     thread = threading.Thread(target=worker, name="memflow-decode", daemon=True)
     thread.start()
     pending = 0
+    first = True
     try:
         for chunk in chunks:
             ready = torch.cuda.Event()
@@ -51,6 +52,10 @@ def overlapped(
             chunk.record_stream(side)  # the allocator must not reuse it before the side stream is done
             inbox.put((chunk, ready))
             pending += 1
+            if first:  # the first frames go out as soon as they exist: time to first frame is not traded away
+                first = False
+                yield _take(outbox)
+                pending -= 1
             while pending and not outbox.empty():
                 yield _take(outbox)
                 pending -= 1
