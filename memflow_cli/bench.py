@@ -209,7 +209,8 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:
         folder = Path(tmp)
         status("warm-up (compile, autotune)")
-        warm_chunks = min(chunks, 4)
+        # long enough for a steady-state re-cache (a switch after the window is full), so it is compiled too
+        warm_chunks = min(chunks, 2 * (options.memory.window // geometry.frames_per_chunk) + 2)
         warm_start = time.perf_counter()
         _timed_run(bench, settings, warm_chunks, min(options.switches, 1), seed, _writing(bench, folder))
         warmup_s = time.perf_counter() - warm_start
@@ -226,7 +227,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
             for name, memory in COMPARE_MODES.items():
                 status(f"compare: {name}")
                 mode_settings = replace(settings, memory=memory)
-                _timed_run(bench, mode_settings, min(chunks, 4), options.switches and 1, seed, _generate_only)
+                _timed_run(bench, mode_settings, warm_chunks, min(options.switches, 1), seed, _generate_only)
                 times = _timed_run(bench, mode_settings, chunks, options.switches, seed, _generate_only)
                 compare[name] = video_frames / times.total_s
 

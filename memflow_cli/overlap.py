@@ -1,85 +1,67 @@
-"""Run the consumer of a chunk stream (decode, write) beside its producer (the generator).
+"""Run the consumer of a chunk stream (decode) beside its producer (the generator).
 
-The generator keeps the GPU's main stream busy while a worker thread decodes the
-previous chunk on a side stream and hands frames on, so decoding and encoding
-overlap generation instead of following it. On the CPU this is a plain loop.
+The generator keeps the GPU's main stream busy while one long-lived worker
+thread decodes earlier chunks on a side stream, so decoding overlaps
+generation instead of following it. The worker and its stream live for the
+whole process (a new thread would pay for new cuDNN/cuBLAS handles at every
+video). On the CPU this is a plain loop.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import functools
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
-_DONE = object()
+
+
+@functools.cache
+def _worker() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="memflow-decode")
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def overlapped(
     chunks: Iterator[torch.Tensor], work: Callable[[torch.Tensor], T], device: torch.device, depth: int = 2
 ) -> Iterator[T]:
-    """Yield `work(chunk)` for every chunk, in order; on CUDA the work runs on a worker thread and stream."""
+    """Yield `work(chunk)` for every chunk, in order; on CUDA the work runs on a worker thread and stream.
+
+    The first result is handed out as soon as it exists; later ones trail generation by up to `depth` chunks.
+    """
     if device.type != "cuda":
         for chunk in chunks:
             yield work(chunk)
         return
-    inbox: queue.Queue = queue.Queue(maxsize=depth)
-    outbox: queue.Queue = queue.Queue()
-    side = torch.cuda.Stream(device)
+    side = _side_stream(device)
 
-    def worker() -> None:
-        try:
-            while (item := inbox.get()) is not _DONE:
-                chunk, ready = item
-                with torch.cuda.stream(side):
-                    side.wait_event(ready)
-                    outbox.put((work(chunk), None))
-        except BaseException as error:  # handed to the consumer, raised there
-            outbox.put((None, error))
-        outbox.put((_DONE, None))
+    def job(chunk: torch.Tensor, ready: torch.cuda.Event) -> T:
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            return work(chunk)
 
-    thread = threading.Thread(target=worker, name="memflow-decode", daemon=True)
-    thread.start()
-    pending = 0
-    first = True
+    pending: deque[Future[T]] = deque()
     try:
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             ready = torch.cuda.Event()
             ready.record()
             chunk.record_stream(side)  # the allocator must not reuse it before the side stream is done
-            inbox.put((chunk, ready))
-            pending += 1
-            if first:  # the first frames go out as soon as they exist: time to first frame is not traded away
-                first = False
-                yield _take(outbox)
-                pending -= 1
-            while pending and not outbox.empty():
-                yield _take(outbox)
-                pending -= 1
-        inbox.put(_DONE)
+            pending.append(_worker().submit(job, chunk, ready))
+            while pending and (index == 0 or pending[0].done() or len(pending) > depth):
+                yield pending.popleft().result()
         while pending:
-            yield _take(outbox)
-            pending -= 1
+            yield pending.popleft().result()
     finally:
-        if thread.is_alive():
-            _drain(inbox)
-            inbox.put(_DONE)
-            thread.join(timeout=60)
-
-
-def _take(outbox: queue.Queue):
-    result, error = outbox.get()
-    if error is not None:
-        raise error
-    return result
-
-
-def _drain(inbox: queue.Queue) -> None:
-    while True:
-        try:
-            inbox.get_nowait()
-        except queue.Empty:
-            return
+        for future in pending:
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                future.exception()  # wait: the worker must not outlive the caller's buffers
