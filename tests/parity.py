@@ -14,6 +14,7 @@ from memflow_cli.settings import GenerationSettings, LoraSettings, MemorySetting
 
 ROOT = Path(__file__).resolve().parent.parent
 PARITY_DIR = Path(os.environ.get("MEMFLOW_PARITY_DIR", ROOT.parent / "shared" / "parity" / "public"))
+REQUIRED = "MEMFLOW_PARITY_DIR" in os.environ or os.environ.get("CI", "").lower() in ("1", "true")
 
 
 def manifest() -> dict:

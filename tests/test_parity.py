@@ -19,7 +19,14 @@ from . import parity
 BAR = 1e-4
 MANIFEST = parity.manifest()
 
-pytestmark = pytest.mark.skipif(not MANIFEST["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
+pytestmark = pytest.mark.skipif(
+    not MANIFEST["scenarios"] and not parity.REQUIRED, reason=f"no parity fixtures at {parity.PARITY_DIR}"
+)
+
+
+def test_fixtures_present():
+    """In CI, or when MEMFLOW_PARITY_DIR names a folder, missing fixtures are a failure, not a skip."""
+    assert MANIFEST["scenarios"], f"no parity scenarios found in {parity.PARITY_DIR}/manifest.json"
 
 
 @pytest.fixture(scope="module")
