@@ -92,11 +92,21 @@ def check(
 
 def generation_settings(story: Story, cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
     """Defaults, then the script's `settings:`, then options given on the command line."""
+    given = {k: v for k, v in cli.items() if v is not None}
     try:
-        settings = GenerationSettings(geometry=geometry).with_overrides(story.settings)
-        return settings.with_overrides({k: v for k, v in cli.items() if v is not None})
+        GenerationSettings(geometry=geometry).with_overrides(given)
     except SettingsError as error:
-        fail(f"{story.path}: {error}", EXIT_BAD_INPUT, "fix the script's settings or the command-line option")
+        fail(f"--{error.field.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
+    try:
+        return GenerationSettings(geometry=geometry).with_overrides(story.settings).with_overrides(given)
+    except SettingsError as error:
+        fail(f"{story.path}: settings.{error}", EXIT_BAD_INPUT, "fix the script's settings or the command-line option")
+
+
+def safe_filename(title: str) -> str:
+    """A story title as a file name: path separators and control characters become '_'."""
+    cleaned = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 else c for c in title).strip(" .")
+    return cleaned or "untitled"
 
 
 def output_paths(stories: list[Story], output: Path | None, out_dir: Path | None) -> list[Path]:
@@ -110,7 +120,7 @@ def output_paths(stories: list[Story], output: Path | None, out_dir: Path | None
         return [output]
     assert out_dir is not None
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{story.title}.mp4" for story in stories]
+    paths = [out_dir / f"{safe_filename(story.title)}.mp4" for story in stories]
     seen: set[Path] = set()
     for story, path in zip(stories, paths, strict=True):
         if path in seen:

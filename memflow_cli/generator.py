@@ -162,7 +162,7 @@ class MemFlowGenerator:
 
     def _bank_view(self, chunk: int, recache: bool = False) -> int:
         memory = self.settings.memory
-        if memory.bank_frames == 0:
+        if memory.bank_frames == 0 or memory.sink_frames == 0:  # without a sink the bank is never attended
             return 0
         return bank_view_frames(
             chunk, record_interval=memory.record_interval, bank_size=memory.bank_frames, recache=recache
@@ -173,7 +173,8 @@ class MemFlowGenerator:
         grid_h = geometry.latent_height // geometry.patch_hw
         grid_w = geometry.latent_width // geometry.patch_hw
         angles = rope_angles(self.model.config, frame0, frames, grid_h, grid_w, self.device)
-        sma = self.settings.memory.sma_top_k if self.settings.memory.sma else None
+        settings = self.settings.memory
+        sma = settings.sma_top_k if settings.sma and settings.sink_frames else None
         return PassState(plan, memory, text, rope_tables(angles, self.rope_dtype), bank_view, sma)
 
     def _recache(

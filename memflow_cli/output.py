@@ -55,6 +55,12 @@ def sidecar_path(target: Path) -> Path:
     return target.with_suffix(".json")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_sidecar(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as indented JSON, atomically (temporary file in the same folder, then os.replace)."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -62,6 +68,7 @@ def write_sidecar(path: Path, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a sidecar is as readable as its video
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -99,6 +106,8 @@ def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_in
     """rawvideo rgb24 on stdin -> H.264 yuv420p, a keyframe (and an MP4 fragment) every `keyframe_interval`."""
     source = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0"]
     codec = ["-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-r", str(fps)]
+    # no B-frames and no look-ahead: each chunk's fragment reaches the disk as soon as the chunk is written
+    codec += ["-x264-params", "bframes=0:rc-lookahead=0:sync-lookahead=0"]
     gop = ["-g", str(keyframe_interval), "-keyint_min", str(keyframe_interval), "-sc_threshold", "0"]
     container = ["-movflags", "+frag_keyframe+empty_moov+default_base_moof", "-flush_packets", "1", "-f", "mp4"]
     return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "warning", "-y",

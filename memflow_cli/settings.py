@@ -153,8 +153,6 @@ class MemorySettings:
             raise SettingsError("sma_top_k", f"must be at least 1, got {self.sma_top_k}")
         if self.sma and self.mode != "nam":
             raise SettingsError("sma", f"sparse memory activation needs memory 'nam', not {self.mode!r}")
-        if self.mode == "nam" and self.sink == 0:
-            raise SettingsError("sink", "memory 'nam' attends its bank only beside a sink: use sink >= 1")
 
     @property
     def sink_frames(self) -> int:

@@ -532,3 +532,27 @@ def test_batch_render_renders_logs_failures_and_skips_finished_scripts(tmp_path:
     assert second.returncode == 1
     assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 2 skipped, 1 failed"
     assert "skip:" in second.stderr and "one.yaml" in second.stderr and "two.yml" in second.stderr
+
+
+def test_a_bad_option_is_blamed_on_the_option_not_the_script(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--bank-size", "0")
+    assert result.exit_code == 2
+    assert "--bank-size: must be at least 1, got 0" in result.stderr
+    assert "fox.yaml" not in result.stderr
+
+
+def test_a_title_with_a_slash_still_names_one_file_in_the_folder(tmp_path: Path):
+    script = write_story(tmp_path / "a.yaml", ["0s"], "1.5s", title='"fox/night: take 2"')
+    out = tmp_path / "renders"
+    result = memflow("render", script, *DEMO, "--out-dir", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [str(out / "fox_night_ take 2.mp4")]
+    assert_video(out / "fox_night_ take 2.mp4", video_frames(chunks_until(1.5)))
+
+
+def test_the_sidecar_is_as_readable_as_the_video(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    target = tmp_path / "fox.mp4"
+    assert memflow("render", script, *DEMO, "-o", target).exit_code == 0
+    assert sidecar_path(target).stat().st_mode & 0o777 == target.stat().st_mode & 0o777

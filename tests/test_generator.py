@@ -1,0 +1,71 @@
+"""The chunk loop on a tiny random model: determinism, memory modes, streaming shapes, bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsError, TransformerConfig, VideoGeometry
+
+CONFIG = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
+GEOMETRY = VideoGeometry(height=32, width=48)  # latent 4x6 -> 6 tokens per frame
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CausalWanTransformer(CONFIG).eval().requires_grad_(False)
+
+
+def render(model, memory: MemorySettings, chunks: int = 6, seed: int = 3, switch_chunks=()) -> torch.Tensor:
+    generator = MemFlowGenerator(model, GenerationSettings(memory=memory, geometry=GEOMETRY))
+    prompts = torch.randn((len(switch_chunks) + 1, 5, CONFIG.text_dim), generator=torch.Generator().manual_seed(1))
+    noise = SeededNoise(seed, generator.noise_shape(), "cpu", torch.float32)
+    return torch.cat(list(generator.generate(prompts, chunks, noise, switch_chunks)), dim=1)
+
+
+def test_chunks_have_the_latent_shape(model):
+    video = render(model, MemorySettings(), chunks=4)
+    assert video.shape == (1, 12, 16, 4, 6)
+    assert torch.isfinite(video).all()
+
+
+def test_same_seed_same_video_other_seed_other_video(model):
+    memory = MemorySettings(record_interval=1)
+    assert torch.equal(render(model, memory), render(model, memory))
+    assert not torch.allclose(render(model, memory), render(model, memory, seed=4))
+
+
+def test_memory_modes_differ_once_the_window_is_full(model):
+    nam, sink, none = (render(model, MemorySettings(mode=m), chunks=8) for m in ("nam", "sink", "none"))
+    first = slice(0, 3)  # chunk 0 sees only itself in every mode
+    assert torch.allclose(nam[:, first], sink[:, first]) and torch.allclose(sink[:, first], none[:, first])
+    assert not torch.allclose(nam, sink) and not torch.allclose(sink, none)
+
+
+def test_bank_without_a_sink_is_never_attended(model):
+    """With sink 0 the released code ignores the bank: nam then computes exactly what `none` does."""
+    without_sink = render(model, MemorySettings(mode="nam", sink=0, record_interval=1), chunks=8)
+    local_only = render(model, MemorySettings(mode="none"), chunks=8)
+    assert torch.equal(without_sink, local_only)
+
+
+def test_prompt_switch_changes_only_later_chunks(model):
+    steady = render(model, MemorySettings(), chunks=6, switch_chunks=(6,))  # a switch that never comes
+    switched = render(model, MemorySettings(), chunks=6, switch_chunks=(4,))
+    assert torch.allclose(steady[:, :12], switched[:, :12])
+    assert not torch.allclose(steady[:, 12:], switched[:, 12:])
+
+
+def test_switch_count_must_match_prompts(model):
+    generator = MemFlowGenerator(model, GenerationSettings(geometry=GEOMETRY))
+    noise = SeededNoise(0, generator.noise_shape(), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="3 prompts need 2 switch chunks"):
+        next(generator.generate(torch.zeros(3, 5, CONFIG.text_dim), 4, noise, (2,)))
+
+
+def test_window_must_hold_a_chunk_beside_the_sink():
+    with pytest.raises(SettingsError, match="window"):
+        GenerationSettings(memory=MemorySettings(window=5, sink=3))
