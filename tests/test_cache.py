@@ -363,9 +363,9 @@ def test_sparse_attention_kv_per_head_selection():
     assert frames_of(k[:, 1:]) == [0, 0, 1, 2, 3]  # pool frames 0, 1 (both f0)
     assert frames_of(v[:, :1], values=True) == [1, 2, 1, 2, 3]
     assert frames_of(v[:, 1:], values=True) == [0, 0, 1, 2, 3]
-    # k covering the pool keeps it whole
+    # k covering the pool keeps it whole: the plain key set (attention does not depend on key order)
     k, _ = memory.sparse_attention_kv(0, plan, 3, queries, 4)
-    assert frames_of(k) == [0, 0, 1, 2, 1, 2, 3]
+    assert sorted(frames_of(k)) == [0, 0, 1, 1, 2, 2, 3]
 
 
 # -- the text cache ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .memory import (
     nam_scores,
     plan_cache_pass,
     recorded_frames,
-    sma_frame_selection,
+    sma_select,
 )
 
 
@@ -67,6 +67,7 @@ class KVMemory:
         self.local_end = 0
         self.global_end = 0
         self.recorded = 0  # bank frames ever recorded (grows without bound)
+        self._sma_starts: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- the local cache -------------------------------------------------------------
 
@@ -115,23 +116,38 @@ class KVMemory:
     def sparse_attention_kv(
         self, layer: int, plan: CachePlan, bank_view: int, queries: torch.Tensor, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SMA: per head, the top-k frames of sink + bank by relevance to the mean query, plus the local window."""
+        """SMA: per head, the top-k frames of sink + bank by relevance to the mean query, plus the local window.
+
+        The chosen frames and the window are gathered straight from the buffer in one copy per tensor.
+        """
+        sink_frames = self.sink // self.frame
+        if sink_frames + bank_view <= top_k:  # every candidate is kept: the plain key set
+            return self.attention_kv(layer, plan, bank_view)
         k, v = self.kv[0, layer], self.kv[1, layer]
-        bank = slice(self.capacity, self.capacity + bank_view * self.frame)
-        pool_k = torch.cat([k[:, :, : self.sink], k[:, :, bank]], dim=2)
-        pool_v = torch.cat([v[:, :, : self.sink], v[:, :, bank]], dim=2)
-        frames = pool_k.shape[2] // self.frame
-        local_k, local_v = k[:, :, self.sink : plan.end], v[:, :, self.sink : plan.end]
-        if frames <= top_k:
-            return torch.cat([pool_k, local_k], dim=2), torch.cat([pool_v, local_v], dim=2)
-        chosen = sma_frame_selection(queries, pool_k, frames, top_k)  # [B, H, k]
-        b, h, _, d = pool_k.shape
-        index = (chosen[..., None] * self.frame + torch.arange(self.frame, device=chosen.device)).flatten(2)
-        index = index[..., None].expand(b, h, -1, d)  # [B, H, k * P, D]
-        return (
-            torch.cat([pool_k.gather(2, index), local_k], dim=2),
-            torch.cat([pool_v.gather(2, index), local_v], dim=2),
-        )
+        b, h, _, d = k.shape
+        bank_end = self.capacity + bank_view * self.frame
+        frame_means = torch.cat(
+            [
+                k[:, :, : self.sink].unflatten(2, (sink_frames, self.frame)).mean(dim=3),
+                k[:, :, self.capacity : bank_end].unflatten(2, (bank_view, self.frame)).mean(dim=3),
+            ],
+            dim=2,
+        )  # [B, H, sink + bank frames, D]
+        chosen = sma_select(queries, frame_means, top_k)  # [B, H, k], candidate order: sink, then bank
+        first_token = self._candidate_starts(sink_frames, bank_view, k.device)[chosen]  # [B, H, k]
+        frame_tokens = (first_token[..., None] + torch.arange(self.frame, device=k.device)).flatten(2)
+        local = torch.arange(self.sink, plan.end, device=k.device).expand(b, h, -1)
+        index = torch.cat([frame_tokens, local], dim=2)[..., None].expand(-1, -1, -1, d)  # [B, H, K, D]
+        return k.gather(2, index), v.gather(2, index)
+
+    def _candidate_starts(self, sink_frames: int, bank_view: int, device) -> torch.Tensor:
+        """Buffer offset of each SMA candidate frame: the sink's frames, then the viewed bank slots (cached)."""
+        key = (sink_frames, bank_view)
+        if key not in self._sma_starts:
+            starts = [f * self.frame for f in range(sink_frames)]
+            starts += [self.capacity + s * self.frame for s in range(bank_view)]
+            self._sma_starts[key] = torch.tensor(starts, device=device)
+        return self._sma_starts[key]
 
     # -- the bank ----------------------------------------------------------------------
 

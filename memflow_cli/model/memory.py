@@ -146,7 +146,10 @@ def sma_frame_selection(queries: torch.Tensor, pool_keys: torch.Tensor, frames: 
     the top min(k, frames) are kept in ascending frame order. Returns [B, H, k'].
     """
     b, h, _, d = pool_keys.shape
-    query_mean = queries.mean(dim=2)  # [B, H, D]
-    frame_mean = pool_keys.reshape(b, h, frames, -1, d).mean(dim=3)  # [B, H, frames, D]
-    relevance = torch.einsum("bhd,bhfd->bhf", query_mean, frame_mean)
-    return select_top_ascending(relevance, min(k, frames))
+    return sma_select(queries, pool_keys.reshape(b, h, frames, -1, d).mean(dim=3), k)
+
+
+def sma_select(queries: torch.Tensor, frame_means: torch.Tensor, k: int) -> torch.Tensor:
+    """`sma_frame_selection` from per-frame mean keys [B, H, frames, D] already computed."""
+    relevance = torch.einsum("bhd,bhfd->bhf", queries.mean(dim=2), frame_means)
+    return select_top_ascending(relevance, min(k, frame_means.shape[2]))
