@@ -96,7 +96,9 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return rotated.flatten(-2).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """q/k/v/o projections with RMS-normalised queries and keys (named as in Wan checkpoints)."""
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         dim = config.dim
@@ -105,12 +107,17 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, dim] -> [B, N, H, D]."""
+        return x.unflatten(-1, (self.heads, -1))
+
+
+class SelfAttention(AttentionProjections):
     def project(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Rotary-embedded queries and keys, and values, each [B, H, N, D], from u [B, N, dim]."""
-        heads = (self.heads, -1)
-        q = apply_rope(self.norm_q(self.q(u)).unflatten(-1, heads), rope).transpose(1, 2)
-        k = apply_rope(self.norm_k(self.k(u)).unflatten(-1, heads), rope).transpose(1, 2)
-        v = self.v(u).unflatten(-1, heads).transpose(1, 2)
+        q = apply_rope(self.split_heads(self.norm_q(self.q(u))), rope).transpose(1, 2)
+        k = apply_rope(self.split_heads(self.norm_k(self.k(u))), rope).transpose(1, 2)
+        v = self.split_heads(self.v(u)).transpose(1, 2)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
@@ -124,22 +131,14 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        dim = config.dim
-        self.heads = config.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-
+class CrossAttention(AttentionProjections):
     def fill(self, context: torch.Tensor, layer: int, text: TextCache) -> None:
         """Compute this layer's text keys/values [B, H, T, D] into the text cache."""
-        text.k[layer] = self.norm_k(self.k(context)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        text.v[layer] = self.v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        text.k[layer] = self.split_heads(self.norm_k(self.k(context))).transpose(1, 2)
+        text.v[layer] = self.split_heads(self.v(context)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        q = self.split_heads(self.norm_q(self.q(x))).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, text_k, text_v)
         return self.o(out.transpose(1, 2).flatten(2))
 
