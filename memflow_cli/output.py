@@ -1,7 +1,7 @@
 """MP4 output: a fragmented H.264 writer that grows on disk, and the JSON sidecar beside it.
 
-`Mp4Writer` pipes raw RGB frames into ffmpeg (the binary shipped with imageio-ffmpeg). The MP4 is
-fragmented at every keyframe, so whatever has been written so far plays at any moment, even if the
+`Mp4Writer` pipes raw RGB frames into ffmpeg (the binary shipped with imageio-ffmpeg). The MP4 has
+one fragment per frame, so whatever has been written so far plays at any moment, even if the
 process is killed. Frames go to `<stem>.partial.mp4` beside the target; only a successful `close()`
 moves it onto the target (atomically, same folder), so the target is never left corrupt.
 """
@@ -103,13 +103,15 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_interval: int) -> list[str]:
-    """rawvideo rgb24 on stdin -> H.264 yuv420p, a keyframe (and an MP4 fragment) every `keyframe_interval`."""
+    """rawvideo rgb24 on stdin -> H.264 yuv420p with a keyframe every `keyframe_interval`, fragmented per frame."""
     source = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0"]
-    codec = ["-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-r", str(fps)]
-    # no B-frames and no look-ahead: each chunk's fragment reaches the disk as soon as the chunk is written
-    codec += ["-x264-params", "bframes=0:rc-lookahead=0:sync-lookahead=0"]
+    codec = ["-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p"]
+    # no B-frames, no look-ahead, one fragment per frame: what was written is on disk at once (but the last
+    # frame, whose duration the muxer learns from the next one)
+    codec += ["-tune", "zerolatency"]
     gop = ["-g", str(keyframe_interval), "-keyint_min", str(keyframe_interval), "-sc_threshold", "0"]
-    container = ["-movflags", "+frag_keyframe+empty_moov+default_base_moof", "-flush_packets", "1", "-f", "mp4"]
+    container = ["-movflags", "+frag_every_frame+empty_moov+default_base_moof", "-flush_packets", "1"]
+    container += ["-max_interleave_delta", "0", "-f", "mp4"]
     return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "warning", "-y",
             *source, *codec, *gop, *container, str(output)]  # fmt: skip
 
