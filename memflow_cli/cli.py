@@ -150,6 +150,9 @@ def render(
     steps: Annotated[str | None, typer.Option(help="Denoising steps, e.g. 1000,750,500,250.")] = None,
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.")] = 256.0,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the blocks on CUDA (first chunk slower).")
+    ] = True,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -180,7 +183,7 @@ def render(
         if target.exists() and not overwrite:
             fail(f"{target} exists (from {story.path}); nothing was rendered", EXIT_BAD_INPUT, "use --overwrite")
 
-    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha))
+    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile)
     if engine.notice:
         err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
     failures = 0
@@ -214,12 +217,12 @@ def _geometry_for(model: str | None) -> VideoGeometry:
     return VideoGeometry()
 
 
-def _load_engine(model: str | None, device: str | None, lora: LoraSettings):
+def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True):
     from . import render as engine_mod
     from .weights import WeightsError
 
     try:
-        return engine_mod.load_engine(model, device, lora)
+        return engine_mod.load_engine(model, device, lora, compile=None if compile else False)  # None: compile where it helps (CUDA)
     except (WeightsError, CheckpointError) as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:

@@ -556,3 +556,10 @@ def test_the_sidecar_is_as_readable_as_the_video(tmp_path: Path):
     target = tmp_path / "fox.mp4"
     assert memflow("render", script, *DEMO, "-o", target).exit_code == 0
     assert sidecar_path(target).stat().st_mode & 0o777 == target.stat().st_mode & 0o777
+
+
+def test_render_without_compile(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--no-compile", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert_video(tmp_path / "fox.mp4", video_frames(chunks_until(1.5)))
