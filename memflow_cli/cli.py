@@ -222,7 +222,8 @@ def _load_engine(model: str | None, device: str | None, lora: LoraSettings, comp
     from .weights import WeightsError
 
     try:
-        return engine_mod.load_engine(model, device, lora, compile=None if compile else False)  # None: compile where it helps (CUDA)
+        # None: compile where it helps (CUDA)
+        return engine_mod.load_engine(model, device, lora, compile=None if compile else False)
     except (WeightsError, CheckpointError) as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:
