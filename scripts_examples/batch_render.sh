@@ -37,6 +37,8 @@ yaml_title() {
     local script=$1 title
     title=$(sed -n -E 's/^title:[[:space:]]*(.*)$/\1/p' "$script" | head -n 1)
     title=$(printf '%s' "$title" | sed -E 's/[[:space:]]+#.*$//; s/^"(.*)"$/\1/; s/^'\''(.*)'\''$/\1/; s/[[:space:]]+$//')
+    # as memflow names the file: characters that cannot be in a file name become '_'
+    title=$(printf '%s' "$title" | sed -E 's#[/\\:*?"<>|[:cntrl:]]#_#g; s/^[ .]+//; s/[ .]+$//')
     if [[ -z $title ]]; then
         title=$(basename "${script%.*}")
     fi
