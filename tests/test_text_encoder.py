@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import UMT5Config, UMT5EncoderModel
+from transformers import UMT5EncoderModel
 
-from memflow_cli.demo import build_demo_tokenizer
+from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
 from memflow_cli.text_encoder import TextEncoder, clean_prompt
 
 MAX_LENGTH = 24
@@ -19,9 +19,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def encoder(tokenizer) -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2  # gated-gelu by default
-    )
+    config = demo_text_encoder_config(len(tokenizer))  # the demo model's tiny umT5
     torch.manual_seed(0)
     return UMT5EncoderModel(config)
 

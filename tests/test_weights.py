@@ -17,10 +17,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from huggingface_hub.errors import LocalEntryNotFoundError
-from transformers import UMT5Config, UMT5EncoderModel
+from transformers import UMT5EncoderModel
 
 from memflow_cli import weights
-from memflow_cli.demo import build_demo_tokenizer
+from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
 from memflow_cli.settings import WAN_1_3B
 from memflow_cli.weights import (
     TRUNCATED,
@@ -69,9 +69,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def umt5(tokenizer) -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2  # gated-gelu by default
-    )
+    config = demo_text_encoder_config(len(tokenizer))  # the demo model's tiny umT5
     torch.manual_seed(0)
     return UMT5EncoderModel(config).eval()
 
