@@ -78,9 +78,14 @@ class KVMemory:
 
     def begin(self, plan: CachePlan) -> None:
         """Roll the cache for a pass group (all passes of one chunk share this plan)."""
-        if plan.evict:
-            src = self.kv[..., self.sink + plan.evict : self.sink + plan.evict + plan.rolled, :].clone()
-            self.kv[..., self.sink : self.sink + plan.rolled, :] = src
+        # Moved left in pieces of `evict` tokens, in ascending order: a piece never overlaps its source,
+        # so no temporary copy of the window (gigabytes at full size) is ever made.
+        if not plan.evict:
+            return
+        for offset in range(0, plan.rolled, plan.evict):
+            n = min(plan.evict, plan.rolled - offset)
+            dst = self.sink + offset
+            self.kv[..., dst : dst + n, :] = self.kv[..., dst + plan.evict : dst + plan.evict + n, :]
 
     def write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a pass's keys/values [B, H, N, D] at the plan's slots."""
