@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder, decoded_frame_count, frames_from_decoded
+from memflow_cli.fast import NormSiLU, fuse_norm_activations, rms_norm_silu
 
 LATENT_FRAMES = 9
 CHUNK = 3
@@ -56,6 +58,20 @@ def test_chunked_decode_matches_whole_video_decode(vae: AutoencoderKLWan, latent
     assert ours.shape == expected.shape == (decoded_frame_count(LATENT_FRAMES), 3, 32, 48)
     assert _relative_error(ours, expected) < 1e-4
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("frames_per_call", [2, None])
+def test_decoder_calls_of_any_size_give_the_same_frames(
+    vae: AutoencoderKLWan, latents: torch.Tensor, frames_per_call: int | None
+) -> None:
+    one_by_one = _decode_in_chunks(StreamingDecoder(vae, frames_per_call=1), latents)
+    ours = _decode_in_chunks(StreamingDecoder(vae, frames_per_call=frames_per_call), latents)
+    torch.testing.assert_close(ours, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_frames_per_call_must_be_positive(vae: AutoencoderKLWan) -> None:
+    with pytest.raises(ValueError, match="frames_per_call must be at least 1"):
+        StreamingDecoder(vae, frames_per_call=0)
 
 
 def test_frame_counts_per_chunk(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
@@ -112,3 +128,36 @@ def test_rejects_channel_major_latents(vae: AutoencoderKLWan, latents: torch.Ten
     decoder = StreamingDecoder(vae)
     with pytest.raises(ValueError, match="frame-major"):
         decoder.decode(latents.permute(0, 2, 1, 3, 4))
+
+
+def _fused_copy(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    fused = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
+    fused.load_state_dict(vae.state_dict())
+    fuse_norm_activations(fused.decoder)
+    return fused
+
+
+def test_fused_norm_activations_decode_the_same_frames(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    fused = _fused_copy(vae)
+    silus = [m for m in fused.decoder.modules() if isinstance(m, torch.nn.SiLU)]
+    fused_norms = [m for m in fused.decoder.modules() if isinstance(m, NormSiLU)]
+
+    assert silus == [] and len(fused_norms) == 1 + 2 * 10  # norm_out; norm1, norm2 of 2 mid + 4x2 up blocks
+    expected = _decode_in_chunks(StreamingDecoder(vae), latents)
+    torch.testing.assert_close(_decode_in_chunks(StreamingDecoder(fused), latents), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_norm_activations_in_bfloat16_round_as_diffusers_does(vae: AutoencoderKLWan) -> None:
+    norm = copy.deepcopy(vae.decoder.up_blocks[0].resnets[0].norm1).to(torch.bfloat16)
+    x = torch.randn(1, norm.gamma.shape[0], 2, 4, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = torch.nn.functional.silu(norm(x))
+        ours = NormSiLU(norm, rms_norm_silu)(x)
+    assert torch.equal(ours, expected)
+
+
+def test_fusing_refuses_an_activation_that_is_not_silu(vae: AutoencoderKLWan) -> None:
+    fused = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    fused.decoder.nonlinearity = torch.nn.GELU()
+    with pytest.raises(TypeError, match="its activation is GELU"):
+        fuse_norm_activations(fused.decoder)
