@@ -202,8 +202,9 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     latent_frames = chunks * geometry.frames_per_chunk
     video_frames = geometry.video_frames(latent_frames)
     settings = GenerationSettings(memory=options.memory, geometry=geometry)
-    accelerate(bench.transformer, compile=options.compile and device.type == "cuda")
-    accelerate_vae(bench.vae)
+    compile = options.compile and device.type == "cuda"
+    accelerate(bench.transformer, compile=compile)
+    accelerate_vae(bench.vae, compile=compile)
     seed = options.seed
 
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:

@@ -76,12 +76,14 @@ def load_engine(
 ) -> Engine:
     """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None).
 
-    On CUDA the blocks are compiled unless `compile` is False (the first chunk then pays the warm-up).
+    On CUDA the transformer's blocks and the VAE decoder's norms are compiled unless `compile` is False
+    (the first chunk then pays the warm-up).
     """
     dev = torch.device(device or default_device())
     engine = _demo_engine(dev, model_dtype(dev)) if model == DEMO else _weights_engine(model, dev, lora)
-    accelerate(engine.transformer, compile=dev.type == "cuda" if compile is None else compile)
-    accelerate_vae(engine.vae)
+    compile = dev.type == "cuda" if compile is None else compile
+    accelerate(engine.transformer, compile=compile)
+    accelerate_vae(engine.vae, compile=compile)
     return engine
 
 
