@@ -28,6 +28,7 @@ from diffusers.models.autoencoders import autoencoder_kl_wan
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .model import memory
 from .model.transformer import CausalWanTransformer
 
 # fastest first on Hopper at MemFlow's shapes: cuDNN, then flash, then memory-efficient
@@ -71,13 +72,17 @@ def compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 
 def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
-    """Compile every block's pure steps (shapes are static per pass kind, so few graphs are built)."""
+    """Fuse each block's q/k/v matmuls and compile its pure steps (static shapes per pass kind: few graphs)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if not compile:
         return
+    _allow_recompiles(MODEL_GRAPHS)
+    sma_key_set = compiled(memory.sma_key_set)
     for block in model.blocks:
+        block.self_attn.fuse_qkv()
+        block.self_attn.sma_key_set = sma_key_set
         block.attention_inputs = compiled(block.attention_inputs)
         block.after_attention = compiled(block.after_attention)
 
@@ -95,8 +100,9 @@ def accelerate_vae(vae: torch.nn.Module, *, compile: bool) -> None:
         fuse_norm_activations(vae.decoder, compiled(rms_norm_silu))
 
 
-# one graph per (channels, frames, height, width) the decoder's norms see: 5 widths, 1-4 frames
-VAE_GRAPHS = 32
+# Graphs that one compiled function may build before dynamo gives up and runs it eagerly.
+MODEL_GRAPHS = 16  # per pass kind, and SMA's key set per bank view and window length while the cache fills
+VAE_GRAPHS = 32  # one per (channels, frames, height, width) the decoder's norms see: 5 widths, 1-4 frames
 
 
 def _allow_recompiles(graphs: int) -> None:

@@ -69,3 +69,20 @@ def test_switch_count_must_match_prompts(model):
 def test_window_must_hold_a_chunk_beside_the_sink():
     with pytest.raises(SettingsError, match="window"):
         GenerationSettings(memory=MemorySettings(window=5, sink=3))
+
+
+def test_fused_qkv_projection_renders_the_same_video(model):
+    memory = MemorySettings(record_interval=1, sma=True)
+    expected = render(model, memory, switch_chunks=(3,))
+    fused = CausalWanTransformer(CONFIG).eval().requires_grad_(False)
+    fused.load_state_dict(model.state_dict())
+    names = sorted(fused.state_dict())
+    for block in fused.blocks:
+        block.self_attn.fuse_qkv()
+        block.self_attn.fuse_qkv()  # a second call changes nothing
+
+    attn = fused.blocks[0].self_attn
+    assert attn.qkv_weight.shape == (3 * CONFIG.dim, CONFIG.dim)
+    assert attn.k.weight.data_ptr() == attn.qkv_weight[CONFIG.dim :].data_ptr()  # views, no second copy
+    assert sorted(fused.state_dict()) == names  # checkpoints keep Wan's names
+    torch.testing.assert_close(render(fused, memory, switch_chunks=(3,)), expected, rtol=1e-5, atol=1e-5)

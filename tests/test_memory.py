@@ -193,6 +193,20 @@ def test_select_top_ascending():
     assert select_top_ascending(torch.zeros(6), 3).tolist() == [0, 1, 2]
     assert select_top_ascending(torch.tensor([0.1, 0.9, -3.0, 0.5, 0.7]), 3).tolist() == [1, 3, 4]
     assert select_top_ascending(torch.tensor([[1.0, 0.5, 1.0]]), 2).tolist() == [[0, 2]]
+    assert select_top_ascending(torch.tensor([2.0, 1.0]), 0).shape == (0,)
+    with pytest.raises(ValueError, match="cannot select 3 of 2"):
+        select_top_ascending(torch.zeros(2), 3)
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_select_top_ascending_is_the_sorted_select_top_set(n):
+    # scores from a few levels, so that ties (which decide by index) are common; [B, H, n] as SMA uses
+    generator = torch.Generator().manual_seed(n)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = torch.randint(0, 3, (4, 5, n), generator=generator).to(dtype)
+        for k in range(n + 1):
+            expected = torch.sort(select_top(scores, k), dim=-1).values
+            assert torch.equal(select_top_ascending(scores, k), expected), (dtype, k)
 
 
 # -- §7.4: NAM scores and compression order ----------------------------------------------------------------

@@ -9,6 +9,8 @@ contiguous slice handed straight to attention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..settings import MemorySettings, TransformerConfig
@@ -18,7 +20,7 @@ from .memory import (
     nam_scores,
     plan_cache_pass,
     recorded_frames,
-    sma_select,
+    sma_key_set,
 )
 
 
@@ -67,7 +69,7 @@ class KVMemory:
         self.local_end = 0
         self.global_end = 0
         self.recorded = 0  # bank frames ever recorded (grows without bound)
-        self._sma_starts: dict[tuple[int, int], torch.Tensor] = {}
+        self._sma_frames: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- the local cache -------------------------------------------------------------
 
@@ -119,40 +121,28 @@ class KVMemory:
         )
 
     def sparse_attention_kv(
-        self, layer: int, plan: CachePlan, bank_view: int, queries: torch.Tensor, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, layer: int, plan: CachePlan, bank_view: int, queries: torch.Tensor, top_k: int,
+        key_set: Callable[..., tuple[torch.Tensor, torch.Tensor]] = sma_key_set,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """SMA: per head, the top-k frames of sink + bank by relevance to the mean query, plus the local window.
 
-        The chosen frames and the window are gathered straight from the buffer in one copy per tensor.
+        `key_set` is `memory.sma_key_set` or a compiled copy of it (the fast path passes one).
         """
         sink_frames = self.sink // self.frame
         if sink_frames + bank_view <= top_k:  # every candidate is kept: the plain key set
             return self.attention_kv(layer, plan, bank_view)
-        k, v = self.kv[0, layer], self.kv[1, layer]
-        b, h, _, d = k.shape
-        bank_end = self.capacity + bank_view * self.frame
-        frame_means = torch.cat(
-            [
-                k[:, :, : self.sink].unflatten(2, (sink_frames, self.frame)).mean(dim=3),
-                k[:, :, self.capacity : bank_end].unflatten(2, (bank_view, self.frame)).mean(dim=3),
-            ],
-            dim=2,
-        )  # [B, H, sink + bank frames, D]
-        chosen = sma_select(queries, frame_means, top_k)  # [B, H, k], candidate order: sink, then bank
-        first_token = self._candidate_starts(sink_frames, bank_view, k.device)[chosen]  # [B, H, k]
-        frame_tokens = (first_token[..., None] + torch.arange(self.frame, device=k.device)).flatten(2)
-        local = torch.arange(self.sink, plan.end, device=k.device).expand(b, h, -1)
-        index = torch.cat([frame_tokens, local], dim=2)[..., None].expand(-1, -1, -1, d)  # [B, H, K, D]
-        return k.gather(2, index), v.gather(2, index)
+        candidates = self._candidate_frames(sink_frames, bank_view, queries.device)
+        window = (self.sink, plan.end)
+        return key_set(self.kv[0, layer], self.kv[1, layer], queries, candidates, window, self.frame, top_k)
 
-    def _candidate_starts(self, sink_frames: int, bank_view: int, device) -> torch.Tensor:
-        """Buffer offset of each SMA candidate frame: the sink's frames, then the viewed bank slots (cached)."""
+    def _candidate_frames(self, sink_frames: int, bank_view: int, device) -> torch.Tensor:
+        """Buffer frame of each SMA candidate: the sink's frames, then the viewed bank slots (cached)."""
         key = (sink_frames, bank_view)
-        if key not in self._sma_starts:
-            starts = [f * self.frame for f in range(sink_frames)]
-            starts += [self.capacity + s * self.frame for s in range(bank_view)]
-            self._sma_starts[key] = torch.tensor(starts, device=device)
-        return self._sma_starts[key]
+        if key not in self._sma_frames:
+            bank_first = self.capacity // self.frame
+            frames = [*range(sink_frames), *range(bank_first, bank_first + bank_view)]
+            self._sma_frames[key] = torch.tensor(frames, device=device)
+        return self._sma_frames[key]
 
     # -- the bank ----------------------------------------------------------------------
 

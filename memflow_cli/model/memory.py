@@ -114,8 +114,22 @@ def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_top_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The same set as `select_top`, returned in ascending index order (SMA keeps time order)."""
-    return torch.sort(select_top(scores, k), dim=-1).values
+    """The same set as `select_top`, returned in ascending index order (SMA keeps time order).
+
+    Computed by counting, not sorting, so that it compiles into one small kernel: entry i is kept when
+    fewer than k entries rank before it (a higher score, or an equal score at a lower index), and a
+    kept entry's place in the result is the number of kept entries before it.
+    """
+    n = scores.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot select {k} of {n} entries")
+    index = torch.arange(n, device=scores.device)
+    mine, other = scores[..., :, None], scores[..., None, :]  # [..., i, j]
+    ranks_before = (other > mine) | ((other == mine) & (index < index[:, None]))
+    kept = ranks_before.sum(dim=-1) < k
+    place = torch.where(kept, kept.cumsum(dim=-1) - 1, k)  # dropped entries go to a spare place k
+    result = torch.zeros((*scores.shape[:-1], k + 1), dtype=torch.long, device=scores.device)
+    return result.scatter(-1, place, index.expand_as(place))[..., :k]
 
 
 def nam_scores(text_keys: torch.Tensor, bank_keys: torch.Tensor, frames: int) -> torch.Tensor:
@@ -147,6 +161,29 @@ def sma_frame_selection(queries: torch.Tensor, pool_keys: torch.Tensor, frames: 
     """
     b, h, _, d = pool_keys.shape
     return sma_select(queries, pool_keys.reshape(b, h, frames, -1, d).mean(dim=3), k)
+
+
+def sma_key_set(
+    k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor,
+    window: tuple[int, int], frame: int, top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The keys and values one head attends to under SMA, for every head of one layer.
+
+    k, v: the layer's whole buffer [B, H, T, D] in frames of `frame` tokens; queries: [B, H, N, D];
+    candidates: the buffer frames of the sink and the viewed bank slots, in that order; window: the
+    token range of the local window. Per head, the top_k candidates by `sma_select` (kept in ascending
+    candidate order) are followed by the window. Returns keys and values [B, H, top_k*frame + window, D].
+    """
+    d = k.shape[-1]
+    k_frames = k.unflatten(2, (-1, frame))  # [B, H, frames, P, D]
+    chosen = candidates[sma_select(queries, k_frames[:, :, candidates].mean(dim=3), top_k)]  # [B, H, top_k]
+    index = chosen[..., None, None].expand(-1, -1, -1, frame, d)
+
+    def key_set(t: torch.Tensor) -> torch.Tensor:
+        memory = t.unflatten(2, (-1, frame)).gather(2, index).flatten(2, 3)
+        return torch.cat([memory, t[:, :, window[0] : window[1]]], dim=2)
+
+    return key_set(k), key_set(v)
 
 
 def sma_select(queries: torch.Tensor, frame_means: torch.Tensor, k: int) -> torch.Tensor:

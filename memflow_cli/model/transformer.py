@@ -16,7 +16,7 @@ from torch import nn
 
 from ..settings import TransformerConfig
 from .cache import KVMemory, TextCache
-from .memory import CachePlan
+from .memory import CachePlan, sma_key_set
 
 
 @dataclass
@@ -113,11 +113,37 @@ class AttentionProjections(nn.Module):
 
 
 class SelfAttention(AttentionProjections):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        # q, k, v as one projection once `fuse_qkv` ran (buffers, so compiled code treats them as inputs)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+        self.sma_key_set = sma_key_set  # the fast path swaps in a compiled copy
+
+    def fuse_qkv(self) -> None:
+        """Project q, k and v with one [3*dim, dim] matmul, which fills a GPU better than three.
+
+        The q/k/v parameters become views of the fused weight and bias, so the checkpoint names and the
+        memory stay as they were.
+        """
+        if self.qkv_weight is not None:
+            return
+        layers = (self.q, self.k, self.v)
+        self.qkv_weight = torch.cat([layer.weight.detach() for layer in layers])
+        self.qkv_bias = torch.cat([layer.bias.detach() for layer in layers])
+        for layer, w, b in zip(layers, self.qkv_weight.chunk(3), self.qkv_bias.chunk(3), strict=True):
+            layer.weight = nn.Parameter(w, requires_grad=False)
+            layer.bias = nn.Parameter(b, requires_grad=False)
+
     def project(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Rotary-embedded queries and keys, and values, each [B, H, N, D], from u [B, N, dim]."""
-        q = apply_rope(self.split_heads(self.norm_q(self.q(u))), rope).transpose(1, 2)
-        k = apply_rope(self.split_heads(self.norm_k(self.k(u))), rope).transpose(1, 2)
-        v = self.split_heads(self.v(u)).transpose(1, 2)
+        if self.qkv_weight is None:
+            q, k, v = self.q(u), self.k(u), self.v(u)
+        else:
+            q, k, v = F.linear(u, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        q = apply_rope(self.split_heads(self.norm_q(q)), rope).transpose(1, 2)
+        k = apply_rope(self.split_heads(self.norm_k(k)), rope).transpose(1, 2)
+        v = self.split_heads(v).transpose(1, 2)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
@@ -127,7 +153,9 @@ class SelfAttention(AttentionProjections):
         if state.sma_top_k is None:
             keys, values = memory.attention_kv(layer, state.plan, state.bank_view)
         else:
-            keys, values = memory.sparse_attention_kv(layer, state.plan, state.bank_view, q, state.sma_top_k)
+            keys, values = memory.sparse_attention_kv(
+                layer, state.plan, state.bank_view, q, state.sma_top_k, key_set=self.sma_key_set
+            )
         return F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2)
 
 
