@@ -210,8 +210,11 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:
         folder = Path(tmp)
         status("warm-up (compile, autotune)")
-        # long enough for a steady-state re-cache (a switch after the window is full), so it is compiled too
-        warm_chunks = min(chunks, 2 * (options.memory.window // geometry.frames_per_chunk) + 2)
+        # long enough that its switch comes once the window and the bank are full: every graph that a
+        # steady-state chunk or re-cache needs (SMA's key set for a full bank too) is compiled here
+        memory = options.memory
+        steady = max(memory.window // geometry.frames_per_chunk, memory.bank_size * memory.record_interval) + 1
+        warm_chunks = min(chunks, 2 * steady)
         warm_start = time.perf_counter()
         _timed_run(bench, settings, warm_chunks, min(options.switches, 1), seed, _writing(bench, folder))
         warmup_s = time.perf_counter() - warm_start
