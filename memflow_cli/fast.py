@@ -56,7 +56,7 @@ def attention_kernels(device: torch.device) -> Iterator[None]:
         yield
 
 
-_COMPILED_CALLS = threading.Lock()
+_COMPILED_CALLS = threading.RLock()
 
 
 def compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -76,8 +76,9 @@ def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if not compile:
+    if not compile or getattr(model, "compiled", False):
         return
+    model.compiled = True
     _allow_recompiles(MODEL_GRAPHS)
     sma_key_set = compiled(memory.sma_key_set)
     for block in model.blocks:
@@ -137,6 +138,8 @@ def fuse_norm_activations(decoder: nn.Module, function: Callable[..., torch.Tens
     """
     owners = [m for m in decoder.modules() if isinstance(m, autoencoder_kl_wan.WanResidualBlock)]
     for owner, names in [(decoder, ("norm_out",)), *((block, ("norm1", "norm2")) for block in owners)]:
+        if all(isinstance(getattr(owner, name), NormSiLU) for name in names):
+            continue  # fused already
         if not isinstance(owner.nonlinearity, nn.SiLU):
             raise TypeError(f"cannot fuse {type(owner).__name__}: its activation is {owner.nonlinearity}, not SiLU")
         for name in names:

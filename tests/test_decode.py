@@ -139,6 +139,7 @@ def _fused_copy(vae: AutoencoderKLWan) -> AutoencoderKLWan:
 
 def test_fused_norm_activations_decode_the_same_frames(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
     fused = _fused_copy(vae)
+    fuse_norm_activations(fused.decoder)  # a second time changes nothing
     silus = [m for m in fused.decoder.modules() if isinstance(m, torch.nn.SiLU)]
     fused_norms = [m for m in fused.decoder.modules() if isinstance(m, NormSiLU)]
 
