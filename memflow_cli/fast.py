@@ -40,6 +40,11 @@ CUDA_BACKENDS = [
 ]
 
 
+# Graphs that one compiled function may build before dynamo gives up and runs it eagerly.
+MODEL_GRAPHS = 16  # per pass kind, and SMA's key set per bank view and window length while the cache fills
+VAE_GRAPHS = 32  # one per (channels, frames, height, width) the decoder's norms see: 5 widths, 1-4 frames
+
+
 def attention_backend_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "sdpa (cpu)"
@@ -99,11 +104,6 @@ def accelerate_vae(vae: torch.nn.Module, *, compile: bool) -> None:
     if compile:
         _allow_recompiles(VAE_GRAPHS)
         fuse_norm_activations(vae.decoder, compiled(rms_norm_silu))
-
-
-# Graphs that one compiled function may build before dynamo gives up and runs it eagerly.
-MODEL_GRAPHS = 16  # per pass kind, and SMA's key set per bank view and window length while the cache fills
-VAE_GRAPHS = 32  # one per (channels, frames, height, width) the decoder's norms see: 5 widths, 1-4 frames
 
 
 def _allow_recompiles(graphs: int) -> None:

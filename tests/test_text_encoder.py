@@ -6,27 +6,15 @@ import pytest
 import torch
 from transformers import UMT5EncoderModel
 
-from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
+from memflow_cli.demo import build_demo_tokenizer
 from memflow_cli.text_encoder import TextEncoder, clean_prompt
 
 MAX_LENGTH = 24
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def encoder(tokenizer) -> UMT5EncoderModel:
-    config = demo_text_encoder_config(len(tokenizer))  # the demo model's tiny umT5
-    torch.manual_seed(0)
-    return UMT5EncoderModel(config)
-
-
 @pytest.fixture
-def text_encoder(tokenizer, encoder) -> TextEncoder:
-    return TextEncoder(tokenizer, encoder, max_length=MAX_LENGTH)
+def text_encoder(tokenizer, umt5) -> TextEncoder:
+    return TextEncoder(tokenizer, umt5, max_length=MAX_LENGTH)
 
 
 def test_clean_prompt_unescapes_twice_and_collapses_whitespace():
@@ -81,8 +69,8 @@ def test_encode_is_deterministic_and_batch_independent(text_encoder):
         torch.testing.assert_close(batch[i], text_encoder.encode([prompt])[0])
 
 
-def test_keep_on_device_returns_the_encoder_dtype(tokenizer, encoder):
-    half = TextEncoder(tokenizer, UMT5EncoderModel(encoder.config).to(torch.bfloat16), max_length=MAX_LENGTH)
+def test_keep_on_device_returns_the_encoder_dtype(tokenizer, umt5):
+    half = TextEncoder(tokenizer, UMT5EncoderModel(umt5.config).to(torch.bfloat16), max_length=MAX_LENGTH)
     embeds = half.encode(["a cat"], keep_on_device=True)
     assert embeds.dtype == torch.bfloat16
     assert half.encode(["a cat"]).dtype == torch.float32
@@ -93,16 +81,16 @@ def test_offload_and_to_move_the_encoder(text_encoder):
     assert text_encoder.to("cpu").device.type == "cpu"
 
 
-def test_from_pretrained_loads_the_diffusers_layout(tmp_path, text_encoder, tokenizer, encoder):
+def test_from_pretrained_loads_the_diffusers_layout(tmp_path, text_encoder, tokenizer, umt5):
     tokenizer.save_pretrained(tmp_path / "tokenizer")
-    encoder.save_pretrained(tmp_path / "text_encoder")
+    umt5.save_pretrained(tmp_path / "text_encoder")
     loaded = TextEncoder.from_pretrained(tmp_path, max_length=MAX_LENGTH)
     prompts = ["a beekeeper lifts a frame", "two friends ride bicycles"]
     torch.testing.assert_close(loaded.encode(prompts), text_encoder.encode(prompts))
 
 
-def test_rejects_a_tokenizer_that_does_not_pad_with_zero(encoder):
+def test_rejects_a_tokenizer_that_does_not_pad_with_zero(umt5):
     tokenizer = build_demo_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     with pytest.raises(ValueError, match="pad"):
-        TextEncoder(tokenizer, encoder)
+        TextEncoder(tokenizer, umt5)

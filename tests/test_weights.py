@@ -20,7 +20,6 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import UMT5EncoderModel
 
 from memflow_cli import weights
-from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
 from memflow_cli.settings import WAN_1_3B
 from memflow_cli.weights import (
     TRUNCATED,
@@ -60,18 +59,6 @@ WAN_ORIGINAL_CONFIG = {"_class_name": "WanModel", "model_type": "t2v", "dim": 15
 
 
 # -- tiny models and their original-format state dicts ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def umt5(tokenizer) -> UMT5EncoderModel:
-    config = demo_text_encoder_config(len(tokenizer))  # the demo model's tiny umT5
-    torch.manual_seed(0)
-    return UMT5EncoderModel(config).eval()
 
 
 @pytest.fixture(scope="module")

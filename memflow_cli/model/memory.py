@@ -160,7 +160,9 @@ def sma_frame_selection(queries: torch.Tensor, pool_keys: torch.Tensor, frames: 
     the top min(k, frames) are kept in ascending frame order. Returns [B, H, k'].
     """
     b, h, _, d = pool_keys.shape
-    return sma_select(queries, pool_keys.reshape(b, h, frames, -1, d).mean(dim=3), k)
+    frame_means = pool_keys.reshape(b, h, frames, -1, d).mean(dim=3)  # [B, H, frames, D]
+    relevance = torch.einsum("bhd,bhfd->bhf", queries.mean(dim=2), frame_means)
+    return select_top_ascending(relevance, min(k, frames))
 
 
 def sma_key_set(
@@ -171,12 +173,13 @@ def sma_key_set(
 
     k, v: the layer's whole buffer [B, H, T, D] in frames of `frame` tokens; queries: [B, H, N, D];
     candidates: the buffer frames of the sink and the viewed bank slots, in that order; window: the
-    token range of the local window. Per head, the top_k candidates by `sma_select` (kept in ascending
-    candidate order) are followed by the window. Returns keys and values [B, H, top_k*frame + window, D].
+    token range of the local window. Per head, the top_k candidates by `sma_frame_selection` (kept in
+    ascending candidate order) are followed by the window. Returns keys and values [B, H, top_k*frame + window, D].
     """
     d = k.shape[-1]
     k_frames = k.unflatten(2, (-1, frame))  # [B, H, frames, P, D]
-    chosen = candidates[sma_select(queries, k_frames[:, :, candidates].mean(dim=3), top_k)]  # [B, H, top_k]
+    pool = k_frames[:, :, candidates].flatten(2, 3)  # [B, H, candidates * P, D]
+    chosen = candidates[sma_frame_selection(queries, pool, len(candidates), top_k)]  # [B, H, top_k]
     index = chosen[..., None, None].expand(-1, -1, -1, frame, d)
 
     def key_set(t: torch.Tensor) -> torch.Tensor:
@@ -184,9 +187,3 @@ def sma_key_set(
         return torch.cat([memory, t[:, :, window[0] : window[1]]], dim=2)
 
     return key_set(k), key_set(v)
-
-
-def sma_select(queries: torch.Tensor, frame_means: torch.Tensor, k: int) -> torch.Tensor:
-    """`sma_frame_selection` from per-frame mean keys [B, H, frames, D] already computed."""
-    relevance = torch.einsum("bhd,bhfd->bhf", queries.mean(dim=2), frame_means)
-    return select_top_ascending(relevance, min(k, frame_means.shape[2]))
