@@ -54,6 +54,7 @@ class Bench:
     geometry: VideoGeometry
     model_name: str
     device: torch.device
+    compiled: bool = False  # the fast path's compiled kernels are in use
 
     @property
     def dtype(self) -> torch.dtype:
@@ -165,7 +166,7 @@ def _generate_only(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
 
 def _decoding(bench: Bench) -> Callable[[Iterator[torch.Tensor]], Iterator[None]]:
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
-        decoder = StreamingDecoder(bench.vae)
+        decoder = StreamingDecoder(bench.vae, compile=bench.compiled)
         for _ in overlapped(chunks, decoder.decode, bench.device):
             yield None
 
@@ -176,7 +177,7 @@ def _writing(bench: Bench, folder: Path) -> Callable[[Iterator[torch.Tensor]], I
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
         geometry = bench.geometry
         target = folder / f"bench-{time.monotonic_ns()}.mp4"
-        decoder = StreamingDecoder(bench.vae)
+        decoder = StreamingDecoder(bench.vae, compile=bench.compiled)
         writer = Mp4Writer(
             target, geometry.width, geometry.height, geometry.fps, keyframe_interval=geometry.video_frames_per_chunk
         )
@@ -204,7 +205,8 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     settings = GenerationSettings(memory=options.memory, geometry=geometry)
     compile = options.compile and device.type == "cuda"
     accelerate(bench.transformer, compile=compile)
-    accelerate_vae(bench.vae, compile=compile)
+    accelerate_vae(bench.vae)
+    bench.compiled = compile
     seed = options.seed
 
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:

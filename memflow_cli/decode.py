@@ -1,31 +1,32 @@
 """Streaming VAE decode: latent chunks in, RGB frames out, with a persistent causal cache.
 
 The Wan VAE decoder is causal in time: diffusers' `AutoencoderKLWan._decode` runs it one latent frame at a
-time and carries, for every causal 3-D conv, the last two input frames in a feature map (`feat_cache`,
-indexed through `feat_idx`). `StreamingDecoder` drives the same diffusers modules the same way, but keeps
-that feature map alive between calls, so decoding a video chunk by chunk gives exactly the frames of
-decoding it all at once, while memory stays flat: only the fixed-size causal cache outlives a chunk.
+time and carries, for every causal 3-D conv, the last two input frames. `StreamingDecoder` runs the same
+diffusers modules through a `DecoderStream` (`vae_stream.py`), which keeps those frames alive between
+calls, so decoding a video chunk by chunk gives exactly the frames of decoding it all at once, while memory
+stays flat: only the fixed-size causal history outlives a chunk.
 
-The feature map belongs to this object, not to the VAE, so a `vae.encode`/`vae.decode` elsewhere (which
-clears the VAE's own map) cannot corrupt a video in progress.
+The history belongs to this object, not to the VAE, so a `vae.encode`/`vae.decode` elsewhere (which
+clears the VAE's own cache) cannot corrupt a video in progress.
 
-Only the very first latent frame of a video must pass alone (the time upsampler marks its slot on that
-call and skips its convolution). Every later call may carry several frames: a causal conv over T frames
-with the last two cached is the same arithmetic as T one-frame calls, and a few large kernels run far
-faster on a GPU than many small ones, but the full-resolution activations grow with T: on an H100 at
-832x480, three frames per call decode 6% faster than one and need 4 GiB more. So `frames_per_call`
-defaults to 1; None passes a whole chunk at once.
+Only the very first latent frame of a video must pass alone (the time upsampler skips its convolution on
+that call). Every later call may carry several frames: a causal conv over T frames with the last two
+cached is the same arithmetic as T one-frame calls, and a few large kernels run faster on a GPU than many
+small ones, but the full-resolution activations grow with T: on an H100 at 832x480, three frames per call
+decode 6% faster than one and need 4 GiB more. So `frames_per_call` defaults to 1; None passes a whole
+chunk at once.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders import autoencoder_kl_wan
+
+from .fast import fused_norm_silu
+from .vae_stream import DecoderStream, rms_norm_silu_into
 
 # The first latent frame of a video decodes to one RGB frame, every later one to this many.
 FRAMES_PER_LATENT = 4
@@ -45,21 +46,16 @@ def decoded_frame_count(latent_frames: int) -> int:
     return 0 if latent_frames <= 0 else 1 + FRAMES_PER_LATENT * (latent_frames - 1)
 
 
-def _count_causal_convs(module: torch.nn.Module) -> int:
-    """Slots of the feature map: one per causal conv, as diffusers sizes it in `clear_cache`."""
-    return sum(isinstance(m, autoencoder_kl_wan.WanCausalConv3d) for m in module.modules())
-
-
-def _accepts_first_chunk(decoder: torch.nn.Module) -> bool:
-    """Newer diffusers (Wan2.2 residual VAE) pass `first_chunk` to the decoder; older ones do not."""
-    return "first_chunk" in inspect.signature(decoder.forward).parameters
-
-
 class StreamingDecoder:
     """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks."""
 
     def __init__(
-        self, vae: AutoencoderKLWan, dtype: torch.dtype | None = None, frames_per_call: int | None = 1
+        self,
+        vae: AutoencoderKLWan,
+        dtype: torch.dtype | None = None,
+        frames_per_call: int | None = 1,
+        *,
+        compile: bool = False,
     ):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"frames_per_call must be at least 1 or None, got {frames_per_call}")
@@ -70,11 +66,10 @@ class StreamingDecoder:
         if self.dtype != vae.dtype:
             vae.to(dtype=self.dtype)
         self.latent_channels: int = vae.config.z_dim
-        self.patch_size: int | None = getattr(vae.config, "patch_size", None)
-        self._first_chunk_kwarg = _accepts_first_chunk(vae.decoder)
-        self._num_slots = _count_causal_convs(vae.decoder)
         self._mean, self._inv_std = self._normalisation(vae.config)
-        self._feat_map: list[Any] = []
+        # on CUDA with `compile`, each norm + SiLU is one compiled kernel writing into the conv's window
+        norm_silu = fused_norm_silu() if compile and self.device.type == "cuda" else rms_norm_silu_into
+        self._stream = DecoderStream(vae.decoder, norm_silu)
         self.latent_frames_seen = 0
         self.reset()
 
@@ -87,7 +82,7 @@ class StreamingDecoder:
 
     def reset(self) -> None:
         """Start a new video: drop the causal cache."""
-        self._feat_map = [None] * self._num_slots
+        self._stream.reset()
         self.latent_frames_seen = 0
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -110,8 +105,6 @@ class StreamingDecoder:
         x = self.vae.post_quant_conv(z)  # 1x1x1 conv: frames are independent
         outputs = [self._decode_frames(piece) for piece in self._calls(x)]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-        if self.patch_size is not None:
-            out = autoencoder_kl_wan.unpatchify(out, patch_size=self.patch_size)
         return out.float().clamp(-1.0, 1.0)
 
     def _calls(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -125,11 +118,8 @@ class StreamingDecoder:
         return pieces
 
     def _decode_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent frames [1, C, T, h, w] through the causal decoder; updates the feature map in place."""
-        kwargs: dict[str, Any] = {"feat_cache": self._feat_map, "feat_idx": [0]}
-        if self._first_chunk_kwarg:
-            kwargs["first_chunk"] = self.latent_frames_seen == 0
-        out = self.vae.decoder(x, **kwargs)
+        """Latent frames [1, C, T, h, w] through the causal decoder; its history moves on by T frames."""
+        out = self._stream(x)
         self.latent_frames_seen += x.shape[2]
         return out
 

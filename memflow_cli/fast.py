@@ -3,9 +3,9 @@
 The model code stays plain eager PyTorch. `accelerate` compiles the two pure
 per-block steps (everything but the cache read/write and the attention call)
 and `attention_kernels` picks the fastest SDPA backend the machine has.
-`accelerate_vae` fuses each RMS norm of the VAE decoder with the SiLU after it:
-in eager mode that pair is seven full passes over the largest activations of the
-whole pipeline, fused it is one.
+`fused_norm_silu` is the VAE decoder's RMS norm and the SiLU after it as one
+compiled kernel: in eager mode that pair is seven full passes over the largest
+activations of the whole pipeline, fused it is one.
 
 Decoding runs on a worker thread beside generation (`overlap.py`), and torch.compile
 is not thread-safe: while one thread traces a new graph, a compiled call on another
@@ -23,13 +23,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.autoencoders import autoencoder_kl_wan
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import memory
 from .model.transformer import CausalWanTransformer
+from .vae_stream import NormSiLUInto, rms_norm_silu_into
 
 # fastest first on Hopper at MemFlow's shapes: cuDNN, then flash, then memory-efficient
 CUDA_BACKENDS = [
@@ -93,55 +91,29 @@ def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
         block.after_attention = compiled(block.after_attention)
 
 
-def accelerate_vae(vae: torch.nn.Module, *, compile: bool) -> None:
-    """Channels-last 3-D layout and cuDNN autotuning for the VAE's convolutions on CUDA; fused norms if `compile`."""
+def accelerate_vae(vae: torch.nn.Module) -> None:
+    """Channels-last layout and cuDNN autotuning for the VAE's convolutions on CUDA.
+
+    The decoder's fused, compiled norms are chosen per video: `StreamingDecoder(..., compile=True)`.
+    """
     if next(vae.parameters()).device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
     for module in vae.modules():
         if isinstance(module, torch.nn.Conv3d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    if compile:
-        _allow_recompiles(VAE_GRAPHS)
-        fuse_norm_activations(vae.decoder, compiled(rms_norm_silu))
+        elif isinstance(module, torch.nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+@functools.cache
+def fused_norm_silu() -> NormSiLUInto:
+    """The VAE decoder's RMS norm + SiLU as one compiled kernel that writes into a conv's window (made once)."""
+    _allow_recompiles(VAE_GRAPHS)
+    return compiled(rms_norm_silu_into)
 
 
 def _allow_recompiles(graphs: int) -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), graphs))
-
-
-def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float) -> torch.Tensor:
-    """diffusers' `WanRMS_norm` over channels (normalised in float32, rounded back), then SiLU."""
-    normalized = F.normalize(x.float(), dim=1).to(x.dtype)
-    return F.silu(normalized * scale * gamma + bias)
-
-
-class NormSiLU(nn.Module):
-    """A `WanRMS_norm` and the SiLU that follows it, run as one (compiled) function."""
-
-    def __init__(self, norm: autoencoder_kl_wan.WanRMS_norm, function: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.norm = norm
-        self.function = function
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.function(x, self.norm.gamma, self.norm.bias, self.norm.scale)
-
-
-def fuse_norm_activations(decoder: nn.Module, function: Callable[..., torch.Tensor] = rms_norm_silu) -> None:
-    """Give every norm that the decoder follows with its SiLU the activation too; the SiLU becomes identity.
-
-    That is each residual block's norm1 and norm2, and the decoder's norm_out: in diffusers' Wan decoder
-    the module's `nonlinearity` is applied right after those norms and nowhere else.
-    """
-    owners = [m for m in decoder.modules() if isinstance(m, autoencoder_kl_wan.WanResidualBlock)]
-    for owner, names in [(decoder, ("norm_out",)), *((block, ("norm1", "norm2")) for block in owners)]:
-        if all(isinstance(getattr(owner, name), NormSiLU) for name in names):
-            continue  # fused already
-        if not isinstance(owner.nonlinearity, nn.SiLU):
-            raise TypeError(f"cannot fuse {type(owner).__name__}: its activation is {owner.nonlinearity}, not SiLU")
-        for name in names:
-            setattr(owner, name, NormSiLU(getattr(owner, name), function))
-        owner.nonlinearity = nn.Identity()

@@ -50,6 +50,7 @@ class Engine:
     device: torch.device
     identity: dict[str, Any]
     notice: str | None = None  # shown to the user (the demo model's warning)
+    compiled: bool = False  # the fast path's compiled kernels are in use (set by `load_engine`)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -83,7 +84,8 @@ def load_engine(
     engine = _demo_engine(dev, model_dtype(dev)) if model == DEMO else _weights_engine(model, dev, lora)
     compile = dev.type == "cuda" if compile is None else compile
     accelerate(engine.transformer, compile=compile)
-    accelerate_vae(engine.vae, compile=compile)
+    accelerate_vae(engine.vae)
+    engine.compiled = compile
     return engine
 
 
@@ -172,7 +174,7 @@ def render_story(
     engine.encode(timeline.prompts)
     generator = MemFlowGenerator(engine.transformer, settings)
     noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
-    decoder = StreamingDecoder(engine.vae)
+    decoder = StreamingDecoder(engine.vae, compile=engine.compiled)
     chunks = generator.generate(
         engine.embeddings(timeline.prompts), timeline.chunks, noise, timeline.switch_chunks
     )

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder, decoded_frame_count, frames_from_decoded
-from memflow_cli.fast import NormSiLU, fuse_norm_activations, rms_norm_silu
+from memflow_cli.vae_stream import DecoderStream, rms_norm_silu_into
 
 LATENT_FRAMES = 9
 CHUNK = 3
@@ -130,35 +130,31 @@ def test_rejects_channel_major_latents(vae: AutoencoderKLWan, latents: torch.Ten
         decoder.decode(latents.permute(0, 2, 1, 3, 4))
 
 
-def _fused_copy(vae: AutoencoderKLWan) -> AutoencoderKLWan:
-    fused = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
-    fused.load_state_dict(vae.state_dict())
-    fuse_norm_activations(fused.decoder)
-    return fused
-
-
-def test_fused_norm_activations_decode_the_same_frames(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
-    fused = _fused_copy(vae)
-    fuse_norm_activations(fused.decoder)  # a second time changes nothing
-    silus = [m for m in fused.decoder.modules() if isinstance(m, torch.nn.SiLU)]
-    fused_norms = [m for m in fused.decoder.modules() if isinstance(m, NormSiLU)]
-
-    assert silus == [] and len(fused_norms) == 1 + 2 * 10  # norm_out; norm1, norm2 of 2 mid + 4x2 up blocks
-    expected = _decode_in_chunks(StreamingDecoder(vae), latents)
-    torch.testing.assert_close(_decode_in_chunks(StreamingDecoder(fused), latents), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_fused_norm_activations_in_bfloat16_round_as_diffusers_does(vae: AutoencoderKLWan) -> None:
+def test_norm_silu_writes_what_diffusers_norm_then_silu_give_in_bfloat16(vae: AutoencoderKLWan) -> None:
     norm = copy.deepcopy(vae.decoder.up_blocks[0].resnets[0].norm1).to(torch.bfloat16)
     x = torch.randn(1, norm.gamma.shape[0], 2, 4, 6, dtype=torch.bfloat16)
+    window = torch.zeros(1, norm.gamma.shape[0], 4, 4, 6, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = torch.nn.functional.silu(norm(x))
-        ours = NormSiLU(norm, rms_norm_silu)(x)
-    assert torch.equal(ours, expected)
+        rms_norm_silu_into(window[:, :, 2:], x, norm.gamma, norm.bias, norm.scale)
+    assert torch.equal(window[:, :, 2:], expected)
+    assert not window[:, :, :2].any()  # the history part of the window is left alone
 
 
-def test_fusing_refuses_an_activation_that_is_not_silu(vae: AutoencoderKLWan) -> None:
-    fused = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-    fused.decoder.nonlinearity = torch.nn.GELU()
-    with pytest.raises(TypeError, match="its activation is GELU"):
-        fuse_norm_activations(fused.decoder)
+def test_first_call_of_a_video_carries_one_latent_frame(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    stream = DecoderStream(vae.decoder)
+    with pytest.raises(ValueError, match="first decoder call must carry one latent frame, got 2"):
+        stream(vae.post_quant_conv(latents[:, :2].permute(0, 2, 1, 3, 4)))
+
+
+def test_streaming_refuses_an_activation_that_is_not_silu() -> None:
+    other = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    other.decoder.nonlinearity = torch.nn.GELU()
+    with pytest.raises(TypeError, match="WanDecoder3d's activation is GELU"):
+        StreamingDecoder(other)
+
+
+def test_streaming_refuses_the_wan22_decoder() -> None:
+    wan22 = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True)
+    with pytest.raises(TypeError, match="only the Wan2.1 VAE decoder can be streamed; this one has WanResidualUpBlock"):
+        StreamingDecoder(wan22)
