@@ -119,7 +119,7 @@ def _timed_run(
 ) -> RunTimes:  # fmt: skip
     """Run the generator for `chunks` chunks through `sink` (which decodes/writes or not), timed."""
     device = bench.device
-    generator = MemFlowGenerator(bench.transformer, settings)
+    generator = MemFlowGenerator(bench.transformer, settings, cuda_graphs=bench.compiled)
     noise = SeededNoise(seed, generator.noise_shape(), device, bench.dtype)
     embeds = _embeds(bench, switches + 1, seed)
     cuda = device.type == "cuda"

@@ -20,13 +20,14 @@ import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import memory
-from .model.transformer import CausalWanTransformer
+from .model.transformer import CausalWanTransformer, PassState
 from .vae_stream import NormSiLUInto, rms_norm_silu_into
 
 # fastest first on Hopper at MemFlow's shapes: cuDNN, then flash, then memory-efficient
@@ -75,7 +76,7 @@ def compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 
 def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
-    """Fuse each block's q/k/v matmuls and compile its pure steps (static shapes per pass kind: few graphs)."""
+    """Fuse each block's q/k/v matmuls and FFN activation, compile its pure steps (static shapes: few graphs)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -86,6 +87,7 @@ def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
     sma_key_set = compiled(memory.sma_key_set)
     for block in model.blocks:
         block.self_attn.fuse_qkv()
+        block.fuse_ffn_activation()
         block.self_attn.sma_key_set = sma_key_set
         block.attention_inputs = compiled(block.attention_inputs)
         block.after_attention = compiled(block.after_attention)
@@ -117,3 +119,54 @@ def _allow_recompiles(graphs: int) -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), graphs))
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor  # static input latents
+    rope: tuple[torch.Tensor, torch.Tensor]  # static cos/sin tables
+    out: torch.Tensor  # static output, overwritten by the next replay
+
+
+class GraphedPasses:
+    """The transformer's passes for one video, replayed from CUDA graphs once they repeat.
+
+    A pass is fixed by its input shape, its timestep, its cache layout, bank view and SMA setting; the
+    cache and text buffers of one video never move. The first `eager_runs` passes of each kind run
+    normally (compiling and autotuning), the next one is captured, and every later one is a single
+    graph replay: thousands of kernel launches become one, and the GPU no longer waits between kernels.
+    Passes that never repeat (the cache filling up, a prompt switch's re-cache) stay eager. Each replay
+    overwrites the previous output of the same kind, so callers use it before the next pass of that kind.
+    """
+
+    def __init__(self, model: CausalWanTransformer, eager_runs: int = 1):
+        self.model = model
+        self.eager_runs = eager_runs
+        self.graphs: dict[tuple, _Graph] = {}
+        self.runs: dict[tuple, int] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, x: torch.Tensor, timestep: float, state: PassState) -> torch.Tensor:
+        key = (tuple(x.shape), float(timestep), state.plan.layout, state.bank_view, state.sma_top_k)
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.runs[key] = self.runs.get(key, 0) + 1
+            if self.runs[key] <= self.eager_runs:
+                return self.model(x, timestep, state)
+            graph = self.graphs[key] = self._capture(x, timestep, state)
+        graph.x.copy_(x)
+        for static, table in zip(graph.rope, state.rope, strict=True):
+            static.copy_(table)
+        graph.graph.replay()
+        return graph.out
+
+    def _capture(self, x: torch.Tensor, timestep: float, state: PassState) -> _Graph:
+        static_x = x.clone()
+        rope = (state.rope[0].clone(), state.rope[1].clone())
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.current_stream().synchronize()
+        # thread-local: the decode worker keeps launching on its own stream while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self.model(static_x, timestep, replace(state, rope=rope))
+        return _Graph(graph, static_x, rope, out)

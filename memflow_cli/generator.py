@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from .fast import GraphedPasses
 from .model.cache import KVMemory, TextCache
 from .model.memory import bank_view_frames
 from .model.transformer import CausalWanTransformer, PassState, rope_angles, rope_tables
@@ -81,9 +82,10 @@ def switch_chunks_from_frames(switch_frames: Sequence[int], frames_per_chunk: in
 class MemFlowGenerator:
     """Streams latent chunks of one video from a `CausalWanTransformer`."""
 
-    def __init__(self, model: CausalWanTransformer, settings: GenerationSettings):
+    def __init__(self, model: CausalWanTransformer, settings: GenerationSettings, *, cuda_graphs: bool = False):
         self.model = model
         self.settings = settings
+        self.cuda_graphs = cuda_graphs  # replay repeated passes from CUDA graphs (`fast.GraphedPasses`)
         self.schedule = FlowSchedule(settings.sampler)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -125,6 +127,7 @@ class MemFlowGenerator:
             (batch, memory_settings.window, *geometry.latent_shape(1)[1:]), device=self.device, dtype=self.dtype
         )
         timesteps = self.schedule.denoising_timesteps
+        run_pass = GraphedPasses(self.model) if self.cuda_graphs and self.device.type == "cuda" else self.model
         segment = 0
         for chunk in range(num_chunks):
             # 1. prompt switch: new text, recent frames re-encoded under it
@@ -143,12 +146,12 @@ class MemFlowGenerator:
                     memory.bank_pre_update(text)
                 if not text.valid:
                     self.model.embed_text(context, text)
-                x0 = self.schedule.to_x0(self.model(x, timestep, state), x, timestep)
+                x0 = self.schedule.to_x0(run_pass(x, timestep, state), x, timestep)
                 if step + 1 < len(timesteps):
                     x = self.schedule.add_noise(x0, noise.renoise(chunk, step).to(x0.device), timesteps[step + 1])
 
             # 3. write the clean chunk into the cache (and stage it for the bank)
-            self.model(x0, float(self.settings.sampler.context_noise), state)
+            run_pass(x0, float(self.settings.sampler.context_noise), state)
             record = not interactive or chunk % memory_settings.record_interval == 0
             memory.commit(
                 plan,

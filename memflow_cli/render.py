@@ -172,7 +172,7 @@ def render_story(
         overwrite=overwrite, keyframe_interval=geometry.video_frames_per_chunk,
     )  # fmt: skip
     engine.encode(timeline.prompts)
-    generator = MemFlowGenerator(engine.transformer, settings)
+    generator = MemFlowGenerator(engine.transformer, settings, cuda_graphs=engine.compiled)
     noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
     decoder = StreamingDecoder(engine.vae, compile=engine.compiled)
     chunks = generator.generate(

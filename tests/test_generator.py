@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.model.transformer import CausalWanTransformer, LinearGELU
 from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsError, TransformerConfig, VideoGeometry
 
 CONFIG = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
@@ -84,5 +84,20 @@ def test_fused_qkv_projection_renders_the_same_video(model):
     attn = fused.blocks[0].self_attn
     assert attn.qkv_weight.shape == (3 * CONFIG.dim, CONFIG.dim)
     assert attn.k.weight.data_ptr() == attn.qkv_weight[CONFIG.dim :].data_ptr()  # views, no second copy
+    assert sorted(fused.state_dict()) == names  # checkpoints keep Wan's names
+    torch.testing.assert_close(render(fused, memory, switch_chunks=(3,)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_ffn_activation_renders_the_same_video(model):
+    memory = MemorySettings(record_interval=1)
+    expected = render(model, memory, switch_chunks=(3,))
+    fused = CausalWanTransformer(CONFIG).eval().requires_grad_(False)
+    fused.load_state_dict(model.state_dict())
+    names = sorted(fused.state_dict())
+    for block in fused.blocks:
+        block.fuse_ffn_activation()
+        block.fuse_ffn_activation()  # a second call changes nothing
+
+    assert isinstance(fused.blocks[0].ffn[0], LinearGELU) and isinstance(fused.blocks[0].ffn[1], torch.nn.Identity)
     assert sorted(fused.state_dict()) == names  # checkpoints keep Wan's names
     torch.testing.assert_close(render(fused, memory, switch_chunks=(3,)), expected, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,11 @@ class CachePlan:
     def write_len(self) -> int:
         return self.end - self.write_start
 
+    @property
+    def layout(self) -> tuple[int, int, int, int]:
+        """What a pass reads and writes in the buffer: passes with equal layouts do the same device work."""
+        return (self.n_new, self.end, self.write_start, self.write_offset)
+
 
 def plan_cache_pass(
     start: int, n_new: int, *, local_end: int, global_end: int, capacity: int, sink: int

@@ -1,0 +1,69 @@
+"""The fast path's GPU-only kernels compute what the plain modules compute (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+
+from memflow_cli.decode import StreamingDecoder
+from memflow_cli.fast import accelerate_vae
+from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.model.transformer import CausalWanTransformer, LinearGELU
+from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_linear_gelu_epilogue_is_the_tanh_gelu():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512).cuda()
+    x = torch.randn(3, 40, 256, device="cuda")
+    with torch.no_grad():
+        ours = LinearGELU(linear)(x)
+        tanh = F.gelu(linear(x), approximate="tanh")
+        erf = F.gelu(linear(x))
+    assert ours.shape == (3, 40, 512)
+    torch.testing.assert_close(ours, tanh, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, erf, rtol=1e-4, atol=1e-5)
+
+
+def _decode(decoder: StreamingDecoder, latents: torch.Tensor) -> torch.Tensor:
+    return torch.cat([decoder.decode_float(chunk) for chunk in latents.split(3, dim=1)])
+
+
+def test_compiled_decoder_norms_are_as_faithful_as_the_eager_ones():
+    """bf16 decodes, eager and compiled, against the float32 decode of the same random VAE."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).to("cuda").eval()
+    accelerate_vae(vae)
+    latents = torch.randn(1, 7, 16, 12, 20, device="cuda")
+    expected = _decode(StreamingDecoder(vae), latents)
+    vae.to(torch.bfloat16)
+    eager = _decode(StreamingDecoder(vae), latents)
+    compiled = _decode(StreamingDecoder(vae, compile=True), latents)
+
+    def error(x: torch.Tensor) -> float:
+        return ((x - expected).norm() / expected.norm()).item()
+
+    assert compiled.shape == expected.shape == (25, 3, 96, 160)
+    assert error(compiled) < 5e-2
+    assert error(compiled) <= 1.1 * error(eager)
+
+
+@pytest.mark.parametrize("sma", [False, True], ids=["nam", "nam+sma"])
+def test_cuda_graph_replays_render_the_video_of_plain_passes(sma):
+    config = TransformerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=32)
+    torch.manual_seed(0)
+    model = CausalWanTransformer(config).cuda().eval().requires_grad_(False)
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=sma), geometry=VideoGeometry(64, 96))
+    prompts = torch.randn(2, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
+
+    def render(cuda_graphs: bool) -> torch.Tensor:
+        generator = MemFlowGenerator(model, settings, cuda_graphs=cuda_graphs)
+        noise = SeededNoise(3, generator.noise_shape(), "cuda", torch.float32)
+        return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1)
+
+    expected = render(cuda_graphs=False)
+    torch.testing.assert_close(render(cuda_graphs=True), expected, rtol=1e-5, atol=1e-5)
