@@ -37,7 +37,7 @@ def test_bf16_gpu_close_to_float32_expectation(name, compile):
     inputs = parity.load_inputs()
     frames = scenario.get("frames", MANIFEST["frames"])
     expected = load_file(d / f"expected_{name}.safetensors")["latents"][:, :frames]
-    generator = MemFlowGenerator(model, settings)
+    generator = MemFlowGenerator(model, settings, cuda_graphs=compile)  # compiled: the whole fast path
     noise = parity.fixed_noise(inputs, settings)
     embeds = parity.prompt_embeds(inputs)[scenario["prompts"]]
     with attention_kernels(device):
