@@ -151,7 +151,11 @@ def render(
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.")] = 256.0,
     compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="torch.compile the blocks on CUDA (first chunk slower).")
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="The fast path on CUDA: compiled blocks and decoder norms, CUDA graphs (first chunk slower).",
+        ),
     ] = True,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -270,7 +274,9 @@ def bench(
     memory: Annotated[str, typer.Option(help="Memory: nam, sink or none.")] = "nam",
     bank_size: Annotated[int, typer.Option(help="Memory-bank frames.")] = 3,
     sma: Annotated[bool, typer.Option("--sma/--no-sma", help="Sparse memory activation.")] = False,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the blocks (CUDA).")] = True,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="Fast path (CUDA): compiled blocks and norms, CUDA graphs.")
+    ] = True,
     compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
 ) -> None:
     """Measure speed and memory; prints a table, then one JSON line."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -145,6 +146,7 @@ class GraphedPasses:
         self.eager_runs = eager_runs
         self.graphs: dict[tuple, _Graph] = {}
         self.runs: dict[tuple, int] = {}
+        self.uncapturable: set[tuple] = set()
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, x: torch.Tensor, timestep: float, state: PassState) -> torch.Tensor:
@@ -152,9 +154,14 @@ class GraphedPasses:
         graph = self.graphs.get(key)
         if graph is None:
             self.runs[key] = self.runs.get(key, 0) + 1
-            if self.runs[key] <= self.eager_runs:
+            if self.runs[key] <= self.eager_runs or key in self.uncapturable:
                 return self.model(x, timestep, state)
-            graph = self.graphs[key] = self._capture(x, timestep, state)
+            try:
+                graph = self.graphs[key] = self._capture(x, timestep, state)
+            except RuntimeError as error:  # this torch/GPU cannot capture the pass: it stays eager, still correct
+                warnings.warn(f"CUDA graph capture failed, running this pass eagerly: {error}", stacklevel=2)
+                self.uncapturable.add(key)
+                return self.model(x, timestep, state)
         graph.x.copy_(x)
         for static, table in zip(graph.rope, state.rope, strict=True):
             static.copy_(table)
@@ -165,7 +172,6 @@ class GraphedPasses:
         static_x = x.clone()
         rope = (state.rope[0].clone(), state.rope[1].clone())
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.current_stream().synchronize()
         # thread-local: the decode worker keeps launching on its own stream while this thread captures
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.model(static_x, timestep, replace(state, rope=rope))
