@@ -39,6 +39,11 @@ class FlowSchedule:
         return (x_t.double() - sigma * flow.double()).to(flow.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor:
-        """(1 - sigma) * x0 + sigma * noise, with a float32 sigma, cast to the noise's dtype."""
-        sigma = torch.tensor([self.sigma(timestep, torch.float32)], dtype=torch.float32, device=x0.device)
+        """(1 - sigma) * x0 + sigma * noise, with a float32 sigma, cast to the noise's dtype.
+
+        sigma and 1 - sigma are float32 numbers held as Python floats (1 - sigma is exact in float64 and rounds
+        to the float32 difference), so nothing is copied to the device: a small host-to-device copy would make
+        the host wait for the GPU at every step.
+        """
+        sigma = self.sigma(timestep, torch.float32)
         return ((1 - sigma) * x0.float() + sigma * noise.float()).to(noise.dtype)
