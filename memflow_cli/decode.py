@@ -12,9 +12,9 @@ clears the VAE's own cache) cannot corrupt a video in progress.
 Only the very first latent frame of a video must pass alone (the time upsampler skips its convolution on
 that call). Every later call may carry several frames: a causal conv over T frames with the last two
 cached is the same arithmetic as T one-frame calls, and a few large kernels run faster on a GPU than many
-small ones, but the full-resolution activations grow with T: on an H100 at 832x480, three frames per call
-decode 6% faster than one and need 4 GiB more. So `frames_per_call` defaults to 1; None passes a whole
-chunk at once.
+small ones, but the full-resolution activations grow with T (with diffusers' own cache handling on an
+H100 at 832x480, three frames per call were 6% faster than one and needed 4 GiB more). So
+`frames_per_call` defaults to 1; None passes a whole chunk at once.
 """
 
 from __future__ import annotations
