@@ -59,6 +59,9 @@ class StreamingDecoder:
     ):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"frames_per_call must be at least 1 or None, got {frames_per_call}")
+        patch = getattr(vae.config, "patch_size", None)
+        if patch is not None:
+            raise TypeError(f"only the Wan2.1 VAE can be streamed; this one patchifies frames (patch_size {patch})")
         self.vae = vae.eval()
         self.frames_per_call = frames_per_call
         self.device = vae.device

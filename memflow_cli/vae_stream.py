@@ -8,10 +8,10 @@ time as the convolutions themselves.
 
 `DecoderStream` walks the same diffusers modules in the same order (the Wan2.1 layout: conv_in, mid block,
 up blocks, norm_out, conv_out) but gives each causal conv a persistent history of its last two input
-frames. A call assembles `[history | new frames]` in a scratch window shared by every conv of that shape:
-the RMS norm + SiLU before a conv writes its output straight into the window, the conv pads spatially by
-itself, and only the two newest frames are copied back into the history. The arithmetic is diffusers';
-the memory traffic around each conv drops to about a third.
+frames. A call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a
+conv writes its output straight into the window, the conv pads spatially by itself, and only the two
+newest frames are copied back into the history. The arithmetic is diffusers' (on the CPU the frames are
+bit for bit the same); the memory traffic around each conv drops to about a third.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ Fill = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float) -> torch.Tensor:
-    """diffusers' `WanRMS_norm` over channels (normalised in float32, rounded back), then SiLU."""
-    normalized = F.normalize(x.float(), dim=1).to(x.dtype)
+    """diffusers' `WanRMS_norm` over channels (half precision normalised in float32, rounded back), then SiLU."""
+    normalized = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
     return F.silu(normalized * scale * gamma + bias)
 
 
@@ -58,13 +58,11 @@ class DecoderStream:
         self.decoder = decoder
         self.norm_silu = norm_silu
         self.histories: dict[nn.Module, torch.Tensor] = {}  # per causal conv: its last input frames
-        self.windows: dict[tuple, torch.Tensor] = {}  # scratch [history | new frames], one per shape
         self.calls = 0
 
     def reset(self) -> None:
         """Start a new video: every history is zero again (the causal padding of a first frame)."""
         self.histories.clear()
-        self.windows.clear()
         self.calls = 0
 
     @torch.inference_mode()
@@ -104,10 +102,11 @@ class DecoderStream:
             doubled = self._causal_conv(resample.time_conv, x, _copy_into)  # [B, 2C, T, h, w]
             # channel half j of time step i becomes frame 2i + j; built frame-major so channels stay last
             frames = doubled.permute(0, 2, 3, 4, 1).unflatten(-1, (2, c)).permute(0, 1, 4, 2, 3, 5)
-            x = frames.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+            x = frames.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3).contiguous(memory_format=_layout(x))
         b, c, t, h, w = x.shape
         upsample, conv = resample.resample
-        # nearest-neighbour copies values, so the input dtype gives diffusers' float32 round trip exactly
+        # nearest-neighbour copies values: in the input dtype it gives diffusers' float32 round trip exactly
+        # (for float32 and narrower)
         images = F.interpolate(x.transpose(1, 2).flatten(0, 1), scale_factor=upsample.scale_factor, mode=upsample.mode)
         return conv(images).unflatten(0, (b, t)).transpose(1, 2)
 
@@ -116,23 +115,25 @@ class DecoderStream:
         keep = conv.kernel_size[0] - 1
         b, _, t, h, w = x.shape
         channels = conv.in_channels
-        memory_format = torch.channels_last_3d if x.is_cuda else torch.contiguous_format
+        layout = _layout(x)
         history = self.histories.get(conv)
         if history is None:
-            shape = (b, channels, keep, h, w)
-            history = torch.zeros(shape, device=x.device, dtype=x.dtype).contiguous(memory_format=memory_format)
+            history = torch.zeros((b, channels, keep, h, w), device=x.device, dtype=x.dtype)
+            history = history.contiguous(memory_format=layout)
             self.histories[conv] = history
-        key = (b, channels, keep + t, h, w, x.dtype, x.device)
-        window = self.windows.get(key)
-        if window is None:
-            window = torch.empty(key[:5], device=x.device, dtype=x.dtype).contiguous(memory_format=memory_format)
-            self.windows[key] = window
+        # a fresh window each call: the caching allocator hands back the same memory, and nothing outlives it
+        window = torch.empty((b, channels, keep + t, h, w), device=x.device, dtype=x.dtype, memory_format=layout)
         window[:, :, :keep].copy_(history)
         fill(window[:, :, keep:], x)
         pad_h, pad_w = conv._padding[2], conv._padding[0]
         out = F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w))
         history.copy_(window[:, :, t:])
         return out
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last on CUDA (cuDNN's fast 3-D convs); the plain layout elsewhere, where it is diffusers' own."""
+    return torch.channels_last_3d if x.is_cuda else torch.contiguous_format
 
 
 def _check_wan21_layout(decoder: nn.Module) -> None:

@@ -60,6 +60,20 @@ def test_chunked_decode_matches_whole_video_decode(vae: AutoencoderKLWan, latent
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wan21_layout_decodes_diffusers_frames_bit_for_bit(dtype: torch.dtype) -> None:
+    """The real decoder's layout (4 up blocks of 3 residual blocks, two time upsamplers), small widths."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).eval().to(dtype)
+    latents = torch.randn(1, 7, 16, *LATENT_HW, generator=torch.Generator().manual_seed(1)).to(dtype)
+    decoder = StreamingDecoder(vae)
+    ours = _decode_in_chunks(decoder, latents)
+    with torch.no_grad():
+        expected = vae.decode(decoder.denormalise(latents)).sample[0].permute(1, 0, 2, 3).float().clamp(-1, 1)
+    assert ours.shape == (decoded_frame_count(7), 3, 32, 48)
+    assert torch.equal(ours, expected)
+
+
 @pytest.mark.parametrize("frames_per_call", [2, None])
 def test_decoder_calls_of_any_size_give_the_same_frames(
     vae: AutoencoderKLWan, latents: torch.Tensor, frames_per_call: int | None
@@ -158,3 +172,9 @@ def test_streaming_refuses_the_wan22_decoder() -> None:
     wan22 = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True)
     with pytest.raises(TypeError, match="only the Wan2.1 VAE decoder can be streamed; this one has WanResidualUpBlock"):
         StreamingDecoder(wan22)
+
+
+def test_streaming_refuses_a_patchifying_vae() -> None:
+    patched = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, patch_size=2)
+    with pytest.raises(TypeError, match="only the Wan2.1 VAE can be streamed; this one patchifies frames"):
+        StreamingDecoder(patched)
