@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .decode import StreamingDecoder
-from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels
+from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels, norm_silu_for, passes_for
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer
@@ -54,7 +54,7 @@ class Bench:
     geometry: VideoGeometry
     model_name: str
     device: torch.device
-    compiled: bool = False  # the fast path's compiled kernels are in use
+    compiled: bool = False  # the fast path is on (CUDA only): compiled kernels and CUDA graphs
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,7 +119,7 @@ def _timed_run(
 ) -> RunTimes:  # fmt: skip
     """Run the generator for `chunks` chunks through `sink` (which decodes/writes or not), timed."""
     device = bench.device
-    generator = MemFlowGenerator(bench.transformer, settings, cuda_graphs=bench.compiled)
+    generator = MemFlowGenerator(bench.transformer, settings, passes=passes_for(bench.compiled))
     noise = SeededNoise(seed, generator.noise_shape(), device, bench.dtype)
     embeds = _embeds(bench, switches + 1, seed)
     cuda = device.type == "cuda"
@@ -166,7 +166,7 @@ def _generate_only(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
 
 def _decoding(bench: Bench) -> Callable[[Iterator[torch.Tensor]], Iterator[None]]:
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
-        decoder = StreamingDecoder(bench.vae, compile=bench.compiled)
+        decoder = StreamingDecoder(bench.vae, norm_silu=norm_silu_for(bench.compiled))
         for _ in overlapped(chunks, decoder.decode, bench.device):
             yield None
 
@@ -177,7 +177,7 @@ def _writing(bench: Bench, folder: Path) -> Callable[[Iterator[torch.Tensor]], I
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
         geometry = bench.geometry
         target = folder / f"bench-{time.monotonic_ns()}.mp4"
-        decoder = StreamingDecoder(bench.vae, compile=bench.compiled)
+        decoder = StreamingDecoder(bench.vae, norm_silu=norm_silu_for(bench.compiled))
         writer = Mp4Writer(
             target, geometry.width, geometry.height, geometry.fps, keyframe_interval=geometry.video_frames_per_chunk
         )

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan
 
-from .fast import fused_norm_silu
-from .vae_stream import DecoderStream, rms_norm_silu_into
+from .vae_stream import DecoderStream, NormSiLUInto, rms_norm_silu_into
 
 # The first latent frame of a video decodes to one RGB frame, every later one to this many.
 FRAMES_PER_LATENT = 4
@@ -47,7 +46,11 @@ def decoded_frame_count(latent_frames: int) -> int:
 
 
 class StreamingDecoder:
-    """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks."""
+    """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks.
+
+    `norm_silu` computes each RMS norm + SiLU into a conv's window; the fast path passes a compiled one
+    (`fast.norm_silu_for`).
+    """
 
     def __init__(
         self,
@@ -55,7 +58,7 @@ class StreamingDecoder:
         dtype: torch.dtype | None = None,
         frames_per_call: int | None = 1,
         *,
-        compile: bool = False,
+        norm_silu: NormSiLUInto = rms_norm_silu_into,
     ):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"frames_per_call must be at least 1 or None, got {frames_per_call}")
@@ -70,8 +73,6 @@ class StreamingDecoder:
             vae.to(dtype=self.dtype)
         self.latent_channels: int = vae.config.z_dim
         self._mean, self._inv_std = self._normalisation(vae.config)
-        # on CUDA with `compile`, each norm + SiLU is one compiled kernel writing into the conv's window
-        norm_silu = fused_norm_silu() if compile and self.device.type == "cuda" else rms_norm_silu_into
         self._stream = DecoderStream(vae.decoder, norm_silu)
         self.latent_frames_seen = 0
         self.reset()

@@ -9,12 +9,11 @@ KV re-cache); with one prompt it follows the single-prompt pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
 
-from .fast import GraphedPasses
 from .model.cache import KVMemory, TextCache
 from .model.memory import bank_view_frames
 from .model.transformer import CausalWanTransformer, PassState, rope_angles, rope_tables
@@ -47,6 +46,10 @@ class SeededNoise:
 
     def renoise(self, chunk: int, step: int) -> torch.Tensor:
         return self._draw()
+
+
+# Makes, for one video, the callable that runs each pass in place of `model(x, timestep, state)`.
+PassRunnerFactory = Callable[[CausalWanTransformer], Callable[[torch.Tensor, float, PassState], torch.Tensor]]
 
 
 class FixedNoise:
@@ -82,10 +85,12 @@ def switch_chunks_from_frames(switch_frames: Sequence[int], frames_per_chunk: in
 class MemFlowGenerator:
     """Streams latent chunks of one video from a `CausalWanTransformer`."""
 
-    def __init__(self, model: CausalWanTransformer, settings: GenerationSettings, *, cuda_graphs: bool = False):
+    def __init__(
+        self, model: CausalWanTransformer, settings: GenerationSettings, *, passes: PassRunnerFactory | None = None
+    ):
         self.model = model
         self.settings = settings
-        self.cuda_graphs = cuda_graphs  # replay repeated passes from CUDA graphs (`fast.GraphedPasses`)
+        self.passes = passes  # runs the passes of one video in place of the model (the fast path's CUDA graphs)
         self.schedule = FlowSchedule(settings.sampler)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -127,7 +132,7 @@ class MemFlowGenerator:
             (batch, memory_settings.window, *geometry.latent_shape(1)[1:]), device=self.device, dtype=self.dtype
         )
         timesteps = self.schedule.denoising_timesteps
-        run_pass = GraphedPasses(self.model) if self.cuda_graphs and self.device.type == "cuda" else self.model
+        run_pass = self.passes(self.model) if self.passes else self.model
         segment = 0
         for chunk in range(num_chunks):
             # 1. prompt switch: new text, recent frames re-encoded under it

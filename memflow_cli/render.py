@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLWan
 from . import __version__
 from .checkpoint import load_transformer
 from .decode import StreamingDecoder
-from .fast import accelerate, accelerate_vae, attention_kernels
+from .fast import accelerate, accelerate_vae, attention_kernels, norm_silu_for, passes_for
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer, sidecar_path, write_sidecar
@@ -50,7 +50,7 @@ class Engine:
     device: torch.device
     identity: dict[str, Any]
     notice: str | None = None  # shown to the user (the demo model's warning)
-    compiled: bool = False  # the fast path's compiled kernels are in use (set by `load_engine`)
+    compiled: bool = False  # the fast path is on: compiled kernels and CUDA graphs (set by `load_engine`)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -85,7 +85,7 @@ def load_engine(
     compile = dev.type == "cuda" if compile is None else compile
     accelerate(engine.transformer, compile=compile)
     accelerate_vae(engine.vae)
-    engine.compiled = compile
+    engine.compiled = compile and dev.type == "cuda"
     return engine
 
 
@@ -172,9 +172,9 @@ def render_story(
         overwrite=overwrite, keyframe_interval=geometry.video_frames_per_chunk,
     )  # fmt: skip
     engine.encode(timeline.prompts)
-    generator = MemFlowGenerator(engine.transformer, settings, cuda_graphs=engine.compiled)
+    generator = MemFlowGenerator(engine.transformer, settings, passes=passes_for(engine.compiled))
     noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
-    decoder = StreamingDecoder(engine.vae, compile=engine.compiled)
+    decoder = StreamingDecoder(engine.vae, norm_silu=norm_silu_for(engine.compiled))
     chunks = generator.generate(
         engine.embeddings(timeline.prompts), timeline.chunks, noise, timeline.switch_chunks
     )

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder
-from memflow_cli.fast import accelerate_vae
+from memflow_cli.fast import GraphedPasses, LinearGELU, accelerate_vae, fused_norm_silu
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.model.transformer import CausalWanTransformer, LinearGELU
+from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -42,7 +42,7 @@ def test_compiled_decoder_norms_are_as_faithful_as_the_eager_ones():
     expected = _decode(StreamingDecoder(vae), latents)
     vae.to(torch.bfloat16)
     eager = _decode(StreamingDecoder(vae), latents)
-    compiled = _decode(StreamingDecoder(vae, compile=True), latents)
+    compiled = _decode(StreamingDecoder(vae, norm_silu=fused_norm_silu()), latents)
 
     def error(x: torch.Tensor) -> float:
         return ((x - expected).norm() / expected.norm()).item()
@@ -61,7 +61,7 @@ def test_cuda_graph_replays_render_the_video_of_plain_passes(sma):
     prompts = torch.randn(2, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
 
     def render(cuda_graphs: bool) -> torch.Tensor:
-        generator = MemFlowGenerator(model, settings, cuda_graphs=cuda_graphs)
+        generator = MemFlowGenerator(model, settings, passes=GraphedPasses if cuda_graphs else None)
         noise = SeededNoise(3, generator.noise_shape(), "cuda", torch.float32)
         return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1)
 

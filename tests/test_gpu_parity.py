@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from memflow_cli.checkpoint import load_transformer
-from memflow_cli.fast import accelerate, attention_kernels
+from memflow_cli.fast import accelerate, attention_kernels, passes_for
 from memflow_cli.generator import MemFlowGenerator
 
 from . import parity
@@ -37,7 +37,7 @@ def test_bf16_gpu_close_to_float32_expectation(name, compile):
     inputs = parity.load_inputs()
     frames = scenario.get("frames", MANIFEST["frames"])
     expected = load_file(d / f"expected_{name}.safetensors")["latents"][:, :frames]
-    generator = MemFlowGenerator(model, settings, cuda_graphs=compile)  # compiled: the whole fast path
+    generator = MemFlowGenerator(model, settings, passes=passes_for(compile))  # compiled: the whole fast path
     noise = parity.fixed_noise(inputs, settings)
     embeds = parity.prompt_embeds(inputs)[scenario["prompts"]]
     with attention_kernels(device):

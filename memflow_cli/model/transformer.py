@@ -96,26 +96,6 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return rotated.flatten(-2).type_as(x)
 
 
-class LinearGELU(nn.Module):
-    """A Linear layer and the tanh-GELU after it as one matmul whose epilogue adds the bias and applies GELU.
-
-    On CUDA that is cuBLASLt's GELU epilogue (the tanh form), applied to the float32 accumulator before the
-    single rounding to the output dtype: faster than a matmul plus a separate GELU pass, and slightly closer
-    to float32. Elsewhere it is the plain Linear and GELU.
-    Holds the Linear's own parameters, so the checkpoint names stay as they were.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:  # the CPU kernel of `_addmm_activation` applies the exact (erf) GELU: not ours
-            return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
-        flat = torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True)
-        return flat.unflatten(0, x.shape[:-1])
-
-
 class AttentionProjections(nn.Module):
     """q/k/v/o projections with RMS-normalised queries and keys (named as in Wan checkpoints)."""
 
@@ -202,13 +182,6 @@ class Block(nn.Module):
             nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, config.dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
-
-    def fuse_ffn_activation(self) -> None:
-        """Run the FFN's first Linear and its GELU as one `LinearGELU` (same parameters, same names)."""
-        if isinstance(self.ffn[0], LinearGELU):
-            return
-        self.ffn[0] = LinearGELU(self.ffn[0])
-        self.ffn[1] = nn.Identity()
 
     def attention_inputs(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Modulated, normalised input projected to q, k, v. x: [B, F, P, dim]; e0: [B, F, 6, dim]."""
