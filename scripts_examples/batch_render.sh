@@ -34,13 +34,15 @@ failures_log=$out_dir/failures.log
 
 # The title of a YAML story: its top-level `title:` (quotes and a trailing comment removed), else the file stem.
 yaml_title() {
-    local script=$1 title
-    title=$(sed -n -E 's/^title:[[:space:]]*(.*)$/\1/p' "$script" | head -n 1)
-    title=$(printf '%s' "$title" | sed -E 's/[[:space:]]+#.*$//; s/^"(.*)"$/\1/; s/^'\''(.*)'\''$/\1/; s/[[:space:]]+$//')
+    local script=$1 raw title
+    raw=$(sed -n -E 's/^title:[[:space:]]*(.*)$/\1/p' "$script" | head -n 1)
+    raw=$(printf '%s' "$raw" | sed -E 's/[[:space:]]+#.*$//; s/^"(.*)"$/\1/; s/^'\''(.*)'\''$/\1/; s/[[:space:]]+$//')
     # as memflow names the file: characters that cannot be in a file name become '_'
-    title=$(printf '%s' "$title" | sed -E 's#[/\\:*?"<>|[:cntrl:]]#_#g; s/^[ .]+//; s/[ .]+$//')
-    if [[ -z $title ]]; then
-        title=$(basename "${script%.*}")
+    title=$(printf '%s' "$raw" | sed -E 's#[/\\:*?"<>|[:cntrl:]]#_#g; s/^[ .]+//; s/[ .]+$//')
+    if [[ -z $raw ]]; then
+        title=$(basename "${script%.*}")  # no title: memflow uses the file name
+    elif [[ -z $title ]]; then
+        title=untitled  # a title of dots and spaces only: memflow's fallback name
     fi
     printf '%s\n' "$title"
 }

@@ -511,6 +511,7 @@ def test_batch_render_renders_logs_failures_and_skips_finished_scripts(tmp_path:
     scripts.mkdir()
     write_story(scripts / "one.yaml", ["0s"], "10s", title="first story")
     write_story(scripts / "two.yml", ["0s"], "10s")
+    write_story(scripts / "dots.yaml", ["0s"], "10s", title='"..."')  # memflow names it untitled.mp4
     (scripts / "broken.yaml").write_text("segments:\n- start: 0s\n  promt: a\n", encoding="utf-8")
     (scripts / "notes.txt").write_text("not a script\n", encoding="utf-8")
     memflow_command = Path(sys.executable).with_name("memflow")  # the console script of this environment
@@ -523,14 +524,15 @@ def test_batch_render_renders_logs_failures_and_skips_finished_scripts(tmp_path:
     assert first.returncode == 1, first.stderr
     assert_video(out / "first story.mp4", video_frames(2))
     assert_video(out / "two.mp4", video_frames(2))
+    assert_video(out / "untitled.mp4", video_frames(2))
     log = (out / "failures.log").read_text(encoding="utf-8")
     assert "broken.yaml" in log and "segments[0].promt" in log and "notes.txt" not in log
-    assert first.stdout.splitlines()[-1] == "batch: 2 rendered, 0 skipped, 1 failed"
+    assert first.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
     assert str(out / "two.mp4") in first.stdout.splitlines()
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 1
-    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 2 skipped, 1 failed"
+    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"
     assert "skip:" in second.stderr and "one.yaml" in second.stderr and "two.yml" in second.stderr
 
 
