@@ -243,7 +243,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
         "model": bench.model_name,
         "dtype": str(bench.dtype).removeprefix("torch."),
         "attention": attention_backend_name(device),
-        "compile": options.compile and device.type == "cuda",
+        "compile": bench.compiled,
         "memory": options.memory.mode,
         "sma": options.memory.sma,
         "switches": options.switches,

@@ -74,8 +74,6 @@ class StreamingDecoder:
         self.latent_channels: int = vae.config.z_dim
         self._mean, self._inv_std = self._normalisation(vae.config)
         self._stream = DecoderStream(vae.decoder, norm_silu)
-        self.latent_frames_seen = 0
-        self.reset()
 
     def _normalisation(self, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and 1/std, shaped [1, C, 1, 1, 1], in the compute dtype (as the reference does)."""
@@ -87,7 +85,6 @@ class StreamingDecoder:
     def reset(self) -> None:
         """Start a new video: drop the causal cache."""
         self._stream.reset()
-        self.latent_frames_seen = 0
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """Generator latents [1, F, C, h, w] (normalised) -> VAE latents z [1, C, F, h, w]."""
@@ -107,25 +104,19 @@ class StreamingDecoder:
     def decode_z(self, z: torch.Tensor) -> torch.Tensor:
         """VAE latents z [1, C, F, h, w] -> frames [1, 3, N, H, W] in [-1, 1], continuing the cached video."""
         x = self.vae.post_quant_conv(z)  # 1x1x1 conv: frames are independent
-        outputs = [self._decode_frames(piece) for piece in self._calls(x)]
+        outputs = [self._stream(piece) for piece in self._calls(x)]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return out.float().clamp(-1.0, 1.0)
 
     def _calls(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Split latent frames [1, C, F, h, w] into decoder calls: a video's first frame alone, then runs."""
         pieces: list[torch.Tensor] = []
-        if self.latent_frames_seen == 0:
+        if self._stream.at_start:
             pieces.append(x[:, :, :1])
             x = x[:, :, 1:]
         step = self.frames_per_call or max(x.shape[2], 1)
         pieces.extend(x[:, :, i : i + step] for i in range(0, x.shape[2], step))
         return pieces
-
-    def _decode_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent frames [1, C, T, h, w] through the causal decoder; its history moves on by T frames."""
-        out = self._stream(x)
-        self.latent_frames_seen += x.shape[2]
-        return out
 
     def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
         """One generator chunk [1, F, C, h, w] -> float32 frames [N, 3, H, W] in [-1, 1]."""

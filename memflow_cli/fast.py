@@ -128,7 +128,7 @@ def fuse_ffn_activation(block: Block) -> None:
 def accelerate_vae(vae: torch.nn.Module) -> None:
     """Channels-last layout and cuDNN autotuning for the VAE's convolutions on CUDA.
 
-    The decoder's fused, compiled norms are chosen per video: `StreamingDecoder(..., compile=True)`.
+    The decoder's fused, compiled norms are handed to each video's decoder: `norm_silu_for`.
     """
     if next(vae.parameters()).device.type != "cuda":
         return

@@ -65,10 +65,15 @@ class DecoderStream:
         self.histories.clear()
         self.calls = 0
 
+    @property
+    def at_start(self) -> bool:
+        """No frame of the current video has been decoded yet (the next call must carry one latent frame)."""
+        return self.calls == 0
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         d = self.decoder
-        first = self.calls == 0
+        first = self.at_start
         if first and x.shape[2] != 1:
             raise ValueError(f"a video's first decoder call must carry one latent frame, got {x.shape[2]}")
         x = self._causal_conv(d.conv_in, x, _copy_into)
