@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .decode import StreamingDecoder
-from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels, norm_silu_for, passes_for
+from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels, decoder_kernels_for, passes_for
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer
@@ -166,7 +166,7 @@ def _generate_only(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
 
 def _decoding(bench: Bench) -> Callable[[Iterator[torch.Tensor]], Iterator[None]]:
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
-        decoder = StreamingDecoder(bench.vae, norm_silu=norm_silu_for(bench.compiled))
+        decoder = StreamingDecoder(bench.vae, kernels=decoder_kernels_for(bench.compiled))
         for _ in overlapped(chunks, decoder.decode, bench.device):
             yield None
 
@@ -177,7 +177,7 @@ def _writing(bench: Bench, folder: Path) -> Callable[[Iterator[torch.Tensor]], I
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
         geometry = bench.geometry
         target = folder / f"bench-{time.monotonic_ns()}.mp4"
-        decoder = StreamingDecoder(bench.vae, norm_silu=norm_silu_for(bench.compiled))
+        decoder = StreamingDecoder(bench.vae, kernels=decoder_kernels_for(bench.compiled))
         writer = Mp4Writer(
             target, geometry.width, geometry.height, geometry.fps, keyframe_interval=geometry.video_frames_per_chunk
         )

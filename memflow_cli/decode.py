@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan
 
-from .vae_stream import DecoderStream, NormSiLUInto, rms_norm_silu_into
+from .vae_stream import PLAIN_KERNELS, DecoderKernels, DecoderStream
 
 # The first latent frame of a video decodes to one RGB frame, every later one to this many.
 FRAMES_PER_LATENT = 4
@@ -48,8 +48,8 @@ def decoded_frame_count(latent_frames: int) -> int:
 class StreamingDecoder:
     """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks.
 
-    `norm_silu` computes each RMS norm + SiLU into a conv's window; the fast path passes a compiled one
-    (`fast.norm_silu_for`).
+    `kernels` are the decoder's steps between convolutions; the fast path passes compiled ones
+    (`fast.decoder_kernels_for`).
     """
 
     def __init__(
@@ -58,7 +58,7 @@ class StreamingDecoder:
         dtype: torch.dtype | None = None,
         frames_per_call: int | None = 1,
         *,
-        norm_silu: NormSiLUInto = rms_norm_silu_into,
+        kernels: DecoderKernels = PLAIN_KERNELS,
     ):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"frames_per_call must be at least 1 or None, got {frames_per_call}")
@@ -73,7 +73,7 @@ class StreamingDecoder:
             vae.to(dtype=self.dtype)
         self.latent_channels: int = vae.config.z_dim
         self._mean, self._inv_std = self._normalisation(vae.config)
-        self._stream = DecoderStream(vae.decoder, norm_silu)
+        self._stream = DecoderStream(vae.decoder, kernels)
 
     def _normalisation(self, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and 1/std, shaped [1, C, 1, 1, 1], in the compute dtype (as the reference does)."""

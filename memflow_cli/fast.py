@@ -3,9 +3,10 @@
 The model code stays plain eager PyTorch. `accelerate` compiles the two pure
 per-block steps (everything but the cache read/write and the attention call)
 and `attention_kernels` picks the fastest SDPA backend the machine has.
-`fused_norm_silu` is the VAE decoder's RMS norm and the SiLU after it as one
-compiled kernel: in eager mode that pair is seven full passes over the largest
-activations of the whole pipeline, fused it is one.
+`fused_decoder_kernels` are the VAE decoder's steps between convolutions as
+compiled kernels: its RMS norm and the SiLU after it (seven full passes over the
+largest activations of the whole pipeline in eager mode, one fused), each conv's
+bias folded into the step after it, and the nearest-neighbour upsampling.
 
 Decoding runs on a worker thread beside generation (`overlap.py`), and torch.compile
 is not thread-safe: while one thread traces a new graph, a compiled call on another
@@ -31,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import memory
 from .model.transformer import Block, CausalWanTransformer, PassState
-from .vae_stream import NormSiLUInto, rms_norm_silu_into
+from .vae_stream import PLAIN_KERNELS, DecoderKernels, residual_sum, rms_norm_silu_into, upsample_nearest
 
 # fastest first on Hopper at MemFlow's shapes: cuDNN, then flash, then memory-efficient
 CUDA_BACKENDS = [
@@ -66,9 +67,12 @@ def attention_kernels(device: torch.device) -> Iterator[None]:
 _COMPILED_CALLS = threading.RLock()
 
 
-def compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`torch.compile(function)` with static shapes, callable from any thread (one call at a time)."""
-    graph = torch.compile(function, dynamic=False)
+def compiled(function: Callable[..., Any], options: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """`torch.compile(function)` with static shapes, callable from any thread (one call at a time).
+
+    `options` are Inductor settings for this function alone.
+    """
+    graph = torch.compile(function, dynamic=False, options=options)
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -128,7 +132,7 @@ def fuse_ffn_activation(block: Block) -> None:
 def accelerate_vae(vae: torch.nn.Module) -> None:
     """Channels-last layout and cuDNN autotuning for the VAE's convolutions on CUDA.
 
-    The decoder's fused, compiled norms are handed to each video's decoder: `norm_silu_for`.
+    The decoder's compiled kernels are handed to each video's decoder: `decoder_kernels_for`.
     """
     if next(vae.parameters()).device.type != "cuda":
         return
@@ -145,16 +149,29 @@ def passes_for(compiled: bool) -> type[GraphedPasses] | None:
     return GraphedPasses if compiled else None
 
 
-def norm_silu_for(compiled: bool) -> NormSiLUInto:
-    """The decoder's norm + SiLU: one compiled kernel on the fast path, the plain function otherwise."""
-    return fused_norm_silu() if compiled else rms_norm_silu_into
+def decoder_kernels_for(compiled: bool) -> DecoderKernels:
+    """The decoder's steps between convolutions: compiled kernels on the fast path, plain PyTorch otherwise."""
+    return fused_decoder_kernels() if compiled else PLAIN_KERNELS
 
 
 @functools.cache
-def fused_norm_silu() -> NormSiLUInto:
-    """The VAE decoder's RMS norm + SiLU as one compiled kernel that writes into a conv's window (made once)."""
+def fused_decoder_kernels() -> DecoderKernels:
+    """The VAE decoder's norm + SiLU, residual sum and upsampling as compiled kernels (made once; CUDA).
+
+    Each fuses the bias its conv leaves out and reads the real channels of a conv computed with tiled
+    filters (96 channels computed as 128: a third faster on Hopper). Intermediate results are rounded to
+    the activation dtype where eager PyTorch rounds them (`emulate_precision_casts`), so a fused step
+    computes what the plain one does, in one pass over memory instead of several.
+    """
     _allow_recompiles(VAE_GRAPHS)
-    return compiled(rms_norm_silu_into)
+    as_eager = {"emulate_precision_casts": True}
+    return DecoderKernels(
+        norm_silu=compiled(rms_norm_silu_into, as_eager),
+        residual=compiled(residual_sum, as_eager),
+        upsample=compiled(upsample_nearest),
+        bias_after_conv=True,
+        channel_tile=128,
+    )
 
 
 def _allow_recompiles(graphs: int) -> None:

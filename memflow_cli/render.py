@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLWan
 from . import __version__
 from .checkpoint import load_transformer
 from .decode import StreamingDecoder
-from .fast import accelerate, accelerate_vae, attention_kernels, norm_silu_for, passes_for
+from .fast import accelerate, accelerate_vae, attention_kernels, decoder_kernels_for, passes_for
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer, sidecar_path, write_sidecar
@@ -174,7 +174,7 @@ def render_story(
     engine.encode(timeline.prompts)
     generator = MemFlowGenerator(engine.transformer, settings, passes=passes_for(engine.compiled))
     noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
-    decoder = StreamingDecoder(engine.vae, norm_silu=norm_silu_for(engine.compiled))
+    decoder = StreamingDecoder(engine.vae, kernels=decoder_kernels_for(engine.compiled))
     chunks = generator.generate(
         engine.embeddings(timeline.prompts), timeline.chunks, noise, timeline.switch_chunks
     )

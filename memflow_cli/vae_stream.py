@@ -10,23 +10,36 @@ time as the convolutions themselves.
 up blocks, norm_out, conv_out) but gives each causal conv a persistent history of its last two input
 frames. A call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a
 conv writes its output straight into the window, the conv pads spatially by itself, and only the two
-newest frames are copied back into the history. The arithmetic is diffusers' (on the CPU the frames are
+newest frames are copied back into the history. The steps between convs are `DecoderKernels`, which the
+fast path swaps for compiled ones. The arithmetic is diffusers' (on the CPU the frames are
 bit for bit the same); the memory traffic around each conv drops to about a third.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders import autoencoder_kl_wan
 from torch import nn
 
-# Writes SiLU(RMS norm of x) into out: (out, x, gamma, bias, scale).
-NormSiLUInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float, float], None]
+# Writes SiLU(RMS norm of x + x_bias) into out: (out, x, x_bias or None, gamma, beta, scale).
+NormSiLUInto = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | float, float], None
+]
+# x + x_bias + shortcut: (x, x_bias or None, shortcut).
+ResidualSum = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+# Nearest-neighbour resize of images [N, C, H, W]: (images, scale_factor, mode).
+Upsample = Callable[[torch.Tensor, tuple[float, float], str], torch.Tensor]
 # Fills a conv's window slot from the layer's input: (slot, x).
 Fill = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def plus_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [B, C, ...] plus a per-channel bias [C] (None: nothing to add), rounded to x's dtype."""
+    return x if bias is None else x + bias.view(-1, *(1,) * (x.dim() - 2))
 
 
 def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float) -> torch.Tensor:
@@ -36,10 +49,57 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | flo
 
 
 def rms_norm_silu_into(
-    out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float
+    out: torch.Tensor,
+    x: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | float,
+    scale: float,
 ) -> None:
-    """`rms_norm_silu` written into `out` (compiled, one kernel that stores straight into the window)."""
-    out.copy_(rms_norm_silu(x, gamma, bias, scale))
+    """`rms_norm_silu` of x (plus the bias its conv left out) written into `out`, a conv's window."""
+    out.copy_(rms_norm_silu(plus_bias(x, x_bias), gamma, beta, scale))
+
+
+def residual_sum(x: torch.Tensor, x_bias: torch.Tensor | None, shortcut: torch.Tensor) -> torch.Tensor:
+    """A residual block's output: its last conv's output (plus the bias that conv left out) plus the shortcut."""
+    return plus_bias(x, x_bias) + shortcut
+
+
+def upsample_nearest(images: torch.Tensor, scale_factor: tuple[float, float], mode: str) -> torch.Tensor:
+    """Nearest-neighbour resize; it copies values, so in the input dtype it equals diffusers' float32 round trip."""
+    return F.interpolate(images, scale_factor=scale_factor, mode=mode)
+
+
+@dataclass(frozen=True)
+class DecoderKernels:
+    """The decoder's steps between its convolutions: plain PyTorch here, compiled ones on the fast path.
+
+    With `bias_after_conv` a residual block's two convs run without their bias and the step after each adds
+    it (norm2 for conv1, the residual sum for conv2). cuDNN adds a conv's bias in a separate pass over the
+    output anyway; fused into the next step, that pass over the largest activations disappears. On the CPU a
+    conv adds its bias inside the kernel, so the plain kernels keep it there (bit for bit diffusers).
+
+    With `channel_tile`, a causal conv with at least three quarters of a tile of output channels, but less
+    than one, computes zero filters up to a whole tile and hands on a view of its real channels: the
+    full-resolution stage has 96 channels, where cuDNN's Hopper kernels run a third slower than at 128.
+    Each output channel is its own sum, so the real channels come out as they did.
+    """
+
+    norm_silu: NormSiLUInto = rms_norm_silu_into
+    residual: ResidualSum = residual_sum
+    upsample: Upsample = upsample_nearest
+    bias_after_conv: bool = False
+    channel_tile: int | None = None
+
+
+PLAIN_KERNELS = DecoderKernels()
+
+
+def padded_channels(channels: int, tile: int | None) -> int:
+    """A whole `tile` for between three quarters of one and one tile of channels; any other count as it is."""
+    if tile is not None and 4 * channels >= 3 * tile and channels < tile:
+        return tile
+    return channels
 
 
 def _copy_into(out: torch.Tensor, x: torch.Tensor) -> None:
@@ -53,11 +113,12 @@ class DecoderStream:
     decoded frames; the video's first call must carry its first latent frame alone, as in diffusers.
     """
 
-    def __init__(self, decoder: nn.Module, norm_silu: NormSiLUInto = rms_norm_silu_into):
+    def __init__(self, decoder: nn.Module, kernels: DecoderKernels = PLAIN_KERNELS):
         _check_wan21_layout(decoder)
         self.decoder = decoder
-        self.norm_silu = norm_silu
+        self.kernels = kernels
         self.histories: dict[nn.Module, torch.Tensor] = {}  # per causal conv: its last input frames
+        self.padded: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # per causal conv: its tiled filters
         self.calls = 0
 
     def reset(self) -> None:
@@ -89,16 +150,18 @@ class DecoderStream:
         self.calls += 1
         return x
 
-    def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm) -> Fill:
-        return lambda out, x: self.norm_silu(out, x, norm.gamma, norm.bias, norm.scale)
+    def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm, x_bias: torch.Tensor | None = None) -> Fill:
+        return lambda out, x: self.kernels.norm_silu(out, x, x_bias, norm.gamma, norm.bias, norm.scale)
 
     def _residual(self, block: autoencoder_kl_wan.WanResidualBlock, x: torch.Tensor) -> torch.Tensor:
         """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1 conv) shortcut. Dropout: eval."""
         shortcut = block.conv_shortcut
         h = x if isinstance(shortcut, nn.Identity) else F.conv3d(x, shortcut.weight, shortcut.bias)
-        x = self._causal_conv(block.conv1, x, self._norm_silu(block.norm1))
-        x = self._causal_conv(block.conv2, x, self._norm_silu(block.norm2))
-        return x + h
+        late = self.kernels.bias_after_conv  # then each conv's bias is added by the step after it
+        x = self._causal_conv(block.conv1, x, self._norm_silu(block.norm1), bias=not late)
+        norm2 = self._norm_silu(block.norm2, block.conv1.bias if late else None)
+        x = self._causal_conv(block.conv2, x, norm2, bias=not late)
+        return self.kernels.residual(x, block.conv2.bias if late else None, h)
 
     def _upsample(self, resample: autoencoder_kl_wan.WanResample, x: torch.Tensor, first: bool) -> torch.Tensor:
         """Twice the frames (upsample3d, except on the video's first call), then twice the size per frame."""
@@ -110,13 +173,16 @@ class DecoderStream:
             x = frames.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3).contiguous(memory_format=_layout(x))
         b, c, t, h, w = x.shape
         upsample, conv = resample.resample
-        # nearest-neighbour copies values: in the input dtype it gives diffusers' float32 round trip exactly
-        # (for float32 and narrower)
-        images = F.interpolate(x.transpose(1, 2).flatten(0, 1), scale_factor=upsample.scale_factor, mode=upsample.mode)
+        images = self.kernels.upsample(x.transpose(1, 2).flatten(0, 1), upsample.scale_factor, upsample.mode)
         return conv(images).unflatten(0, (b, t)).transpose(1, 2)
 
-    def _causal_conv(self, conv: autoencoder_kl_wan.WanCausalConv3d, x: torch.Tensor, fill: Fill) -> torch.Tensor:
-        """conv over [last inputs | fill(x)]; the last inputs are then the newest frames of that window."""
+    def _causal_conv(
+        self, conv: autoencoder_kl_wan.WanCausalConv3d, x: torch.Tensor, fill: Fill, bias: bool = True
+    ) -> torch.Tensor:
+        """conv over [last inputs | fill(x)]; the last inputs are then the newest frames of that window.
+
+        bias=False leaves the conv's bias out of the result (the caller's next step adds it).
+        """
         keep = conv.kernel_size[0] - 1
         b, _, t, h, w = x.shape
         channels = conv.in_channels
@@ -131,9 +197,24 @@ class DecoderStream:
         window[:, :, :keep].copy_(history)
         fill(window[:, :, keep:], x)
         pad_h, pad_w = conv._padding[2], conv._padding[0]
-        out = F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w))
+        weight, conv_bias = self._filters(conv)
+        out = F.conv3d(window, weight, conv_bias if bias else None, conv.stride, (0, pad_h, pad_w))
         history.copy_(window[:, :, t:])
-        return out
+        return out[:, : conv.out_channels]  # the real channels (a view, when the filters were tiled)
+
+    def _filters(self, conv: autoencoder_kl_wan.WanCausalConv3d) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's weight and bias, with zero filters up to `channel_tile` where that pays (made once)."""
+        padded = padded_channels(conv.out_channels, self.kernels.channel_tile)
+        if padded == conv.out_channels:
+            return conv.weight, conv.bias
+        if conv not in self.padded:
+            weight = conv.weight.new_zeros((padded, *conv.weight.shape[1:]))
+            weight[: conv.out_channels] = conv.weight
+            bias = conv.bias.new_zeros(padded)
+            bias[: conv.out_channels] = conv.bias
+            layout = torch.channels_last_3d if conv.weight.is_contiguous(memory_format=torch.channels_last_3d) else None
+            self.padded[conv] = (weight.contiguous(memory_format=layout or torch.contiguous_format), bias)
+        return self.padded[conv]
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder, decoded_frame_count, frames_from_decoded
-from memflow_cli.vae_stream import DecoderStream, rms_norm_silu_into
+from memflow_cli.vae_stream import DecoderKernels, DecoderStream, padded_channels, rms_norm_silu_into
 
 LATENT_FRAMES = 9
 CHUNK = 3
@@ -150,9 +150,55 @@ def test_norm_silu_writes_what_diffusers_norm_then_silu_give_in_bfloat16(vae: Au
     window = torch.zeros(1, norm.gamma.shape[0], 4, 4, 6, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = torch.nn.functional.silu(norm(x))
-        rms_norm_silu_into(window[:, :, 2:], x, norm.gamma, norm.bias, norm.scale)
+        rms_norm_silu_into(window[:, :, 2:], x, None, norm.gamma, norm.bias, norm.scale)
     assert torch.equal(window[:, :, 2:], expected)
     assert not window[:, :, :2].any()  # the history part of the window is left alone
+
+
+def test_norm_silu_adds_the_bias_its_conv_left_out_first(vae: AutoencoderKLWan) -> None:
+    norm = copy.deepcopy(vae.decoder.up_blocks[0].resnets[0].norm1).to(torch.bfloat16)
+    channels = norm.gamma.shape[0]
+    x = torch.randn(1, channels, 2, 4, 6, dtype=torch.bfloat16)
+    conv_bias = torch.randn(channels, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    with torch.no_grad():
+        expected = torch.nn.functional.silu(norm(x + conv_bias[:, None, None, None]))
+        rms_norm_silu_into(out, x, conv_bias, norm.gamma, norm.bias, norm.scale)
+    assert torch.equal(out, expected)
+
+
+def test_conv_bias_folded_into_the_next_step_decodes_the_same_frames(vae: AutoencoderKLWan, latents) -> None:
+    """The fast path's layout of the arithmetic (bias after the conv), run with the plain kernels in float64."""
+    vae64 = copy.deepcopy(vae).double()
+    plain = _decode_in_chunks(StreamingDecoder(vae64), latents.double())
+    folded = _decode_in_chunks(StreamingDecoder(vae64, kernels=DecoderKernels(bias_after_conv=True)), latents.double())
+    assert folded.shape == plain.shape
+    torch.testing.assert_close(folded, plain, rtol=1e-12, atol=1e-12)
+    # a bias left out anywhere would show far above the tolerance: one conv's, for instance
+    without_one = _decode_in_chunks(StreamingDecoder(_without_conv2_bias(vae64)), latents.double())
+    assert _relative_error(without_one, plain) > 1e-6
+
+
+def test_convs_computed_with_tiled_filters_decode_the_same_frames(vae: AutoencoderKLWan, latents) -> None:
+    """Zero filters up to the tile (the last stage's 8 channels computed as 10 here) leave the real ones alone."""
+    vae64 = copy.deepcopy(vae).double()
+    plain = _decode_in_chunks(StreamingDecoder(vae64), latents.double())
+    decoder = StreamingDecoder(vae64, kernels=DecoderKernels(bias_after_conv=True, channel_tile=10))
+    tiled = _decode_in_chunks(decoder, latents.double())
+    assert sorted({weight.shape[0] for weight, _ in decoder._stream.padded.values()}) == [10]
+    torch.testing.assert_close(tiled, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_padded_channels_fill_one_tile_from_three_quarters_of_it() -> None:
+    assert padded_channels(96, 128) == 128  # the full-resolution stage of the Wan2.1 decoder
+    assert [padded_channels(c, 128) for c in (3, 95, 128, 192, 384)] == [3, 95, 128, 192, 384]
+    assert padded_channels(96, None) == 96
+
+
+def _without_conv2_bias(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    other = copy.deepcopy(vae)
+    other.decoder.up_blocks[-1].resnets[-1].conv2.bias.data.zero_()
+    return other
 
 
 def test_first_call_of_a_video_carries_one_latent_frame(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:

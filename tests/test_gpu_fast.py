@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder
-from memflow_cli.fast import GraphedPasses, LinearGELU, accelerate_vae, fused_norm_silu
+from memflow_cli.fast import GraphedPasses, LinearGELU, accelerate_vae, fused_decoder_kernels
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+from memflow_cli.vae_stream import residual_sum, upsample_nearest
+from memflow_cli.weights import WAN21_VAE_CONFIG
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -33,16 +35,21 @@ def _decode(decoder: StreamingDecoder, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([decoder.decode_float(chunk) for chunk in latents.split(3, dim=1)])
 
 
-def test_compiled_decoder_norms_are_as_faithful_as_the_eager_ones():
-    """bf16 decodes, eager and compiled, against the float32 decode of the same random VAE."""
+def test_compiled_decoder_kernels_are_as_faithful_as_the_eager_ones():
+    """bf16 decodes, eager and compiled, against the float32 decode of the same random VAE (Wan2.1's layout).
+
+    Its last stage has the real 96 channels, so the compiled path computes them with tiled filters.
+    """
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).to("cuda").eval()
+    vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to("cuda").eval()
     accelerate_vae(vae)
     latents = torch.randn(1, 7, 16, 12, 20, device="cuda")
     expected = _decode(StreamingDecoder(vae), latents)
     vae.to(torch.bfloat16)
     eager = _decode(StreamingDecoder(vae), latents)
-    compiled = _decode(StreamingDecoder(vae, norm_silu=fused_norm_silu()), latents)
+    compiled_decoder = StreamingDecoder(vae, kernels=fused_decoder_kernels())
+    compiled = _decode(compiled_decoder, latents)
+    assert {weight.shape[0] for weight, _ in compiled_decoder._stream.padded.values()} == {128}
 
     def error(x: torch.Tensor) -> float:
         return ((x - expected).norm() / expected.norm()).item()
@@ -50,6 +57,23 @@ def test_compiled_decoder_norms_are_as_faithful_as_the_eager_ones():
     assert compiled.shape == expected.shape == (25, 3, 96, 160)
     assert error(compiled) < 5e-2
     assert error(compiled) <= 1.1 * error(eager)
+
+
+def test_compiled_residual_sum_and_upsample_round_like_eager():
+    """The fused bias + residual rounds where eager PyTorch rounds; the upsample copies the same values."""
+    kernels = fused_decoder_kernels()
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d
+    x, shortcut = (
+        torch.randn(1, 32, 3, 24, 40, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=layout)
+        for _ in range(2)
+    )
+    bias = torch.randn(32, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(kernels.residual(x, bias, shortcut), residual_sum(x, bias, shortcut))
+    images = x.transpose(1, 2).flatten(0, 1)  # [3, 32, 24, 40], channels last
+    upsampled = kernels.upsample(images, (2.0, 2.0), "nearest-exact")
+    assert upsampled.shape == (3, 32, 48, 80)
+    assert torch.equal(upsampled, upsample_nearest(images, (2.0, 2.0), "nearest-exact"))
 
 
 @pytest.mark.parametrize("sma", [False, True], ids=["nam", "nam+sma"])
