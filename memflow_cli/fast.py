@@ -1,9 +1,10 @@
 """Speed, applied from outside the model in one place: attention kernel choice and regional compile.
 
-The model code stays plain eager PyTorch. `accelerate` compiles the two pure
-per-block steps (everything but the cache read/write and the attention call)
-and `attention_kernels` picks the fastest SDPA backend the machine has.
-`fused_norm_silu` is the VAE decoder's RMS norm and the SiLU after it as one
+The model code stays plain eager PyTorch. `accelerate` compiles the two
+per-block steps around attention (everything but the cache read and the
+attention call; the first step stores the pass's keys and values straight
+into their cache slots) and `attention_kernels` picks the fastest SDPA
+backend the machine has. `fused_norm_silu` is the VAE decoder's RMS norm and the SiLU after it as one
 compiled kernel: in eager mode that pair is seven full passes over the largest
 activations of the whole pipeline, fused it is one.
 
@@ -79,7 +80,7 @@ def compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 
 def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
-    """Fuse each block's q/k/v matmuls and FFN activation, compile its pure steps (static shapes: few graphs)."""
+    """Fuse each block's q/k/v matmuls and FFN activation, compile its steps (static shapes: few graphs)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
