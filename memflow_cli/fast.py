@@ -4,9 +4,9 @@ The model code stays plain eager PyTorch. `accelerate` compiles the two
 per-block steps around attention (everything but the cache read and the
 attention call; the first step stores the pass's keys and values straight
 into their cache slots) and `attention_kernels` picks the fastest SDPA
-backend the machine has. `fused_norm_silu` is the VAE decoder's RMS norm and the SiLU after it as one
-compiled kernel: in eager mode that pair is seven full passes over the largest
-activations of the whole pipeline, fused it is one.
+backend the machine has. `fused_norm_silu` is the VAE decoder's RMS norm and
+the SiLU after it as one compiled kernel: in eager mode that pair is seven
+full passes over the largest activations of the whole pipeline, fused it is one.
 
 Decoding runs on a worker thread beside generation (`overlap.py`), and torch.compile
 is not thread-safe: while one thread traces a new graph, a compiled call on another

@@ -93,8 +93,8 @@ class KVMemory:
         """Where a pass stores its keys and values in `layer`: two views [B, H, write_len, D] of the buffer.
 
         The pass copies its tokens [write_offset, write_offset + write_len) there itself, so that a compiled
-        step stores them straight from the kernels that compute them. Two views rather than one of
-        `kv[:, layer]`: with a single view, torch.compile builds the pair in a temporary before storing it.
+        step stores them straight from the kernels that compute them. Two views, not one of both: torch.compile
+        would assemble such a single view in a temporary before storing it.
         """
         written = slice(plan.write_start, plan.end)
         return self.kv[0, layer, :, :, written], self.kv[1, layer, :, :, written]
