@@ -1,14 +1,12 @@
 """Speed, applied from outside the model in one place: attention kernel choice and regional compile.
 
-The model code stays plain eager PyTorch. `accelerate` compiles the two
-per-block steps around attention (everything but the cache read and the
-attention call; the first step stores the pass's keys and values straight
-into their cache slots) and `attention_kernels` picks the fastest SDPA
-backend the machine has. `fused_decoder_kernels` are the VAE decoder's steps
-between convolutions as compiled kernels: its RMS norm and the SiLU after it
-(seven full passes over the largest activations of the whole pipeline in eager
-mode, one fused), each conv's bias folded into the step after it, and the
-nearest-neighbour upsampling.
+The model code stays plain eager PyTorch. `accelerate` compiles the two pure
+per-block steps (everything but the cache read/write and the attention call)
+and `attention_kernels` picks the fastest SDPA backend the machine has.
+`fused_decoder_kernels` are the VAE decoder's steps between convolutions as
+compiled kernels: its RMS norm and the SiLU after it (seven full passes over the
+largest activations of the whole pipeline in eager mode, one fused), each conv's
+bias folded into the step after it, and the nearest-neighbour upsampling.
 
 Decoding runs on a worker thread beside generation (`overlap.py`), and torch.compile
 is not thread-safe: while one thread traces a new graph, a compiled call on another
@@ -85,7 +83,7 @@ def compiled(function: Callable[..., Any], options: dict[str, Any] | None = None
 
 
 def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
-    """Fuse each block's q/k/v matmuls and FFN activation, compile its steps (static shapes: few graphs)."""
+    """Fuse each block's q/k/v matmuls and FFN activation, compile its pure steps (static shapes: few graphs)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -64,13 +64,8 @@ def bank_frames(memory: KVMemory, layer: int = 0, values: bool = False) -> list[
 
 
 def write_all(memory: KVMemory, plan, first: int, frames: int, offset: int = 0) -> None:
-    """A pass over frames first.. in every layer: its written tokens go into the plan's slots, as a block does."""
-    written = slice(plan.write_offset, plan.write_offset + plan.write_len)
     for layer in range(CONFIG.num_layers):
-        k, v = kv_for(first, frames, layer, offset)
-        k_slots, v_slots = memory.slots(layer, plan)
-        k_slots.copy_(k[:, :, written])
-        v_slots.copy_(v[:, :, written])
+        memory.write(layer, plan, *kv_for(first, frames, layer, offset))
 
 
 def run_chunk(memory: KVMemory, text: TextCache, chunk: int, frames: int, *, stage: bool = True, pre_update=True):
@@ -124,23 +119,6 @@ def test_eviction_with_one_frame_chunks():
     for chunk in range(6):
         run_chunk(memory, text, chunk, 1)
     assert cache_frames(memory) == [0, 3, 4, 5]
-
-
-def test_slots_are_views_of_the_written_range():
-    memory = make_memory(window=4, sink=1, bank_size=2)
-    text = make_text()
-    for chunk in range(3):  # frames 0..5, cache [0, 3, 4, 5]
-        run_chunk(memory, text, chunk, 2)
-    before = memory.kv.clone()
-    plan = memory.plan(4, 8)  # re-cache of frames 2..5: written from token 2 on, the sink stays
-    k_slots, v_slots = memory.slots(1, plan)
-    assert k_slots.shape == v_slots.shape == (1, 2, 6, 4)  # [B, H, write_len, D]
-    k_slots.fill_(7.0)
-    v_slots.fill_(-7.0)
-    assert (memory.kv[0, 1, :, :, 2:8] == 7).all() and (memory.kv[1, 1, :, :, 2:8] == -7).all()
-    untouched = torch.ones_like(memory.kv, dtype=torch.bool)
-    untouched[:, 1, :, :, 2:8] = False
-    assert torch.equal(memory.kv[untouched], before[untouched])  # sink, other layer, bank
 
 
 def test_attention_kv_sink_local_and_bank_view():

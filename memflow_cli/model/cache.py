@@ -89,15 +89,11 @@ class KVMemory:
             dst = self.sink + offset
             self.kv[..., dst : dst + n, :] = self.kv[..., dst + plan.evict : dst + plan.evict + n, :]
 
-    def slots(self, layer: int, plan: CachePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where a pass stores its keys and values in `layer`: two views [B, H, write_len, D] of the buffer.
-
-        The pass copies its tokens [write_offset, write_offset + write_len) there itself, so that a compiled
-        step stores them straight from the kernels that compute them. Two views, not one of both: torch.compile
-        would assemble such a single view in a temporary before storing it.
-        """
-        written = slice(plan.write_start, plan.end)
-        return self.kv[0, layer, :, :, written], self.kv[1, layer, :, :, written]
+    def write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a pass's keys/values [B, H, N, D] at the plan's slots."""
+        src = slice(plan.write_offset, plan.write_offset + plan.write_len)
+        self.kv[0, layer, :, :, plan.write_start : plan.end] = k[:, :, src]
+        self.kv[1, layer, :, :, plan.write_start : plan.end] = v[:, :, src]
 
     def commit(self, plan: CachePlan, *, stage: bool, record_interval: int, chunk_tokens: int) -> None:
         """Make a cache-writing pass permanent; optionally stage its first frame for the bank."""

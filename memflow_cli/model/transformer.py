@@ -146,9 +146,10 @@ class SelfAttention(AttentionProjections):
         v = self.split_heads(v).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
-        """Attend over sink, window and bank, this pass's keys and values already stored: [B, N, dim]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+        """Write this pass's keys/values into the memory, attend over sink, window and bank: [B, N, dim]."""
         memory = state.memory
+        memory.write(layer, state.plan, k, v)
         if state.sma_top_k is None:
             keys, values = memory.attention_kv(layer, state.plan, state.bank_view)
         else:
@@ -182,27 +183,11 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
 
-    def attention_inputs(
-        self,
-        x: torch.Tensor,
-        e0: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        slots: tuple[torch.Tensor, torch.Tensor],
-        write_offset: int,
-    ) -> torch.Tensor:
-        """Modulated, normalised input projected to queries [B, H, N, D]; keys and values go into `slots`.
-
-        x: [B, F, P, dim]; e0: [B, F, 6, dim]; slots: key and value views [B, H, W, D] of the cache
-        (`KVMemory.slots`), which receive the pass's tokens [write_offset, write_offset + W).
-        """
+    def attention_inputs(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Modulated, normalised input projected to q, k, v. x: [B, F, P, dim]; e0: [B, F, 6, dim]."""
         shift, scale = (self.modulation[:, None, :2] + e0[:, :, :2]).chunk(2, dim=2)  # [B, F, 1, dim] each
         u = layer_norm(x, self.eps) * (1 + scale) + shift
-        q, k, v = self.self_attn.project(u.flatten(1, 2), rope)
-        k_slots, v_slots = slots
-        written = slice(write_offset, write_offset + k_slots.shape[2])
-        k_slots.copy_(k[:, :, written])
-        v_slots.copy_(v[:, :, written])
-        return q
+        return self.self_attn.project(u.flatten(1, 2), rope)
 
     def after_attention(
         self, x: torch.Tensor, attn: torch.Tensor, e0: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
@@ -216,9 +201,8 @@ class Block(nn.Module):
         return x + self.ffn(v) * gate2
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
-        plan = state.plan
-        q = self.attention_inputs(x, e0, state.rope, state.memory.slots(layer, plan), plan.write_offset)
-        attn = self.self_attn.attend(q, layer, state)
+        q, k, v = self.attention_inputs(x, e0, state.rope)
+        attn = self.self_attn.attend(q, k, v, layer, state)
         return self.after_attention(x, attn, e0, state.text.k[layer], state.text.v[layer])
 
 
