@@ -154,7 +154,7 @@ def render(
         bool,
         typer.Option(
             "--compile/--no-compile",
-            help="The fast path on CUDA: compiled blocks and decoder norms, CUDA graphs (first chunk slower).",
+            help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
         ),
     ] = True,
     segment_seconds: SegmentSeconds = 10.0,
