@@ -275,7 +275,8 @@ def bench(
     bank_size: Annotated[int, typer.Option(help="Memory-bank frames.")] = 3,
     sma: Annotated[bool, typer.Option("--sma/--no-sma", help="Sparse memory activation.")] = False,
     compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="Fast path (CUDA): compiled blocks and norms, CUDA graphs.")
+        bool,
+        typer.Option("--compile/--no-compile", help="Fast path (CUDA): compiled blocks and decoder steps, CUDA graphs.")
     ] = True,
     compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
 ) -> None:

@@ -5,8 +5,9 @@ per-block steps (everything but the cache read/write and the attention call)
 and `attention_kernels` picks the fastest SDPA backend the machine has.
 `fused_decoder_kernels` are the VAE decoder's steps between convolutions as
 compiled kernels: its RMS norm and the SiLU after it (seven full passes over the
-largest activations of the whole pipeline in eager mode, one fused), each conv's
-bias folded into the step after it, and the nearest-neighbour upsampling.
+largest activations of the whole pipeline in eager mode, one fused), the residual
+sum with the biases of the residual blocks' convs folded in, and the
+nearest-neighbour upsampling.
 
 Decoding runs on a worker thread beside generation (`overlap.py`), and torch.compile
 is not thread-safe: while one thread traces a new graph, a compiled call on another
@@ -45,7 +46,9 @@ CUDA_BACKENDS = [
 
 # Graphs that one compiled function may build before dynamo gives up and runs it eagerly.
 MODEL_GRAPHS = 16  # per pass kind, and SMA's key set per bank view and window length while the cache fills
-VAE_GRAPHS = 32  # one per (channels, frames, height, width) the decoder's norms see: 5 widths, 1-4 frames
+# one per input shape and layout (strided views of tiled convs, with or without a bias) a decoder step
+# sees: about 20 at one latent frame per call, 45 when a whole chunk passes at once
+VAE_GRAPHS = 64
 
 
 def attention_backend_name(device: torch.device) -> str:
@@ -75,7 +78,7 @@ def compiled(function: Callable[..., Any], options: dict[str, Any] | None = None
     graph = torch.compile(function, dynamic=False, options=options)
 
     @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def call(*args: Any, **kwargs: Any) -> Any:
         with _COMPILED_CALLS:
             return graph(*args, **kwargs)
 
@@ -158,10 +161,11 @@ def decoder_kernels_for(compiled: bool) -> DecoderKernels:
 def fused_decoder_kernels() -> DecoderKernels:
     """The VAE decoder's norm + SiLU, residual sum and upsampling as compiled kernels (made once; CUDA).
 
-    Each fuses the bias its conv leaves out and reads the real channels of a conv computed with tiled
-    filters (96 channels computed as 128: a third faster on Hopper). Intermediate results are rounded to
-    the activation dtype where eager PyTorch rounds them (`emulate_precision_casts`), so a fused step
-    computes what the plain one does, in one pass over memory instead of several.
+    The norm + SiLU and the residual sum add the bias a residual block's conv leaves out, and read the
+    real channels of a conv computed with tiled filters (96 channels computed as 128: a third faster on
+    Hopper). Intermediate results are rounded to the activation dtype where eager PyTorch rounds them
+    (`emulate_precision_casts`), so a fused step computes what the plain one does, in one pass over
+    memory instead of several.
     """
     _allow_recompiles(VAE_GRAPHS)
     as_eager = {"emulate_precision_casts": True}

@@ -77,7 +77,7 @@ def load_engine(
 ) -> Engine:
     """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None).
 
-    On CUDA the transformer's blocks and the VAE decoder's norms are compiled unless `compile` is False
+    On CUDA the transformer's blocks and the VAE decoder's steps between convs are compiled unless `compile` is False
     (the first chunk then pays the warm-up).
     """
     dev = torch.device(device or default_device())

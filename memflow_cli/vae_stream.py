@@ -124,6 +124,7 @@ class DecoderStream:
     def reset(self) -> None:
         """Start a new video: every history is zero again (the causal padding of a first frame)."""
         self.histories.clear()
+        self.padded.clear()  # rebuilt from the VAE's current weights: a few small copies per video
         self.calls = 0
 
     @property
@@ -157,11 +158,11 @@ class DecoderStream:
         """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1 conv) shortcut. Dropout: eval."""
         shortcut = block.conv_shortcut
         h = x if isinstance(shortcut, nn.Identity) else F.conv3d(x, shortcut.weight, shortcut.bias)
-        late = self.kernels.bias_after_conv  # then each conv's bias is added by the step after it
-        x = self._causal_conv(block.conv1, x, self._norm_silu(block.norm1), bias=not late)
-        norm2 = self._norm_silu(block.norm2, block.conv1.bias if late else None)
-        x = self._causal_conv(block.conv2, x, norm2, bias=not late)
-        return self.kernels.residual(x, block.conv2.bias if late else None, h)
+        deferred = self.kernels.bias_after_conv  # then each conv's bias is added by the step after it
+        x = self._causal_conv(block.conv1, x, self._norm_silu(block.norm1), with_bias=not deferred)
+        norm2 = self._norm_silu(block.norm2, block.conv1.bias if deferred else None)
+        x = self._causal_conv(block.conv2, x, norm2, with_bias=not deferred)
+        return self.kernels.residual(x, block.conv2.bias if deferred else None, h)
 
     def _upsample(self, resample: autoencoder_kl_wan.WanResample, x: torch.Tensor, first: bool) -> torch.Tensor:
         """Twice the frames (upsample3d, except on the video's first call), then twice the size per frame."""
@@ -177,11 +178,11 @@ class DecoderStream:
         return conv(images).unflatten(0, (b, t)).transpose(1, 2)
 
     def _causal_conv(
-        self, conv: autoencoder_kl_wan.WanCausalConv3d, x: torch.Tensor, fill: Fill, bias: bool = True
+        self, conv: autoencoder_kl_wan.WanCausalConv3d, x: torch.Tensor, fill: Fill, with_bias: bool = True
     ) -> torch.Tensor:
         """conv over [last inputs | fill(x)]; the last inputs are then the newest frames of that window.
 
-        bias=False leaves the conv's bias out of the result (the caller's next step adds it).
+        with_bias=False leaves the conv's bias out of the result (the caller's next step adds it).
         """
         keep = conv.kernel_size[0] - 1
         b, _, t, h, w = x.shape
@@ -198,7 +199,7 @@ class DecoderStream:
         fill(window[:, :, keep:], x)
         pad_h, pad_w = conv._padding[2], conv._padding[0]
         weight, conv_bias = self._filters(conv)
-        out = F.conv3d(window, weight, conv_bias if bias else None, conv.stride, (0, pad_h, pad_w))
+        out = F.conv3d(window, weight, conv_bias if with_bias else None, conv.stride, (0, pad_h, pad_w))
         history.copy_(window[:, :, t:])
         return out[:, : conv.out_channels]  # the real channels (a view, when the filters were tiled)
 
@@ -212,8 +213,9 @@ class DecoderStream:
             weight[: conv.out_channels] = conv.weight
             bias = conv.bias.new_zeros(padded)
             bias[: conv.out_channels] = conv.bias
-            layout = torch.channels_last_3d if conv.weight.is_contiguous(memory_format=torch.channels_last_3d) else None
-            self.padded[conv] = (weight.contiguous(memory_format=layout or torch.contiguous_format), bias)
+            channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+            layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+            self.padded[conv] = (weight.contiguous(memory_format=layout), bias)
         return self.padded[conv]
 
 

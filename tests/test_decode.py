@@ -179,14 +179,30 @@ def test_conv_bias_folded_into_the_next_step_decodes_the_same_frames(vae: Autoen
     assert _relative_error(without_one, plain) > 1e-6
 
 
-def test_convs_computed_with_tiled_filters_decode_the_same_frames(vae: AutoencoderKLWan, latents) -> None:
+@pytest.mark.parametrize("bias_after_conv", [False, True], ids=["bias-in-conv", "bias-after-conv"])
+def test_convs_computed_with_tiled_filters_decode_the_same_frames(
+    vae: AutoencoderKLWan, latents: torch.Tensor, bias_after_conv: bool
+) -> None:
     """Zero filters up to the tile (the last stage's 8 channels computed as 10 here) leave the real ones alone."""
     vae64 = copy.deepcopy(vae).double()
     plain = _decode_in_chunks(StreamingDecoder(vae64), latents.double())
-    decoder = StreamingDecoder(vae64, kernels=DecoderKernels(bias_after_conv=True, channel_tile=10))
+    decoder = StreamingDecoder(vae64, kernels=DecoderKernels(bias_after_conv=bias_after_conv, channel_tile=10))
     tiled = _decode_in_chunks(decoder, latents.double())
     assert sorted({weight.shape[0] for weight, _ in decoder._stream.padded.values()}) == [10]
     torch.testing.assert_close(tiled, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_tiled_filters_follow_the_vae_weights_from_one_video_to_the_next(vae: AutoencoderKLWan, latents) -> None:
+    vae64 = copy.deepcopy(vae).double()
+    kernels = DecoderKernels(bias_after_conv=True, channel_tile=10)
+    decoder = StreamingDecoder(vae64, kernels=kernels)
+    _decode_in_chunks(decoder, latents.double())
+    with torch.no_grad():
+        vae64.decoder.up_blocks[-1].resnets[-1].conv2.weight.mul_(0.5)  # a tiled conv's new weights, in place
+    decoder.reset()
+    again = _decode_in_chunks(decoder, latents.double())
+    fresh = _decode_in_chunks(StreamingDecoder(vae64, kernels=kernels), latents.double())
+    assert torch.equal(again, fresh)
 
 
 def test_padded_channels_fill_one_tile_from_three_quarters_of_it() -> None:
