@@ -168,7 +168,7 @@ def fused_decoder_kernels() -> DecoderKernels:
     memory instead of several.
     """
     _allow_recompiles(VAE_GRAPHS)
-    as_eager = {"emulate_precision_casts": True}
+    as_eager = _eager_rounding()
     return DecoderKernels(
         norm_silu=compiled(rms_norm_silu_into, as_eager),
         residual=compiled(residual_sum, as_eager),
@@ -176,6 +176,13 @@ def fused_decoder_kernels() -> DecoderKernels:
         bias_after_conv=True,
         channel_tile=128,
     )
+
+
+def _eager_rounding() -> dict[str, Any] | None:
+    """Inductor's option to round where eager PyTorch rounds, where this torch has it (else its default)."""
+    import torch._inductor.config as inductor
+
+    return {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else None
 
 
 def _allow_recompiles(graphs: int) -> None:
