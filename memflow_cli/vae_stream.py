@@ -42,10 +42,10 @@ def plus_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias.view(-1, *(1,) * (x.dim() - 2))
 
 
-def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float) -> torch.Tensor:
+def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | float, scale: float) -> torch.Tensor:
     """diffusers' `WanRMS_norm` over channels (half precision normalised in float32, rounded back), then SiLU."""
     normalized = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-    return F.silu(normalized * scale * gamma + bias)
+    return F.silu(normalized * scale * gamma + beta)
 
 
 def rms_norm_silu_into(
@@ -204,7 +204,7 @@ class DecoderStream:
         return out[:, : conv.out_channels]  # the real channels (a view, when the filters were tiled)
 
     def _filters(self, conv: autoencoder_kl_wan.WanCausalConv3d) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv's weight and bias, with zero filters up to `channel_tile` where that pays (made once)."""
+        """The conv's weight and bias, with zero filters up to `channel_tile` where that pays (made once per video)."""
         padded = padded_channels(conv.out_channels, self.kernels.channel_tile)
         if padded == conv.out_channels:
             return conv.weight, conv.bias
