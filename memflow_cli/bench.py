@@ -242,7 +242,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": bench.model_name,
         "dtype": str(bench.dtype).removeprefix("torch."),
-        "attention": attention_backend_name(device),
+        "attention": attention_backend_name(bench.transformer),
         "compile": bench.compiled,
         "memory": options.memory.mode,
         "sma": options.memory.sma,

@@ -1,8 +1,10 @@
 """Speed, applied from outside the model in one place: attention kernel choice and regional compile.
 
 The model code stays plain eager PyTorch. `accelerate` compiles the two pure
-per-block steps (everything but the cache read/write and the attention call)
-and `attention_kernels` picks the fastest SDPA backend the machine has.
+per-block steps (everything but the cache read/write and the attention call),
+hands self-attention to flash-attn 3 where it is installed and works
+(`self_attention_kernel`), and `attention_kernels` picks the fastest SDPA
+backend the machine has for the rest.
 `fused_decoder_kernels` are the VAE decoder's steps between convolutions as
 compiled kernels: its RMS norm and the SiLU after it (seven full passes over the
 largest activations of the whole pipeline in eager mode, one fused), the residual
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -51,10 +54,103 @@ MODEL_GRAPHS = 16  # per pass kind, and SMA's key set per bank view and window l
 VAE_GRAPHS = 64
 
 
-def attention_backend_name(device: torch.device) -> str:
-    if device.type != "cuda":
+SDPA = "sdpa"
+FLASH_ATTENTION_3 = "flash-attn 3"
+# A self-attention kernel is trusted when its output on a test problem is this close to SDPA's in float32
+# (relative L2): bf16 rounding gives about 2e-3, a kernel that mixes up heads and tokens about 1.
+FAITHFUL_ATTENTION = 1e-2
+
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v [B, H, N, D]
+
+
+def attention_backend_name(model: CausalWanTransformer) -> str:
+    """What computes the model's attention, for reports."""
+    if next(model.parameters()).device.type != "cuda":
         return "sdpa (cpu)"
-    return "sdpa: " + " > ".join(b.name.lower() for b in CUDA_BACKENDS)
+    sdpa = "sdpa: " + " > ".join(b.name.lower() for b in CUDA_BACKENDS)
+    name = getattr(model, "self_attention_name", SDPA)
+    return sdpa if name == SDPA else f"{name} (self-attention); {sdpa} (cross-attention)"
+
+
+def flash_attention_3() -> Callable[..., Any] | None:
+    """flash-attn 3's `flash_attn_func` where it is installed (it is built for Hopper GPUs only), else None."""
+    for name in ("flash_attn_3.flash_attn_interface", "flash_attn_interface"):
+        try:
+            return importlib.import_module(name).flash_attn_func
+        except ModuleNotFoundError:
+            continue
+        except ImportError as error:  # installed, but built for another torch or CUDA
+            message = f"flash-attn 3 is installed but does not load ({error}); self-attention stays on torch SDPA"
+            warnings.warn(message, stacklevel=2)
+            return None
+    return None
+
+
+def heads_last(kernel: Callable[..., Any]) -> AttentionKernel:
+    """A flash-attn kernel, which takes and returns [B, N, H, D], as a drop-in for SDPA on [B, H, N, D].
+
+    Only views are exchanged: the model's queries are [B, N, H, D] in memory already, and the cache's
+    keys and values keep their layout (flash-attn reads any strides with a contiguous last dimension).
+    """
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if isinstance(out, tuple):  # builds from before mid-2025 also return the softmax log-sum-exp
+            out = out[0]
+        return out.transpose(1, 2)
+
+    return attention
+
+
+def attention_error(attention: AttentionKernel, heads: int, head_dim: int, device: torch.device, dtype) -> float:
+    """Relative L2 distance between `attention` and float32 SDPA on one random problem of the model's heads.
+
+    Keys and values are strided slices of a larger buffer, as the KV cache hands them over.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn((1, 200, heads, head_dim), generator=generator, device=device).to(dtype).transpose(1, 2)
+    cache = torch.randn((2, 1, heads, 400, head_dim), generator=generator, device=device).to(dtype)
+    k, v = cache[0, :, :, :328], cache[1, :, :, :328]
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return ((attention(q, k, v).float() - expected).norm() / expected.norm()).item()
+
+
+def checked_attention(
+    name: str, attention: AttentionKernel, heads: int, head_dim: int, device: torch.device, dtype
+) -> AttentionKernel | None:
+    """`attention` if it runs and agrees with SDPA on a test problem; otherwise None, with a warning."""
+    try:
+        error = attention_error(attention, heads, head_dim, device, dtype)
+    except Exception as failure:  # e.g. a head size or GPU this build has no kernel for
+        warnings.warn(f"{name} failed on a test call ({failure}); self-attention stays on torch SDPA", stacklevel=2)
+        return None
+    if not error <= FAITHFUL_ATTENTION:  # NaN included
+        warnings.warn(
+            f"{name} differs from torch SDPA by {error:.2e} (relative L2) on a test call, more than "
+            f"{FAITHFUL_ATTENTION:.0e}; self-attention stays on torch SDPA",
+            stacklevel=2,
+        )
+        return None
+    return attention
+
+
+def self_attention_kernel(
+    device: torch.device, heads: int, head_dim: int, dtype
+) -> tuple[str, AttentionKernel]:
+    """The self-attention kernel for a model on `device`, with its name.
+
+    flash-attn 3 where it is installed, the GPU is a Hopper and the kernel agrees with SDPA on a test call
+    (its published Hopper throughput is above the 552 TFLOP/s that cuDNN's fused attention reaches at
+    MemFlow's shapes; not measured here); torch SDPA otherwise, whose backend `attention_kernels` picks.
+    """
+    sdpa = (SDPA, F.scaled_dot_product_attention)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return sdpa
+    kernel = flash_attention_3()
+    if kernel is None:
+        return sdpa
+    attention = checked_attention(FLASH_ATTENTION_3, heads_last(kernel), heads, head_dim, device, dtype)
+    return sdpa if attention is None else (FLASH_ATTENTION_3, attention)
 
 
 @contextlib.contextmanager
@@ -86,10 +182,19 @@ def compiled(function: Callable[..., Any], options: dict[str, Any] | None = None
 
 
 def accelerate(model: CausalWanTransformer, *, compile: bool) -> None:
-    """Fuse each block's q/k/v matmuls and FFN activation, compile its pure steps (static shapes: few graphs)."""
-    device = next(model.parameters()).device
+    """Pick the self-attention kernel; with `compile`, fuse each block's q/k/v matmuls and FFN activation and
+    compile its pure steps (static shapes: few graphs)."""
+    param = next(model.parameters())
+    device = param.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if not hasattr(model, "self_attention_name"):
+        config = model.config
+        model.self_attention_name, attention = self_attention_kernel(
+            device, config.num_heads, config.head_dim, param.dtype
+        )
+        for block in model.blocks:
+            block.self_attn.attention = attention
     if not compile or getattr(model, "compiled", False):
         return
     model.compiled = True

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_cli.fast import LinearGELU, fuse_ffn_activation
+from memflow_cli.fast import LinearGELU, fuse_ffn_activation, heads_last
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsError, TransformerConfig, VideoGeometry
+
+from .test_attention_kernel import flash_layout_sdpa
 
 CONFIG = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
 GEOMETRY = VideoGeometry(height=32, width=48)  # latent 4x6 -> 6 tokens per frame
@@ -102,3 +104,18 @@ def test_fused_ffn_activation_renders_the_same_video(model):
     assert isinstance(fused.blocks[0].ffn[0], LinearGELU) and isinstance(fused.blocks[0].ffn[1], torch.nn.Identity)
     assert sorted(fused.state_dict()) == names  # checkpoints keep Wan's names
     torch.testing.assert_close(render(fused, memory, switch_chunks=(3,)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flash_attn_layout_kernel_renders_the_same_video(model):
+    """Self-attention through a kernel with flash-attn's calling convention (how flash-attn 3 is plugged in)."""
+    memory = MemorySettings(record_interval=1, sma=True)
+    expected = render(model, memory, switch_chunks=(3,))
+    attentions = [block.self_attn.attention for block in model.blocks]
+    try:
+        for block in model.blocks:
+            block.self_attn.attention = heads_last(flash_layout_sdpa)
+        flash = render(model, memory, switch_chunks=(3,))
+    finally:
+        for block, attention in zip(model.blocks, attentions, strict=True):
+            block.self_attn.attention = attention
+    torch.testing.assert_close(flash, expected, rtol=1e-5, atol=1e-5)

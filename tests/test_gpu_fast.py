@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder
-from memflow_cli.fast import GraphedPasses, LinearGELU, accelerate_vae, fused_decoder_kernels
+from memflow_cli.fast import (
+    FLASH_ATTENTION_3,
+    SDPA,
+    GraphedPasses,
+    LinearGELU,
+    accelerate,
+    accelerate_vae,
+    flash_attention_3,
+    fused_decoder_kernels,
+    self_attention_kernel,
+)
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 from memflow_cli.vae_stream import residual_sum, upsample_nearest
 from memflow_cli.weights import WAN21_VAE_CONFIG
+
+from .test_attention_kernel import flash_layout_sdpa
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -91,3 +106,37 @@ def test_cuda_graph_replays_render_the_video_of_plain_passes(sma):
 
     expected = render(cuda_graphs=False)
     torch.testing.assert_close(render(cuda_graphs=True), expected, rtol=1e-5, atol=1e-5)
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="flash-attn 3 runs on Hopper GPUs only")
+def test_flash_attn_3_is_taken_on_hopper_once_it_agrees_with_sdpa(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(sys.modules, "flash_attn_3.flash_attn_interface", None)  # None: not installed
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == SDPA
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
+    assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == FLASH_ATTENTION_3
+
+
+@pytest.mark.skipif(not HOPPER or flash_attention_3() is None, reason="needs flash-attn 3 on a Hopper GPU")
+def test_flash_attn_3_renders_what_sdpa_renders():
+    """Where flash-attn 3 is installed: bf16 with CUDA graphs, flash-attn 3 against SDPA for self-attention."""
+    config = TransformerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=32)
+    torch.manual_seed(0)
+    model = CausalWanTransformer(config).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=True), geometry=VideoGeometry(64, 96))
+    prompts = torch.randn(2, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
+
+    def render() -> torch.Tensor:
+        generator = MemFlowGenerator(model, settings, passes=GraphedPasses)
+        noise = SeededNoise(3, generator.noise_shape(), "cuda", torch.bfloat16)
+        return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1).float()
+
+    expected = render()
+    accelerate(model, compile=False)
+    assert model.self_attention_name == FLASH_ATTENTION_3
+    error = ((render() - expected).norm() / expected.norm()).item()
+    assert error < 2e-2

@@ -119,6 +119,8 @@ class SelfAttention(AttentionProjections):
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
         self.sma_key_set = sma_key_set  # the fast path swaps in a compiled copy
+        # q, k, v [B, H, N, D] -> [B, H, N, D]; the fast path may swap in flash-attn 3 (`fast.self_attention_kernel`)
+        self.attention = F.scaled_dot_product_attention
 
     def fuse_qkv(self) -> None:
         """Project q, k and v with one [3*dim, dim] matmul, which fills a GPU better than three.
@@ -156,7 +158,7 @@ class SelfAttention(AttentionProjections):
             keys, values = memory.sparse_attention_kv(
                 layer, state.plan, state.bank_view, q, state.sma_top_k, key_set=self.sma_key_set
             )
-        return F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2)
+        return self.attention(q, keys, values).transpose(1, 2).flatten(2)
 
 
 class CrossAttention(AttentionProjections):

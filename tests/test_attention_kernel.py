@@ -1,0 +1,104 @@
+"""Choosing the self-attention kernel: flash-attn 3 where installed and faithful, torch SDPA otherwise.
+
+flash-attn 3 is built for Hopper GPUs only, so these tests stand a CPU kernel with flash-attn's calling
+convention ([B, N, H, D] in and out, any strides with a contiguous last dimension) in for it, and check
+what our side does: the layout it hands over, the check before a kernel is trusted, and the fallback.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memflow_cli import fast
+
+
+def flash_layout_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA behind flash-attn's calling convention: [B, N, H, D] in, a new [B, N, H, D] tensor out."""
+    assert q.dim() == k.dim() == v.dim() == 4 and q.shape[2:] == k.shape[2:] == v.shape[2:]  # heads third
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).contiguous()
+
+
+def _problem(heads: int = 3, head_dim: int = 16, queries: int = 10, keys: int = 24):
+    """Queries as the model makes them ([B, N, H, D] memory seen as [B, H, N, D]) and cache-slice keys/values."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn((1, queries, heads, head_dim), generator=generator).transpose(1, 2)
+    cache = torch.randn((2, 1, heads, keys + 8, head_dim), generator=generator)
+    return q, cache[0, :, :, :keys], cache[1, :, :, :keys]
+
+
+def test_a_flash_attn_kernel_computes_sdpa_in_sdpa_layout():
+    q, k, v = _problem()
+    out = fast.heads_last(flash_layout_sdpa)(q, k, v)
+    assert out.shape == (1, 3, 10, 16)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-6, atol=1e-6)
+
+
+def test_builds_that_also_return_the_log_sum_exp_are_accepted():
+    q, k, v = _problem()
+
+    def with_lse(q, k, v):
+        return flash_layout_sdpa(q, k, v), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    torch.testing.assert_close(fast.heads_last(with_lse)(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_a_faithful_kernel_is_kept():
+    attention = fast.heads_last(flash_layout_sdpa)
+    assert fast.attention_error(attention, 4, 32, torch.device("cpu"), torch.float32) < 1e-6
+    assert fast.checked_attention("flash-attn 3", attention, 4, 32, torch.device("cpu"), torch.float32) is attention
+
+
+def test_a_kernel_that_mixes_up_heads_and_tokens_is_refused():
+    def heads_first(q, k, v):  # answers in [B, H, N, D] memory, read back as [B, N, H, D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.contiguous().view(q.shape)
+
+    with pytest.warns(UserWarning, match=r"flash-attn 3 differs from torch SDPA by .* self-attention stays on"):
+        kept = fast.checked_attention(
+            "flash-attn 3", fast.heads_last(heads_first), 4, 32, torch.device("cpu"), torch.float32
+        )
+    assert kept is None
+
+
+def test_a_kernel_that_fails_is_refused():
+    def unsupported(q, k, v):
+        raise RuntimeError("FlashAttention only supports head dimensions up to 256")
+
+    with pytest.warns(UserWarning, match=r"flash-attn 3 failed on a test call \(FlashAttention only supports"):
+        kept = fast.checked_attention(
+            "flash-attn 3", fast.heads_last(unsupported), 4, 32, torch.device("cpu"), torch.float32
+        )
+    assert kept is None
+
+
+def test_flash_attn_3_is_found_under_its_package_or_its_flat_module(monkeypatch):
+    packaged, flat = SimpleNamespace(flash_attn_func=lambda *a: 1), SimpleNamespace(flash_attn_func=lambda *a: 2)
+    monkeypatch.setitem(sys.modules, "flash_attn_3.flash_attn_interface", None)  # None: not installed
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    assert fast.flash_attention_3() is None
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", flat)
+    assert fast.flash_attention_3() is flat.flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn_3.flash_attn_interface", packaged)
+    assert fast.flash_attention_3() is packaged.flash_attn_func
+
+
+def test_a_flash_attn_3_that_does_not_load_is_reported(monkeypatch):
+    def broken(name):
+        raise ImportError(f"{name}: undefined symbol: _ZN3c104cuda9SetDevice")
+
+    monkeypatch.setattr(fast.importlib, "import_module", broken)
+    with pytest.warns(UserWarning, match=r"flash-attn 3 is installed but does not load .*undefined symbol"):
+        assert fast.flash_attention_3() is None
+
+
+def test_the_cpu_keeps_sdpa_even_with_flash_attn_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
+    name, attention = fast.self_attention_kernel(torch.device("cpu"), 2, 16, torch.float32)
+    assert name == fast.SDPA and attention is F.scaled_dot_product_attention
