@@ -1,7 +1,8 @@
 """Load MemFlow's transformer checkpoints: `base.pt`, `lora.pt` and a Wan `config.json`.
 
-`base.pt` is a `torch.save` dict whose "generator" (or "generator_ema") entry
-holds the original-Wan-named transformer weights under a `model.` prefix.
+`base.pt` is a `torch.save` dict whose "generator" (or "generator_ema", or "model",
+which the official single-prompt inference also accepts) entry holds the
+original-Wan-named transformer weights under a `model.` prefix.
 `lora.pt` is a PEFT adapter state dict (optionally under "generator_lora") for
 every Linear inside the blocks; it is merged into the weights at load time.
 """
@@ -18,7 +19,7 @@ import torch
 from .model.transformer import CausalWanTransformer
 from .settings import WAN_1_3B, LoraSettings, SettingsError, TransformerConfig
 
-BASE_KEYS = ("generator", "generator_ema")
+BASE_KEYS = ("generator", "generator_ema", "model")  # the first one present is read
 LORA_KEY = "generator_lora"
 WRAPPER_PREFIX = "model."
 PEFT_PREFIX = "base_model.model."
@@ -77,7 +78,7 @@ def read_base_state(path: Path) -> dict[str, torch.Tensor]:
     key = next((k for k in BASE_KEYS if k in data), None)
     if key is None:
         found = ", ".join(sorted(map(str, data))[:8]) or "nothing"
-        raise CheckpointError(path, f"expected a 'generator' or 'generator_ema' entry, found: {found}")
+        raise CheckpointError(path, f"expected a 'generator', 'generator_ema' or 'model' entry, found: {found}")
     state = _tensor_dict(path, data[key], f"'{key}'")
     cleaned = {}
     for name, tensor in state.items():

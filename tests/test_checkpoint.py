@@ -125,6 +125,18 @@ def test_load_with_config_object_and_dtype(base, weights):
     assert torch.equal(model.blocks[1].ffn[2].weight, weights["blocks.1.ffn.2.weight"].bfloat16())
 
 
+@pytest.mark.parametrize("key", ["generator_ema", "model"])
+def test_base_under_the_other_keys_the_official_loader_accepts(tmp_path, weights, key):
+    path = save_base(tmp_path / "base.pt", weights, key=key)
+    assert {k: v.tolist() for k, v in read_base_state(path).items()} == {k: v.tolist() for k, v in weights.items()}
+
+
+def test_generator_wins_over_model(tmp_path, weights):
+    path = tmp_path / "base.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in weights.items()}, "model": {"x": torch.zeros(1)}}, path)
+    assert sorted(read_base_state(path)) == sorted(weights)
+
+
 def test_read_base_state_strips_prefix(base, weights):
     state = read_base_state(base)
     assert sorted(state) == sorted(weights)
