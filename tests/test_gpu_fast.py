@@ -119,6 +119,7 @@ def test_flash_attn_3_is_taken_on_hopper_once_it_agrees_with_sdpa(monkeypatch):
     assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == SDPA
     monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
     assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == FLASH_ATTENTION_3
+    assert self_attention_kernel(cuda, 12, 128, torch.float32)[0] == SDPA  # no float32 kernels
 
 
 @pytest.mark.skipif(not HOPPER or flash_attention_3() is None, reason="needs flash-attn 3 on a Hopper GPU")
