@@ -144,9 +144,8 @@ def self_attention_kernel(
     MemFlow's shapes; not measured here); torch SDPA otherwise, whose backend `attention_kernels` picks.
     """
     sdpa = (SDPA, F.scaled_dot_product_attention)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return sdpa
-    if dtype not in (torch.bfloat16, torch.float16):  # flash-attn 3 has no float32 kernels
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    if not hopper or dtype not in (torch.bfloat16, torch.float16):  # flash-attn 3 has no float32 kernels
         return sdpa
     kernel = flash_attention_3()
     if kernel is None:

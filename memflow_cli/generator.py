@@ -48,10 +48,6 @@ class SeededNoise:
         return self._draw()
 
 
-# Makes, for one video, the callable that runs each pass in place of `model(x, timestep, state)`.
-PassRunnerFactory = Callable[[CausalWanTransformer], Callable[[torch.Tensor, float, PassState], torch.Tensor]]
-
-
 class FixedNoise:
     """Noise given up front, in the parity fixtures' layout.
 
@@ -80,6 +76,10 @@ def switch_chunks_from_frames(switch_frames: Sequence[int], frames_per_chunk: in
         chunk = -(-frame // frames_per_chunk)
         chunks.append(max(chunk, chunks[-1] + 1) if chunks else chunk)
     return tuple(chunks)
+
+
+# Makes, for one video, the callable that runs each pass in place of `model(x, timestep, state)`.
+PassRunnerFactory = Callable[[CausalWanTransformer], Callable[[torch.Tensor, float, PassState], torch.Tensor]]
 
 
 class MemFlowGenerator:
