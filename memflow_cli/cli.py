@@ -135,9 +135,16 @@ def render(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output MP4 (one story).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder for one MP4 per story.")] = None,
     model: Annotated[
-        str | None, typer.Option(help="Weights folder, or 'demo' (tiny random model). Default: the HF cache.")
+        str | None,
+        typer.Option(
+            help="Weights folder, 'demo' (tiny random model) or 'random' (full-size random weights: noise, for "
+            "speed measurements). Default: the HF cache."
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu... Default: cuda if present.")] = None,
+    decode_device: Annotated[
+        str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1 (one story at a time).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Overrides the scripts' seed.", min=0)] = None,
     duration: Annotated[str | None, typer.Option(help="Render only the first part, e.g. 5s (previews).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
@@ -160,9 +167,18 @@ def render(
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Render scripts to MP4s that grow on disk chunk by chunk."""
+    """Render scripts to MP4s that grow on disk chunk by chunk.
+
+    Under torchrun (`torchrun --nproc-per-node N -m memflow_cli render ...`) the stories are shared out over
+    the processes, one GPU each; finished outputs are skipped.
+    """
     from . import render as engine_mod
+    from .distributed import rank_env
     from .script import parse_time
+
+    ranks = rank_env()
+    if ranks is not None and not ranks.is_main:
+        out.quiet = err.quiet = True  # rank 0 reports, once for all
 
     duration_s = None
     if duration is not None:
@@ -177,6 +193,16 @@ def render(
         "record_interval": record_interval, "sma": sma, "steps": steps,
     }  # fmt: skip
     assert set(cli_settings) <= set(SETTING_NAMES)
+    if ranks is not None:
+        from .batch import BatchRequest, render_batch
+
+        request = BatchRequest(
+            scripts=tuple(scripts), output=output, out_dir=out_dir, model=model, device=device,
+            decode_device=decode_device, seed=seed, duration_s=duration_s, overwrite=overwrite,
+            settings=cli_settings, lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile,
+            segment_seconds=segment_seconds, quiet=quiet,
+        )  # fmt: skip
+        raise typer.Exit(render_batch(ranks, request))
 
     geometry = _geometry_for(model)
     stories = load_stories(scripts, segment_seconds, geometry)
@@ -187,7 +213,7 @@ def render(
         if target.exists() and not overwrite:
             fail(f"{target} exists (from {story.path}); nothing was rendered", EXIT_BAD_INPUT, "use --overwrite")
 
-    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile)
+    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, decode_device)
     if engine.notice:
         err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
     failures = 0
@@ -221,13 +247,16 @@ def _geometry_for(model: str | None) -> VideoGeometry:
     return VideoGeometry()
 
 
-def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True):
+def _load_engine(
+    model: str | None, device: str | None, lora: LoraSettings, compile: bool = True, decode_device: str | None = None
+):
     from . import render as engine_mod
     from .weights import WeightsError
 
     try:
         # None: compile where it helps (CUDA)
-        return engine_mod.load_engine(model, device, lora, compile=None if compile else False)
+        compile_on = None if compile else False
+        return engine_mod.load_engine(model, device, lora, compile=compile_on, decode_device=decode_device)
     except (WeightsError, CheckpointError) as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:

@@ -52,7 +52,7 @@ def overlapped(
     try:
         for index, chunk in enumerate(chunks):
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(chunk.device))  # the chunk's device: it may not be the current one
             chunk.record_stream(side)  # the allocator must not reuse it before the side stream is done
             pending.append(_worker().submit(job, chunk, ready))
             while pending and (index == 0 or pending[0].done() or len(pending) > depth):

@@ -20,9 +20,11 @@ from .checkpoint import load_transformer
 from .decode import StreamingDecoder
 from .fast import accelerate, accelerate_vae, attention_kernels, decoder_kernels_for, passes_for
 from .generator import MemFlowGenerator, SeededNoise
+from .handover import handed_over
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer, sidecar_path, write_sidecar
 from .overlap import overlapped
+from .random_model import RANDOM, random_engine
 from .script import Story, Timeline
 from .settings import GenerationSettings, LoraSettings, VideoGeometry
 from .text_encoder import TextEncoder
@@ -51,11 +53,16 @@ class Engine:
     identity: dict[str, Any]
     notice: str | None = None  # shown to the user (the demo model's warning)
     compiled: bool = False  # the fast path is on: compiled kernels and CUDA graphs (set by `load_engine`)
+    decode_device: torch.device | None = None  # where the VAE decodes, when not on `device` (set by `load_engine`)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
+
+    @property
+    def decodes_on_cuda(self) -> bool:
+        return self.vae.device.type == "cuda"
 
     def encode(self, prompts: Sequence[str]) -> None:
         """Encode every prompt not seen yet, once, then move the text encoder off the GPU."""
@@ -73,20 +80,39 @@ class Engine:
 
 
 def load_engine(
-    model: str | None, device: str | None = None, lora: LoraSettings | None = None, *, compile: bool | None = None
+    model: str | None,
+    device: str | None = None,
+    lora: LoraSettings | None = None,
+    *,
+    compile: bool | None = None,
+    decode_device: str | None = None,
 ) -> Engine:
-    """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None).
+    """Load the demo model, random weights ('random') or real weights (a folder, or the Hugging Face cache when
+    `model` is None).
 
     On CUDA the transformer's blocks and the VAE decoder's steps between convs are compiled unless `compile` is False
-    (the first chunk then pays the warm-up).
+    (the first chunk then pays the warm-up). `decode_device` puts the VAE on another device than the transformer.
     """
     dev = torch.device(device or default_device())
-    engine = _demo_engine(dev, model_dtype(dev)) if model == DEMO else _weights_engine(model, dev, lora)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # streams, events and graph captures of the render use the current device
+    engine = _engine_for(model, dev, lora)
+    if decode_device is not None:
+        engine.decode_device = torch.device(decode_device)
+        engine.vae = engine.vae.to(engine.decode_device, model_dtype(engine.decode_device))
     compile = dev.type == "cuda" if compile is None else compile
     accelerate(engine.transformer, compile=compile)
     accelerate_vae(engine.vae)
     engine.compiled = compile and dev.type == "cuda"
     return engine
+
+
+def _engine_for(model: str | None, dev: torch.device, lora: LoraSettings | None) -> Engine:
+    if model == DEMO:
+        return _demo_engine(dev, model_dtype(dev))
+    if model == RANDOM:
+        return random_engine(dev, model_dtype(dev))
+    return _weights_engine(model, dev, lora)
 
 
 def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None) -> Engine:
@@ -174,7 +200,7 @@ def render_story(
     engine.encode(timeline.prompts)
     generator = MemFlowGenerator(engine.transformer, settings, passes=passes_for(engine.compiled))
     noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
-    decoder = StreamingDecoder(engine.vae, kernels=decoder_kernels_for(engine.compiled))
+    decoder = StreamingDecoder(engine.vae, kernels=decoder_kernels_for(engine.compiled and engine.decodes_on_cuda))
     chunks = generator.generate(
         engine.embeddings(timeline.prompts), timeline.chunks, noise, timeline.switch_chunks
     )
@@ -182,7 +208,8 @@ def render_story(
     first_frame_s = 0.0
     try:
         with attention_kernels(engine.device):
-            for done, frames in enumerate(overlapped(chunks, decoder.decode, engine.device), start=1):
+            decoded = overlapped(handed_over(chunks, decoder.device), decoder.decode, decoder.device)
+            for done, frames in enumerate(decoded, start=1):
                 writer.write(frames)
                 elapsed = time.perf_counter() - started
                 first_frame_s = first_frame_s or elapsed
@@ -241,6 +268,7 @@ def _metadata(
         "settings": settings.as_dict(),
         "weights": engine.identity,
         "device": str(engine.device),
+        **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "timings": {"render_s": round(seconds, 3), "first_chunk_s": round(first_frame_s, 3)},
     }

@@ -1,0 +1,250 @@
+"""`memflow render` under torchrun: every process renders its share of the stories on its own GPU.
+
+Each rank reads every script, so all agree on the story list without sending it; rank 0 alone reports bad
+scripts, shows the progress of all ranks and prints the summary. A story that fails is reported and the
+others go on; a finished output (video and sidecar) is skipped, so a stopped batch resumes. The videos and
+sidecars are those a single `memflow render` writes: the same `render_story`, the same seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, _geometry_for, err, fail, out, output_paths
+from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
+from .output import sidecar_path
+from .script import ScriptError, Story, load_scripts
+from .settings import GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+
+POLL_S = 0.5  # how often rank 0 looks at the others' progress once its own share is done
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What `memflow render` was asked, as parsed by the CLI."""
+
+    scripts: tuple[Path, ...]
+    output: Path | None
+    out_dir: Path | None
+    model: str | None
+    device: str | None
+    decode_device: str | None
+    seed: int | None
+    duration_s: float | None
+    overwrite: bool
+    settings: dict[str, Any]  # command-line generation settings, None where not given
+    lora: LoraSettings
+    compile: bool
+    segment_seconds: float
+    quiet: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """One story to render, and its cost in chunks (what the plan balances)."""
+
+    story: Story
+    target: Path
+    settings: GenerationSettings
+    chunks: int
+
+
+def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
+    """Render this rank's share of the request's stories; returns the exit code (rank 0's tells the outcome)."""
+    import torch
+
+    started = time.perf_counter()
+    if request.decode_device is not None:
+        fail("--decode-device is for one process rendering one story at a time", EXIT_BAD_INPUT,
+             "under torchrun every GPU renders stories of its own; leave --decode-device out")  # fmt: skip
+    try:
+        device = torch.device(rank_device(ranks, request.device, torch.cuda.is_available()))
+    except ValueError as error:
+        fail(str(error), EXIT_BAD_INPUT, "give --device cuda or --device cpu, or leave it out")
+    geometry = _geometry_for(request.model)
+    jobs, problems = _jobs(request, geometry)
+    for problem in problems:
+        err.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
+
+    with process_group(ranks, device) as board:
+        finished = from_main([_finished(job.target) and not request.overwrite for job in jobs])
+        todo = [job for job, done in zip(jobs, finished, strict=True) if not done]
+        for job in (job for job, done in zip(jobs, finished, strict=True) if done):
+            err.print(f"skip: {job.target} (finished)", markup=False, soft_wrap=True)
+        share = assign([job.chunks for job in todo], ranks.world_size)[ranks.rank]
+        try:
+            with _overall_progress(ranks, request, todo) as show:
+                report = _render_share(ranks, request, device, todo, share, board, show)
+                board.post(report)
+                if not ranks.is_main:
+                    return 0
+                while board.reports_posted() < ranks.world_size:
+                    show(board)
+                    time.sleep(POLL_S)
+                show(board)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted:[/] the batch was stopped; finished videos stay, run it again to resume")
+            return EXIT_INTERRUPTED
+        reports = board.reports()
+    return _summary(todo, reports, skipped=len(jobs) - len(todo), problems=len(problems),
+                    seconds=time.perf_counter() - started)  # fmt: skip
+
+
+def _jobs(request: BatchRequest, geometry: VideoGeometry) -> tuple[list[Job], list[str]]:
+    """Every story of the good scripts, with its output and settings; and one message per bad script or story."""
+    given = {name: value for name, value in request.settings.items() if value is not None}
+    try:
+        GenerationSettings(geometry=geometry).with_overrides(given)
+    except SettingsError as error:
+        fail(f"--{error.field.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
+    stories: list[Story] = []
+    problems: list[str] = []
+    for path in request.scripts:
+        try:
+            stories.extend(load_scripts(path, request.segment_seconds, geometry))
+        except ScriptError as error:
+            problems.append(str(error))
+    settled: list[tuple[Story, GenerationSettings]] = []
+    for story in stories:
+        try:
+            settings = GenerationSettings(geometry=geometry).with_overrides(story.settings).with_overrides(given)
+        except SettingsError as error:
+            problems.append(f"{story.path}: settings.{error}")
+            continue
+        settled.append((story, settings))
+    targets = output_paths([story for story, _ in settled], request.output, request.out_dir) if settled else []
+    jobs = [
+        Job(story, target, settings, story.timeline(geometry, request.duration_s).chunks)
+        for (story, settings), target in zip(settled, targets, strict=True)
+    ]
+    return jobs, problems
+
+
+def _finished(target: Path) -> bool:
+    """A video that memflow finished: the MP4 and its sidecar (written after the video was complete)."""
+    return target.is_file() and sidecar_path(target).is_file()
+
+
+Show = Callable[[Board], None]
+
+
+@contextmanager
+def _overall_progress(ranks: RankEnv, request: BatchRequest, todo: list[Job]) -> Iterator[Show]:
+    """On rank 0 (unless quiet), one bar for the chunks of every rank; elsewhere a no-op."""
+    if not ranks.is_main or request.quiet or not todo:
+        yield lambda board: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+        TextColumn("{task.fields[stories]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=err, transient=False) as bar:
+        description = f"{_count(len(todo), 'story', 'stories')} on {_count(ranks.world_size, 'process', 'processes')}"
+        task = bar.add_task(description, total=sum(job.chunks for job in todo), stories="")
+
+        def show(board: Board) -> None:
+            bar.update(task, completed=board.chunks_done(), stories=f"{board.stories_done()} done")
+
+        yield show
+
+
+def _render_share(
+    ranks: RankEnv, request: BatchRequest, device: Any, todo: list[Job], share: list[int], board: Board, show: Show
+) -> RankReport:
+    """Render this rank's stories one after another; a failure is recorded and the next story goes on."""
+    from . import render as engine_mod
+
+    if not share:
+        return RankReport(ranks.rank, str(device), 0.0, 0.0)
+    load_started = time.perf_counter()
+    try:
+        engine = engine_mod.load_engine(
+            request.model, str(device), request.lora, compile=None if request.compile else False
+        )
+    except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
+        board.add_chunks(sum(todo[index].chunks for index in share))
+        message = f"cannot load the model on {device}: {_one_line(error)}"
+        return RankReport(ranks.rank, str(device), time.perf_counter() - load_started, 0.0,
+                          tuple(StoryOutcome(index, False, message) for index in share))  # fmt: skip
+    load_s = time.perf_counter() - load_started
+    if ranks.is_main and engine.notice:
+        err.print(f"[yellow]warning:[/] {escape(engine.notice)}", soft_wrap=True)
+    render_started = time.perf_counter()
+    outcomes = [_render_job(engine_mod, engine, request, index, todo[index], board, show) for index in share]
+    return RankReport(ranks.rank, str(device), load_s, time.perf_counter() - render_started, tuple(outcomes))
+
+
+def _render_job(engine_mod, engine, request: BatchRequest, index: int, job: Job, board: Board, show: Show):
+    reported = 0  # chunks of this story already counted on the board
+
+    def progress(p) -> None:
+        nonlocal reported
+        board.add_chunks(p.chunk - reported)
+        reported = p.chunk
+        show(board)
+
+    seed = job.story.seed if request.seed is None else request.seed
+    try:
+        result = engine_mod.render_story(
+            engine, job.story, job.target, job.settings, seed=seed, duration_s=request.duration_s,
+            overwrite=request.overwrite, progress=progress,
+        )  # fmt: skip
+    except engine_mod.RenderInterrupted as stop:
+        where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
+        err.print(f"[yellow]interrupted:[/] {escape(f'{job.story.title}: {stop.frames} frames written; {where}')}")
+        raise KeyboardInterrupt from None
+    except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on
+        board.add_chunks(job.chunks - reported)
+        board.add_story()
+        return StoryOutcome(index, False, _one_line(error))
+    board.add_story()
+    return StoryOutcome(index, True, "", result.seconds, result.timeline.video_frames)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _summary(todo: list[Job], reports: list[RankReport], skipped: int, problems: int, seconds: float) -> int:
+    """Rank 0: every failure (stderr), the finished videos in batch order and the summary (stdout)."""
+    outcomes = sorted((outcome for report in reports for outcome in report.outcomes), key=lambda o: o.index)
+    for outcome in outcomes:
+        if not outcome.rendered:
+            job = todo[outcome.index]
+            err.print(f"[bold red]error:[/] {escape(f'{job.story.title} ({job.target}): {outcome.message}')}",
+                      soft_wrap=True)  # fmt: skip
+    for outcome in outcomes:
+        if outcome.rendered:
+            out.print(str(todo[outcome.index].target), markup=False, soft_wrap=True)
+    rendered = sum(outcome.rendered for outcome in outcomes)
+    failed = len(outcomes) - rendered
+    line = f"batch: {rendered} rendered, {skipped} skipped, {failed} failed"
+    if problems:
+        line += f", {_count(problems, 'bad script', 'bad scripts')}"
+    line += f" on {_count(len(reports), 'process', 'processes')} in {seconds:.1f} s"
+    slowest_s = max(report.render_s for report in reports)
+    if rendered and slowest_s > 0:
+        frames = sum(outcome.video_frames for outcome in outcomes)
+        line += f" ({3600 * rendered / slowest_s:.1f} stories/h, {frames / slowest_s:.1f} frames/s rendering)"
+    out.print(line, markup=False, soft_wrap=True)
+    for report in reports:
+        done = sum(outcome.rendered for outcome in report.outcomes)
+        out.print(
+            f"  rank {report.rank} ({report.device}): {done} rendered, {len(report.outcomes) - done} failed, "
+            f"load {report.load_s:.1f} s, render {report.render_s:.1f} s",
+            markup=False, soft_wrap=True,
+        )  # fmt: skip
+    return EXIT_FAILED if failed or problems else 0
