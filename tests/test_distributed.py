@@ -1,0 +1,292 @@
+"""Many processes: the plan, the torchrun environment, batch rendering under torchrun (gloo, demo model on CPU),
+`--decode-device`, and `--model random`'s labelling.
+
+The torchrun runs start `python -m torch.distributed.run --standalone` (a free port of its own) in a subprocess,
+with stories of 1.5 s (two chunks) so that two processes on a CI machine's two cores finish in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memflow_cli.distributed import RankEnv, RankReport, StoryOutcome, assign, rank_device, rank_env
+from memflow_cli.handover import handed_over
+from memflow_cli.output import probe_video, sidecar_path
+from memflow_cli.random_model import RANDOM_NOTICE, NoiseTextEncoder
+
+from .test_cli import DEMO, assert_video, decoded, memflow, video_frames, write_jsonl, write_story
+
+REPO = Path(__file__).resolve().parents[1]
+PREVIEW = ("--duration", "1.5s")  # two chunks
+BAD_SCRIPT = "segments:\n- start: 0s\n  promt: a fox\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan: longest first, to the least loaded rank
+
+
+def test_assign_hand_computed():
+    # by cost: 0 (5), 1 (3), 2 (3), 3 (2), 4 (1); loads after each: [5,0] [5,3] [5,6] [7,6] [7,7]
+    assert assign([5, 3, 3, 2, 1], 2) == [[0, 3], [1, 2, 4]]
+
+
+def test_assign_breaks_ties_by_story_then_rank():
+    assert assign([1, 1, 1, 1], 2) == [[0, 2], [1, 3]]
+    assert assign([2, 2], 3) == [[0], [1], []]
+    assert assign([], 2) == [[], []]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8])
+def test_assign_gives_every_story_once_and_balances(ranks: int):
+    costs = [(i * 37) % 11 + 1 for i in range(40)]
+    shares = assign(costs, ranks)
+    assert sorted(index for share in shares for index in share) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(costs)  # longest-first's bound
+    for share in shares:  # each rank renders its longest stories first
+        assert [costs[i] for i in share] == sorted((costs[i] for i in share), reverse=True)
+    assert assign(costs, ranks) == shares  # the same plan on every process
+
+
+def test_assign_needs_a_rank():
+    with pytest.raises(ValueError, match="at least one rank"):
+        assign([1.0], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The torchrun environment
+
+
+def test_rank_env_is_none_without_torchrun():
+    assert rank_env({}) is None
+    assert rank_env({"LOCAL_RANK": "0"}) is None
+
+
+def test_rank_env_reads_torchrun_variables():
+    environ = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert rank_env(environ) == RankEnv(rank=5, local_rank=1, world_size=8, restart=2)
+    assert not RankEnv(5, 1, 8).is_main and RankEnv(0, 0, 8).is_main
+
+
+@pytest.mark.parametrize("environ", [{"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}])
+def test_rank_env_refuses_nonsense(environ: dict[str, str]):
+    with pytest.raises(ValueError):
+        rank_env(environ)
+
+
+def test_rank_device_is_the_local_gpu_or_the_cpu():
+    env = RankEnv(rank=3, local_rank=1, world_size=4)
+    assert rank_device(env, None, cuda_available=True) == "cuda:1"
+    assert rank_device(env, "cuda", cuda_available=True) == "cuda:1"
+    assert rank_device(env, None, cuda_available=False) == "cpu"
+    assert rank_device(env, "cpu", cuda_available=True) == "cpu"
+    with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
+        rank_device(env, "cuda:0", cuda_available=True)
+
+
+def test_a_rank_report_survives_the_store():
+    report = RankReport(1, "cuda:1", 2.5, 30.25, (StoryOutcome(3, True, "", 12.5, 45), StoryOutcome(0, False, "boom")))
+    assert RankReport.from_json(report.to_json()) == report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torchrun --nproc-per-node 2 over a mixed folder, against one process
+
+
+def torchrun(*args: str | Path, processes: int = 2, cwd: Path) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+        "-m", "memflow_cli", "render", *map(str, args),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def mixed_folder(folder: Path) -> tuple[list[Path], Path]:
+    """Two YAML stories of different lengths and seeds, a JSONL file of two stories, and a bad script."""
+    folder.mkdir()
+    good = [
+        write_story(folder / "fox.yaml", ["0s", "0.75s"], "3s", title="Fox", seed=7),
+        write_story(folder / "owl.yml", ["0s"], "1.5s", title="Owl", seed=3),
+        write_jsonl(folder / "boats.jsonl", [["a boat", "a storm"], ["a lighthouse", "night falls"]]),
+    ]
+    bad = folder / "broken.yaml"
+    bad.write_text(BAD_SCRIPT, encoding="utf-8")
+    return good, bad
+
+
+def sidecar_without_timings(video: Path) -> dict:
+    data = json.loads(sidecar_path(video).read_text(encoding="utf-8"))
+    data.pop("timings")
+    return data
+
+
+NAMES = ["Fox.mp4", "Owl.mp4", "boats-001.mp4", "boats-002.mp4"]
+
+
+def test_torchrun_renders_each_story_once_as_one_process_would(tmp_path: Path):
+    good, bad = mixed_folder(tmp_path / "scripts")
+    scripts = sorted([*good, bad])
+    out = tmp_path / "out"
+
+    first = torchrun(*scripts, "--out-dir", out, *DEMO, *PREVIEW, cwd=tmp_path)
+    output = first.stdout + first.stderr
+    assert first.returncode != 0, output  # the bad script
+    assert sorted(path.name for path in out.glob("*.mp4")) == NAMES
+    assert output.count("segments[0].promt") == 1, output  # reported once, not once per process
+    (summary,) = [line for line in first.stdout.splitlines() if line.startswith("batch:")]
+    assert summary.startswith("batch: 4 rendered, 0 skipped, 0 failed, 1 bad script on 2 processes"), summary
+    rank_lines = [line for line in first.stdout.splitlines() if line.lstrip().startswith("rank ")]
+    assert len(rank_lines) == 2 and all("(cpu)" in line for line in rank_lines)
+    per_rank = [int(line.split(": ")[1].split(" rendered")[0]) for line in rank_lines]
+    assert sum(per_rank) == 4 and min(per_rank) >= 1  # every story once, both processes worked
+    assert sorted(line for line in first.stdout.splitlines() if line.endswith(".mp4")) == [
+        str(out / name) for name in NAMES
+    ]
+    assert output.count("demo model: tiny random weights") == 1
+    assert not list(out.glob("*.partial.mp4"))
+
+    single = tmp_path / "single"
+    result = memflow("render", *good, "--out-dir", single, *DEMO, *PREVIEW, "-q")
+    assert result.exit_code == 0, result.stderr
+    for name in NAMES:
+        assert decoded(out / name) == decoded(single / name), name
+        assert sidecar_without_timings(out / name) == sidecar_without_timings(single / name), name
+    assert_video(out / "Fox.mp4", video_frames(2))
+
+    stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    second = torchrun(*good, "--out-dir", out, *DEMO, *PREVIEW, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    (summary,) = [line for line in second.stdout.splitlines() if line.startswith("batch:")]
+    assert summary.startswith("batch: 0 rendered, 4 skipped, 0 failed on 2 processes"), summary
+    assert second.stderr.count("skip: ") == 4
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == stamps  # nothing rewritten
+
+
+def test_torchrun_a_story_that_fails_is_reported_and_the_others_go_on(tmp_path: Path):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    owl = write_story(scripts / "owl.yaml", ["0s"], "1.5s", title="Owl")
+    fox = write_story(scripts / "fox.yaml", ["0s"], "1.5s", title="Fox")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "Fox.mp4").write_bytes(b"not memflow's")  # no sidecar: not a finished render, and not ours to replace
+
+    result = torchrun(owl, fox, "--out-dir", out, *DEMO, *PREVIEW, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stdout.count("batch: 1 rendered, 0 skipped, 1 failed on 2 processes") == 1, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: Fox")]
+    assert len(errors) == 1 and "already exists" in errors[0], result.stderr
+    assert (out / "Fox.mp4").read_bytes() == b"not memflow's"
+    assert_video(out / "Owl.mp4", video_frames(2))
+
+
+def test_torchrun_refuses_one_gpu_for_every_process_once(tmp_path: Path):
+    script = write_story(tmp_path / "owl.yaml", ["0s"], "1.5s")
+    result = torchrun(script, "--out-dir", tmp_path / "out", "--model", "demo", "--device", "cuda:0", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --device cuda:0: under torchrun each process renders on cuda:LOCAL_RANK") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --decode-device
+
+
+def test_decode_device_cpu_gives_the_frames_of_one_device(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s", "0.75s"], "3s", seed=5)
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    assert memflow("render", script, *DEMO, "-o", one, "-q").exit_code == 0
+    result = memflow("render", script, *DEMO, "--decode-device", "cpu", "-o", two, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert decoded(one) == decoded(two)
+    assert json.loads(sidecar_path(two).read_text())["decode_device"] == "cpu"
+    assert "decode_device" not in json.loads(sidecar_path(one).read_text())
+
+
+def test_handed_over_leaves_chunks_already_there_alone():
+    chunks = [torch.randn(1, 3, 16, 4, 6) for _ in range(3)]
+    moved = list(handed_over(iter(chunks), torch.device("cpu")))
+    assert all(a is b for a, b in zip(moved, chunks, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --model random
+
+
+def test_noise_text_encoder_is_seeded_by_the_prompt():
+    encoder = NoiseTextEncoder(text_len=16, text_dim=8)
+    a, b, a_again = encoder.encode(["a fox", "a boat", "a fox"])
+    assert a.shape == (16, 8)
+    assert torch.equal(a, a_again) and not torch.equal(a, b)
+    assert torch.count_nonzero(a[4:]) == 0 and torch.count_nonzero(a[:4]) == 32  # a quarter of the rows carry values
+    assert encoder.to("cuda") is encoder and encoder.offload() is encoder
+
+
+def test_random_weights_are_labelled_noise():
+    assert "noise" in RANDOM_NOTICE and "random" in RANDOM_NOTICE
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: `pytest -m gpu tests/test_distributed.py` on a machine with 2 GPUs (one GPU runs the first only)
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_render_with_random_weights_is_labelled_noise(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    target = tmp_path / "fox.mp4"
+    result = memflow("render", script, "--model", "random", "-o", target, *PREVIEW, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "random model: full-size random weights" in result.stderr
+    sidecar = json.loads(sidecar_path(target).read_text())
+    assert sidecar["weights"] == {"model": "random", "note": RANDOM_NOTICE}
+    info = probe_video(target)
+    assert (info.frames, info.width, info.height) == (video_frames(2), 832, 480)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_decode_on_a_second_gpu_matches_one_gpu(tmp_path: Path):
+    import numpy as np
+
+    script = write_story(tmp_path / "fox.yaml", ["0s", "1.5s"], "3s", seed=9)
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    assert memflow("render", script, *DEMO[:2], "--device", "cuda:0", "-o", one, "-q").exit_code == 0
+    result = memflow("render", script, *DEMO[:2], "--device", "cuda:0", "--decode-device", "cuda:1", "-o", two, "-q")
+    assert result.exit_code == 0, result.stderr
+    a = np.frombuffer(decoded(one), np.uint8).astype(np.int16)
+    b = np.frombuffer(decoded(two), np.uint8).astype(np.int16)
+    assert a.shape == b.shape
+    assert np.abs(a - b).mean() < 0.5  # same model, same arithmetic; only kernel choices may differ between GPUs
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_handed_over_between_gpus_keeps_values():
+    chunks = [torch.randn(1, 3, 16, 60, 104, device="cuda:0", dtype=torch.bfloat16) for _ in range(4)]
+    moved = list(handed_over(iter(chunks), torch.device("cuda:1")))
+    torch.cuda.synchronize("cuda:1")
+    for a, b in zip(chunks, moved, strict=True):
+        assert b.device == torch.device("cuda:1") and torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_torchrun_on_two_gpus_renders_each_story_once(tmp_path: Path):
+    good, bad = mixed_folder(tmp_path / "scripts")
+    out = tmp_path / "out"
+    result = torchrun(*good, "--out-dir", out, "--model", "demo", *PREVIEW, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "batch: 4 rendered, 0 skipped, 0 failed on 2 processes" in result.stdout
+    assert "rank 0 (cuda:0)" in result.stdout and "rank 1 (cuda:1)" in result.stdout
+    for name in NAMES:
+        assert_video(out / name, video_frames(2))
