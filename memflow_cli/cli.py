@@ -166,6 +166,10 @@ def render(
     ] = True,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    gpus: Annotated[
+        int | None,
+        typer.Option(help="Share the stories over N processes on this machine, one GPU each (torchrun).", min=1),
+    ] = None,
 ) -> None:
     """Render scripts to MP4s that grow on disk chunk by chunk.
 
@@ -193,6 +197,13 @@ def render(
         "record_interval": record_interval, "sma": sma, "steps": steps,
     }  # fmt: skip
     assert set(cli_settings) <= set(SETTING_NAMES)
+    if gpus is not None and ranks is None:
+        from .distributed import launch, launch_problem, without_option
+
+        if problem := launch_problem(gpus, device):
+            fail(problem[0], EXIT_BAD_INPUT, problem[1])
+
+        raise typer.Exit(launch(without_option(sys.argv[1:], "--gpus"), gpus))
     if ranks is not None:
         from .batch import BatchRequest, render_batch
 

@@ -189,3 +189,55 @@ def from_main(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """`argv` with `option VALUE` and `option=VALUE` removed (how `--gpus N` is kept from the processes it starts)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == option:
+            skip_value = True
+        elif not arg.startswith(f"{option}="):
+            kept.append(arg)
+    return kept
+
+
+def launch_problem(processes: int, device: str | None, gpus_here: int | None = None) -> tuple[str, str] | None:
+    """What is wrong with `--gpus N` on this machine (message, hint), or None."""
+    if device not in (None, "cpu", "cuda"):
+        return f"--device {device}: with --gpus each process renders on a GPU of its own", "give --device cuda"
+    if gpus_here is None:
+        import torch
+
+        gpus_here = torch.cuda.device_count()
+    if device != "cpu" and processes > gpus_here:
+        hint = f"use --gpus {gpus_here}" if gpus_here else "add --device cpu to share the stories over CPU processes"
+        return f"--gpus {processes}: {gpus_here} CUDA GPU(s) here", hint
+    return None
+
+
+def launch(argv: Sequence[str], processes: int) -> int:
+    """Run `python -m memflow_cli ARGV` in `processes` processes on this machine, as `torchrun --standalone
+    --nproc-per-node` does (torch's own launcher); returns rank 0's exit code, else the first failure's."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # memflow's rank 0 has said what failed; the launcher's own failure report would repeat it as a traceback,
+    # and its note on OMP_NUM_THREADS (1 per process) is for the user of torchrun, not of memflow
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={processes}", "-m", "memflow_cli", *argv]
+    )
+    try:
+        run(args)
+    except ChildFailedError as error:
+        failure = error.failures.get(0) or next(iter(error.failures.values()))
+        code = failure.exitcode
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signal number
+    return 0

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from memflow_cli.distributed import RankEnv, RankReport, StoryOutcome, assign, rank_device, rank_env
+from memflow_cli.distributed import (
+    RankEnv,
+    RankReport,
+    StoryOutcome,
+    assign,
+    launch_problem,
+    rank_device,
+    rank_env,
+    without_option,
+)
 from memflow_cli.handover import handed_over
 from memflow_cli.output import probe_video, sidecar_path
 from memflow_cli.random_model import RANDOM_NOTICE, NoiseTextEncoder
@@ -101,11 +110,14 @@ def test_a_rank_report_survives_the_store():
 
 
 def torchrun(*args: str | Path, processes: int = 2, cwd: Path) -> subprocess.CompletedProcess[str]:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-        "-m", "memflow_cli", "render", *map(str, args),
-    ]  # fmt: skip
+    """`torchrun --standalone --nproc-per-node N -m memflow_cli render ARGS`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return run_python(*launcher[1:], "-m", "memflow_cli", "render", *args, cwd=cwd)
+
+
+def run_python(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -162,7 +174,9 @@ def test_torchrun_renders_each_story_once_as_one_process_would(tmp_path: Path):
     assert_video(out / "Fox.mp4", video_frames(2))
 
     stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
-    second = torchrun(*good, "--out-dir", out, *DEMO, *PREVIEW, cwd=tmp_path)
+    # the same through `memflow render --gpus 2`, which starts torchrun itself (here: two CPU processes)
+    second = run_python("-m", "memflow_cli", "render", *good, "--out-dir", out, *DEMO, *PREVIEW, "--gpus", "2",
+                        cwd=tmp_path)  # fmt: skip
     assert second.returncode == 0, second.stdout + second.stderr
     (summary,) = [line for line in second.stdout.splitlines() if line.startswith("batch:")]
     assert summary.startswith("batch: 0 rendered, 4 skipped, 0 failed on 2 processes"), summary
@@ -188,11 +202,17 @@ def test_torchrun_a_story_that_fails_is_reported_and_the_others_go_on(tmp_path: 
     assert_video(out / "Owl.mp4", video_frames(2))
 
 
-def test_torchrun_refuses_one_gpu_for_every_process_once(tmp_path: Path):
+def test_under_torchrun_a_device_with_an_index_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
     script = write_story(tmp_path / "owl.yaml", ["0s"], "1.5s")
-    result = torchrun(script, "--out-dir", tmp_path / "out", "--model", "demo", "--device", "cuda:0", cwd=tmp_path)
-    assert result.returncode != 0
-    assert result.stderr.count("error: --device cuda:0: under torchrun each process renders on cuda:LOCAL_RANK") == 1
+    result = memflow("render", script, "--out-dir", tmp_path / "out", "--model", "demo", "--device", "cuda:0")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --device cuda:0: under torchrun each process renders on cuda:LOCAL_RANK")
+    result = memflow("render", script, "--out-dir", tmp_path / "out", *DEMO, "--decode-device", "cpu")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --decode-device is for one process rendering one story at a time")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,7 +220,7 @@ def test_torchrun_refuses_one_gpu_for_every_process_once(tmp_path: Path):
 
 
 def test_decode_device_cpu_gives_the_frames_of_one_device(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s", "0.75s"], "3s", seed=5)
+    script = write_story(tmp_path / "fox.yaml", ["0s", "0.75s"], "1.5s", seed=5)
     one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
     assert memflow("render", script, *DEMO, "-o", one, "-q").exit_code == 0
     result = memflow("render", script, *DEMO, "--decode-device", "cpu", "-o", two, "-q")
@@ -290,3 +310,20 @@ def test_gpu_torchrun_on_two_gpus_renders_each_story_once(tmp_path: Path):
     assert "rank 0 (cuda:0)" in result.stdout and "rank 1 (cuda:1)" in result.stdout
     for name in NAMES:
         assert_video(out / name, video_frames(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memflow render --gpus N: torchrun started for the user
+
+
+def test_without_option_drops_the_option_and_its_value():
+    argv = ["render", "a.yaml", "--gpus", "4", "--out-dir", "out", "--gpus=2", "-q"]
+    assert without_option(argv, "--gpus") == ["render", "a.yaml", "--out-dir", "out", "-q"]
+
+
+def test_launch_problem():
+    assert launch_problem(2, None, gpus_here=8) is None
+    assert launch_problem(4, "cpu", gpus_here=0) is None
+    assert launch_problem(4, None, gpus_here=2) == ("--gpus 4: 2 CUDA GPU(s) here", "use --gpus 2")
+    assert launch_problem(1, None, gpus_here=0)[1] == "add --device cpu to share the stories over CPU processes"
+    assert "each process renders on a GPU of its own" in launch_problem(2, "cuda:1", gpus_here=2)[0]
