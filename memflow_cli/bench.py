@@ -19,6 +19,7 @@ import torch
 from .decode import StreamingDecoder
 from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels, decoder_kernels_for, passes_for
 from .generator import MemFlowGenerator, SeededNoise
+from .handover import handed_over
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer
 from .overlap import overlapped
@@ -43,6 +44,7 @@ class BenchOptions:
     compile: bool = True
     compare: bool = False
     seed: int = 0
+    decode_device: torch.device | None = None  # decode on another device than generation
 
 
 @dataclass
@@ -149,6 +151,7 @@ def _timed_run(
                 _sync(device)
                 first_frame_s = time.perf_counter() - start
     _sync(device)
+    _sync(bench.vae.device)
     total = time.perf_counter() - start
     if cuda:
         chunk_ms = [events[i].elapsed_time(events[i + 1]) for i in range(chunks)]
@@ -166,23 +169,28 @@ def _generate_only(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
 
 def _decoding(bench: Bench) -> Callable[[Iterator[torch.Tensor]], Iterator[None]]:
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
-        decoder = StreamingDecoder(bench.vae, kernels=decoder_kernels_for(bench.compiled))
-        for _ in overlapped(chunks, decoder.decode, bench.device):
+        decoder = _decoder(bench)
+        for _ in overlapped(handed_over(chunks, decoder.device), decoder.decode, decoder.device):
             yield None
 
     return sink
+
+
+def _decoder(bench: Bench) -> StreamingDecoder:
+    on_cuda = bench.vae.device.type == "cuda"
+    return StreamingDecoder(bench.vae, kernels=decoder_kernels_for(bench.compiled and on_cuda))
 
 
 def _writing(bench: Bench, folder: Path) -> Callable[[Iterator[torch.Tensor]], Iterator[None]]:
     def sink(chunks: Iterator[torch.Tensor]) -> Iterator[None]:
         geometry = bench.geometry
         target = folder / f"bench-{time.monotonic_ns()}.mp4"
-        decoder = StreamingDecoder(bench.vae, kernels=decoder_kernels_for(bench.compiled))
+        decoder = _decoder(bench)
         writer = Mp4Writer(
             target, geometry.width, geometry.height, geometry.fps, keyframe_interval=geometry.video_frames_per_chunk
         )
         try:
-            for frames in overlapped(chunks, decoder.decode, bench.device):
+            for frames in overlapped(handed_over(chunks, decoder.device), decoder.decode, decoder.device):
                 writer.write(frames)
                 yield None
             writer.close()
@@ -198,6 +206,9 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     device = options.device
     status(f"loading {options.model or 'weights'} on {device}")
     bench = load_bench(options.model, device)
+    if options.decode_device is not None:
+        decode_dtype = torch.bfloat16 if options.decode_device.type == "cuda" else torch.float32
+        bench.vae = bench.vae.to(options.decode_device, decode_dtype)
     geometry = bench.geometry
     chunks = max(1, options.latent_frames // geometry.frames_per_chunk)
     latent_frames = chunks * geometry.frames_per_chunk
@@ -240,6 +251,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     steady = sorted(generate.chunk_ms[len(generate.chunk_ms) // 2 :])
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **({"decode_device": str(options.decode_device)} if options.decode_device is not None else {}),
         "model": bench.model_name,
         "dtype": str(bench.dtype).removeprefix("torch."),
         "attention": attention_backend_name(bench.transformer),

@@ -309,6 +309,9 @@ def bench(
         bool, typer.Option("--random-weights", help="Full-size 1.3B model with random weights (nothing to load).")
     ] = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu... Default: cuda if present.")] = None,
+    decode_device: Annotated[
+        str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1.")
+    ] = None,
     frames: Annotated[int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3)] = 120,
     switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0)] = 0,
     memory: Annotated[str, typer.Option(help="Memory: nam, sink or none.")] = "nam",
@@ -334,11 +337,12 @@ def bench(
     try:
         memory_settings = MemorySettings(mode=memory, bank_size=bank_size, sma=sma)  # type: ignore[arg-type]
         dev = torch.device(device or default_device())
+        decode_dev = torch.device(decode_device) if decode_device else None
     except (SettingsError, RuntimeError) as error:
         fail(str(error), EXIT_BAD_INPUT)
     options = bench_mod.BenchOptions(
         model=bench_mod.RANDOM if random_weights else model, device=dev, latent_frames=frames,
-        switches=switches, memory=memory_settings, compile=compile, compare=compare,
+        switches=switches, memory=memory_settings, compile=compile, compare=compare, decode_device=decode_dev,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:

@@ -7,6 +7,7 @@ with stories of 1.5 s (two chunks) so that two processes on a CI machine's two c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -230,6 +231,15 @@ def test_decode_device_cpu_gives_the_frames_of_one_device(tmp_path: Path):
     assert "decode_device" not in json.loads(sidecar_path(one).read_text())
 
 
+def test_bench_times_a_decode_device():
+    from memflow_cli.bench import BenchOptions, run
+
+    cpu = torch.device("cpu")
+    result = run(BenchOptions(model="demo", device=cpu, latent_frames=3, decode_device=cpu))
+    assert result["decode_device"] == "cpu" and result["video_frames"] == 9
+    assert result["fps_end_to_end"] > 0
+
+
 def test_handed_over_leaves_chunks_already_there_alone():
     chunks = [torch.randn(1, 3, 16, 4, 6) for _ in range(3)]
     moved = list(handed_over(iter(chunks), torch.device("cpu")))
@@ -287,6 +297,18 @@ def test_gpu_decode_on_a_second_gpu_matches_one_gpu(tmp_path: Path):
     b = np.frombuffer(decoded(two), np.uint8).astype(np.int16)
     assert a.shape == b.shape
     assert np.abs(a - b).mean() < 0.5  # same model, same arithmetic; only kernel choices may differ between GPUs
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_bench_decodes_on_a_second_gpu():
+    from memflow_cli.bench import BenchOptions, run
+
+    options = BenchOptions(model="demo", device=torch.device("cuda:0"), latent_frames=12)
+    one = run(options)
+    two = run(dataclasses.replace(options, decode_device=torch.device("cuda:1")))
+    assert "decode_device" not in one and two["decode_device"] == "cuda:1"
+    assert two["video_frames"] == one["video_frames"] == 45
 
 
 @pytest.mark.gpu
