@@ -7,6 +7,9 @@ as on a GPU (the CLI still refuses `--fp8` off the GPU: the CPU kernel is a refe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,12 @@ from memflow_cli.fp8 import (
 )
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.output import probe_video, sidecar_path
+from memflow_cli.render import load_engine, render_story
+from memflow_cli.script import load_scripts
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+
+from .test_cli import DEMO, memflow, write_story
 
 E4M3 = torch.float8_e4m3fn
 
@@ -264,3 +272,46 @@ def test_the_trial_matmul_reports_a_kernel_that_computes_something_else(monkeypa
     reason = fp8._trial_matmul_failure(torch.device("cpu"), "NVIDIA H200")
     assert reason is not None and reason.startswith(f"failed a test call on NVIDIA H200: torch {torch.__version__}")
     assert reason.endswith("away from float32 (relative L2)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The commands
+
+
+def test_render_fp8_off_the_gpu_is_one_line_and_nothing_written(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--fp8")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: --fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper or later); this run uses cpu",
+        "  hint: leave out --fp8 to run the linear layers in bf16",
+    ]
+    assert sorted(tmp_path.iterdir()) == [script]
+
+
+def test_render_fp8_is_refused_before_any_weights_are_looked_for(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
+    missing = tmp_path / "no-weights-here"
+    result = memflow("render", script, "--model", missing, "--device", "cpu", "-o", tmp_path / "fox.mp4", "--fp8")
+    assert result.exit_code == 2  # a missing weights folder alone is exit code 1
+    assert result.stderr.startswith("error: --fp8 needs a CUDA GPU") and str(missing) not in result.stderr
+
+
+def test_bench_fp8_off_the_gpu_is_refused_without_a_measurement():
+    result = memflow("bench", *DEMO, "--frames", "3", "--fp8")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --fp8 needs a CUDA GPU of compute capability 8.9 or newer")
+    assert result.stdout == ""
+
+
+@needs_cpu_fp8
+def test_an_fp8_engine_renders_a_story_and_says_so_in_the_sidecar(tmp_path: Path):
+    """The engine's FP8 hook, run through torch's CPU kernel (the CLI keeps --fp8 to GPUs)."""
+    engine = load_engine("demo", "cpu", compile=False, fp8=True)
+    assert engine.fp8 and isinstance(engine.transformer.blocks[0].ffn[0], Fp8Linear)
+    (story,) = load_scripts(write_story(tmp_path / "fox.yaml", ["0s", "1s"], "3s"), 10.0, engine.geometry)
+    target = tmp_path / "fox.mp4"
+    result = render_story(engine, story, target, GenerationSettings(geometry=engine.geometry), seed=0)
+    info = probe_video(result.path)
+    assert (info.frames, info.width, info.height) == (result.timeline.video_frames, 96, 64)
+    assert json.loads(sidecar_path(target).read_text(encoding="utf-8"))["fp8"] is True
