@@ -26,11 +26,11 @@ from memflow_cli.generator import MemFlowGenerator
 from . import parity
 
 # bf16 alone is 5.5e-3 to 5.9e-3 from the float32 expectation on these fixtures (`test_gpu_parity.py`, bar
-# 2e-2). One e4m3 rounding of a row-scaled operand is off by up to 1/16 of a value, about 2-3% RMS, and a
-# matmul of two such operands about 3.5% (4% measured on random data); the residual stream carries most of
-# each block's output past the quantised layers, so the video moves less than one matmul does. The bar
-# leaves room for that and is still far below what a broken layer gives (a wrong scale or layout: order 1).
-FP8_BAR = 5e-2
+# 2e-2). FP8 quantisation alone, measured on the CPU (the same layers through torch's CPU `_scaled_mm`,
+# float32 everywhere else), is 1.14e-2 on `single_prompt` and `three_prompts`: both together should land
+# near 1.3e-2. The bar leaves about twice that, and is far below what a broken layer gives (a wrong scale
+# or operand layout: order 1).
+FP8_BAR = 3e-2
 MANIFEST = parity.manifest()
 CUDA = torch.cuda.is_available()
 REASON = fp8_unsupported_reason(torch.device("cuda"), torch.bfloat16) if CUDA else "needs a CUDA GPU"
