@@ -35,28 +35,27 @@ MANIFEST = parity.manifest()
 CUDA = torch.cuda.is_available()
 REASON = fp8_unsupported_reason(torch.device("cuda"), torch.bfloat16) if CUDA else "needs a CUDA GPU"
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(REASON is not None, reason=f"FP8: {REASON}"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+needs_fp8 = pytest.mark.skipif(REASON is not None, reason=f"FP8: {REASON}")
 
 
 def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return ((ours.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+@pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (9, 0), reason="not a Hopper GPU or newer")
 def test_a_hopper_gpu_is_never_refused():
-    if torch.cuda.get_device_capability() >= (9, 0):
-        assert REASON is None
+    assert REASON is None
 
 
+@needs_fp8
 def test_values_past_the_e4m3_range_saturate_on_the_gpu():
     x = torch.tensor([[1000.0, -1000.0, 10.0, 449.0]], device="cuda")
     values = quantise_with_scales(x, torch.ones(1, 1, device="cuda"))
     assert values.float().tolist() == [[448.0, -448.0, 10.0, 448.0]]
 
 
+@needs_fp8
 @pytest.mark.parametrize("gelu", [False, True], ids=["linear", "linear+gelu"])
 def test_fp8_linear_matches_its_dequantised_reference(gelu):
     torch.manual_seed(0)
@@ -74,6 +73,7 @@ def test_fp8_linear_matches_its_dequantised_reference(gelu):
     assert error < 1e-2  # bf16 rounding of the output only
 
 
+@needs_fp8
 @pytest.mark.parametrize("gelu", [False, True], ids=["linear", "linear+gelu"])
 def test_a_full_size_ffn_matmul_runs_in_fp8(gelu):
     """The 1.3B model's first FFN layer on one chunk at 832x480: [4680 x 1536] x [1536 x 8960]."""
@@ -93,6 +93,7 @@ def test_a_full_size_ffn_matmul_runs_in_fp8(gelu):
     assert error < 6e-2
 
 
+@needs_fp8
 @pytest.mark.skipif(not MANIFEST["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", sorted(MANIFEST["scenarios"]))
