@@ -18,7 +18,17 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, _geometry_for, err, fail, out, output_paths
+from .cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    _geometry_for,
+    err,
+    fail,
+    out,
+    output_paths,
+    require_fp8,
+)
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
 from .output import sidecar_path
 from .script import ScriptError, Story, load_scripts
@@ -43,6 +53,7 @@ class BatchRequest:
     settings: dict[str, Any]  # command-line generation settings, None where not given
     lora: LoraSettings
     compile: bool
+    fp8: bool
     segment_seconds: float
     quiet: bool
 
@@ -69,6 +80,8 @@ def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
         device = torch.device(rank_device(ranks, request.device, torch.cuda.is_available()))
     except ValueError as error:
         fail(str(error), EXIT_BAD_INPUT, "give --device cuda or --device cpu, or leave it out")
+    if request.fp8:
+        require_fp8(str(device))
     geometry = _geometry_for(request.model)
     jobs, problems = _jobs(request, geometry)
     for problem in problems:
@@ -167,7 +180,7 @@ def _render_share(
     load_started = time.perf_counter()
     try:
         engine = engine_mod.load_engine(
-            request.model, str(device), request.lora, compile=None if request.compile else False
+            request.model, str(device), request.lora, compile=None if request.compile else False, fp8=request.fp8
         )
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))

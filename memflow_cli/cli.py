@@ -41,6 +41,14 @@ Scripts = Annotated[list[Path], typer.Argument(help="Narrative scripts: .yaml/.y
 SegmentSeconds = Annotated[
     float, typer.Option("--segment-seconds", help="Length of each segment of a JSONL story, in seconds.")
 ]
+Fp8 = Annotated[
+    bool,
+    typer.Option(
+        "--fp8",
+        help="The transformer blocks' linear layers in FP8 with row-wise scales (CUDA, compute capability 8.9+): "
+        "faster; the video changes slightly.",
+    ),
+]
 
 
 def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
@@ -164,6 +172,7 @@ def render(
             help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
         ),
     ] = True,
+    fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     gpus: Annotated[
@@ -210,7 +219,7 @@ def render(
         request = BatchRequest(
             scripts=tuple(scripts), output=output, out_dir=out_dir, model=model, device=device,
             decode_device=decode_device, seed=seed, duration_s=duration_s, overwrite=overwrite,
-            settings=cli_settings, lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile,
+            settings=cli_settings, lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile, fp8=fp8,
             segment_seconds=segment_seconds, quiet=quiet,
         )  # fmt: skip
         raise typer.Exit(render_batch(ranks, request))
@@ -224,7 +233,9 @@ def render(
         if target.exists() and not overwrite:
             fail(f"{target} exists (from {story.path}); nothing was rendered", EXIT_BAD_INPUT, "use --overwrite")
 
-    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, decode_device)
+    if fp8:
+        require_fp8(device)
+    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, fp8, decode_device)
     if engine.notice:
         err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
     failures = 0
@@ -258,16 +269,38 @@ def _geometry_for(model: str | None) -> VideoGeometry:
     return VideoGeometry()
 
 
+def require_fp8(device: str | None) -> None:
+    """Exit with one line (exit code 2) where FP8 layers cannot run on `device`; before any weights load."""
+    import torch
+
+    from .fp8 import fp8_unsupported_reason
+    from .render import default_device, model_dtype
+
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError as error:
+        fail(f"--device {device!r}: {error}", EXIT_BAD_INPUT)
+    reason = fp8_unsupported_reason(dev, model_dtype(dev))
+    if reason is not None:
+        fail(f"--fp8 {reason}", EXIT_BAD_INPUT, "leave out --fp8 to run the linear layers in bf16")
+
+
 def _load_engine(
-    model: str | None, device: str | None, lora: LoraSettings, compile: bool = True, decode_device: str | None = None
+    model: str | None,
+    device: str | None,
+    lora: LoraSettings,
+    compile: bool = True,
+    fp8: bool = False,
+    decode_device: str | None = None,
 ):
     from . import render as engine_mod
     from .weights import WeightsError
 
     try:
-        # None: compile where it helps (CUDA)
-        compile_on = None if compile else False
-        return engine_mod.load_engine(model, device, lora, compile=compile_on, decode_device=decode_device)
+        compile_on = None if compile else False  # None: compile where it helps (CUDA)
+        return engine_mod.load_engine(
+            model, device, lora, compile=compile_on, fp8=fp8, decode_device=decode_device
+        )
     except (WeightsError, CheckpointError) as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:
@@ -322,6 +355,7 @@ def bench(
         typer.Option("--compile/--no-compile", help="Fast path (CUDA): compiled blocks and decoder steps, CUDA graphs.")
     ] = True,
     compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
+    fp8: Fp8 = False,
 ) -> None:
     """Measure speed and memory; prints a table, then one JSON line."""
     import json
@@ -340,9 +374,12 @@ def bench(
         decode_dev = torch.device(decode_device) if decode_device else None
     except (SettingsError, RuntimeError) as error:
         fail(str(error), EXIT_BAD_INPUT)
+    if fp8:
+        require_fp8(str(dev))
     options = bench_mod.BenchOptions(
         model=bench_mod.RANDOM if random_weights else model, device=dev, latent_frames=frames,
-        switches=switches, memory=memory_settings, compile=compile, compare=compare, decode_device=decode_dev,
+        switches=switches, memory=memory_settings, compile=compile, fp8=fp8, compare=compare,
+        decode_device=decode_dev,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:

@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import load_transformer
 from .decode import StreamingDecoder
 from .fast import accelerate, accelerate_vae, attention_kernels, decoder_kernels_for, passes_for
+from .fp8 import use_fp8_linears
 from .generator import MemFlowGenerator, SeededNoise
 from .handover import handed_over
 from .model.transformer import CausalWanTransformer
@@ -53,6 +54,7 @@ class Engine:
     identity: dict[str, Any]
     notice: str | None = None  # shown to the user (the demo model's warning)
     compiled: bool = False  # the fast path is on: compiled kernels and CUDA graphs (set by `load_engine`)
+    fp8: bool = False  # the blocks' linear layers run in FP8 (set by `load_engine`)
     decode_device: torch.device | None = None  # where the VAE decodes, when not on `device` (set by `load_engine`)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -85,13 +87,15 @@ def load_engine(
     lora: LoraSettings | None = None,
     *,
     compile: bool | None = None,
+    fp8: bool = False,
     decode_device: str | None = None,
 ) -> Engine:
     """Load the demo model, random weights ('random') or real weights (a folder, or the Hugging Face cache when
     `model` is None).
 
     On CUDA the transformer's blocks and the VAE decoder's steps between convs are compiled unless `compile` is False
-    (the first chunk then pays the warm-up). `decode_device` puts the VAE on another device than the transformer.
+    (the first chunk then pays the warm-up). With `fp8`, the blocks' linear layers run in FP8 (check first
+    with `fp8.fp8_unsupported_reason`). `decode_device` puts the VAE on another device than the transformer.
     """
     dev = torch.device(device or default_device())
     if dev.type == "cuda":
@@ -104,6 +108,9 @@ def load_engine(
     accelerate(engine.transformer, compile=compile)
     accelerate_vae(engine.vae)
     engine.compiled = compile and dev.type == "cuda"
+    if fp8:
+        use_fp8_linears(engine.transformer)
+        engine.fp8 = True
     return engine
 
 
@@ -270,5 +277,6 @@ def _metadata(
         "device": str(engine.device),
         **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "fp8": engine.fp8,
         "timings": {"render_s": round(seconds, 3), "first_chunk_s": round(first_frame_s, 3)},
     }
