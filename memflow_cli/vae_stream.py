@@ -42,10 +42,18 @@ def plus_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias.view(-1, *(1,) * (x.dim() - 2))
 
 
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | float, scale: float) -> torch.Tensor:
+    """RMS norm over channels (dim 1) as the official Wan VAE computes it: normalised in x's own dtype.
+
+    diffusers' `WanRMS_norm` normalises half-precision inputs in float32 since 0.38; the official code does
+    not, and in bfloat16 that one rounding spreads through the decoder to about 1% of the video.
+    """
+    return F.normalize(x, dim=1) * scale * gamma + beta
+
+
 def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | float, scale: float) -> torch.Tensor:
-    """diffusers' `WanRMS_norm` over channels (half precision normalised in float32, rounded back), then SiLU."""
-    normalized = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-    return F.silu(normalized * scale * gamma + beta)
+    """`rms_norm` then SiLU."""
+    return F.silu(rms_norm(x, gamma, beta, scale))
 
 
 def rms_norm_silu_into(
@@ -141,7 +149,7 @@ class DecoderStream:
         x = self._causal_conv(d.conv_in, x, _copy_into)
         x = self._residual(d.mid_block.resnets[0], x)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:], strict=True):
-            x = self._residual(resnet, attention(x))
+            x = self._residual(resnet, self._attention(attention, x))
         for block in d.up_blocks:
             for resnet in block.resnets:
                 x = self._residual(resnet, x)
@@ -153,6 +161,21 @@ class DecoderStream:
 
     def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm, x_bias: torch.Tensor | None = None) -> Fill:
         return lambda out, x: self.kernels.norm_silu(out, x, x_bias, norm.gamma, norm.bias, norm.scale)
+
+    def _attention(self, block: autoencoder_kl_wan.WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        """The mid block's single-head self-attention over the pixels of each frame, plus x.
+
+        diffusers' block normalises through its own `WanRMS_norm` (float32 for bf16 input); this is the block
+        with `rms_norm` in its place, so the whole decoder normalises as the official one does.
+        """
+        b, c, t, h, w = x.shape
+        images = x.transpose(1, 2).flatten(0, 1)  # [B*T, C, h, w]
+        norm = block.norm
+        qkv = block.to_qkv(rms_norm(images, norm.gamma, norm.bias, norm.scale))  # [B*T, 3C, h, w]
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).contiguous().chunk(3, dim=-1)  # each [B*T, 1, hw, C]
+        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        out = block.proj(attended).unflatten(0, (b, t)).transpose(1, 2)
+        return out + x
 
     def _residual(self, block: autoencoder_kl_wan.WanResidualBlock, x: torch.Tensor) -> torch.Tensor:
         """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1 conv) shortcut. Dropout: eval."""
