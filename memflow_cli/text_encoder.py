@@ -17,7 +17,12 @@ from pathlib import Path
 
 import ftfy
 import torch
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+
+# transformers names the load dtype `dtype` since 4.56 and deprecates the older `torch_dtype`.
+_TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+DTYPE_ARGUMENT = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
 
 # What the official pipeline uses: prompts are padded or truncated to this many tokens.
 DEFAULT_MAX_LENGTH = 512
@@ -32,6 +37,11 @@ def clean_prompt(text: str) -> str:
     text = html.unescape(html.unescape(text))
     text = _WHITESPACE_RUN.sub(" ", text.strip())
     return text.strip()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder`: a Diffusers `tokenizer/` or the release's `google/umt5-xxl/`."""
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def with_eager_attention(encoder: UMT5EncoderModel) -> UMT5EncoderModel:
@@ -87,8 +97,8 @@ class TextEncoder:
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> TextEncoder:
         """Load a tokenizer folder and a transformers `UMT5EncoderModel` folder."""
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), dtype=dtype)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), **{DTYPE_ARGUMENT: dtype})
         return cls(tokenizer, encoder.to(device), max_length)
 
     @property

@@ -40,10 +40,10 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import safe_open
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from memflow_cli.settings import WAN_1_3B, SettingsError, TransformerConfig
-from memflow_cli.text_encoder import DEFAULT_MAX_LENGTH, TextEncoder
+from memflow_cli.text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 
 # -- where the files live ---------------------------------------------------------------------------------
 
@@ -592,7 +592,7 @@ def load_text_encoder(
     """The tokenizer and umT5 encoder of either layout, on `device` in `dtype`."""
     if files.layout == "diffusers":
         return TextEncoder.from_folders(files.tokenizer_dir, files.text_encoder_dir, device, dtype, max_length)
-    tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    tokenizer = load_tokenizer(files.tokenizer_dir)
     return TextEncoder(tokenizer, load_wan_t5(files.text_encoder_dir, device, dtype), max_length)
 
 
