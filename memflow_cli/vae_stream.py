@@ -11,8 +11,11 @@ up blocks, norm_out, conv_out) but gives each causal conv a persistent history o
 frames. A call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a
 conv writes its output straight into the window, the conv pads spatially by itself, and only the two
 newest frames are copied back into the history. The steps between convs are `DecoderKernels`, which the
-fast path swaps for compiled ones. The arithmetic is diffusers' (on the CPU the frames are
-bit for bit the same); the memory traffic around each conv drops to about a third.
+fast path swaps for compiled ones. The arithmetic is the official Wan VAE's: diffusers' modules and
+weights, except that every RMS norm (the mid block's attention included) normalises in the activation
+dtype as the official code does, where diffusers >= 0.38 upcasts bfloat16 to float32. On the CPU the
+frames are bit for bit the official ones in float32 and bfloat16 (`tests/test_codec_parity.py`); the
+memory traffic around each conv drops to about a third.
 """
 
 from __future__ import annotations
@@ -247,8 +250,44 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last_3d if x.is_cuda else torch.contiguous_format
 
 
+# What the walk above reads of diffusers' Wan VAE modules besides their weights. None of it is diffusers' public
+# API (`_padding` is private), so each is checked before a video is decoded, with an error naming it.
+_READ_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "WanDecoder3d": ("conv_in", "mid_block", "up_blocks", "norm_out", "conv_out", "nonlinearity"),
+    "WanMidBlock": ("resnets", "attentions"),
+    "WanUpBlock": ("resnets", "upsamplers"),
+    "WanResidualBlock": ("norm1", "conv1", "norm2", "conv2", "conv_shortcut", "nonlinearity"),
+    "WanAttentionBlock": ("norm", "to_qkv", "proj"),
+    "WanResample": ("mode", "resample"),
+    "WanRMS_norm": ("gamma", "bias", "scale"),
+    "WanCausalConv3d": ("_padding", "kernel_size", "stride"),
+}
+
+
+def _check_diffusers_internals(decoder: nn.Module) -> None:
+    """Every diffusers class and attribute the walk reads is there; else a TypeError naming the missing one."""
+    import diffusers
+
+    advice = f"diffusers {diffusers.__version__} is not a version memflow supports (see pyproject.toml)"
+    classes = {}
+    for name in _READ_ATTRIBUTES:
+        if not hasattr(autoencoder_kl_wan, name):
+            raise TypeError(f"{advice}: its Wan VAE has no {name}, which memflow's streaming decoder walks")
+        classes[name] = getattr(autoencoder_kl_wan, name)
+    for module in decoder.modules():
+        for name, cls in classes.items():
+            missing = [attribute for attribute in _READ_ATTRIBUTES[name] if not hasattr(module, attribute)]
+            if isinstance(module, cls) and missing:
+                raise TypeError(f"{advice}: its {name} has no {', '.join(missing)}, which memflow's decoder reads")
+        if isinstance(module, classes["WanResample"]) and module.mode == "upsample3d" and not hasattr(
+            module, "time_conv"
+        ):
+            raise TypeError(f"{advice}: its WanResample has no time_conv, which memflow's decoder reads")
+
+
 def _check_wan21_layout(decoder: nn.Module) -> None:
     """The walk above is the Wan2.1 decoder's; refuse others (Wan2.2's residual decoder) with a clear error."""
+    _check_diffusers_internals(decoder)
     if not isinstance(decoder, autoencoder_kl_wan.WanDecoder3d):
         raise TypeError(f"expected diffusers' WanDecoder3d, got {type(decoder).__name__}")
     other = [type(b).__name__ for b in decoder.up_blocks if not isinstance(b, autoencoder_kl_wan.WanUpBlock)]

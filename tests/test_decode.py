@@ -260,3 +260,18 @@ def test_streaming_refuses_a_patchifying_vae() -> None:
     patched = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, patch_size=2)
     with pytest.raises(TypeError, match="only the Wan2.1 VAE can be streamed; this one patchifies frames"):
         StreamingDecoder(patched)
+
+
+def test_streaming_names_a_diffusers_attribute_it_cannot_find() -> None:
+    """diffusers renamed a private attribute the walk reads: one error naming it, not an AttributeError mid-video."""
+    other = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    del other.decoder.up_blocks[0].resnets[0].conv1._padding
+    message = r"diffusers \S+ is not a version memflow supports .*: its WanCausalConv3d has no _padding"
+    with pytest.raises(TypeError, match=message):
+        StreamingDecoder(other)
+
+
+def test_streaming_names_a_diffusers_class_it_cannot_find(monkeypatch, vae: AutoencoderKLWan) -> None:
+    monkeypatch.delattr(autoencoder_kl_wan, "WanAttentionBlock")
+    with pytest.raises(TypeError, match="its Wan VAE has no WanAttentionBlock"):
+        StreamingDecoder(vae)
