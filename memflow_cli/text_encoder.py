@@ -12,6 +12,7 @@ leaves the GPU before generation starts.
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
@@ -41,7 +42,30 @@ def clean_prompt(text: str) -> str:
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `folder`: a Diffusers `tokenizer/` or the release's `google/umt5-xxl/`."""
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), **_t5_sentinel_override(Path(folder)))
+
+
+# T5 tokenizers add this many `<extra_id_N>` sentinel tokens when the config does not say.
+T5_DEFAULT_EXTRA_IDS = 100
+
+
+def _t5_sentinel_override(folder: Path) -> dict[str, int]:
+    """`extra_ids=0` for a T5 tokenizer whose config lists a different number of sentinels than `extra_ids`.
+
+    transformers' T5 tokenizers refuse such a config ("Both extra_ids (100) and additional_special_tokens
+    ... are provided", Wan-Video/Wan2.1#157). The listed sentinels are in its `tokenizer.json` already, so
+    none need adding: with `extra_ids=0` the tokenizer takes them as they are.
+    """
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no readable config: transformers reports it
+    if not str(config.get("tokenizer_class", "")).startswith("T5Tokenizer"):
+        return {}
+    sentinels = [token for token in config.get("additional_special_tokens") or [] if "<extra_id_" in str(token)]
+    if sentinels and len(sentinels) != config.get("extra_ids", T5_DEFAULT_EXTRA_IDS):
+        return {"extra_ids": 0}
+    return {}
 
 
 def with_eager_attention(encoder: UMT5EncoderModel) -> UMT5EncoderModel:

@@ -1,8 +1,10 @@
 """The umT5 tokenizer folder of `Wan-AI/Wan2.1-T2V-1.3B` (`google/umt5-xxl/`), in its own format.
 
 The folder is built here as the release lays it out: a SentencePiece model (`spiece.model`, trained here,
-small), its `tokenizer.json`, a `tokenizer_config.json` naming `T5Tokenizer` with `extra_ids: 100` and the
-100 `<extra_id_N>` additional special tokens, and `special_tokens_map.json`. memflow must load it with the
+small), its `tokenizer.json`, a `tokenizer_config.json` naming `T5Tokenizer` with `extra_ids: 100` and
+`<extra_id_N>` additional special tokens, and `special_tokens_map.json`. Twice: with 100 such tokens, and
+with 300 (the released tokenizer has 256,300 tokens for a SentencePiece vocabulary of 256,000; a count
+that differs from `extra_ids` is what transformers refuses in Wan-Video/Wan2.1#157). memflow must load it with the
 installed transformers (CI runs the suite at the lowest and the latest supported versions) and produce
 what the official wrapper produces: SentencePiece's own ids, then EOS (id 1), padded with 0 to 512 or
 truncated at 512 with EOS last, and the mask of the real tokens.
@@ -28,7 +30,11 @@ from .test_weights import wan_t5_state
 EXTRA_IDS = 100
 PAD, EOS, UNK = 0, 1, 2
 SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-EXTRA_TOKENS = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
+SENTINEL_COUNTS = (100, 300)
+
+
+def sentinels(count: int) -> list[str]:
+    return [f"<extra_id_{i}>" for i in range(count)]
 
 WORDS = (
     "a white lighthouse on a rocky cliff at sunset waves crash below the old keeper climbs the spiral "
@@ -71,7 +77,7 @@ def train_spiece() -> bytes:
     return model.getvalue()
 
 
-def tokenizer_json(processor: spm.SentencePieceProcessor) -> Tokenizer:
+def tokenizer_json(processor: spm.SentencePieceProcessor, sentinel_count: int) -> Tokenizer:
     """The fast tokenizer of the SentencePiece model, as in a T5 `tokenizer.json`: the unigram pieces and
     scores, a metaspace pre-tokenizer, EOS appended, and the extra ids as special tokens after the vocab
     (`<extra_id_99>` first, as in T5's files)."""
@@ -83,40 +89,41 @@ def tokenizer_json(processor: spm.SentencePieceProcessor) -> Tokenizer:
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", EOS)]
     )
     tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in SPECIAL.values()])
-    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in reversed(EXTRA_TOKENS)])
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in reversed(sentinels(sentinel_count))])
     return tokenizer
 
 
-def write_umt5_tokenizer_folder(folder: Path) -> spm.SentencePieceProcessor:
+def write_umt5_tokenizer_folder(folder: Path, sentinel_count: int) -> spm.SentencePieceProcessor:
     """`google/umt5-xxl/` in the release's format, with a small SentencePiece model; returns its processor."""
     folder.mkdir(parents=True)
     (folder / "spiece.model").write_bytes(train_spiece())
     processor = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
-    tokenizer_json(processor).save(str(folder / "tokenizer.json"))
+    tokenizer_json(processor, sentinel_count).save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "T5Tokenizer",
         "extra_ids": EXTRA_IDS,
-        "additional_special_tokens": EXTRA_TOKENS,
+        "additional_special_tokens": sentinels(sentinel_count),
         **SPECIAL,
         "model_max_length": 1000000000000000019884624838656,
         "sp_model_kwargs": {},
         "clean_up_tokenization_spaces": True,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps({**SPECIAL, "additional_special_tokens": EXTRA_TOKENS}))
+    special_tokens = {**SPECIAL, "additional_special_tokens": sentinels(sentinel_count)}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens))
     return processor
 
 
-@pytest.fixture(scope="module")
-def umt5_folder(tmp_path_factory) -> tuple[Path, spm.SentencePieceProcessor]:
+@pytest.fixture(scope="module", params=SENTINEL_COUNTS, ids=[f"{n}-sentinels" for n in SENTINEL_COUNTS])
+def umt5_folder(request, tmp_path_factory) -> tuple[Path, spm.SentencePieceProcessor, int]:
     folder = tmp_path_factory.mktemp("wan") / "google" / "umt5-xxl"
-    return folder, write_umt5_tokenizer_folder(folder)
+    return folder, write_umt5_tokenizer_folder(folder, request.param), request.param
 
 
 @pytest.fixture(scope="module")
 def text_encoder(umt5_folder) -> TextEncoder:
-    folder, processor = umt5_folder
-    config = UMT5Config(vocab_size=processor.get_piece_size() + EXTRA_IDS, d_model=16, d_kv=4, d_ff=32,
+    folder, processor, sentinel_count = umt5_folder
+    config = UMT5Config(vocab_size=processor.get_piece_size() + sentinel_count, d_model=16, d_kv=4, d_ff=32,
                         num_layers=1, num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=PAD,
                         eos_token_id=EOS, decoder_start_token_id=PAD)  # fmt: skip
     torch.manual_seed(0)
@@ -152,27 +159,28 @@ def prompt_for(case: str, processor: spm.SentencePieceProcessor) -> str:
 
 
 def test_the_folder_is_in_the_release_format(umt5_folder):
-    folder, processor = umt5_folder
+    folder, processor, sentinel_count = umt5_folder
     assert sorted(p.name for p in folder.iterdir()) == [
         "special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer_config.json",
     ]  # fmt: skip
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "T5Tokenizer" and config["extra_ids"] == 100
-    assert config["additional_special_tokens"] == [f"<extra_id_{i}>" for i in range(100)]
+    assert config["additional_special_tokens"] == [f"<extra_id_{i}>" for i in range(sentinel_count)]
     assert [processor.pad_id(), processor.eos_id(), processor.unk_id(), processor.bos_id()] == [0, 1, 2, -1]
 
 
 def test_the_loaded_tokenizer_keeps_the_special_ids(text_encoder, umt5_folder):
-    _, processor = umt5_folder
+    _, processor, sentinel_count = umt5_folder
     tokenizer = text_encoder.tokenizer
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (PAD, EOS, UNK)
-    extra = tokenizer.convert_tokens_to_ids(EXTRA_TOKENS)
-    assert sorted(extra) == list(range(processor.get_piece_size(), processor.get_piece_size() + EXTRA_IDS))
+    assert len(tokenizer) == processor.get_piece_size() + sentinel_count
+    extra = tokenizer.convert_tokens_to_ids(sentinels(sentinel_count))
+    assert sorted(extra) == list(range(processor.get_piece_size(), processor.get_piece_size() + sentinel_count))
 
 
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_ids_are_sentencepiece_ids_then_eos_padded_to_512(text_encoder, umt5_folder, case):
-    _, processor = umt5_folder
+    _, processor, _ = umt5_folder
     prompt = prompt_for(case, processor)
     ids, mask = text_encoder.tokenize([prompt])
     expected, length = expected_ids(processor, prompt)
@@ -187,7 +195,7 @@ def test_ids_are_sentencepiece_ids_then_eos_padded_to_512(text_encoder, umt5_fol
 
 def test_the_official_layout_loads_this_folder(umt5_folder, text_encoder, tmp_path):
     """`load_text_encoder` on the official layout: the umT5 `.pth` beside this tokenizer folder."""
-    folder, processor = umt5_folder
+    folder, processor, _ = umt5_folder
     t5_file = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
     torch.save(wan_t5_state(text_encoder.encoder), t5_file)
     files = ModelFiles(tmp_path / "base.pt", tmp_path / "lora.pt", t5_file, folder, tmp_path / "Wan2.1_VAE.pth")
