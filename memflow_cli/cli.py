@@ -399,7 +399,7 @@ def bench(
 def weights_download(
     to: Annotated[Path | None, typer.Option(help="A folder to put the weights in. Default: the HF cache.")] = None,
 ) -> None:
-    """Fetch base.pt + lora.pt (KlingTeam/MemFlow) and the Wan2.1 text encoder, tokenizer and VAE."""
+    """Fetch base.pt + lora.pt (KlingTeam/MemFlow) and the umT5 encoder, tokenizer and VAE of Wan-AI/Wan2.1-T2V-1.3B."""
     from .weights import WeightsError, download
 
     try:
@@ -414,7 +414,7 @@ def weights_download(
 def weights_verify(
     model: Annotated[str | None, typer.Option(help="Weights folder. Default: the HF cache.")] = None,
 ) -> None:
-    """Check that every weight file is present and readable."""
+    """Check that every weight file is present and readable, and each released Wan file has its released size."""
     from .weights import WeightsError, resolve_model, verify
 
     try:

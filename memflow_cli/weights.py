@@ -1,18 +1,19 @@
 """Locate, download, verify and load the model's files.
 
-The real model needs two sets of files:
+The real model needs the files the official MemFlow inference loads:
 
 - the MemFlow transformer checkpoints, `base.pt` and `lora.pt`, from the hub repo `KlingTeam/MemFlow`
   (parsed and merged by `checkpoint.py`, only located and checked here);
-- the Wan2.1-T2V-1.3B text encoder, tokenizer and VAE, from `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
-  (`text_encoder/`, `tokenizer/`, `vae/` and the small `transformer/config.json`; never the transformer
+- from `Wan-AI/Wan2.1-T2V-1.3B`: the umT5-XXL encoder `models_t5_umt5-xxl-enc-bf16.pth`, its tokenizer
+  folder `google/umt5-xxl/`, the VAE `Wan2.1_VAE.pth` and the small `config.json` (never the transformer
   weights, which `base.pt` replaces).
 
-They are found in one of three places: the Hugging Face cache (`--model` not given), a local folder in the
-layout `download(to=...)` writes (`base.pt`, `lora.pt`, `Wan2.1-T2V-1.3B-Diffusers/`), or a checkout of the
-official MemFlow code (`checkpoints/`, `wan_models/Wan2.1-T2V-1.3B/` with the original `.pth` files). The
-original umT5 and VAE state dicts are converted on load: the VAE by diffusers' own converter, the umT5 by
-the key map of spec §11.3.
+They are found in the Hugging Face cache (`--model` not given), in a local folder in the layout
+`download(to=...)` writes (`base.pt`, `lora.pt`, `Wan2.1-T2V-1.3B/`), or in a checkout of the official
+MemFlow code (`checkpoints/`, `wan_models/Wan2.1-T2V-1.3B/`). The original umT5 and VAE state dicts are
+converted on load: the VAE by diffusers' own converter, the umT5 by the key map of spec §11.3. Folders and
+caches in the layout of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (`text_encoder/`, `tokenizer/`, `vae/`: what
+memflow downloaded before) load too; the official files win where both are present.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -35,13 +36,14 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import safe_open
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from memflow_cli.settings import WAN_1_3B, SettingsError, TransformerConfig
-from memflow_cli.text_encoder import DEFAULT_MAX_LENGTH, TextEncoder
+from memflow_cli.text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 
 # -- where the files live ---------------------------------------------------------------------------------
 
@@ -49,16 +51,41 @@ MEMFLOW_REPO = "KlingTeam/MemFlow"
 BASE_FILE = "base.pt"
 LORA_FILE = "lora.pt"
 
-WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-WAN_DIFFUSERS_DIR = "Wan2.1-T2V-1.3B-Diffusers"  # its folder inside a local weights folder
-WAN_PATTERNS = ("text_encoder/*", "tokenizer/*", "vae/*", "transformer/config.json")
-
 # the layout of the official MemFlow code
 OFFICIAL_CHECKPOINTS_DIR = "checkpoints"
 OFFICIAL_WAN_DIR = "wan_models/Wan2.1-T2V-1.3B"
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_VAE_FILE = "Wan2.1_VAE.pth"
 OFFICIAL_TOKENIZER_DIR = "google/umt5-xxl"
+OFFICIAL_CONFIG_FILE = "config.json"
+
+WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B"  # the official release, what the official inference loads
+WAN_DIR = "Wan2.1-T2V-1.3B"  # its folder inside a local weights folder
+WAN_PATTERNS = (OFFICIAL_T5_FILE, OFFICIAL_VAE_FILE, OFFICIAL_CONFIG_FILE, f"{OFFICIAL_TOKENIZER_DIR}/*")
+
+# The sizes in bytes of the released files of `Wan-AI/Wan2.1-T2V-1.3B` (revision 37ec5126, as the hub's file
+# records list them), relative to its folder. base.pt and lora.pt have no published size: they are checked by
+# reading their headers only.
+RELEASE_BYTES: dict[str, int] = {
+    OFFICIAL_T5_FILE: 11_361_920_418,
+    OFFICIAL_VAE_FILE: 507_609_880,
+    OFFICIAL_CONFIG_FILE: 249,
+    f"{OFFICIAL_TOKENIZER_DIR}/spiece.model": 4_548_313,
+    f"{OFFICIAL_TOKENIZER_DIR}/tokenizer.json": 16_837_417,
+    f"{OFFICIAL_TOKENIZER_DIR}/tokenizer_config.json": 61_728,
+    f"{OFFICIAL_TOKENIZER_DIR}/special_tokens_map.json": 6_623,
+}
+
+# the same components in the Diffusers layout, which memflow downloaded before 0.2 and still loads
+WAN_DIFFUSERS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+WAN_DIFFUSERS_DIR = "Wan2.1-T2V-1.3B-Diffusers"  # its folder inside a local weights folder
+WAN_DIFFUSERS_PATTERNS = ("text_encoder/*", "tokenizer/*", "vae/*", "transformer/config.json")
+
+# huggingface_hub >= 1.2 raises this for a cached snapshot that lacks some of the requested files; older
+# versions hand the snapshot folder back as it is (its missing parts are checked after, either way).
+_INCOMPLETE_SNAPSHOT: tuple[type[Exception], ...] = tuple(
+    error for error in (getattr(hub_errors, "IncompleteSnapshotError", None),) if error is not None
+)
 
 DOWNLOAD_COMMAND = "memflow weights download"
 TRUNCATED = f"truncated or corrupt: re-run {DOWNLOAD_COMMAND}"
@@ -159,13 +186,19 @@ def _resolve_cache() -> ModelFiles:
     cache_dir = hub_cache_dir()
     base = _cached_file(MEMFLOW_REPO, BASE_FILE, cache_dir)
     lora = _cached_file(MEMFLOW_REPO, LORA_FILE, cache_dir)
-    wan_root = _cached_snapshot(WAN_REPO, cache_dir)
     missing = [f"{MEMFLOW_REPO}: {name}" for name, path in ((BASE_FILE, base), (LORA_FILE, lora)) if path is None]
-    wan_missing = list(WAN_PATTERNS) if wan_root is None else _diffusers_missing(wan_root)
+    wan_root = _cached_snapshot(WAN_REPO, WAN_PATTERNS, cache_dir)
+    wan_missing = list(WAN_PATTERNS) if wan_root is None else _official_missing(wan_root)
+    diffusers_root = _cached_snapshot(WAN_DIFFUSERS_REPO, WAN_DIFFUSERS_PATTERNS, cache_dir) if wan_missing else None
+    if diffusers_root is not None and not _diffusers_missing(diffusers_root):
+        wan_missing = []  # an earlier download in the Diffusers layout serves as well
     missing += [f"{WAN_REPO}: {item}" for item in wan_missing]
-    if missing or base is None or lora is None or wan_root is None:
+    if missing or base is None or lora is None:
         raise _missing_error(missing, f"the Hugging Face cache ({cache_dir})")
-    return _diffusers_files(base, lora, wan_root)
+    if wan_root is not None and not _official_missing(wan_root):
+        return _official_files(base, lora, wan_root)
+    assert diffusers_root is not None
+    return _diffusers_files(base, lora, diffusers_root)
 
 
 def _cached_file(repo: str, name: str, cache_dir: Path) -> Path | None:
@@ -175,13 +208,14 @@ def _cached_file(repo: str, name: str, cache_dir: Path) -> Path | None:
         return None
 
 
-def _cached_snapshot(repo: str, cache_dir: Path) -> Path | None:
+def _cached_snapshot(repo: str, patterns: tuple[str, ...], cache_dir: Path) -> Path | None:
     """The cached snapshot folder of `repo`, even an incomplete one (its missing parts are checked after)."""
     try:
-        folder = snapshot_download(repo, allow_patterns=list(WAN_PATTERNS), cache_dir=cache_dir, local_files_only=True)
+        folder = snapshot_download(repo, allow_patterns=list(patterns), cache_dir=cache_dir, local_files_only=True)
         return Path(folder)
-    except IncompleteSnapshotError as err:
-        return Path(err.snapshot_path) if err.snapshot_path else None
+    except _INCOMPLETE_SNAPSHOT as err:
+        snapshot_path = getattr(err, "snapshot_path", None)
+        return Path(snapshot_path) if snapshot_path else None
     except LocalEntryNotFoundError:
         return None
 
@@ -203,14 +237,15 @@ def _resolve_folder(root: Path) -> ModelFiles:
 
 
 def _find_wan_root(root: Path) -> tuple[str, Path]:
-    """Which Wan2.1 layout the folder holds, and where; the Diffusers subfolder when there is none."""
+    """Which Wan2.1 layout the folder holds, and where: the official files first, then the Diffusers folders;
+    the official folder `download(to=root)` writes when there is neither."""
+    for candidate in (root / WAN_DIR, root / OFFICIAL_WAN_DIR):
+        if candidate.is_dir():
+            return "official", candidate
     for candidate in (root / WAN_DIFFUSERS_DIR, root / "wan_models" / WAN_DIFFUSERS_DIR, root):
         if (candidate / "text_encoder").is_dir() or (candidate / "vae").is_dir():
             return "diffusers", candidate
-    for candidate in (root / OFFICIAL_WAN_DIR, root / Path(OFFICIAL_WAN_DIR).name):
-        if candidate.is_dir():
-            return "official", candidate
-    return "diffusers", root / WAN_DIFFUSERS_DIR
+    return "official", root / WAN_DIR
 
 
 def _diffusers_missing(wan_root: Path) -> list[str]:
@@ -274,7 +309,7 @@ def _diffusers_files(base: Path, lora: Path, wan_root: Path) -> ModelFiles:
 
 
 def _official_files(base: Path, lora: Path, wan_dir: Path) -> ModelFiles:
-    config = wan_dir / "config.json"
+    config = wan_dir / OFFICIAL_CONFIG_FILE
     return ModelFiles(
         base=base,
         lora=lora,
@@ -300,7 +335,7 @@ def download(to: Path | None = None) -> ModelFiles:
         except WeightsError as err:
             raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded.\n{err}") from None
     cache_dir = None if to is not None else hub_cache_dir()
-    wan_dir = None if to is None else Path(to) / WAN_DIFFUSERS_DIR
+    wan_dir = None if to is None else Path(to) / WAN_DIR
     for name in (BASE_FILE, LORA_FILE):
         fetch_file = partial(hf_hub_download, MEMFLOW_REPO, name, cache_dir=cache_dir, local_dir=to)
         _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file)
@@ -335,8 +370,12 @@ class CheckResult:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail} ({self.path})"
 
 
-def verify(files: ModelFiles) -> list[CheckResult]:
-    """Check every file of the model without loading tensor data (torch files are memory-mapped)."""
+def verify(files: ModelFiles, release_bytes: dict[str, int] = RELEASE_BYTES) -> list[CheckResult]:
+    """Check every file of the model without loading tensor data (torch files are memory-mapped).
+
+    In the official layout each file of the Wan release must also have its released size (`release_bytes`,
+    relative to the Wan folder), and each of them must be there.
+    """
     results: list[CheckResult] = []
     for role, path in files.components().items():
         if role == "tokenizer":
@@ -348,7 +387,35 @@ def verify(files: ModelFiles) -> list[CheckResult]:
         else:
             stem = "model" if role == "text_encoder" else "diffusion_pytorch_model"
             results += _check_model_dir(role, path, stem)
-    return results
+    official = files.layout == "official"
+    sizes = {files.vae.parent / name: size for name, size in release_bytes.items()} if official else {}
+    checked = {result.path for result in results}
+    results += [_present(name, path) for name, path in _release_names(files, sizes) if path not in checked]
+    return [_against_release(result, sizes.get(result.path)) for result in results if result is not None]
+
+
+def _release_names(files: ModelFiles, sizes: dict[Path, int]) -> list[tuple[str, Path]]:
+    """(name for reports, path) of each released file, named after its role where it has one."""
+    roles = {path: role for role, path in files.components().items()}
+    names = []
+    for path in sizes:
+        folder_role = roles.get(path.parent)
+        names.append((roles.get(path) or (f"{folder_role}/{path.name}" if folder_role else path.name), path))
+    return names
+
+
+def _against_release(result: CheckResult, expected_bytes: int | None) -> CheckResult:
+    """The result, failed if the file's size is not the released one."""
+    if expected_bytes is None or not result.path.is_file():
+        return result
+    actual = result.path.stat().st_size
+    if actual < expected_bytes:
+        detail = f"short: {actual:,} of {expected_bytes:,} bytes: {TRUNCATED}"
+    elif actual > expected_bytes:
+        detail = f"{actual:,} bytes where the release has {expected_bytes:,}: not the released file: {TRUNCATED}"
+    else:
+        return replace(result, detail=f"{result.detail}; size as released") if result.ok else result
+    return CheckResult(result.name, result.path, False, detail)
 
 
 def _present(name: str, path: Path) -> CheckResult | None:
@@ -525,7 +592,7 @@ def load_text_encoder(
     """The tokenizer and umT5 encoder of either layout, on `device` in `dtype`."""
     if files.layout == "diffusers":
         return TextEncoder.from_folders(files.tokenizer_dir, files.text_encoder_dir, device, dtype, max_length)
-    tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    tokenizer = load_tokenizer(files.tokenizer_dir)
     return TextEncoder(tokenizer, load_wan_t5(files.text_encoder_dir, device, dtype), max_length)
 
 
