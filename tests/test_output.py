@@ -120,7 +120,7 @@ def test_exception_keeps_target_and_leaves_playable_partial(tmp_path: Path) -> N
         raise KeyboardInterrupt
     assert target.read_bytes() == b"old"
     partial = partial_path(target)
-    assert partial == tmp_path / "out.partial.mp4"
+    assert partial == tmp_path / ".out.partial.mp4"
     decoded = read_frames(partial)
     assert len(decoded) == 24
     assert_close_to_pattern(decoded[:1])
