@@ -354,7 +354,7 @@ def _signal_name(number: int) -> str:
         name = signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-    return f"{name} (the file size limit)" if name == "SIGXFSZ" else name
+    return f"{name}, the file size limit" if name == "SIGXFSZ" else name
 
 
 class _PipeFeeder:
@@ -480,15 +480,15 @@ class Mp4Writer:
             status = f"it was killed by {_signal_name(-code)}"
         else:
             status = f"it exited with code {code}"
-        kept = f"; {self.partial} keeps the frames written so far" if self._frames_written else ""
-        return f"ffmpeg failed writing {self.partial} ({status}): {self._log_reason()}{kept}"
+        kept = "; the file keeps the frames written so far" if self._frames_written else ""
+        return f"ffmpeg failed writing {self.partial}: {self._log_reason() or status}{kept}"
 
     def _log_reason(self) -> str:
+        """ffmpeg's most telling log line (a full disk: 'No space left on device'), or ''."""
         self._log.seek(0)
         lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
         telling = [line for line in lines if any(word in line for word in _TELLING_WORDS)]
-        reason = (telling or lines or ["ffmpeg printed nothing"])[-1]
-        return reason[-LOG_TAIL_CHARS:]
+        return (telling or lines or [""])[-1][-LOG_TAIL_CHARS:]
 
     def _finish_ffmpeg(self, timeout: float | None) -> int:
         """End the frame stream and wait for ffmpeg to write its last fragment; returns its exit code."""
