@@ -33,8 +33,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Render long, consistent video narratives with MemFlow (Wan2.1-T2V-1.3B).",
+    rich_markup_mode=None,  # plain help: option names with their values (`--window N`), no type labels
 )
-weights_app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.")
+weights_app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.", rich_markup_mode=None)
 app.add_typer(weights_app, name="weights")
 
 # User text (titles, prompts, paths) is escaped where markup is used: `[camera pans left]` is not a style.
@@ -50,7 +51,8 @@ TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
 
 Scripts = Annotated[
     list[Path],
-    typer.Argument(help="Narrative scripts: .yaml/.yml stories, or official .jsonl prompt files.", metavar="SCRIPT..."),
+    # described in each command's text: listed here, typer would label it `<list[Path]>`
+    typer.Argument(help="Narrative scripts (.yaml/.yml, .jsonl).", hidden=True, metavar="SCRIPT"),
 ]
 SegmentSeconds = Annotated[
     float,
@@ -144,7 +146,10 @@ def check(
         typer.Option("--json", help="One JSON object per story (script, title, seed, output file, frames) instead."),
     ] = False,
 ) -> None:
-    """Validate scripts and print each resolved timeline (no GPU, no weights, no torch)."""
+    """Validate scripts and print each resolved timeline (no GPU, no weights, no torch).
+
+    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file.
+    """
     geometry = VideoGeometry()
     stories = load_stories(scripts, segment_seconds, geometry)
     # titles that collide matter only in one folder
@@ -333,7 +338,8 @@ def render(
 ) -> None:
     """Render scripts to MP4s that grow on disk chunk by chunk; prints the path of each finished video.
 
-    Settings come from the defaults, then the script's `settings:`, then the options given here.
+    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file. Settings come from
+    the defaults, then the script's `settings:`, then the options given here.
     """
     from .script import parse_time
 
