@@ -437,7 +437,8 @@ def _render_all(engine, plans, seed, duration_s, overwrite, quiet) -> None:
         except engine_mod.RenderInterrupted as stop:
             where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
             how = "terminated" if isinstance(stop.__context__, Terminated) else "interrupted"
-            err.print(f"[yellow]{how}:[/] {escape(f'{story.title}: {stop.frames} frames written; {where}')}")
+            message = escape(f"{story.title}: {stop.frames} frames written; {where}")
+            err.print(f"[yellow]{how}:[/] {message}", soft_wrap=True)
             raise typer.Exit(_interrupted_code(stop.__context__ or stop)) from None
         except (OutputError, SettingsError, ScriptError, ValueError) as error:
             err.print(f"[bold red]error:[/] {escape(f'{story.title}: {error}')}", soft_wrap=True)
