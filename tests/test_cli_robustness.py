@@ -35,6 +35,7 @@ from tests.test_cli import (
 )
 
 MEMFLOW = [sys.executable, "-m", "memflow_cli.cli"]
+LONG = "10m"  # a render that is still running whatever the machine's speed, until the test stops it
 
 
 def names(folder: Path) -> list[str]:
@@ -78,9 +79,9 @@ def one_error(stderr: str) -> str:
 
 
 def test_1_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "same.mp4"
-    first = start_render(script, target, "--seed", "1", "--duration", "20s")
+    first = start_render(script, target, "--seed", "1")
     try:
         wait_for_frames(partial_path(target), first)
         second = run_memflow("render", script, *DEMO, "-o", target, "--seed", "2", "--duration", "1.5s")
@@ -99,8 +100,8 @@ def test_1_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
 
 
 def test_1_renders_of_different_outputs_run_side_by_side(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
-    first = start_render(script, tmp_path / "a.mp4", "--duration", "20s")
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+    first = start_render(script, tmp_path / "a.mp4")
     try:
         wait_for_frames(partial_path(tmp_path / "a.mp4"), first)
         second = run_memflow("render", script, *DEMO, "-o", tmp_path / "b.mp4", "--duration", "1.5s", "-q")
@@ -241,10 +242,10 @@ def test_4_a_story_titled_like_a_partial_file_keeps_its_video(tmp_path: Path):
 
 
 def test_5_a_partial_left_by_kill_9_is_named_and_kept(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "k9.mp4"
     partial = partial_path(target)
-    killed = start_render(script, target, "--duration", "20s")
+    killed = start_render(script, target)
     try:
         wait_for_frames(partial, killed)
     finally:
@@ -371,7 +372,7 @@ def test_7_a_missing_output_folder_is_found_before_the_model_loads(tmp_path: Pat
 
 def test_7_a_full_disk_is_one_line_that_names_the_partial(tmp_path: Path):
     """A file-size limit on the render and its ffmpeg: what a full disk looks like to the writer."""
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "fox.mp4"
 
     def small_disk() -> None:
@@ -409,10 +410,10 @@ def test_8_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
 
 
 def test_9_sigterm_stops_like_ctrl_c_and_names_the_partial(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "fox.mp4"
     partial = partial_path(target)
-    process = start_render(script, target, "--duration", "20s")
+    process = start_render(script, target)
     try:
         wait_for_frames(partial, process)
         process.terminate()
