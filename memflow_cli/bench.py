@@ -18,6 +18,7 @@ import torch
 
 from .decode import StreamingDecoder
 from .fast import accelerate, accelerate_vae, attention_backend_name, attention_kernels, decoder_kernels_for, passes_for
+from .fp8 import use_fp8_linears
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer
@@ -41,6 +42,7 @@ class BenchOptions:
     switches: int = 0
     memory: MemorySettings = field(default_factory=MemorySettings)
     compile: bool = True
+    fp8: bool = False  # the blocks' linear layers in FP8 (check `fp8.fp8_unsupported_reason` first)
     compare: bool = False
     seed: int = 0
 
@@ -207,6 +209,8 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     accelerate(bench.transformer, compile=compile)
     accelerate_vae(bench.vae)
     bench.compiled = compile
+    if options.fp8:
+        use_fp8_linears(bench.transformer)
     seed = options.seed
 
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:
@@ -244,6 +248,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
         "dtype": str(bench.dtype).removeprefix("torch."),
         "attention": attention_backend_name(bench.transformer),
         "compile": bench.compiled,
+        "fp8": options.fp8,
         "memory": options.memory.mode,
         "sma": options.memory.sma,
         "switches": options.switches,

@@ -62,6 +62,14 @@ OutDir = Annotated[
     Path | None,
     typer.Option("--out-dir", help="Folder for one <title>.mp4 per story (created if missing).", metavar="DIR"),
 ]
+Fp8 = Annotated[
+    bool,
+    typer.Option(
+        "--fp8",
+        help="The transformer blocks' linear layers in FP8 with row-wise scales (CUDA, compute capability 8.9+): "
+        "faster; the video changes slightly.",
+    ),
+]
 
 
 def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
@@ -333,6 +341,7 @@ def render(
             help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
         ),
     ] = True,
+    fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -365,13 +374,15 @@ def render(
     plans = [(story, target, generation_settings(story, cli_settings, geometry)) for story, target in zip(
         stories, targets, strict=True)]  # fmt: skip
     device = _checked_device(device)
+    if fp8:
+        require_fp8(device)
 
     with ExitStack() as reservations, _terminate_like_ctrl_c():
         try:
-            todo = _reserve(plans, reservations, seed, duration_s, overwrite, skip_existing, geometry)
+            todo = _reserve(plans, reservations, seed, duration_s, fp8, overwrite, skip_existing, geometry)
             if not todo:
                 return
-            engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile)
+            engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, fp8)
             if engine.notice:
                 err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
             _render_all(engine, todo, seed, duration_s, overwrite, quiet)
@@ -381,12 +392,12 @@ def render(
             raise typer.Exit(_interrupted_code(stop)) from None
 
 
-def _reserve(plans, reservations: ExitStack, seed, duration_s, overwrite, skip_existing, geometry):
+def _reserve(plans, reservations: ExitStack, seed, duration_s, fp8, overwrite, skip_existing, geometry):
     """Claim every output before anything loads; returns the plans left to render (skipped ones out)."""
     todo = []
     for story, target, settings in plans:
         story_seed = story.seed if seed is None else seed
-        difference = _difference_from_request(story, target, settings, story_seed, duration_s, geometry)
+        difference = _difference_from_request(story, target, settings, story_seed, duration_s, fp8, geometry)
         if skip_existing and difference is None:
             err.print(f"skip: {target} (a finished render of this request)", markup=False, soft_wrap=True)
             out.print(str(target), markup=False, soft_wrap=True)
@@ -402,7 +413,7 @@ def _reserve(plans, reservations: ExitStack, seed, duration_s, overwrite, skip_e
     return todo
 
 
-def _difference_from_request(story, target, settings, seed, duration_s, geometry) -> str | None:
+def _difference_from_request(story, target, settings, seed, duration_s, fp8, geometry) -> str | None:
     """None if `target` is a finished render of this request (its sidecar says so), else how it differs."""
     if not target.is_file():
         return "no video yet"
@@ -424,6 +435,8 @@ def _difference_from_request(story, target, settings, seed, duration_s, geometry
         return f"it was rendered with seed {recorded.get('seed')}, not {seed}"
     if recorded.get("settings") != asked["settings"]:
         return "it was rendered with other settings"
+    if recorded.get("fp8", False) != fp8:
+        return f"it was rendered {'without' if fp8 else 'with'} --fp8"
     return None
 
 
@@ -465,7 +478,20 @@ def _geometry_for(model: str | None) -> VideoGeometry:
     return VideoGeometry()
 
 
-def _load_engine(model: str | None, device: str, lora: LoraSettings, compile: bool = True):
+def require_fp8(device: str) -> None:
+    """Exit with one line (exit code 2) where FP8 layers cannot run on `device`; before any weights load."""
+    import torch
+
+    from .fp8 import fp8_unsupported_reason
+    from .render import model_dtype
+
+    dev = torch.device(device)
+    reason = fp8_unsupported_reason(dev, model_dtype(dev))
+    if reason is not None:
+        fail(f"--fp8 {reason}", EXIT_BAD_INPUT, "leave out --fp8 to run the linear layers in bf16")
+
+
+def _load_engine(model: str | None, device: str, lora: LoraSettings, compile: bool = True, fp8: bool = False):
     from . import render as engine_mod
     from .checkpoint import CheckpointError
     from .weights import WeightsError
@@ -473,7 +499,7 @@ def _load_engine(model: str | None, device: str, lora: LoraSettings, compile: bo
     _quiet_libraries()
     try:
         # None: compile where it helps (CUDA)
-        return engine_mod.load_engine(model, device, lora, compile=None if compile else False)
+        return engine_mod.load_engine(model, device, lora, compile=None if compile else False, fp8=fp8)
     except (WeightsError, CheckpointError) as error:
         fail(str(error), EXIT_FAILED, _download_hint(str(error)))
 
@@ -537,6 +563,7 @@ def bench(
         ),
     ] = True,
     compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
+    fp8: Fp8 = False,
 ) -> None:
     """Measure speed and memory; prints a table, then one JSON line."""
     if random_weights and model is not None:
@@ -554,10 +581,12 @@ def bench(
     from .weights import WeightsError
 
     dev = torch.device(_checked_device(device))
+    if fp8:
+        require_fp8(str(dev))
     _quiet_libraries()
     options = bench_mod.BenchOptions(
         model=bench_mod.RANDOM if random_weights else model, device=dev, latent_frames=frames,
-        switches=switches, memory=memory_settings, compile=compile, compare=compare,
+        switches=switches, memory=memory_settings, compile=compile, fp8=fp8, compare=compare,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:

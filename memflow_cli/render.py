@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import load_transformer
 from .decode import StreamingDecoder
 from .fast import accelerate, accelerate_vae, attention_kernels, decoder_kernels_for, passes_for
+from .fp8 import use_fp8_linears
 from .generator import MemFlowGenerator, SeededNoise
 from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer, write_video_sidecar
@@ -51,6 +52,7 @@ class Engine:
     identity: dict[str, Any]
     notice: str | None = None  # shown to the user (the demo model's warning)
     compiled: bool = False  # the fast path is on: compiled kernels and CUDA graphs (set by `load_engine`)
+    fp8: bool = False  # the blocks' linear layers run in FP8 (set by `load_engine`)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -73,12 +75,18 @@ class Engine:
 
 
 def load_engine(
-    model: str | None, device: str | None = None, lora: LoraSettings | None = None, *, compile: bool | None = None
+    model: str | None,
+    device: str | None = None,
+    lora: LoraSettings | None = None,
+    *,
+    compile: bool | None = None,
+    fp8: bool = False,
 ) -> Engine:
     """Load the demo model or real weights (a folder, or the Hugging Face cache when `model` is None).
 
     On CUDA the transformer's blocks and the VAE decoder's steps between convs are compiled unless `compile` is False
-    (the first chunk then pays the warm-up).
+    (the first chunk then pays the warm-up). With `fp8`, the blocks' linear layers run in FP8 (check first
+    with `fp8.fp8_unsupported_reason`).
     """
     dev = torch.device(device or default_device())
     engine = _demo_engine(dev, model_dtype(dev)) if model == DEMO else _weights_engine(model, dev, lora)
@@ -86,6 +94,9 @@ def load_engine(
     accelerate(engine.transformer, compile=compile)
     accelerate_vae(engine.vae)
     engine.compiled = compile and dev.type == "cuda"
+    if fp8:
+        use_fp8_linears(engine.transformer)
+        engine.fp8 = True
     return engine
 
 
@@ -248,5 +259,6 @@ def _metadata(
         "weights": engine.identity,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "fp8": engine.fp8,
         "timings": {"render_s": round(seconds, 3), "first_chunk_s": round(first_frame_s, 3)},
     }

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKLWan
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.fast import (
     FLASH_ATTENTION_3,
+    FLASH_ATTENTION_3_MODULES,
     SDPA,
     GraphedPasses,
     LinearGELU,
@@ -114,11 +115,11 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 @pytest.mark.skipif(not HOPPER, reason="flash-attn 3 runs on Hopper GPUs only")
 def test_flash_attn_3_is_taken_on_hopper_once_it_agrees_with_sdpa(monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setitem(sys.modules, "flash_attn_3.flash_attn_interface", None)  # None: not installed
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    for name in FLASH_ATTENTION_3_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # None: not installed
     assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == SDPA
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
-    assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == FLASH_ATTENTION_3
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
+    assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == f"{FLASH_ATTENTION_3} (fa3_fwd_interface)"
     assert self_attention_kernel(cuda, 12, 128, torch.float32)[0] == SDPA  # no float32 kernels
 
 
@@ -138,6 +139,6 @@ def test_flash_attn_3_renders_what_sdpa_renders():
 
     expected = render()
     accelerate(model, compile=False)
-    assert model.self_attention_name == FLASH_ATTENTION_3
+    assert model.self_attention_name == f"{FLASH_ATTENTION_3} ({flash_attention_3()[0]})"
     error = ((render() - expected).norm() / expected.norm()).item()
     assert error < 2e-2
