@@ -21,8 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .cli import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
+    Terminated,
+    _checked_device,
+    _difference_from_request,
     _geometry_for,
+    _interrupted_code,
+    _quiet_libraries,
+    _terminate_like_ctrl_c,
     err,
     fail,
     out,
@@ -30,7 +35,7 @@ from .cli import (
     require_fp8,
 )
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
-from .output import sidecar_path
+from .output import OutputError, reserved_output
 from .script import ScriptError, Story, load_scripts
 from .settings import GenerationSettings, LoraSettings, SettingsError, VideoGeometry
 
@@ -77,21 +82,23 @@ def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
         fail("--decode-device is for one process rendering one story at a time", EXIT_BAD_INPUT,
              "under torchrun every GPU renders stories of its own; leave --decode-device out")  # fmt: skip
     try:
-        device = torch.device(rank_device(ranks, request.device, torch.cuda.is_available()))
+        name = rank_device(ranks, request.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     except ValueError as error:
         fail(str(error), EXIT_BAD_INPUT, "give --device cuda or --device cpu, or leave it out")
+    device = torch.device(_checked_device(name))
     if request.fp8:
         require_fp8(str(device))
+    _quiet_libraries()
     geometry = _geometry_for(request.model)
     jobs, problems = _jobs(request, geometry)
     for problem in problems:
         err.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
 
-    with process_group(ranks, device) as board:
-        finished = from_main([_finished(job.target) and not request.overwrite for job in jobs])
+    with process_group(ranks, device) as board, _terminate_like_ctrl_c():
+        finished = from_main([_finished(job, request, geometry) for job in jobs])
         todo = [job for job, done in zip(jobs, finished, strict=True) if not done]
         for job in (job for job, done in zip(jobs, finished, strict=True) if done):
-            err.print(f"skip: {job.target} (finished)", markup=False, soft_wrap=True)
+            err.print(f"skip: {job.target} (a finished render of this request)", markup=False, soft_wrap=True)
         share = assign([job.chunks for job in todo], ranks.world_size)[ranks.rank]
         try:
             with _overall_progress(ranks, request, todo) as show:
@@ -103,12 +110,13 @@ def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
                     show(board)
                     time.sleep(POLL_S)
                 show(board)
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted:[/] the batch was stopped; finished videos stay, run it again to resume")
-            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM from torchrun when another process failed
+            how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            err.print(f"[yellow]{how}:[/] the batch was stopped; finished videos stay, run it again to resume")
+            return _interrupted_code(stop)
         reports = board.reports()
-    return _summary(todo, reports, skipped=len(jobs) - len(todo), problems=len(problems),
-                    seconds=time.perf_counter() - started)  # fmt: skip
+    skipped = [job for job, done in zip(jobs, finished, strict=True) if done]
+    return _summary(jobs, todo, reports, skipped, problems=len(problems), seconds=time.perf_counter() - started)
 
 
 def _jobs(request: BatchRequest, geometry: VideoGeometry) -> tuple[list[Job], list[str]]:
@@ -141,9 +149,12 @@ def _jobs(request: BatchRequest, geometry: VideoGeometry) -> tuple[list[Job], li
     return jobs, problems
 
 
-def _finished(target: Path) -> bool:
-    """A video that memflow finished: the MP4 and its sidecar (written after the video was complete)."""
-    return target.is_file() and sidecar_path(target).is_file()
+def _finished(job: Job, request: BatchRequest, geometry: VideoGeometry) -> bool:
+    """The job's video is a finished render of this same request (its sidecar says so)."""
+    seed = job.story.seed if request.seed is None else request.seed
+    return _difference_from_request(
+        job.story, job.target, job.settings, seed, request.duration_s, request.fp8, geometry
+    ) is None  # fmt: skip
 
 
 Show = Callable[[Board], None]
@@ -206,14 +217,20 @@ def _render_job(engine_mod, engine, request: BatchRequest, index: int, job: Job,
 
     seed = job.story.seed if request.seed is None else request.seed
     try:
-        result = engine_mod.render_story(
-            engine, job.story, job.target, job.settings, seed=seed, duration_s=request.duration_s,
-            overwrite=request.overwrite, progress=progress,
-        )  # fmt: skip
+        with reserved_output(job.target, overwrite=request.overwrite):
+            result = engine_mod.render_story(
+                engine, job.story, job.target, job.settings, seed=seed, duration_s=request.duration_s,
+                overwrite=request.overwrite, progress=progress,
+            )  # fmt: skip
     except engine_mod.RenderInterrupted as stop:
         where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
-        err.print(f"[yellow]interrupted:[/] {escape(f'{job.story.title}: {stop.frames} frames written; {where}')}")
-        raise KeyboardInterrupt from None
+        err.print(f"[yellow]stopped:[/] {escape(f'{job.story.title}: {stop.frames} frames written; {where}')}")
+        raise (Terminated() if isinstance(stop.__context__, Terminated) else KeyboardInterrupt()) from None
+    except OutputError as error:  # busy (another process renders it) or not ours to replace
+        board.add_chunks(job.chunks)
+        board.add_story()
+        hint = f" ({error.hint})" if getattr(error, "hint", None) else ""
+        return StoryOutcome(index, False, f"{error}{hint}")
     except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on
         board.add_chunks(job.chunks - reported)
         board.add_story()
@@ -231,20 +248,25 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def _summary(todo: list[Job], reports: list[RankReport], skipped: int, problems: int, seconds: float) -> int:
-    """Rank 0: every failure (stderr), the finished videos in batch order and the summary (stdout)."""
+def _summary(
+    jobs: list[Job], todo: list[Job], reports: list[RankReport], skipped: list[Job], problems: int, seconds: float
+) -> int:
+    """Rank 0: every failure (stderr); the finished videos, rendered or skipped, in batch order, and the summary
+    (stdout)."""
     outcomes = sorted((outcome for report in reports for outcome in report.outcomes), key=lambda o: o.index)
     for outcome in outcomes:
         if not outcome.rendered:
             job = todo[outcome.index]
             err.print(f"[bold red]error:[/] {escape(f'{job.story.title} ({job.target}): {outcome.message}')}",
                       soft_wrap=True)  # fmt: skip
-    for outcome in outcomes:
-        if outcome.rendered:
-            out.print(str(todo[outcome.index].target), markup=False, soft_wrap=True)
+    finished = {todo[outcome.index].target for outcome in outcomes if outcome.rendered}
+    finished.update(job.target for job in skipped)
+    for job in jobs:
+        if job.target in finished:
+            out.print(str(job.target), markup=False, soft_wrap=True)
     rendered = sum(outcome.rendered for outcome in outcomes)
     failed = len(outcomes) - rendered
-    line = f"batch: {rendered} rendered, {skipped} skipped, {failed} failed"
+    line = f"batch: {rendered} rendered, {len(skipped)} skipped, {failed} failed"
     if problems:
         line += f", {_count(problems, 'bad script', 'bad scripts')}"
     line += f" on {_count(len(reports), 'process', 'processes')} in {seconds:.1f} s"

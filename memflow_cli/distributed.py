@@ -38,6 +38,7 @@ class RankEnv:
     local_rank: int  # 0 .. processes on this node - 1: the GPU index on this node
     world_size: int
     restart: int = 0  # torchrun's restart count: keys of an earlier attempt are not read again
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -53,25 +54,31 @@ def rank_env(environ: Mapping[str, str] | None = None) -> RankEnv | None:
         world_size, rank = int(environ["WORLD_SIZE"]), int(environ["RANK"])
         local_rank = int(environ.get("LOCAL_RANK", rank))
         restart = int(environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        local_world_size = int(environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
     except ValueError as error:
         raise ValueError(f"the torchrun variables RANK/LOCAL_RANK/WORLD_SIZE are not numbers: {error}") from None
-    if not 0 <= rank < world_size or local_rank < 0:
-        raise ValueError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
-    return RankEnv(rank, local_rank, world_size, restart)
+    if not 0 <= rank < world_size or not 0 <= local_rank < local_world_size:
+        raise ValueError(f"RANK {rank} is outside WORLD_SIZE {world_size}, or LOCAL_RANK {local_rank} outside "
+                         f"LOCAL_WORLD_SIZE {local_world_size}")  # fmt: skip
+    return RankEnv(rank, local_rank, world_size, restart, local_world_size)
 
 
-def rank_device(env: RankEnv, requested: str | None, cuda_available: bool) -> str:
-    """This rank's device: `cuda:LOCAL_RANK` (for None or 'cuda' where CUDA is present), else 'cpu'.
+def rank_device(env: RankEnv, requested: str | None, gpus_here: int) -> str:
+    """This rank's device: `cuda:LOCAL_RANK` (for None or 'cuda' where there are GPUs), else 'cpu'.
 
-    A device with an index is refused (ValueError): every rank would take that one GPU.
+    A device with an index is refused (ValueError): every rank would take that one GPU; so are more
+    processes on this node than it has GPUs.
     """
     if requested is None:
-        requested = "cuda" if cuda_available else "cpu"
+        requested = "cuda" if gpus_here else "cpu"
     if requested == "cpu":
         return "cpu"
-    if requested == "cuda":
-        return f"cuda:{env.local_rank}"
-    raise ValueError(f"--device {requested}: under torchrun each process renders on cuda:LOCAL_RANK")
+    if requested != "cuda":
+        raise ValueError(f"--device {requested}: under torchrun each process renders on cuda:LOCAL_RANK")
+    if env.local_world_size > gpus_here:
+        processes = env.local_world_size
+        raise ValueError(f"torchrun started {processes} processes on this machine, which has {gpus_here} GPU(s)")
+    return f"cuda:{env.local_rank}"
 
 
 def assign(costs: Sequence[float], ranks: int) -> list[list[int]]:

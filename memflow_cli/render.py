@@ -23,7 +23,7 @@ from .fp8 import use_fp8_linears
 from .generator import MemFlowGenerator, SeededNoise
 from .handover import handed_over
 from .model.transformer import CausalWanTransformer
-from .output import Mp4Writer, sidecar_path, write_sidecar
+from .output import Mp4Writer, write_video_sidecar
 from .overlap import overlapped
 from .random_model import RANDOM, random_engine
 from .script import Story, Timeline
@@ -200,10 +200,6 @@ def render_story(
     """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk)."""
     timeline = story.timeline(engine.geometry, duration_s)
     geometry = engine.geometry
-    writer = Mp4Writer(
-        target, geometry.width, geometry.height, geometry.fps,
-        overwrite=overwrite, keyframe_interval=geometry.video_frames_per_chunk,
-    )  # fmt: skip
     engine.encode(timeline.prompts)
     generator = MemFlowGenerator(engine.transformer, settings, passes=passes_for(engine.compiled))
     noise = SeededNoise(seed, generator.noise_shape(), engine.device, engine.dtype)
@@ -211,6 +207,10 @@ def render_story(
     chunks = generator.generate(
         engine.embeddings(timeline.prompts), timeline.chunks, noise, timeline.switch_chunks
     )
+    writer = Mp4Writer(  # last: nothing that can fail stands between it and the loop that aborts it
+        target, geometry.width, geometry.height, geometry.fps,
+        overwrite=overwrite, keyframe_interval=geometry.video_frames_per_chunk,
+    )  # fmt: skip
     started = time.perf_counter()
     first_frame_s = 0.0
     try:
@@ -236,24 +236,13 @@ def render_story(
         writer.abort()
         raise
     seconds = time.perf_counter() - started
-    sidecar = sidecar_path(path)
-    write_sidecar(sidecar, _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s))
+    sidecar = write_video_sidecar(path, _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s))
     return RenderResult(path, sidecar, timeline, seconds, first_frame_s)
 
 
-def _metadata(
-    engine: Engine,
-    story: Story,
-    timeline: Timeline,
-    settings: GenerationSettings,
-    seed: int,
-    seconds: float,
-    first_frame_s: float,
-) -> dict[str, Any]:
+def request_record(story: Story, timeline: Timeline, settings: GenerationSettings, seed: int) -> dict[str, Any]:
+    """What a render was asked for, as its sidecar records it: a finished video with the same record is done."""
     return {
-        "memflow_version": __version__,
-        "script": str(story.path),
-        "script_line": story.line,
         "title": story.title,
         "seed": seed,
         "timeline": {
@@ -273,6 +262,23 @@ def _metadata(
             ],
         },
         "settings": settings.as_dict(),
+    }
+
+
+def _metadata(
+    engine: Engine,
+    story: Story,
+    timeline: Timeline,
+    settings: GenerationSettings,
+    seed: int,
+    seconds: float,
+    first_frame_s: float,
+) -> dict[str, Any]:
+    return {
+        "memflow_version": __version__,
+        "script": str(story.path),
+        "script_line": story.line,
+        **request_record(story, timeline, settings, seed),
         "weights": engine.identity,
         "device": str(engine.device),
         **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),

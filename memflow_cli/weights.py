@@ -678,8 +678,11 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: missing: run `{DOWNLOAD_COMMAND}`") from None
-    except pickle.UnpicklingError as err:  # intact, but holds objects that safe loading refuses
+    except pickle.UnpicklingError as err:
         reason = _unpickler_reason(err)
+        if not reason.startswith("Unsupported global"):  # random bytes, a cut or foreign file: no pickle at all
+            raise WeightsError(f"{path}: not a torch checkpoint ({reason}): {TRUNCATED}") from None
+        # intact, but holds objects that safe loading refuses
         raise WeightsError(f"{path}: holds objects that weights_only loading refuses ({reason})") from None
     except Exception as err:  # a cut zip has no central directory: RuntimeError; else EOFError, ValueError...
         raise WeightsError(f"{path}: {TRUNCATED} ({type(err).__name__})") from None
@@ -687,7 +690,7 @@ def _torch_load(path: Path) -> Any:
 
 def _unpickler_reason(err: pickle.UnpicklingError) -> str:
     """The one informative line of torch's long weights_only message."""
-    match = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)", str(err))
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)", str(err))
     return match.group(1) if match else type(err).__name__
 
 

@@ -80,25 +80,36 @@ def test_rank_env_is_none_without_torchrun():
 
 
 def test_rank_env_reads_torchrun_variables():
-    environ = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "TORCHELASTIC_RESTART_COUNT": "2"}
-    assert rank_env(environ) == RankEnv(rank=5, local_rank=1, world_size=8, restart=2)
+    environ = {
+        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "TORCHELASTIC_RESTART_COUNT": "2",
+    }  # fmt: skip
+    assert rank_env(environ) == RankEnv(rank=5, local_rank=1, world_size=8, restart=2, local_world_size=4)
     assert not RankEnv(5, 1, 8).is_main and RankEnv(0, 0, 8).is_main
 
 
-@pytest.mark.parametrize("environ", [{"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"RANK": "x", "WORLD_SIZE": "2"},
+        {"RANK": "2", "WORLD_SIZE": "2"},
+        {"RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "2"},
+    ],
+)
 def test_rank_env_refuses_nonsense(environ: dict[str, str]):
     with pytest.raises(ValueError):
         rank_env(environ)
 
 
 def test_rank_device_is_the_local_gpu_or_the_cpu():
-    env = RankEnv(rank=3, local_rank=1, world_size=4)
-    assert rank_device(env, None, cuda_available=True) == "cuda:1"
-    assert rank_device(env, "cuda", cuda_available=True) == "cuda:1"
-    assert rank_device(env, None, cuda_available=False) == "cpu"
-    assert rank_device(env, "cpu", cuda_available=True) == "cpu"
+    env = RankEnv(rank=3, local_rank=1, world_size=4, local_world_size=2)
+    assert rank_device(env, None, gpus_here=2) == "cuda:1"
+    assert rank_device(env, "cuda", gpus_here=8) == "cuda:1"
+    assert rank_device(env, None, gpus_here=0) == "cpu"
+    assert rank_device(env, "cpu", gpus_here=2) == "cpu"
     with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
-        rank_device(env, "cuda:0", cuda_available=True)
+        rank_device(env, "cuda:0", gpus_here=2)
+    with pytest.raises(ValueError, match="started 2 processes on this machine, which has 1 GPU"):
+        rank_device(env, None, gpus_here=1)
 
 
 def test_a_rank_report_survives_the_store():
@@ -182,6 +193,9 @@ def test_torchrun_renders_each_story_once_as_one_process_would(tmp_path: Path):
     (summary,) = [line for line in second.stdout.splitlines() if line.startswith("batch:")]
     assert summary.startswith("batch: 0 rendered, 4 skipped, 0 failed on 2 processes"), summary
     assert second.stderr.count("skip: ") == 4
+    assert sorted(line for line in second.stdout.splitlines() if line.endswith(".mp4")) == [
+        str(out / name) for name in NAMES
+    ]  # the finished videos, as a render with --skip-existing prints them
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == stamps  # nothing rewritten
 
 
@@ -198,7 +212,7 @@ def test_torchrun_a_story_that_fails_is_reported_and_the_others_go_on(tmp_path: 
     assert result.returncode != 0
     assert result.stdout.count("batch: 1 rendered, 0 skipped, 1 failed on 2 processes") == 1, result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: Fox")]
-    assert len(errors) == 1 and "already exists" in errors[0], result.stderr
+    assert len(errors) == 1 and "exists; nothing was rendered (use --overwrite" in errors[0], result.stderr
     assert (out / "Fox.mp4").read_bytes() == b"not memflow's"
     assert_video(out / "Owl.mp4", video_frames(2))
 

@@ -611,3 +611,11 @@ def test_load_vae_casts_a_single_file_to_the_requested_dtype(tmp_path, vae):
     loaded = load_vae(tmp_path / "Wan2.1_VAE.pth", "cpu", torch.bfloat16, config=TINY_VAE_CONFIG)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in loaded.parameters()) and not loaded.training
+
+
+def test_verify_calls_random_bytes_corrupt_not_unsafe(local_folder):
+    files = resolve_model(local_folder)
+    files.base.write_bytes(bytes(range(256)) * 20)  # neither a zip archive nor a pickle
+    failure = _failures(files)["base"]
+    assert "not a torch checkpoint" in failure and TRUNCATED in failure
+    assert "weights_only" not in failure and "()" not in failure
