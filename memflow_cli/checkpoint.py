@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .model.transformer import CausalWanTransformer
+from .model.transformer import PLAIN_KERNELS, CausalWanTransformer, Kernels
 from .settings import WAN_1_3B, LoraSettings, SettingsError, TransformerConfig
 
 BASE_KEYS = ("generator", "generator_ema", "model")  # the first one present is read
@@ -146,14 +146,15 @@ def load_transformer(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    kernels: Kernels = PLAIN_KERNELS,
 ) -> CausalWanTransformer:
-    """Build the causal transformer from MemFlow checkpoints, LoRA merged, on `device` in `dtype`."""
+    """Build the causal transformer from MemFlow checkpoints, LoRA merged, on `device` in `dtype`, with `kernels`."""
     model_config = config if isinstance(config, TransformerConfig) else read_config(config)
     state = read_base_state(Path(base))
     if lora is not None:
         state = merge_lora(state, read_lora_state(Path(lora)), lora_settings or LoraSettings(), lora)
     with torch.device("meta"):
-        model = CausalWanTransformer(model_config)
+        model = CausalWanTransformer(model_config, kernels)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -42,6 +42,29 @@ SegmentSeconds = Annotated[
     float, typer.Option("--segment-seconds", help="Length of each segment of a JSONL story, in seconds.")
 ]
 
+# The generation options `render` and `bench` share (names as in settings.SETTING_NAMES; None: not given).
+MemoryMode = Annotated[str | None, typer.Option(help="Memory: nam, sink or none.")]
+Window = Annotated[int | None, typer.Option(help="Local attention window, latent frames.")]
+Sink = Annotated[int | None, typer.Option(help="Attention-sink frames.")]
+BankSize = Annotated[int | None, typer.Option(help="Memory-bank frames.")]
+RecordInterval = Annotated[int | None, typer.Option(help="Chunks between bank recordings.")]
+Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation.")]
+Steps = Annotated[str | None, typer.Option(help="Denoising steps, e.g. 1000,750,500,250.")]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
+    ),
+]
+
+
+def setting_options(**given: Any) -> dict[str, Any]:
+    """The shared generation options as settings overrides (`GenerationSettings.with_overrides`)."""
+    unknown = set(given) - set(SETTING_NAMES)
+    assert not unknown, f"not settings: {unknown}"
+    return given
+
 
 def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
@@ -90,13 +113,19 @@ def check(
     out.print(f"ok: {len(scripts)} script(s) valid")
 
 
-def generation_settings(story: Story, cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
-    """Defaults, then the script's `settings:`, then options given on the command line."""
+def option_settings(cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
+    """Defaults, then the options given on the command line; a bad option fails with exit code 2."""
     given = {k: v for k, v in cli.items() if v is not None}
     try:
-        GenerationSettings(geometry=geometry).with_overrides(given)
+        return GenerationSettings(geometry=geometry).with_overrides(given)
     except SettingsError as error:
         fail(f"--{error.field.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
+
+
+def generation_settings(story: Story, cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
+    """Defaults, then the script's `settings:`, then options given on the command line."""
+    option_settings(cli, geometry)
+    given = {k: v for k, v in cli.items() if v is not None}
     try:
         return GenerationSettings(geometry=geometry).with_overrides(story.settings).with_overrides(given)
     except SettingsError as error:
@@ -141,22 +170,16 @@ def render(
     seed: Annotated[int | None, typer.Option(help="Overrides the scripts' seed.", min=0)] = None,
     duration: Annotated[str | None, typer.Option(help="Render only the first part, e.g. 5s (previews).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    memory: Annotated[str | None, typer.Option(help="Memory: nam, sink or none.")] = None,
-    window: Annotated[int | None, typer.Option(help="Local attention window, latent frames.")] = None,
-    sink: Annotated[int | None, typer.Option(help="Attention-sink frames.")] = None,
-    bank_size: Annotated[int | None, typer.Option(help="Memory-bank frames.")] = None,
-    record_interval: Annotated[int | None, typer.Option(help="Chunks between bank recordings.")] = None,
-    sma: Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation.")] = None,
-    steps: Annotated[str | None, typer.Option(help="Denoising steps, e.g. 1000,750,500,250.")] = None,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.")] = 256.0,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            "--compile/--no-compile",
-            help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
-        ),
-    ] = True,
+    compile: Compile = True,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -172,11 +195,10 @@ def render(
             fail(f"--duration: {error}", EXIT_BAD_INPUT)
         if duration_s == 0:
             fail("--duration: must be longer than 0s", EXIT_BAD_INPUT, "give the preview length, like 5s")
-    cli_settings = {
-        "memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-        "record_interval": record_interval, "sma": sma, "steps": steps,
-    }  # fmt: skip
-    assert set(cli_settings) <= set(SETTING_NAMES)
+    cli_settings = setting_options(
+        memory=memory, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma,
+        steps=steps,
+    )  # fmt: skip
 
     geometry = _geometry_for(model)
     stories = load_stories(scripts, segment_seconds, geometry)
@@ -187,9 +209,16 @@ def render(
         if target.exists() and not overwrite:
             fail(f"{target} exists (from {story.path}); nothing was rendered", EXIT_BAD_INPUT, "use --overwrite")
 
-    engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile)
-    if engine.notice:
-        err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
+    with _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile) as engine:
+        if engine.notice:
+            err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
+        failures = _render_all(engine_mod, engine, plans, seed, duration_s, overwrite, quiet)
+    if failures:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _render_all(engine_mod, engine, plans, seed, duration_s, overwrite, quiet) -> int:
+    """Render every planned story; returns how many failed."""
     failures = 0
     for story, target, settings in plans:
         try:
@@ -209,8 +238,7 @@ def render(
                 f"({result.timeline.video_frames / max(result.seconds, 1e-9):.1f} frames/s); metadata {result.sidecar}",
                 markup=False, soft_wrap=True,
             )  # fmt: skip
-    if failures:
-        raise typer.Exit(EXIT_FAILED)
+    return failures
 
 
 def _geometry_for(model: str | None) -> VideoGeometry:
@@ -222,12 +250,11 @@ def _geometry_for(model: str | None) -> VideoGeometry:
 
 
 def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True):
-    from . import render as engine_mod
+    from .engine import load_engine
     from .weights import WeightsError
 
     try:
-        # None: compile where it helps (CUDA)
-        return engine_mod.load_engine(model, device, lora, compile=None if compile else False)
+        return load_engine(model, device, lora, compile=compile)
     except (WeightsError, CheckpointError) as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:
@@ -271,34 +298,38 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cuda, cpu... Default: cuda if present.")] = None,
     frames: Annotated[int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3)] = 120,
     switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0)] = 0,
-    memory: Annotated[str, typer.Option(help="Memory: nam, sink or none.")] = "nam",
-    bank_size: Annotated[int, typer.Option(help="Memory-bank frames.")] = 3,
-    sma: Annotated[bool, typer.Option("--sma/--no-sma", help="Sparse memory activation.")] = False,
-    compile: Annotated[
-        bool,
-        typer.Option("--compile/--no-compile", help="Fast path (CUDA): compiled blocks and decoder steps, CUDA graphs.")
-    ] = True,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
+    compile: Compile = True,
     compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
 ) -> None:
-    """Measure speed and memory; prints a table, then one JSON line."""
+    """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
     import json
 
     import torch
 
     from . import bench as bench_mod
-    from .render import default_device
-    from .settings import MemorySettings
+    from .engine import RANDOM, default_device
 
     if random_weights and model is not None:
         fail("give either --model or --random-weights, not both", EXIT_BAD_INPUT)
+    cli_settings = setting_options(
+        memory=memory, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma,
+        steps=steps,
+    )  # fmt: skip
+    settings = option_settings(cli_settings, _geometry_for(model))
     try:
-        memory_settings = MemorySettings(mode=memory, bank_size=bank_size, sma=sma)  # type: ignore[arg-type]
         dev = torch.device(device or default_device())
-    except (SettingsError, RuntimeError) as error:
+    except RuntimeError as error:
         fail(str(error), EXIT_BAD_INPUT)
     options = bench_mod.BenchOptions(
-        model=bench_mod.RANDOM if random_weights else model, device=dev, latent_frames=frames,
-        switches=switches, memory=memory_settings, compile=compile, compare=compare,
+        model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
+        switches=switches, compile=compile, compare=compare,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:

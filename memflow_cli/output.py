@@ -14,7 +14,6 @@ import queue
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -35,14 +34,6 @@ class OutputError(RuntimeError):
 
 class OutputExistsError(OutputError):
     """The target file exists and overwriting was not asked for."""
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    frames: int
-    width: int
-    height: int
-    fps: float
 
 
 def partial_path(target: Path) -> Path:
@@ -73,33 +64,6 @@ def write_sidecar(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_sidecar(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def probe_video(path: Path) -> VideoInfo:
-    """Frame count, size and frame rate of a video file (decodes it to count frames exactly)."""
-    if not path.is_file():
-        raise OutputError(f"{path}: no such video file")
-    try:
-        meta = _read_metadata(path)
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except (RuntimeError, OSError) as error:
-        last_line = (str(error).strip().splitlines() or ["unknown error"])[-1]
-        raise OutputError(f"{path}: ffmpeg cannot read it: {last_line}") from error
-    width, height = meta["size"]
-    return VideoInfo(frames=frames, width=width, height=height, fps=float(meta["fps"]))
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """The header imageio-ffmpeg parses from ffmpeg's output, without decoding any frame."""
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        return next(reader)
-    finally:
-        reader.close()
 
 
 def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_interval: int) -> list[str]:

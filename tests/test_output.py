@@ -18,13 +18,12 @@ from memflow_cli.output import (
     Mp4Writer,
     OutputError,
     OutputExistsError,
-    VideoInfo,
     partial_path,
-    probe_video,
-    read_sidecar,
     sidecar_path,
     write_sidecar,
 )
+
+from .video import VideoInfo, probe_video, read_sidecar
 
 WIDTH, HEIGHT, FPS, KEYFRAMES = 64, 48, 16, 12
 
