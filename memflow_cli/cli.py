@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .checkpoint import CheckpointError
+from .loading import WeightsError
 from .output import OutputError
 from .script import ScriptError, Story, Timeline, format_seconds, load_scripts
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
@@ -251,11 +251,10 @@ def _geometry_for(model: str | None) -> VideoGeometry:
 
 def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True):
     from .engine import load_engine
-    from .weights import WeightsError
 
     try:
         return load_engine(model, device, lora, compile=compile)
-    except (WeightsError, CheckpointError) as error:
+    except WeightsError as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:
         if "CUDA" in str(error) or "device" in str(error):

@@ -196,10 +196,11 @@ def _fast_path(config: TransformerConfig, device: torch.device, compile: bool) -
 def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None, compile: bool) -> Engine:
     from . import weights
     from .checkpoint import load_transformer
+    from .loading import read_transformer_config
 
     dtype = model_dtype(dev)
     files = weights.resolve_model(model)
-    config = weights.load_transformer_config(files)
+    config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, compile)
     transformer = load_transformer(files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels)
     return Engine(
