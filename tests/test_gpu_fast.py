@@ -139,3 +139,34 @@ def test_flash_attn_3_renders_what_sdpa_renders():
     flash_model.load_state_dict(model.state_dict())
     error = ((render(flash_model) - expected).norm() / expected.norm()).item()
     assert error < 2e-2
+
+
+def test_steady_state_chunks_and_later_switches_compile_nothing_new():
+    """The fast path compiles while the cache and bank fill and at the first switch, then never again.
+
+    Once warm (window and bank full, one re-cache done), further chunks and a second switch must run on the
+    graphs already built: dynamo is told to fail on any recompile, and no new graph may appear.
+    """
+    import torch._dynamo.utils
+
+    config = TransformerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=32)
+    device = torch.device("cuda")
+    fast = choose_fast_path(config, device, torch.bfloat16, compile=True)
+    torch.manual_seed(0)
+    model = CausalWanTransformer(config, fast.kernels).to(device, torch.bfloat16).eval().requires_grad_(False)
+    run_pass = fast.pass_function(model)
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=True), geometry=VideoGeometry(64, 96))
+    prompts = torch.randn(3, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
+    generator = MemFlowGenerator(model, settings, run_pass=run_pass, passes=fast.graphed_passes)
+    noise = SeededNoise(3, generator.noise_shape(), device, torch.bfloat16)
+    counters = torch._dynamo.utils.counters
+    with fast.sdpa_priority():
+        chunks = generator.generate(prompts, 16, noise, switch_chunks=(6, 12))
+        warm = [next(chunks) for _ in range(9)]  # window (4 chunks) and bank (3 frames) full, first switch done
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0  # the warm-up did compile
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            steady = list(chunks)  # chunks 9..15, the second switch at 12 among them
+    assert len(warm) + len(steady) == 16
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(torch.isfinite(chunk).all() for chunk in steady)
