@@ -128,8 +128,9 @@ def _timed_run(
 def _warm_chunks(settings: GenerationSettings, chunks: int) -> int:
     """Long enough that its switch comes once the window and the bank are full: every graph that a
     steady-state chunk or re-cache needs (SMA's key set for a full bank too) is compiled in the warm-up."""
-    memory, frames_per_chunk = settings.memory, settings.geometry.frames_per_chunk
-    steady = max(memory.window // frames_per_chunk, memory.bank_size * memory.record_interval) + 1
+    memory_settings, frames_per_chunk = settings.memory, settings.geometry.frames_per_chunk
+    window_chunks = memory_settings.window // frames_per_chunk
+    steady = max(window_chunks, memory_settings.bank_size * memory_settings.record_interval) + 1
     return min(chunks, 2 * steady)
 
 
@@ -173,19 +174,19 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
     generate, decode, end_to_end = times[Phase.GENERATE], times[Phase.DECODE], times[Phase.MP4]
     steady = sorted(generate.chunk_ms[len(generate.chunk_ms) // 2 :])
     device = engine.device
-    memory = settings.memory
+    memory_settings = settings.memory
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": engine.name,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention": engine.fast.attention,
         "compile": engine.fast.compile,
-        "memory": memory.mode,
-        "sma": memory.sma,
-        "window": memory.window,
-        "sink": memory.sink,
-        "bank_size": memory.bank_size,
-        "record_interval": memory.record_interval,
+        "memory": memory_settings.mode,
+        "sma": memory_settings.sma,
+        "window": memory_settings.window,
+        "sink": memory_settings.sink,
+        "bank_size": memory_settings.bank_size,
+        "record_interval": memory_settings.record_interval,
         "steps": list(settings.sampler.steps),
         "switches": switches,
         "resolution": f"{geometry.width}x{geometry.height}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -145,11 +146,12 @@ class Engine:
                     yield Chunk(index, video.segment_of(index), x, None)
                 return
             decoder = StreamingDecoder(self.vae, kernels=self.fast.decoder_kernels)
-            decoded = self.overlap.map(latents, lambda x: (x, decoder.decode(x)))
-            for index, (x, frames) in enumerate(decoded):
-                if writer is not None:
-                    writer.write(frames)
-                yield Chunk(index, video.segment_of(index), x, frames)
+            # closed with this stream: the decode worker must be done with the chunks before they go
+            with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
+                for index, (x, frames) in enumerate(decoded):
+                    if writer is not None:
+                        writer.write(frames)
+                    yield Chunk(index, video.segment_of(index), x, frames)
 
     def mp4_writer(self, target, *, overwrite: bool = False) -> Mp4Writer:
         """A writer for this engine's frames (size, frame rate, a keyframe per chunk)."""

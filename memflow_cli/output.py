@@ -179,10 +179,14 @@ class Mp4Writer:
         self._finished = False
         self._log = tempfile.TemporaryFile()
         command = _ffmpeg_command(self.partial, width, height, fps, keyframe_interval)
-        # A session of its own: Ctrl-C reaches only us, and abort() then finishes ffmpeg cleanly.
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
-        )
+        try:
+            # A session of its own: Ctrl-C reaches only us, and abort() then finishes ffmpeg cleanly.
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+            )
+        except BaseException:
+            self._log.close()
+            raise
         assert self._process.stdin is not None
         self._feeder = _PipeFeeder(self._process.stdin)
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memflow_cli.checkpoint import load_transformer, read_config
+from memflow_cli.checkpoint import load_transformer
 from memflow_cli.generator import MemFlowGenerator
+from memflow_cli.loading import read_transformer_config
 from memflow_cli.speed import choose_fast_path
 
 from . import parity
@@ -27,7 +28,7 @@ pytestmark = [
 def test_bf16_gpu_close_to_float32_expectation(name, compile):
     d = parity.PARITY_DIR
     device = torch.device("cuda")
-    config = read_config(d / "config.json")
+    config = read_transformer_config(d / "config.json")
     fast = choose_fast_path(config, device, torch.bfloat16, compile=compile)
     model = load_transformer(
         d / "base.pt", d / "lora.pt", config, parity.lora_settings(MANIFEST),
