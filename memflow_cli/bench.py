@@ -179,7 +179,7 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": engine.name,
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "attention": engine.fast.attention,
+        "attention": engine.fast.attention_name,
         "compile": engine.fast.compile,
         "memory": memory_settings.mode,
         "sma": memory_settings.sma,

@@ -45,7 +45,7 @@ class FastPath:
     sdpa_backends: tuple[SDPBackend, ...] = ()  # SDPA's backend priority (empty: torch's own choice)
 
     @property
-    def attention(self) -> str:
+    def attention_name(self) -> str:
         """What computes the model's attention, for reports."""
         return attention.describe(self.self_attention, self.sdpa_backends)
 
