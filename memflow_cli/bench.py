@@ -49,6 +49,7 @@ class BenchOptions:
     latent_frames: int = 120
     switches: int = 0
     compile: bool = True  # False: the eager model, no CUDA graphs, plain decoder steps
+    fp8: bool = False  # the blocks' linear layers in FP8 (check `speed.fp8.fp8_unsupported_reason` first)
     compare: bool = False
     seed: int = 0
 
@@ -138,7 +139,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     """All measurements; returns the result record (also the JSON line of the CLI)."""
     device = options.device
     status(f"loading {options.model or 'weights'} on {device}")
-    with load_engine(options.model, device, compile=options.compile) as engine:
+    with load_engine(options.model, device, compile=options.compile, fp8=options.fp8) as engine:
         return _measure(engine, options, status)
 
 
@@ -181,6 +182,7 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention": engine.fast.attention_name,
         "compile": engine.fast.compile,
+        "fp8": engine.fp8,
         "memory": memory_settings.mode,
         "sma": memory_settings.sma,
         "window": memory_settings.window,

@@ -41,6 +41,14 @@ Scripts = Annotated[list[Path], typer.Argument(help="Narrative scripts: .yaml/.y
 SegmentSeconds = Annotated[
     float, typer.Option("--segment-seconds", help="Length of each segment of a JSONL story, in seconds.")
 ]
+Fp8 = Annotated[
+    bool,
+    typer.Option(
+        "--fp8",
+        help="The transformer blocks' linear layers in FP8 with row-wise scales (CUDA, compute capability 8.9+): "
+        "faster; the video changes slightly.",
+    ),
+]
 
 # The generation options `render` and `bench` share (names as in settings.SETTING_NAMES; None: not given).
 MemoryMode = Annotated[str | None, typer.Option(help="Memory: nam, sink or none.")]
@@ -180,6 +188,7 @@ def render(
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.")] = 256.0,
     compile: Compile = True,
+    fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -209,7 +218,9 @@ def render(
         if target.exists() and not overwrite:
             fail(f"{target} exists (from {story.path}); nothing was rendered", EXIT_BAD_INPUT, "use --overwrite")
 
-    with _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile) as engine:
+    if fp8:
+        require_fp8(device)
+    with _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, fp8) as engine:
         if engine.notice:
             err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
         failures = _render_all(engine_mod, engine, plans, seed, duration_s, overwrite, quiet)
@@ -249,11 +260,27 @@ def _geometry_for(model: str | None) -> VideoGeometry:
     return VideoGeometry()
 
 
-def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True):
+def require_fp8(device: str | None) -> None:
+    """Exit with one line (exit code 2) where FP8 layers cannot run on `device`; before any weights load."""
+    import torch
+
+    from .engine import default_device, model_dtype
+    from .speed.fp8 import fp8_unsupported_reason
+
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError as error:
+        fail(f"--device {device!r}: {error}", EXIT_BAD_INPUT)
+    reason = fp8_unsupported_reason(dev, model_dtype(dev))
+    if reason is not None:
+        fail(f"--fp8 {reason}", EXIT_BAD_INPUT, "leave out --fp8 to run the linear layers in bf16")
+
+
+def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True, fp8: bool = False):
     from .engine import load_engine
 
     try:
-        return load_engine(model, device, lora, compile=compile)
+        return load_engine(model, device, lora, compile=compile, fp8=fp8)
     except WeightsError as error:
         fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
     except RuntimeError as error:
@@ -306,6 +333,7 @@ def bench(
     steps: Steps = None,
     compile: Compile = True,
     compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
+    fp8: Fp8 = False,
 ) -> None:
     """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
     import json
@@ -326,9 +354,11 @@ def bench(
         dev = torch.device(device or default_device())
     except RuntimeError as error:
         fail(str(error), EXIT_BAD_INPUT)
+    if fp8:
+        require_fp8(str(dev))
     options = bench_mod.BenchOptions(
         model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
-        switches=switches, compile=compile, compare=compare,
+        switches=switches, compile=compile, fp8=fp8, compare=compare,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:

@@ -94,6 +94,11 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    @property
+    def fp8(self) -> bool:
+        """The blocks' linear layers run in FP8."""
+        return self.fast.fp8
+
     # -- prompts ---------------------------------------------------------------------------------------
 
     def encode(self, prompts: Sequence[str]) -> None:
@@ -177,25 +182,27 @@ class Engine:
 
 def load_engine(
     model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
-    compile: bool = True,
+    compile: bool = True, fp8: bool = False,
 ) -> Engine:  # fmt: skip
     """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
 
     `compile` turns on the compiled fast path where it exists (CUDA; the first chunk then pays the warm-up).
+    With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     """
     dev = torch.device(device or default_device())
+    speed = {"compile": compile, "fp8": fp8}
     if model == DEMO:
-        return _demo_engine(dev, compile)
+        return _demo_engine(dev, speed)
     if model == RANDOM:
-        return _random_engine(dev, compile)
-    return _weights_engine(model, dev, lora, compile)
+        return _random_engine(dev, speed)
+    return _weights_engine(model, dev, lora, speed)
 
 
-def _fast_path(config: TransformerConfig, device: torch.device, compile: bool) -> FastPath:
-    return choose_fast_path(config, device, model_dtype(device), compile=compile)
+def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool]) -> FastPath:
+    return choose_fast_path(config, device, model_dtype(device), **speed)
 
 
-def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None, compile: bool) -> Engine:
+def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None, speed: dict[str, bool]) -> Engine:
     from . import weights
     from .checkpoint import load_transformer
     from .loading import read_transformer_config
@@ -203,7 +210,7 @@ def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | N
     dtype = model_dtype(dev)
     files = weights.resolve_model(model)
     config = read_transformer_config(files.transformer_config)
-    fast = _fast_path(config, dev, compile)
+    fast = _fast_path(config, dev, speed)
     transformer = load_transformer(files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels)
     return Engine(
         transformer=transformer,
@@ -217,10 +224,10 @@ def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | N
     )
 
 
-def _demo_engine(device: torch.device, compile: bool) -> Engine:
+def _demo_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
     from . import demo
 
-    fast = _fast_path(demo.DEMO_TRANSFORMER, device, compile)
+    fast = _fast_path(demo.DEMO_TRANSFORMER, device, speed)
     torch.manual_seed(0)
     transformer = CausalWanTransformer(demo.DEMO_TRANSFORMER, fast.kernels)
     return Engine(
@@ -236,12 +243,12 @@ def _demo_engine(device: torch.device, compile: bool) -> Engine:
     )
 
 
-def _random_engine(device: torch.device, compile: bool) -> Engine:
+def _random_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
     """The full-size 1.3B transformer and Wan2.1 VAE with seeded random weights; no text encoder."""
     from .weights import WAN21_VAE_CONFIG
 
     dtype = model_dtype(device)
-    fast = _fast_path(WAN_1_3B, device, compile)
+    fast = _fast_path(WAN_1_3B, device, speed)
     with torch.device("meta"):
         transformer = CausalWanTransformer(WAN_1_3B, fast.kernels)
     transformer = transformer.to_empty(device=device).to(dtype)

@@ -126,5 +126,6 @@ def _metadata(
         "weights": engine.identity,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "fp8": engine.fp8,
         "timings": {"render_s": round(seconds, 3), "first_chunk_s": round(first_frame_s, 3)},
     }

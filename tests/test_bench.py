@@ -25,6 +25,7 @@ def test_bench_demo_cpu_ends_with_json_line():
     assert record["video_frames"] == 33  # 4 * 9 - 3 decoded frames, never latent frames
     assert record["fps_generate"] > record["fps_end_to_end"] > 0
     assert record["peak_memory_gib"] is None  # no allocator statistics on the CPU
+    assert record["fp8"] is False and record["compile"] is False  # neither runs unless asked (compile: CUDA only)
     assert "measure" in result.stdout  # the Rich table comes before the JSON line
 
 

@@ -109,9 +109,9 @@ def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flag, compile):
     asked: list[bool] = []
     choose = engine_module.choose_fast_path
 
-    def spy(*args, compile: bool):
+    def spy(*args, compile: bool, **kwargs):
         asked.append(compile)
-        return choose(*args, compile=compile)
+        return choose(*args, compile=compile, **kwargs)
 
     monkeypatch.setattr(engine_module, "choose_fast_path", spy)
     record = bench("--model", "demo", "--device", "cpu", flag)

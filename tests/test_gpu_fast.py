@@ -15,7 +15,13 @@ from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 from memflow_cli.speed import choose_fast_path
-from memflow_cli.speed.attention import FLASH_ATTENTION_3, SDPA, flash_attention_3, self_attention_kernel
+from memflow_cli.speed.attention import (
+    FLASH_ATTENTION_3,
+    FLASH_ATTENTION_3_MODULES,
+    SDPA,
+    flash_attention_3,
+    self_attention_kernel,
+)
 from memflow_cli.speed.decoder import channels_last_convs, fused_decoder_kernels
 from memflow_cli.speed.graphs import GraphedPasses
 from memflow_cli.speed.linear import LinearGELU
@@ -110,11 +116,11 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 @pytest.mark.skipif(not HOPPER, reason="flash-attn 3 runs on Hopper GPUs only")
 def test_flash_attn_3_is_taken_on_hopper_once_it_agrees_with_sdpa(monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setitem(sys.modules, "flash_attn_3.flash_attn_interface", None)  # None: not installed
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    for name in FLASH_ATTENTION_3_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # None: not installed
     assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == SDPA
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
-    assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == FLASH_ATTENTION_3
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", SimpleNamespace(flash_attn_func=flash_layout_sdpa))
+    assert self_attention_kernel(cuda, 12, 128, torch.bfloat16)[0] == f"{FLASH_ATTENTION_3} (fa3_fwd_interface)"
     assert self_attention_kernel(cuda, 12, 128, torch.float32)[0] == SDPA  # no float32 kernels
 
 
@@ -134,7 +140,7 @@ def test_flash_attn_3_renders_what_sdpa_renders():
 
     expected = render(model)
     fast = choose_fast_path(config, torch.device("cuda"), torch.bfloat16, compile=False)
-    assert fast.self_attention == FLASH_ATTENTION_3
+    assert fast.self_attention == f"{FLASH_ATTENTION_3} ({flash_attention_3()[0]})"
     flash_model = CausalWanTransformer(config, fast.kernels).to("cuda", torch.bfloat16).eval().requires_grad_(False)
     flash_model.load_state_dict(model.state_dict())
     error = ((render(flash_model) - expected).norm() / expected.norm()).item()

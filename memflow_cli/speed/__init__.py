@@ -13,7 +13,7 @@ blocks' linear layers), `decoder.py` (the VAE decoder's layout and compiled step
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -27,6 +27,7 @@ from ..vae_stream import DecoderKernels
 from . import attention
 from .compile import MODEL_GRAPHS, allow_recompiles, compiled, compiled_block_steps
 from .decoder import channels_last_convs, fused_decoder_kernels
+from .fp8 import use_fp8_linears
 from .graphs import GraphedPasses
 from .linear import LinearGELU
 
@@ -43,6 +44,7 @@ class FastPath:
     decoder_kernels: DecoderKernels  # the VAE decoder's steps between its convolutions
     graphed_passes: type[GraphedPasses] | None = None  # runs one video's passes from CUDA graphs; None: plainly
     sdpa_backends: tuple[SDPBackend, ...] = ()  # SDPA's backend priority (empty: torch's own choice)
+    fp8: bool = False  # the blocks' per-token linear layers in FP8 (`fp8.py`; check `fp8_unsupported_reason`)
 
     @property
     def attention_name(self) -> str:
@@ -52,12 +54,16 @@ class FastPath:
     def pass_function(self, model: CausalWanTransformer) -> PassFunction:
         """What computes one pass of `model` (built with `kernels`): with compile, its blocks' steps compiled.
 
-        Call once per model: its q/k/v projections are fused into one matmul first (same values, same names).
+        Call once per model, after its weights are loaded: they are laid out for the fast path first (with
+        compile, q/k/v as one matmul, same values and names; with fp8, the blocks' linear layers quantised).
         """
+        if self.fp8:
+            use_fp8_linears(model)
+        elif self.compile:
+            for block in model.blocks:
+                block.self_attn.fuse_qkv()
         if not self.compile:
             return model
-        for block in model.blocks:
-            block.self_attn.fuse_qkv()
         return partial(model, steps=compiled_block_steps(model))
 
     def sdpa_priority(self) -> contextlib.AbstractContextManager[None]:
@@ -74,14 +80,17 @@ EAGER = FastPath(
 )  # plain PyTorch: what the CPU runs
 
 
-def choose_fast_path(config: TransformerConfig, device: torch.device, dtype: torch.dtype, *, compile: bool) -> FastPath:
+def choose_fast_path(
+    config: TransformerConfig, device: torch.device, dtype: torch.dtype, *, compile: bool, fp8: bool = False
+) -> FastPath:
     """The fastest faithful way to run a model of `config` on `device` in `dtype`.
 
     On CUDA: cuDNN autotuning, SDPA's fastest backends first, flash-attn 3 for self-attention where it works,
     and with `compile` the compiled steps, CUDA graphs and fused decoder steps. On the CPU: plain PyTorch.
+    `fp8` (asked for, never chosen here: it changes the video) quantises the blocks' linear layers.
     """
     if device.type != "cuda":
-        return EAGER
+        return replace(EAGER, fp8=fp8)
     torch.backends.cudnn.benchmark = True
     name, self_attention = attention.self_attention_kernel(device, config.num_heads, config.head_dim, dtype)
     plain = FastPath(
@@ -90,6 +99,7 @@ def choose_fast_path(config: TransformerConfig, device: torch.device, dtype: tor
         kernels=Kernels(attention=self_attention),
         decoder_kernels=PLAIN_DECODER_KERNELS,
         sdpa_backends=attention.sdpa_backends_for(device),
+        fp8=fp8,
     )
     if not compile:
         return plain
@@ -101,4 +111,5 @@ def choose_fast_path(config: TransformerConfig, device: torch.device, dtype: tor
         decoder_kernels=fused_decoder_kernels(),
         graphed_passes=GraphedPasses,
         sdpa_backends=plain.sdpa_backends,
+        fp8=fp8,
     )

@@ -53,20 +53,27 @@ def describe(self_attention: str, backends: Sequence[SDPBackend]) -> str:
     if not backends:
         return "sdpa (cpu)"
     sdpa = "sdpa: " + " > ".join(b.name.lower() for b in backends)
-    return sdpa if self_attention == SDPA else f"{self_attention} (self-attention); {sdpa} (cross-attention)"
+    return sdpa if self_attention == SDPA else f"{self_attention} for self-attention, {sdpa} for cross-attention"
 
 
-def flash_attention_3() -> Callable[..., Any] | None:
-    """flash-attn 3's `flash_attn_func` where it is installed (it is built for Hopper GPUs only), else None."""
-    for name in ("flash_attn_3.flash_attn_interface", "flash_attn_interface"):
+# Where flash-attn 3's `flash_attn_func` is looked for, first found first: the Dao-AILab build (as a package
+# or its flat module), then the forward-only `fa3-fwd` wheel (`pip install "memflow-cli[hopper]"`).
+FLASH_ATTENTION_3_MODULES = ("flash_attn_3.flash_attn_interface", "flash_attn_interface", "fa3_fwd_interface")
+
+
+def flash_attention_3() -> tuple[str, Callable[..., Any]] | None:
+    """The first installed flash-attn 3 (built for Hopper GPUs only): its module name and `flash_attn_func`."""
+    for name in FLASH_ATTENTION_3_MODULES:
         try:
-            return importlib.import_module(name).flash_attn_func
-        except ModuleNotFoundError:
-            continue
+            return name, importlib.import_module(name).flash_attn_func
+        except ModuleNotFoundError as error:
+            if error.name is None or name.startswith(error.name):  # this one is not installed
+                continue
+            failure: ImportError = error  # installed, but something it imports is missing
         except ImportError as error:  # installed, but built for another torch or CUDA
-            message = f"flash-attn 3 is installed but does not load ({error}); self-attention stays on torch SDPA"
-            warnings.warn(message, stacklevel=2)
-            return None
+            failure = error
+        message = f"flash-attn 3 ({name}) is installed but does not load ({failure}); it is not used"
+        warnings.warn(message, stacklevel=2)
     return None
 
 
@@ -118,21 +125,25 @@ def checked_attention(
     return attention
 
 
+def flash_attention_3_may_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """A Hopper GPU and a bf16 or fp16 model (flash-attn 3 has no float32 kernels; `fa3-fwd` has no fp16 ones)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return hopper and dtype in (torch.bfloat16, torch.float16)
+
+
 def self_attention_kernel(
     device: torch.device, heads: int, head_dim: int, dtype
 ) -> tuple[str, AttentionKernel]:
     """The self-attention kernel for a model on `device`, with its name.
 
     flash-attn 3 where it is installed, the GPU is a Hopper and the kernel agrees with SDPA on a test call
-    (its published Hopper throughput is above the 552 TFLOP/s that cuDNN's fused attention reaches at
-    MemFlow's shapes; not measured here); torch SDPA otherwise, whose backend `sdpa_priority` orders.
+    (on an H200 at MemFlow's shapes `fa3-fwd` ran at 656 TFLOP/s, cuDNN's fused attention at 541); torch
+    SDPA otherwise, whose backend `sdpa_priority` orders. The name says which module ran.
     """
     sdpa = (SDPA, F.scaled_dot_product_attention)
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    if not hopper or dtype not in (torch.bfloat16, torch.float16):  # flash-attn 3 has no float32 kernels
+    found = flash_attention_3() if flash_attention_3_may_run(device, dtype) else None
+    if found is None:
         return sdpa
-    kernel = flash_attention_3()
-    if kernel is None:
-        return sdpa
-    attention = checked_attention(FLASH_ATTENTION_3, heads_last(kernel), heads, head_dim, device, dtype)
-    return sdpa if attention is None else (FLASH_ATTENTION_3, attention)
+    name = f"{FLASH_ATTENTION_3} ({found[0]})"
+    attention = checked_attention(name, heads_last(found[1]), heads, head_dim, device, dtype)
+    return sdpa if attention is None else (name, attention)

@@ -1,8 +1,9 @@
 """The linear layers of the transformer's blocks on the fast path.
 
 This is where a block's Linear layers get other kernels: `FastPath.kernels` names the classes the blocks
-are built with (`Kernels.linear`, `Kernels.linear_gelu`). Each keeps `nn.Linear`'s parameter names, so
-checkpoints load into it unchanged.
+are built with (`Kernels.linear`, `Kernels.linear_gelu`), each keeping `nn.Linear`'s parameter names so
+checkpoints load into it unchanged. FP8 (`fp8.py`, `FastPath.fp8`) is applied to the loaded weights
+instead: a quantised layer holds e4m3 values, not the checkpoint's.
 """
 
 from __future__ import annotations
