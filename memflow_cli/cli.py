@@ -2,11 +2,19 @@
 
 Results go to stdout; progress, warnings and errors to stderr. A known error is one line and a hint,
 with exit code 2 for bad input and 1 for a failed run.
+
+torch, diffusers and transformers are imported inside the commands that need them, so `--help`,
+`--version` and `check` start at once.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -16,17 +24,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .loading import WeightsError
-from .output import OutputError
-from .script import ScriptError, Story, Timeline, format_seconds, load_scripts
+from . import __version__
+from .output import OutputError, OutputExistsError, memflow_sidecar, reserved_output, sidecar_path
+from .script import MAX_SEED, ScriptError, Story, Timeline, format_seconds, load_scripts
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Render long, consistent video narratives with MemFlow (Wan2.1-T2V-1.3B).",
+    rich_markup_mode=None,  # plain help: option names with their values (`--window N`), no type labels
 )
-weights_app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.")
+weights_app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.", rich_markup_mode=None)
 app.add_typer(weights_app, name="weights")
 
 # User text (titles, prompts, paths) is escaped where markup is used: `[camera pans left]` is not a style.
@@ -35,11 +44,23 @@ err = Console(stderr=True, highlight=False, emoji=False)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+DOWNLOAD_HINT = "fetch the weights with: memflow weights download"
+TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
 
-Scripts = Annotated[list[Path], typer.Argument(help="Narrative scripts: .yaml/.yml, or official .jsonl prompt files.")]
+Scripts = Annotated[
+    list[Path],
+    # described in each command's text: listed here, typer would label it `<list[Path]>`
+    typer.Argument(help="Narrative scripts (.yaml/.yml, .jsonl).", hidden=True, metavar="SCRIPT"),
+]
 SegmentSeconds = Annotated[
-    float, typer.Option("--segment-seconds", help="Length of each segment of a JSONL story, in seconds.")
+    float,
+    typer.Option("--segment-seconds", help="Length of each segment of a JSONL story, in seconds.", metavar="SECONDS"),
+]
+OutDir = Annotated[
+    Path | None,
+    typer.Option("--out-dir", help="Folder for one <title>.mp4 per story (created if missing).", metavar="DIR"),
 ]
 Fp8 = Annotated[
     bool,
@@ -51,18 +72,23 @@ Fp8 = Annotated[
 ]
 
 # The generation options `render` and `bench` share (names as in settings.SETTING_NAMES; None: not given).
-MemoryMode = Annotated[str | None, typer.Option(help="Memory: nam, sink or none.")]
-Window = Annotated[int | None, typer.Option(help="Local attention window, latent frames.")]
-Sink = Annotated[int | None, typer.Option(help="Attention-sink frames.")]
-BankSize = Annotated[int | None, typer.Option(help="Memory-bank frames.")]
-RecordInterval = Annotated[int | None, typer.Option(help="Chunks between bank recordings.")]
-Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation.")]
-Steps = Annotated[str | None, typer.Option(help="Denoising steps, e.g. 1000,750,500,250.")]
+MemoryMode = Annotated[str | None, typer.Option(help="Memory: nam, sink or none. Default: nam.", metavar="MODE")]
+Window = Annotated[
+    int | None, typer.Option(help="Local attention window, latent frames, sink included. Default: 12.", metavar="N")
+]
+Sink = Annotated[int | None, typer.Option(help="Attention-sink frames. Default: 3.", metavar="N")]
+BankSize = Annotated[int | None, typer.Option(help="Memory-bank frames. Default: 3.", metavar="N")]
+RecordInterval = Annotated[
+    int | None, typer.Option(help="Chunks between memory-bank recordings. Default: 3.", metavar="N")
+]
+Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")]
+Steps = Annotated[str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")]
 Compile = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
+        help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower); "
+        "--no-compile runs the eager model.",
     ),
 ]
 
@@ -79,6 +105,32 @@ def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoRe
     if hint:
         err.print(f"  hint: {escape(hint)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"memflow {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    # OpenMP threads that wait for work sleep instead of spinning: with every core busy (another program,
+    # or the ffmpeg encoder) spinning threads slowed the CPU renders over tenfold. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' own info and warnings out of the user's terminal."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 def load_stories(paths: list[Path], segment_seconds: float, geometry: VideoGeometry | None = None) -> list[Story]:
@@ -109,16 +161,44 @@ def timeline_table(story: Story, timeline: Timeline) -> Table:
     return table
 
 
-@app.command()
+def story_record(story: Story, timeline: Timeline, output: Path) -> dict[str, Any]:
+    """One story as `check --json` prints it."""
+    return {
+        "script": str(story.path), "line": story.line, "title": story.title, "seed": story.seed,
+        "output": str(output), "chunks": timeline.chunks, "video_frames": timeline.video_frames,
+        "duration_s": timeline.duration_s, "segments": len(timeline.segments),
+    }  # fmt: skip
+
+
+@app.command(
+    epilog="Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json",
+)
 def check(
     scripts: Scripts,
     segment_seconds: SegmentSeconds = 10.0,
+    out_dir: OutDir = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per story (script, title, seed, output file, frames) instead."),
+    ] = False,
 ) -> None:
-    """Validate scripts and print each resolved timeline (no GPU, no weights)."""
+    """Validate scripts and print each resolved timeline (no GPU, no weights, no torch).
+
+    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file.
+    """
     geometry = VideoGeometry()
-    for story in load_stories(scripts, segment_seconds, geometry):
-        out.print(timeline_table(story, story.timeline(geometry)))
-    out.print(f"ok: {len(scripts)} script(s) valid")
+    stories = load_stories(scripts, segment_seconds, geometry)
+    # titles that collide matter only in one folder
+    outputs = story_outputs(stories, out_dir) if out_dir else [Path(output_name(story)) for story in stories]
+    for story, output in zip(stories, outputs, strict=True):
+        timeline = story.timeline(geometry)
+        if as_json:
+            record = json.dumps(story_record(story, timeline, output), ensure_ascii=False)
+            out.print(record, markup=False, soft_wrap=True)
+        else:
+            out.print(timeline_table(story, timeline))
+    if not as_json:
+        out.print(f"ok: {len(scripts)} script(s) valid")
 
 
 def option_settings(cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
@@ -127,7 +207,8 @@ def option_settings(cli: dict[str, Any], geometry: VideoGeometry) -> GenerationS
     try:
         return GenerationSettings(geometry=geometry).with_overrides(given)
     except SettingsError as error:
-        fail(f"--{error.field.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
+        blamed = next((name for name in (error.field, *error.related) if name in given), error.field)
+        fail(f"--{blamed.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
 
 
 def generation_settings(story: Story, cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
@@ -146,6 +227,27 @@ def safe_filename(title: str) -> str:
     return cleaned or "untitled"
 
 
+def output_name(story: Story) -> str:
+    return f"{safe_filename(story.title)}.mp4"
+
+
+def story_outputs(stories: list[Story], out_dir: Path) -> list[Path]:
+    """`DIR/<title>.mp4` for every story; two stories that would write one file are an error naming both."""
+    paths = [out_dir / output_name(story) for story in stories]
+    first_writer: dict[Path, Story] = {}
+    for story, path in zip(stories, paths, strict=True):
+        if (other := first_writer.setdefault(path, story)) is not story:
+            fail(
+                f"two stories would both write {path}: {_story_name(other)} and {_story_name(story)}",
+                EXIT_BAD_INPUT, "give one of them another title",
+            )  # fmt: skip
+    return paths
+
+
+def _story_name(story: Story) -> str:
+    return f"{story.title!r} ({story.path}{f':{story.line}' if story.line else ''})"
+
+
 def output_paths(stories: list[Story], output: Path | None, out_dir: Path | None) -> list[Path]:
     if (output is None) == (out_dir is None):
         fail("give exactly one of -o/--output FILE.mp4 or --out-dir DIR", EXIT_BAD_INPUT)
@@ -156,28 +258,101 @@ def output_paths(stories: list[Story], output: Path | None, out_dir: Path | None
             fail(f"{output}: the output must be an .mp4 file", EXIT_BAD_INPUT)
         return [output]
     assert out_dir is not None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{safe_filename(story.title)}.mp4" for story in stories]
-    seen: set[Path] = set()
-    for story, path in zip(stories, paths, strict=True):
-        if path in seen:
-            fail(f"two stories are titled {story.title!r}: both would write {path}", EXIT_BAD_INPUT)
-        seen.add(path)
+    paths = story_outputs(stories, out_dir)
+    _make_folder(out_dir)
     return paths
 
 
-@app.command()
+def _make_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        fail(f"--out-dir {folder}: it is a file, not a folder", EXIT_BAD_INPUT, "give a folder for the videos")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"--out-dir {folder}: cannot create it: {error.strerror or error}", EXIT_BAD_INPUT,
+             "give a folder you can write to")  # fmt: skip
+
+
+def _checked_device(device: str | None, option: str = "--device") -> str:
+    """The device to use; a name torch does not know, or CUDA where there is none, is bad input."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"{option} {device}: not a device name", EXIT_BAD_INPUT, "use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            fail(f"{option} {device}: this torch {torch.__version__} is a CPU build", EXIT_BAD_INPUT,
+                 "use --device cpu, or install a CUDA build of torch")  # fmt: skip
+        if not torch.cuda.is_available():
+            fail(f"{option} {device}: no CUDA GPU is visible", EXIT_BAD_INPUT, "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"{option} {device}: only {torch.cuda.device_count()} CUDA GPU(s) here", EXIT_BAD_INPUT,
+                 "use cuda:0 or another index below the count")  # fmt: skip
+    return device
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that the render stops the same clean way."""
+
+
+@contextmanager
+def _terminate_like_ctrl_c() -> Iterator[None]:
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_code(stop: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+
+
+@app.command(
+    epilog=(
+        "Examples:  memflow render story.yaml -o story.mp4  |  "
+        "memflow render a.yaml b.jsonl --out-dir renders --duration 5s  |  "
+        "memflow render scripts_examples/lighthouse.yaml --model demo -o demo.mp4"
+    ),
+)
 def render(
     scripts: Scripts,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output MP4 (one story).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder for one MP4 per story.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Weights folder, or 'demo' (tiny random model). Default: the HF cache.")
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="The output MP4 of one story.", metavar="FILE.mp4")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu... Default: cuda if present.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Overrides the scripts' seed.", min=0)] = None,
-    duration: Annotated[str | None, typer.Option(help="Render only the first part, e.g. 5s (previews).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    out_dir: OutDir = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Weights folder, or 'demo' (tiny random model). Default: the HF cache.", metavar="PATH|demo"),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(help=f"Render only the first part (a preview), e.g. 5s. Times: {TIME_FORMATS}.", metavar="TIME"),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace existing outputs and a partial video left by a stopped render."),
+    ] = False,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing",
+            help="Skip a story whose video is a finished render of the same request (story, seed, settings, length).",
+        ),
+    ] = False,
     memory: MemoryMode = None,
     window: Window = None,
     sink: Sink = None,
@@ -185,15 +360,18 @@ def render(
     record_interval: RecordInterval = None,
     sma: Sma = None,
     steps: Steps = None,
-    lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.")] = 256,
-    lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.")] = 256.0,
+    lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
+    lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
     compile: Compile = True,
     fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Render scripts to MP4s that grow on disk chunk by chunk."""
-    from . import render as engine_mod
+    """Render scripts to MP4s that grow on disk chunk by chunk; prints the path of each finished video.
+
+    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file. Settings come from
+    the defaults, then the script's `settings:`, then the options given here.
+    """
     from .script import parse_time
 
     duration_s = None
@@ -204,6 +382,8 @@ def render(
             fail(f"--duration: {error}", EXIT_BAD_INPUT)
         if duration_s == 0:
             fail("--duration: must be longer than 0s", EXIT_BAD_INPUT, "give the preview length, like 5s")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        fail(f"--seed: must be between 0 and 2**64-1, got {seed}", EXIT_BAD_INPUT, "use a whole number like 0 or 42")
     cli_settings = setting_options(
         memory=memory, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma,
         steps=steps,
@@ -214,32 +394,91 @@ def render(
     targets = output_paths(stories, output, out_dir)
     plans = [(story, target, generation_settings(story, cli_settings, geometry)) for story, target in zip(
         stories, targets, strict=True)]  # fmt: skip
-    for story, target, _ in plans:
-        if target.exists() and not overwrite:
-            fail(f"{target} exists (from {story.path}); nothing was rendered", EXIT_BAD_INPUT, "use --overwrite")
-
+    device = _checked_device(device)
     if fp8:
         require_fp8(device)
-    with _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, fp8) as engine:
-        if engine.notice:
-            err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
-        failures = _render_all(engine_mod, engine, plans, seed, duration_s, overwrite, quiet)
-    if failures:
-        raise typer.Exit(EXIT_FAILED)
+
+    with ExitStack() as reservations, _terminate_like_ctrl_c():
+        try:
+            todo = _reserve(plans, reservations, seed, duration_s, fp8, overwrite, skip_existing, geometry)
+            if not todo:
+                return
+            lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
+            engine = reservations.enter_context(_load_engine(model, device, lora, compile, fp8))
+            if engine.notice:
+                err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
+            _render_all(engine, todo, seed, duration_s, overwrite, quiet)
+        except KeyboardInterrupt as stop:  # outside a render (a render reports its own partial file)
+            how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            err.print(f"[yellow]{how}:[/] no video was being written")
+            raise typer.Exit(_interrupted_code(stop)) from None
 
 
-def _render_all(engine_mod, engine, plans, seed, duration_s, overwrite, quiet) -> int:
-    """Render every planned story; returns how many failed."""
+def _reserve(plans, reservations: ExitStack, seed, duration_s, fp8, overwrite, skip_existing, geometry):
+    """Claim every output before anything loads; returns the plans left to render (skipped ones out)."""
+    todo = []
+    for story, target, settings in plans:
+        story_seed = story.seed if seed is None else seed
+        difference = _difference_from_request(story, target, settings, story_seed, duration_s, fp8, geometry)
+        if skip_existing and difference is None:
+            err.print(f"skip: {target} (a finished render of this request)", markup=False, soft_wrap=True)
+            out.print(str(target), markup=False, soft_wrap=True)
+            continue
+        try:
+            reservations.enter_context(reserved_output(target, overwrite=overwrite))
+        except OutputExistsError as error:
+            why = f" ({difference})" if difference and error.path == target else ""
+            fail(f"{error}{why}", EXIT_BAD_INPUT, error.hint)
+        except OutputError as error:
+            fail(str(error), EXIT_BAD_INPUT, error.hint)
+        todo.append((story, target, settings))
+    return todo
+
+
+def _difference_from_request(story, target, settings, seed, duration_s, fp8, geometry) -> str | None:
+    """None if `target` is a finished render of this request (its sidecar says so), else how it differs."""
+    if not target.is_file():
+        return "no video yet"
+    recorded = memflow_sidecar(sidecar_path(target))
+    if recorded is None:
+        return f"no memflow metadata beside it ({sidecar_path(target).name})"
+    from .render import request_record
+
+    timeline = story.timeline(geometry, duration_s)
+    asked = json.loads(json.dumps(request_record(story, timeline, settings, seed)))
+    if recorded.get("title") != asked["title"]:
+        return f"it holds {recorded.get('title')!r} from {recorded.get('script')}"
+    was, now = recorded.get("timeline", {}).get("duration_s"), asked["timeline"]["duration_s"]
+    if was != now:
+        return f"it is {was:.2f} s long, {now:.2f} s were asked" if isinstance(was, float) else "another length"
+    if recorded.get("timeline") != asked["timeline"]:
+        return "its segments differ from the script's"
+    if recorded.get("seed") != asked["seed"]:
+        return f"it was rendered with seed {recorded.get('seed')}, not {seed}"
+    if recorded.get("settings") != asked["settings"]:
+        return "it was rendered with other settings"
+    if recorded.get("fp8", False) != fp8:
+        return f"it was rendered {'without' if fp8 else 'with'} --fp8"
+    return None
+
+
+def _render_all(engine, plans, seed, duration_s, overwrite, quiet) -> None:
+    from . import render as engine_mod
+
     failures = 0
     for story, target, settings in plans:
         try:
             result = _render_one(engine_mod, engine, story, target, settings, seed, duration_s, overwrite, quiet)
         except engine_mod.RenderInterrupted as stop:
             where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
-            err.print(f"[yellow]interrupted:[/] {escape(f'{story.title}: {stop.frames} frames written; {where}')}")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            how = "terminated" if isinstance(stop.__context__, Terminated) else "interrupted"
+            message = escape(f"{story.title}: {stop.frames} frames written; {where}")
+            err.print(f"[yellow]{how}:[/] {message}", soft_wrap=True)
+            raise typer.Exit(_interrupted_code(stop.__context__ or stop)) from None
         except (OutputError, SettingsError, ScriptError, ValueError) as error:
             err.print(f"[bold red]error:[/] {escape(f'{story.title}: {error}')}", soft_wrap=True)
+            if hint := getattr(error, "hint", None):
+                err.print(f"  hint: {escape(hint)}", soft_wrap=True)
             failures += 1
             continue
         out.print(str(result.path), markup=False, soft_wrap=True)
@@ -249,7 +488,8 @@ def _render_all(engine_mod, engine, plans, seed, duration_s, overwrite, quiet) -
                 f"({result.timeline.video_frames / max(result.seconds, 1e-9):.1f} frames/s); metadata {result.sidecar}",
                 markup=False, soft_wrap=True,
             )  # fmt: skip
-    return failures
+    if failures:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _geometry_for(model: str | None) -> VideoGeometry:
@@ -260,33 +500,34 @@ def _geometry_for(model: str | None) -> VideoGeometry:
     return VideoGeometry()
 
 
-def require_fp8(device: str | None) -> None:
+def require_fp8(device: str) -> None:
     """Exit with one line (exit code 2) where FP8 layers cannot run on `device`; before any weights load."""
     import torch
 
-    from .engine import default_device, model_dtype
+    from .engine import model_dtype
     from .speed.fp8 import fp8_unsupported_reason
 
-    try:
-        dev = torch.device(device or default_device())
-    except RuntimeError as error:
-        fail(f"--device {device!r}: {error}", EXIT_BAD_INPUT)
+    dev = torch.device(device)
     reason = fp8_unsupported_reason(dev, model_dtype(dev))
     if reason is not None:
         fail(f"--fp8 {reason}", EXIT_BAD_INPUT, "leave out --fp8 to run the linear layers in bf16")
 
 
-def _load_engine(model: str | None, device: str | None, lora: LoraSettings, compile: bool = True, fp8: bool = False):
+def _load_engine(model: str | None, device: str, lora: LoraSettings, compile: bool = True, fp8: bool = False):
+    """The engine (close it, or use it in `with`); a weights problem is one line and exit code 1."""
     from .engine import load_engine
+    from .loading import WeightsError
 
+    _quiet_libraries()
     try:
         return load_engine(model, device, lora, compile=compile, fp8=fp8)
     except WeightsError as error:
-        fail(str(error), EXIT_FAILED, "fetch the weights with: memflow weights download")
-    except RuntimeError as error:
-        if "CUDA" in str(error) or "device" in str(error):
-            fail(f"cannot use device {device!r}: {error}", EXIT_BAD_INPUT, "try --device cpu")
-        raise
+        fail(str(error), EXIT_FAILED, _download_hint(str(error)))
+
+
+def _download_hint(message: str) -> str | None:
+    """The download hint, unless the message already names the command."""
+    return None if "memflow weights download" in message else DOWNLOAD_HINT
 
 
 def _render_one(engine_mod, engine, story, target, settings, seed, duration_s, overwrite, quiet):
@@ -313,17 +554,26 @@ def _render_one(engine_mod, engine, story, target, settings, seed, duration_s, o
         )
 
 
-@app.command()
+@app.command(
+    epilog="Examples:  memflow bench --random-weights  |  memflow bench --model demo --device cpu --frames 9",
+)
 def bench(
     model: Annotated[
-        str | None, typer.Option(help="'demo' (tiny, CPU smoke run), a weights folder, or the HF cache by default.")
-    ] = None,
+        str | None,
+        typer.Option(
+            help="'demo' (tiny, CPU smoke run), a weights folder, or the HF cache by default.", metavar="PATH|demo"
+        ),
+    ] = None,  # fmt: skip
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="Full-size 1.3B model with random weights (nothing to load).")
     ] = False,
-    device: Annotated[str | None, typer.Option(help="cuda, cpu... Default: cuda if present.")] = None,
-    frames: Annotated[int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3)] = 120,
-    switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0)] = 0,
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cpu... Default: cuda if present, else cpu.", metavar="DEVICE")
+    ] = None,
+    frames: Annotated[
+        int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3, metavar="N")
+    ] = 120,
+    switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0, metavar="N")] = 0,
     memory: MemoryMode = None,
     window: Window = None,
     sink: Sink = None,
@@ -332,17 +582,10 @@ def bench(
     sma: Sma = None,
     steps: Steps = None,
     compile: Compile = True,
-    compare: Annotated[bool, typer.Option(help="Also time memory none, sink, nam and nam+SMA.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
     fp8: Fp8 = False,
 ) -> None:
     """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
-    import json
-
-    import torch
-
-    from . import bench as bench_mod
-    from .engine import RANDOM, default_device
-
     if random_weights and model is not None:
         fail("give either --model or --random-weights, not both", EXIT_BAD_INPUT)
     cli_settings = setting_options(
@@ -350,12 +593,16 @@ def bench(
         steps=steps,
     )  # fmt: skip
     settings = option_settings(cli_settings, _geometry_for(model))
-    try:
-        dev = torch.device(device or default_device())
-    except RuntimeError as error:
-        fail(str(error), EXIT_BAD_INPUT)
+    import torch
+
+    from . import bench as bench_mod
+    from .engine import RANDOM
+    from .loading import WeightsError
+
+    dev = torch.device(_checked_device(device))
     if fp8:
         require_fp8(str(dev))
+    _quiet_libraries()
     options = bench_mod.BenchOptions(
         model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
         switches=switches, compile=compile, fp8=fp8, compare=compare,
@@ -363,8 +610,10 @@ def bench(
     with err.status("benchmark") as spinner:
         try:
             result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
-        except Exception as error:  # noqa: BLE001 - weights/device problems reach the user as one line
-            fail(f"{type(error).__name__}: {error}", hint="memflow weights download fetches the weights")
+        except WeightsError as error:
+            fail(str(error), EXIT_FAILED, _download_hint(str(error)))
+        except Exception as error:  # noqa: BLE001 - a failed run reaches the user as one line
+            fail(f"{type(error).__name__}: {error}")
     table = Table(title=f"memflow bench: {result['model']} on {result['device']}", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -376,9 +625,14 @@ def bench(
 
 @weights_app.command("download")
 def weights_download(
-    to: Annotated[Path | None, typer.Option(help="A folder to put the weights in. Default: the HF cache.")] = None,
+    to: Annotated[
+        Path | None, typer.Option(help="A folder to put the weights in. Default: the HF cache.", metavar="DIR")
+    ] = None,
 ) -> None:
-    """Fetch base.pt + lora.pt (KlingTeam/MemFlow) and the Wan2.1 text encoder, tokenizer and VAE."""
+    """Fetch base.pt + lora.pt (KlingTeam/MemFlow) and the umT5 encoder, tokenizer and VAE of Wan-AI/Wan2.1-T2V-1.3B."""
+    if to is not None and to.exists() and not to.is_dir():
+        fail(f"--to {to}: it is a file, not a folder", EXIT_BAD_INPUT, "give a folder for the weights")
+    _quiet_libraries()
     from .weights import WeightsError, download
 
     try:
@@ -391,30 +645,21 @@ def weights_download(
 
 @weights_app.command("verify")
 def weights_verify(
-    model: Annotated[str | None, typer.Option(help="Weights folder. Default: the HF cache.")] = None,
+    model: Annotated[str | None, typer.Option(help="Weights folder. Default: the HF cache.", metavar="DIR")] = None,
 ) -> None:
-    """Check that every weight file is present and readable."""
+    """Check that every weight file is present and readable, and each released Wan file has its released size."""
+    _quiet_libraries()
     from .weights import WeightsError, resolve_model, verify
 
     try:
         results = verify(resolve_model(model))
     except WeightsError as error:
-        fail(str(error), hint="fetch the weights with: memflow weights download")
+        fail(str(error), hint=_download_hint(str(error)))
     bad = [r for r in results if not r.ok]
     for result in results:
         out.print(str(result), markup=False, soft_wrap=True)
     if bad:
         fail(f"{len(bad)} problem(s) in the weights", hint="re-run: memflow weights download")
-
-
-@app.callback()
-def _quiet_libraries() -> None:
-    """Keep the libraries' own info and warnings out of the user's terminal."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
 
 
 def main() -> None:  # pragma: no cover - console entry point

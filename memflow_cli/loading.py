@@ -41,19 +41,18 @@ def read_torch_file(path: Path | str) -> Any:
         return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(err)
-        if reason is None:  # not a pickle at all: random bytes, a cut legacy file
-            raise WeightsError(f"{TRUNCATED} (not a torch.save file)", path) from None
+        if not reason.startswith("Unsupported global"):  # random bytes, a cut or foreign file: no pickle at all
+            raise WeightsError(f"not a torch checkpoint ({reason}): {TRUNCATED}", path) from None
+        # intact, but holds objects that safe loading refuses
         raise WeightsError(f"holds objects that weights_only loading refuses ({reason})", path) from None
     except Exception as err:  # a cut zip has no central directory: RuntimeError; else EOFError, ValueError...
         raise WeightsError(f"{TRUNCATED} ({type(err).__name__})", path) from None
 
 
-def _unpickler_reason(err: pickle.UnpicklingError) -> str | None:
-    """The one informative line of torch's long weights_only message; None when the bytes are no pickle at all."""
-    match = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", str(err))
-    if match is None or not match.group(1) or match.group(1).startswith("Unsupported operand"):
-        return None
-    return match.group(1)
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The one informative line of torch's long weights_only message."""
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)", str(err))
+    return match.group(1) if match else type(err).__name__
 
 
 def read_transformer_config(path: Path | str | None) -> TransformerConfig:

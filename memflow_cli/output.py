@@ -1,44 +1,80 @@
-"""MP4 output: a fragmented H.264 writer that grows on disk, and the JSON sidecar beside it.
+"""MP4 output: a fragmented H.264 writer that grows on disk, the JSON sidecar beside it, and the
+reservation that makes the files of one render a unit.
 
 `Mp4Writer` pipes raw RGB frames into ffmpeg (the binary shipped with imageio-ffmpeg). The MP4 has
 one fragment per frame, so whatever has been written so far plays at any moment, even if the
-process is killed. Frames go to `<stem>.partial.mp4` beside the target; only a successful `close()`
-moves it onto the target (atomically, same folder), so the target is never left corrupt.
+process is killed. Frames go to the hidden `.<stem>.partial.mp4` beside the target (a name no story
+title can produce: titles never start with a dot); only a successful `close()` moves it onto the
+target (atomically, same folder), so the target is never left corrupt.
+
+`reserved_output` claims a target before any work starts: it checks the folder and the names, takes
+a per-output lock (`.<name>.lock`, released by the OS if the process dies), refuses a sidecar path
+held by a file memflow did not write, and keeps a partial file left by an earlier render unless
+overwriting was asked for.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import queue
+import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import imageio_ffmpeg
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 LOG_TAIL_CHARS = 2000
 QUEUE_CHUNKS = 2
 ABORT_TIMEOUT_S = 60.0
 _STOP = None  # queue sentinel: no more frames
+PARTIAL_SUFFIX = ".partial.mp4"
+LOCK_SUFFIX = ".lock"
+SIDECAR_MARKER = "memflow_version"  # every sidecar memflow writes has it; a JSON file without it is not ours
+DEFAULT_NAME_MAX_BYTES = 255
+_SIDECAR_TMP_EXTRA_BYTES = len(".") + len(".XXXXXXXX.tmp")  # mkstemp's name around the sidecar's
 
 
 class OutputError(RuntimeError):
-    """The video could not be written; the message says why and what to do."""
+    """The video could not be written; the message says why, `hint` what to do."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 class OutputExistsError(OutputError):
-    """The target file exists and overwriting was not asked for."""
+    """A file of the render exists (`path`: the target, its partial or its sidecar) and may not be replaced."""
+
+    def __init__(self, message: str, hint: str | None = None, path: Path | None = None):
+        super().__init__(message, hint)
+        self.path = path
+
+
+class OutputBusyError(OutputError):
+    """Another process is rendering to the same output right now."""
 
 
 def partial_path(target: Path) -> Path:
-    """Where frames go until the video is complete: `out.mp4` -> `out.partial.mp4`, same folder."""
-    return target.with_name(f"{target.stem}.partial.mp4")
+    """Where frames go until the video is complete: `out.mp4` -> `.out.partial.mp4`, same folder (hidden)."""
+    return target.with_name(f".{target.stem}{PARTIAL_SUFFIX}")
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of a render to `target`: `out.mp4` -> `.out.mp4.lock`, same folder (hidden)."""
+    return target.with_name(f".{target.name}{LOCK_SUFFIX}")
 
 
 def sidecar_path(target: Path) -> Path:
@@ -46,10 +82,32 @@ def sidecar_path(target: Path) -> Path:
     return target.with_suffix(".json")
 
 
+def is_partial_name(name: str) -> bool:
+    """Whether a file name is one memflow gives its partial videos."""
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_video_sidecar(video: Path, data: dict[str, Any]) -> Path:
+    """Write the sidecar of a finished `video`; a failure is an OutputError that says the video is complete."""
+    path = sidecar_path(video)
+    try:
+        write_sidecar(path, data)
+    except OSError as error:
+        raise OutputError(
+            f"the video {video} is complete, but its metadata {path} could not be written: {_reason(error)}",
+            hint="free some space or fix the folder's permissions; the video itself is fine",
+        ) from None
+    return path
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def write_sidecar(path: Path, data: dict[str, Any]) -> None:
@@ -64,6 +122,19 @@ def write_sidecar(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def memflow_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar at `path` if memflow wrote it (a JSON object with its marker key), else None."""
+    try:
+        data = read_sidecar(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and SIDECAR_MARKER in data else None
 
 
 def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_interval: int) -> list[str]:
@@ -82,7 +153,7 @@ def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_in
 
 def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     """A uint8 [N, H, W, 3] tensor or array -> a contiguous numpy array on the CPU."""
-    if isinstance(frames, torch.Tensor):
+    if hasattr(frames, "detach"):  # a torch tensor (torch is imported only where tensors exist)
         frames = frames.detach().cpu().numpy()
     if not isinstance(frames, np.ndarray):
         raise TypeError(f"frames must be a torch tensor or a numpy array, got {type(frames).__name__}")
@@ -96,12 +167,162 @@ def _check_size(width: int, height: int) -> None:
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
-    if not target.parent.is_dir():
-        raise OutputError(f"cannot write {target}: folder {target.parent} does not exist")
+    _check_folder(target)
     if target.is_dir():
-        raise OutputError(f"cannot write {target}: it is a folder")
+        raise OutputError(f"cannot write {target}: it is a folder", hint="name an .mp4 file")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists; use --overwrite to replace it")
+
+
+def _check_folder(target: Path) -> None:
+    folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write {target}: {folder} is a file, not a folder", hint="choose another folder")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {target}: folder {folder} does not exist", hint="create it first")
+
+
+def _check_name_lengths(target: Path) -> None:
+    """Every file of the render (video, sidecar, partial, lock, the sidecar's temporary) must fit a file name."""
+    try:
+        name_max = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = DEFAULT_NAME_MAX_BYTES
+    names = (target.name, partial_path(target).name, lock_path(target).name, sidecar_path(target).name)
+    longest = max(len(os.fsencode(name)) for name in names) + _SIDECAR_TMP_EXTRA_BYTES
+    if longest > name_max:
+        allowed = name_max - (longest - len(os.fsencode(target.name)))
+        raise OutputError(
+            f"cannot write {target}: the file name is {len(os.fsencode(target.name))} bytes long, and with the "
+            f"names of its temporary files at most {allowed} fit in {target.parent}",
+            hint="use a shorter file name or story title",
+        )
+
+
+class _OutputLock:
+    """An exclusive lock on one output, held through an open lock file (flock).
+
+    The OS drops the lock when the process ends, however it ends, so a killed render never blocks the
+    next one; the lock file is removed on release. Whoever locks a file that its holder has just removed
+    sees that the path now names another file (or none) and tries again.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.path = lock_path(target)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while self._fd is None:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"another memflow render (process {holder})" if holder else "another memflow render"
+                raise OutputBusyError(
+                    f"{who} is writing {self.target} right now; nothing was rendered",
+                    hint="wait for it to finish, or choose another output",
+                ) from None
+            if _same_file(fd, self.path):
+                self._fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise OutputError(
+                f"cannot write in {self.target.parent}: {_reason(error)}",
+                hint="choose a folder you can write to" if error.errno != errno.ENAMETOOLONG else "shorten the name",
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody can lock this file after us
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _check_existing(target: Path, overwrite: bool) -> None:
+    """What a render to `target` would replace: refuse what was not asked for."""
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a folder", hint="name an .mp4 file")
+    sidecar = sidecar_path(target)
+    if sidecar.is_dir() or (sidecar.exists() and memflow_sidecar(sidecar) is None):
+        raise OutputExistsError(
+            f"{sidecar} exists and was not written by memflow; the video's metadata would replace it, so nothing "
+            f"was rendered",
+            hint="move that file away, or choose another output name",
+            path=sidecar,
+        )
+    partial = partial_path(target)
+    if partial.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{partial} holds the frames of an earlier render of {target.name} that was stopped; nothing was rendered",
+            hint="watch or move it, or use --overwrite to render again from the start",
+            path=partial,
+        )
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} exists; nothing was rendered", "use --overwrite to replace it", target)
+
+
+@contextmanager
+def reserved_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Claim `target`, its sidecar and its partial file for one render, before any work starts.
+
+    Raises OutputError (OutputBusyError while another process renders to `target`, OutputExistsError for
+    what would be replaced without being asked) with a message and a hint. Holds the lock until the block
+    ends. With `overwrite`, a partial file left by an earlier render is removed here.
+    """
+    _check_folder(target)
+    if is_partial_name(target.name):
+        raise OutputError(
+            f"{target}: names starting with '.' and ending in '{PARTIAL_SUFFIX}' are memflow's partial files",
+            hint="choose another output name",
+        )
+    _check_name_lengths(target)
+    lock = _OutputLock(target)
+    lock.acquire()
+    try:
+        _check_existing(target, overwrite)
+        partial_path(target).unlink(missing_ok=True)
+        yield target
+    finally:
+        lock.release()
+
+
+_TELLING_WORDS = ("No space left", "Permission denied", "Read-only", "File too large", "Error", "error")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    return f"{name}, the file size limit" if name == "SIGXFSZ" else name
 
 
 class _PipeFeeder:
@@ -223,14 +444,23 @@ class Mp4Writer:
             raise OutputError(self._failure_message())
 
     def _failure_message(self) -> str:
+        """One line: which file, why ffmpeg stopped (its most telling log line), what is kept."""
         code = self._process.poll()
-        status = "is still running" if code is None else f"exited with code {code}"
-        return f"ffmpeg failed writing {self.partial} ({status}):\n{self._log_tail()}"
+        if code is None:
+            status = "it is still running"
+        elif code < 0:
+            status = f"it was killed by {_signal_name(-code)}"
+        else:
+            status = f"it exited with code {code}"
+        kept = "; the file keeps the frames written so far" if self._frames_written else ""
+        return f"ffmpeg failed writing {self.partial}: {self._log_reason() or status}{kept}"
 
-    def _log_tail(self) -> str:
+    def _log_reason(self) -> str:
+        """ffmpeg's most telling log line (a full disk: 'No space left on device'), or ''."""
         self._log.seek(0)
-        text = self._log.read().decode(errors="replace").strip()
-        return text[-LOG_TAIL_CHARS:] or "(ffmpeg printed nothing)"
+        lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        telling = [line for line in lines if any(word in line for word in _TELLING_WORDS)]
+        return (telling or lines or [""])[-1][-LOG_TAIL_CHARS:]
 
     def _finish_ffmpeg(self, timeout: float | None) -> int:
         """End the frame stream and wait for ffmpeg to write its last fragment; returns its exit code."""

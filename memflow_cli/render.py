@@ -14,7 +14,7 @@ from typing import Any
 
 from . import __version__
 from .engine import Engine
-from .output import sidecar_path, write_sidecar
+from .output import write_video_sidecar
 from .script import Story, Timeline
 from .settings import GenerationSettings
 
@@ -79,8 +79,7 @@ def render_story(
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
     seconds = time.perf_counter() - started
     # 3. the sidecar beside the finished video
-    sidecar = sidecar_path(target)
-    write_sidecar(sidecar, _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s))
+    sidecar = write_video_sidecar(target, _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s))
     return RenderResult(target, sidecar, timeline, seconds, first_frame_s)
 
 
@@ -91,19 +90,9 @@ def _progress(timeline: Timeline, chunk: int, video_frames: int, elapsed_s: floa
     )
 
 
-def _metadata(
-    engine: Engine,
-    story: Story,
-    timeline: Timeline,
-    settings: GenerationSettings,
-    seed: int,
-    seconds: float,
-    first_frame_s: float,
-) -> dict[str, Any]:
+def request_record(story: Story, timeline: Timeline, settings: GenerationSettings, seed: int) -> dict[str, Any]:
+    """What a render was asked for, as its sidecar records it: a finished video with the same record is done."""
     return {
-        "memflow_version": __version__,
-        "script": str(story.path),
-        "script_line": story.line,
         "title": story.title,
         "seed": seed,
         "timeline": {
@@ -123,6 +112,23 @@ def _metadata(
             ],
         },
         "settings": settings.as_dict(),
+    }
+
+
+def _metadata(
+    engine: Engine,
+    story: Story,
+    timeline: Timeline,
+    settings: GenerationSettings,
+    seed: int,
+    seconds: float,
+    first_frame_s: float,
+) -> dict[str, Any]:
+    return {
+        "memflow_version": __version__,
+        "script": str(story.path),
+        "script_line": story.line,
+        **request_record(story, timeline, settings, seed),
         "weights": engine.identity,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),

@@ -32,6 +32,7 @@ STORY_KEYS: tuple[str, ...] = ("title", "seed", "duration", "segments", "setting
 SEGMENT_KEYS: tuple[str, ...] = ("start", "prompt")
 JSONL_KEYS: tuple[str, ...] = ("prompts",)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator accepts
+MAX_TITLE_BYTES = 200  # a title names its video file: 255 bytes at most, less what memflow's temporary files add
 SNAP_TOLERANCE = 1e-9  # in chunks: 10.5 s is chunk 14 exactly, not 15
 
 TIME_HINT = "write it like 10s, 1m30s, 0:10 or 1:02.5"
@@ -303,6 +304,10 @@ def _unsigned_seconds(text: str) -> float | None:
 def _check_title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidValue(f"the title must be non-blank text, got {_show(value)}", "write a short name in quotes")
+    size = len(value.strip().encode("utf-8", "surrogatepass"))
+    if size > MAX_TITLE_BYTES:
+        message = f"the title is {size} bytes long in UTF-8, at most {MAX_TITLE_BYTES} fit in a file name"
+        raise InvalidValue(message, "shorten the title: it names the video file")
     return value.strip()
 
 
@@ -514,9 +519,10 @@ class _YamlReader:
         try:
             GenerationSettings().with_overrides(overrides)
         except SettingsError as exc:
-            written = exc.field in entries
-            where = entries[exc.field] if written else node
-            raise self.error(where, f"settings.{exc.field}", exc.message, _setting_hint(exc.field, written)) from None
+            blamed = next((name for name in (exc.field, *exc.related) if name in entries), exc.field)
+            written = blamed in entries
+            where = entries[blamed] if written else node
+            raise self.error(where, f"settings.{blamed}", exc.message, _setting_hint(blamed, written)) from None
         return overrides
 
 

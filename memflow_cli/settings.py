@@ -17,10 +17,11 @@ MEMORY_MODES: tuple[str, ...] = ("nam", "sink", "none")
 class SettingsError(ValueError):
     """A setting has a value the generator cannot use; names the field."""
 
-    def __init__(self, field_name: str, message: str):
+    def __init__(self, field_name: str, message: str, related: tuple[str, ...] = ()):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
         self.message = message
+        self.related = related  # other fields the rule involves: whichever of them the user gave is to blame
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,11 @@ class MemorySettings:
             raise SettingsError("memory", f"unknown mode {self.mode!r}; choose one of {', '.join(MEMORY_MODES)}")
         if self.window < 1:
             raise SettingsError("window", f"must be at least 1 frame, got {self.window}")
-        if self.sink < 0 or self.sink >= self.window:
-            raise SettingsError("sink", f"must be between 0 and window-1 ({self.window - 1}), got {self.sink}")
+        if self.sink < 0:
+            raise SettingsError("sink", f"must be at least 0, got {self.sink}")
+        if self.sink >= self.window:
+            message = f"the sink ({self.sink} frames) must be smaller than the window ({self.window} frames)"
+            raise SettingsError("sink", message, related=("window",))
         if self.bank_size < 1:
             raise SettingsError("bank_size", f"must be at least 1, got {self.bank_size}")
         if self.record_interval < 1:
@@ -209,6 +213,7 @@ class GenerationSettings:
                 "window",
                 f"window ({self.memory.window}) minus sink ({self.memory.sink_frames}) must hold at least one chunk "
                 f"({self.geometry.frames_per_chunk} frames)",
+                related=("sink",),
             )
 
     def with_overrides(self, overrides: dict[str, Any]) -> GenerationSettings:
@@ -262,10 +267,11 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "steps":
         problem = f"must be a list of integers like [1000, 750, 500, 250], got {value!r}"
         if isinstance(value, str):
-            try:
-                value = [int(v) for v in value.replace(",", " ").split()]
-            except ValueError:
-                raise SettingsError(name, problem) from None
+            words = value.replace(",", " ").split()
+            if not words or not all(word.isdigit() for word in words):
+                bad = next((word for word in words if not word.isdigit()), value)
+                raise SettingsError(name, f"{bad!r} is not a whole number; write the steps like 1000,750,500,250")
+            value = [int(word) for word in words]
         if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
             raise SettingsError(name, problem)
         return tuple(value)

@@ -12,12 +12,18 @@ leaves the GPU before generation starts.
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
 import ftfy
 import torch
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+
+# transformers names the load dtype `dtype` since 4.56 and deprecates the older `torch_dtype`.
+_TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+DTYPE_ARGUMENT = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
 
 # What the official pipeline uses: prompts are padded or truncated to this many tokens.
 DEFAULT_MAX_LENGTH = 512
@@ -34,6 +40,48 @@ def clean_prompt(text: str) -> str:
     return text.strip()
 
 
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder`: a Diffusers `tokenizer/` or the release's `google/umt5-xxl/`."""
+    return AutoTokenizer.from_pretrained(str(folder), **_t5_sentinel_override(Path(folder)))
+
+
+# T5 tokenizers add this many `<extra_id_N>` sentinel tokens when the config does not say.
+T5_DEFAULT_EXTRA_IDS = 100
+
+
+def _t5_sentinel_override(folder: Path) -> dict[str, int]:
+    """`extra_ids=0` for a T5 tokenizer whose config lists a different number of sentinels than `extra_ids`.
+
+    transformers' T5 tokenizers refuse such a config ("Both extra_ids (100) and additional_special_tokens
+    ... are provided", Wan-Video/Wan2.1#157). The listed sentinels are in its `tokenizer.json` already, so
+    none need adding: with `extra_ids=0` the tokenizer takes them as they are.
+    """
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no readable config: transformers reports it
+    if not str(config.get("tokenizer_class", "")).startswith("T5Tokenizer"):
+        return {}
+    sentinels = [token for token in config.get("additional_special_tokens") or [] if "<extra_id_" in str(token)]
+    if sentinels and len(sentinels) != config.get("extra_ids", T5_DEFAULT_EXTRA_IDS):
+        return {"extra_ids": 0}
+    return {}
+
+
+def with_eager_attention(encoder: UMT5EncoderModel) -> UMT5EncoderModel:
+    """The encoder with transformers' eager attention, the official T5's arithmetic; returns it.
+
+    transformers 5 runs UMT5 attention through SDPA by default, whose fused bf16 kernels round differently
+    from the official matmul + float32 softmax (0.7% relative L2 on the embeddings); eager reproduces it
+    bit for bit. The text encoder runs once per prompt, so its speed does not matter.
+    """
+    if hasattr(encoder, "set_attn_implementation"):
+        encoder.set_attn_implementation("eager")
+    else:  # transformers 4.x: UMT5 has no other attention, the attribute only records it
+        encoder.config._attn_implementation = "eager"
+    return encoder
+
+
 class TextEncoder:
     """A tokenizer and a `UMT5EncoderModel` that turn prompts into the DiT's `prompt_embeds`."""
 
@@ -48,7 +96,7 @@ class TextEncoder:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         self.tokenizer = tokenizer
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder = with_eager_attention(encoder).eval().requires_grad_(False)
         self.max_length = max_length
 
     @classmethod
@@ -73,8 +121,8 @@ class TextEncoder:
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> TextEncoder:
         """Load a tokenizer folder and a transformers `UMT5EncoderModel` folder."""
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), dtype=dtype)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), **{DTYPE_ARGUMENT: dtype})
         return cls(tokenizer, encoder.to(device), max_length)
 
     @property
@@ -117,12 +165,19 @@ class TextEncoder:
         return embeds if keep_on_device else embeds.to("cpu", torch.float32)
 
     def _encode_batch(self, prompts: list[str]) -> torch.Tensor:
-        ids, mask = self.tokenize(prompts)
+        return self.encode_tokens(*self.tokenize(prompts))
+
+    @torch.no_grad()
+    def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token ids and attention mask [n, L] -> embeddings [n, L, dim] in the encoder's dtype, on its device.
+
+        Every row at or past a prompt's length (the number of ones in its mask) is exactly zero.
+        """
         device = self.device
         hidden = self.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        # hidden: [n, max_length, dim]; a row is padding when its position is >= the prompt's true length
+        # hidden: [n, L, dim]; a row is padding when its position is >= the prompt's true length
         lengths = mask.sum(dim=1).to(device)
-        padding = torch.arange(self.max_length, device=device)[None, :] >= lengths[:, None]
+        padding = torch.arange(ids.shape[1], device=device)[None, :] >= lengths[:, None]
         return hidden.masked_fill(padding[:, :, None], 0.0)
 
     def to(self, device: torch.device | str) -> TextEncoder:

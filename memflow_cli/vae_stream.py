@@ -11,8 +11,11 @@ up blocks, norm_out, conv_out) but gives each causal conv a persistent history o
 frames. A call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a
 conv writes its output straight into the window, the conv pads spatially by itself, and only the two
 newest frames are copied back into the history. The steps between convs are `DecoderKernels`, which the
-fast path swaps for compiled ones. The arithmetic is diffusers' (on the CPU the frames are
-bit for bit the same); the memory traffic around each conv drops to about a third.
+fast path swaps for compiled ones. The arithmetic is the official Wan VAE's: diffusers' modules and
+weights, except that every RMS norm (the mid block's attention included) normalises in the activation
+dtype as the official code does, where diffusers >= 0.38 upcasts bfloat16 to float32. On the CPU the
+frames are bit for bit the official ones in float32 and bfloat16 (`tests/test_codec_parity.py`); the
+memory traffic around each conv drops to about a third.
 """
 
 from __future__ import annotations
@@ -42,10 +45,18 @@ def plus_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias.view(-1, *(1,) * (x.dim() - 2))
 
 
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | float, scale: float) -> torch.Tensor:
+    """RMS norm over channels (dim 1) as the official Wan VAE computes it: normalised in x's own dtype.
+
+    diffusers' `WanRMS_norm` normalises half-precision inputs in float32 since 0.38; the official code does
+    not, and in bfloat16 that one rounding spreads through the decoder to about 1% of the video.
+    """
+    return F.normalize(x, dim=1) * scale * gamma + beta
+
+
 def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | float, scale: float) -> torch.Tensor:
-    """diffusers' `WanRMS_norm` over channels (half precision normalised in float32, rounded back), then SiLU."""
-    normalized = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-    return F.silu(normalized * scale * gamma + beta)
+    """`rms_norm` then SiLU."""
+    return F.silu(rms_norm(x, gamma, beta, scale))
 
 
 def rms_norm_silu_into(
@@ -141,7 +152,7 @@ class DecoderStream:
         x = self._causal_conv(d.conv_in, x, _copy_into)
         x = self._residual(d.mid_block.resnets[0], x)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:], strict=True):
-            x = self._residual(resnet, attention(x))
+            x = self._residual(resnet, self._attention(attention, x))
         for block in d.up_blocks:
             for resnet in block.resnets:
                 x = self._residual(resnet, x)
@@ -153,6 +164,21 @@ class DecoderStream:
 
     def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm, x_bias: torch.Tensor | None = None) -> Fill:
         return lambda out, x: self.kernels.norm_silu(out, x, x_bias, norm.gamma, norm.bias, norm.scale)
+
+    def _attention(self, block: autoencoder_kl_wan.WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        """The mid block's single-head self-attention over the pixels of each frame, plus x.
+
+        diffusers' block normalises through its own `WanRMS_norm` (float32 for bf16 input); this is the block
+        with `rms_norm` in its place, so the whole decoder normalises as the official one does.
+        """
+        b, c, t, h, w = x.shape
+        images = x.transpose(1, 2).flatten(0, 1)  # [B*T, C, h, w]
+        norm = block.norm
+        qkv = block.to_qkv(rms_norm(images, norm.gamma, norm.bias, norm.scale))  # [B*T, 3C, h, w]
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).contiguous().chunk(3, dim=-1)  # each [B*T, 1, hw, C]
+        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        out = block.proj(attended).unflatten(0, (b, t)).transpose(1, 2)
+        return out + x
 
     def _residual(self, block: autoencoder_kl_wan.WanResidualBlock, x: torch.Tensor) -> torch.Tensor:
         """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1 conv) shortcut. Dropout: eval."""
@@ -224,8 +250,44 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last_3d if x.is_cuda else torch.contiguous_format
 
 
+# What the walk above reads of diffusers' Wan VAE modules besides their weights. None of it is diffusers' public
+# API (`_padding` is private), so each is checked before a video is decoded, with an error naming it.
+_READ_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "WanDecoder3d": ("conv_in", "mid_block", "up_blocks", "norm_out", "conv_out", "nonlinearity"),
+    "WanMidBlock": ("resnets", "attentions"),
+    "WanUpBlock": ("resnets", "upsamplers"),
+    "WanResidualBlock": ("norm1", "conv1", "norm2", "conv2", "conv_shortcut", "nonlinearity"),
+    "WanAttentionBlock": ("norm", "to_qkv", "proj"),
+    "WanResample": ("mode", "resample"),
+    "WanRMS_norm": ("gamma", "bias", "scale"),
+    "WanCausalConv3d": ("_padding", "kernel_size", "stride"),
+}
+
+
+def _check_diffusers_internals(decoder: nn.Module) -> None:
+    """Every diffusers class and attribute the walk reads is there; else a TypeError naming the missing one."""
+    import diffusers
+
+    advice = f"diffusers {diffusers.__version__} is not a version memflow supports (see pyproject.toml)"
+    classes = {}
+    for name in _READ_ATTRIBUTES:
+        if not hasattr(autoencoder_kl_wan, name):
+            raise TypeError(f"{advice}: its Wan VAE has no {name}, which memflow's streaming decoder walks")
+        classes[name] = getattr(autoencoder_kl_wan, name)
+    for module in decoder.modules():
+        for name, cls in classes.items():
+            missing = [attribute for attribute in _READ_ATTRIBUTES[name] if not hasattr(module, attribute)]
+            if isinstance(module, cls) and missing:
+                raise TypeError(f"{advice}: its {name} has no {', '.join(missing)}, which memflow's decoder reads")
+        if isinstance(module, classes["WanResample"]) and module.mode == "upsample3d" and not hasattr(
+            module, "time_conv"
+        ):
+            raise TypeError(f"{advice}: its WanResample has no time_conv, which memflow's decoder reads")
+
+
 def _check_wan21_layout(decoder: nn.Module) -> None:
     """The walk above is the Wan2.1 decoder's; refuse others (Wan2.2's residual decoder) with a clear error."""
+    _check_diffusers_internals(decoder)
     if not isinstance(decoder, autoencoder_kl_wan.WanDecoder3d):
         raise TypeError(f"expected diffusers' WanDecoder3d, got {type(decoder).__name__}")
     other = [type(b).__name__ for b in decoder.up_blocks if not isinstance(b, autoencoder_kl_wan.WanUpBlock)]

@@ -5,10 +5,11 @@
 #   scripts_examples/batch_render.sh scripts_examples out --model demo --duration 3s
 #
 # Scripts are the *.yaml, *.yml and *.jsonl files of SCRIPTS_DIR (not its subfolders), in name order.
-# A script is skipped when its MP4s exist already: OUT_DIR/<title>.mp4 for a YAML story (the `title:`
-# line, else the file name), OUT_DIR/<stem>-<line>.mp4 for every story of a JSONL file. A failed script
-# is logged to OUT_DIR/failures.log and the batch goes on; Ctrl-C stops the whole batch (the current
-# render keeps its playable .partial.mp4). Output paths go to stdout, a summary at the end.
+# memflow names the outputs (`memflow check --json`) and decides what is finished (`render --skip-existing`:
+# a video whose metadata records the same story, seed, settings and length); a preview is not a finished
+# full render. With --overwrite every script is rendered again. Two scripts whose stories would write the
+# same file: the later one fails. A failed script is logged to OUT_DIR/failures.log and the batch goes on;
+# Ctrl-C stops the batch (the current render keeps its playable partial file and names it).
 #
 # Exit code: 0 if every script was rendered or skipped, 1 if any failed, 130 if interrupted.
 # MEMFLOW (default: memflow) names the command to run.
@@ -17,7 +18,7 @@ set -uo pipefail
 shopt -s nullglob nocasematch
 
 if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 scripts_dir=$1
@@ -32,79 +33,85 @@ fi
 mkdir -p "$out_dir" || exit 1
 failures_log=$out_dir/failures.log
 
-# The title of a YAML story: its top-level `title:` (quotes and a trailing comment removed), else the file stem.
-yaml_title() {
-    local script=$1 raw title
-    raw=$(sed -n -E 's/^title:[[:space:]]*(.*)$/\1/p' "$script" | head -n 1)
-    raw=$(printf '%s' "$raw" | sed -E 's/[[:space:]]+#.*$//; s/^"(.*)"$/\1/; s/^'\''(.*)'\''$/\1/; s/[[:space:]]+$//')
-    # as memflow names the file: characters that cannot be in a file name become '_'
-    title=$(printf '%s' "$raw" | sed -E 's#[/\\:*?"<>|[:cntrl:]]#_#g; s/^[ .]+//; s/[ .]+$//')
-    if [[ -z $raw ]]; then
-        title=$(basename "${script%.*}")  # no title: memflow uses the file name
-    elif [[ -z $title ]]; then
-        title=untitled  # a title of dots and spaces only: memflow's fallback name
-    fi
-    printf '%s\n' "$title"
-}
-
-# The MP4s a script renders to, one a line.
-expected_outputs() {
-    local script=$1 stem
-    case $script in
-        *.jsonl)
-            stem=$(basename "${script%.*}")
-            awk -v dir="$out_dir" -v stem="$stem" 'NF { printf "%s/%s-%03d.mp4\n", dir, stem, NR }' "$script"
-            ;;
-        *)
-            printf '%s/%s.mp4\n' "$out_dir" "$(yaml_title "$script")"
-            ;;
-    esac
-}
-
-all_exist() {
-    local path any=0
-    while IFS= read -r path; do
-        [[ -e $path ]] || return 1
-        any=1
-    done
-    [[ $any == 1 ]]
-}
+overwrite=0
+for option in "$@"; do
+    [[ $option == --overwrite ]] && overwrite=1
+done
+if [[ $overwrite == 1 ]]; then
+    render_mode=()
+else
+    render_mode=(--skip-existing)
+fi
 
 rendered=0
 skipped=0
 failed=0
 errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
+declare -A writer_of  # output file (as memflow's JSON writes it) -> the script that renders it in this batch
+
+log_failure() {  # script, one-line reason; memflow's messages are in $errors
+    local script=$1 reason=$2
+    failed=$((failed + 1))
+    {
+        echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $script: $reason"
+        sed 's/^/    /' "$errors"
+    } >>"$failures_log"
+    echo "failed: $script ($reason, see $failures_log)" >&2
+}
+
+# The outputs of a script's stories, one a line, exactly as `memflow check --json` spells them (JSON string
+# contents: compared, never decoded).
+outputs_of() {
+    sed -n -E 's/.*"output": "((\\.|[^"\\])*)".*/\1/p'
+}
 
 for script in "$scripts_dir"/*; do
     case $script in
         *.yaml | *.yml | *.jsonl) [[ -f $script ]] || continue ;;
         *) continue ;;
     esac
-    if expected_outputs "$script" | all_exist; then
-        echo "skip: $script (output exists)" >&2
-        skipped=$((skipped + 1))
+    if ! stories=$("$memflow" check "$script" --out-dir "$out_dir" --json 2>"$errors"); then
+        cat "$errors" >&2
+        log_failure "$script" "memflow check failed"
         continue
     fi
+    clash=
+    while IFS= read -r output; do
+        if [[ -n ${writer_of[$output]+set} && ${writer_of[$output]} != "$script" ]]; then
+            clash="a story would write $output, which ${writer_of[$output]} writes in this batch"
+        fi
+    done < <(printf '%s\n' "$stories" | outputs_of)
+    if [[ -n $clash ]]; then
+        echo "error: $clash; give it another title" >"$errors"
+        cat "$errors" >&2
+        log_failure "$script" "$clash"
+        continue
+    fi
+    while IFS= read -r output; do
+        writer_of[$output]=$script
+    done < <(printf '%s\n' "$stories" | outputs_of)
+
     echo "render: $script" >&2
     # memflow's stdout goes to ours; its stderr to the terminal and to a file for the log.
     # tee -i survives Ctrl-C, so memflow can still say where its partial file is.
     {
-        "$memflow" render "$script" --out-dir "$out_dir" "$@" 2>&1 >&3 3>&- | tee -i "$errors" >&2 3>&-
+        "$memflow" render "$script" --out-dir "$out_dir" ${render_mode[@]+"${render_mode[@]}"} "$@" 2>&1 >&3 3>&- |
+            tee -i "$errors" >&2 3>&-
         status=${PIPESTATUS[0]}
     } 3>&1
     if [[ $status == 0 ]]; then
-        rendered=$((rendered + 1))
-    elif [[ $status == 130 ]]; then
+        story_count=$(printf '%s\n' "$stories" | grep -c .)
+        if [[ $(grep -c '^skip: ' "$errors") == "$story_count" ]]; then
+            skipped=$((skipped + 1))
+        else
+            rendered=$((rendered + 1))
+        fi
+    elif [[ $status == 130 || $status == 143 ]]; then
         echo "interrupted: stopped at $script" >&2
         exit 130
     else
-        failed=$((failed + 1))
-        {
-            echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $script: memflow render exited with $status"
-            sed 's/^/    /' "$errors"
-        } >>"$failures_log"
-        echo "failed: $script (exit $status, see $failures_log)" >&2
+        log_failure "$script" "memflow render exited with $status"
     fi
 done
 

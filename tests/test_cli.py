@@ -271,16 +271,19 @@ def test_render_refuses_a_bad_script_before_loading_anything(tmp_path: Path):
         (("--duration", "0s"), "--duration: must be longer than 0s"),
         (("--duration", "soon"), "--duration: 'soon' is not a time"),
         (("--memory", "bank"), "memory: unknown mode 'bank'"),
-        (("--window", "2"), "sink: must be between 0 and window-1"),
+        (("--window", "2"), "--window: the sink (3 frames) must be smaller than the window (2 frames)"),
+        (("--sink", "12"), "--sink: the sink (12 frames) must be smaller than the window (12 frames)"),
         (("--steps", "250,500"), "steps: must be strictly decreasing"),
+        (("--steps", "1000,abc"), "--steps: 'abc' is not a whole number; write the steps like 1000,750,500,250"),
     ],
 )
 def test_render_rejects_bad_options(tmp_path: Path, options: tuple[str, ...], message: str):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
     result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", *options)
     assert result.exit_code == 2
-    assert message in result.stderr
+    assert message in result.stderr.splitlines()[0]
     assert not (tmp_path / "fox.mp4").exists() and not partial_path(tmp_path / "fox.mp4").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fox.yaml"]  # no partial, no lock file left
 
 
 # ---------------------------------------------------------------------------------------------------------------------

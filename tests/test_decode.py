@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders import autoencoder_kl_wan
 
 from memflow_cli.decode import StreamingDecoder, frames_from_decoded
 from memflow_cli.vae_stream import DecoderKernels, DecoderStream, padded_channels, rms_norm_silu_into
@@ -65,9 +67,18 @@ def test_chunked_decode_matches_whole_video_decode(vae: AutoencoderKLWan, latent
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
+def official_rms_norm(norm: autoencoder_kl_wan.WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
+    """The official Wan VAE's RMS norm: normalised in x's own dtype (diffusers >= 0.38 upcasts bf16 to float32)."""
+    return torch.nn.functional.normalize(x, dim=1) * norm.scale * norm.gamma + norm.bias
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wan21_layout_decodes_diffusers_frames_bit_for_bit(dtype: torch.dtype) -> None:
-    """The real decoder's layout (4 up blocks of 3 residual blocks, two time upsamplers), small widths."""
+def test_wan21_layout_decodes_diffusers_frames_bit_for_bit(dtype: torch.dtype, monkeypatch) -> None:
+    """The real decoder's layout (4 up blocks of 3 residual blocks, two time upsamplers), small widths.
+
+    The reference is diffusers' decode with the official norm in place of its `WanRMS_norm`.
+    """
+    monkeypatch.setattr(autoencoder_kl_wan.WanRMS_norm, "forward", official_rms_norm)
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).eval().to(dtype)
     latents = torch.randn(1, 7, 16, *LATENT_HW, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -150,12 +161,15 @@ def test_rejects_channel_major_latents(vae: AutoencoderKLWan, latents: torch.Ten
         decoder.decode(latents.permute(0, 2, 1, 3, 4))
 
 
-def test_norm_silu_writes_what_diffusers_norm_then_silu_give_in_bfloat16(vae: AutoencoderKLWan) -> None:
+def test_norm_silu_writes_the_official_norm_then_silu_in_bfloat16(vae: AutoencoderKLWan) -> None:
     norm = copy.deepcopy(vae.decoder.up_blocks[0].resnets[0].norm1).to(torch.bfloat16)
+    norm.gamma.data.uniform_(0.5, 1.5)
     x = torch.randn(1, norm.gamma.shape[0], 2, 4, 6, dtype=torch.bfloat16)
     window = torch.zeros(1, norm.gamma.shape[0], 4, 4, 6, dtype=torch.bfloat16)
     with torch.no_grad():
-        expected = torch.nn.functional.silu(norm(x))
+        expected = torch.nn.functional.silu(official_rms_norm(norm, x))
+        upcast = torch.nn.functional.normalize(x.float(), dim=1).to(x.dtype) * norm.scale * norm.gamma
+        assert not torch.equal(torch.nn.functional.silu(upcast), expected)  # the rounding this test tells apart
         rms_norm_silu_into(window[:, :, 2:], x, None, norm.gamma, norm.bias, norm.scale)
     assert torch.equal(window[:, :, 2:], expected)
     assert not window[:, :, :2].any()  # the history part of the window is left alone
@@ -168,7 +182,7 @@ def test_norm_silu_adds_the_bias_its_conv_left_out_first(vae: AutoencoderKLWan) 
     conv_bias = torch.randn(channels, dtype=torch.bfloat16)
     out = torch.empty_like(x)
     with torch.no_grad():
-        expected = torch.nn.functional.silu(norm(x + conv_bias[:, None, None, None]))
+        expected = torch.nn.functional.silu(official_rms_norm(norm, x + conv_bias[:, None, None, None]))
         rms_norm_silu_into(out, x, conv_bias, norm.gamma, norm.bias, norm.scale)
     assert torch.equal(out, expected)
 
@@ -236,13 +250,34 @@ def test_streaming_refuses_an_activation_that_is_not_silu() -> None:
         StreamingDecoder(other)
 
 
+WAN22_VAE = "is_residual" in inspect.signature(AutoencoderKLWan.__init__).parameters
+needs_wan22_vae = pytest.mark.skipif(not WAN22_VAE, reason="this diffusers has no Wan2.2 VAE")
+
+
+@needs_wan22_vae
 def test_streaming_refuses_the_wan22_decoder() -> None:
     wan22 = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True)
     with pytest.raises(TypeError, match="only the Wan2.1 VAE decoder can be streamed; this one has WanResidualUpBlock"):
         StreamingDecoder(wan22)
 
 
+@needs_wan22_vae
 def test_streaming_refuses_a_patchifying_vae() -> None:
     patched = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, patch_size=2)
     with pytest.raises(TypeError, match="only the Wan2.1 VAE can be streamed; this one patchifies frames"):
         StreamingDecoder(patched)
+
+
+def test_streaming_names_a_diffusers_attribute_it_cannot_find() -> None:
+    """diffusers renamed a private attribute the walk reads: one error naming it, not an AttributeError mid-video."""
+    other = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    del other.decoder.up_blocks[0].resnets[0].conv1._padding
+    message = r"diffusers \S+ is not a version memflow supports .*: its WanCausalConv3d has no _padding"
+    with pytest.raises(TypeError, match=message):
+        StreamingDecoder(other)
+
+
+def test_streaming_names_a_diffusers_class_it_cannot_find(monkeypatch, vae: AutoencoderKLWan) -> None:
+    monkeypatch.delattr(autoencoder_kl_wan, "WanAttentionBlock")
+    with pytest.raises(TypeError, match="its Wan VAE has no WanAttentionBlock"):
+        StreamingDecoder(vae)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,14 +19,19 @@ import torch
 
 from memflow_cli.output import (
     Mp4Writer,
+    OutputBusyError,
     OutputError,
     OutputExistsError,
+    lock_path,
     partial_path,
+    read_sidecar,
+    reserved_output,
     sidecar_path,
     write_sidecar,
+    write_video_sidecar,
 )
 
-from .video import VideoInfo, probe_video, read_sidecar
+from .video import VideoInfo, probe_video
 
 WIDTH, HEIGHT, FPS, KEYFRAMES = 64, 48, 16, 12
 
@@ -119,7 +127,7 @@ def test_exception_keeps_target_and_leaves_playable_partial(tmp_path: Path) -> N
         raise KeyboardInterrupt
     assert target.read_bytes() == b"old"
     partial = partial_path(target)
-    assert partial == tmp_path / "out.partial.mp4"
+    assert partial == tmp_path / ".out.partial.mp4"
     decoded = read_frames(partial)
     assert len(decoded) == 24
     assert_close_to_pattern(decoded[:1])
@@ -218,3 +226,167 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     assert read_sidecar(path) == data
     assert path.read_text(encoding="utf-8").startswith('{\n  "prompts"')
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reserving the files of one render
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_a_reservation_locks_the_output_and_removes_its_lock_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    with reserved_output(target):
+        assert lock_path(target) == tmp_path / ".out.mp4.lock"
+        assert lock_path(target).read_text().strip() == str(os.getpid())
+        with pytest.raises(OutputBusyError, match=rf"process {os.getpid()}\) is writing .*out.mp4") as busy:
+            with reserved_output(target):
+                pass
+        assert busy.value.hint
+        with reserved_output(tmp_path / "other.mp4"):  # another output is another lock
+            pass
+    assert names(tmp_path) == []
+    with reserved_output(target):  # free again
+        pass
+
+
+HOLD_A_RESERVATION = """
+import sys, time
+from pathlib import Path
+from memflow_cli.output import reserved_output
+with reserved_output(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    command = [sys.executable, "-c", HOLD_A_RESERVATION, str(target)]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(OutputBusyError, match=f"process {holder.pid}"):
+            with reserved_output(target):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(target).exists()  # left behind by kill -9, but nobody holds it
+    with reserved_output(target):
+        pass
+    assert names(tmp_path) == []
+
+
+def test_a_partial_from_a_stopped_render_is_kept_unless_overwriting(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    partial = partial_path(target)
+    partial.write_bytes(b"frames of a killed render")
+    with pytest.raises(OutputExistsError, match="earlier render") as error:
+        with reserved_output(target):
+            pass
+    assert str(partial) in str(error.value) and "--overwrite" in (error.value.hint or "")
+    assert partial.read_bytes() == b"frames of a killed render"
+    with reserved_output(target, overwrite=True):
+        assert not partial.exists()
+
+
+def test_a_sidecar_memflow_did_not_write_is_never_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "notes.mp4"
+    notes = sidecar_path(target)
+    notes.write_text('{"my": "notes"}\n')
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="not written by memflow"):
+            with reserved_output(target, overwrite=overwrite):
+                pass
+    assert notes.read_text() == '{"my": "notes"}\n'
+    write_sidecar(notes, {"memflow_version": "0.1.0", "seed": 1})  # memflow's own, its video gone: replaceable
+    with reserved_output(target):
+        pass
+
+
+def test_an_existing_video_needs_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="exists") as error:
+        with reserved_output(target):
+            pass
+    assert error.value.path == target
+    with reserved_output(target, overwrite=True):
+        assert target.read_bytes() == b"precious"  # replaced only when the new video is complete
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("missing/out.mp4", "does not exist"),
+        ("a-file/out.mp4", "is a file, not a folder"),
+        ("folder.mp4", "it is a folder"),
+        (".out.partial.mp4", "memflow's partial files"),
+        ("x" * 240 + ".mp4", "the file name is 244 bytes long"),
+    ],
+)
+def test_a_reservation_checks_the_place_first(tmp_path: Path, where: str, message: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "folder.mp4").mkdir()
+    with pytest.raises(OutputError, match=message):
+        with reserved_output(tmp_path / where):
+            pass
+    assert names(tmp_path) == ["a-file", "folder.mp4"]
+
+
+def test_a_reservation_in_a_folder_that_cannot_be_written(tmp_path: Path) -> None:
+    folder = Path("/sys")  # read-only even for root, unlike a chmod-ed folder
+    if not folder.is_dir() or os.access(folder, os.W_OK) and _can_create_in(folder):
+        pytest.skip("no read-only folder to try here")
+    with pytest.raises(OutputError, match=f"cannot write in {folder}"):
+        with reserved_output(folder / "out.mp4"):
+            pass
+
+
+def _can_create_in(folder: Path) -> bool:
+    try:
+        (folder / ".memflow-probe").touch()
+    except OSError:
+        return False
+    (folder / ".memflow-probe").unlink()
+    return True
+
+
+def test_a_partial_name_no_title_can_produce(tmp_path: Path) -> None:
+    # `x.partial.mp4` is what a story titled "x.partial" writes; the partial of x.mp4 is hidden
+    assert partial_path(tmp_path / "x.mp4").name == ".x.partial.mp4"
+    assert partial_path(tmp_path / "x.mp4") != tmp_path / "x.partial.mp4"
+
+
+def test_a_full_disk_is_one_line_naming_the_partial(tmp_path: Path) -> None:
+    """ffmpeg under a file-size limit (what a full disk looks like to a writer): one line, the partial kept."""
+    target = tmp_path / "out.mp4"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # inherited by the ffmpeg started now
+    try:
+        writer = new_writer(target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    noise = np.random.default_rng(0).integers(0, 256, (KEYFRAMES, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    with pytest.raises(OutputError) as error, writer:
+        for _ in range(1000):  # noise does not compress: 20 kB are a few frames
+            writer.write(noise)
+            time.sleep(0.01)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"ffmpeg failed writing {partial_path(target)}" in message
+    assert "SIGXFSZ" in message and "the file keeps the frames written so far" in message
+    assert partial_path(target).exists() and not target.exists()
+
+
+def test_a_sidecar_that_cannot_be_written_says_the_video_is_complete(tmp_path: Path) -> None:
+    video = tmp_path / "out.mp4"
+    video.write_bytes(b"a finished video")
+    (tmp_path / "out.json").mkdir()  # where the sidecar goes, something that cannot be replaced
+    with pytest.raises(OutputError, match=f"the video {video} is complete, but its metadata") as error:
+        write_video_sidecar(video, {"memflow_version": "0"})
+    assert error.value.hint and "\n" not in str(error.value)
+    assert video.read_bytes() == b"a finished video"

@@ -547,14 +547,14 @@ YAML_ERRORS = [
     (
         "steps not a list",
         HEAD + "settings:\n  steps: abc\n",
-        "story.yaml:5: settings.steps: must be a list of integers like [1000, 750, 500, 250], got 'abc' — fix the "
+        "story.yaml:5: settings.steps: 'abc' is not a whole number; write the steps like 1000,750,500,250 — fix the "
         "value, or remove `steps` to keep the default ([1000, 750, 500, 250])",
     ),
     (
         "default clashes with a setting",
         HEAD + "settings:\n  window: 2\n",
-        "story.yaml:5: settings.sink: must be between 0 and window-1 (1), got 3 — the default `sink` (3) does not fit "
-        "the other settings: set `sink` too",
+        "story.yaml:5: settings.window: the sink (3 frames) must be smaller than the window (2 frames) — fix the "
+        "value, or remove `window` to keep the default (12)",
     ),
     (
         "settings not a mapping",

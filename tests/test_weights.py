@@ -161,12 +161,25 @@ def write_diffusers_wan(root: Path, tokenizer, umt5, vae, shard: bool = False) -
 
 def write_official(root: Path, tokenizer, umt5, vae) -> Path:
     write_checkpoints(root / "checkpoints")
-    wan = root / "wan_models" / "Wan2.1-T2V-1.3B"
+    write_official_wan(root / "wan_models" / "Wan2.1-T2V-1.3B", tokenizer, umt5, vae)
+    return root
+
+
+def write_official_wan(wan: Path, tokenizer, umt5, vae) -> Path:
+    """The files of `Wan-AI/Wan2.1-T2V-1.3B` that memflow uses, tiny."""
     tokenizer.save_pretrained(wan / "google" / "umt5-xxl")
+    (wan / "google" / "umt5-xxl" / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
+    # the release's SentencePiece file, for size checks only: the demo tokenizer loads from its tokenizer.json
+    (wan / "google" / "umt5-xxl" / "spiece.model").write_bytes(bytes(range(256)))
     torch.save({k: v.to(torch.bfloat16) for k, v in wan_t5_state(umt5).items()}, wan / weights.OFFICIAL_T5_FILE)
     torch.save(original_vae_state(vae), wan / weights.OFFICIAL_VAE_FILE)
     (wan / "config.json").write_text(json.dumps(WAN_ORIGINAL_CONFIG))
-    return root
+    return wan
+
+
+def sizes_of(wan: Path) -> dict[str, int]:
+    """A release-size table in the form of `weights.RELEASE_BYTES`, for the tiny files in `wan`."""
+    return {name: (wan / name).stat().st_size for name in weights.RELEASE_BYTES}
 
 
 @pytest.fixture
@@ -229,7 +242,14 @@ def test_resolves_the_official_memflow_layout(tmp_path, tokenizer, umt5, vae):
     assert files.text_encoder_dir == wan / "models_t5_umt5-xxl-enc-bf16.pth"
     assert files.vae == wan / "Wan2.1_VAE.pth" and files.tokenizer_dir == wan / "google" / "umt5-xxl"
     assert files.transformer_config == wan / "config.json"
-    assert all(result.ok for result in verify(files)), verify(files)
+    assert all(result.ok for result in verify(files, release_bytes=sizes_of(wan))), verify(files)
+
+
+def test_the_official_files_win_over_an_older_diffusers_download(local_folder, tokenizer, umt5, vae):
+    write_official_wan(local_folder / weights.WAN_DIR, tokenizer, umt5, vae)
+    files = resolve_model(local_folder)
+    assert files.layout == "official"
+    assert files.vae == local_folder / "Wan2.1-T2V-1.3B" / "Wan2.1_VAE.pth"
 
 
 def test_missing_files_are_named_with_the_download_command(local_folder):
@@ -259,12 +279,24 @@ def test_a_folder_that_does_not_exist(tmp_path):
         resolve_model(tmp_path / "nowhere")
 
 
-def test_resolves_the_hub_cache_under_hf_home(hub_home, tokenizer, umt5, vae):
+def test_resolves_the_official_files_in_the_hub_cache_under_hf_home(hub_home, tokenizer, umt5, vae):
     cache = hub_home / "hub"
-    write_checkpoints(fake_hub_snapshot(cache, weights.MEMFLOW_REPO))
-    wan = write_diffusers_wan(fake_hub_snapshot(cache, weights.WAN_REPO), tokenizer, umt5, vae)
+    write_checkpoints(fake_hub_snapshot(cache, "KlingTeam/MemFlow"))
+    wan = write_official_wan(fake_hub_snapshot(cache, "Wan-AI/Wan2.1-T2V-1.3B"), tokenizer, umt5, vae)
+    write_diffusers_wan(fake_hub_snapshot(cache, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), tokenizer, umt5, vae)
     files = resolve_model(None)
     assert files.base.parent.parent.parent == cache / "models--KlingTeam--MemFlow"
+    assert files.layout == "official"
+    assert files.vae == wan / "Wan2.1_VAE.pth" and files.tokenizer_dir == wan / "google" / "umt5-xxl"
+    assert files.transformer_config == wan / "config.json"
+
+
+def test_a_diffusers_download_in_the_hub_cache_still_serves(hub_home, tokenizer, umt5, vae):
+    cache = hub_home / "hub"
+    write_checkpoints(fake_hub_snapshot(cache, "KlingTeam/MemFlow"))
+    wan = write_diffusers_wan(fake_hub_snapshot(cache, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), tokenizer, umt5, vae)
+    files = resolve_model(None)
+    assert files.layout == "diffusers"
     assert files.vae == wan / "vae" and files.transformer_config == wan / "transformer" / "config.json"
 
 
@@ -272,8 +304,11 @@ def test_an_empty_hub_cache_lists_every_missing_piece(hub_home):
     with pytest.raises(WeightsError) as err:
         resolve_model(None)
     message = str(err.value)
-    for piece in ("KlingTeam/MemFlow: base.pt", "KlingTeam/MemFlow: lora.pt", f"{weights.WAN_REPO}: vae/*"):
+    pieces = ["KlingTeam/MemFlow: base.pt", "KlingTeam/MemFlow: lora.pt"]
+    pieces += [f"Wan-AI/Wan2.1-T2V-1.3B: {name}" for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth")]
+    for piece in [*pieces, "Wan-AI/Wan2.1-T2V-1.3B: google/umt5-xxl/*"]:
         assert piece in message
+    assert "Diffusers" not in message
     assert str(hub_home / "hub") in message and "memflow weights download" in message
 
 
@@ -313,30 +348,76 @@ def test_download_network_failure_names_the_file(tmp_path, monkeypatch):
     assert "memflow weights download" in str(err.value)
 
 
-def test_download_into_a_folder_fetches_only_what_is_needed(tmp_path, monkeypatch, tokenizer, umt5, vae):
+OFFICIAL_PATTERNS = {"models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "config.json", "google/umt5-xxl/*"}
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, tokenizer, umt5, vae) -> list[dict]:
+    """huggingface_hub's two download functions, answering from tiny files; the list records every call."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    template = tmp_path / "hub"
-    write_checkpoints(template / "memflow")
-    write_diffusers_wan(template / "wan", tokenizer, umt5, vae)
-    calls = []
+    template = tmp_path / "hub-template"
+    write_checkpoints(template / "KlingTeam/MemFlow")
+    write_official_wan(template / "Wan-AI/Wan2.1-T2V-1.3B", tokenizer, umt5, vae)
+    calls: list[dict] = []
 
-    def fake_file(repo, name, *, cache_dir=None, local_dir=None):
-        calls.append((repo, name))
-        Path(local_dir).mkdir(parents=True, exist_ok=True)
-        return shutil.copy(template / "memflow" / name, Path(local_dir) / name)
+    def destination(repo: str, cache_dir, local_dir) -> Path:
+        """Where the hub puts a repo's files: the folder asked for, else the repo's snapshot in the cache."""
+        if local_dir is not None:
+            return Path(local_dir)
+        snapshot = Path(cache_dir) / f"models--{repo.replace('/', '--')}" / "snapshots" / ("1" * 40)
+        (snapshot.parent.parent / "refs").mkdir(parents=True, exist_ok=True)
+        (snapshot.parent.parent / "refs" / "main").write_text("1" * 40)
+        return snapshot
 
-    def fake_snapshot(repo, *, allow_patterns, cache_dir=None, local_dir=None):
-        calls.append((repo, tuple(allow_patterns)))
-        return shutil.copytree(template / "wan", local_dir)
+    def fake_file(repo, name, *, cache_dir=None, local_dir=None, **kwargs):
+        if kwargs.get("local_files_only"):  # resolving the cache afterwards: what the fake put there
+            path = destination(repo, cache_dir, None) / name
+            if not path.is_file():
+                raise LocalEntryNotFoundError(f"{name} is not cached")
+            return str(path)
+        calls.append({"repo": repo, "file": name, "cache_dir": cache_dir, "local_dir": local_dir})
+        target = destination(repo, cache_dir, local_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        return shutil.copy(template / repo / name, target / name)
 
-    monkeypatch.setattr(download_module, "hf_hub_download", fake_file)
-    monkeypatch.setattr(download_module, "snapshot_download", fake_snapshot)
+    def fake_snapshot(repo, *, allow_patterns, cache_dir=None, local_dir=None, **kwargs):
+        if kwargs.get("local_files_only"):
+            path = destination(repo, cache_dir, None)
+            if not path.is_dir():
+                raise LocalEntryNotFoundError(f"{repo} is not cached")
+            return str(path)
+        calls.append({"repo": repo, "patterns": set(allow_patterns), "cache_dir": cache_dir, "local_dir": local_dir})
+        return str(shutil.copytree(template / repo, destination(repo, cache_dir, local_dir), dirs_exist_ok=True))
+
+    for module in (download_module, locate):  # downloading, then resolving what was downloaded
+        monkeypatch.setattr(module, "hf_hub_download", fake_file)
+        monkeypatch.setattr(module, "snapshot_download", fake_snapshot)
+    return calls
+
+
+def test_download_into_a_folder_fetches_the_official_files(tmp_path, fake_hub):
     files = download(tmp_path / "weights")
     assert files == resolve_model(tmp_path / "weights")
-    patterns = calls[-1][1]
-    assert calls[:2] == [("KlingTeam/MemFlow", "base.pt"), ("KlingTeam/MemFlow", "lora.pt")]
-    assert calls[-1][0] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    assert "transformer/config.json" in patterns and not any(p.startswith("transformer/*") for p in patterns)
+    assert files.layout == "official"
+    wan = tmp_path / "weights" / "Wan2.1-T2V-1.3B"
+    assert files.text_encoder_dir == wan / "models_t5_umt5-xxl-enc-bf16.pth" and files.vae == wan / "Wan2.1_VAE.pth"
+    assert files.tokenizer_dir == wan / "google" / "umt5-xxl" and files.transformer_config == wan / "config.json"
+    assert [(call["repo"], call.get("file")) for call in fake_hub] == [
+        ("KlingTeam/MemFlow", "base.pt"),
+        ("KlingTeam/MemFlow", "lora.pt"),
+        ("Wan-AI/Wan2.1-T2V-1.3B", None),
+    ]
+    assert fake_hub[2]["patterns"] == OFFICIAL_PATTERNS  # not the 1.3B transformer, which base.pt replaces
+    assert [call["local_dir"] for call in fake_hub] == [tmp_path / "weights"] * 2 + [wan]
+    assert all(result.ok for result in verify(files, release_bytes=sizes_of(wan))), verify(files)
+
+
+def test_download_into_the_hub_cache(hub_home, fake_hub):
+    files = download()
+    assert files == resolve_model(None) and files.layout == "official"
+    assert {call["cache_dir"] for call in fake_hub} == {hub_home / "hub"}
+    assert {call["local_dir"] for call in fake_hub} == {None}
+    assert files.vae.parent.parent.parent == hub_home / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B"
 
 
 # -- verify -----------------------------------------------------------------------------------------------
@@ -346,8 +427,39 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _failures(files: ModelFiles) -> dict[str, str]:
-    return {result.name: str(result) for result in verify(files) if not result.ok}
+def _failures(files: ModelFiles, release_bytes: dict[str, int] | None = None) -> dict[str, str]:
+    results = verify(files) if release_bytes is None else verify(files, release_bytes=release_bytes)
+    return {result.name: str(result) for result in results if not result.ok}
+
+
+def test_verify_compares_each_released_file_with_its_size(tmp_path, tokenizer, umt5, vae):
+    files = resolve_model(write_official(tmp_path, tokenizer, umt5, vae))
+    wan = files.vae.parent
+    sizes = sizes_of(wan)
+    results = verify(files, release_bytes=sizes)
+    assert all(result.ok for result in results)
+    assert sum("size as released" in result.detail for result in results) == len(weights.RELEASE_BYTES)
+
+    cut = files.text_encoder_dir.stat().st_size - 10
+    with files.text_encoder_dir.open("r+b") as handle:
+        handle.truncate(cut)
+    (files.tokenizer_dir / "special_tokens_map.json").unlink()
+    (files.transformer_config).write_text(json.dumps({**WAN_ORIGINAL_CONFIG, "note": "edited"}))
+    failures = _failures(files, release_bytes=sizes)
+    assert set(failures) == {"text_encoder", "tokenizer/special_tokens_map.json", "transformer_config"}
+    short = f"short: {cut:,} of {sizes['models_t5_umt5-xxl-enc-bf16.pth']:,} bytes: {TRUNCATED}"
+    assert short in failures["text_encoder"] and str(files.text_encoder_dir) in failures["text_encoder"]
+    assert "missing: run `memflow weights download`" in failures["tokenizer/special_tokens_map.json"]
+    assert "not the released file" in failures["transformer_config"]
+
+
+def test_the_release_sizes_cover_every_wan_file_memflow_loads():
+    """Sizes of `Wan-AI/Wan2.1-T2V-1.3B`: the encoder 11.4 GB, the VAE 508 MB, the tokenizer's four files."""
+    assert weights.RELEASE_BYTES["models_t5_umt5-xxl-enc-bf16.pth"] == 11_361_920_418
+    assert weights.RELEASE_BYTES["Wan2.1_VAE.pth"] == 507_609_880
+    tokenizer = {name.removeprefix("google/umt5-xxl/") for name in weights.RELEASE_BYTES if name.startswith("google/")}
+    assert tokenizer == {"spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert sum(weights.RELEASE_BYTES.values()) / 1e9 == pytest.approx(11.89, abs=0.01)
 
 
 def test_verify_reports_a_truncated_pt_file_by_name(local_folder):
@@ -379,7 +491,7 @@ def test_verify_reports_empty_files_and_bad_json(local_folder):
 def test_verify_reports_a_truncated_original_pth(tmp_path, tokenizer, umt5, vae):
     files = resolve_model(write_official(tmp_path, tokenizer, umt5, vae))
     _truncate(files.vae)
-    assert list(_failures(files)) == ["vae"]
+    assert list(_failures(files, release_bytes={})) == ["vae"]
     with pytest.raises(WeightsError, match=re.escape(f"{files.vae}: {TRUNCATED}")):
         load_vae(files.vae)
 
@@ -503,3 +615,11 @@ def test_load_vae_casts_a_single_file_to_the_requested_dtype(tmp_path, vae):
     loaded = load_vae(tmp_path / "Wan2.1_VAE.pth", "cpu", torch.bfloat16, config=TINY_VAE_CONFIG)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in loaded.parameters()) and not loaded.training
+
+
+def test_verify_calls_random_bytes_corrupt_not_unsafe(local_folder):
+    files = resolve_model(local_folder)
+    files.base.write_bytes(bytes(range(256)) * 20)  # neither a zip archive nor a pickle
+    failure = _failures(files)["base"]
+    assert "not a torch checkpoint" in failure and TRUNCATED in failure
+    assert "weights_only" not in failure and "()" not in failure

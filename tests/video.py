@@ -1,8 +1,7 @@
-"""Reading back what memflow wrote: a video's frame count, size and rate, and a sidecar (test helpers)."""
+"""Reading back a video memflow wrote: its frame count, size and rate (a test helper)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,3 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         return next(reader)
     finally:
         reader.close()
-
-
-def read_sidecar(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -22,7 +22,10 @@ from .locate import (
     MEMFLOW_REPO,
     OFFICIAL_T5_FILE,
     OFFICIAL_VAE_FILE,
+    RELEASE_BYTES,
     WAN_DIFFUSERS_DIR,
+    WAN_DIFFUSERS_REPO,
+    WAN_DIR,
     WAN_REPO,
     ModelFiles,
     hub_cache_dir,
@@ -32,8 +35,9 @@ from .locate import (
 from .verify import CheckResult, verify
 
 __all__ = [
-    "BASE_FILE", "DOWNLOAD_COMMAND", "LORA_FILE", "MEMFLOW_REPO", "OFFICIAL_T5_FILE", "OFFICIAL_VAE_FILE", "TRUNCATED",
-    "WAN21_VAE_CONFIG", "WAN_DIFFUSERS_DIR", "WAN_REPO", "CheckResult", "ModelFiles", "WeightsError",
-    "convert_wan_t5_to_umt5", "download", "file_fingerprint", "hub_cache_dir", "hub_offline", "load_text_encoder",
-    "load_vae", "load_wan_t5", "resolve_model", "umt5_config_from_wan_t5", "verify", "weights_identity",
-]  # fmt: skip
+    "BASE_FILE", "CheckResult", "DOWNLOAD_COMMAND", "LORA_FILE", "MEMFLOW_REPO", "ModelFiles", "OFFICIAL_T5_FILE",
+    "OFFICIAL_VAE_FILE", "RELEASE_BYTES", "TRUNCATED", "WAN21_VAE_CONFIG", "WAN_DIFFUSERS_DIR",
+    "WAN_DIFFUSERS_REPO", "WAN_DIR", "WAN_REPO", "WeightsError", "convert_wan_t5_to_umt5", "download",
+    "file_fingerprint", "hub_cache_dir", "hub_offline", "load_text_encoder", "load_vae", "load_wan_t5",
+    "resolve_model", "umt5_config_from_wan_t5", "verify", "weights_identity",
+]

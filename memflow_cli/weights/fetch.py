@@ -15,7 +15,7 @@ from .locate import (
     BASE_FILE,
     LORA_FILE,
     MEMFLOW_REPO,
-    WAN_DIFFUSERS_DIR,
+    WAN_DIR,
     WAN_PATTERNS,
     WAN_REPO,
     ModelFiles,
@@ -37,7 +37,7 @@ def download(to: Path | None = None) -> ModelFiles:
         except WeightsError as err:
             raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded.\n{err}") from None
     cache_dir = None if to is not None else hub_cache_dir()
-    wan_dir = None if to is None else Path(to) / WAN_DIFFUSERS_DIR
+    wan_dir = None if to is None else Path(to) / WAN_DIR
     for name in (BASE_FILE, LORA_FILE):
         fetch_file = partial(hf_hub_download, MEMFLOW_REPO, name, cache_dir=cache_dir, local_dir=to)
         _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file)

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from ..loading import WeightsError, read_torch_file
-from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder
+from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 from .locate import ModelFiles
 
 # The Wan2.1 VAE (diffusers `AutoencoderKLWan` names); the original `Wan2.1_VAE.pth` has no config of its own.
@@ -79,7 +79,7 @@ def load_text_encoder(
     """The tokenizer and umT5 encoder of either layout, on `device` in `dtype`."""
     if files.layout == "diffusers":
         return TextEncoder.from_folders(files.tokenizer_dir, files.text_encoder_dir, device, dtype, max_length)
-    tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    tokenizer = load_tokenizer(files.tokenizer_dir)
     return TextEncoder(tokenizer, load_wan_t5(files.text_encoder_dir, device, dtype), max_length)
 
 

@@ -1,16 +1,18 @@
 """Where the model's files are: the Hugging Face cache, a weights folder, or a checkout of the official code.
 
-The real model needs two sets of files:
+The real model needs the files the official MemFlow inference loads:
 
 - the MemFlow transformer checkpoints, `base.pt` and `lora.pt`, from the hub repo `KlingTeam/MemFlow`
   (parsed and merged by `checkpoint.py`, only located here);
-- the Wan2.1-T2V-1.3B text encoder, tokenizer and VAE, from `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
-  (`text_encoder/`, `tokenizer/`, `vae/` and the small `transformer/config.json`; never the transformer
+- from `Wan-AI/Wan2.1-T2V-1.3B`: the umT5-XXL encoder `models_t5_umt5-xxl-enc-bf16.pth`, its tokenizer
+  folder `google/umt5-xxl/`, the VAE `Wan2.1_VAE.pth` and the small `config.json` (never the transformer
   weights, which `base.pt` replaces).
 
-A local folder is in the layout `download(to=...)` writes (`base.pt`, `lora.pt`, `Wan2.1-T2V-1.3B-Diffusers/`)
-or that of the official MemFlow code (`checkpoints/`, `wan_models/Wan2.1-T2V-1.3B/` with the original
-`.pth` files).
+They are found in the Hugging Face cache (`--model` not given), in a local folder in the layout
+`download(to=...)` writes (`base.pt`, `lora.pt`, `Wan2.1-T2V-1.3B/`), or in a checkout of the official
+MemFlow code (`checkpoints/`, `wan_models/Wan2.1-T2V-1.3B/`). Folders and caches in the layout of
+`Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (`text_encoder/`, `tokenizer/`, `vae/`: what memflow downloaded before)
+load too; the official files win where both are present.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError
 
@@ -30,16 +33,41 @@ MEMFLOW_REPO = "KlingTeam/MemFlow"
 BASE_FILE = "base.pt"
 LORA_FILE = "lora.pt"
 
-WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-WAN_DIFFUSERS_DIR = "Wan2.1-T2V-1.3B-Diffusers"  # its folder inside a local weights folder
-WAN_PATTERNS = ("text_encoder/*", "tokenizer/*", "vae/*", "transformer/config.json")
-
 # the layout of the official MemFlow code
 OFFICIAL_CHECKPOINTS_DIR = "checkpoints"
 OFFICIAL_WAN_DIR = "wan_models/Wan2.1-T2V-1.3B"
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_VAE_FILE = "Wan2.1_VAE.pth"
 OFFICIAL_TOKENIZER_DIR = "google/umt5-xxl"
+OFFICIAL_CONFIG_FILE = "config.json"
+
+WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B"  # the official release, what the official inference loads
+WAN_DIR = "Wan2.1-T2V-1.3B"  # its folder inside a local weights folder
+WAN_PATTERNS = (OFFICIAL_T5_FILE, OFFICIAL_VAE_FILE, OFFICIAL_CONFIG_FILE, f"{OFFICIAL_TOKENIZER_DIR}/*")
+
+# The sizes in bytes of the released files of `Wan-AI/Wan2.1-T2V-1.3B` (revision 37ec5126, as the hub's file
+# records list them), relative to its folder. base.pt and lora.pt have no published size: they are checked by
+# reading their headers only.
+RELEASE_BYTES: dict[str, int] = {
+    OFFICIAL_T5_FILE: 11_361_920_418,
+    OFFICIAL_VAE_FILE: 507_609_880,
+    OFFICIAL_CONFIG_FILE: 249,
+    f"{OFFICIAL_TOKENIZER_DIR}/spiece.model": 4_548_313,
+    f"{OFFICIAL_TOKENIZER_DIR}/tokenizer.json": 16_837_417,
+    f"{OFFICIAL_TOKENIZER_DIR}/tokenizer_config.json": 61_728,
+    f"{OFFICIAL_TOKENIZER_DIR}/special_tokens_map.json": 6_623,
+}
+
+# the same components in the Diffusers layout, which memflow downloaded before 0.2 and still loads
+WAN_DIFFUSERS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+WAN_DIFFUSERS_DIR = "Wan2.1-T2V-1.3B-Diffusers"  # its folder inside a local weights folder
+WAN_DIFFUSERS_PATTERNS = ("text_encoder/*", "tokenizer/*", "vae/*", "transformer/config.json")
+
+# huggingface_hub >= 1.2 raises this for a cached snapshot that lacks some of the requested files; older
+# versions hand the snapshot folder back as it is (its missing parts are checked after, either way).
+_INCOMPLETE_SNAPSHOT: tuple[type[Exception], ...] = tuple(
+    error for error in (getattr(hub_errors, "IncompleteSnapshotError", None),) if error is not None
+)
 
 
 @dataclass(frozen=True)
@@ -112,13 +140,19 @@ def _resolve_cache() -> ModelFiles:
     cache_dir = hub_cache_dir()
     base = _cached_file(MEMFLOW_REPO, BASE_FILE, cache_dir)
     lora = _cached_file(MEMFLOW_REPO, LORA_FILE, cache_dir)
-    wan_root = _cached_snapshot(WAN_REPO, cache_dir)
     missing = [f"{MEMFLOW_REPO}: {name}" for name, path in ((BASE_FILE, base), (LORA_FILE, lora)) if path is None]
-    wan_missing = list(WAN_PATTERNS) if wan_root is None else _diffusers_missing(wan_root)
+    wan_root = _cached_snapshot(WAN_REPO, WAN_PATTERNS, cache_dir)
+    wan_missing = list(WAN_PATTERNS) if wan_root is None else _official_missing(wan_root)
+    diffusers_root = _cached_snapshot(WAN_DIFFUSERS_REPO, WAN_DIFFUSERS_PATTERNS, cache_dir) if wan_missing else None
+    if diffusers_root is not None and not _diffusers_missing(diffusers_root):
+        wan_missing = []  # an earlier download in the Diffusers layout serves as well
     missing += [f"{WAN_REPO}: {item}" for item in wan_missing]
-    if missing or base is None or lora is None or wan_root is None:
+    if missing or base is None or lora is None:
         raise _missing_error(missing, f"the Hugging Face cache ({cache_dir})")
-    return _diffusers_files(base, lora, wan_root)
+    if wan_root is not None and not _official_missing(wan_root):
+        return _official_files(base, lora, wan_root)
+    assert diffusers_root is not None
+    return _diffusers_files(base, lora, diffusers_root)
 
 
 def _cached_file(repo: str, name: str, cache_dir: Path) -> Path | None:
@@ -128,13 +162,14 @@ def _cached_file(repo: str, name: str, cache_dir: Path) -> Path | None:
         return None
 
 
-def _cached_snapshot(repo: str, cache_dir: Path) -> Path | None:
+def _cached_snapshot(repo: str, patterns: tuple[str, ...], cache_dir: Path) -> Path | None:
     """The cached snapshot folder of `repo`, even an incomplete one (its missing parts are checked after)."""
     try:
-        folder = snapshot_download(repo, allow_patterns=list(WAN_PATTERNS), cache_dir=cache_dir, local_files_only=True)
+        folder = snapshot_download(repo, allow_patterns=list(patterns), cache_dir=cache_dir, local_files_only=True)
         return Path(folder)
-    except IncompleteSnapshotError as err:
-        return Path(err.snapshot_path) if err.snapshot_path else None
+    except _INCOMPLETE_SNAPSHOT as err:
+        snapshot_path = getattr(err, "snapshot_path", None)
+        return Path(snapshot_path) if snapshot_path else None
     except LocalEntryNotFoundError:
         return None
 
@@ -156,14 +191,15 @@ def _resolve_folder(root: Path) -> ModelFiles:
 
 
 def _find_wan_root(root: Path) -> tuple[str, Path]:
-    """Which Wan2.1 layout the folder holds, and where; the Diffusers subfolder when there is none."""
+    """Which Wan2.1 layout the folder holds, and where: the official files first, then the Diffusers folders;
+    the official folder `download(to=root)` writes when there is neither."""
+    for candidate in (root / WAN_DIR, root / OFFICIAL_WAN_DIR):
+        if candidate.is_dir():
+            return "official", candidate
     for candidate in (root / WAN_DIFFUSERS_DIR, root / "wan_models" / WAN_DIFFUSERS_DIR, root):
         if (candidate / "text_encoder").is_dir() or (candidate / "vae").is_dir():
             return "diffusers", candidate
-    for candidate in (root / OFFICIAL_WAN_DIR, root / Path(OFFICIAL_WAN_DIR).name):
-        if candidate.is_dir():
-            return "official", candidate
-    return "diffusers", root / WAN_DIFFUSERS_DIR
+    return "official", root / WAN_DIR
 
 
 def _diffusers_missing(wan_root: Path) -> list[str]:
@@ -227,7 +263,7 @@ def _diffusers_files(base: Path, lora: Path, wan_root: Path) -> ModelFiles:
 
 
 def _official_files(base: Path, lora: Path, wan_dir: Path) -> ModelFiles:
-    config = wan_dir / "config.json"
+    config = wan_dir / OFFICIAL_CONFIG_FILE
     return ModelFiles(
         base=base,
         lora=lora,
@@ -236,3 +272,5 @@ def _official_files(base: Path, lora: Path, wan_dir: Path) -> ModelFiles:
         vae=wan_dir / OFFICIAL_VAE_FILE,
         transformer_config=config if config.is_file() else None,
     )
+
+

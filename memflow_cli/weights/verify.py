@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError, read_torch_file
-from .locate import ModelFiles, tokenizer_missing, weight_files
+from .locate import RELEASE_BYTES, ModelFiles, tokenizer_missing, weight_files
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,12 @@ class CheckResult:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail} ({self.path})"
 
 
-def verify(files: ModelFiles) -> list[CheckResult]:
-    """Check every file of the model without loading tensor data (torch files are memory-mapped)."""
+def verify(files: ModelFiles, release_bytes: dict[str, int] = RELEASE_BYTES) -> list[CheckResult]:
+    """Check every file of the model without loading tensor data (torch files are memory-mapped).
+
+    In the official layout each file of the Wan release must also have its released size (`release_bytes`,
+    relative to the Wan folder), and each of them must be there.
+    """
     results: list[CheckResult] = []
     for role, path in files.components().items():
         if role == "tokenizer":
@@ -41,7 +45,41 @@ def verify(files: ModelFiles) -> list[CheckResult]:
         else:
             stem = "model" if role == "text_encoder" else "diffusion_pytorch_model"
             results += _check_model_dir(role, path, stem)
-    return results
+    official = files.layout == "official"
+    sizes = {files.vae.parent / name: size for name, size in release_bytes.items()} if official else {}
+    checked = {result.path for result in results}
+    results += [_present(name, path) for name, path in _release_names(files, sizes) if path not in checked]
+    return [_against_release(result, sizes.get(result.path)) for result in results if result is not None]
+
+
+
+
+def _release_names(files: ModelFiles, sizes: dict[Path, int]) -> list[tuple[str, Path]]:
+    """(name for reports, path) of each released file, named after its role where it has one."""
+    roles = {path: role for role, path in files.components().items()}
+    names = []
+    for path in sizes:
+        folder_role = roles.get(path.parent)
+        names.append((roles.get(path) or (f"{folder_role}/{path.name}" if folder_role else path.name), path))
+    return names
+
+
+
+
+def _against_release(result: CheckResult, expected_bytes: int | None) -> CheckResult:
+    """The result, failed if the file's size is not the released one."""
+    if expected_bytes is None or not result.path.is_file():
+        return result
+    actual = result.path.stat().st_size
+    if actual < expected_bytes:
+        detail = f"short: {actual:,} of {expected_bytes:,} bytes: {TRUNCATED}"
+    elif actual > expected_bytes:
+        detail = f"{actual:,} bytes where the release has {expected_bytes:,}: not the released file: {TRUNCATED}"
+    else:
+        return replace(result, detail=f"{result.detail}; size as released") if result.ok else result
+    return CheckResult(result.name, result.path, False, detail)
+
+
 
 
 def _present(name: str, path: Path) -> CheckResult | None:

@@ -1,0 +1,525 @@
+"""Nothing lost, nothing clobbered, no tracebacks: issue 13's probe of `render` and the batch script, point by point.
+
+Renders run the real `memflow` in real processes on the demo model where processes matter (two renders at
+once, kill -9, SIGTERM, a full disk); the rest run in-process through Typer's runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memflow_cli import __version__
+from memflow_cli.output import lock_path, partial_path, sidecar_path
+from tests.test_cli import (
+    BATCH_RENDER,
+    DEMO,
+    EXAMPLES,
+    REPO,
+    assert_video,
+    chunks_until,
+    memflow,
+    video_frames,
+    write_story,
+)
+from tests.video import probe_video
+
+MEMFLOW = [sys.executable, "-m", "memflow_cli.cli"]
+LONG = "10m"  # a render that is still running whatever the machine's speed, until the test stops it
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def start_render(script: Path, target: Path, *options: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*MEMFLOW, "render", str(script), *DEMO, "-o", str(target), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background jobs ignore SIGINT, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def wait_for_frames(partial: Path, process: subprocess.Popen) -> None:
+    """Until the partial video holds a first fragment (its header is about 800 bytes)."""
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > 2000):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no frames were written in 120 s"
+        time.sleep(0.05)
+
+
+def run_memflow(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*MEMFLOW, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def one_error(stderr: str) -> str:
+    """The error line of a known error: no traceback, one `error:` line (a `hint:` line may follow)."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Two renders of one output
+
+
+def test_1_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+    target = tmp_path / "same.mp4"
+    first = start_render(script, target, "--seed", "1")
+    try:
+        wait_for_frames(partial_path(target), first)
+        second = run_memflow("render", script, *DEMO, "-o", target, "--seed", "2", "--duration", "1.5s")
+        first.send_signal(signal.SIGINT)
+        _, first_stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert second.returncode == 2
+    assert one_error(second.stderr) == (
+        f"error: another memflow render (process {first.pid}) is writing {target} right now; nothing was rendered"
+    )
+    assert "demo model" not in second.stderr  # stopped before the model loaded
+    assert first.returncode == 130, first_stderr
+    assert not target.exists() and not sidecar_path(target).exists()
+    assert names(tmp_path) == [".same.partial.mp4", "fox.yaml"]  # the first render's frames; its lock is gone
+
+
+def test_1_renders_of_different_outputs_run_side_by_side(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+    first = start_render(script, tmp_path / "a.mp4")
+    try:
+        wait_for_frames(partial_path(tmp_path / "a.mp4"), first)
+        second = run_memflow("render", script, *DEMO, "-o", tmp_path / "b.mp4", "--duration", "1.5s", "-q")
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert second.returncode == 0, second.stderr
+    assert_video(tmp_path / "b.mp4", video_frames(2))
+    assert json.loads(sidecar_path(tmp_path / "b.mp4").read_text())["seed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2 and 3. The batch script
+
+
+def run_batch(scripts: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    memflow_command = Path(sys.executable).with_name("memflow")  # the console script of this environment
+    if not memflow_command.is_file():
+        pytest.skip(f"no {memflow_command}")
+    env = {**os.environ, "MEMFLOW": str(memflow_command)}
+    command = ["bash", str(BATCH_RENDER), str(scripts), str(out), *DEMO, "-q", *options]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+@needs_bash
+def test_2_a_preview_is_not_a_finished_render_and_overwrite_renders_again(tmp_path: Path):
+    scripts, out = tmp_path / "scripts", tmp_path / "out"
+    scripts.mkdir()
+    write_story(scripts / "fox.yaml", ["0s"], "3s")
+    preview = run_batch(scripts, out, "--duration", "1.5s")
+    assert preview.returncode == 0, preview.stderr
+    assert_video(out / "fox.mp4", video_frames(2))
+
+    full = run_batch(scripts, out)
+    assert full.returncode == 1
+    assert full.stdout.splitlines()[-1] == "batch: 0 rendered, 0 skipped, 1 failed"
+    assert "fox.mp4 exists; nothing was rendered (it is 1.31 s long, 2.81 s were asked)" in full.stderr
+    assert_video(out / "fox.mp4", video_frames(2))  # the preview stays until asked
+
+    again = run_batch(scripts, out, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == "batch: 1 rendered, 0 skipped, 0 failed"
+    assert_video(out / "fox.mp4", video_frames(chunks_until(3.0)))
+
+    done = run_batch(scripts, out)
+    assert done.stdout.splitlines()[-1] == "batch: 0 rendered, 1 skipped, 0 failed"
+    assert "demo model" not in done.stderr  # nothing to render: the model is not even loaded
+
+
+@needs_bash
+def test_3_the_batch_takes_names_from_memflow_and_reports_a_collision(tmp_path: Path):
+    scripts, out = tmp_path / "scripts", tmp_path / "out"
+    scripts.mkdir()
+    stories = {
+        "1.yaml": "title: a/b\n",
+        "2.yaml": "title: a_b\n",  # the same file name as a/b
+        "3.yaml": 'title: "caf\\u00e9 #1"\n',  # a YAML escape
+        "4.yaml": "title: >-\n  folded\n  title\n",  # a block scalar
+    }
+    for name, title in stories.items():
+        (scripts / name).write_text(title + "duration: 1.5s\nsegments:\n  - start: 0s\n    prompt: a fox\n")
+    first = run_batch(scripts, out)
+    assert first.returncode == 1
+    assert first.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
+    assert f"{scripts / '2.yaml'}: a story would write {out / 'a_b.mp4'}, which {scripts / '1.yaml'}" in (
+        out / "failures.log"
+    ).read_text(encoding="utf-8")
+    assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"  # not replaced by a_b
+    for name in ("café #1.mp4", "folded title.mp4"):
+        assert_video(out / name, video_frames(2))
+
+    second = run_batch(scripts, out)
+    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"
+    third = run_batch(scripts, out, "--overwrite")  # overwriting never lets one story replace another's video
+    assert third.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
+    assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"
+
+
+def test_3_check_json_names_every_output(tmp_path: Path):
+    script = EXAMPLES / "two_stories.jsonl"
+    result = memflow("check", script, "--out-dir", tmp_path / "renders", "--json")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["output"] for r in records] == [str(tmp_path / "renders" / f"two_stories-00{n}.mp4") for n in (1, 2)]
+    assert [r["line"] for r in records] == [1, 2]
+
+
+def test_3_render_skip_existing_skips_only_the_same_request(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "10s", seed=4)
+    target = tmp_path / "fox.mp4"
+    assert memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "-q").exit_code == 0
+    before = target.read_bytes()
+    same = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--skip-existing")
+    assert same.exit_code == 0
+    assert same.stdout == f"{target}\n" and f"skip: {target}" in same.stderr and "demo model" not in same.stderr
+    other = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--seed", "5", "--skip-existing")
+    assert other.exit_code == 2
+    assert one_error(other.stderr).endswith("(it was rendered with seed 4, not 5)")
+    assert target.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Files replaced without --overwrite
+
+
+def test_4_the_sidecar_never_replaces_a_file_memflow_did_not_write(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"todo": "buy milk"}\n')
+    for options in ((), ("--overwrite",)):
+        result = memflow("render", script, *DEMO, "-o", tmp_path / "notes.mp4", *options)
+        assert result.exit_code == 2
+        assert one_error(result.stderr) == (
+            f"error: {notes} exists and was not written by memflow; the video's metadata would replace it, so "
+            "nothing was rendered"
+        )
+    assert notes.read_text() == '{"todo": "buy milk"}\n'
+    assert names(tmp_path) == ["fox.yaml", "notes.json"]
+
+
+def test_4_a_story_titled_like_a_partial_file_keeps_its_video(tmp_path: Path):
+    first = write_story(tmp_path / "a.yaml", ["0s"], "1.5s", title="x.partial")
+    second = write_story(tmp_path / "b.yaml", ["0s"], "1.5s", title="x")
+    out = tmp_path / "out"
+    result = memflow("render", first, second, *DEMO, "--out-dir", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert names(out) == ["x.json", "x.mp4", "x.partial.json", "x.partial.mp4"]
+    assert_video(out / "x.partial.mp4", video_frames(2))
+    assert json.loads((out / "x.partial.json").read_text())["title"] == "x.partial"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. The partial of a killed render
+
+
+def test_5_a_partial_left_by_kill_9_is_named_and_kept(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+    target = tmp_path / "k9.mp4"
+    partial = partial_path(target)
+    killed = start_render(script, target)
+    try:
+        wait_for_frames(partial, killed)
+    finally:
+        killed.kill()
+        killed.communicate()
+    frames = probe_video(partial).frames
+    assert frames > 0
+    kept = partial.read_bytes()
+    assert lock_path(target).exists()  # kill -9 leaves the lock file, but not the lock
+
+    again = run_memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s")
+    assert again.returncode == 2
+    assert one_error(again.stderr) == (
+        f"error: {partial} holds the frames of an earlier render of k9.mp4 that was stopped; nothing was rendered"
+    )
+    assert "--overwrite" in again.stderr
+    assert partial.read_bytes() == kept
+
+    fresh = run_memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--overwrite", "-q")
+    assert fresh.returncode == 0, fresh.stderr
+    assert_video(target, video_frames(2))
+    assert names(tmp_path) == ["fox.yaml", "k9.json", "k9.mp4"]  # no partial, no lock file
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. One line, not a traceback
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["render", "bench"])
+def test_6_cuda_without_cuda_is_bad_input(tmp_path: Path, command: str):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    args = [script, "--model", "demo", "-o", tmp_path / "fox.mp4"] if command == "render" else ["--model", "demo"]
+    result = memflow(command, *args, "--device", "cuda")
+    assert result.exit_code == 2
+    assert one_error(result.stderr).startswith("error: --device cuda: ")
+    assert "--device cpu" in result.stderr and "weights download" not in result.stderr
+    assert names(tmp_path) == ["fox.yaml"]
+
+
+def test_6_out_dir_naming_a_file(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    (tmp_path / "renders").write_text("not a folder")
+    result = memflow("render", script, *DEMO, "--out-dir", tmp_path / "renders")
+    assert result.exit_code == 2
+    assert one_error(result.stderr) == f"error: --out-dir {tmp_path / 'renders'}: it is a file, not a folder"
+
+
+def test_6_out_dir_in_a_place_that_cannot_be_written(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    place = Path("/proc/memflow-renders")  # /proc takes no new folders, even from root
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    result = memflow("render", script, *DEMO, "--out-dir", place)
+    assert result.exit_code == 2
+    assert one_error(result.stderr).startswith(f"error: --out-dir {place}: cannot create it: ")
+
+
+def test_6_a_title_too_long_for_a_file_name_is_a_script_error(tmp_path: Path):
+    script = write_story(tmp_path / "long.yaml", ["0s"], "1.5s", title="t" * 300)
+    for command in ("check", "render"):
+        options = () if command == "check" else (*DEMO, "--out-dir", tmp_path / "out")
+        result = memflow(command, script, *options)
+        assert result.exit_code == 2
+        assert one_error(result.stderr) == (
+            f"error: {script}:1: title: the title is 300 bytes long in UTF-8, at most 200 fit in a file name — "
+            "shorten the title: it names the video file"
+        )
+
+
+def test_6_an_output_name_too_long_for_its_temporary_files_stops_before_the_model_loads(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    target = tmp_path / ("n" * 241 + ".mp4")  # 245 bytes fit; its partial and lock files would not
+    result = memflow("render", script, *DEMO, "-o", target)
+    assert result.exit_code == 2
+    assert "the file name is 245 bytes long" in one_error(result.stderr)
+    assert "demo model" not in result.stderr
+    assert names(tmp_path) == ["fox.yaml"]
+
+
+SIDECAR_DISK_FULL = """
+import resource, sys
+from memflow_cli import output
+from memflow_cli.cli import main
+
+def write_sidecar_on_a_full_disk(path, data):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))  # the disk fills up now
+    return original(path, data)
+
+original, output.write_sidecar = output.write_sidecar, write_sidecar_on_a_full_disk
+sys.argv = ["memflow", *sys.argv[1:]]
+main()
+"""
+
+
+def test_6_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    target = tmp_path / "fox.mp4"
+    command = [sys.executable, "-c", SIDECAR_DISK_FULL, "render", str(script), *DEMO, "-o", str(target), "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert one_error(result.stderr) == (
+        f"error: fox: the video {target} is complete, but its metadata {sidecar_path(target)} could not be written: "
+        "File too large"
+    )
+    assert_video(target, video_frames(2))
+    assert names(tmp_path) == ["fox.mp4", "fox.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Output problems found first; a full disk
+
+
+def test_7_a_missing_output_folder_is_found_before_the_model_loads(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "missing" / "fox.mp4")
+    assert result.exit_code == 2
+    assert one_error(result.stderr) == f"error: cannot write {tmp_path / 'missing' / 'fox.mp4'}: folder " + (
+        f"{tmp_path / 'missing'} does not exist"
+    )
+    assert "demo model" not in result.stderr
+    assert names(tmp_path) == ["fox.yaml"]
+
+
+def test_7_a_full_disk_is_one_line_that_names_the_partial(tmp_path: Path):
+    """A file-size limit on the render and its ffmpeg: what a full disk looks like to the writer."""
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+    target = tmp_path / "fox.mp4"
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, resource.RLIM_INFINITY))
+
+    result = subprocess.run(
+        [*MEMFLOW, "render", str(script), *DEMO, "-o", str(target), "--duration", "10s", "-q"],
+        capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
+    )  # fmt: skip
+    assert result.returncode == 1
+    line = one_error(result.stderr)
+    assert line.startswith(f"error: fox: ffmpeg failed writing {partial_path(target)}: ")
+    assert line.endswith("the file keeps the frames written so far")
+    assert partial_path(target).exists() and not target.exists()
+    assert not lock_path(target).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. A seed torch cannot take
+
+
+def test_8_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--seed", "99999999999999999999")
+    assert result.exit_code == 2
+    assert one_error(result.stderr) == "error: --seed: must be between 0 and 2**64-1, got 99999999999999999999"
+    assert names(tmp_path) == ["fox.yaml"]
+    largest = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--seed", str(2**64 - 1), "-q")
+    assert largest.exit_code == 0, largest.stderr
+    assert_video(tmp_path / "fox.mp4", video_frames(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. SIGTERM
+
+
+def test_9_sigterm_stops_like_ctrl_c_and_names_the_partial(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+    target = tmp_path / "fox.mp4"
+    partial = partial_path(target)
+    process = start_render(script, target)
+    try:
+        wait_for_frames(partial, process)
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert stdout == "" and "Traceback" not in stderr
+    frames = probe_video(partial).frames
+    assert f"terminated: fox: {frames} frames written; playable partial video: {partial}" in stderr
+    assert names(tmp_path) == [".fox.partial.mp4", "fox.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. Messages that point at the right thing
+
+
+def test_10_a_title_collision_names_both_stories(tmp_path: Path):
+    first = write_story(tmp_path / "one.yaml", ["0s"], "1.5s", title="a/b")
+    second = write_story(tmp_path / "two.yaml", ["0s"], "1.5s", title="a_b")
+    result = memflow("render", first, second, *DEMO, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 2
+    assert one_error(result.stderr) == (
+        f"error: two stories would both write {tmp_path / 'out' / 'a_b.mp4'}: 'a/b' ({first}) and 'a_b' ({second})"
+    )
+
+
+def test_10_weights_download_into_a_file(tmp_path: Path):
+    (tmp_path / "weights").write_text("")
+    result = memflow("weights", "download", "--to", tmp_path / "weights")
+    assert result.exit_code == 2
+    assert one_error(result.stderr) == f"error: --to {tmp_path / 'weights'}: it is a file, not a folder"
+
+
+def test_10_a_weights_error_gives_its_hint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    for args in (("render", script, "--device", "cpu", "-o", tmp_path / "fox.mp4"), ("weights", "verify")):
+        result = memflow(*args)
+        assert result.exit_code == 1
+        assert result.stderr.count("memflow weights download") == 1, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. First run
+
+
+def test_11_check_does_not_import_torch():
+    code = (
+        "import sys\nfrom memflow_cli.cli import app\n"
+        f"app(['check', {str(EXAMPLES / 'lighthouse.yaml')!r}], standalone_mode=False)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_11_version():
+    result = memflow("--version")
+    assert result.exit_code == 0 and result.stdout == f"memflow {__version__}\n"
+
+
+def test_11_render_help_shows_defaults_time_formats_and_examples():
+    result = memflow("render", "--help")
+    text = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", result.stdout))
+    assert "<list[" not in text and "<bool>" not in text and "{SCRIPT}..." in text
+    for shown in ("Default: 12", "Default: 3", "Default: nam", "Default: 1000,750,500,250", "1m30s", "Examples:"):
+        assert shown in text, shown
+
+
+def test_11_the_readme_check_example_is_the_real_output(monkeypatch: pytest.MonkeyPatch):
+    """Every line of the README's example is in the real output (prompts shortened with '...' there)."""
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("memflow check scripts_examples/lighthouse.yaml\n", 1)[1].split("```", 1)[0]
+    real = " ".join(without_boxes(memflow("check", "scripts_examples/lighthouse.yaml").stdout).split())
+    example = [" ".join(without_boxes(line[1:]).replace("...", " ").split()) for line in block.splitlines()]
+    assert len([line for line in example if line]) == 7  # title, header, three rows, totals, ok
+    for line in example:
+        assert line in real
+
+
+def without_boxes(text: str) -> str:
+    return re.sub("[\u2500-\u257f]", " ", text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 12. Install and threads
+
+
+def test_12_ci_installs_torch_exactly_as_the_readme_says():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (install,) = re.findall(r"pip install -q (torch\S* --index-url \S+)", ci)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
+    assert f"pip install {install}" in readme
+
+
+def test_12_waiting_cpu_threads_sleep_instead_of_spinning(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert memflow("check", EXAMPLES / "lighthouse.yaml").exit_code == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice stays
+    memflow("check", EXAMPLES / "lighthouse.yaml")
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
