@@ -185,14 +185,13 @@ def _render_share(
 ) -> RankReport:
     """Render this rank's stories one after another; a failure is recorded and the next story goes on."""
     from . import render as engine_mod
+    from .engine import load_engine
 
     if not share:
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
     try:
-        engine = engine_mod.load_engine(
-            request.model, str(device), request.lora, compile=None if request.compile else False, fp8=request.fp8
-        )
+        engine = load_engine(request.model, str(device), request.lora, compile=request.compile, fp8=request.fp8)
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"
@@ -202,7 +201,8 @@ def _render_share(
     if ranks.is_main and engine.notice:
         err.print(f"[yellow]warning:[/] {escape(engine.notice)}", soft_wrap=True)
     render_started = time.perf_counter()
-    outcomes = [_render_job(engine_mod, engine, request, index, todo[index], board, show) for index in share]
+    with engine:
+        outcomes = [_render_job(engine_mod, engine, request, index, todo[index], board, show) for index in share]
     return RankReport(ranks.rank, str(device), load_s, time.perf_counter() - render_started, tuple(outcomes))
 
 

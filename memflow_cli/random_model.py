@@ -1,4 +1,5 @@
-"""`--model random`: the full-size 1.3B transformer and Wan2.1 VAE with random weights, for measuring speed.
+"""The parts of `--model random` (`engine._random_engine`) that are not the transformer: a seeded VAE and
+prompts as seeded noise.
 
 Nothing is loaded or downloaded, so throughput (on one GPU or many) can be measured anywhere; the video is
 noise and `RANDOM_NOTICE` says so on the terminal and in every sidecar. The weights come from fixed seeds,
@@ -42,20 +43,6 @@ class NoiseTextEncoder:
         return self
 
 
-def random_transformer(device: torch.device, dtype: torch.dtype):
-    """The 1.3B transformer with weights drawn on `device` from seed 0 (speed does not depend on values)."""
-    from .model.transformer import CausalWanTransformer
-    from .settings import WAN_1_3B
-
-    with torch.device("meta"):
-        transformer = CausalWanTransformer(WAN_1_3B)
-    transformer = transformer.to_empty(device=device).to(dtype)
-    generator = torch.Generator(device=device).manual_seed(0)
-    for param in transformer.parameters():
-        param.data.normal_(0.0, 0.02, generator=generator)
-    return transformer.eval().requires_grad_(False)
-
-
 def random_vae(device: torch.device, dtype: torch.dtype):
     """The Wan2.1 VAE with weights drawn from seed 0 (diffusers' own initialisation)."""
     from diffusers import AutoencoderKLWan
@@ -67,18 +54,3 @@ def random_vae(device: torch.device, dtype: torch.dtype):
         vae = AutoencoderKLWan(**WAN21_VAE_CONFIG)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-
-def random_engine(device: torch.device, dtype: torch.dtype):
-    """A render engine (`render.Engine`) of random weights, labelled as noise in its notice and identity."""
-    from .render import Engine
-    from .settings import WAN_1_3B, VideoGeometry
-
-    return Engine(
-        transformer=random_transformer(device, dtype),
-        text_encoder=NoiseTextEncoder(WAN_1_3B.text_len, WAN_1_3B.text_dim),  # type: ignore[arg-type]
-        vae=random_vae(device, dtype),
-        geometry=VideoGeometry(),
-        device=device,
-        identity={"model": RANDOM, "note": RANDOM_NOTICE},
-        notice=RANDOM_NOTICE,
-    )

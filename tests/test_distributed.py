@@ -247,9 +247,12 @@ def test_decode_device_cpu_gives_the_frames_of_one_device(tmp_path: Path):
 
 def test_bench_times_a_decode_device():
     from memflow_cli.bench import BenchOptions, run
+    from memflow_cli.demo import DEMO_GEOMETRY
+    from memflow_cli.settings import GenerationSettings
 
     cpu = torch.device("cpu")
-    result = run(BenchOptions(model="demo", device=cpu, latent_frames=3, decode_device=cpu))
+    settings = GenerationSettings(geometry=DEMO_GEOMETRY)
+    result = run(BenchOptions(model="demo", device=cpu, settings=settings, latent_frames=3, decode_device=cpu))
     assert result["decode_device"] == "cpu" and result["video_frames"] == 9
     assert result["fps_end_to_end"] > 0
 
@@ -317,8 +320,11 @@ def test_gpu_decode_on_a_second_gpu_matches_one_gpu(tmp_path: Path):
 @two_gpus
 def test_gpu_bench_decodes_on_a_second_gpu():
     from memflow_cli.bench import BenchOptions, run
+    from memflow_cli.demo import DEMO_GEOMETRY
+    from memflow_cli.settings import GenerationSettings
 
-    options = BenchOptions(model="demo", device=torch.device("cuda:0"), latent_frames=12)
+    settings = GenerationSettings(geometry=DEMO_GEOMETRY)
+    options = BenchOptions(model="demo", device=torch.device("cuda:0"), settings=settings, latent_frames=12)
     one = run(options)
     two = run(dataclasses.replace(options, decode_device=torch.device("cuda:1")))
     assert "decode_device" not in one and two["decode_device"] == "cuda:1"
