@@ -209,7 +209,7 @@ def load_engine(
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
     speed = {"compile": compile, "fp8": fp8}
     engine = _engine(model, dev, lora, speed)
-    if decode_device is not None and torch.device(decode_device) != dev:
+    if decode_device is not None:
         engine.decode_on(torch.device(decode_device))
     return engine
 

@@ -28,10 +28,11 @@ from memflow_cli.distributed import (
     without_option,
 )
 from memflow_cli.handover import handed_over
-from memflow_cli.output import probe_video, sidecar_path
+from memflow_cli.output import sidecar_path
 from memflow_cli.random_model import RANDOM_NOTICE, NoiseTextEncoder
 
 from .test_cli import DEMO, assert_video, decoded, memflow, video_frames, write_jsonl, write_story
+from .video import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
 PREVIEW = ("--duration", "1.5s")  # two chunks
