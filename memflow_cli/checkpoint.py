@@ -9,15 +9,13 @@ every Linear inside the blocks; it is merged into the weights at load time.
 
 from __future__ import annotations
 
-import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
-from .model.transformer import CausalWanTransformer
-from .settings import WAN_1_3B, LoraSettings, SettingsError, TransformerConfig
+from .loading import WeightsError, read_torch_file, read_transformer_config
+from .model.transformer import PLAIN_KERNELS, CausalWanTransformer, Kernels
+from .settings import LoraSettings, TransformerConfig
 
 BASE_KEYS = ("generator", "generator_ema", "model")  # the first one present is read
 LORA_KEY = "generator_lora"
@@ -26,59 +24,21 @@ PEFT_PREFIX = "base_model.model."
 FSDP_WRAPPER = "_fsdp_wrapped_module."
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or does not match the model; names the file."""
-
-    def __init__(self, path: Path | str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = Path(path)
-
-
-def read_config(path: Path | None) -> TransformerConfig:
-    """The transformer shape from a Wan `config.json`, or the Wan2.1-T2V-1.3B preset."""
-    if path is None:
-        return WAN_1_3B
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(path, "config file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(path, f"not a readable JSON config ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(path, "expected a JSON object with the Wan transformer config")
-    try:
-        return TransformerConfig.from_wan_config(data)
-    except (SettingsError, TypeError, ValueError) as err:
-        raise CheckpointError(path, f"unusable transformer config: {err}") from None
-
-
-def _torch_load(path: Path) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(
-            path, f"cannot read this checkpoint: it is truncated, corrupt or not a torch.save file ({err})"
-        ) from None
-
-
 def _tensor_dict(path: Path, value: object, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
-        raise CheckpointError(path, f"expected {what} to be a state dict of tensors")
+        raise WeightsError(f"expected {what} to be a state dict of tensors", path)
     return value
 
 
 def read_base_state(path: Path) -> dict[str, torch.Tensor]:
     """Original-Wan-named transformer weights from `base.pt` (prefixes stripped)."""
-    data = _torch_load(path)
+    data = read_torch_file(path)
     if not isinstance(data, dict):
-        raise CheckpointError(path, "expected a dict with a 'generator' state dict")
+        raise WeightsError("expected a dict with a 'generator' state dict", path)
     key = next((k for k in BASE_KEYS if k in data), None)
     if key is None:
         found = ", ".join(sorted(map(str, data))[:8]) or "nothing"
-        raise CheckpointError(path, f"expected a 'generator', 'generator_ema' or 'model' entry, found: {found}")
+        raise WeightsError(f"expected a 'generator', 'generator_ema' or 'model' entry, found: {found}", path)
     state = _tensor_dict(path, data[key], f"'{key}'")
     cleaned = {}
     for name, tensor in state.items():
@@ -89,7 +49,7 @@ def read_base_state(path: Path) -> dict[str, torch.Tensor]:
 
 def read_lora_state(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """PEFT LoRA pairs from `lora.pt`: module path -> (A [r, in], B [out, r])."""
-    data = _torch_load(path)
+    data = read_torch_file(path)
     if isinstance(data, dict) and LORA_KEY in data:
         data = data[LORA_KEY]
     state = _tensor_dict(path, data, "the LoRA state dict")
@@ -97,15 +57,16 @@ def read_lora_state(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for name, tensor in state.items():
         module, sep, rest = name.removeprefix(PEFT_PREFIX).partition(".lora_")
         if not sep or rest.split(".")[0] not in ("A", "B"):
-            raise CheckpointError(path, f"unexpected key {name!r}: expected '<module>.lora_A.weight' / 'lora_B.weight'")
+            expected = "expected '<module>.lora_A.weight' / 'lora_B.weight'"
+            raise WeightsError(f"unexpected key {name!r}: {expected}", path)
         pairs.setdefault(module, {})[rest.split(".")[0]] = tensor
     result = {}
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
-            raise CheckpointError(path, f"module {module!r} has lora_{next(iter(pair))} but not its partner")
+            raise WeightsError(f"module {module!r} has lora_{next(iter(pair))} but not its partner", path)
         result[module] = (pair["A"], pair["B"])
     if not result:
-        raise CheckpointError(path, "no LoRA weights found")
+        raise WeightsError("no LoRA weights found", path)
     return result
 
 
@@ -120,18 +81,17 @@ def merge_lora(
     for module, (a, b) in lora.items():
         rank = a.shape[0]
         if settings.rank is not None and rank != settings.rank:
-            raise CheckpointError(
-                source, f"LoRA rank is {rank} in the file but {settings.rank} in the settings; use matching --lora-rank"
-            )
+            message = f"LoRA rank is {rank} in the file but {settings.rank} in the settings; use matching --lora-rank"
+            raise WeightsError(message, source)
         key = f"{module}.weight"
         if key not in merged:
-            raise CheckpointError(source, f"LoRA targets {module!r}, which the transformer does not have")
+            raise WeightsError(f"LoRA targets {module!r}, which the transformer does not have", source)
         weight = merged[key]
         if b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(weight.shape):
-            raise CheckpointError(
-                source,
+            raise WeightsError(
                 f"LoRA for {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"which do not fit its weight {tuple(weight.shape)}",
+                source,
             )
         delta = (b.float() @ a.float()) * (settings.alpha / rank)
         merged[key] = (weight.float() + delta).to(weight.dtype)
@@ -146,14 +106,15 @@ def load_transformer(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    kernels: Kernels = PLAIN_KERNELS,
 ) -> CausalWanTransformer:
-    """Build the causal transformer from MemFlow checkpoints, LoRA merged, on `device` in `dtype`."""
-    model_config = config if isinstance(config, TransformerConfig) else read_config(config)
+    """Build the causal transformer from MemFlow checkpoints, LoRA merged, on `device` in `dtype`, with `kernels`."""
+    model_config = config if isinstance(config, TransformerConfig) else read_transformer_config(config)
     state = read_base_state(Path(base))
     if lora is not None:
         state = merge_lora(state, read_lora_state(Path(lora)), lora_settings or LoraSettings(), lora)
     with torch.device("meta"):
-        model = CausalWanTransformer(model_config)
+        model = CausalWanTransformer(model_config, kernels)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -163,13 +124,13 @@ def load_transformer(
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(base, f"does not match the transformer config: {'; '.join(parts)}")
+        raise WeightsError(f"does not match the transformer config: {'; '.join(parts)}", base)
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                base,
+            raise WeightsError(
                 f"tensor {name!r} has shape {tuple(state[name].shape)}, the config expects {tuple(tensor.shape)} "
                 "(is config.json the one these weights were trained with?)",
+                base,
             )
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     return model.eval().requires_grad_(False)

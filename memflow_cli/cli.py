@@ -71,6 +71,34 @@ Fp8 = Annotated[
     ),
 ]
 
+# The generation options `render` and `bench` share (names as in settings.SETTING_NAMES; None: not given).
+MemoryMode = Annotated[str | None, typer.Option(help="Memory: nam, sink or none. Default: nam.", metavar="MODE")]
+Window = Annotated[
+    int | None, typer.Option(help="Local attention window, latent frames, sink included. Default: 12.", metavar="N")
+]
+Sink = Annotated[int | None, typer.Option(help="Attention-sink frames. Default: 3.", metavar="N")]
+BankSize = Annotated[int | None, typer.Option(help="Memory-bank frames. Default: 3.", metavar="N")]
+RecordInterval = Annotated[
+    int | None, typer.Option(help="Chunks between memory-bank recordings. Default: 3.", metavar="N")
+]
+Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")]
+Steps = Annotated[str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower); "
+        "--no-compile runs the eager model.",
+    ),
+]
+
+
+def setting_options(**given: Any) -> dict[str, Any]:
+    """The shared generation options as settings overrides (`GenerationSettings.with_overrides`)."""
+    unknown = set(given) - set(SETTING_NAMES)
+    assert not unknown, f"not settings: {unknown}"
+    return given
+
 
 def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
@@ -173,14 +201,20 @@ def check(
         out.print(f"ok: {len(scripts)} script(s) valid")
 
 
-def generation_settings(story: Story, cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
-    """Defaults, then the script's `settings:`, then options given on the command line."""
+def option_settings(cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
+    """Defaults, then the options given on the command line; a bad option fails with exit code 2."""
     given = {k: v for k, v in cli.items() if v is not None}
     try:
-        GenerationSettings(geometry=geometry).with_overrides(given)
+        return GenerationSettings(geometry=geometry).with_overrides(given)
     except SettingsError as error:
         blamed = next((name for name in (error.field, *error.related) if name in given), error.field)
         fail(f"--{blamed.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
+
+
+def generation_settings(story: Story, cli: dict[str, Any], geometry: VideoGeometry) -> GenerationSettings:
+    """Defaults, then the script's `settings:`, then options given on the command line."""
+    option_settings(cli, geometry)
+    given = {k: v for k, v in cli.items() if v is not None}
     try:
         return GenerationSettings(geometry=geometry).with_overrides(story.settings).with_overrides(given)
     except SettingsError as error:
@@ -319,28 +353,16 @@ def render(
             help="Skip a story whose video is a finished render of the same request (story, seed, settings, length).",
         ),
     ] = False,
-    memory: Annotated[str | None, typer.Option(help="Memory: nam, sink or none. Default: nam.", metavar="MODE")] = None,
-    window: Annotated[
-        int | None, typer.Option(help="Local attention window, latent frames, sink included. Default: 12.", metavar="N")
-    ] = None,
-    sink: Annotated[int | None, typer.Option(help="Attention-sink frames. Default: 3.", metavar="N")] = None,
-    bank_size: Annotated[int | None, typer.Option(help="Memory-bank frames. Default: 3.", metavar="N")] = None,
-    record_interval: Annotated[
-        int | None, typer.Option(help="Chunks between memory-bank recordings. Default: 3.", metavar="N")
-    ] = None,
-    sma: Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")] = None,
-    steps: Annotated[
-        str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")
-    ] = None,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            "--compile/--no-compile",
-            help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower).",
-        ),
-    ] = True,
+    compile: Compile = True,
     fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -362,11 +384,10 @@ def render(
             fail("--duration: must be longer than 0s", EXIT_BAD_INPUT, "give the preview length, like 5s")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         fail(f"--seed: must be between 0 and 2**64-1, got {seed}", EXIT_BAD_INPUT, "use a whole number like 0 or 42")
-    cli_settings = {
-        "memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-        "record_interval": record_interval, "sma": sma, "steps": steps,
-    }  # fmt: skip
-    assert set(cli_settings) <= set(SETTING_NAMES)
+    cli_settings = setting_options(
+        memory=memory, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma,
+        steps=steps,
+    )  # fmt: skip
 
     geometry = _geometry_for(model)
     stories = load_stories(scripts, segment_seconds, geometry)
@@ -382,7 +403,8 @@ def render(
             todo = _reserve(plans, reservations, seed, duration_s, fp8, overwrite, skip_existing, geometry)
             if not todo:
                 return
-            engine = _load_engine(model, device, LoraSettings(rank=lora_rank, alpha=lora_alpha), compile, fp8)
+            lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
+            engine = reservations.enter_context(_load_engine(model, device, lora, compile, fp8))
             if engine.notice:
                 err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
             _render_all(engine, todo, seed, duration_s, overwrite, quiet)
@@ -482,8 +504,8 @@ def require_fp8(device: str) -> None:
     """Exit with one line (exit code 2) where FP8 layers cannot run on `device`; before any weights load."""
     import torch
 
-    from .fp8 import fp8_unsupported_reason
-    from .render import model_dtype
+    from .engine import model_dtype
+    from .speed.fp8 import fp8_unsupported_reason
 
     dev = torch.device(device)
     reason = fp8_unsupported_reason(dev, model_dtype(dev))
@@ -492,15 +514,14 @@ def require_fp8(device: str) -> None:
 
 
 def _load_engine(model: str | None, device: str, lora: LoraSettings, compile: bool = True, fp8: bool = False):
-    from . import render as engine_mod
-    from .checkpoint import CheckpointError
-    from .weights import WeightsError
+    """The engine (close it, or use it in `with`); a weights problem is one line and exit code 1."""
+    from .engine import load_engine
+    from .loading import WeightsError
 
     _quiet_libraries()
     try:
-        # None: compile where it helps (CUDA)
-        return engine_mod.load_engine(model, device, lora, compile=None if compile else False, fp8=fp8)
-    except (WeightsError, CheckpointError) as error:
+        return load_engine(model, device, lora, compile=compile, fp8=fp8)
+    except WeightsError as error:
         fail(str(error), EXIT_FAILED, _download_hint(str(error)))
 
 
@@ -553,45 +574,43 @@ def bench(
         int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3, metavar="N")
     ] = 120,
     switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0, metavar="N")] = 0,
-    memory: Annotated[str, typer.Option(help="Memory: nam, sink or none.", metavar="MODE")] = "nam",
-    bank_size: Annotated[int, typer.Option(help="Memory-bank frames.", metavar="N")] = 3,
-    sma: Annotated[bool, typer.Option("--sma/--no-sma", help="Sparse memory activation.")] = False,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            "--compile/--no-compile", help="Fast path (CUDA): compiled blocks and decoder steps, CUDA graphs."
-        ),
-    ] = True,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
+    compile: Compile = True,
     compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
     fp8: Fp8 = False,
 ) -> None:
-    """Measure speed and memory; prints a table, then one JSON line."""
+    """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
     if random_weights and model is not None:
         fail("give either --model or --random-weights, not both", EXIT_BAD_INPUT)
-    from .settings import MemorySettings
-
-    try:
-        memory_settings = MemorySettings(mode=memory, bank_size=bank_size, sma=sma)  # type: ignore[arg-type]
-    except SettingsError as error:
-        fail(f"--{error.field.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
+    cli_settings = setting_options(
+        memory=memory, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma,
+        steps=steps,
+    )  # fmt: skip
+    settings = option_settings(cli_settings, _geometry_for(model))
     import torch
 
     from . import bench as bench_mod
-    from .checkpoint import CheckpointError
-    from .weights import WeightsError
+    from .engine import RANDOM
+    from .loading import WeightsError
 
     dev = torch.device(_checked_device(device))
     if fp8:
         require_fp8(str(dev))
     _quiet_libraries()
     options = bench_mod.BenchOptions(
-        model=bench_mod.RANDOM if random_weights else model, device=dev, latent_frames=frames,
-        switches=switches, memory=memory_settings, compile=compile, fp8=fp8, compare=compare,
+        model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
+        switches=switches, compile=compile, fp8=fp8, compare=compare,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:
             result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
-        except (WeightsError, CheckpointError) as error:
+        except WeightsError as error:
             fail(str(error), EXIT_FAILED, _download_hint(str(error)))
         except Exception as error:  # noqa: BLE001 - a failed run reaches the user as one line
             fail(f"{type(error).__name__}: {error}")

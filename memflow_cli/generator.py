@@ -14,9 +14,8 @@ from typing import Protocol
 
 import torch
 
-from .model.cache import KVMemory, TextCache
-from .model.memory import bank_view_frames
-from .model.transformer import CausalWanTransformer, PassState, rope_angles, rope_tables
+from .model.cache import KVMemory, PassGroup, TextCache
+from .model.transformer import CausalWanTransformer, PassFunction, PassState, rope_angles, rope_tables
 from .sampler import FlowSchedule
 from .settings import GenerationSettings
 
@@ -48,49 +47,29 @@ class SeededNoise:
         return self._draw()
 
 
-class FixedNoise:
-    """Noise given up front, in the parity fixtures' layout.
-
-    noise: [B, T, C, h, w] for all latent frames; renoise: [chunks * (steps - 1), F, C, h, w].
-    """
-
-    def __init__(self, noise: torch.Tensor, renoise: torch.Tensor, frames_per_chunk: int, steps: int):
-        self.noise, self.renoise_all = noise, renoise
-        self.frames, self.transitions = frames_per_chunk, steps - 1
-
-    def initial(self, chunk: int) -> torch.Tensor:
-        return self.noise[:, chunk * self.frames : (chunk + 1) * self.frames]
-
-    def renoise(self, chunk: int, step: int) -> torch.Tensor:
-        return self.renoise_all[chunk * self.transitions + step][None]
-
-
-def switch_chunks_from_frames(switch_frames: Sequence[int], frames_per_chunk: int) -> tuple[int, ...]:
-    """Chunks where each next prompt starts, given latent switch frames (the official rule).
-
-    A switch happens at the first chunk whose start frame is at or after its index,
-    and at most one switch happens per chunk.
-    """
-    chunks: list[int] = []
-    for frame in switch_frames:
-        chunk = -(-frame // frames_per_chunk)
-        chunks.append(max(chunk, chunks[-1] + 1) if chunks else chunk)
-    return tuple(chunks)
-
-
-# Makes, for one video, the callable that runs each pass in place of `model(x, timestep, state)`.
-PassRunnerFactory = Callable[[CausalWanTransformer], Callable[[torch.Tensor, float, PassState], torch.Tensor]]
+# Makes, for one video, what runs its passes from the pass function (the fast path's CUDA graphs).
+PassRunnerFactory = Callable[[PassFunction], PassFunction]
 
 
 class MemFlowGenerator:
-    """Streams latent chunks of one video from a `CausalWanTransformer`."""
+    """Streams latent chunks of one video from a `CausalWanTransformer`.
+
+    `run_pass` computes one pass (default: the model; the fast path's has compiled block steps) and
+    `passes`, if given, wraps it for each video (`speed.graphs.GraphedPasses`).
+    """
 
     def __init__(
-        self, model: CausalWanTransformer, settings: GenerationSettings, *, passes: PassRunnerFactory | None = None
+        self,
+        model: CausalWanTransformer,
+        settings: GenerationSettings,
+        *,
+        run_pass: PassFunction | None = None,
+        passes: PassRunnerFactory | None = None,
     ):
         self.model = model
         self.settings = settings
-        self.passes = passes  # runs the passes of one video in place of the model (the fast path's CUDA graphs)
+        self.run_pass = run_pass or model
+        self.passes = passes
         self.schedule = FlowSchedule(settings.sampler)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -115,92 +94,90 @@ class MemFlowGenerator:
         """
         if len(switch_chunks) != len(prompt_embeds) - 1:
             raise ValueError(f"{len(prompt_embeds)} prompts need {len(prompt_embeds) - 1} switch chunks")
-        memory_settings = self.settings.memory
-        geometry = self.settings.geometry
-        config = self.model.config
-        contexts = prompt_embeds.to(self.device, self.dtype)
-        if contexts.dim() == 3:
-            contexts = contexts[:, None]  # [n_prompts, B=1, T, D]
-        if contexts.shape[2] < config.text_len:  # zero rows up to the text length, as the text encoder pads
-            contexts = torch.nn.functional.pad(contexts, (0, 0, 0, config.text_len - contexts.shape[2]))
+        contexts = self._contexts(prompt_embeds)  # [n_prompts, B, text_len, text_dim]
         batch = contexts.shape[1]
-        memory = KVMemory(config, memory_settings, geometry.tokens_per_frame, batch, self.device, self.dtype)
-        text = TextCache(config, batch, self.device, self.dtype)
-        interactive = len(switch_chunks) > 0
-        frames = geometry.frames_per_chunk
-        history = torch.zeros(
-            (batch, memory_settings.window, *geometry.latent_shape(1)[1:]), device=self.device, dtype=self.dtype
-        )
-        timesteps = self.schedule.denoising_timesteps
-        run_pass = self.passes(self.model) if self.passes else self.model
+        memory = self._memory(batch, interactive=len(switch_chunks) > 0)
+        text = TextCache(self.model.config, batch, self.device, self.dtype)
+        history = self._history(batch)  # the last `window` latent frames, for a re-cache
+        run_pass = self.passes(self.run_pass) if self.passes else self.run_pass
         segment = 0
         for chunk in range(num_chunks):
             # 1. prompt switch: new text, recent frames re-encoded under it
             if segment < len(switch_chunks) and chunk >= switch_chunks[segment]:
                 segment += 1
                 self._recache(chunk, contexts[segment], memory, text, history)
-            context = contexts[segment]
 
-            # 2. denoise the chunk, one pass per step
-            plan = memory.plan(chunk * geometry.tokens_per_chunk, geometry.tokens_per_chunk)
-            memory.begin(plan)
-            state = self._state(plan, memory, text, chunk * frames, frames, self._bank_view(chunk))
-            x = noise.initial(chunk).to(self.device, self.dtype)
-            for step, timestep in enumerate(timesteps):
-                if step == 0:
-                    memory.bank_pre_update(text)
-                if not text.valid:
-                    self.model.embed_text(context, text)
-                x0 = self.schedule.to_x0(run_pass(x, timestep, state), x, timestep)
-                if step + 1 < len(timesteps):
-                    x = self.schedule.add_noise(x0, noise.renoise(chunk, step).to(x0.device), timesteps[step + 1])
+            # 2. what the chunk attends to (the bank takes its staged prototype first), and its prompt's text
+            passes = memory.begin_chunk(chunk, text)
+            if not text.valid:
+                self.model.embed_text(contexts[segment], text)
+            state = self._state(passes, memory, text)
 
-            # 3. write the clean chunk into the cache (and stage it for the bank)
+            # 3. denoise the chunk, one pass per step
+            x0 = self._denoise(run_pass, state, noise, chunk)
+
+            # 4. write the clean chunk into the cache; the memory stages it for the bank when the chunk records
             run_pass(x0, float(self.settings.sampler.context_noise), state)
-            record = not interactive or chunk % memory_settings.record_interval == 0
-            memory.commit(
-                plan,
-                stage=record,
-                record_interval=memory_settings.record_interval,
-                chunk_tokens=geometry.tokens_per_chunk,
-            )
-            history[:, :-frames] = history[:, frames:].clone()
-            history[:, -frames:] = x0
+            memory.end_chunk(passes, chunk)
+            _push(history, x0)
             yield x0
 
-    def _bank_view(self, chunk: int, recache: bool = False) -> int:
-        memory = self.settings.memory
-        if memory.bank_frames == 0 or memory.sink_frames == 0:  # without a sink the bank is never attended
-            return 0
-        return bank_view_frames(
-            chunk, record_interval=memory.record_interval, bank_size=memory.bank_frames, recache=recache
-        )
+    def _history(self, batch: int) -> torch.Tensor:
+        """Zeros [B, window, C, h, w]: room for the most recent `window` latent frames."""
+        frame = self.settings.geometry.latent_shape(1)[1:]
+        return torch.zeros((batch, self.settings.memory.window, *frame), device=self.device, dtype=self.dtype)
 
-    def _state(self, plan, memory: KVMemory, text: TextCache, frame0: int, frames: int, bank_view: int) -> PassState:
+    def _contexts(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings as [n_prompts, B, text_len, text_dim] on the device, zero rows up to the text length."""
+        text_len = self.model.config.text_len
+        contexts = prompt_embeds.to(self.device, self.dtype)
+        if contexts.dim() == 3:
+            contexts = contexts[:, None]  # [n_prompts, B=1, T, D]
+        if contexts.shape[2] < text_len:  # zero rows up to the text length, as the text encoder pads
+            contexts = torch.nn.functional.pad(contexts, (0, 0, 0, text_len - contexts.shape[2]))
+        return contexts
+
+    def _memory(self, batch: int, *, interactive: bool) -> KVMemory:
+        geometry = self.settings.geometry
+        return KVMemory(
+            self.model.config, self.settings.memory, geometry.tokens_per_frame, geometry.frames_per_chunk,
+            batch, self.device, self.dtype, interactive=interactive,
+        )  # fmt: skip
+
+    def _denoise(self, run_pass: PassFunction, state: PassState, noise: NoiseSource, chunk: int) -> torch.Tensor:
+        """The few-step sampler on one chunk: predict x0, re-noise to the next step, ...; returns the last x0."""
+        timesteps = self.schedule.denoising_timesteps
+        x = noise.initial(chunk).to(self.device, self.dtype)
+        for step, timestep in enumerate(timesteps):
+            x0 = self.schedule.to_x0(run_pass(x, timestep, state), x, timestep)
+            if step + 1 < len(timesteps):
+                x = self.schedule.add_noise(x0, noise.renoise(chunk, step).to(x0.device), timesteps[step + 1])
+        return x0
+
+    def _state(self, passes: PassGroup, memory: KVMemory, text: TextCache) -> PassState:
         geometry = self.settings.geometry
         grid_h = geometry.latent_height // geometry.patch_hw
         grid_w = geometry.latent_width // geometry.patch_hw
-        angles = rope_angles(self.model.config, frame0, frames, grid_h, grid_w, self.device)
-        settings = self.settings.memory
-        sma = settings.sma_top_k if settings.sma and settings.sink_frames else None
-        return PassState(plan, memory, text, rope_tables(angles, self.rope_dtype), bank_view, sma)
+        angles = rope_angles(self.model.config, passes.first_frame, passes.frames, grid_h, grid_w, self.device)
+        rope = rope_tables(angles, self.rope_dtype)
+        return PassState(passes.plan, memory, text, rope, passes.bank_view, memory.sma_top_k)
 
     def _recache(
         self, chunk: int, context: torch.Tensor, memory: KVMemory, text: TextCache, history: torch.Tensor
     ) -> None:
         """Re-encode the last `window` frames under the new prompt (LongLive's KV re-cache)."""
         text.reset()
-        geometry = self.settings.geometry
-        start_frame = chunk * geometry.frames_per_chunk
-        if start_frame == 0:
+        passes = memory.begin_recache(chunk, text)  # the bank's update reads the zeroed text keys, as released
+        if passes is None:
             return
-        frames = min(self.settings.memory.window, start_frame)
-        first = start_frame - frames
-        plan = memory.plan(first * geometry.tokens_per_frame, frames * geometry.tokens_per_frame)
-        memory.begin(plan)
-        state = self._state(plan, memory, text, first, frames, self._bank_view(chunk, recache=True))
-        memory.bank_pre_update(text)  # reads the zeroed text keys, as the released code does
         self.model.embed_text(context, text)
-        self.model(history[:, -frames:], 0.0, state)
-        memory.commit(plan, stage=False, record_interval=1, chunk_tokens=geometry.tokens_per_chunk)
+        self.run_pass(history[:, -passes.frames :], 0.0, self._state(passes, memory, text))
+        memory.end_recache(passes)
         text.reset()
+
+
+def _push(history: torch.Tensor, x0: torch.Tensor) -> None:
+    """Shift the recent latent frames [B, window, C, h, w] left by a chunk and put the chunk x0 last."""
+    frames = x0.shape[1]
+    history[:, :-frames] = history[:, frames:].clone()
+    history[:, -frames:] = x0

@@ -26,7 +26,6 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -66,14 +65,6 @@ class OutputExistsError(OutputError):
 
 class OutputBusyError(OutputError):
     """Another process is rendering to the same output right now."""
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    frames: int
-    width: int
-    height: int
-    fps: float
 
 
 def partial_path(target: Path) -> Path:
@@ -144,29 +135,6 @@ def memflow_sidecar(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and SIDECAR_MARKER in data else None
-
-
-def probe_video(path: Path) -> VideoInfo:
-    """Frame count, size and frame rate of a video file (decodes it to count frames exactly)."""
-    if not path.is_file():
-        raise OutputError(f"{path}: no such video file")
-    try:
-        meta = _read_metadata(path)
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except (RuntimeError, OSError) as error:
-        last_line = (str(error).strip().splitlines() or ["unknown error"])[-1]
-        raise OutputError(f"{path}: ffmpeg cannot read it: {last_line}") from error
-    width, height = meta["size"]
-    return VideoInfo(frames=frames, width=width, height=height, fps=float(meta["fps"]))
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """The header imageio-ffmpeg parses from ffmpeg's output, without decoding any frame."""
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        return next(reader)
-    finally:
-        reader.close()
 
 
 def _ffmpeg_command(output: Path, width: int, height: int, fps: int, keyframe_interval: int) -> list[str]:
@@ -432,10 +400,14 @@ class Mp4Writer:
         self._finished = False
         self._log = tempfile.TemporaryFile()
         command = _ffmpeg_command(self.partial, width, height, fps, keyframe_interval)
-        # A session of its own: Ctrl-C reaches only us, and abort() then finishes ffmpeg cleanly.
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
-        )
+        try:
+            # A session of its own: Ctrl-C reaches only us, and abort() then finishes ffmpeg cleanly.
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+            )
+        except BaseException:
+            self._log.close()
+            raise
         assert self._process.stdin is not None
         self._feeder = _PipeFeeder(self._process.stdin)
 

@@ -381,13 +381,6 @@ def load_scripts(path: Path | str, segment_seconds: float = 10.0, geometry: Vide
     return stories
 
 
-def load_many(
-    paths: Iterable[Path | str], segment_seconds: float = 10.0, geometry: VideoGeometry | None = None
-) -> list[Story]:
-    """Stories of several scripts, in order; raises the first error."""
-    return [story for path in paths for story in load_scripts(path, segment_seconds, geometry)]
-
-
 def _loader_for(path: Path) -> Callable[[Path, str, float], list[Story]]:
     suffix = path.suffix.lower()
     if suffix in YAML_SUFFIXES:

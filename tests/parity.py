@@ -4,17 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from memflow_cli.generator import FixedNoise, switch_chunks_from_frames
 from memflow_cli.settings import GenerationSettings, LoraSettings, MemorySettings, SamplerSettings, VideoGeometry
 
 ROOT = Path(__file__).resolve().parent.parent
 PARITY_DIR = Path(os.environ.get("MEMFLOW_PARITY_DIR", ROOT.parent / "shared" / "parity" / "public"))
 REQUIRED = "MEMFLOW_PARITY_DIR" in os.environ or os.environ.get("CI", "").lower() in ("1", "true")
+
+
+class FixedNoise:
+    """Noise given up front, in the parity fixtures' layout (a `generator.NoiseSource`).
+
+    noise: [B, T, C, h, w] for all latent frames; renoise: [chunks * (steps - 1), F, C, h, w].
+    """
+
+    def __init__(self, noise: torch.Tensor, renoise: torch.Tensor, frames_per_chunk: int, steps: int):
+        self.noise, self.renoise_all = noise, renoise
+        self.frames, self.transitions = frames_per_chunk, steps - 1
+
+    def initial(self, chunk: int) -> torch.Tensor:
+        return self.noise[:, chunk * self.frames : (chunk + 1) * self.frames]
+
+    def renoise(self, chunk: int, step: int) -> torch.Tensor:
+        return self.renoise_all[chunk * self.transitions + step][None]
+
+
+def switch_chunks_from_frames(switch_frames: Sequence[int], frames_per_chunk: int) -> tuple[int, ...]:
+    """Chunks where each next prompt starts, given latent switch frames (the official rule).
+
+    A switch happens at the first chunk whose start frame is at or after its index,
+    and at most one switch happens per chunk.
+    """
+    chunks: list[int] = []
+    for frame in switch_frames:
+        chunk = -(-frame // frames_per_chunk)
+        chunks.append(max(chunk, chunks[-1] + 1) if chunks else chunk)
+    return tuple(chunks)
 
 
 def manifest() -> dict:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memflow_cli import fast
+from memflow_cli.speed import attention as fast
 
 
 def flash_layout_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ def settings(window=4, sink=1, bank_size=2, record_interval=1, mode="nam") -> Me
     return MemorySettings(mode=mode, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval)
 
 
-def make_memory(**kwargs) -> KVMemory:
-    return KVMemory(CONFIG, settings(**kwargs), P, 1, "cpu", torch.float32)
+def make_memory(frames_per_chunk: int = 1, interactive: bool = False, **kwargs) -> KVMemory:
+    return KVMemory(CONFIG, settings(**kwargs), P, frames_per_chunk, 1, "cpu", torch.float32, interactive=interactive)
 
 
 def make_text(fill: float | list[float] = 0.0) -> TextCache:
@@ -56,11 +56,11 @@ def frames_of(t: torch.Tensor, layer: int = 0, values: bool = False) -> list[int
 
 
 def cache_frames(memory: KVMemory, layer: int = 0, values: bool = False) -> list[int | None]:
-    return frames_of(memory.kv[int(values), layer, :, :, : memory.capacity], layer, values)
+    return frames_of(memory.kv[int(values), layer, :, :, : memory.cache_tokens], layer, values)
 
 
 def bank_frames(memory: KVMemory, layer: int = 0, values: bool = False) -> list[int | None]:
-    return frames_of(memory.kv[int(values), layer, :, :, memory.capacity :], layer, values)
+    return frames_of(memory.kv[int(values), layer, :, :, memory.cache_tokens :], layer, values)
 
 
 def write_all(memory: KVMemory, plan, first: int, frames: int, offset: int = 0) -> None:
@@ -76,7 +76,7 @@ def run_chunk(memory: KVMemory, text: TextCache, chunk: int, frames: int, *, sta
         memory.bank_pre_update(text)
     write_all(memory, plan, chunk * frames, frames, NOISY)
     write_all(memory, plan, chunk * frames, frames)
-    memory.commit(plan, stage=stage, record_interval=memory.memory.record_interval, chunk_tokens=frames * P)
+    memory.commit(plan, stage=stage)
     return plan
 
 
@@ -85,7 +85,7 @@ def run_chunk(memory: KVMemory, text: TextCache, chunk: int, frames: int, *, sta
 
 def test_buffers_are_laid_out_cache_then_bank():
     memory = make_memory(window=4, sink=1, bank_size=2)
-    assert memory.capacity == 8 and memory.sink == 2 and memory.bank_slots == 2
+    assert memory.cache_tokens == 8 and memory.sink_tokens == 2 and memory.bank_slots == 2
     assert memory.kv.shape == (2, 2, 1, 2, 8 + 4, 4)
     assert memory.staged.shape == (2, 2, 1, 2, 2, 4)
     assert (memory.local_end, memory.global_end, memory.recorded) == (0, 0, 0)
@@ -94,7 +94,7 @@ def test_buffers_are_laid_out_cache_then_bank():
 
 
 def test_eviction_keeps_sink_and_drops_oldest_frames():
-    memory = make_memory(window=4, sink=1)
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1)
     text = make_text()
     expected = [  # cache frames after each 2-frame chunk, local_end, global_end
         ([0, 1, None, None], 4, 4),
@@ -142,11 +142,11 @@ def test_attention_kv_sink_local_and_bank_view():
         assert frames_of(v, values=True) == frames
         k1, _ = memory.attention_kv(1, plan, view)
         assert frames_of(k1, layer=1) == frames
-        memory.commit(plan, stage=True, record_interval=1, chunk_tokens=P)
+        memory.commit(plan, stage=True)
 
 
 def test_attention_kv_without_bank_view_is_the_cache_prefix():
-    memory = make_memory(window=4, sink=1)
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1)
     text = make_text()
     run_chunk(memory, text, 0, 2)
     run_chunk(memory, text, 1, 2)
@@ -159,7 +159,7 @@ def test_attention_kv_without_bank_view_is_the_cache_prefix():
 
 
 def test_non_committing_pass_leaves_indices_unchanged():
-    memory = make_memory(window=4, sink=1)
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1)
     text = make_text()
     run_chunk(memory, text, 0, 2)
     run_chunk(memory, text, 1, 2)
@@ -173,7 +173,7 @@ def test_non_committing_pass_leaves_indices_unchanged():
     k, _ = memory.attention_kv(0, plan, 0)
     assert frames_of(k) == [0, 3, NOISY + 4, NOISY + 5]  # the pass sees its own (noisy) keys
     write_all(memory, plan, 4, 2)
-    memory.commit(plan, stage=False, record_interval=1, chunk_tokens=4)
+    memory.commit(plan, stage=False)
     assert (memory.local_end, memory.global_end, memory.recorded) == (8, 12, 2)
     assert cache_frames(memory) == [0, 3, 4, 5]
 
@@ -182,7 +182,7 @@ def test_non_committing_pass_leaves_indices_unchanged():
 
 
 def test_recache_after_window_protects_sink():
-    memory = make_memory(window=4, sink=1)
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1)
     text = make_text()
     for chunk in range(3):  # frames 0..5
         run_chunk(memory, text, chunk, 2)
@@ -195,7 +195,7 @@ def test_recache_after_window_protects_sink():
     write_all(memory, plan, 2, 4, RE)
     k, _ = memory.attention_kv(0, plan, 0)
     assert frames_of(k) == [0, RE + 3, RE + 4, RE + 5]  # frame 2 re-encoded but written nowhere
-    memory.commit(plan, stage=False, record_interval=1, chunk_tokens=4)
+    memory.commit(plan, stage=False)
     assert cache_frames(memory) == [0, RE + 3, RE + 4, RE + 5]
     assert cache_frames(memory, 1, values=True) == [0, RE + 3, RE + 4, RE + 5]
     assert (memory.local_end, memory.global_end) == (8, 12)
@@ -205,7 +205,7 @@ def test_recache_after_window_protects_sink():
 
 
 def test_recache_from_start_rewrites_sink():
-    memory = make_memory(window=4, sink=1)
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1)
     text = make_text()
     for chunk in range(2):  # frames 0..3
         run_chunk(memory, text, chunk, 2)
@@ -215,7 +215,7 @@ def test_recache_from_start_rewrites_sink():
     assert (plan.write_start, plan.write_offset, plan.end) == (0, 0, 8)
     memory.begin(plan)
     write_all(memory, plan, 0, 4, RE)
-    memory.commit(plan, stage=False, record_interval=1, chunk_tokens=4)
+    memory.commit(plan, stage=False)
     assert cache_frames(memory) == [RE + 0, RE + 1, RE + 2, RE + 3]
     assert (memory.local_end, memory.global_end) == (8, 8)
 
@@ -224,7 +224,7 @@ def test_recache_from_start_rewrites_sink():
 
 
 def test_staging_copies_first_frame_of_written_slice():
-    memory = make_memory(window=4, sink=1, bank_size=2)
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1, bank_size=2)
     text = make_text()
     for chunk in range(3):  # chunk 2 writes frames 4, 5 at [4, 8) after the roll
         run_chunk(memory, text, chunk, 2)
@@ -236,7 +236,7 @@ def test_staging_copies_first_frame_of_written_slice():
     plan = memory.plan(4, 8)
     memory.begin(plan)
     write_all(memory, plan, 2, 4, RE)
-    memory.commit(plan, stage=True, record_interval=1, chunk_tokens=4)
+    memory.commit(plan, stage=True)
     assert frames_of(memory.staged[0, 0]) == [RE + 3]
     assert memory.recorded == 3
 
@@ -269,7 +269,7 @@ def test_single_prompt_bank_trace():
         assert bank_frames(memory, 0) == bank, f"chunk {chunk}"
         assert bank_frames(memory, 1, values=True) == bank
         write_all(memory, plan, chunk, 1)
-        memory.commit(plan, stage=True, record_interval=2, chunk_tokens=P)
+        memory.commit(plan, stage=True)
         assert memory.recorded == recorded
     # chunk 5: M = 3 > C: compress [f1, f3] + f4, keeping the top C - 1 = 1 slot per layer by its own text keys
     memory.bank_pre_update(text)
@@ -291,7 +291,63 @@ def test_interactive_bank_trace_duplicates():
         # chunk 6 re-compresses with the same f4: it outranks f2 and is duplicated; chunk 7's tie keeps slot 0
         assert bank_frames(memory) == bank, f"chunk {chunk}"
         write_all(memory, plan, chunk, 1)
-        memory.commit(plan, stage=chunk % 2 == 0, record_interval=2, chunk_tokens=P)
+        memory.commit(plan, stage=chunk % 2 == 0)
+
+
+# -- the policy: what a chunk attends to, when it records, what a switch re-caches ----------------------------
+
+
+def test_the_policy_replays_the_interactive_trace():
+    """begin_chunk / end_chunk decide the roll, the bank update and the recording of trace §7.7 themselves."""
+    memory = make_memory(window=4, sink=1, bank_size=2, record_interval=2, interactive=True)
+    text = make_text(1.0)
+    expected = [  # (bank after begin_chunk, bank view of the chunk's passes)
+        ([None, None], 0), ([0, None], 1), ([0, None], 1), ([0, 2], 2),
+        ([0, 2], 2), ([2, 4], 2), ([4, 4], 2), ([4, 6], 2),
+    ]  # fmt: skip
+    for chunk, (bank, view) in enumerate(expected):
+        passes = memory.begin_chunk(chunk, text)
+        assert (bank_frames(memory), passes.bank_view) == (bank, view), f"chunk {chunk}"
+        assert (passes.first_frame, passes.frames) == (chunk, 1)
+        write_all(memory, passes.plan, chunk, 1)
+        memory.end_chunk(passes, chunk)
+        assert memory.records(chunk) == (chunk % 2 == 0)
+
+
+def test_one_prompt_records_every_chunk():
+    memory = make_memory(window=4, sink=1, bank_size=2, record_interval=2)
+    assert [memory.records(chunk) for chunk in range(4)] == [True, True, True, True]
+
+
+def test_the_bank_is_not_attended_without_a_sink_and_sma_needs_one():
+    no_sink = KVMemory(
+        CONFIG, MemorySettings(window=4, sink=0, bank_size=2, record_interval=1, sma=True), P, 1, 1, "cpu",
+        torch.float32,
+    )  # fmt: skip
+    assert [no_sink.bank_view(chunk) for chunk in range(4)] == [0, 0, 0, 0]
+    assert no_sink.sma_top_k is None
+    with_sink = KVMemory(
+        CONFIG, MemorySettings(window=4, sink=1, bank_size=2, record_interval=1, sma=True, sma_top_k=2), P, 1, 1,
+        "cpu", torch.float32,
+    )  # fmt: skip
+    assert [with_sink.bank_view(chunk) for chunk in range(4)] == [0, 1, 2, 2]
+    assert with_sink.sma_top_k == 2
+
+
+def test_a_switch_re_caches_the_last_window_of_frames():
+    memory = make_memory(frames_per_chunk=2, window=4, sink=1)
+    text = make_text()
+    assert memory.begin_recache(0, text) is None  # a switch at the very start re-encodes nothing
+    for chunk in range(3):  # frames 0..5
+        passes = memory.begin_chunk(chunk, text)
+        write_all(memory, passes.plan, chunk * 2, 2)
+        memory.end_chunk(passes, chunk)
+    passes = memory.begin_recache(3, text)  # before chunk 3: the 4 frames 2..5
+    assert (passes.first_frame, passes.frames, passes.plan.is_recompute) == (2, 4, True)
+    write_all(memory, passes.plan, 2, 4, RE)
+    memory.end_recache(passes)
+    assert cache_frames(memory) == [0, RE + 3, RE + 4, RE + 5]
+    assert memory.recorded == 3  # a re-cache records nothing
 
 
 def _full_bank_of_three(text: TextCache) -> KVMemory:

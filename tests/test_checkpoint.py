@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from memflow_cli.checkpoint import (
-    CheckpointError,
     load_transformer,
     merge_lora,
     read_base_state,
-    read_config,
     read_lora_state,
 )
+from memflow_cli.loading import WeightsError, read_transformer_config
 from memflow_cli.model.cache import KVMemory, TextCache
 from memflow_cli.model.transformer import CausalWanTransformer, PassState, rope_angles, rope_tables
 from memflow_cli.settings import WAN_1_3B, LoraSettings, MemorySettings, TransformerConfig
@@ -213,7 +212,7 @@ def test_merge_rank_from_file_when_unset(weights, lora_sd, tmp_path):
 def test_lora_wrong_rank_setting(tmp_path, base, config_json, lora_sd):
     path = tmp_path / "lora.pt"
     torch.save({"generator_lora": lora_sd}, path)
-    with pytest.raises(CheckpointError, match="rank is 4 in the file but 256 in the settings") as err:
+    with pytest.raises(WeightsError, match="rank is 4 in the file but 256 in the settings") as err:
         load_transformer(base, path, config_json, LoraSettings())
     assert str(path) in str(err.value)
 
@@ -224,7 +223,7 @@ def test_lora_for_missing_module(tmp_path, base, config_json, lora_sd):
     sd["base_model.model.blocks.7.self_attn.q.lora_B.weight"] = torch.zeros(64, RANK)
     path = tmp_path / "lora.pt"
     torch.save(sd, path)
-    with pytest.raises(CheckpointError, match="blocks.7.self_attn.q") as err:
+    with pytest.raises(WeightsError, match="blocks.7.self_attn.q") as err:
         load_transformer(base, path, config_json, LORA)
     assert "does not have" in str(err.value)
     assert str(path) in str(err.value)
@@ -235,7 +234,7 @@ def test_lora_shape_mismatch(tmp_path, base, config_json, lora_sd):
     sd["base_model.model.blocks.0.ffn.0.lora_B.weight"] = torch.zeros(64, RANK)  # ffn.0 is 128 x 64
     path = tmp_path / "lora.pt"
     torch.save(sd, path)
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(WeightsError, match="do not fit"):
         load_transformer(base, path, config_json, LORA)
 
 
@@ -244,7 +243,7 @@ def test_lora_a_without_b(tmp_path, lora_sd):
     del sd["base_model.model.blocks.0.cross_attn.v.lora_B.weight"]
     path = tmp_path / "lora.pt"
     torch.save(sd, path)
-    with pytest.raises(CheckpointError, match="blocks.0.cross_attn.v.*lora_A but not its partner") as err:
+    with pytest.raises(WeightsError, match="blocks.0.cross_attn.v.*lora_A but not its partner") as err:
         read_lora_state(path)
     assert str(path) in str(err.value)
 
@@ -252,10 +251,10 @@ def test_lora_a_without_b(tmp_path, lora_sd):
 def test_lora_unexpected_key_and_empty(tmp_path, lora_sd):
     path = tmp_path / "lora.pt"
     torch.save({**lora_sd, "base_model.model.blocks.0.self_attn.q.weight": torch.zeros(64, 64)}, path)
-    with pytest.raises(CheckpointError, match="unexpected key"):
+    with pytest.raises(WeightsError, match="unexpected key"):
         read_lora_state(path)
     torch.save({"generator_lora": {}}, path)
-    with pytest.raises(CheckpointError, match="no LoRA weights"):
+    with pytest.raises(WeightsError, match="no LoRA weights"):
         read_lora_state(path)
 
 
@@ -264,12 +263,12 @@ def test_lora_unexpected_key_and_empty(tmp_path, lora_sd):
 
 def test_missing_files_are_named(tmp_path, base, config_json):
     missing = tmp_path / "nope" / "base.pt"
-    with pytest.raises(CheckpointError, match="file not found") as err:
+    with pytest.raises(WeightsError, match="file not found") as err:
         load_transformer(missing, config=config_json)
     assert str(missing) in str(err.value)
     assert err.value.path == missing
     missing_lora = tmp_path / "lora.pt"
-    with pytest.raises(CheckpointError, match="file not found") as err:
+    with pytest.raises(WeightsError, match="file not found") as err:
         load_transformer(base, missing_lora, config_json, LORA)
     assert err.value.path == missing_lora
 
@@ -278,7 +277,7 @@ def test_truncated_base_is_reported(tmp_path, base, config_json):
     data = base.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated") as err:
+    with pytest.raises(WeightsError, match="truncated") as err:
         load_transformer(truncated, config=config_json)
     assert str(truncated) in str(err.value)
 
@@ -289,7 +288,7 @@ def test_truncated_checkpoint_raising_oserror_is_reported(tmp_path):
     data = full.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated") as err:
+    with pytest.raises(WeightsError, match="truncated") as err:
         read_base_state(truncated)
     assert str(truncated) in str(err.value)
 
@@ -297,7 +296,7 @@ def test_truncated_checkpoint_raising_oserror_is_reported(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "base.pt"
     path.write_bytes(b"this is not a torch.save file")
-    with pytest.raises(CheckpointError, match="corrupt") as err:
+    with pytest.raises(WeightsError, match="corrupt") as err:
         read_base_state(path)
     assert str(path) in str(err.value)
 
@@ -305,7 +304,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_base_without_generator_lists_found_keys(tmp_path, weights):
     path = tmp_path / "base.pt"
     torch.save({"critic": {"a": torch.zeros(1)}, "step": 3, "optimizer": {"b": torch.zeros(1)}}, path)
-    with pytest.raises(CheckpointError, match="found: critic, optimizer, step") as err:
+    with pytest.raises(WeightsError, match="found: critic, optimizer, step") as err:
         read_base_state(path)
     assert "'generator'" in str(err.value)
     assert str(path) in str(err.value)
@@ -314,33 +313,33 @@ def test_base_without_generator_lists_found_keys(tmp_path, weights):
 def test_base_generator_not_a_state_dict(tmp_path):
     path = tmp_path / "base.pt"
     torch.save({"generator": [torch.zeros(1)]}, path)
-    with pytest.raises(CheckpointError, match="state dict of tensors"):
+    with pytest.raises(WeightsError, match="state dict of tensors"):
         read_base_state(path)
 
 
 def test_missing_tensors(tmp_path, weights, config_json):
     state = {k: v for k, v in weights.items() if k != "blocks.1.ffn.2.bias"}
     path = save_base(tmp_path / "base.pt", state)
-    with pytest.raises(CheckpointError, match=r"missing 1 tensors \(e.g. blocks.1.ffn.2.bias\)") as err:
+    with pytest.raises(WeightsError, match=r"missing 1 tensors \(e.g. blocks.1.ffn.2.bias\)") as err:
         load_transformer(path, config=config_json)
     assert str(path) in str(err.value)
 
 
 def test_unexpected_tensors(tmp_path, weights, config_json):
     path = save_base(tmp_path / "base.pt", {**weights, "blocks.2.norm3.weight": torch.ones(64)})
-    with pytest.raises(CheckpointError, match=r"1 unexpected tensors \(e.g. blocks.2.norm3.weight\)"):
+    with pytest.raises(WeightsError, match=r"1 unexpected tensors \(e.g. blocks.2.norm3.weight\)"):
         load_transformer(path, config=config_json)
 
 
 def test_more_layers_in_file_than_config(tmp_path, weights):
-    with pytest.raises(CheckpointError, match="unexpected"):
+    with pytest.raises(WeightsError, match="unexpected"):
         load_transformer(save_base(tmp_path / "base.pt", weights), config=dataclasses.replace(CONFIG, num_layers=1))
 
 
 def test_shape_mismatch_mentions_config(tmp_path, base):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**CONFIG_JSON, "ffn_dim": 96}))
-    with pytest.raises(CheckpointError, match="config") as err:
+    with pytest.raises(WeightsError, match="config") as err:
         load_transformer(base, config=path)
     message = str(err.value)
     assert "blocks.0.ffn.0" in message
@@ -351,9 +350,9 @@ def test_shape_mismatch_mentions_config(tmp_path, base):
 # -- config.json -------------------------------------------------------------------------------------
 
 
-def test_read_config(config_json):
-    assert read_config(config_json) == CONFIG
-    assert read_config(None) == WAN_1_3B
+def test_read_transformer_config(config_json):
+    assert read_transformer_config(config_json) == CONFIG
+    assert read_transformer_config(None) == WAN_1_3B
 
 
 def test_read_wan_1_3b_config(tmp_path):
@@ -373,53 +372,53 @@ def test_read_wan_1_3b_config(tmp_path):
         "text_len": 512,
     }
     path.write_text(json.dumps(wan))
-    assert read_config(path) == WAN_1_3B
+    assert read_transformer_config(path) == WAN_1_3B
 
 
 def test_config_errors(tmp_path):
     missing = tmp_path / "config.json"
-    with pytest.raises(CheckpointError, match="config file not found") as err:
-        read_config(missing)
+    with pytest.raises(WeightsError, match="config file not found") as err:
+        read_transformer_config(missing)
     assert err.value.path == missing
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"dim": 64,')
-    with pytest.raises(CheckpointError, match="not a readable JSON config") as err:
-        read_config(bad)
+    with pytest.raises(WeightsError, match="not a readable JSON config") as err:
+        read_transformer_config(bad)
     assert str(bad) in str(err.value)
 
-    with pytest.raises(CheckpointError, match="not a readable JSON config"):
-        read_config(tmp_path)  # a directory
+    with pytest.raises(WeightsError, match="not a readable JSON config"):
+        read_transformer_config(tmp_path)  # a directory
 
     array = tmp_path / "array.json"
     array.write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="JSON object"):
-        read_config(array)
+    with pytest.raises(WeightsError, match="JSON object"):
+        read_transformer_config(array)
 
     i2v = tmp_path / "i2v.json"
     i2v.write_text(json.dumps({**CONFIG_JSON, "model_type": "i2v"}))
-    with pytest.raises(CheckpointError, match="t2v") as err:
-        read_config(i2v)
+    with pytest.raises(WeightsError, match="t2v") as err:
+        read_transformer_config(i2v)
     assert str(i2v) in str(err.value)
 
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps({**CONFIG_JSON, "num_heads": 3}))
-    with pytest.raises(CheckpointError, match="unusable transformer config"):
-        read_config(odd)
+    with pytest.raises(WeightsError, match="unusable transformer config"):
+        read_transformer_config(odd)
 
 
 def test_binary_config_is_reported(tmp_path):
     path = tmp_path / "config.json"
     path.write_bytes(b"\xff\xfe\x00\x81binary")
-    with pytest.raises(CheckpointError, match="not a readable JSON config"):
-        read_config(path)
+    with pytest.raises(WeightsError, match="not a readable JSON config"):
+        read_transformer_config(path)
 
 
 def test_zero_heads_config_is_reported(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**CONFIG_JSON, "num_heads": 0}))
-    with pytest.raises(CheckpointError, match="unusable transformer config"):
-        read_config(path)
+    with pytest.raises(WeightsError, match="unusable transformer config"):
+        read_transformer_config(path)
 
 
 # -- the loaded model runs -----------------------------------------------------------------------------
@@ -435,7 +434,7 @@ def test_loaded_model_forward_matches_source_model(base, config_json, weights):
     context = torch.randn(1, CONFIG.text_len, CONFIG.text_dim, generator=generator)
     outputs = []
     for model in (source, loaded):
-        memory = KVMemory(CONFIG, MemorySettings(window=2, sink=1, bank_size=1), 4, 1, "cpu", torch.float32)
+        memory = KVMemory(CONFIG, MemorySettings(window=2, sink=1, bank_size=1), 4, 1, 1, "cpu", torch.float32)
         text = TextCache(CONFIG, 1, "cpu", torch.float32)
         plan = memory.plan(0, 4)
         memory.begin(plan)

@@ -26,11 +26,13 @@ from typer.testing import CliRunner
 
 from memflow_cli.cli import app
 from memflow_cli.decode import StreamingDecoder
+from memflow_cli.engine import load_engine
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.output import partial_path, probe_video, sidecar_path
-from memflow_cli.render import load_engine
+from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.script import parse_time
 from memflow_cli.settings import GenerationSettings
+
+from .video import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEMFLOW_SHARED_DIR", REPO.parent / "shared"))
@@ -449,7 +451,8 @@ def test_render_interrupted_leaves_a_playable_partial_file(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def engine():
-    return load_engine("demo", "cpu")
+    with load_engine("demo", "cpu") as engine:
+        yield engine
 
 
 def test_streaming_decode_of_generated_chunks_equals_one_shot_decode(engine):

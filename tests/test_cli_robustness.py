@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from memflow_cli import __version__
-from memflow_cli.output import lock_path, partial_path, probe_video, sidecar_path
+from memflow_cli.output import lock_path, partial_path, sidecar_path
 from tests.test_cli import (
     BATCH_RENDER,
     DEMO,
@@ -33,6 +33,7 @@ from tests.test_cli import (
     video_frames,
     write_story,
 )
+from tests.video import probe_video
 
 MEMFLOW = [sys.executable, "-m", "memflow_cli.cli"]
 LONG = "10m"  # a render that is still running whatever the machine's speed, until the test stops it

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from memflow_cli.decode import StreamingDecoder, frames_from_decoded
 from memflow_cli.demo import build_demo_tokenizer
-from memflow_cli.fast import decoder_kernels_for
 from memflow_cli.settings import VideoGeometry
+from memflow_cli.speed import EAGER
 from memflow_cli.text_encoder import TextEncoder
 from memflow_cli.weights import load_vae, load_wan_t5
 
@@ -69,7 +69,7 @@ def test_vae_decode_matches_official_frames(case: str, dtype: str) -> None:
     tensors = load_file(d / vae_fixture["cases"][case]["file"])
     latents = tensors["latents"].to(codec.DTYPES[dtype])  # [1, T, 16, h, w], the generator's layout
 
-    decoder = StreamingDecoder(vae, kernels=decoder_kernels_for(False))  # what `render` builds on the CPU
+    decoder = StreamingDecoder(vae, kernels=EAGER.decoder_kernels)  # what `render` builds on the CPU
     pixels, frames = [], []
     for chunk in latents.split(VideoGeometry().frames_per_chunk, dim=1):  # as the generator hands them over
         decoded = decoder.decode_float(chunk)  # [N, 3, H, W]; `decode` = this, then `frames_from_decoded`

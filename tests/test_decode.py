@@ -11,12 +11,17 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders import autoencoder_kl_wan
 
-from memflow_cli.decode import StreamingDecoder, decoded_frame_count, frames_from_decoded
+from memflow_cli.decode import StreamingDecoder, frames_from_decoded
 from memflow_cli.vae_stream import DecoderKernels, DecoderStream, padded_channels, rms_norm_silu_into
 
 LATENT_FRAMES = 9
 CHUNK = 3
 LATENT_HW = (4, 6)
+
+
+def decoded_frame_count(latent_frames: int) -> int:
+    """RGB frames that a whole video of `latent_frames` latent frames decodes to: 1, then 4 per later frame."""
+    return 0 if latent_frames <= 0 else 1 + 4 * (latent_frames - 1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,10 +138,11 @@ def test_cache_survives_an_unrelated_vae_decode(vae: AutoencoderKLWan, latents: 
     torch.testing.assert_close(torch.cat([head, tail]), reference, rtol=0, atol=0)
 
 
-def test_stream_yields_the_frames_of_each_chunk(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+def test_reset_starts_a_new_video_chunk_by_chunk(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
     decoder = StreamingDecoder(vae)
-    decoder.decode(latents[:, :1])  # a stale video in progress: stream() starts afresh
-    streamed = torch.cat(list(decoder.stream(latents.split(CHUNK, dim=1))))
+    decoder.decode(latents[:, :1])  # a stale video in progress: reset() starts afresh
+    decoder.reset()
+    streamed = torch.cat([decoder.decode(chunk) for chunk in latents.split(CHUNK, dim=1)])
     expected = frames_from_decoded(_decode_in_chunks(StreamingDecoder(vae), latents))
     assert torch.equal(streamed, expected)
 

@@ -14,9 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memflow_cli import fp8
-from memflow_cli.fast import LinearGELU, fuse_ffn_activation
-from memflow_cli.fp8 import (
+from memflow_cli.engine import load_engine
+from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.model.transformer import PLAIN_KERNELS, CausalWanTransformer, Kernels
+from memflow_cli.output import sidecar_path
+from memflow_cli.render import render_story
+from memflow_cli.script import load_scripts
+from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+from memflow_cli.speed import fp8
+from memflow_cli.speed.fp8 import (
     Fp8Linear,
     dequantise_rows,
     fp8_unsupported_reason,
@@ -25,14 +31,18 @@ from memflow_cli.fp8 import (
     reference_matmul,
     use_fp8_linears,
 )
-from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.model.transformer import CausalWanTransformer
-from memflow_cli.output import probe_video, sidecar_path
-from memflow_cli.render import load_engine, render_story
-from memflow_cli.script import load_scripts
-from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+from memflow_cli.speed.linear import LinearGELU
 
 from .test_cli import DEMO, memflow, write_story
+from .video import probe_video
+
+
+def as_linear_gelu(linear: torch.nn.Linear) -> LinearGELU:
+    """The same weights as `linear`, as the fast path's Linear with the tanh GELU in its epilogue."""
+    weight = linear.weight
+    fused = LinearGELU(linear.in_features, linear.out_features, device=weight.device, dtype=weight.dtype)
+    fused.load_state_dict(linear.state_dict())
+    return fused
 
 E4M3 = torch.float8_e4m3fn
 
@@ -125,7 +135,7 @@ def test_fp8_linear_in_bf16_adds_the_bias_in_bf16():
 def test_the_gelu_variant_applies_the_tanh_gelu_after_the_matmul():
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 64)
-    plain, with_gelu = Fp8Linear.from_linear(linear), Fp8Linear.from_linear(LinearGELU(linear), gelu=True)
+    plain, with_gelu = Fp8Linear.from_linear(linear), Fp8Linear.from_linear(as_linear_gelu(linear), gelu=True)
     x = torch.randn(3, 32)
     torch.testing.assert_close(with_gelu(x), F.gelu(plain(x), approximate="tanh"))
 
@@ -137,9 +147,9 @@ CONFIG = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_
 GEOMETRY = VideoGeometry(height=32, width=48)
 
 
-def tiny_model(config: TransformerConfig = CONFIG) -> CausalWanTransformer:
+def tiny_model(config: TransformerConfig = CONFIG, kernels: Kernels = PLAIN_KERNELS) -> CausalWanTransformer:
     torch.manual_seed(0)
-    return CausalWanTransformer(config).eval().requires_grad_(False)
+    return CausalWanTransformer(config, kernels).eval().requires_grad_(False)
 
 
 def render(model: CausalWanTransformer, chunks: int = 5) -> torch.Tensor:
@@ -149,16 +159,16 @@ def render(model: CausalWanTransformer, chunks: int = 5) -> torch.Tensor:
     return torch.cat(list(generator.generate(prompts, chunks, noise, switch_chunks=(3,))), dim=1)
 
 
-def accelerated(model: CausalWanTransformer) -> CausalWanTransformer:
-    """What `fast.accelerate` does to the layers on the compiled path (fused q/k/v, GELU in the epilogue)."""
+def accelerated() -> CausalWanTransformer:
+    """`tiny_model` with the compiled path's layers (fused q/k/v, GELU in the matmul's epilogue)."""
+    model = tiny_model(kernels=Kernels(linear_gelu=LinearGELU))
     for block in model.blocks:
         block.self_attn.fuse_qkv()
-        fuse_ffn_activation(block)
     return model
 
 
 def test_every_per_token_linear_of_a_block_becomes_fp8_and_the_rest_stays():
-    model = accelerated(tiny_model())
+    model = accelerated()
     head, text_embedding = model.head.head, model.text_embedding[0]
     use_fp8_linears(model)
     for block in model.blocks:
@@ -197,7 +207,7 @@ def test_an_fp8_model_renders_close_to_the_float32_one():
     error = ((fp8_video - expected).norm() / expected.norm()).item()
     assert torch.isfinite(fp8_video).all()
     assert 1e-4 < error < 5e-2
-    fused_first = accelerated(tiny_model())
+    fused_first = accelerated()
     use_fp8_linears(fused_first)
     assert torch.equal(render(fused_first), fp8_video)  # per-output-channel scales: fusing first changes nothing
 

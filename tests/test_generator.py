@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_cli.fast import LinearGELU, fuse_ffn_activation, heads_last
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.model.transformer import CausalWanTransformer, Kernels
 from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsError, TransformerConfig, VideoGeometry
+from memflow_cli.speed.attention import heads_last
+from memflow_cli.speed.linear import LinearGELU
 
 from .test_attention_kernel import flash_layout_sdpa
 
@@ -94,12 +95,9 @@ def test_fused_qkv_projection_renders_the_same_video(model):
 def test_fused_ffn_activation_renders_the_same_video(model):
     memory = MemorySettings(record_interval=1)
     expected = render(model, memory, switch_chunks=(3,))
-    fused = CausalWanTransformer(CONFIG).eval().requires_grad_(False)
+    fused = CausalWanTransformer(CONFIG, Kernels(linear_gelu=LinearGELU)).eval().requires_grad_(False)
     fused.load_state_dict(model.state_dict())
-    names = sorted(fused.state_dict())
-    for block in fused.blocks:
-        fuse_ffn_activation(block)
-        fuse_ffn_activation(block)  # a second call changes nothing
+    names = sorted(model.state_dict())
 
     assert isinstance(fused.blocks[0].ffn[0], LinearGELU) and isinstance(fused.blocks[0].ffn[1], torch.nn.Identity)
     assert sorted(fused.state_dict()) == names  # checkpoints keep Wan's names
@@ -110,12 +108,7 @@ def test_a_flash_attn_layout_kernel_renders_the_same_video(model):
     """Self-attention through a kernel with flash-attn's calling convention (how flash-attn 3 is plugged in)."""
     memory = MemorySettings(record_interval=1, sma=True)
     expected = render(model, memory, switch_chunks=(3,))
-    attentions = [block.self_attn.attention for block in model.blocks]
-    try:
-        for block in model.blocks:
-            block.self_attn.attention = heads_last(flash_layout_sdpa)
-        flash = render(model, memory, switch_chunks=(3,))
-    finally:
-        for block, attention in zip(model.blocks, attentions, strict=True):
-            block.self_attn.attention = attention
+    flash_model = CausalWanTransformer(CONFIG, Kernels(attention=heads_last(flash_layout_sdpa)))
+    flash_model.load_state_dict(model.state_dict())
+    flash = render(flash_model.eval().requires_grad_(False), memory, switch_chunks=(3,))
     torch.testing.assert_close(flash, expected, rtol=1e-5, atol=1e-5)

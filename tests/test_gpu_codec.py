@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.demo import build_demo_tokenizer
-from memflow_cli.fast import accelerate_vae, decoder_kernels_for
 from memflow_cli.settings import VideoGeometry
+from memflow_cli.speed.decoder import channels_last_convs, fused_decoder_kernels
 from memflow_cli.text_encoder import TextEncoder
+from memflow_cli.vae_stream import PLAIN_KERNELS
 from memflow_cli.weights import load_vae, load_wan_t5
 
 from . import codec
@@ -41,8 +42,8 @@ def _decode_bf16(case: str, compiled: bool) -> torch.Tensor:
     config = codec.diffusers_config(d / vae_fixture["config"])
     vae = load_vae(d / vae_fixture["weights"], "cuda", torch.bfloat16, config=config)
     if compiled:
-        accelerate_vae(vae)  # what load_engine does on CUDA
-    decoder = StreamingDecoder(vae, kernels=decoder_kernels_for(compiled))
+        channels_last_convs(vae)  # what the engine does on CUDA
+    decoder = StreamingDecoder(vae, kernels=fused_decoder_kernels() if compiled else PLAIN_KERNELS)
     latents = load_file(d / vae_fixture["cases"][case]["file"])["latents"].to("cuda", torch.bfloat16)
     chunks = latents.split(VideoGeometry().frames_per_chunk, dim=1)
     return torch.cat([decoder.decode_float(chunk).cpu() for chunk in chunks])

@@ -11,21 +11,20 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder
-from memflow_cli.fast import (
-    FLASH_ATTENTION_3,
-    FLASH_ATTENTION_3_MODULES,
-    SDPA,
-    GraphedPasses,
-    LinearGELU,
-    accelerate,
-    accelerate_vae,
-    flash_attention_3,
-    fused_decoder_kernels,
-    self_attention_kernel,
-)
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+from memflow_cli.speed import choose_fast_path
+from memflow_cli.speed.attention import (
+    FLASH_ATTENTION_3,
+    FLASH_ATTENTION_3_MODULES,
+    SDPA,
+    flash_attention_3,
+    self_attention_kernel,
+)
+from memflow_cli.speed.decoder import channels_last_convs, fused_decoder_kernels
+from memflow_cli.speed.graphs import GraphedPasses
+from memflow_cli.speed.linear import LinearGELU
 from memflow_cli.vae_stream import residual_sum, upsample_nearest
 from memflow_cli.weights import WAN21_VAE_CONFIG
 
@@ -38,8 +37,10 @@ def test_linear_gelu_epilogue_is_the_tanh_gelu():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 512).cuda()
     x = torch.randn(3, 40, 256, device="cuda")
+    fused = LinearGELU(256, 512).cuda()
+    fused.load_state_dict(linear.state_dict())
     with torch.no_grad():
-        ours = LinearGELU(linear)(x)
+        ours = fused(x)
         tanh = F.gelu(linear(x), approximate="tanh")
         erf = F.gelu(linear(x))
     assert ours.shape == (3, 40, 512)
@@ -58,7 +59,7 @@ def test_compiled_decoder_kernels_are_as_faithful_as_the_eager_ones():
     """
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to("cuda").eval()
-    accelerate_vae(vae)
+    channels_last_convs(vae)
     latents = torch.randn(1, 7, 16, 12, 20, device="cuda")
     expected = _decode(StreamingDecoder(vae), latents)
     vae.to(torch.bfloat16)
@@ -132,13 +133,46 @@ def test_flash_attn_3_renders_what_sdpa_renders():
     settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=True), geometry=VideoGeometry(64, 96))
     prompts = torch.randn(2, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
 
-    def render() -> torch.Tensor:
+    def render(model: CausalWanTransformer) -> torch.Tensor:
         generator = MemFlowGenerator(model, settings, passes=GraphedPasses)
         noise = SeededNoise(3, generator.noise_shape(), "cuda", torch.bfloat16)
         return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1).float()
 
-    expected = render()
-    accelerate(model, compile=False)
-    assert model.self_attention_name == f"{FLASH_ATTENTION_3} ({flash_attention_3()[0]})"
-    error = ((render() - expected).norm() / expected.norm()).item()
+    expected = render(model)
+    fast = choose_fast_path(config, torch.device("cuda"), torch.bfloat16, compile=False)
+    assert fast.self_attention == f"{FLASH_ATTENTION_3} ({flash_attention_3()[0]})"
+    flash_model = CausalWanTransformer(config, fast.kernels).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    flash_model.load_state_dict(model.state_dict())
+    error = ((render(flash_model) - expected).norm() / expected.norm()).item()
     assert error < 2e-2
+
+
+def test_steady_state_chunks_and_later_switches_compile_nothing_new():
+    """The fast path compiles while the cache and bank fill and at the first switch, then never again.
+
+    Once warm (window and bank full, one re-cache done), further chunks and a second switch must run on the
+    graphs already built: dynamo is told to fail on any recompile, and no new graph may appear.
+    """
+    import torch._dynamo.utils
+
+    config = TransformerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=32)
+    device = torch.device("cuda")
+    fast = choose_fast_path(config, device, torch.bfloat16, compile=True)
+    torch.manual_seed(0)
+    model = CausalWanTransformer(config, fast.kernels).to(device, torch.bfloat16).eval().requires_grad_(False)
+    run_pass = fast.pass_function(model)
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=True), geometry=VideoGeometry(64, 96))
+    prompts = torch.randn(3, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
+    generator = MemFlowGenerator(model, settings, run_pass=run_pass, passes=fast.graphed_passes)
+    noise = SeededNoise(3, generator.noise_shape(), device, torch.bfloat16)
+    counters = torch._dynamo.utils.counters
+    with fast.sdpa_priority():
+        chunks = generator.generate(prompts, 16, noise, switch_chunks=(6, 12))
+        warm = [next(chunks) for _ in range(9)]  # window (4 chunks) and bank (3 frames) full, first switch done
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0  # the warm-up did compile
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            steady = list(chunks)  # chunks 9..15, the second switch at 12 among them
+    assert len(warm) + len(steady) == 16
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(torch.isfinite(chunk).all() for chunk in steady)

@@ -12,18 +12,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from memflow_cli.checkpoint import load_transformer
-from memflow_cli.fast import LinearGELU, accelerate, attention_kernels, passes_for
-from memflow_cli.fp8 import (
+from memflow_cli.generator import MemFlowGenerator
+from memflow_cli.loading import read_transformer_config
+from memflow_cli.speed import choose_fast_path
+from memflow_cli.speed.fp8 import (
     Fp8Linear,
     fp8_unsupported_reason,
     quantise_rows,
     quantise_with_scales,
     reference_matmul,
-    use_fp8_linears,
 )
-from memflow_cli.generator import MemFlowGenerator
 
 from . import parity
+from .test_fp8 import as_linear_gelu
 
 # bf16 alone is 5.5e-3 to 5.9e-3 from the float32 expectation on these fixtures (`test_gpu_parity.py`, bar
 # 2e-2). FP8 quantisation alone, measured on the CPU (the same layers through torch's CPU `_scaled_mm`,
@@ -60,7 +61,7 @@ def test_values_past_the_e4m3_range_saturate_on_the_gpu():
 def test_fp8_linear_matches_its_dequantised_reference(gelu):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 512).to("cuda", torch.bfloat16)
-    layer = Fp8Linear.from_linear(LinearGELU(linear) if gelu else linear, gelu=gelu)
+    layer = Fp8Linear.from_linear(as_linear_gelu(linear) if gelu else linear, gelu=gelu)
     x = torch.randn(3, 100, 256, device="cuda", dtype=torch.bfloat16)
     out = layer(x)
     assert out.shape == (3, 100, 512) and out.dtype == torch.bfloat16
@@ -81,7 +82,7 @@ def test_a_full_size_ffn_matmul_runs_in_fp8(gelu):
     linear = torch.nn.Linear(1536, 8960).to("cuda", torch.bfloat16)
     linear.weight.data.normal_(0.0, 0.02)
     x = torch.randn(1, 4680, 1536, device="cuda", dtype=torch.bfloat16)
-    layer = Fp8Linear.from_linear(LinearGELU(linear) if gelu else linear, gelu=gelu)
+    layer = Fp8Linear.from_linear(as_linear_gelu(linear) if gelu else linear, gelu=gelu)
     with torch.no_grad():
         out = layer(x)
         expected = linear(x).float()
@@ -100,22 +101,24 @@ def test_a_full_size_ffn_matmul_runs_in_fp8(gelu):
 def test_fp8_gpu_close_to_float32_expectation(name, compile):
     d = parity.PARITY_DIR
     device = torch.device("cuda")
+    config = read_transformer_config(d / "config.json")
+    fast = choose_fast_path(config, device, torch.bfloat16, compile=compile, fp8=True)
     model = load_transformer(
-        d / "base.pt", d / "lora.pt", d / "config.json", parity.lora_settings(MANIFEST),
-        device=device, dtype=torch.bfloat16,
+        d / "base.pt", d / "lora.pt", config, parity.lora_settings(MANIFEST),
+        device=device, dtype=torch.bfloat16, kernels=fast.kernels,
     )  # fmt: skip
-    accelerate(model, compile=compile)
-    use_fp8_linears(model)
+    run_pass = fast.pass_function(model)  # the FP8 layers swapped in, the blocks' steps compiled
     assert isinstance(model.blocks[0].ffn[2], Fp8Linear)
     scenario = MANIFEST["scenarios"][name]
     settings = parity.scenario_settings(MANIFEST, scenario)
     inputs = parity.load_inputs()
     frames = scenario.get("frames", MANIFEST["frames"])
     expected = load_file(d / f"expected_{name}.safetensors")["latents"][:, :frames]
-    generator = MemFlowGenerator(model, settings, passes=passes_for(compile))  # compiled: the whole fast path
+    # compiled: the whole fast path (compiled steps, CUDA graphs)
+    generator = MemFlowGenerator(model, settings, run_pass=run_pass, passes=fast.graphed_passes)
     noise = parity.fixed_noise(inputs, settings)
     embeds = parity.prompt_embeds(inputs)[scenario["prompts"]]
-    with attention_kernels(device):
+    with fast.sdpa_priority():
         chunks = generator.generate(
             embeds, frames // settings.geometry.frames_per_chunk, noise, parity.switch_chunks(scenario, settings)
         )

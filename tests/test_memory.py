@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_cli.generator import switch_chunks_from_frames
 from memflow_cli.model.memory import (
     bank_view_frames,
     compressed_bank_order,
@@ -21,6 +20,8 @@ from memflow_cli.model.memory import (
     sma_frame_selection,
 )
 from memflow_cli.settings import MemorySettings
+
+from .parity import switch_chunks_from_frames
 
 # shipped sizes: P = 1560 tokens per frame, W = 12, S = 3, chunks of 3 frames
 P = 1560
@@ -46,7 +47,7 @@ def test_plan_chunks_0_to_6_match_spec_6_5():
     local_end = global_end = 0
     for chunk, (end, write_start, evict, rolled, new_global) in enumerate(expected):
         plan = plan_cache_pass(
-            chunk * CHUNK, CHUNK, local_end=local_end, global_end=global_end, capacity=CAPACITY, sink=SINK
+            chunk * CHUNK, CHUNK, local_end=local_end, global_end=global_end, cache_tokens=CAPACITY, sink_tokens=SINK
         )
         assert plan.start == chunk * CHUNK
         assert plan.n_new == CHUNK
@@ -65,7 +66,7 @@ def test_plan_chunks_0_to_6_match_spec_6_5():
 
 def test_plan_steady_state_recache_protects_sink():
     # switch at s = 18: re-encode frames 6..17, start 6*1560, after chunks 0..5 (global_end 28080)
-    plan = plan_cache_pass(9360, 18720, local_end=18720, global_end=28080, capacity=CAPACITY, sink=SINK)
+    plan = plan_cache_pass(9360, 18720, local_end=18720, global_end=28080, cache_tokens=CAPACITY, sink_tokens=SINK)
     assert plan.is_recompute is True
     assert plan.evict == 0 and plan.rolled == 0
     assert plan.end == 18720
@@ -77,14 +78,14 @@ def test_plan_steady_state_recache_protects_sink():
 
 def test_plan_recache_at_15_protects_sink():
     # s = 15 > W: start (15 - 12) * 1560 = 4680 > 0, so it is a recompute
-    plan = plan_cache_pass(4680, 18720, local_end=18720, global_end=23400, capacity=CAPACITY, sink=SINK)
+    plan = plan_cache_pass(4680, 18720, local_end=18720, global_end=23400, cache_tokens=CAPACITY, sink_tokens=SINK)
     assert plan.is_recompute is True
     assert (plan.end, plan.write_start, plan.write_offset, plan.evict) == (18720, 4680, 4680, 0)
 
 
 def test_plan_early_recache_rewrites_from_zero():
     # switch at s = 9 (<= W): r = 9, start 0, after chunks 0..2 (local_end = global_end = 14040)
-    plan = plan_cache_pass(0, 14040, local_end=14040, global_end=14040, capacity=CAPACITY, sink=SINK)
+    plan = plan_cache_pass(0, 14040, local_end=14040, global_end=14040, cache_tokens=CAPACITY, sink_tokens=SINK)
     assert plan.is_recompute is False  # start == 0
     assert (plan.end, plan.write_start, plan.write_offset, plan.evict, plan.rolled) == (14040, 0, 0, 0, 0)
     assert plan.write_len == 14040  # the sink frames 0-2 are rewritten too
@@ -92,7 +93,7 @@ def test_plan_early_recache_rewrites_from_zero():
 
 
 def test_plan_recache_at_12_rewrites_whole_cache():
-    plan = plan_cache_pass(0, 18720, local_end=18720, global_end=18720, capacity=CAPACITY, sink=SINK)
+    plan = plan_cache_pass(0, 18720, local_end=18720, global_end=18720, cache_tokens=CAPACITY, sink_tokens=SINK)
     assert (plan.is_recompute, plan.end, plan.write_start, plan.write_offset, plan.evict) == (False, 18720, 0, 0, 0)
 
 
@@ -102,16 +103,16 @@ def test_plan_without_sink_memory_none():
     assert memory.bank_frames == 0
     sink = memory.sink_frames * P
     # chunk 4: the roll keeps nothing at the head: 3 frames evicted, 9 rolled
-    plan = plan_cache_pass(18720, CHUNK, local_end=18720, global_end=18720, capacity=CAPACITY, sink=sink)
+    plan = plan_cache_pass(18720, CHUNK, local_end=18720, global_end=18720, cache_tokens=CAPACITY, sink_tokens=sink)
     assert (plan.end, plan.write_start, plan.evict, plan.rolled, plan.global_end) == (18720, 14040, 4680, 14040, 23400)
     # re-cache at s = 18: nothing is protected, all 12 frames are rewritten
-    plan = plan_cache_pass(9360, 18720, local_end=18720, global_end=28080, capacity=CAPACITY, sink=sink)
+    plan = plan_cache_pass(9360, 18720, local_end=18720, global_end=28080, cache_tokens=CAPACITY, sink_tokens=sink)
     assert (plan.is_recompute, plan.write_start, plan.write_offset, plan.write_len) == (True, 0, 0, 18720)
 
 
 def test_plan_pass_larger_than_cache_is_an_error():
     with pytest.raises(ValueError, match="does not fit"):
-        plan_cache_pass(0, 20000, local_end=0, global_end=0, capacity=CAPACITY, sink=SINK)
+        plan_cache_pass(0, 20000, local_end=0, global_end=0, cache_tokens=CAPACITY, sink_tokens=SINK)
 
 
 # -- §7.2 / §7.5: bank schedule ---------------------------------------------------------------------------

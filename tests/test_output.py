@@ -22,16 +22,16 @@ from memflow_cli.output import (
     OutputBusyError,
     OutputError,
     OutputExistsError,
-    VideoInfo,
     lock_path,
     partial_path,
-    probe_video,
     read_sidecar,
     reserved_output,
     sidecar_path,
     write_sidecar,
     write_video_sidecar,
 )
+
+from .video import VideoInfo, probe_video
 
 WIDTH, HEIGHT, FPS, KEYFRAMES = 64, 48, 16, 12
 

@@ -15,11 +15,15 @@ from memflow_cli.script import (
     Segment,
     Story,
     Timeline,
-    load_many,
     load_scripts,
     parse_time,
 )
 from memflow_cli.settings import GenerationSettings, VideoGeometry
+
+
+def load_many(paths, segment_seconds: float = 10.0) -> list[Story]:
+    """Stories of several scripts, in order, as `memflow render a.yaml b.jsonl` reads them."""
+    return [story for path in paths for story in load_scripts(path, segment_seconds)]
 
 GEOMETRY = VideoGeometry()
 SHARED = Path(os.environ.get("MEMFLOW_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))

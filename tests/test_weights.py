@@ -20,6 +20,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import UMT5EncoderModel
 
 from memflow_cli import weights
+from memflow_cli.loading import read_transformer_config
 from memflow_cli.settings import WAN_1_3B
 from memflow_cli.weights import (
     TRUNCATED,
@@ -28,12 +29,13 @@ from memflow_cli.weights import (
     WeightsError,
     download,
     load_text_encoder,
-    load_transformer_config,
     load_vae,
+    locate,
     resolve_model,
     verify,
     weights_identity,
 )
+from memflow_cli.weights import fetch as download_module
 
 TINY_VAE_CONFIG = {**WAN21_VAE_CONFIG, "base_dim": 4}  # keeps num_res_blocks 2: the converter's block indices
 PROMPTS = ["a dog runs on the beach", "the knight rides toward the castle in the fog"]
@@ -315,13 +317,14 @@ def test_an_empty_hub_cache_lists_every_missing_piece(hub_home):
 
 def test_download_offline_says_so_and_lists_what_is_missing(hub_home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    real = weights.hf_hub_download
+    real = locate.hf_hub_download
 
     def local_only(*args, **kwargs):
         assert kwargs.get("local_files_only"), "no network access when offline"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(weights, "hf_hub_download", local_only)
+    monkeypatch.setattr(locate, "hf_hub_download", local_only)
+    monkeypatch.setattr(download_module, "hf_hub_download", local_only)
     with pytest.raises(WeightsError) as err:
         download()
     message = str(err.value)
@@ -339,7 +342,7 @@ def test_download_network_failure_names_the_file(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
 
-    monkeypatch.setattr(weights, "hf_hub_download", unreachable)
+    monkeypatch.setattr(download_module, "hf_hub_download", unreachable)
     with pytest.raises(WeightsError, match="could not download KlingTeam/MemFlow/base.pt") as err:
         download(tmp_path)
     assert "memflow weights download" in str(err.value)
@@ -386,8 +389,9 @@ def fake_hub(tmp_path, monkeypatch, tokenizer, umt5, vae) -> list[dict]:
         calls.append({"repo": repo, "patterns": set(allow_patterns), "cache_dir": cache_dir, "local_dir": local_dir})
         return str(shutil.copytree(template / repo, destination(repo, cache_dir, local_dir), dirs_exist_ok=True))
 
-    monkeypatch.setattr(weights, "hf_hub_download", fake_file)
-    monkeypatch.setattr(weights, "snapshot_download", fake_snapshot)
+    for module in (download_module, locate):  # downloading, then resolving what was downloaded
+        monkeypatch.setattr(module, "hf_hub_download", fake_file)
+        monkeypatch.setattr(module, "snapshot_download", fake_snapshot)
     return calls
 
 
@@ -561,9 +565,9 @@ def test_unknown_t5_keys_are_refused():
 
 
 def test_transformer_config_from_either_naming(local_folder, tmp_path, tokenizer, umt5, vae):
-    assert load_transformer_config(resolve_model(local_folder)) == WAN_1_3B
+    assert read_transformer_config(resolve_model(local_folder).transformer_config) == WAN_1_3B
     official = resolve_model(write_official(tmp_path / "official", tokenizer, umt5, vae))
-    assert load_transformer_config(official) == WAN_1_3B
+    assert read_transformer_config(official.transformer_config) == WAN_1_3B
 
 
 # -- identity ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 class CachePlan:
     """Where one pass writes into a layer's KV cache and what it attends to.
 
-    The cache holds `capacity` tokens: a sink of `sink` tokens at its head, then
+    The cache holds `cache_tokens` tokens: a sink of `sink_tokens` tokens at its head, then
     the most recent frames. A pass of `n_new` tokens starting at absolute token
     `start` first rolls the cache left by `evict` tokens when it would overflow,
     then writes its keys to `[write_start, end)` from `write_offset` on, and
@@ -44,7 +44,7 @@ class CachePlan:
 
 
 def plan_cache_pass(
-    start: int, n_new: int, *, local_end: int, global_end: int, capacity: int, sink: int
+    start: int, n_new: int, *, local_end: int, global_end: int, cache_tokens: int, sink_tokens: int
 ) -> CachePlan:
     """Index arithmetic of one pass over a rolling KV cache with a protected sink.
 
@@ -54,16 +54,16 @@ def plan_cache_pass(
     cur_end = start + n_new
     is_recompute = cur_end <= global_end and start > 0
     evict = rolled = 0
-    if cur_end > global_end and n_new + local_end > capacity:
-        evict = n_new + local_end - capacity
-        rolled = local_end - evict - sink
+    if cur_end > global_end and n_new + local_end > cache_tokens:
+        evict = n_new + local_end - cache_tokens
+        rolled = local_end - evict - sink_tokens
         end = local_end + (cur_end - global_end) - evict
     else:
         end = local_end + max(cur_end - global_end, 0)
     local_start = end - n_new
-    write_start = max(local_start, sink) if is_recompute else local_start
+    write_start = max(local_start, sink_tokens) if is_recompute else local_start
     if write_start < 0:
-        raise ValueError(f"pass of {n_new} tokens at {start} does not fit a cache of {capacity} tokens")
+        raise ValueError(f"pass of {n_new} tokens at {start} does not fit a cache of {cache_tokens} tokens")
     return CachePlan(
         start=start,
         n_new=n_new,
@@ -172,16 +172,16 @@ def sma_frame_selection(queries: torch.Tensor, pool_keys: torch.Tensor, frames: 
 
 def sma_key_set(
     k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor,
-    window: tuple[int, int], frame: int, top_k: int,
+    window: tuple[int, int], tokens_per_frame: int, top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The keys and values one head attends to under SMA, for every head of one layer.
 
-    k, v: the layer's whole buffer [B, H, T, D] in frames of `frame` tokens; queries: [B, H, N, D];
+    k, v: the layer's whole buffer [B, H, T, D] in frames of `tokens_per_frame` tokens; queries: [B, H, N, D];
     candidates: the buffer frames of the sink and the viewed bank slots, in that order; window: the
     token range of the local window. Per head, the top_k candidates by `sma_frame_selection` (kept in
     ascending candidate order) are followed by the window. Returns keys and values [B, H, top_k*frame + window, D].
     """
-    d = k.shape[-1]
+    d, frame = k.shape[-1], tokens_per_frame
     k_frames = k.unflatten(2, (-1, frame))  # [B, H, frames, P, D]
     pool = k_frames[:, :, candidates].flatten(2, 3)  # [B, H, candidates * P, D]
     chosen = candidates[sma_frame_selection(queries, pool, len(candidates), top_k)]  # [B, H, top_k]

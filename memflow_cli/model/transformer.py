@@ -3,12 +3,17 @@
 Parameter names follow the original Wan checkpoints (`blocks.0.self_attn.q`, ...),
 so MemFlow's `base.pt` loads without renaming. The module is plain eager
 PyTorch; caching lives in `cache.py` and the chunk loop in `generator.py`.
+Faster kernels come from outside through two declared hooks: the `Kernels` the
+model is built with, and the `steps` a pass may run its blocks' steps through
+(`memflow_cli.speed` chooses both).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,27 @@ from torch import nn
 from ..settings import TransformerConfig
 from .cache import KVMemory, TextCache
 from .memory import CachePlan, sma_key_set
+
+# q, k, v [B, H, N, D] -> [B, H, N, D]
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# SMA's keys and values of one layer: `memory.sma_key_set`'s signature
+KeySet = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What computes the parts of a block that have other, faster forms; plain PyTorch by default.
+
+    The model is built with them and never changes them (the fast path's choice: `speed.FastPath.kernels`).
+    """
+
+    attention: AttentionKernel = F.scaled_dot_product_attention  # self-attention (cross-attention stays SDPA)
+    sma_key_set: KeySet = sma_key_set  # SMA's per-head keys and values (`memory.sma_key_set` or a compiled copy)
+    linear: type[nn.Linear] = nn.Linear  # every other Linear of a block: q, k, v, o of both attentions, FFN out
+    linear_gelu: type[nn.Linear] | None = None  # the FFN's first Linear and its tanh GELU as one; None: two modules
+
+
+PLAIN_KERNELS = Kernels()
 
 
 @dataclass
@@ -99,11 +125,11 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 class AttentionProjections(nn.Module):
     """q/k/v/o projections with RMS-normalised queries and keys (named as in Wan checkpoints)."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
         super().__init__()
         dim = config.dim
         self.heads = config.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (kernels.linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
@@ -113,14 +139,13 @@ class AttentionProjections(nn.Module):
 
 
 class SelfAttention(AttentionProjections):
-    def __init__(self, config: TransformerConfig):
-        super().__init__(config)
+    def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
+        super().__init__(config, kernels)
         # q, k, v as one projection once `fuse_qkv` ran (buffers, so compiled code treats them as inputs)
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
-        self.sma_key_set = sma_key_set  # the fast path swaps in a compiled copy
-        # q, k, v [B, H, N, D] -> [B, H, N, D]; the fast path may swap in flash-attn 3 (`fast.self_attention_kernel`)
-        self.attention = F.scaled_dot_product_attention
+        self.attention = kernels.attention
+        self.sma_key_set = kernels.sma_key_set
 
     def fuse_qkv(self) -> None:
         """Project q, k and v with one [3*dim, dim] matmul, which fills a GPU better than three.
@@ -173,16 +198,30 @@ class CrossAttention(AttentionProjections):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
+class BlockSteps(NamedTuple):
+    """A block's two pure steps around its attention: its own methods, or compiled copies of them."""
+
+    attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    after_attention: Callable[..., torch.Tensor]
+
+
+def feed_forward(config: TransformerConfig, kernels: Kernels) -> nn.Sequential:
+    """Linear, tanh GELU, Linear (indices 0 and 2 hold the checkpoint's weights, in either form)."""
+    if kernels.linear_gelu is None:
+        first, activation = kernels.linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh")
+    else:
+        first, activation = kernels.linear_gelu(config.dim, config.ffn_dim), nn.Identity()
+    return nn.Sequential(first, activation, kernels.linear(config.ffn_dim, config.dim))
+
+
 class Block(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
         super().__init__()
         self.eps = config.eps
-        self.self_attn = SelfAttention(config)
-        self.cross_attn = CrossAttention(config)
+        self.self_attn = SelfAttention(config, kernels)
+        self.cross_attn = CrossAttention(config, kernels)
         self.norm3 = nn.LayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
-        self.ffn = nn.Sequential(
-            nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, config.dim)
-        )
+        self.ffn = feed_forward(config, kernels)
         self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
 
     def attention_inputs(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
@@ -199,13 +238,21 @@ class Block(nn.Module):
         frames = x.shape[1]
         x = x + self.self_attn.o(attn).unflatten(1, (frames, -1)) * gate1
         x = x + self.cross_attn(self.norm3(x.flatten(1, 2)), text_k, text_v).unflatten(1, (frames, -1))
-        v = layer_norm(x, self.eps) * (1 + scale2) + shift2
-        return x + self.ffn(v) * gate2
+        ffn_input = layer_norm(x, self.eps) * (1 + scale2) + shift2
+        return x + self.ffn(ffn_input) * gate2
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
-        q, k, v = self.attention_inputs(x, e0, state.rope)
+    @property
+    def steps(self) -> BlockSteps:
+        return BlockSteps(self.attention_inputs, self.after_attention)
+
+    def forward(
+        self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState, steps: BlockSteps | None = None
+    ) -> torch.Tensor:
+        """One block; `steps` are its pure steps to run (default: its own methods)."""
+        attention_inputs, after_attention = steps or self.steps
+        q, k, v = attention_inputs(x, e0, state.rope)
         attn = self.self_attn.attend(q, k, v, layer, state)
-        return self.after_attention(x, attn, e0, state.text.k[layer], state.text.v[layer])
+        return after_attention(x, attn, e0, state.text.k[layer], state.text.v[layer])
 
 
 class Head(nn.Module):
@@ -222,11 +269,12 @@ class Head(nn.Module):
 
 
 class CausalWanTransformer(nn.Module):
-    """Wan2.1 T2V DiT whose self-attention reads and writes a `KVMemory`."""
+    """Wan2.1 T2V DiT whose self-attention reads and writes a `KVMemory`; its blocks are built with `kernels`."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
         super().__init__()
         self.config = config
+        self.kernels = kernels
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -234,7 +282,7 @@ class CausalWanTransformer(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, kernels) for _ in range(config.num_layers))
         self.head = Head(config)
 
     def embed_text(self, context: torch.Tensor, text: TextCache) -> None:
@@ -244,8 +292,13 @@ class CausalWanTransformer(nn.Module):
             block.cross_attn.fill(embedded, layer, text)
         text.valid = True
 
-    def forward(self, x: torch.Tensor, timestep: float, state: PassState) -> torch.Tensor:
-        """Flow prediction for latents x [B, F, C, h, w] at one shared timestep."""
+    def forward(
+        self, x: torch.Tensor, timestep: float, state: PassState, steps: Sequence[BlockSteps] | None = None
+    ) -> torch.Tensor:
+        """Flow prediction for latents x [B, F, C, h, w] at one shared timestep.
+
+        `steps` are the blocks' pure steps to run, one per block (default: the blocks' own methods).
+        """
         b, frames, _, h, w = x.shape
         pt, ph, pw = self.config.patch_size
         dtype = self.patch_embedding.weight.dtype
@@ -258,10 +311,14 @@ class CausalWanTransformer(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (b, frames))  # [B, F, 6, dim]
 
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, layer, state)
+            tokens = block(tokens, e0, layer, state, steps[layer] if steps else None)
 
         out = self.head(tokens, e.unflatten(0, (b, frames)))  # [B, F, P, C*pt*ph*pw]
         # unpatchify: token (f, i, j), channel (a*pw + c_)*C + ch  ->  latent [B, F, C, i*ph + a, j*pw + c_]
         out = out.reshape(b, frames, grid[1], grid[2], pt, ph, pw, -1)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(b, frames * pt, -1, grid[1] * ph, grid[2] * pw)
         return out
+
+
+# Computes one pass in place of `model(x, timestep, state)`: the model, or the model with compiled steps.
+PassFunction = Callable[[torch.Tensor, float, PassState], torch.Tensor]

@@ -1,7 +1,7 @@
 """Times the transformer's hot kernels at the 1.3B model's shapes on one GPU, one chunk at 832x480.
 
 Linear layers (4680 tokens): bf16 as the fast path runs them (fused q/k/v, the FFN's GELU in cuBLASLt's
-epilogue) against FP8 (`memflow_cli.fp8`): the FP8 GEMM alone on pre-quantised inputs, and the whole layer
+epilogue) against FP8 (`memflow_cli.speed.fp8`): the FP8 GEMM alone on pre-quantised inputs, and the whole layer
 (quantising its input on the fly), eager and compiled. Self-attention (4680 queries, 23400 keys: nam's
 window and bank, 12 heads of 128): torch SDPA per backend and each installed flash-attn 3 module.
 Each kernel's error is its relative L2 distance to float32. Not part of the test suite or the package.
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from memflow_cli.fast import FLASH_ATTENTION_3_MODULES, heads_last
-from memflow_cli.fp8 import Fp8Linear, quantise_rows, scaled_matmul
+from memflow_cli.speed.attention import FLASH_ATTENTION_3_MODULES, heads_last
+from memflow_cli.speed.fp8 import Fp8Linear, quantise_rows, scaled_matmul
 
 TOKENS = 4680  # one chunk: 3 latent frames x 1560 tokens
 KEYS = 23400  # 15 frames: window 12 + bank 3

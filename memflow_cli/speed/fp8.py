@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast import LinearGELU
-from .model.transformer import Block, CausalWanTransformer
+from ..model.transformer import Block, CausalWanTransformer
+from .linear import LinearGELU
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
@@ -121,14 +121,15 @@ class Fp8Linear(nn.Module):
 
 def fp8_ready(linear: nn.Module) -> bool:
     """A Linear layer (or `LinearGELU`) whose sizes the FP8 kernel takes."""
-    if not isinstance(linear, nn.Linear | LinearGELU):
+    if not isinstance(linear, nn.Linear):  # LinearGELU included
         return False
     out_features, in_features = linear.weight.shape
     return out_features % FP8_ALIGNMENT == 0 and in_features % FP8_ALIGNMENT == 0
 
 
 def use_fp8_linears(model: CausalWanTransformer) -> None:
-    """Run the Linear layers that see every token of every pass in FP8; apply after `fast.accelerate`.
+    """Run the Linear layers that see every token of every pass in FP8 (`FastPath.pass_function` applies it
+    once, after the weights load: the weights are quantised, the bf16 copies dropped).
 
     In each block: self-attention's q, k, v and output projections, cross-attention's query and output
     projections and both FFN layers. The rest stays in the model's dtype: cross-attention's keys and values

@@ -1,0 +1,268 @@
+"""The engine: weights loaded once, the fast path chosen once, and the one pipeline every command runs.
+
+`Engine.stream` is that pipeline: prompt embeddings -> generator (latent chunks) -> decoder (frames) ->
+writer (MP4), one `Chunk` yielded per chunk. It can stop at latents (no decoder) or at frames (no
+writer). `render` writes stories through it; `bench` times it. Nothing else in the package builds a
+generator or a decoder.
+
+The stream keeps the GPU busy: no host synchronisation in the chunk loop, decoding on a worker thread
+and side stream beside generation (`overlap.py`), CUDA graphs per video and compiled steps built once
+(the engine's `FastPath`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from .decode import StreamingDecoder
+from .generator import MemFlowGenerator, SeededNoise
+from .model.transformer import CausalWanTransformer, PassFunction
+from .output import Mp4Writer
+from .overlap import Overlap
+from .script import Timeline
+from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
+from .speed import FastPath, choose_fast_path
+from .text_encoder import TextEncoder
+
+DEMO = "demo"  # the tiny random model (`demo.py`)
+RANDOM = "random"  # the full-size 1.3B transformer and Wan2.1 VAE with random weights (speed does not depend on values)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (as released), float32 on CPU (where bf16 is slow and parity is checked)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class Video:
+    """What one video is made from: prompt embeddings, its length in chunks and where each next prompt starts."""
+
+    embeds: torch.Tensor  # [n_prompts, text_len, text_dim]
+    chunks: int
+    switch_chunks: tuple[int, ...] = ()  # prompt i + 1 takes over at chunk switch_chunks[i]
+
+    def segment_of(self, chunk: int) -> int:
+        """Index of the prompt that drives `chunk`."""
+        return bisect.bisect_right(self.switch_chunks, chunk)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What the pipeline yields for each chunk of a video."""
+
+    index: int
+    segment: int  # index of the prompt that drove it
+    latents: torch.Tensor  # [1, F, C, h, w] on the device
+    frames: torch.Tensor | None  # uint8 [N, H, W, 3] on the CPU; None when the stream stops at latents
+
+
+@dataclass
+class Engine:
+    """Everything loaded once and shared by every video of a run; close it (or use `with`) when done."""
+
+    transformer: CausalWanTransformer
+    text_encoder: TextEncoder | None  # None for random weights (bench gives its own embeddings)
+    vae: AutoencoderKLWan
+    geometry: VideoGeometry
+    device: torch.device
+    name: str  # for reports: "demo", "random-weights 1.3B", "weights <folder>"
+    identity: dict[str, Any]
+    fast: FastPath
+    notice: str | None = None  # shown to the user (the demo model's warning)
+    run_pass: PassFunction = field(init=False)  # one pass of the transformer, as the fast path runs it
+    overlap: Overlap = field(init=False)  # the decode worker and its side stream
+    _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fast.prepare_vae(self.vae)
+        self.run_pass = self.fast.pass_function(self.transformer)
+        self.overlap = Overlap(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def fp8(self) -> bool:
+        """The blocks' linear layers run in FP8."""
+        return self.fast.fp8
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str]) -> None:
+        """Encode every prompt not seen yet, once, then move the text encoder off the GPU."""
+        todo = sorted({p for p in prompts if p not in self._embeds})
+        if not todo:
+            return
+        if self.text_encoder is None:
+            raise ValueError(f"the {self.name} model has no text encoder: it cannot encode prompts")
+        self.text_encoder.to(self.device)
+        try:
+            for prompt, embeds in zip(todo, self.text_encoder.encode(todo), strict=True):
+                self._embeds[prompt] = embeds
+        finally:
+            self.text_encoder.offload()
+
+    def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[n, text_len, text_dim] for prompts already encoded."""
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    def video(self, timeline: Timeline) -> Video:
+        """A timeline's video: its prompts encoded (once), its chunks and switches."""
+        self.encode(timeline.prompts)
+        return Video(self.embeddings(timeline.prompts), timeline.chunks, timeline.switch_chunks)
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+
+    def stream(
+        self,
+        video: Video,
+        settings: GenerationSettings,
+        seed: int,
+        *,
+        decode: bool = True,
+        writer: Mp4Writer | None = None,
+    ) -> Iterator[Chunk]:
+        """Generate `video` chunk by chunk; with `decode` decode each chunk, with `writer` also append its frames.
+
+        Decoding trails generation by up to two chunks on CUDA; a chunk is yielded once it is as far
+        along as asked (its frames written, when there is a writer).
+        """
+        generator = MemFlowGenerator(
+            self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
+        )
+        noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
+        latents = generator.generate(video.embeds, video.chunks, noise, video.switch_chunks)
+        with self.fast.sdpa_priority():
+            if not decode:
+                for index, x in enumerate(latents):
+                    yield Chunk(index, video.segment_of(index), x, None)
+                return
+            decoder = StreamingDecoder(self.vae, kernels=self.fast.decoder_kernels)
+            # closed with this stream: the decode worker must be done with the chunks before they go
+            with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
+                for index, (x, frames) in enumerate(decoded):
+                    if writer is not None:
+                        writer.write(frames)
+                    yield Chunk(index, video.segment_of(index), x, frames)
+
+    def mp4_writer(self, target, *, overwrite: bool = False) -> Mp4Writer:
+        """A writer for this engine's frames (size, frame rate, a keyframe per chunk)."""
+        geometry = self.geometry
+        return Mp4Writer(
+            target, geometry.width, geometry.height, geometry.fps,
+            overwrite=overwrite, keyframe_interval=geometry.video_frames_per_chunk,
+        )  # fmt: skip
+
+    # -- lifetime --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.overlap.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def load_engine(
+    model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
+    compile: bool = True, fp8: bool = False,
+) -> Engine:  # fmt: skip
+    """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
+
+    `compile` turns on the compiled fast path where it exists (CUDA; the first chunk then pays the warm-up).
+    With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
+    """
+    dev = torch.device(device or default_device())
+    speed = {"compile": compile, "fp8": fp8}
+    if model == DEMO:
+        return _demo_engine(dev, speed)
+    if model == RANDOM:
+        return _random_engine(dev, speed)
+    return _weights_engine(model, dev, lora, speed)
+
+
+def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool]) -> FastPath:
+    return choose_fast_path(config, device, model_dtype(device), **speed)
+
+
+def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None, speed: dict[str, bool]) -> Engine:
+    from . import weights
+    from .checkpoint import load_transformer
+    from .loading import read_transformer_config
+
+    dtype = model_dtype(dev)
+    files = weights.resolve_model(model)
+    config = read_transformer_config(files.transformer_config)
+    fast = _fast_path(config, dev, speed)
+    transformer = load_transformer(files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels)
+    return Engine(
+        transformer=transformer,
+        text_encoder=weights.load_text_encoder(files, "cpu", dtype),
+        vae=weights.load_vae(files.vae, dev, dtype),
+        geometry=VideoGeometry(),
+        device=dev,
+        name=f"weights {model or 'HF cache'}",
+        identity=weights.weights_identity(files),
+        fast=fast,
+    )
+
+
+def _demo_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
+    from . import demo
+
+    fast = _fast_path(demo.DEMO_TRANSFORMER, device, speed)
+    torch.manual_seed(0)
+    transformer = CausalWanTransformer(demo.DEMO_TRANSFORMER, fast.kernels)
+    return Engine(
+        transformer=transformer.to(device, model_dtype(device)).eval().requires_grad_(False),
+        text_encoder=demo.build_demo_text_encoder(),
+        vae=demo.build_demo_vae().to(device, model_dtype(device)),
+        geometry=demo.DEMO_GEOMETRY,
+        device=device,
+        name=DEMO,
+        identity={"model": DEMO, "note": demo.DEMO_NOTICE},
+        fast=fast,
+        notice=demo.DEMO_NOTICE,
+    )
+
+
+def _random_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
+    """The full-size 1.3B transformer and Wan2.1 VAE with seeded random weights; no text encoder."""
+    from .weights import WAN21_VAE_CONFIG
+
+    dtype = model_dtype(device)
+    fast = _fast_path(WAN_1_3B, device, speed)
+    with torch.device("meta"):
+        transformer = CausalWanTransformer(WAN_1_3B, fast.kernels)
+    transformer = transformer.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for param in transformer.parameters():
+        param.data.normal_(0.0, 0.02, generator=generator)
+    vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to(device=device, dtype=dtype)
+    return Engine(
+        transformer=transformer.eval().requires_grad_(False),
+        text_encoder=None,
+        vae=vae.eval(),
+        geometry=VideoGeometry(),
+        device=device,
+        name="random-weights 1.3B",
+        identity={"model": RANDOM},
+        fast=fast,
+    )
