@@ -337,7 +337,8 @@ def render(
         ),
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE")
+        str | None,
+        typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE"),
     ] = None,
     decode_device: Annotated[
         str | None,
@@ -612,7 +613,7 @@ def bench(
         bool, typer.Option("--random-weights", help="Full-size 1.3B model with random weights (nothing to load).")
     ] = False,
     device: Annotated[
-        str | None, typer.Option(help="cuda, cpu... Default: cuda if present, else cpu.", metavar="DEVICE")
+        str | None, typer.Option("--device", help="cuda, cpu... Default: cuda if present, else cpu.", metavar="DEVICE")
     ] = None,
     decode_device: Annotated[
         str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1.", metavar="DEVICE")
