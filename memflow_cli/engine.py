@@ -206,6 +206,8 @@ def load_engine(
     """
     dev = torch.device(device or default_device())
     if dev.type == "cuda":
+        if dev.index is None:  # plain "cuda": the current GPU, named so that everything agrees on it
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
     speed = {"compile": compile, "fp8": fp8}
     engine = _engine(model, dev, lora, speed)
