@@ -99,3 +99,37 @@ def switch_chunks(scenario: dict, settings: GenerationSettings) -> tuple[int, ..
 
 def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return float((ours.double() - expected.double()).norm() / expected.double().norm())
+
+
+def fast_path_error(name: str, device: torch.device, dtype: torch.dtype, *, compile: bool, fp8: bool = False):
+    """Run scenario `name` through the fast path chosen for (device, dtype); returns (its relative L2, the model).
+
+    The model is loaded as render loads it and run with the whole fast path (compiled steps and CUDA graphs
+    where `compile`, FP8 layers where `fp8`); the error is against the float32 expectation.
+    """
+    from memflow_cli.checkpoint import load_transformer
+    from memflow_cli.generator import MemFlowGenerator
+    from memflow_cli.loading import read_transformer_config
+    from memflow_cli.speed import choose_fast_path
+
+    man, d = manifest(), PARITY_DIR
+    config = read_transformer_config(d / "config.json")
+    fast = choose_fast_path(config, device, dtype, compile=compile, fp8=fp8)
+    model = load_transformer(
+        d / "base.pt", d / "lora.pt", config, lora_settings(man), device=device, dtype=dtype, kernels=fast.kernels
+    )
+    scenario = man["scenarios"][name]
+    settings = scenario_settings(man, scenario)
+    inputs = load_inputs()
+    frames = scenario.get("frames", man["frames"])
+    expected = load_file(d / f"expected_{name}.safetensors")["latents"][:, :frames]
+    generator = MemFlowGenerator(model, settings, run_pass=fast.pass_function(model), passes=fast.graphed_passes)
+    with fast.sdpa_priority():
+        chunks = generator.generate(
+            prompt_embeds(inputs)[scenario["prompts"]],
+            frames // settings.geometry.frames_per_chunk,
+            fixed_noise(inputs, settings),
+            switch_chunks(scenario, settings),
+        )
+        latents = torch.cat([c.float().cpu() for c in chunks], dim=1)
+    return relative_l2(latents, expected), model

@@ -9,12 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from memflow_cli.checkpoint import load_transformer
-from memflow_cli.generator import MemFlowGenerator
-from memflow_cli.loading import read_transformer_config
-from memflow_cli.speed import choose_fast_path
 from memflow_cli.speed.fp8 import (
     Fp8Linear,
     fp8_unsupported_reason,
@@ -99,30 +94,7 @@ def test_a_full_size_ffn_matmul_runs_in_fp8(gelu):
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", sorted(MANIFEST["scenarios"]))
 def test_fp8_gpu_close_to_float32_expectation(name, compile):
-    d = parity.PARITY_DIR
-    device = torch.device("cuda")
-    config = read_transformer_config(d / "config.json")
-    fast = choose_fast_path(config, device, torch.bfloat16, compile=compile, fp8=True)
-    model = load_transformer(
-        d / "base.pt", d / "lora.pt", config, parity.lora_settings(MANIFEST),
-        device=device, dtype=torch.bfloat16, kernels=fast.kernels,
-    )  # fmt: skip
-    run_pass = fast.pass_function(model)  # the FP8 layers swapped in, the blocks' steps compiled
-    assert isinstance(model.blocks[0].ffn[2], Fp8Linear)
-    scenario = MANIFEST["scenarios"][name]
-    settings = parity.scenario_settings(MANIFEST, scenario)
-    inputs = parity.load_inputs()
-    frames = scenario.get("frames", MANIFEST["frames"])
-    expected = load_file(d / f"expected_{name}.safetensors")["latents"][:, :frames]
-    # compiled: the whole fast path (compiled steps, CUDA graphs)
-    generator = MemFlowGenerator(model, settings, run_pass=run_pass, passes=fast.graphed_passes)
-    noise = parity.fixed_noise(inputs, settings)
-    embeds = parity.prompt_embeds(inputs)[scenario["prompts"]]
-    with fast.sdpa_priority():
-        chunks = generator.generate(
-            embeds, frames // settings.geometry.frames_per_chunk, noise, parity.switch_chunks(scenario, settings)
-        )
-        latents = torch.cat([c.float().cpu() for c in chunks], dim=1)
-    error = parity.relative_l2(latents, expected)
+    error, model = parity.fast_path_error(name, torch.device("cuda"), torch.bfloat16, compile=compile, fp8=True)
+    assert isinstance(model.blocks[0].ffn[2], Fp8Linear)  # the FP8 layers were swapped in
     print(f"{name} ({'compiled' if compile else 'eager'}): FP8 relative L2 {error:.3e} (bar {FP8_BAR:.0e})")
     assert error <= FP8_BAR
