@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -53,6 +53,8 @@ class BenchOptions:
     compare: bool = False
     seed: int = 0
     decode_device: torch.device | None = None  # decode on another device than generation
+    full_text_encoder: bool = False  # the random model encodes prompts with a full-size random umT5-XXL
+    memory_limit_gib: float | None = None  # cap the CUDA allocator here (does the run fit a smaller card?)
 
 
 def _sync(device: torch.device) -> None:
@@ -60,18 +62,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _embeds(engine: Engine, prompts: int, seed: int) -> torch.Tensor:
-    """Random prompt embeddings [prompts, text_len, text_dim], zero past a quarter as the text encoder pads."""
-    config = engine.transformer.config
-    generator = torch.Generator().manual_seed(seed)
-    embeds = torch.randn((prompts, config.text_len, config.text_dim), generator=generator) * 0.1
-    embeds[:, config.text_len // 4 :] = 0  # padding rows, as the text encoder leaves them
-    return embeds
+def _prompts(count: int, seed: int, story: int = 0) -> list[str]:
+    return [f"memflow bench, story {story + 1}, prompt {i + 1} (seed {seed})" for i in range(count)]
 
 
 def _bench_video(engine: Engine, chunks: int, switches: int, seed: int) -> Video:
+    """A video of `chunks` chunks whose `switches` switches are evenly spaced; its prompts encoded as render does."""
     switch_chunks = tuple(round(chunks * (i + 1) / (switches + 1)) for i in range(switches))
-    return Video(_embeds(engine, switches + 1, seed), chunks, switch_chunks)
+    prompts = _prompts(switches + 1, seed)
+    engine.encode(prompts)
+    return Video(engine.embeddings(prompts), chunks, switch_chunks)
+
+
+@dataclass
+class Peaks:
+    """Peak GPU memory of a timed region: allocated by tensors, and reserved by the allocator from the card."""
+
+    allocated_gib: float | None  # None where the device has no allocator statistics
+    reserved_gib: float | None
+
+
+@contextlib.contextmanager
+def _peaks(device: torch.device) -> Iterator[Peaks]:
+    """Measures the peaks of the `with` block into the yielded `Peaks` (filled when the block ends)."""
+    peaks = Peaks(None, None)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    yield peaks
+    if cuda:
+        peaks.allocated_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        peaks.reserved_gib = torch.cuda.max_memory_reserved(device) / 2**30
 
 
 @dataclass
@@ -79,7 +100,7 @@ class RunTimes:
     total_s: float
     first_frame_s: float
     chunk_ms: list[float]
-    peak_gib: float | None  # None where the device has no allocator statistics
+    peaks: Peaks
 
 
 def _writer(engine: Engine, phase: Phase, folder: Path) -> contextlib.AbstractContextManager[Mp4Writer | None]:
@@ -97,12 +118,10 @@ def _timed_run(
     cuda = device.type == "cuda"
     events = [torch.cuda.Event(enable_timing=True) for _ in range(chunks + 1)] if cuda else []
     stamps: list[float] = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
     first_frame_s = 0.0
-    with _writer(engine, phase, folder) as writer:
+    with _peaks(device) as peaks, _writer(engine, phase, folder) as writer:
         if cuda:
             events[0].record()
         stamps.append(time.perf_counter())
@@ -116,16 +135,24 @@ def _timed_run(
                 if not first_frame_s:
                     _sync(device)
                     first_frame_s = time.perf_counter() - start
-    _sync(device)
-    _sync(engine.vae.device)
+        _sync(device)
+        _sync(engine.vae.device)
     total = time.perf_counter() - start
     if cuda:
         chunk_ms = [events[i].elapsed_time(events[i + 1]) for i in range(chunks)]
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         chunk_ms = [1000 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
-        peak = None
-    return RunTimes(total, first_frame_s, chunk_ms, peak)
+    return RunTimes(total, first_frame_s, chunk_ms, peaks)
+
+
+def _timed_encode(engine: Engine, prompts: list[str]) -> tuple[float, Peaks]:
+    """Encode `prompts` as a render does (the text encoder comes to the device and leaves): seconds and peaks."""
+    _sync(engine.device)
+    start = time.perf_counter()
+    with _peaks(engine.device) as peaks:
+        engine.encode(prompts)
+        _sync(engine.device)
+    return time.perf_counter() - start, peaks
 
 
 def _warm_chunks(settings: GenerationSettings, chunks: int) -> int:
@@ -140,11 +167,30 @@ def _warm_chunks(settings: GenerationSettings, chunks: int) -> int:
 def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """All measurements; returns the result record (also the JSON line of the CLI)."""
     device = options.device
-    status(f"loading {options.model or 'weights'} on {device}")
-    with load_engine(
-        options.model, device, compile=options.compile, fp8=options.fp8, decode_device=options.decode_device
-    ) as engine:
-        return _measure(engine, options, status)
+    with _memory_limit(device, options.memory_limit_gib):
+        status(f"loading {options.model or 'weights'} on {device}")
+        with load_engine(
+            options.model, device, compile=options.compile, fp8=options.fp8, decode_device=options.decode_device,
+            full_text_encoder=options.full_text_encoder,
+        ) as engine:  # fmt: skip
+            return _measure(engine, options, status)
+
+
+@contextlib.contextmanager
+def _memory_limit(device: torch.device, gib: float | None) -> Iterator[None]:
+    """Within the block the CUDA allocator of `device` takes at most `gib` GiB from the card (None: no cap)."""
+    if gib is None:
+        yield
+        return
+    if device.type != "cuda":
+        raise ValueError(f"a memory limit needs a CUDA device, not {device}")
+    index = torch.cuda.current_device() if device.index is None else device.index  # the fraction needs an index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None]) -> dict[str, Any]:
@@ -158,6 +204,8 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
 
     with tempfile.TemporaryDirectory(prefix="memflow-bench-") as tmp:
         folder = Path(tmp)
+        status("encoding prompts")
+        encode_s, encode_peaks = _timed_encode(engine, _prompts(switches + 1, seed))
         status("warm-up (compile, autotune)")
         warm_start = time.perf_counter()
         _timed_run(engine, settings, warm_chunks, min(switches, 1), seed, Phase.MP4, folder)
@@ -175,6 +223,9 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
                 _timed_run(engine, mode_settings, warm_chunks, min(switches, 1), seed, Phase.GENERATE, folder)
                 run_times = _timed_run(engine, mode_settings, chunks, switches, seed, Phase.GENERATE, folder)
                 compare[name] = video_frames / run_times.total_s
+        # a later story of a batch: its prompts are encoded while the first one's CUDA graphs stay
+        status("encoding the next story's prompts")
+        _, later_encode_peaks = _timed_encode(engine, _prompts(switches + 1, seed, story=1))
 
     generate, decode, end_to_end = times[Phase.GENERATE], times[Phase.DECODE], times[Phase.MP4]
     steady = sorted(generate.chunk_ms[len(generate.chunk_ms) // 2 :])
@@ -205,14 +256,26 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "fps_generate": round(video_frames / generate.total_s, 2),
         "fps_decode": round(video_frames / decode.total_s, 2),
         "fps_end_to_end": round(video_frames / end_to_end.total_s, 2),
-        "peak_memory_gib": _gib(end_to_end.peak_gib),
-        "peak_memory_generate_gib": _gib(generate.peak_gib),
+        "peak_memory_gib": _gib(end_to_end.peaks.allocated_gib),
+        "peak_memory_generate_gib": _gib(generate.peaks.allocated_gib),
+        "text_encoder": engine.text_encoder.describe() if engine.text_encoder is not None else None,
+        "encode_s": round(encode_s, 3),
+        "peak_memory_encode_gib": _gib(_most(encode_peaks.allocated_gib, later_encode_peaks.allocated_gib)),
+        "peak_reserved_gib": _gib(
+            _most(*(peaks.reserved_gib for peaks in (encode_peaks, later_encode_peaks, end_to_end.peaks)))
+        ),
+        **({"memory_limit_gib": options.memory_limit_gib} if options.memory_limit_gib is not None else {}),
         "torch": torch.__version__,
     }
     if compare:
         result["compare_fps"] = {k: round(v, 2) for k, v in compare.items()}
         result["compare_ratio_vs_none"] = {k: round(v / compare["none"], 3) for k, v in compare.items()}
     return result
+
+
+def _most(*values: float | None) -> float | None:
+    known = [value for value in values if value is not None]
+    return max(known) if known else None
 
 
 def _gib(value: float | None) -> float | None:

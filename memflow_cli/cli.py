@@ -632,10 +632,32 @@ def bench(
     compile: Compile = True,
     compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
     fp8: Fp8 = False,
+    text_encoder: Annotated[
+        bool,
+        typer.Option(
+            "--text-encoder",
+            help="With --random-weights: encode the prompts with a full-size random umT5-XXL (11 GB), as a render "
+            "does, instead of making them noise.",
+        ),
+    ] = False,
+    memory_limit: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-limit",
+            help="Let PyTorch take at most this many GiB of the GPU (does the run fit a smaller card?).",
+            min=0.5,
+            metavar="GIB",
+        ),
+    ] = None,
 ) -> None:
     """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
     if random_weights and model is not None:
         fail("give either --model or --random-weights, not both", EXIT_BAD_INPUT)
+    if text_encoder and not random_weights:
+        fail(
+            "--text-encoder goes with --random-weights: other models encode with their own text encoder",
+            EXIT_BAD_INPUT,
+        )
     cli_settings = setting_options(
         memory=memory, window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma,
         steps=steps,
@@ -651,17 +673,22 @@ def bench(
     decode_dev = torch.device(_checked_device(decode_device, "--decode-device")) if decode_device else None
     if fp8:
         require_fp8(str(dev))
+    if memory_limit is not None and dev.type != "cuda":
+        fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
     _quiet_libraries()
     options = bench_mod.BenchOptions(
         model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
         switches=switches, compile=compile, fp8=fp8, compare=compare,
-        decode_device=decode_dev,
+        decode_device=decode_dev, full_text_encoder=text_encoder, memory_limit_gib=memory_limit,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
         try:
             result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
         except WeightsError as error:
             fail(str(error), EXIT_FAILED, _download_hint(str(error)))
+        except torch.cuda.OutOfMemoryError as error:
+            limit = f"the --memory-limit of {memory_limit:g} GiB" if memory_limit is not None else "the GPU"
+            fail(f"the run does not fit {limit}: {str(error).splitlines()[0]}")
         except Exception as error:  # noqa: BLE001 - a failed run reaches the user as one line
             fail(f"{type(error).__name__}: {error}")
     table = Table(title=f"memflow bench: {result['model']} on {result['device']}", title_justify="left")

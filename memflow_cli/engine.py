@@ -197,12 +197,14 @@ class Engine:
 def load_engine(
     model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
     compile: bool = True, fp8: bool = False, decode_device: str | torch.device | None = None,
+    full_text_encoder: bool = False,
 ) -> Engine:  # fmt: skip
     """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
 
     `compile` turns on the compiled fast path where it exists (CUDA; the first chunk then pays the warm-up).
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
-    With `decode_device`, the VAE decodes there (`--decode-device cuda:1`).
+    With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
+    random model encodes prompts with a full-size random umT5-XXL instead of making them noise.
     """
     dev = torch.device(device or default_device())
     if dev.type == "cuda":
@@ -210,17 +212,21 @@ def load_engine(
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
     speed = {"compile": compile, "fp8": fp8}
-    engine = _engine(model, dev, lora, speed)
+    engine = _engine(model, dev, lora, speed, full_text_encoder)
     if decode_device is not None:
         engine.decode_on(torch.device(decode_device))
     return engine
 
 
-def _engine(model: str | None, dev: torch.device, lora: LoraSettings | None, speed: dict[str, bool]) -> Engine:
+def _engine(
+    model: str | None, dev: torch.device, lora: LoraSettings | None, speed: dict[str, bool], full_text_encoder: bool
+) -> Engine:
+    if full_text_encoder and model != RANDOM:
+        raise ValueError("only the random model takes a full-size random text encoder; the others have their own")
     if model == DEMO:
         return _demo_engine(dev, speed)
     if model == RANDOM:
-        return _random_engine(dev, speed)
+        return _random_engine(dev, speed, full_text_encoder)
     return _weights_engine(model, dev, lora, speed)
 
 
@@ -269,21 +275,26 @@ def _demo_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
     )
 
 
-def _random_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
-    """The full-size 1.3B transformer and Wan2.1 VAE with seeded random weights; prompts become seeded noise."""
-    from .random_model import RANDOM_NOTICE, NoiseTextEncoder, random_vae
+def _random_engine(device: torch.device, speed: dict[str, bool], full_text_encoder: bool = False) -> Engine:
+    """The full-size 1.3B transformer and Wan2.1 VAE with seeded random weights; prompts become seeded noise,
+    or with `full_text_encoder` go through a full-size random umT5-XXL."""
+    from .random_model import RANDOM_NOTICE, NoiseTextEncoder, random_text_encoder, random_vae
 
     dtype = model_dtype(device)
     fast = _fast_path(WAN_1_3B, device, speed)
     with torch.device("meta"):
-        transformer = CausalWanTransformer(WAN_1_3B, fast.kernels)
-    transformer = transformer.to_empty(device=device).to(dtype)
+        transformer = CausalWanTransformer(WAN_1_3B, fast.kernels).to(dtype)  # no float32 copy is ever made
+    transformer = transformer.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     for param in transformer.parameters():
         param.data.normal_(0.0, 0.02, generator=generator)
+    if full_text_encoder:
+        text_encoder = random_text_encoder(device, dtype, max_length=WAN_1_3B.text_len)
+    else:
+        text_encoder = NoiseTextEncoder(WAN_1_3B.text_len, WAN_1_3B.text_dim)  # type: ignore[assignment]
     return Engine(
         transformer=transformer.eval().requires_grad_(False),
-        text_encoder=NoiseTextEncoder(WAN_1_3B.text_len, WAN_1_3B.text_dim),  # type: ignore[arg-type]
+        text_encoder=text_encoder,
         vae=random_vae(device, dtype),
         geometry=VideoGeometry(),
         device=device,

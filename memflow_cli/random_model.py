@@ -3,8 +3,9 @@ prompts as seeded noise.
 
 Nothing is loaded or downloaded, so throughput (on one GPU or many) can be measured anywhere; the video is
 noise and `RANDOM_NOTICE` says so on the terminal and in every sidecar. The weights come from fixed seeds,
-so every process of a torchrun job builds the same model. The 5B-parameter text encoder is not built:
-prompts become seeded random embeddings of the real encoder's shape (its cost is once per prompt anyway).
+so every process of a torchrun job builds the same model. By default the 5.7B-parameter text encoder is
+not built: prompts become seeded random embeddings of the real encoder's shape (its cost is once per
+prompt anyway). `random_text_encoder` builds it at full size, for measuring what a whole render needs.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from transformers import UMT5Config, UMT5EncoderModel
+
+from .text_encoder import TextEncoder
 
 RANDOM = "random"
+# umT5-XXL's encoder as Wan2.1 releases it (`models_t5_umt5-xxl-enc-bf16.pth`): 5.7B parameters, 11.4 GB in bf16
+UMT5_XXL = UMT5Config(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+
 RANDOM_NOTICE = "random model: full-size random weights, nothing loaded - the video is noise, for speed measurements"
 
 
@@ -36,6 +47,9 @@ class NoiseTextEncoder:
         embeds[self.text_len // 4 :] = 0
         return embeds
 
+    def describe(self) -> str:
+        return "none (prompts become seeded noise)"
+
     def to(self, device: torch.device | str) -> NoiseTextEncoder:
         return self
 
@@ -54,3 +68,29 @@ def random_vae(device: torch.device, dtype: torch.dtype):
         vae = AutoencoderKLWan(**WAN21_VAE_CONFIG)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
+
+def random_text_encoder(
+    device: torch.device, dtype: torch.dtype, config: UMT5Config = UMT5_XXL, max_length: int = 512
+) -> TextEncoder:
+    """umT5 (umT5-XXL by default) with seeded random weights, built on `device` and left on the CPU.
+
+    It then lives where the real encoder lives between prompts (`Engine.encode` brings it to the GPU and
+    sends it back), so its memory is a real render's. The demo tokenizer stands in for umT5's (ids fit
+    the vocabulary; prompts are padded to `max_length` tokens either way).
+    """
+    from .demo import build_demo_tokenizer
+
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(config).to(dtype)  # in `dtype` before memory is taken: no float32 copy
+    encoder = encoder.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for param in encoder.parameters():
+        if param.dim() == 1:  # the RMS norms' weights
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+    encoder.tie_weights()  # the input embedding is `shared`, one tensor
+    encoder = encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return TextEncoder(build_demo_tokenizer(), encoder, max_length=max_length)

@@ -138,6 +138,11 @@ class TextEncoder:
         """Width of one embedding row (4096 for umT5-XXL)."""
         return self.encoder.config.d_model
 
+    def describe(self) -> str:
+        """What encodes the prompts, for reports."""
+        config = self.encoder.config
+        return f"umT5 {config.num_layers} layers x {config.d_model}"
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned prompts -> token ids and attention mask, both [n, max_length] int64 on the CPU."""
         batch = self.tokenizer(
