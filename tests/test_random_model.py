@@ -9,7 +9,10 @@ from transformers import UMT5Config
 from memflow_cli.engine import load_engine
 from memflow_cli.random_model import UMT5_XXL, random_text_encoder
 
-TINY = UMT5Config(**{**UMT5_XXL.to_dict(), "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4})
+TINY = UMT5Config(
+    vocab_size=UMT5_XXL.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
 
 
 def test_the_full_size_config_is_umt5_xxl():
