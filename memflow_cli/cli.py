@@ -644,7 +644,7 @@ def bench(
         float | None,
         typer.Option(
             "--memory-limit",
-            help="Let PyTorch take at most this many GiB of the GPU (does the run fit a smaller card?).",
+            help="Let PyTorch take at most this many GiB of the --device GPU (does the run fit a smaller card?).",
             min=0.5,
             metavar="GIB",
         ),
