@@ -97,7 +97,8 @@ def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
     with process_group(ranks, device) as board, _terminate_like_ctrl_c():
         finished = from_main([_finished(job, request, geometry) for job in jobs])
         todo = [job for job, done in zip(jobs, finished, strict=True) if not done]
-        for job in (job for job, done in zip(jobs, finished, strict=True) if done):
+        skipped = [job for job, done in zip(jobs, finished, strict=True) if done]
+        for job in skipped:
             err.print(f"skip: {job.target} (a finished render of this request)", markup=False, soft_wrap=True)
         share = assign([job.chunks for job in todo], ranks.world_size)[ranks.rank]
         try:
@@ -115,7 +116,6 @@ def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
             err.print(f"[yellow]{how}:[/] the batch was stopped; finished videos stay, run it again to resume")
             return _interrupted_code(stop)
         reports = board.reports()
-    skipped = [job for job, done in zip(jobs, finished, strict=True) if done]
     return _summary(jobs, todo, reports, skipped, problems=len(problems), seconds=time.perf_counter() - started)
 
 
@@ -184,7 +184,6 @@ def _render_share(
     ranks: RankEnv, request: BatchRequest, device: Any, todo: list[Job], share: list[int], board: Board, show: Show
 ) -> RankReport:
     """Render this rank's stories one after another; a failure is recorded and the next story goes on."""
-    from . import render as engine_mod
     from .engine import load_engine
 
     if not share:
@@ -202,11 +201,13 @@ def _render_share(
         err.print(f"[yellow]warning:[/] {escape(engine.notice)}", soft_wrap=True)
     render_started = time.perf_counter()
     with engine:
-        outcomes = [_render_job(engine_mod, engine, request, index, todo[index], board, show) for index in share]
+        outcomes = [_render_job(engine, request, index, todo[index], board, show) for index in share]
     return RankReport(ranks.rank, str(device), load_s, time.perf_counter() - render_started, tuple(outcomes))
 
 
-def _render_job(engine_mod, engine, request: BatchRequest, index: int, job: Job, board: Board, show: Show):
+def _render_job(engine, request: BatchRequest, index: int, job: Job, board: Board, show: Show):
+    from .render import RenderInterrupted, render_story
+
     reported = 0  # chunks of this story already counted on the board
 
     def progress(p) -> None:
@@ -218,18 +219,18 @@ def _render_job(engine_mod, engine, request: BatchRequest, index: int, job: Job,
     seed = job.story.seed if request.seed is None else request.seed
     try:
         with reserved_output(job.target, overwrite=request.overwrite):
-            result = engine_mod.render_story(
+            result = render_story(
                 engine, job.story, job.target, job.settings, seed=seed, duration_s=request.duration_s,
                 overwrite=request.overwrite, progress=progress,
             )  # fmt: skip
-    except engine_mod.RenderInterrupted as stop:
+    except RenderInterrupted as stop:
         where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
         err.print(f"[yellow]stopped:[/] {escape(f'{job.story.title}: {stop.frames} frames written; {where}')}")
         raise (Terminated() if isinstance(stop.__context__, Terminated) else KeyboardInterrupt()) from None
     except OutputError as error:  # busy (another process renders it) or not ours to replace
         board.add_chunks(job.chunks)
         board.add_story()
-        hint = f" ({error.hint})" if getattr(error, "hint", None) else ""
+        hint = f" ({error.hint})" if error.hint else ""
         return StoryOutcome(index, False, f"{error}{hint}")
     except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on
         board.add_chunks(job.chunks - reported)

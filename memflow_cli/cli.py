@@ -83,6 +83,13 @@ RecordInterval = Annotated[
 ]
 Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")]
 Steps = Annotated[str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")]
+Device = Annotated[
+    str | None,
+    typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE"),
+]
+DecodeDevice = Annotated[
+    str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1.", metavar="DEVICE")
+]
 Compile = Annotated[
     bool,
     typer.Option(
@@ -336,14 +343,8 @@ def render(
             metavar="PATH|demo|random",
         ),
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE"),
-    ] = None,
-    decode_device: Annotated[
-        str | None,
-        typer.Option(help="Decode on another device than generation, e.g. cuda:1 (one story).", metavar="DEVICE"),
-    ] = None,
+    device: Device = None,
+    decode_device: DecodeDevice = None,
     seed: Annotated[
         int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
     ] = None,
@@ -501,13 +502,13 @@ def _difference_from_request(story, target, settings, seed, duration_s, fp8, geo
 
 
 def _render_all(engine, plans, seed, duration_s, overwrite, quiet) -> None:
-    from . import render as engine_mod
+    from .render import RenderInterrupted
 
     failures = 0
     for story, target, settings in plans:
         try:
-            result = _render_one(engine_mod, engine, story, target, settings, seed, duration_s, overwrite, quiet)
-        except engine_mod.RenderInterrupted as stop:
+            result = _render_one(engine, story, target, settings, seed, duration_s, overwrite, quiet)
+        except RenderInterrupted as stop:
             where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
             how = "terminated" if isinstance(stop.__context__, Terminated) else "interrupted"
             message = escape(f"{story.title}: {stop.frames} frames written; {where}")
@@ -575,10 +576,12 @@ def _download_hint(message: str) -> str | None:
     return None if "memflow weights download" in message else DOWNLOAD_HINT
 
 
-def _render_one(engine_mod, engine, story, target, settings, seed, duration_s, overwrite, quiet):
+def _render_one(engine, story, target, settings, seed, duration_s, overwrite, quiet):
+    from .render import render_story
+
     seed = story.seed if seed is None else seed
     if quiet:
-        return engine_mod.render_story(
+        return render_story(
             engine, story, target, settings, seed=seed, duration_s=duration_s, overwrite=overwrite
         )
     columns = (
@@ -594,7 +597,7 @@ def _render_one(engine_mod, engine, story, target, settings, seed, duration_s, o
             segment = f"segment {p.segment + 1} @ {format_seconds(p.segment_start_s)}"
             bar.update(task, completed=p.chunk, total=p.chunks, segment=segment, fps=f"{fps:.1f} frames/s")
 
-        return engine_mod.render_story(
+        return render_story(
             engine, story, target, settings, seed=seed, duration_s=duration_s, overwrite=overwrite, progress=update
         )
 
@@ -612,12 +615,8 @@ def bench(
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="Full-size 1.3B model with random weights (nothing to load).")
     ] = False,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cuda, cpu... Default: cuda if present, else cpu.", metavar="DEVICE")
-    ] = None,
-    decode_device: Annotated[
-        str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1.", metavar="DEVICE")
-    ] = None,
+    device: Device = None,
+    decode_device: DecodeDevice = None,
     frames: Annotated[
         int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3, metavar="N")
     ] = 120,

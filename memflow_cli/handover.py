@@ -2,7 +2,7 @@
 
 Between two GPUs the copy is queued without waiting for it: PyTorch runs a copy between devices on the
 source's current stream and makes the destination's current stream wait for it, so the decoder (whose
-`overlap.overlapped` work waits on the destination's stream) never reads a chunk before it has arrived, and
+`Overlap.map` work waits on the destination's stream) never reads a chunk before it has arrived, and
 the generator's next chunk cannot overwrite the source before the copy has read it (same stream). A latent
 chunk is small (3 frames of 16x60x104 at 832x480: 0.6 MB in bf16). To or from the CPU the copy waits:
 the CPU side reads the chunk at once.
