@@ -57,7 +57,7 @@ class BatchRequest:
     overwrite: bool
     settings: dict[str, Any]  # command-line generation settings, None where not given
     lora: LoraSettings
-    compile: bool
+    compile: bool | None  # None: compiled (a batch is long enough to win the compile back)
     fp8: bool
     segment_seconds: float
     quiet: bool
@@ -190,7 +190,8 @@ def _render_share(
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
     try:
-        engine = load_engine(request.model, str(device), request.lora, compile=request.compile, fp8=request.fp8)
+        compile = request.compile is not False
+        engine = load_engine(request.model, str(device), request.lora, compile=compile, fp8=request.fp8)
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"

@@ -91,11 +91,12 @@ DecodeDevice = Annotated[
     str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1.", metavar="DEVICE")
 ]
 Compile = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--compile/--no-compile",
-        help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower); "
-        "--no-compile runs the eager model.",
+        help="The compiled fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower). "
+        "Default: render compiles where the video is long enough to win the compile back (or its kernels are "
+        "cached), bench always; --no-compile runs the eager model.",
     ),
 ]
 
@@ -372,7 +373,7 @@ def render(
     steps: Steps = None,
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
-    compile: Compile = True,
+    compile: Compile = None,
     fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -443,7 +444,10 @@ def render(
             if not todo:
                 return
             lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
-            engine = reservations.enter_context(_load_engine(model, device, lora, compile, fp8, decode_device))
+            from .render import compile_choice
+
+            choice = compile_choice(model, device, compile, [(s, p) for s, _, p in todo], duration_s, fp8)
+            engine = reservations.enter_context(_load_engine(model, device, lora, choice, fp8, decode_device))
             if engine.notice:
                 err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
             _render_all(engine, todo, seed, duration_s, overwrite, quiet)
@@ -556,7 +560,7 @@ def _load_engine(
     model: str | None,
     device: str,
     lora: LoraSettings,
-    compile: bool = True,
+    compile_choice=None,
     fp8: bool = False,
     decode_device: str | None = None,
 ):
@@ -566,7 +570,7 @@ def _load_engine(
 
     _quiet_libraries()
     try:
-        return load_engine(model, device, lora, compile=compile, fp8=fp8, decode_device=decode_device)
+        return load_engine(model, device, lora, fp8=fp8, decode_device=decode_device, compile_choice=compile_choice)
     except WeightsError as error:
         fail(str(error), EXIT_FAILED, _download_hint(str(error)))
 
@@ -628,7 +632,7 @@ def bench(
     record_interval: RecordInterval = None,
     sma: Sma = None,
     steps: Steps = None,
-    compile: Compile = True,
+    compile: Compile = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
     fp8: Fp8 = False,
     text_encoder: Annotated[
@@ -677,7 +681,7 @@ def bench(
     _quiet_libraries()
     options = bench_mod.BenchOptions(
         model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
-        switches=switches, compile=compile, fp8=fp8, compare=compare,
+        switches=switches, compile=compile is not False, fp8=fp8, compare=compare,
         decode_device=decode_dev, full_text_encoder=text_encoder, memory_limit_gib=memory_limit,
     )  # fmt: skip
     with err.status("benchmark") as spinner:
