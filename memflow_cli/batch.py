@@ -57,7 +57,7 @@ class BatchRequest:
     overwrite: bool
     settings: dict[str, Any]  # command-line generation settings, None where not given
     lora: LoraSettings
-    compile: bool | None  # None: compiled (a batch is long enough to win the compile back)
+    compile: bool | None  # None: where this process's stories win the compile back (`render.compile_choice`)
     fp8: bool
     segment_seconds: float
     quiet: bool
@@ -185,13 +185,15 @@ def _render_share(
 ) -> RankReport:
     """Render this rank's stories one after another; a failure is recorded and the next story goes on."""
     from .engine import load_engine
+    from .render import compile_choice
 
     if not share:
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
     try:
-        compile = request.compile is not False
-        engine = load_engine(request.model, str(device), request.lora, compile=compile, fp8=request.fp8)
+        plans = [(todo[index].story, todo[index].settings) for index in share]
+        choice = compile_choice(request.model, device, request.compile, plans, request.duration_s, request.fp8)
+        engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice)
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"
