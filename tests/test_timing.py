@@ -170,3 +170,37 @@ def test_a_render_compiles_once_its_graphs_are_warm_and_its_video_long_enough(mo
     assert compile_choice(None, "cuda", None, plans, None, True).path is CompilePath.EAGER  # --fp8: other graphs
     assert compile_choice(None, "cuda", None, plans, 30.0, False).path is CompilePath.EAGER  # a 40-chunk preview
     assert compile_choice(None, "cuda", False, plans, None, False).path is CompilePath.EAGER_ASKED
+
+
+# -- on a GPU: the compiled path's kernels land in memflow's cache, and the next render finds them warm ---------------
+
+
+def _render_process(story: Path, target: Path, cache: Path, *options: str) -> dict:
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["MEMFLOW_CACHE_DIR"] = str(cache)
+    command = [sys.executable, "-m", "memflow_cli", "render", str(story), "-o", str(target), "--model", "demo",
+               "--device", "cuda", "--overwrite", "-q", *options]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(sidecar_path(target).read_text(encoding="utf-8"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_are_cached_per_gpu_and_found_by_the_next_render(tmp_path):
+    story = tmp_path / "fox.yaml"
+    story.write_text(json.dumps({"title": "fox", "duration": "3s", "segments": [{"start": "0s", "prompt": "a fox"}]}))
+    cache = tmp_path / "cache"
+    short = _render_process(story, tmp_path / "short.mp4", cache)
+    assert short["compile"] == "eager" and not (cache / "compile").exists()  # 4 chunks: not worth a compile
+    cold = _render_process(story, tmp_path / "cold.mp4", cache, "--compile")
+    (folder,) = (cache / "compile").iterdir()
+    assert folder.name == CompileKey.current(torch.device("cuda")).folder_name
+    assert cold["compile"] == "compiled-cold" and any((folder / "inductor").rglob("*"))
+    assert len(list((folder / "warm").iterdir())) == 1
+    warm = _render_process(story, tmp_path / "warm.mp4", cache, "--compile")
+    assert warm["compile"] == "compiled-warm"
+    assert warm["timings"]["warmup_s"] < cold["timings"]["warmup_s"]
