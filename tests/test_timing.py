@@ -179,7 +179,8 @@ def _render_process(story: Path, target: Path, cache: Path, *options: str) -> di
     import subprocess
     import sys
 
-    env = {key: value for key, value in os.environ.items() if key not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    own = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # the render must choose its cache folders itself
+    env = {key: value for key, value in os.environ.items() if key not in own}
     env["MEMFLOW_CACHE_DIR"] = str(cache)
     command = [sys.executable, "-m", "memflow_cli", "render", str(story), "-o", str(target), "--model", "demo",
                "--device", "cuda", "--overwrite", "-q", *options]  # fmt: skip
