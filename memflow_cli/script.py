@@ -576,8 +576,9 @@ class _YamlReader:
             message = f"cannot read this value: {getattr(exc, 'problem', None) or exc}"
             raise self.error(node, field_name, message, "write plain YAML values") from None
         except ValueError as exc:  # a date like 2024-13-45, an integer of more than 4300 digits
-            problem = "a number too long to read" if "integer string conversion" in str(exc) else preview(str(exc), 80)
-            raise self.error(node, field_name, f"cannot read this value: {problem}", "write plain YAML values") from None
+            problem = "a number too long to read" if "integer string conversion" in str(exc) else _cut(str(exc))
+            message = f"cannot read this value: {problem}"
+            raise self.error(node, field_name, message, "write plain YAML values") from None
 
     def read(self, node: yaml.Node, field_name: str, check: Callable[[Any], T]) -> T:
         with _located(self.path, _line(node), field_name):
