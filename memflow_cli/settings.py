@@ -24,7 +24,7 @@ MEMORY_MODES: tuple[str, ...] = ("nam", "sink", "none")
 # near pure noise.
 SETTING_RANGES: dict[str, tuple[float, float]] = {
     "window": (1, 64),
-    "sink": (0, 63),
+    "sink": (0, 61),  # and below the window by a chunk (3 frames)
     "bank_size": (1, 64),
     "record_interval": (1, 1000),
     "sma_top_k": (1, 128),
