@@ -37,7 +37,7 @@ JSONL_KEYS: tuple[str, ...] = ("prompts",)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator accepts
 MAX_TITLE_BYTES = 200  # a title names its video file: 255 bytes at most, less what memflow's temporary files add
 # Limits that keep a hostile or mistaken script cheap to refuse: time and memory stay bounded whatever it holds.
-MAX_YAML_BYTES = 2**20  # 1 MiB: a story of a thousand long prompts is about half of it
+MAX_YAML_BYTES = 2**18  # 256 KiB: 400 prompts of 100 words; PyYAML reads it in about 0.3 s
 MAX_JSONL_BYTES = 16 * 2**20  # 16 MiB: ten thousand stories of ten prompts
 MAX_YAML_VALUES = 20_000  # values in one YAML story (an alias counts as the values it repeats)
 MAX_SEGMENTS = 2_000  # segments of one story: one every 10 s makes 5.5 hours

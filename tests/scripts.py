@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -39,3 +40,40 @@ def run_check(*args: str | Path, cwd: Path) -> Checked:
         capture_output=True, text=True, cwd=cwd, env=env, timeout=CHECK_SECONDS, preexec_fn=_limit_memory,
     )  # fmt: skip
     return Checked(result.returncode, result.stdout, result.stderr)
+
+
+_CHECK_EACH = """
+import json, sys, time
+from typer.testing import CliRunner
+from memflow_cli.cli import app
+
+runner = CliRunner()
+for path in sys.argv[1:]:
+    start = time.perf_counter()
+    result = runner.invoke(app, ["check", path])
+    crash = result.exception if not isinstance(result.exception, SystemExit) else None
+    record = {"path": path, "code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr[-4000:],
+              "seconds": time.perf_counter() - start, "crash": repr(crash) if crash else None}
+    print(json.dumps(record), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class CheckedInProcess:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    crash: str | None  # an exception that escaped the command (a traceback for the user)
+
+
+def check_each(paths: list[str], cwd: Path) -> dict[str, CheckedInProcess]:
+    """`memflow check PATH` for each path, one after the other in one subprocess under the limits above."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "400"}
+    result = subprocess.run(
+        [sys.executable, "-c", _CHECK_EACH, *paths], capture_output=True, text=True, cwd=cwd, env=env,
+        timeout=CHECK_SECONDS + 5 * len(paths), preexec_fn=_limit_memory,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    return {record.pop("path"): CheckedInProcess(**record) for record in records}
