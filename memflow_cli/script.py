@@ -5,7 +5,9 @@ A story is a list of prompts, each starting at a time. The generator makes video
 the prompt switches at most once per chunk; `Story.timeline` does that arithmetic.
 
 Everything a script says is checked here, once. Any problem becomes one `ScriptError` naming the file,
-the line, the field and the fix.
+the line, the field and the fix. Whatever a file holds, refusing it costs little: only regular files of a
+bounded size are read, YAML is composed under limits on nesting and on values (aliases counted as what
+they repeat), and messages show bounded previews of values (`preview.py`), never their whole `repr`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ JSONL_KEYS: tuple[str, ...] = ("prompts",)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator accepts
 MAX_TITLE_BYTES = 200  # a title names its video file: 255 bytes at most, less what memflow's temporary files add
 # Limits that keep a hostile or mistaken script cheap to refuse: time and memory stay bounded whatever it holds.
-MAX_YAML_BYTES = 2**18  # 256 KiB: 400 prompts of 100 words; PyYAML reads it in about 0.3 s
+MAX_YAML_BYTES = 2**18  # 256 KiB: 400 prompts of 100 words; PyYAML reads that in about 0.3 s on an idle core
 MAX_JSONL_BYTES = 16 * 2**20  # 16 MiB: ten thousand stories of ten prompts
 MAX_YAML_VALUES = 20_000  # values in one YAML story (an alias counts as the values it repeats)
 MAX_SEGMENTS = 2_000  # segments of one story: one every 10 s makes 5.5 hours
