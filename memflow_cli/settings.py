@@ -204,7 +204,7 @@ class SamplerSettings:
             if not 0 < step <= self.train_timesteps:
                 raise SettingsError("steps", f"each step must be in 1..{self.train_timesteps}, got {preview(step)}")
         if list(self.steps) != sorted(self.steps, reverse=True) or len(set(self.steps)) != len(self.steps):
-            raise SettingsError("steps", f"must be strictly decreasing, got {list(self.steps)}")
+            raise SettingsError("steps", f"must be strictly decreasing, got {preview(list(self.steps))}")
         _check_range("shift", self.shift)
 
 

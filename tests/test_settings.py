@@ -123,3 +123,8 @@ def test_lora_rank_and_alpha_are_checked(given: dict, field: str, message: str):
 
 def test_lora_rank_may_come_from_the_file():
     assert LoraSettings(rank=None, alpha=8).rank is None
+
+
+def test_steps_out_of_order_are_shown_short():
+    error = refusal({"steps": [1] * 15_000})
+    assert (error.field, error.message) == ("steps", "must be strictly decreasing, got [1, 1, 1, 1, ...]")
