@@ -60,7 +60,9 @@ class PromptCut:
         about = "" if self.exact else "about "
         counted = f"{self.tokens} tokens" if self.exact else f"about {self.tokens} tokens by a rough count"
         start = f"{self.start_s:.3f}".rstrip("0").rstrip(".") + "s"
-        where = f"{about}word {self.kept_words} ('...{self.last_kept}')" if self.kept_words else "its first word"
+        where = "the start of its first word"
+        if self.kept_words:
+            where = f"{about}word {self.kept_words} ('...{self.last_kept}')"
         dropped = "dropped" if self.exact else "likely dropped"
         return (
             f"segment {self.segment} (at {start}): {self.words} words, {counted}; the text encoder reads "

@@ -72,7 +72,7 @@ def test_a_timeline_keeps_the_segment_numbers_of_its_story():
 def test_a_first_word_longer_than_the_limit_is_named():
     (cut,) = prompt_cuts(story("x" * 4000), 512)
     assert cut.kept_words == 0
-    assert cut.describe().endswith("so everything after its first word is likely dropped")
+    assert cut.describe().endswith("so everything after the start of its first word is likely dropped")
 
 
 def test_the_cut_matches_what_the_demo_tokenizer_keeps(tokenizer):
