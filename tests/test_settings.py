@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from typer.testing import CliRunner
 
+from memflow_cli.cli import app
 from memflow_cli.settings import (
     SETTING_NAMES,
     SETTING_RANGES,
@@ -128,3 +130,19 @@ def test_lora_rank_may_come_from_the_file():
 def test_steps_out_of_order_are_shown_short():
     error = refusal({"steps": [1] * 15_000})
     assert (error.field, error.message) == ("steps", "must be strictly decreasing, got [1, 1, 1, 1, ...]")
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("shift: .nan", "settings.shift: must be a finite number from 0.01 to 100, got nan"),
+    ("bank_size: 100000000", "settings.bank_size: must be at most 64 frames, got 100000000"),
+])  # fmt: skip
+def test_render_refuses_a_setting_out_of_range_before_loading_anything(tmp_path, monkeypatch, setting, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "story.yaml").write_text(
+        f"segments:\n  - start: 0s\n    prompt: a lighthouse at dusk\nsettings:\n  {setting}\n", encoding="utf-8"
+    )
+    result = CliRunner().invoke(app, ["render", "story.yaml", "--model", "demo", "--device", "cpu", "-o", "out.mp4"])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) <= 2  # the error and its hint
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["story.yaml"]  # no video, partial, lock or sidecar
