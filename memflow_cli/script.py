@@ -44,6 +44,7 @@ MAX_JSONL_BYTES = 16 * 2**20  # 16 MiB: ten thousand stories of ten prompts
 MAX_YAML_VALUES = 20_000  # values in one YAML story (an alias counts as the values it repeats)
 MAX_SEGMENTS = 2_000  # segments of one story: one every 10 s makes 5.5 hours
 MAX_STORIES = 10_000  # stories of one JSONL file
+MAX_JSONL_PROMPTS = 100_000  # prompts of one JSONL file, all stories together
 MAX_NESTING = 32  # levels of lists and mappings in YAML; a story uses 4
 MAX_TIME_CHARS = 40  # "1:02:03.5" is 9: anything longer is not a time, and is not matched against the patterns
 SNAP_TOLERANCE = 1e-9  # in chunks: 10.5 s is chunk 14 exactly, not 15
@@ -665,6 +666,7 @@ def _setting_hint(name: str, written: bool) -> str:
 
 def _load_jsonl(path: Path, text: str, segment_seconds: float) -> list[Story]:
     stories: list[Story] = []
+    prompts_in_file = 0
     for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
@@ -672,6 +674,10 @@ def _load_jsonl(path: Path, text: str, segment_seconds: float) -> list[Story]:
             message = f"the file holds more than {MAX_STORIES} stories"
             raise ScriptError(path, number, None, message, "split it into several files of at most that many lines")
         prompts = _jsonl_prompts(path, number, raw)
+        prompts_in_file += len(prompts)
+        if prompts_in_file > MAX_JSONL_PROMPTS:
+            message = f"the file holds more than {MAX_JSONL_PROMPTS} prompts"
+            raise ScriptError(path, number, None, message, "split it into several files")
         if stories and len(prompts) != len(stories[0].segments):
             first = stories[0]
             counts = f"{len(prompts)} prompts here, {len(first.segments)} on line {first.line}"

@@ -55,6 +55,7 @@ HOSTILE_JSONL = {
     "a key of 100k characters": '{"' + "k" * 100_000 + '": 1}\n',
     "10001 stories": '{"prompts": ["a"]}\n' * 10_001,
     "a story of 100k prompts": '{"prompts": [' + ", ".join(['"a"'] * 100_000) + "]}\n",
+    "2000 stories of 2000 prompts": ('{"prompts": [' + ", ".join(['"a"'] * 2000) + "]}\n") * 2000,
 }
 
 
