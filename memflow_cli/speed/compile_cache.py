@@ -10,9 +10,9 @@ second render on the same machine finds its kernels, and another torch never rea
             inductor/  triton/  warm/<graphs>.json
 
 A `warm/` marker is written once a compiled video of that shape finished: its graphs are then in the
-cache. Compiling costs the first chunk tens of seconds on a cold cache and seconds on a warm one, and
-saves a fraction of a second on every later chunk, so `choose_compile` compiles only where the video is
-long enough to win that back; a shorter one runs eager, which is never slower than `--no-compile`.
+cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, and saves
+a fraction of a second on every chunk after the first, so `choose_compile` compiles only where the video
+is long enough to win that back; a shorter one runs eager, which is never slower than `--no-compile`.
 Deleting the folder is always safe: it only costs the next compiled render its warm-up.
 """
 
@@ -117,11 +117,18 @@ class CompilePath(str, Enum):
 
 @dataclass(frozen=True)
 class CompileCosts:
-    """What compiling costs and saves, in seconds (measured on an H200, 832x480, 4 steps, FA3)."""
+    """What compiling costs and saves a whole render process, in seconds.
 
-    cold_s: float = 50.0  # extra time of the first chunk with empty caches (53.1 s compiled vs 2.5 s eager)
-    warm_s: float = 5.2  # extra time of the first chunk with warm caches (7.7 s vs 2.5 s)
-    saved_per_chunk_s: float = 0.115  # a steady chunk: 12 frames at 28.3 FPS eager vs 39.1 FPS compiled
+    From the H200 measurements of issue #21 (832x480, 4 steps, FA3, the 40-chunk example, one process each):
+    eager 48.4 s; compiled with warm caches 53.3 s, with empty caches 113.2 s. The chunks after the first
+    took 23.9 s eager and 18.1 s compiled (0.149 s saved each), so the fixed cost of compiling is
+    53.3 - 48.4 + 39 x 0.149 = 10.7 s warm (the first chunk's 5.2 s and the compiled engine's build and
+    imports) and 70.6 s cold.
+    """
+
+    cold_s: float = 70.6
+    warm_s: float = 10.7
+    saved_per_chunk_s: float = 0.149
 
 
 H200_COSTS = CompileCosts()
