@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 LOG_TAIL_CHARS = 2000
 QUEUE_CHUNKS = 2
 ABORT_TIMEOUT_S = 60.0
+DYING_WAIT_S = 10.0  # how long a writer waits for an ffmpeg whose pipe broke to exit, to name its signal
 _STOP = None  # queue sentinel: no more frames
 PARTIAL_SUFFIX = ".partial.mp4"
 LOCK_SUFFIX = ".lock"
@@ -455,6 +456,11 @@ class Mp4Writer:
     def _failure_message(self) -> str:
         """One line: which file, why ffmpeg stopped (its most telling log line), what is kept."""
         code = self._process.poll()
+        if code is None and self._feeder.error is not None:  # the pipe broke: ffmpeg is dying, let it say how
+            try:
+                code = self._process.wait(timeout=DYING_WAIT_S)
+            except subprocess.TimeoutExpired:
+                code = None
         if code is None:
             status = "it is still running"
         elif code < 0:

@@ -336,7 +336,7 @@ def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometr
         return "no video yet"
     recorded = memflow_sidecar(sidecar_path(target))
     if recorded is None:
-        return f"no memflow metadata beside it ({sidecar_path(target).name})"
+        return f"no memflow metadata {sidecar_path(target).name} beside it"
     from .render import request_record
 
     timeline = job.story.timeline(geometry, request.duration_s)

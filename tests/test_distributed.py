@@ -227,7 +227,9 @@ def test_gpus_a_failed_story_is_one_line_a_story_rendered_elsewhere_is_in_progre
     assert result.stdout.count(summary) == 1, result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: Fox"), result.stderr
-    assert "exists; nothing was rendered (use --overwrite" in errors[0]
+    assert errors[0].endswith(
+        "exists; nothing was rendered (no memflow metadata Fox.json beside it) (use --overwrite to replace it)"
+    )
     assert f"in progress: {out / 'Elk.mp4'} (another memflow process is rendering it)" in result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr  # not torchrun's report
     assert (out / "Fox.mp4").read_bytes() == b"not memflow's"
