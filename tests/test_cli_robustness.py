@@ -487,7 +487,7 @@ def test_ctrl_c_while_torch_and_the_model_load_is_reported(tmp_path: Path):
         process.kill()
     assert process.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted: stopped before any video was written"
+    assert stderr.strip().splitlines()[-1] == "interrupted: no video was being written"
     assert names(tmp_path) == ["fox.yaml"]
 
 

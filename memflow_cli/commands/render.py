@@ -120,7 +120,7 @@ def render(
         try:
             raise typer.Exit(_run(request, ranks, gpus, quiet))
         except KeyboardInterrupt as stop:  # outside a render (a render reports its own partial file)
-            err.print(f"[yellow]{stop_word(stop)}:[/] stopped before any video was written")
+            err.print(f"[yellow]{stop_word(stop)}:[/] no video was being written")
             raise typer.Exit(stop_code(stop)) from None
 
 
