@@ -4,6 +4,7 @@
 #
 #   bash tests/gpu_tools/time_to_video.sh            # from the repository root; results in $OUT (default /tmp/ttv-out)
 #   COMPILED=1 bash tests/gpu_tools/time_to_video.sh  # also `--compile` renders, cold and warm (about 3 more minutes)
+#   SKIP_BENCH=1 ... / SKIP_RENDERS=1 ...             # one half each, where one call may last 10 minutes at most
 #   WEIGHTS=demo RENDER_ARGS="--duration 1.5s --device cpu" BENCH_ARGS="--model demo --device cpu --frames 6" \
 #     bash tests/gpu_tools/time_to_video.sh          # a dry run of the script on a CPU
 #
@@ -64,21 +65,25 @@ print(f"{name}: process {meta['process_s']:.1f} s, compile {meta['compile']!r} (
 PY
 }
 
-render cold
-render warm
-render no-compile --no-compile
-if [ -n "$COMPILED" ]; then
-  rm -rf "$CACHE"; mkdir -p "$CACHE"
-  render compiled-cold --compile
-  render compiled-warm --compile
+if [ -z "$SKIP_RENDERS" ]; then
+  render cold
+  render warm
+  render no-compile --no-compile
+  if [ -n "$COMPILED" ]; then
+    rm -rf "$CACHE"; mkdir -p "$CACHE"
+    render compiled-cold --compile
+    render compiled-warm --compile
+  fi
 fi
 
-stamp "bench $BENCH_ARGS --time-to-video"
-# shellcheck disable=SC2086
-timeout 420 $PYTHON -m memflow_cli bench $BENCH_ARGS --time-to-video > /tmp/ttv-bench.txt 2>&1 \
-  || stamp "FAILED: bench"
-tail -n 40 /tmp/ttv-bench.txt
-tail -n 1 /tmp/ttv-bench.txt > "$OUT/bench.json"
+if [ -z "$SKIP_BENCH" ]; then
+  stamp "bench $BENCH_ARGS --time-to-video"
+  # shellcheck disable=SC2086
+  timeout 420 $PYTHON -m memflow_cli bench $BENCH_ARGS --time-to-video > /tmp/ttv-bench.txt 2>&1 \
+    || stamp "FAILED: bench"
+  tail -n 40 /tmp/ttv-bench.txt
+  tail -n 1 /tmp/ttv-bench.txt > "$OUT/bench.json"
+fi
 
 stamp "summary"
 $PYTHON - "$OUT" <<'PY'
