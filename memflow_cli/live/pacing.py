@@ -1,0 +1,67 @@
+"""The viewer's clock: frames play at the video's frame rate from the moment the first one is made.
+
+A frame plays at its due time: one frame period after the previous one, or when it is made if that is
+later, and then playback has stalled (the viewer saw a frozen picture). Generation is paced against
+this clock: chunk k may start once chunk k - ahead is on screen, so a prompt typed now shows within
+about `ahead + 1` chunks; where playback would run dry anyway (a machine slower than real time) it
+starts at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STALL_TOLERANCE_S = 0.002  # a frame later than this past its period counts as a stall
+
+
+@dataclass(frozen=True)
+class Stall:
+    frame: int  # the frame that came late
+    seconds: float  # how long the picture stood still
+
+
+class PlaybackClock:
+    """Due times of the frames made so far, the stalls among them, and how long generation may wait."""
+
+    def __init__(self, fps: int):
+        self.period = 1.0 / fps
+        self.due: list[float] = []  # due[i]: when frame i plays (perf_counter seconds)
+        self.made: list[float] = []  # made[i]: when frame i was made
+        self.stalls: list[Stall] = []
+
+    @property
+    def frames(self) -> int:
+        return len(self.due)
+
+    def add(self, count: int, now: float) -> tuple[float, ...]:
+        """`count` frames made at `now`; returns their due times."""
+        start = len(self.due)
+        for frame in range(start, start + count):
+            if frame == 0:
+                due = now
+            else:
+                on_time = self.due[-1] + self.period
+                due = max(on_time, now)
+                if now - on_time > STALL_TOLERANCE_S and frame == start:
+                    self.stalls.append(Stall(frame, now - on_time))
+            self.due.append(due)
+            self.made.append(now)
+        return tuple(self.due[start:])
+
+    def runs_dry_at(self) -> float:
+        """When playback will have shown every frame made so far (and stalls if nothing follows)."""
+        return self.due[-1] + self.period if self.due else 0.0
+
+    def start_time(self, first_frame: int) -> float:
+        """When generation may start the chunk whose ahead-limit is `first_frame` being on screen.
+
+        That frame's due time if it is made; otherwise when playback runs dry (waiting longer would only
+        stall the viewer more).
+        """
+        if first_frame < len(self.due):
+            return self.due[first_frame]
+        return self.runs_dry_at()
+
+    @property
+    def stalled_s(self) -> float:
+        return sum(stall.seconds for stall in self.stalls)
