@@ -744,3 +744,13 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _register_live() -> None:
+    from .commands.live import live
+
+    app.command(epilog="Examples:  memflow live --prompt 'a lighthouse at dusk' -o live.mp4 --serve 8000  |  "
+                "printf 'a storm rolls in\\n' | memflow live story.yaml -o live.mp4 --duration 30s")(live)
+
+
+_register_live()

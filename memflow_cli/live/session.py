@@ -60,7 +60,9 @@ class LiveRequest:
     """What a live session is asked for."""
 
     target: Path  # the MP4 (reserved by the caller); the replay script is target.with_suffix(".yaml")
-    opening: Story  # the opening prompt or script: its segments come at their times
+    opening: Story  # the opening prompt or script: its segments come at their times (its duration is not used)
+    title: str  # of the replay script
+    opening_script: Path | None  # where the opening came from (None: --prompt)
     settings: GenerationSettings  # `memory.interactive` decides how the bank records (unset: interactive)
     seed: int
     limit_s: float | None = None  # --duration: the session ends there; None: at stop()
@@ -266,7 +268,7 @@ def run_live(
     # 2. the replay script, read back as `render` will read it
     segments = tuple(s for s in video.segments if s.start_chunk < made)
     text = replay_text(
-        title=_title(request), seed=request.seed, settings=settings,
+        title=request.title, seed=request.seed, settings=settings,
         segments=[ReplaySegment(s.start_chunk, s.prompt) for s in segments], chunks=made, video=request.target,
     )  # fmt: skip
     write_replay(request.script, text)
@@ -288,16 +290,6 @@ def _chunks_made(frames: int, engine: Engine) -> int:
     return (frames + geometry.vae_stride_t - 1) // geometry.video_frames_per_chunk
 
 
-def _title(request: LiveRequest) -> str:
-    """The opening script's title; for a --prompt session, the video's name."""
-    if request.opening.path.suffix:
-        return request.opening.title
-    name = request.target.stem.strip() or "live"
-    while len(name.encode("utf-8")) > 200:
-        name = name[:-1]
-    return name
-
-
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
               started: float) -> dict[str, Any]:  # fmt: skip
     timeline = story.timeline(engine.geometry)
@@ -315,7 +307,7 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
         "live": {
             "ended_by": result.ended_by,
             "ahead_chunks": request.ahead,
-            "opening": str(request.opening.path) if request.opening.path.suffix else None,
+            "opening_script": None if request.opening_script is None else str(request.opening_script),
             "segments": [segment.as_dict(started) for segment in result.segments],
             "latency": result.latency_summary(),
             "prompt_latencies": [

@@ -1,0 +1,325 @@
+"""`memflow live`: parse, check everything that can be checked before the model loads, then report the session.
+
+Signals: the first Ctrl-C (SIGINT) or SIGTERM ends the session at the next chunk boundary: the MP4 is
+finished and the replay script and sidecar are written, exit code 0. A second one aborts at once: the
+partial video is kept as `render` keeps it, exit code 130 (143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from .. import cli
+from ..cli import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    BankSize,
+    Compile,
+    DecodeDevice,
+    Device,
+    Fp8,
+    MemoryMode,
+    RecordInterval,
+    Sink,
+    Sma,
+    Steps,
+    Window,
+    err,
+    fail,
+    out,
+)
+from ..output import OutputError, reserved_output
+from ..script import MAX_SEED, ScriptError, Segment, Story, format_seconds, load_scripts, parse_time
+from ..settings import GenerationSettings, LoraSettings
+
+MAX_TITLE_BYTES = 200
+
+
+def live(
+    script: Annotated[
+        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times.",
+                                    metavar="[SCRIPT]", show_default=False)  # fmt: skip
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="The opening prompt, instead of a script.", metavar="TEXT")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The MP4; the replay script goes beside it as .yaml.", metavar="FILE.mp4"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Weights folder, 'demo' or 'random' (as render). Default: the HF cache.",
+                     metavar="PATH|demo|random"),  # fmt: skip
+    ] = None,
+    device: Device = None,
+    decode_device: DecodeDevice = None,
+    seed: Annotated[
+        int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(help=f"End the session there, e.g. 60s. Times: {cli.TIME_FORMATS}. Default: at Ctrl-C.",
+                     metavar="TIME"),  # fmt: skip
+    ] = None,
+    ahead: Annotated[
+        int,
+        typer.Option(help="Chunks generation may run ahead of playback (0.75 s each): more is smoother, "
+                     "fewer shows a typed prompt sooner.", min=0, max=64, metavar="N"),  # fmt: skip
+    ] = 2,
+    serve: Annotated[
+        str | None,
+        typer.Option(help="Serve the page that plays the session and takes prompts, e.g. 8000 or 127.0.0.1:8000.",
+                     metavar="[HOST:]PORT"),  # fmt: skip
+    ] = None,
+    public: Annotated[
+        bool,
+        typer.Option("--public", help="Allow --serve on an address other machines reach; the URL then carries a "
+                     "random token that every request needs."),  # fmt: skip
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing video, its replay script and a partial video.")
+    ] = False,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
+    lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
+    lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
+    compile: Compile = True,
+    fp8: Fp8 = False,
+) -> None:
+    """Render continuously while you type what happens next; watch it in the browser; replay it exactly.
+
+    Each line typed (or piped on stdin) is the prompt from the next chunk not started yet. Ends at
+    --duration, on Ctrl-C or on SIGTERM (the end of piped input does not end it). Writes FILE.mp4
+    (growing as it renders), its sidecar .json and FILE.yaml: `memflow render FILE.yaml` makes the
+    same video, frame for frame.
+    """
+    from ..live.server import ServeError, check_bind, parse_address
+
+    # 1. everything checked before torch loads
+    if (script is None) == (prompt is None):
+        fail("give an opening script or --prompt TEXT (one of them)", EXIT_BAD_INPUT,
+             "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
+    if output is None:
+        fail("give the output video with -o FILE.mp4", EXIT_BAD_INPUT)
+    if output.suffix.lower() != ".mp4":
+        fail(f"{output}: the output must be an .mp4 file", EXIT_BAD_INPUT)
+    address = None
+    if serve is not None:
+        try:
+            address = parse_address(serve)
+            check_bind(address, public)
+        except ServeError as error:
+            fail(str(error), EXIT_BAD_INPUT)
+    elif public:
+        fail("--public only applies to --serve", EXIT_BAD_INPUT, "add --serve 0.0.0.0:PORT, or leave out --public")
+    limit_s = _duration(duration)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        fail(f"--seed: must be between 0 and 2**64-1, got {seed}", EXIT_BAD_INPUT, "use a whole number like 0 or 42")
+    geometry = cli._geometry_for(model)
+    opening, title = _opening(script, prompt, output, geometry)
+    given = cli.setting_options(memory=memory, window=window, sink=sink, bank_size=bank_size,
+                                record_interval=record_interval, sma=sma, steps=steps)  # fmt: skip
+    settings = cli.generation_settings(opening, given, geometry)
+    device = cli._checked_device(device)
+    if decode_device is not None:
+        decode_device = cli._checked_device(decode_device, "--decode-device")
+    if fp8:
+        cli.require_fp8(device)
+
+    with ExitStack() as stack, cli._terminate_like_ctrl_c():
+        try:
+            # 2. the outputs claimed, then the model
+            stack.enter_context(_reserved(output, script, overwrite))
+            lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
+            engine = stack.enter_context(cli._load_engine(model, device, lora, compile, fp8, decode_device))
+        except KeyboardInterrupt as stop:
+            how = "terminated" if isinstance(stop, cli.Terminated) else "interrupted"
+            err.print(f"[yellow]{how}:[/] before the session started; nothing was written")
+            raise typer.Exit(cli._interrupted_code(stop)) from None
+        if engine.notice:
+            err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
+        story_seed = opening.seed if seed is None else seed
+        _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
+                 address, public)  # fmt: skip
+
+
+def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
+             settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
+             address, public: bool) -> None:  # fmt: skip
+    from ..live.prompts import PromptInbox
+    from ..live.server import LiveServer
+    from ..live.session import LiveRequest, SessionStop, run_live
+    from ..render import RenderInterrupted
+
+    inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))
+    stop = SessionStop(inbox)
+    server = None
+    if address is not None:
+        try:
+            server = stack.enter_context(LiveServer(address, inbox, public=public, fps=engine.geometry.fps))
+        except OSError as error:
+            fail(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
+                 EXIT_BAD_INPUT, "choose another port (0 picks a free one)")  # fmt: skip
+        err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
+    if sys.stdin is not None and sys.stdin.isatty():
+        err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
+    request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
+                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite)  # fmt: skip
+    events = _Report(engine.geometry.fps, server)
+    try:
+        with _stop_on_signals(stop):
+            result = run_live(engine, request, inbox, events, stop)
+    except RenderInterrupted as aborted:
+        where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
+        how = "terminated" if isinstance(aborted.__context__, cli.Terminated) else "aborted"
+        err.print(f"[yellow]{how}:[/] {escape(f'{aborted.frames} frames written; {where}')}", soft_wrap=True)
+        code = EXIT_TERMINATED if isinstance(aborted.__context__, cli.Terminated) else EXIT_INTERRUPTED
+        raise typer.Exit(code) from None
+    except OutputError as error:
+        fail(str(error), cli.EXIT_FAILED, error.hint)
+    finally:
+        if server is not None:
+            server.end()
+    out.print(str(result.path), markup=False, soft_wrap=True)
+    out.print(str(result.script), markup=False, soft_wrap=True)
+    err.print(_summary(result), markup=False, soft_wrap=True)
+
+
+class _Report:
+    """Prints the session's switches and latencies on stderr, and hands frames to the page's server."""
+
+    def __init__(self, fps: int, server):
+        self.fps, self.server = fps, server
+
+    def switched(self, segment, waited: int) -> None:
+        queued = f" ({waited} more queued)" if waited else ""
+        err.print(f"{format_seconds(segment.start_s)} (chunk {segment.start_chunk}) {segment.source}: "
+                  f"{segment.prompt}{queued}", markup=False, soft_wrap=True)  # fmt: skip
+
+    def chunk(self, index: int, frames, first_frame: int, due: Sequence[float], segments) -> None:
+        if self.server is not None:
+            shown = [{"start_s": s.start_s, "prompt": s.prompt, "source": s.source} for s in segments]
+            self.server.show(frames.numpy(), first_frame, due, shown)
+
+    def latency(self, latency) -> None:
+        err.print(f"  on screen {latency.to_screen_s:.2f} s after it arrived (made after {latency.to_written_s:.2f} s)",
+                  markup=False)  # fmt: skip
+
+    def notice(self, text: str) -> None:
+        err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
+
+
+def _summary(result) -> str:
+    latency = result.latency_summary()
+    said = (f"prompt to screen {latency['to_screen_median_s']:.2f} s median, {latency['to_screen_max_s']:.2f} s "
+            f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
+    stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
+              else "playback never stalled")  # fmt: skip
+    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / 16:.2f} s of video) "
+            f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
+
+
+@contextmanager
+def _stop_on_signals(stop) -> Iterator[None]:
+    """The first SIGINT/SIGTERM ends the session at the next chunk; a second one aborts it."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise cli.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        stop.set("ctrl-c" if signum == signal.SIGINT else "sigterm")
+        _warn("stopping after the chunk being made (once more to abort at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _warn(text: str) -> None:
+    err.print(f"[yellow]live:[/] {escape(text)}", soft_wrap=True)
+
+
+def _stdin_fd() -> int | None:
+    try:
+        return sys.stdin.fileno() if sys.stdin is not None else None
+    except (io.UnsupportedOperation, ValueError, AttributeError):
+        return None
+
+
+def _duration(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        seconds = parse_time(text)
+    except ValueError as error:
+        fail(f"--duration: {error}", EXIT_BAD_INPUT)
+    if seconds == 0:
+        fail("--duration: must be longer than 0s", EXIT_BAD_INPUT, "give the session's length, like 60s")
+    return seconds
+
+
+def _opening(script: Path | None, prompt: str | None, output: Path, geometry) -> tuple[Story, str]:
+    """The opening story and the replay script's title."""
+    if script is not None:
+        try:
+            stories = load_scripts(script, geometry=geometry)
+        except ScriptError as error:
+            fail(str(error), EXIT_BAD_INPUT)
+        if len(stories) != 1:
+            fail(f"{script} holds {len(stories)} stories; a live session opens with one", EXIT_BAD_INPUT,
+                 "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
+        return stories[0], stories[0].title
+    from ..live.prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
+
+    assert prompt is not None
+    try:
+        text = checked_prompt(prompt)
+    except PromptRefused:
+        fail(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters", EXIT_BAD_INPUT)
+    title = output.stem.strip() or "live"
+    while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
+        title = title[:-1]
+    story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
+                  segments=(Segment(0.0, text),))  # fmt: skip
+    return story, title
+
+
+@contextmanager
+def _reserved(output: Path, script: Path | None, overwrite: bool) -> Iterator[None]:
+    """The video's files claimed as `render` claims them, and the replay script checked: nothing clobbered."""
+    from ..live.replay import is_replay_script
+
+    try:
+        with reserved_output(output, overwrite=overwrite):
+            replay = output.with_suffix(".yaml")
+            if script is not None and replay.exists() and replay.resolve() == script.resolve():
+                fail(f"{replay} is the opening script; the replay script would replace it", EXIT_BAD_INPUT,
+                     "choose another output name")  # fmt: skip
+            if replay.is_dir():
+                fail(f"cannot write {replay}: it is a folder", EXIT_BAD_INPUT, "choose another output name")
+            if replay.exists() and not overwrite:
+                ours = is_replay_script(replay)
+                whose = "an earlier live session's replay script" if ours else "not written by memflow"
+                fail(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
+                     EXIT_BAD_INPUT, "move it away, or use --overwrite")  # fmt: skip
+            yield
+    except OutputError as error:
+        fail(str(error), EXIT_BAD_INPUT, error.hint)
