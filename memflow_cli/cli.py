@@ -742,10 +742,6 @@ def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="memflow")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def _register_live() -> None:
     from .commands.live import live
 
@@ -754,3 +750,8 @@ def _register_live() -> None:
 
 
 _register_live()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -240,6 +240,9 @@ def _stop_on_signals(stop) -> Iterator[None]:
     """The first SIGINT/SIGTERM ends the session at the next chunk; a second one aborts it."""
 
     def handle(signum: int, frame: Any) -> None:
+        if stop.finishing:
+            _warn("the video is finished; writing its replay script and metadata")
+            return
         if stop.is_set():
             raise cli.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         stop.set("ctrl-c" if signum == signal.SIGINT else "sigterm")

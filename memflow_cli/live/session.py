@@ -42,6 +42,7 @@ class SessionStop:
     def __init__(self, inbox: PromptInbox | None = None):
         self.inbox = inbox
         self.reason: str | None = None
+        self.finishing = False  # the video is made; only its files are being written
         self._event = threading.Event()
 
     def set(self, reason: str) -> None:
@@ -263,6 +264,7 @@ def run_live(
                                       "and playback stalls while the next chunk is made")  # fmt: skip
         except KeyboardInterrupt:
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
+    stopped.finishing = True
     seconds = time.perf_counter() - started
     made = _chunks_made(clock.frames, engine)
     # 2. the replay script, read back as `render` will read it
