@@ -262,9 +262,9 @@ def run_live(
                         slow_said = True
                         events.notice("generation is slower than real time here: frames come as they are made, "
                                       "and playback stalls while the next chunk is made")  # fmt: skip
+            stopped.finishing = True  # from here on a signal does not cut the files short
         except KeyboardInterrupt:
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
-    stopped.finishing = True
     seconds = time.perf_counter() - started
     made = _chunks_made(clock.frames, engine)
     # 2. the replay script, read back as `render` will read it
