@@ -103,10 +103,13 @@ class DevTools:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60.0, poll: float = 0.1) -> Any:
-        """Until `expression` is truthy in the page; returns its value."""
+        """Until `expression` is truthy in the page (one that throws, as while the page loads, is not); returns it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError:
+                value = None
             if value:
                 return value
             time.sleep(poll)
