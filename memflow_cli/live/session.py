@@ -83,7 +83,7 @@ class LiveSegment:
     start_chunk: int
     start_s: float  # on the video's timeline
     prompt: str
-    source: str  # "script" (the opening), "stdin" or "page"
+    source: str  # "script" (the opening script's), "prompt" (--prompt), "stdin" or "page"
     received_s: float | None  # perf_counter time it arrived (typed prompts)
 
     def as_dict(self, started: float) -> dict[str, Any]:
@@ -157,6 +157,7 @@ class LiveVideo:
         chosen = request.settings.memory.interactive
         self._interactive = True if chosen is None else chosen
         self._scheduled = {chunk_for(s.start_s, self.geometry): s.prompt for s in request.opening.segments}
+        self._opening_source = "script" if request.opening_script is not None else "prompt"
         self.segments: list[LiveSegment] = []
         self._starts: list[int] = []
 
@@ -205,7 +206,7 @@ class LiveVideo:
         start_s = chunk * self.geometry.chunk_seconds
         index = len(self.segments)
         if chunk in self._scheduled:
-            return LiveSegment(index, chunk, start_s, self._scheduled[chunk], "script", None)
+            return LiveSegment(index, chunk, start_s, self._scheduled[chunk], self._opening_source, None)
         arrival: Arrival | None = self.inbox.take()
         if arrival is None:
             return None
