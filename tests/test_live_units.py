@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from memflow_cli.live.pacing import PlaybackClock
+from memflow_cli.live.pacing import HANDOVER_MARGIN_S, PlaybackClock
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS, PromptInbox, PromptRefused
 from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
 from memflow_cli.settings import GenerationSettings, VideoGeometry
@@ -79,9 +79,14 @@ def test_the_clock_plays_frames_at_the_frame_rate_and_counts_late_chunks_as_stal
     assert dry == pytest.approx(100.0 + 21 / 16)
     clock.add(12, now=dry + 1.0)
     assert len(clock.stalls) == 1 and clock.stalled_s == pytest.approx(1.0)
-    # generation may start a chunk once frame 9 is on screen; a frame not made yet: when playback runs dry
-    assert clock.start_time(9) == pytest.approx(100.0 + 9 / 16)
-    assert clock.start_time(1000) == clock.runs_dry_at()
+    # the next chunk may start once at most 2 chunks (1.5 s) are made but not played
+    dry = clock.runs_dry_at()
+    assert clock.start_time(ahead_s=1.5) == pytest.approx(dry - 1.5)
+    # a chunk made but still decoding counts as made; with chunks decoding, start before playback runs dry
+    assert clock.start_time(ahead_s=1.5, pending_s=0.75) == pytest.approx(dry - 0.75)
+    assert clock.start_time(ahead_s=1.5, pending_s=1.5) == pytest.approx(dry - HANDOVER_MARGIN_S)
+    assert clock.start_time(ahead_s=0.0) == pytest.approx(dry)  # --ahead 0: once everything made has played
+    assert PlaybackClock(16).start_time(ahead_s=1.5) == 0.0  # nothing made yet: at once
 
 
 def test_the_replay_script_snaps_back_to_the_chunks_of_the_session(tmp_path):

@@ -2,9 +2,9 @@
 
 A frame plays at its due time: one frame period after the previous one, or when it is made if that is
 later, and then playback has stalled (the viewer saw a frozen picture). Generation is paced against
-this clock: chunk k may start once chunk k - ahead is on screen, so a prompt typed now shows within
-about `ahead + 1` chunks; where playback would run dry anyway (a machine slower than real time) it
-starts at once.
+this clock: the next chunk starts once the video made but not played yet is down to `ahead` chunks (on
+one clock: chunk k starts when chunk k - ahead is on screen), so a prompt typed now shows within about
+`ahead + 1` chunks; where playback runs dry anyway (a machine slower than real time) it starts at once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STALL_TOLERANCE_S = 0.002  # a frame later than this past its period counts as a stall
+HANDOVER_MARGIN_S = 0.05  # frames made but not handed over yet reach the clock this long before it runs dry
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,16 @@ class PlaybackClock:
         """When playback will have shown every frame made so far (and stalls if nothing follows)."""
         return self.due[-1] + self.period if self.due else 0.0
 
-    def start_time(self, first_frame: int) -> float:
-        """When generation may start the chunk whose ahead-limit is `first_frame` being on screen.
-
-        That frame's due time if it is made; otherwise when playback runs dry (waiting longer would only
-        stall the viewer more).
+    def start_time(self, ahead_s: float, pending_s: float = 0.0) -> float:
+        """When generation may start its next chunk: once the video made but not played yet is down to
+        `ahead_s`. `pending_s` of it is made but not on the clock yet (decoding beside generation, it is
+        handed over only when the next chunk starts): then never later than just before playback runs dry.
         """
-        if first_frame < len(self.due):
-            return self.due[first_frame]
-        return self.runs_dry_at()
+        if not self.due:
+            return 0.0
+        dry = self.runs_dry_at()
+        start = dry - ahead_s + pending_s
+        return min(start, dry - HANDOVER_MARGIN_S) if pending_s > 0 else start
 
     @property
     def stalled_s(self) -> float:

@@ -28,7 +28,7 @@ from ..engine import Engine
 from ..output import write_video_sidecar
 from ..render import RenderInterrupted, request_record
 from ..script import Story, chunk_for
-from ..settings import GenerationSettings
+from ..settings import GenerationSettings, VideoGeometry
 from .pacing import PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
@@ -193,11 +193,15 @@ class LiveVideo:
     # -- the boundary ----------------------------------------------------------------------------------
 
     def _pace(self, chunk: int) -> None:
-        """Wait until chunk `chunk - ahead` is on screen (or playback runs dry), or the session stops."""
-        ahead_of = max(chunk - self.ahead, 0)
-        first_frame = self.geometry.video_frames(ahead_of * self.geometry.frames_per_chunk)
+        """Wait until at most `ahead` chunks are made but not played (or the session stops).
+
+        The chunks made before `chunk` but not on the clock yet are decoding (on CUDA decoding trails
+        generation); they reach the clock once this returns.
+        """
+        chunk_s = self.geometry.chunk_seconds
+        pending = chunk - _chunks_of(self.clock.frames, self.geometry)
         while not self.stopped.is_set():
-            remaining = self.clock.start_time(first_frame) - time.perf_counter()
+            remaining = self.clock.start_time(self.ahead * chunk_s, pending * chunk_s) - time.perf_counter()
             if remaining <= 0:
                 return
             self.inbox.wait(remaining)
@@ -267,7 +271,7 @@ def run_live(
         except KeyboardInterrupt:
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
     seconds = time.perf_counter() - started
-    made = _chunks_made(clock.frames, engine)
+    made = _chunks_of(clock.frames, engine.geometry)
     # 2. the replay script, read back as `render` will read it
     segments = tuple(s for s in video.segments if s.start_chunk < made)
     text = replay_text(
@@ -287,9 +291,8 @@ def run_live(
     return result
 
 
-def _chunks_made(frames: int, engine: Engine) -> int:
+def _chunks_of(frames: int, geometry: VideoGeometry) -> int:
     """Chunks of a video of `frames` frames (the first chunk has fewer: 4N - 3 frames for N latent frames)."""
-    geometry = engine.geometry
     return (frames + geometry.vae_stride_t - 1) // geometry.video_frames_per_chunk
 
 
