@@ -198,6 +198,8 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
             server.end()
     out.print(str(result.path), markup=False, soft_wrap=True)
     out.print(str(result.script), markup=False, soft_wrap=True)
+    if result.unused_prompts:
+        _warn(f"{len(result.unused_prompts)} prompt(s) came after the last chunk started and are not in the video")
     err.print(_summary(result), markup=False, soft_wrap=True)
 
 

@@ -132,6 +132,7 @@ class LiveResult:
     stalled_s: float
     slower_than_real_time: bool
     ended_by: str
+    unused_prompts: tuple[str, ...] = ()  # arrived too late: the session ended before their chunk
 
     def latency_summary(self) -> dict[str, Any]:
         screen = [latency.to_screen_s for latency in self.latencies]
@@ -154,8 +155,7 @@ class LiveVideo:
         self.geometry = request.settings.geometry
         self.ahead = request.ahead
         self.limit = None if request.limit_s is None else max(1, chunk_for(request.limit_s, self.geometry))
-        chosen = request.settings.memory.interactive
-        self._interactive = True if chosen is None else chosen
+        self._interactive = request.settings.memory.interactive is not False  # unset: interactive
         self._scheduled = {chunk_for(s.start_s, self.geometry): s.prompt for s in request.opening.segments}
         self._opening_source = "script" if request.opening_script is not None else "prompt"
         self.segments: list[LiveSegment] = []
@@ -243,6 +243,7 @@ def run_live(
     settings = request.settings
     if settings.memory.interactive is None:  # recorded, so that the replay records the bank the same way
         settings = replace(settings, memory=replace(settings.memory, interactive=True))
+        request = replace(request, settings=settings)
     clock = PlaybackClock(engine.geometry.fps)
     video = LiveVideo(engine, request, inbox, clock, events, stopped)
     latencies: list[Latency] = []
@@ -272,6 +273,9 @@ def run_live(
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
     seconds = time.perf_counter() - started
     made = _chunks_of(clock.frames, engine.geometry)
+    unused = []  # prompts that came after the last chunk started
+    while (arrival := inbox.take()) is not None:
+        unused.append(arrival.prompt)
     # 2. the replay script, read back as `render` will read it
     segments = tuple(s for s in video.segments if s.start_chunk < made)
     text = replay_text(
@@ -285,7 +289,7 @@ def run_live(
         path=request.target, script=request.script, sidecar=request.target.with_suffix(".json"), chunks=made,
         video_frames=clock.frames, seconds=seconds, segments=segments, latencies=tuple(latencies),
         stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=slow_said,
-        ended_by=stopped.reason or "duration",
+        ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
     )  # fmt: skip
     write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started))
     return result
@@ -324,5 +328,6 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
             "stalls": result.stalls,
             "stalled_s": round(result.stalled_s, 3),
             "slower_than_real_time": result.slower_than_real_time,
+            "unused_prompts": list(result.unused_prompts),
         },
     }
