@@ -48,7 +48,7 @@ MAX_TITLE_BYTES = 200
 def live(
     script: Annotated[
         Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times.",
-                                    metavar="[SCRIPT]", show_default=False)  # fmt: skip
+                                    metavar="SCRIPT", show_default=False)  # fmt: skip
     ] = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", help="The opening prompt, instead of a script.", metavar="TEXT")
