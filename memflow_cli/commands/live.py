@@ -8,6 +8,7 @@ partial video is kept as `render` keeps it, exit code 130 (143 for SIGTERM).
 from __future__ import annotations
 
 import io
+import shlex
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -155,13 +156,14 @@ def live(
         if engine.notice:
             err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
         story_seed = opening.seed if seed is None else seed
+        options = _replay_options(model, device, decode_device, compile, fp8, lora_rank, lora_alpha)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 address, public)  # fmt: skip
+                 address, public, options)  # fmt: skip
 
 
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
-             address, public: bool) -> None:  # fmt: skip
+             address, public: bool, replay_options: str) -> None:  # fmt: skip
     from ..live.prompts import PromptInbox
     from ..live.server import LiveServer
     from ..live.session import LiveRequest, SessionStop, run_live
@@ -180,7 +182,8 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
-                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite)  # fmt: skip
+                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite,
+                          replay_options=replay_options)  # fmt: skip
     events = _Report(engine.geometry.fps, server)
     try:
         with _stop_on_signals(stop):
@@ -256,6 +259,22 @@ def _stop_on_signals(stop) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool, lora_rank: int,
+                    lora_alpha: float) -> str:  # fmt: skip
+    """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
+    options = [] if model is None else ["--model", shlex.quote(model)]
+    options += ["--device", shlex.quote(device)]
+    if decode_device is not None:
+        options += ["--decode-device", shlex.quote(decode_device)]
+    if not compile:
+        options.append("--no-compile")
+    if fp8:
+        options.append("--fp8")
+    if (lora_rank, lora_alpha) != (256, 256.0):
+        options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
+    return " ".join(options)
 
 
 def _warn(text: str) -> None:

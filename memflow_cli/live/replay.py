@@ -51,9 +51,9 @@ def setting_values(settings: GenerationSettings) -> dict[str, Any]:
 
 def replay_text(
     *, title: str, seed: int, settings: GenerationSettings, segments: Sequence[ReplaySegment], chunks: int,
-    video: Path,
+    video: Path, options: str = "",
 ) -> str:  # fmt: skip
-    """The replay script of a session that made `chunks` chunks."""
+    """The replay script of a session that made `chunks` chunks; `options`: the render options it needs."""
     geometry = settings.geometry
     story = {
         "title": title,
@@ -67,7 +67,8 @@ def replay_text(
     body = yaml.safe_dump(story, sort_keys=False, allow_unicode=True, width=2**31 - 1)
     header = (
         f"{MARKER} (memflow {__version__}), {chunks} chunks of {geometry.chunk_seconds:g} s: {video.name}\n"
-        f"# replay: memflow render {video.with_suffix('.yaml').name} -o replay.mp4 (same model, device kind, options)\n"
+        f"# replay: memflow render {video.with_suffix('.yaml').name} -o replay.mp4{options and ' ' + options}"
+        " (on the same kind of device)\n"
     )
     return header + body
 

@@ -69,6 +69,7 @@ class LiveRequest:
     limit_s: float | None = None  # --duration: the session ends there; None: at stop()
     ahead: int = DEFAULT_AHEAD
     overwrite: bool = False
+    replay_options: str = ""  # the render options that make the same video (model, device, ...), for OUT.yaml
 
     @property
     def script(self) -> Path:
@@ -281,6 +282,7 @@ def run_live(
     text = replay_text(
         title=request.title, seed=request.seed, settings=settings,
         segments=[ReplaySegment(s.start_chunk, s.prompt) for s in segments], chunks=made, video=request.target,
+        options=request.replay_options,
     )  # fmt: skip
     write_replay(request.script, text)
     story = read_back(request.script, engine.geometry, made, [s.start_chunk for s in segments])
