@@ -6,11 +6,14 @@ import os
 import time
 
 import pytest
+import torch
 
+from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, PlaybackClock
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS, PromptInbox, PromptRefused
 from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
-from memflow_cli.settings import GenerationSettings, VideoGeometry
+from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 
 
 def inbox_with(data: bytes, warnings: list[str]) -> tuple[PromptInbox, int]:
@@ -103,3 +106,41 @@ def test_the_replay_script_snaps_back_to_the_chunks_of_the_session(tmp_path):
     assert GenerationSettings(geometry=geometry).with_overrides(story.settings) == settings  # every setting
     with pytest.raises(AssertionError):
         read_back(path, settings.geometry, 1002, [0, 1, 1001])
+
+
+def test_a_prompt_source_deciding_at_each_boundary_makes_what_the_same_script_makes():
+    config = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
+    torch.manual_seed(0)
+    model = CausalWanTransformer(config).eval().requires_grad_(False)
+    geometry = VideoGeometry(height=32, width=48)
+    prompts = torch.randn((3, 5, config.text_dim), generator=torch.Generator().manual_seed(1))
+    asked: list[int] = []
+
+    class Typed:  # prompt 1 typed before chunk 2, prompt 2 before chunk 5; the session ends before chunk 7
+        def at(self, chunk: int):
+            asked.append(chunk)
+            if chunk >= 7:
+                return None
+            segment = 0 if chunk < 2 else 1 if chunk < 5 else 2
+            return segment, prompts[segment]
+
+    def video(settings: GenerationSettings, live: bool) -> torch.Tensor:
+        generator = MemFlowGenerator(model, settings)
+        noise = SeededNoise(3, generator.noise_shape(), "cpu", torch.float32)
+        chunks = generator.stream(Typed(), noise, interactive=True) if live else generator.generate(
+            prompts, 7, noise, (2, 5))  # fmt: skip
+        return torch.cat(list(chunks), dim=1)
+
+    settings = GenerationSettings(memory=MemorySettings(), geometry=geometry)
+    assert torch.equal(video(settings, live=True), video(settings, live=False))
+    assert asked == list(range(8))  # asked at every boundary, and once more to end
+    # one prompt, recorded as interactive (what a live session with no typed prompt writes): as its script says
+    single = GenerationSettings(memory=MemorySettings(interactive=True), geometry=geometry)
+    plain = GenerationSettings(memory=MemorySettings(), geometry=geometry)
+
+    def one_prompt(settings: GenerationSettings) -> torch.Tensor:
+        generator = MemFlowGenerator(model, settings)
+        noise = SeededNoise(3, generator.noise_shape(), "cpu", torch.float32)
+        return torch.cat(list(generator.generate(prompts[:1], 8, noise)), dim=1)
+
+    assert not torch.equal(one_prompt(single), one_prompt(plain))  # the bank records otherwise: it matters
