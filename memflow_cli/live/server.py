@@ -17,6 +17,7 @@ import ipaddress
 import json
 import queue
 import secrets
+import socket
 import struct
 import threading
 import time
@@ -159,8 +160,7 @@ class LiveServer:
         self._status: dict[str, Any] = {"frame": 0, "time_s": 0.0, "prompt": "", "segments": [], "ended": False}
         self._status_lock = threading.Lock()
         self._playlist: queue.Queue = queue.Queue()  # (due, frame array, status) in order; unbounded, frames are few
-        self._httpd = ThreadingHTTPServer((address.host, address.port), _handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _server_class(address.host)((address.host, address.port), _handler(self))
         self._threads = [
             threading.Thread(target=self._httpd.serve_forever, name="memflow-live-http", daemon=True),
             threading.Thread(target=self._play, name="memflow-live-player", daemon=True),
@@ -233,6 +233,18 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a viewer's stream never holds the session's end
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    return _Server6 if ":" in host else _Server
 
 
 def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
