@@ -8,6 +8,7 @@ partial video is kept as `render` keeps it, exit code 130 (143 for SIGTERM).
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import signal
 import sys
@@ -282,10 +283,20 @@ def _warn(text: str) -> None:
 
 
 def _stdin_fd() -> int | None:
+    """Where prompt lines come from; None where there is no stdin, or it is a terminal this session runs in
+    the background of (reading it would stop the process)."""
     try:
-        return sys.stdin.fileno() if sys.stdin is not None else None
+        fd = sys.stdin.fileno() if sys.stdin is not None else None
     except (io.UnsupportedOperation, ValueError, AttributeError):
         return None
+    if fd is not None and os.isatty(fd):
+        try:
+            if os.tcgetpgrp(fd) != os.getpgrp():
+                _warn("running in the background of a terminal: prompts come from the page only")
+                return None
+        except OSError:
+            return None
+    return fd
 
 
 def _duration(text: str | None) -> float | None:
