@@ -135,9 +135,11 @@ def test_viewers_that_leave_or_never_read_disturb_neither_the_render_nor_other_v
         for start in range(0, 192, 12):
             server.show(big[start : start + 12], 4 + start, [time.perf_counter() + 0.001 * i for i in range(12)], [])
         assert time.perf_counter() - started < 1.0
-        assert read_parts(watcher, 12, timeout=2.0) >= 12  # the viewer that reads keeps getting frames
-        status, body = request(server, "GET", "/status")
-        assert status == 200 and json.loads(body)["frame"] >= 4
+        assert read_parts(watcher, 6, timeout=10.0) >= 6  # the viewer that reads keeps getting frames
+        deadline = time.monotonic() + 20
+        while json.loads(request(server, "GET", "/status")[1])["frame"] < 195:  # playback went through to the end
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         stalled.close()
         watcher.close()
     assert urlsplit(server.url).port  # closed cleanly, while a viewer never read a byte
