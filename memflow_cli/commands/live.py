@@ -1,8 +1,8 @@
 """`memflow live`: parse, check everything that can be checked before the model loads, then report the session.
 
-Signals: the first Ctrl-C (SIGINT) or SIGTERM ends the session at the next chunk boundary: the MP4 is
-finished and the replay script and sidecar are written, exit code 0. A second one aborts at once: the
-partial video is kept as `render` keeps it, exit code 130 (143 for SIGTERM).
+Signals: the first Ctrl-C (SIGINT), SIGTERM or SIGHUP ends the session at the next chunk boundary: the
+MP4 is finished and the replay script and sidecar are written, exit code 0. A second one aborts at once:
+the partial video is kept as `render` keeps it, exit code 130 (128 + the signal's number otherwise).
 """
 
 from __future__ import annotations
@@ -20,11 +20,24 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from .. import cli
-from ..cli import (
-    EXIT_BAD_INPUT,
-    EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
+from ..output import OutputError, reserved_output
+from ..plan import (
+    EXIT_FAILED,
+    PlanError,
+    RenderRequest,
+    check_fp8,
+    check_outputs,
+    check_seed,
+    checked_device,
+    geometry_for,
+    parse_duration,
+    story_settings,
+)
+from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
+from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
+from ..settings import GenerationSettings, LoraSettings
+from .common import (
+    TIME_FORMATS,
     BankSize,
     Compile,
     DecodeDevice,
@@ -36,14 +49,13 @@ from ..cli import (
     Sma,
     Steps,
     Window,
-    err,
-    fail,
-    out,
+    reported,
 )
-from ..output import OutputError, reserved_output
-from ..script import MAX_SEED, ScriptError, Segment, Story, format_seconds, load_scripts, parse_time
-from ..settings import GenerationSettings, LoraSettings
 
+EPILOG = (
+    "Examples:  memflow live --prompt 'a lighthouse at dusk' -o live.mp4 --serve 8000  |  "
+    "printf 'a storm rolls in\\n' | memflow live story.yaml -o live.mp4 --duration 30s"
+)
 MAX_TITLE_BYTES = 200
 
 
@@ -71,7 +83,7 @@ def live(
     ] = None,
     duration: Annotated[
         str | None,
-        typer.Option(help=f"End the session there, e.g. 60s. Times: {cli.TIME_FORMATS}. Default: at Ctrl-C.",
+        typer.Option(help=f"End the session there, e.g. 60s. Times: {TIME_FORMATS}. Default: at Ctrl-C.",
                      metavar="TIME"),  # fmt: skip
     ] = None,
     ahead: Annotated[
@@ -113,49 +125,47 @@ def live(
     """
     from ..live.server import ServeError, check_bind, parse_address
 
-    # 1. everything checked before torch loads
-    if (script is None) == (prompt is None):
-        fail("give an opening script or --prompt TEXT (one of them)", EXIT_BAD_INPUT,
-             "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
-    if output is None:
-        fail("give the output video with -o FILE.mp4", EXIT_BAD_INPUT)
-    if output.suffix.lower() != ".mp4":
-        fail(f"{output}: the output must be an .mp4 file", EXIT_BAD_INPUT)
-    address = None
-    if serve is not None:
-        try:
-            address = parse_address(serve)
-            check_bind(address, public)
-        except ServeError as error:
-            fail(str(error), EXIT_BAD_INPUT)
-    elif public:
-        fail("--public only applies to --serve", EXIT_BAD_INPUT, "add --serve 0.0.0.0:PORT, or leave out --public")
-    limit_s = _duration(duration)
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        fail(f"--seed: must be between 0 and 2**64-1, got {seed}", EXIT_BAD_INPUT, "use a whole number like 0 or 42")
-    geometry = cli._geometry_for(model)
-    opening, title = _opening(script, prompt, output, geometry)
-    given = cli.setting_options(memory=memory, window=window, sink=sink, bank_size=bank_size,
-                                record_interval=record_interval, sma=sma, steps=steps)  # fmt: skip
-    settings = cli.generation_settings(opening, given, geometry)
-    device = cli._checked_device(device)
-    if decode_device is not None:
-        decode_device = cli._checked_device(decode_device, "--decode-device")
-    if fp8:
-        cli.require_fp8(device)
-
-    with ExitStack() as stack, cli._terminate_like_ctrl_c():
+    with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
+        # 1. everything checked before the model loads (the output before torch is imported)
+        if (script is None) == (prompt is None):
+            raise PlanError("give an opening script or --prompt TEXT (one of them)",
+                            "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
+        if output is None:
+            raise PlanError("give the output video with -o FILE.mp4")
+        check_outputs(RenderRequest(scripts=(), output=output))
+        address = None
+        if serve is not None:
+            try:
+                address = parse_address(serve)
+                check_bind(address, public)
+            except ServeError as error:
+                raise PlanError(str(error)) from None
+        elif public:
+            raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
+        limit_s = parse_duration(duration)
+        check_seed(seed)
+        geometry = geometry_for(model)
+        opening, title = _opening(script, prompt, output, geometry)
+        given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
+                 "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
+        settings = story_settings(opening, given, geometry)
+        device = checked_device(device)
+        if decode_device is not None:
+            decode_device = checked_device(decode_device, "--decode-device")
+        if fp8:
+            check_fp8(device)
+        request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
+                                seed=seed, lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile,
+                                fp8=fp8)  # fmt: skip
         try:
             # 2. the outputs claimed, then the model
-            stack.enter_context(_reserved(output, script, overwrite))
-            lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
-            engine = stack.enter_context(cli._load_engine(model, device, lora, compile, fp8, decode_device))
+            _reserve(stack, output, script, overwrite)
+            from ..batch import load_engine_reported
+
+            engine = stack.enter_context(load_engine_reported(request, device, decode_device))
         except KeyboardInterrupt as stop:
-            how = "terminated" if isinstance(stop, cli.Terminated) else "interrupted"
-            err.print(f"[yellow]{how}:[/] before the session started; nothing was written")
-            raise typer.Exit(cli._interrupted_code(stop)) from None
-        if engine.notice:
-            err.print(f"[yellow]warning:[/] {engine.notice}", soft_wrap=True)
+            err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
+            raise typer.Exit(stop_code(stop)) from None
         story_seed = opening.seed if seed is None else seed
         options = _replay_options(model, device, decode_device, compile, fp8, lora_rank, lora_alpha)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
@@ -177,8 +187,8 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
         try:
             server = stack.enter_context(LiveServer(address, inbox, public=public, fps=engine.geometry.fps))
         except OSError as error:
-            fail(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
-                 EXIT_BAD_INPUT, "choose another port (0 picks a free one)")  # fmt: skip
+            raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
+                            "choose another port (0 picks a free one)") from None
         err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
@@ -191,12 +201,12 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
             result = run_live(engine, request, inbox, events, stop)
     except RenderInterrupted as aborted:
         where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
-        how = "terminated" if isinstance(aborted.__context__, cli.Terminated) else "aborted"
+        stop = aborted.__context__
+        how = stop_word(stop) if isinstance(stop, Terminated) else "aborted"
         err.print(f"[yellow]{how}:[/] {escape(f'{aborted.frames} frames written; {where}')}", soft_wrap=True)
-        code = EXIT_TERMINATED if isinstance(aborted.__context__, cli.Terminated) else EXIT_INTERRUPTED
-        raise typer.Exit(code) from None
+        raise typer.Exit(stop_code(stop)) from None
     except OutputError as error:
-        fail(str(error), cli.EXIT_FAILED, error.hint)
+        raise PlanError(str(error), error.hint, EXIT_FAILED) from None
     finally:
         if server is not None:
             server.end()
@@ -243,18 +253,18 @@ def _summary(result) -> str:
 
 @contextmanager
 def _stop_on_signals(stop) -> Iterator[None]:
-    """The first SIGINT/SIGTERM ends the session at the next chunk; a second one aborts it."""
+    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it."""
 
     def handle(signum: int, frame: Any) -> None:
         if stop.finishing:
             _warn("the video is finished; writing its replay script and metadata")
             return
         if stop.is_set():
-            raise cli.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        stop.set("ctrl-c" if signum == signal.SIGINT else "sigterm")
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        stop.set("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower())
         _warn("stopping after the chunk being made (once more to abort at once)")
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         yield
     finally:
@@ -299,28 +309,16 @@ def _stdin_fd() -> int | None:
     return fd
 
 
-def _duration(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        seconds = parse_time(text)
-    except ValueError as error:
-        fail(f"--duration: {error}", EXIT_BAD_INPUT)
-    if seconds == 0:
-        fail("--duration: must be longer than 0s", EXIT_BAD_INPUT, "give the session's length, like 60s")
-    return seconds
-
-
 def _opening(script: Path | None, prompt: str | None, output: Path, geometry) -> tuple[Story, str]:
     """The opening story and the replay script's title."""
     if script is not None:
         try:
             stories = load_scripts(script, geometry=geometry)
         except ScriptError as error:
-            fail(str(error), EXIT_BAD_INPUT)
+            raise PlanError(str(error)) from None
         if len(stories) != 1:
-            fail(f"{script} holds {len(stories)} stories; a live session opens with one", EXIT_BAD_INPUT,
-                 "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
+            raise PlanError(f"{script} holds {len(stories)} stories; a live session opens with one",
+                            "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
         return stories[0], stories[0].title
     from ..live.prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
 
@@ -328,7 +326,7 @@ def _opening(script: Path | None, prompt: str | None, output: Path, geometry) ->
     try:
         text = checked_prompt(prompt)
     except PromptRefused:
-        fail(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters", EXIT_BAD_INPUT)
+        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
     title = output.stem.strip() or "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
@@ -337,24 +335,21 @@ def _opening(script: Path | None, prompt: str | None, output: Path, geometry) ->
     return story, title
 
 
-@contextmanager
-def _reserved(output: Path, script: Path | None, overwrite: bool) -> Iterator[None]:
+def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: bool) -> None:
     """The video's files claimed as `render` claims them, and the replay script checked: nothing clobbered."""
     from ..live.replay import is_replay_script
 
     try:
-        with reserved_output(output, overwrite=overwrite):
-            replay = output.with_suffix(".yaml")
-            if script is not None and replay.exists() and replay.resolve() == script.resolve():
-                fail(f"{replay} is the opening script; the replay script would replace it", EXIT_BAD_INPUT,
-                     "choose another output name")  # fmt: skip
-            if replay.is_dir():
-                fail(f"cannot write {replay}: it is a folder", EXIT_BAD_INPUT, "choose another output name")
-            if replay.exists() and not overwrite:
-                ours = is_replay_script(replay)
-                whose = "an earlier live session's replay script" if ours else "not written by memflow"
-                fail(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
-                     EXIT_BAD_INPUT, "move it away, or use --overwrite")  # fmt: skip
-            yield
+        stack.enter_context(reserved_output(output, overwrite=overwrite))
     except OutputError as error:
-        fail(str(error), EXIT_BAD_INPUT, error.hint)
+        raise PlanError(str(error), error.hint) from None
+    replay = output.with_suffix(".yaml")
+    if script is not None and replay.exists() and replay.resolve() == script.resolve():
+        raise PlanError(f"{replay} is the opening script; the replay script would replace it",
+                        "choose another output name")  # fmt: skip
+    if replay.is_dir():
+        raise PlanError(f"cannot write {replay}: it is a folder", "choose another output name")
+    if replay.exists() and not overwrite:
+        whose = "an earlier live session's replay script" if is_replay_script(replay) else "not written by memflow"
+        raise PlanError(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
+                        "move it away, or use --overwrite")  # fmt: skip
