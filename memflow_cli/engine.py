@@ -18,13 +18,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import AutoencoderKLWan
 
 from .decode import StreamingDecoder
-from .generator import MemFlowGenerator, SeededNoise
+from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
 from .model.transformer import CausalWanTransformer, PassFunction
 from .output import Mp4Writer
@@ -50,13 +50,38 @@ def model_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+class StreamedVideo(Protocol):
+    """What `Engine.stream` makes a video from: its prompt source and the memory's recording policy."""
+
+    def prompts(self) -> PromptSource:
+        """Asked at every chunk boundary which prompt drives the next chunk (and whether the video ends)."""
+        ...
+
+    def interactive(self, settings: GenerationSettings) -> bool:
+        """Whether the memory records as an interactive story's does (`KVMemory`)."""
+        ...
+
+    def segment_of(self, chunk: int) -> int:
+        """Index of the prompt that drove `chunk` (asked once the chunk is made)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Video:
-    """What one video is made from: prompt embeddings, its length in chunks and where each next prompt starts."""
+    """What one scripted video is made from: prompt embeddings, its length in chunks and where each next
+    prompt starts. (A live session's video is `live.session.LiveVideo`.)"""
 
     embeds: torch.Tensor  # [n_prompts, text_len, text_dim]
     chunks: int
     switch_chunks: tuple[int, ...] = ()  # prompt i + 1 takes over at chunk switch_chunks[i]
+
+    def prompts(self) -> PromptSource:
+        return ScriptedPrompts(self.embeds, self.switch_chunks, self.chunks)
+
+    def interactive(self, settings: GenerationSettings) -> bool:
+        """As the settings say; unset, when the prompt switches."""
+        chosen = settings.memory.interactive
+        return len(self.switch_chunks) > 0 if chosen is None else chosen
 
     def segment_of(self, chunk: int) -> int:
         """Index of the prompt that drives `chunk`."""
@@ -151,7 +176,7 @@ class Engine:
 
     def stream(
         self,
-        video: Video,
+        video: StreamedVideo,
         settings: GenerationSettings,
         seed: int,
         *,
@@ -167,7 +192,7 @@ class Engine:
             self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
         )
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
-        latents = generator.generate(video.embeds, video.chunks, noise, video.switch_chunks)
+        latents = generator.stream(video.prompts(), noise, interactive=video.interactive(settings))
         with self.fast.sdpa_priority():
             if not decode:
                 for index, x in enumerate(latents):
