@@ -107,15 +107,20 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     return EXIT_FAILED if failures else 0
 
 
-def load_engine_reported(request: RenderRequest, device: str, decode_device: str | None, jobs: list[Job]):
-    """The engine for `jobs` (close it, or use it in `with`); a weights problem is one line and exit code 1."""
+def load_engine_reported(
+    request: RenderRequest, device: str, decode_device: str | None, jobs: list[Job] | None = None
+):
+    """The engine for `jobs` (close it, or use it in `with`); a weights problem is one line and exit code 1.
+
+    Whether it compiles: as `request.compile` says, or where `jobs` win the compile back (none: an open-ended
+    video such as `memflow live`'s, which compiles only when asked)."""
     from .engine import load_engine
     from .loading import WeightsError
 
     quiet_libraries()
     try:
         engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
-                             compile_choice=_compile_choice(request, device, jobs))  # fmt: skip
+                             compile_choice=_compile_choice(request, device, jobs or []))  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
     if engine.notice:

@@ -80,6 +80,6 @@ Compile = Annotated[
         "--compile/--no-compile",
         help="The compiled fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (a slower start). "
         "Default: render compiles where the video is long enough to win the compile back (sooner once its "
-        "kernels are cached), bench always; --no-compile runs the eager model.",
+        "kernels are cached), bench and live always; --no-compile runs the eager model.",
     ),
 ]
