@@ -84,7 +84,7 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                 todo.append(job)
         if not todo:
             return 0
-        engine = held.enter_context(load_engine_reported(request, device, decode_device))
+        engine = held.enter_context(load_engine_reported(request, device, decode_device, todo))
         failures = 0
         for job in todo:
             try:
@@ -107,20 +107,33 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     return EXIT_FAILED if failures else 0
 
 
-def load_engine_reported(request: RenderRequest, device: str, decode_device: str | None):
-    """The engine (close it, or use it in `with`); a weights problem is one line and exit code 1."""
+def load_engine_reported(
+    request: RenderRequest, device: str, decode_device: str | None, jobs: list[Job] | None = None
+):
+    """The engine for `jobs` (close it, or use it in `with`); a weights problem is one line and exit code 1.
+
+    Whether it compiles: as `request.compile` says, or where `jobs` win the compile back (none: an open-ended
+    video such as `memflow live`'s, which compiles only when asked)."""
     from .engine import load_engine
     from .loading import WeightsError
 
     quiet_libraries()
     try:
-        engine = load_engine(request.model, device, request.lora, compile=request.compile, fp8=request.fp8,
-                             decode_device=decode_device)  # fmt: skip
+        engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
+                             compile_choice=_compile_choice(request, device, jobs or []))  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
     if engine.notice:
         warn(engine.notice)
     return engine
+
+
+def _compile_choice(request: RenderRequest, device: str, jobs: list[Job]):
+    """Compile or not for these jobs together, as `--compile` / `--no-compile` say or their chunks decide."""
+    from .render import compile_choice
+
+    plans = [(job.story, job.settings) for job in jobs]
+    return compile_choice(request.model, device, request.compile, plans, request.duration_s, request.fp8)
 
 
 class RenderStopped(Exception):
@@ -273,7 +286,8 @@ def _render_share(
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
     try:
-        engine = load_engine(request.model, str(device), request.lora, compile=request.compile, fp8=request.fp8)
+        choice = _compile_choice(request, str(device), [todo[index] for index in share])
+        engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice)
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"

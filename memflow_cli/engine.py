@@ -13,6 +13,7 @@ and side stream beside generation (`overlap.py`), CUDA graphs per video and comp
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from .overlap import Overlap
 from .script import Timeline
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
 from .speed import FastPath, choose_fast_path
+from .speed.compile_cache import CompileChoice
 from .text_encoder import TextEncoder
+from .timing import Startup, since_process_start
 from .vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 
 DEMO = "demo"  # the tiny random model (`demo.py`)
@@ -109,6 +112,8 @@ class Engine:
     fast: FastPath
     notice: str | None = None  # shown to the user (the demo and random models' warning)
     decode_device: torch.device | None = None  # where the VAE decodes when not on `device` (`decode_on`)
+    startup: Startup | None = None  # what the process and the loading took before this engine was ready
+    compile_choice: CompileChoice | None = None  # how `fast.compile` was decided, where it was (`render`)
     run_pass: PassFunction = field(init=False)  # one pass of the transformer, as the fast path runs it
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -129,6 +134,13 @@ class Engine:
         self.overlap.close()
         self.overlap = Overlap(device)
         self.decode_device = device
+
+    @property
+    def compile_path(self) -> str:
+        """Which way the model runs, for reports: compiled-warm, compiled-cold, eager..."""
+        if self.compile_choice is not None:
+            return self.compile_choice.path.value
+        return "compiled" if self.fast.compile else "eager"
 
     @property
     def fp8(self) -> bool:
@@ -222,15 +234,19 @@ class Engine:
 def load_engine(
     model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
     compile: bool = True, fp8: bool = False, decode_device: str | torch.device | None = None,
-    full_text_encoder: bool = False,
+    full_text_encoder: bool = False, compile_choice: CompileChoice | None = None,
 ) -> Engine:  # fmt: skip
     """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
 
     `compile` turns on the compiled fast path where it exists (CUDA; the first chunk then pays the warm-up).
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
-    random model encodes prompts with a full-size random umT5-XXL instead of making them noise.
+    random model encodes prompts with a full-size random umT5-XXL instead of making them noise. With
+    `compile_choice`, that choice decides `compile` and is reported (`Engine.compile_path`).
     """
+    import_s, started = since_process_start(), time.perf_counter()
+    if compile_choice is not None:
+        compile = compile_choice.compile
     dev = torch.device(device or default_device())
     if dev.type == "cuda":
         if dev.index is None:  # plain "cuda": the current GPU, named so that everything agrees on it
@@ -240,6 +256,8 @@ def load_engine(
     engine = _engine(model, dev, lora, speed, full_text_encoder)
     if decode_device is not None:
         engine.decode_on(torch.device(decode_device))
+    engine.compile_choice = compile_choice
+    engine.startup = Startup(import_s=import_s, load_s=time.perf_counter() - started)
     return engine
 
 

@@ -64,7 +64,7 @@ class RenderRequest:
     skip_existing: bool = False  # resume: skip finished videos, replace the partials of dead renders
     settings: Mapping[str, Any] = field(default_factory=dict)  # generation settings given as options
     lora: LoraSettings = field(default_factory=LoraSettings)
-    compile: bool = True
+    compile: bool | None = None  # --compile / --no-compile; None: where the video wins it back (render.compile_choice)
     fp8: bool = False
     segment_seconds: float = 10.0
 
