@@ -79,7 +79,9 @@ def render_story(
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
     seconds = time.perf_counter() - started
     # 3. the sidecar beside the finished video
-    sidecar = write_video_sidecar(target, _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s))
+    metadata = _metadata(engine, story, timeline, settings, seed, seconds, first_frame_s)
+    metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
+    sidecar = write_video_sidecar(target, metadata)
     return RenderResult(target, sidecar, timeline, seconds, first_frame_s)
 
 
@@ -88,6 +90,11 @@ def _progress(timeline: Timeline, chunk: int, video_frames: int, elapsed_s: floa
     return ChunkProgress(
         chunk + 1, timeline.chunks, segment.index, segment.snapped_start_s, segment.prompt, video_frames, elapsed_s
     )
+
+
+def _prompt_record(timeline: Timeline, sources: tuple[str, ...]) -> list[dict[str, str]]:
+    """Per segment, its prompt and whether its embeddings were "encoded" for this video or "cached"."""
+    return [{"prompt": prompt, "embedding": source} for prompt, source in zip(timeline.prompts, sources, strict=True)]
 
 
 def request_record(story: Story, timeline: Timeline, settings: GenerationSettings, seed: int) -> dict[str, Any]:
