@@ -107,7 +107,7 @@ class EmbeddingCache:
         path = self.path(prompt)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as error:
             log.warning("cannot read the cached prompt embedding %s (%s): the prompt is encoded again", path, error)
