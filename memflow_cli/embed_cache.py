@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load, save
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ class EmbeddingCache:
         if metadata.get("key") != self._key(prompt):
             raise ValueError("made for another prompt or text encoder")
         try:
-            from safetensors.torch import load
-
             rows = load(data)[_TENSOR]
             text_len, dim = int(metadata["text_len"]), int(metadata["dim"])
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut file
@@ -161,8 +160,6 @@ class EmbeddingCache:
             )  # fmt: skip
 
     def _encode(self, prompt: str, embeds: torch.Tensor) -> bytes:
-        from safetensors.torch import save
-
         text_len, dim = embeds.shape
         used = embeds.abs().sum(dim=1).nonzero()
         rows = int(used[-1]) + 1 if len(used) else 0  # rows past the last non-zero one are zero

@@ -268,8 +268,9 @@ def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str,
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:
-    """The real weights. Three things load at once: the text encoder (and the first prompts' encoding, unless
-    they are cached) on a background thread, the VAE on another, the transformer here."""
+    """The real weights. Three things load at once: on one background thread diffusers and transformers are
+    imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
+    (unless they are cached) once those libraries are in; here the transformer loads."""
     from . import weights
     from .checkpoint import load_transformer
     from .loading import prefetch_files, read_transformer_config
@@ -280,11 +281,17 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
-    prompts = loading.prompt_embeddings(
-        lambda: weights.load_text_encoder(files, dev, dtype, config.text_len), f"weights {model or 'HF cache'}",
-        dtype, model="weights", files=_text_encoder_files(identity), text_len=config.text_len,
-    )  # fmt: skip
     with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
+        libraries = pool.submit(_import_model_libraries)  # one thread imports them: never two at once
+
+        def load_text_encoder() -> PromptEncoder:
+            libraries.result()
+            return weights.load_text_encoder(files, dev, dtype, config.text_len)
+
+        prompts = loading.prompt_embeddings(
+            load_text_encoder, f"weights {model or 'HF cache'}", dtype,
+            model="weights", files=_text_encoder_files(identity), text_len=config.text_len,
+        )  # fmt: skip
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
         vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
@@ -303,6 +310,13 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )
         failed.pop_all()
     return engine
+
+
+def _import_model_libraries() -> None:
+    """Import what loading the VAE and the text encoder needs of diffusers and transformers."""
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    from diffusers import AutoencoderKLWan  # noqa: F401
+    from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
 
 
 def _text_encoder_files(identity: dict[str, Any]) -> list[dict[str, Any]]:
