@@ -130,7 +130,9 @@ class PromptEmbeddings:
 
     def _settle(self, encoder: PromptEncoder) -> None:
         """Leave the encoder on the GPU where a render still fits beside it; else send it to the CPU."""
-        if self.device.type == "cuda" and not _fits_beside_render(self.device, _nbytes(encoder), self.headroom_bytes):
+        if self.device.type == "cuda" and not fits_beside_render(
+            available_bytes(self.device), _nbytes(encoder), self.headroom_bytes
+        ):
             encoder.offload()
 
     def _forget_beyond(self, wanted: set[str]) -> None:
@@ -201,13 +203,14 @@ def _nbytes(encoder: PromptEncoder) -> int:
     return int(getattr(encoder, "nbytes", 0))
 
 
-def _fits_beside_render(device: torch.device, encoder_bytes: int, headroom_bytes: int) -> bool:
-    """This process can hold the encoder and a render on `device`: what is free, plus what it reserved
-    already, within its memory fraction."""
-    if encoder_bytes == 0:
-        return True
+def fits_beside_render(available: int, encoder_bytes: int, headroom_bytes: int) -> bool:
+    """A text encoder of `encoder_bytes` can stay on a GPU where this process may hold `available` bytes."""
+    return encoder_bytes == 0 or available >= encoder_bytes + headroom_bytes
+
+
+def available_bytes(device: torch.device) -> int:
+    """What this process may hold on `device`: what is free plus what it reserved already, within its
+    memory fraction (`torch.cuda.set_per_process_memory_fraction`, `bench --memory-limit`)."""
     free, total = torch.cuda.mem_get_info(device)
-    available = free + torch.cuda.memory_reserved(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
-    available = min(available, int(fraction * total))
-    return available >= encoder_bytes + headroom_bytes
+    return min(free + torch.cuda.memory_reserved(device), int(fraction * total))

@@ -24,7 +24,7 @@ from memflow_cli.embed_cache import (
 )
 from memflow_cli.engine import load_engine
 from memflow_cli.output import memflow_sidecar, sidecar_path
-from memflow_cli.prompt_embeds import CACHED, ENCODED
+from memflow_cli.prompt_embeds import CACHED, ENCODED, RENDER_HEADROOM_GIB, PromptEmbeddings, fits_beside_render
 from memflow_cli.render import render_story
 from memflow_cli.script import Segment, Story
 from memflow_cli.settings import GenerationSettings
@@ -314,3 +314,33 @@ def test_the_engine_holds_no_more_embeddings_after_twenty_stories_than_after_a_f
     assert max(held) <= engine.prompts.memory_prompts * one_prompt
     assert held[-1] == held[9]  # full since story 5, then flat
     assert live[-1] <= live[9]  # the whole process holds no more tensor memory than after ten stories
+
+
+# -- where the text encoder stays between encodes -----------------------------------------------------------
+
+GIB = 2**30
+UMT5_XXL_BYTES = 11_400_000_000  # models_t5_umt5-xxl-enc-bf16.pth
+
+
+@pytest.mark.parametrize(
+    ("card_gib", "stays"),
+    [(22.0, False), (30.0, True), (44.0, True), (139.0, True)],
+    ids=["24GB", "32GB", "48GB", "H200"],
+)
+def test_the_full_size_text_encoder_stays_on_the_gpu_only_where_a_render_still_fits_beside_it(card_gib, stays):
+    assert fits_beside_render(int(card_gib * GIB), UMT5_XXL_BYTES, int(RENDER_HEADROOM_GIB * GIB)) is stays
+
+
+def test_an_encoder_without_weights_always_stays():
+    assert fits_beside_render(0, 0, int(RENDER_HEADROOM_GIB * GIB))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("headroom_gib", "stays"), [(0.0, True), (1e6, False)])
+def test_on_the_gpu_the_encoder_stays_where_there_is_room_and_leaves_where_there_is_not(headroom_gib, stays):
+    device = torch.device("cuda", torch.cuda.current_device())
+    prompts = PromptEmbeddings(demo.build_demo_text_encoder, device, None, headroom_gib=headroom_gib)
+    cpu = demo.build_demo_text_encoder().encode(list(PROMPTS))
+    torch.testing.assert_close(prompts.embeddings(PROMPTS), cpu, rtol=1e-4, atol=1e-5)
+    assert prompts.text_encoder.device.type == ("cuda" if stays else "cpu")
