@@ -14,12 +14,12 @@ import copy
 from typing import TYPE_CHECKING
 
 from memflow_cli.settings import TransformerConfig, VideoGeometry
-from memflow_cli.text_encoder import TextEncoder
-from memflow_cli.weights import WAN21_VAE_CONFIG
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
     from transformers import PreTrainedTokenizerFast, UMT5Config
+
+    from memflow_cli.text_encoder import TextEncoder
 
 DEMO_NOTICE = "demo model: tiny random weights, nothing downloaded - the video is noise, not your story"
 
@@ -40,8 +40,9 @@ DEMO_TRANSFORMER = TransformerConfig(
     text_len=DEMO_TEXT_LEN,
 )
 
-# The Wan2.1 VAE, narrowed: same strides (8x spatial, 4x temporal), latent channels and latent statistics.
-DEMO_VAE_CONFIG = {**WAN21_VAE_CONFIG, "base_dim": 8, "num_res_blocks": 1}
+# The Wan2.1 VAE (`weights.WAN21_VAE_CONFIG`), narrowed: same strides (8x spatial, 4x temporal), latent
+# channels and latent statistics.
+DEMO_VAE_NARROWING = {"base_dim": 8, "num_res_blocks": 1}
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in umT5
 _BPE_VOCAB_SIZE = 1024
@@ -125,6 +126,8 @@ def build_demo_text_encoder(seed: int = 0) -> TextEncoder:
     import torch
     from transformers import UMT5EncoderModel
 
+    from memflow_cli.text_encoder import TextEncoder
+
     tokenizer = build_demo_tokenizer()
     config = demo_text_encoder_config(len(tokenizer))
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
@@ -138,7 +141,9 @@ def build_demo_vae(seed: int = 0) -> AutoencoderKLWan:
     import torch
     from diffusers import AutoencoderKLWan
 
+    from memflow_cli.weights import WAN21_VAE_CONFIG
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(**copy.deepcopy(DEMO_VAE_CONFIG))
+        vae = AutoencoderKLWan(**copy.deepcopy({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING}))
     return vae.eval().requires_grad_(False)
