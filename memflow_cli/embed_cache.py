@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ DEFAULT_GIB = 2.0
 CACHE_DIR_ENV = "MEMFLOW_CACHE_DIR"
 SIZE_ENV = "MEMFLOW_EMBED_CACHE_GIB"
 _TENSOR = "embeds"
+_TEMPORARY = ".tmp-"
+_STALE_S = 3600  # a temporary file this old was left by a process that died while writing it
 
 
 def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -171,7 +174,7 @@ class EmbeddingCache:
 
     def _write(self, path: Path, data: bytes) -> None:
         """`data` to `path` atomically: a temporary file in the same folder, renamed over it."""
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=SUFFIX)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=_TEMPORARY, suffix=SUFFIX)
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(data)
@@ -181,14 +184,23 @@ class EmbeddingCache:
             raise
 
     def _evict(self) -> None:
-        """Delete the least recently used files until the folder holds at most `max_bytes`."""
+        """Delete the least recently used files until the folder holds at most `max_bytes`.
+
+        Another process's file being written is left alone; one left by a process that died is deleted first.
+        """
         files = []
+        now = time.time()
         for path in self.folder.glob("*" + SUFFIX):
             try:
                 stat = path.stat()
             except FileNotFoundError:  # another process evicted it
                 continue
-            files.append((stat.st_mtime_ns, stat.st_size, path))
+            if path.name.startswith(_TEMPORARY):
+                if now - stat.st_mtime < _STALE_S:
+                    continue
+                files.append((0, stat.st_size, path))
+            else:
+                files.append((stat.st_mtime_ns, stat.st_size, path))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.max_bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -344,3 +345,14 @@ def test_on_the_gpu_the_encoder_stays_where_there_is_room_and_leaves_where_there
     cpu = demo.build_demo_text_encoder().encode(list(PROMPTS))
     torch.testing.assert_close(prompts.embeddings(PROMPTS), cpu, rtol=1e-4, atol=1e-5)
     assert prompts.text_encoder.device.type == ("cuda" if stays else "cpu")
+
+
+def test_a_temporary_file_left_by_a_dead_writer_is_evicted_and_one_being_written_is_not(tmp_path):
+    cache = cache_at(tmp_path, max_bytes=0)  # everything goes, but what another process is writing now
+    writing, dead = tmp_path / ".tmp-writing.safetensors", tmp_path / ".tmp-dead.safetensors"
+    writing.write_bytes(b"half a file")
+    dead.write_bytes(b"half a file")
+    old = time.time() - 2 * 3600
+    os.utime(dead, (old, old))
+    cache.put_many({PROMPTS[0]: embeds(0)})
+    assert writing.exists() and not dead.exists() and not cache.path(PROMPTS[0]).exists()
