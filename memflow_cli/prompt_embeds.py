@@ -113,7 +113,7 @@ class PromptEmbeddings:
             if todo:
                 encoded = self._encode(todo)
                 for prompt, embeds in zip(todo, encoded, strict=True):
-                    self._memory[prompt] = _Entry(embeds, fresh=True)
+                    self._memory[prompt] = _Entry(embeds.clone(), fresh=True)  # not a view: the batch can go
                 if self.cache is not None:
                     self.cache.put_many(dict(zip(todo, encoded, strict=True)))
             self._forget_beyond(wanted)
