@@ -5,7 +5,9 @@ A story is a list of prompts, each starting at a time. The generator makes video
 the prompt switches at most once per chunk; `Story.timeline` does that arithmetic.
 
 Everything a script says is checked here, once. Any problem becomes one `ScriptError` naming the file,
-the line, the field and the fix.
+the line, the field and the fix. Whatever a file holds, refusing it costs little: only regular files of a
+bounded size are read, YAML is composed under limits on nesting and on values (aliases counted as what
+they repeat), and messages show bounded previews of values (`preview.py`), never their whole `repr`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import difflib
 import itertools
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from memflow_cli.preview import WIDTH, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
@@ -33,6 +38,15 @@ SEGMENT_KEYS: tuple[str, ...] = ("start", "prompt")
 JSONL_KEYS: tuple[str, ...] = ("prompts",)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator accepts
 MAX_TITLE_BYTES = 200  # a title names its video file: 255 bytes at most, less what memflow's temporary files add
+# Limits that keep a hostile or mistaken script cheap to refuse: time and memory stay bounded whatever it holds.
+MAX_YAML_BYTES = 2**18  # 256 KiB: 400 prompts of 100 words; PyYAML reads that in about 0.3 s on an idle core
+MAX_JSONL_BYTES = 16 * 2**20  # 16 MiB: ten thousand stories of ten prompts
+MAX_YAML_VALUES = 20_000  # values in one YAML story (an alias counts as the values it repeats)
+MAX_SEGMENTS = 2_000  # segments of one story: one every 10 s makes 5.5 hours
+MAX_STORIES = 10_000  # stories of one JSONL file
+MAX_JSONL_PROMPTS = 100_000  # prompts of one JSONL file, all stories together
+MAX_NESTING = 32  # levels of lists and mappings in YAML; a story uses 4
+MAX_TIME_CHARS = 40  # "1:02:03.5" is 9: anything longer is not a time, and is not matched against the patterns
 SNAP_TOLERANCE = 1e-9  # in chunks: 10.5 s is chunk 14 exactly, not 15
 
 TIME_HINT = "write it like 10s, 1m30s, 0:10 or 1:02.5"
@@ -260,9 +274,9 @@ def parse_time(value: str | float) -> float:
     """Seconds from a time as written: "10s", "1m30s", "1h", "0:10", "1:02.5", "1:00:00", "90" or a number."""
     seconds = _signed_seconds(value)
     if not math.isfinite(seconds):
-        raise InvalidValue(f"{_show(value)} is not a finite time", TIME_HINT)
+        raise InvalidValue(f"{preview(value)} is not a finite time", TIME_HINT)
     if seconds < 0:
-        raise InvalidValue(f"{_show(value)} is negative", "times count from the start of the video: use 0s or later")
+        raise InvalidValue(f"{preview(value)} is negative", "times count from the start of the video: use 0s or later")
     return seconds + 0.0  # no -0.0
 
 
@@ -275,13 +289,18 @@ def _signed_seconds(value: Any) -> float:
     if value is None:
         raise InvalidValue("no time given", TIME_HINT)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidValue(f"{_show(value)} is not a time", TIME_HINT)
+        raise InvalidValue(f"{preview(value)} is not a time", TIME_HINT)
     if not isinstance(value, str):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            return math.copysign(math.inf, value)
     text = value.strip().lower().replace(" ", "")
+    if len(text) > MAX_TIME_CHARS:
+        raise InvalidValue(f"{preview(value)} is not a time", TIME_HINT)
     seconds = _unsigned_seconds(text.removeprefix("-"))
     if seconds is None:
-        raise InvalidValue(f"{_show(value)} is not a time", TIME_HINT)
+        raise InvalidValue(f"{preview(value)} is not a time", TIME_HINT)
     return -seconds if text.startswith("-") else seconds
 
 
@@ -292,8 +311,8 @@ def _unsigned_seconds(text: str) -> float | None:
     if units and any(units.groups()):
         return sum(float(units[name] or 0) * scale for name, scale in (("h", 3600), ("m", 60), ("s", 1)))
     clock = _CLOCK_RE.fullmatch(text)
-    if clock and float(clock["s"]) < 60 and (clock["h"] is None or int(clock["m"]) < 60):
-        return int(clock["h"] or 0) * 3600 + int(clock["m"]) * 60 + float(clock["s"])
+    if clock and float(clock["s"]) < 60 and (clock["h"] is None or float(clock["m"]) < 60):
+        return float(clock["h"] or 0) * 3600 + float(clock["m"]) * 60 + float(clock["s"])
     return None
 
 
@@ -303,7 +322,7 @@ def _unsigned_seconds(text: str) -> float | None:
 
 def _check_title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidValue(f"the title must be non-blank text, got {_show(value)}", "write a short name in quotes")
+        raise InvalidValue(f"the title must be non-blank text, got {preview(value)}", "write a short name in quotes")
     size = len(value.strip().encode("utf-8", "surrogatepass"))
     if size > MAX_TITLE_BYTES:
         message = f"the title is {size} bytes long in UTF-8, at most {MAX_TITLE_BYTES} fit in a file name"
@@ -314,9 +333,9 @@ def _check_title(value: Any) -> str:
 def _check_seed(value: Any) -> int:
     hint = "use a whole number from 0 up, such as 0 or 42"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValue(f"the seed must be a whole number, got {_show(value)}", hint)
+        raise InvalidValue(f"the seed must be a whole number, got {preview(value)}", hint)
     if not 0 <= value <= MAX_SEED:
-        raise InvalidValue(f"the seed must be between 0 and 2**64-1, got {value}", hint)
+        raise InvalidValue(f"the seed must be between 0 and 2**64-1, got {preview(value)}", hint)
     return value
 
 
@@ -329,26 +348,21 @@ def _check_duration(value: Any) -> float:
 
 def _check_prompt(value: Any) -> str:
     if not isinstance(value, str):
-        raise InvalidValue(f"the prompt must be text, got {_show(value)}", "write the prompt as text, quoted")
+        raise InvalidValue(f"the prompt must be text, got {preview(value)}", "write the prompt as text, quoted")
     if not value.strip():
         raise InvalidValue("the prompt is blank", "describe what happens in this segment")
     return value.strip()
 
 
-def _show(value: Any) -> str:
-    """A value for messages, short."""
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return str(value).lower()
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _cut(text: str) -> str:
+    """A name for messages, without quotes, cut to the width of a preview."""
+    return text if len(text) <= WIDTH else text[: WIDTH - 3] + "..."
 
 
 def _suggest(name: str, known: Iterable[str], label: str) -> str:
     known = tuple(known)
     listing = f"known {label}: {', '.join(known)}"
-    match = difflib.get_close_matches(name, known, n=1)
+    match = difflib.get_close_matches(name, known, n=1) if len(name) <= 2 * WIDTH else None
     return f"did you mean {match[0]!r}? {listing}" if match else listing
 
 
@@ -373,20 +387,21 @@ def load_scripts(path: Path | str, segment_seconds: float = 10.0, geometry: Vide
     """
     path = Path(path)
     geometry = geometry or VideoGeometry()
-    load = _loader_for(path)
+    load, limit = _loader_for(path)
     _check_segment_seconds(path, segment_seconds, geometry)
-    stories = load(path, _read_text(path), float(segment_seconds))
+    stories = load(path, _read_text(path, limit), float(segment_seconds))
     for story in stories:
         story.timeline(geometry)  # raises if two segments snap onto one chunk
     return stories
 
 
-def _loader_for(path: Path) -> Callable[[Path, str, float], list[Story]]:
+def _loader_for(path: Path) -> tuple[Callable[[Path, str, float], list[Story]], int]:
+    """How to read a script of this name, and the most bytes it may have."""
     suffix = path.suffix.lower()
     if suffix in YAML_SUFFIXES:
-        return _load_yaml
+        return _load_yaml, MAX_YAML_BYTES
     if suffix in JSONL_SUFFIXES:
-        return _load_jsonl
+        return _load_jsonl, MAX_JSONL_BYTES
     kind = f"'{path.suffix}' files" if path.suffix else "files without an extension"
     accepted = ", ".join((*YAML_SUFFIXES, *JSONL_SUFFIXES))
     raise ScriptError(path, None, None, f"cannot read {kind}", f"give a story script ending in {accepted}")
@@ -394,23 +409,64 @@ def _loader_for(path: Path) -> Callable[[Path, str, float], list[Story]]:
 
 def _check_segment_seconds(path: Path, value: float, geometry: VideoGeometry) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not geometry.chunk_seconds <= value < math.inf:
-        message = f"must be a number of seconds no shorter than one chunk, got {_show(value)}"
+        message = f"must be a number of seconds no shorter than one chunk, got {preview(value)}"
         hint = f"use at least {geometry.chunk_seconds:g} s, such as 10"
         raise ScriptError(path, None, "segment_seconds", message, hint)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limit: int) -> str:
+    """The text of a regular file of at most `limit` bytes; anything else is refused before it is read.
+
+    Opening never blocks (a FIFO would wait for a writer) and at most `limit` + 1 bytes are read, so a
+    device such as /dev/zero, a pipe or a file of gigabytes costs nothing.
+    """
     try:
-        return path.read_text(encoding="utf-8-sig")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ScriptError(path, None, None, "no such file", "check the path and the file name") from None
-    except IsADirectoryError:
-        raise ScriptError(path, None, None, "is a folder, not a script", "give one script file") from None
-    except UnicodeDecodeError as exc:
-        raise ScriptError(path, None, None, f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
     except OSError as exc:
         message = f"cannot read the file: {exc.strerror or exc}"
         raise ScriptError(path, None, None, message, "check that the file exists and is readable") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise ScriptError(path, None, None, "is a folder, not a script", "give one script file")
+        if not stat.S_ISREG(mode):
+            message = f"is {_file_kind(mode)}, not a regular file"
+            raise ScriptError(path, None, None, message, "save the script as a file and give its path")
+        data = _read_at_most(descriptor, limit + 1)
+    except OSError as exc:
+        message = f"cannot read the file: {exc.strerror or exc}"
+        raise ScriptError(path, None, None, message, "check that the file is readable") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > limit:
+        message = f"the file is larger than {_size(limit)}, the most a {path.suffix} script may hold"
+        hint = "check that this is the script you meant; split a longer one into several files"
+        raise ScriptError(path, None, None, message, hint)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ScriptError(path, None, None, f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
+
+
+def _read_at_most(descriptor: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    while size > 0 and (part := os.read(descriptor, min(size, 2**20))):
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a disk"), (stat.S_ISFIFO, "a pipe")):
+        if test(mode):
+            return kind
+    return "a socket" if stat.S_ISSOCK(mode) else "not a file"
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:g} MiB" if size >= 2**20 else f"{size / 2**10:g} KiB"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -435,6 +491,60 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
+class _TooBig(yaml.YAMLError):
+    """A YAML document nests too deep or holds too many values once its aliases are expanded."""
+
+    def __init__(self, mark: yaml.Mark, message: str, hint: str):
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+        self.hint = hint
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, whose composer stops at `MAX_NESTING` levels and `MAX_YAML_VALUES` values.
+
+    Aliases are allowed, but each counts as every value it repeats: nine lists of nine aliases to the
+    list before ("billion laughs") hold 9**9 values, and stop here after a few thousand events instead
+    of expanding in whatever reads or prints them later. An alias to a value that contains it is refused.
+    The composer recurses once per level, so the depth limit also keeps Python's stack safe.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+        self._anchored: dict[str, int] = {}  # values under each finished anchor
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.anchors and event.anchor not in self._anchored:
+                message = f"the alias *{event.anchor[:WIDTH]} repeats a value that contains it"
+                raise _TooBig(event.start_mark, message, "write the value out instead of an alias")
+            self._count(self._anchored.get(event.anchor, 1), event.start_mark)  # an unknown alias: PyYAML says so
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_NESTING:
+            message = f"lists and mappings nest more than {MAX_NESTING} levels deep here"
+            raise _TooBig(event.start_mark, message, "a story nests four levels: story, segments, segment, value")
+        before = self._values
+        self._count(1, event.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if event.anchor is not None:
+            self._anchored[event.anchor] = self._values - before
+        return node
+
+    def _count(self, values: int, mark: yaml.Mark) -> None:
+        self._values += values
+        if self._values > MAX_YAML_VALUES:
+            message = f"the story holds more than {MAX_YAML_VALUES} values (aliases count as what they repeat)"
+            raise _TooBig(mark, message, "write a shorter story, or split it into several scripts")
+
+
 class _YamlReader:
     """Reads a composed YAML document node by node, so that every error can name its line."""
 
@@ -447,7 +557,9 @@ class _YamlReader:
 
     def compose(self, text: str) -> yaml.Node:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_BoundedLoader)
+        except _TooBig as exc:
+            raise ScriptError(self.path, exc.mark.line + 1, None, exc.message, exc.hint) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
@@ -466,6 +578,10 @@ class _YamlReader:
         except yaml.YAMLError as exc:
             message = f"cannot read this value: {getattr(exc, 'problem', None) or exc}"
             raise self.error(node, field_name, message, "write plain YAML values") from None
+        except ValueError as exc:  # a date like 2024-13-45, an integer of more than 4300 digits
+            problem = "a number too long to read" if "integer string conversion" in str(exc) else _cut(str(exc))
+            message = f"cannot read this value: {problem}"
+            raise self.error(node, field_name, message, "write plain YAML values") from None
 
     def read(self, node: yaml.Node, field_name: str, check: Callable[[Any], T]) -> T:
         with _located(self.path, _line(node), field_name):
@@ -477,15 +593,19 @@ class _YamlReader:
     def mapping(self, node: yaml.Node, field_name: str, known: tuple[str, ...], label: str) -> dict[str, yaml.Node]:
         """Value nodes of a mapping by key; rejects other nodes, unknown keys and repeated keys."""
         if not isinstance(node, yaml.MappingNode):
-            message = f"expected a mapping, got {_show(self.value(node, field_name))}"
+            message = f"expected a mapping, got {preview(self.value(node, field_name))}"
             raise self.error(node, field_name, message, f"write `key: value` lines; known {label}: {', '.join(known)}")
         entries: dict[str, yaml.Node] = {}
         key_lines: dict[str, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                message = "a key must be a plain word, not a list or a mapping"
+                raise self.error(key_node, field_name, message, f"known {label}: {', '.join(known)}")
             key = str(self.value(key_node, field_name))
             name = f"{field_name}.{key}" if field_name else key
             if key not in known:
-                raise self.error(key_node, name, f"unknown key {key!r}", _suggest(key, known, label))
+                name = f"{field_name}.{_cut(key)}" if field_name else _cut(key)
+                raise self.error(key_node, name, f"unknown key {preview(key)}", _suggest(key, known, label))
             if key in entries:
                 raise self.error(key_node, name, f"{key!r} is given twice (first on line {key_lines[key]})", "keep one")
             entries[key] = value_node
@@ -494,10 +614,13 @@ class _YamlReader:
 
     def segments(self, node: yaml.Node) -> tuple[Segment, ...]:
         if not isinstance(node, yaml.SequenceNode):
-            shown = _show(self.value(node, "segments"))
+            shown = preview(self.value(node, "segments"))
             raise self.error(node, "segments", f"expected a list, got {shown}", SEGMENTS_HINT)
         if not node.value:
             raise self.error(node, "segments", "the list of segments is empty", SEGMENTS_HINT)
+        if len(node.value) > MAX_SEGMENTS:
+            message = f"the story has {len(node.value)} segments, more than the {MAX_SEGMENTS} one story may have"
+            raise self.error(node, "segments", message, "split the story into several scripts")
         return tuple(self.segment(item, f"segments[{index}]") for index, item in enumerate(node.value))
 
     def segment(self, node: yaml.Node, field_name: str) -> Segment:
@@ -543,10 +666,18 @@ def _setting_hint(name: str, written: bool) -> str:
 
 def _load_jsonl(path: Path, text: str, segment_seconds: float) -> list[Story]:
     stories: list[Story] = []
+    prompts_in_file = 0
     for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
+        if len(stories) == MAX_STORIES:
+            message = f"the file holds more than {MAX_STORIES} stories"
+            raise ScriptError(path, number, None, message, "split it into several files of at most that many lines")
         prompts = _jsonl_prompts(path, number, raw)
+        prompts_in_file += len(prompts)
+        if prompts_in_file > MAX_JSONL_PROMPTS:
+            message = f"the file holds more than {MAX_JSONL_PROMPTS} prompts"
+            raise ScriptError(path, number, None, message, "split it into several files")
         if stories and len(prompts) != len(stories[0].segments):
             first = stories[0]
             counts = f"{len(prompts)} prompts here, {len(first.segments)} on line {first.line}"
@@ -564,15 +695,24 @@ def _jsonl_prompts(path: Path, number: int, raw: str) -> list[str]:
         record = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ScriptError(path, number, None, f"not valid JSON: {exc.msg} (column {exc.colno})", JSONL_HINT) from None
+    except RecursionError:
+        message = "not valid here: lists and objects nest too deep for a prompt line"
+        raise ScriptError(path, number, None, message, JSONL_HINT) from None
+    except ValueError:  # json turns an integer of more than 4300 digits into a ValueError of its own
+        raise ScriptError(path, number, None, "not valid here: a number too long to read", JSONL_HINT) from None
     if not isinstance(record, dict):
-        raise ScriptError(path, number, None, f"a line must be a JSON object, got {_show(record)}", JSONL_HINT)
+        raise ScriptError(path, number, None, f"a line must be a JSON object, got {preview(record)}", JSONL_HINT)
     for key in record:
         if key not in JSONL_KEYS:
-            raise ScriptError(path, number, key, f"unknown key {key!r}", _suggest(key, JSONL_KEYS, "keys"))
+            message = f"unknown key {preview(key)}"
+            raise ScriptError(path, number, _cut(key), message, _suggest(key, JSONL_KEYS, "keys"))
     prompts = record.get("prompts")
     if not isinstance(prompts, list) or not prompts:
-        message = f"needs a non-empty list of prompts, got {_show(prompts)}"
+        message = f"needs a non-empty list of prompts, got {preview(prompts)}"
         raise ScriptError(path, number, "prompts", message, JSONL_HINT)
+    if len(prompts) > MAX_SEGMENTS:
+        message = f"{len(prompts)} prompts, more than the {MAX_SEGMENTS} one story may have"
+        raise ScriptError(path, number, "prompts", message, "split the story into several lines")
     checked = []
     for index, prompt in enumerate(prompts):
         with _located(path, number, f"prompts[{index}]"):

@@ -7,11 +7,36 @@ numbers (resolution, patch, VAE stride, chunk length), never typed elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from memflow_cli.preview import preview
+
 MemoryMode = Literal["nam", "sink", "none"]
 MEMORY_MODES: tuple[str, ...] = ("nam", "sink", "none")
+
+# The values each user-facing number may take, lowest and highest, both included. The sizes are latent frames
+# (window, sink, bank_size, sma_top_k) or chunks (record_interval). Every frame of window + bank holds keys and
+# values for every layer: 2 x 30 layers x 1560 tokens x 1536 x 2 bytes = 288 MB at 832x480 in bf16, so the
+# largest window and bank (128 frames, 37 GB) still fit one 80 GB GPU beside the model; the release uses
+# 12 + 3. `shift` warps the flow-matching schedule (release: 5): 1 leaves it straight, 100 puts every step
+# near pure noise.
+SETTING_RANGES: dict[str, tuple[float, float]] = {
+    "window": (1, 64),
+    "sink": (0, 61),  # and below the window by a chunk (3 frames)
+    "bank_size": (1, 64),
+    "record_interval": (1, 1000),
+    "sma_top_k": (1, 128),
+    "shift": (0.01, 100.0),
+}
+UNITS: dict[str, str] = {
+    "window": "frames",
+    "sink": "frames",
+    "bank_size": "frames",
+    "record_interval": "chunks",
+    "sma_top_k": "frames",
+}
 
 
 class SettingsError(ValueError):
@@ -141,20 +166,14 @@ class MemorySettings:
 
     def __post_init__(self) -> None:
         if self.mode not in MEMORY_MODES:
-            raise SettingsError("memory", f"unknown mode {self.mode!r}; choose one of {', '.join(MEMORY_MODES)}")
-        if self.window < 1:
-            raise SettingsError("window", f"must be at least 1 frame, got {self.window}")
-        if self.sink < 0:
-            raise SettingsError("sink", f"must be at least 0, got {self.sink}")
+            raise SettingsError("memory", f"unknown mode {preview(self.mode)}; choose one of {', '.join(MEMORY_MODES)}")
+        _check_range("window", self.window)
+        _check_range("sink", self.sink)
         if self.sink >= self.window:
             message = f"the sink ({self.sink} frames) must be smaller than the window ({self.window} frames)"
             raise SettingsError("sink", message, related=("window",))
-        if self.bank_size < 1:
-            raise SettingsError("bank_size", f"must be at least 1, got {self.bank_size}")
-        if self.record_interval < 1:
-            raise SettingsError("record_interval", f"must be at least 1 chunk, got {self.record_interval}")
-        if self.sma_top_k < 1:
-            raise SettingsError("sma_top_k", f"must be at least 1, got {self.sma_top_k}")
+        for name in ("bank_size", "record_interval", "sma_top_k"):
+            _check_range(name, getattr(self, name))
         if self.sma and self.mode != "nam":
             raise SettingsError("sma", f"sparse memory activation needs memory 'nam', not {self.mode!r}")
 
@@ -183,11 +202,10 @@ class SamplerSettings:
             raise SettingsError("steps", "needs at least one denoising step")
         for step in self.steps:
             if not 0 < step <= self.train_timesteps:
-                raise SettingsError("steps", f"each step must be in 1..{self.train_timesteps}, got {step}")
+                raise SettingsError("steps", f"each step must be in 1..{self.train_timesteps}, got {preview(step)}")
         if list(self.steps) != sorted(self.steps, reverse=True) or len(set(self.steps)) != len(self.steps):
-            raise SettingsError("steps", f"must be strictly decreasing, got {list(self.steps)}")
-        if self.shift <= 0:
-            raise SettingsError("shift", f"must be positive, got {self.shift}")
+            raise SettingsError("steps", f"must be strictly decreasing, got {preview(list(self.steps))}")
+        _check_range("shift", self.shift)
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,12 @@ class LoraSettings:
 
     rank: int | None = 256  # None: take the rank from the file
     alpha: float = 256.0
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
+            raise SettingsError("lora_rank", f"must be a whole number from 1 up, got {preview(self.rank)}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise SettingsError("lora_alpha", f"must be a finite number, got {preview(self.alpha)}")
 
 
 @dataclass(frozen=True)
@@ -250,33 +274,53 @@ SETTING_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
+def _check_range(name: str, value: float) -> None:
+    """`value` lies in SETTING_RANGES[name], and is a finite number; raises SettingsError naming the field."""
+    low, high = SETTING_RANGES[name]
+    unit = f" {UNITS[name]}" if name in UNITS else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(name, f"must be a finite number from {low:g} to {high:g}, got {value}")
+    if value < low:
+        raise SettingsError(name, f"must be at least {low:g}, got {preview(value)}")
+    if value > high:
+        raise SettingsError(name, f"must be at most {high:g}{unit}, got {preview(value)}")
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check the type of one override value and normalise it."""
     if name == "memory":
         if not isinstance(value, str):
-            raise SettingsError(name, f"must be one of {', '.join(MEMORY_MODES)}, got {value!r}")
+            raise SettingsError(name, f"must be one of {', '.join(MEMORY_MODES)}, got {preview(value)}")
         return value
     if name == "sma":
         if not isinstance(value, bool):
-            raise SettingsError(name, f"must be true or false, got {value!r}")
+            raise SettingsError(name, f"must be true or false, got {preview(value)}")
         return value
     if name == "shift":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(name, f"must be a number, got {value!r}")
-        return float(value)
+            raise SettingsError(name, f"must be a number, got {preview(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise SettingsError(name, f"must be at most {SETTING_RANGES[name][1]:g}, got {preview(value)}") from None
     if name == "steps":
-        problem = f"must be a list of integers like [1000, 750, 500, 250], got {value!r}"
+        problem = f"must be a list of integers like [1000, 750, 500, 250], got {preview(value)}"
         if isinstance(value, str):
             words = value.replace(",", " ").split()
-            if not words or not all(word.isdigit() for word in words):
-                bad = next((word for word in words if not word.isdigit()), value)
-                raise SettingsError(name, f"{bad!r} is not a whole number; write the steps like 1000,750,500,250")
+            whole = [word.isascii() and word.isdigit() for word in words]
+            if not words or not all(whole):
+                bad = next((word for word, ok in zip(words, whole, strict=True) if not ok), value)
+                raise SettingsError(
+                    name, f"{preview(bad)} is not a whole number; write the steps like 1000,750,500,250"
+                )
+            if too_long := next((word for word in words if len(word) > 9), None):
+                raise SettingsError(name, f"each step must be a timestep like 1000 or 250, got {preview(too_long)}")
             value = [int(word) for word in words]
         if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
             raise SettingsError(name, problem)
         return tuple(value)
     if not _is_int(value):
-        raise SettingsError(name, f"must be an integer, got {value!r}")
+        raise SettingsError(name, f"must be an integer, got {preview(value)}")
     return value
 
 

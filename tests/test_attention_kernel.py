@@ -16,13 +16,7 @@ import torch.nn.functional as F
 
 from memflow_cli.speed import attention as fast
 
-
-def flash_layout_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA behind flash-attn's calling convention: [B, N, H, D] in, a new [B, N, H, D] tensor out."""
-    assert q.dim() == k.dim() == v.dim() == 4 and q.shape[2:] == k.shape[2:] == v.shape[2:]  # heads third
-    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
+from .attention import flash_layout_sdpa
 
 
 def _problem(heads: int = 3, head_dim: int = 16, queries: int = 10, keys: int = 24):

@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 
 from memflow_cli import demo
+from memflow_cli.engine import load_engine
+from memflow_cli.model.transformer import CausalWanTransformer
 
 
-def test_geometry_is_small_and_on_the_patch_grid():
+def test_a_demo_latent_frame_becomes_the_tokens_the_geometry_counts():
     geometry = demo.DEMO_GEOMETRY
-    assert (geometry.latent_height, geometry.latent_width) == (8, 12)
-    assert geometry.tokens_per_frame == 24
+    model = CausalWanTransformer(demo.DEMO_TRANSFORMER)
+    frame = torch.zeros(1, geometry.latent_channels, 1, geometry.latent_height, geometry.latent_width)
+    with torch.no_grad():
+        tokens = model.patch_embedding(frame)  # [1, dim, 1, h/2, w/2]
+    assert tokens.shape[2:].numel() == geometry.tokens_per_frame
 
 
 def test_transformer_matches_the_text_encoder():
@@ -69,6 +74,8 @@ def test_vae_is_seeded():
     assert not torch.equal(first.state_dict()["decoder.conv_in.weight"], other["decoder.conv_in.weight"])
 
 
-def test_notice_says_the_output_is_noise():
-    assert "random" in demo.DEMO_NOTICE and "noise" in demo.DEMO_NOTICE
-    assert "\n" not in demo.DEMO_NOTICE
+def test_the_demo_engine_warns_in_one_line_that_its_video_is_noise():
+    with load_engine("demo", "cpu", compile=False) as engine:
+        notice, identity = engine.notice, engine.identity
+    assert notice is not None and "noise" in notice and "\n" not in notice
+    assert identity["model"] == "demo"

@@ -11,7 +11,7 @@ from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsErr
 from memflow_cli.speed.attention import heads_last
 from memflow_cli.speed.linear import LinearGELU
 
-from .test_attention_kernel import flash_layout_sdpa
+from .attention import flash_layout_sdpa
 
 CONFIG = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
 GEOMETRY = VideoGeometry(height=32, width=48)  # latent 4x6 -> 6 tokens per frame

@@ -25,10 +25,10 @@ from memflow_cli.speed.attention import (
 from memflow_cli.speed.decoder import channels_last_convs, fused_decoder_kernels
 from memflow_cli.speed.graphs import GraphedPasses
 from memflow_cli.speed.linear import LinearGELU
-from memflow_cli.vae_stream import residual_sum, upsample_nearest
+from memflow_cli.vae_stream import padded_channels, residual_sum, upsample_nearest
 from memflow_cli.weights import WAN21_VAE_CONFIG
 
-from .test_attention_kernel import flash_layout_sdpa
+from .attention import flash_layout_sdpa
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -64,16 +64,29 @@ def test_compiled_decoder_kernels_are_as_faithful_as_the_eager_ones():
     expected = _decode(StreamingDecoder(vae), latents)
     vae.to(torch.bfloat16)
     eager = _decode(StreamingDecoder(vae), latents)
-    compiled_decoder = StreamingDecoder(vae, kernels=fused_decoder_kernels())
+    kernels = fused_decoder_kernels()
+    widths = {conv.out_channels for conv in vae.decoder.modules() if isinstance(conv, torch.nn.Conv3d)}
+    assert padded_channels(96, kernels.channel_tile) == 128 and 96 in widths  # the tiled filters are exercised
+    compiled_decoder = StreamingDecoder(vae, kernels=kernels)
     compiled = _decode(compiled_decoder, latents)
-    assert {weight.shape[0] for weight, _ in compiled_decoder._stream.padded.values()} == {128}
 
-    def error(x: torch.Tensor) -> float:
-        return ((x - expected).norm() / expected.norm()).item()
+    def error(x: torch.Tensor, reference: torch.Tensor = expected) -> float:
+        return ((x - reference).norm() / reference.norm()).item()
 
     assert compiled.shape == expected.shape == (25, 3, 96, 160)
     assert error(compiled) < 5e-2
     assert error(compiled) <= 1.1 * error(eager)
+
+    # new weights in the 96-channel convs, and a reset: the next video is decoded with them, not stale tiled copies
+    with torch.no_grad():
+        for conv in vae.decoder.modules():
+            if isinstance(conv, torch.nn.Conv3d) and conv.out_channels == 96:
+                conv.weight.mul_(-1.0)
+    eager_after = _decode(StreamingDecoder(vae), latents)
+    compiled_decoder.reset()
+    compiled_after = _decode(compiled_decoder, latents)
+    assert error(compiled_after, eager_after) < 5e-2
+    assert error(compiled_after, eager_after) < 0.5 * error(compiled, eager_after)
 
 
 def test_compiled_residual_sum_and_upsample_round_like_eager():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -20,15 +19,15 @@ from memflow_cli.script import (
 )
 from memflow_cli.settings import GenerationSettings, VideoGeometry
 
+from .scripts import NO_SHARED, SHARED, SHARED_STORIES
+
 
 def load_many(paths, segment_seconds: float = 10.0) -> list[Story]:
     """Stories of several scripts, in order, as `memflow render a.yaml b.jsonl` reads them."""
     return [story for path in paths for story in load_scripts(path, segment_seconds)]
 
+
 GEOMETRY = VideoGeometry()
-SHARED = Path(os.environ.get("MEMFLOW_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-SHARED_STORIES = sorted(path for path in (SHARED / "stories").glob("*") if path.suffix in (".yaml", ".yml", ".jsonl"))
-NO_SHARED = pytest.param(None, marks=pytest.mark.skip(reason=f"no shared stories under {SHARED}"))
 
 TWO_SEGMENTS = """\
 segments:

@@ -1,0 +1,166 @@
+"""Prompts longer than the text encoder reads: which segments are cut, and after which word.
+
+The text encoder reads the first `max_length` tokens of a prompt, its end-of-sequence token included (512
+for umT5 in the release, 256 for the demo model), and silently drops the rest: a prompt of ten thousand
+words steers the video with its first few hundred. `prompt_cuts` finds such prompts before anything renders.
+
+Counting is exact with the model's tokenizer, as a `TokenCounter`: `counter_from_tokenizer` wraps a loaded
+transformers tokenizer (what `render` has), `load_token_counter` reads a `tokenizer.json` with the
+`tokenizers` library alone (what `check` can afford: no torch, no transformers). Without either,
+`estimate_tokens` counts roughly and on the high side for prose: a run of ASCII letters counts one token
+for every four letters, every digit and punctuation mark one, a letter of another script one, a symbol or
+emoji one per UTF-8 byte. That makes about 1.7 tokens per English word on the shared stories, where a
+sentencepiece vocabulary as large as umT5's typically needs 1.2 to 1.5 (not measured here: no umT5
+tokenizer ships with the tests), so an estimate may warn about a prompt that just fits rather than miss one
+that does not. Its cuts say "about" and `PromptCut.exact` is False. The demo model's tiny BPE tokenizer
+needs more tokens than the estimate for words it was not trained on: count with it where it is loaded.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+TokenCounter = Callable[[str], int]  # tokens of one prompt as the encoder reads it, end-of-sequence included
+
+END_OF_SEQUENCE = 1  # tokens the encoder appends to every prompt (umT5's </s>)
+CONTEXT_WORDS = 6  # words shown before a cut
+CONTEXT_CHARS = 60  # at most this many characters of them
+
+_PIECE = re.compile(r"[A-Za-z]+|\S")
+
+
+class _SegmentLike(Protocol):
+    prompt: str
+    start_s: float
+
+
+@dataclass(frozen=True)
+class PromptCut:
+    """A prompt the text encoder does not read to its end."""
+
+    segment: int  # index of the segment in the story
+    start_s: float  # where the segment starts, as written
+    words: int  # words of the prompt
+    tokens: int  # tokens of the whole prompt, end-of-sequence included (estimated when not `exact`)
+    limit: int  # tokens the encoder reads
+    kept_words: int  # words read before the cut: words[kept_words:] are dropped
+    last_kept: str  # the few words just before the cut
+    exact: bool  # counted by the model's tokenizer, not estimated
+
+    def describe(self) -> str:
+        """One line for a warning, such as `segment 2 (at 20s): 10000 words, 13012 tokens; ...`."""
+        about = "" if self.exact else "about "
+        counted = f"{self.tokens} tokens" if self.exact else f"about {self.tokens} tokens by a rough count"
+        start = f"{self.start_s:.3f}".rstrip("0").rstrip(".") + "s"
+        where = "the start of its first word"
+        if self.kept_words:
+            where = f"{about}word {self.kept_words} ('...{self.last_kept}')"
+        dropped = "dropped" if self.exact else "likely dropped"
+        return (
+            f"segment {self.segment} (at {start}): {self.words} words, {counted}; the text encoder reads "
+            f"{self.limit}, so everything after {where} is {dropped}"
+        )
+
+
+def prompt_cuts(story: Any, limit: int, count: TokenCounter | None = None) -> list[PromptCut]:
+    """The segments of `story` (a Story, a Timeline, or their segments) whose prompts exceed `limit` tokens.
+
+    `count` is the model's tokenizer as a `TokenCounter`; without it the counts are estimates.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < END_OF_SEQUENCE + 1:
+        raise ValueError(f"the token limit must be a whole number of at least 2, got {limit!r}")
+    segments: Iterable[_SegmentLike] = getattr(story, "segments", story)
+    cuts = []
+    for position, segment in enumerate(segments):
+        index = getattr(segment, "index", position)
+        if (cut := _cut(index, segment, limit, count)) is not None:
+            cuts.append(cut)
+    return cuts
+
+
+def _cut(index: int, segment: _SegmentLike, limit: int, count: TokenCounter | None) -> PromptCut | None:
+    words = segment.prompt.split()
+    if count is None:
+        per_word = [estimate_tokens(word) - END_OF_SEQUENCE for word in words]
+        tokens = END_OF_SEQUENCE + sum(per_word)
+        if tokens <= limit:
+            return None
+        kept, total = 0, END_OF_SEQUENCE
+        while total + per_word[kept] <= limit:  # the cut falls inside the prompt, so this stops in range
+            total += per_word[kept]
+            kept += 1
+    else:
+        tokens = count(" ".join(words))
+        if tokens <= limit:
+            return None
+        kept = _words_that_fit(words, limit, count)
+    last = " ".join(words[max(0, kept - CONTEXT_WORDS) : kept])[-CONTEXT_CHARS:]
+    return PromptCut(index, segment.start_s, len(words), tokens, limit, kept, last, exact=count is not None)
+
+
+def _words_that_fit(words: list[str], limit: int, count: TokenCounter) -> int:
+    """The most leading words whose text still fits `limit` tokens (binary search: a few dozen counts)."""
+    low, high = 0, len(words)  # words[:low] fits, words[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if count(" ".join(words[:middle])) <= limit:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count of `text` with end-of-sequence, meant to err high for umT5 on ordinary prose."""
+    return END_OF_SEQUENCE + sum(_piece_tokens(piece) for piece in _PIECE.findall(text))
+
+
+def _piece_tokens(piece: str) -> int:
+    if piece.isascii():
+        return math.ceil(len(piece) / 4) if piece.isalpha() else 1
+    if unicodedata.category(piece)[0] in "LM":  # a letter of another script: umT5 knows most of them
+        return 1
+    return len(piece.encode("utf-8"))  # a symbol or emoji may fall back to one token per byte
+
+
+def counter_from_tokenizer(tokenizer: Any) -> TokenCounter:
+    """A `TokenCounter` from a loaded transformers tokenizer (the one `TextEncoder.tokenizer` holds)."""
+
+    def count(text: str) -> int:
+        ids = tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return len(ids)
+
+    return count
+
+
+def load_token_counter(folder: Path | str) -> TokenCounter | None:
+    """A `TokenCounter` from `folder/tokenizer.json`, or None when there is none or it cannot be read.
+
+    Uses the `tokenizers` library only, so it costs no torch import. A tokenizer whose file adds no
+    end-of-sequence token itself gets one counted, as the encoder's tokenizer appends it.
+    """
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception:  # a broken or foreign file: the caller falls back to the estimate and says so
+        return None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    extra = 0 if tokenizer.post_processor is not None else END_OF_SEQUENCE
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text).ids) + extra
+
+    return count
