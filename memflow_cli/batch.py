@@ -1,109 +1,219 @@
-"""`memflow render` under torchrun: every process renders its share of the stories on its own GPU.
+"""Running a plan: the jobs of one render request, in this process or as one rank of torchrun, with progress
+and a report.
 
-Each rank reads every script, so all agree on the story list without sending it; rank 0 alone reports bad
-scripts, shows the progress of all ranks and prints the summary. A story that fails is reported and the
-others go on; a finished output (video and sidecar) is skipped, so a stopped batch resumes. The videos and
-sidecars are those a single `memflow render` writes: the same `render_story`, the same seeds.
+Both ways run the same plan (`plan.plan_jobs`) and decide the same way what to do with each output
+(`plan.claim`): render it, skip a finished render of the same request, or leave a story that another live
+memflow process is rendering ("in progress"). With `--skip-existing` (always under torchrun) a batch started
+again after any stop resumes: the partial video of a render that died is replaced and its story rendered again
+from the beginning; finished videos are never touched.
+
+In this process (`render_here`), every output is claimed before the model loads, so a wrong output stops the
+request before anything is rendered. Under torchrun (`render_on_ranks`) each rank reads every script, so all
+agree on the job list without sending it; rank 0 alone reports bad scripts, shows the progress of all ranks and
+prints the summary; a rank claims each output when it comes to it, and a story that fails is reported while
+the others go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    Terminated,
-    _checked_device,
-    _difference_from_request,
-    _geometry_for,
-    _interrupted_code,
-    _quiet_libraries,
-    _terminate_like_ctrl_c,
-    err,
-    fail,
-    out,
-    output_paths,
-    require_fp8,
-)
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
-from .output import OutputError, reserved_output
-from .script import ScriptError, Story, load_scripts
-from .settings import GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+from .output import OutputError
+from .plan import (
+    EXIT_FAILED,
+    Claim,
+    Job,
+    PlanError,
+    RenderRequest,
+    check_fp8,
+    checked_device,
+    claim,
+    finished_difference,
+    geometry_for,
+    make_out_dir,
+    plan_jobs,
+)
+from .report import download_hint, err, out, print_error, quiet_libraries, stop_code, stop_word, warn
+from .script import ScriptError, format_seconds
+from .settings import SettingsError, VideoGeometry
 
 POLL_S = 0.5  # how often rank 0 looks at the others' progress once its own share is done
 
 
-@dataclass(frozen=True)
-class BatchRequest:
-    """What `memflow render` was asked, as parsed by the CLI."""
-
-    scripts: tuple[Path, ...]
-    output: Path | None
-    out_dir: Path | None
-    model: str | None
-    device: str | None
-    decode_device: str | None
-    seed: int | None
-    duration_s: float | None
-    overwrite: bool
-    settings: dict[str, Any]  # command-line generation settings, None where not given
-    lora: LoraSettings
-    compile: bool
-    fp8: bool
-    segment_seconds: float
-    quiet: bool
+def report_claim(job: Job, outcome: Claim) -> None:
+    """The line of a job that is not rendered here: skipped (its path on stdout too) or in progress elsewhere."""
+    if outcome is Claim.SKIP:
+        err.print(f"skip: {job.target} (a finished render of this request)", markup=False, soft_wrap=True)
+        out.print(str(job.target), markup=False, soft_wrap=True)
+    elif outcome is Claim.IN_PROGRESS:
+        err.print(f"in progress: {job.target} (another memflow process is rendering it)", markup=False,
+                  soft_wrap=True)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Job:
-    """One story to render, and its cost in chunks (what the plan balances)."""
-
-    story: Story
-    target: Path
-    settings: GenerationSettings
-    chunks: int
+# ---------------------------------------------------------------------------------------------------------------------
+# In this process
 
 
-def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
-    """Render this rank's share of the request's stories; returns the exit code (rank 0's tells the outcome)."""
+def render_here(request: RenderRequest, quiet: bool) -> int:
+    """Render the request's stories one after another in this process; returns the exit code.
+
+    Raises PlanError for a request that cannot be planned (nothing is rendered then).
+    """
+    geometry = geometry_for(request.model)
+    jobs, _ = plan_jobs(request, geometry)
+    device = checked_device(request.device)
+    decode_device = checked_device(request.decode_device, "--decode-device") if request.decode_device else None
+    if request.fp8:
+        check_fp8(device)
+    if request.out_dir is not None:
+        make_out_dir(request.out_dir)
+    with ExitStack() as held:
+        todo = []
+        for job in jobs:
+            outcome = claim(job, request, geometry, held)
+            report_claim(job, outcome)
+            if outcome is Claim.RENDER:
+                todo.append(job)
+        if not todo:
+            return 0
+        engine = held.enter_context(load_engine_reported(request, device, decode_device))
+        failures = 0
+        for job in todo:
+            try:
+                with story_progress(job, quiet) as update:
+                    result = render_job(engine, job, request, update)
+            except RenderStopped as stop:
+                return stop.exit_code
+            except (OutputError, SettingsError, ScriptError, ValueError) as error:
+                print_error(f"{job.title}: {error}", getattr(error, "hint", None))
+                failures += 1
+                continue
+            out.print(str(result.path), markup=False, soft_wrap=True)
+            if not quiet:
+                frames = result.timeline.video_frames
+                err.print(
+                    f"{job.title}: {frames} frames in {result.seconds:.1f} s "
+                    f"({frames / max(result.seconds, 1e-9):.1f} frames/s); metadata {result.sidecar}",
+                    markup=False, soft_wrap=True,
+                )  # fmt: skip
+    return EXIT_FAILED if failures else 0
+
+
+def load_engine_reported(request: RenderRequest, device: str, decode_device: str | None):
+    """The engine (close it, or use it in `with`); a weights problem is one line and exit code 1."""
+    from .engine import load_engine
+    from .loading import WeightsError
+
+    quiet_libraries()
+    try:
+        engine = load_engine(request.model, device, request.lora, compile=request.compile, fp8=request.fp8,
+                             decode_device=decode_device)  # fmt: skip
+    except WeightsError as error:
+        raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
+    if engine.notice:
+        warn(engine.notice)
+    return engine
+
+
+class RenderStopped(Exception):
+    """A render was stopped by Ctrl-C or a signal; its partial video was reported. `exit_code` to leave with."""
+
+    def __init__(self, exit_code: int, stop: BaseException | None):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+        self.stop = stop
+
+
+ProgressCallback = Callable[[Any], None]  # takes render.ChunkProgress
+
+
+def render_job(engine, job: Job, request: RenderRequest, update: ProgressCallback | None):
+    """Render one job (its output already claimed); a stop reports the partial and raises RenderStopped."""
+    from .render import RenderInterrupted, render_story
+
+    try:
+        return render_story(
+            engine, job.story, job.target, job.settings, seed=job.seed, duration_s=request.duration_s,
+            overwrite=request.overwrite, progress=update,
+        )  # fmt: skip
+    except RenderInterrupted as stopped:
+        where = f"playable partial video: {stopped.partial}" if stopped.partial else "no frame was finished"
+        message = escape(f"{job.title}: {stopped.frames} frames written; {where}")
+        err.print(f"[yellow]{stop_word(stopped.__context__)}:[/] {message}", soft_wrap=True)
+        raise RenderStopped(stop_code(stopped.__context__), stopped.__context__) from None
+
+
+@contextmanager
+def story_progress(job: Job, quiet: bool) -> Iterator[ProgressCallback | None]:
+    """A bar of one story's chunks on stderr (none when quiet)."""
+    if quiet:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+        TextColumn("{task.fields[segment]}"), TextColumn("{task.fields[fps]}"), TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(escape(job.title), total=None, segment="", fps="")
+
+        def update(p) -> None:
+            fps = p.video_frames / max(p.elapsed_s, 1e-9)
+            segment = f"segment {p.segment + 1} @ {format_seconds(p.segment_start_s)}"
+            bar.update(task, completed=p.chunk, total=p.chunks, segment=segment, fps=f"{fps:.1f} frames/s")
+
+        yield update
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# As one rank of torchrun
+
+
+def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
+    """Render this rank's share of the request's stories; returns the exit code (rank 0's tells the outcome).
+
+    Finished videos are always skipped here and dead partials replaced (`skip_existing`): a batch resumes.
+    """
     import torch
 
     started = time.perf_counter()
+    request = dataclasses.replace(request, skip_existing=True)
     if request.decode_device is not None:
-        fail("--decode-device is for one process rendering one story at a time", EXIT_BAD_INPUT,
-             "under torchrun every GPU renders stories of its own; leave --decode-device out")  # fmt: skip
+        raise PlanError("--decode-device is for one process rendering one story at a time",
+                        "under torchrun every GPU renders stories of its own; leave --decode-device out")  # fmt: skip
     try:
         name = rank_device(ranks, request.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     except ValueError as error:
-        fail(str(error), EXIT_BAD_INPUT, "give --device cuda or --device cpu, or leave it out")
-    device = torch.device(_checked_device(name))
+        raise PlanError(str(error), "give --device cuda or --device cpu, or leave it out") from None
+    device = torch.device(checked_device(name))
     if request.fp8:
-        require_fp8(str(device))
-    _quiet_libraries()
-    geometry = _geometry_for(request.model)
-    jobs, problems = _jobs(request, geometry)
+        check_fp8(str(device))
+    quiet_libraries()
+    geometry = geometry_for(request.model)
+    jobs, problems = plan_jobs(request, geometry, keep_going=True)
     for problem in problems:
-        err.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
+        print_error(problem)
+    if jobs and request.out_dir is not None:
+        make_out_dir(request.out_dir)
 
-    with process_group(ranks, device) as board, _terminate_like_ctrl_c():
-        finished = from_main([_finished(job, request, geometry) for job in jobs])
+    with process_group(ranks, device) as board:
+        finished = from_main([finished_difference(job, request, geometry) is None for job in jobs])
         todo = [job for job, done in zip(jobs, finished, strict=True) if not done]
         skipped = [job for job, done in zip(jobs, finished, strict=True) if done]
         for job in skipped:
             err.print(f"skip: {job.target} (a finished render of this request)", markup=False, soft_wrap=True)
         share = assign([job.chunks for job in todo], ranks.world_size)[ranks.rank]
         try:
-            with _overall_progress(ranks, request, todo) as show:
-                report = _render_share(ranks, request, device, todo, share, board, show)
+            with _overall_progress(ranks, quiet, todo) as show:
+                report = _render_share(ranks, request, geometry, device, todo, share, board, show)
                 board.post(report)
                 if not ranks.is_main:
                     return 0
@@ -111,59 +221,25 @@ def render_batch(ranks: RankEnv, request: BatchRequest) -> int:
                     show(board)
                     time.sleep(POLL_S)
                 show(board)
+        except RenderStopped as stopped:
+            err.print(f"[yellow]{stop_word(stopped.stop)}:[/] the batch was stopped; finished videos stay, "
+                      "run it again to resume")  # fmt: skip
+            return stopped.exit_code
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM from torchrun when another process failed
-            how = "terminated" if isinstance(stop, Terminated) else "interrupted"
-            err.print(f"[yellow]{how}:[/] the batch was stopped; finished videos stay, run it again to resume")
-            return _interrupted_code(stop)
+            err.print(f"[yellow]{stop_word(stop)}:[/] the batch was stopped; finished videos stay, run it again to "
+                      "resume")  # fmt: skip
+            return stop_code(stop)
         reports = board.reports()
     return _summary(jobs, todo, reports, skipped, problems=len(problems), seconds=time.perf_counter() - started)
-
-
-def _jobs(request: BatchRequest, geometry: VideoGeometry) -> tuple[list[Job], list[str]]:
-    """Every story of the good scripts, with its output and settings; and one message per bad script or story."""
-    given = {name: value for name, value in request.settings.items() if value is not None}
-    try:
-        GenerationSettings(geometry=geometry).with_overrides(given)
-    except SettingsError as error:
-        fail(f"--{error.field.replace('_', '-')}: {error.message}", EXIT_BAD_INPUT)
-    stories: list[Story] = []
-    problems: list[str] = []
-    for path in request.scripts:
-        try:
-            stories.extend(load_scripts(path, request.segment_seconds, geometry))
-        except ScriptError as error:
-            problems.append(str(error))
-    settled: list[tuple[Story, GenerationSettings]] = []
-    for story in stories:
-        try:
-            settings = GenerationSettings(geometry=geometry).with_overrides(story.settings).with_overrides(given)
-        except SettingsError as error:
-            problems.append(f"{story.path}: settings.{error}")
-            continue
-        settled.append((story, settings))
-    targets = output_paths([story for story, _ in settled], request.output, request.out_dir) if settled else []
-    jobs = [
-        Job(story, target, settings, story.timeline(geometry, request.duration_s).chunks)
-        for (story, settings), target in zip(settled, targets, strict=True)
-    ]
-    return jobs, problems
-
-
-def _finished(job: Job, request: BatchRequest, geometry: VideoGeometry) -> bool:
-    """The job's video is a finished render of this same request (its sidecar says so)."""
-    seed = job.story.seed if request.seed is None else request.seed
-    return _difference_from_request(
-        job.story, job.target, job.settings, seed, request.duration_s, request.fp8, geometry
-    ) is None  # fmt: skip
 
 
 Show = Callable[[Board], None]
 
 
 @contextmanager
-def _overall_progress(ranks: RankEnv, request: BatchRequest, todo: list[Job]) -> Iterator[Show]:
+def _overall_progress(ranks: RankEnv, quiet: bool, todo: list[Job]) -> Iterator[Show]:
     """On rank 0 (unless quiet), one bar for the chunks of every rank; elsewhere a no-op."""
-    if not ranks.is_main or request.quiet or not todo:
+    if not ranks.is_main or quiet or not todo:
         yield lambda board: None
         return
     columns = (
@@ -181,7 +257,14 @@ def _overall_progress(ranks: RankEnv, request: BatchRequest, todo: list[Job]) ->
 
 
 def _render_share(
-    ranks: RankEnv, request: BatchRequest, device: Any, todo: list[Job], share: list[int], board: Board, show: Show
+    ranks: RankEnv,
+    request: RenderRequest,
+    geometry: VideoGeometry,
+    device: Any,
+    todo: list[Job],
+    share: list[int],
+    board: Board,
+    show: Show,
 ) -> RankReport:
     """Render this rank's stories one after another; a failure is recorded and the next story goes on."""
     from .engine import load_engine
@@ -198,16 +281,16 @@ def _render_share(
                           tuple(StoryOutcome(index, False, message) for index in share))  # fmt: skip
     load_s = time.perf_counter() - load_started
     if ranks.is_main and engine.notice:
-        err.print(f"[yellow]warning:[/] {escape(engine.notice)}", soft_wrap=True)
+        warn(engine.notice)
     render_started = time.perf_counter()
     with engine:
-        outcomes = [_render_job(engine, request, index, todo[index], board, show) for index in share]
+        outcomes = [_render_rank_job(engine, request, geometry, index, todo[index], board, show) for index in share]
     return RankReport(ranks.rank, str(device), load_s, time.perf_counter() - render_started, tuple(outcomes))
 
 
-def _render_job(engine, request: BatchRequest, index: int, job: Job, board: Board, show: Show):
-    from .render import RenderInterrupted, render_story
-
+def _render_rank_job(
+    engine, request: RenderRequest, geometry: VideoGeometry, index: int, job: Job, board: Board, show: Show
+) -> StoryOutcome:
     reported = 0  # chunks of this story already counted on the board
 
     def progress(p) -> None:
@@ -216,28 +299,28 @@ def _render_job(engine, request: BatchRequest, index: int, job: Job, board: Boar
         reported = p.chunk
         show(board)
 
-    seed = job.story.seed if request.seed is None else request.seed
-    try:
-        with reserved_output(job.target, overwrite=request.overwrite):
-            result = render_story(
-                engine, job.story, job.target, job.settings, seed=seed, duration_s=request.duration_s,
-                overwrite=request.overwrite, progress=progress,
-            )  # fmt: skip
-    except RenderInterrupted as stop:
-        where = f"playable partial video: {stop.partial}" if stop.partial else "no frame was finished"
-        err.print(f"[yellow]stopped:[/] {escape(f'{job.story.title}: {stop.frames} frames written; {where}')}")
-        raise (Terminated() if isinstance(stop.__context__, Terminated) else KeyboardInterrupt()) from None
-    except OutputError as error:  # busy (another process renders it) or not ours to replace
-        board.add_chunks(job.chunks)
-        board.add_story()
-        hint = f" ({error.hint})" if error.hint else ""
-        return StoryOutcome(index, False, f"{error}{hint}")
-    except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on
+    def done(outcome: StoryOutcome) -> StoryOutcome:
         board.add_chunks(job.chunks - reported)
         board.add_story()
-        return StoryOutcome(index, False, _one_line(error))
-    board.add_story()
-    return StoryOutcome(index, True, "", result.seconds, result.timeline.video_frames)
+        return outcome
+
+    with ExitStack() as held:
+        try:
+            outcome = claim(job, request, geometry, held)
+        except PlanError as error:  # not ours to replace
+            hint = f" ({error.hint})" if error.hint else ""
+            return done(StoryOutcome(index, False, f"{error.message}{hint}"))
+        if outcome is Claim.SKIP:
+            return done(StoryOutcome(index, False, skipped=True))
+        if outcome is Claim.IN_PROGRESS:
+            return done(StoryOutcome(index, False, in_progress=True))
+        try:
+            result = render_job(engine, job, request, progress)
+        except RenderStopped:
+            raise
+        except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on
+            return done(StoryOutcome(index, False, _one_line(error)))
+    return done(StoryOutcome(index, True, "", result.seconds, result.timeline.video_frames))
 
 
 def _one_line(error: BaseException) -> str:
@@ -256,18 +339,23 @@ def _summary(
     (stdout)."""
     outcomes = sorted((outcome for report in reports for outcome in report.outcomes), key=lambda o: o.index)
     for outcome in outcomes:
-        if not outcome.rendered:
-            job = todo[outcome.index]
-            err.print(f"[bold red]error:[/] {escape(f'{job.story.title} ({job.target}): {outcome.message}')}",
-                      soft_wrap=True)  # fmt: skip
-    finished = {todo[outcome.index].target for outcome in outcomes if outcome.rendered}
+        job = todo[outcome.index]
+        if outcome.in_progress:
+            report_claim(job, Claim.IN_PROGRESS)
+        elif not outcome.rendered and not outcome.skipped:
+            print_error(f"{job.title} ({job.target}): {outcome.message}")
+    finished = {todo[o.index].target for o in outcomes if o.rendered or o.skipped}
     finished.update(job.target for job in skipped)
     for job in jobs:
         if job.target in finished:
             out.print(str(job.target), markup=False, soft_wrap=True)
     rendered = sum(outcome.rendered for outcome in outcomes)
-    failed = len(outcomes) - rendered
-    line = f"batch: {rendered} rendered, {len(skipped)} skipped, {failed} failed"
+    skips = len(skipped) + sum(outcome.skipped for outcome in outcomes)
+    busy = sum(outcome.in_progress for outcome in outcomes)
+    failed = len(outcomes) - rendered - busy - sum(outcome.skipped for outcome in outcomes)
+    line = f"batch: {rendered} rendered, {skips} skipped, {failed} failed"
+    if busy:
+        line += f", {busy} in progress elsewhere"
     if problems:
         line += f", {_count(problems, 'bad script', 'bad scripts')}"
     line += f" on {_count(len(reports), 'process', 'processes')} in {seconds:.1f} s"
@@ -278,8 +366,9 @@ def _summary(
     out.print(line, markup=False, soft_wrap=True)
     for report in reports:
         done = sum(outcome.rendered for outcome in report.outcomes)
+        failed_here = sum(not (o.rendered or o.skipped or o.in_progress) for o in report.outcomes)
         out.print(
-            f"  rank {report.rank} ({report.device}): {done} rendered, {len(report.outcomes) - done} failed, "
+            f"  rank {report.rank} ({report.device}): {done} rendered, {failed_here} failed, "
             f"load {report.load_s:.1f} s, render {report.render_s:.1f} s",
             markup=False, soft_wrap=True,
         )  # fmt: skip

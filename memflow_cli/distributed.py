@@ -107,6 +107,8 @@ class StoryOutcome:
     message: str = ""  # why it failed
     seconds: float = 0.0
     video_frames: int = 0
+    skipped: bool = False  # finished by another process before this rank came to it
+    in_progress: bool = False  # another live memflow process is rendering it
 
 
 @dataclass(frozen=True)
@@ -238,9 +240,7 @@ def launch(argv: Sequence[str], processes: int) -> int:
     # and its note on OMP_NUM_THREADS (1 per process) is for the user of torchrun, not of memflow
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
-    args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={processes}", "-m", "memflow_cli", *argv]
-    )
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "memflow_cli", *argv])
     try:
         run(args)
     except ChildFailedError as error:

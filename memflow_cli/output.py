@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 LOG_TAIL_CHARS = 2000
 QUEUE_CHUNKS = 2
 ABORT_TIMEOUT_S = 60.0
+DYING_WAIT_S = 10.0  # how long a writer waits for an ffmpeg whose pipe broke to exit, to name its signal
 _STOP = None  # queue sentinel: no more frames
 PARTIAL_SUFFIX = ".partial.mp4"
 LOCK_SUFFIX = ".lock"
@@ -199,7 +200,7 @@ def _check_name_lengths(target: Path) -> None:
         )
 
 
-class _OutputLock:
+class OutputLock:
     """An exclusive lock on one output, held through an open lock file (flock).
 
     The OS drops the lock when the process ends, however it ends, so a killed render never blocks the
@@ -266,8 +267,12 @@ def _same_file(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
-def _check_existing(target: Path, overwrite: bool) -> None:
-    """What a render to `target` would replace: refuse what was not asked for."""
+def check_existing(target: Path, *, overwrite: bool, resume: bool = False) -> None:
+    """What a render to `target` would replace: refuse what was not asked for (call with the output locked).
+
+    With `resume`, a partial video is not refused: its render is dead (the lock is ours), so the story is to
+    be rendered again from the beginning.
+    """
     if target.is_dir():
         raise OutputError(f"cannot write {target}: it is a folder", hint="name an .mp4 file")
     sidecar = sidecar_path(target)
@@ -279,7 +284,7 @@ def _check_existing(target: Path, overwrite: bool) -> None:
             path=sidecar,
         )
     partial = partial_path(target)
-    if partial.exists() and not overwrite:
+    if partial.exists() and not (overwrite or resume):
         raise OutputExistsError(
             f"{partial} holds the frames of an earlier render of {target.name} that was stopped; nothing was rendered",
             hint="watch or move it, or use --overwrite to render again from the start",
@@ -289,14 +294,8 @@ def _check_existing(target: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{target} exists; nothing was rendered", "use --overwrite to replace it", target)
 
 
-@contextmanager
-def reserved_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Claim `target`, its sidecar and its partial file for one render, before any work starts.
-
-    Raises OutputError (OutputBusyError while another process renders to `target`, OutputExistsError for
-    what would be replaced without being asked) with a message and a hint. Holds the lock until the block
-    ends. With `overwrite`, a partial file left by an earlier render is removed here.
-    """
+def check_reservable(target: Path) -> None:
+    """The folder of `target` exists and every file name of the render fits: checked before any lock is taken."""
     _check_folder(target)
     if is_partial_name(target.name):
         raise OutputError(
@@ -304,10 +303,21 @@ def reserved_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
             hint="choose another output name",
         )
     _check_name_lengths(target)
-    lock = _OutputLock(target)
+
+
+@contextmanager
+def reserved_output(target: Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Claim `target`, its sidecar and its partial file for one render, before any work starts.
+
+    Raises OutputError (OutputBusyError while another process renders to `target`, OutputExistsError for
+    what would be replaced without being asked) with a message and a hint. Holds the lock until the block
+    ends. With `overwrite` (or `resume`), a partial file left by an earlier, dead render is removed here.
+    """
+    check_reservable(target)
+    lock = OutputLock(target)
     lock.acquire()
     try:
-        _check_existing(target, overwrite)
+        check_existing(target, overwrite=overwrite, resume=resume)
         partial_path(target).unlink(missing_ok=True)
         yield target
     finally:
@@ -446,6 +456,11 @@ class Mp4Writer:
     def _failure_message(self) -> str:
         """One line: which file, why ffmpeg stopped (its most telling log line), what is kept."""
         code = self._process.poll()
+        if code is None and self._feeder.error is not None:  # the pipe broke: ffmpeg is dying, let it say how
+            try:
+                code = self._process.wait(timeout=DYING_WAIT_S)
+            except subprocess.TimeoutExpired:
+                code = None
         if code is None:
             status = "it is still running"
         elif code < 0:

@@ -7,18 +7,22 @@
 # Scripts are the *.yaml, *.yml and *.jsonl files of SCRIPTS_DIR (not its subfolders), in name order.
 # memflow names the outputs (`memflow check --json`) and decides what is finished (`render --skip-existing`:
 # a video whose metadata records the same story, seed, settings and length); a preview is not a finished
-# full render. With --overwrite every script is rendered again. Two scripts whose stories would write the
-# same file: the later one fails. A failed script is logged to OUT_DIR/failures.log and the batch goes on;
-# Ctrl-C stops the batch (the current render keeps its playable partial file and names it).
+# full render. Run again after any stop (Ctrl-C, kill -9, a crash), the batch resumes: finished videos are
+# skipped, a story whose render died is rendered again from the start, and a story another memflow process
+# is rendering now is left to it ("in progress"). With --overwrite, videos that are not a finished render of
+# the same request (a preview, other settings) are replaced; finished ones are still skipped. Two scripts
+# whose stories would write the same file: the later one fails. A failed script is logged to
+# OUT_DIR/failures.log and the batch goes on; Ctrl-C stops the batch (the current render keeps its playable
+# partial file and names it).
 #
-# Exit code: 0 if every script was rendered or skipped, 1 if any failed, 130 if interrupted.
-# MEMFLOW (default: memflow) names the command to run.
+# Exit code: 0 if every script was rendered, skipped or is in progress elsewhere, 1 if any failed,
+# 130 if interrupted. MEMFLOW (default: memflow) names the command to run.
 
 set -uo pipefail
 shopt -s nullglob nocasematch
 
 if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 scripts_dir=$1
@@ -33,19 +37,10 @@ fi
 mkdir -p "$out_dir" || exit 1
 failures_log=$out_dir/failures.log
 
-overwrite=0
-for option in "$@"; do
-    [[ $option == --overwrite ]] && overwrite=1
-done
-if [[ $overwrite == 1 ]]; then
-    render_mode=()
-else
-    render_mode=(--skip-existing)
-fi
-
 rendered=0
 skipped=0
 failed=0
+in_progress=0
 errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
 declare -A writer_of  # output file (as memflow's JSON writes it) -> the script that renders it in this batch
@@ -96,18 +91,22 @@ for script in "$scripts_dir"/*; do
     # memflow's stdout goes to ours; its stderr to the terminal and to a file for the log.
     # tee -i survives Ctrl-C, so memflow can still say where its partial file is.
     {
-        "$memflow" render "$script" --out-dir "$out_dir" ${render_mode[@]+"${render_mode[@]}"} "$@" 2>&1 >&3 3>&- |
+        "$memflow" render "$script" --out-dir "$out_dir" --skip-existing "$@" 2>&1 >&3 3>&- |
             tee -i "$errors" >&2 3>&-
         status=${PIPESTATUS[0]}
     } 3>&1
     if [[ $status == 0 ]]; then
         story_count=$(printf '%s\n' "$stories" | grep -c .)
-        if [[ $(grep -c '^skip: ' "$errors") == "$story_count" ]]; then
+        skips=$(grep -c '^skip: ' "$errors")
+        busy=$(grep -c '^in progress: ' "$errors")
+        if [[ $skips == "$story_count" ]]; then
             skipped=$((skipped + 1))
+        elif [[ $((skips + busy)) == "$story_count" ]]; then
+            in_progress=$((in_progress + 1))
         else
             rendered=$((rendered + 1))
         fi
-    elif [[ $status == 130 || $status == 143 ]]; then
+    elif [[ $status == 129 || $status == 130 || $status == 143 ]]; then
         echo "interrupted: stopped at $script" >&2
         exit 130
     else
@@ -115,7 +114,9 @@ for script in "$scripts_dir"/*; do
     fi
 done
 
-echo "batch: $rendered rendered, $skipped skipped, $failed failed"
+summary="batch: $rendered rendered, $skipped skipped, $failed failed"
+[[ $in_progress -gt 0 ]] && summary+=", $in_progress in progress elsewhere"
+echo "$summary"
 if [[ $failed -gt 0 ]]; then
     echo "failures are logged in $failures_log" >&2
     exit 1

@@ -74,7 +74,7 @@ def test_a_run_over_the_memory_limit_is_one_line_naming_the_limit(monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
     monkeypatch.setattr(bench_mod, "run", too_big)
-    monkeypatch.setattr("memflow_cli.cli._checked_device", lambda device, *args: "cuda:0")
+    monkeypatch.setattr("memflow_cli.commands.bench.checked_device", lambda device, *args: "cuda:0")
     args = ["bench", "--random-weights", "--text-encoder", "--memory-limit", "24"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1

@@ -1,14 +1,11 @@
 """The `memflow` commands, run for real on the demo model: check, render, weights, and batch_render.sh.
 
-Expected timelines are computed here from the rules, not read back from the code: a start snaps up to the
-next chunk of 0.75 s (12 video frames at 16 fps), a chunk is 3 latent frames, N latent frames decode to
-4N-3 video frames. The demo model renders 96x64 at 16 fps, a chunk in well under a second on a CPU.
+Expected timelines are computed here from the rules (see `cli_helpers`), not read back from the code.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -18,13 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import imageio_ffmpeg
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from memflow_cli.cli import app
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.engine import load_engine
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
@@ -32,71 +26,25 @@ from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.script import parse_time
 from memflow_cli.settings import GenerationSettings
 
+from .cli_helpers import (
+    BATCH_RENDER,
+    CHUNK_S,
+    DEMO,
+    EXAMPLES,
+    FPS,
+    HEIGHT,
+    JSONL_SEGMENT_S,
+    STORIES,
+    WIDTH,
+    assert_video,
+    chunks_until,
+    decoded,
+    memflow,
+    video_frames,
+    write_jsonl,
+    write_story,
+)
 from .video import probe_video
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEMFLOW_SHARED_DIR", REPO.parent / "shared"))
-STORIES = SHARED / "stories"
-EXAMPLES = REPO / "scripts_examples"
-BATCH_RENDER = EXAMPLES / "batch_render.sh"
-
-CHUNK_S = 0.75  # 12 video frames at 16 fps
-FPS = 16
-WIDTH, HEIGHT = 96, 64  # the demo model
-JSONL_SEGMENT_S = 10.0  # `--segment-seconds` default
-DEMO = ("--model", "demo", "--device", "cpu")
-
-runner = CliRunner()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def chunks_until(seconds: float) -> int:
-    """The first chunk starting at or after `seconds`."""
-    return math.ceil(seconds / CHUNK_S - 1e-9)
-
-
-def video_frames(chunks: int) -> int:
-    """Frames of the first `chunks` chunks: 3 latent frames each, 4N-3 video frames for N latent frames."""
-    return 0 if chunks == 0 else 4 * 3 * chunks - 3
-
-
-def memflow(*args: str | Path):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert "Traceback" not in result.stdout + result.stderr
-    return result
-
-
-def write_story(path: Path, starts: list[str], duration: str, title: str | None = None, seed: int = 0) -> Path:
-    prompts = ["a red fox trots across a snowy field", "the fox stops at the edge of a pine forest", "night falls"]
-    lines = [f"title: {title}"] if title else []
-    lines += [f"seed: {seed}", f"duration: {duration}", "segments:"]
-    for start, prompt in zip(starts, prompts, strict=False):
-        lines += [f"  - start: {start}", f"    prompt: {prompt}"]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, stories: list[list[str]]) -> Path:
-    path.write_text("".join(json.dumps({"prompts": prompts}) + "\n" for prompts in stories), encoding="utf-8")
-    return path
-
-
-def decoded(path: Path) -> bytes:
-    """Every RGB frame of a video, decoded in one go."""
-    frames = imageio_ffmpeg.read_frames(str(path))
-    next(frames)  # metadata
-    return b"".join(frames)
-
-
-def assert_video(path: Path, frames: int) -> None:
-    info = probe_video(path)
-    assert (info.frames, info.width, info.height, info.fps) == (frames, WIDTH, HEIGHT, FPS)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # check: timelines of every shared story

@@ -1,4 +1,5 @@
-"""Nothing lost, nothing clobbered, no tracebacks: issue 13's probe of `render` and the batch script, point by point.
+"""Nothing lost, nothing clobbered, no tracebacks: `render` and the batch script against concurrent renders,
+kills, signals, full disks and wrong outputs.
 
 Renders run the real `memflow` in real processes on the demo model where processes matter (two renders at
 once, kill -9, SIGTERM, a full disk); the rest run in-process through Typer's runner.
@@ -21,14 +22,15 @@ import pytest
 import torch
 
 from memflow_cli import __version__
-from memflow_cli.output import lock_path, partial_path, sidecar_path
-from tests.test_cli import (
+from memflow_cli.output import OutputLock, lock_path, partial_path, sidecar_path
+from tests.cli_helpers import (
     BATCH_RENDER,
     DEMO,
     EXAMPLES,
     REPO,
     assert_video,
     chunks_until,
+    dead_render,
     memflow,
     video_frames,
     write_story,
@@ -76,10 +78,10 @@ def one_error(stderr: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Two renders of one output
+# Two renders of one output
 
 
-def test_1_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
+def test_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "same.mp4"
     first = start_render(script, target, "--seed", "1")
@@ -100,7 +102,7 @@ def test_1_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
     assert names(tmp_path) == [".same.partial.mp4", "fox.yaml"]  # the first render's frames; its lock is gone
 
 
-def test_1_renders_of_different_outputs_run_side_by_side(tmp_path: Path):
+def test_renders_of_different_outputs_run_side_by_side(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     first = start_render(script, tmp_path / "a.mp4")
     try:
@@ -116,7 +118,7 @@ def test_1_renders_of_different_outputs_run_side_by_side(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2 and 3. The batch script
+# The batch script and --skip-existing
 
 
 def run_batch(scripts: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
@@ -132,7 +134,7 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 @needs_bash
-def test_2_a_preview_is_not_a_finished_render_and_overwrite_renders_again(tmp_path: Path):
+def test_the_batch_script_takes_a_preview_for_unfinished_and_overwrite_renders_it_again(tmp_path: Path):
     scripts, out = tmp_path / "scripts", tmp_path / "out"
     scripts.mkdir()
     write_story(scripts / "fox.yaml", ["0s"], "3s")
@@ -157,7 +159,26 @@ def test_2_a_preview_is_not_a_finished_render_and_overwrite_renders_again(tmp_pa
 
 
 @needs_bash
-def test_3_the_batch_takes_names_from_memflow_and_reports_a_collision(tmp_path: Path):
+def test_the_batch_script_resumes_after_kill_9_and_overwrite_still_skips_finished_videos(tmp_path: Path):
+    scripts, out = tmp_path / "scripts", tmp_path / "out"
+    scripts.mkdir()
+    out.mkdir()
+    write_story(scripts / "fox.yaml", ["0s"], "1.5s")
+    write_story(scripts / "owl.yaml", ["0s"], "1.5s")
+    assert memflow("render", scripts / "fox.yaml", *DEMO, "--out-dir", out, "-q").exit_code == 0
+    finished = (out / "fox.mp4").stat().st_mtime_ns
+    dead_render(out / "owl.mp4")
+
+    resumed = run_batch(scripts, out, "--overwrite")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[-1] == "batch: 1 rendered, 1 skipped, 0 failed"
+    assert (out / "fox.mp4").stat().st_mtime_ns == finished  # --overwrite kept --skip-existing
+    assert_video(out / "owl.mp4", video_frames(2))  # its dead render's partial replaced, rendered from the start
+    assert names(out) == ["fox.json", "fox.mp4", "owl.json", "owl.mp4"]  # no partial, no lock file
+
+
+@needs_bash
+def test_the_batch_script_takes_names_from_memflow_and_reports_a_collision(tmp_path: Path):
     scripts, out = tmp_path / "scripts", tmp_path / "out"
     scripts.mkdir()
     stories = {
@@ -181,11 +202,11 @@ def test_3_the_batch_takes_names_from_memflow_and_reports_a_collision(tmp_path: 
     second = run_batch(scripts, out)
     assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"
     third = run_batch(scripts, out, "--overwrite")  # overwriting never lets one story replace another's video
-    assert third.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
+    assert third.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"  # nor a finished one
     assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"
 
 
-def test_3_check_json_names_every_output(tmp_path: Path):
+def test_check_json_names_every_output(tmp_path: Path):
     script = EXAMPLES / "two_stories.jsonl"
     result = memflow("check", script, "--out-dir", tmp_path / "renders", "--json")
     assert result.exit_code == 0, result.stderr
@@ -194,7 +215,7 @@ def test_3_check_json_names_every_output(tmp_path: Path):
     assert [r["line"] for r in records] == [1, 2]
 
 
-def test_3_render_skip_existing_skips_only_the_same_request(tmp_path: Path):
+def test_skip_existing_skips_only_a_finished_render_of_the_same_request(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "10s", seed=4)
     target = tmp_path / "fox.mp4"
     assert memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "-q").exit_code == 0
@@ -209,10 +230,10 @@ def test_3_render_skip_existing_skips_only_the_same_request(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. Files replaced without --overwrite
+# Files replaced without --overwrite
 
 
-def test_4_the_sidecar_never_replaces_a_file_memflow_did_not_write(tmp_path: Path):
+def test_the_sidecar_never_replaces_a_file_memflow_did_not_write(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     notes = tmp_path / "notes.json"
     notes.write_text('{"todo": "buy milk"}\n')
@@ -227,7 +248,7 @@ def test_4_the_sidecar_never_replaces_a_file_memflow_did_not_write(tmp_path: Pat
     assert names(tmp_path) == ["fox.yaml", "notes.json"]
 
 
-def test_4_a_story_titled_like_a_partial_file_keeps_its_video(tmp_path: Path):
+def test_a_story_titled_like_a_partial_file_keeps_its_video(tmp_path: Path):
     first = write_story(tmp_path / "a.yaml", ["0s"], "1.5s", title="x.partial")
     second = write_story(tmp_path / "b.yaml", ["0s"], "1.5s", title="x")
     out = tmp_path / "out"
@@ -239,11 +260,11 @@ def test_4_a_story_titled_like_a_partial_file_keeps_its_video(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 5. The partial of a killed render
+# The partial of a killed render, and resuming
 
 
-def test_5_a_partial_left_by_kill_9_is_named_and_kept(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
+def test_kill_9_leaves_a_partial_that_a_single_render_names_and_a_batch_renders_again(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG, title="k9")
     target = tmp_path / "k9.mp4"
     partial = partial_path(target)
     killed = start_render(script, target)
@@ -265,19 +286,38 @@ def test_5_a_partial_left_by_kill_9_is_named_and_kept(tmp_path: Path):
     assert "--overwrite" in again.stderr
     assert partial.read_bytes() == kept
 
-    fresh = run_memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--overwrite", "-q")
-    assert fresh.returncode == 0, fresh.stderr
-    assert_video(target, video_frames(2))
+    resumed = memflow("render", script, *DEMO, "--out-dir", tmp_path, "--skip-existing", "--duration", "1.5s", "-q")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed.stdout == f"{target}\n"
+    assert_video(target, video_frames(2))  # rendered again from the start
     assert names(tmp_path) == ["fox.yaml", "k9.json", "k9.mp4"]  # no partial, no lock file
 
 
+def test_a_story_another_live_process_renders_is_in_progress_not_failed(tmp_path: Path):
+    first = write_story(tmp_path / "a.yaml", ["0s"], "1.5s")
+    second = write_story(tmp_path / "b.yaml", ["0s"], "1.5s")
+    out = tmp_path / "out"
+    out.mkdir()
+    other = OutputLock(out / "b.mp4")  # what another memflow process holds while it renders b.mp4
+    other.acquire()
+    try:
+        result = memflow("render", first, second, *DEMO, "--out-dir", out, "-q")
+    finally:
+        other.release()
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [str(out / "a.mp4")]
+    assert f"in progress: {out / 'b.mp4'} (another memflow process is rendering it)" in result.stderr.splitlines()
+    assert "error" not in result.stderr
+    assert names(out) == ["a.json", "a.mp4"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. One line, not a traceback
+# One line, not a traceback
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", ["render", "bench"])
-def test_6_cuda_without_cuda_is_bad_input(tmp_path: Path, command: str):
+def test_cuda_without_cuda_is_bad_input(tmp_path: Path, command: str):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     args = [script, "--model", "demo", "-o", tmp_path / "fox.mp4"] if command == "render" else ["--model", "demo"]
     result = memflow(command, *args, "--device", "cuda")
@@ -287,7 +327,7 @@ def test_6_cuda_without_cuda_is_bad_input(tmp_path: Path, command: str):
     assert names(tmp_path) == ["fox.yaml"]
 
 
-def test_6_out_dir_naming_a_file(tmp_path: Path):
+def test_an_out_dir_naming_a_file_is_refused(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     (tmp_path / "renders").write_text("not a folder")
     result = memflow("render", script, *DEMO, "--out-dir", tmp_path / "renders")
@@ -295,7 +335,7 @@ def test_6_out_dir_naming_a_file(tmp_path: Path):
     assert one_error(result.stderr) == f"error: --out-dir {tmp_path / 'renders'}: it is a file, not a folder"
 
 
-def test_6_out_dir_in_a_place_that_cannot_be_written(tmp_path: Path):
+def test_an_out_dir_that_cannot_be_created_is_refused(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     place = Path("/proc/memflow-renders")  # /proc takes no new folders, even from root
     if not Path("/proc").is_dir():
@@ -305,7 +345,7 @@ def test_6_out_dir_in_a_place_that_cannot_be_written(tmp_path: Path):
     assert one_error(result.stderr).startswith(f"error: --out-dir {place}: cannot create it: ")
 
 
-def test_6_a_title_too_long_for_a_file_name_is_a_script_error(tmp_path: Path):
+def test_a_title_too_long_for_a_file_name_is_a_script_error(tmp_path: Path):
     script = write_story(tmp_path / "long.yaml", ["0s"], "1.5s", title="t" * 300)
     for command in ("check", "render"):
         options = () if command == "check" else (*DEMO, "--out-dir", tmp_path / "out")
@@ -317,7 +357,7 @@ def test_6_a_title_too_long_for_a_file_name_is_a_script_error(tmp_path: Path):
         )
 
 
-def test_6_an_output_name_too_long_for_its_temporary_files_stops_before_the_model_loads(tmp_path: Path):
+def test_an_output_name_too_long_for_its_temporary_files_stops_before_the_model_loads(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     target = tmp_path / ("n" * 241 + ".mp4")  # 245 bytes fit; its partial and lock files would not
     result = memflow("render", script, *DEMO, "-o", target)
@@ -342,7 +382,7 @@ main()
 """
 
 
-def test_6_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: Path):
+def test_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     target = tmp_path / "fox.mp4"
     command = [sys.executable, "-c", SIDECAR_DISK_FULL, "render", str(script), *DEMO, "-o", str(target), "-q"]
@@ -357,10 +397,10 @@ def test_6_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 7. Output problems found first; a full disk
+# Output problems found first; a full disk
 
 
-def test_7_a_missing_output_folder_is_found_before_the_model_loads(tmp_path: Path):
+def test_a_missing_output_folder_is_found_before_the_model_loads(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     result = memflow("render", script, *DEMO, "-o", tmp_path / "missing" / "fox.mp4")
     assert result.exit_code == 2
@@ -371,7 +411,7 @@ def test_7_a_missing_output_folder_is_found_before_the_model_loads(tmp_path: Pat
     assert names(tmp_path) == ["fox.yaml"]
 
 
-def test_7_a_full_disk_is_one_line_that_names_the_partial(tmp_path: Path):
+def test_a_full_disk_is_one_line_that_names_the_partial(tmp_path: Path):
     """A file-size limit on the render and its ffmpeg: what a full disk looks like to the writer."""
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "fox.mp4"
@@ -392,10 +432,10 @@ def test_7_a_full_disk_is_one_line_that_names_the_partial(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 8. A seed torch cannot take
+# A seed torch cannot take
 
 
-def test_8_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
+def test_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--seed", "99999999999999999999")
     assert result.exit_code == 2
@@ -407,32 +447,55 @@ def test_8_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 9. SIGTERM
+# Signals: SIGTERM, SIGHUP, Ctrl-C while the model loads
 
 
-def test_9_sigterm_stops_like_ctrl_c_and_names_the_partial(tmp_path: Path):
+@pytest.mark.parametrize(
+    "stop, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")], ids=["TERM", "HUP"]
+)
+def test_sigterm_and_sighup_stop_like_ctrl_c_and_name_the_partial(tmp_path: Path, stop: int, code: int, word: str):
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "fox.mp4"
     partial = partial_path(target)
     process = start_render(script, target)
     try:
         wait_for_frames(partial, process)
-        process.terminate()
+        process.send_signal(stop)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 143, stderr
+    assert process.returncode == code, stderr
     assert stdout == "" and "Traceback" not in stderr
     frames = probe_video(partial).frames
-    assert f"terminated: fox: {frames} frames written; playable partial video: {partial}" in stderr
-    assert names(tmp_path) == [".fox.partial.mp4", "fox.yaml"]
+    assert f"{word}: fox: {frames} frames written; playable partial video: {partial}" in stderr
+    assert names(tmp_path) == [".fox.partial.mp4", "fox.yaml"]  # the lock is released and its file removed
+
+
+def test_ctrl_c_while_torch_and_the_model_load_is_reported(tmp_path: Path):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    process = start_render(script, tmp_path / "fox.mp4")
+    try:
+        deadline = time.monotonic() + 120
+        maps = Path(f"/proc/{process.pid}/maps")
+        while "libtorch" not in maps.read_text():  # the command has begun importing torch
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "torch was not loaded in 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: no video was being written"
+    assert names(tmp_path) == ["fox.yaml"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 10. Messages that point at the right thing
+# Messages that point at the right thing
 
 
-def test_10_a_title_collision_names_both_stories(tmp_path: Path):
+def test_a_title_collision_names_both_stories(tmp_path: Path):
     first = write_story(tmp_path / "one.yaml", ["0s"], "1.5s", title="a/b")
     second = write_story(tmp_path / "two.yaml", ["0s"], "1.5s", title="a_b")
     result = memflow("render", first, second, *DEMO, "--out-dir", tmp_path / "out")
@@ -442,14 +505,14 @@ def test_10_a_title_collision_names_both_stories(tmp_path: Path):
     )
 
 
-def test_10_weights_download_into_a_file(tmp_path: Path):
+def test_weights_download_into_a_file_is_refused(tmp_path: Path):
     (tmp_path / "weights").write_text("")
     result = memflow("weights", "download", "--to", tmp_path / "weights")
     assert result.exit_code == 2
     assert one_error(result.stderr) == f"error: --to {tmp_path / 'weights'}: it is a file, not a folder"
 
 
-def test_10_a_weights_error_gives_its_hint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_weights_error_gives_its_hint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -461,10 +524,10 @@ def test_10_a_weights_error_gives_its_hint_once(tmp_path: Path, monkeypatch: pyt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 11. First run
+# First run
 
 
-def test_11_check_does_not_import_torch():
+def test_check_does_not_import_torch():
     code = (
         "import sys\nfrom memflow_cli.cli import app\n"
         f"app(['check', {str(EXAMPLES / 'lighthouse.yaml')!r}], standalone_mode=False)\n"
@@ -475,12 +538,12 @@ def test_11_check_does_not_import_torch():
     assert result.stdout.splitlines()[-1] == "[]"
 
 
-def test_11_version():
+def test_version_prints_the_package_version():
     result = memflow("--version")
     assert result.exit_code == 0 and result.stdout == f"memflow {__version__}\n"
 
 
-def test_11_render_help_shows_defaults_time_formats_and_examples():
+def test_render_help_shows_defaults_time_formats_and_examples():
     result = memflow("render", "--help")
     text = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", result.stdout))
     assert "<list[" not in text and "<bool>" not in text
@@ -489,7 +552,7 @@ def test_11_render_help_shows_defaults_time_formats_and_examples():
         assert shown in text, shown
 
 
-def test_11_the_readme_check_example_is_the_real_output(monkeypatch: pytest.MonkeyPatch):
+def test_the_readme_check_example_is_the_real_output(monkeypatch: pytest.MonkeyPatch):
     """Every line of the README's example is in the real output (prompts shortened with '...' there)."""
     monkeypatch.chdir(REPO)
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -506,10 +569,10 @@ def without_boxes(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 12. Install and threads
+# Install and threads
 
 
-def test_12_ci_installs_torch_exactly_as_the_readme_says():
+def test_ci_installs_torch_exactly_as_the_readme_says():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     (install,) = re.findall(r"pip install -q (torch\S* --index-url \S+)", ci)
@@ -517,7 +580,7 @@ def test_12_ci_installs_torch_exactly_as_the_readme_says():
     assert f"pip install {install}" in readme
 
 
-def test_12_waiting_cpu_threads_sleep_instead_of_spinning(monkeypatch: pytest.MonkeyPatch):
+def test_waiting_cpu_threads_sleep_instead_of_spinning(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert memflow("check", EXAMPLES / "lighthouse.yaml").exit_code == 0
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"

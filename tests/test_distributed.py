@@ -28,10 +28,10 @@ from memflow_cli.distributed import (
     without_option,
 )
 from memflow_cli.handover import handed_over
-from memflow_cli.output import sidecar_path
+from memflow_cli.output import OutputLock, sidecar_path
 from memflow_cli.random_model import RANDOM_NOTICE, NoiseTextEncoder
 
-from .test_cli import DEMO, assert_video, decoded, memflow, video_frames, write_jsonl, write_story
+from .cli_helpers import DEMO, assert_video, dead_render, decoded, memflow, video_frames, write_jsonl, write_story
 from .video import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,36 +186,55 @@ def test_torchrun_renders_each_story_once_as_one_process_would(tmp_path: Path):
         assert sidecar_without_timings(out / name) == sidecar_without_timings(single / name), name
     assert_video(out / "Fox.mp4", video_frames(2))
 
-    stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    # a rank killed (kill -9) while it rendered Owl: its partial and lock file stay, no process holds the lock
+    for path in (out / "Owl.mp4", sidecar_path(out / "Owl.mp4")):
+        path.unlink()
+    dead_render(out / "Owl.mp4")
+    stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")}
     # the same through `memflow render --gpus 2`, which starts torchrun itself (here: two CPU processes)
     second = run_python("-m", "memflow_cli", "render", *good, "--out-dir", out, *DEMO, *PREVIEW, "--gpus", "2",
                         cwd=tmp_path)  # fmt: skip
     assert second.returncode == 0, second.stdout + second.stderr
     (summary,) = [line for line in second.stdout.splitlines() if line.startswith("batch:")]
-    assert summary.startswith("batch: 0 rendered, 4 skipped, 0 failed on 2 processes"), summary
-    assert second.stderr.count("skip: ") == 4
+    assert summary.startswith("batch: 1 rendered, 3 skipped, 0 failed on 2 processes"), summary
+    assert second.stderr.count("skip: ") == 3
     assert sorted(line for line in second.stdout.splitlines() if line.endswith(".mp4")) == [
         str(out / name) for name in NAMES
     ]  # the finished videos, as a render with --skip-existing prints them
-    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == stamps  # nothing rewritten
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # finished videos untouched
+    assert decoded(out / "Owl.mp4") == decoded(single / "Owl.mp4")  # rendered again from the start
+    assert sorted(path.name for path in out.iterdir()) == sorted([*NAMES, *(n.replace(".mp4", ".json") for n in NAMES)])
 
 
-def test_torchrun_a_story_that_fails_is_reported_and_the_others_go_on(tmp_path: Path):
+def test_gpus_a_failed_story_is_one_line_a_story_rendered_elsewhere_is_in_progress(tmp_path: Path):
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     owl = write_story(scripts / "owl.yaml", ["0s"], "1.5s", title="Owl")
     fox = write_story(scripts / "fox.yaml", ["0s"], "1.5s", title="Fox")
+    elk = write_story(scripts / "elk.yaml", ["0s"], "1.5s", title="Elk")
     out = tmp_path / "out"
     out.mkdir()
     (out / "Fox.mp4").write_bytes(b"not memflow's")  # no sidecar: not a finished render, and not ours to replace
-
-    result = torchrun(owl, fox, "--out-dir", out, *DEMO, *PREVIEW, cwd=tmp_path)
-    assert result.returncode != 0
-    assert result.stdout.count("batch: 1 rendered, 0 skipped, 1 failed on 2 processes") == 1, result.stdout
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: Fox")]
-    assert len(errors) == 1 and "exists; nothing was rendered (use --overwrite" in errors[0], result.stderr
+    other = OutputLock(out / "Elk.mp4")  # another live memflow process renders Elk now
+    other.acquire()
+    try:
+        result = run_python("-m", "memflow_cli", "render", owl, fox, elk, "--out-dir", out, *DEMO, *PREVIEW,
+                            "--gpus", "2", cwd=tmp_path)  # fmt: skip
+    finally:
+        other.release()
+    assert result.returncode == 1
+    summary = "batch: 1 rendered, 0 skipped, 1 failed, 1 in progress elsewhere on 2 processes"
+    assert result.stdout.count(summary) == 1, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: Fox"), result.stderr
+    assert errors[0].endswith(
+        "exists; nothing was rendered (no memflow metadata Fox.json beside it) (use --overwrite to replace it)"
+    )
+    assert f"in progress: {out / 'Elk.mp4'} (another memflow process is rendering it)" in result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr  # not torchrun's report
     assert (out / "Fox.mp4").read_bytes() == b"not memflow's"
     assert_video(out / "Owl.mp4", video_frames(2))
+    assert not (out / "Elk.mp4").exists()
 
 
 def test_under_torchrun_a_device_with_an_index_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

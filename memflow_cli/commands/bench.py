@@ -1,0 +1,123 @@
+"""`memflow bench`: measure speed and memory of the render pipeline; a table, then one JSON line."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..plan import EXIT_BAD_INPUT, check_fp8, checked_device, geometry_for, option_settings
+from ..report import download_hint, err, out, quiet_libraries
+from .common import (
+    BankSize,
+    Compile,
+    DecodeDevice,
+    Device,
+    Fp8,
+    MemoryMode,
+    RecordInterval,
+    Sink,
+    Sma,
+    Steps,
+    Window,
+    fail,
+    reported,
+)
+
+EPILOG = "Examples:  memflow bench --random-weights  |  memflow bench --model demo --device cpu --frames 9"
+
+
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="'demo' (tiny, CPU smoke run), a weights folder, or the HF cache by default.", metavar="PATH|demo"
+        ),
+    ] = None,  # fmt: skip
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Full-size 1.3B model with random weights (nothing to load).")
+    ] = False,
+    device: Device = None,
+    decode_device: DecodeDevice = None,
+    frames: Annotated[
+        int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3, metavar="N")
+    ] = 120,
+    switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0, metavar="N")] = 0,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
+    compile: Compile = True,
+    compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
+    fp8: Fp8 = False,
+    text_encoder: Annotated[
+        bool,
+        typer.Option(
+            "--text-encoder",
+            help="With --random-weights: encode the prompts with a full-size random umT5-XXL (11 GB), as a render "
+            "does, instead of making them noise.",
+        ),
+    ] = False,
+    memory_limit: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-limit",
+            help="Let PyTorch take at most this many GiB of the --device GPU (does the run fit a smaller card?).",
+            min=0.5,
+            metavar="GIB",
+        ),
+    ] = None,
+) -> None:
+    """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
+    if random_weights and model is not None:
+        fail("give either --model or --random-weights, not both", EXIT_BAD_INPUT)
+    if text_encoder and not random_weights:
+        fail(
+            "--text-encoder goes with --random-weights: other models encode with their own text encoder",
+            EXIT_BAD_INPUT,
+        )
+    given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
+             "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
+    with reported():
+        settings = option_settings(given, geometry_for(model))
+    import torch
+
+    from .. import bench as bench_mod
+    from ..engine import RANDOM
+    from ..loading import WeightsError
+
+    with reported():
+        dev = torch.device(checked_device(device))
+        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if decode_device else None
+        if fp8:
+            check_fp8(str(dev))
+    if memory_limit is not None and dev.type != "cuda":
+        fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
+    quiet_libraries()
+    options = bench_mod.BenchOptions(
+        model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
+        switches=switches, compile=compile, fp8=fp8, compare=compare,
+        decode_device=decode_dev, full_text_encoder=text_encoder, memory_limit_gib=memory_limit,
+    )  # fmt: skip
+    with err.status("benchmark") as spinner:
+        try:
+            result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
+        except WeightsError as error:
+            fail(str(error), hint=download_hint(str(error)))
+        except torch.cuda.OutOfMemoryError as error:
+            limit = f"the --memory-limit of {memory_limit:g} GiB" if memory_limit is not None else "the GPU"
+            fail(f"the run does not fit {limit}: {str(error).splitlines()[0]}")
+        except Exception as error:  # noqa: BLE001 - a failed run reaches the user as one line
+            fail(f"{type(error).__name__}: {error}")
+    table = Table(title=f"memflow bench: {result['model']} on {result['device']}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(table)
+    out.print(json.dumps(result), soft_wrap=True, markup=False)

@@ -1,0 +1,77 @@
+"""`memflow check`: validate scripts and print each resolved timeline (no torch, no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..plan import load_stories, output_name, printable_path, story_outputs
+from ..report import out
+from ..script import Story, Timeline, format_seconds
+from ..settings import VideoGeometry
+from .common import OutDir, Scripts, SegmentSeconds, reported
+
+EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json"
+
+
+def timeline_table(story: Story, timeline: Timeline) -> Table:
+    name = f"{story.path}" + (f":{story.line}" if story.line else "")
+    table = Table(title=escape(f"{story.title}  ({name}, seed {story.seed})"), title_justify="left")
+    for column in ("#", "start", "snapped", "chunk", "frames", "prompt"):
+        table.add_column(column, overflow="fold" if column == "prompt" else "ellipsis")
+    for s in timeline.segments:
+        prompt = s.prompt if len(s.prompt) <= 80 else s.prompt[:77] + "..."
+        table.add_row(
+            str(s.index), format_seconds(s.start_s), format_seconds(s.snapped_start_s),
+            str(s.start_chunk), str(s.video_frames), escape(prompt),
+        )  # fmt: skip
+    table.caption = (
+        f"{timeline.chunks} chunks, {timeline.latent_frames} latent frames, "
+        f"{timeline.video_frames} video frames, {timeline.duration_s:.2f} s"
+    )
+    return table
+
+
+def story_record(story: Story, timeline: Timeline, output: Path) -> dict[str, Any]:
+    """One story as `check --json` prints it."""
+    return {
+        "script": str(story.path), "line": story.line, "title": story.title, "seed": story.seed,
+        "output": str(output), "chunks": timeline.chunks, "video_frames": timeline.video_frames,
+        "duration_s": timeline.duration_s, "segments": len(timeline.segments),
+    }  # fmt: skip
+
+
+def check(
+    scripts: Scripts,
+    segment_seconds: SegmentSeconds = 10.0,
+    out_dir: OutDir = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per story (script, title, seed, output file, frames) instead."),
+    ] = False,
+) -> None:
+    """Validate scripts and print each resolved timeline (no GPU, no weights, no torch).
+
+    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file.
+    """
+    geometry = VideoGeometry()
+    with reported():
+        if out_dir is not None:
+            printable_path(out_dir, "--out-dir")
+        stories, _ = load_stories(tuple(scripts), segment_seconds, geometry)
+        # titles that collide matter only in one folder
+        outputs = story_outputs(stories, out_dir) if out_dir else [Path(output_name(story)) for story in stories]
+    for story, output in zip(stories, outputs, strict=True):
+        timeline = story.timeline(geometry)
+        if as_json:
+            record = json.dumps(story_record(story, timeline, output), ensure_ascii=False)
+            out.print(record, markup=False, soft_wrap=True)
+        else:
+            out.print(timeline_table(story, timeline))
+    if not as_json:
+        out.print(f"ok: {len(scripts)} script(s) valid")

@@ -1,0 +1,396 @@
+"""Planning a render: the scripts and options of one request -> the jobs to run.
+
+Every way of rendering (`memflow render -o`, `--out-dir`, `--gpus N`, torchrun, `batch_render.sh`) goes through
+here: one `RenderRequest` (what was asked), `plan_jobs` (each story with its output, settings, seed and length)
+and `claim` (what to do with what is already on disk: render, skip a finished video, leave a story another
+live process renders). Nothing here prints or exits: a problem is a `PlanError` (message, hint, exit code)
+that the command reports as one line.
+
+torch is not imported here, so a wrong output path is refused at once; only the device checks and
+`finished_difference` (which compares a sidecar with the request through the render module) import it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .output import (
+    OutputBusyError,
+    OutputError,
+    OutputExistsError,
+    OutputLock,
+    check_existing,
+    check_reservable,
+    memflow_sidecar,
+    partial_path,
+    sidecar_path,
+)
+from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
+from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class PlanError(Exception):
+    """The request cannot be planned: one line for the user, a hint, and the exit code to leave with."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """What `memflow render` was asked: scripts, where the videos go, the model and how to render."""
+
+    scripts: tuple[Path, ...]
+    output: Path | None = None  # -o: the one video of one story
+    out_dir: Path | None = None  # --out-dir: <title>.mp4 for every story
+    model: str | None = None
+    device: str | None = None
+    decode_device: str | None = None
+    seed: int | None = None  # None: each story's own seed
+    duration_s: float | None = None  # a preview: only the first part
+    overwrite: bool = False
+    skip_existing: bool = False  # resume: skip finished videos, replace the partials of dead renders
+    settings: Mapping[str, Any] = field(default_factory=dict)  # generation settings given as options
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    compile: bool = True
+    fp8: bool = False
+    segment_seconds: float = 10.0
+
+    def seed_for(self, story: Story) -> int:
+        return story.seed if self.seed is None else self.seed
+
+
+@dataclass(frozen=True)
+class Job:
+    """One story to render: where, with which settings and seed, and its cost in chunks."""
+
+    story: Story
+    target: Path
+    settings: GenerationSettings
+    seed: int
+    chunks: int
+
+    @property
+    def title(self) -> str:
+        return self.story.title
+
+
+class Claim(enum.Enum):
+    """What becomes of a job once its output is looked at."""
+
+    RENDER = "render"  # the output is reserved for this process
+    SKIP = "skip"  # a finished render of this same request is there
+    IN_PROGRESS = "in progress"  # another live memflow process renders it now
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options
+
+
+def parse_duration(text: str | None) -> float | None:
+    """`--duration`: a time longer than 0, or None."""
+    if text is None:
+        return None
+    try:
+        seconds = parse_time(text)
+    except ValueError as error:
+        raise PlanError(f"--duration: {error}") from None
+    if seconds == 0:
+        raise PlanError("--duration: must be longer than 0s", "give the preview length, like 5s")
+    return seconds
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise PlanError(f"--seed: must be between 0 and 2**64-1, got {seed}", "use a whole number like 0 or 42")
+
+
+def given_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation options that were given (None: not given); names as in `settings.SETTING_NAMES`."""
+    unknown = set(settings) - set(SETTING_NAMES)
+    assert not unknown, f"not settings: {unknown}"
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def option_settings(settings: Mapping[str, Any], geometry: VideoGeometry) -> GenerationSettings:
+    """Defaults, then the options given; a bad option is blamed on the option (`--bank-size: ...`)."""
+    given = given_settings(settings)
+    try:
+        return GenerationSettings(geometry=geometry).with_overrides(given)
+    except SettingsError as error:
+        blamed = next((name for name in (error.field, *error.related) if name in given), error.field)
+        raise PlanError(f"--{blamed.replace('_', '-')}: {error.message}") from None
+
+
+def story_settings(story: Story, settings: Mapping[str, Any], geometry: VideoGeometry) -> GenerationSettings:
+    """Defaults, then the script's `settings:`, then the options given."""
+    try:
+        return (
+            GenerationSettings(geometry=geometry)
+            .with_overrides(story.settings)
+            .with_overrides(given_settings(settings))
+        )
+    except SettingsError as error:
+        raise PlanError(
+            f"{story.path}: settings.{error}", "fix the script's settings or the command-line option"
+        ) from None
+
+
+def geometry_for(model: str | None) -> VideoGeometry:
+    """The video size of a model (imports torch for the demo model, whose module builds it)."""
+    if model == "demo":
+        from .demo import DEMO_GEOMETRY
+
+        return DEMO_GEOMETRY
+    return VideoGeometry()
+
+
+def checked_device(device: str | None, option: str = "--device") -> str:
+    """The device to use (imports torch); a name torch does not know, or CUDA where there is none, is bad input."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PlanError(f"{option} {device}: not a device name", "use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise PlanError(f"{option} {device}: this torch {torch.__version__} is a CPU build",
+                            "use --device cpu, or install a CUDA build of torch")  # fmt: skip
+        if not torch.cuda.is_available():
+            raise PlanError(f"{option} {device}: no CUDA GPU is visible", "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PlanError(f"{option} {device}: only {torch.cuda.device_count()} CUDA GPU(s) here",
+                            "use cuda:0 or another index below the count")  # fmt: skip
+    return device
+
+
+def check_fp8(device: str) -> None:
+    """`--fp8` where FP8 layers cannot run on `device` is bad input, found before any weights load."""
+    import torch
+
+    from .engine import model_dtype
+    from .speed.fp8 import fp8_unsupported_reason
+
+    dev = torch.device(device)
+    reason = fp8_unsupported_reason(dev, model_dtype(dev))
+    if reason is not None:
+        raise PlanError(f"--fp8 {reason}", "leave out --fp8 to run the linear layers in bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs: refused before anything heavy is imported
+
+
+def printable_path(path: Path, option: str) -> None:
+    """Refuse a path with a control character (a newline would print one path as two lines)."""
+    text = str(path)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise PlanError(
+            f"{option} {ascii(text)}: the path has a control character (such as a newline) in it",
+            "give a path without control characters",
+        )
+
+
+def check_outputs(request: RenderRequest, stories: int | None = None) -> None:
+    """-o or --out-dir, exactly one, and a place a video can be written: checked before any script is read."""
+    if (request.output is None) == (request.out_dir is None):
+        raise PlanError("give exactly one of -o/--output FILE.mp4 or --out-dir DIR")
+    if request.out_dir is not None:
+        printable_path(request.out_dir, "--out-dir")
+        if request.out_dir.exists() and not request.out_dir.is_dir():
+            raise PlanError(f"--out-dir {request.out_dir}: it is a file, not a folder", "give a folder for the videos")
+        return
+    output = request.output
+    assert output is not None
+    printable_path(output, "-o")
+    if stories is not None and stories != 1:
+        raise PlanError(f"-o names one file but the scripts hold {stories} stories", "use --out-dir DIR")
+    if output.suffix.lower() != ".mp4":
+        raise PlanError(f"{output}: the output must be an .mp4 file", "name the video like story.mp4")
+    if output.is_dir():
+        raise PlanError(f"cannot write {output}: it is a folder", "name an .mp4 file")
+    if output.exists() and not output.is_file():
+        raise PlanError(f"cannot write {output}: it is not a regular file", "name an .mp4 file in a folder")
+    try:
+        check_reservable(output)
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+
+
+def make_out_dir(folder: Path) -> None:
+    """Create `--out-dir` (and its parents) if missing."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PlanError(f"--out-dir {folder}: it is a file, not a folder", "give a folder for the videos") from None
+    except OSError as error:
+        raise PlanError(
+            f"--out-dir {folder}: cannot create it: {error.strerror or error}", "give a folder you can write to"
+        ) from None
+
+
+def safe_filename(title: str) -> str:
+    """A story title as a file name: path separators and control characters become '_'."""
+    cleaned = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 or ord(c) == 127 else c for c in title).strip(" .")
+    return cleaned or "untitled"
+
+
+def output_name(story: Story) -> str:
+    return f"{safe_filename(story.title)}.mp4"
+
+
+def story_name(story: Story) -> str:
+    """A story as messages name it: its title and where it was written."""
+    return f"{story.title!r} ({story.path}{f':{story.line}' if story.line else ''})"
+
+
+def story_outputs(stories: list[Story], out_dir: Path) -> list[Path]:
+    """`DIR/<title>.mp4` for every story; two stories that would write one file are an error naming both."""
+    paths = [out_dir / output_name(story) for story in stories]
+    first_writer: dict[Path, Story] = {}
+    for story, path in zip(stories, paths, strict=True):
+        if (other := first_writer.setdefault(path, story)) is not story:
+            raise PlanError(
+                f"two stories would both write {path}: {story_name(other)} and {story_name(story)}",
+                "give one of them another title",
+            )
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scripts -> jobs
+
+
+def load_stories(
+    scripts: tuple[Path, ...], segment_seconds: float, geometry: VideoGeometry, *, keep_going: bool = False
+) -> tuple[list[Story], list[str]]:
+    """Every story of the scripts; a bad script raises PlanError, or with `keep_going` is one message in the list."""
+    stories: list[Story] = []
+    problems: list[str] = []
+    for path in scripts:
+        try:
+            stories.extend(load_scripts(path, segment_seconds, geometry))
+        except ScriptError as error:
+            if not keep_going:
+                raise PlanError(str(error)) from None
+            problems.append(str(error))
+    return stories, problems
+
+
+def plan_jobs(
+    request: RenderRequest, geometry: VideoGeometry, *, keep_going: bool = False
+) -> tuple[list[Job], list[str]]:
+    """The jobs of a request, in script order, with one message per bad script or story when `keep_going`.
+
+    Without `keep_going` the first problem raises PlanError. The options and outputs are checked first.
+    """
+    option_settings(request.settings, geometry)
+    check_outputs(request)
+    stories, problems = load_stories(request.scripts, request.segment_seconds, geometry, keep_going=keep_going)
+    settled: list[tuple[Story, GenerationSettings]] = []
+    for story in stories:
+        try:
+            settled.append((story, story_settings(story, request.settings, geometry)))
+        except PlanError as error:
+            if not keep_going:
+                raise
+            problems.append(error.message)
+    if not settled:
+        return [], problems
+    if request.output is not None:
+        check_outputs(request, stories=len(settled))
+        targets = [request.output]
+    else:
+        assert request.out_dir is not None
+        targets = story_outputs([story for story, _ in settled], request.out_dir)
+    jobs = [
+        Job(story, target, settings, request.seed_for(story), story.timeline(geometry, request.duration_s).chunks)
+        for (story, settings), target in zip(settled, targets, strict=True)
+    ]
+    return jobs, problems
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What is on disk
+
+
+def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometry) -> str | None:
+    """None if the job's video is a finished render of this request (its sidecar says so), else how it differs."""
+    target = job.target
+    if not target.is_file():
+        return "no video yet"
+    recorded = memflow_sidecar(sidecar_path(target))
+    if recorded is None:
+        return f"no memflow metadata {sidecar_path(target).name} beside it"
+    from .render import request_record
+
+    timeline = job.story.timeline(geometry, request.duration_s)
+    asked = json.loads(json.dumps(request_record(job.story, timeline, job.settings, job.seed)))
+    if recorded.get("title") != asked["title"]:
+        return f"it holds {recorded.get('title')!r} from {recorded.get('script')}"
+    was, now = recorded.get("timeline", {}).get("duration_s"), asked["timeline"]["duration_s"]
+    if was != now:
+        return f"it is {was:.2f} s long, {now:.2f} s were asked" if isinstance(was, float) else "another length"
+    if recorded.get("timeline") != asked["timeline"]:
+        return "its segments differ from the script's"
+    if recorded.get("seed") != asked["seed"]:
+        return f"it was rendered with seed {recorded.get('seed')}, not {job.seed}"
+    if recorded.get("settings") != asked["settings"]:
+        return "it was rendered with other settings"
+    if recorded.get("fp8", False) != request.fp8:
+        return f"it was rendered {'without' if request.fp8 else 'with'} --fp8"
+    return None
+
+
+def claim(job: Job, request: RenderRequest, geometry: VideoGeometry, held: ExitStack) -> Claim:
+    """Decide what to do with the job's output, and reserve it (lock held until `held` closes) to render.
+
+    SKIP: a finished render of this request is there and `skip_existing` was asked. IN_PROGRESS: another live
+    memflow process holds the output's lock (a PlanError instead for `-o`, where the one story cannot be done).
+    RENDER: the lock is ours; with `skip_existing`, the partial video of a render that died is removed (the
+    story starts again from the beginning), with `overwrite` any partial. What would be replaced without being
+    asked raises PlanError.
+    """
+    if request.skip_existing and finished_difference(job, request, geometry) is None:
+        return Claim.SKIP
+    lock = OutputLock(job.target)
+    try:
+        check_reservable(job.target)
+        lock.acquire()
+    except OutputBusyError as error:
+        if request.output is not None:
+            raise PlanError(str(error), error.hint) from None
+        return Claim.IN_PROGRESS
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+    try:
+        if request.skip_existing and finished_difference(job, request, geometry) is None:  # finished meanwhile
+            lock.release()
+            return Claim.SKIP
+        check_existing(job.target, overwrite=request.overwrite, resume=request.skip_existing)
+    except OutputExistsError as error:
+        lock.release()
+        difference = finished_difference(job, request, geometry) if error.path == job.target else None
+        why = f" ({difference})" if difference else ""
+        raise PlanError(f"{error}{why}", error.hint) from None
+    except BaseException:
+        lock.release()
+        raise
+    partial_path(job.target).unlink(missing_ok=True)
+    held.callback(lock.release)
+    return Claim.RENDER
