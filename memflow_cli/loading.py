@@ -14,8 +14,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .settings import WAN_1_3B, SettingsError, TransformerConfig
 
 DOWNLOAD_COMMAND = "memflow weights download"
@@ -35,6 +33,8 @@ class WeightsError(RuntimeError):
 
 def read_torch_file(path: Path | str) -> Any:
     """torch.load, safely (weights_only) and memory-mapped: tensors are mapped from the file, not read."""
+    import torch  # here, not with the module: `WeightsError` costs no torch import
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"file not found: run `{DOWNLOAD_COMMAND}`", path)

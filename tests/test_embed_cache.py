@@ -356,3 +356,22 @@ def test_a_temporary_file_left_by_a_dead_writer_is_evicted_and_one_being_written
     os.utime(dead, (old, old))
     cache.put_many({PROMPTS[0]: embeds(0)})
     assert writing.exists() and not dead.exists() and not cache.path(PROMPTS[0]).exists()
+
+
+# -- through the command ----------------------------------------------------------------------------------
+
+
+def test_memflow_render_encodes_a_story_once_and_reads_it_back_on_the_next_run(tmp_path, monkeypatch):
+    from .cli_helpers import DEMO, memflow, write_story
+
+    encoders = CountingEncoders(monkeypatch)
+    script = write_story(tmp_path / "fox.yaml", ["0s", "0.75s"], "1.5s")
+    first = memflow("render", script, *DEMO, "-o", tmp_path / "first.mp4", "--quiet")
+    assert first.exit_code == 0, first.output
+    assert encoders.built == 1 and len(encoders.encoded) == 2  # the story's two prompts, once
+    again = memflow("render", script, *DEMO, "-o", tmp_path / "again.mp4", "--quiet")
+    assert again.exit_code == 0, again.output
+    assert encoders.built == 1  # the second run never built the text encoder
+    sources = [[p["embedding"] for p in memflow_sidecar(tmp_path / f"{name}.json")["prompts"]]
+               for name in ("first", "again")]  # fmt: skip
+    assert sources == [[ENCODED, ENCODED], [CACHED, CACHED]]
