@@ -691,3 +691,24 @@ def test_a_text_encoder_that_cannot_load_fails_the_engine_load_with_its_file_nam
     t5.write_bytes(t5.read_bytes()[:-100])
     with pytest.raises(WeightsError, match=re.escape(str(t5))):
         load_engine(str(root), "cpu", LoraSettings(rank=2, alpha=2.0), prompts=PROMPTS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_weights_engine_loads_on_three_threads_and_keeps_the_encoder_where_there_is_room(
+    tmp_path, tokenizer, umt5, vae, monkeypatch
+):
+    from memflow_cli.engine import load_engine
+    from memflow_cli.settings import LoraSettings
+
+    root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
+    lora = LoraSettings(rank=2, alpha=2.0)
+    expected = load_text_encoder(resolve_model(root), "cpu", torch.float32, max_length=256).encode(PROMPTS)
+    with load_engine(str(root), "cuda", lora, compile=False, prompts=PROMPTS) as engine:
+        assert engine.prompts.encoder_loaded
+        embeds = engine.embeddings(PROMPTS)
+        assert engine.text_encoder.device.type == "cuda"  # a tiny encoder always fits beside a render
+        assert next(engine.transformer.parameters()).device == engine.device
+        assert next(engine.vae.parameters()).device == engine.device
+    error = (embeds - expected).norm() / expected.norm()
+    assert error < 2e-2  # bf16 on the GPU against float32 on the CPU
