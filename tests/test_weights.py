@@ -711,4 +711,4 @@ def test_on_the_gpu_the_weights_engine_loads_on_three_threads_and_keeps_the_enco
         assert next(engine.transformer.parameters()).device == engine.device
         assert next(engine.vae.parameters()).device == engine.device
     error = (embeds - expected).norm() / expected.norm()
-    assert error < 2e-2  # bf16 on the GPU against float32 on the CPU
+    assert error < 3e-2  # bf16 on the GPU against float32 on the CPU
