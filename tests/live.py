@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -69,3 +70,9 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
 def same_frames(a: Path, b: Path) -> bool:
     first, second = decoded_frames(a), decoded_frames(b)
     return len(first) == len(second) and all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))
+
+
+def replay_options(script: Path) -> list[str]:
+    """The render options that the `# replay:` header of a session's OUT.yaml names, as a user copies them."""
+    header = next(line for line in script.read_text().splitlines() if line.startswith("# replay: memflow render "))
+    return shlex.split(header.split(" -o replay.mp4", 1)[1])

@@ -12,7 +12,7 @@ import yaml
 
 from memflow_cli.output import partial_path
 
-from .live import MEMFLOW, environment, piped, run_memflow, same_frames, wait_for_bytes
+from .live import MEMFLOW, environment, piped, replay_options, run_memflow, same_frames, wait_for_bytes
 from .test_live import OPENING
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -49,6 +49,8 @@ def test_a_gpu_session_replays_frame_for_frame(tmp_path, stop):
     sidecar = json.loads(target.with_suffix(".json").read_text())
     print(json.dumps(sidecar["live"]["latency"]), sidecar["live"]["stalls"])
     replay = tmp_path / "replay.mp4"
-    rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *GPU_DEMO, "-q", timeout=600)
+    options = replay_options(target.with_suffix(".yaml"))
+    assert "--compile" in options  # the session compiled on the GPU: its replay must too
+    rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *options, "-q", timeout=600)
     assert rendered.returncode == 0, rendered.stderr
     assert same_frames(target, replay)

@@ -167,7 +167,7 @@ def live(
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
         story_seed = opening.seed if seed is None else seed
-        options = _replay_options(model, device, decode_device, compile, fp8, lora_rank, lora_alpha)
+        options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
                  address, public, options)  # fmt: skip
 
@@ -279,8 +279,8 @@ def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool,
     options += ["--device", shlex.quote(device)]
     if decode_device is not None:
         options += ["--decode-device", shlex.quote(decode_device)]
-    if not compile:
-        options.append("--no-compile")
+    # compiled and eager kernels round differently on a GPU: the replay runs the path the session ran
+    options.append("--compile" if compile else "--no-compile")
     if fp8:
         options.append("--fp8")
     if (lora_rank, lora_alpha) != (256, 256.0):

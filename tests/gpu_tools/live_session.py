@@ -100,10 +100,12 @@ def main() -> None:
               "chunks": sidecar["timeline"]["chunks"], "render_s": sidecar["timings"]["render_s"]}  # fmt: skip
     if args.replay:
         replay = args.out / "replay.mp4"
-        rendered = subprocess.run([sys.executable, "-m", "memflow_cli", "render", str(target.with_suffix(".yaml")),
-                                   "-o", str(replay), "--model", args.model, *device, "-q", "--overwrite"],
-                                  capture_output=True, text=True)  # fmt: skip
-        from tests.live import same_frames
+        from tests.live import replay_options, same_frames
+
+        script = target.with_suffix(".yaml")
+        options = replay_options(script)  # the options the session's OUT.yaml names
+        rendered = subprocess.run([sys.executable, "-m", "memflow_cli", "render", str(script), "-o", str(replay),
+                                   *options, "-q", "--overwrite"], capture_output=True, text=True)  # fmt: skip
 
         result["replay_same_frames"] = rendered.returncode == 0 and same_frames(target, replay)
         result["replay_stderr_tail"] = rendered.stderr[-500:]
