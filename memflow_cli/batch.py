@@ -36,14 +36,28 @@ from .plan import (
     check_fp8,
     checked_device,
     claim,
+    cut_prompts,
     finished_difference,
     geometry_for,
     make_out_dir,
     plan_jobs,
+    story_name,
+    text_token_limit,
 )
-from .report import download_hint, err, out, print_error, quiet_libraries, stop_code, stop_word, warn
+from .report import (
+    download_hint,
+    err,
+    out,
+    print_error,
+    quiet_libraries,
+    stop_code,
+    stop_word,
+    warn,
+    warn_prompt_cuts,
+)
 from .script import ScriptError, format_seconds
 from .settings import SettingsError, VideoGeometry
+from .tokens import counter_from_tokenizer
 
 POLL_S = 0.5  # how often rank 0 looks at the others' progress once its own share is done
 
@@ -85,6 +99,12 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
         if not todo:
             return 0
         engine = held.enter_context(load_engine_reported(request, device, decode_device))
+        encoder = engine.text_encoder
+        if (tokenizer := getattr(encoder, "tokenizer", None)) is not None:  # the exact count of the model's tokenizer
+            count = counter_from_tokenizer(tokenizer)
+            for job in todo:
+                cuts = cut_prompts(job.story, geometry, encoder.max_length, count, request.duration_s)
+                warn_prompt_cuts(story_name(job.story), cuts)
         failures = 0
         for job in todo:
             try:
@@ -201,6 +221,10 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
     jobs, problems = plan_jobs(request, geometry, keep_going=True)
     for problem in problems:
         print_error(problem)
+    if ranks.is_main:  # estimated: rank 0 may load no model, and the ranks' tokenizers are all the same
+        limit = text_token_limit(request.model)
+        for job in jobs:
+            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, None, request.duration_s))
     if jobs and request.out_dir is not None:
         make_out_dir(request.out_dir)
 
