@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
+from .loading import WeightsError
 from .output import OutputError
 from .plan import (
     EXIT_FAILED,
@@ -42,7 +43,7 @@ from .plan import (
     make_out_dir,
     plan_jobs,
     story_name,
-    text_token_limit,
+    text_tokens,
 )
 from .report import (
     download_hint,
@@ -57,7 +58,6 @@ from .report import (
 )
 from .script import ScriptError, format_seconds
 from .settings import SettingsError, VideoGeometry
-from .tokens import counter_from_tokenizer
 
 POLL_S = 0.5  # how often rank 0 looks at the others' progress once its own share is done
 
@@ -98,13 +98,11 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                 todo.append(job)
         if not todo:
             return 0
-        engine = held.enter_context(load_engine_reported(request, device, decode_device))
-        encoder = engine.text_encoder
-        if (tokenizer := getattr(encoder, "tokenizer", None)) is not None:  # the exact count of the model's tokenizer
-            count = counter_from_tokenizer(tokenizer)
-            for job in todo:
-                cuts = cut_prompts(job.story, geometry, encoder.max_length, count, request.duration_s)
-                warn_prompt_cuts(story_name(job.story), cuts)
+        limit, count = text_tokens(request.model)  # the exact count of the model's tokenizer where it has one
+        for job in todo:
+            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
+        first_prompts = todo[0].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
+        engine = held.enter_context(load_engine_reported(request, device, decode_device, todo, first_prompts))
         failures = 0
         for job in todo:
             try:
@@ -112,6 +110,10 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                     result = render_job(engine, job, request, update)
             except RenderStopped as stop:
                 return stop.exit_code
+            except WeightsError as error:  # the text encoder, loaded when a story first needs it
+                print_error(f"{job.title}: {error}", download_hint(str(error)))
+                failures += 1
+                continue
             except (OutputError, SettingsError, ScriptError, ValueError) as error:
                 print_error(f"{job.title}: {error}", getattr(error, "hint", None))
                 failures += 1
@@ -127,20 +129,37 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     return EXIT_FAILED if failures else 0
 
 
-def load_engine_reported(request: RenderRequest, device: str, decode_device: str | None):
-    """The engine (close it, or use it in `with`); a weights problem is one line and exit code 1."""
+def load_engine_reported(
+    request: RenderRequest,
+    device: str,
+    decode_device: str | None,
+    jobs: list[Job] | None = None,
+    prompts: Sequence[str] = (),
+):
+    """The engine for `jobs` (close it, or use it in `with`), `prompts` ready; a weights problem is one line
+    and exit code 1.
+
+    Whether it compiles: as `request.compile` says, or where `jobs` win the compile back (none: an open-ended
+    video such as `memflow live`'s, which compiles only when asked)."""
     from .engine import load_engine
-    from .loading import WeightsError
 
     quiet_libraries()
     try:
-        engine = load_engine(request.model, device, request.lora, compile=request.compile, fp8=request.fp8,
-                             decode_device=decode_device)  # fmt: skip
+        engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
+                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts)  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
     if engine.notice:
         warn(engine.notice)
     return engine
+
+
+def _compile_choice(request: RenderRequest, device: str, jobs: list[Job]):
+    """Compile or not for these jobs together, as `--compile` / `--no-compile` say or their chunks decide."""
+    from .render import compile_choice
+
+    plans = [(job.story, job.settings) for job in jobs]
+    return compile_choice(request.model, device, request.compile, plans, request.duration_s, request.fp8)
 
 
 class RenderStopped(Exception):
@@ -221,10 +240,10 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
     jobs, problems = plan_jobs(request, geometry, keep_going=True)
     for problem in problems:
         print_error(problem)
-    if ranks.is_main:  # estimated: rank 0 may load no model, and the ranks' tokenizers are all the same
-        limit = text_token_limit(request.model)
+    if ranks.is_main:  # once for all ranks: they read the prompts with the same tokenizer
+        limit, count = text_tokens(request.model)
         for job in jobs:
-            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, None, request.duration_s))
+            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
     if jobs and request.out_dir is not None:
         make_out_dir(request.out_dir)
 
@@ -296,8 +315,11 @@ def _render_share(
     if not share:
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
+    first_prompts = todo[share[0]].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
     try:
-        engine = load_engine(request.model, str(device), request.lora, compile=request.compile, fp8=request.fp8)
+        choice = _compile_choice(request, str(device), [todo[index] for index in share])
+        engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice,
+                             prompts=first_prompts)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"

@@ -2,13 +2,16 @@
 
 One chunk is `frames_per_chunk` latent frames. For each chunk the transformer
 runs one pass per denoising step, then a cache-writing pass on the clean
-result at the context timestep. With several prompts the loop switches prompt
-on chunk boundaries and re-encodes the recent frames under the new prompt (the
-KV re-cache); with one prompt it follows the single-prompt pipeline.
+result at the context timestep. A prompt source says, at every chunk boundary,
+which prompt drives the next chunk (a script's switches known in advance, or the
+prompts of a live session as they arrive); on a switch the loop re-encodes the
+recent frames under the new prompt (the KV re-cache). With one prompt and no
+switch it follows the single-prompt pipeline.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -45,6 +48,28 @@ class SeededNoise:
 
     def renoise(self, chunk: int, step: int) -> torch.Tensor:
         return self._draw()
+
+
+class PromptSource(Protocol):
+    """Which prompt drives each chunk, asked at the chunk boundary before the chunk starts."""
+
+    def at(self, chunk: int) -> tuple[int, torch.Tensor] | None:
+        """(segment index, embeddings [text_len, text_dim] or [B, text_len, text_dim]) for `chunk`; None: the
+        video ends before `chunk`. A segment index other than the last one's switches prompt there."""
+        ...
+
+
+class ScriptedPrompts:
+    """The prompts of a script: prompt i + 1 takes over at chunk `switch_chunks[i]`; `chunks` chunks in all."""
+
+    def __init__(self, embeds: torch.Tensor, switch_chunks: Sequence[int], chunks: int):
+        self.embeds, self.switch_chunks, self.chunks = embeds, tuple(switch_chunks), chunks
+
+    def at(self, chunk: int) -> tuple[int, torch.Tensor] | None:
+        if chunk >= self.chunks:
+            return None
+        segment = bisect.bisect_right(self.switch_chunks, chunk)
+        return segment, self.embeds[segment]
 
 
 # Makes, for one video, what runs its passes from the pass function (the fast path's CUDA graphs).
@@ -87,30 +112,52 @@ class MemFlowGenerator:
         noise: NoiseSource,
         switch_chunks: Sequence[int] = (),
     ) -> Iterator[torch.Tensor]:
-        """Yield `num_chunks` denoised latent chunks [B, F, C, h, w].
+        """Yield `num_chunks` denoised latent chunks [B, F, C, h, w] of a scripted video.
 
         prompt_embeds: [n_prompts, text_len, text_dim] (or [n_prompts, B, ...]); prompt i+1
-        takes over at chunk `switch_chunks[i]`.
+        takes over at chunk `switch_chunks[i]`. The memory records as an interactive story's does
+        when there are switches, unless the memory settings say which way (`interactive`).
         """
         if len(switch_chunks) != len(prompt_embeds) - 1:
             raise ValueError(f"{len(prompt_embeds)} prompts need {len(prompt_embeds) - 1} switch chunks")
-        contexts = self._contexts(prompt_embeds)  # [n_prompts, B, text_len, text_dim]
-        batch = contexts.shape[1]
-        memory = self._memory(batch, interactive=len(switch_chunks) > 0)
+        interactive = self.settings.memory.interactive
+        if interactive is None:
+            interactive = len(switch_chunks) > 0
+        prompts = ScriptedPrompts(prompt_embeds, switch_chunks, num_chunks)
+        yield from self.stream(prompts, noise, interactive=interactive)
+
+    @torch.no_grad()
+    def stream(self, prompts: PromptSource, noise: NoiseSource, *, interactive: bool) -> Iterator[torch.Tensor]:
+        """Yield denoised latent chunks [B, F, C, h, w] until `prompts` ends the video.
+
+        `prompts` is asked at every chunk boundary, before the chunk starts, which prompt drives it: a
+        new segment index switches prompt there (KV re-cache, bank scored under the new text), as a
+        scripted switch does. `interactive` is the memory's recording policy (`KVMemory`).
+        """
+        opening = prompts.at(0)
+        if opening is None:
+            return
+        segment, context = opening[0], self._context(opening[1])  # context: [B, text_len, text_dim]
+        batch = context.shape[0]
+        memory = self._memory(batch, interactive=interactive)
         text = TextCache(self.model.config, batch, self.device, self.dtype)
         history = self._history(batch)  # the last `window` latent frames, for a re-cache
         run_pass = self.passes(self.run_pass) if self.passes else self.run_pass
-        segment = 0
-        for chunk in range(num_chunks):
+        chunk = 0
+        while True:
             # 1. prompt switch: new text, recent frames re-encoded under it
-            if segment < len(switch_chunks) and chunk >= switch_chunks[segment]:
-                segment += 1
-                self._recache(chunk, contexts[segment], memory, text, history)
+            if chunk > 0:
+                now = prompts.at(chunk)
+                if now is None:
+                    return
+                if now[0] != segment:
+                    segment, context = now[0], self._context(now[1])
+                    self._recache(chunk, context, memory, text, history)
 
             # 2. what the chunk attends to (the bank takes its staged prototype first), and its prompt's text
             passes = memory.begin_chunk(chunk, text)
             if not text.valid:
-                self.model.embed_text(contexts[segment], text)
+                self.model.embed_text(context, text)
             state = self._state(passes, memory, text)
 
             # 3. denoise the chunk, one pass per step
@@ -121,21 +168,22 @@ class MemFlowGenerator:
             memory.end_chunk(passes, chunk)
             _push(history, x0)
             yield x0
+            chunk += 1
 
     def _history(self, batch: int) -> torch.Tensor:
         """Zeros [B, window, C, h, w]: room for the most recent `window` latent frames."""
         frame = self.settings.geometry.latent_shape(1)[1:]
         return torch.zeros((batch, self.settings.memory.window, *frame), device=self.device, dtype=self.dtype)
 
-    def _contexts(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """Prompt embeddings as [n_prompts, B, text_len, text_dim] on the device, zero rows up to the text length."""
+    def _context(self, embeds: torch.Tensor) -> torch.Tensor:
+        """One prompt's embeddings as [B, text_len, text_dim] on the device, zero rows up to the text length."""
         text_len = self.model.config.text_len
-        contexts = prompt_embeds.to(self.device, self.dtype)
-        if contexts.dim() == 3:
-            contexts = contexts[:, None]  # [n_prompts, B=1, T, D]
-        if contexts.shape[2] < text_len:  # zero rows up to the text length, as the text encoder pads
-            contexts = torch.nn.functional.pad(contexts, (0, 0, 0, text_len - contexts.shape[2]))
-        return contexts
+        context = embeds.to(self.device, self.dtype)
+        if context.dim() == 2:
+            context = context[None]  # [B=1, T, D]
+        if context.shape[1] < text_len:  # zero rows up to the text length, as the text encoder pads
+            context = torch.nn.functional.pad(context, (0, 0, 0, text_len - context.shape[1]))
+        return context
 
     def _memory(self, batch: int, *, interactive: bool) -> KVMemory:
         geometry = self.settings.geometry

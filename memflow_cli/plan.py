@@ -33,7 +33,7 @@ from .output import (
 )
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
-from .tokens import PromptCut, TokenCounter, prompt_cuts
+from .tokens import PromptCut, TokenCounter, counter_from_tokenizer, load_token_counter, prompt_cuts
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -66,7 +66,7 @@ class RenderRequest:
     skip_existing: bool = False  # resume: skip finished videos, replace the partials of dead renders
     settings: Mapping[str, Any] = field(default_factory=dict)  # generation settings given as options
     lora: LoraSettings = field(default_factory=LoraSettings)
-    compile: bool = True
+    compile: bool | None = None  # --compile / --no-compile; None: where the video wins it back (render.compile_choice)
     fp8: bool = False
     segment_seconds: float = 10.0
 
@@ -334,6 +334,24 @@ def text_token_limit(model: str | None) -> int:
 
         return DEMO_TEXT_LEN
     return RELEASE_TEXT_TOKENS
+
+
+def text_tokens(model: str | None) -> tuple[int, TokenCounter | None]:
+    """The tokens the model's text encoder reads, and its tokenizer as a counter (None where it cannot be read
+    without loading the model: the counts are then estimates). Imports torch for the demo model."""
+    limit = text_token_limit(model)
+    if model == "demo":
+        from .demo import build_demo_tokenizer
+
+        return limit, counter_from_tokenizer(build_demo_tokenizer())
+    if model == "random":
+        return limit, None
+    from .weights import WeightsError, resolve_model
+
+    try:
+        return limit, load_token_counter(resolve_model(model).tokenizer_dir)
+    except WeightsError:  # the model's load says what is missing
+        return limit, None
 
 
 def cut_prompts(

@@ -163,6 +163,10 @@ class MemorySettings:
     record_interval: int = 3  # chunks between two recordings into the bank
     sma: bool = False  # sparse memory activation
     sma_top_k: int = 3  # frames of sink+bank kept per head when SMA is on
+    # How the bank records: True as an interactive story (every `record_interval` chunks), False as a
+    # single-prompt one (every chunk); None: interactive when the story switches prompt. A live session
+    # sets it, not knowing in advance whether a prompt will come.
+    interactive: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MEMORY_MODES:
@@ -257,7 +261,11 @@ class GenerationSettings:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting; `interactive` only where it is set (records written before it existed stay equal)."""
+        data = dataclasses.asdict(self)
+        if self.memory.interactive is None:
+            del data["memory"]["interactive"]
+        return data
 
 
 # user-facing name -> (settings group, attribute); CLI options and YAML keys use these names
@@ -269,6 +277,7 @@ SETTING_NAMES: dict[str, tuple[str, str]] = {
     "record_interval": ("memory", "record_interval"),
     "sma": ("memory", "sma"),
     "sma_top_k": ("memory", "sma_top_k"),
+    "interactive": ("memory", "interactive"),
     "steps": ("sampler", "steps"),
     "shift": ("sampler", "shift"),
 }
@@ -292,7 +301,7 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise SettingsError(name, f"must be one of {', '.join(MEMORY_MODES)}, got {preview(value)}")
         return value
-    if name == "sma":
+    if name in ("sma", "interactive"):
         if not isinstance(value, bool):
             raise SettingsError(name, f"must be true or false, got {preview(value)}")
         return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ REQUIRED = {
     "device", "model", "latent_frames", "video_frames", "fps_end_to_end", "fps_generate",
     "time_to_first_frame_s", "peak_memory_gib", "warmup_s",
 }  # fmt: skip
+DEMO_CPU = ("bench", "--model", "demo", "--device", "cpu")
 
 
 def test_bench_demo_cpu_ends_with_json_line():
@@ -95,3 +97,109 @@ def test_bench_under_a_memory_limit_on_the_gpu():
     assert 0 < record["peak_memory_encode_gib"] <= record["peak_reserved_gib"] <= 1.0
     # the cap ends with the run: two GiB can be had again
     torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+
+
+# -- switches: no more than the chunks allow (issue #20, defect 10) ----------------------------------------------
+
+
+def test_bench_refuses_more_switches_than_its_chunks_allow():
+    result = CliRunner().invoke(app, [*DEMO_CPU, "--frames", "9", "--switches", "50"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert "--switches 50: 9 latent frames make 3 chunks, which allow at most 2 switches" in lines[0]
+
+
+def test_bench_reports_the_switches_it_made():
+    result = CliRunner().invoke(app, [*DEMO_CPU, "--frames", "9", "--switches", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["switches"] == 2
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5, 7, 9, 40])
+def test_switches_land_on_distinct_chunks_inside_the_video(chunks):
+    from memflow_cli.bench import BenchError, switch_chunks
+
+    for switches in range(chunks):
+        at = switch_chunks(chunks, switches)
+        assert len(at) == switches and len(set(at)) == switches and list(at) == sorted(at)
+        assert all(1 <= chunk <= chunks - 1 for chunk in at)
+    with pytest.raises(BenchError):
+        switch_chunks(chunks, chunks)
+
+
+# -- FPS: a run that did more work never ranks above one that did less -------------------------------------------
+
+
+def test_fps_of_decoding_is_bounded_by_the_run_that_decoded_and_wrote(monkeypatch):
+    """One run per phase is noisy on a shared CPU: a decode-only run slower than the decode-and-write run
+    (seen as fps_end_to_end 7.39 above fps_decode 5.35) is bounded by it."""
+    from memflow_cli import bench as bench_mod
+
+    seconds = {bench_mod.Phase.GENERATE: 1.0, bench_mod.Phase.DECODE: 4.0, bench_mod.Phase.MP4: 3.0}
+
+    def fake_run(engine, settings, chunks, switches, seed, phase, folder):
+        return bench_mod.RunTimes(seconds[phase], 0.5, [100.0] * chunks, bench_mod.Peaks(None, None))
+
+    monkeypatch.setattr(bench_mod, "_timed_run", fake_run)
+    record = bench_mod.run(
+        bench_mod.BenchOptions(model="demo", device=torch.device("cpu"), settings=_demo_settings(), latent_frames=9)
+    )
+    assert record["video_frames"] == 33
+    assert record["fps_end_to_end"] == round(33 / 3.0, 2)
+    assert record["fps_decode"] == record["fps_end_to_end"]  # bounded by the faster run that did more
+    assert record["fps_generate"] == round(33 / 1.0, 2)
+
+
+def _demo_settings():
+    from memflow_cli.demo import DEMO_GEOMETRY
+    from memflow_cli.settings import GenerationSettings
+
+    return GenerationSettings(geometry=DEMO_GEOMETRY)
+
+
+# -- time to video: whole render processes, cold and warm -------------------------------------------------------
+
+
+def test_bench_times_whole_render_processes_cold_and_warm():
+    args = ["bench", "--model", "demo", "--device", "cpu", "--frames", "6", "--switches", "1", "--time-to-video"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    to_video = record["time_to_video_s"]
+    assert set(to_video) == {"cold", "warm"}
+    for start, run in to_video.items():
+        assert run["video_frames"] == 4 * 6 - 3, start  # the bench's video, rendered by `memflow render`
+        assert run["compile"] == "eager (no compiled path on this device)"
+        phases = [run[name] for name in ("import_s", "load_s", "encode_s", "render_s", "finish_s")]
+        assert all(value >= 0 for value in phases) and run["import_s"] > 0 and run["render_s"] > 0
+        assert sum(phases) <= run["total_s"] <= run["process_s"]
+        assert run["warmup_s"] <= run["first_frame_s"] <= run["render_s"]
+        assert run["import_s"] + run["load_s"] < run["time_to_first_frame_s"] <= run["total_s"]
+        assert run["exit_s"] == pytest.approx(run["process_s"] - run["total_s"], abs=2e-3)
+
+
+def test_bench_without_time_to_video_runs_no_render_process():
+    result = CliRunner().invoke(app, ["bench", "--model", "demo", "--device", "cpu", "--frames", "6"])
+    assert result.exit_code == 0, result.output
+    assert "time_to_video_s" not in json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_time_to_video_render_is_the_bench_video_with_its_settings(tmp_path):
+    from memflow_cli.bench import BenchOptions, _write_bench_story, render_command
+    from memflow_cli.script import load_scripts
+    from memflow_cli.settings import MemorySettings, SamplerSettings
+
+    memory, sampler = MemorySettings(mode="sink", window=9, sink=2), SamplerSettings((1000, 500))
+    settings = replace(_demo_settings(), memory=memory, sampler=sampler)
+    options = BenchOptions(model="demo", device=torch.device("cpu"), settings=settings, latent_frames=12, switches=2,
+                           compile=False, seed=5)  # fmt: skip
+    story = load_scripts(_write_bench_story(tmp_path / "story.yaml", options), 10.0, settings.geometry)[0]
+    timeline = story.timeline(settings.geometry)
+    assert timeline.chunks == 4 and timeline.switch_chunks == (1, 3) and story.seed == 5
+    command = render_command(tmp_path / "story.yaml", tmp_path / "out.mp4", options)
+    joined = " ".join(command[1:])
+    assert joined.startswith(f"-m memflow_cli render {tmp_path / 'story.yaml'} -o {tmp_path / 'out.mp4'}")
+    for part in ("--model demo", "--device cpu", "--memory sink", "--window 9", "--sink 2", "--steps 1000,500",
+                 "--no-compile", "--no-sma"):  # fmt: skip
+        assert part in joined

@@ -337,7 +337,9 @@ HEAD = "segments:\n  - start: 0s\n    prompt: A lighthouse keeper climbs the sta
 SEGMENTS_HINT = "write segments as a list of `- start: 0s` / `  prompt: ...` entries"
 TIME_HINT = "write it like 10s, 1m30s, 0:10 or 1:02.5"
 STORY_KEYS = "known keys: title, seed, duration, segments, settings"
-SETTING_KEYS = "known settings: memory, window, sink, bank_size, record_interval, sma, sma_top_k, steps, shift"
+SETTING_KEYS = (
+    "known settings: memory, window, sink, bank_size, record_interval, sma, sma_top_k, interactive, steps, shift"
+)
 SEED_HINT = "use a whole number from 0 up, such as 0 or 42"
 
 

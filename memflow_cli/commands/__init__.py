@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, check, render, weights
+from . import bench, check, live, render, weights
 
 
 def register(app: typer.Typer) -> None:
     app.command(epilog=check.EPILOG)(check.check)
     app.command(epilog=render.EPILOG)(render.render)
     app.command(epilog=bench.EPILOG)(bench.bench)
+    app.command(epilog=live.EPILOG)(live.live)
     app.add_typer(weights.app, name="weights")

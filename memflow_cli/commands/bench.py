@@ -52,7 +52,7 @@ def bench(
     record_interval: RecordInterval = None,
     sma: Sma = None,
     steps: Steps = None,
-    compile: Compile = True,
+    compile: Compile = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also time memory none, sink, nam and nam+SMA.")] = False,
     fp8: Fp8 = False,
     text_encoder: Annotated[
@@ -72,6 +72,14 @@ def bench(
             metavar="GIB",
         ),
     ] = None,
+    time_to_video: Annotated[
+        bool,
+        typer.Option(
+            "--time-to-video",
+            help="Also time two whole `memflow render` processes of the same video, the first with empty compile "
+            "caches (cold), the second with what it left (warm): the JSON's time_to_video_s.",
+        ),
+    ] = False,
 ) -> None:
     """Measure speed and memory of the render pipeline; prints a table, then one JSON line."""
     if random_weights and model is not None:
@@ -99,11 +107,14 @@ def bench(
     if memory_limit is not None and dev.type != "cuda":
         fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
     quiet_libraries()
-    options = bench_mod.BenchOptions(
-        model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
-        switches=switches, compile=compile, fp8=fp8, compare=compare,
-        decode_device=decode_dev, full_text_encoder=text_encoder, memory_limit_gib=memory_limit,
-    )  # fmt: skip
+    try:
+        options = bench_mod.BenchOptions(
+            model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
+            switches=switches, compile=compile, fp8=fp8, compare=compare, decode_device=decode_dev,
+            full_text_encoder=text_encoder, memory_limit_gib=memory_limit, time_to_video=time_to_video,
+        )  # fmt: skip
+    except bench_mod.BenchError as error:
+        fail(str(error), EXIT_BAD_INPUT)
     with err.status("benchmark") as spinner:
         try:
             result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))

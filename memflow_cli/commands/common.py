@@ -75,10 +75,11 @@ DecodeDevice = Annotated[
     str | None, typer.Option(help="Decode on another device than generation, e.g. cuda:1.", metavar="DEVICE")
 ]
 Compile = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--compile/--no-compile",
-        help="The fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (first chunk slower); "
-        "--no-compile runs the eager model.",
+        help="The compiled fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (a slower start). "
+        "Default: render compiles where the video is long enough to win the compile back (sooner once its "
+        "kernels are cached), bench and live always; --no-compile runs the eager model.",
     ),
 ]

@@ -81,7 +81,7 @@ def render(
     steps: Steps = None,
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
-    compile: Compile = True,
+    compile: Compile = None,
     fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

@@ -6,8 +6,10 @@ transformer is built with), how its blocks' steps run (compiled or not), what ru
 builds the model and the decoder (the engine) holds it and hands each part to what uses it.
 
 By concern: `attention.py` (SDPA's backend priority, the flash-attn 3 probe), `compile.py` (torch.compile
-from any thread, the blocks' compiled steps), `graphs.py` (CUDA graphs of passes), `linear.py` (the
-blocks' linear layers), `decoder.py` (the VAE decoder's layout and compiled steps).
+from any thread, the blocks' compiled steps), `compile_cache.py` (compiled kernels kept across processes,
+and whether a run compiles at all), `process.py` (every process-wide setting, in one place), `graphs.py`
+(CUDA graphs of passes), `linear.py` (the blocks' linear layers), `decoder.py` (the VAE decoder's layout
+and compiled steps).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from ..settings import TransformerConfig
 from ..vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 from ..vae_stream import DecoderKernels
 from . import attention
-from .compile import MODEL_GRAPHS, allow_recompiles, compiled, compiled_block_steps
+from .compile import compiled, compiled_block_steps
 from .decoder import channels_last_convs, fused_decoder_kernels
 from .fp8 import use_fp8_linears
 from .graphs import GraphedPasses
 from .linear import LinearGELU
+from .process import process_settings
 
 __all__ = ["FastPath", "choose_fast_path", "EAGER"]
 
@@ -89,9 +92,9 @@ def choose_fast_path(
     and with `compile` the compiled steps, CUDA graphs and fused decoder steps. On the CPU: plain PyTorch.
     `fp8` (asked for, never chosen here: it changes the video) quantises the blocks' linear layers.
     """
+    process_settings(device, compile=compile)
     if device.type != "cuda":
         return replace(EAGER, fp8=fp8)
-    torch.backends.cudnn.benchmark = True
     name, self_attention = attention.self_attention_kernel(device, config.num_heads, config.head_dim, dtype)
     plain = FastPath(
         compile=False,
@@ -103,7 +106,6 @@ def choose_fast_path(
     )
     if not compile:
         return plain
-    allow_recompiles(MODEL_GRAPHS)  # the SMA key set's graphs too
     return FastPath(
         compile=True,
         self_attention=name,

@@ -60,7 +60,9 @@ def compiled_block_steps(model: CausalWanTransformer) -> tuple[BlockSteps, ...]:
 
     Static shapes: a pass kind is a few graphs, shared by all blocks.
     """
-    allow_recompiles(MODEL_GRAPHS)
+    from .process import compile_settings
+
+    compile_settings()
     return tuple(
         BlockSteps(compiled(block.attention_inputs), compiled(block.after_attention)) for block in model.blocks
     )

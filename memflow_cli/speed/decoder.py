@@ -12,7 +12,8 @@ import functools
 import torch
 
 from ..vae_stream import DecoderKernels, residual_sum, rms_norm_silu_into, upsample_nearest
-from .compile import VAE_GRAPHS, allow_recompiles, compiled, eager_rounding
+from .compile import compiled, eager_rounding
+from .process import compile_settings
 
 
 def channels_last_convs(vae: torch.nn.Module) -> None:
@@ -39,7 +40,7 @@ def fused_decoder_kernels() -> DecoderKernels:
     (`emulate_precision_casts`), so a fused step computes what the plain one does, in one pass over
     memory instead of several.
     """
-    allow_recompiles(VAE_GRAPHS)
+    compile_settings()
     as_eager = eager_rounding()
     return DecoderKernels(
         norm_silu=compiled(rms_norm_silu_into, as_eager),

@@ -1,0 +1,355 @@
+"""`memflow live`: parse, check everything that can be checked before the model loads, then report the session.
+
+Signals: the first Ctrl-C (SIGINT), SIGTERM or SIGHUP ends the session at the next chunk boundary: the
+MP4 is finished and the replay script and sidecar are written, exit code 0. A second one aborts at once:
+the partial video is kept as `render` keeps it, exit code 130 (128 + the signal's number otherwise).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from ..output import OutputError, reserved_output
+from ..plan import (
+    EXIT_FAILED,
+    PlanError,
+    RenderRequest,
+    check_fp8,
+    check_outputs,
+    check_seed,
+    checked_device,
+    geometry_for,
+    parse_duration,
+    story_settings,
+)
+from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
+from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
+from ..settings import GenerationSettings, LoraSettings
+from .common import (
+    TIME_FORMATS,
+    BankSize,
+    Compile,
+    DecodeDevice,
+    Device,
+    Fp8,
+    MemoryMode,
+    RecordInterval,
+    Sink,
+    Sma,
+    Steps,
+    Window,
+    reported,
+)
+
+EPILOG = (
+    "Examples:  memflow live --prompt 'a lighthouse at dusk' -o live.mp4 --serve 8000  |  "
+    "printf 'a storm rolls in\\n' | memflow live story.yaml -o live.mp4 --duration 30s"
+)
+MAX_TITLE_BYTES = 200
+
+
+def live(
+    script: Annotated[
+        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times.",
+                                    metavar="SCRIPT", show_default=False)  # fmt: skip
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="The opening prompt, instead of a script.", metavar="TEXT")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The MP4; the replay script goes beside it as .yaml.", metavar="FILE.mp4"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Weights folder, 'demo' or 'random' (as render). Default: the HF cache.",
+                     metavar="PATH|demo|random"),  # fmt: skip
+    ] = None,
+    device: Device = None,
+    decode_device: DecodeDevice = None,
+    seed: Annotated[
+        int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(help=f"End the session there, e.g. 60s. Times: {TIME_FORMATS}. Default: at Ctrl-C.",
+                     metavar="TIME"),  # fmt: skip
+    ] = None,
+    ahead: Annotated[
+        int,
+        typer.Option(help="Chunks generation may run ahead of playback (0.75 s each): more is smoother, "
+                     "fewer shows a typed prompt sooner.", min=0, max=64, metavar="N"),  # fmt: skip
+    ] = 2,
+    serve: Annotated[
+        str | None,
+        typer.Option(help="Serve the page that plays the session and takes prompts, e.g. 8000 or 127.0.0.1:8000.",
+                     metavar="[HOST:]PORT"),  # fmt: skip
+    ] = None,
+    public: Annotated[
+        bool,
+        typer.Option("--public", help="Allow --serve on an address other machines reach; the URL then carries a "
+                     "random token that every request needs."),  # fmt: skip
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing video, its replay script and a partial video.")
+    ] = False,
+    memory: MemoryMode = None,
+    window: Window = None,
+    sink: Sink = None,
+    bank_size: BankSize = None,
+    record_interval: RecordInterval = None,
+    sma: Sma = None,
+    steps: Steps = None,
+    lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
+    lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
+    compile: Compile = True,
+    fp8: Fp8 = False,
+) -> None:
+    """Render continuously while you type what happens next; watch it in the browser; replay it exactly.
+
+    Each line typed (or piped on stdin) is the prompt from the next chunk not started yet. Ends at
+    --duration, on Ctrl-C or on SIGTERM (the end of piped input does not end it). Writes FILE.mp4
+    (growing as it renders), its sidecar .json and FILE.yaml: `memflow render FILE.yaml` makes the
+    same video, frame for frame.
+    """
+    from ..live.server import ServeError, check_bind, parse_address
+
+    with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
+        # 1. everything checked before the model loads (the output before torch is imported)
+        if (script is None) == (prompt is None):
+            raise PlanError("give an opening script or --prompt TEXT (one of them)",
+                            "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
+        if output is None:
+            raise PlanError("give the output video with -o FILE.mp4")
+        check_outputs(RenderRequest(scripts=(), output=output))
+        address = None
+        if serve is not None:
+            try:
+                address = parse_address(serve)
+                check_bind(address, public)
+            except ServeError as error:
+                raise PlanError(str(error)) from None
+        elif public:
+            raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
+        limit_s = parse_duration(duration)
+        check_seed(seed)
+        geometry = geometry_for(model)
+        opening, title = _opening(script, prompt, output, geometry)
+        given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
+                 "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
+        settings = story_settings(opening, given, geometry)
+        device = checked_device(device)
+        if decode_device is not None:
+            decode_device = checked_device(decode_device, "--decode-device")
+        if fp8:
+            check_fp8(device)
+        request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
+                                seed=seed, lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile,
+                                fp8=fp8)  # fmt: skip
+        try:
+            # 2. the outputs claimed, then the model
+            _reserve(stack, output, script, overwrite)
+            from ..batch import load_engine_reported
+
+            engine = stack.enter_context(load_engine_reported(request, device, decode_device))
+        except KeyboardInterrupt as stop:
+            err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
+            raise typer.Exit(stop_code(stop)) from None
+        story_seed = opening.seed if seed is None else seed
+        options = _replay_options(model, device, decode_device, compile, fp8, lora_rank, lora_alpha)
+        _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
+                 address, public, options)  # fmt: skip
+
+
+def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
+             settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
+             address, public: bool, replay_options: str) -> None:  # fmt: skip
+    from ..live.prompts import PromptInbox
+    from ..live.server import LiveServer
+    from ..live.session import LiveRequest, SessionStop, run_live
+    from ..render import RenderInterrupted
+
+    inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))
+    stop = SessionStop(inbox)
+    server = None
+    if address is not None:
+        try:
+            server = stack.enter_context(LiveServer(address, inbox, public=public, fps=engine.geometry.fps))
+        except OSError as error:
+            raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
+                            "choose another port (0 picks a free one)") from None
+        err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
+    if sys.stdin is not None and sys.stdin.isatty():
+        err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
+    request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
+                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite,
+                          replay_options=replay_options)  # fmt: skip
+    events = _Report(engine.geometry.fps, server)
+    try:
+        with _stop_on_signals(stop):
+            result = run_live(engine, request, inbox, events, stop)
+    except RenderInterrupted as aborted:
+        where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
+        stop = aborted.__context__
+        how = stop_word(stop) if isinstance(stop, Terminated) else "aborted"
+        err.print(f"[yellow]{how}:[/] {escape(f'{aborted.frames} frames written; {where}')}", soft_wrap=True)
+        raise typer.Exit(stop_code(stop)) from None
+    except OutputError as error:
+        raise PlanError(str(error), error.hint, EXIT_FAILED) from None
+    finally:
+        if server is not None:
+            server.end()
+    out.print(str(result.path), markup=False, soft_wrap=True)
+    out.print(str(result.script), markup=False, soft_wrap=True)
+    if result.unused_prompts:
+        _warn(f"{len(result.unused_prompts)} prompt(s) came after the last chunk started and are not in the video")
+    err.print(_summary(result), markup=False, soft_wrap=True)
+
+
+class _Report:
+    """Prints the session's switches and latencies on stderr, and hands frames to the page's server."""
+
+    def __init__(self, fps: int, server):
+        self.fps, self.server = fps, server
+
+    def switched(self, segment, waited: int) -> None:
+        queued = f" ({waited} more queued)" if waited else ""
+        err.print(f"{format_seconds(segment.start_s)} (chunk {segment.start_chunk}) {segment.source}: "
+                  f"{segment.prompt}{queued}", markup=False, soft_wrap=True)  # fmt: skip
+
+    def chunk(self, index: int, frames, first_frame: int, due: Sequence[float], segments) -> None:
+        if self.server is not None:
+            shown = [{"start_s": s.start_s, "prompt": s.prompt, "source": s.source} for s in segments]
+            self.server.show(frames.numpy(), first_frame, due, shown)
+
+    def latency(self, latency) -> None:
+        err.print(f"  on screen {latency.to_screen_s:.2f} s after it arrived (made after {latency.to_written_s:.2f} s)",
+                  markup=False)  # fmt: skip
+
+    def notice(self, text: str) -> None:
+        err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
+
+
+def _summary(result) -> str:
+    latency = result.latency_summary()
+    said = (f"prompt to screen {latency['to_screen_median_s']:.2f} s median, {latency['to_screen_max_s']:.2f} s "
+            f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
+    stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
+              else "playback never stalled")  # fmt: skip
+    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / 16:.2f} s of video) "
+            f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
+
+
+@contextmanager
+def _stop_on_signals(stop) -> Iterator[None]:
+    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.finishing:
+            _warn("the video is finished; writing its replay script and metadata")
+            return
+        if stop.is_set():
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        stop.set("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower())
+        _warn("stopping after the chunk being made (once more to abort at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool, lora_rank: int,
+                    lora_alpha: float) -> str:  # fmt: skip
+    """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
+    options = [] if model is None else ["--model", shlex.quote(model)]
+    options += ["--device", shlex.quote(device)]
+    if decode_device is not None:
+        options += ["--decode-device", shlex.quote(decode_device)]
+    if not compile:
+        options.append("--no-compile")
+    if fp8:
+        options.append("--fp8")
+    if (lora_rank, lora_alpha) != (256, 256.0):
+        options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
+    return " ".join(options)
+
+
+def _warn(text: str) -> None:
+    err.print(f"[yellow]live:[/] {escape(text)}", soft_wrap=True)
+
+
+def _stdin_fd() -> int | None:
+    """Where prompt lines come from; None where there is no stdin, or it is a terminal this session runs in
+    the background of (reading it would stop the process)."""
+    try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else None
+    except (io.UnsupportedOperation, ValueError, AttributeError):
+        return None
+    if fd is not None and os.isatty(fd):
+        try:
+            if os.tcgetpgrp(fd) != os.getpgrp():
+                _warn("running in the background of a terminal: prompts come from the page only")
+                return None
+        except OSError:
+            return None
+    return fd
+
+
+def _opening(script: Path | None, prompt: str | None, output: Path, geometry) -> tuple[Story, str]:
+    """The opening story and the replay script's title."""
+    if script is not None:
+        try:
+            stories = load_scripts(script, geometry=geometry)
+        except ScriptError as error:
+            raise PlanError(str(error)) from None
+        if len(stories) != 1:
+            raise PlanError(f"{script} holds {len(stories)} stories; a live session opens with one",
+                            "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
+        return stories[0], stories[0].title
+    from ..live.prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
+
+    assert prompt is not None
+    try:
+        text = checked_prompt(prompt)
+    except PromptRefused:
+        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
+    title = output.stem.strip() or "live"
+    while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
+        title = title[:-1]
+    story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
+                  segments=(Segment(0.0, text),))  # fmt: skip
+    return story, title
+
+
+def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: bool) -> None:
+    """The video's files claimed as `render` claims them, and the replay script checked: nothing clobbered."""
+    from ..live.replay import is_replay_script
+
+    try:
+        stack.enter_context(reserved_output(output, overwrite=overwrite))
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+    replay = output.with_suffix(".yaml")
+    if script is not None and replay.exists() and replay.resolve() == script.resolve():
+        raise PlanError(f"{replay} is the opening script; the replay script would replace it",
+                        "choose another output name")  # fmt: skip
+    if replay.is_dir():
+        raise PlanError(f"cannot write {replay}: it is a folder", "choose another output name")
+    if replay.exists() and not overwrite:
+        whose = "an earlier live session's replay script" if is_replay_script(replay) else "not written by memflow"
+        raise PlanError(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
+                        "move it away, or use --overwrite")  # fmt: skip

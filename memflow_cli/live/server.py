@@ -1,0 +1,347 @@
+"""`--serve`: one page that plays the session as it is made, shows the prompt and timeline, and takes prompts.
+
+Standard library only. `GET /` is the page (everything inline); `GET /video` a `multipart/x-mixed-replace`
+stream of PNG frames (an `<img>` plays it) paced by the playback clock; `GET /events` Server-Sent Events
+with the frame on screen, the current prompt and the timeline; `POST /prompt` queues the next prompt.
+
+The render never waits for a viewer: frames go to each client through a small queue of its own, and a
+client too slow to take them loses the oldest. A client that goes away only ends its own handler.
+
+Loopback binds need nothing else; any other bind needs `public=True` and then every request must carry
+the random token (`?token=...`, printed once in the URL), or it gets 403.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import queue
+import secrets
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from .page import PAGE
+from .prompts import PromptInbox, PromptRefused
+
+CLIENT_QUEUE = 4  # frames (or events) waiting for one client; beyond, the oldest is dropped
+MAX_PROMPT_BODY = 16 * 1024  # bytes of a POST /prompt body
+BOUNDARY = "memflowframe"
+_END = None  # queue sentinel: the session is over
+
+
+class ServeError(ValueError):
+    """A --serve address that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_address(text: str) -> Address:
+    """`[HOST:]PORT` -> Address (host 127.0.0.1 when left out); raises ServeError."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ServeError(f"--serve {text}: give a port (0-65535), optionally after HOST:, like 8000 or 0.0.0.0:8000")
+    return Address(host, int(port))
+
+
+def check_bind(address: Address, public: bool) -> None:
+    """A non-loopback bind only with `public`; raises ServeError."""
+    if not address.loopback and not public:
+        raise ServeError(
+            f"--serve {address.host}:{address.port} would let other machines watch and steer the session; "
+            "add --public to allow it (a random token is then required in the URL), or serve on 127.0.0.1"
+        )
+
+
+def png(frame: np.ndarray, level: int = 1) -> bytes:
+    """An RGB frame [H, W, 3] uint8 as PNG bytes (no filter, zlib `level`)."""
+    height, width, _ = frame.shape
+    rows = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type 0 on every row
+    rows[:, 1:] = frame.reshape(height, width * 3)
+
+    def part(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + part(b"IHDR", header) + part(b"IDAT", zlib.compress(rows.tobytes(), level)) + \
+        part(b"IEND", b"")  # fmt: skip
+
+
+class _Clients:
+    """Per-client bounded queues; `publish` never blocks (a full queue loses its oldest item)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: set[queue.Queue] = set()
+        self.closed = False
+
+    def join(self) -> queue.Queue:
+        q: queue.Queue = queue.Queue(maxsize=CLIENT_QUEUE)
+        with self._lock:
+            if self.closed:
+                q.put_nowait(_END)
+            self._queues.add(q)
+        return q
+
+    def leave(self, q: queue.Queue) -> None:
+        with self._lock:
+            self._queues.discard(q)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queues)
+
+    def publish(self, item: Any) -> None:
+        with self._lock:
+            targets = list(self._queues)
+        for q in targets:
+            _put_dropping_oldest(q, item)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+        self.publish(_END)
+
+
+def _put_dropping_oldest(q: queue.Queue, item: Any) -> None:
+    while True:
+        try:
+            q.put_nowait(item)
+            return
+        except queue.Full:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+
+
+class LiveServer:
+    """The page's server and its player thread; use as a context manager (`start`/`close`)."""
+
+    def __init__(self, address: Address, inbox: PromptInbox, *, public: bool = False, fps: int = 16,
+                 clock: Callable[[], float] = time.perf_counter):  # fmt: skip
+        check_bind(address, public)
+        self.address = address
+        self.inbox = inbox
+        self.token = secrets.token_urlsafe(16) if public else None
+        self.fps = fps
+        self.clock = clock
+        self.frames = _Clients()
+        self.events = _Clients()
+        self._shown = 0  # frames played so far
+        self._status: dict[str, Any] = {"frame": 0, "time_s": 0.0, "prompt": "", "segments": [], "ended": False}
+        self._status_lock = threading.Lock()
+        self._playlist: queue.Queue = queue.Queue()  # (due, frame array, status) in order; unbounded, frames are few
+        self._httpd = _server_class(address.host)((address.host, address.port), _handler(self))
+        self._threads = [
+            threading.Thread(target=self._httpd.serve_forever, name="memflow-live-http", daemon=True),
+            threading.Thread(target=self._play, name="memflow-live-player", daemon=True),
+        ]
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        shown = f"[{host}]" if ":" in str(host) else host
+        return f"http://{shown}:{port}/" + (f"?token={self.token}" if self.token else "")
+
+    def start(self) -> LiveServer:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    # -- what the session hands over ---------------------------------------------------------------------
+
+    def show(self, frames: np.ndarray, first_frame: int, due: Sequence[float], segments: list[dict[str, Any]]) -> None:
+        """Frames [N, H, W, 3] of the video, from frame `first_frame`, to play at `due`; never blocks."""
+        for offset, (frame, at) in enumerate(zip(frames, due, strict=True)):
+            self._playlist.put((at, first_frame + offset, frame, segments))
+
+    def end(self) -> None:
+        """The session is over: streams finish once the last frame has played."""
+        self._playlist.put(_END)
+
+    # -- the player ----------------------------------------------------------------------------------------
+
+    def _play(self) -> None:
+        while (item := self._playlist.get()) is not _END:
+            due, index, frame, segments = item
+            late = self.clock() - due
+            if late < 0:
+                time.sleep(-late)
+            status = self._status_at(index, segments)
+            if len(self.frames) and (late < 1.0 / self.fps or self._playlist.empty()):  # behind: skip the picture
+                self.frames.publish(png(np.asarray(frame)))
+            self.events.publish(status)
+        with self._status_lock:
+            self._status = {**self._status, "ended": True}
+            ended = dict(self._status)
+        self.events.publish(ended)
+        self.frames.close()
+        self.events.close()
+
+    def _status_at(self, index: int, segments: list[dict[str, Any]]) -> dict[str, Any]:
+        time_s = index / self.fps
+        current = [s for s in segments if s["start_s"] <= time_s + 1e-9]
+        status = {"frame": index, "time_s": round(time_s, 3), "prompt": current[-1]["prompt"] if current else "",
+                  "segment": len(current) - 1, "segments": segments, "ended": False}  # fmt: skip
+        with self._status_lock:
+            self._status = status
+        return status
+
+    def status(self) -> dict[str, Any]:
+        with self._status_lock:
+            return dict(self._status)
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._playlist.put(_END)
+        self._threads[1].join(timeout=5.0)
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a viewer's stream never holds the session's end
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    return _Server6 if ":" in host else _Server
+
+
+def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "memflow-live"
+
+        def log_message(self, format: str, *args: Any) -> None:  # the terminal is the session's
+            pass
+
+        def _allowed(self) -> bool:
+            if server.token is None:
+                return True
+            given = parse_qs(urlsplit(self.path).query).get("token", [""])[0]
+            if secrets.compare_digest(given, server.token):
+                return True
+            self._send(403, b"403: this session needs the token of its URL\n", "text/plain; charset=utf-8")
+            return False
+
+        def _send(self, code: int, body: bytes, kind: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if not self._allowed():
+                return
+            route = urlsplit(self.path).path
+            if route == "/":
+                self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+            elif route == "/video":
+                self._video()
+            elif route == "/events":
+                self._events()
+            elif route == "/status":
+                self._send(200, json.dumps(server.status()).encode(), "application/json")
+            else:
+                self._send(404, b"404: not here\n", "text/plain; charset=utf-8")
+
+        def do_POST(self) -> None:
+            if not self._allowed():
+                return
+            if urlsplit(self.path).path != "/prompt":
+                self._send(404, b"404: not here\n", "text/plain; charset=utf-8")
+                return
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                self._send(411, b"411: send the prompt with a Content-Length\n", "text/plain; charset=utf-8")
+                return
+            if int(length) > MAX_PROMPT_BODY:
+                self.close_connection = True
+                self._send(413, b"413: the prompt is too long\n", "text/plain; charset=utf-8")
+                return
+            text = self.rfile.read(int(length)).decode("utf-8", errors="replace")
+            try:
+                arrival = server.inbox.post(text, "page")
+            except PromptRefused as refused:
+                self._send(400, json.dumps({"error": str(refused)}).encode(), "application/json")
+                return
+            self._send(202, json.dumps({"queued": arrival.prompt}).encode(), "application/json")
+
+        def _stream_head(self, kind: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+
+        def _video(self) -> None:
+            q = server.frames.join()
+            try:
+                self._stream_head(f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+                while (data := q.get()) is not _END:
+                    head = f"--{BOUNDARY}\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
+                    self.wfile.write(head.encode() + data + b"\r\n")
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass  # the viewer left: only this stream ends
+            finally:
+                server.frames.leave(q)
+
+        def _events(self) -> None:
+            q = server.events.join()
+            try:
+                self._stream_head("text/event-stream")
+                self.wfile.write(f"data: {json.dumps(server.status())}\n\n".encode())
+                self.wfile.flush()
+                while (status := q.get()) is not _END:
+                    self.wfile.write(f"data: {json.dumps(status)}\n\n".encode())
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass
+            finally:
+                server.events.leave(q)
+
+    return Handler

@@ -1,0 +1,166 @@
+"""Compiled graphs kept across processes, and the choice, per run, of whether compiling pays off.
+
+torch.compile's output (Inductor's FX graphs and autotuning results, Triton's kernels) is cached on disk;
+by default torch keeps it in the temporary folder, which a reboot or a new machine empties. memflow keeps
+it in the user's cache instead, one folder per GPU, torch, CUDA and memflow version (`CompileKey`), so a
+second render on the same machine finds its kernels, and another torch never reads them:
+
+    $MEMFLOW_CACHE_DIR, else $XDG_CACHE_HOME/memflow, else ~/.cache/memflow
+        compile/<gpu>-torch<version>-cuda<version>-memflow<version>/
+            inductor/  triton/  warm/<graphs>.json
+
+A `warm/` marker is written once a compiled video of that shape finished: its graphs are then in the
+cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, and saves
+a fraction of a second on every chunk after the first, so `choose_compile` compiles only where the video
+is long enough to win that back; a shorter one runs eager, which is never slower than `--no-compile`.
+Deleting the folder is always safe: it only costs the next compiled render its warm-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+CACHE_ENV = "MEMFLOW_CACHE_DIR"
+INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+TRITON_ENV = "TRITON_CACHE_DIR"
+
+
+def user_cache_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """memflow's cache folder: $MEMFLOW_CACHE_DIR, else $XDG_CACHE_HOME/memflow, else ~/.cache/memflow."""
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV]).expanduser()
+    if environ.get("XDG_CACHE_HOME"):
+        return Path(environ["XDG_CACHE_HOME"]).expanduser() / "memflow"
+    return Path.home() / ".cache" / "memflow"
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """What compiled kernels depend on beyond the graphs themselves: the GPU and the software versions."""
+
+    gpu: str  # e.g. "NVIDIA H200"
+    torch: str  # e.g. "2.11.0+cu130"
+    cuda: str  # the CUDA torch was built with, e.g. "13.0"
+    memflow: str = __version__
+
+    @classmethod
+    def current(cls, device) -> CompileKey:
+        """The key of `device` (a CUDA device) with the running torch."""
+        import torch
+
+        return cls(torch.cuda.get_device_name(device), torch.__version__, torch.version.cuda or "none")
+
+    @property
+    def folder_name(self) -> str:
+        """A readable folder name, one path component (no spaces, no separators)."""
+        name = f"{self.gpu}-torch{self.torch}-cuda{self.cuda}-memflow{self.memflow}"
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
+
+
+def compile_cache_dir(key: CompileKey, environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """The folder of `key`'s compiled kernels in the user's cache."""
+    return user_cache_dir(environ) / "compile" / key.folder_name
+
+
+def compile_cache_env(folder: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """The environment that points torch's compile caches into `folder`; a cache folder the user set
+    (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) is left as it is."""
+    wanted = {INDUCTOR_ENV: str(folder / "inductor"), TRITON_ENV: str(folder / "triton")}
+    return {name: value for name, value in wanted.items() if not environ.get(name)}
+
+
+def graphs_signature(description: dict[str, Any]) -> str:
+    """A short stable name for the set of graphs a description (model, geometry, settings...) compiles."""
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def warm_marker(folder: Path, signature: str) -> Path:
+    return folder / "warm" / f"{signature}.json"
+
+
+def is_warm(folder: Path, signature: str) -> bool:
+    """Whether a compiled video of these graphs finished with this cache folder (its kernels are there)."""
+    return warm_marker(folder, signature).is_file()
+
+
+def mark_warm(folder: Path, signature: str, description: dict[str, Any]) -> None:
+    """Record that these graphs are compiled in `folder`; a cache that cannot be written is left alone."""
+    marker = warm_marker(folder, signature)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        temporary = marker.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(description, sort_keys=True, default=str), encoding="utf-8")
+        temporary.replace(marker)
+    except OSError:
+        pass  # only the next run's choice is affected: it compiles as if cold
+
+
+class CompilePath(str, Enum):
+    """Which way a run's model ran, as the sidecar and bench report it."""
+
+    COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
+    COMPILED_COLD = "compiled-cold"  # compiled from scratch: the video is long enough to pay for it
+    EAGER = "eager"  # chosen: too short to win back the compile
+    EAGER_ASKED = "eager (--no-compile)"
+    EAGER_DEVICE = "eager (no compiled path on this device)"
+
+
+@dataclass(frozen=True)
+class CompileCosts:
+    """What compiling costs and saves a whole render process, in seconds.
+
+    From the H200 measurements of issue #21 (832x480, 4 steps, FA3, the 40-chunk example, one process each):
+    eager 48.4 s; compiled with warm caches 53.3 s, with empty caches 113.2 s. The chunks after the first
+    took 23.9 s eager and 18.1 s compiled (0.149 s saved each), so the fixed cost of compiling is
+    53.3 - 48.4 + 39 x 0.149 = 10.7 s warm (the first chunk's 5.2 s and the compiled engine's build and
+    imports) and 70.6 s cold.
+    """
+
+    cold_s: float = 70.6
+    warm_s: float = 10.7
+    saved_per_chunk_s: float = 0.149
+
+
+H200_COSTS = CompileCosts()
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    compile: bool
+    path: CompilePath
+    reason: str  # one line, for the sidecar and the log
+
+
+def choose_compile(
+    asked: bool | None, chunks: int, *, cuda: bool, warm: bool, costs: CompileCosts = H200_COSTS
+) -> CompileChoice:
+    """Compile or not, for a run of `chunks` chunks in all (every story of a batch shares the compile).
+
+    `asked`: True (`--compile`) always compiles, False (`--no-compile`) never, None lets the video's length
+    decide: compiled where the chunks after the first win back the first chunk's extra cost on this cache
+    (`warm`), eager otherwise, so that the default is never slower than `--no-compile`.
+    """
+    if not cuda:
+        return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled path runs on CUDA only")
+    if asked is False:
+        return CompileChoice(False, CompilePath.EAGER_ASKED, "--no-compile")
+    cost = costs.warm_s if warm else costs.cold_s
+    saved = max(0, chunks - 1) * costs.saved_per_chunk_s
+    compiled = CompilePath.COMPILED_WARM if warm else CompilePath.COMPILED_COLD
+    cache = "warm" if warm else "cold"
+    if asked:
+        return CompileChoice(True, compiled, f"--compile (compile cache {cache})")
+    balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
+    if saved > cost:
+        return CompileChoice(True, compiled, balance)
+    return CompileChoice(False, CompilePath.EAGER, balance)

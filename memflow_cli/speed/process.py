@@ -1,0 +1,38 @@
+"""Every process-wide setting the fast path makes, in one place.
+
+torch keeps some of its settings per process, not per model: cuDNN's autotuning, dynamo's recompile limit,
+and where Inductor and Triton keep their compiled kernels (environment variables read when they compile).
+Nothing else in memflow sets them; `choose_fast_path` calls `process_settings` once per engine, before
+anything is compiled, and the compiled steps call `compile_settings` in case they are built alone (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .compile import MODEL_GRAPHS, VAE_GRAPHS, allow_recompiles
+from .compile_cache import CompileKey, compile_cache_dir, compile_cache_env
+
+
+def process_settings(device: torch.device, *, compile: bool) -> None:
+    """What the fast path needs torch to do in this whole process, for a model on `device`.
+
+    On CUDA: cuDNN picks its fastest convolution per shape (the VAE decoder's); with `compile`, dynamo may
+    build every graph the model and the decoder need and the compile caches live in the user's cache.
+    Nothing changes on the CPU.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if compile:
+        compile_settings(device)
+
+
+def compile_settings(device: torch.device | None = None) -> None:
+    """dynamo's recompile limit raised for our graphs; with a CUDA `device`, the compile caches pointed into
+    the user's cache (`compile_cache.py`) unless the user set their own."""
+    allow_recompiles(max(MODEL_GRAPHS, VAE_GRAPHS))
+    if device is not None and device.type == "cuda":
+        os.environ.update(compile_cache_env(compile_cache_dir(CompileKey.current(device))))

@@ -1,0 +1,71 @@
+"""Running `memflow live` as a user does, and reading back what it wrote (test helpers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+MEMFLOW = [sys.executable, "-m", "memflow_cli"]
+DEMO = ("--model", "demo", "--device", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def start_live(*args: str | Path, stdin: int | None = None) -> subprocess.Popen:
+    """`memflow live ARGS` on the demo model; `stdin` a file descriptor (a pipe written before the start)."""
+    return subprocess.Popen(
+        [*MEMFLOW, "live", *map(str, args), *DEMO],
+        stdin=stdin if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+        # a shell's background jobs ignore SIGINT; a user's terminal does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def piped(lines: list[str]) -> tuple[int, int]:
+    """(read end, write end) of a pipe that already holds `lines`; while the write end is open, no end of input."""
+    read, write = os.pipe()
+    os.write(write, "".join(f"{line}\n" for line in lines).encode())
+    return read, write
+
+
+def run_memflow(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*MEMFLOW, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=environment())  # fmt: skip
+
+
+def wait_for_bytes(path: Path, size: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Until `path` holds more than `size` bytes (the growing partial video)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size > size):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not grow past {size} bytes in {timeout} s"
+        time.sleep(0.05)
+
+
+def decoded_frames(path: Path) -> list[np.ndarray]:
+    """Every frame of a video, decoded (rgb24)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    return [np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader]
+
+
+def same_frames(a: Path, b: Path) -> bool:
+    first, second = decoded_frames(a), decoded_frames(b)
+    return len(first) == len(second) and all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))

@@ -1,0 +1,161 @@
+"""`memflow live` as a user runs it on the demo model: prompts piped in, the replay script, the ways it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memflow_cli.live.prompts import MAX_PROMPT_CHARS
+from memflow_cli.output import lock_path, partial_path
+
+from .live import piped, run_memflow, same_frames, start_live, wait_for_bytes
+from .video import probe_video
+
+OPENING = """\
+title: harbour
+seed: 7
+segments:
+  - start: 0s
+    prompt: a harbour at dawn, fishing boats rocking gently
+  - start: 3s
+    prompt: a storm rolls in over the harbour
+"""
+
+
+def opening(tmp_path: Path) -> Path:
+    script = tmp_path / "harbour.yaml"
+    script.write_text(OPENING)
+    return script
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return stdout, stderr
+
+
+def test_piped_prompts_and_the_scripts_own_segments_land_on_the_chunk_grid_and_replay_frame_for_frame(tmp_path):
+    script, target = opening(tmp_path), tmp_path / "live.mp4"
+    lines = ["the harbour master waves from the pier", "", "x" * (MAX_PROMPT_CHARS + 1), "gulls circle the masts"]
+    read, write = piped(lines)  # written before the session starts: seen at its first chunk boundaries
+    try:
+        process = start_live(script, "-o", target, "--duration", "4s", stdin=read)
+        os.close(read)
+        stdout, stderr = finish(process)
+    finally:
+        os.close(write)
+    assert process.returncode == 0, stderr
+    replay = tmp_path / "live.yaml"
+    assert stdout.splitlines() == [str(target), str(replay)]
+    # blank and too long lines: one line each on stderr, and the session went on
+    assert "ignored an empty prompt line" in stderr
+    assert f"refused a prompt of {MAX_PROMPT_CHARS + 1} characters" in stderr
+
+    story = yaml.safe_load(replay.read_text())
+    assert replay.read_text().startswith("# memflow live session")
+    # one switch a chunk (0.75 s), typed prompts in order, the script's own segment at its time (3 s = chunk 4)
+    assert [(s["start"], s["prompt"]) for s in story["segments"]] == [
+        (0.0, "a harbour at dawn, fishing boats rocking gently"),
+        (0.75, "the harbour master waves from the pier"),
+        (1.5, "gulls circle the masts"),
+        (3.0, "a storm rolls in over the harbour"),
+    ]
+    assert story["duration"] == 4.5 and story["seed"] == 7 and story["settings"]["interactive"] is True
+    assert probe_video(target).frames == 6 * 12 - 3  # --duration 4s snaps up to 6 chunks
+
+    sidecar = json.loads(target.with_suffix(".json").read_text())
+    assert sidecar["timeline"]["chunks"] == 6 and sidecar["live"]["ended_by"] == "duration"
+    latencies = sidecar["live"]["prompt_latencies"]
+    assert [(lat["start_chunk"], lat["source"]) for lat in latencies] == [(1, "stdin"), (2, "stdin")]
+    assert all(0 < lat["to_written_s"] <= lat["to_screen_s"] for lat in latencies)
+    assert sidecar["live"]["latency"]["prompts"] == 2
+    assert "prompt to screen" in stderr.splitlines()[-1]
+
+    rendered = run_memflow("render", replay, "-o", tmp_path / "replay.mp4", "--model", "demo", "--device", "cpu",
+                           "-q")  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    assert same_frames(target, tmp_path / "replay.mp4")
+    # the sidecar records the request as render does: the live video is a finished render of its replay script
+    again = run_memflow("render", replay, "-o", target, "--model", "demo", "--device", "cpu", "--skip-existing")
+    assert again.returncode == 0 and "skip:" in again.stderr
+
+
+@pytest.mark.parametrize(("stop", "ended_by"), [(signal.SIGINT, "ctrl-c"), (signal.SIGTERM, "sigterm")])
+def test_ctrl_c_or_sigterm_ends_the_session_with_a_finished_video_that_its_replay_script_remakes(
+    tmp_path, stop, ended_by
+):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--seed", "3")
+    wait_for_bytes(partial_path(target), 40_000, process)  # a few chunks made: an arbitrary chunk to stop at
+    process.send_signal(stop)
+    _, stderr = finish(process)
+    assert process.returncode == 0, stderr
+    assert "stopping after the chunk being made" in stderr
+    assert not partial_path(target).exists() and not lock_path(target).exists()
+    story = yaml.safe_load(target.with_suffix(".yaml").read_text())
+    chunks = round(story["duration"] / 0.75)
+    assert chunks >= 2 and probe_video(target).frames == chunks * 12 - 3  # the script's length is the video's
+    sidecar = json.loads(target.with_suffix(".json").read_text())
+    assert sidecar["live"]["ended_by"] == ended_by and sidecar["timeline"]["chunks"] == chunks
+    if stop == signal.SIGINT:  # the replay guarantee holds wherever the session was stopped
+        replay = tmp_path / "replay.mp4"
+        rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, "--model", "demo", "--device",
+                               "cpu", "-q")  # fmt: skip
+        assert rendered.returncode == 0, rendered.stderr
+        assert same_frames(target, replay)
+
+
+def test_kill_9_leaves_a_playable_partial_and_a_lock_the_next_session_knows_is_dead(tmp_path):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target)
+    wait_for_bytes(partial_path(target), 20_000, process)
+    process.kill()
+    finish(process)
+    assert probe_video(partial_path(target)).frames > 0  # plays up to the last fragment
+    assert lock_path(target).exists() and not target.exists() and not target.with_suffix(".yaml").exists()
+    again = run_memflow("live", "--prompt", "a lighthouse at dusk", "-o", target, "--model", "demo", "--duration",
+                        "1s")  # fmt: skip
+    assert again.returncode == 2
+    assert "holds the frames of an earlier render" in again.stderr  # not "another memflow render is writing"
+    assert "--overwrite" in again.stderr
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_partial_video(tmp_path):
+    target = tmp_path / "live.mp4"
+    slow = ",".join(str(t) for t in range(1000, 0, -50))  # 20 steps a chunk: the second Ctrl-C lands mid-chunk
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow)
+    wait_for_bytes(partial_path(target), 20_000, process)
+    process.send_signal(signal.SIGINT)
+    assert process.stderr is not None
+    while "stopping after the chunk being made" not in process.stderr.readline():  # the first one was handled
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    _, stderr = finish(process)
+    assert process.returncode == 130, stderr
+    assert "aborted:" in stderr and "playable partial video" in stderr
+    assert partial_path(target).exists() and not target.exists() and not target.with_suffix(".yaml").exists()
+    assert probe_video(partial_path(target)).frames > 0
+
+
+def test_refusals_come_before_anything_is_written(tmp_path):
+    script = opening(tmp_path)
+    foreign = tmp_path / "notes.yaml"
+    foreign.write_text("my own notes\n")
+    result = run_memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "notes.mp4", "--model", "demo")
+    assert result.returncode == 2 and "notes.yaml exists (not written by memflow)" in result.stderr
+    assert foreign.read_text() == "my own notes\n" and not (tmp_path / "notes.mp4").exists()
+
+    result = run_memflow("live", script, "-o", tmp_path / "harbour.mp4", "--model", "demo", "--overwrite")
+    assert result.returncode == 2 and "is the opening script" in result.stderr
+    assert script.read_text() == OPENING
+
+    result = run_memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "a.mp4", "--serve", "0.0.0.0:0")
+    assert result.returncode == 2 and "add --public" in result.stderr
+    result = run_memflow("live", "-o", tmp_path / "a.mp4", "--model", "demo")
+    assert result.returncode == 2 and "give an opening script or --prompt" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["harbour.yaml", "notes.yaml"]

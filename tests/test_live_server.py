@@ -1,0 +1,145 @@
+"""The page's server alone: who may bind where, the token, prompts posted, and viewers that leave or lag."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import zlib
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+
+from memflow_cli.live.prompts import PromptInbox
+from memflow_cli.live.server import (
+    BOUNDARY,
+    MAX_PROMPT_BODY,
+    LiveServer,
+    ServeError,
+    check_bind,
+    parse_address,
+    png,
+)
+
+
+@pytest.fixture
+def inbox():
+    with PromptInbox(None, print) as inbox:
+        yield inbox
+
+
+def request(server: LiveServer, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(server.address.host, server._httpd.server_address[1], timeout=10)
+    try:
+        connection.request(method, path, body=body)
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    finally:
+        connection.close()
+
+
+def frames(count: int, value: int = 0) -> np.ndarray:
+    return np.full((count, 8, 12, 3), value, dtype=np.uint8)
+
+
+def test_only_loopback_binds_without_public():
+    assert parse_address("8000").host == "127.0.0.1" and parse_address("[::1]:0").host == "::1"
+    for loopback in ("8000", "127.0.0.1:8000", "localhost:8000", "[::1]:8000"):
+        check_bind(parse_address(loopback), public=False)
+    for other in ("0.0.0.0:8000", "192.168.1.5:8000", "example.org:80"):
+        with pytest.raises(ServeError, match="add --public"):
+            check_bind(parse_address(other), public=False)
+        check_bind(parse_address(other), public=True)
+    with pytest.raises(ServeError):
+        parse_address("eighty")
+
+
+def test_a_public_server_answers_403_without_its_token(inbox):
+    with LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
+        token = server.token
+        assert token and len(token) >= 16 and f"?token={token}" in server.url
+        for path in ("/", "/video", "/events", "/status", "/?token=wrong"):
+            assert request(server, "GET", path)[0] == 403
+        assert request(server, "POST", "/prompt", b"sneaky")[0] == 403
+        assert inbox.pending() == 0
+        status, page = request(server, "GET", f"/?token={token}")
+        assert status == 200 and b"<form" in page
+        assert request(server, "POST", f"/prompt?token={token}", b"a storm")[0] == 202
+        assert inbox.take().prompt == "a storm"
+
+
+def test_the_page_is_self_contained(inbox):
+    with LiveServer(parse_address("0"), inbox) as server:
+        status, page = request(server, "GET", "/")
+    assert status == 200
+    assert b"http://" not in page and b"https://" not in page and b"<link" not in page  # nothing from elsewhere
+
+
+def test_posted_prompts_are_checked_and_bounded(inbox):
+    with LiveServer(parse_address("0"), inbox) as server:
+        assert request(server, "POST", "/prompt", b"  the tide turns \n")[0] == 202
+        status, body = request(server, "POST", "/prompt", b"   ")
+        assert status == 400 and "empty" in json.loads(body)["error"]
+        assert request(server, "POST", "/prompt", b"x" * (MAX_PROMPT_BODY + 1))[0] == 413
+    assert inbox.take().prompt == "the tide turns" and inbox.pending() == 0
+
+
+def test_png_frames_decode_to_the_pixels():
+    frame = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3)
+    data = png(frame)
+    assert data.startswith(b"\x89PNG")
+    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(8, 1 + 12 * 3)
+    assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:].reshape(8, 12, 3), frame)
+
+
+def read_parts(sock: socket.socket, parts: int, timeout: float = 10.0) -> int:
+    """Read from a /video stream until `parts` frames have begun; returns how many did."""
+    sock.settimeout(timeout)
+    data = b""
+    while data.count(f"--{BOUNDARY}".encode()) < parts:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data.count(f"--{BOUNDARY}".encode())
+
+
+def open_stream(server: LiveServer, path: str = "/video") -> socket.socket:
+    host, port = server._httpd.server_address[:2]
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def test_viewers_that_leave_or_never_read_disturb_neither_the_render_nor_other_viewers(inbox):
+    with LiveServer(parse_address("0"), inbox) as server:
+        leaver, stalled, watcher = open_stream(server), open_stream(server), open_stream(server)
+        deadline = time.monotonic() + 10
+        while len(server.frames) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        now = time.perf_counter()
+        server.show(frames(4), 0, [now + i / 16 for i in range(4)], [{"start_s": 0.0, "prompt": "p", "source": "x"}])
+        assert read_parts(leaver, 1) >= 1
+        leaver.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        leaver.close()  # gone mid-stream (a reset)
+        # a long stream of big frames: the session hands them over without waiting for anyone
+        big = np.random.default_rng(0).integers(0, 255, (192, 240, 320, 3), dtype=np.uint8)
+        started = time.perf_counter()
+        for start in range(0, 192, 12):
+            server.show(big[start : start + 12], 4 + start, [time.perf_counter() + 0.001 * i for i in range(12)], [])
+        assert time.perf_counter() - started < 1.0
+        assert read_parts(watcher, 6, timeout=10.0) >= 6  # the viewer that reads keeps getting frames
+        deadline = time.monotonic() + 20
+        while json.loads(request(server, "GET", "/status")[1])["frame"] < 195:  # playback went through to the end
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stalled.close()
+        watcher.close()
+    assert urlsplit(server.url).port  # closed cleanly, while a viewer never read a byte
