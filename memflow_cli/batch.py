@@ -37,12 +37,25 @@ from .plan import (
     check_fp8,
     checked_device,
     claim,
+    cut_prompts,
     finished_difference,
     geometry_for,
     make_out_dir,
     plan_jobs,
+    story_name,
+    text_tokens,
 )
-from .report import download_hint, err, out, print_error, quiet_libraries, stop_code, stop_word, warn
+from .report import (
+    download_hint,
+    err,
+    out,
+    print_error,
+    quiet_libraries,
+    stop_code,
+    stop_word,
+    warn,
+    warn_prompt_cuts,
+)
 from .script import ScriptError, format_seconds
 from .settings import SettingsError, VideoGeometry
 
@@ -85,6 +98,9 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                 todo.append(job)
         if not todo:
             return 0
+        limit, count = text_tokens(request.model)  # the exact count of the model's tokenizer where it has one
+        for job in todo:
+            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
         first_prompts = todo[0].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
         engine = held.enter_context(load_engine_reported(request, device, decode_device, todo, first_prompts))
         failures = 0
@@ -224,6 +240,10 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
     jobs, problems = plan_jobs(request, geometry, keep_going=True)
     for problem in problems:
         print_error(problem)
+    if ranks.is_main:  # once for all ranks: they read the prompts with the same tokenizer
+        limit, count = text_tokens(request.model)
+        for job in jobs:
+            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
     if jobs and request.out_dir is not None:
         make_out_dir(request.out_dir)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -230,21 +231,31 @@ def launch_problem(processes: int, device: str | None, gpus_here: int | None = N
 
 def launch(argv: Sequence[str], processes: int) -> int:
     """Run `python -m memflow_cli ARGV` in `processes` processes on this machine, as `torchrun --standalone
-    --nproc-per-node` does (torch's own launcher); returns rank 0's exit code, else the first failure's."""
+    --nproc-per-node` does (torch's own launcher); returns rank 0's exit code, else the first failure's.
+
+    memflow's rank 0 says what failed or was stopped; the launcher's own reports (a `ChildFailedError`, a
+    `SignalException` traceback on Ctrl-C, SIGTERM or SIGHUP, its note on OMP_NUM_THREADS) would repeat it
+    or are for users of torchrun, so its logging is off and its exceptions become the exit code.
+    """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    # memflow's rank 0 has said what failed; the launcher's own failure report would repeat it as a traceback,
-    # and its note on OMP_NUM_THREADS (1 per process) is for the user of torchrun, not of memflow
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "memflow_cli", *argv])
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # torch's elastic loggers each set their own level: only this silences them
     try:
         run(args)
     except ChildFailedError as error:
         failure = error.failures.get(0) or next(iter(error.failures.values()))
         code = failure.exitcode
         return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signal number
+    except SignalException as stop:  # the processes were stopped with this launcher, and have said so
+        return 128 + int(stop.sigval)
+    except KeyboardInterrupt:
+        return 128 + int(signal.SIGINT)
+    finally:
+        logging.disable(previous)
     return 0

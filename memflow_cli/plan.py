@@ -33,9 +33,11 @@ from .output import (
 )
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+from .tokens import PromptCut, TokenCounter, counter_from_tokenizer, load_token_counter, prompt_cuts
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+RELEASE_TEXT_TOKENS = 512  # tokens of a prompt the release's umT5 reads (text_encoder.DEFAULT_MAX_LENGTH)
 
 
 class PlanError(Exception):
@@ -323,6 +325,47 @@ def plan_jobs(
         for (story, settings), target in zip(settled, targets, strict=True)
     ]
     return jobs, problems
+
+
+def text_token_limit(model: str | None) -> int:
+    """Tokens of a prompt the model's text encoder reads (the rest is dropped): 512, or 256 for the demo."""
+    if model == "demo":
+        from .demo import DEMO_TEXT_LEN
+
+        return DEMO_TEXT_LEN
+    return RELEASE_TEXT_TOKENS
+
+
+def text_tokens(model: str | None) -> tuple[int, TokenCounter | None]:
+    """The tokens the model's text encoder reads, and its tokenizer as a counter (None where it cannot be read
+    without loading the model: the counts are then estimates). Imports torch for the demo model."""
+    limit = text_token_limit(model)
+    if model == "demo":
+        from .demo import build_demo_tokenizer
+
+        return limit, counter_from_tokenizer(build_demo_tokenizer())
+    if model == "random":
+        return limit, None
+    from .weights import WeightsError, resolve_model
+
+    try:
+        return limit, load_token_counter(resolve_model(model).tokenizer_dir)
+    except WeightsError:  # the model's load says what is missing
+        return limit, None
+
+
+def cut_prompts(
+    story: Story,
+    geometry: VideoGeometry,
+    limit: int,
+    count: TokenCounter | None = None,
+    duration_s: float | None = None,
+) -> list[PromptCut]:
+    """The segments of the story (as far as `duration_s` renders) whose prompts the text encoder reads only in part.
+
+    `count` is the model's tokenizer (exact); without it the counts are estimates that err high.
+    """
+    return prompt_cuts(story.timeline(geometry, duration_s), limit, count)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

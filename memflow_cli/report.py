@@ -34,6 +34,12 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+def warn_prompt_cuts(name: str, cuts: list[Any]) -> None:
+    """One warning a cut prompt (`tokens.PromptCut`): which story and segment, and after which word it is cut."""
+    for cut in cuts:
+        warn(f"{name}: {cut.describe()}")
+
+
 def download_hint(message: str) -> str | None:
     """The download hint, unless the message already names the command."""
     return None if "memflow weights download" in message else DOWNLOAD_HINT

@@ -144,6 +144,41 @@ def test_check_the_example_scripts():
         assert printed_timelines(memflow("check", script).stdout) == expected_timelines(script)
 
 
+def write_long_prompt_story(path: Path, words: int) -> Path:
+    """Two segments, at 0s and 1.5s, the second a prompt of `words` words (6 words repeated)."""
+    prompt = " ".join(["a lighthouse keeper climbs the stairs"] * (words // 6))
+    segments = f"segments:\n  - start: 0s\n    prompt: a fox\n  - start: 1.5s\n    prompt: {prompt}\n"
+    path.write_text(f"title: long\nduration: 3s\n{segments}", encoding="utf-8")
+    return path
+
+
+def test_check_warns_about_a_prompt_the_text_encoder_cuts(tmp_path: Path):
+    script = write_long_prompt_story(tmp_path / "long.yaml", 10_002)
+    result = memflow("check", script)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.rstrip().endswith("ok: 1 script(s) valid")
+    (line,) = result.stderr.strip().splitlines()
+    # the rough count: a word of n letters is ceil(n/4) tokens, so the 6 words are 1+3+2+2+1+2 = 11 tokens;
+    # 1667 repeats and the end token are 18338; 46 repeats (276 words) and "a lighthouse" fit 512 with the end token
+    assert line == (
+        f"warning: 'long' ({script}): segment 1 (at 1.5s): 10002 words, about 18338 tokens by a rough count; "
+        "the text encoder reads 512, so everything after about word 278 ('...keeper climbs the stairs a "
+        "lighthouse') is likely dropped"
+    )
+
+
+def test_render_counts_a_cut_prompt_with_the_models_tokenizer(tmp_path: Path, tokenizer):
+    script = write_long_prompt_story(tmp_path / "long.yaml", 600)
+    result = memflow("render", script, *DEMO, "-o", tmp_path / "long.mp4", "-q", "--duration", "2.25s")
+    assert result.exit_code == 0, result.stderr
+    words = (" ".join(["a lighthouse keeper climbs the stairs"] * 100)).split()
+    tokens = len(tokenizer(" ".join(words))["input_ids"])
+    kept = max(n for n in range(len(words) + 1) if len(tokenizer(" ".join(words[:n]))["input_ids"]) <= 256)
+    warning = f"warning: 'long' ({script}): segment 1 (at 1.5s): 600 words, {tokens} tokens; the text encoder reads "
+    warning += f"256, so everything after word {kept} ('...{' '.join(words[kept - 6 : kept])}') is dropped"
+    assert warning in result.stderr.splitlines()
+
+
 def test_check_does_not_read_prompts_as_markup(tmp_path: Path):
     script = tmp_path / "brackets.yaml"
     script.write_text('title: "[draft] fox"\nsegments:\n  - start: 0s\n    prompt: "[pan left] a fox [/pan]"\n')

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,37 @@ def test_gpus_a_failed_story_is_one_line_a_story_rendered_elsewhere_is_in_progre
     assert (out / "Fox.mp4").read_bytes() == b"not memflow's"
     assert_video(out / "Owl.mp4", video_frames(2))
     assert not (out / "Elk.mp4").exists()
+
+
+def test_gpus_ctrl_c_is_one_message_per_stop_and_the_batch_resumes(tmp_path: Path):
+    """Ctrl-C in the terminal (SIGINT to the whole process group) of `--gpus 2`: no launcher traceback."""
+    scripts, out = tmp_path / "scripts", tmp_path / "out"
+    scripts.mkdir()
+    stories = [write_story(scripts / f"{name}.yaml", ["0s"], "10m", title=name) for name in ("Elk", "Yak")]
+    command = [sys.executable, "-m", "memflow_cli", "render", *map(str, stories), "--out-dir", str(out), *DEMO, "-q"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([*command, "--gpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=tmp_path, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not any(path.stat().st_size > 2000 for path in out.glob(".*.partial.mp4")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no frames were written in 300 s"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
+    assert "interrupted: the batch was stopped; finished videos stay, run it again to resume" in stderr
+    assert all(path.name.startswith(".") for path in out.iterdir())  # no finished video; the partials stay
+
+    resumed = run_python("-m", "memflow_cli", "render", *stories, "--out-dir", out, *DEMO, *PREVIEW, "--gpus", "2",
+                         cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "batch: 2 rendered, 0 skipped, 0 failed on 2 processes" in resumed.stdout
+    assert sorted(path.name for path in out.iterdir()) == ["Elk.json", "Elk.mp4", "Yak.json", "Yak.mp4"]
 
 
 def test_under_torchrun_a_device_with_an_index_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -6,6 +6,7 @@ The one subprocess shows that output problems are found before torch is imported
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -207,3 +208,40 @@ def test_a_story_another_live_process_renders_is_in_progress_in_a_batch(tmp_path
             claim(job, single, GEOMETRY, held)  # -o: the one story cannot be done, an error
     finally:
         other.release()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts the text encoder cuts
+
+
+def long_prompt_story(tmp_path: Path, words: int) -> Path:
+    prompt = " ".join(["a lighthouse keeper climbs the stairs"] * (words // 6))
+    path = tmp_path / "long.yaml"
+    segments = f"segments:\n  - start: 0s\n    prompt: a fox\n  - start: 1.5s\n    prompt: {prompt}\n"
+    path.write_text(f"title: long\nduration: 3s\n{segments}")
+    return path
+
+
+def test_the_token_limits_are_the_text_encoders():
+    from memflow_cli.demo import DEMO_TEXT_LEN
+    from memflow_cli.plan import RELEASE_TEXT_TOKENS, text_token_limit
+    from memflow_cli.text_encoder import DEFAULT_MAX_LENGTH
+
+    assert text_token_limit(None) == text_token_limit("/weights") == RELEASE_TEXT_TOKENS == DEFAULT_MAX_LENGTH
+    assert text_token_limit("demo") == DEMO_TEXT_LEN == 256
+
+
+def test_only_the_segments_a_render_reaches_are_reported_cut(tmp_path: Path):
+    from memflow_cli.plan import cut_prompts
+    from memflow_cli.script import load_scripts
+
+    (story,) = load_scripts(long_prompt_story(tmp_path, 600), geometry=GEOMETRY)
+    (cut,) = cut_prompts(story, GEOMETRY, 512)  # counted by the estimate
+    assert (cut.segment, cut.start_s, cut.words, cut.exact) == (1, 1.5, 600, False)
+    assert cut_prompts(story, GEOMETRY, 512, duration_s=1.5) == []  # a preview that ends before segment 1
+    one_token_a_word = lambda text: len(text.split()) + 1  # noqa: E731 - and the end token
+    assert cut_prompts(story, GEOMETRY, 512, count=one_token_a_word) == [
+        dataclasses.replace(
+            cut, tokens=601, kept_words=511, last_kept="lighthouse keeper climbs the stairs a", exact=True
+        )
+    ]

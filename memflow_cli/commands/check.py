@@ -10,8 +10,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..plan import load_stories, output_name, printable_path, story_outputs
-from ..report import out
+from ..plan import (
+    RELEASE_TEXT_TOKENS,
+    cut_prompts,
+    load_stories,
+    output_name,
+    printable_path,
+    story_name,
+    story_outputs,
+)
+from ..report import out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
 from .common import OutDir, Scripts, SegmentSeconds, reported
@@ -57,7 +65,9 @@ def check(
 ) -> None:
     """Validate scripts and print each resolved timeline (no GPU, no weights, no torch).
 
-    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file.
+    Each SCRIPT is a .yaml/.yml story or an official .jsonl prompt file. A prompt longer than the text
+    encoder reads (512 tokens, by an estimate that errs high) is a warning naming its segment and the word
+    after which it is cut.
     """
     geometry = VideoGeometry()
     with reported():
@@ -68,6 +78,7 @@ def check(
         outputs = story_outputs(stories, out_dir) if out_dir else [Path(output_name(story)) for story in stories]
     for story, output in zip(stories, outputs, strict=True):
         timeline = story.timeline(geometry)
+        warn_prompt_cuts(story_name(story), cut_prompts(story, geometry, RELEASE_TEXT_TOKENS))
         if as_json:
             record = json.dumps(story_record(story, timeline, output), ensure_ascii=False)
             out.print(record, markup=False, soft_wrap=True)
