@@ -21,6 +21,7 @@ from memflow_cli.speed import compile_cache, process
 from memflow_cli.speed.compile_cache import CompileCosts, CompileKey, CompilePath, choose_compile
 from memflow_cli.timing import _process_age_from_proc, since_process_start, warmup_seconds
 
+ROUNDING = 3e-3  # the sidecar rounds each phase to the millisecond: five of them may sum 2.5 ms above the total
 H200 = CompileKey(gpu="NVIDIA H200", torch="2.11.0+cu130", cuda="13.0", memflow="0.1.0")
 
 
@@ -55,7 +56,7 @@ def test_a_render_sidecar_records_its_phases(tmp_path: Path):
                             "total_s", "time_to_first_frame_s"}  # fmt: skip
     assert timings["import_s"] > 0 and timings["load_s"] > 0 and timings["encode_s"] > 0
     steps = [timings[name] for name in ("import_s", "load_s", "encode_s", "render_s", "finish_s")]
-    assert sum(steps) <= timings["total_s"] <= since_process_start()
+    assert sum(steps) <= timings["total_s"] + ROUNDING <= since_process_start() + ROUNDING
     assert timings["warmup_s"] <= timings["first_frame_s"] <= timings["render_s"]
     assert timings["time_to_first_frame_s"] < timings["total_s"]
     assert result.timings.render_s == pytest.approx(timings["render_s"], abs=1e-3)
