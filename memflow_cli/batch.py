@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
+from .loading import WeightsError
 from .output import OutputError
 from .plan import (
     EXIT_FAILED,
@@ -84,7 +85,8 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                 todo.append(job)
         if not todo:
             return 0
-        engine = held.enter_context(load_engine_reported(request, device, decode_device, todo))
+        first_prompts = todo[0].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
+        engine = held.enter_context(load_engine_reported(request, device, decode_device, todo, first_prompts))
         failures = 0
         for job in todo:
             try:
@@ -92,6 +94,10 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                     result = render_job(engine, job, request, update)
             except RenderStopped as stop:
                 return stop.exit_code
+            except WeightsError as error:  # the text encoder, loaded when a story first needs it
+                print_error(f"{job.title}: {error}", download_hint(str(error)))
+                failures += 1
+                continue
             except (OutputError, SettingsError, ScriptError, ValueError) as error:
                 print_error(f"{job.title}: {error}", getattr(error, "hint", None))
                 failures += 1
@@ -108,19 +114,23 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
 
 
 def load_engine_reported(
-    request: RenderRequest, device: str, decode_device: str | None, jobs: list[Job] | None = None
+    request: RenderRequest,
+    device: str,
+    decode_device: str | None,
+    jobs: list[Job] | None = None,
+    prompts: Sequence[str] = (),
 ):
-    """The engine for `jobs` (close it, or use it in `with`); a weights problem is one line and exit code 1.
+    """The engine for `jobs` (close it, or use it in `with`), `prompts` ready; a weights problem is one line
+    and exit code 1.
 
     Whether it compiles: as `request.compile` says, or where `jobs` win the compile back (none: an open-ended
     video such as `memflow live`'s, which compiles only when asked)."""
     from .engine import load_engine
-    from .loading import WeightsError
 
     quiet_libraries()
     try:
         engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
-                             compile_choice=_compile_choice(request, device, jobs or []))  # fmt: skip
+                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts)  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
     if engine.notice:
@@ -285,9 +295,11 @@ def _render_share(
     if not share:
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
+    first_prompts = todo[share[0]].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
     try:
         choice = _compile_choice(request, str(device), [todo[index] for index in share])
-        engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice)
+        engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice,
+                             prompts=first_prompts)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"

@@ -5,10 +5,15 @@ which the official single-prompt inference also accepts) entry holds the
 original-Wan-named transformer weights under a `model.` prefix.
 `lora.pt` is a PEFT adapter state dict (optionally under "generator_lora") for
 every Linear inside the blocks; it is merged into the weights at load time.
+
+Both files are read at once, memory-mapped where the format allows (`loading.read_torch_file`), and the
+tensors are copied to the device by a few threads: a copy from a mapped file waits on the disk, not on
+Python.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ LORA_KEY = "generator_lora"
 WRAPPER_PREFIX = "model."
 PEFT_PREFIX = "base_model.model."
 FSDP_WRAPPER = "_fsdp_wrapped_module."
+COPY_THREADS = 4  # tensors copied to the device at once
 
 
 def _tensor_dict(path: Path, value: object, what: str) -> dict[str, torch.Tensor]:
@@ -110,9 +116,11 @@ def load_transformer(
 ) -> CausalWanTransformer:
     """Build the causal transformer from MemFlow checkpoints, LoRA merged, on `device` in `dtype`, with `kernels`."""
     model_config = config if isinstance(config, TransformerConfig) else read_transformer_config(config)
-    state = read_base_state(Path(base))
-    if lora is not None:
-        state = merge_lora(state, read_lora_state(Path(lora)), lora_settings or LoraSettings(), lora)
+    with ThreadPoolExecutor(1, thread_name_prefix="memflow-lora") as pool:
+        lora_state = pool.submit(read_lora_state, Path(lora)) if lora is not None else None
+        state = read_base_state(Path(base))
+        if lora is not None and lora_state is not None:
+            state = merge_lora(state, lora_state.result(), lora_settings or LoraSettings(), lora)
     with torch.device("meta"):
         model = CausalWanTransformer(model_config, kernels)
     expected = model.state_dict()
@@ -132,5 +140,12 @@ def load_transformer(
                 "(is config.json the one these weights were trained with?)",
                 base,
             )
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    model.load_state_dict(_to_device(state, torch.device(device), dtype), assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _to_device(state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of `state` on `device` in `dtype`, `COPY_THREADS` at a time."""
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="memflow-copy") as pool:
+        moved = pool.map(lambda tensor: tensor.to(device=device, dtype=dtype), state.values())
+        return dict(zip(state, moved, strict=True))

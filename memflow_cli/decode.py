@@ -19,12 +19,14 @@ H100 at 832x480, three frames per call were 6% faster than one and needed 4 GiB 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKLWan
 
 from .vae_stream import PLAIN_KERNELS, DecoderKernels, DecoderStream
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
 
 
 def frames_from_decoded(x: torch.Tensor) -> torch.Tensor:

@@ -4,20 +4,22 @@ Nothing is downloaded. The tokenizer is a byte-level BPE trained in-process on a
 text encoder is a two-layer umT5 and the VAE a narrow Wan VAE, both initialised from a seed. Every command
 (render, check, bench) can run end to end on a CPU with them, but the weights are random: the video is
 noise, and `DEMO_NOTICE` says so. The tiny transformer is built elsewhere from `DEMO_TRANSFORMER`.
+torch, diffusers, tokenizers and transformers are imported by the builders, not with the module: its
+sizes are read before any argument is checked.
 """
 
 from __future__ import annotations
 
 import copy
-
-import torch
-from diffusers import AutoencoderKLWan
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from typing import TYPE_CHECKING
 
 from memflow_cli.settings import TransformerConfig, VideoGeometry
-from memflow_cli.text_encoder import TextEncoder
-from memflow_cli.weights import WAN21_VAE_CONFIG
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+    from transformers import PreTrainedTokenizerFast, UMT5Config
+
+    from memflow_cli.text_encoder import TextEncoder
 
 DEMO_NOTICE = "demo model: tiny random weights, nothing downloaded - the video is noise, not your story"
 
@@ -38,8 +40,9 @@ DEMO_TRANSFORMER = TransformerConfig(
     text_len=DEMO_TEXT_LEN,
 )
 
-# The Wan2.1 VAE, narrowed: same strides (8x spatial, 4x temporal), latent channels and latent statistics.
-DEMO_VAE_CONFIG = {**WAN21_VAE_CONFIG, "base_dim": 8, "num_res_blocks": 1}
+# The Wan2.1 VAE (`weights.WAN21_VAE_CONFIG`), narrowed: same strides (8x spatial, 4x temporal), latent
+# channels and latent statistics.
+DEMO_VAE_NARROWING = {"base_dim": 8, "num_res_blocks": 1}
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in umT5
 _BPE_VOCAB_SIZE = 1024
@@ -75,6 +78,9 @@ between, behind, beside, near, far, up, down, left, right, then, now, still, aga
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained here on `_CORPUS`: no unknown text, pad id 0, EOS appended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -97,6 +103,8 @@ def build_demo_tokenizer() -> PreTrainedTokenizerFast:
 
 def demo_text_encoder_config(vocab_size: int) -> UMT5Config:
     """A two-layer umT5 encoder of width `DEMO_TEXT_DIM`, otherwise configured like umT5-XXL."""
+    from transformers import UMT5Config
+
     return UMT5Config(
         vocab_size=vocab_size,
         d_model=DEMO_TEXT_DIM,
@@ -115,6 +123,11 @@ def demo_text_encoder_config(vocab_size: int) -> UMT5Config:
 
 def build_demo_text_encoder(seed: int = 0) -> TextEncoder:
     """The demo tokenizer with a randomly initialised tiny umT5 encoder (float32, CPU)."""
+    import torch
+    from transformers import UMT5EncoderModel
+
+    from memflow_cli.text_encoder import TextEncoder
+
     tokenizer = build_demo_tokenizer()
     config = demo_text_encoder_config(len(tokenizer))
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
@@ -125,7 +138,12 @@ def build_demo_text_encoder(seed: int = 0) -> TextEncoder:
 
 def build_demo_vae(seed: int = 0) -> AutoencoderKLWan:
     """A narrow, randomly initialised Wan VAE (float32, CPU, eval mode)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from memflow_cli.weights import WAN21_VAE_CONFIG
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(**copy.deepcopy(DEMO_VAE_CONFIG))
+        vae = AutoencoderKLWan(**copy.deepcopy({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING}))
     return vae.eval().requires_grad_(False)

@@ -14,28 +14,32 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from diffusers import AutoencoderKLWan
 
 from .decode import StreamingDecoder
+from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
 from .model.transformer import CausalWanTransformer, PassFunction
 from .output import Mp4Writer
 from .overlap import Overlap
+from .prompt_embeds import PromptEmbeddings, PromptEncoder
 from .script import Timeline
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
 from .speed import FastPath, choose_fast_path
 from .speed.compile_cache import CompileChoice
-from .text_encoder import TextEncoder
 from .timing import Startup, since_process_start
 from .vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
 
 DEMO = "demo"  # the tiny random model (`demo.py`)
 RANDOM = "random"  # the full-size 1.3B transformer and Wan2.1 VAE with random weights (speed does not depend on values)
@@ -74,6 +78,7 @@ class Video:
     embeds: torch.Tensor  # [n_prompts, text_len, text_dim]
     chunks: int
     switch_chunks: tuple[int, ...] = ()  # prompt i + 1 takes over at chunk switch_chunks[i]
+    prompt_sources: tuple[str, ...] = ()  # per prompt: "encoded" (for this video) or "cached"
 
     def prompts(self) -> PromptSource:
         return ScriptedPrompts(self.embeds, self.switch_chunks, self.chunks)
@@ -103,7 +108,7 @@ class Engine:
     """Everything loaded once and shared by every video of a run; close it (or use `with`) when done."""
 
     transformer: CausalWanTransformer
-    text_encoder: TextEncoder | None  # None: prompts cannot be encoded
+    prompts: PromptEmbeddings  # prompt -> embeddings; the text encoder is loaded there on first need
     vae: AutoencoderKLWan
     geometry: VideoGeometry
     device: torch.device
@@ -116,7 +121,6 @@ class Engine:
     compile_choice: CompileChoice | None = None  # how `fast.compile` was decided, where it was (`render`)
     run_pass: PassFunction = field(init=False)  # one pass of the transformer, as the fast path runs it
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
-    _embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.fast.prepare_vae(self.vae)
@@ -149,28 +153,23 @@ class Engine:
 
     # -- prompts ---------------------------------------------------------------------------------------
 
+    @property
+    def text_encoder(self) -> PromptEncoder | None:
+        """The text encoder, loaded now if it was not yet (None: the model has none)."""
+        return self.prompts.text_encoder
+
     def encode(self, prompts: Sequence[str]) -> None:
-        """Encode every prompt not seen yet, once, then move the text encoder off the GPU."""
-        todo = sorted({p for p in prompts if p not in self._embeds})
-        if not todo:
-            return
-        if self.text_encoder is None:
-            raise ValueError(f"the {self.name} model has no text encoder: it cannot encode prompts")
-        self.text_encoder.to(self.device)
-        try:
-            for prompt, embeds in zip(todo, self.text_encoder.encode(todo), strict=True):
-                self._embeds[prompt] = embeds
-        finally:
-            self.text_encoder.offload()
+        """Have the prompts' embeddings ready: from memory, the disk cache, or encoded (once) and cached."""
+        self.prompts.prepare(prompts)
 
     def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[n, text_len, text_dim] for prompts already encoded."""
-        return torch.stack([self._embeds[p] for p in prompts])
+        """[n, text_len, text_dim] float32 on the CPU (encoded first where need be)."""
+        return self.prompts.embeddings(prompts)
 
     def video(self, timeline: Timeline) -> Video:
-        """A timeline's video: its prompts encoded (once), its chunks and switches."""
-        self.encode(timeline.prompts)
-        return Video(self.embeddings(timeline.prompts), timeline.chunks, timeline.switch_chunks)
+        """A timeline's video: its prompts' embeddings (and where each came from), its chunks and switches."""
+        embeds, sources = self.prompts.take(timeline.prompts)
+        return Video(embeds, timeline.chunks, timeline.switch_chunks, sources)
 
     # -- the pipeline ----------------------------------------------------------------------------------
 
@@ -220,6 +219,7 @@ class Engine:
     # -- lifetime --------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        self.prompts.close()
         self.overlap.close()
 
     def __enter__(self) -> Engine:
@@ -234,7 +234,8 @@ class Engine:
 def load_engine(
     model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
     compile: bool = True, fp8: bool = False, decode_device: str | torch.device | None = None,
-    full_text_encoder: bool = False, compile_choice: CompileChoice | None = None,
+    full_text_encoder: bool = False, compile_choice: CompileChoice | None = None, prompts: Sequence[str] = (),
+    embed_cache: EmbedCacheSettings | bool = True,
 ) -> Engine:  # fmt: skip
     """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
 
@@ -243,6 +244,10 @@ def load_engine(
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
     random model encodes prompts with a full-size random umT5-XXL instead of making them noise. With
     `compile_choice`, that choice decides `compile` and is reported (`Engine.compile_path`).
+
+    `prompts` (the first video's) are ready when the engine is: read from the prompt-embedding cache, or
+    encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
+    (True: from the environment, `EmbedCacheSettings.from_environment`; False: no cache on disk).
     """
     import_s, started = since_process_start(), time.perf_counter()
     if compile_choice is not None:
@@ -253,62 +258,137 @@ def load_engine(
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
     speed = {"compile": compile, "fp8": fp8}
-    engine = _engine(model, dev, lora, speed, full_text_encoder)
-    if decode_device is not None:
-        engine.decode_on(torch.device(decode_device))
+    if embed_cache is True:
+        embed_cache = EmbedCacheSettings.from_environment()
+    loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
+    engine = _engine(model, lora, loading, full_text_encoder)
+    with ExitStack() as failed:
+        failed.callback(engine.close)
+        engine.prompts.wait()  # a text encoder that cannot load or encode fails here, as the other weights do
+        if decode_device is not None:
+            engine.decode_on(torch.device(decode_device))
+        failed.pop_all()
     engine.compile_choice = compile_choice
     engine.startup = Startup(import_s=import_s, load_s=time.perf_counter() - started)
     return engine
 
 
-def _engine(
-    model: str | None, dev: torch.device, lora: LoraSettings | None, speed: dict[str, bool], full_text_encoder: bool
-) -> Engine:
+@dataclass(frozen=True)
+class _Loading:
+    """What every model's loader is asked for."""
+
+    device: torch.device
+    speed: dict[str, bool]
+    embed_cache: EmbedCacheSettings | None  # None: no prompt-embedding cache on disk
+    prompts: tuple[str, ...]  # prepared while the model loads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.device)
+
+    def prompt_embeddings(
+        self, load: Callable[[], PromptEncoder] | None, name: str, dtype: torch.dtype, **identity: Any
+    ) -> PromptEmbeddings:
+        """The engine's prompt side for a text encoder that `load` builds; `identity` keys its cached files."""
+        cache = None
+        if self.embed_cache is not None and self.embed_cache.enabled:
+            key = encoder_key(**identity, dtype=str(dtype).removeprefix("torch."), device=self.device.type)
+            cache = EmbeddingCache(self.embed_cache, key, dtype)
+        return PromptEmbeddings(load, self.device, cache, name=name)
+
+
+def _engine(model: str | None, lora: LoraSettings | None, loading: _Loading, full_text_encoder: bool) -> Engine:
     if full_text_encoder and model != RANDOM:
         raise ValueError("only the random model takes a full-size random text encoder; the others have their own")
     if model == DEMO:
-        return _demo_engine(dev, speed)
+        return _demo_engine(loading)
     if model == RANDOM:
-        return _random_engine(dev, speed, full_text_encoder)
-    return _weights_engine(model, dev, lora, speed)
+        return _random_engine(loading, full_text_encoder)
+    return _weights_engine(model, lora, loading)
 
 
 def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool]) -> FastPath:
     return choose_fast_path(config, device, model_dtype(device), **speed)
 
 
-def _weights_engine(model: str | None, dev: torch.device, lora: LoraSettings | None, speed: dict[str, bool]) -> Engine:
+def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:
+    """The real weights. Three things load at once: on one background thread diffusers and transformers are
+    imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
+    (unless they are cached) once those libraries are in; here the transformer loads."""
     from . import weights
     from .checkpoint import load_transformer
-    from .loading import read_transformer_config
+    from .loading import prefetch_files, read_transformer_config
 
-    dtype = model_dtype(dev)
+    dev, dtype = loading.device, loading.dtype
     files = weights.resolve_model(model)
+    prefetch_files(files.base, files.lora, files.vae)  # the kernel reads ahead while Python gets ready
     config = read_transformer_config(files.transformer_config)
-    fast = _fast_path(config, dev, speed)
-    transformer = load_transformer(files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels)
-    return Engine(
-        transformer=transformer,
-        text_encoder=weights.load_text_encoder(files, "cpu", dtype),
-        vae=weights.load_vae(files.vae, dev, dtype),
-        geometry=VideoGeometry(),
-        device=dev,
-        name=f"weights {model or 'HF cache'}",
-        identity=weights.weights_identity(files),
-        fast=fast,
-    )
+    fast = _fast_path(config, dev, loading.speed)
+    identity = weights.weights_identity(files)
+    with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
+        libraries = pool.submit(_import_model_libraries)  # one thread imports them: never two at once
+
+        def load_text_encoder() -> PromptEncoder:
+            libraries.result()
+            return weights.load_text_encoder(files, dev, dtype, config.text_len)
+
+        prompts = loading.prompt_embeddings(
+            load_text_encoder, f"weights {model or 'HF cache'}", dtype,
+            model="weights", files=_text_encoder_files(identity), text_len=config.text_len,
+        )  # fmt: skip
+        failed.callback(prompts.close)
+        prompts.prefetch(loading.prompts)
+        vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
+        transformer = load_transformer(
+            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels
+        )
+        engine = Engine(
+            transformer=transformer,
+            prompts=prompts,
+            vae=vae.result(),
+            geometry=VideoGeometry(),
+            device=dev,
+            name=f"weights {model or 'HF cache'}",
+            identity=identity,
+            fast=fast,
+        )
+        failed.pop_all()
+    return engine
 
 
-def _demo_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
-    from . import demo
+def _import_model_libraries() -> None:
+    """Import what loading the VAE and the text encoder needs of diffusers and transformers."""
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    from diffusers import AutoencoderKLWan  # noqa: F401
+    from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
 
-    fast = _fast_path(demo.DEMO_TRANSFORMER, device, speed)
+
+def _text_encoder_files(identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """Name, size and fingerprint of the text encoder's and tokenizer's files (not where they are, nor when)."""
+    return [
+        {key: entry[key] for key in ("role", "name", "size", "fingerprint")}
+        for entry in identity["files"]
+        if entry["role"] in ("text_encoder", "tokenizer")
+    ]
+
+
+def _demo_engine(loading: _Loading) -> Engine:
+    from . import __version__, demo
+
+    device = loading.device
+    fast = _fast_path(demo.DEMO_TRANSFORMER, device, loading.speed)
     torch.manual_seed(0)
     transformer = CausalWanTransformer(demo.DEMO_TRANSFORMER, fast.kernels)
+    vae = demo.build_demo_vae().to(device, model_dtype(device))
+    prompts = loading.prompt_embeddings(
+        demo.build_demo_text_encoder, DEMO, torch.float32,
+        model=DEMO, memflow=__version__, transformers=_version("transformers"), text_len=demo.DEMO_TEXT_LEN,
+    )  # fmt: skip
+    prompts.prefetch(loading.prompts)  # after the seeded parts: the encoder's seeding must not interleave with theirs
     return Engine(
         transformer=transformer.to(device, model_dtype(device)).eval().requires_grad_(False),
-        text_encoder=demo.build_demo_text_encoder(),
-        vae=demo.build_demo_vae().to(device, model_dtype(device)),
+        prompts=prompts,
+        vae=vae,
         geometry=demo.DEMO_GEOMETRY,
         device=device,
         name=DEMO,
@@ -318,31 +398,53 @@ def _demo_engine(device: torch.device, speed: dict[str, bool]) -> Engine:
     )
 
 
-def _random_engine(device: torch.device, speed: dict[str, bool], full_text_encoder: bool = False) -> Engine:
+def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine:
     """The full-size 1.3B transformer and Wan2.1 VAE with seeded random weights; prompts become seeded noise,
-    or with `full_text_encoder` go through a full-size random umT5-XXL."""
+    or with `full_text_encoder` go through a full-size random umT5-XXL (built on first need)."""
+    from . import __version__
     from .random_model import RANDOM_NOTICE, NoiseTextEncoder, random_text_encoder, random_vae
 
-    dtype = model_dtype(device)
-    fast = _fast_path(WAN_1_3B, device, speed)
-    with torch.device("meta"):
-        transformer = CausalWanTransformer(WAN_1_3B, fast.kernels).to(dtype)  # no float32 copy is ever made
-    transformer = transformer.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    for param in transformer.parameters():
-        param.data.normal_(0.0, 0.02, generator=generator)
+    device, dtype = loading.device, loading.dtype
+    fast = _fast_path(WAN_1_3B, device, loading.speed)
+    vae = random_vae(device, dtype)  # seeded from the global generator: before the text encoder's thread starts
     if full_text_encoder:
-        text_encoder = random_text_encoder(device, dtype, max_length=WAN_1_3B.text_len)
+        prompts = loading.prompt_embeddings(
+            lambda: random_text_encoder(device, dtype, max_length=WAN_1_3B.text_len), "random-weights 1.3B", dtype,
+            model="random umT5-XXL", memflow=__version__, torch=torch.__version__, text_len=WAN_1_3B.text_len,
+        )  # fmt: skip
     else:
-        text_encoder = NoiseTextEncoder(WAN_1_3B.text_len, WAN_1_3B.text_dim)  # type: ignore[assignment]
-    return Engine(
-        transformer=transformer.eval().requires_grad_(False),
-        text_encoder=text_encoder,
-        vae=random_vae(device, dtype),
-        geometry=VideoGeometry(),
-        device=device,
-        name="random-weights 1.3B",
-        identity={"model": RANDOM, "note": RANDOM_NOTICE},
-        fast=fast,
-        notice=RANDOM_NOTICE,
-    )
+        prompts = loading.prompt_embeddings(
+            lambda: NoiseTextEncoder(WAN_1_3B.text_len, WAN_1_3B.text_dim), "random-weights 1.3B", torch.float32,
+            model="random noise", memflow=__version__, text_len=WAN_1_3B.text_len, text_dim=WAN_1_3B.text_dim,
+        )  # fmt: skip
+    with ExitStack() as failed:
+        failed.callback(prompts.close)
+        prompts.prefetch(loading.prompts)
+        with torch.device("meta"):
+            transformer = CausalWanTransformer(WAN_1_3B, fast.kernels).to(dtype)  # no float32 copy is ever made
+        transformer = transformer.to_empty(device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        for param in transformer.parameters():
+            param.data.normal_(0.0, 0.02, generator=generator)
+        engine = Engine(
+            transformer=transformer.eval().requires_grad_(False),
+            prompts=prompts,
+            vae=vae,
+            geometry=VideoGeometry(),
+            device=device,
+            name="random-weights 1.3B",
+            identity={"model": RANDOM, "note": RANDOM_NOTICE},
+            fast=fast,
+            notice=RANDOM_NOTICE,
+        )
+        failed.pop_all()
+    return engine
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"

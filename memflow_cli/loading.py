@@ -7,13 +7,12 @@ file and says what to do.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .settings import WAN_1_3B, SettingsError, TransformerConfig
 
@@ -34,6 +33,8 @@ class WeightsError(RuntimeError):
 
 def read_torch_file(path: Path | str) -> Any:
     """torch.load, safely (weights_only) and memory-mapped: tensors are mapped from the file, not read."""
+    import torch  # here, not with the module: `WeightsError` costs no torch import
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"file not found: run `{DOWNLOAD_COMMAND}`", path)
@@ -47,6 +48,33 @@ def read_torch_file(path: Path | str) -> Any:
         raise WeightsError(f"holds objects that weights_only loading refuses ({reason})", path) from None
     except Exception as err:  # a cut zip has no central directory: RuntimeError; else EOFError, ValueError...
         raise WeightsError(f"{TRUNCATED} ({type(err).__name__})", path) from None
+
+
+def prefetch_files(*paths: Path | str | None) -> None:
+    """Ask the kernel to read these files (or folders' files) into the page cache in the background.
+
+    Loading maps checkpoints rather than reading them, so their pages are read as tensors are copied;
+    read-ahead started early lets the disk work while Python imports and builds modules. Best effort:
+    where the system has no `posix_fadvise`, or a file cannot be opened, nothing happens.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        for file in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
+            try:
+                descriptor = os.open(file, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                advise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(descriptor)
 
 
 def _unpickler_reason(err: pickle.UnpicklingError) -> str:

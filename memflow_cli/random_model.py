@@ -81,11 +81,12 @@ def random_vae(device: torch.device, dtype: torch.dtype):
 def random_text_encoder(
     device: torch.device, dtype: torch.dtype, config: UMT5Config = UMT5_XXL, max_length: int = 512
 ) -> TextEncoder:
-    """umT5 (umT5-XXL by default) with seeded random weights, built on `device` and left on the CPU.
+    """umT5 (umT5-XXL by default) with seeded random weights, built and left on `device`.
 
-    It then lives where the real encoder lives between prompts (`Engine.encode` brings it to the GPU and
-    sends it back), so its memory is a real render's. The demo tokenizer stands in for umT5's (ids fit
-    the vocabulary; prompts are padded to `max_length` tokens either way).
+    The engine builds it on first need, as it loads the real encoder, and leaves it on the GPU or sends it
+    to the CPU after encoding as it does the real one (`prompt_embeds.py`), so its memory is a real
+    render's. The demo tokenizer stands in for umT5's (ids fit the vocabulary; prompts are padded to
+    `max_length` tokens either way).
     """
     from .demo import build_demo_tokenizer
 
@@ -99,9 +100,6 @@ def random_text_encoder(
         else:
             param.data.normal_(0.0, 0.02, generator=generator)
     encoder.tie_weights()  # the input embedding is `shared`, one tensor
-    encoder = encoder.to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return TextEncoder(build_demo_tokenizer(), encoder, max_length=max_length)
 
 

@@ -90,7 +90,9 @@ def render_story(
     finished = time.perf_counter()
     timings = _timings(engine.startup, encode_s, chunk_ends, rendered - started, finished - rendered, first_frame_age)
     # 3. the sidecar beside the finished video; compiled graphs of this shape are in the cache from now on
-    sidecar = write_video_sidecar(target, _metadata(engine, story, timeline, settings, seed, timings))
+    metadata = _metadata(engine, story, timeline, settings, seed, timings)
+    metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
+    sidecar = write_video_sidecar(target, metadata)
     if engine.fast.compile and engine.device.type == "cuda":
         _remember_compiled(engine, settings)
     return RenderResult(target, sidecar, timeline, finished - started, timings.first_frame_s, timings)
@@ -148,6 +150,11 @@ def _progress(timeline: Timeline, chunk: int, video_frames: int, elapsed_s: floa
     return ChunkProgress(
         chunk + 1, timeline.chunks, segment.index, segment.snapped_start_s, segment.prompt, video_frames, elapsed_s
     )
+
+
+def _prompt_record(timeline: Timeline, sources: tuple[str, ...]) -> list[dict[str, str]]:
+    """Per segment, its prompt and whether its embeddings were "encoded" for this video or "cached"."""
+    return [{"prompt": prompt, "embedding": source} for prompt, source in zip(timeline.prompts, sources, strict=True)]
 
 
 def request_record(story: Story, timeline: Timeline, settings: GenerationSettings, seed: int) -> dict[str, Any]:

@@ -5,8 +5,9 @@ tokenise with EOS, pad with id 0 and truncate to `max_length`, run the encoder u
 then set every row at or past the prompt's true length (EOS included) to exactly zero. The encoder is
 transformers' own `UMT5EncoderModel`; nothing of it is re-implemented here.
 
-The render command encodes all prompts of a story once, then calls `offload()` so the ~11 GB encoder
-leaves the GPU before generation starts.
+The engine loads it on first need (`prompt_embeds.py`); where the card is small it calls `offload()` after
+encoding, so that the ~11 GB encoder leaves the GPU before generation starts. transformers and ftfy are
+imported when a tokenizer or encoder is loaded, not with this module.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import ftfy
 import torch
-import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
-# transformers names the load dtype `dtype` since 4.56 and deprecates the older `torch_dtype`.
-_TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-DTYPE_ARGUMENT = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 # What the official pipeline uses: prompts are padded or truncated to this many tokens.
 DEFAULT_MAX_LENGTH = 512
@@ -32,8 +30,18 @@ PAD_TOKEN_ID = 0
 _WHITESPACE_RUN = re.compile(r"\s+")
 
 
+def dtype_argument() -> str:
+    """What transformers calls the load dtype: `dtype` since 4.56, which deprecates the older `torch_dtype`."""
+    import transformers
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if version >= (4, 56) else "torch_dtype"
+
+
 def clean_prompt(text: str) -> str:
     """The official 'whitespace' cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
+    import ftfy
+
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     text = _WHITESPACE_RUN.sub(" ", text.strip())
@@ -42,6 +50,8 @@ def clean_prompt(text: str) -> str:
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `folder`: a Diffusers `tokenizer/` or the release's `google/umt5-xxl/`."""
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(folder), **_t5_sentinel_override(Path(folder)))
 
 
@@ -121,8 +131,10 @@ class TextEncoder:
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> TextEncoder:
         """Load a tokenizer folder and a transformers `UMT5EncoderModel` folder."""
+        from transformers import UMT5EncoderModel
+
         tokenizer = load_tokenizer(tokenizer_dir)
-        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), **{DTYPE_ARGUMENT: dtype})
+        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), **{dtype_argument(): dtype})
         return cls(tokenizer, encoder.to(device), max_length)
 
     @property
@@ -132,6 +144,11 @@ class TextEncoder:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoder's weights."""
+        return sum(param.nbytes for param in self.encoder.parameters())
 
     @property
     def dim(self) -> int:

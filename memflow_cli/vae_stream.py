@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders import autoencoder_kl_wan
 from torch import nn
+
+if TYPE_CHECKING:  # imported where a decoder is checked, not with this module: diffusers takes seconds to import
+    from diffusers.models.autoencoders import autoencoder_kl_wan
 
 # Writes SiLU(RMS norm of x + x_bias) into out: (out, x, x_bias or None, gamma, beta, scale).
 NormSiLUInto = Callable[
@@ -267,6 +270,7 @@ _READ_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 def _check_diffusers_internals(decoder: nn.Module) -> None:
     """Every diffusers class and attribute the walk reads is there; else a TypeError naming the missing one."""
     import diffusers
+    from diffusers.models.autoencoders import autoencoder_kl_wan
 
     advice = f"diffusers {diffusers.__version__} is not a version memflow supports (see pyproject.toml)"
     classes = {}
@@ -287,6 +291,8 @@ def _check_diffusers_internals(decoder: nn.Module) -> None:
 
 def _check_wan21_layout(decoder: nn.Module) -> None:
     """The walk above is the Wan2.1 decoder's; refuse others (Wan2.2's residual decoder) with a clear error."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan
+
     _check_diffusers_internals(decoder)
     if not isinstance(decoder, autoencoder_kl_wan.WanDecoder3d):
         raise TypeError(f"expected diffusers' WanDecoder3d, got {type(decoder).__name__}")

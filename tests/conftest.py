@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
+from memflow_cli.embed_cache import CACHE_DIR_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory) -> Iterator[None]:
+    """No test touches the user's cache: memflow's cache folder is a temporary one (engines of module-scoped
+    fixtures, loaded before any test's own fixtures, use this one)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("memflow-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch) -> None:
+    """Each test starts with an empty cache folder of its own (outside its `tmp_path`, which stays empty)."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("memflow-cache")))
 
 
 @pytest.fixture(scope="session")

@@ -148,8 +148,10 @@ def mixed_folder(folder: Path) -> tuple[list[Path], Path]:
 
 
 def sidecar_without_timings(video: Path) -> dict:
+    """The sidecar less what depends on the run: its timings, and which prompts it found in the embedding cache."""
     data = json.loads(sidecar_path(video).read_text(encoding="utf-8"))
     data.pop("timings")
+    data.pop("prompts")
     return data
 
 

@@ -623,3 +623,92 @@ def test_verify_calls_random_bytes_corrupt_not_unsafe(local_folder):
     failure = _failures(files)["base"]
     assert "not a torch checkpoint" in failure and TRUNCATED in failure
     assert "weights_only" not in failure and "()" not in failure
+
+
+# -- the engine on real-format files ------------------------------------------------------------------------
+
+
+def write_runnable_official(root: Path, tokenizer, umt5, vae, monkeypatch) -> Path:
+    """The official layout with a tiny transformer that fits the tiny umT5 (its config.json says so); the
+    engine reads the tiny VAE with its config (the original file has none: the engine assumes Wan2.1's)."""
+    real_load_vae = weights.load_vae
+    monkeypatch.setattr(weights, "load_vae", lambda path, device, dtype: real_load_vae(path, device, dtype,
+                                                                                        TINY_VAE_CONFIG))
+    from memflow_cli.demo import DEMO_TEXT_LEN, DEMO_TRANSFORMER
+    from memflow_cli.model.transformer import CausalWanTransformer
+
+    wan = write_official_wan(root / "wan_models" / "Wan2.1-T2V-1.3B", tokenizer, umt5, vae)
+    config = {**{name: getattr(DEMO_TRANSFORMER, name) for name in ("dim", "ffn_dim", "num_heads", "num_layers",
+              "freq_dim", "text_dim")}, "text_len": DEMO_TEXT_LEN, "model_type": "t2v"}  # fmt: skip
+    (wan / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    state = CausalWanTransformer(DEMO_TRANSFORMER).state_dict()
+    (root / "checkpoints").mkdir(parents=True)
+    base = {"generator": {f"model.{name}": tensor for name, tensor in state.items()}}
+    torch.save(base, root / "checkpoints" / "base.pt")
+    q = "base_model.model.blocks.0.self_attn.q"
+    lora = {f"{q}.lora_A.weight": torch.randn(2, 64), f"{q}.lora_B.weight": torch.randn(64, 2)}
+    torch.save({"generator_lora": lora}, root / "checkpoints" / "lora.pt")
+    return root
+
+
+def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_the_cache(
+    tmp_path, tokenizer, umt5, vae, monkeypatch
+):
+    from memflow_cli.engine import load_engine
+    from memflow_cli.prompt_embeds import CACHED, ENCODED
+    from memflow_cli.settings import LoraSettings
+
+    root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
+    lora = LoraSettings(rank=2, alpha=2.0)
+    expected = load_text_encoder(resolve_model(root), "cpu", torch.float32, max_length=256).encode(PROMPTS)
+    with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:
+        assert engine.prompts.encoder_loaded and engine.prompts.encoded_prompts == 2  # done while loading
+        embeds, sources = engine.prompts.take(PROMPTS)
+    torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
+    assert sources == (ENCODED, ENCODED)
+
+    with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:  # the same files: the same cache entries
+        embeds, sources = engine.prompts.take(PROMPTS)
+        assert not engine.prompts.encoder_loaded
+    torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
+    assert sources == (CACHED, CACHED)
+
+    t5 = root / "wan_models" / "Wan2.1-T2V-1.3B" / weights.OFFICIAL_T5_FILE
+    torch.save({k: v + 1 for k, v in torch.load(t5, weights_only=True).items()}, t5)  # other weights, same names
+    with load_engine(str(root), "cpu", lora, prompts=PROMPTS[:1]) as engine:
+        assert engine.prompts.encoded_prompts == 1  # another text encoder: nothing of the old one's is used
+
+
+def test_a_text_encoder_that_cannot_load_fails_the_engine_load_with_its_file_named(
+    tmp_path, tokenizer, umt5, vae, monkeypatch
+):
+    from memflow_cli.engine import load_engine
+    from memflow_cli.settings import LoraSettings
+
+    root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
+    t5 = root / "wan_models" / "Wan2.1-T2V-1.3B" / weights.OFFICIAL_T5_FILE
+    t5.write_bytes(t5.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match=re.escape(str(t5))):
+        load_engine(str(root), "cpu", LoraSettings(rank=2, alpha=2.0), prompts=PROMPTS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_weights_engine_loads_on_three_threads_and_keeps_the_encoder_where_there_is_room(
+    tmp_path, tokenizer, umt5, vae, monkeypatch
+):
+    from memflow_cli.engine import load_engine
+    from memflow_cli.settings import LoraSettings
+
+    root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
+    lora = LoraSettings(rank=2, alpha=2.0)
+    expected = load_text_encoder(resolve_model(root), "cpu", torch.float32, max_length=256).encode(PROMPTS)
+    with load_engine(str(root), "cuda", lora, compile=False, prompts=PROMPTS) as engine:
+        assert engine.prompts.encoder_loaded
+        embeds = engine.embeddings(PROMPTS)
+        assert engine.text_encoder.device.type == "cuda"  # a tiny encoder always fits beside a render
+        assert next(engine.transformer.parameters()).device == engine.device
+        assert next(engine.vae.parameters()).device == engine.device
+    error = (embeds - expected).norm() / expected.norm()
+    assert error < 3e-2  # bf16 on the GPU against float32 on the CPU

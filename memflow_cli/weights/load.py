@@ -1,6 +1,7 @@
 """Load the text encoder and the VAE of either layout; the original `.pth` files are converted on load.
 
-The VAE by diffusers' own converter, the umT5 by the key map of spec §11.3.
+The VAE by diffusers' own converter, the umT5 by the key map of spec §11.3. diffusers and transformers are
+imported when a model is loaded, not with this module (`memflow weights verify` needs neither).
 """
 
 from __future__ import annotations
@@ -8,16 +9,17 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-from transformers import UMT5Config, UMT5EncoderModel
 
 from ..loading import WeightsError, read_torch_file
 from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 from .locate import ModelFiles
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
 
 # The Wan2.1 VAE (diffusers `AutoencoderKLWan` names); the original `Wan2.1_VAE.pth` has no config of its own.
 WAN21_VAE_CONFIG: dict[str, Any] = {
@@ -49,6 +51,8 @@ def load_vae(
 
     `config` (diffusers `AutoencoderKLWan` arguments) applies to a single file only; default: Wan2.1.
     """
+    from diffusers import AutoencoderKLWan
+
     path = Path(path)
     if path.is_dir():
         vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype)
@@ -60,6 +64,9 @@ def load_vae(
 
 def _vae_from_original(path: Path, config: dict[str, Any], dtype: torch.dtype) -> AutoencoderKLWan:
     """What `AutoencoderKLWan.from_single_file` does, offline, and strict about missing keys."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
     checkpoint = read_torch_file(path)
     while "state_dict" in checkpoint:  # some exports nest the weights, as diffusers allows
         checkpoint = checkpoint["state_dict"]
@@ -87,6 +94,8 @@ def load_wan_t5(
     path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> UMT5EncoderModel:
     """The original Wan `models_t5_umt5-xxl-enc-bf16.pth` as a transformers `UMT5EncoderModel`."""
+    from transformers import UMT5EncoderModel
+
     original = read_torch_file(path)
     config = umt5_config_from_wan_t5(original)
     with torch.device("meta"):  # no second copy of the weights: the loaded tensors are assigned
@@ -134,6 +143,8 @@ def convert_wan_t5_to_umt5(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def umt5_config_from_wan_t5(state: dict[str, torch.Tensor]) -> UMT5Config:
     """The UMT5 config of a Wan umT5 encoder state dict, read from its tensor shapes."""
+    from transformers import UMT5Config
+
     try:
         vocab_size, d_model = state["token_embedding.weight"].shape
         num_buckets, num_heads = state["blocks.0.pos_embedding.embedding.weight"].shape
