@@ -65,10 +65,12 @@ def test_a_render_sidecar_records_its_phases(tmp_path: Path):
 # -- where compiled kernels are kept ------------------------------------------------------------------------------
 
 
-def test_the_user_cache_folder_follows_memflow_then_xdg_then_home():
-    assert compile_cache.user_cache_dir({"MEMFLOW_CACHE_DIR": "/m", "XDG_CACHE_HOME": "/x"}) == Path("/m")
-    assert compile_cache.user_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/memflow")
-    assert compile_cache.user_cache_dir({}) == Path.home() / ".cache" / "memflow"
+def test_compiled_kernels_live_in_memflows_cache_folder_beside_the_prompt_embeddings():
+    key = H200.folder_name
+    both = {"MEMFLOW_CACHE_DIR": "/m", "XDG_CACHE_HOME": "/x"}
+    assert compile_cache.compile_cache_dir(H200, both) == Path("/m/compile") / key
+    assert compile_cache.compile_cache_dir(H200, {"XDG_CACHE_HOME": "/x"}) == Path("/x/memflow/compile") / key
+    assert compile_cache.compile_cache_dir(H200, {}) == Path.home() / ".cache" / "memflow" / "compile" / key
 
 
 def test_compiled_kernels_are_kept_per_gpu_torch_cuda_and_memflow():
