@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from .embed_cache import CACHE_DIR_ENV
 from .engine import RANDOM, Engine, Video, load_engine
 from .output import Mp4Writer, read_sidecar, sidecar_path
 from .settings import GenerationSettings
-from .speed.compile_cache import CACHE_ENV, INDUCTOR_ENV, TRITON_ENV
+from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
 
 __all__ = ["RANDOM", "BenchError", "BenchOptions", "run"]
 
@@ -232,7 +233,7 @@ def time_to_video(options: BenchOptions, status: Callable[[str], None] = lambda 
         folder = Path(tmp)
         story = _write_bench_story(folder / "bench-story.yaml", options)
         env = {key: value for key, value in os.environ.items() if key not in (INDUCTOR_ENV, TRITON_ENV)}
-        env |= {CACHE_ENV: str(folder / "cache"), "PYTHONUNBUFFERED": "1"}
+        env |= {CACHE_DIR_ENV: str(folder / "cache"), "PYTHONUNBUFFERED": "1"}
         record: dict[str, Any] = {}
         for start in ("cold", "warm"):
             status(f"time to video: {start} render process")

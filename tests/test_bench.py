@@ -173,7 +173,7 @@ def test_bench_times_whole_render_processes_cold_and_warm():
         assert run["compile"] == "eager (no compiled path on this device)"
         phases = [run[name] for name in ("import_s", "load_s", "encode_s", "render_s", "finish_s")]
         assert all(value >= 0 for value in phases) and run["import_s"] > 0 and run["render_s"] > 0
-        assert sum(phases) <= run["total_s"] <= run["process_s"]
+        assert sum(phases) <= run["total_s"] + 3e-3 and run["total_s"] <= run["process_s"]  # phases rounded to ms
         assert run["warmup_s"] <= run["first_frame_s"] <= run["render_s"]
         assert run["import_s"] + run["load_s"] < run["time_to_first_frame_s"] <= run["total_s"]
         assert run["exit_s"] == pytest.approx(run["process_s"] - run["total_s"], abs=2e-3)

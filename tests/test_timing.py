@@ -21,6 +21,7 @@ from memflow_cli.speed import compile_cache, process
 from memflow_cli.speed.compile_cache import CompileCosts, CompileKey, CompilePath, choose_compile
 from memflow_cli.timing import _process_age_from_proc, since_process_start, warmup_seconds
 
+ROUNDING = 3e-3  # the sidecar rounds each phase to the millisecond: five of them may sum 2.5 ms above the total
 H200 = CompileKey(gpu="NVIDIA H200", torch="2.11.0+cu130", cuda="13.0", memflow="0.1.0")
 
 
@@ -55,7 +56,7 @@ def test_a_render_sidecar_records_its_phases(tmp_path: Path):
                             "total_s", "time_to_first_frame_s"}  # fmt: skip
     assert timings["import_s"] > 0 and timings["load_s"] > 0 and timings["encode_s"] > 0
     steps = [timings[name] for name in ("import_s", "load_s", "encode_s", "render_s", "finish_s")]
-    assert sum(steps) <= timings["total_s"] <= since_process_start()
+    assert sum(steps) <= timings["total_s"] + ROUNDING <= since_process_start() + ROUNDING
     assert timings["warmup_s"] <= timings["first_frame_s"] <= timings["render_s"]
     assert timings["time_to_first_frame_s"] < timings["total_s"]
     assert result.timings.render_s == pytest.approx(timings["render_s"], abs=1e-3)
@@ -64,10 +65,12 @@ def test_a_render_sidecar_records_its_phases(tmp_path: Path):
 # -- where compiled kernels are kept ------------------------------------------------------------------------------
 
 
-def test_the_user_cache_folder_follows_memflow_then_xdg_then_home():
-    assert compile_cache.user_cache_dir({"MEMFLOW_CACHE_DIR": "/m", "XDG_CACHE_HOME": "/x"}) == Path("/m")
-    assert compile_cache.user_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/memflow")
-    assert compile_cache.user_cache_dir({}) == Path.home() / ".cache" / "memflow"
+def test_compiled_kernels_live_in_memflows_cache_folder_beside_the_prompt_embeddings():
+    key = H200.folder_name
+    both = {"MEMFLOW_CACHE_DIR": "/m", "XDG_CACHE_HOME": "/x"}
+    assert compile_cache.compile_cache_dir(H200, both) == Path("/m/compile") / key
+    assert compile_cache.compile_cache_dir(H200, {"XDG_CACHE_HOME": "/x"}) == Path("/x/memflow/compile") / key
+    assert compile_cache.compile_cache_dir(H200, {}) == Path.home() / ".cache" / "memflow" / "compile" / key
 
 
 def test_compiled_kernels_are_kept_per_gpu_torch_cuda_and_memflow():

@@ -22,25 +22,17 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..embed_cache import cache_root
 
-CACHE_ENV = "MEMFLOW_CACHE_DIR"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_ENV = "TRITON_CACHE_DIR"
-
-
-def user_cache_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """memflow's cache folder: $MEMFLOW_CACHE_DIR, else $XDG_CACHE_HOME/memflow, else ~/.cache/memflow."""
-    if environ.get(CACHE_ENV):
-        return Path(environ[CACHE_ENV]).expanduser()
-    if environ.get("XDG_CACHE_HOME"):
-        return Path(environ["XDG_CACHE_HOME"]).expanduser() / "memflow"
-    return Path.home() / ".cache" / "memflow"
 
 
 @dataclass(frozen=True)
@@ -66,12 +58,12 @@ class CompileKey:
         return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
 
 
-def compile_cache_dir(key: CompileKey, environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """The folder of `key`'s compiled kernels in the user's cache."""
-    return user_cache_dir(environ) / "compile" / key.folder_name
+def compile_cache_dir(key: CompileKey, environ: Mapping[str, str] = os.environ) -> Path:
+    """The folder of `key`'s compiled kernels in memflow's cache folder (`embed_cache.cache_root`)."""
+    return cache_root(environ) / "compile" / key.folder_name
 
 
-def compile_cache_env(folder: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+def compile_cache_env(folder: Path, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment that points torch's compile caches into `folder`; a cache folder the user set
     (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) is left as it is."""
     wanted = {INDUCTOR_ENV: str(folder / "inductor"), TRITON_ENV: str(folder / "triton")}
