@@ -60,9 +60,7 @@ def compiled_block_steps(model: CausalWanTransformer) -> tuple[BlockSteps, ...]:
 
     Static shapes: a pass kind is a few graphs, shared by all blocks.
     """
-    from .process import compile_settings
-
-    compile_settings()
+    allow_recompiles(MODEL_GRAPHS)  # built alone (tests) as well as through `process.process_settings`
     return tuple(
         BlockSteps(compiled(block.attention_inputs), compiled(block.after_attention)) for block in model.blocks
     )

@@ -3,7 +3,8 @@
 torch keeps some of its settings per process, not per model: cuDNN's autotuning, dynamo's recompile limit,
 and where Inductor and Triton keep their compiled kernels (environment variables read when they compile).
 Nothing else in memflow sets them; `choose_fast_path` calls `process_settings` once per engine, before
-anything is compiled, and the compiled steps call `compile_settings` in case they are built alone (tests).
+anything is compiled, and the compiled decoder steps call `compile_settings` in case they are built alone
+(tests).
 """
 
 from __future__ import annotations
