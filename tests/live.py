@@ -73,6 +73,8 @@ def same_frames(a: Path, b: Path) -> bool:
 
 
 def replay_options(script: Path) -> list[str]:
-    """The render options that the `# replay:` header of a session's OUT.yaml names, as a user copies them."""
-    header = next(line for line in script.read_text().splitlines() if line.startswith("# replay: memflow render "))
-    return shlex.split(header.split(" -o replay.mp4", 1)[1])
+    """The render options that the `# replay ...:` header of a session's OUT.yaml names, as a user copies them."""
+    header = next(line for line in script.read_text().splitlines() if line.startswith("# replay "))
+    command = shlex.split(header.split(": ", 1)[1])
+    assert command[:2] == ["memflow", "render"] and command[3:5] == ["-o", "replay.mp4"], header
+    return command[5:]

@@ -67,8 +67,8 @@ def replay_text(
     body = yaml.safe_dump(story, sort_keys=False, allow_unicode=True, width=2**31 - 1)
     header = (
         f"{MARKER} (memflow {__version__}), {chunks} chunks of {geometry.chunk_seconds:g} s: {video.name}\n"
-        f"# replay: memflow render {video.with_suffix('.yaml').name} -o replay.mp4{options and ' ' + options}"
-        " (on the same kind of device)\n"
+        f"# replay on the same kind of device: memflow render {video.with_suffix('.yaml').name} -o replay.mp4"
+        f"{options and ' ' + options}\n"
     )
     return header + body
 
