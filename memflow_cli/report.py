@@ -7,7 +7,10 @@ paths) is escaped where markup is used: `[camera pans left]` is not a style.
 
 from __future__ import annotations
 
+import importlib
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,13 +48,22 @@ def download_hint(message: str) -> str | None:
     return None if "memflow weights download" in message else DOWNLOAD_HINT
 
 
-def quiet_libraries() -> None:
-    """Keep the libraries' own info and warnings out of the user's terminal."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+# each library's variable for the level its logging starts at, read when it is first imported
+LIBRARY_VERBOSITY = {"diffusers": "DIFFUSERS_VERBOSITY", "transformers": "TRANSFORMERS_VERBOSITY"}
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own info and warnings out of the user's terminal, without importing them.
+
+    diffusers and transformers take seconds to import: the engine imports them beside the transformer's
+    loading, off the critical path. One not yet imported starts at the error level its variable names (one
+    the user set wins); one already imported is set now.
+    """
+    for library, variable in LIBRARY_VERBOSITY.items():
+        if library in sys.modules:
+            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
+        else:
+            os.environ.setdefault(variable, "error")
 
 
 class Terminated(KeyboardInterrupt):
