@@ -50,7 +50,7 @@ def test_a_gpu_session_replays_frame_for_frame(tmp_path, stop):
     print(json.dumps(sidecar["live"]["latency"]), sidecar["live"]["stalls"])
     replay = tmp_path / "replay.mp4"
     options = replay_options(target.with_suffix(".yaml"))
-    assert "--compile" in options  # the session compiled on the GPU: its replay must too
+    assert "--no-compile" in options  # live runs eager unless asked; its replay names that path
     rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *options, "-q", timeout=600)
     assert rendered.returncode == 0, rendered.stderr
     assert same_frames(target, replay)

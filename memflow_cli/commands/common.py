@@ -80,6 +80,7 @@ Compile = Annotated[
         "--compile/--no-compile",
         help="The compiled fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (a slower start). "
         "Default: render compiles where the video is long enough to win the compile back (sooner once its "
-        "kernels are cached), bench and live always; --no-compile runs the eager model.",
+        "kernels are cached), bench always, live only when asked (eager keeps up with real time on an H200 and "
+        "compiles nothing); --no-compile runs the eager model.",
     ),
 ]

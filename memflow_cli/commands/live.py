@@ -113,7 +113,7 @@ def live(
     steps: Steps = None,
     lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
     lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
-    compile: Compile = True,
+    compile: Compile = None,
     fp8: Fp8 = False,
 ) -> None:
     """Render continuously while you type what happens next; watch it in the browser; replay it exactly.
