@@ -21,6 +21,7 @@ from transformers import UMT5EncoderModel
 
 from memflow_cli import weights
 from memflow_cli.loading import read_transformer_config
+from memflow_cli.random_model import wan_vae_name
 from memflow_cli.settings import WAN_1_3B
 from memflow_cli.weights import (
     TRUNCATED,
@@ -69,44 +70,8 @@ def vae() -> AutoencoderKLWan:
     return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
 
 
-_RESNET_NAMES = {
-    "norm1.gamma": "residual.0.gamma",
-    "conv1.weight": "residual.2.weight",
-    "conv1.bias": "residual.2.bias",
-    "norm2.gamma": "residual.3.gamma",
-    "conv2.weight": "residual.6.weight",
-    "conv2.bias": "residual.6.bias",
-    "conv_shortcut.weight": "shortcut.weight",
-    "conv_shortcut.bias": "shortcut.bias",
-}
-_VAE_TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
-_VAE_ENDS = (("conv_in.", "conv1."), ("conv_out.", "head.2."), ("norm_out.", "head.0."))
-
-
-def original_vae_key(key: str) -> str:
-    """diffusers AutoencoderKLWan key -> original Wan VAE key (the Wan2.1 layout: 2 res blocks, 4 stages)."""
-    module, _, param = key.rpartition(".")
-    if module in _VAE_TOP:
-        return f"{_VAE_TOP[module]}.{param}"
-    side, rest = key.split(".", 1)
-    for new, old in _VAE_ENDS:
-        if rest.startswith(new):
-            return f"{side}.{old}{rest[len(new):]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", rest):
-        return f"{side}.middle.{2 * int(m[1])}.{_RESNET_NAMES[m[2]]}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
-        return f"{side}.middle.1.{m[1]}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest):
-        return f"{side}.downsamples.{m[1]}.{_RESNET_NAMES.get(m[2], m[2])}"
-    if m := re.fullmatch(r"up_blocks\.(\d)\.resnets\.(\d)\.(.+)", rest):
-        return f"{side}.upsamples.{4 * int(m[1]) + int(m[2])}.{_RESNET_NAMES[m[3]]}"
-    if m := re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.(.+)", rest):
-        return f"{side}.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
-    raise KeyError(key)
-
-
 def original_vae_state(vae: AutoencoderKLWan) -> dict[str, torch.Tensor]:
-    original = {original_vae_key(k): v.clone() for k, v in vae.state_dict().items()}
+    original = {wan_vae_name(k): v.clone() for k, v in vae.state_dict().items()}
     diffusers_only = ("blocks", "resnets", "mid_block", "conv_in", "conv_out", "norm_out", "quant_conv", "upsamplers")
     assert not [k for k in original if any(word in k for word in diffusers_only)]
     assert set(convert_wan_vae_to_diffusers(original)) == set(vae.state_dict())  # the inverse is exact
