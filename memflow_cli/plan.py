@@ -119,6 +119,15 @@ def check_seed(seed: int | None) -> None:
         raise PlanError(f"--seed: must be between 0 and 2**64-1, got {seed}", "use a whole number like 0 or 42")
 
 
+def lora_settings(rank: int, alpha: float) -> LoraSettings:
+    """`--lora-rank` and `--lora-alpha` as settings; a bad value is one line naming its option."""
+    try:
+        return LoraSettings(rank=rank, alpha=alpha)
+    except SettingsError as error:
+        raise PlanError(f"--{error.field.replace('_', '-')}: {error.message}", "the released lora.pt has rank 256 and "
+                        "alpha 256") from None  # fmt: skip
+
+
 def given_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The generation options that were given (None: not given); names as in `settings.SETTING_NAMES`."""
     unknown = set(settings) - set(SETTING_NAMES)

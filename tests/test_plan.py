@@ -133,6 +133,22 @@ def test_output_problems_are_found_at_once_before_torch_is_imported(tmp_path: Pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder.mp4"]
 
 
+def test_bad_lora_options_are_one_line_naming_the_option_before_anything_loads(tmp_path: Path):
+    script, target = EXAMPLES / "lighthouse.yaml", str(tmp_path / "x.mp4")
+    runs = [["render", str(script), "--model", "demo", "-o", target, "--lora-alpha", "nan"],
+            ["render", str(script), "--model", "demo", "-o", target, "--lora-rank", "0"],
+            ["live", "--prompt", "a fox", "--model", "demo", "-o", target, "--lora-alpha", "inf"]]  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(runs)], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["codes"] == [2, 2, 2], result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --lora-alpha: must be a finite number, got nan",
+                      "error: --lora-rank: must be a whole number from 1 up, got 0",
+                      "error: --lora-alpha: must be a finite number, got inf"]  # fmt: skip
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Claims: what is on disk
 

@@ -30,12 +30,13 @@ from ..plan import (
     check_seed,
     checked_device,
     geometry_for,
+    lora_settings,
     parse_duration,
     story_settings,
 )
 from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
-from ..settings import GenerationSettings, LoraSettings
+from ..settings import GenerationSettings
 from .common import (
     TIME_FORMATS,
     BankSize,
@@ -155,7 +156,7 @@ def live(
         if fp8:
             check_fp8(device)
         request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
-                                seed=seed, lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile,
+                                seed=seed, lora=lora_settings(lora_rank, lora_alpha), compile=compile,
                                 fp8=fp8)  # fmt: skip
         try:
             # 2. the outputs claimed, then the model

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..plan import PlanError, RenderRequest, check_outputs, check_seed, parse_duration
+from ..plan import PlanError, RenderRequest, check_outputs, check_seed, lora_settings, parse_duration
 from ..report import err, out, stop_code, stop_signals_like_ctrl_c, stop_word
-from ..settings import LoraSettings
 from .common import (
     TIME_FORMATS,
     BankSize,
@@ -113,7 +112,7 @@ def render(
             skip_existing=skip_existing,
             settings={"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
                       "record_interval": record_interval, "sma": sma, "steps": steps},
-            lora=LoraSettings(rank=lora_rank, alpha=lora_alpha), compile=compile, fp8=fp8,
+            lora=lora_settings(lora_rank, lora_alpha), compile=compile, fp8=fp8,
             segment_seconds=segment_seconds,
         )  # fmt: skip
         check_outputs(request)
