@@ -110,6 +110,12 @@ def test_bench_refuses_more_switches_than_its_chunks_allow():
     assert "--switches 50: 9 latent frames make 3 chunks, which allow at most 2 switches" in lines[0]
 
 
+def test_bench_refuses_a_length_it_could_not_finish_at_once():
+    result = CliRunner().invoke(app, [*DEMO_CPU, "--frames", "100000000"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "less than or equal to 12000" in result.output
+
+
 def test_bench_reports_the_switches_it_made():
     result = CliRunner().invoke(app, [*DEMO_CPU, "--frames", "9", "--switches", "2"])
     assert result.exit_code == 0, result.output

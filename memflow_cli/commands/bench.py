@@ -42,7 +42,13 @@ def bench(
     device: Device = None,
     decode_device: DecodeDevice = None,
     frames: Annotated[
-        int, typer.Option(help="Latent frames to generate (video frames = 4*frames - 3).", min=3, metavar="N")
+        int,
+        typer.Option(
+            help="Latent frames to generate (video frames = 4*frames - 3), 3 to 12000 (50 minutes of video).",
+            min=3,
+            max=12000,
+            metavar="N",
+        ),
     ] = 120,
     switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0, metavar="N")] = 0,
     memory: MemoryMode = None,
