@@ -30,10 +30,12 @@ def inbox():
         yield inbox
 
 
-def request(server: LiveServer, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+def request(
+    server: LiveServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection(server.address.host, server._httpd.server_address[1], timeout=10)
     try:
-        connection.request(method, path, body=body)
+        connection.request(method, path, body=body, headers=headers or {})
         reply = connection.getresponse()
         return reply.status, reply.read()
     finally:
@@ -86,6 +88,28 @@ def test_posted_prompts_are_checked_and_bounded(inbox):
     assert inbox.take().prompt == "the tide turns" and inbox.pending() == 0
 
 
+def test_a_loopback_session_refuses_other_sites_pages_and_rebound_names(inbox):
+    with LiveServer(parse_address("0"), inbox) as server:
+        here = f"127.0.0.1:{server._httpd.server_address[1]}"
+        other_site = {"Host": here, "Origin": "https://example.org"}
+        rebound = {"Host": f"attacker.example:{server._httpd.server_address[1]}"}
+        assert request(server, "POST", "/prompt", b"sneaky", other_site)[0] == 403
+        assert request(server, "GET", "/status", None, rebound)[0] == 403
+        assert inbox.pending() == 0
+        same_page = {"Host": here, "Origin": f"http://{here}"}
+        assert request(server, "POST", "/prompt", b"from the page", same_page)[0] == 202
+        assert inbox.take().prompt == "from the page"
+
+
+def test_malformed_requests_are_answered_without_a_traceback(inbox, capfd):
+    with LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
+        assert request(server, "GET", "/?token=%C3%A9")[0] == 403  # not ASCII: compared as bytes
+        token = server.token
+        status, _ = request(server, "POST", f"/prompt?token={token}", b"x", {"Content-Length": "\u00b2"})
+        assert status in (400, 411)
+    assert "Traceback" not in capfd.readouterr().err and inbox.pending() == 0
+
+
 def test_png_frames_decode_to_the_pixels():
     frame = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3)
     data = png(frame)
@@ -113,7 +137,7 @@ def read_parts(sock: socket.socket, parts: int, timeout: float = 10.0) -> int:
 def open_stream(server: LiveServer, path: str = "/video") -> socket.socket:
     host, port = server._httpd.server_address[:2]
     sock = socket.create_connection((host, port), timeout=10)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     return sock
 
 

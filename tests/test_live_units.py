@@ -10,7 +10,7 @@ import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, PlaybackClock
-from memflow_cli.live.prompts import MAX_PROMPT_CHARS, PromptInbox, PromptRefused
+from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, PromptInbox, PromptRefused
 from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
@@ -61,6 +61,21 @@ def test_the_page_cannot_queue_a_blank_or_too_long_prompt():
             with pytest.raises(PromptRefused):
                 inbox.post(bad)
         assert inbox.pending() == 0
+
+
+def test_a_flood_of_prompts_is_bounded_with_one_warning_and_the_queue_takes_prompts_again_once_drained():
+    warnings: list[str] = []
+    flood = b"".join(f"prompt {i}\n".encode() for i in range(MAX_PENDING + 100))
+    inbox, write = inbox_with(flood, warnings)
+    with inbox:
+        inbox.sync()
+        assert inbox.pending() == MAX_PENDING
+        assert len(warnings) == 1 and f"{MAX_PENDING} prompts are waiting" in warnings[0]
+        with pytest.raises(PromptRefused, match="waiting for their chunks already"):
+            inbox.post("from the page")
+        assert taken(inbox) == [f"prompt {i}" for i in range(MAX_PENDING)]
+        assert inbox.post("from the page").prompt == "from the page"
+    os.close(write)
 
 
 def test_wait_returns_early_when_a_prompt_arrives():

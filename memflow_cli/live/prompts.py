@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused (the text encoder reads 512 tokens at most)
+MAX_PENDING = 64  # prompts waiting for their chunk: one more is refused (each takes a chunk, 0.75 s of video)
 _READ_BYTES = 65536
 _MAX_LINE_BYTES = 4 * MAX_PROMPT_CHARS + 4  # UTF-8: at most 4 bytes a character (and a CR)
 _SYNC_POLL_S = 0.002
@@ -70,6 +71,7 @@ class PromptInbox:
         self._changed = threading.Condition(threading.Lock())
         self._buffer = bytearray()
         self._skipping = False  # inside a line already refused as too long: dropped up to its end
+        self._overflowing = False  # stdin lines are being dropped: the queue was full
         self._eof = stdin_fd is None
         self._closed = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # wakes `wait`
@@ -85,7 +87,8 @@ class PromptInbox:
     def post(self, text: str, source: str = "page") -> Arrival:
         """Queue a prompt from elsewhere than stdin; raises PromptRefused (nothing queued) for a bad one."""
         arrival = Arrival(checked_prompt(text), self._clock(), source)
-        self._push(arrival)
+        if not self._push(arrival):
+            raise PromptRefused(f"{MAX_PENDING} prompts are waiting for their chunks already: send it later")
         return arrival
 
     def take(self) -> Arrival | None:
@@ -97,11 +100,15 @@ class PromptInbox:
         with self._changed:
             return len(self._queue)
 
-    def _push(self, arrival: Arrival) -> None:
+    def _push(self, arrival: Arrival) -> bool:
+        """Queue `arrival`; False (nothing queued) where `MAX_PENDING` prompts are waiting already."""
         with self._changed:
+            if len(self._queue) >= MAX_PENDING:
+                return False
             self._queue.append(arrival)
             self._changed.notify_all()
         self.wake()
+        return True
 
     # -- waiting ---------------------------------------------------------------------------------------
 
@@ -185,7 +192,12 @@ class PromptInbox:
         except PromptRefused as refused:
             self._warn(str(refused))
             return
-        self._push(Arrival(prompt, now, "stdin"))
+        if self._push(Arrival(prompt, now, "stdin")):
+            self._overflowing = False
+        elif not self._overflowing:  # one warning for a run of refused lines
+            self._overflowing = True
+            self._warn(f"refused prompt lines: {MAX_PENDING} prompts are waiting for their chunks already; "
+                       "lines are dropped until one of them has its chunk")
 
     # -- lifetime --------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import queue
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -238,6 +239,28 @@ class LiveServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a viewer's stream never holds the session's end
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A viewer that left or sent nonsense ends only its own request: no traceback on the session's terminal."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"live: a request from {client_address[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+
+
+def _from_this_machine(host: str | None, origin: str | None) -> bool:
+    """Whether a request without a token comes from a page of this loopback session: its Host is a loopback
+    name (a site that rebinds its name to 127.0.0.1 still sends its own), and an Origin, if sent, is that host
+    (another site's page posting here sends its own)."""
+    name = urlsplit(f"//{host}").hostname if host else None
+    if name is None:
+        return False
+    if name != "localhost":
+        try:
+            if not ipaddress.ip_address(name).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return origin is None or origin == f"http://{host}"
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
@@ -255,11 +278,17 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # the terminal is the session's
             pass
 
+        timeout = 30  # seconds a request may take to arrive; the streams clear it (`_stream_head`)
+
         def _allowed(self) -> bool:
             if server.token is None:
-                return True
+                if _from_this_machine(self.headers.get("Host"), self.headers.get("Origin")):
+                    return True
+                refused = b"403: only pages of this session, opened on this machine\n"
+                self._send(403, refused, "text/plain; charset=utf-8")
+                return False
             given = parse_qs(urlsplit(self.path).query).get("token", [""])[0]
-            if secrets.compare_digest(given, server.token):
+            if secrets.compare_digest(given.encode(), server.token.encode()):
                 return True
             self._send(403, b"403: this session needs the token of its URL\n", "text/plain; charset=utf-8")
             return False
@@ -294,7 +323,7 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
                 self._send(404, b"404: not here\n", "text/plain; charset=utf-8")
                 return
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not (length.isascii() and length.isdigit()):
                 self._send(411, b"411: send the prompt with a Content-Length\n", "text/plain; charset=utf-8")
                 return
             if int(length) > MAX_PROMPT_BODY:
@@ -310,6 +339,7 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             self._send(202, json.dumps({"queued": arrival.prompt}).encode(), "application/json")
 
         def _stream_head(self, kind: str) -> None:
+            self.connection.settimeout(None)  # a stream lasts the session; a gone viewer fails its writes
             self.send_response(200)
             self.send_header("Content-Type", kind)
             self.send_header("Cache-Control", "no-store")
