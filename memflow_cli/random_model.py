@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="where to write them (created)")
     parser.add_argument("--tiny", action="store_true", help="a tiny transformer and text encoder (tests, CPU)")
     parser.add_argument("--device", default=None, help="where to draw the values (default: cuda if present)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds files already")
     args = parser.parse_args(argv)
+    if args.folder.exists() and (not args.folder.is_dir() or any(args.folder.iterdir())) and not args.overwrite:
+        print(f"error: {args.folder} is not an empty folder: random weights would replace what is there\n"
+              "  hint: give a new folder, or add --overwrite", file=sys.stderr)  # fmt: skip
+        return 2
     started = time.perf_counter()
     sizes = tiny_official_sizes() if args.tiny else OfficialSizes()
     folder = write_official_layout(args.folder, sizes, torch.device(args.device) if args.device else None)

@@ -57,6 +57,15 @@ def official_folder(tmp_path_factory):
     return folder
 
 
+def test_random_weights_never_replace_files_without_overwrite(tmp_path, capsys):
+    from memflow_cli.random_model import main
+
+    (tmp_path / "base.pt").write_bytes(b"REAL")
+    assert main([str(tmp_path), "--tiny", "--device", "cpu"]) == 2
+    assert (tmp_path / "base.pt").read_bytes() == b"REAL" and len(list(tmp_path.iterdir())) == 1
+    assert "is not an empty folder" in capsys.readouterr().err
+
+
 def test_the_tiny_official_layout_is_the_release_layout(official_folder):
     from memflow_cli.weights import resolve_model
 
