@@ -161,6 +161,7 @@ class LiveVideo:
         self._opening_source = "script" if request.opening_script is not None else "prompt"
         self.segments: list[LiveSegment] = []
         self._starts: list[int] = []
+        self._embeds: torch.Tensor | None = None  # the current segment's embeddings [text_len, text_dim]
 
     # -- what Engine.stream asks -----------------------------------------------------------------------
 
@@ -185,11 +186,11 @@ class LiveVideo:
         segment = self._next_segment(chunk)
         if segment is not None:
             self.engine.encode([segment.prompt])
+            self._embeds = self.engine.embeddings([segment.prompt])[0]  # held for the segment's chunks
             self.segments.append(segment)
             self._starts.append(chunk)
             self.events.switched(segment, self.inbox.pending())
-        current = self.segments[-1]
-        return current.index, self.engine.embeddings([current.prompt])[0]
+        return self.segments[-1].index, self._embeds
 
     # -- the boundary ----------------------------------------------------------------------------------
 
