@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -160,4 +161,12 @@ def test_refusals_come_before_anything_is_written(tmp_path):
     assert result.returncode == 2 and "add --public" in result.stderr
     result = run_memflow("live", "-o", tmp_path / "a.mp4", "--model", "demo")
     assert result.returncode == 2 and "give an opening script or --prompt" in result.stderr
+    with socket.socket() as busy:  # a port in use: refused before the model loads, nothing left behind
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "a.mp4", "--model", "demo",
+                             "--serve", str(port))  # fmt: skip
+    assert result.returncode == 2 and "cannot listen there" in result.stderr
+    assert "demo model" not in result.stderr  # its notice comes with the loaded model
     assert sorted(path.name for path in tmp_path.iterdir()) == ["harbour.yaml", "notes.yaml"]

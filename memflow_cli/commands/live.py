@@ -13,7 +13,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -124,6 +124,7 @@ def live(
     (growing as it renders), its sidecar .json and FILE.yaml: `memflow render FILE.yaml` makes the
     same video, frame for frame.
     """
+    from ..live.prompts import PromptInbox
     from ..live.server import ServeError, check_bind, parse_address
 
     with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
@@ -161,35 +162,41 @@ def live(
         try:
             # 2. the outputs claimed, then the model
             _reserve(stack, output, script, overwrite)
+            inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))  # lines typed while loading wait
+            server = _bound(stack, address, inbox, public, geometry.fps) if address is not None else None
             from ..batch import load_engine_reported
 
-            engine = stack.enter_context(load_engine_reported(request, device, decode_device))
+            opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
+            engine = stack.enter_context(load_engine_reported(request, device, decode_device, prompts=opening_prompts))
         except KeyboardInterrupt as stop:
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
         story_seed = opening.seed if seed is None else seed
         options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 address, public, options)  # fmt: skip
+                 inbox, server, options)  # fmt: skip
+
+
+def _bound(stack: ExitStack, address, inbox, public: bool, fps: int):
+    """The page's server, listening before the model loads (a busy port is found at once), started later."""
+    from ..live.server import LiveServer
+
+    try:
+        return stack.enter_context(closing(LiveServer(address, inbox, public=public, fps=fps)))
+    except OSError as error:
+        raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
+                        "choose another port (0 picks a free one)") from None
 
 
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
-             address, public: bool, replay_options: str) -> None:  # fmt: skip
-    from ..live.prompts import PromptInbox
-    from ..live.server import LiveServer
+             inbox, server, replay_options: str) -> None:  # fmt: skip
     from ..live.session import LiveRequest, SessionStop, run_live
     from ..render import RenderInterrupted
 
-    inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))
     stop = SessionStop(inbox)
-    server = None
-    if address is not None:
-        try:
-            server = stack.enter_context(LiveServer(address, inbox, public=public, fps=engine.geometry.fps))
-        except OSError as error:
-            raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
-                            "choose another port (0 picks a free one)") from None
+    if server is not None:
+        server.start()
         err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)

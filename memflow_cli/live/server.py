@@ -224,9 +224,13 @@ class LiveServer:
     # -- lifetime --------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop serving and free the port; also for a server bound but never started."""
         self._playlist.put(_END)
-        self._threads[1].join(timeout=5.0)
-        self._httpd.shutdown()
+        player, http = self._threads[1], self._threads[0]
+        if player.is_alive():
+            player.join(timeout=5.0)
+        if http.is_alive():
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def __enter__(self) -> LiveServer:
