@@ -222,7 +222,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     out.print(str(result.script), markup=False, soft_wrap=True)
     if result.unused_prompts:
         _warn(f"{len(result.unused_prompts)} prompt(s) came after the last chunk started and are not in the video")
-    err.print(_summary(result), markup=False, soft_wrap=True)
+    err.print(_summary(result, engine.geometry.fps), markup=False, soft_wrap=True)
 
 
 class _Report:
@@ -249,13 +249,13 @@ class _Report:
         err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
 
 
-def _summary(result) -> str:
+def _summary(result, fps: int) -> str:
     latency = result.latency_summary()
     said = (f"prompt to screen {latency['to_screen_median_s']:.2f} s median, {latency['to_screen_max_s']:.2f} s "
             f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
     stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
               else "playback never stalled")  # fmt: skip
-    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / 16:.2f} s of video) "
+    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
             f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
