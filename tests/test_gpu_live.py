@@ -54,3 +54,52 @@ def test_a_gpu_session_replays_frame_for_frame(tmp_path, stop):
     rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *options, "-q", timeout=600)
     assert rendered.returncode == 0, rendered.stderr
     assert same_frames(target, replay)
+
+
+# Full size: the 1.3B transformer and the Wan VAE at 832x480, random weights (nothing to download). A few
+# chunks are enough: what differs between two processes (an algorithm chosen by timing it) differs at once.
+FULL_SIZE = ("--model", "random", "--device", "cuda")
+SHORT_STORY = """\
+title: harbour
+seed: 11
+duration: 4.5s
+segments:
+  - {start: 0s, prompt: "A fishing harbour at dawn, boats rocking on calm water"}
+  - {start: 1.5s, prompt: "The harbour master walks along the pier"}
+  - {start: 3s, prompt: "Gulls circle the masts as the sun comes up"}
+"""
+
+
+def test_a_full_size_story_renders_to_the_same_video_in_two_processes(tmp_path):
+    script = tmp_path / "harbour.yaml"
+    script.write_text(SHORT_STORY)
+    videos = [tmp_path / "first.mp4", tmp_path / "second.mp4"]
+    for video in videos:
+        rendered = run_memflow("render", script, "-o", video, *FULL_SIZE, "--no-compile", "-q", timeout=600)
+        assert rendered.returncode == 0, rendered.stderr
+    assert same_frames(*videos)
+
+
+def test_a_full_size_session_replays_frame_for_frame(tmp_path):
+    import subprocess
+
+    target = tmp_path / "live.mp4"
+    read, write = piped(["the harbour master waves from the pier", "gulls circle the masts"])
+    try:
+        process = subprocess.Popen(
+            [*MEMFLOW, "live", "--prompt", "A fishing harbour at dawn", "-o", str(target), "--duration", "6s",
+             *FULL_SIZE],
+            stdin=read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+        )  # fmt: skip
+        os.close(read)
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        os.close(write)
+    assert process.returncode == 0, stderr
+    story = yaml.safe_load(target.with_suffix(".yaml").read_text())
+    assert len(story["segments"]) == 3
+    replay = tmp_path / "replay.mp4"
+    options = replay_options(target.with_suffix(".yaml"))
+    rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *options, "-q", timeout=600)
+    assert rendered.returncode == 0, rendered.stderr
+    assert same_frames(target, replay)

@@ -134,6 +134,7 @@ class LiveResult:
     slower_than_real_time: bool
     ended_by: str
     unused_prompts: tuple[str, ...] = ()  # arrived too late: the session ended before their chunk
+    stalled_frames: tuple[tuple[int, float], ...] = ()  # (frame that came late, seconds the picture stood), first 100
 
     def latency_summary(self) -> dict[str, Any]:
         screen = [latency.to_screen_s for latency in self.latencies]
@@ -292,6 +293,7 @@ def run_live(
         path=request.target, script=request.script, sidecar=request.target.with_suffix(".json"), chunks=made,
         video_frames=clock.frames, seconds=seconds, segments=segments, latencies=tuple(latencies),
         stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=slow_said,
+        stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
     )  # fmt: skip
     write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started))
@@ -330,6 +332,7 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
             ],  # fmt: skip
             "stalls": result.stalls,
             "stalled_s": round(result.stalled_s, 3),
+            "stalled_frames": [{"frame": frame, "s": round(seconds, 3)} for frame, seconds in result.stalled_frames],
             "slower_than_real_time": result.slower_than_real_time,
             "unused_prompts": list(result.unused_prompts),
         },

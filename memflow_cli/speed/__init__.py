@@ -88,7 +88,7 @@ def choose_fast_path(
 ) -> FastPath:
     """The fastest faithful way to run a model of `config` on `device` in `dtype`.
 
-    On CUDA: cuDNN autotuning, SDPA's fastest backends first, flash-attn 3 for self-attention where it works,
+    On CUDA: SDPA's fastest backends first, flash-attn 3 for self-attention where it works,
     and with `compile` the compiled steps, CUDA graphs and fused decoder steps. On the CPU: plain PyTorch.
     `fp8` (asked for, never chosen here: it changes the video) quantises the blocks' linear layers.
     """

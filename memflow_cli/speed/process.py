@@ -2,6 +2,9 @@
 
 torch keeps some of its settings per process, not per model: cuDNN's autotuning, dynamo's recompile limit,
 and where Inductor and Triton keep their compiled kernels (environment variables read when they compile).
+cuDNN's autotuning stays off: it times the candidate convolution algorithms in each process and may pick
+another one the next time, and another algorithm rounds the VAE's pixels differently, so the same story
+would not give the same video twice (nor a live session's replay the live video).
 Nothing else in memflow sets them; `choose_fast_path` calls `process_settings` once per engine, before
 anything is compiled, and the compiled decoder steps call `compile_settings` in case they are built alone
 (tests).
@@ -20,13 +23,13 @@ from .compile_cache import CompileKey, compile_cache_dir, compile_cache_env
 def process_settings(device: torch.device, *, compile: bool) -> None:
     """What the fast path needs torch to do in this whole process, for a model on `device`.
 
-    On CUDA: cuDNN picks its fastest convolution per shape (the VAE decoder's); with `compile`, dynamo may
-    build every graph the model and the decoder need and the compile caches live in the user's cache.
-    Nothing changes on the CPU.
+    On CUDA: cuDNN chooses each convolution's algorithm by its heuristics, the same choice in every process
+    (never by timing them); with `compile`, dynamo may build every graph the model and the decoder need and
+    the compile caches live in the user's cache. Nothing changes on the CPU.
     """
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = False
     if compile:
         compile_settings(device)
 

@@ -40,13 +40,26 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=10.0, help="seconds between typed prompts")
     parser.add_argument("--ahead", default="2")
     parser.add_argument("--replay", action="store_true", help="render OUT.yaml and compare the frames")
+    parser.add_argument("--record", action="store_true",
+                        help="record both runs' latents and frame hashes (recorded_run.py) and say where they part")
+    parser.add_argument("--compile", action="store_true", help="the session compiled (--compile)")
+    parser.add_argument("--cudnn-benchmark", default="default", help="with --record: on, off or default")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / "live.mp4"
     device = ["--device", args.device] if args.device else []
-    command = [sys.executable, "-m", "memflow_cli", "live", "--prompt", "A white lighthouse on a rocky cliff at dusk",
+    tools = Path(__file__).parent
+
+    def memflow(record: str) -> list[str]:
+        if not args.record:
+            return [sys.executable, "-m", "memflow_cli"]
+        return [sys.executable, str(tools / "recorded_run.py"), "--record", str(args.out / record),
+                "--cudnn-benchmark", args.cudnn_benchmark, "--"]  # fmt: skip
+
+    compile_option = ["--compile"] if args.compile else []
+    command = [*memflow("live.pt"), "live", "--prompt", "A white lighthouse on a rocky cliff at dusk",
                "-o", str(target), "--model", args.model, *device, "--duration", args.duration, "--ahead", args.ahead,
-               "--serve", "127.0.0.1:0", "--overwrite"]  # fmt: skip
+               "--serve", "127.0.0.1:0", "--overwrite", *compile_option]  # fmt: skip
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)  # fmt: skip
     lines: list[tuple[float, str]] = []
@@ -104,11 +117,15 @@ def main() -> None:
 
         script = target.with_suffix(".yaml")
         options = replay_options(script)  # the options the session's OUT.yaml names
-        rendered = subprocess.run([sys.executable, "-m", "memflow_cli", "render", str(script), "-o", str(replay),
+        rendered = subprocess.run([*memflow("replay.pt"), "render", str(script), "-o", str(replay),
                                    *options, "-q", "--overwrite"], capture_output=True, text=True)  # fmt: skip
 
         result["replay_same_frames"] = rendered.returncode == 0 and same_frames(target, replay)
         result["replay_stderr_tail"] = rendered.stderr[-500:]
+        if args.record:
+            compared = subprocess.run([sys.executable, str(tools / "compare_runs.py"), str(args.out / "live.pt"),
+                                       str(args.out / "replay.pt")], capture_output=True, text=True)  # fmt: skip
+            result["compared"] = json.loads(compared.stdout) if compared.returncode == 0 else compared.stderr[-500:]
     line = json.dumps(result)
     (args.out / "live_summary.json").write_text(line + "\n")
     print(line)
