@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.live.pacing import HANDOVER_MARGIN_S, PlaybackClock
+from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
 from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, PromptInbox, PromptRefused
 from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
 from memflow_cli.model.transformer import CausalWanTransformer
@@ -100,11 +100,96 @@ def test_the_clock_plays_frames_at_the_frame_rate_and_counts_late_chunks_as_stal
     # the next chunk may start once at most 2 chunks (1.5 s) are made but not played
     dry = clock.runs_dry_at()
     assert clock.start_time(ahead_s=1.5) == pytest.approx(dry - 1.5)
-    # a chunk made but still decoding counts as made; with chunks decoding, start before playback runs dry
+    # a chunk made but still decoding counts as made; never so late that playback runs dry before frames come
     assert clock.start_time(ahead_s=1.5, pending_s=0.75) == pytest.approx(dry - 0.75)
     assert clock.start_time(ahead_s=1.5, pending_s=1.5) == pytest.approx(dry - HANDOVER_MARGIN_S)
-    assert clock.start_time(ahead_s=0.0) == pytest.approx(dry)  # --ahead 0: once everything made has played
+    assert clock.start_time(ahead_s=0.0) == pytest.approx(dry - HANDOVER_MARGIN_S)  # --ahead 0: just in time
+    # frames reach the clock 0.4 s after a chunk starts: start that much before playback would run dry
+    assert clock.start_time(ahead_s=0.0, handover_s=0.4) == pytest.approx(dry - 0.4 - HANDOVER_MARGIN_S)
+    assert clock.start_time(ahead_s=1.5, handover_s=0.4) == pytest.approx(dry - 1.5)  # ahead is earlier anyway
     assert PlaybackClock(16).start_time(ahead_s=1.5) == 0.0  # nothing made yet: at once
+
+
+def test_playback_starts_once_the_preroll_is_made_and_the_frames_keep_their_made_times():
+    playback: Playback[str] = Playback(fps=16, chunk_s=0.75, ahead=2)
+    playback.started(10.0)
+    assert playback.made("chunk 0", 9, now=10.5) == []  # held: one short chunk is no buffer
+    assert playback.start_time(pending_chunks=1) == 0.0  # nothing plays yet: the next chunk starts at once
+    playback.started(10.5)
+    shown = playback.made("chunk 1", 12, now=10.9)
+    assert [s.item for s in shown] == ["chunk 0", "chunk 1"] and [s.first_frame for s in shown] == [0, 9]
+    assert shown[0].due[0] == 10.9 and shown[1].due[0] == pytest.approx(10.9 + 9 / 16)
+    assert playback.clock.made[0] == 10.5 and playback.clock.made[9] == 10.9
+    assert playback.handover_s == pytest.approx(0.5)
+    playback.started(11.0)
+    assert [s.item for s in playback.made("chunk 2", 12, now=11.3)] == ["chunk 2"]  # playing: at once
+    assert playback.finish(12.0) == []
+    short: Playback[str] = Playback(fps=16, chunk_s=0.75, ahead=2)
+    assert short.made("only", 9, now=1.0) == [] and [s.item for s in short.finish(1.2)] == ["only"]
+
+
+def _session_stalls(
+    *, ahead: int, generate_s: float, decode_s: float, trailing: bool, chunks: int = 60, slow_first: float = 0.0,
+    switches: tuple[int, ...] = (), switch_s: float = 0.0,
+) -> list:  # fmt: skip
+    """The stalls of a session on a simulated machine: `Playback` paced as the session paces it, chunks made
+    in `generate_s` (more for the first three, with a switch), decoded in `decode_s` either after each chunk
+    or beside generation on a worker, handed over as `Overlap.map` hands them over (up to two trailing)."""
+    playback: Playback[int] = Playback(fps=16, chunk_s=0.75, ahead=ahead)
+    frames = [9] + [12] * (chunks - 1)
+    now, decoder_free = 0.0, 0.0
+    decoding: list[tuple[int, float]] = []  # (chunk, decoded at)
+    for chunk in range(chunks):
+        if chunk:
+            on_clock = (playback.clock.frames + 3) // 12
+            now = max(now, playback.start_time(chunk - on_clock))
+        playback.started(now)
+        now += generate_s + (slow_first if chunk < 3 else 0.0) + (switch_s if chunk in switches else 0.0)
+        if not trailing:
+            now += decode_s
+            playback.made(chunk, frames[chunk], now)
+            continue
+        decoder_free = max(now, decoder_free) + decode_s + (slow_first if chunk < 3 else 0.0)
+        decoding.append((chunk, decoder_free))
+        while decoding and (chunk == 0 or decoding[0][1] <= now or len(decoding) > 2):
+            done, at = decoding.pop(0)
+            now = max(now, at)
+            playback.made(done, frames[done], now)
+    for done, at in decoding:
+        playback.made(done, frames[done], max(now, at))
+    playback.finish(now)
+    return playback.clock.stalls
+
+
+H200_EAGER = dict(generate_s=0.42, decode_s=0.25, trailing=True)  # decoding trails generation on a worker
+COMPILED_SLOW_START = dict(generate_s=0.30, decode_s=0.15, trailing=True, slow_first=0.5)
+CLOSE_TO_REAL_TIME = dict(generate_s=0.60, decode_s=0.50, trailing=True)
+DECODE_AFTER_EACH_CHUNK = dict(generate_s=0.35, decode_s=0.30, trailing=False)
+SWITCHES = dict(switches=(10, 30, 50), switch_s=0.1)  # a re-cache pass more at three switches
+
+
+@pytest.mark.parametrize(
+    ("ahead", "machine"),
+    [(ahead, machine) for ahead in (0, 1, 2, 4)
+     for machine in (H200_EAGER, COMPILED_SLOW_START, CLOSE_TO_REAL_TIME, DECODE_AFTER_EACH_CHUNK)]
+    # a switch's extra work is not foreseen: it takes the buffer of --ahead 2 or more to ride it out
+    + [(ahead, {**machine, **SWITCHES}) for ahead in (2, 4) for machine in (H200_EAGER, CLOSE_TO_REAL_TIME)],
+)  # fmt: skip
+def test_a_machine_faster_than_real_time_never_stalls_playback(ahead, machine):
+    assert _session_stalls(ahead=ahead, **machine) == []
+
+
+def test_with_no_buffer_an_unforeseen_switch_stalls_by_what_it_adds_beyond_the_margin():
+    stalls = _session_stalls(ahead=0, **CLOSE_TO_REAL_TIME, **SWITCHES)
+    assert [stall.frame for stall in stalls] == [9 + 12 * 8, 9 + 12 * 28, 9 + 12 * 48]  # the chunk before each
+    assert all(stall.seconds == pytest.approx(0.1 - HANDOVER_MARGIN_S) for stall in stalls)
+
+
+def test_a_machine_slower_than_real_time_stalls_and_the_stalls_are_counted():
+    stalls = _session_stalls(ahead=2, generate_s=0.9, decode_s=0.2, trailing=True, chunks=10)
+    # the pre-roll and the first chunks' buffer last a few chunks; then every chunk comes 0.15 s late
+    assert [stall.frame for stall in stalls] == [45, 57, 69, 81, 93]
+    assert [round(stall.seconds, 3) for stall in stalls[1:]] == [0.15] * 4
 
 
 def test_the_replay_script_snaps_back_to_the_chunks_of_the_session(tmp_path):

@@ -1,18 +1,30 @@
-"""The viewer's clock: frames play at the video's frame rate from the moment the first one is made.
+"""The viewer's clock, and when generation may start its next chunk so that the clock never runs dry.
 
 A frame plays at its due time: one frame period after the previous one, or when it is made if that is
-later, and then playback has stalled (the viewer saw a frozen picture). Generation is paced against
-this clock: the next chunk starts once the video made but not played yet is down to `ahead` chunks (on
-one clock: chunk k starts when chunk k - ahead is on screen), so a prompt typed now shows within about
-`ahead + 1` chunks; where playback runs dry anyway (a machine slower than real time) it starts at once.
+later, and then playback has stalled (the viewer saw a frozen picture). Playback starts once the first
+`PREROLL_CHUNKS` chunks are made, as a player buffers before it plays: the first chunk is short (9
+frames), and on CUDA a chunk's frames reach the clock only when the chunk after it is made, so with one
+chunk in hand the picture would stand still while the second is made and handed over.
+
+Generation is paced against this clock (`Playback`): the next chunk starts once the video made but not
+played yet is down to `ahead` chunks, so a prompt typed now shows within about `ahead + 1` chunks; and
+never later than the time it takes to get frames to the clock (measured on the last few chunks) before
+playback would run dry, whatever `ahead` says. Where playback runs dry anyway (a machine slower than
+real time) a chunk starts at once.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 STALL_TOLERANCE_S = 0.002  # a frame later than this past its period counts as a stall
-HANDOVER_MARGIN_S = 0.05  # frames made but not handed over yet reach the clock this long before it runs dry
+HANDOVER_MARGIN_S = 0.05  # frames reach the clock at least this long before it would run dry
+PREROLL_CHUNKS = 2  # chunks made before playback starts
+RECENT_CHUNKS = 8  # chunks whose handover times bound the next one's
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,8 @@ class PlaybackClock:
     def frames(self) -> int:
         return len(self.due)
 
-    def add(self, count: int, now: float) -> tuple[float, ...]:
-        """`count` frames made at `now`; returns their due times."""
+    def add(self, count: int, now: float, made: float | None = None) -> tuple[float, ...]:
+        """`count` frames on the clock at `now` (made at `made`, default `now`); returns their due times."""
         start = len(self.due)
         for frame in range(start, start + count):
             if frame == 0:
@@ -46,24 +58,84 @@ class PlaybackClock:
                 if now - on_time > STALL_TOLERANCE_S and frame == start:
                     self.stalls.append(Stall(frame, now - on_time))
             self.due.append(due)
-            self.made.append(now)
+            self.made.append(now if made is None else made)
         return tuple(self.due[start:])
 
     def runs_dry_at(self) -> float:
         """When playback will have shown every frame made so far (and stalls if nothing follows)."""
         return self.due[-1] + self.period if self.due else 0.0
 
-    def start_time(self, ahead_s: float, pending_s: float = 0.0) -> float:
-        """When generation may start its next chunk: once the video made but not played yet is down to
-        `ahead_s`. `pending_s` of it is made but not on the clock yet (decoding beside generation, it is
-        handed over only when the next chunk starts): then never later than just before playback runs dry.
+    def start_time(self, ahead_s: float, pending_s: float = 0.0, handover_s: float = 0.0) -> float:
+        """When generation may start its next chunk.
+
+        Once the video made but not played yet is down to `ahead_s`, `pending_s` of it made but not on
+        the clock yet (decoding beside generation); and, whatever `ahead_s` says, no later than
+        `handover_s` (how long after a chunk starts frames reach the clock) and a margin before playback
+        runs dry. Nothing on the clock yet (before playback starts): at once.
         """
         if not self.due:
             return 0.0
         dry = self.runs_dry_at()
-        start = dry - ahead_s + pending_s
-        return min(start, dry - HANDOVER_MARGIN_S) if pending_s > 0 else start
+        return min(dry - ahead_s + pending_s, dry - handover_s - HANDOVER_MARGIN_S)
 
     @property
     def stalled_s(self) -> float:
         return sum(stall.seconds for stall in self.stalls)
+
+
+@dataclass(frozen=True)
+class OnClock(Generic[T]):
+    """A chunk put on the clock: its frames from `first_frame` on play at `due`."""
+
+    item: T
+    first_frame: int
+    due: tuple[float, ...]
+
+
+class Playback(Generic[T]):
+    """The playback clock fed by the pipeline: holds the pre-roll, and says when the next chunk may start.
+
+    The session says when a chunk starts (`started`) and hands over each chunk as its frames come out
+    of the pipeline (`made`). From a chunk's start to the next frames out is the handover time, which
+    covers generation, a prompt switch's re-cache and, where decoding does not trail generation, the
+    decode; the longest of the recent chunks' bounds how late the next chunk may start.
+    """
+
+    def __init__(self, fps: int, chunk_s: float, ahead: int):
+        self.clock = PlaybackClock(fps)
+        self.chunk_s, self.ahead = chunk_s, ahead
+        self._handovers: deque[float] = deque(maxlen=RECENT_CHUNKS)
+        self._started: float | None = None
+        self._held: list[tuple[T, int, float]] = []  # the pre-roll: (chunk, frames, when made)
+
+    def started(self, now: float) -> None:
+        """A chunk starts (after its wait)."""
+        self._started = now
+
+    def made(self, item: T, frames: int, now: float) -> list[OnClock[T]]:
+        """A chunk's `frames` frames came out of the pipeline at `now`; returns what goes on the clock now
+        (nothing while the pre-roll fills, then the held chunks too)."""
+        if self._started is not None:
+            self._handovers.append(now - self._started)
+        self._held.append((item, frames, now))
+        if self.clock.frames or len(self._held) >= PREROLL_CHUNKS:
+            return self.finish(now)
+        return []
+
+    def finish(self, now: float) -> list[OnClock[T]]:
+        """Every held chunk on the clock from `now` on (the session ends before its pre-roll filled)."""
+        shown = []
+        for item, frames, made in self._held:
+            first_frame = self.clock.frames
+            shown.append(OnClock(item, first_frame, self.clock.add(frames, now, made)))
+        self._held.clear()
+        return shown
+
+    @property
+    def handover_s(self) -> float:
+        """The longest handover time of the recent chunks (0 before the first)."""
+        return max(self._handovers, default=0.0)
+
+    def start_time(self, pending_chunks: int) -> float:
+        """When the next chunk may start, `pending_chunks` made but not on the clock yet."""
+        return self.clock.start_time(self.ahead * self.chunk_s, pending_chunks * self.chunk_s, self.handover_s)

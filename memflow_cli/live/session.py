@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..engine import Engine
+from ..engine import Chunk, Engine
 from ..output import write_video_sidecar
 from ..render import RenderInterrupted, request_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings, VideoGeometry
-from .pacing import PlaybackClock
+from .pacing import PREROLL_CHUNKS, OnClock, Playback, PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
 
@@ -151,11 +151,11 @@ class LiveResult:
 class LiveVideo:
     """The prompt source of a live session (`generator.PromptSource`) and the record of its segments."""
 
-    def __init__(self, engine: Engine, request: LiveRequest, inbox: PromptInbox, clock: PlaybackClock,
+    def __init__(self, engine: Engine, request: LiveRequest, inbox: PromptInbox, playback: Playback[Chunk],
                  events: LiveEvents, stopped: SessionStop):  # fmt: skip
-        self.engine, self.inbox, self.clock, self.events, self.stopped = engine, inbox, clock, events, stopped
+        self.engine, self.inbox, self.playback, self.events, self.stopped = engine, inbox, playback, events, stopped
+        self.clock: PlaybackClock = playback.clock
         self.geometry = request.settings.geometry
-        self.ahead = request.ahead
         self.limit = None if request.limit_s is None else max(1, chunk_for(request.limit_s, self.geometry))
         self._interactive = request.settings.memory.interactive is not False  # unset: interactive
         self._scheduled = {chunk_for(s.start_s, self.geometry): s.prompt for s in request.opening.segments}
@@ -183,6 +183,7 @@ class LiveVideo:
             self._pace(chunk)
             if self.stopped.is_set():
                 return None
+        self.playback.started(time.perf_counter())
         self.inbox.sync()
         segment = self._next_segment(chunk)
         if segment is not None:
@@ -196,15 +197,14 @@ class LiveVideo:
     # -- the boundary ----------------------------------------------------------------------------------
 
     def _pace(self, chunk: int) -> None:
-        """Wait until at most `ahead` chunks are made but not played (or the session stops).
+        """Wait until the pacer lets `chunk` start (or the session stops).
 
         The chunks made before `chunk` but not on the clock yet are decoding (on CUDA decoding trails
-        generation); they reach the clock once this returns.
+        generation) or held for the pre-roll; they reach the clock once this returns.
         """
-        chunk_s = self.geometry.chunk_seconds
         pending = chunk - _chunks_of(self.clock.frames, self.geometry)
         while not self.stopped.is_set():
-            remaining = self.clock.start_time(self.ahead * chunk_s, pending * chunk_s) - time.perf_counter()
+            remaining = self.playback.start_time(pending) - time.perf_counter()
             if remaining <= 0:
                 return
             self.inbox.wait(remaining)
@@ -247,30 +247,38 @@ def run_live(
     if settings.memory.interactive is None:  # recorded, so that the replay records the bank the same way
         settings = replace(settings, memory=replace(settings.memory, interactive=True))
         request = replace(request, settings=settings)
-    clock = PlaybackClock(engine.geometry.fps)
-    video = LiveVideo(engine, request, inbox, clock, events, stopped)
+    playback: Playback[Chunk] = Playback(engine.geometry.fps, engine.geometry.chunk_seconds, request.ahead)
+    clock = playback.clock
+    video = LiveVideo(engine, request, inbox, playback, events, stopped)
     latencies: list[Latency] = []
     measured = 0  # segments whose first frame is made
     slow_said = False
     started = time.perf_counter()
-    # 1. the stream, written as it comes; every chunk's frames go on the playback clock
+
+    def show(shown: list[OnClock[Chunk]]) -> None:
+        nonlocal measured, slow_said
+        for on_clock in shown:
+            chunk = on_clock.item
+            assert chunk.frames is not None
+            for latency in video.latencies_measured(measured):
+                latencies.append(latency)
+                events.latency(latency)
+            measured = video.segments_shown()
+            events.chunk(chunk.index, chunk.frames, on_clock.first_frame, on_clock.due, tuple(video.segments))
+            late = clock.stalls and clock.stalls[-1].frame == on_clock.first_frame
+            if late and chunk.index >= PREROLL_CHUNKS and not slow_said:
+                slow_said = True
+                events.notice("generation is slower than real time here: frames come as they are made, "
+                              "and playback stalls while the next chunk is made")  # fmt: skip
+
+    # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll)
     with engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
         try:
             with closing(engine.stream(video, settings, request.seed, writer=writer)) as chunks:
                 for chunk in chunks:
                     assert chunk.frames is not None
-                    first_frame = clock.frames
-                    stalls_before = len(clock.stalls)
-                    due = clock.add(len(chunk.frames), time.perf_counter())
-                    for latency in video.latencies_measured(measured):
-                        latencies.append(latency)
-                        events.latency(latency)
-                    measured = video.segments_shown()
-                    events.chunk(chunk.index, chunk.frames, first_frame, due, tuple(video.segments))
-                    if len(clock.stalls) > stalls_before and chunk.index >= 2 and not slow_said:
-                        slow_said = True
-                        events.notice("generation is slower than real time here: frames come as they are made, "
-                                      "and playback stalls while the next chunk is made")  # fmt: skip
+                    show(playback.made(chunk, len(chunk.frames), time.perf_counter()))
+            show(playback.finish(time.perf_counter()))  # a session shorter than the pre-roll
             stopped.finishing = True  # from here on a signal does not cut the files short
         except KeyboardInterrupt:
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
