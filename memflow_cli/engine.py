@@ -162,6 +162,10 @@ class Engine:
         """Have the prompts' embeddings ready: from memory, the disk cache, or encoded (once) and cached."""
         self.prompts.prepare(prompts)
 
+    def prefetch(self, prompts: Sequence[str]) -> None:
+        """Start having the prompts' embeddings ready in a background thread (a later `encode` waits for it)."""
+        self.prompts.prefetch(prompts)
+
     def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """[n, text_len, text_dim] float32 on the CPU (encoded first where need be)."""
         return self.prompts.embeddings(prompts)

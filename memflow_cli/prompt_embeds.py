@@ -68,6 +68,7 @@ class PromptEmbeddings:
         self._memory: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()  # the prefetch thread and the caller take turns
         self._worker: ThreadPoolExecutor | None = None
+        self._worker_lock = threading.Lock()
         self._prefetched: Future[None] | None = None
         self.encoded_prompts = 0  # how many prompts the text encoder has encoded, for reports and tests
 
@@ -176,9 +177,10 @@ class PromptEmbeddings:
         """Start preparing `prompts` in a background thread; `wait` for it (a later `take` also waits)."""
         if not prompts:
             return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memflow-prompts")
-        self._prefetched = self._worker.submit(self._prepare_on_device, tuple(prompts))
+        with self._worker_lock:  # prompts may arrive on several threads (a live session's stdin and page)
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memflow-prompts")
+            self._prefetched = self._worker.submit(self._prepare_on_device, tuple(prompts))
 
     def _prepare_on_device(self, prompts: tuple[str, ...]) -> None:
         if self.device.type == "cuda":  # the current device is per thread: this one's is the engine's too
@@ -192,10 +194,12 @@ class PromptEmbeddings:
             prefetched.result()
 
     def close(self) -> None:
-        """Wait for the background thread to finish (its error, if any, was or will not be reported here)."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
+        """Wait for the background thread to finish its prompts (those not started are dropped: a prefetch is
+        only ahead of need; its error, if any, was or will not be reported here)."""
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
         self._prefetched = None
 
 

@@ -174,11 +174,14 @@ class TextEncoder:
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], keep_on_device: bool = False, batch_size: int = 8) -> torch.Tensor:
+    def encode(self, prompts: list[str], keep_on_device: bool = False, batch_size: int = 1) -> torch.Tensor:
         """Prompts -> embeddings [n, max_length, dim], rows past each prompt's length exactly zero.
 
-        By default the result is float32 on the CPU (exact for bf16 values); with `keep_on_device` it
-        stays on the encoder's device in the encoder's dtype.
+        By default each prompt is encoded alone, as the official inference encodes it: a batch of several
+        runs other matrix kernels, whose rounding can differ, and a prompt's embeddings must not depend on
+        the prompts beside it (the disk cache hands them to other stories, a live session's replay encodes
+        its prompts together). By default the result is float32 on the CPU (exact for bf16 values); with
+        `keep_on_device` it stays on the encoder's device in the encoder's dtype.
         """
         if not prompts:
             raise ValueError("encode needs at least one prompt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
 from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, PromptInbox, PromptRefused
 from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
 from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.prompt_embeds import PromptEmbeddings
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 
 
@@ -84,6 +86,49 @@ def test_wait_returns_early_when_a_prompt_arrives():
         started = time.perf_counter()
         inbox.wait(5.0)
         assert time.perf_counter() - started < 1.0
+
+
+class _SlowEncoder:
+    """A text encoder that takes 0.2 s a prompt and notes which thread encoded what."""
+
+    def __init__(self):
+        self.encoded: list[tuple[str, str]] = []
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        time.sleep(0.2)
+        self.encoded += [(prompt, threading.current_thread().name) for prompt in prompts]
+        return torch.zeros((len(prompts), 4, 8))
+
+    def to(self, device):
+        return self
+
+    def offload(self):
+        return self
+
+    def describe(self) -> str:
+        return "slow"
+
+
+def test_a_live_prompt_is_encoded_on_a_worker_as_it_arrives_not_at_its_chunk():
+    encoder = _SlowEncoder()
+    embeddings = PromptEmbeddings(lambda: encoder, torch.device("cpu"))
+    try:
+        with PromptInbox(None, print) as inbox:
+            inbox.post("typed while the model loaded")
+            with inbox.notifying(lambda prompt: embeddings.prefetch([prompt])):
+                inbox.post("typed during the session", source="page")
+                deadline = time.monotonic() + 10
+                while len(encoder.encoded) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            inbox.post("typed after the session")
+            time.sleep(0.4)
+        assert [prompt for prompt, _ in encoder.encoded] == ["typed while the model loaded", "typed during the session"]
+        assert all(thread.startswith("memflow-prompts") for _, thread in encoder.encoded)
+        started = time.perf_counter()  # at the chunk: ready, nothing encoded again
+        assert embeddings.embeddings(["typed during the session"]).shape == (1, 4, 8)
+        assert time.perf_counter() - started < 0.1 and len(encoder.encoded) == 2
+    finally:
+        embeddings.close()
 
 
 def test_the_clock_plays_frames_at_the_frame_rate_and_counts_late_chunks_as_stalls():

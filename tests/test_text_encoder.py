@@ -69,6 +69,21 @@ def test_encode_is_deterministic_and_batch_independent(text_encoder):
         torch.testing.assert_close(batch[i], text_encoder.encode([prompt])[0])
 
 
+def test_by_default_each_prompt_is_encoded_alone_as_the_official_inference_encodes_it(text_encoder, monkeypatch):
+    # on a GPU a batch of several runs other matrix kernels: the bits of a prompt would depend on its neighbours
+    batches: list[int] = []
+    encode_tokens = text_encoder.encode_tokens
+
+    def spy(ids, mask):
+        batches.append(ids.shape[0])
+        return encode_tokens(ids, mask)
+
+    monkeypatch.setattr(text_encoder, "encode_tokens", spy)
+    together = text_encoder.encode(["a red coat", "rain drips from the roof of a small cottage", "fog"])
+    assert batches == [1, 1, 1]
+    assert torch.equal(together[2], text_encoder.encode(["fog"])[0])
+
+
 def test_keep_on_device_returns_the_encoder_dtype(tokenizer, umt5):
     half = TextEncoder(tokenizer, UMT5EncoderModel(umt5.config).to(torch.bfloat16), max_length=MAX_LENGTH)
     embeds = half.encode(["a cat"], keep_on_device=True)

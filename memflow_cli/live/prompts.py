@@ -17,7 +17,8 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused (the text encoder reads 512 tokens at most)
@@ -77,6 +78,7 @@ class PromptInbox:
         self._wake_r, self._wake_w = os.pipe()  # wakes `wait`
         self._stop_r, self._stop_w = os.pipe()  # stops the reader thread
         os.set_blocking(self._wake_w, False)
+        self._arrived: Callable[[str], None] | None = None
         self._reader: threading.Thread | None = None
         if stdin_fd is not None:
             self._reader = threading.Thread(target=self._read_stdin, name="memflow-live-stdin", daemon=True)
@@ -100,6 +102,21 @@ class PromptInbox:
         with self._changed:
             return len(self._queue)
 
+    @contextmanager
+    def notifying(self, arrived: Callable[[str], None]) -> Iterator[None]:
+        """Within the block, `arrived(prompt)` is called for every prompt waiting at its start and, on the
+        thread that queues it, for every prompt queued. It must return quickly: it is told, it does not decide."""
+        with self._changed:
+            self._arrived = arrived
+            waiting = [arrival.prompt for arrival in self._queue]
+        try:
+            for prompt in waiting:
+                arrived(prompt)
+            yield
+        finally:
+            with self._changed:
+                self._arrived = None
+
     def _push(self, arrival: Arrival) -> bool:
         """Queue `arrival`; False (nothing queued) where `MAX_PENDING` prompts are waiting already."""
         with self._changed:
@@ -107,6 +124,9 @@ class PromptInbox:
                 return False
             self._queue.append(arrival)
             self._changed.notify_all()
+            arrived = self._arrived
+        if arrived is not None:
+            arrived(arrival.prompt)
         self.wake()
         return True
 

@@ -271,8 +271,10 @@ def run_live(
                 events.notice("generation is slower than real time here: frames come as they are made, "
                               "and playback stalls while the next chunk is made")  # fmt: skip
 
-    # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll)
-    with engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
+    # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll).
+    # A prompt is encoded as soon as it arrives, beside generation: at its chunk it is (nearly) ready.
+    encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt]))
+    with encode_early, engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
         try:
             with closing(engine.stream(video, settings, request.seed, writer=writer)) as chunks:
                 for chunk in chunks:
