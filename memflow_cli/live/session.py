@@ -1,7 +1,8 @@
 """A live session: the story rendered continuously while prompts arrive, then written down to replay it.
 
 `LiveVideo` is the generator's prompt source. At every chunk boundary it waits for the playback clock
-(at most `ahead` chunks ahead of what the viewer sees), takes in the prompts that arrived, and says
+(`pacing.Playback`: at most `ahead` chunks ahead of what the viewer sees, never so late that playback
+runs dry), takes in the prompts that arrived (each encoded on a worker since it came), and says
 which prompt drives the chunk: the opening script's own segment where one starts at that chunk, else
 the oldest prompt not used yet (one switch a chunk, in the order they came), else the current one.
 `run_live` streams that video through the engine into the MP4 (growing, as `render` writes it), and at
