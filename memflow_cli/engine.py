@@ -162,9 +162,10 @@ class Engine:
         """Have the prompts' embeddings ready: from memory, the disk cache, or encoded (once) and cached."""
         self.prompts.prepare(prompts)
 
-    def prefetch(self, prompts: Sequence[str]) -> None:
-        """Start having the prompts' embeddings ready in a background thread (a later `encode` waits for it)."""
-        self.prompts.prefetch(prompts)
+    def prefetch(self, prompts: Sequence[str], *, beside_render: bool = False) -> None:
+        """Start having the prompts' embeddings ready in a background thread (a later `encode` waits for it);
+        `beside_render`: while a video renders, encoding only where the text encoder is on the GPU already."""
+        self.prompts.prefetch(prompts, beside_render=beside_render)
 
     def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """[n, text_len, text_dim] float32 on the CPU (encoded first where need be)."""
@@ -296,7 +297,8 @@ class _Loading:
         """The engine's prompt side for a text encoder that `load` builds; `identity` keys its cached files."""
         cache = None
         if self.embed_cache is not None and self.embed_cache.enabled:
-            key = encoder_key(**identity, dtype=str(dtype).removeprefix("torch."), device=self.device.type)
+            # `batch`: prompts encoded one at a time (files of earlier releases, encoded 8 together, are not read)
+            key = encoder_key(**identity, dtype=str(dtype).removeprefix("torch."), device=self.device.type, batch=1)
             cache = EmbeddingCache(self.embed_cache, key, dtype)
         return PromptEmbeddings(load, self.device, cache, name=name)
 

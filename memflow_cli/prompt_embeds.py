@@ -99,8 +99,9 @@ class PromptEmbeddings:
 
     # -- prompts ---------------------------------------------------------------------------------------
 
-    def prepare(self, prompts: Sequence[str]) -> None:
-        """Have every prompt's embeddings in memory: from memory, the disk cache, or encoded (then cached)."""
+    def prepare(self, prompts: Sequence[str], *, encode: bool = True) -> None:
+        """Have every prompt's embeddings in memory: from memory, the disk cache, or encoded (then cached);
+        without `encode`, only those in memory or on disk."""
         with self._lock:
             wanted = set(prompts)
             todo = []
@@ -111,7 +112,7 @@ class PromptEmbeddings:
                     self._memory[prompt] = _Entry(embeds, fresh=False)
                 else:
                     todo.append(prompt)
-            if todo:
+            if todo and encode:
                 encoded = self._encode(todo)
                 for prompt, embeds in zip(todo, encoded, strict=True):
                     self._memory[prompt] = _Entry(embeds.clone(), fresh=True)  # not a view: the batch can go
@@ -173,19 +174,36 @@ class PromptEmbeddings:
 
     # -- in the background -----------------------------------------------------------------------------
 
-    def prefetch(self, prompts: Sequence[str]) -> None:
-        """Start preparing `prompts` in a background thread; `wait` for it (a later `take` also waits)."""
+    def prefetch(self, prompts: Sequence[str], *, beside_render: bool = False) -> None:
+        """Start preparing `prompts` in a background thread; `wait` for it (a later `take` also waits).
+
+        `beside_render`: a video is rendering meanwhile, so the prompts are encoded only where that needs
+        no more GPU memory (the encoder stays on the GPU beside a render, or uses none); otherwise only
+        the disk cache is read, and the rest is left to the `take` at the prompt's chunk.
+        """
         if not prompts:
             return
         with self._worker_lock:  # prompts may arrive on several threads (a live session's stdin and page)
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memflow-prompts")
-            self._prefetched = self._worker.submit(self._prepare_on_device, tuple(prompts))
+            self._prefetched = self._worker.submit(self._prepare_on_device, tuple(prompts), beside_render)
 
-    def _prepare_on_device(self, prompts: tuple[str, ...]) -> None:
-        if self.device.type == "cuda":  # the current device is per thread: this one's is the engine's too
-            torch.cuda.set_device(self.device)
-        self.prepare(prompts)
+    def _prepare_on_device(self, prompts: tuple[str, ...], beside_render: bool = False) -> None:
+        with self._lock:
+            encode = not beside_render or self._encodes_beside_render()
+            if encode and self.device.type == "cuda":  # the current device is per thread: the engine's here too
+                torch.cuda.set_device(self.device)
+            self.prepare(prompts, encode=encode)
+
+    def _encodes_beside_render(self) -> bool:
+        """Encoding takes no GPU memory that the text encoder does not hold already (a CPU engine, or an
+        encoder loaded that stays on the GPU or never uses it)."""
+        if self.device.type != "cuda":
+            return True
+        if self._encoder is None:
+            return False
+        device = getattr(self._encoder, "device", None)  # None: an encoder that never uses the GPU
+        return device is None or torch.device(device).type == "cuda"
 
     def wait(self) -> None:
         """Wait for the prefetch; raises what it raised."""

@@ -170,3 +170,15 @@ def test_refusals_come_before_anything_is_written(tmp_path):
     assert result.returncode == 2 and "cannot listen there" in result.stderr
     assert "demo model" not in result.stderr  # its notice comes with the loaded model
     assert sorted(path.name for path in tmp_path.iterdir()) == ["harbour.yaml", "notes.yaml"]
+
+
+def test_a_session_of_one_chunk_ends_inside_the_preroll_and_is_written_whole(tmp_path):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--duration", "0.75s")
+    _, stderr = finish(process)
+    assert process.returncode == 0, stderr
+    assert probe_video(target).frames == 9  # one chunk, made before playback would have started
+    story = yaml.safe_load(target.with_suffix(".yaml").read_text())
+    assert story["duration"] == 0.75 and [s["start"] for s in story["segments"]] == [0.0]
+    sidecar = json.loads(target.with_suffix(".json").read_text())
+    assert sidecar["live"]["stalls"] == 0 and sidecar["live"]["ended_by"] == "duration"

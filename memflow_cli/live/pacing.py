@@ -98,7 +98,9 @@ class Playback(Generic[T]):
     The session says when a chunk starts (`started`) and hands over each chunk as its frames come out
     of the pipeline (`made`). From a chunk's start to the next frames out is the handover time, which
     covers generation, a prompt switch's re-cache and, where decoding does not trail generation, the
-    decode; the longest of the recent chunks' bounds how late the next chunk may start.
+    decode; the longest of the recent chunks' bounds how late the next chunk may start. No handover
+    counts for more than a chunk's duration, so one slow chunk (the first one's warm-up, a compile)
+    adds at most a chunk to how far generation runs ahead, for the next few chunks.
     """
 
     def __init__(self, fps: int, chunk_s: float, ahead: int):
@@ -116,7 +118,9 @@ class Playback(Generic[T]):
         """A chunk's `frames` frames came out of the pipeline at `now`; returns what goes on the clock now
         (nothing while the pre-roll fills, then the held chunks too)."""
         if self._started is not None:
-            self._handovers.append(now - self._started)
+            # longer than a chunk plays (a warm-up, a compile) is slower than real time there: no earlier
+            # start would keep up, so it counts as a chunk's duration
+            self._handovers.append(min(now - self._started, self.chunk_s))
         self._held.append((item, frames, now))
         if self.clock.frames or len(self._held) >= PREROLL_CHUNKS:
             return self.finish(now)

@@ -126,7 +126,10 @@ class PromptInbox:
             self._changed.notify_all()
             arrived = self._arrived
         if arrived is not None:
-            arrived(arrival.prompt)
+            try:
+                arrived(arrival.prompt)
+            except Exception as error:  # noqa: BLE001 - told, not asked: the prompt is queued whatever it does
+                self._warn(f"could not start encoding a prompt as it came ({error}): it is encoded at its chunk")
         self.wake()
         return True
 

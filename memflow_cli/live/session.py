@@ -274,7 +274,7 @@ def run_live(
 
     # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll).
     # A prompt is encoded as soon as it arrives, beside generation: at its chunk it is (nearly) ready.
-    encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt]))
+    encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt], beside_render=True))
     with encode_early, engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
         try:
             with closing(engine.stream(video, settings, request.seed, writer=writer)) as chunks:
