@@ -195,7 +195,7 @@ def test_playback_starts_once_the_preroll_is_made_and_the_frames_keep_their_made
     playback: Playback[str] = Playback(fps=16, chunk_s=0.75, ahead=2)
     playback.started(10.0)
     assert playback.made("chunk 0", 9, now=10.5) == []  # held: one short chunk is no buffer
-    assert playback.start_time(pending_chunks=1) == 0.0  # nothing plays yet: the next chunk starts at once
+    assert playback.start_time(chunk=1) == 0.0  # nothing plays yet: the next chunk starts at once
     playback.started(10.5)
     shown = playback.made("chunk 1", 12, now=10.9)
     assert [s.item for s in shown] == ["chunk 0", "chunk 1"] and [s.first_frame for s in shown] == [0, 9]
@@ -229,10 +229,10 @@ def _simulated_session(
     decoding: list[tuple[int, float]] = []  # (chunk, decoded at)
     for chunk in range(chunks):
         if chunk:
-            on_clock = (playback.clock.frames + 3) // 12
-            now = max(now, playback.start_time(chunk - on_clock))
+            now = max(now, playback.start_time(chunk))
             if chunk > 3:
-                buffered.append(max(playback.clock.runs_dry_at() - now, 0.0) + (chunk - on_clock) * 0.75)
+                pending = chunk - playback.chunks_on_clock
+                buffered.append(max(playback.clock.runs_dry_at() - now, 0.0) + pending * 0.75)
         playback.started(now)
         now += generate_s + (slow_first if chunk < slow_chunks else 0.0) + (switch_s if chunk in switches else 0.0)
         if not trailing:

@@ -109,6 +109,7 @@ class Playback(Generic[T]):
         self._handovers: deque[float] = deque(maxlen=RECENT_CHUNKS)
         self._started: float | None = None
         self._held: list[tuple[T, int, float]] = []  # the pre-roll: (chunk, frames, when made)
+        self.chunks_on_clock = 0
 
     def started(self, now: float) -> None:
         """A chunk starts (after its wait)."""
@@ -132,6 +133,7 @@ class Playback(Generic[T]):
         for item, frames, made in self._held:
             first_frame = self.clock.frames
             shown.append(OnClock(item, first_frame, self.clock.add(frames, now, made)))
+        self.chunks_on_clock += len(self._held)
         self._held.clear()
         return shown
 
@@ -140,6 +142,8 @@ class Playback(Generic[T]):
         """The longest handover time of the recent chunks (0 before the first)."""
         return max(self._handovers, default=0.0)
 
-    def start_time(self, pending_chunks: int) -> float:
-        """When the next chunk may start, `pending_chunks` made but not on the clock yet."""
-        return self.clock.start_time(self.ahead * self.chunk_s, pending_chunks * self.chunk_s, self.handover_s)
+    def start_time(self, chunk: int) -> float:
+        """When chunk `chunk` may start: the chunks before it that are not on the clock yet are made (decoding
+        beside generation, or held for the pre-roll) and count as video ahead of playback."""
+        pending_s = (chunk - self.chunks_on_clock) * self.chunk_s
+        return self.clock.start_time(self.ahead * self.chunk_s, pending_s, self.handover_s)

@@ -29,7 +29,7 @@ from ..engine import Chunk, Engine
 from ..output import write_video_sidecar
 from ..render import RenderInterrupted, request_record
 from ..script import Story, chunk_for
-from ..settings import GenerationSettings, VideoGeometry
+from ..settings import GenerationSettings
 from .pacing import PREROLL_CHUNKS, OnClock, Playback, PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
@@ -203,9 +203,8 @@ class LiveVideo:
         The chunks made before `chunk` but not on the clock yet are decoding (on CUDA decoding trails
         generation) or held for the pre-roll; they reach the clock once this returns.
         """
-        pending = chunk - _chunks_of(self.clock.frames, self.geometry)
         while not self.stopped.is_set():
-            remaining = self.playback.start_time(pending) - time.perf_counter()
+            remaining = self.playback.start_time(chunk) - time.perf_counter()
             if remaining <= 0:
                 return
             self.inbox.wait(remaining)
@@ -286,7 +285,7 @@ def run_live(
         except KeyboardInterrupt:
             raise RenderInterrupted(writer.abort(), writer.frames_written) from None
     seconds = time.perf_counter() - started
-    made = _chunks_of(clock.frames, engine.geometry)
+    made = playback.chunks_on_clock
     unused = []  # prompts that came after the last chunk started
     while (arrival := inbox.take()) is not None:
         unused.append(arrival.prompt)
@@ -309,11 +308,6 @@ def run_live(
     )  # fmt: skip
     write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started))
     return result
-
-
-def _chunks_of(frames: int, geometry: VideoGeometry) -> int:
-    """Chunks of a video of `frames` frames (the first chunk has fewer: 4N - 3 frames for N latent frames)."""
-    return (frames + geometry.vae_stride_t - 1) // geometry.video_frames_per_chunk
 
 
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
