@@ -11,6 +11,7 @@ import typer
 
 from ..plan import EXIT_FAILED, PlanError
 from ..report import print_error
+from ..settings import LoraSettings
 
 TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
 
@@ -67,6 +68,9 @@ RecordInterval = Annotated[
 ]
 Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")]
 Steps = Annotated[str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")]
+RELEASED_LORA = LoraSettings()  # the released lora.pt's rank and alpha: the options' defaults
+LoraRank = Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")]
+LoraAlpha = Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")]
 Device = Annotated[
     str | None,
     typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE"),

@@ -38,12 +38,15 @@ from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
 from ..settings import GenerationSettings
 from .common import (
+    RELEASED_LORA,
     TIME_FORMATS,
     BankSize,
     Compile,
     DecodeDevice,
     Device,
     Fp8,
+    LoraAlpha,
+    LoraRank,
     MemoryMode,
     RecordInterval,
     Sink,
@@ -112,8 +115,8 @@ def live(
     record_interval: RecordInterval = None,
     sma: Sma = None,
     steps: Steps = None,
-    lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
-    lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
+    lora_rank: LoraRank = RELEASED_LORA.rank,
+    lora_alpha: LoraAlpha = RELEASED_LORA.alpha,
     compile: Compile = None,
     fp8: Fp8 = False,
 ) -> None:
@@ -291,7 +294,7 @@ def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool,
     options.append("--compile" if compile else "--no-compile")
     if fp8:
         options.append("--fp8")
-    if (lora_rank, lora_alpha) != (256, 256.0):
+    if (lora_rank, lora_alpha) != (RELEASED_LORA.rank, RELEASED_LORA.alpha):
         options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
     return " ".join(options)
 

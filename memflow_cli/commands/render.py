@@ -11,12 +11,15 @@ import typer
 from ..plan import PlanError, RenderRequest, check_outputs, check_seed, lora_settings, parse_duration
 from ..report import err, out, stop_code, stop_signals_like_ctrl_c, stop_word
 from .common import (
+    RELEASED_LORA,
     TIME_FORMATS,
     BankSize,
     Compile,
     DecodeDevice,
     Device,
     Fp8,
+    LoraAlpha,
+    LoraRank,
     MemoryMode,
     OutDir,
     RecordInterval,
@@ -78,8 +81,8 @@ def render(
     record_interval: RecordInterval = None,
     sma: Sma = None,
     steps: Steps = None,
-    lora_rank: Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")] = 256,
-    lora_alpha: Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")] = 256.0,
+    lora_rank: LoraRank = RELEASED_LORA.rank,
+    lora_alpha: LoraAlpha = RELEASED_LORA.alpha,
     compile: Compile = None,
     fp8: Fp8 = False,
     segment_seconds: SegmentSeconds = 10.0,
