@@ -69,4 +69,9 @@ def preview(value: Any, width: int = WIDTH) -> str:
         text = _PREVIEW.repr(value)
     except (RecursionError, ValueError):
         text = f"<{type(value).__name__}>"
+    return cut(text, width)
+
+
+def cut(text: str, width: int = WIDTH) -> str:
+    """`text` cut to `width` characters, the cut marked with "..."."""
     return text if len(text) <= width else text[: width - 3] + "..."

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from memflow_cli.preview import WIDTH, preview
+from memflow_cli.preview import WIDTH, cut, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
@@ -354,11 +354,6 @@ def _check_prompt(value: Any) -> str:
     return value.strip()
 
 
-def _cut(text: str) -> str:
-    """A name for messages, without quotes, cut to the width of a preview."""
-    return text if len(text) <= WIDTH else text[: WIDTH - 3] + "..."
-
-
 def _suggest(name: str, known: Iterable[str], label: str) -> str:
     known = tuple(known)
     listing = f"known {label}: {', '.join(known)}"
@@ -434,7 +429,8 @@ def _read_text(path: Path, limit: int) -> str:
         if not stat.S_ISREG(mode):
             message = f"is {_file_kind(mode)}, not a regular file"
             raise ScriptError(path, None, None, message, "save the script as a file and give its path")
-        data = _read_at_most(descriptor, limit + 1)
+        with open(descriptor, "rb", closefd=False) as file:  # buffered: reads until limit + 1 bytes or the end
+            data = file.read(limit + 1)
     except OSError as exc:
         message = f"cannot read the file: {exc.strerror or exc}"
         raise ScriptError(path, None, None, message, "check that the file is readable") from None
@@ -448,14 +444,6 @@ def _read_text(path: Path, limit: int) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ScriptError(path, None, None, f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
-
-
-def _read_at_most(descriptor: int, size: int) -> bytes:
-    parts: list[bytes] = []
-    while size > 0 and (part := os.read(descriptor, min(size, 2**20))):
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
 
 
 def _file_kind(mode: int) -> str:
@@ -579,7 +567,7 @@ class _YamlReader:
             message = f"cannot read this value: {getattr(exc, 'problem', None) or exc}"
             raise self.error(node, field_name, message, "write plain YAML values") from None
         except ValueError as exc:  # a date like 2024-13-45, an integer of more than 4300 digits
-            problem = "a number too long to read" if "integer string conversion" in str(exc) else _cut(str(exc))
+            problem = "a number too long to read" if "integer string conversion" in str(exc) else cut(str(exc))
             message = f"cannot read this value: {problem}"
             raise self.error(node, field_name, message, "write plain YAML values") from None
 
@@ -604,7 +592,7 @@ class _YamlReader:
             key = str(self.value(key_node, field_name))
             name = f"{field_name}.{key}" if field_name else key
             if key not in known:
-                name = f"{field_name}.{_cut(key)}" if field_name else _cut(key)
+                name = f"{field_name}.{cut(key)}" if field_name else cut(key)
                 raise self.error(key_node, name, f"unknown key {preview(key)}", _suggest(key, known, label))
             if key in entries:
                 raise self.error(key_node, name, f"{key!r} is given twice (first on line {key_lines[key]})", "keep one")
@@ -705,7 +693,7 @@ def _jsonl_prompts(path: Path, number: int, raw: str) -> list[str]:
     for key in record:
         if key not in JSONL_KEYS:
             message = f"unknown key {preview(key)}"
-            raise ScriptError(path, number, _cut(key), message, _suggest(key, JSONL_KEYS, "keys"))
+            raise ScriptError(path, number, cut(key), message, _suggest(key, JSONL_KEYS, "keys"))
     prompts = record.get("prompts")
     if not isinstance(prompts, list) or not prompts:
         message = f"needs a non-empty list of prompts, got {preview(prompts)}"

@@ -255,14 +255,8 @@ def _from_this_machine(host: str | None, origin: str | None) -> bool:
     name (a site that rebinds its name to 127.0.0.1 still sends its own), and an Origin, if sent, is that host
     (another site's page posting here sends its own)."""
     name = urlsplit(f"//{host}").hostname if host else None
-    if name is None:
+    if name is None or not is_loopback(name):
         return False
-    if name != "localhost":
-        try:
-            if not ipaddress.ip_address(name).is_loopback:
-                return False
-        except ValueError:
-            return False
     return origin is None or origin == f"http://{host}"
 
 
