@@ -24,10 +24,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def start_live(*args: str | Path, stdin: int | None = None) -> subprocess.Popen:
-    """`memflow live ARGS` on the demo model; `stdin` a file descriptor (a pipe written before the start)."""
+def start_live(*args: str | Path, stdin: int | None = None, model: tuple[str, ...] = DEMO) -> subprocess.Popen:
+    """`memflow live ARGS` on `model` (the demo model on the CPU); `stdin` a file descriptor (a pipe written
+    before the start)."""
     return subprocess.Popen(
-        [*MEMFLOW, "live", *map(str, args), *DEMO],
+        [*MEMFLOW, "live", *map(str, args), *model],
         stdin=stdin if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -70,6 +71,15 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
 def same_frames(a: Path, b: Path) -> bool:
     first, second = decoded_frames(a), decoded_frames(b)
     return len(first) == len(second) and all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))
+
+
+def render_replay(video: Path, replay: Path, timeout: float = 300) -> list[str]:
+    """Render a session's OUT.yaml into `replay` with the options its replay line names; returns those options."""
+    script = video.with_suffix(".yaml")
+    options = replay_options(script)
+    rendered = run_memflow("render", script, "-o", replay, *options, "-q", timeout=timeout)
+    assert rendered.returncode == 0, rendered.stderr
+    return options
 
 
 def replay_options(script: Path) -> list[str]:

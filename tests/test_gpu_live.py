@@ -12,30 +12,21 @@ import yaml
 
 from memflow_cli.output import partial_path
 
-from .live import MEMFLOW, environment, piped, replay_options, run_memflow, same_frames, wait_for_bytes
-from .test_live import OPENING
+from .live import piped, render_replay, run_memflow, same_frames, start_live, wait_for_bytes
+from .test_live import opening
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 GPU_DEMO = ("--model", "demo", "--device", "cuda")
 
 
-def start(*args, stdin):
-    import subprocess
-
-    return subprocess.Popen([*MEMFLOW, "live", *map(str, args), *GPU_DEMO], stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=environment(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-
-
 @pytest.mark.parametrize("stop", ["duration", "ctrl-c"])
 def test_a_gpu_session_replays_frame_for_frame(tmp_path, stop):
-    script, target = tmp_path / "harbour.yaml", tmp_path / "live.mp4"
-    script.write_text(OPENING)
+    script, target = opening(tmp_path), tmp_path / "live.mp4"
     read, write = piped(["the harbour master waves from the pier", "gulls circle the masts"])
     try:
         limit = ("--duration", "6s") if stop == "duration" else ()
-        process = start(script, "-o", target, *limit, stdin=read)
+        process = start_live(script, "-o", target, *limit, stdin=read, model=GPU_DEMO)
         os.close(read)
         if stop == "ctrl-c":
             wait_for_bytes(partial_path(target), 60_000, process)
@@ -49,10 +40,8 @@ def test_a_gpu_session_replays_frame_for_frame(tmp_path, stop):
     sidecar = json.loads(target.with_suffix(".json").read_text())
     print(json.dumps(sidecar["live"]["latency"]), sidecar["live"]["stalls"])
     replay = tmp_path / "replay.mp4"
-    options = replay_options(target.with_suffix(".yaml"))
+    options = render_replay(target, replay, timeout=600)
     assert "--no-compile" in options  # live runs eager unless asked; its replay names that path
-    rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *options, "-q", timeout=600)
-    assert rendered.returncode == 0, rendered.stderr
     assert same_frames(target, replay)
 
 
@@ -81,16 +70,11 @@ def test_a_full_size_story_renders_to_the_same_video_in_two_processes(tmp_path):
 
 
 def test_a_full_size_session_replays_frame_for_frame(tmp_path):
-    import subprocess
-
     target = tmp_path / "live.mp4"
     read, write = piped(["the harbour master waves from the pier", "gulls circle the masts"])
     try:
-        process = subprocess.Popen(
-            [*MEMFLOW, "live", "--prompt", "A fishing harbour at dawn", "-o", str(target), "--duration", "6s",
-             *FULL_SIZE],
-            stdin=read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
-        )  # fmt: skip
+        process = start_live("--prompt", "A fishing harbour at dawn", "-o", target, "--duration", "6s", stdin=read,
+                             model=FULL_SIZE)  # fmt: skip
         os.close(read)
         _, stderr = process.communicate(timeout=600)
     finally:
@@ -99,7 +83,5 @@ def test_a_full_size_session_replays_frame_for_frame(tmp_path):
     story = yaml.safe_load(target.with_suffix(".yaml").read_text())
     assert len(story["segments"]) == 3
     replay = tmp_path / "replay.mp4"
-    options = replay_options(target.with_suffix(".yaml"))
-    rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, *options, "-q", timeout=600)
-    assert rendered.returncode == 0, rendered.stderr
+    render_replay(target, replay, timeout=600)
     assert same_frames(target, replay)

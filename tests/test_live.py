@@ -15,7 +15,7 @@ import yaml
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS
 from memflow_cli.output import lock_path, partial_path
 
-from .live import piped, replay_options, run_memflow, same_frames, start_live, wait_for_bytes
+from .live import piped, render_replay, run_memflow, same_frames, start_live, wait_for_bytes
 from .video import probe_video
 
 OPENING = """\
@@ -78,10 +78,8 @@ def test_piped_prompts_and_the_scripts_own_segments_land_on_the_chunk_grid_and_r
     assert "prompt to screen" in stderr.splitlines()[-1]
 
     # the command OUT.yaml's header names, as a user copies it: the options of the path the session ran
-    options = replay_options(replay)
+    options = render_replay(target, tmp_path / "replay.mp4")
     assert options == ["--model", "demo", "--device", "cpu", "--no-compile"]
-    rendered = run_memflow("render", replay, "-o", tmp_path / "replay.mp4", *options, "-q")
-    assert rendered.returncode == 0, rendered.stderr
     assert same_frames(target, tmp_path / "replay.mp4")
     # the sidecar records the request as render does: the live video is a finished render of its replay script
     again = run_memflow("render", replay, "-o", target, "--model", "demo", "--device", "cpu", "--skip-existing")

@@ -30,7 +30,7 @@ from ..output import write_video_sidecar
 from ..render import RenderInterrupted, request_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
-from .pacing import PREROLL_CHUNKS, OnClock, Playback, PlaybackClock
+from .pacing import OnClock, Playback, PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
 
@@ -158,7 +158,6 @@ class LiveVideo:
         self.clock: PlaybackClock = playback.clock
         self.geometry = request.settings.geometry
         self.limit = None if request.limit_s is None else max(1, chunk_for(request.limit_s, self.geometry))
-        self._interactive = request.settings.memory.interactive is not False  # unset: interactive
         self._scheduled = {chunk_for(s.start_s, self.geometry): s.prompt for s in request.opening.segments}
         self._opening_source = "script" if request.opening_script is not None else "prompt"
         self.segments: list[LiveSegment] = []
@@ -171,7 +170,7 @@ class LiveVideo:
         return self
 
     def interactive(self, settings: GenerationSettings) -> bool:
-        return self._interactive
+        return settings.memory.interactive is not False  # `run_live` records an unset one as interactive
 
     def segment_of(self, chunk: int) -> int:
         return bisect.bisect_right(self._starts, chunk) - 1
@@ -188,7 +187,6 @@ class LiveVideo:
         self.inbox.sync()
         segment = self._next_segment(chunk)
         if segment is not None:
-            self.engine.encode([segment.prompt])
             self._embeds = self.engine.embeddings([segment.prompt])[0]  # held for the segment's chunks
             self.segments.append(segment)
             self._starts.append(chunk)
@@ -223,10 +221,10 @@ class LiveVideo:
         """Segments whose first frame is made."""
         return sum(1 for segment in self.segments if self.first_frame_of(segment) < self.clock.frames)
 
-    def latencies_measured(self, since: int) -> list[Latency]:
-        """The latencies of the typed segments from `since` on whose first frame is made."""
+    def latencies_measured(self, since: int, until: int) -> list[Latency]:
+        """The latencies of the typed segments `since` to `until` (segments whose first frame is made)."""
         latencies = []
-        for segment in self.segments[since : self.segments_shown()]:
+        for segment in self.segments[since:until]:
             if segment.received_s is None:  # the opening script's: nobody waited for it
                 continue
             frame = self.first_frame_of(segment)
@@ -260,13 +258,14 @@ def run_live(
         for on_clock in shown:
             chunk = on_clock.item
             assert chunk.frames is not None
-            for latency in video.latencies_measured(measured):
+            shown_now = video.segments_shown()
+            for latency in video.latencies_measured(measured, shown_now):
                 latencies.append(latency)
                 events.latency(latency)
-            measured = video.segments_shown()
+            measured = shown_now
             events.chunk(chunk.index, chunk.frames, on_clock.first_frame, on_clock.due, tuple(video.segments))
             late = clock.stalls and clock.stalls[-1].frame == on_clock.first_frame
-            if late and chunk.index >= PREROLL_CHUNKS and not slow_said:
+            if late and not slow_said:  # never in the pre-roll: its chunks go on the clock together
                 slow_said = True
                 events.notice("generation is slower than real time here: frames come as they are made, "
                               "and playback stalls while the next chunk is made")  # fmt: skip

@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.live import MEMFLOW, replay_options, same_frames
+
 PROMPTS = [
     "A storm rolls in over the sea, dark clouds gathering above the lighthouse",
     "The old keeper climbs the spiral staircase with a lantern in his hand",
@@ -52,7 +54,7 @@ def main() -> None:
 
     def memflow(record: str) -> list[str]:
         if not args.record:
-            return [sys.executable, "-m", "memflow_cli"]
+            return list(MEMFLOW)
         return [sys.executable, str(tools / "recorded_run.py"), "--record", str(args.out / record),
                 "--cudnn-benchmark", args.cudnn_benchmark, "--"]  # fmt: skip
 
@@ -113,8 +115,6 @@ def main() -> None:
               "chunks": sidecar["timeline"]["chunks"], "render_s": sidecar["timings"]["render_s"]}  # fmt: skip
     if args.replay:
         replay = args.out / "replay.mp4"
-        from tests.live import replay_options, same_frames
-
         script = target.with_suffix(".yaml")
         options = replay_options(script)  # the options the session's OUT.yaml names
         rendered = subprocess.run([*memflow("replay.pt"), "render", str(script), "-o", str(replay),
