@@ -102,7 +102,6 @@ def switch_chunks(chunks: int, switches: int) -> tuple[int, ...]:
 def _bench_video(engine: Engine, chunks: int, switches: int, seed: int) -> Video:
     """A video of `chunks` chunks whose `switches` switches are evenly spaced; its prompts encoded as render does."""
     prompts = _prompts(switches + 1, seed)
-    engine.encode(prompts)
     return Video(engine.embeddings(prompts), chunks, switch_chunks(chunks, switches))
 
 
