@@ -119,7 +119,7 @@ def load_transformer(
     with ThreadPoolExecutor(1, thread_name_prefix="memflow-lora") as pool:
         lora_state = pool.submit(read_lora_state, Path(lora)) if lora is not None else None
         state = read_base_state(Path(base))
-        if lora is not None and lora_state is not None:
+        if lora_state is not None:
             state = merge_lora(state, lora_state.result(), lora_settings or LoraSettings(), lora)
     with torch.device("meta"):
         model = CausalWanTransformer(model_config, kernels)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -388,7 +389,7 @@ def _demo_engine(loading: _Loading) -> Engine:
     vae = demo.build_demo_vae().to(device, model_dtype(device))
     prompts = loading.prompt_embeddings(
         demo.build_demo_text_encoder, DEMO, torch.float32,
-        model=DEMO, memflow=__version__, transformers=_version("transformers"), text_len=demo.DEMO_TEXT_LEN,
+        model=DEMO, memflow=__version__, transformers=version("transformers"), text_len=demo.DEMO_TEXT_LEN,
     )  # fmt: skip
     prompts.prefetch(loading.prompts)  # after the seeded parts: the encoder's seeding must not interleave with theirs
     return Engine(
@@ -445,12 +446,3 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
         )
         failed.pop_all()
     return engine
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "none"

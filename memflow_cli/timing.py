@@ -8,6 +8,7 @@ memflow code ran is counted too; where /proc is missing, the clock starts when t
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -72,5 +73,4 @@ def warmup_seconds(chunk_s: list[float]) -> float:
     """What the first chunk took beyond the median of the others (0 for a video of one chunk)."""
     if len(chunk_s) < 2:
         return 0.0
-    rest = sorted(chunk_s[1:])
-    return max(0.0, chunk_s[0] - rest[len(rest) // 2])
+    return max(0.0, chunk_s[0] - statistics.median_high(chunk_s[1:]))
