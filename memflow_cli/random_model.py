@@ -26,6 +26,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from .settings import WAN_1_3B, TransformerConfig
 from .text_encoder import TextEncoder
+from .weights.load import UMT5_BLOCK_NAMES, UMT5_NAMES
 
 RANDOM = "random"
 # umT5-XXL's encoder as Wan2.1 releases it (`models_t5_umt5-xxl-enc-bf16.pth`): 5.7B parameters, 11.4 GB in bf16
@@ -185,7 +186,7 @@ def write_official_layout(folder: Path, sizes: OfficialSizes | None = None, devi
     # 2. Wan2.1's files: config, umT5 encoder (Wan names), VAE (Wan names), tokenizer
     (wan / "config.json").write_text(json.dumps(_wan_config(sizes.transformer), indent=2), encoding="utf-8")
     text_encoder = _shapes(UMT5EncoderModel, sizes.text_encoder)
-    t5 = {wan_t5_name(name): draw(name, shape) for name, shape in text_encoder.items() if wan_t5_name(name)}
+    t5 = {t5_name: draw(name, shape) for name, shape in text_encoder.items() if (t5_name := wan_t5_name(name))}
     torch.save(t5, wan / OFFICIAL_T5_FILE)
     del t5
     torch.save(_vae_state(draw), wan / OFFICIAL_VAE_FILE)
@@ -212,23 +213,17 @@ def _wan_config(config: TransformerConfig) -> dict[str, object]:
             "patch_size": list(config.patch_size)}  # fmt: skip
 
 
-# transformers UMT5EncoderModel names -> the Wan umT5 names (the inverse of `weights.load`'s key map)
-_UMT5_LAYER_NAMES = {
-    "0.SelfAttention.q": "attn.q", "0.SelfAttention.k": "attn.k", "0.SelfAttention.v": "attn.v",
-    "0.SelfAttention.o": "attn.o", "0.SelfAttention.relative_attention_bias": "pos_embedding.embedding",
-    "0.layer_norm": "norm1", "1.DenseReluDense.wi_0": "ffn.gate.0", "1.DenseReluDense.wi_1": "ffn.fc1",
-    "1.DenseReluDense.wo": "ffn.fc2", "1.layer_norm": "norm2",
-}  # fmt: skip
+# transformers UMT5EncoderModel names -> the Wan umT5 names: `weights.load`'s names, the other way round
+_WAN_T5_NAMES = {umt5: wan for wan, umt5 in UMT5_NAMES.items()}
+_WAN_T5_BLOCK_NAMES = {umt5: wan for wan, umt5 in UMT5_BLOCK_NAMES.items()}
 
 
 def wan_t5_name(name: str) -> str | None:
     """The Wan umT5 file's name of a transformers UMT5EncoderModel tensor; None for the tied input embedding."""
-    if name == "shared.weight":
-        return "token_embedding.weight"
-    if name == "encoder.final_layer_norm.weight":
-        return "norm.weight"
-    if match := re.fullmatch(r"encoder\.block\.(\d+)\.layer\.(.+)\.weight", name):
-        return f"blocks.{match[1]}.{_UMT5_LAYER_NAMES[match[2]]}.weight"
+    if name in _WAN_T5_NAMES:
+        return _WAN_T5_NAMES[name]
+    if match := re.fullmatch(r"encoder\.block\.(\d+)\.(.+)\.weight", name):
+        return f"blocks.{match[1]}.{_WAN_T5_BLOCK_NAMES[match[2]]}.weight"
     if name == "encoder.embed_tokens.weight":
         return None
     raise KeyError(name)

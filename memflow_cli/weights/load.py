@@ -107,37 +107,35 @@ def load_wan_t5(
 
 _UMT5_TIED = frozenset({"encoder.embed_tokens.weight"})  # tied to shared.weight
 
-# Wan umT5 encoder key -> transformers UMT5EncoderModel key (spec §11.3)
-_T5_KEY_MAP: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern), replacement)
-    for pattern, replacement in (
-        (r"^token_embedding\.weight$", "shared.weight"),
-        (r"^blocks\.(\d+)\.attn\.([qkvo])\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-        (
-            r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$",
-            r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
-        ),
-        (r"^blocks\.(\d+)\.norm1\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
-        (r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
-        (r"^blocks\.(\d+)\.ffn\.fc1\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
-        (r"^blocks\.(\d+)\.ffn\.fc2\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
-        (r"^blocks\.(\d+)\.norm2\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
-        (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
-    )
-)
+# Wan umT5 encoder names -> transformers UMT5EncoderModel names (spec §11.3): whole names, and the names of a
+# block's weights (`blocks.N.<wan>.weight` <-> `encoder.block.N.<transformers>.weight`)
+UMT5_NAMES = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
+UMT5_BLOCK_NAMES = {
+    "attn.q": "layer.0.SelfAttention.q", "attn.k": "layer.0.SelfAttention.k", "attn.v": "layer.0.SelfAttention.v",
+    "attn.o": "layer.0.SelfAttention.o", "pos_embedding.embedding": "layer.0.SelfAttention.relative_attention_bias",
+    "norm1": "layer.0.layer_norm", "ffn.gate.0": "layer.1.DenseReluDense.wi_0",
+    "ffn.fc1": "layer.1.DenseReluDense.wi_1", "ffn.fc2": "layer.1.DenseReluDense.wo", "norm2": "layer.1.layer_norm",
+}  # fmt: skip
+_WAN_T5_BLOCK_WEIGHT = re.compile(r"blocks\.(\d+)\.(.+)\.weight")
+
+
+def umt5_name(wan_name: str) -> str:
+    """The transformers UMT5EncoderModel name of a Wan umT5 tensor; KeyError for a name the format has not."""
+    if wan_name in UMT5_NAMES:
+        return UMT5_NAMES[wan_name]
+    if (match := _WAN_T5_BLOCK_WEIGHT.fullmatch(wan_name)) and match[2] in UMT5_BLOCK_NAMES:
+        return f"encoder.block.{match[1]}.{UMT5_BLOCK_NAMES[match[2]]}.weight"
+    raise KeyError(wan_name)
 
 
 def convert_wan_t5_to_umt5(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Wan umT5 encoder state dict to transformers' UMT5EncoderModel names."""
     converted = {}
     for key, tensor in state.items():
-        for pattern, replacement in _T5_KEY_MAP:
-            new_key, count = pattern.subn(replacement, key)
-            if count:
-                converted[new_key] = tensor
-                break
-        else:
-            raise WeightsError(f"unexpected key {key!r} in the Wan umT5 checkpoint")
+        try:
+            converted[umt5_name(key)] = tensor
+        except KeyError:
+            raise WeightsError(f"unexpected key {key!r} in the Wan umT5 checkpoint") from None
     return converted
 
 
