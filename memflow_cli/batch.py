@@ -98,9 +98,7 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                 todo.append(job)
         if not todo:
             return 0
-        limit, count = text_tokens(request.model)  # the exact count of the model's tokenizer where it has one
-        for job in todo:
-            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
+        warn_cut_prompts(todo, request, geometry)
         first_prompts = todo[0].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
         engine = held.enter_context(load_engine_reported(request, device, decode_device, todo, first_prompts))
         failures = 0
@@ -127,6 +125,14 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                     markup=False, soft_wrap=True,
                 )  # fmt: skip
     return EXIT_FAILED if failures else 0
+
+
+def warn_cut_prompts(jobs: list[Job], request: RenderRequest, geometry: VideoGeometry) -> None:
+    """One warning per story whose prompts run past the text encoder's limit, counted exactly with the model's
+    tokenizer where it has one."""
+    limit, count = text_tokens(request.model)
+    for job in jobs:
+        warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
 
 
 def load_engine_reported(
@@ -241,9 +247,7 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
     for problem in problems:
         print_error(problem)
     if ranks.is_main:  # once for all ranks: they read the prompts with the same tokenizer
-        limit, count = text_tokens(request.model)
-        for job in jobs:
-            warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
+        warn_cut_prompts(jobs, request, geometry)
     if jobs and request.out_dir is not None:
         make_out_dir(request.out_dir)
 

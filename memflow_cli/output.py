@@ -306,18 +306,18 @@ def check_reservable(target: Path) -> None:
 
 
 @contextmanager
-def reserved_output(target: Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+def reserved_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Claim `target`, its sidecar and its partial file for one render, before any work starts.
 
     Raises OutputError (OutputBusyError while another process renders to `target`, OutputExistsError for
     what would be replaced without being asked) with a message and a hint. Holds the lock until the block
-    ends. With `overwrite` (or `resume`), a partial file left by an earlier, dead render is removed here.
+    ends. With `overwrite`, a partial file left by an earlier, dead render is removed here.
     """
     check_reservable(target)
     lock = OutputLock(target)
     lock.acquire()
     try:
-        check_existing(target, overwrite=overwrite, resume=resume)
+        check_existing(target, overwrite=overwrite)
         partial_path(target).unlink(missing_ok=True)
         yield target
     finally:

@@ -43,8 +43,7 @@ class RenderResult:
     sidecar: Path
     timeline: Timeline
     seconds: float
-    first_frame_s: float
-    timings: RenderTimings
+    timings: RenderTimings  # its phases, the first frame's time among them
 
 
 class RenderInterrupted(Exception):
@@ -95,7 +94,7 @@ def render_story(
     sidecar = write_video_sidecar(target, metadata)
     if engine.fast.compile and engine.device.type == "cuda":
         _remember_compiled(engine, settings)
-    return RenderResult(target, sidecar, timeline, finished - started, timings.first_frame_s, timings)
+    return RenderResult(target, sidecar, timeline, finished - started, timings)
 
 
 def _timings(

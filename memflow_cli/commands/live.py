@@ -174,7 +174,7 @@ def live(
         except KeyboardInterrupt as stop:
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
-        story_seed = opening.seed if seed is None else seed
+        story_seed = request.seed_for(opening)
         options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
                  inbox, server, options)  # fmt: skip
