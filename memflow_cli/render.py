@@ -20,7 +20,7 @@ from .output import write_video_sidecar
 from .script import Story, Timeline
 from .settings import GenerationSettings
 from .speed import compile_cache
-from .speed.compile_cache import CompileChoice, CompileKey, graphs_signature
+from .speed.compile_cache import CompileChoice, graphs_signature
 from .timing import RenderTimings, Startup, since_process_start, warmup_seconds
 
 
@@ -131,7 +131,7 @@ def compile_choice(
     dev = torch.device(device)
     if dev.type != "cuda":
         return compile_cache.choose_compile(asked, 0, cuda=False, warm=False)
-    folder = compile_cache.compile_cache_dir(CompileKey.current(dev))
+    folder = compile_cache.device_cache_dir(dev)
     chunks = sum(story.timeline(settings.geometry, duration_s).chunks for story, settings in plans)
     warm = all(compile_cache.is_warm(folder, graphs_signature(graphs_description(model, s, fp8))) for _, s in plans)
     return compile_cache.choose_compile(asked, chunks, cuda=True, warm=warm)
@@ -140,7 +140,7 @@ def compile_choice(
 def _remember_compiled(engine: Engine, settings: GenerationSettings) -> None:
     model = DEMO if engine.name == DEMO else None
     description = graphs_description(model, settings, engine.fp8)
-    folder = compile_cache.compile_cache_dir(CompileKey.current(engine.device))
+    folder = compile_cache.device_cache_dir(engine.device)
     compile_cache.mark_warm(folder, graphs_signature(description), description)
 
 

@@ -63,6 +63,11 @@ def compile_cache_dir(key: CompileKey, environ: Mapping[str, str] = os.environ) 
     return cache_root(environ) / "compile" / key.folder_name
 
 
+def device_cache_dir(device) -> Path:
+    """The folder of the compiled kernels for `device` (a CUDA device) with the running torch."""
+    return compile_cache_dir(CompileKey.current(device))
+
+
 def compile_cache_env(folder: Path, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment that points torch's compile caches into `folder`; a cache folder the user set
     (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) is left as it is."""

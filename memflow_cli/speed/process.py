@@ -17,7 +17,7 @@ import os
 import torch
 
 from .compile import MODEL_GRAPHS, VAE_GRAPHS, allow_recompiles
-from .compile_cache import CompileKey, compile_cache_dir, compile_cache_env
+from .compile_cache import compile_cache_env, device_cache_dir
 
 
 def process_settings(device: torch.device, *, compile: bool) -> None:
@@ -39,4 +39,4 @@ def compile_settings(device: torch.device | None = None) -> None:
     the user's cache (`compile_cache.py`) unless the user set their own."""
     allow_recompiles(max(MODEL_GRAPHS, VAE_GRAPHS))
     if device is not None and device.type == "cuda":
-        os.environ.update(compile_cache_env(compile_cache_dir(CompileKey.current(device))))
+        os.environ.update(compile_cache_env(device_cache_dir(device)))
