@@ -13,6 +13,7 @@ and side stream beside generation (`overlap.py`), CUDA graphs per video and comp
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ import torch
 
 from .decode import StreamingDecoder
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
-from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
+from .generator import BoundaryState, MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
 from .model.transformer import CausalWanTransformer, PassFunction
 from .output import Mp4Writer
@@ -34,6 +35,7 @@ from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
 from .script import Timeline
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
+from .snapshots import DecoderState, ResumePoint, decoder_state, restore_decoder
 from .speed import FastPath, choose_fast_path
 from .speed.compile_cache import CompileChoice
 from .timing import Startup, since_process_start
@@ -102,6 +104,7 @@ class Chunk:
     segment: int  # index of the prompt that drove it
     latents: torch.Tensor  # [1, F, C, h, w] on the device
     frames: torch.Tensor | None  # uint8 [N, H, W, 3] on the CPU; None when the stream stops at latents
+    resume: ResumePoint | None = None  # with `snapshots`, where the chunk starts a segment: the state before it
 
 
 @dataclass
@@ -187,32 +190,55 @@ class Engine:
         *,
         decode: bool = True,
         writer: Mp4Writer | None = None,
+        resume: ResumePoint | None = None,
+        snapshots: bool = False,
     ) -> Iterator[Chunk]:
         """Generate `video` chunk by chunk; with `decode` decode each chunk, with `writer` also append its frames.
 
         Decoding trails generation by up to two chunks on CUDA; a chunk is yielded once it is as far
-        along as asked (its frames written, when there is a writer).
+        along as asked (its frames written, when there is a writer). With `snapshots`, a chunk that starts
+        a new segment carries the state to resume from there (`Chunk.resume`); with `resume`, the stream
+        starts at such a point and yields the chunks from it on, as a stream from the start would.
         """
         generator = MemFlowGenerator(
             self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
         )
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
-        latents = generator.stream(video.prompts(), noise, interactive=video.interactive(settings))
+        boundaries: dict[int, BoundaryState] = {}  # filled before the chunk they precede is made
+        latents = generator.stream(
+            video.prompts(), noise, interactive=video.interactive(settings),
+            resume=resume.boundary if resume else None,
+            boundaries=(lambda state: boundaries.__setitem__(state.chunk, state)) if snapshots else None,
+        )  # fmt: skip
+        first = resume.chunk if resume else 0
         with self.fast.sdpa_priority():
             if not decode:
-                for index, x in enumerate(latents):
-                    yield Chunk(index, video.segment_of(index), x, None)
+                for index, x in enumerate(latents, first):
+                    point = ResumePoint(boundaries.pop(index), None) if index in boundaries else None
+                    yield Chunk(index, video.segment_of(index), x, None, point)
                 return
             # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
             kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
             decoder = StreamingDecoder(self.vae, kernels=kernels)
+            if resume is not None:
+                if resume.decoder is None:
+                    raise ValueError("this resume point has no decoder state: it can only resume latents")
+                restore_decoder(decoder, resume.decoder)
             latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
+            indices = itertools.count(first)
+
+            def work(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState | None]:
+                # on the decode worker, in chunk order: the decoder's state before a new segment's first chunk
+                state = decoder_state(decoder) if next(indices) in boundaries else None
+                return x, decoder.decode(x), state
+
             # closed with this stream: the decode worker must be done with the chunks before they go
-            with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
-                for index, (x, frames) in enumerate(decoded):
+            with closing(self.overlap.map(latents, work)) as decoded:
+                for index, (x, frames, state) in enumerate(decoded, first):
                     if writer is not None:
                         writer.write(frames)
-                    yield Chunk(index, video.segment_of(index), x, frames)
+                    point = ResumePoint(boundaries.pop(index), state) if state is not None else None
+                    yield Chunk(index, video.segment_of(index), x, frames, point)
 
     def mp4_writer(self, target, *, overwrite: bool = False) -> Mp4Writer:
         """A writer for this engine's frames (size, frame rate, a keyframe per chunk)."""

@@ -1,0 +1,233 @@
+"""Snapshots at segment boundaries: what lets a render continue from a prompt switch, frame for frame.
+
+The generator is causal and seeded, so everything after a prompt switch at chunk c is a function of a
+small set of state taken just before the switch. Found by reading the chunk loop and checked by
+`tests/test_snapshots.py` (a stream started from the state equals the tail of a stream from chunk 0,
+bit for bit, for latents and decoded frames):
+
+- The latent history: the last `window` latent frames [B, W, C, h, w]. The switch's KV re-cache
+  re-encodes them under the new prompt. 12 frames at 832x480 in bf16: 2.4 MB.
+- The KV cache's sink and memory bank, and the staged prototype, with the cache's positions (`local_end`,
+  `global_end`, frames `recorded`). The sink was encoded under the prompts before the switch (the re-cache
+  protects it once the switch is past the window) and the bank holds prototypes staged by earlier chunks'
+  cache passes; neither can be recomputed without replaying the video, so they are stored:
+  (sink 3 + bank 3 + staged 1) frames x 2 (k, v) x 30 layers x 12 heads x 1560 tokens x 128 x 2 bytes, about
+  1.0 GB at full size. The local window after the sink is *not* stored: the re-cache rewrites every valid
+  token of it before any pass reads it (stored as zeros, the equality test proves it changes nothing).
+- The noise generator's state (16 bytes of seed and offset on CUDA, 5 KB on the CPU): the next chunk's
+  draws continue the sequence.
+- Not stored, because the switch rebuilds them or they are functions of the chunk index: the text cache
+  (reset by the switch, recomputed from the new prompt), the rope positions (absolute frame index), the
+  bank's view and recording schedule (chunk index and `recorded`), SMA's candidate list.
+- The decoder's causal state: every causal conv of the Wan VAE decoder keeps its last two input frames.
+  The state after frame n depends on every frame before it (each conv feeds the next), so re-decoding
+  "the last few latent frames" from a fresh decoder is not exact; the only exact alternatives are storing
+  the histories or re-decoding the whole prefix. Measured with the real Wan2.1 VAE layout: 32 histories,
+  1.9 GB at 832x480 in bf16. Re-decoding the prefix would need every
+  latent frame of it (0.2 MB each) and the decode time of the kept part of the video, so the histories
+  are stored: a resume then costs one file read.
+
+So a full-size snapshot is about 2.9 GB (the demo model's: 3.7 MB, mostly its decoder's float32
+histories). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash
+resumes from the last one, and edits tend to be late); the sidecar lists them with their sizes.
+
+Each snapshot is one safetensors file, hidden beside the video (`.out.snap-c0042.safetensors`; while
+rendering, `.out.partial.snap-c0042.safetensors`), written atomically, with its metadata (chunk,
+segment, frames before it, and the digests of what it depends on) as JSON inside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .generator import BoundaryState
+from .model.cache import MemoryState
+
+if TYPE_CHECKING:
+    from .decode import StreamingDecoder
+    from .script import Timeline
+
+SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: five full-size boundaries, thousands of the demo model's
+SNAPSHOT_SUFFIX = ".safetensors"
+_FORMAT = 1
+_NAME = re.compile(r"^\.(?P<stem>.+?)(?P<partial>\.partial)?\.snap-c(?P<chunk>\d+)\.safetensors$")
+
+
+class SnapshotError(ValueError):
+    """A snapshot file cannot be used: unreadable, of another format, or not fitting this model."""
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """The streaming decoder's causal state: each causal conv's last input frames, by module name."""
+
+    histories: dict[str, torch.Tensor]
+    calls: int  # decoder calls so far (0: the next call is a video's first frame)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The state at a segment boundary: the generator's, and the decoder's after the frames before it."""
+
+    boundary: BoundaryState
+    decoder: DecoderState | None  # None where the stream stops at latents
+
+    @property
+    def chunk(self) -> int:
+        return self.boundary.chunk
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A resume point saved with what it depends on: a render may start from it when both digests match."""
+
+    point: ResumePoint
+    video_frames: int  # frames of the video before the boundary
+    request: str  # digest of the seed, settings, model, device kind, dtype and compile path (`request_digest`)
+    prefix: str  # digest of the story before the boundary (`prefix_digest`)
+
+    @property
+    def chunk(self) -> int:
+        return self.point.chunk
+
+
+# -- what a snapshot depends on -----------------------------------------------------------------------------------
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def prefix_digest(timeline: Timeline, chunk: int) -> str:
+    """What the video before `chunk` depends on in the story: each earlier segment's prompt and first chunk."""
+    return digest([[s.prompt, s.start_chunk] for s in timeline.segments if s.start_chunk < chunk] + [chunk])
+
+
+# -- the decoder's state ----------------------------------------------------------------------------------------
+
+
+def decoder_state(decoder: StreamingDecoder, device: torch.device | str = "cpu") -> DecoderState:
+    """A copy of the decoder's causal state (on `device`; the default waits for the decoder's stream)."""
+    stream = decoder._stream  # noqa: SLF001 - the decoder's state is its stream's (decode.py owns no accessor yet)
+    names = {module: name for name, module in stream.decoder.named_modules()}
+    histories = {names[conv]: history.to(device, copy=True) for conv, history in stream.histories.items()}
+    return DecoderState(histories, stream.calls)
+
+
+def restore_decoder(decoder: StreamingDecoder, state: DecoderState) -> None:
+    """Make `decoder` continue the video whose state `state` is (a decoder of the same VAE)."""
+    stream = decoder._stream  # noqa: SLF001
+    modules = dict(stream.decoder.named_modules())
+    unknown = sorted(set(state.histories) - set(modules))
+    if unknown:
+        raise SnapshotError(f"the snapshot's decoder has layers this VAE lacks: {', '.join(unknown[:3])}")
+    decoder.reset()
+    dtype = next(stream.decoder.parameters()).dtype
+    for name, history in state.histories.items():
+        stream.histories[modules[name]] = history.to(decoder.device, dtype)
+    stream.calls = state.calls
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+
+
+def snapshot_path(target: Path, chunk: int, *, partial: bool = False) -> Path:
+    """`out.mp4` -> `.out.snap-c0042.safetensors` (`.out.partial.snap-c0042...` while its render runs)."""
+    middle = ".partial" if partial else ""
+    return target.with_name(f".{target.stem}{middle}.snap-c{chunk:04d}{SNAPSHOT_SUFFIX}")
+
+
+def snapshot_files(target: Path, *, partial: bool = False) -> dict[int, Path]:
+    """The snapshot files beside `target` (of its finished video, or of its partial), by chunk."""
+    found: dict[int, Path] = {}
+    if not target.parent.is_dir():
+        return found
+    for path in target.parent.iterdir():
+        match = _NAME.match(path.name)
+        if match and match["stem"] == target.stem and bool(match["partial"]) == partial:
+            found[int(match["chunk"])] = path
+    return dict(sorted(found.items()))
+
+
+def save_snapshot(path: Path, snapshot: Snapshot) -> int:
+    """Write `snapshot` to `path` atomically (a temporary file in the same folder, then a rename); its size."""
+    tensors, metadata = _flatten(snapshot)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"memflow_snapshot": json.dumps(metadata)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a snapshot file, without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("memflow_snapshot")
+    except (OSError, SafetensorError) as error:
+        raise SnapshotError(f"{path} is not a readable snapshot: {error}") from None
+    if text is None:
+        raise SnapshotError(f"{path} is not a memflow snapshot (no metadata)")
+    metadata = json.loads(text)
+    if metadata.get("format") != _FORMAT:
+        raise SnapshotError(f"{path} is a snapshot of another format ({metadata.get('format')})")
+    return metadata
+
+
+def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
+    """Read a snapshot written by `save_snapshot`, its tensors on `device`."""
+    metadata = read_metadata(path)
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    return _unflatten(tensors, metadata)
+
+
+def _flatten(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    boundary, memory = snapshot.point.boundary, snapshot.point.boundary.memory
+    tensors = {
+        "history": boundary.history, "memory.sink": memory.sink, "memory.bank": memory.bank,
+        "memory.staged": memory.staged, "noise": boundary.noise,
+    }  # fmt: skip
+    decoder = snapshot.point.decoder
+    if decoder is not None:
+        tensors |= {f"decoder.{name}": history for name, history in decoder.histories.items()}
+    metadata = {
+        "format": _FORMAT, "chunk": boundary.chunk, "segment": boundary.segment,
+        "video_frames": snapshot.video_frames, "request": snapshot.request, "prefix": snapshot.prefix,
+        "memory": {"local_end": memory.local_end, "global_end": memory.global_end, "recorded": memory.recorded},
+        "decoder_calls": decoder.calls if decoder is not None else None,
+    }  # fmt: skip
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Snapshot:
+    positions = metadata["memory"]
+    memory = MemoryState(
+        sink=tensors["memory.sink"], bank=tensors["memory.bank"], staged=tensors["memory.staged"],
+        local_end=positions["local_end"], global_end=positions["global_end"], recorded=positions["recorded"],
+    )  # fmt: skip
+    noise = tensors["noise"].cpu()  # a generator's state is always a CPU tensor
+    boundary = BoundaryState(metadata["chunk"], metadata["segment"], tensors["history"], memory, noise)
+    decoder = None
+    if metadata["decoder_calls"] is not None:
+        histories = {name.removeprefix("decoder."): t for name, t in tensors.items() if name.startswith("decoder.")}
+        decoder = DecoderState(histories, metadata["decoder_calls"])
+    point = ResumePoint(boundary, decoder)
+    return Snapshot(point, metadata["video_frames"], metadata["request"], metadata["prefix"])

@@ -1,0 +1,117 @@
+"""Snapshots at segment boundaries (`snapshots.py`): a stream started from one equals the tail of a stream
+from the start, bit for bit, for latents and decoded frames; and the file round trip keeps that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memflow_cli.engine import Video, load_engine
+from memflow_cli.settings import GenerationSettings, MemorySettings
+from memflow_cli.snapshots import (
+    Snapshot,
+    SnapshotError,
+    load_snapshot,
+    read_metadata,
+    save_snapshot,
+    snapshot_files,
+    snapshot_path,
+)
+
+PROMPTS = (
+    "a red fox trots across a snowy field",
+    "the fox stops at the edge of a pine forest",
+    "snow begins to fall between the trees",
+    "the fox curls up under a fallen log",
+    "night comes and the forest is quiet",
+)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with load_engine("demo", "cpu") as engine:
+        engine.encode(PROMPTS)
+        yield engine
+
+
+def _video(engine, prompts: int, switch_chunks: tuple[int, ...], chunks: int) -> Video:
+    return Video(engine.embeddings(PROMPTS[:prompts]), chunks=chunks, switch_chunks=switch_chunks)
+
+
+def _assert_tail_equal(resumed, full, start: int) -> None:
+    assert [c.index for c in resumed] == [c.index for c in full[start:]]
+    for a, b in zip(resumed, full[start:], strict=True):
+        assert a.segment == b.segment
+        assert torch.equal(a.latents, b.latents), f"latents of chunk {a.index}"
+        if b.frames is not None:
+            assert torch.equal(a.frames, b.frames), f"frames of chunk {a.index}"
+
+
+@pytest.mark.parametrize(
+    ("prompts", "switches", "chunks"),
+    [(3, (2, 4), 6), (5, (2, 5, 7, 9), 11)],  # early switches (inside the window), late ones, a compressing bank
+    ids=["3-segments", "5-segments"],
+)
+def test_a_stream_from_each_boundary_is_the_tail_of_the_full_stream(engine, prompts, switches, chunks):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, prompts, switches, chunks)
+    full = list(engine.stream(video, settings, seed=5, snapshots=True))
+    points = [c.resume for c in full if c.resume is not None]
+    assert [p.chunk for p in points] == list(switches)  # one at each switch, none elsewhere
+    for point in points:
+        resumed = list(engine.stream(video, settings, seed=5, resume=point))
+        _assert_tail_equal(resumed, full, point.chunk)
+
+
+def test_latents_only_and_sparse_memory_resume_exactly(engine):
+    memory = MemorySettings(sma=True, sma_top_k=2, bank_size=2, record_interval=1)
+    settings = GenerationSettings(geometry=engine.geometry, memory=memory)
+    video = _video(engine, 3, (5, 7), 9)
+    full = list(engine.stream(video, settings, seed=1, decode=False, snapshots=True))
+    point = next(c.resume for c in full if c.resume is not None and c.index == 7)
+    assert point.decoder is None
+    _assert_tail_equal(list(engine.stream(video, settings, seed=1, decode=False, resume=point)), full, 7)
+
+
+def test_the_edited_story_continues_from_the_old_storys_snapshot_as_a_fresh_render_does(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    old = _video(engine, 3, (2, 4), 6)
+    edited = Video(engine.embeddings((PROMPTS[0], PROMPTS[1], PROMPTS[4])), chunks=7, switch_chunks=(2, 4))
+    point = next(c.resume for c in engine.stream(old, settings, seed=2, snapshots=True) if c.index == 4)
+    fresh = list(engine.stream(edited, settings, seed=2))
+    _assert_tail_equal(list(engine.stream(edited, settings, seed=2, resume=point)), fresh, 4)
+
+
+def test_a_snapshot_file_round_trip_resumes_exactly(engine, tmp_path):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full = list(engine.stream(video, settings, seed=3, snapshots=True))
+    point = full[4].resume
+    target = tmp_path / "fox.mp4"
+    path = snapshot_path(target, 4)
+    size = save_snapshot(path, Snapshot(point, video_frames=45, request="r", prefix="p"))
+    assert path.name == ".fox.snap-c0004.safetensors" and size == path.stat().st_size
+    assert size < 8 * 2**20  # the demo model's snapshot: 3.7 MB, mostly the decoder's float32 histories
+    assert snapshot_files(target) == {4: path} and snapshot_files(target, partial=True) == {}
+    assert read_metadata(path)["video_frames"] == 45
+    loaded = load_snapshot(path)
+    assert (loaded.chunk, loaded.video_frames, loaded.request, loaded.prefix) == (4, 45, "r", "p")
+    _assert_tail_equal(list(engine.stream(video, settings, seed=3, resume=loaded.point)), full, 4)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
+
+
+def test_a_stream_refuses_to_resume_where_the_prompt_does_not_switch(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    point = next(c.resume for c in engine.stream(video, settings, seed=0, snapshots=True) if c.resume)
+    assert point.chunk == 2
+    later_switch = _video(engine, 2, (4,), 6)  # chunk 2 is still the first prompt's
+    with pytest.raises(ValueError, match="resumes only where the prompt switches"):
+        list(engine.stream(later_switch, settings, seed=0, resume=point))
+
+
+def test_a_file_that_is_not_a_snapshot_is_refused_in_one_line(tmp_path):
+    path = tmp_path / ".x.snap-c0002.safetensors"
+    path.write_bytes(b"not a snapshot")
+    with pytest.raises(SnapshotError, match="not a readable snapshot"):
+        read_metadata(path)
