@@ -13,7 +13,6 @@ and side stream beside generation (`overlap.py`), CUDA graphs per video and comp
 from __future__ import annotations
 
 import bisect
-import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
 from .script import Timeline
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
-from .snapshots import DecoderState, ResumePoint, decoder_state, restore_decoder
+from .snapshots import ResumePoint
 from .speed import FastPath, choose_fast_path
 from .speed.compile_cache import CompileChoice
 from .timing import Startup, since_process_start
@@ -197,48 +196,47 @@ class Engine:
 
         Decoding trails generation by up to two chunks on CUDA; a chunk is yielded once it is as far
         along as asked (its frames written, when there is a writer). With `snapshots`, a chunk that starts
-        a new segment carries the state to resume from there (`Chunk.resume`); with `resume`, the stream
-        starts at such a point and yields the chunks from it on, as a stream from the start would.
+        a new segment carries the state to resume from there (`Chunk.resume`). With `resume`, the chunks
+        before that point are its kept latents and only the later ones are generated: every chunk is
+        yielded, the same as a stream from the start would yield.
         """
         generator = MemFlowGenerator(
             self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
         )
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
         boundaries: dict[int, BoundaryState] = {}  # filled before the chunk they precede is made
-        latents = generator.stream(
+        generated = generator.stream(
             video.prompts(), noise, interactive=video.interactive(settings),
             resume=resume.boundary if resume else None,
             boundaries=(lambda state: boundaries.__setitem__(state.chunk, state)) if snapshots else None,
         )  # fmt: skip
-        first = resume.chunk if resume else 0
+        latents = self._replayed(resume, settings, generated)
+        points = _ResumePoints(boundaries) if snapshots else None
         with self.fast.sdpa_priority():
             if not decode:
-                for index, x in enumerate(latents, first):
-                    point = ResumePoint(boundaries.pop(index), None) if index in boundaries else None
-                    yield Chunk(index, video.segment_of(index), x, None, point)
+                for index, x in enumerate(latents):
+                    yield Chunk(index, video.segment_of(index), x, None, points and points.at(index, x))
                 return
             # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
             kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
             decoder = StreamingDecoder(self.vae, kernels=kernels)
-            if resume is not None:
-                if resume.decoder is None:
-                    raise ValueError("this resume point has no decoder state: it can only resume latents")
-                restore_decoder(decoder, resume.decoder)
             latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
-            indices = itertools.count(first)
-
-            def work(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecoderState | None]:
-                # on the decode worker, in chunk order: the decoder's state before a new segment's first chunk
-                state = decoder_state(decoder) if next(indices) in boundaries else None
-                return x, decoder.decode(x), state
-
             # closed with this stream: the decode worker must be done with the chunks before they go
-            with closing(self.overlap.map(latents, work)) as decoded:
-                for index, (x, frames, state) in enumerate(decoded, first):
+            with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
+                for index, (x, frames) in enumerate(decoded):
                     if writer is not None:
                         writer.write(frames)
-                    point = ResumePoint(boundaries.pop(index), state) if state is not None else None
-                    yield Chunk(index, video.segment_of(index), x, frames, point)
+                    yield Chunk(index, video.segment_of(index), x, frames, points and points.at(index, x))
+
+    def _replayed(
+        self, resume: ResumePoint | None, settings: GenerationSettings, generated: Iterator[torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
+        """The chunks before `resume` as it keeps them (they are decoded again: the decoder's causal state and
+        the MP4 encoder's are rebuilt by the same frames), then the generated ones."""
+        if resume is not None:
+            kept = resume.latents.to(self.device, self.dtype)
+            yield from kept.split(settings.geometry.frames_per_chunk, dim=1)
+        yield from generated
 
     def mp4_writer(self, target, *, overwrite: bool = False) -> Mp4Writer:
         """A writer for this engine's frames (size, frame rate, a keyframe per chunk)."""
@@ -261,6 +259,21 @@ class Engine:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class _ResumePoints:
+    """Pairs the generator's state at each switch with the latents of every chunk before it."""
+
+    def __init__(self, boundaries: dict[int, BoundaryState]):
+        self.boundaries = boundaries
+        self.made: list[torch.Tensor] = []  # each chunk's latents so far, on the device: 0.6 MB a chunk at 832x480
+
+    def at(self, index: int, latents: torch.Tensor) -> ResumePoint | None:
+        """The resume point before chunk `index` if it starts a segment; then `latents` (its own) are kept."""
+        boundary = self.boundaries.pop(index, None)
+        point = ResumePoint(boundary, torch.cat(self.made, dim=1)) if boundary is not None else None
+        self.made.append(latents)
+        return point
 
 
 def load_engine(

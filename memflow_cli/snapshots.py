@@ -19,17 +19,21 @@ bit for bit, for latents and decoded frames):
 - Not stored, because the switch rebuilds them or they are functions of the chunk index: the text cache
   (reset by the switch, recomputed from the new prompt), the rope positions (absolute frame index), the
   bank's view and recording schedule (chunk index and `recorded`), SMA's candidate list.
-- The decoder's causal state: every causal conv of the Wan VAE decoder keeps its last two input frames.
-  The state after frame n depends on every frame before it (each conv feeds the next), so re-decoding
-  "the last few latent frames" from a fresh decoder is not exact; the only exact alternatives are storing
-  the histories or re-decoding the whole prefix. Measured with the real Wan2.1 VAE layout: 32 histories,
-  1.9 GB at 832x480 in bf16. Re-decoding the prefix would need every
-  latent frame of it (0.2 MB each) and the decode time of the kept part of the video, so the histories
-  are stored: a resume then costs one file read.
+- The latents of every chunk before the boundary [B, c*F, C, h, w] (0.2 MB a latent frame at 832x480 in
+  bf16: 24 MB for 30 s of video). They are what the frames before the boundary are decoded from again,
+  and that is needed twice over. The decoder is causal: each of the Wan VAE decoder's 32 causal convs
+  keeps its last two input frames, and that state depends on every frame before it, so no short tail
+  of latents rebuilds it exactly; storing it instead costs 1.9 GB at 832x480 in bf16 (measured with the
+  real decoder layout). And the MP4 encoder carries state too: libx264's rate control in CRF mode
+  blends the complexity of every earlier frame into each frame's quantiser, so the frames after the
+  boundary encode to the same bits only when the encoder has seen the same frames before them. Copying
+  the old file's packets would not do; decoding the kept latents again and encoding every frame does,
+  and the finished MP4 is then the same file a fresh render writes. The cost is the decode time of the
+  kept part (no generation), a fraction of rendering it.
 
-So a full-size snapshot is about 2.9 GB (the demo model's: 3.7 MB, mostly its decoder's float32
-histories). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash
-resumes from the last one, and edits tend to be late); the sidecar lists them with their sizes.
+So a full-size snapshot is about 1 GB plus its latents (the demo model's: about 0.1 MB). A video keeps
+at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes from the last one,
+and edits tend to be late); the sidecar lists them with their sizes.
 
 Each snapshot is one safetensors file, hidden beside the video (`.out.snap-c0042.safetensors`; while
 rendering, `.out.partial.snap-c0042.safetensors`), written atomically, with its metadata (chunk,
@@ -55,10 +59,9 @@ from .generator import BoundaryState
 from .model.cache import MemoryState
 
 if TYPE_CHECKING:
-    from .decode import StreamingDecoder
     from .script import Timeline
 
-SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: five full-size boundaries, thousands of the demo model's
+SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: about 15 full-size boundaries
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1
 _NAME = re.compile(r"^\.(?P<stem>.+?)(?P<partial>\.partial)?\.snap-c(?P<chunk>\d+)\.safetensors$")
@@ -69,19 +72,11 @@ class SnapshotError(ValueError):
 
 
 @dataclass(frozen=True)
-class DecoderState:
-    """The streaming decoder's causal state: each causal conv's last input frames, by module name."""
-
-    histories: dict[str, torch.Tensor]
-    calls: int  # decoder calls so far (0: the next call is a video's first frame)
-
-
-@dataclass(frozen=True)
 class ResumePoint:
-    """The state at a segment boundary: the generator's, and the decoder's after the frames before it."""
+    """The state at a segment boundary: the generator's, and the latents of every chunk before it."""
 
     boundary: BoundaryState
-    decoder: DecoderState | None  # None where the stream stops at latents
+    latents: torch.Tensor  # [B, chunk * F, C, h, w]
 
     @property
     def chunk(self) -> int:
@@ -114,31 +109,6 @@ def digest(value: Any) -> str:
 def prefix_digest(timeline: Timeline, chunk: int) -> str:
     """What the video before `chunk` depends on in the story: each earlier segment's prompt and first chunk."""
     return digest([[s.prompt, s.start_chunk] for s in timeline.segments if s.start_chunk < chunk] + [chunk])
-
-
-# -- the decoder's state ----------------------------------------------------------------------------------------
-
-
-def decoder_state(decoder: StreamingDecoder, device: torch.device | str = "cpu") -> DecoderState:
-    """A copy of the decoder's causal state (on `device`; the default waits for the decoder's stream)."""
-    stream = decoder._stream  # noqa: SLF001 - the decoder's state is its stream's (decode.py owns no accessor yet)
-    names = {module: name for name, module in stream.decoder.named_modules()}
-    histories = {names[conv]: history.to(device, copy=True) for conv, history in stream.histories.items()}
-    return DecoderState(histories, stream.calls)
-
-
-def restore_decoder(decoder: StreamingDecoder, state: DecoderState) -> None:
-    """Make `decoder` continue the video whose state `state` is (a decoder of the same VAE)."""
-    stream = decoder._stream  # noqa: SLF001
-    modules = dict(stream.decoder.named_modules())
-    unknown = sorted(set(state.histories) - set(modules))
-    if unknown:
-        raise SnapshotError(f"the snapshot's decoder has layers this VAE lacks: {', '.join(unknown[:3])}")
-    decoder.reset()
-    dtype = next(stream.decoder.parameters()).dtype
-    for name, history in state.histories.items():
-        stream.histories[modules[name]] = history.to(decoder.device, dtype)
-    stream.calls = state.calls
 
 
 # -- files ----------------------------------------------------------------------------------------------------
@@ -203,16 +173,12 @@ def _flatten(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any
     boundary, memory = snapshot.point.boundary, snapshot.point.boundary.memory
     tensors = {
         "history": boundary.history, "memory.sink": memory.sink, "memory.bank": memory.bank,
-        "memory.staged": memory.staged, "noise": boundary.noise,
+        "memory.staged": memory.staged, "noise": boundary.noise, "latents": snapshot.point.latents,
     }  # fmt: skip
-    decoder = snapshot.point.decoder
-    if decoder is not None:
-        tensors |= {f"decoder.{name}": history for name, history in decoder.histories.items()}
     metadata = {
         "format": _FORMAT, "chunk": boundary.chunk, "segment": boundary.segment,
         "video_frames": snapshot.video_frames, "request": snapshot.request, "prefix": snapshot.prefix,
         "memory": {"local_end": memory.local_end, "global_end": memory.global_end, "recorded": memory.recorded},
-        "decoder_calls": decoder.calls if decoder is not None else None,
     }  # fmt: skip
     return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata
 
@@ -225,9 +191,5 @@ def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Sn
     )  # fmt: skip
     noise = tensors["noise"].cpu()  # a generator's state is always a CPU tensor
     boundary = BoundaryState(metadata["chunk"], metadata["segment"], tensors["history"], memory, noise)
-    decoder = None
-    if metadata["decoder_calls"] is not None:
-        histories = {name.removeprefix("decoder."): t for name, t in tensors.items() if name.startswith("decoder.")}
-        decoder = DecoderState(histories, metadata["decoder_calls"])
-    point = ResumePoint(boundary, decoder)
+    point = ResumePoint(boundary, tensors["latents"])
     return Snapshot(point, metadata["video_frames"], metadata["request"], metadata["prefix"])

@@ -38,9 +38,10 @@ def _video(engine, prompts: int, switch_chunks: tuple[int, ...], chunks: int) ->
     return Video(engine.embeddings(PROMPTS[:prompts]), chunks=chunks, switch_chunks=switch_chunks)
 
 
-def _assert_tail_equal(resumed, full, start: int) -> None:
-    assert [c.index for c in resumed] == [c.index for c in full[start:]]
-    for a, b in zip(resumed, full[start:], strict=True):
+def _assert_same_stream(resumed, full) -> None:
+    """Every chunk, the kept ones (decoded again) and the generated ones, as the stream from the start made it."""
+    assert [c.index for c in resumed] == [c.index for c in full]
+    for a, b in zip(resumed, full, strict=True):
         assert a.segment == b.segment
         assert torch.equal(a.latents, b.latents), f"latents of chunk {a.index}"
         if b.frames is not None:
@@ -60,7 +61,7 @@ def test_a_stream_from_each_boundary_is_the_tail_of_the_full_stream(engine, prom
     assert [p.chunk for p in points] == list(switches)  # one at each switch, none elsewhere
     for point in points:
         resumed = list(engine.stream(video, settings, seed=5, resume=point))
-        _assert_tail_equal(resumed, full, point.chunk)
+        _assert_same_stream(resumed, full)
 
 
 def test_latents_only_and_sparse_memory_resume_exactly(engine):
@@ -69,8 +70,8 @@ def test_latents_only_and_sparse_memory_resume_exactly(engine):
     video = _video(engine, 3, (5, 7), 9)
     full = list(engine.stream(video, settings, seed=1, decode=False, snapshots=True))
     point = next(c.resume for c in full if c.resume is not None and c.index == 7)
-    assert point.decoder is None
-    _assert_tail_equal(list(engine.stream(video, settings, seed=1, decode=False, resume=point)), full, 7)
+    assert point.latents.shape == (1, 7 * 3, 16, 8, 12)
+    _assert_same_stream(list(engine.stream(video, settings, seed=1, decode=False, resume=point)), full)
 
 
 def test_the_edited_story_continues_from_the_old_storys_snapshot_as_a_fresh_render_does(engine):
@@ -79,7 +80,7 @@ def test_the_edited_story_continues_from_the_old_storys_snapshot_as_a_fresh_rend
     edited = Video(engine.embeddings((PROMPTS[0], PROMPTS[1], PROMPTS[4])), chunks=7, switch_chunks=(2, 4))
     point = next(c.resume for c in engine.stream(old, settings, seed=2, snapshots=True) if c.index == 4)
     fresh = list(engine.stream(edited, settings, seed=2))
-    _assert_tail_equal(list(engine.stream(edited, settings, seed=2, resume=point)), fresh, 4)
+    _assert_same_stream(list(engine.stream(edited, settings, seed=2, resume=point)), fresh)
 
 
 def test_a_snapshot_file_round_trip_resumes_exactly(engine, tmp_path):
@@ -91,12 +92,12 @@ def test_a_snapshot_file_round_trip_resumes_exactly(engine, tmp_path):
     path = snapshot_path(target, 4)
     size = save_snapshot(path, Snapshot(point, video_frames=45, request="r", prefix="p"))
     assert path.name == ".fox.snap-c0004.safetensors" and size == path.stat().st_size
-    assert size < 8 * 2**20  # the demo model's snapshot: 3.7 MB, mostly the decoder's float32 histories
+    assert size < 2**20  # the demo model's snapshot is small
     assert snapshot_files(target) == {4: path} and snapshot_files(target, partial=True) == {}
     assert read_metadata(path)["video_frames"] == 45
     loaded = load_snapshot(path)
     assert (loaded.chunk, loaded.video_frames, loaded.request, loaded.prefix) == (4, 45, "r", "p")
-    _assert_tail_equal(list(engine.stream(video, settings, seed=3, resume=loaded.point)), full, 4)
+    _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=loaded.point)), full)
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
