@@ -53,14 +53,14 @@ def _assert_same_stream(resumed, full) -> None:
     [(3, (2, 4), 6), (5, (2, 5, 7, 9), 11)],  # early switches (inside the window), late ones, a compressing bank
     ids=["3-segments", "5-segments"],
 )
-def test_a_stream_from_each_boundary_is_the_tail_of_the_full_stream(engine, prompts, switches, chunks):
+def test_a_stream_from_each_boundary_is_the_stream_from_the_start(engine, prompts, switches, chunks):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, prompts, switches, chunks)
-    full = list(engine.stream(video, settings, seed=5, snapshots=True))
+    full = list(engine.stream(video, settings, seed=5, decode=False, snapshots=True))
     points = [c.resume for c in full if c.resume is not None]
     assert [p.chunk for p in points] == list(switches)  # one at each switch, none elsewhere
     for point in points:
-        resumed = list(engine.stream(video, settings, seed=5, resume=point))
+        resumed = list(engine.stream(video, settings, seed=5, decode=False, resume=point))
         _assert_same_stream(resumed, full)
 
 
@@ -78,12 +78,13 @@ def test_the_edited_story_continues_from_the_old_storys_snapshot_as_a_fresh_rend
     settings = GenerationSettings(geometry=engine.geometry)
     old = _video(engine, 3, (2, 4), 6)
     edited = Video(engine.embeddings((PROMPTS[0], PROMPTS[1], PROMPTS[4])), chunks=7, switch_chunks=(2, 4))
-    point = next(c.resume for c in engine.stream(old, settings, seed=2, snapshots=True) if c.index == 4)
-    fresh = list(engine.stream(edited, settings, seed=2))
-    _assert_same_stream(list(engine.stream(edited, settings, seed=2, resume=point)), fresh)
+    old_stream = engine.stream(old, settings, seed=2, decode=False, snapshots=True)
+    point = next(c.resume for c in old_stream if c.index == 4)
+    fresh = list(engine.stream(edited, settings, seed=2, decode=False))
+    _assert_same_stream(list(engine.stream(edited, settings, seed=2, decode=False, resume=point)), fresh)
 
 
-def test_a_snapshot_file_round_trip_resumes_exactly(engine, tmp_path):
+def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine, tmp_path):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)
     full = list(engine.stream(video, settings, seed=3, snapshots=True))
@@ -104,11 +105,11 @@ def test_a_snapshot_file_round_trip_resumes_exactly(engine, tmp_path):
 def test_a_stream_refuses_to_resume_where_the_prompt_does_not_switch(engine):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)
-    point = next(c.resume for c in engine.stream(video, settings, seed=0, snapshots=True) if c.resume)
+    point = next(c.resume for c in engine.stream(video, settings, seed=0, decode=False, snapshots=True) if c.resume)
     assert point.chunk == 2
     later_switch = _video(engine, 2, (4,), 6)  # chunk 2 is still the first prompt's
     with pytest.raises(ValueError, match="resumes only where the prompt switches"):
-        list(engine.stream(later_switch, settings, seed=0, resume=point))
+        list(engine.stream(later_switch, settings, seed=0, decode=False, resume=point))
 
 
 def test_a_file_that_is_not_a_snapshot_is_refused_in_one_line(tmp_path):
