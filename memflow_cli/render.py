@@ -22,6 +22,7 @@ from .settings import GenerationSettings
 from .speed import compile_cache
 from .speed.compile_cache import CompileChoice, graphs_signature
 from .timing import RenderTimings, Startup, since_process_start, warmup_seconds
+from .update import SnapshotKeeper, StartPoint, find_start, remove_snapshots, render_identity
 
 
 @dataclass(frozen=True)
@@ -64,21 +65,37 @@ def render_story(
     duration_s: float | None = None,
     overwrite: bool = False,
     progress: Callable[[ChunkProgress], None] | None = None,
+    reuse: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> RenderResult:
-    """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk)."""
+    """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk).
+
+    A story with several prompts keeps a snapshot at each boundary (`update.py`). With `reuse`, the render
+    starts from the latest snapshot of `target` (the finished video's or a stopped render's) that this
+    story and request allow, and `target` is replaced; `notice` hears, in one line, what is kept or why not.
+    """
     # 1. the timeline and its prompts, encoded before any file or process is touched
     timeline = story.timeline(engine.geometry, duration_s)
     encode_start = time.perf_counter()
     video = engine.video(timeline)
     encode_s = time.perf_counter() - encode_start
+    identity = render_identity(engine, settings, seed, timeline)
+    start = find_start(target, timeline, identity, engine.device) if reuse else StartPoint(None, None, "")
+    if notice and start.reason:
+        notice(start.reason)
+    keeper = SnapshotKeeper(target, identity, timeline, start) if timeline.switch_chunks else None
     # 2. the pipeline, written as it streams; the writer keeps a playable partial file if it stops early
     started = time.perf_counter()
     chunk_ends: list[float] = []  # seconds from `started` to each chunk's frames handed to the writer
     first_frame_age = 0.0  # process start -> the first chunk's frames handed to the writer
-    with engine.mp4_writer(target, overwrite=overwrite) as writer:
+    resume = start.snapshot.point if start.snapshot else None
+    with engine.mp4_writer(target, overwrite=overwrite or reuse) as writer:
         try:
-            with closing(engine.stream(video, settings, seed, writer=writer)) as chunks:
+            stream = engine.stream(video, settings, seed, writer=writer, resume=resume, snapshots=keeper is not None)
+            with closing(stream) as chunks:
                 for chunk in chunks:
+                    if keeper and chunk.resume and chunk.frames is not None:
+                        keeper.save(chunk.resume, writer.frames_written - len(chunk.frames))
                     chunk_ends.append(time.perf_counter() - started)
                     first_frame_age = first_frame_age or since_process_start()
                     if progress:
@@ -91,6 +108,10 @@ def render_story(
     # 3. the sidecar beside the finished video; compiled graphs of this shape are in the cache from now on
     metadata = _metadata(engine, story, timeline, settings, seed, timings)
     metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
+    if keeper is not None:
+        metadata |= keeper.finish()
+    else:
+        remove_snapshots(target)  # an earlier video's, of another story: not this video's
     sidecar = write_video_sidecar(target, metadata)
     if engine.fast.compile and engine.device.type == "cuda":
         _remember_compiled(engine, settings)

@@ -120,6 +120,12 @@ def snapshot_path(target: Path, chunk: int, *, partial: bool = False) -> Path:
     return target.with_name(f".{target.stem}{middle}.snap-c{chunk:04d}{SNAPSHOT_SUFFIX}")
 
 
+def is_partial_snapshot(path: Path) -> bool:
+    """Whether a snapshot file is a running (or stopped) render's, not a finished video's."""
+    match = _NAME.match(path.name)
+    return bool(match and match["partial"])
+
+
 def snapshot_files(target: Path, *, partial: bool = False) -> dict[int, Path]:
     """The snapshot files beside `target` (of its finished video, or of its partial), by chunk."""
     found: dict[int, Path] = {}

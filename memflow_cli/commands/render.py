@@ -71,7 +71,15 @@ def render(
         typer.Option(
             "--skip-existing",
             help="Resume a batch: skip a story whose video is a finished render of the same request (story, seed, "
-            "settings, length), and render again from the start a story whose render was stopped.",
+            "settings, length), and continue a story whose render was stopped from its last segment boundary.",
+        ),
+    ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Replace the video, re-rendering only from the first segment that changed since it was "
+            "rendered (same seed, settings, model and device kind); anything else renders from the start.",
         ),
     ] = False,
     memory: MemoryMode = None,
@@ -112,7 +120,7 @@ def render(
         request = RenderRequest(
             scripts=tuple(scripts), output=output, out_dir=out_dir, model=model, device=device,
             decode_device=decode_device, seed=seed, duration_s=parse_duration(duration), overwrite=overwrite,
-            skip_existing=skip_existing,
+            skip_existing=skip_existing, update=update,
             settings={"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
                       "record_interval": record_interval, "sma": sma, "steps": steps},
             lora=lora_settings(lora_rank, lora_alpha), compile=compile, fp8=fp8,
