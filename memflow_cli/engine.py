@@ -103,7 +103,6 @@ class Chunk:
     segment: int  # index of the prompt that drove it
     latents: torch.Tensor  # [1, F, C, h, w] on the device
     frames: torch.Tensor | None  # uint8 [N, H, W, 3] on the CPU; None when the stream stops at latents
-    resume: ResumePoint | None = None  # with `snapshots`, where the chunk starts a segment: the state before it
 
 
 @dataclass
@@ -190,15 +189,16 @@ class Engine:
         decode: bool = True,
         writer: Mp4Writer | None = None,
         resume: ResumePoint | None = None,
-        snapshots: bool = False,
+        snapshots: Callable[[ResumePoint], None] | None = None,
     ) -> Iterator[Chunk]:
         """Generate `video` chunk by chunk; with `decode` decode each chunk, with `writer` also append its frames.
 
         Decoding trails generation by up to two chunks on CUDA; a chunk is yielded once it is as far
-        along as asked (its frames written, when there is a writer). With `snapshots`, a chunk that starts
-        a new segment carries the state to resume from there (`Chunk.resume`). With `resume`, the chunks
-        before that point are its kept latents and only the later ones are generated: every chunk is
-        yielded, the same as a stream from the start would yield.
+        along as asked (its frames written, when there is a writer). `snapshots` gets the state to resume
+        from at every segment boundary and at the end of the video (where a story that goes on would
+        switch), once the chunks before it are as far along, before the next chunk is yielded. With
+        `resume`, the chunks before that point are its kept latents and only the later ones are generated:
+        every chunk is yielded, the same as a stream from the start would yield.
         """
         generator = MemFlowGenerator(
             self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
@@ -211,11 +211,13 @@ class Engine:
             boundaries=(lambda state: boundaries.__setitem__(state.chunk, state)) if snapshots else None,
         )  # fmt: skip
         latents = self._replayed(resume, settings, generated)
-        points = _ResumePoints(boundaries) if snapshots else None
+        points = _ResumePoints(boundaries, snapshots)
         with self.fast.sdpa_priority():
             if not decode:
                 for index, x in enumerate(latents):
-                    yield Chunk(index, video.segment_of(index), x, None, points and points.at(index, x))
+                    points.reached(x)
+                    yield Chunk(index, video.segment_of(index), x, None)
+                points.ended()
                 return
             # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
             kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
@@ -226,7 +228,9 @@ class Engine:
                 for index, (x, frames) in enumerate(decoded):
                     if writer is not None:
                         writer.write(frames)
-                    yield Chunk(index, video.segment_of(index), x, frames, points and points.at(index, x))
+                    points.reached(x)
+                    yield Chunk(index, video.segment_of(index), x, frames)
+            points.ended()
 
     def _replayed(
         self, resume: ResumePoint | None, settings: GenerationSettings, generated: Iterator[torch.Tensor]
@@ -262,18 +266,24 @@ class Engine:
 
 
 class _ResumePoints:
-    """Pairs the generator's state at each switch with the latents of every chunk before it."""
+    """Pairs the generator's state at each boundary with the latents of every chunk before it."""
 
-    def __init__(self, boundaries: dict[int, BoundaryState]):
-        self.boundaries = boundaries
+    def __init__(self, boundaries: dict[int, BoundaryState], take: Callable[[ResumePoint], None] | None):
+        self.boundaries, self.take = boundaries, take
         self.made: list[torch.Tensor] = []  # each chunk's latents so far, on the device: 0.6 MB a chunk at 832x480
 
-    def at(self, index: int, latents: torch.Tensor) -> ResumePoint | None:
-        """The resume point before chunk `index` if it starts a segment; then `latents` (its own) are kept."""
-        boundary = self.boundaries.pop(index, None)
-        point = ResumePoint(boundary, torch.cat(self.made, dim=1)) if boundary is not None else None
+    def reached(self, latents: torch.Tensor) -> None:
+        """The next chunk is done: hand out the point before it if it starts a segment, then keep its latents."""
+        if self.take is None:
+            return
+        self.ended()
         self.made.append(latents)
-        return point
+
+    def ended(self) -> None:
+        """Hand out the point after every chunk made so far, if the generator stopped (or switches) there."""
+        boundary = self.boundaries.pop(len(self.made), None)
+        if self.take is not None and boundary is not None:
+            self.take(ResumePoint(boundary, torch.cat(self.made, dim=1)))
 
 
 def load_engine(

@@ -171,9 +171,9 @@ class MemFlowGenerator:
         new segment index switches prompt there (KV re-cache, bank scored under the new text), as a
         scripted switch does. `interactive` is the memory's recording policy (`KVMemory`).
 
-        `boundaries`, if given, gets the state at every switch, before the switch (the noise must then be
-        a `ResumableNoise`). With `resume`, the stream starts from such a state: it yields the chunks from
-        `resume.chunk` on, where `prompts` must switch to a new segment.
+        `boundaries`, if given, gets the state at every switch, before the switch, and after the last chunk
+        (the noise must then be a `ResumableNoise`). With `resume`, the stream starts from such a state: it
+        yields the chunks from `resume.chunk` on, where `prompts` must switch to a new segment.
         """
         opening = prompts.at(resume.chunk if resume else 0)
         if opening is None:
@@ -191,11 +191,11 @@ class MemFlowGenerator:
             # 1. prompt switch: new text, recent frames re-encoded under it
             if chunk > 0:
                 now = prompts.at(chunk)
+                if boundaries is not None and (now is None or now[0] != segment):  # a story going on would switch
+                    boundaries(_boundary(chunk, segment, history, memory, noise))
                 if now is None:
                     return
                 if now[0] != segment:
-                    if boundaries is not None:
-                        boundaries(_boundary(chunk, segment, history, memory, noise))
                     segment, context = now[0], self._context(now[1])
                     self._recache(chunk, context, memory, text, history)
 

@@ -83,7 +83,7 @@ def render_story(
     start = find_start(target, timeline, identity, engine.device) if reuse else StartPoint(None, None, "")
     if notice and start.reason:
         notice(start.reason)
-    keeper = SnapshotKeeper(target, identity, timeline, start) if timeline.switch_chunks else None
+    keeper = SnapshotKeeper(target, identity, timeline, engine.geometry, start) if timeline.switch_chunks else None
     # 2. the pipeline, written as it streams; the writer keeps a playable partial file if it stops early
     started = time.perf_counter()
     chunk_ends: list[float] = []  # seconds from `started` to each chunk's frames handed to the writer
@@ -91,11 +91,11 @@ def render_story(
     resume = start.snapshot.point if start.snapshot else None
     with engine.mp4_writer(target, overwrite=overwrite or reuse) as writer:
         try:
-            stream = engine.stream(video, settings, seed, writer=writer, resume=resume, snapshots=keeper is not None)
+            stream = engine.stream(
+                video, settings, seed, writer=writer, resume=resume, snapshots=keeper and keeper.save
+            )
             with closing(stream) as chunks:
                 for chunk in chunks:
-                    if keeper and chunk.resume and chunk.frames is not None:
-                        keeper.save(chunk.resume, writer.frames_written - len(chunk.frames))
                     chunk_ends.append(time.perf_counter() - started)
                     first_frame_age = first_frame_age or since_process_start()
                     if progress:

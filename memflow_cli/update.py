@@ -18,7 +18,6 @@ are still valid), within `SNAPSHOT_BUDGET_BYTES`.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ from .snapshots import (
 if TYPE_CHECKING:
     from .engine import Engine
     from .script import Timeline
-    from .settings import GenerationSettings
+    from .settings import GenerationSettings, VideoGeometry
 
 _WHAT = {
     "memflow": "memflow version", "seed": "seed", "settings": "settings", "model": "model files",
@@ -93,12 +92,7 @@ def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted(
-        name
-        for group in new
-        for name in new[group]
-        if (old.get(group) or {}).get(name) != new[group][name]
-    )
+    return sorted(name for group in new for name in new[group] if (old.get(group) or {}).get(name) != new[group][name])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,7 +142,7 @@ def _usable(target: Path, timeline: Timeline, request: str, partial_only: bool) 
         for chunk, path in snapshot_files(target).items():
             candidates.setdefault(chunk, path)
     for chunk, path in sorted(candidates.items(), reverse=True):
-        if not 0 < chunk < timeline.chunks:
+        if chunk not in timeline.switch_chunks:  # a snapshot resumes only where the new story switches prompt
             continue
         try:
             metadata = read_metadata(path)
@@ -205,9 +199,10 @@ class SnapshotKeeper:
     leaves the old video and its snapshots as they were, and its own partial snapshots to resume from.
     """
 
-    def __init__(self, target: Path, identity: dict[str, Any], timeline: Timeline, start: StartPoint,
-                 budget_bytes: int = SNAPSHOT_BUDGET_BYTES):  # fmt: skip
-        self.target, self.timeline, self.start, self.budget = target, timeline, start, budget_bytes
+    def __init__(self, target: Path, identity: dict[str, Any], timeline: Timeline, geometry: VideoGeometry,
+                 start: StartPoint, budget_bytes: int = SNAPSHOT_BUDGET_BYTES):  # fmt: skip
+        self.target, self.timeline, self.geometry = target, timeline, geometry
+        self.start, self.budget = start, budget_bytes
         self.request = digest(identity)
         self.identity = identity
         self.from_video = start.path is not None and not is_partial_snapshot(start.path)
@@ -215,9 +210,10 @@ class SnapshotKeeper:
             if start.path is None or self.from_video or chunk > start.chunk:
                 path.unlink(missing_ok=True)  # a stopped render's that this one does not continue
 
-    def save(self, point: ResumePoint, video_frames: int) -> None:
+    def save(self, point: ResumePoint) -> None:
         """Keep the state at a boundary (in the partial's name until the video is finished)."""
-        snapshot = Snapshot(point, video_frames, self.request, prefix_digest(self.timeline, point.chunk))
+        frames = self.geometry.video_frames(point.chunk * self.geometry.frames_per_chunk)
+        snapshot = Snapshot(point, frames, self.request, prefix_digest(self.timeline, point.chunk))
         save_snapshot(snapshot_path(self.target, point.chunk, partial=True), snapshot)
         _within_budget(snapshot_files(self.target, partial=True), self.budget)
 
@@ -231,11 +227,8 @@ class SnapshotKeeper:
         kept = _within_budget(snapshot_files(self.target), self.budget)
         files = []
         for chunk, path in kept.items():
-            with contextlib.suppress(SnapshotError):
-                files.append({
-                    "file": path.name, "chunk": chunk, "segment": self.timeline.prompt_index_for_chunk(chunk),
-                    "video_frames": read_metadata(path)["video_frames"], "bytes": path.stat().st_size,
-                })  # fmt: skip
+            frames = self.geometry.video_frames(chunk * self.geometry.frames_per_chunk)
+            files.append({"file": path.name, "chunk": chunk, "video_frames": frames, "bytes": path.stat().st_size})
         return {
             "reused_frames": self.start.reused_frames,
             "rendered_from_segment": self.start.segment,

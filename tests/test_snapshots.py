@@ -38,6 +38,13 @@ def _video(engine, prompts: int, switch_chunks: tuple[int, ...], chunks: int) ->
     return Video(engine.embeddings(PROMPTS[:prompts]), chunks=chunks, switch_chunks=switch_chunks)
 
 
+def _streamed(engine, video, settings, seed, **options):
+    """(every chunk, every resume point handed out) of one stream."""
+    points = []
+    chunks = list(engine.stream(video, settings, seed=seed, snapshots=points.append, **options))
+    return chunks, points
+
+
 def _assert_same_stream(resumed, full) -> None:
     """Every chunk, the kept ones (decoded again) and the generated ones, as the stream from the start made it."""
     assert [c.index for c in resumed] == [c.index for c in full]
@@ -56,10 +63,10 @@ def _assert_same_stream(resumed, full) -> None:
 def test_a_stream_from_each_boundary_is_the_stream_from_the_start(engine, prompts, switches, chunks):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, prompts, switches, chunks)
-    full = list(engine.stream(video, settings, seed=5, decode=False, snapshots=True))
-    points = [c.resume for c in full if c.resume is not None]
-    assert [p.chunk for p in points] == list(switches)  # one at each switch, none elsewhere
-    for point in points:
+    full, points = _streamed(engine, video, settings, 5, decode=False)
+    assert [p.chunk for p in points] == [*switches, chunks]  # one at each switch and one at the end
+    assert [p.latents.shape[1] for p in points] == [3 * c for c in (*switches, chunks)]
+    for point in points[:-1]:
         resumed = list(engine.stream(video, settings, seed=5, decode=False, resume=point))
         _assert_same_stream(resumed, full)
 
@@ -68,8 +75,8 @@ def test_latents_only_and_sparse_memory_resume_exactly(engine):
     memory = MemorySettings(sma=True, sma_top_k=2, bank_size=2, record_interval=1)
     settings = GenerationSettings(geometry=engine.geometry, memory=memory)
     video = _video(engine, 3, (5, 7), 9)
-    full = list(engine.stream(video, settings, seed=1, decode=False, snapshots=True))
-    point = next(c.resume for c in full if c.resume is not None and c.index == 7)
+    full, points = _streamed(engine, video, settings, 1, decode=False)
+    point = points[1]
     assert point.latents.shape == (1, 7 * 3, 16, 8, 12)
     _assert_same_stream(list(engine.stream(video, settings, seed=1, decode=False, resume=point)), full)
 
@@ -78,17 +85,27 @@ def test_the_edited_story_continues_from_the_old_storys_snapshot_as_a_fresh_rend
     settings = GenerationSettings(geometry=engine.geometry)
     old = _video(engine, 3, (2, 4), 6)
     edited = Video(engine.embeddings((PROMPTS[0], PROMPTS[1], PROMPTS[4])), chunks=7, switch_chunks=(2, 4))
-    old_stream = engine.stream(old, settings, seed=2, decode=False, snapshots=True)
-    point = next(c.resume for c in old_stream if c.index == 4)
+    point = _streamed(engine, old, settings, 2, decode=False)[1][1]
+    assert point.chunk == 4
     fresh = list(engine.stream(edited, settings, seed=2, decode=False))
     _assert_same_stream(list(engine.stream(edited, settings, seed=2, decode=False, resume=point)), fresh)
+
+
+def test_the_point_at_the_end_continues_a_story_with_a_segment_appended(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    old = _video(engine, 3, (2, 4), 6)
+    longer = _video(engine, 4, (2, 4, 6), 8)
+    end = _streamed(engine, old, settings, 4, decode=False)[1][-1]
+    assert end.chunk == 6
+    fresh = list(engine.stream(longer, settings, seed=4, decode=False))
+    _assert_same_stream(list(engine.stream(longer, settings, seed=4, decode=False, resume=end)), fresh)
 
 
 def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine, tmp_path):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)
-    full = list(engine.stream(video, settings, seed=3, snapshots=True))
-    point = full[4].resume
+    full, points = _streamed(engine, video, settings, 3)
+    point = points[1]
     target = tmp_path / "fox.mp4"
     path = snapshot_path(target, 4)
     size = save_snapshot(path, Snapshot(point, video_frames=45, request="r", prefix="p"))
@@ -105,7 +122,7 @@ def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine
 def test_a_stream_refuses_to_resume_where_the_prompt_does_not_switch(engine):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)
-    point = next(c.resume for c in engine.stream(video, settings, seed=0, decode=False, snapshots=True) if c.resume)
+    point = _streamed(engine, video, settings, 0, decode=False)[1][0]
     assert point.chunk == 2
     later_switch = _video(engine, 2, (4,), 6)  # chunk 2 is still the first prompt's
     with pytest.raises(ValueError, match="resumes only where the prompt switches"):
