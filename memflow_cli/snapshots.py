@@ -145,11 +145,18 @@ def save_snapshot(path: Path, snapshot: Snapshot) -> int:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"memflow_snapshot": json.dumps(metadata)})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a snapshot is as readable as its video
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
