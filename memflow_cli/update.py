@@ -18,6 +18,7 @@ are still valid), within `SNAPSHOT_BUDGET_BYTES`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,7 @@ def render_identity(engine: Engine, settings: GenerationSettings, seed: int, tim
     """Everything besides the story that a render's frames depend on, as its sidecar records it."""
     interactive = settings.memory.interactive
     decode_device = engine.decode_device or engine.device
-    return {
+    identity = {
         "memflow": __version__,
         "seed": seed,
         "settings": settings.as_dict(),
@@ -67,6 +68,7 @@ def render_identity(engine: Engine, settings: GenerationSettings, seed: int, tim
         "fp8": engine.fp8,
         "interactive": len(timeline.switch_chunks) > 0 if interactive is None else interactive,
     }
+    return json.loads(json.dumps(identity))  # as the sidecar gives it back (tuples become lists)
 
 
 def _model_identity(identity: dict[str, Any]) -> dict[str, Any]:
