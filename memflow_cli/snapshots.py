@@ -46,24 +46,22 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: `check --against` reads only metadata
+    import torch
 
-from .generator import BoundaryState
-from .model.cache import MemoryState
-
-if TYPE_CHECKING:
+    from .generator import BoundaryState
     from .script import Timeline
 
 SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: about 15 full-size boundaries
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1
+_MAX_HEADER_BYTES = 2**24  # a snapshot's header names a few dozen tensors: kilobytes
 _NAME = re.compile(r"^\.(?P<stem>.+?)(?P<partial>\.partial)?\.snap-c(?P<chunk>\d+)\.safetensors$")
 
 
@@ -140,6 +138,8 @@ def snapshot_files(target: Path, *, partial: bool = False) -> dict[int, Path]:
 
 def save_snapshot(path: Path, snapshot: Snapshot) -> int:
     """Write `snapshot` to `path` atomically (a temporary file in the same folder, then a rename); its size."""
+    from safetensors.torch import save_file
+
     tensors, metadata = _flatten(snapshot)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -160,15 +160,19 @@ def _umask() -> int:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The JSON metadata of a snapshot file, without reading its tensors."""
+    """The JSON metadata of a snapshot file, from its safetensors header alone (no tensor is read)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("memflow_snapshot")
-    except (OSError, SafetensorError) as error:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > _MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(f.read(length))
+        text = header.get("__metadata__", {}).get("memflow_snapshot")
+        metadata = json.loads(text) if text is not None else None
+    except (OSError, ValueError, struct.error, AttributeError) as error:
         raise SnapshotError(f"{path} is not a readable snapshot: {error}") from None
-    if text is None:
+    if not isinstance(metadata, dict):
         raise SnapshotError(f"{path} is not a memflow snapshot (no metadata)")
-    metadata = json.loads(text)
     if metadata.get("format") != _FORMAT:
         raise SnapshotError(f"{path} is a snapshot of another format ({metadata.get('format')})")
     return metadata
@@ -176,6 +180,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
     """Read a snapshot written by `save_snapshot`, its tensors on `device`."""
+    from safetensors import safe_open
+
     metadata = read_metadata(path)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
@@ -197,6 +203,9 @@ def _flatten(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Snapshot:
+    from .generator import BoundaryState
+    from .model.cache import MemoryState
+
     positions = metadata["memory"]
     memory = MemoryState(
         sink=tensors["memory.sink"], bank=tensors["memory.bank"], staged=tensors["memory.staged"],
