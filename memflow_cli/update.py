@@ -132,13 +132,14 @@ def find_start(
     segment = timeline.prompt_index_for_chunk(snapshot.chunk)
     how = "a stopped render" if is_partial_snapshot(path) else "the earlier video"
     reason = (
-        f"keeping the first {snapshot.video_frames} frames of {how} (segments 1-{segment}); "
+        f"keeping the first {snapshot.video_frames} frames of {how} ({_segments(1, segment)}); "
         f"rendering from segment {segment + 1} at {timeline.segments[segment].snapped_start_s:.2f} s"
     )
     return StartPoint(snapshot, path, reason, segment)
 
 
-def _usable(target: Path, timeline: Timeline, request: str, partial_only: bool) -> Path | None:
+def _usable(target: Path, timeline: Timeline, request: str | None, partial_only: bool) -> Path | None:
+    """The latest snapshot file valid for `timeline` and the `request` digest (None: any request)."""
     candidates = dict(snapshot_files(target, partial=True))
     if not partial_only and target.is_file():
         for chunk, path in snapshot_files(target).items():
@@ -150,7 +151,7 @@ def _usable(target: Path, timeline: Timeline, request: str, partial_only: bool) 
             metadata = read_metadata(path)
         except SnapshotError:
             continue
-        if metadata["request"] == request and metadata["prefix"] == prefix_digest(timeline, chunk):
+        if request in (None, metadata["request"]) and metadata["prefix"] == prefix_digest(timeline, chunk):
             return path
     return None
 
@@ -175,6 +176,46 @@ def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any], 
     if changed == 0:
         return f"segment 1 changed, and every frame depends on it: {start}"
     return f"no snapshot of {target.name} before the first change (segment {(changed or 0) + 1}): {start}"
+
+
+def preview_update(target: Path, timeline: Timeline, seed: int, settings: dict[str, Any]) -> str:
+    """One line: what `render --update` of this story to `target` would keep and re-render (`check --against`).
+
+    Only what the story says is compared (its segments, seed and memory and sampler settings); the model, the
+    device kind and the compile path are assumed to be the video's.
+    """
+    everything = "every segment would render"
+    if len(timeline.segments) < 2:
+        return f"the story has one prompt: {everything}"
+    sidecar = memflow_sidecar(sidecar_path(target)) if target.is_file() else None
+    record = sidecar.get("snapshots") if sidecar else None
+    if not isinstance(record, dict) or not record.get("files"):
+        return f"{target} is not a memflow video with snapshots: {everything}"
+    old = record.get("identity") or {}
+    story_part = {"seed": seed, "settings": {group: settings[group] for group in ("memory", "sampler")}}
+    old_part = {
+        "seed": old.get("seed"),
+        "settings": {g: (old.get("settings") or {}).get(g) for g in ("memory", "sampler")},
+    }
+    difference = identity_difference(old_part, json.loads(json.dumps(story_part)))
+    if difference:
+        return f"{target.name} was rendered with {difference}: {everything}"
+    path = _usable(target, timeline, None, partial_only=False)
+    if path is None:
+        changed = first_changed_segment(sidecar, timeline)
+        where = "segment 1 changed" if changed == 0 else "no snapshot before the first change"
+        return f"{where}: {everything}"
+    metadata = read_metadata(path)
+    segment, last = timeline.prompt_index_for_chunk(metadata["chunk"]), len(timeline.segments)
+    kept = f"{_segments(1, segment)} kept ({metadata['video_frames']} frames of {target.name})"
+    start = timeline.segments[segment].snapped_start_s
+    assumed = "same model, device kind and compile path assumed"
+    return f"{kept}; {_segments(segment + 1, last)} would render from {start:.2f} s ({assumed})"
+
+
+def _segments(first: int, last: int) -> str:
+    """'segment 3' or 'segments 3-5' (counted from 1)."""
+    return f"segment {first}" if first == last else f"segments {first}-{last}"
 
 
 def first_changed_segment(sidecar: dict[str, Any], timeline: Timeline) -> int | None:

@@ -64,8 +64,13 @@ def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fres
     assert sorted(snapshot_files(target)) == [*range(1, segments), segments]  # each switch, and the end
 
     script = write(tmp_path / "fox.yaml", edited(PROMPTS[:segments], changed))
-    result = render(script, target, "--update")
     kept = video_frames(changed)
+    check = memflow("check", script, "--against", target)
+    assert check.exit_code == 0, check.stderr
+    assert f"segments 1-{changed} kept ({kept} frames of fox.mp4)" in check.stdout
+    assert f"{changed + 1} would render from {0.75 * changed:.2f} s" in check.stdout
+
+    result = render(script, target, "--update")
     assert f"keeping the first {kept} frames of the earlier video" in result.stderr
     assert f"rendering from segment {changed + 1}" in result.stderr
     record = sidecar(target)
@@ -105,7 +110,10 @@ def test_a_change_that_prevents_reuse_is_one_line_and_a_full_render(tmp_path, ch
     target = tmp_path / "fox.mp4"
     render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target)
     prompts = change.pop("prompts", PROMPTS[:2])
-    result = render(write(tmp_path / "fox.yaml", prompts, **change), target, "--update")
+    script = write(tmp_path / "fox.yaml", prompts, **change)
+    check = memflow("check", script, "--against", target)
+    assert f"{reason.split(',')[0]}" in check.stdout and "every segment would render" in check.stdout
+    result = render(script, target, "--update")
     lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
     assert len(lines) == 1 and reason in lines[0], result.stderr
     record = sidecar(target)
