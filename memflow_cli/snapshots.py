@@ -31,7 +31,7 @@ bit for bit, for latents and decoded frames):
   and the finished MP4 is then the same file a fresh render writes. The cost is the decode time of the
   kept part (no generation), a fraction of rendering it.
 
-So a full-size snapshot is about 1 GB plus its latents (the demo model's: about 0.1 MB). A video keeps
+So a full-size snapshot is about 1 GB plus its latents (the demo model's: a few hundred KB). A video keeps
 at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes from the last one,
 and edits tend to be late); the sidecar lists them with their sizes.
 
