@@ -5,6 +5,7 @@ Nothing here prints: progress goes to a callback, results come back as values.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -19,6 +20,7 @@ from .engine import DEMO, Engine
 from .output import write_video_sidecar
 from .script import Story, Timeline
 from .settings import GenerationSettings
+from .snapshots import prefix_digest
 from .speed import compile_cache
 from .speed.compile_cache import CompileChoice, graphs_signature
 from .timing import RenderTimings, Startup, since_process_start, warmup_seconds
@@ -79,11 +81,14 @@ def render_story(
     encode_start = time.perf_counter()
     video = engine.video(timeline)
     encode_s = time.perf_counter() - encode_start
-    identity = render_identity(engine, settings, seed, timeline)
+    identity = render_identity(engine, settings, seed, video.interactive(settings))
     start = find_start(target, timeline, identity, engine.device) if reuse else StartPoint(None, None, "")
     if notice and start.reason:
         notice(start.reason)
-    keeper = SnapshotKeeper(target, identity, timeline, engine.geometry, start) if timeline.switch_chunks else None
+    keeper = None
+    if identity["interactive"]:  # a story that switches prompt (or may, appended to): the memory records so
+        prefix = functools.partial(prefix_digest, timeline)
+        keeper = SnapshotKeeper(target, identity, prefix, engine.geometry, start)
     # 2. the pipeline, written as it streams; the writer keeps a playable partial file if it stops early
     started = time.perf_counter()
     chunk_ends: list[float] = []  # seconds from `started` to each chunk's frames handed to the writer

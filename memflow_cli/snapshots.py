@@ -48,6 +48,7 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,7 +107,12 @@ def digest(value: Any) -> str:
 
 def prefix_digest(timeline: Timeline, chunk: int) -> str:
     """What the video before `chunk` depends on in the story: each earlier segment's prompt and first chunk."""
-    return digest([[s.prompt, s.start_chunk] for s in timeline.segments if s.start_chunk < chunk] + [chunk])
+    return segments_digest([(s.prompt, s.start_chunk) for s in timeline.segments], chunk)
+
+
+def segments_digest(segments: Iterable[tuple[str, int]], chunk: int) -> str:
+    """`prefix_digest` of segments given as (prompt, first chunk), in order (a live session's, as they come)."""
+    return digest([[prompt, start] for prompt, start in segments if start < chunk] + [chunk])
 
 
 # -- files ----------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ are still valid), within `SNAPSHOT_BUDGET_BYTES`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +53,8 @@ _WHAT = {
 }  # fmt: skip
 
 
-def render_identity(engine: Engine, settings: GenerationSettings, seed: int, timeline: Timeline) -> dict[str, Any]:
+def render_identity(engine: Engine, settings: GenerationSettings, seed: int, interactive: bool) -> dict[str, Any]:
     """Everything besides the story that a render's frames depend on, as its sidecar records it."""
-    interactive = settings.memory.interactive
     decode_device = engine.decode_device or engine.device
     identity = {
         "memflow": __version__,
@@ -66,7 +66,7 @@ def render_identity(engine: Engine, settings: GenerationSettings, seed: int, tim
         "dtype": str(engine.dtype).removeprefix("torch."),
         "compile": bool(engine.fast.compile),
         "fp8": engine.fp8,
-        "interactive": len(timeline.switch_chunks) > 0 if interactive is None else interactive,
+        "interactive": interactive,
     }
     return json.loads(json.dumps(identity))  # as the sidecar gives it back (tuples become lists)
 
@@ -242,9 +242,10 @@ class SnapshotKeeper:
     leaves the old video and its snapshots as they were, and its own partial snapshots to resume from.
     """
 
-    def __init__(self, target: Path, identity: dict[str, Any], timeline: Timeline, geometry: VideoGeometry,
+    def __init__(self, target: Path, identity: dict[str, Any], prefix: Callable[[int], str], geometry: VideoGeometry,
                  start: StartPoint, budget_bytes: int = SNAPSHOT_BUDGET_BYTES):  # fmt: skip
-        self.target, self.timeline, self.geometry = target, timeline, geometry
+        """`prefix(chunk)`: the digest of the story before `chunk` (`snapshots.prefix_digest`)."""
+        self.target, self.prefix, self.geometry = target, prefix, geometry
         self.start, self.budget = start, budget_bytes
         self.request = digest(identity)
         self.identity = identity
@@ -256,7 +257,7 @@ class SnapshotKeeper:
     def save(self, point: ResumePoint) -> None:
         """Keep the state at a boundary (in the partial's name until the video is finished)."""
         frames = self.geometry.video_frames(point.chunk * self.geometry.frames_per_chunk)
-        snapshot = Snapshot(point, frames, self.request, prefix_digest(self.timeline, point.chunk))
+        snapshot = Snapshot(point, frames, self.request, self.prefix(point.chunk))
         save_snapshot(snapshot_path(self.target, point.chunk, partial=True), snapshot)
         _within_budget(snapshot_files(self.target, partial=True), self.budget)
 

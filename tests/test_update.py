@@ -21,6 +21,7 @@ from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.snapshots import snapshot_files, snapshot_path
 
 from .cli_helpers import DEMO, decoded, memflow, video_frames
+from .live import start_live
 
 PROMPTS = (
     "a red fox trots across a snowy field",
@@ -155,3 +156,26 @@ def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_
     assert sorted(snapshot_files(target)) == [2, 4, 6, 8] and not snapshot_files(target, partial=True)
     render(script, whole)
     assert decoded(target) == decoded(whole)
+
+
+def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
+    opening = tmp_path / "harbour.yaml"
+    opening.write_text(
+        "title: harbour\nseed: 7\nsegments:\n  - start: 0s\n    prompt: a harbour at dawn\n"
+        "  - start: 1.5s\n    prompt: a storm rolls in over the harbour\n",
+        encoding="utf-8",
+    )
+    target, fresh = tmp_path / "live.mp4", tmp_path / "fresh.mp4"
+    process = start_live(opening, "-o", target, "--duration", "3s")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert sorted(snapshot_files(target)) == [2, 4]  # the switch at 1.5 s, and the end
+
+    replay = target.with_suffix(".yaml")
+    replay.write_text(replay.read_text().replace("a storm rolls in over the harbour", EDITED), encoding="utf-8")
+    options = ("--no-compile", "-q")
+    result = memflow("render", replay, *DEMO, "-o", target, "--update", *options)
+    assert result.exit_code == 0, result.stderr
+    assert f"keeping the first {video_frames(2)} frames of the earlier video" in result.stderr
+    assert memflow("render", replay, *DEMO, "-o", fresh, *options).exit_code == 0
+    assert decoded(target) == decoded(fresh)

@@ -30,6 +30,8 @@ from ..output import write_video_sidecar
 from ..render import RenderInterrupted, request_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
+from ..snapshots import segments_digest
+from ..update import SnapshotKeeper, StartPoint, render_identity
 from .pacing import OnClock, Playback, PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
@@ -273,9 +275,10 @@ def run_live(
     # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll).
     # A prompt is encoded as soon as it arrives, beside generation: at its chunk it is (nearly) ready.
     encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt], beside_render=True))
+    keeper = _snapshot_keeper(engine, request, video)  # for `render OUT.yaml --update` after an edit
     with encode_early, engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
         try:
-            with closing(engine.stream(video, settings, request.seed, writer=writer)) as chunks:
+            with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keeper.save)) as chunks:
                 for chunk in chunks:
                     assert chunk.frames is not None
                     show(playback.made(chunk, len(chunk.frames), time.perf_counter()))
@@ -305,8 +308,19 @@ def run_live(
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
     )  # fmt: skip
-    write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started))
+    metadata = _metadata(engine, request, story, settings, result, started) | keeper.finish()
+    write_video_sidecar(request.target, metadata)
     return result
+
+
+def _snapshot_keeper(engine: Engine, request: LiveRequest, video: LiveVideo) -> SnapshotKeeper:
+    """Snapshots at the session's prompt switches, as `render` of its replay script would take them."""
+    identity = render_identity(engine, request.settings, request.seed, video.interactive(request.settings))
+
+    def prefix(chunk: int) -> str:  # the segments before `chunk` are known once it is reached
+        return segments_digest(((s.prompt, s.start_chunk) for s in video.segments), chunk)
+
+    return SnapshotKeeper(request.target, identity, prefix, engine.geometry, StartPoint(None, None, ""))
 
 
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
