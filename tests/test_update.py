@@ -69,7 +69,8 @@ def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fres
     check = memflow("check", script, "--against", target)
     assert check.exit_code == 0, check.stderr
     assert f"segments 1-{changed} kept ({kept} frames of fox.mp4)" in check.stdout
-    assert f"{changed + 1} would render from {0.75 * changed:.2f} s" in check.stdout
+    rerendered = f"segment {segments}" if changed + 1 == segments else f"segments {changed + 1}-{segments}"
+    assert f"{rerendered} would render from {0.75 * changed:.2f} s" in check.stdout
 
     result = render(script, target, "--update")
     assert f"keeping the first {kept} frames of the earlier video" in result.stderr
