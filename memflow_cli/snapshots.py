@@ -49,7 +49,7 @@ import re
 import struct
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,16 @@ def prefix_digest(timeline: Timeline, chunk: int) -> str:
 def segments_digest(segments: Iterable[tuple[str, int]], chunk: int) -> str:
     """`prefix_digest` of segments given as (prompt, first chunk), in order (a live session's, as they come)."""
     return digest([[prompt, start] for prompt, start in segments if start < chunk] + [chunk])
+
+
+def on_cpu(point: ResumePoint) -> ResumePoint:
+    """A copy of `point` on the CPU (waits for the device)."""
+    boundary, memory = point.boundary, point.boundary.memory
+    memory = replace(
+        memory, sink=memory.sink.cpu(), bank=memory.bank.cpu(), staged=memory.staged.cpu()
+    )  # fmt: skip
+    boundary = replace(boundary, history=boundary.history.cpu(), memory=memory, noise=boundary.noise.cpu())
+    return ResumePoint(boundary, point.latents.cpu())
 
 
 # -- files ----------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from .snapshots import (
     digest,
     is_partial_snapshot,
     load_snapshot,
+    on_cpu,
     prefix_digest,
     read_metadata,
     save_snapshot,
@@ -253,16 +255,30 @@ class SnapshotKeeper:
         for chunk, path in snapshot_files(target, partial=True).items():
             if start.path is None or self.from_video or chunk > start.chunk:
                 path.unlink(missing_ok=True)  # a stopped render's that this one does not continue
+        # files are written beside generation, one at a time (a full-size snapshot is a gigabyte); a process
+        # that ends waits for the one being written
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memflow-snapshots")
+        self._written: list[Future[None]] = []
 
     def save(self, point: ResumePoint) -> None:
-        """Keep the state at a boundary (in the partial's name until the video is finished)."""
+        """Keep the state at a boundary (in the partial's name until the video is finished).
+
+        The tensors are copied to the CPU here (the generator goes on changing its own); the file is written
+        on a worker thread.
+        """
         frames = self.geometry.video_frames(point.chunk * self.geometry.frames_per_chunk)
-        snapshot = Snapshot(point, frames, self.request, self.prefix(point.chunk))
-        save_snapshot(snapshot_path(self.target, point.chunk, partial=True), snapshot)
+        snapshot = Snapshot(on_cpu(point), frames, self.request, self.prefix(point.chunk))
+        self._written.append(self._writer.submit(self._write, snapshot))
+
+    def _write(self, snapshot: Snapshot) -> None:
+        save_snapshot(snapshot_path(self.target, snapshot.chunk, partial=True), snapshot)
         _within_budget(snapshot_files(self.target, partial=True), self.budget)
 
     def finish(self) -> dict[str, Any]:
         """The video is finished: its snapshots get the video's names; returns the sidecar's record of them."""
+        self._writer.shutdown(wait=True)
+        for written in self._written:
+            written.result()  # a snapshot that could not be written fails here, before the old ones go
         for chunk, path in snapshot_files(self.target).items():
             if not (self.from_video and chunk < self.start.chunk):  # the story before those is unchanged
                 path.unlink(missing_ok=True)
