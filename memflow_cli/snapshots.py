@@ -29,7 +29,7 @@ bit for bit, for latents and decoded frames):
   boundary encode to the same bits only when the encoder has seen the same frames before them. Copying
   the old file's packets would not do; decoding the kept latents again and encoding every frame does,
   and the finished MP4 is then the same file a fresh render writes. The cost is the decode time of the
-  kept part (no generation), a fraction of rendering it.
+  kept part (no generation): a fraction of a render on a GPU, most of one for the demo model on a CPU.
 
 So a full-size snapshot is about 1 GB plus its latents (the demo model's: a few hundred KB). A video keeps
 at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes from the last one,
