@@ -178,15 +178,15 @@ class MemFlowGenerator:
         opening = prompts.at(resume.chunk if resume else 0)
         if opening is None:
             return
-        batch = self._context(opening[1]).shape[0]
+        segment, context = opening[0], self._context(opening[1])  # context: [B, text_len, text_dim]
+        batch = context.shape[0]
         memory = self._memory(batch, interactive=interactive)
         text = TextCache(self.model.config, batch, self.device, self.dtype)
         history = self._history(batch)  # the last `window` latent frames, for a re-cache
         run_pass = self.passes(self.run_pass) if self.passes else self.run_pass
-        if resume is None:
-            chunk, segment, context = 0, opening[0], self._context(opening[1])  # context: [B, text_len, text_dim]
-        else:
-            chunk, segment, context = self._resumed(resume, opening[0], memory, history, noise)
+        chunk = 0
+        if resume is not None:  # the state before the switch at resume.chunk, which the loop then makes
+            chunk, segment = self._resumed(resume, segment, memory, history, noise)
         while True:
             # 1. prompt switch: new text, recent frames re-encoded under it
             if chunk > 0:
@@ -217,8 +217,8 @@ class MemFlowGenerator:
 
     def _resumed(
         self, state: BoundaryState, segment: int, memory: KVMemory, history: torch.Tensor, noise: NoiseSource
-    ) -> tuple[int, int, torch.Tensor]:
-        """Take a boundary's state; returns (chunk, segment before it, no context yet: the switch sets it)."""
+    ) -> tuple[int, int]:
+        """Take a boundary's state; returns (its chunk, the segment before it)."""
         if state.chunk < 1 or segment == state.segment:
             raise ValueError(f"a stream resumes only where the prompt switches; chunk {state.chunk} does not")
         if tuple(state.history.shape) != tuple(history.shape):
@@ -226,7 +226,7 @@ class MemFlowGenerator:
         memory.restore(state.memory)
         history.copy_(state.history)
         _resumable(noise).restore(state.noise)
-        return state.chunk, state.segment, torch.empty(0)
+        return state.chunk, state.segment
 
     def _history(self, batch: int) -> torch.Tensor:
         """Zeros [B, window, C, h, w]: room for the most recent `window` latent frames."""

@@ -96,9 +96,8 @@ def render_story(
     resume = start.snapshot.point if start.snapshot else None
     with engine.mp4_writer(target, overwrite=overwrite or reuse) as writer:
         try:
-            stream = engine.stream(
-                video, settings, seed, writer=writer, resume=resume, snapshots=keeper and keeper.save
-            )
+            keep = keeper.save if keeper is not None else None
+            stream = engine.stream(video, settings, seed, writer=writer, resume=resume, snapshots=keep)
             with closing(stream) as chunks:
                 for chunk in chunks:
                     chunk_ends.append(time.perf_counter() - started)
