@@ -131,10 +131,13 @@ def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
     assert not snapshot_files(target) and "snapshots" not in sidecar(target)
 
 
-def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("batch", [False, True], ids=["one-story", "batch"])
+def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_one(tmp_path, batch):
     script = write(tmp_path / "fox.yaml", PROMPTS[:4], chunks=2)  # segment 3: chunks 4 and 5
-    target, whole = tmp_path / "fox.mp4", tmp_path / "whole.mp4"
-    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, "-o", str(target), "-q"]
+    target, whole = tmp_path / "out" / "fox.mp4", tmp_path / "whole.mp4"
+    target.parent.mkdir()
+    output = ("--out-dir", str(target.parent)) if batch else ("-o", str(target))
+    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, *output, "-q"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -149,7 +152,8 @@ def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_
     assert not target.exists() and partial_path(target).exists()
     assert sorted(snapshot_files(target, partial=True)) == [2, 4]
 
-    result = render(script, target, "--skip-existing")
+    result = memflow("render", script, *DEMO, *output, "-q", "--skip-existing")
+    assert result.exit_code == 0, result.stderr
     assert f"keeping the first {video_frames(4)} frames of a stopped render" in result.stderr
     assert "rendering from segment 3" in result.stderr
     record = sidecar(target)
