@@ -195,13 +195,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
-    """Read a snapshot written by `save_snapshot`, its tensors on `device`."""
-    from safetensors import safe_open
+    """Read a snapshot written by `save_snapshot`, its tensors on `device`; SnapshotError if it cannot be."""
+    from safetensors import SafetensorError, safe_open
 
     metadata = read_metadata(path)
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-    return _unflatten(tensors, metadata)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+        return _unflatten(tensors, metadata)
+    except (SafetensorError, OSError, KeyError) as error:
+        raise SnapshotError(f"{path} cannot be read: {error}") from None
 
 
 def _flatten(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -44,6 +44,8 @@ from .snapshots import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from .engine import Engine
     from .script import Timeline
     from .settings import GenerationSettings, VideoGeometry
@@ -122,15 +124,16 @@ class StartPoint:
 
 
 def find_start(
-    target: Path, timeline: Timeline, identity: dict[str, Any], device: Any = "cpu", *, partial_only: bool = False
+    target: Path, timeline: Timeline, identity: dict[str, Any], device: torch.device | str = "cpu"
 ) -> StartPoint:
     """The latest snapshot of `target` (its finished video's, or a stopped render's) valid for this render."""
-    request = digest(identity)
-    found = _usable(target, timeline, request, partial_only)
-    if found is None:
-        return StartPoint(None, None, _why_from_start(target, timeline, identity, partial_only))
-    path = found
-    snapshot = load_snapshot(path, device)
+    path = _usable(target, timeline, digest(identity))
+    if path is None:
+        return StartPoint(None, None, _why_from_start(target, timeline, identity))
+    try:
+        snapshot = load_snapshot(path, device)
+    except SnapshotError as error:  # cut short (a full disk): the render starts over
+        return StartPoint(None, None, f"{error}: rendering from the start")
     segment = timeline.prompt_index_for_chunk(snapshot.chunk)
     how = "a stopped render" if is_partial_snapshot(path) else "the earlier video"
     reason = (
@@ -140,13 +143,13 @@ def find_start(
     return StartPoint(snapshot, path, reason, segment)
 
 
-def _usable(target: Path, timeline: Timeline, request: str | None, partial_only: bool) -> Path | None:
-    """The latest snapshot file valid for `timeline` and the `request` digest (None: any request)."""
-    candidates = dict(snapshot_files(target, partial=True))
-    if not partial_only and target.is_file():
-        for chunk, path in snapshot_files(target).items():
-            candidates.setdefault(chunk, path)
-    for chunk, path in sorted(candidates.items(), reverse=True):
+def _usable(target: Path, timeline: Timeline, request: str | None) -> Path | None:
+    """The latest snapshot file valid for `timeline` and the `request` digest (None: any request); a stopped
+    render's before the finished video's at the same boundary."""
+    candidates = [(chunk, True, path) for chunk, path in snapshot_files(target, partial=True).items()]
+    if target.is_file():
+        candidates += [(chunk, False, path) for chunk, path in snapshot_files(target).items()]
+    for chunk, _, path in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
         if chunk not in timeline.switch_chunks:  # a snapshot resumes only where the new story switches prompt
             continue
         try:
@@ -158,13 +161,11 @@ def _usable(target: Path, timeline: Timeline, request: str | None, partial_only:
     return None
 
 
-def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any], partial_only: bool) -> str:
+def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any]) -> str:
     """One line: why this render starts from frame 0."""
     start = "rendering from the start"
     if len(timeline.segments) < 2:
         return f"the story has one prompt, so no boundary to start from: {start}"
-    if partial_only:
-        return f"no snapshot of a stopped render of this story: {start}"
     sidecar = memflow_sidecar(sidecar_path(target)) if target.is_file() else None
     if sidecar is None:
         return f"no earlier video at {target}: {start}"
@@ -202,7 +203,7 @@ def preview_update(target: Path, timeline: Timeline, seed: int, settings: dict[s
     difference = identity_difference(old_part, json.loads(json.dumps(story_part)))
     if difference:
         return f"{target.name} was rendered with {difference}: {everything}"
-    path = _usable(target, timeline, None, partial_only=False)
+    path = _usable(target, timeline, None)
     if path is None:
         changed = first_changed_segment(sidecar, timeline)
         where = "segment 1 changed" if changed == 0 else "no snapshot before the first change"

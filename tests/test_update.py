@@ -184,3 +184,14 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
     assert f"keeping the first {video_frames(2)} frames of the earlier video" in result.stderr
     assert memflow("render", replay, *DEMO, "-o", fresh, *options).exit_code == 0
     assert decoded(target) == decoded(fresh)
+
+
+def test_a_snapshot_cut_short_is_one_line_and_a_full_render(tmp_path):
+    target = tmp_path / "fox.mp4"
+    script = write(tmp_path / "fox.yaml", PROMPTS[:2])
+    render(script, target)
+    snapshot = snapshot_path(target, 1)
+    snapshot.write_bytes(snapshot.read_bytes()[:-100])  # the header is whole, the tensors are not
+    result = render(write(tmp_path / "fox.yaml", (*PROMPTS[:1], EDITED)), target, "--update")
+    assert f"{snapshot.name} cannot be read" in result.stderr and "rendering from the start" in result.stderr
+    assert sidecar(target)["reused_frames"] == 0
