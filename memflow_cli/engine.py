@@ -28,6 +28,7 @@ from .decode import StreamingDecoder
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
+from .merged_cache import MergedCache, MergedCacheSettings
 from .model.transformer import CausalWanTransformer, PassFunction
 from .output import Mp4Writer
 from .overlap import Overlap
@@ -323,7 +324,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
     (unless they are cached) once those libraries are in; here the transformer loads."""
     from . import weights
-    from .checkpoint import load_transformer
+    from .checkpoint import read_transformer
     from .loading import prefetch_files, read_transformer_config
 
     dev, dtype = loading.device, loading.dtype
@@ -346,11 +347,12 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
         vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
-        transformer = load_transformer(
-            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels
+        loaded = read_transformer(
+            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=_merged_cache()
         )
+        identity["lora_merge"] = loaded.merge.value
         engine = Engine(
-            transformer=transformer,
+            transformer=loaded.model,
             prompts=prompts,
             vae=vae.result(),
             geometry=VideoGeometry(),
@@ -361,6 +363,12 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )
         failed.pop_all()
     return engine
+
+
+def _merged_cache() -> MergedCache | None:
+    """The merged-transformer cache the environment asks for (None: turned off)."""
+    settings = MergedCacheSettings.from_environment()
+    return MergedCache(settings) if settings.enabled else None
 
 
 def _import_model_libraries() -> None:
