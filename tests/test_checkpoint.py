@@ -464,9 +464,7 @@ def test_threaded_merge_equals_the_sequential_merge_bit_for_bit(weights, lora_fi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cached_load_equals_the_uncached_load_and_the_plain_merge(
-    monkeypatch, base, lora_file, weights, cache, dtype
-):
+def test_cached_load_equals_the_uncached_load_and_the_plain_merge(monkeypatch, base, lora_file, weights, cache, dtype):
     expected = {k: v.to(dtype) for k, v in sequential_merge(weights, read_lora_state(lora_file), LORA.alpha).items()}
     uncached = read_transformer(base, lora_file, CONFIG, LORA, dtype=dtype)
     first = read_transformer(base, lora_file, CONFIG, LORA, dtype=dtype, cache=cache)
@@ -483,9 +481,7 @@ def test_cached_load_equals_the_uncached_load_and_the_plain_merge(
         assert_state_equal(loaded.model, expected)
 
 
-def test_a_damaged_cache_file_is_warned_about_merged_again_and_rewritten(
-    caplog, base, lora_file, weights, cache
-):
+def test_a_damaged_cache_file_is_warned_about_merged_again_and_rewritten(caplog, base, lora_file, weights, cache):
     expected = sequential_merge(weights, read_lora_state(lora_file), LORA.alpha)
     read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
     (path,) = cache.folder.glob("*.safetensors")
