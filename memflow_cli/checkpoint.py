@@ -22,6 +22,7 @@ import torch
 
 from .loading import WeightsError, read_torch_file, read_transformer_config
 from .merged_cache import MergedCache, MergeKey
+from .model.build import build_transformer
 from .model.transformer import PLAIN_KERNELS, CausalWanTransformer, Kernels
 from .settings import LoraSettings, TransformerConfig
 from .weights.identity import file_fingerprint
@@ -238,16 +239,6 @@ def _check_names_and_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tu
                 "(is config.json the one these weights were trained with?)",
                 base,
             )
-
-
-def build_transformer(
-    config: TransformerConfig, state: dict[str, torch.Tensor], kernels: Kernels = PLAIN_KERNELS
-) -> CausalWanTransformer:
-    """The transformer of `config` built with `kernels`, holding `state` (checkpoint names, on its device)."""
-    with torch.device("meta"):
-        model = CausalWanTransformer(config, kernels)
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
 
 
 def _to_device(state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
