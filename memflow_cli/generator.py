@@ -39,7 +39,9 @@ class SeededNoise:
         self.shape, self.device, self.dtype = shape, device, dtype
 
     def _draw(self) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.generator, device=self.device, dtype=torch.float32).to(self.dtype)
+        return torch.randn(self.shape, generator=self.generator, device=self.device, dtype=torch.float32).to(
+            self.dtype
+        )
 
     def initial(self, chunk: int) -> torch.Tensor:
         return self._draw()

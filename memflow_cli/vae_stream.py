@@ -283,10 +283,8 @@ def _check_diffusers_internals(decoder: nn.Module) -> None:
             missing = [attribute for attribute in _READ_ATTRIBUTES[name] if not hasattr(module, attribute)]
             if isinstance(module, cls) and missing:
                 raise TypeError(f"{advice}: its {name} has no {', '.join(missing)}, which memflow's decoder reads")
-        if (
-            isinstance(module, classes["WanResample"])
-            and module.mode == "upsample3d"
-            and not hasattr(module, "time_conv")
+        if isinstance(module, classes["WanResample"]) and module.mode == "upsample3d" and not hasattr(
+            module, "time_conv"
         ):
             raise TypeError(f"{advice}: its WanResample has no time_conv, which memflow's decoder reads")
 

@@ -65,10 +65,8 @@ MAX_TITLE_BYTES = 200
 
 def live(
     script: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Opening script (.yaml/.yml): its segments come at their times.", metavar="SCRIPT", show_default=False
-        ),  # fmt: skip
+        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times.",
+                                    metavar="SCRIPT", show_default=False)  # fmt: skip
     ] = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", help="The opening prompt, instead of a script.", metavar="TEXT")
@@ -79,9 +77,8 @@ def live(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(
-            help="Weights folder, 'demo' or 'random' (as render). Default: the HF cache.", metavar="PATH|demo|random"
-        ),  # fmt: skip
+        typer.Option(help="Weights folder, 'demo' or 'random' (as render). Default: the HF cache.",
+                     metavar="PATH|demo|random"),  # fmt: skip
     ] = None,
     device: Device = None,
     decode_device: DecodeDevice = None,
@@ -90,34 +87,23 @@ def live(
     ] = None,
     duration: Annotated[
         str | None,
-        typer.Option(
-            help=f"End the session there, e.g. 60s. Times: {TIME_FORMATS}. Default: at Ctrl-C.", metavar="TIME"
-        ),  # fmt: skip
+        typer.Option(help=f"End the session there, e.g. 60s. Times: {TIME_FORMATS}. Default: at Ctrl-C.",
+                     metavar="TIME"),  # fmt: skip
     ] = None,
     ahead: Annotated[
         int,
-        typer.Option(
-            help="Chunks generation may run ahead of playback (0.75 s each): more is smoother, "
-            "fewer shows a typed prompt sooner.",
-            min=0,
-            max=64,
-            metavar="N",
-        ),  # fmt: skip
+        typer.Option(help="Chunks generation may run ahead of playback (0.75 s each): more is smoother, "
+                     "fewer shows a typed prompt sooner.", min=0, max=64, metavar="N"),  # fmt: skip
     ] = 2,
     serve: Annotated[
         str | None,
-        typer.Option(
-            help="Serve the page that plays the session and takes prompts, e.g. 8000 or 127.0.0.1:8000.",
-            metavar="[HOST:]PORT",
-        ),  # fmt: skip
+        typer.Option(help="Serve the page that plays the session and takes prompts, e.g. 8000 or 127.0.0.1:8000.",
+                     metavar="[HOST:]PORT"),  # fmt: skip
     ] = None,
     public: Annotated[
         bool,
-        typer.Option(
-            "--public",
-            help="Allow --serve on an address other machines reach; the URL then carries a "
-            "random token that every request needs.",
-        ),  # fmt: skip
+        typer.Option("--public", help="Allow --serve on an address other machines reach; the URL then carries a "
+                     "random token that every request needs."),  # fmt: skip
     ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing video, its replay script and a partial video.")
@@ -201,10 +187,8 @@ def _bound(stack: ExitStack, address, inbox, public: bool, fps: int):
     try:
         return stack.enter_context(closing(LiveServer(address, inbox, public=public, fps=fps)))
     except OSError as error:
-        raise PlanError(
-            f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
-            "choose another port (0 picks a free one)",
-        ) from None
+        raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
+                        "choose another port (0 picks a free one)") from None
 
 
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
@@ -274,10 +258,8 @@ def _summary(result, fps: int) -> str:
             f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
     stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
               else "playback never stalled")  # fmt: skip
-    return (
-        f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
-        f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}"
-    )
+    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
+            f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
 @contextmanager

@@ -203,10 +203,8 @@ class PromptInbox:
         if not self._skipping:
             self._buffer += rest
             if len(self._buffer) > _MAX_LINE_BYTES:
-                self._warn(
-                    f"refused a prompt line of more than {MAX_PROMPT_CHARS} characters: at most "
-                    f"{MAX_PROMPT_CHARS} are read; the story goes on with the current prompt"
-                )
+                self._warn(f"refused a prompt line of more than {MAX_PROMPT_CHARS} characters: at most "
+                           f"{MAX_PROMPT_CHARS} are read; the story goes on with the current prompt")
                 self._buffer.clear()
                 self._skipping = True
 
@@ -221,10 +219,8 @@ class PromptInbox:
             self._overflowing = False
         elif not self._overflowing:  # one warning for a run of refused lines
             self._overflowing = True
-            self._warn(
-                f"refused prompt lines: {MAX_PENDING} prompts are waiting for their chunks already; "
-                "lines are dropped until one of them has its chunk"
-            )
+            self._warn(f"refused prompt lines: {MAX_PENDING} prompts are waiting for their chunks already; "
+                       "lines are dropped until one of them has its chunk")
 
     # -- lifetime --------------------------------------------------------------------------------------
 

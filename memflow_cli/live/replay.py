@@ -93,8 +93,6 @@ def read_back(path: Path, geometry: VideoGeometry, chunks: int, starts: Sequence
     story = load_scripts(path, geometry=geometry)[0]
     timeline = story.timeline(geometry)
     if timeline.chunks != chunks or [s.start_chunk for s in timeline.segments] != list(starts):
-        raise AssertionError(
-            f"{path} does not replay the session: {timeline.chunks} chunks, starts "
-            f"{[s.start_chunk for s in timeline.segments]} instead of {chunks}, {list(starts)}"
-        )
+        raise AssertionError(f"{path} does not replay the session: {timeline.chunks} chunks, starts "
+                             f"{[s.start_chunk for s in timeline.segments]} instead of {chunks}, {list(starts)}")
     return story

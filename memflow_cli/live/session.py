@@ -330,13 +330,8 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
             "segments": [segment.as_dict(started) for segment in result.segments],
             "latency": result.latency_summary(),
             "prompt_latencies": [
-                {
-                    "start_chunk": lat.segment.start_chunk,
-                    "prompt": lat.segment.prompt,
-                    "source": lat.segment.source,
-                    "to_written_s": round(lat.to_written_s, 3),
-                    "to_screen_s": round(lat.to_screen_s, 3),
-                }
+                {"start_chunk": lat.segment.start_chunk, "prompt": lat.segment.prompt, "source": lat.segment.source,
+                 "to_written_s": round(lat.to_written_s, 3), "to_screen_s": round(lat.to_screen_s, 3)}
                 for lat in result.latencies
             ],  # fmt: skip
             "stalls": result.stalls,

@@ -131,7 +131,9 @@ def flash_attention_3_may_run(device: torch.device, dtype: torch.dtype) -> bool:
     return hopper and dtype in (torch.bfloat16, torch.float16)
 
 
-def self_attention_kernel(device: torch.device, heads: int, head_dim: int, dtype) -> tuple[str, AttentionKernel]:
+def self_attention_kernel(
+    device: torch.device, heads: int, head_dim: int, dtype
+) -> tuple[str, AttentionKernel]:
     """The self-attention kernel for a model on `device`, with its name.
 
     flash-attn 3 where it is installed, the GPU is a Hopper and the kernel agrees with SDPA on a test call

@@ -272,3 +272,5 @@ def _official_files(base: Path, lora: Path, wan_dir: Path) -> ModelFiles:
         vae=wan_dir / OFFICIAL_VAE_FILE,
         transformer_config=config if config.is_file() else None,
     )
+
+

@@ -52,6 +52,8 @@ def verify(files: ModelFiles, release_bytes: dict[str, int] = RELEASE_BYTES) -> 
     return [_against_release(result, sizes.get(result.path)) for result in results if result is not None]
 
 
+
+
 def _release_names(files: ModelFiles, sizes: dict[Path, int]) -> list[tuple[str, Path]]:
     """(name for reports, path) of each released file, named after its role where it has one."""
     roles = {path: role for role, path in files.components().items()}
@@ -60,6 +62,8 @@ def _release_names(files: ModelFiles, sizes: dict[Path, int]) -> list[tuple[str,
         folder_role = roles.get(path.parent)
         names.append((roles.get(path) or (f"{folder_role}/{path.name}" if folder_role else path.name), path))
     return names
+
+
 
 
 def _against_release(result: CheckResult, expected_bytes: int | None) -> CheckResult:
@@ -74,6 +78,8 @@ def _against_release(result: CheckResult, expected_bytes: int | None) -> CheckRe
     else:
         return replace(result, detail=f"{result.detail}; size as released") if result.ok else result
     return CheckResult(result.name, result.path, False, detail)
+
+
 
 
 def _present(name: str, path: Path) -> CheckResult | None:
