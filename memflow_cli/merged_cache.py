@@ -153,8 +153,7 @@ class MergedCache:
             handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=_TEMPORARY, suffix=SUFFIX)
             os.close(handle)
             try:
-                tensors = {name: tensor.contiguous() for name, tensor in state.items()}
-                save_file(tensors, temporary, metadata={"format": FORMAT, "key": key.text})
+                save_file(_own_storage(state), temporary, metadata={"format": FORMAT, "key": key.text})
                 os.replace(temporary, self.path(key))
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
@@ -184,6 +183,18 @@ class MergedCache:
             files.append((mtime, path))
         for _, path in sorted(files, reverse=True)[self.keep :]:
             path.unlink(missing_ok=True)
+
+
+def _own_storage(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every tensor contiguous and in a storage of its own (what safetensors writes): a tensor
+    whose storage an earlier one shares (a checkpoint of views) is copied."""
+    tensors, storages = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
+    return tensors
 
 
 def _dtype(key: MergeKey) -> torch.dtype:

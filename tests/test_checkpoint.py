@@ -21,7 +21,7 @@ from memflow_cli.checkpoint import (
     read_transformer,
 )
 from memflow_cli.loading import WeightsError, read_transformer_config
-from memflow_cli.merged_cache import MergedCache, MergedCacheSettings
+from memflow_cli.merged_cache import MergedCache, MergedCacheSettings, MergeKey
 from memflow_cli.model.cache import KVMemory, TextCache
 from memflow_cli.model.transformer import CausalWanTransformer, PassState, rope_angles, rope_tables
 from memflow_cli.settings import WAN_1_3B, LoraSettings, MemorySettings, TransformerConfig
@@ -542,6 +542,15 @@ def test_the_cache_keeps_the_most_recently_used_files(tmp_path, base, lora_file)
     other = LoraSettings(rank=RANK, alpha=4.0)
     read_transformer(base, lora_file, CONFIG, other, cache=cache)
     assert [p.name for p in cache.folder.iterdir()] == [merge_key(base, lora_file, other, torch.float32).file_name]
+
+
+def test_tensors_that_share_a_storage_are_cached_and_read_back(cache):
+    whole = torch.arange(12.0)
+    state = {"a": whole[:6], "b": whole[6:].view(2, 3)}  # views of one storage, as a checkpoint may hold
+    key = MergeKey(base="0" * 64, lora="1" * 64, rank=RANK, alpha=8.0, dtype="float32")
+    assert cache.put(key, state)
+    read = cache.get(key, {"a": (6,), "b": (2, 3)}, torch.device("cpu"))
+    assert torch.equal(read["a"], state["a"]) and torch.equal(read["b"], state["b"])
 
 
 def test_merged_cache_settings_from_the_environment(tmp_path, caplog):
