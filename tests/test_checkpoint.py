@@ -431,7 +431,7 @@ def test_zero_heads_config_is_reported(tmp_path):
 
 
 def sequential_merge(state, lora, alpha):
-    """The merge as memflow did it before it was threaded and cached: one Linear after the other."""
+    """The merge as memflow did it before it was cached: (W.float() + (B @ A) * scale).to(W.dtype)."""
     merged = dict(state)
     for module, (a, b) in lora.items():
         weight = merged[f"{module}.weight"]
@@ -452,12 +452,13 @@ def cache(tmp_path) -> MergedCache:
     return MergedCache(MergedCacheSettings(tmp_path / "merged"))
 
 
+@pytest.mark.parametrize("alpha", [8.0, float(RANK)], ids=["scaled", "scale-1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_threaded_merge_equals_the_sequential_merge_bit_for_bit(weights, lora_file, dtype):
+def test_the_in_place_merge_equals_the_plain_float32_merge_bit_for_bit(weights, lora_file, dtype, alpha):
     base_state = {k: v.to(dtype) for k, v in weights.items()}
     lora = read_lora_state(lora_file)
-    merged = merge_lora(base_state, lora, LORA)
-    expected = sequential_merge(base_state, lora, LORA.alpha)
+    merged = merge_lora(base_state, lora, LoraSettings(rank=RANK, alpha=alpha))
+    expected = sequential_merge(base_state, lora, alpha)
     assert sorted(merged) == sorted(expected)
     for name, tensor in expected.items():
         assert merged[name].dtype == dtype and torch.equal(merged[name], tensor), name
