@@ -127,7 +127,8 @@ def _merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha
     scale = alpha / a.shape[0]
     if scale != 1.0:
         delta.mul_(scale)
-    return delta.add_(weight).to(weight.dtype)
+    exact = weight if weight.dtype != torch.float64 else weight.float()  # float64 rounds first, as before
+    return delta.add_(exact).to(weight.dtype)
 
 
 class MergeSource(str, Enum):
