@@ -182,7 +182,7 @@ def read_transformer(
     settings = lora_settings or LoraSettings()
     device = torch.device(device)
     shapes = checkpoint_shapes(model_config)
-    key = merge_key(Path(base), Path(lora), settings, dtype) if lora is not None and cache is not None else None
+    key = merge_key(base, lora, settings, dtype) if lora is not None and cache is not None else None
     state = cache.get(key, shapes, device) if key is not None else None
     if state is not None:
         return LoadedTransformer(build_transformer(model_config, state, kernels), MergeSource.CACHED)
@@ -200,8 +200,12 @@ def read_transformer(
     return LoadedTransformer(build_transformer(model_config, state, kernels), merge)
 
 
-def merge_key(base: Path, lora: Path, settings: LoraSettings, dtype: torch.dtype) -> MergeKey:
-    """The merged-transformer cache's key for these files, LoRA settings and model dtype."""
+def merge_key(base: Path, lora: Path, settings: LoraSettings | None, dtype: torch.dtype) -> MergeKey | None:
+    """The merged-transformer cache's key for these files, LoRA settings (None: the default) and model dtype;
+    None where a file is missing (reading it says so)."""
+    if not (Path(base).is_file() and Path(lora).is_file()):
+        return None
+    settings = settings or LoraSettings()
     return MergeKey(
         base=file_fingerprint(base), lora=file_fingerprint(lora), rank=settings.rank, alpha=float(settings.alpha),
         dtype=str(dtype).removeprefix("torch."),

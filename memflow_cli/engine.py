@@ -323,12 +323,17 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
     (unless they are cached) once those libraries are in; here the transformer loads."""
     from . import weights
-    from .checkpoint import read_transformer
+    from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
 
     dev, dtype = loading.device, loading.dtype
     files = weights.resolve_model(model)
-    prefetch_files(files.base, files.lora, files.vae)  # the kernel reads ahead while Python gets ready
+    merged_cache = _merged_cache()
+    key = None if merged_cache is None else merge_key(files.base, files.lora, lora, dtype)
+    # the kernel reads ahead while Python gets ready: the merged transformer where it is cached, else both files
+    cached = key is not None and merged_cache.path(key).is_file()
+    checkpoints = (merged_cache.path(key),) if cached else (files.base, files.lora)
+    prefetch_files(*checkpoints, files.vae)
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
@@ -347,7 +352,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         prompts.prefetch(loading.prompts)
         vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
         loaded = read_transformer(
-            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=_merged_cache()
+            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=merged_cache
         )
         identity["lora_merge"] = loaded.merge.value
         engine = Engine(

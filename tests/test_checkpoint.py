@@ -554,6 +554,13 @@ def test_tensors_that_share_a_storage_are_cached_and_read_back(cache):
     assert torch.equal(read["a"], state["a"]) and torch.equal(read["b"], state["b"])
 
 
+def test_with_a_cache_a_missing_file_is_still_named(tmp_path, base, cache):
+    missing = tmp_path / "nope" / "lora.pt"
+    with pytest.raises(WeightsError, match="file not found") as err:
+        load_transformer(base, missing, CONFIG, LORA, cache=cache)
+    assert err.value.path == missing
+
+
 def test_merged_cache_settings_from_the_environment(tmp_path, caplog):
     environ = {"MEMFLOW_CACHE_DIR": str(tmp_path)}
     assert MergedCacheSettings.from_environment(environ) == MergedCacheSettings(tmp_path / "merged", 2)
