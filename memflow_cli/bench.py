@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,10 +24,11 @@ from typing import Any
 
 import torch
 
+from .decode import StreamingDecoder
 from .embed_cache import CACHE_DIR_ENV
 from .engine import RANDOM, Engine, Video, load_engine
 from .output import Mp4Writer, read_sidecar, sidecar_path
-from .settings import GenerationSettings
+from .settings import GenerationSettings, VideoGeometry
 from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
 
 __all__ = ["RANDOM", "BenchError", "BenchOptions", "run"]
@@ -174,6 +176,31 @@ def _timed_run(
     else:
         chunk_ms = [1000 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
     return RunTimes(total, first_frame_s, chunk_ms, peaks)
+
+
+def decode_ms_per_chunk(decoder: StreamingDecoder, geometry: VideoGeometry, repeats: int = 7, seed: int = 0) -> float:
+    """Milliseconds the decoder alone takes for a steady chunk (`frames_per_chunk` latent frames, not the first).
+
+    The decoder runs as in a render (a video's first chunk, then later ones), on the geometry's frame size,
+    on random latents; the first chunk and two later ones are the warm-up (cuDNN's plans, compiled steps,
+    CUDA graph capture). Each of `repeats` later chunks is then timed between two device synchronisations,
+    up to its float frames on the device; the median is returned.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, geometry.frames_per_chunk, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
+    chunk = torch.randn(shape, generator=generator).to(decoder.device)  # [1, F, C, h, w]
+    decoder.reset()
+    for _ in range(3):
+        decoder.decode_float(chunk)
+    times_ms = []
+    for _ in range(repeats):
+        _sync(decoder.device)
+        start = time.perf_counter()
+        decoder.decode_float(chunk)
+        _sync(decoder.device)
+        times_ms.append(1000 * (time.perf_counter() - start))
+    decoder.reset()
+    return statistics.median(times_ms)
 
 
 def _timed_encode(engine: Engine, prompts: list[str]) -> tuple[float, Peaks]:
@@ -338,6 +365,8 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
                 _timed_run(engine, mode_settings, warm_chunks, min(switches, 1), seed, Phase.GENERATE, folder)
                 run_times = _timed_run(engine, mode_settings, chunks, switches, seed, Phase.GENERATE, folder)
                 compare[name] = video_frames / run_times.total_s
+        status("decode alone")
+        decode_ms = decode_ms_per_chunk(engine.decoder(), geometry, seed=seed)
         # a later story of a batch: its prompts are encoded while the first one's CUDA graphs stay
         status("encoding the next story's prompts")
         _, later_encode_peaks = _timed_encode(engine, _prompts(switches + 1, seed, story=1))
@@ -375,6 +404,7 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "fps_generate": round(video_frames / generate_s, 2),
         "fps_decode": round(video_frames / decode_s, 2),
         "fps_end_to_end": round(video_frames / end_to_end.total_s, 2),
+        "decode_ms_per_chunk": round(decode_ms, 2),
         "peak_memory_gib": _gib(end_to_end.peaks.allocated_gib),
         "peak_memory_generate_gib": _gib(generate.peaks.allocated_gib),
         "text_encoder": engine.prompts.describe(),  # names it without loading it

@@ -203,9 +203,7 @@ class Engine:
                 for index, x in enumerate(latents):
                     yield Chunk(index, video.segment_of(index), x, None)
                 return
-            # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
-            kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
-            decoder = StreamingDecoder(self.vae, kernels=kernels)
+            decoder = self.decoder()
             latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
             # closed with this stream: the decode worker must be done with the chunks before they go
             with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
@@ -213,6 +211,12 @@ class Engine:
                     if writer is not None:
                         writer.write(frames)
                     yield Chunk(index, video.segment_of(index), x, frames)
+
+    def decoder(self) -> StreamingDecoder:
+        """A decoder for one video, as `stream` decodes (`bench` times it alone)."""
+        # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
+        kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
+        return StreamingDecoder(self.vae, kernels=kernels)
 
     def mp4_writer(self, target, *, overwrite: bool = False) -> Mp4Writer:
         """A writer for this engine's frames (size, frame rate, a keyframe per chunk)."""
