@@ -137,7 +137,8 @@ class CausalConvCache:
         self.channels = padded_channels(conv.out_channels, channel_tile)  # computed output channels
         self.history: torch.Tensor | None = None  # [B, C_in, keep, h, w]
         self._tiled: tuple[torch.Tensor, torch.Tensor] | None = None  # zero filters up to `channels`
-        self.buffers_made = 0  # how often a history or tiled filters were (re)allocated: new addresses
+        self.buffers_made = 0  # histories and tiled filters allocated, first ones included
+        self.buffers_moved = 0  # of those, the ones that replaced a buffer (new addresses for old state)
 
     @torch.inference_mode()  # the buffers were made in inference mode: only there can they change in place
     def reset(self) -> None:
@@ -147,7 +148,9 @@ class CausalConvCache:
         if self._tiled is not None:
             weight, bias = self._tiled
             if weight.device != self.conv.weight.device or weight.dtype != self.conv.weight.dtype:
-                self._tiled = None  # the VAE moved: made again at the next call
+                self._tiled = None  # the VAE moved: made again now, not in the middle of a video
+                self.filters()
+                self.buffers_moved += 1
             else:
                 weight[: self.out_channels].copy_(self.conv.weight)
                 bias[: self.out_channels].copy_(self.conv.bias)
@@ -177,6 +180,7 @@ class CausalConvCache:
         shape = (b, self.conv.in_channels, self.keep, h, w)
         history = self.history
         if history is None or history.shape != shape or history.dtype != x.dtype or history.device != x.device:
+            self.buffers_moved += history is not None
             history = torch.zeros(shape, device=x.device, dtype=x.dtype).contiguous(memory_format=_layout(x))
             self.history = history
             self.buffers_made += 1
@@ -233,8 +237,13 @@ class DecoderStream:
 
     @property
     def buffers_made(self) -> int:
-        """How often any conv's history or tiled filters were allocated: a change means new addresses."""
+        """Histories and tiled filters allocated so far, over all convs."""
         return sum(cache.buffers_made for cache in self.caches.values())
+
+    @property
+    def buffers_moved(self) -> int:
+        """Of those, the ones that replaced another (a new frame size, a moved VAE): old addresses are stale."""
+        return sum(cache.buffers_moved for cache in self.caches.values())
 
     def check(self, x: torch.Tensor) -> None:
         """A video's first call carries one latent frame; else a ValueError."""

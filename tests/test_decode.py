@@ -315,4 +315,5 @@ def test_a_new_frame_size_gets_new_buffers(vae, latents) -> None:
     small = latents[:, :2, :, :2, :4]
     ours = decoder.decode_float(small)
     assert decoder._stream.buffers_made == 2 * made  # every history again, at the new size
+    assert decoder._stream.buffers_moved == made
     torch.testing.assert_close(ours, StreamingDecoder(vae).decode_float(small), rtol=0, atol=0)

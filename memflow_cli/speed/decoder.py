@@ -13,8 +13,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ..vae_stream import DecoderKernels, DecoderStream, residual_sum, rms_norm_silu_into, upsample_nearest
+from ..vae_stream import DecoderKernels, DecoderStream, plus_bias, residual_sum, rms_norm_silu_into, upsample_nearest
 from .compile import compiled, eager_rounding
 from .process import compile_settings
 
@@ -31,6 +32,39 @@ def channels_last_convs(vae: torch.nn.Module) -> None:
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
         elif isinstance(module, torch.nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def rms_norm_silu_over_channels_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | float,
+    scale: float,
+) -> None:
+    """`rms_norm_silu_into` from two of torch's own kernels, no compiler: its RMS norm over the last dim, then SiLU.
+
+    In channels-last memory the channels are the last dim, so `F.rms_norm` normalises x [B, C, T, h, w] as rows
+    of C (fused on CUDA, in float32 for bf16 input, one rounding), and SiLU writes straight into `out`: two
+    passes over memory where the plain steps take about seven. The official norm is `normalize(x) * scale *
+    gamma`, and normalize(x) * sqrt(C) is x / rms(x); its rounding in bf16 differs from the official one's
+    (fewer roundings), so this is the CUDA eager path's step, not the CPU's.
+    """
+    x = plus_bias(x, x_bias)
+    channels = x.shape[1]
+    weight = gamma.reshape(channels)
+    if scale != channels**0.5:
+        weight = weight * (scale / channels**0.5)
+    # eps: normalize divides by max(|x|, 1e-12), i.e. by sqrt(mean(x^2) + 1e-24 / C) * sqrt(C) near zero
+    normed = F.rms_norm(x.movedim(1, -1), (channels,), weight, eps=1e-24 / channels)  # [B, T, h, w, C]
+    if isinstance(beta, torch.Tensor):
+        normed = normed + beta.reshape(channels)
+    torch.ops.aten.silu.out(normed.movedim(-1, 1), out=out)
+
+
+# The CUDA decoder without a compiler: torch's RMS norm + SiLU, 96-channel convs computed as 128 (`channel_tile`).
+# Biases stay inside the convs: no eager step after a conv could add them for free.
+EAGER_CUDA_KERNELS = DecoderKernels(norm_silu=rms_norm_silu_over_channels_into, channel_tile=128)
 
 
 @functools.cache
@@ -98,7 +132,7 @@ class DecoderGraphs:
         self.stream = stream
         self._graphs: dict[CallShape, CapturedCall] = {}
         self._seen: set[CallShape] = set()  # shapes run eagerly since the buffers were made
-        self._buffers_made = stream.buffers_made
+        self._buffers_moved = stream.buffers_moved
         self._pool: tuple[int, int] | None = None
         self._capture_stream: torch.cuda.Stream | None = None
 
@@ -117,7 +151,7 @@ class DecoderGraphs:
         if captured is None and key in self._seen:
             captured = self._graphs[key] = self._capture(key, x)
         if captured is None:
-            out = stream.run(x, key.first)  # this shape's warm-up
+            out = stream.run(x, key.first)  # this shape's warm-up (it may make, or move, caches' buffers)
             self._drop_stale_graphs()
             self._seen.add(key)
         else:
@@ -126,12 +160,12 @@ class DecoderGraphs:
         return out
 
     def _drop_stale_graphs(self) -> None:
-        """Forget every graph (and warm-up) when a cache's buffers were made again since: they read old addresses."""
-        made = self.stream.buffers_made
-        if made != self._buffers_made:
+        """Forget every graph (and warm-up) when a cache's buffer was replaced since: they read old addresses."""
+        moved = self.stream.buffers_moved
+        if moved != self._buffers_moved:
             self._graphs.clear()
             self._seen.clear()
-            self._buffers_made = made
+            self._buffers_moved = moved
 
     def _capture(self, key: CallShape, x: torch.Tensor) -> CapturedCall:
         device = x.device
