@@ -4,8 +4,9 @@ On the codec fixtures (`MEMFLOW_CODEC_DIR`), each figure is the relative L2 dist
 expectation (the official code in float32 on the CPU). Each CUDA fast path (compiled decoder steps with
 biases folded into the next step, or torch's RMS norm + SiLU without a compiler; channels-last convs and
 CUDA graphs for both) is compared with the official-style bf16 path (the plain decoder, every norm in bf16
-as the official code) on the same GPU, and may be at most FAST_PATH_MARGIN times as far. The text encoder has no separate fast path: render runs it in bf16 with eager attention, the
-official arithmetic; SDPA's figure is printed beside it for scale. Run with `-s` to see the figures.
+as the official code) on the same GPU, and may be at most FAST_PATH_MARGIN times as far. The text encoder
+has no separate fast path: render runs it in bf16 with eager attention, the official arithmetic; SDPA's
+figure is printed beside it for scale. Run with `-s` to see the figures.
 """
 
 from __future__ import annotations
