@@ -122,6 +122,26 @@ def test_new_buffers_drop_every_graph(vae: AutoencoderKLWan) -> None:
     torch.testing.assert_close(ours, _decode(StreamingDecoder(vae), small), rtol=0, atol=0)
 
 
+def test_replaced_weights_drop_every_graph_and_weights_changed_in_place_keep_them(vae: AutoencoderKLWan) -> None:
+    own = copy.deepcopy(vae)
+    decoder = _recording_decoder(own)
+    latents = _latents(6)
+    _decode(decoder, latents)
+    assert len(decoder._call.shapes) == 1
+    with torch.no_grad():
+        own.decoder.conv_out.weight.mul_(0.5)  # in place: the graphs read the new values
+    decoder.reset()
+    _decode(decoder, latents)
+    assert len(decoder._call.shapes) == 2  # the first call's graph added, the later calls' kept
+    own.decoder.conv_out.weight.data = own.decoder.conv_out.weight.data.clone()  # a new address
+    decoder.reset()
+    ours = _decode(decoder, latents)
+    # dropped: the first call ran eagerly again, the later ones were captured anew (after one eager call)
+    assert [key.first for key in decoder._call.captured] == [False, True, False]
+    assert [key.first for key in decoder._call.shapes] == [False]
+    torch.testing.assert_close(ours, _decode(StreamingDecoder(own), latents), rtol=0, atol=0)
+
+
 def test_graphs_only_on_cuda(vae: AutoencoderKLWan) -> None:
     assert StreamingDecoder(vae).graphs is None  # a CPU decoder runs every call as it is
 

@@ -125,7 +125,7 @@ class DecoderGraphs:
     replay runs on the caller's current stream (the decode worker's side stream).
 
     The caches' buffers never move (`CausalConvCache`); where they are made again (another frame size, a VAE
-    moved to another device or dtype), every graph is dropped and captured anew.
+    moved to another device or dtype), or a weight tensor is replaced, every graph is dropped and captured anew.
     """
 
     def __init__(self, stream: DecoderStream):
@@ -133,6 +133,7 @@ class DecoderGraphs:
         self._graphs: dict[CallShape, CapturedCall] = {}
         self._seen: set[CallShape] = set()  # shapes run eagerly since the buffers were made
         self._buffers_moved = stream.buffers_moved
+        self._weights = self._weight_addresses()
         self._pool: tuple[int, int] | None = None
         self._capture_stream: torch.cuda.Stream | None = None
 
@@ -159,13 +160,17 @@ class DecoderGraphs:
         stream.calls += 1
         return out
 
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(parameter.data_ptr() for parameter in self.stream.decoder.parameters())
+
     def _drop_stale_graphs(self) -> None:
-        """Forget every graph (and warm-up) when a cache's buffer was replaced since: they read old addresses."""
-        moved = self.stream.buffers_moved
-        if moved != self._buffers_moved:
+        """Forget every graph (and warm-up) when a cache's buffer or a weight tensor was replaced since (`vae.to`,
+        new `.data`): the graphs would read the old addresses. Weights changed in place need nothing."""
+        moved, weights = self.stream.buffers_moved, self._weight_addresses()
+        if moved != self._buffers_moved or weights != self._weights:
             self._graphs.clear()
             self._seen.clear()
-            self._buffers_moved = moved
+            self._buffers_moved, self._weights = moved, weights
 
     def _capture(self, key: CallShape, x: torch.Tensor) -> CapturedCall:
         device = x.device
