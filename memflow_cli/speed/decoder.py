@@ -88,6 +88,19 @@ def fused_decoder_kernels() -> DecoderKernels:
     )
 
 
+@functools.cache
+def _graph_pool(device: torch.device) -> tuple[int, int]:
+    """The memory pool of every decoder graph on `device`.
+
+    A decoder's graphs never run at once, and the decoders on one device decode one at a time (one decode
+    worker per engine, one engine per device), so they can share it. A pool per decoder (the engine makes one
+    decoder per video) would stay reserved after its video: torch frees a dead graph's pool only when the
+    allocator's cache is emptied.
+    """
+    with torch.cuda.device(device):
+        return torch.cuda.graph_pool_handle()
+
+
 @dataclass(frozen=True)
 class CallShape:
     """What a decoder call's graph depends on besides the caches' buffers."""
@@ -120,7 +133,7 @@ class DecoderGraphs:
     conv's history and filters made at their addresses) and its frames are the video's own. The second call
     captures (capturing runs nothing), then replays; later calls replay. A video's first call (one latent
     frame, no time upsampling) and the later ones are different graphs, and so is every number of frames per
-    call. The graphs share one memory pool (they never run at once). Capture runs on a stream of its own on
+    call. The graphs share one memory pool per device (`_graph_pool`). Capture runs on a stream of its own on
     the decoder's device, in thread-local mode, so that generation in another thread goes on meanwhile; a
     replay runs on the caller's current stream (the decode worker's side stream).
 
@@ -134,7 +147,6 @@ class DecoderGraphs:
         self._seen: set[CallShape] = set()  # shapes run eagerly since the buffers were made
         self._buffers_moved = stream.buffers_moved
         self._weights = self._weight_addresses()
-        self._pool: tuple[int, int] | None = None
         self._capture_stream: torch.cuda.Stream | None = None
 
     @property
@@ -177,7 +189,6 @@ class DecoderGraphs:
         with torch.cuda.device(device):  # the decode device need not be the current one
             if self._capture_stream is None:
                 self._capture_stream = torch.cuda.Stream(device)
-                self._pool = torch.cuda.graph_pool_handle()
             current = torch.cuda.current_stream(device)
             static_input = x.clone()
             self._capture_stream.wait_stream(current)
@@ -186,7 +197,7 @@ class DecoderGraphs:
             # capture_begin/end rather than `torch.cuda.graph`, whose device-wide sync and emptied allocator cache
             # would make the decode thread wait for generation's queued work
             with torch.cuda.stream(self._capture_stream):
-                graph.capture_begin(self._pool, capture_error_mode="thread_local")
+                graph.capture_begin(_graph_pool(device), capture_error_mode="thread_local")
                 try:
                     static_output = self.stream.run(static_input, key.first)
                 finally:
