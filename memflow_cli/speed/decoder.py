@@ -120,10 +120,12 @@ class CapturedCall:
     output: torch.Tensor
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
-        """The call on x, on the current stream; the frames are copied out (the next replay overwrites them)."""
-        self.input.copy_(x)
-        self.graph.replay()
-        return self.output.clone()
+        """The call on x, on the current stream of x's device; the frames are copied out (the next replay
+        overwrites them)."""
+        with torch.cuda.device(x.device):  # the decode device need not be the current one
+            self.input.copy_(x)
+            self.graph.replay()
+            return self.output.clone()
 
 
 class DecoderGraphs:
