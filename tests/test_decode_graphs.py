@@ -26,6 +26,7 @@ from memflow_cli.speed.decoder import (
     rms_norm_silu_over_channels_into,
 )
 from memflow_cli.vae_stream import PLAIN_KERNELS, DecoderKernels, rms_norm_silu_into
+from memflow_cli.weights import WAN21_VAE_CONFIG
 
 LATENT_HW = (4, 6)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -215,3 +216,26 @@ def test_decode_timing_runs_on_the_gpu(vae: AutoencoderKLWan) -> None:
     ms = decode_ms_per_chunk(decoder, geometry, repeats=3)
     assert 0 < ms < 10_000
     assert decoder.graphs is not None and decoder.graphs.shapes
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_eager_cuda_kernels_are_as_faithful_as_the_plain_ones_on_the_full_width_decoder() -> None:
+    """bf16 decodes against the float32 one of a random full-size Wan2.1 VAE: its 96-channel stage is computed
+    as 128 channels and normalised by `F.rms_norm` over a strided view, as at 832x480."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to("cuda").eval()
+    channels_last_convs(vae)
+    latents = torch.randn(1, 7, 16, 12, 20, device="cuda")
+    expected = _decode(StreamingDecoder(vae, graphs=False), latents)
+    vae.to(torch.bfloat16)
+    plain = _decode(StreamingDecoder(vae, graphs=False), latents)
+    eager_cuda = _decode(StreamingDecoder(vae, kernels=EAGER_CUDA_KERNELS), latents)
+
+    def error(x: torch.Tensor) -> float:
+        return ((x - expected).norm() / expected.norm()).item()
+
+    print(f"\nbf16 relative L2 to float32: plain {error(plain):.3e}, eager-cuda {error(eager_cuda):.3e}")
+    assert eager_cuda.shape == expected.shape == (25, 3, 96, 160)
+    assert error(eager_cuda) < 5e-2
+    assert error(eager_cuda) <= 1.1 * error(plain)
