@@ -8,10 +8,11 @@ time as the convolutions themselves.
 
 `DecoderStream` walks the same diffusers modules in the same order (the Wan2.1 layout: conv_in, mid block,
 up blocks, norm_out, conv_out) but gives each causal conv a persistent history of its last two input
-frames. A call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a
-conv writes its output straight into the window, the conv pads spatially by itself, and only the two
-newest frames are copied back into the history. The steps between convs are `DecoderKernels`, which the
-fast path swaps for compiled ones. The arithmetic is the official Wan VAE's: diffusers' modules and
+frames (`CausalConvCache`: allocated once and updated in place, so a CUDA graph of a call stays valid). A
+call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a conv writes its
+output straight into the window, the conv pads spatially by itself, and only the two newest frames are
+copied back into the history. The steps between convs are `DecoderKernels`, which the CUDA paths swap for
+faster ones (`speed/decoder.py`). The arithmetic is the official Wan VAE's: diffusers' modules and
 weights, except that every RMS norm (the mid block's attention included) normalises in the activation
 dtype as the official code does, where diffusers >= 0.38 upcasts bfloat16 to float32. On the CPU the
 frames are bit for bit the official ones in float32 and bfloat16 (`tests/test_codec_parity.py`); the
