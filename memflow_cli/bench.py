@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .decoders import WAN_DECODER, DecoderRequest
 from .embed_cache import CACHE_DIR_ENV
 from .engine import RANDOM, Engine, Video, load_engine
 from .output import Mp4Writer, read_sidecar, sidecar_path
@@ -68,6 +70,7 @@ class BenchOptions:
     full_text_encoder: bool = False  # the random model encodes prompts with a full-size random umT5-XXL
     memory_limit_gib: float | None = None  # cap the CUDA allocator here (does the run fit a smaller card?)
     time_to_video: bool = False  # also time whole `memflow render` processes, cold and warm (`time_to_video`)
+    decoder: DecoderRequest = WAN_DECODER  # --decoder: the Wan VAE or the TAEHV preview decoder
 
     def __post_init__(self) -> None:
         if self.switches > self.chunks - 1:
@@ -208,6 +211,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
             options.model, device, compile=options.compile is not False, fp8=options.fp8,
             decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
+            decoder=options.decoder,
         ) as engine:  # fmt: skip
             result = _measure(engine, options, status)
     if to_video is not None:
@@ -267,6 +271,7 @@ def render_command(story: Path, target: Path, options: BenchOptions) -> list[str
     command += ["--bank-size", str(memory.bank_size), "--record-interval", str(memory.record_interval)]
     command += ["--sma" if memory.sma else "--no-sma", "--steps", ",".join(map(str, steps))]
     command += {True: ["--compile"], False: ["--no-compile"], None: []}[options.compile]
+    command += options.decoder.options()
     return command + (["--fp8"] if options.fp8 else [])
 
 
@@ -338,6 +343,8 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
                 _timed_run(engine, mode_settings, warm_chunks, min(switches, 1), seed, Phase.GENERATE, folder)
                 run_times = _timed_run(engine, mode_settings, chunks, switches, seed, Phase.GENERATE, folder)
                 compare[name] = video_frames / run_times.total_s
+        status("decoder alone")
+        decode_ms = _decode_ms_per_chunk(engine, settings, seed)
         # a later story of a batch: its prompts are encoded while the first one's CUDA graphs stay
         status("encoding the next story's prompts")
         _, later_encode_peaks = _timed_encode(engine, _prompts(switches + 1, seed, story=1))
@@ -375,6 +382,8 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "fps_generate": round(video_frames / generate_s, 2),
         "fps_decode": round(video_frames / decode_s, 2),
         "fps_end_to_end": round(video_frames / end_to_end.total_s, 2),
+        "decoder": engine.decoder.value,
+        **{key: round(value, 3) for key, value in decode_ms.items()},
         "peak_memory_gib": _gib(end_to_end.peaks.allocated_gib),
         "peak_memory_generate_gib": _gib(generate.peaks.allocated_gib),
         "text_encoder": engine.prompts.describe(),  # names it without loading it
@@ -390,6 +399,34 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         result["compare_fps"] = {k: round(v, 2) for k, v in compare.items()}
         result["compare_ratio_vs_none"] = {k: round(v / compare["none"], 3) for k, v in compare.items()}
     return result
+
+
+DECODER_WARM_CHUNKS = 2  # a video's first chunk (trimmed, caches started) and one more, not timed
+
+
+def _decode_ms_per_chunk(engine: Engine, settings: GenerationSettings, seed: int) -> dict[str, float]:
+    """The decoder alone on later chunks of one video (random latents of a chunk's shape), median ms per chunk:
+    to frames on the decode device (`decode_ms_per_chunk`), and to uint8 frames on the CPU as the pipeline hands
+    them to the writer (`decode_to_cpu_ms_per_chunk`). Synchronised around every chunk."""
+    geometry = settings.geometry
+    decoder = engine.streaming_decoder()
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, *geometry.latent_shape(geometry.frames_per_chunk))
+    timed = 10 if decoder.device.type == "cuda" else 3
+    latents = [torch.randn(shape, generator=generator).to(decoder.device, engine.dtype) for _ in range(2)]
+    for chunk in range(DECODER_WARM_CHUNKS):
+        decoder.decode(latents[chunk % 2])
+    medians: dict[str, float] = {}
+    for key, decode in (("decode_ms_per_chunk", decoder.decode_float), ("decode_to_cpu_ms_per_chunk", decoder.decode)):
+        elapsed = []
+        for chunk in range(timed):
+            _sync(decoder.device)
+            started = time.perf_counter()
+            decode(latents[chunk % 2])
+            _sync(decoder.device)
+            elapsed.append(1000 * (time.perf_counter() - started))
+        medians[key] = statistics.median(elapsed)
+    return medians
 
 
 def _most(*values: float | None) -> float | None:
