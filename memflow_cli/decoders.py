@@ -76,11 +76,12 @@ def check_tae_file(request: DecoderRequest, model: str | None) -> Path:
     from .loading import WeightsError
     from .plan import PlanError
     from .tae.files import tae_weights
-    from .tae.weights import checked_decoder_state, read_state
+    from .tae.weights import TAE_DOWNLOAD_COMMAND, checked_decoder_state, read_state
 
     try:
         path = tae_weights(request.weights, Path(model).expanduser() if model is not None else None)
         checked_decoder_state(read_state(path), path)
     except WeightsError as error:
-        raise PlanError(str(error)) from None
+        hint = None if TAE_DOWNLOAD_COMMAND in str(error) else f"the released file: {TAE_DOWNLOAD_COMMAND}"
+        raise PlanError(str(error), hint) from None
     return path
