@@ -81,13 +81,14 @@ class TimeGrow(nn.Module):
         self.conv = nn.Conv2d(channels, channels * factor, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N*T, C, H, W] -> [N*T*factor, C, H, W], frames in time order."""
+        """[N*T, C, H, W] -> [N*T*factor, C, H, W], frames in time order (channels-last in memory)."""
         if self.factor == 1:
             return self.conv(x)
-        y = self.conv(x)
         frames, channels, height, width = x.shape
-        y = y.reshape(frames, self.factor, channels, height, width)  # frame t, phase j
-        return y.reshape(frames * self.factor, channels, height, width)
+        y = self.conv(x).permute(0, 2, 3, 1)  # [T, H, W, factor*C]: a view where the conv wrote channels-last
+        y = y.reshape(frames, height, width, self.factor, channels).permute(0, 3, 1, 2, 4)  # [T, j, H, W, C]
+        y = y.reshape(frames * self.factor, height, width, channels)  # frame factor*t + j
+        return y.permute(0, 3, 1, 2)
 
 
 class Stage(nn.Module):
@@ -116,21 +117,25 @@ class TaeMemory:
 
     def past(self, block: int, x: torch.Tensor, videos: int) -> torch.Tensor:
         """Block `block`'s input one frame back for every frame of x [N*T, C, H, W]; then remember x's last."""
-        frames = x.reshape(videos, -1, *x.shape[1:])  # [N, T, C, H, W]
-        if block == len(self.last_inputs):
-            self.last_inputs.append(torch.zeros_like(frames[:, 0]))
-        elif self.last_inputs[block].shape != frames[:, 0].shape or self.last_inputs[block].dtype != x.dtype:
-            self.last_inputs[block] = torch.zeros_like(frames[:, 0])
-        last = self.last_inputs[block]
-        if not self.started:
-            last.zero_()
-        past = torch.cat((last.unsqueeze(1), frames[:, :-1]), dim=1)  # [N, T, C, H, W]
+        frames = x.view(videos, -1, *x.shape[1:])  # [N, T, C, H, W]
+        last = self._last_input(block, frames[:, 0])
+        past = torch.empty_like(x)  # x's memory format
+        shifted = past.view(frames.shape)
+        shifted[:, 0] = last
+        shifted[:, 1:] = frames[:, :-1]
         last.copy_(frames[:, -1])
-        return past.reshape(x.shape).contiguous(memory_format=_memory_format(x))
+        return past
 
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    def _last_input(self, block: int, like: torch.Tensor) -> torch.Tensor:
+        """Block `block`'s buffer [N, C, H, W], zero at a video's start; (re)allocated when the size changes."""
+        if block == len(self.last_inputs):
+            self.last_inputs.append(torch.zeros(like.shape, dtype=like.dtype, device=like.device))
+        buffer = self.last_inputs[block]
+        if buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.last_inputs[block] = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        elif not self.started:
+            buffer.zero_()
+        return buffer
 
 
 class TaehvDecoder(nn.Module):
