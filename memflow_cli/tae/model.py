@@ -92,7 +92,8 @@ class TimeGrow(nn.Module):
 
 
 class Stage(nn.Module):
-    """Memory blocks, then x2 nearest upsampling, the time-grow layer and a 3x3 conv to the next width."""
+    """Memory blocks, then x2 nearest upsampling, the time-grow layer and a 3x3 conv to the next width (the
+    reference's order; `TaehvDecoder.forward` grows before it upsamples, which gives the same frames)."""
 
     def __init__(self, width: int, next_width: int, time_factor: int, blocks: int):
         super().__init__()
@@ -165,8 +166,9 @@ class TaehvDecoder(nn.Module):
             for memory_block in stage.blocks:
                 x = memory_block(x, memory.past(block, x, videos))
                 block += 1
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = stage.conv(stage.grow(x))
+            # the reference upsamples, then grows in time: a 1x1 conv commutes with nearest upsampling, so it
+            # runs first, on a quarter of the pixels
+            x = stage.conv(F.interpolate(stage.grow(x), scale_factor=2.0, mode="nearest"))
         memory.started = True
         x = self.head(F.relu(x))
         return x.reshape(videos, -1, *x.shape[1:])  # [N, T * frames_per_latent, 3, H, W]
