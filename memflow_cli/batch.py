@@ -152,7 +152,8 @@ def load_engine_reported(
     quiet_libraries()
     try:
         engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
-                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts)  # fmt: skip
+                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts,
+                             decoder=request.decoder)  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
     if engine.notice:
@@ -323,7 +324,7 @@ def _render_share(
     try:
         choice = _compile_choice(request, str(device), [todo[index] for index in share])
         engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice,
-                             prompts=first_prompts)  # fmt: skip
+                             prompts=first_prompts, decoder=request.decoder)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .decoders import WAN_DECODER, DecoderRequest
 from .output import (
     OutputBusyError,
     OutputError,
@@ -69,6 +70,7 @@ class RenderRequest:
     compile: bool | None = None  # --compile / --no-compile; None: where the video wins it back (render.compile_choice)
     fp8: bool = False
     segment_seconds: float = 10.0
+    decoder: DecoderRequest = WAN_DECODER  # --decoder / --decoder-weights
 
     def seed_for(self, story: Story) -> int:
         return story.seed if self.seed is None else self.seed
@@ -406,6 +408,8 @@ def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometr
         return "it was rendered with other settings"
     if recorded.get("fp8", False) != request.fp8:
         return f"it was rendered {'without' if request.fp8 else 'with'} --fp8"
+    if recorded.get("decoder", "wan") != request.decoder.choice.value:
+        return f"it was decoded with --decoder {recorded.get('decoder')}"
     return None
 
 

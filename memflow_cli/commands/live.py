@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from ..decoders import WAN_DECODER, DecoderRequest
 from ..output import OutputError, reserved_output
 from ..plan import (
     EXIT_FAILED,
@@ -43,6 +44,7 @@ from .common import (
     BankSize,
     Compile,
     DecodeDevice,
+    DecoderWeights,
     Device,
     Fp8,
     LoraAlpha,
@@ -82,6 +84,13 @@ def live(
     ] = None,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Annotated[
+        str | None,
+        typer.Option("--decoder", help="wan: the Wan2.1 VAE (full quality); tae: the TAEHV preview decoder (fast). "
+                     "Default: tae where its weights are found (memflow weights download --decoder tae), else wan.",
+                     metavar="wan|tae"),  # fmt: skip
+    ] = None,
+    decoder_weights: DecoderWeights = None,
     seed: Annotated[
         int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
     ] = None,
@@ -159,9 +168,10 @@ def live(
             decode_device = checked_device(decode_device, "--decode-device")
         if fp8:
             check_fp8(device)
+        decoding = _live_decoder(model, decoder, decoder_weights)
         request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
                                 seed=seed, lora=lora_settings(lora_rank, lora_alpha), compile=compile,
-                                fp8=fp8)  # fmt: skip
+                                fp8=fp8, decoder=decoding)  # fmt: skip
         try:
             # 2. the outputs claimed, then the model
             _reserve(stack, output, script, overwrite)
@@ -175,7 +185,8 @@ def live(
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
         story_seed = request.seed_for(opening)
-        options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha)
+        options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha,
+                                  decoding)  # fmt: skip
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
                  inbox, server, options)  # fmt: skip
 
@@ -284,7 +295,7 @@ def _stop_on_signals(stop) -> Iterator[None]:
 
 
 def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool, lora_rank: int,
-                    lora_alpha: float) -> str:  # fmt: skip
+                    lora_alpha: float, decoder: DecoderRequest = WAN_DECODER) -> str:  # fmt: skip
     """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
     options = [] if model is None else ["--model", shlex.quote(model)]
     options += ["--device", shlex.quote(device)]
@@ -296,7 +307,26 @@ def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool,
         options.append("--fp8")
     if (lora_rank, lora_alpha) != (RELEASED_LORA.rank, RELEASED_LORA.alpha):
         options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
+    options += [shlex.quote(option) for option in decoder.options()]  # the frames come from this decoder
     return " ".join(options)
+
+
+def _live_decoder(model: str | None, name: str | None, weights: Path | None) -> DecoderRequest:
+    """The session's decoder: as asked; unasked, TAEHV where its weights are found for real weights (the
+    preview decoder keeps up with real time), else the VAE. Says on stderr which, and how to choose the other."""
+    from ..decoders import BUILT_IN_MODELS, DecoderChoice, decoder_request
+    from ..tae.files import find_tae_weights
+
+    default = DecoderChoice.TAE if weights is not None else DecoderChoice.WAN
+    if name is None and weights is None and model not in BUILT_IN_MODELS:
+        folder = Path(model).expanduser() if model is not None else None
+        if find_tae_weights(None, folder) is not None:
+            default = DecoderChoice.TAE
+    request = decoder_request(model, name, weights, default)
+    other = ("--decoder wan for the full-quality Wan VAE" if request.is_tae
+             else "--decoder tae for the fast preview decoder (memflow weights download --decoder tae)")  # fmt: skip
+    err.print(f"live: decoding with {request.choice.description}; {other}", markup=False, soft_wrap=True)
+    return request
 
 
 def _warn(text: str) -> None:
