@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .devices import device_problem
 from .output import (
     OutputBusyError,
     OutputError,
@@ -170,6 +171,8 @@ def geometry_for(model: str | None) -> VideoGeometry:
 
 def checked_device(device: str | None, option: str = "--device") -> str:
     """The device to use (imports torch); a name torch does not know, or CUDA where there is none, is bad input."""
+    if device is not None and (problem := device_problem(device, option)):
+        raise PlanError(*problem)  # before torch is imported
     import torch
 
     if device is None:
