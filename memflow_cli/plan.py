@@ -111,7 +111,7 @@ def parse_duration(text: str | None) -> float | None:
     except ValueError as error:
         raise PlanError(f"--duration: {error}") from None
     if seconds == 0:
-        raise PlanError("--duration: must be longer than 0s", "give the preview length, like 5s")
+        raise PlanError("--duration: must be longer than 0s", "give how long the video is to be, like 5s or 1m")
     return seconds
 
 

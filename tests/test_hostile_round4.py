@@ -77,3 +77,107 @@ def test_tabs_and_newlines_in_a_prompt_are_text(tmp_path: Path) -> None:
     result = memflow("check", "--json", script)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["segments"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. control characters from the page, 3. HTTP framing of the page server
+
+
+@pytest.fixture
+def page():
+    from memflow_cli.live.prompts import PromptInbox
+    from memflow_cli.live.server import LiveServer, parse_address
+
+    warnings: list[str] = []
+    with PromptInbox(None, warnings.append) as inbox, LiveServer(parse_address("0"), inbox) as server:
+        yield server, inbox
+
+
+def exchange(server, raw: bytes, close_after_send: bool = False) -> bytes:
+    """Send `raw` on a socket of its own; the whole reply (the requests ask the server to close)."""
+    import socket
+
+    port = server._httpd.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(raw)
+        if close_after_send:
+            connection.shutdown(socket.SHUT_WR)  # the client is gone: no more body will come
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    return reply
+
+
+def post(body: bytes, *headers: str) -> bytes:
+    head = "\r\n".join(["POST /prompt HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers, "", ""])
+    return head.encode() + body
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_a_body_shorter_than_its_length_queues_nothing(page) -> None:
+    server, inbox = page
+    for _ in range(8):
+        reply = exchange(server, post(b"a storm", "Content-Length: 64"), close_after_send=True)
+        assert status_of(reply) == 400 and b"nothing was queued" in reply
+    assert inbox.pending() == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ("Transfer-Encoding: chunked",),
+        ("Transfer-Encoding: chunked", "Content-Length: 13"),
+        ("Content-Length: 13", "Transfer-Encoding: identity"),
+        ("Content-Length: 13", "Content-Length: 13"),
+        ("Content-Length: +13",),
+        ("Content-Length: 1_3",),
+    ],
+    ids=["chunked", "chunked and a length", "identity", "two lengths", "a signed length", "an underscored length"],
+)
+def test_a_body_framed_otherwise_than_by_one_length_is_refused(page, headers) -> None:
+    server, inbox = page
+    reply = exchange(server, post(b"7\r\na storm\r\n0\r\n\r\n", *headers), close_after_send=True)
+    assert status_of(reply) in (400, 411)
+    assert inbox.pending() == 0
+
+
+def test_exactly_content_length_bytes_are_one_prompt(page) -> None:
+    server, inbox = page
+    reply = exchange(server, post(b"a storm rolls in", "Content-Length: 16"))
+    assert status_of(reply) == 202
+    assert inbox.take().prompt == "a storm rolls in" and inbox.pending() == 0
+
+
+@pytest.mark.parametrize("prompt", ["\x1b]0;owned\x07\x1b[2J", "a\rforged", "a\x00b", "a\u2028b", "\x9b2J"])
+def test_page_prompts_with_control_characters_are_refused(page, prompt: str) -> None:
+    server, inbox = page
+    body = prompt.encode()
+    reply = exchange(server, post(body, f"Content-Length: {len(body)}"))
+    assert status_of(reply) == 400 and b"control character" in reply
+    assert inbox.pending() == 0
+
+
+def test_page_prompts_keep_tabs_and_newlines_as_text(page) -> None:
+    server, inbox = page
+    body = b"a storm\n\trolls in"
+    assert status_of(exchange(server, post(body, f"Content-Length: {len(body)}"))) == 202
+    assert inbox.take().prompt == "a storm\n\trolls in"
+
+
+def test_the_page_shows_prompts_as_text() -> None:
+    from memflow_cli.live.page import PAGE
+
+    assert "innerHTML" not in PAGE and "outerHTML" not in PAGE and "insertAdjacentHTML" not in PAGE
+    assert "document.write" not in PAGE
+
+
+def test_a_public_bind_on_every_interface_prints_addresses_others_can_use() -> None:
+    from memflow_cli.live.prompts import PromptInbox
+    from memflow_cli.live.server import LiveServer, parse_address
+
+    with PromptInbox(None, print) as inbox, LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
+        assert server.urls and all("0.0.0.0" not in url and f"?token={server.token}" in url for url in server.urls)
+        assert server.url == server.urls[0]

@@ -22,6 +22,7 @@ from ..plan import (
 from ..report import out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
+from ..text import one_line
 from .common import OutDir, Scripts, SegmentSeconds, reported
 
 EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json"
@@ -29,7 +30,7 @@ EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml -
 
 def timeline_table(story: Story, timeline: Timeline) -> Table:
     name = f"{story.path}" + (f":{story.line}" if story.line else "")
-    table = Table(title=escape(f"{story.title}  ({name}, seed {story.seed})"), title_justify="left")
+    table = Table(title=escape(one_line(f"{story.title}  ({name}, seed {story.seed})")), title_justify="left")
     for column in ("#", "start", "snapped", "chunk", "frames", "prompt"):
         table.add_column(column, overflow="fold" if column == "prompt" else "ellipsis")
     for s in timeline.segments:

@@ -37,6 +37,7 @@ from ..plan import (
 from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
 from ..settings import GenerationSettings
+from ..text import one_line
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
@@ -200,7 +201,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     stop = SessionStop(inbox)
     if server is not None:
         server.start()
-        err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
+        err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
@@ -237,7 +238,7 @@ class _Report:
     def switched(self, segment, waited: int) -> None:
         queued = f" ({waited} more queued)" if waited else ""
         err.print(f"{format_seconds(segment.start_s)} (chunk {segment.start_chunk}) {segment.source}: "
-                  f"{segment.prompt}{queued}", markup=False, soft_wrap=True)  # fmt: skip
+                  f"{one_line(segment.prompt)}{queued}", markup=False, soft_wrap=True)  # fmt: skip
 
     def chunk(self, index: int, frames, first_frame: int, due: Sequence[float], segments) -> None:
         if self.server is not None:
@@ -337,7 +338,8 @@ def _opening(script: Path | None, prompt: str | None, output: Path, geometry) ->
     try:
         text = checked_prompt(prompt)
     except PromptRefused:
-        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
+        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
+                        "tab and newline") from None  # fmt: skip
     title = output.stem.strip() or "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
