@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .companions import output_key
 from .devices import device_problem
 from .output import (
     OutputBusyError,
@@ -27,6 +28,7 @@ from .output import (
     OutputExistsError,
     OutputLock,
     check_existing,
+    check_output_name,
     check_reservable,
     memflow_sidecar,
     partial_path,
@@ -246,6 +248,15 @@ def check_outputs(request: RenderRequest, stories: int | None = None) -> None:
         raise PlanError(str(error), error.hint) from None
 
 
+def checked_output_name(target: Path) -> Path:
+    """`target` if the names of its files fit and are not memflow's own (before its folder is created)."""
+    try:
+        check_output_name(target)
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+    return target
+
+
 def make_out_dir(folder: Path) -> None:
     """Create `--out-dir` (and its parents) if missing."""
     try:
@@ -276,9 +287,10 @@ def story_name(story: Story) -> str:
 def story_outputs(stories: list[Story], out_dir: Path) -> list[Path]:
     """`DIR/<title>.mp4` for every story; two stories that would write one file are an error naming both."""
     paths = [out_dir / output_name(story) for story in stories]
-    first_writer: dict[Path, Story] = {}
+    first_writer: dict[tuple[str, str], Story] = {}
     for story, path in zip(stories, paths, strict=True):
-        if (other := first_writer.setdefault(path, story)) is not story:
+        checked_output_name(path)
+        if (other := first_writer.setdefault(output_key(path), story)) is not story:
             raise PlanError(
                 f"two stories would both write {path}: {story_name(other)} and {story_name(story)}",
                 "give one of them another title",

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..plan import (
     RELEASE_TEXT_TOKENS,
+    checked_output_name,
     cut_prompts,
     load_stories,
     output_name,
@@ -76,7 +77,8 @@ def check(
             printable_path(out_dir, "--out-dir")
         stories, _ = load_stories(tuple(scripts), segment_seconds, geometry)
         # titles that collide matter only in one folder
-        outputs = story_outputs(stories, out_dir) if out_dir else [Path(output_name(story)) for story in stories]
+        outputs = story_outputs(stories, out_dir) if out_dir else [checked_output_name(Path(output_name(story)))
+                                                                   for story in stories]  # fmt: skip
     for story, output in zip(stories, outputs, strict=True):
         timeline = story.timeline(geometry)
         warn_prompt_cuts(story_name(story), cut_prompts(story, geometry, RELEASE_TEXT_TOKENS))
