@@ -30,7 +30,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a kill, a closed terminal or S
 
 def print_error(message: str, hint: str | None = None) -> None:
     """`error: MESSAGE` and `  hint: HINT` on stderr, each one line however long."""
-    err.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     if hint:
         err.print(f"  hint: {escape(one_line(hint))}", soft_wrap=True)
 

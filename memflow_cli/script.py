@@ -30,7 +30,7 @@ import yaml
 
 from memflow_cli.preview import WIDTH, cut, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
-from memflow_cli.text import PROMPT_WHITESPACE, text_problem
+from memflow_cli.text import PROMPT_WHITESPACE, one_line, text_problem
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl",)
@@ -71,7 +71,7 @@ class ScriptError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
+        where = one_line(str(self.path)) if self.line is None else f"{one_line(str(self.path))}:{self.line}"
         text = ": ".join(part for part in (where, self.field, self.message) if part)
         return f"{text} — {self.hint}" if self.hint else text
 

@@ -13,6 +13,7 @@ Two rules, used by every command:
 
 from __future__ import annotations
 
+import difflib
 import unicodedata
 
 from rich.console import Console
@@ -65,6 +66,17 @@ def shown(text: str, keep: str = "\n\t") -> str:
 def one_line(text: str) -> str:
     """`text` escaped to print within one line: newlines and tabs escaped too."""
     return shown(text, keep="")
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """`1 chunk`, `2 chunks`; `words` where adding an s is wrong (`1 story`, `2 stories`)."""
+    return f"{count} {word if count == 1 else words or word + 's'}"
+
+
+def did_you_mean(given: str, known: tuple[str, ...], prefix: str = "") -> str:
+    """`did you mean --model demo? ` for a near miss of one of `known`, else nothing."""
+    match = difflib.get_close_matches(given.casefold(), known, n=1, cutoff=0.6) if len(given) <= 40 else []
+    return f"did you mean {prefix}{match[0]}? " if match else ""
 
 
 class SafeConsole(Console):

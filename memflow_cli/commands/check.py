@@ -23,7 +23,7 @@ from ..plan import (
 from ..report import out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
-from ..text import one_line
+from ..text import one_line, plural
 from .common import OutDir, Scripts, SegmentSeconds, reported
 
 EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json"
@@ -41,7 +41,7 @@ def timeline_table(story: Story, timeline: Timeline) -> Table:
             str(s.start_chunk), str(s.video_frames), escape(prompt),
         )  # fmt: skip
     table.caption = (
-        f"{timeline.chunks} chunks, {timeline.latent_frames} latent frames, "
+        f"{plural(timeline.chunks, 'chunk')}, {timeline.latent_frames} latent frames, "
         f"{timeline.video_frames} video frames, {timeline.duration_s:.2f} s"
     )
     return table

@@ -37,7 +37,7 @@ from ..plan import (
 from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
 from ..settings import GenerationSettings
-from ..text import one_line
+from ..text import one_line, plural
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
@@ -259,7 +259,8 @@ def _summary(result, fps: int) -> str:
             f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
     stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
               else "playback never stalled")  # fmt: skip
-    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
+    return (f"live: {plural(result.chunks, 'chunk')}, {result.video_frames} frames "
+            f"({result.video_frames / fps:.2f} s of video) "
             f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
