@@ -85,7 +85,7 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     geometry = geometry_for(request.model)
     jobs, _ = plan_jobs(request, geometry)
     device = checked_device(request.device)
-    decode_device = checked_device(request.decode_device, "--decode-device") if request.decode_device else None
+    decode_device = None if request.decode_device is None else checked_device(request.decode_device, "--decode-device")
     if request.fp8:
         check_fp8(device)
     if request.out_dir is not None:

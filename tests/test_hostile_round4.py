@@ -181,3 +181,132 @@ def test_a_public_bind_on_every_interface_prints_addresses_others_can_use() -> N
     with PromptInbox(None, print) as inbox, LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
         assert server.urls and all("0.0.0.0" not in url and f"?token={server.token}" in url for url in server.urls)
         assert server.url == server.urls[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. two outputs, one sidecar
+
+
+def fake_render(video: Path, seed: int) -> None:
+    """A finished render's files as memflow leaves them: the video and its sidecar."""
+    video.write_bytes(b"video")
+    video.with_suffix(".json").write_text(json.dumps({"memflow_version": "0", "seed": seed}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("first,second", [("X.MP4", "X.mp4"), ("x.mp4", "X.mp4"), ("Story.Mp4", "STORY.mp4")])
+def test_a_second_spelling_of_an_output_is_refused(tmp_path: Path, first: str, second: str) -> None:
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    fake_render(tmp_path / first, seed=0)
+    before = files_under(tmp_path)
+    for extra in ((), ("--overwrite",), ("--skip-existing",)):
+        error = refused(memflow("render", script, "-o", tmp_path / second, "--seed", "5", *DEMO, *extra), first)
+        assert "one output" in error
+    assert files_under(tmp_path) == before  # the first video's sidecar still says seed 0
+
+
+def test_stories_whose_outputs_fold_to_one_name_are_refused_by_check_and_render(tmp_path: Path) -> None:
+    one = write(tmp_path, "one.yaml", f"title: Storm\n{SEGMENTS}")
+    two = write(tmp_path, "two.yaml", f"title: STORM\n{SEGMENTS}")
+    out_dir = tmp_path / "renders"
+    refused(memflow("check", one, two, "--out-dir", out_dir), "two stories would both write")
+    refused(memflow("render", one, two, "--out-dir", out_dir, *DEMO), "two stories would both write")
+    assert not out_dir.exists()
+
+
+def test_one_output_in_any_case_has_one_lock() -> None:
+    from memflow_cli.output import lock_path, sidecar_path
+
+    assert lock_path(Path("d/X.MP4")) == lock_path(Path("d/X.mp4"))
+    assert sidecar_path(Path("d/X.MP4")) == sidecar_path(Path("d/X.mp4")) == Path("d/X.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. numbers as a person means them
+
+
+def story_json(tmp_path: Path, text: str) -> dict:
+    result = memflow("check", "--json", write(tmp_path, "story.yaml", text))
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_leading_zeros_are_decimal(tmp_path: Path) -> None:
+    record = story_json(tmp_path, "seed: 010\nduration: 012\n" + SEGMENTS + "  - start: 010\n    prompt: b\n")
+    assert record["seed"] == 10  # YAML 1.1 read 8
+    assert record["chunks"] == 16  # 12 s: 16 chunks of 0.75 s (YAML 1.1: 10 s, 14 chunks)
+
+
+def test_settings_with_leading_zeros_are_decimal(tmp_path: Path) -> None:
+    from memflow_cli.script import load_scripts
+
+    story = load_scripts(write(tmp_path, "story.yaml", SEGMENTS + "settings:\n  bank_size: 010\n  shift: 05.0\n"))[0]
+    assert story.settings == {"bank_size": 10, "shift": 5.0}
+
+
+NOT_NUMBERS = {
+    "a hexadecimal seed": ("seed: 0x10\n" + SEGMENTS, 1, "seed"),
+    "an octal seed": ("seed: 0o10\n" + SEGMENTS, 1, "seed"),
+    "an underscored seed": ("seed: 1_000\n" + SEGMENTS, 1, "seed"),
+    "a binary seed": ("seed: 0b101\n" + SEGMENTS, 1, "seed"),
+    "a hexadecimal start": ("duration: 30s\n" + SEGMENTS + "  - start: 0x10\n    prompt: b\n", 5, "segments[1].start"),
+    "a hexadecimal duration": ("duration: 0x10\n" + SEGMENTS, 1, "duration"),
+    "an underscored duration": ("duration: 1_0\n" + SEGMENTS, 1, "duration"),
+    "spaces inside a time": ("duration: 30s\n" + SEGMENTS + "  - start: 0 . 7 5 s\n    prompt: b\n", 5, "start"),
+    "a space between units": ("duration: 1m 30s\n" + SEGMENTS, 1, "duration"),
+    "Arabic-Indic digits": ("duration: ١٠s\n" + SEGMENTS, 1, "duration"),
+    "full-width digits": ("duration: ５s\n" + SEGMENTS, 1, "duration"),
+    "a duration of 1e20": ("duration: 1e20\n" + SEGMENTS, 1, "24h"),
+    "a duration of 99999h": ("duration: 99999h\n" + SEGMENTS, 1, "24h"),
+    "a duration of 24h and a second": ("duration: 24:00:01\n" + SEGMENTS, 1, "24h"),
+    "a start beyond a day": ("duration: 30s\n" + SEGMENTS + "  - start: 25h\n    prompt: b\n", 5, "24h"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_NUMBERS, ids=list(NOT_NUMBERS))
+def test_numbers_that_mean_something_else_are_refused(tmp_path: Path, case: str) -> None:
+    text, line, word = NOT_NUMBERS[case]
+    script = write(tmp_path, "story.yaml", text)
+    refused(memflow("check", script), f"{script}:{line}:", word)
+    refused(memflow("render", script, "--out-dir", tmp_path / "renders", *DEMO), f"{script}:{line}:", word)
+    assert not (tmp_path / "renders").exists()
+
+
+def test_a_day_is_the_longest_video_everywhere(tmp_path: Path) -> None:
+    assert story_json(tmp_path, "duration: 24h\n" + SEGMENTS)["duration_s"] > 86399
+    script = write(tmp_path, "ok.yaml", SEGMENTS)
+    for option in ("24h1s", "99999h", "86401", "24:00:01"):
+        refused(memflow("render", script, "-o", tmp_path / "x.mp4", "--duration", option, *DEMO), "--duration", "24h")
+    refused(memflow("live", "--prompt", "a", "-o", tmp_path / "y.mp4", "--duration", "25h", *DEMO), "24h")
+    assert files_under(tmp_path).keys() == {"ok.yaml", "story.yaml"}
+
+
+def test_a_zero_length_says_what_it_is(tmp_path: Path) -> None:
+    result = memflow("live", "--prompt", "a", "-o", tmp_path / "y.mp4", "--duration", "0", *DEMO)
+    refused(result, "--duration", "longer than 0s")
+    assert "preview" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. devices checked before anything loads
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "cpu:7", "xpu", "cuda:x", "CUDA", "cuda:0:1", " cpu", "gpu", ""])
+def test_devices_memflow_cannot_use_are_one_line_before_anything_loads(tmp_path: Path, device: str) -> None:
+    import time
+
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    started = time.perf_counter()
+    refused(memflow("render", script, "-o", tmp_path / "x.mp4", "--model", "demo", "--device", device), "--device")
+    refused(memflow("render", script, "-o", tmp_path / "y.mp4", *DEMO, "--decode-device", device), "--decode-device")
+    refused(memflow("live", "--prompt", "a", "-o", tmp_path / "z.mp4", "--model", "demo", "--device", device))
+    assert time.perf_counter() - started < 20  # no model was built
+    assert files_under(tmp_path).keys() == {"story.yaml"}
+
+
+def test_a_missing_gpu_is_one_line(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 9:
+        pytest.skip("this machine has a cuda:9")
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    refused(memflow("render", script, "-o", tmp_path / "x.mp4", "--model", "demo", "--device", "cuda:9"), "cuda:9")
