@@ -310,3 +310,150 @@ def test_a_missing_gpu_is_one_line(tmp_path: Path) -> None:
         pytest.skip("this machine has a cuda:9")
     script = write(tmp_path, "story.yaml", SEGMENTS)
     refused(memflow("render", script, "-o", tmp_path / "x.mp4", "--model", "demo", "--device", "cuda:9"), "cuda:9")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. nothing from outside reaches the terminal as a control sequence
+
+
+def test_script_names_with_escape_sequences_are_printed_escaped(tmp_path: Path) -> None:
+    good = write(tmp_path, "a\x1b]0;owned\x07\x1b[2J.yaml", f"title: lighthouse\n{SEGMENTS}")
+    result = memflow("check", good)
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "\\x1b]0;owned\\x07" in result.stdout
+    bad = write(tmp_path, "b\x1b[2J\rforged.yaml", "segments: 5\n")
+    line = refused(memflow("check", bad), "\\x1b[2J\\x0dforged.yaml")
+    assert "\x1b" not in line and "\r" not in line
+
+
+def test_stdin_prompts_with_control_characters_are_refused_in_one_escaped_line() -> None:
+    import os
+
+    from memflow_cli.live.prompts import PromptInbox
+
+    warnings: list[str] = []
+    read, write_end = os.pipe()
+    with PromptInbox(read, warnings.append) as inbox:
+        os.write(write_end, b"\x1b]0;owned\x07\x1b[2J\na storm\ta wind\n")
+        os.close(write_end)
+        inbox.sync()
+        assert inbox.take().prompt == "a storm\ta wind" and inbox.pending() == 0
+    os.close(read)
+    assert len(warnings) == 1 and "control character \\x1b" in warnings[0]
+
+
+def test_the_consoles_escape_what_they_are_given() -> None:
+    import io
+
+    from memflow_cli.text import SafeConsole
+
+    console = SafeConsole(file=io.StringIO(), highlight=False, emoji=False)
+    console.print("[bold]title[/] \x1b[2J \x9b \u202e \ud800 line\nnext", soft_wrap=True)
+    printed = console.file.getvalue()
+    assert printed == "title \\x1b[2J \\x9b \\u202e \\ud800 line\nnext\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. leftovers
+
+
+def test_overwrite_over_a_partial_that_is_a_folder_is_one_line_and_leaves_no_lock(tmp_path: Path) -> None:
+    from memflow_cli.output import lock_path, partial_path
+
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    target = tmp_path / "out.mp4"
+    partial_path(target).mkdir()
+    refused(memflow("render", script, "-o", target, "--overwrite", *DEMO), "is a folder")
+    assert partial_path(target).is_dir() and not lock_path(target).exists() and not target.exists()
+
+
+def test_a_script_name_too_long_for_a_video_is_refused_by_check_as_by_render(tmp_path: Path) -> None:
+    script = write(tmp_path, "s" * 245 + ".yaml", SEGMENTS)
+    refused(memflow("check", script), "the file name is")
+    refused(memflow("check", script, "--out-dir", tmp_path / "renders"), "the file name is")
+    refused(memflow("render", script, "--out-dir", tmp_path / "renders", *DEMO), "the file name is")
+    assert not (tmp_path / "renders").exists()
+
+
+def test_jsonl_keys_given_twice_are_refused(tmp_path: Path) -> None:
+    script = write(tmp_path, "p.jsonl", '{"prompts": ["a"]}\n{"prompts": ["b"], "prompts": ["c"]}\n')
+    refused(memflow("check", script), f"{script}:2:", "given twice")
+
+
+def test_yaml_merge_keys_are_one_line(tmp_path: Path) -> None:
+    text = "segments:\n  - &first {start: 0s, prompt: a}\n  - <<: *first\n    start: 1s\n"
+    script = write(tmp_path, "story.yaml", text)
+    refused(memflow("check", script), f"{script}:3:", "merge keys")
+
+
+def test_batch_render_names_a_folder_or_a_pipe_that_looks_like_a_script(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from .cli_helpers import BATCH_RENDER, REPO
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "folder.yaml").mkdir()
+    os.mkfifo(scripts / "pipe.jsonl")
+    write(scripts, "Storm.yaml", SEGMENTS)
+    write(scripts, "twin.yaml", f"title: storm\n{SEGMENTS}")
+    check_only = f'#!/bin/sh\n[ "$1" = check ] && exec {sys.executable} -m memflow_cli "$@"\nexit 0\n'
+    fake = write(tmp_path, "memflow.sh", check_only)  # memflow's own check; a render that does nothing
+    fake.chmod(0o755)
+    env = {**os.environ, "MEMFLOW": str(fake), "PYTHONPATH": str(REPO)}
+    result = subprocess.run(["bash", BATCH_RENDER, scripts, tmp_path / "out"], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "folder.yaml: is a folder" in result.stderr and "pipe.jsonl: is a pipe" in result.stderr
+    assert "twin.yaml" in result.stderr and "which" in result.stderr  # Storm.mp4 and storm.mp4 are one output
+    assert "batch: 1 rendered, 0 skipped, 3 failed" in result.stdout
+
+
+def test_weights_download_without_a_network_is_one_line_at_once(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from .cli_helpers import REPO
+
+    with socket.socket() as unused:  # a port nothing listens on: the connection is refused at once
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "0"}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "memflow_cli", "weights", "download", "--to", tmp_path / "w"],
+                            capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert time.perf_counter() - started < 30
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: cannot reach") and "Retry" not in result.stderr
+    assert not (tmp_path / "w").exists()  # no folder, no .lock
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. output details
+
+
+def test_a_render_to_a_pipe_prints_no_bar_and_its_path_alone(tmp_path: Path) -> None:
+    script = write(tmp_path, "story.yaml", "duration: 0.75s\n" + SEGMENTS)
+    target = tmp_path / "out.mp4"
+    result = memflow("render", script, "-o", target, *DEMO)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{target}\n"
+    assert "━" not in result.stderr and "chunks" not in result.stderr  # no frame of a bar
+
+
+def test_a_near_miss_of_demo_is_named(tmp_path: Path) -> None:
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    result = memflow("render", script, "-o", tmp_path / "x.mp4", "--model", "demoo", "--device", "cpu")
+    assert result.exit_code != 0 and "did you mean --model demo?" in result.stderr
+
+
+def test_one_chunk_is_one_chunk(tmp_path: Path) -> None:
+    result = memflow("check", write(tmp_path, "story.yaml", "duration: 0.5s\n" + SEGMENTS))
+    assert "1 chunk," in result.stdout and "1 chunks" not in result.stdout
