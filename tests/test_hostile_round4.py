@@ -457,3 +457,22 @@ def test_a_near_miss_of_demo_is_named(tmp_path: Path) -> None:
 def test_one_chunk_is_one_chunk(tmp_path: Path) -> None:
     result = memflow("check", write(tmp_path, "story.yaml", "duration: 0.5s\n" + SEGMENTS))
     assert "1 chunk," in result.stdout and "1 chunks" not in result.stdout
+
+
+def test_a_download_that_fails_midway_leaves_no_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memflow_cli.loading import WeightsError
+    from memflow_cli.weights import fetch
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    kept = tmp_path / ".cache" / "huggingface" / "download" / "an earlier one.lock"
+    kept.parent.mkdir(parents=True)
+    kept.touch()
+
+    def connection_lost(repo, name, *, local_dir=None, **kwargs):
+        (Path(local_dir) / ".cache" / "huggingface" / "download" / f"{name}.lock").touch()
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(fetch, "hf_hub_download", connection_lost)
+    with pytest.raises(WeightsError, match="could not download"):
+        fetch.download(tmp_path)
+    assert [path.name for path in tmp_path.rglob("*.lock")] == ["an earlier one.lock"]

@@ -41,7 +41,6 @@ def download(to: Path | None = None) -> ModelFiles:
             return resolve_model(to)
         except WeightsError as err:
             raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded.\n{err}") from None
-    _check_reachable(constants.ENDPOINT)
     cache_dir = None if to is not None else hub_cache_dir()
     wan_dir = None if to is None else Path(to) / WAN_DIR
     with _no_locks_left(to):
@@ -53,9 +52,13 @@ def download(to: Path | None = None) -> ModelFiles:
     return resolve_model(to)
 
 
-def _check_reachable(endpoint: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """One request to the hub before any download: without a network, one line at once instead of the
-    hub client's retries (five, about half a minute) and the lock files it leaves in the target folder."""
+def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """One request to the hub (`endpoint`, default the hub's) before `download`: without a network, a
+    WeightsError at once instead of the hub client's retries (five, about half a minute) and the lock files
+    it leaves in the target folder. Nothing is asked under HF_HUB_OFFLINE."""
+    if hub_offline():
+        return
+    endpoint = endpoint or constants.ENDPOINT
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
     except urllib.error.HTTPError:
