@@ -36,6 +36,7 @@ from .output import (
 )
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+from .text import lone_surrogate, text_problem
 from .tokens import PromptCut, TokenCounter, counter_from_tokenizer, load_token_counter, prompt_cuts
 
 EXIT_FAILED = 1
@@ -215,7 +216,9 @@ def check_fp8(device: str) -> None:
 def printable_path(path: Path, option: str) -> None:
     """Refuse a path with a control character (a newline would print one path as two lines)."""
     text = str(path)
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if lone_surrogate(text) is not None:  # bytes that are not UTF-8: no sidecar or replay script can record it
+        raise PlanError(f"{option} {ascii(text)}: the path is not UTF-8 text", "give a path of UTF-8 characters")
+    if text_problem(text):
         raise PlanError(
             f"{option} {ascii(text)}: the path has a control character (such as a newline) in it",
             "give a path without control characters",

@@ -30,7 +30,7 @@ import yaml
 
 from memflow_cli.preview import WIDTH, cut, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
-from memflow_cli.text import PROMPT_WHITESPACE, one_line, text_problem
+from memflow_cli.text import PROMPT_WHITESPACE, lone_surrogate, one_line, text_problem
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl",)
@@ -419,12 +419,27 @@ def load_scripts(path: Path | str, segment_seconds: float = 10.0, geometry: Vide
     """
     path = Path(path)
     geometry = geometry or VideoGeometry()
+    _check_path_text(path)
     load, limit = _loader_for(path)
     _check_segment_seconds(path, segment_seconds, geometry)
     stories = load(path, _read_text(path, limit), float(segment_seconds))
     for story in stories:
         story.timeline(geometry)  # raises if two segments snap onto one chunk
     return stories
+
+
+def _check_path_text(path: Path) -> None:
+    """The script's path is text: its bytes are UTF-8 (the sidecar records it)."""
+    if lone_surrogate(str(path)) is not None:
+        raise ScriptError(path, None, None, "the path is not UTF-8 text", "rename the file with UTF-8 characters")
+
+
+def _default_title(path: Path) -> str:
+    """The file name as the title of a story that gives none: it must be a title too (it names the video)."""
+    if problem := text_problem(path.stem):
+        message = f"the file name {problem}; it names the video of a story without a title"
+        raise ScriptError(path, None, None, message, "rename the file without control characters, or give a title")
+    return path.stem
 
 
 def _loader_for(path: Path) -> tuple[Callable[[Path, str, float], list[Story]], int]:
@@ -505,7 +520,7 @@ def _load_yaml(path: Path, text: str, segment_seconds: float) -> list[Story]:
     if "segments" not in entries:
         raise reader.error(root, "segments", "the story has no segments", SEGMENTS_HINT)
     segments = reader.segments(entries["segments"])
-    title = reader.optional(entries, "title", _check_title, path.stem)
+    title = reader.read(entries["title"], "title", _check_title) if "title" in entries else _default_title(path)
     seed = reader.optional(entries, "seed", _check_seed, 0)
     duration = reader.optional(entries, "duration", _check_duration, segments[-1].start_s + segment_seconds)
     settings = reader.settings(entries["settings"]) if "settings" in entries else {}
@@ -812,5 +827,5 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _jsonl_story(path: Path, number: int, prompts: list[str], segment_seconds: float) -> Story:
     segments = tuple(Segment(index * segment_seconds, prompt, number) for index, prompt in enumerate(prompts))
-    title = f"{path.stem}-{number:03d}"
+    title = f"{_default_title(path)}-{number:03d}"
     return Story(path, title, 0, len(prompts) * segment_seconds, segments, {}, number)

@@ -476,3 +476,17 @@ def test_a_download_that_fails_midway_leaves_no_lock_file(tmp_path: Path, monkey
     with pytest.raises(WeightsError, match="could not download"):
         fetch.download(tmp_path)
     assert [path.name for path in tmp_path.rglob("*.lock")] == ["an earlier one.lock"]
+
+
+def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    import os
+
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    not_utf8 = tmp_path / os.fsdecode(b"video-\xff.mp4")  # a surrogate escape: no sidecar could record it
+    refused(memflow("render", script, "-o", not_utf8, *DEMO), "-o", "not UTF-8")
+    named = tmp_path / os.fsdecode(b"script-\xff.yaml")
+    named.write_text(SEGMENTS, encoding="utf-8")
+    refused(memflow("check", named), "not UTF-8")
+    untitled = write(tmp_path, "a\x1b[2J.yaml", SEGMENTS)  # its name would be its title
+    refused(memflow("check", untitled), "control character \\x1b")
+    assert files_under(tmp_path).keys() == {"story.yaml", os.fsdecode(b"script-\xff.yaml"), "a\x1b[2J.yaml"}
