@@ -169,6 +169,9 @@ def _check_order(story: Story) -> None:
 
     if not story.segments:
         raise ScriptError(story.path, story.line, "segments", "a story needs at least one segment", SEGMENTS_HINT)
+    if story.duration_s > MAX_DURATION_S:  # a default duration: the last start + a segment, or JSONL segments
+        message = f"the story lasts {format_seconds(story.duration_s)}, more than 24h, the longest video memflow makes"
+        raise ScriptError(story.path, story.line, "duration", message, "write a shorter story, or split it")
     first = story.segments[0].start_s
     if first != 0:
         message = f"the first segment starts at {format_seconds(first)}, not at 0s"
@@ -455,9 +458,14 @@ def _loader_for(path: Path) -> tuple[Callable[[Path, str, float], list[Story]], 
 
 
 def _check_segment_seconds(path: Path, value: float, geometry: VideoGeometry) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not geometry.chunk_seconds <= value < math.inf:
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not geometry.chunk_seconds <= value < math.inf:
         message = f"must be a number of seconds no shorter than one chunk, got {preview(value)}"
         hint = f"use at least {geometry.chunk_seconds:g} s, such as 10"
+        raise ScriptError(path, None, "segment_seconds", message, hint)
+    if value > MAX_DURATION_S:
+        message = f"must be at most 24h, the longest video memflow makes, got {preview(value)}"
+        hint = "use a shorter segment, such as 10"
         raise ScriptError(path, None, "segment_seconds", message, hint)
 
 

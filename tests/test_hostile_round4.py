@@ -490,3 +490,13 @@ def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path
     untitled = write(tmp_path, "a\x1b[2J.yaml", SEGMENTS)  # its name would be its title
     refused(memflow("check", untitled), "control character \\x1b")
     assert files_under(tmp_path).keys() == {"story.yaml", os.fsdecode(b"script-\xff.yaml"), "a\x1b[2J.yaml"}
+
+
+def test_stories_made_longer_than_a_day_by_their_defaults_are_refused(tmp_path: Path) -> None:
+    jsonl = write(tmp_path, "p.jsonl", json.dumps({"prompts": ["a"] * 10}) + "\n")
+    refused(memflow("check", jsonl, "--segment-seconds", "9000"), "24h")  # ten segments of 2.5 hours
+    refused(memflow("check", jsonl, "--segment-seconds", "86401"), "segment_seconds", "24h")
+    late = write(tmp_path, "late.yaml", SEGMENTS + "  - start: '23:59:55'\n    prompt: b\n")  # + a 10 s segment
+    refused(memflow("check", late), "24h")
+    refused(memflow("render", late, "--out-dir", tmp_path / "renders", *DEMO), "24h")
+    assert not (tmp_path / "renders").exists()
