@@ -303,6 +303,8 @@ def check_reservable(target: Path) -> None:
     """The folder of `target` exists and every file name of the render fits: checked before any lock is taken."""
     _check_folder(target)
     check_output_name(target)
+    if problem := spelling_problem(target):  # one look at the folder, as each output is claimed
+        raise OutputError(*problem)
 
 
 def check_output_name(target: Path) -> None:
@@ -313,8 +315,6 @@ def check_output_name(target: Path) -> None:
             hint="choose another output name",
         )
     _check_name_lengths(target)
-    if problem := spelling_problem(target):
-        raise OutputError(*problem)
 
 
 @contextmanager
