@@ -19,6 +19,16 @@ def output_key(target: Path) -> tuple[str, str]:
     return str(target.parent), target.name.casefold()
 
 
+def one_file(first: Path, second: Path) -> bool:
+    """Whether two existing paths are one file, or would be on a case-insensitive file system."""
+    try:
+        if first.samefile(second):
+            return True
+    except OSError:  # one of them is missing
+        return False
+    return str(first.resolve()).casefold() == str(second.resolve()).casefold()
+
+
 def other_spelling(target: Path) -> str | None:
     """The name of a file in `target`'s folder that is `target` spelled in other case (`X.MP4` for `x.mp4`)."""
     wanted = target.name.casefold()

@@ -497,3 +497,11 @@ def test_stories_made_longer_than_a_day_by_their_defaults_are_refused(tmp_path: 
     refused(memflow("check", late), "24h")
     refused(memflow("render", late, "--out-dir", tmp_path / "renders", *DEMO), "24h")
     assert not (tmp_path / "renders").exists()
+
+
+def test_live_never_writes_its_replay_over_the_opening_script_in_another_case(tmp_path: Path) -> None:
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    other_spelling = write(tmp_path, "STORY.yaml", SEGMENTS)  # on a case-insensitive file system: the same file
+    before = files_under(tmp_path)
+    refused(memflow("live", script, "-o", tmp_path / "STORY.mp4", "--overwrite", *DEMO), "opening script")
+    assert files_under(tmp_path) == before and other_spelling.exists()

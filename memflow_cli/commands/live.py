@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from ..companions import one_file
 from ..output import OutputError, reserved_output
 from ..plan import (
     EXIT_FAILED,
@@ -358,7 +359,7 @@ def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: boo
     except OutputError as error:
         raise PlanError(str(error), error.hint) from None
     replay = output.with_suffix(".yaml")
-    if script is not None and replay.exists() and replay.resolve() == script.resolve():
+    if script is not None and one_file(replay, script):
         raise PlanError(f"{replay} is the opening script; the replay script would replace it",
                         "choose another output name")  # fmt: skip
     if replay.is_dir():
