@@ -71,9 +71,9 @@ class ScriptError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        where = one_line(str(self.path)) if self.line is None else f"{one_line(str(self.path))}:{self.line}"
+        where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
         text = ": ".join(part for part in (where, self.field, self.message) if part)
-        return f"{text} — {self.hint}" if self.hint else text
+        return one_line(f"{text} — {self.hint}" if self.hint else text)  # a path, a key or a value may hold a newline
 
 
 class InvalidValue(ValueError):
@@ -371,16 +371,22 @@ def _check_prompt(value: Any) -> str:
 
 
 def _strings(value: Any, field_name: str) -> Iterator[tuple[str, str]]:
-    """Every text inside a value read from a script (keys included), with the field it is in."""
-    if isinstance(value, str):
-        yield field_name, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(key, field_name)
-            yield from _strings(item, f"{field_name}.{cut(str(key))}" if field_name else cut(str(key)))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            yield from _strings(item, f"{field_name}[{index}]")
+    """Every text inside a value read from a script (keys included), with the field it is in, in order.
+
+    A loop over a stack, not a recursion: a JSON line may nest as deep as its parser allows.
+    """
+    stack = [(field_name, value)]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, str):
+            yield name, item
+        elif isinstance(item, dict):
+            entries: list[tuple[str, Any]] = []
+            for key, part in item.items():
+                entries += [(name, key), (f"{name}.{cut(str(key))}" if name else cut(str(key)), part)]
+            stack.extend(reversed(entries))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(f"{name}[{index}]", part) for index, part in enumerate(item)]))
 
 
 def _check_text(path: Path, line: int | None, value: Any, field_name: str) -> None:

@@ -505,3 +505,10 @@ def test_live_never_writes_its_replay_over_the_opening_script_in_another_case(tm
     before = files_under(tmp_path)
     refused(memflow("live", script, "-o", tmp_path / "STORY.mp4", "--overwrite", *DEMO), "opening script")
     assert files_under(tmp_path) == before and other_spelling.exists()
+
+
+def test_a_newline_in_an_unknown_key_does_not_print_a_second_line(tmp_path: Path) -> None:
+    script = write(tmp_path, "story.yaml", SEGMENTS + '"forged\\nerror: all good": 1\n')
+    result = memflow("check", script)
+    line = refused(result, "unknown key")
+    assert len(result.stderr.strip().splitlines()) == 1 and "forged\\x0aerror" in line
