@@ -512,3 +512,13 @@ def test_a_newline_in_an_unknown_key_does_not_print_a_second_line(tmp_path: Path
     result = memflow("check", script)
     line = refused(result, "unknown key")
     assert len(result.stderr.strip().splitlines()) == 1 and "forged\\x0aerror" in line
+
+
+def test_a_get_with_a_body_is_refused_and_its_body_never_read_as_a_request(page) -> None:
+    server, inbox = page
+    smuggled = b"POST /prompt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 7\r\n\r\na storm"
+    for framing in (f"Content-Length: {len(smuggled)}", "Transfer-Encoding: chunked"):
+        head = f"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n{framing}\r\n\r\n".encode()
+        reply = exchange(server, head + smuggled, close_after_send=True)
+        assert status_of(reply) == 400 and reply.count(b"HTTP/1.1 ") == 1
+    assert inbox.pending() == 0

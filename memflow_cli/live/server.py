@@ -320,10 +320,15 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            if self.headers.get_all("Transfer-Encoding") or self.headers.get_all("Content-Length", ["0"]) != ["0"]:
+                self._refuse(400, "a GET request carries no body")  # which would be read as the next request
+                return
             if not self._allowed():
                 return
             route = urlsplit(self.path).path
