@@ -522,3 +522,10 @@ def test_a_get_with_a_body_is_refused_and_its_body_never_read_as_a_request(page)
         reply = exchange(server, head + smuggled, close_after_send=True)
         assert status_of(reply) == 400 and reply.count(b"HTTP/1.1 ") == 1
     assert inbox.pending() == 0
+
+
+@pytest.mark.parametrize("serve", ["８０００", "127.0.0.1:٨٠٠٠", "80\n00", "+8000"])
+def test_serve_ports_are_ascii_digits(tmp_path: Path, serve: str) -> None:
+    result = memflow("live", "--prompt", "a", "-o", tmp_path / "x.mp4", "--serve", serve, *DEMO)
+    refused(result, "--serve", "give a port")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -68,8 +68,9 @@ def parse_address(text: str) -> Address:
     """`[HOST:]PORT` -> Address (host 127.0.0.1 when left out); raises ServeError."""
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ServeError(f"--serve {text}: give a port (0-65535), optionally after HOST:, like 8000 or 0.0.0.0:8000")
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # not "８０": ASCII digits
+        raise ServeError(f"--serve {one_line(text)}: give a port (0-65535), optionally after HOST:, like 8000 or "
+                         "0.0.0.0:8000")
     return Address(host, int(port))
 
 
