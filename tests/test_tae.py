@@ -254,12 +254,14 @@ def test_decoder_options_resolve_once_and_bad_ones_are_one_line(tmp_path, pth_fi
 
 
 def test_live_takes_tae_unasked_only_where_its_weights_are_found(tmp_path, tae_hub, capsys):
-    from memflow_cli.commands.live import _live_decoder
+    from memflow_cli.commands.live import _live_decoder, _say_decoder
 
-    assert _live_decoder(None, None, None).choice is DecoderChoice.WAN
+    _say_decoder(chosen := _live_decoder(None, None, None))
+    assert chosen.choice is DecoderChoice.WAN
     assert "--decoder tae for the fast preview decoder" in capsys.readouterr().err
     tae_files.download_tae()
-    assert _live_decoder(None, None, None).choice is DecoderChoice.TAE
+    _say_decoder(chosen := _live_decoder(None, None, None))
+    assert chosen.choice is DecoderChoice.TAE
     assert "decoding with tae" in capsys.readouterr().err
     assert _live_decoder(None, "wan", None).choice is DecoderChoice.WAN  # asked: as asked
     assert _live_decoder("demo", None, None).choice is DecoderChoice.WAN  # its decoders are random stand-ins

@@ -112,7 +112,8 @@ def bench(
 
     with reported():
         dev = torch.device(checked_device(device))
-        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if decode_device else None
+        given = decode_device is not None  # `--decode-device ""` is refused, not left out
+        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if given else None
         if fp8:
             check_fp8(str(dev))
         decoder_choice = decoder_request(RANDOM if random_weights else model, decoder, decoder_weights)

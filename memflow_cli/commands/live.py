@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from ..companions import one_file
 from ..decoders import WAN_DECODER, DecoderRequest
 from ..output import OutputError, reserved_output
 from ..plan import (
@@ -38,6 +39,7 @@ from ..plan import (
 from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
 from ..settings import GenerationSettings
+from ..text import one_line, plural
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
@@ -175,6 +177,7 @@ def live(
         try:
             # 2. the outputs claimed, then the model
             _reserve(stack, output, script, overwrite)
+            _say_decoder(decoding)
             inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))  # lines typed while loading wait
             server = _bound(stack, address, inbox, public, geometry.fps) if address is not None else None
             from ..batch import load_engine_reported
@@ -211,7 +214,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     stop = SessionStop(inbox)
     if server is not None:
         server.start()
-        err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
+        err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
@@ -248,7 +251,7 @@ class _Report:
     def switched(self, segment, waited: int) -> None:
         queued = f" ({waited} more queued)" if waited else ""
         err.print(f"{format_seconds(segment.start_s)} (chunk {segment.start_chunk}) {segment.source}: "
-                  f"{segment.prompt}{queued}", markup=False, soft_wrap=True)  # fmt: skip
+                  f"{one_line(segment.prompt)}{queued}", markup=False, soft_wrap=True)  # fmt: skip
 
     def chunk(self, index: int, frames, first_frame: int, due: Sequence[float], segments) -> None:
         if self.server is not None:
@@ -269,7 +272,8 @@ def _summary(result, fps: int) -> str:
             f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
     stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
               else "playback never stalled")  # fmt: skip
-    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
+    return (f"live: {plural(result.chunks, 'chunk')}, {result.video_frames} frames "
+            f"({result.video_frames / fps:.2f} s of video) "
             f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
@@ -313,7 +317,7 @@ def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool,
 
 def _live_decoder(model: str | None, name: str | None, weights: Path | None) -> DecoderRequest:
     """The session's decoder: as asked; unasked, TAEHV where its weights are found for real weights (the
-    preview decoder keeps up with real time), else the VAE. Says on stderr which, and how to choose the other."""
+    preview decoder keeps up with real time), else the VAE."""
     from ..decoders import BUILT_IN_MODELS, DecoderChoice, decoder_request
     from ..tae.files import find_tae_weights
 
@@ -322,11 +326,14 @@ def _live_decoder(model: str | None, name: str | None, weights: Path | None) -> 
         folder = Path(model).expanduser() if model is not None else None
         if find_tae_weights(None, folder) is not None:
             default = DecoderChoice.TAE
-    request = decoder_request(model, name, weights, default)
+    return decoder_request(model, name, weights, default)
+
+
+def _say_decoder(request: DecoderRequest) -> None:
+    """Which decoder the session uses, and how to choose the other (on stderr, once its outputs are claimed)."""
     other = ("--decoder wan for the full-quality Wan VAE" if request.is_tae
              else "--decoder tae for the fast preview decoder (memflow weights download --decoder tae)")  # fmt: skip
     err.print(f"live: decoding with {request.choice.description}; {other}", markup=False, soft_wrap=True)
-    return request
 
 
 def _warn(text: str) -> None:
@@ -367,7 +374,8 @@ def _opening(script: Path | None, prompt: str | None, output: Path, geometry) ->
     try:
         text = checked_prompt(prompt)
     except PromptRefused:
-        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
+        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
+                        "tab and newline") from None  # fmt: skip
     title = output.stem.strip() or "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
@@ -385,7 +393,7 @@ def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: boo
     except OutputError as error:
         raise PlanError(str(error), error.hint) from None
     replay = output.with_suffix(".yaml")
-    if script is not None and replay.exists() and replay.resolve() == script.resolve():
+    if script is not None and one_file(replay, script):
         raise PlanError(f"{replay} is the opening script; the replay script would replace it",
                         "choose another output name")  # fmt: skip
     if replay.is_dir():

@@ -34,8 +34,10 @@ def download(
         return
     from ..weights import WeightsError
     from ..weights import download as fetch
+    from ..weights.fetch import check_reachable
 
     try:
+        check_reachable()
         files = fetch(to)
     except WeightsError as error:
         fail(str(error))
