@@ -58,6 +58,7 @@ from .report import (
 )
 from .script import ScriptError, format_seconds
 from .settings import SettingsError, VideoGeometry
+from .text import one_line
 
 POLL_S = 0.5  # how often rank 0 looks at the others' progress once its own share is done
 
@@ -84,7 +85,7 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     geometry = geometry_for(request.model)
     jobs, _ = plan_jobs(request, geometry)
     device = checked_device(request.device)
-    decode_device = checked_device(request.decode_device, "--decode-device") if request.decode_device else None
+    decode_device = None if request.decode_device is None else checked_device(request.decode_device, "--decode-device")
     if request.fp8:
         check_fp8(device)
     if request.out_dir is not None:
@@ -152,7 +153,8 @@ def load_engine_reported(
     quiet_libraries()
     try:
         engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
-                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts)  # fmt: skip
+                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts,
+                             decoder=request.decoder)  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
     if engine.notice:
@@ -207,8 +209,8 @@ def story_progress(job: Job, quiet: bool) -> Iterator[ProgressCallback | None]:
         TextColumn("{task.fields[segment]}"), TextColumn("{task.fields[fps]}"), TimeElapsedColumn(),
         TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(escape(job.title), total=None, segment="", fps="")
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
+        task = bar.add_task(escape(one_line(job.title)), total=None, segment="", fps="")
 
         def update(p) -> None:
             fps = p.video_frames / max(p.elapsed_s, 1e-9)
@@ -293,7 +295,7 @@ def _overall_progress(ranks: RankEnv, quiet: bool, todo: list[Job]) -> Iterator[
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
         TextColumn("{task.fields[stories]}"), TimeElapsedColumn(), TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=err, transient=False) as bar:
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
         description = f"{_count(len(todo), 'story', 'stories')} on {_count(ranks.world_size, 'process', 'processes')}"
         task = bar.add_task(description, total=sum(job.chunks for job in todo), stories="")
 
@@ -323,7 +325,7 @@ def _render_share(
     try:
         choice = _compile_choice(request, str(device), [todo[index] for index in share])
         engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice,
-                             prompts=first_prompts)  # fmt: skip
+                             prompts=first_prompts, decoder=request.decoder)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
         message = f"cannot load the model on {device}: {_one_line(error)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,15 +20,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .decode import StreamingDecoder
+from .decoders import WAN_DECODER, DecoderRequest
 from .embed_cache import CACHE_DIR_ENV
 from .engine import RANDOM, Engine, Video, load_engine
 from .output import Mp4Writer, read_sidecar, sidecar_path
-from .settings import GenerationSettings
+from .settings import GenerationSettings, VideoGeometry
 from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
+
+if TYPE_CHECKING:
+    from .tae import StreamingTaeDecoder
 
 __all__ = ["RANDOM", "BenchError", "BenchOptions", "run"]
 
@@ -68,6 +74,7 @@ class BenchOptions:
     full_text_encoder: bool = False  # the random model encodes prompts with a full-size random umT5-XXL
     memory_limit_gib: float | None = None  # cap the CUDA allocator here (does the run fit a smaller card?)
     time_to_video: bool = False  # also time whole `memflow render` processes, cold and warm (`time_to_video`)
+    decoder: DecoderRequest = WAN_DECODER  # --decoder: the Wan VAE or the TAEHV preview decoder
 
     def __post_init__(self) -> None:
         if self.switches > self.chunks - 1:
@@ -176,6 +183,36 @@ def _timed_run(
     return RunTimes(total, first_frame_s, chunk_ms, peaks)
 
 
+def decode_ms_per_chunk(
+    decoder: StreamingDecoder | StreamingTaeDecoder, geometry: VideoGeometry, repeats: int = 7, seed: int = 0,
+    *, to_cpu: bool = False,
+) -> float:  # fmt: skip
+    """Milliseconds the decoder alone takes for a steady chunk (`frames_per_chunk` latent frames, not the first).
+
+    The decoder runs as in a render (a video's first chunk, then later ones), on the geometry's frame size,
+    on random latents; the first chunk and two later ones are the warm-up (cuDNN's plans, compiled steps,
+    CUDA graph capture). Each of `repeats` later chunks is then timed between two device synchronisations,
+    up to its float frames on the device (with `to_cpu`, up to the uint8 frames on the CPU that the writer
+    takes); the median is returned.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, geometry.frames_per_chunk, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
+    chunk = torch.randn(shape, generator=generator).to(decoder.device)  # [1, F, C, h, w]
+    decode = decoder.decode if to_cpu else decoder.decode_float
+    decoder.reset()
+    for _ in range(3):
+        decode(chunk)
+    times_ms = []
+    for _ in range(repeats):
+        _sync(decoder.device)
+        start = time.perf_counter()
+        decode(chunk)
+        _sync(decoder.device)
+        times_ms.append(1000 * (time.perf_counter() - start))
+    decoder.reset()
+    return statistics.median(times_ms)
+
+
 def _timed_encode(engine: Engine, prompts: list[str]) -> tuple[float, Peaks]:
     """Encode `prompts` as a render does (the text encoder comes to the device and leaves): seconds and peaks."""
     _sync(engine.device)
@@ -208,6 +245,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
             options.model, device, compile=options.compile, fp8=options.fp8,
             decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
+            decoder=options.decoder,
         ) as engine:  # fmt: skip
             result = _measure(engine, options, status)
     if to_video is not None:
@@ -267,6 +305,7 @@ def render_command(story: Path, target: Path, options: BenchOptions) -> list[str
     command += ["--bank-size", str(memory.bank_size), "--record-interval", str(memory.record_interval)]
     command += ["--sma" if memory.sma else "--no-sma", "--steps", ",".join(map(str, steps))]
     command += {True: ["--compile"], False: ["--no-compile"], None: []}[options.compile]
+    command += options.decoder.options()
     return command + (["--fp8"] if options.fp8 else [])
 
 
@@ -338,6 +377,12 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
                 _timed_run(engine, mode_settings, warm_chunks, min(switches, 1), seed, Phase.GENERATE, folder)
                 run_times = _timed_run(engine, mode_settings, chunks, switches, seed, Phase.GENERATE, folder)
                 compare[name] = video_frames / run_times.total_s
+        status("decoder alone")
+        decoder, repeats = engine.streaming_decoder(), 10 if engine.device.type == "cuda" else 3
+        decode_ms = {
+            "decode_ms_per_chunk": decode_ms_per_chunk(decoder, geometry, repeats, seed),
+            "decode_to_cpu_ms_per_chunk": decode_ms_per_chunk(decoder, geometry, repeats, seed, to_cpu=True),
+        }
         # a later story of a batch: its prompts are encoded while the first one's CUDA graphs stay
         status("encoding the next story's prompts")
         _, later_encode_peaks = _timed_encode(engine, _prompts(switches + 1, seed, story=1))
@@ -376,6 +421,8 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "fps_generate": round(video_frames / generate_s, 2),
         "fps_decode": round(video_frames / decode_s, 2),
         "fps_end_to_end": round(video_frames / end_to_end.total_s, 2),
+        "decoder": engine.decoder.value,
+        **{key: round(value, 3) for key, value in decode_ms.items()},
         "peak_memory_gib": _gib(end_to_end.peaks.allocated_gib),
         "peak_memory_generate_gib": _gib(generate.peaks.allocated_gib),
         "text_encoder": engine.prompts.describe(),  # names it without loading it

@@ -20,12 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .decode import StreamingDecoder
+from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
@@ -44,6 +46,8 @@ from .vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
+
+    from .tae import StreamingTaeDecoder, TaehvDecoder
 
 DEMO = "demo"  # the tiny random model (`demo.py`)
 RANDOM = "random"  # the full-size 1.3B transformer and Wan2.1 VAE with random weights (speed does not depend on values)
@@ -123,6 +127,7 @@ class Engine:
     decode_device: torch.device | None = None  # where the VAE decodes when not on `device` (`decode_on`)
     startup: Startup | None = None  # what the process and the loading took before this engine was ready
     compile_choice: CompileChoice | None = None  # how the fast path was decided, where it was (`render`)
+    tae: TaehvDecoder | None = None  # the TAEHV preview decoder: set, it decodes instead of the VAE (`--decoder tae`)
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
 
     def __post_init__(self) -> None:
@@ -137,9 +142,26 @@ class Engine:
         """Decode on `device` from now on: the VAE moves there, and so do the decode worker's stream."""
         self.vae = self.vae.to(device, model_dtype(device))
         self.fast.prepare_vae(self.vae)
+        if self.tae is not None:
+            self.tae = self.tae.to(device, model_dtype(device))
         self.overlap.close()
         self.overlap = Overlap(device)
         self.decode_device = device
+
+    @property
+    def decoder(self) -> DecoderChoice:
+        """Which decoder makes the frames."""
+        return DecoderChoice.WAN if self.tae is None else DecoderChoice.TAE
+
+    def streaming_decoder(self) -> StreamingDecoder | StreamingTaeDecoder:
+        """A decoder for one video, as `stream` decodes (`bench` times it alone): TAEHV where the engine has it,
+        else the VAE (compiled steps where the fast path decodes; a CPU decode device runs them plainly)."""
+        if self.tae is not None:
+            from .tae import StreamingTaeDecoder
+
+            return StreamingTaeDecoder(self.tae)
+        kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
+        return StreamingDecoder(self.vae, kernels=kernels)
 
     @property
     def compile_path(self) -> str:
@@ -202,9 +224,7 @@ class Engine:
                 for index, x in enumerate(latents):
                     yield Chunk(index, video.segment_of(index), x, None)
                 return
-            # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
-            kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
-            decoder = StreamingDecoder(self.vae, kernels=kernels)
+            decoder = self.streaming_decoder()
             latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
             # closed with this stream: the decode worker must be done with the chunks before they go
             with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
@@ -240,7 +260,7 @@ def load_engine(
     model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
     compile: bool | None = None, fp8: bool = False, decode_device: str | torch.device | None = None,
     full_text_encoder: bool = False, compile_choice: CompileChoice | None = None, prompts: Sequence[str] = (),
-    embed_cache: EmbedCacheSettings | bool = True,
+    embed_cache: EmbedCacheSettings | bool = True, decoder: DecoderRequest = WAN_DECODER,
 ) -> Engine:  # fmt: skip
     """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
 
@@ -254,6 +274,8 @@ def load_engine(
     `prompts` (the first video's) are ready when the engine is: read from the prompt-embedding cache, or
     encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
     (True: from the environment, `EmbedCacheSettings.from_environment`; False: no cache on disk).
+    `decoder` names the decoder (`--decoder tae`: the TAEHV preview decoder, random for the demo and random
+    models, else the `taew2_1` file).
     """
     import_s, started = since_process_start(), time.perf_counter()
     if compile_choice is not None:
@@ -271,6 +293,7 @@ def load_engine(
     with ExitStack() as failed:
         failed.callback(engine.close)
         engine.prompts.wait()  # a text encoder that cannot load or encode fails here, as the other weights do
+        engine.tae = _preview_decoder(model, decoder, loading)
         if decode_device is not None:
             engine.decode_on(torch.device(decode_device))
         failed.pop_all()
@@ -312,6 +335,24 @@ def _engine(model: str | None, lora: LoraSettings | None, loading: _Loading, ful
     if model == RANDOM:
         return _random_engine(loading, full_text_encoder)
     return _weights_engine(model, lora, loading)
+
+
+def _preview_decoder(model: str | None, request: DecoderRequest, loading: _Loading) -> TaehvDecoder | None:
+    """The TAEHV decoder where it was asked for: random weights for the demo and random models (the demo's
+    narrow), else the file `--decoder-weights` names, or `taew2_1.pth` in the weights folder or the hub cache."""
+    if not request.is_tae:
+        return None
+    from .tae import TAEW2_1, load_taehv, random_taehv
+    from .tae.files import tae_weights
+    from .tae.weights import prepared
+
+    if model in (DEMO, RANDOM):
+        from .demo import build_demo_taehv
+
+        decoder = build_demo_taehv() if model == DEMO else random_taehv(TAEW2_1)
+        return prepared(decoder, loading.device, loading.dtype)
+    folder = Path(model).expanduser() if model is not None else None
+    return load_taehv(tae_weights(request.weights, folder), loading.device, loading.dtype)
 
 
 def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool | None]) -> FastPath:

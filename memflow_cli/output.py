@@ -33,6 +33,8 @@ from typing import IO, TYPE_CHECKING, Any
 import imageio_ffmpeg
 import numpy as np
 
+from .companions import spelling_problem
+
 if TYPE_CHECKING:
     import torch
 
@@ -74,8 +76,8 @@ def partial_path(target: Path) -> Path:
 
 
 def lock_path(target: Path) -> Path:
-    """The lock file of a render to `target`: `out.mp4` -> `.out.mp4.lock`, same folder (hidden)."""
-    return target.with_name(f".{target.name}{LOCK_SUFFIX}")
+    """The lock file of a render to `target`: `out.mp4` (and `out.MP4`: one output) -> `.out.mp4.lock`, same folder."""
+    return target.with_name(f".{target.stem}{target.suffix.lower()}{LOCK_SUFFIX}")
 
 
 def sidecar_path(target: Path) -> Path:
@@ -284,6 +286,9 @@ def check_existing(target: Path, *, overwrite: bool, resume: bool = False) -> No
             path=sidecar,
         )
     partial = partial_path(target)
+    if partial.is_dir():
+        raise OutputExistsError(f"{partial} is where {target.name}'s partial video goes, but it is a folder; "
+                                "nothing was rendered", "move it away, or choose another output name", partial)
     if partial.exists() and not (overwrite or resume):
         raise OutputExistsError(
             f"{partial} holds the frames of an earlier render of {target.name} that was stopped; nothing was rendered",
@@ -297,6 +302,13 @@ def check_existing(target: Path, *, overwrite: bool, resume: bool = False) -> No
 def check_reservable(target: Path) -> None:
     """The folder of `target` exists and every file name of the render fits: checked before any lock is taken."""
     _check_folder(target)
+    check_output_name(target)
+    if problem := spelling_problem(target):  # one look at the folder, as each output is claimed
+        raise OutputError(*problem)
+
+
+def check_output_name(target: Path) -> None:
+    """Every file name of a render to `target` fits, and is none of memflow's own: also before its folder exists."""
     if is_partial_name(target.name):
         raise OutputError(
             f"{target}: names starting with '.' and ending in '{PARTIAL_SUFFIX}' are memflow's partial files",

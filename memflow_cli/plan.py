@@ -20,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .companions import output_key
+from .decoders import WAN_DECODER, DecoderRequest
+from .devices import device_problem
 from .output import (
     OutputBusyError,
     OutputError,
     OutputExistsError,
     OutputLock,
     check_existing,
+    check_output_name,
     check_reservable,
     memflow_sidecar,
     partial_path,
@@ -33,6 +37,7 @@ from .output import (
 )
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+from .text import lone_surrogate, text_problem
 from .tokens import PromptCut, TokenCounter, counter_from_tokenizer, load_token_counter, prompt_cuts
 
 EXIT_FAILED = 1
@@ -69,6 +74,7 @@ class RenderRequest:
     compile: bool | None = None  # --compile / --no-compile; None: where the video wins it back (render.compile_choice)
     fp8: bool = False
     segment_seconds: float = 10.0
+    decoder: DecoderRequest = WAN_DECODER  # --decoder / --decoder-weights
 
     def seed_for(self, story: Story) -> int:
         return story.seed if self.seed is None else self.seed
@@ -110,7 +116,7 @@ def parse_duration(text: str | None) -> float | None:
     except ValueError as error:
         raise PlanError(f"--duration: {error}") from None
     if seconds == 0:
-        raise PlanError("--duration: must be longer than 0s", "give the preview length, like 5s")
+        raise PlanError("--duration: must be longer than 0s", "give how long the video is to be, like 5s or 1m")
     return seconds
 
 
@@ -170,6 +176,8 @@ def geometry_for(model: str | None) -> VideoGeometry:
 
 def checked_device(device: str | None, option: str = "--device") -> str:
     """The device to use (imports torch); a name torch does not know, or CUDA where there is none, is bad input."""
+    if device is not None and (problem := device_problem(device, option)):
+        raise PlanError(*problem)  # before torch is imported
     import torch
 
     if device is None:
@@ -210,7 +218,9 @@ def check_fp8(device: str) -> None:
 def printable_path(path: Path, option: str) -> None:
     """Refuse a path with a control character (a newline would print one path as two lines)."""
     text = str(path)
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if lone_surrogate(text) is not None:  # bytes that are not UTF-8: no sidecar or replay script can record it
+        raise PlanError(f"{option} {ascii(text)}: the path is not UTF-8 text", "give a path of UTF-8 characters")
+    if text_problem(text):
         raise PlanError(
             f"{option} {ascii(text)}: the path has a control character (such as a newline) in it",
             "give a path without control characters",
@@ -243,6 +253,15 @@ def check_outputs(request: RenderRequest, stories: int | None = None) -> None:
         raise PlanError(str(error), error.hint) from None
 
 
+def checked_output_name(target: Path) -> Path:
+    """`target` if the names of its files fit and are not memflow's own (before its folder is created)."""
+    try:
+        check_output_name(target)
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+    return target
+
+
 def make_out_dir(folder: Path) -> None:
     """Create `--out-dir` (and its parents) if missing."""
     try:
@@ -273,9 +292,10 @@ def story_name(story: Story) -> str:
 def story_outputs(stories: list[Story], out_dir: Path) -> list[Path]:
     """`DIR/<title>.mp4` for every story; two stories that would write one file are an error naming both."""
     paths = [out_dir / output_name(story) for story in stories]
-    first_writer: dict[Path, Story] = {}
+    first_writer: dict[tuple[str, str], Story] = {}
     for story, path in zip(stories, paths, strict=True):
-        if (other := first_writer.setdefault(path, story)) is not story:
+        checked_output_name(path)
+        if (other := first_writer.setdefault(output_key(path), story)) is not story:
             raise PlanError(
                 f"two stories would both write {path}: {story_name(other)} and {story_name(story)}",
                 "give one of them another title",
@@ -406,6 +426,8 @@ def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometr
         return "it was rendered with other settings"
     if recorded.get("fp8", False) != request.fp8:
         return f"it was rendered {'without' if request.fp8 else 'with'} --fp8"
+    if recorded.get("decoder", "wan") != request.decoder.choice.value:
+        return f"it was decoded with --decoder {recorded.get('decoder')}"
     return None
 
 

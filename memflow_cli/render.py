@@ -199,6 +199,7 @@ def _metadata(
         **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "fp8": engine.fp8,
+        "decoder": engine.decoder.value,
         "compile": engine.compile_path,
         **({"compile_reason": engine.compile_choice.reason} if engine.compile_choice else {}),
         "timings": timings.as_dict(),

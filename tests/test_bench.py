@@ -13,7 +13,7 @@ from memflow_cli.cli import app
 
 REQUIRED = {
     "device", "model", "latent_frames", "video_frames", "fps_end_to_end", "fps_generate",
-    "time_to_first_frame_s", "peak_memory_gib", "warmup_s",
+    "time_to_first_frame_s", "peak_memory_gib", "warmup_s", "decode_ms_per_chunk",
 }  # fmt: skip
 DEMO_CPU = ("bench", "--model", "demo", "--device", "cpu")
 
@@ -28,6 +28,8 @@ def test_bench_demo_cpu_ends_with_json_line():
     assert record["latent_frames"] == 9
     assert record["video_frames"] == 33  # 4 * 9 - 3 decoded frames, never latent frames
     assert record["fps_generate"] > record["fps_end_to_end"] > 0
+    # the decoder alone, a steady 3-latent chunk (12 frames): no longer than a whole decoded chunk took
+    assert 0 < record["decode_ms_per_chunk"] < 1000 * 33 / record["fps_decode"]
     assert record["peak_memory_gib"] is None  # no allocator statistics on the CPU
     assert record["fp8"] is False and record["compile"] is False  # neither runs unless asked (compile: CUDA only)
     assert "measure" in result.stdout  # the Rich table comes before the JSON line

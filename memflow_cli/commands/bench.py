@@ -14,6 +14,8 @@ from .common import (
     BankSize,
     Compile,
     DecodeDevice,
+    Decoder,
+    DecoderWeights,
     Device,
     Fp8,
     MemoryMode,
@@ -41,6 +43,8 @@ def bench(
     ] = False,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Decoder = None,
+    decoder_weights: DecoderWeights = None,
     frames: Annotated[
         int,
         typer.Option(
@@ -102,14 +106,17 @@ def bench(
     import torch
 
     from .. import bench as bench_mod
+    from ..decoders import decoder_request
     from ..engine import RANDOM
     from ..loading import WeightsError
 
     with reported():
         dev = torch.device(checked_device(device))
-        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if decode_device else None
+        given = decode_device is not None  # `--decode-device ""` is refused, not left out
+        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if given else None
         if fp8:
             check_fp8(str(dev))
+        decoder_choice = decoder_request(RANDOM if random_weights else model, decoder, decoder_weights)
     if memory_limit is not None and dev.type != "cuda":
         fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
     quiet_libraries()
@@ -118,6 +125,7 @@ def bench(
             model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
             switches=switches, compile=compile, fp8=fp8, compare=compare, decode_device=decode_dev,
             full_text_encoder=text_encoder, memory_limit_gib=memory_limit, time_to_video=time_to_video,
+            decoder=decoder_choice,
         )  # fmt: skip
     except bench_mod.BenchError as error:
         fail(str(error), EXIT_BAD_INPUT)

@@ -20,6 +20,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from ..companions import one_file
+from ..decoders import WAN_DECODER, DecoderRequest
 from ..output import OutputError, reserved_output
 from ..plan import (
     EXIT_FAILED,
@@ -37,12 +39,14 @@ from ..plan import (
 from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
 from ..settings import GenerationSettings
+from ..text import one_line, plural
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
     BankSize,
     Compile,
     DecodeDevice,
+    DecoderWeights,
     Device,
     Fp8,
     LoraAlpha,
@@ -82,6 +86,13 @@ def live(
     ] = None,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Annotated[
+        str | None,
+        typer.Option("--decoder", help="wan: the Wan2.1 VAE (full quality); tae: the TAEHV preview decoder (fast). "
+                     "Default: tae where its weights are found (memflow weights download --decoder tae), else wan.",
+                     metavar="wan|tae"),  # fmt: skip
+    ] = None,
+    decoder_weights: DecoderWeights = None,
     seed: Annotated[
         int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
     ] = None,
@@ -159,12 +170,14 @@ def live(
             decode_device = checked_device(decode_device, "--decode-device")
         if fp8:
             check_fp8(device)
+        decoding = _live_decoder(model, decoder, decoder_weights)
         request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
                                 seed=seed, lora=lora_settings(lora_rank, lora_alpha), compile=compile,
-                                fp8=fp8)  # fmt: skip
+                                fp8=fp8, decoder=decoding)  # fmt: skip
         try:
             # 2. the outputs claimed, then the model
             _reserve(stack, output, script, overwrite)
+            _say_decoder(decoding)
             inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))  # lines typed while loading wait
             server = _bound(stack, address, inbox, public, geometry.fps) if address is not None else None
             from ..batch import load_engine_reported
@@ -175,7 +188,8 @@ def live(
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
         story_seed = request.seed_for(opening)
-        options = _replay_options(model, device, decode_device, engine.fast.asked, fp8, lora_rank, lora_alpha)
+        options = _replay_options(model, device, decode_device, engine.fast.asked, fp8, lora_rank, lora_alpha,
+                                  decoding)  # fmt: skip
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
                  inbox, server, options)  # fmt: skip
 
@@ -200,7 +214,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     stop = SessionStop(inbox)
     if server is not None:
         server.start()
-        err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
+        err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
@@ -237,7 +251,7 @@ class _Report:
     def switched(self, segment, waited: int) -> None:
         queued = f" ({waited} more queued)" if waited else ""
         err.print(f"{format_seconds(segment.start_s)} (chunk {segment.start_chunk}) {segment.source}: "
-                  f"{segment.prompt}{queued}", markup=False, soft_wrap=True)  # fmt: skip
+                  f"{one_line(segment.prompt)}{queued}", markup=False, soft_wrap=True)  # fmt: skip
 
     def chunk(self, index: int, frames, first_frame: int, due: Sequence[float], segments) -> None:
         if self.server is not None:
@@ -258,7 +272,8 @@ def _summary(result, fps: int) -> str:
             f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
     stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
               else "playback never stalled")  # fmt: skip
-    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
+    return (f"live: {plural(result.chunks, 'chunk')}, {result.video_frames} frames "
+            f"({result.video_frames / fps:.2f} s of video) "
             f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
@@ -284,7 +299,7 @@ def _stop_on_signals(stop) -> Iterator[None]:
 
 
 def _replay_options(model, device: str, decode_device, compile: bool | None, fp8: bool, lora_rank: int,
-                    lora_alpha: float) -> str:  # fmt: skip
+                    lora_alpha: float, decoder: DecoderRequest = WAN_DECODER) -> str:  # fmt: skip
     """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
     options = [] if model is None else ["--model", shlex.quote(model)]
     options += ["--device", shlex.quote(device)]
@@ -297,7 +312,29 @@ def _replay_options(model, device: str, decode_device, compile: bool | None, fp8
         options.append("--fp8")
     if (lora_rank, lora_alpha) != (RELEASED_LORA.rank, RELEASED_LORA.alpha):
         options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
+    options += [shlex.quote(option) for option in decoder.options()]  # the frames come from this decoder
     return " ".join(options)
+
+
+def _live_decoder(model: str | None, name: str | None, weights: Path | None) -> DecoderRequest:
+    """The session's decoder: as asked; unasked, TAEHV where its weights are found for real weights (the
+    preview decoder keeps up with real time), else the VAE."""
+    from ..decoders import BUILT_IN_MODELS, DecoderChoice, decoder_request
+    from ..tae.files import find_tae_weights
+
+    default = DecoderChoice.TAE if weights is not None else DecoderChoice.WAN
+    if name is None and weights is None and model not in BUILT_IN_MODELS:
+        folder = Path(model).expanduser() if model is not None else None
+        if find_tae_weights(None, folder) is not None:
+            default = DecoderChoice.TAE
+    return decoder_request(model, name, weights, default)
+
+
+def _say_decoder(request: DecoderRequest) -> None:
+    """Which decoder the session uses, and how to choose the other (on stderr, once its outputs are claimed)."""
+    other = ("--decoder wan for the full-quality Wan VAE" if request.is_tae
+             else "--decoder tae for the fast preview decoder (memflow weights download --decoder tae)")  # fmt: skip
+    err.print(f"live: decoding with {request.choice.description}; {other}", markup=False, soft_wrap=True)
 
 
 def _warn(text: str) -> None:
@@ -338,7 +375,8 @@ def _opening(script: Path | None, prompt: str | None, output: Path, geometry) ->
     try:
         text = checked_prompt(prompt)
     except PromptRefused:
-        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
+        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
+                        "tab and newline") from None  # fmt: skip
     title = output.stem.strip() or "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
@@ -356,7 +394,7 @@ def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: boo
     except OutputError as error:
         raise PlanError(str(error), error.hint) from None
     replay = output.with_suffix(".yaml")
-    if script is not None and replay.exists() and replay.resolve() == script.resolve():
+    if script is not None and one_file(replay, script):
         raise PlanError(f"{replay} is the opening script; the replay script would replace it",
                         "choose another output name")  # fmt: skip
     if replay.is_dir():

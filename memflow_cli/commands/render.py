@@ -16,6 +16,8 @@ from .common import (
     BankSize,
     Compile,
     DecodeDevice,
+    Decoder,
+    DecoderWeights,
     Device,
     Fp8,
     LoraAlpha,
@@ -55,6 +57,8 @@ def render(
     ] = None,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Decoder = None,
+    decoder_weights: DecoderWeights = None,
     seed: Annotated[
         int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
     ] = None,
@@ -99,6 +103,7 @@ def render(
     (`torchrun --nproc-per-node N -m memflow_cli render ...`) the stories are shared out over the
     processes, one GPU each, finished videos are skipped and stopped ones rendered again.
     """
+    from ..decoders import decoder_request
     from ..distributed import rank_env
 
     with stop_signals_like_ctrl_c(), reported():
@@ -116,7 +121,7 @@ def render(
             settings={"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
                       "record_interval": record_interval, "sma": sma, "steps": steps},
             lora=lora_settings(lora_rank, lora_alpha), compile=compile, fp8=fp8,
-            segment_seconds=segment_seconds,
+            segment_seconds=segment_seconds, decoder=decoder_request(model, decoder, decoder_weights),
         )  # fmt: skip
         check_outputs(request)
         try:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..text import PROMPT_WHITESPACE, text_problem
+
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused (the text encoder reads 512 tokens at most)
 MAX_PENDING = 64  # prompts waiting for their chunk: one more is refused (each takes a chunk, 0.75 s of video)
 _READ_BYTES = 65536
@@ -46,6 +48,8 @@ def checked_prompt(text: str) -> str:
     prompt = text.strip()
     if not prompt:
         raise PromptRefused("ignored an empty prompt line (type the prompt, then Enter)")
+    if problem := text_problem(prompt, PROMPT_WHITESPACE):
+        raise PromptRefused(f"refused a prompt that {problem}; the story goes on with the current prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptRefused(
             f"refused a prompt of {len(prompt)} characters: at most {MAX_PROMPT_CHARS} are read; the story goes on "

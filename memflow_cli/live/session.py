@@ -322,6 +322,7 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
         **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "fp8": engine.fp8,
+        "decoder": engine.decoder.value,
         "timings": {"render_s": round(result.seconds, 3)},
         "live": {
             "ended_by": result.ended_by,
