@@ -561,6 +561,20 @@ def test_with_a_cache_a_missing_file_is_still_named(tmp_path, base, cache):
     assert err.value.path == missing
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_cached_bf16_load_equals_the_uncached_one_bit_for_bit(base, lora_file, cache):
+    """The cache casts to bf16 on the CPU; the uncached load copies float32 to the GPU and casts there."""
+    load = {"device": "cuda", "dtype": torch.bfloat16}
+    uncached = read_transformer(base, lora_file, CONFIG, LORA, **load).model.state_dict()
+    first = read_transformer(base, lora_file, CONFIG, LORA, cache=cache, **load)
+    second = read_transformer(base, lora_file, CONFIG, LORA, cache=cache, **load)
+    assert (first.merge, second.merge) == (MergeSource.MERGED_AND_CACHED, MergeSource.CACHED)
+    for loaded in (first, second):
+        state = loaded.model.state_dict()
+        assert all(state[name].is_cuda and torch.equal(state[name], tensor) for name, tensor in uncached.items())
+
+
 def test_merged_cache_settings_from_the_environment(tmp_path, caplog):
     environ = {"MEMFLOW_CACHE_DIR": str(tmp_path)}
     assert MergedCacheSettings.from_environment(environ) == MergedCacheSettings(tmp_path / "merged", 2)
