@@ -64,8 +64,8 @@ class BenchOptions:
     settings: GenerationSettings  # as `render` takes them; the geometry is the model's
     latent_frames: int = 120
     switches: int = 0
-    # True: the compiled fast path; False: the eager model, no CUDA graphs, plain decoder steps. None: compiled
-    # for the steady state, and the time-to-video renders choose as `memflow render` does by default
+    # True: the compiled fast path; False: the eager model, no CUDA graphs, plain decoder steps. None: the path
+    # `memflow render` runs by default (graphed on CUDA), for the steady state and the time-to-video renders
     compile: bool | None = None
     fp8: bool = False  # the blocks' linear layers in FP8 (check `speed.fp8.fp8_unsupported_reason` first)
     compare: bool = False
@@ -242,7 +242,7 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     with _memory_limit(device, options.memory_limit_gib):
         status(f"loading {options.model or 'weights'} on {device}")
         with load_engine(
-            options.model, device, compile=options.compile is not False, fp8=options.fp8,
+            options.model, device, compile=options.compile, fp8=options.fp8,
             decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
             decoder=options.decoder,
@@ -402,6 +402,7 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention": engine.fast.attention_name,
         "compile": engine.fast.compile,
+        "fast_path": engine.fast.name,  # graphed, compiled or eager
         "fp8": engine.fp8,
         "memory": memory_settings.mode,
         "sma": memory_settings.sma,

@@ -6,8 +6,9 @@ writer). `render` writes stories through it; `bench` times it. Nothing else in t
 generator or a decoder.
 
 The stream keeps the GPU busy: no host synchronisation in the chunk loop, decoding on a worker thread
-and side stream beside generation (`overlap.py`), CUDA graphs per video and compiled steps built once
-(the engine's `FastPath`).
+and side stream beside generation (`overlap.py`), CUDA graphs per video (the engine's `FastPath`). Each
+model builder builds the transformer in its final form, with the fast path's kernels; the engine never
+changes it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
-from .model.transformer import CausalWanTransformer, PassFunction
+from .merged_cache import MergedCache, MergedCacheSettings
+from .model.build import build_transformer
+from .model.transformer import CausalWanTransformer
 from .output import Mp4Writer
 from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
@@ -123,14 +126,12 @@ class Engine:
     notice: str | None = None  # shown to the user (the demo and random models' warning)
     decode_device: torch.device | None = None  # where the VAE decodes when not on `device` (`decode_on`)
     startup: Startup | None = None  # what the process and the loading took before this engine was ready
-    compile_choice: CompileChoice | None = None  # how `fast.compile` was decided, where it was (`render`)
+    compile_choice: CompileChoice | None = None  # how the fast path was decided, where it was (`render`)
     tae: TaehvDecoder | None = None  # the TAEHV preview decoder: set, it decodes instead of the VAE (`--decoder tae`)
-    run_pass: PassFunction = field(init=False)  # one pass of the transformer, as the fast path runs it
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
 
     def __post_init__(self) -> None:
         self.fast.prepare_vae(self.vae)
-        self.run_pass = self.fast.pass_function(self.transformer)
         self.overlap = Overlap(self.device)
 
     @property
@@ -164,10 +165,10 @@ class Engine:
 
     @property
     def compile_path(self) -> str:
-        """Which way the model runs, for reports: compiled-warm, compiled-cold, eager..."""
+        """Which way the model runs, for reports: graphed, compiled-warm, compiled-cold, eager..."""
         if self.compile_choice is not None:
             return self.compile_choice.path.value
-        return "compiled" if self.fast.compile else "eager"
+        return self.fast.name
 
     @property
     def fp8(self) -> bool:
@@ -215,9 +216,7 @@ class Engine:
         Decoding trails generation by up to two chunks on CUDA; a chunk is yielded once it is as far
         along as asked (its frames written, when there is a writer).
         """
-        generator = MemFlowGenerator(
-            self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
-        )
+        generator = MemFlowGenerator(self.transformer, settings, passes=self.fast.graphed_passes)
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
         latents = generator.stream(video.prompts(), noise, interactive=video.interactive(settings))
         with self.fast.sdpa_priority():
@@ -259,13 +258,14 @@ class Engine:
 
 def load_engine(
     model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
-    compile: bool = True, fp8: bool = False, decode_device: str | torch.device | None = None,
+    compile: bool | None = None, fp8: bool = False, decode_device: str | torch.device | None = None,
     full_text_encoder: bool = False, compile_choice: CompileChoice | None = None, prompts: Sequence[str] = (),
     embed_cache: EmbedCacheSettings | bool = True, decoder: DecoderRequest = WAN_DECODER,
 ) -> Engine:  # fmt: skip
     """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
 
-    `compile` turns on the compiled fast path where it exists (CUDA; the first chunk then pays the warm-up).
+    `compile` chooses the fast path on CUDA (`speed.choose_fast_path`): None the graphed path (the default),
+    True the compiled one (the first chunk then pays the compile), False plain eager kernels.
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
     random model encodes prompts with a full-size random umT5-XXL instead of making them noise. With
@@ -285,7 +285,7 @@ def load_engine(
         if dev.index is None:  # plain "cuda": the current GPU, named so that everything agrees on it
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
-    speed = {"compile": compile, "fp8": fp8}
+    speed: dict[str, bool | None] = {"compile": compile, "fp8": fp8}
     if embed_cache is True:
         embed_cache = EmbedCacheSettings.from_environment()
     loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
@@ -307,7 +307,7 @@ class _Loading:
     """What every model's loader is asked for."""
 
     device: torch.device
-    speed: dict[str, bool]
+    speed: dict[str, bool | None]
     embed_cache: EmbedCacheSettings | None  # None: no prompt-embedding cache on disk
     prompts: tuple[str, ...]  # prepared while the model loads
 
@@ -355,7 +355,7 @@ def _preview_decoder(model: str | None, request: DecoderRequest, loading: _Loadi
     return load_taehv(tae_weights(request.weights, folder), loading.device, loading.dtype)
 
 
-def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool]) -> FastPath:
+def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool | None]) -> FastPath:
     return choose_fast_path(config, device, model_dtype(device), **speed)
 
 
@@ -364,12 +364,17 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
     (unless they are cached) once those libraries are in; here the transformer loads."""
     from . import weights
-    from .checkpoint import load_transformer
+    from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
 
     dev, dtype = loading.device, loading.dtype
     files = weights.resolve_model(model)
-    prefetch_files(files.base, files.lora, files.vae)  # the kernel reads ahead while Python gets ready
+    merged_cache = _merged_cache()
+    key = None if merged_cache is None else merge_key(files.base, files.lora, lora, dtype)
+    # the kernel reads ahead while Python gets ready: the merged transformer where it is cached, else both files
+    cached = key is not None and merged_cache.path(key).is_file()
+    checkpoints = (merged_cache.path(key),) if cached else (files.base, files.lora)
+    prefetch_files(*checkpoints, files.vae)
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
@@ -387,11 +392,12 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
         vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
-        transformer = load_transformer(
-            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels
+        loaded = read_transformer(
+            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=merged_cache
         )
+        identity["lora_merge"] = loaded.merge.value
         engine = Engine(
-            transformer=transformer,
+            transformer=loaded.model,
             prompts=prompts,
             vae=vae.result(),
             geometry=VideoGeometry(),
@@ -402,6 +408,12 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )
         failed.pop_all()
     return engine
+
+
+def _merged_cache() -> MergedCache | None:
+    """The merged-transformer cache the environment asks for (None: turned off)."""
+    settings = MergedCacheSettings.from_environment()
+    return MergedCache(settings) if settings.enabled else None
 
 
 def _import_model_libraries() -> None:
@@ -426,7 +438,9 @@ def _demo_engine(loading: _Loading) -> Engine:
     device = loading.device
     fast = _fast_path(demo.DEMO_TRANSFORMER, device, loading.speed)
     torch.manual_seed(0)
-    transformer = CausalWanTransformer(demo.DEMO_TRANSFORMER, fast.kernels)
+    weights = CausalWanTransformer(demo.DEMO_TRANSFORMER).state_dict()  # seeded: the same on every device and path
+    state = {name: tensor.to(device, model_dtype(device)) for name, tensor in weights.items()}
+    transformer = build_transformer(demo.DEMO_TRANSFORMER, state, fast.kernels)
     vae = demo.build_demo_vae().to(device, model_dtype(device))
     prompts = loading.prompt_embeddings(
         demo.build_demo_text_encoder, DEMO, torch.float32,
@@ -434,7 +448,7 @@ def _demo_engine(loading: _Loading) -> Engine:
     )  # fmt: skip
     prompts.prefetch(loading.prompts)  # after the seeded parts: the encoder's seeding must not interleave with theirs
     return Engine(
-        transformer=transformer.to(device, model_dtype(device)).eval().requires_grad_(False),
+        transformer=transformer,
         prompts=prompts,
         vae=vae,
         geometry=demo.DEMO_GEOMETRY,
@@ -468,14 +482,9 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
     with ExitStack() as failed:
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
-        with torch.device("meta"):
-            transformer = CausalWanTransformer(WAN_1_3B, fast.kernels).to(dtype)  # no float32 copy is ever made
-        transformer = transformer.to_empty(device=device)
-        generator = torch.Generator(device=device).manual_seed(0)
-        for param in transformer.parameters():
-            param.data.normal_(0.0, 0.02, generator=generator)
+        transformer = build_transformer(WAN_1_3B, _random_weights(device, dtype), fast.kernels)
         engine = Engine(
-            transformer=transformer.eval().requires_grad_(False),
+            transformer=transformer,
             prompts=prompts,
             vae=vae,
             geometry=VideoGeometry(),
@@ -487,3 +496,15 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
         )
         failed.pop_all()
     return engine
+
+
+def _random_weights(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The 1.3B transformer's checkpoint-named weights drawn from N(0, 0.02), seeded, made on `device` in `dtype`
+    (no float32 copy is ever made)."""
+    with torch.device("meta"):
+        plain = CausalWanTransformer(WAN_1_3B).to(dtype)
+    plain = plain.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for param in plain.parameters():
+        param.data.normal_(0.0, 0.02, generator=generator)
+    return plain.state_dict()

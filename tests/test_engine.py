@@ -104,19 +104,20 @@ def bench(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("flag", "compile"), [("--no-compile", False), ("--compile", True)])
-def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flag, compile):
-    asked: list[bool] = []
+@pytest.mark.parametrize(("flags", "compile"), [(["--no-compile"], False), (["--compile"], True), ([], None)])
+def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flags, compile):
+    """Without a flag bench asks for what render runs by default (None: the graphed path on CUDA)."""
+    asked: list[bool | None] = []
     choose = engine_module.choose_fast_path
 
-    def spy(*args, compile: bool, **kwargs):
+    def spy(*args, compile: bool | None, **kwargs):
         asked.append(compile)
         return choose(*args, compile=compile, **kwargs)
 
     monkeypatch.setattr(engine_module, "choose_fast_path", spy)
-    record = bench("--model", "demo", "--device", "cpu", flag)
+    record = bench("--model", "demo", "--device", "cpu", *flags)
     assert asked == [compile]
-    assert record["compile"] is False  # nothing is compiled on a CPU, whatever was asked
+    assert record["compile"] is False and record["fast_path"] == "eager"  # a CPU runs plain PyTorch, whatever was asked
 
 
 def test_bench_takes_the_generation_options_render_takes():

@@ -629,6 +629,7 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
     expected = load_text_encoder(resolve_model(root), "cpu", torch.float32, max_length=256).encode(PROMPTS)
     with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:
         assert engine.prompts.encoder_loaded and engine.prompts.encoded_prompts == 2  # done while loading
+        assert engine.identity["lora_merge"] == "merged, cached for the next load"
         embeds, sources = engine.prompts.take(PROMPTS)
     torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
     assert sources == (ENCODED, ENCODED)
@@ -636,6 +637,7 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
     with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:  # the same files: the same cache entries
         embeds, sources = engine.prompts.take(PROMPTS)
         assert not engine.prompts.encoder_loaded
+        assert engine.identity["lora_merge"] == "cached"  # the merged transformer read back, not merged again
     torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
     assert sources == (CACHED, CACHED)
 

@@ -188,7 +188,7 @@ def live(
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
         story_seed = request.seed_for(opening)
-        options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha,
+        options = _replay_options(model, device, decode_device, engine.fast.asked, fp8, lora_rank, lora_alpha,
                                   decoding)  # fmt: skip
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
                  inbox, server, options)  # fmt: skip
@@ -298,15 +298,16 @@ def _stop_on_signals(stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool, lora_rank: int,
+def _replay_options(model, device: str, decode_device, compile: bool | None, fp8: bool, lora_rank: int,
                     lora_alpha: float, decoder: DecoderRequest = WAN_DECODER) -> str:  # fmt: skip
     """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
     options = [] if model is None else ["--model", shlex.quote(model)]
     options += ["--device", shlex.quote(device)]
     if decode_device is not None:
         options += ["--decode-device", shlex.quote(decode_device)]
-    # compiled and eager kernels round differently on a GPU: the replay runs the path the session ran
-    options.append("--compile" if compile else "--no-compile")
+    # compiled, graphed and eager kernels round differently on a GPU: the replay runs the path the session ran
+    if compile is not None:
+        options.append("--compile" if compile else "--no-compile")
     if fp8:
         options.append("--fp8")
     if (lora_rank, lora_alpha) != (RELEASED_LORA.rank, RELEASED_LORA.alpha):

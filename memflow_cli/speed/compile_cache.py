@@ -10,10 +10,11 @@ second render on the same machine finds its kernels, and another torch never rea
             inductor/  triton/  warm/<graphs>.json
 
 A `warm/` marker is written once a compiled video of that shape finished: its graphs are then in the
-cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, and saves
-a fraction of a second on every chunk after the first, so `choose_compile` compiles only where the video
-is long enough to win that back; a shorter one runs eager, which is never slower than `--no-compile`.
-Deleting the folder is always safe: it only costs the next compiled render its warm-up.
+cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, so it is
+never the default: `choose_compile` picks the graphed path (the eager kernels with q/k/v fused and the
+FFN's GELU in the matmul, each repeated pass replayed from a CUDA graph, captured in seconds) unless
+`--compile` or `--no-compile` says otherwise. Deleting the folder is always safe: it only costs the next
+compiled render its warm-up.
 """
 
 from __future__ import annotations
@@ -105,59 +106,33 @@ def mark_warm(folder: Path, signature: str, description: dict[str, Any]) -> None
 class CompilePath(str, Enum):
     """Which way a run's model ran, as the sidecar and bench report it."""
 
-    COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
-    COMPILED_COLD = "compiled-cold"  # compiled from scratch: the video is long enough to pay for it
-    EAGER = "eager"  # chosen: too short to win back the compile
+    GRAPHED = "graphed"  # the default on CUDA: eager kernels, repeated passes replayed from CUDA graphs
+    COMPILED_WARM = "compiled-warm"  # --compile, its kernels found in the cache
+    COMPILED_COLD = "compiled-cold"  # --compile, compiled from scratch
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"
 
 
 @dataclass(frozen=True)
-class CompileCosts:
-    """What compiling costs and saves a whole render process, in seconds.
-
-    From the H200 measurements of issue #21 (832x480, 4 steps, FA3, the 40-chunk example, one process each):
-    eager 48.4 s; compiled with warm caches 53.3 s, with empty caches 113.2 s. The chunks after the first
-    took 23.9 s eager and 18.1 s compiled (0.149 s saved each), so the fixed cost of compiling is
-    53.3 - 48.4 + 39 x 0.149 = 10.7 s warm (the first chunk's 5.2 s and the compiled engine's build and
-    imports) and 70.6 s cold.
-    """
-
-    cold_s: float = 70.6
-    warm_s: float = 10.7
-    saved_per_chunk_s: float = 0.149
-
-
-H200_COSTS = CompileCosts()
-
-
-@dataclass(frozen=True)
 class CompileChoice:
-    compile: bool
+    compile: bool | None  # what the engine is asked for (`load_engine`): True compiled, None graphed, False eager
     path: CompilePath
     reason: str  # one line, for the sidecar and the log
 
 
-def choose_compile(
-    asked: bool | None, chunks: int, *, cuda: bool, warm: bool, costs: CompileCosts = H200_COSTS
-) -> CompileChoice:
-    """Compile or not, for a run of `chunks` chunks in all (every story of a batch shares the compile).
+def choose_compile(asked: bool | None, chunks: int, *, cuda: bool, warm: bool) -> CompileChoice:
+    """The fast path for a run of `chunks` chunks in all (every story of a batch shares the compile).
 
-    `asked`: True (`--compile`) always compiles, False (`--no-compile`) never, None lets the video's length
-    decide: compiled where the chunks after the first win back the first chunk's extra cost on this cache
-    (`warm`), eager otherwise, so that the default is never slower than `--no-compile`.
+    `asked`: True (`--compile`) compiles with Inductor (a minute on a cold cache, `warm` says which), False
+    (`--no-compile`) runs plain eager kernels, None the graphed path: compiled speed from the first
+    repeated pass, with nothing to compile.
     """
     if not cuda:
-        return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled path runs on CUDA only")
+        return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled and graphed paths run on CUDA only")
     if asked is False:
         return CompileChoice(False, CompilePath.EAGER_ASKED, "--no-compile")
-    cost = costs.warm_s if warm else costs.cold_s
-    saved = max(0, chunks - 1) * costs.saved_per_chunk_s
-    compiled = CompilePath.COMPILED_WARM if warm else CompilePath.COMPILED_COLD
-    cache = "warm" if warm else "cold"
     if asked:
+        cache = "warm" if warm else "cold"
+        compiled = CompilePath.COMPILED_WARM if warm else CompilePath.COMPILED_COLD
         return CompileChoice(True, compiled, f"--compile (compile cache {cache})")
-    balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
-    if saved > cost:
-        return CompileChoice(True, compiled, balance)
-    return CompileChoice(False, CompilePath.EAGER, balance)
+    return CompileChoice(None, CompilePath.GRAPHED, f"default: {chunks} chunks, repeated passes from CUDA graphs")
