@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .embed_cache import CACHE_DIR_ENV
+from .cache_dir import CACHE_DIR_ENV
 from .engine import RANDOM, Engine, Video, load_engine
 from .output import Mp4Writer, read_sidecar, sidecar_path
 from .settings import GenerationSettings

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..embed_cache import cache_root
+from ..cache_dir import cache_root
 
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_ENV = "TRITON_CACHE_DIR"
@@ -59,7 +59,7 @@ class CompileKey:
 
 
 def compile_cache_dir(key: CompileKey, environ: Mapping[str, str] = os.environ) -> Path:
-    """The folder of `key`'s compiled kernels in memflow's cache folder (`embed_cache.cache_root`)."""
+    """The folder of `key`'s compiled kernels in memflow's cache folder (`cache_dir.cache_root`)."""
     return cache_root(environ) / "compile" / key.folder_name
 
 
