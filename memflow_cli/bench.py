@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from .cache_dir import CACHE_DIR_ENV
-from .engine import RANDOM, Engine, Video, load_engine
+from .engine import Engine, Video, load_engine
 from .output import Mp4Writer, read_sidecar, sidecar_path
+from .request import CompileMode, GenerationOptions, ModelSource
 from .settings import GenerationSettings
-from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
+from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV, CompileChoice
 
-__all__ = ["RANDOM", "BenchError", "BenchOptions", "run"]
+__all__ = ["BenchError", "BenchOptions", "run"]
 
 COMPARE_MODES: dict[str, dict[str, Any]] = {  # memory mode and SMA of each compared variant
     "none": {"mode": "none", "sma": False},
@@ -53,14 +54,14 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str | None  # "demo", "random" (full-size random weights) or a weights folder / None (HF cache)
+    model: ModelSource
     device: torch.device
     settings: GenerationSettings  # as `render` takes them; the geometry is the model's
     latent_frames: int = 120
     switches: int = 0
-    # True: the compiled fast path; False: the eager model, no CUDA graphs, plain decoder steps. None: compiled
+    # ALWAYS: the compiled fast path; NEVER: the eager model, no CUDA graphs, plain decoder steps. AUTO: compiled
     # for the steady state, and the time-to-video renders choose as `memflow render` does by default
-    compile: bool | None = None
+    compile: CompileMode = CompileMode.AUTO
     fp8: bool = False  # the blocks' linear layers in FP8 (check `speed.fp8.fp8_unsupported_reason` first)
     compare: bool = False
     seed: int = 0
@@ -81,6 +82,13 @@ class BenchOptions:
     def chunks(self) -> int:
         """Chunks of the measured video: `latent_frames` rounded down to whole chunks (one at least)."""
         return max(1, self.latent_frames // self.settings.geometry.frames_per_chunk)
+
+    def render_options(self) -> GenerationOptions:
+        """The options of `memflow render` that make the bench's video: its model, devices and settings."""
+        decode_device = None if self.decode_device is None else str(self.decode_device)
+        options = GenerationOptions(model=self.model, device=str(self.device), decode_device=decode_device,
+                                    compile=self.compile, fp8=self.fp8)  # fmt: skip
+        return options.with_settings(self.settings)
 
 
 def _sync(device: torch.device) -> None:
@@ -203,9 +211,10 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     device = options.device
     to_video = time_to_video(options, status) if options.time_to_video else None
     with _memory_limit(device, options.memory_limit_gib):
-        status(f"loading {options.model or 'weights'} on {device}")
+        status(f"loading {options.model.label} on {device}")
+        eager = CompileChoice.fixed(False, "--no-compile") if options.compile is CompileMode.NEVER else None
         with load_engine(
-            options.model, device, compile=options.compile is not False, fp8=options.fp8,
+            options.model, device, compile=eager, fp8=options.fp8,
             decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
         ) as engine:  # fmt: skip
@@ -258,16 +267,8 @@ def _write_bench_story(path: Path, options: BenchOptions) -> Path:
 
 def render_command(story: Path, target: Path, options: BenchOptions) -> list[str]:
     """`memflow render` of `story` to `target` with the bench's model, devices and settings."""
-    memory, steps = options.settings.memory, options.settings.sampler.steps
     command = [sys.executable, "-m", "memflow_cli", "render", str(story), "-o", str(target), "--quiet"]
-    command += [] if options.model is None else ["--model", options.model]
-    command += ["--device", str(options.device)]
-    command += [] if options.decode_device is None else ["--decode-device", str(options.decode_device)]
-    command += ["--memory", memory.mode, "--window", str(memory.window), "--sink", str(memory.sink)]
-    command += ["--bank-size", str(memory.bank_size), "--record-interval", str(memory.record_interval)]
-    command += ["--sma" if memory.sma else "--no-sma", "--steps", ",".join(map(str, steps))]
-    command += {True: ["--compile"], False: ["--no-compile"], None: []}[options.compile]
-    return command + (["--fp8"] if options.fp8 else [])
+    return command + options.render_options().flags()
 
 
 def _render_process(story: Path, target: Path, options: BenchOptions, env: dict[str, str]) -> dict[str, Any]:

@@ -56,6 +56,14 @@ class OutputError(RuntimeError):
         self.hint = hint
 
 
+class RenderInterrupted(Exception):
+    """The render was stopped (Ctrl-C); `partial` is the playable file of the finished chunks, if any."""
+
+    def __init__(self, partial: Path | None, frames: int):
+        super().__init__(f"interrupted after {frames} frames")
+        self.partial, self.frames = partial, frames
+
+
 class OutputExistsError(OutputError):
     """A file of the render exists (`path`: the target, its partial or its sidecar) and may not be replaced."""
 

@@ -14,7 +14,8 @@ import torch
 from memflow_cli import IMPORTED_AT
 from memflow_cli.engine import load_engine
 from memflow_cli.output import sidecar_path
-from memflow_cli.render import compile_choice, graphs_description, render_story
+from memflow_cli.render import render_story
+from memflow_cli.request import CompileMode
 from memflow_cli.script import Segment, Story
 from memflow_cli.settings import GenerationSettings, VideoGeometry
 from memflow_cli.speed import compile_cache, process
@@ -137,7 +138,7 @@ COSTS = CompileCosts(cold_s=70.6, warm_s=10.7, saved_per_chunk_s=0.149)
 )
 def test_the_default_compiles_only_where_the_video_wins_the_compile_back(asked, chunks, cuda, warm, path):
     assert COSTS == CompileCosts()  # the defaults: the H200 measurements
-    choice = choose_compile(asked, chunks, cuda=cuda, warm=warm, costs=COSTS)
+    choice = choose_compile(CompileMode(asked), chunks, cuda=cuda, warm=warm, costs=COSTS)
     assert choice.path is path
     assert choice.compile is path.value.startswith("compiled")
     assert choice.reason
@@ -164,18 +165,22 @@ def test_a_render_compiles_once_its_graphs_are_warm_and_its_video_long_enough(mo
     monkeypatch.setenv("MEMFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(CompileKey, "current", classmethod(lambda cls, device: H200))
     settings = GenerationSettings(geometry=VideoGeometry())
-    minute = Story(path=tmp_path / "a.yaml", title="a", seed=0, duration_s=60.0, segments=(Segment(0.0, "a fox"),))
-    plans = [(minute, settings)]  # 80 chunks
-    assert compile_choice(None, "cpu", None, plans, None, False).path is CompilePath.EAGER_DEVICE
-    cold = compile_choice(None, "cuda", None, plans, None, False)
+    minute, preview = [(80, settings)], [(40, settings)]  # 60 s and 30 s of video: chunks and settings
+    auto, cuda = CompileMode.AUTO, torch.device("cuda")
+
+    def choice(videos, fp8=False, asked=auto, device=cuda):
+        return compile_cache.choose_for_videos(asked, device, "wan2.1-t2v-1.3b", fp8, videos)
+
+    assert choice(minute, device=torch.device("cpu")).path is CompilePath.EAGER_DEVICE
+    cold = choice(minute)
     assert cold.path is CompilePath.EAGER and "80 chunks" in cold.reason and "cold" in cold.reason
-    description = graphs_description(None, settings, False)
+    description = compile_cache.graphs_description("wan2.1-t2v-1.3b", settings, False)
     folder = compile_cache.compile_cache_dir(H200)
     compile_cache.mark_warm(folder, compile_cache.graphs_signature(description), description)
-    assert compile_choice(None, "cuda", None, plans, None, False).path is CompilePath.COMPILED_WARM
-    assert compile_choice(None, "cuda", None, plans, None, True).path is CompilePath.EAGER  # --fp8: other graphs
-    assert compile_choice(None, "cuda", None, plans, 30.0, False).path is CompilePath.EAGER  # a 40-chunk preview
-    assert compile_choice(None, "cuda", False, plans, None, False).path is CompilePath.EAGER_ASKED
+    assert choice(minute).path is CompilePath.COMPILED_WARM
+    assert choice(minute, fp8=True).path is CompilePath.EAGER  # --fp8: other graphs
+    assert choice(preview).path is CompilePath.EAGER  # a 40-chunk preview
+    assert choice(minute, asked=CompileMode.NEVER).path is CompilePath.EAGER_ASKED
 
 
 # -- on a GPU: the compiled path's kernels land in memflow's cache, and the next render finds them warm ---------------

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..plan import EXIT_BAD_INPUT, check_fp8, checked_device, geometry_for, option_settings
 from ..report import download_hint, err, out, quiet_libraries
+from ..request import CompileMode, GenerationOptions, ModelKind, ModelSource
 from .common import (
     BankSize,
     Compile,
@@ -95,14 +96,14 @@ def bench(
             "--text-encoder goes with --random-weights: other models encode with their own text encoder",
             EXIT_BAD_INPUT,
         )
-    given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-             "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
+    source = ModelSource(ModelKind.RANDOM) if random_weights else ModelSource.parse(model)
+    given = GenerationOptions(memory=memory, window=window, sink=sink, bank_size=bank_size,
+                              record_interval=record_interval, sma=sma, steps=steps)  # fmt: skip
     with reported():
-        settings = option_settings(given, geometry_for(model))
+        settings = option_settings(given.settings(), geometry_for(source))
     import torch
 
     from .. import bench as bench_mod
-    from ..engine import RANDOM
     from ..loading import WeightsError
 
     with reported():
@@ -115,8 +116,8 @@ def bench(
     quiet_libraries()
     try:
         options = bench_mod.BenchOptions(
-            model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
-            switches=switches, compile=compile, fp8=fp8, compare=compare, decode_device=decode_dev,
+            model=source, device=dev, settings=settings, latent_frames=frames, switches=switches,
+            compile=CompileMode.from_option(compile), fp8=fp8, compare=compare, decode_device=decode_dev,
             full_text_encoder=text_encoder, memory_limit_gib=memory_limit, time_to_video=time_to_video,
         )  # fmt: skip
     except bench_mod.BenchError as error:

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,10 +32,22 @@ from ..plan import (
     checked_device,
     geometry_for,
     lora_settings,
+    open_engine,
     parse_duration,
     story_settings,
 )
-from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
+from ..report import (
+    STOP_SIGNALS,
+    Terminated,
+    err,
+    out,
+    quiet_libraries,
+    stop_code,
+    stop_signals_like_ctrl_c,
+    stop_word,
+    warn,
+)
+from ..request import CompileMode, GenerationOptions, ModelSource
 from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
 from ..settings import GenerationSettings
 from .common import (
@@ -149,35 +162,45 @@ def live(
             raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
         limit_s = parse_duration(duration)
         check_seed(seed)
-        geometry = geometry_for(model)
+        options = GenerationOptions(
+            model=ModelSource.parse(model), memory=memory, window=window, sink=sink, bank_size=bank_size,
+            record_interval=record_interval, sma=sma, steps=steps, lora=lora_settings(lora_rank, lora_alpha),
+            compile=CompileMode.from_option(compile), fp8=fp8,
+        )  # fmt: skip
+        geometry = geometry_for(options.model)
         opening, title = _opening(script, prompt, output, geometry)
-        given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-                 "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
-        settings = story_settings(opening, given, geometry)
+        settings = story_settings(opening, options.settings(), geometry)
         device = checked_device(device)
         if decode_device is not None:
             decode_device = checked_device(decode_device, "--decode-device")
+        options = replace(options, device=device, decode_device=decode_device)
         if fp8:
             check_fp8(device)
-        request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
-                                seed=seed, lora=lora_settings(lora_rank, lora_alpha), compile=compile,
-                                fp8=fp8)  # fmt: skip
         try:
             # 2. the outputs claimed, then the model
             _reserve(stack, output, script, overwrite)
             inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))  # lines typed while loading wait
             server = _bound(stack, address, inbox, public, geometry.fps) if address is not None else None
-            from ..batch import load_engine_reported
-
             opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
-            engine = stack.enter_context(load_engine_reported(request, device, decode_device, prompts=opening_prompts))
+            engine = stack.enter_context(_engine(options, opening_prompts))
         except KeyboardInterrupt as stop:
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
-        story_seed = request.seed_for(opening)
-        options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha)
+        story_seed = opening.seed if seed is None else seed
+        replay = _replay_options(options, engine.fast.compile)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 inbox, server, options)  # fmt: skip
+                 inbox, server, replay)  # fmt: skip
+
+
+def _engine(options: GenerationOptions, prompts: list[str]):
+    """The session's engine (`plan.open_engine`): compiled only when asked, as an open-ended video cannot win the
+    compile back; its notice shown."""
+    quiet_libraries()
+    assert options.device is not None
+    engine = open_engine(options, options.device, decode_device=options.decode_device, prompts=prompts)
+    if engine.notice:
+        warn(engine.notice)
+    return engine
 
 
 def _bound(stack: ExitStack, address, inbox, public: bool, fps: int):
@@ -283,20 +306,11 @@ def _stop_on_signals(stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool, lora_rank: int,
-                    lora_alpha: float) -> str:  # fmt: skip
+def _replay_options(options: GenerationOptions, compiled: bool) -> str:
     """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
-    options = [] if model is None else ["--model", shlex.quote(model)]
-    options += ["--device", shlex.quote(device)]
-    if decode_device is not None:
-        options += ["--decode-device", shlex.quote(decode_device)]
     # compiled and eager kernels round differently on a GPU: the replay runs the path the session ran
-    options.append("--compile" if compile else "--no-compile")
-    if fp8:
-        options.append("--fp8")
-    if (lora_rank, lora_alpha) != (RELEASED_LORA.rank, RELEASED_LORA.alpha):
-        options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
-    return " ".join(options)
+    ran = replace(options.without_settings(), compile=CompileMode.ALWAYS if compiled else CompileMode.NEVER)
+    return shlex.join(ran.flags())
 
 
 def _warn(text: str) -> None:

@@ -22,14 +22,18 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..cache_dir import cache_root
+from ..request import CompileMode
+
+if TYPE_CHECKING:
+    from ..settings import GenerationSettings
 
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_ENV = "TRITON_CACHE_DIR"
@@ -107,6 +111,7 @@ class CompilePath(str, Enum):
 
     COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
     COMPILED_COLD = "compiled-cold"  # compiled from scratch: the video is long enough to pay for it
+    COMPILED = "compiled"  # compiled, the cache not looked at (bench, the Python API)
     EAGER = "eager"  # chosen: too short to win back the compile
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"
@@ -133,31 +138,66 @@ H200_COSTS = CompileCosts()
 
 @dataclass(frozen=True)
 class CompileChoice:
+    """Whether a run compiles, which way it runs and why: from the option to the engine and the sidecar."""
+
     compile: bool
     path: CompilePath
     reason: str  # one line, for the sidecar and the log
 
+    @classmethod
+    def fixed(cls, compile: bool, reason: str = "asked") -> CompileChoice:
+        """Compiled where the device has a compiled path (`compile`), else eager; the cache not looked at."""
+        return cls(compile, CompilePath.COMPILED if compile else CompilePath.EAGER_ASKED, reason)
+
 
 def choose_compile(
-    asked: bool | None, chunks: int, *, cuda: bool, warm: bool, costs: CompileCosts = H200_COSTS
+    asked: CompileMode, chunks: int, *, cuda: bool, warm: bool, costs: CompileCosts = H200_COSTS
 ) -> CompileChoice:
     """Compile or not, for a run of `chunks` chunks in all (every story of a batch shares the compile).
 
-    `asked`: True (`--compile`) always compiles, False (`--no-compile`) never, None lets the video's length
+    `asked`: ALWAYS (`--compile`) always compiles, NEVER (`--no-compile`) never, AUTO lets the video's length
     decide: compiled where the chunks after the first win back the first chunk's extra cost on this cache
     (`warm`), eager otherwise, so that the default is never slower than `--no-compile`.
     """
     if not cuda:
         return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled path runs on CUDA only")
-    if asked is False:
+    if asked is CompileMode.NEVER:
         return CompileChoice(False, CompilePath.EAGER_ASKED, "--no-compile")
     cost = costs.warm_s if warm else costs.cold_s
     saved = max(0, chunks - 1) * costs.saved_per_chunk_s
     compiled = CompilePath.COMPILED_WARM if warm else CompilePath.COMPILED_COLD
     cache = "warm" if warm else "cold"
-    if asked:
+    if asked is CompileMode.ALWAYS:
         return CompileChoice(True, compiled, f"--compile (compile cache {cache})")
     balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
     if saved > cost:
         return CompileChoice(True, compiled, balance)
     return CompileChoice(False, CompilePath.EAGER, balance)
+
+
+# -- the videos of one run ----------------------------------------------------------------------------------
+
+
+def graphs_description(architecture: str, settings: GenerationSettings, fp8: bool) -> dict[str, Any]:
+    """What decides the graphs a run compiles: the transformer's shape (`ModelSource.architecture`), the
+    generation settings and FP8."""
+    return {"model": architecture, "settings": settings.as_dict(), "fp8": fp8}
+
+
+def choose_for_videos(
+    asked: CompileMode, device, architecture: str, fp8: bool, videos: Sequence[tuple[int, GenerationSettings]]
+) -> CompileChoice:
+    """Compile or not for these videos together (each its chunks and settings), from the chunks they make in
+    all and whether their graphs are in the compile cache of `device` (a torch device)."""
+    if device.type != "cuda":
+        return choose_compile(asked, 0, cuda=False, warm=False)
+    folder = device_cache_dir(device)
+    chunks = sum(video_chunks for video_chunks, _ in videos)
+    signatures = [graphs_signature(graphs_description(architecture, settings, fp8)) for _, settings in videos]
+    return choose_compile(asked, chunks, cuda=True, warm=all(is_warm(folder, s) for s in signatures))
+
+
+def remember_compiled(device, architecture: str, settings: GenerationSettings, fp8: bool) -> None:
+    """A compiled video of these graphs finished on `device`: the next run finds them warm."""
+    description = graphs_description(architecture, settings, fp8)
+    mark_warm(device_cache_dir(device), graphs_signature(description), description)
