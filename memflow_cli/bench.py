@@ -25,7 +25,8 @@ import torch
 
 from .cache_dir import CACHE_DIR_ENV
 from .engine import Engine, Video, load_engine
-from .output import Mp4Writer, read_sidecar, sidecar_path
+from .mp4 import Mp4Writer
+from .output import read_sidecar, sidecar_path
 from .request import CompileMode, GenerationOptions, ModelSource
 from .settings import GenerationSettings
 from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV, CompileChoice

@@ -29,7 +29,7 @@ from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
 from .model.transformer import CausalWanTransformer, PassFunction
-from .output import Mp4Writer
+from .mp4 import Mp4Writer
 from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
 from .request import ModelKind, ModelSource

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Engine
-from .output import RenderInterrupted, write_video_sidecar
+from .mp4 import RenderInterrupted
+from .output import write_video_sidecar
 from .record import video_record
 from .script import Story, Timeline
 from .settings import GenerationSettings

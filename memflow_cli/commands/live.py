@@ -218,7 +218,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
              inbox, server, replay_options: str) -> None:  # fmt: skip
     from ..live.session import LiveRequest, SessionStop, run_live
-    from ..render import RenderInterrupted
+    from ..mp4 import RenderInterrupted
 
     stop = SessionStop(inbox)
     if server is not None:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..engine import Chunk, Engine
-from ..output import RenderInterrupted, write_video_sidecar
+from ..mp4 import RenderInterrupted
+from ..output import write_video_sidecar
 from ..record import video_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
