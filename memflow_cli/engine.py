@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
 
 DEMO = ModelKind.DEMO.value  # the tiny random model's name in reports and identities (`demo.py`)
-RANDOM = ModelKind.RANDOM.value  # the full-size model with random weights' (speed does not depend on values)
+RANDOM = ModelKind.RANDOM.value  # the full-size model with random weights, in identities (speed needs no values)
 
 
 def default_device() -> str:

@@ -7,21 +7,17 @@ the partial video is kept as `render` keeps it, exit code 130 (128 + the signal'
 
 from __future__ import annotations
 
-import io
-import os
-import shlex
-import signal
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from ..output import OutputError, reserved_output
+from ..output import OutputError
 from ..plan import (
     EXIT_FAILED,
     PlanError,
@@ -37,7 +33,6 @@ from ..plan import (
     story_settings,
 )
 from ..report import (
-    STOP_SIGNALS,
     Terminated,
     err,
     out,
@@ -48,7 +43,7 @@ from ..report import (
     warn,
 )
 from ..request import CompileMode, GenerationOptions, ModelSource
-from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
+from ..script import Story, format_seconds
 from ..settings import GenerationSettings
 from .common import (
     RELEASED_LORA,
@@ -73,7 +68,6 @@ EPILOG = (
     "Examples:  memflow live --prompt 'a lighthouse at dusk' -o live.mp4 --serve 8000  |  "
     "printf 'a storm rolls in\\n' | memflow live story.yaml -o live.mp4 --duration 30s"
 )
-MAX_TITLE_BYTES = 200
 
 
 def live(
@@ -142,6 +136,7 @@ def live(
     """
     from ..live.prompts import PromptInbox
     from ..live.server import ServeError, check_bind, parse_address
+    from ..live.start import bound_server, opening_story, replay_options, reserve_outputs, stdin_fd
 
     with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
         # 1. everything checked before the model loads (the output before torch is imported)
@@ -168,7 +163,7 @@ def live(
             compile=CompileMode.from_option(compile), fp8=fp8,
         )  # fmt: skip
         geometry = geometry_for(options.model)
-        opening, title = _opening(script, prompt, output, geometry)
+        opening, title = opening_story(script, prompt, output, geometry)
         settings = story_settings(opening, options.settings(), geometry)
         device = checked_device(device)
         if decode_device is not None:
@@ -178,16 +173,16 @@ def live(
             check_fp8(device)
         try:
             # 2. the outputs claimed, then the model
-            _reserve(stack, output, script, overwrite)
-            inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))  # lines typed while loading wait
-            server = _bound(stack, address, inbox, public, geometry.fps) if address is not None else None
+            reserve_outputs(stack, output, script, overwrite)
+            inbox = stack.enter_context(PromptInbox(stdin_fd(_warn), warn=_warn))  # lines typed while loading wait
+            server = bound_server(stack, address, inbox, public, geometry.fps) if address is not None else None
             opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
             engine = stack.enter_context(_engine(options, opening_prompts))
         except KeyboardInterrupt as stop:
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
         story_seed = opening.seed if seed is None else seed
-        replay = _replay_options(options, engine.fast.compile)
+        replay = replay_options(options, engine.fast.compile)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
                  inbox, server, replay)  # fmt: skip
 
@@ -203,21 +198,11 @@ def _engine(options: GenerationOptions, prompts: list[str]):
     return engine
 
 
-def _bound(stack: ExitStack, address, inbox, public: bool, fps: int):
-    """The page's server, listening before the model loads (a busy port is found at once), started later."""
-    from ..live.server import LiveServer
-
-    try:
-        return stack.enter_context(closing(LiveServer(address, inbox, public=public, fps=fps)))
-    except OSError as error:
-        raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
-                        "choose another port (0 picks a free one)") from None
-
-
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
              inbox, server, replay_options: str) -> None:  # fmt: skip
     from ..live.session import LiveRequest, SessionStop, run_live
+    from ..live.start import stop_on_signals
     from ..mp4 import RenderInterrupted
 
     stop = SessionStop(inbox)
@@ -231,7 +216,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
                           replay_options=replay_options)  # fmt: skip
     events = _Report(engine.geometry.fps, server)
     try:
-        with _stop_on_signals(stop):
+        with stop_on_signals(stop, _warn):
             result = run_live(engine, request, inbox, events, stop)
     except RenderInterrupted as aborted:
         where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
@@ -285,96 +270,5 @@ def _summary(result, fps: int) -> str:
             f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
-@contextmanager
-def _stop_on_signals(stop) -> Iterator[None]:
-    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it."""
-
-    def handle(signum: int, frame: Any) -> None:
-        if stop.finishing:
-            _warn("the video is finished; writing its replay script and metadata")
-            return
-        if stop.is_set():
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
-        stop.set("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower())
-        _warn("stopping after the chunk being made (once more to abort at once)")
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, *STOP_SIGNALS)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _replay_options(options: GenerationOptions, compiled: bool) -> str:
-    """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
-    # compiled and eager kernels round differently on a GPU: the replay runs the path the session ran
-    ran = replace(options.without_settings(), compile=CompileMode.ALWAYS if compiled else CompileMode.NEVER)
-    return shlex.join(ran.flags())
-
-
 def _warn(text: str) -> None:
     err.print(f"[yellow]live:[/] {escape(text)}", soft_wrap=True)
-
-
-def _stdin_fd() -> int | None:
-    """Where prompt lines come from; None where there is no stdin, or it is a terminal this session runs in
-    the background of (reading it would stop the process)."""
-    try:
-        fd = sys.stdin.fileno() if sys.stdin is not None else None
-    except (io.UnsupportedOperation, ValueError, AttributeError):
-        return None
-    if fd is not None and os.isatty(fd):
-        try:
-            if os.tcgetpgrp(fd) != os.getpgrp():
-                _warn("running in the background of a terminal: prompts come from the page only")
-                return None
-        except OSError:
-            return None
-    return fd
-
-
-def _opening(script: Path | None, prompt: str | None, output: Path, geometry) -> tuple[Story, str]:
-    """The opening story and the replay script's title."""
-    if script is not None:
-        try:
-            stories = load_scripts(script, geometry=geometry)
-        except ScriptError as error:
-            raise PlanError(str(error)) from None
-        if len(stories) != 1:
-            raise PlanError(f"{script} holds {len(stories)} stories; a live session opens with one",
-                            "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
-        return stories[0], stories[0].title
-    from ..live.prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
-
-    assert prompt is not None
-    try:
-        text = checked_prompt(prompt)
-    except PromptRefused:
-        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
-    title = output.stem.strip() or "live"
-    while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
-        title = title[:-1]
-    story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
-                  segments=(Segment(0.0, text),))  # fmt: skip
-    return story, title
-
-
-def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: bool) -> None:
-    """The video's files claimed as `render` claims them, and the replay script checked: nothing clobbered."""
-    from ..live.replay import is_replay_script
-
-    try:
-        stack.enter_context(reserved_output(output, overwrite=overwrite))
-    except OutputError as error:
-        raise PlanError(str(error), error.hint) from None
-    replay = output.with_suffix(".yaml")
-    if script is not None and replay.exists() and replay.resolve() == script.resolve():
-        raise PlanError(f"{replay} is the opening script; the replay script would replace it",
-                        "choose another output name")  # fmt: skip
-    if replay.is_dir():
-        raise PlanError(f"cannot write {replay}: it is a folder", "choose another output name")
-    if replay.exists() and not overwrite:
-        whose = "an earlier live session's replay script" if is_replay_script(replay) else "not written by memflow"
-        raise PlanError(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
-                        "move it away, or use --overwrite")  # fmt: skip
