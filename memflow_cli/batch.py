@@ -51,7 +51,6 @@ from .report import (
     err,
     out,
     print_error,
-    quiet_libraries,
     stop_code,
     stop_word,
     warn,
@@ -145,7 +144,6 @@ def opened_engine(
     options: GenerationOptions, device: str, decode_device: str | None, jobs: list[Job], prompts: Sequence[str]
 ) -> Engine:
     """The engine for `jobs` (`plan.open_engine`: compiled where they win it back), its notice shown."""
-    quiet_libraries()
     engine = open_engine(options, device, decode_device=decode_device, videos=_videos(jobs), prompts=prompts)
     if engine.notice:
         warn(engine.notice)
@@ -230,7 +228,6 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
     device = torch.device(checked_device(name))
     if options.fp8:
         check_fp8(str(device))
-    quiet_libraries()
     geometry = geometry_for(options.model)
     jobs, problems = plan_jobs(request, geometry, keep_going=True)
     for problem in problems:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..plan import EXIT_BAD_INPUT, check_fp8, checked_device, geometry_for, option_settings
-from ..report import download_hint, err, out, quiet_libraries
+from ..report import download_hint, err, out
 from ..request import CompileMode, GenerationOptions, ModelKind, ModelSource
 from .common import (
     BankSize,
@@ -113,7 +113,6 @@ def bench(
             check_fp8(str(dev))
     if memory_limit is not None and dev.type != "cuda":
         fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
-    quiet_libraries()
     try:
         options = bench_mod.BenchOptions(
             model=source, device=dev, settings=settings, latent_frames=frames, switches=switches,

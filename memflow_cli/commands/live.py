@@ -36,7 +36,6 @@ from ..report import (
     Terminated,
     err,
     out,
-    quiet_libraries,
     stop_code,
     stop_signals_like_ctrl_c,
     stop_word,
@@ -190,7 +189,6 @@ def live(
 def _engine(options: GenerationOptions, prompts: list[str]):
     """The session's engine (`plan.open_engine`): compiled only when asked, as an open-ended video cannot win the
     compile back; its notice shown."""
-    quiet_libraries()
     assert options.device is not None
     engine = open_engine(options, options.device, decode_device=options.decode_device, prompts=prompts)
     if engine.notice:

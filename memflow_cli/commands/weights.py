@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..plan import EXIT_BAD_INPUT
-from ..report import download_hint, out, quiet_libraries
+from ..report import download_hint, out
 from .common import fail
 
 app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.", rich_markup_mode=None)
@@ -23,7 +23,6 @@ def download(
     """Fetch base.pt + lora.pt (KlingTeam/MemFlow) and the umT5 encoder, tokenizer and VAE of Wan-AI/Wan2.1-T2V-1.3B."""
     if to is not None and to.exists() and not to.is_dir():
         fail(f"--to {to}: it is a file, not a folder", EXIT_BAD_INPUT, "give a folder for the weights")
-    quiet_libraries()
     from ..weights import WeightsError
     from ..weights import download as fetch
 
@@ -40,7 +39,6 @@ def verify(
     model: Annotated[str | None, typer.Option(help="Weights folder. Default: the HF cache.", metavar="DIR")] = None,
 ) -> None:
     """Check that every weight file is present and readable, and each released Wan file has its released size."""
-    quiet_libraries()
     from ..weights import WeightsError, resolve_model
     from ..weights import verify as check_files
 
