@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from .cache_dir import CACHE_DIR_ENV
-from .engine import Engine, Video, load_engine
+from .engine import Engine, Video
 from .mp4 import Mp4Writer
 from .output import read_sidecar, sidecar_path
+from .plan import open_engine
 from .request import CompileMode, GenerationOptions, ModelSource
 from .settings import GenerationSettings
-from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV, CompileChoice
+from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
 
 __all__ = ["BenchError", "BenchOptions", "run"]
 
@@ -213,10 +214,12 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     to_video = time_to_video(options, status) if options.time_to_video else None
     with _memory_limit(device, options.memory_limit_gib):
         status(f"loading {options.model.label} on {device}")
-        eager = CompileChoice.fixed(False, "--no-compile") if options.compile is CompileMode.NEVER else None
-        with load_engine(
-            options.model, device, compile=eager, fp8=options.fp8,
-            decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
+        engine_options = options.render_options()
+        if engine_options.compile is CompileMode.AUTO:  # the bench measures the compiled steady state
+            engine_options = replace(engine_options, compile=CompileMode.ALWAYS)
+        with open_engine(
+            engine_options, str(device), decode_device=engine_options.decode_device,
+            full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
         ) as engine:  # fmt: skip
             result = _measure(engine, options, status)

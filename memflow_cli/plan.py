@@ -455,12 +455,15 @@ def claim(job: Job, request: RenderRequest, geometry: VideoGeometry, held: ExitS
 def open_engine(
     options: GenerationOptions, device: str, *, decode_device: str | None = None,
     videos: list[tuple[int, GenerationSettings]] | None = None, prompts: tuple[str, ...] | list[str] = (),
+    embed_cache: bool = True, full_text_encoder: bool = False,
 ) -> Engine:  # fmt: skip
     """The engine the options ask for, on `device` (close it, or use it in `with`), `prompts` ready; a weights
-    problem is a PlanError with exit code 1.
+    problem is a PlanError with exit code 1. Every command loads its engine here.
 
     Whether it compiles: as `options.compile` says, or where `videos` (each its chunks and settings) win the
-    compile back together (none: an open-ended video such as `memflow live`'s compiles only when asked)."""
+    compile back together (none: an open-ended video such as `memflow live`'s compiles only when asked).
+    `embed_cache`: False reads and writes no prompt-embedding cache (bench times every encoding);
+    `full_text_encoder`: the random model encodes with a full-size random umT5-XXL (`bench --text-encoder`)."""
     import torch
 
     from .engine import load_engine
@@ -471,6 +474,7 @@ def open_engine(
                                videos or [])  # fmt: skip
     try:
         return load_engine(options.model, device, options.lora, compile=choice, fp8=options.fp8,
-                           decode_device=decode_device, prompts=prompts)  # fmt: skip
+                           decode_device=decode_device, full_text_encoder=full_text_encoder, prompts=prompts,
+                           embed_cache=embed_cache)  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..plan import EXIT_BAD_INPUT, check_fp8, checked_device, geometry_for, option_settings
-from ..report import download_hint, err, out
+from ..plan import EXIT_BAD_INPUT, PlanError, check_fp8, checked_device, geometry_for, option_settings
+from ..report import err, out
 from ..request import CompileMode, GenerationOptions, ModelKind, ModelSource
 from .common import (
     BankSize,
@@ -104,7 +104,6 @@ def bench(
     import torch
 
     from .. import bench as bench_mod
-    from ..loading import WeightsError
 
     with reported():
         dev = torch.device(checked_device(device))
@@ -124,8 +123,8 @@ def bench(
     with err.status("benchmark") as spinner:
         try:
             result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
-        except WeightsError as error:
-            fail(str(error), hint=download_hint(str(error)))
+        except PlanError as error:  # the weights cannot be loaded
+            fail(error.message, error.exit_code, error.hint)
         except torch.cuda.OutOfMemoryError as error:
             limit = f"the --memory-limit of {memory_limit:g} GiB" if memory_limit is not None else "the GPU"
             fail(f"the run does not fit {limit}: {str(error).splitlines()[0]}")
