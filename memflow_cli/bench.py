@@ -24,18 +24,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .cache_dir import CACHE_DIR_ENV
 from .decode import StreamingDecoder
 from .decoders import WAN_DECODER, DecoderRequest
-from .embed_cache import CACHE_DIR_ENV
-from .engine import RANDOM, Engine, Video, load_engine
-from .output import Mp4Writer, read_sidecar, sidecar_path
+from .engine import Engine, Video
+from .mp4 import Mp4Writer
+from .output import read_sidecar, sidecar_path
+from .plan import open_engine
+from .request import CompileMode, GenerationOptions, ModelSource
 from .settings import GenerationSettings, VideoGeometry
 from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
 
 if TYPE_CHECKING:
     from .tae import StreamingTaeDecoder
 
-__all__ = ["RANDOM", "BenchError", "BenchOptions", "run"]
+__all__ = ["BenchError", "BenchOptions", "run"]
 
 COMPARE_MODES: dict[str, dict[str, Any]] = {  # memory mode and SMA of each compared variant
     "none": {"mode": "none", "sma": False},
@@ -59,14 +62,15 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str | None  # "demo", "random" (full-size random weights) or a weights folder / None (HF cache)
+    model: ModelSource
     device: torch.device
     settings: GenerationSettings  # as `render` takes them; the geometry is the model's
     latent_frames: int = 120
     switches: int = 0
-    # True: the compiled fast path; False: the eager model, no CUDA graphs, plain decoder steps. None: the path
-    # `memflow render` runs by default (graphed on CUDA), for the steady state and the time-to-video renders
-    compile: bool | None = None
+    # ALWAYS: the compiled fast path; NEVER: the eager model, no CUDA graphs, plain decoder steps. AUTO: what
+    # `memflow render` chooses for this video by default (graphed on CUDA unless compiling pays), for the steady
+    # state and the time-to-video renders
+    compile: CompileMode = CompileMode.AUTO
     fp8: bool = False  # the blocks' linear layers in FP8 (check `speed.fp8.fp8_unsupported_reason` first)
     compare: bool = False
     seed: int = 0
@@ -88,6 +92,13 @@ class BenchOptions:
     def chunks(self) -> int:
         """Chunks of the measured video: `latent_frames` rounded down to whole chunks (one at least)."""
         return max(1, self.latent_frames // self.settings.geometry.frames_per_chunk)
+
+    def render_options(self) -> GenerationOptions:
+        """The options of `memflow render` that make the bench's video: its model, devices and settings."""
+        decode_device = None if self.decode_device is None else str(self.decode_device)
+        options = GenerationOptions(model=self.model, device=str(self.device), decode_device=decode_device,
+                                    compile=self.compile, fp8=self.fp8, decoder=self.decoder)  # fmt: skip
+        return options.with_settings(self.settings)
 
 
 def _sync(device: torch.device) -> None:
@@ -240,12 +251,12 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     device = options.device
     to_video = time_to_video(options, status) if options.time_to_video else None
     with _memory_limit(device, options.memory_limit_gib):
-        status(f"loading {options.model or 'weights'} on {device}")
-        with load_engine(
-            options.model, device, compile=options.compile, fp8=options.fp8,
-            decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
+        status(f"loading {options.model.label} on {device}")
+        engine_options = options.render_options()
+        with open_engine(
+            engine_options, str(device), decode_device=engine_options.decode_device,
+            videos=[(options.chunks, options.settings)], full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
-            decoder=options.decoder,
         ) as engine:  # fmt: skip
             result = _measure(engine, options, status)
     if to_video is not None:
@@ -296,17 +307,8 @@ def _write_bench_story(path: Path, options: BenchOptions) -> Path:
 
 def render_command(story: Path, target: Path, options: BenchOptions) -> list[str]:
     """`memflow render` of `story` to `target` with the bench's model, devices and settings."""
-    memory, steps = options.settings.memory, options.settings.sampler.steps
     command = [sys.executable, "-m", "memflow_cli", "render", str(story), "-o", str(target), "--quiet"]
-    command += [] if options.model is None else ["--model", options.model]
-    command += ["--device", str(options.device)]
-    command += [] if options.decode_device is None else ["--decode-device", str(options.decode_device)]
-    command += ["--memory", memory.mode, "--window", str(memory.window), "--sink", str(memory.sink)]
-    command += ["--bank-size", str(memory.bank_size), "--record-interval", str(memory.record_interval)]
-    command += ["--sma" if memory.sma else "--no-sma", "--steps", ",".join(map(str, steps))]
-    command += {True: ["--compile"], False: ["--no-compile"], None: []}[options.compile]
-    command += options.decoder.options()
-    return command + (["--fp8"] if options.fp8 else [])
+    return command + options.render_options().flags()
 
 
 def _render_process(story: Path, target: Path, options: BenchOptions, env: dict[str, str]) -> dict[str, Any]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-BUILT_IN_MODELS = ("demo", "random")  # `--model` values whose decoders are built with random weights
-
+if TYPE_CHECKING:
+    from .request import ModelSource
 
 class DecoderChoice(enum.Enum):
     WAN = "wan"  # the official Wan2.1 VAE: the full quality
@@ -45,11 +46,14 @@ class DecoderRequest:
 WAN_DECODER = DecoderRequest()
 
 
-def decoder_request(model: str | None, name: str | None, weights: Path | None,
+def decoder_request(model: ModelSource | str | None, name: str | None, weights: Path | None,
                     default: DecoderChoice = DecoderChoice.WAN) -> DecoderRequest:  # fmt: skip
     """`--decoder` and `--decoder-weights` for `--model`, checked before the model loads: a bad option, or a
     TAEHV file that is missing, cut or of another layout, is a PlanError (one line, exit 2)."""
     from .plan import PlanError
+    from .request import ModelSource
+
+    source = ModelSource.parse(model)
 
     if name is None:
         choice = default
@@ -61,13 +65,13 @@ def decoder_request(model: str | None, name: str | None, weights: Path | None,
     if weights is not None and choice is not DecoderChoice.TAE:
         raise PlanError("--decoder-weights is the TAEHV decoder's file", "add --decoder tae, or leave it out")
     request = DecoderRequest(choice, weights)
-    if request.is_tae and model in BUILT_IN_MODELS:
+    if request.is_tae and source.built_in:
         if weights is not None:
-            raise PlanError(f"--decoder-weights: the {model} model decodes with random TAEHV weights of its own",
+            raise PlanError(f"--decoder-weights: the {source.label} model decodes with random TAEHV weights of its own",
                             "leave out --decoder-weights")  # fmt: skip
         return request
     if request.is_tae:
-        check_tae_file(request, model)
+        check_tae_file(request, source.folder)
     return request
 
 

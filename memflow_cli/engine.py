@@ -34,9 +34,10 @@ from .handover import handed_over
 from .merged_cache import MergedCache, MergedCacheSettings
 from .model.build import build_transformer
 from .model.transformer import CausalWanTransformer
-from .output import Mp4Writer
+from .mp4 import Mp4Writer
 from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
+from .request import ModelKind, ModelSource
 from .script import Timeline
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
 from .speed import FastPath, choose_fast_path
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
 
     from .tae import StreamingTaeDecoder, TaehvDecoder
 
-DEMO = "demo"  # the tiny random model (`demo.py`)
-RANDOM = "random"  # the full-size 1.3B transformer and Wan2.1 VAE with random weights (speed does not depend on values)
+DEMO = ModelKind.DEMO.value  # the tiny random model's name in reports and identities (`demo.py`)
+RANDOM = ModelKind.RANDOM.value  # the full-size model with random weights, in identities (speed needs no values)
 
 
 def default_device() -> str:
@@ -126,7 +127,8 @@ class Engine:
     notice: str | None = None  # shown to the user (the demo and random models' warning)
     decode_device: torch.device | None = None  # where the VAE decodes when not on `device` (`decode_on`)
     startup: Startup | None = None  # what the process and the loading took before this engine was ready
-    compile_choice: CompileChoice | None = None  # how the fast path was decided, where it was (`render`)
+    source: ModelSource = field(default_factory=ModelSource)  # what `load_engine` was asked for
+    compile_choice: CompileChoice | None = None  # how the fast path was decided (`load_engine` sets it)
     tae: TaehvDecoder | None = None  # the TAEHV preview decoder: set, it decodes instead of the VAE (`--decoder tae`)
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
 
@@ -257,19 +259,20 @@ class Engine:
 
 
 def load_engine(
-    model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
-    compile: bool | None = None, fp8: bool = False, decode_device: str | torch.device | None = None,
-    full_text_encoder: bool = False, compile_choice: CompileChoice | None = None, prompts: Sequence[str] = (),
-    embed_cache: EmbedCacheSettings | bool = True, decoder: DecoderRequest = WAN_DECODER,
+    model: ModelSource | str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
+    compile: CompileChoice | None = None, fp8: bool = False, decode_device: str | torch.device | None = None,
+    full_text_encoder: bool = False, prompts: Sequence[str] = (), embed_cache: EmbedCacheSettings | bool = True,
+    decoder: DecoderRequest = WAN_DECODER,
 ) -> Engine:  # fmt: skip
-    """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
+    """Load the demo model, full-size random weights or real weights (`ModelSource`; a string is parsed as
+    `--model` is: 'demo', 'random', a folder, or None for the HF cache).
 
-    `compile` chooses the fast path on CUDA (`speed.choose_fast_path`): None the graphed path (the default),
-    True the compiled one (the first chunk then pays the compile), False plain eager kernels.
+    `compile` decides the fast path on CUDA (`speed.choose_fast_path`) and is reported (`Engine.compile_path`):
+    None the graphed path (the default: eager kernels, repeated passes replayed from CUDA graphs), a choice
+    whose `compile` is True the compiled one (the first chunk then pays the compile), False plain eager kernels.
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
-    random model encodes prompts with a full-size random umT5-XXL instead of making them noise. With
-    `compile_choice`, that choice decides `compile` and is reported (`Engine.compile_path`).
+    random model encodes prompts with a full-size random umT5-XXL instead of making them noise.
 
     `prompts` (the first video's) are ready when the engine is: read from the prompt-embedding cache, or
     encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
@@ -278,28 +281,35 @@ def load_engine(
     models, else the `taew2_1` file).
     """
     import_s, started = since_process_start(), time.perf_counter()
-    if compile_choice is not None:
-        compile = compile_choice.compile
+    source = ModelSource.parse(model)
     dev = torch.device(device or default_device())
     if dev.type == "cuda":
         if dev.index is None:  # plain "cuda": the current GPU, named so that everything agrees on it
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
-    speed: dict[str, bool | None] = {"compile": compile, "fp8": fp8}
     if embed_cache is True:
         embed_cache = EmbedCacheSettings.from_environment()
+    speed = Speed(None if compile is None else compile.compile, fp8)
     loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
-    engine = _engine(model, lora, loading, full_text_encoder)
+    engine = _engine(source, lora, loading, full_text_encoder)
     with ExitStack() as failed:
         failed.callback(engine.close)
         engine.prompts.wait()  # a text encoder that cannot load or encode fails here, as the other weights do
-        engine.tae = _preview_decoder(model, decoder, loading)
+        engine.tae = _preview_decoder(source, decoder, loading)
         if decode_device is not None:
             engine.decode_on(torch.device(decode_device))
         failed.pop_all()
-    engine.compile_choice = compile_choice
+    engine.source, engine.compile_choice = source, compile
     engine.startup = Startup(import_s=import_s, load_s=time.perf_counter() - started)
     return engine
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The fast path's choices that a model's loader passes on (`choose_fast_path`)."""
+
+    compile: bool | None  # True compiled, None graphed, False plain eager (`choose_fast_path`)
+    fp8: bool
 
 
 @dataclass(frozen=True)
@@ -307,7 +317,7 @@ class _Loading:
     """What every model's loader is asked for."""
 
     device: torch.device
-    speed: dict[str, bool | None]
+    speed: Speed
     embed_cache: EmbedCacheSettings | None  # None: no prompt-embedding cache on disk
     prompts: tuple[str, ...]  # prepared while the model loads
 
@@ -327,17 +337,17 @@ class _Loading:
         return PromptEmbeddings(load, self.device, cache, name=name)
 
 
-def _engine(model: str | None, lora: LoraSettings | None, loading: _Loading, full_text_encoder: bool) -> Engine:
-    if full_text_encoder and model != RANDOM:
+def _engine(source: ModelSource, lora: LoraSettings | None, loading: _Loading, full_text_encoder: bool) -> Engine:
+    if full_text_encoder and not source.is_random:
         raise ValueError("only the random model takes a full-size random text encoder; the others have their own")
-    if model == DEMO:
+    if source.is_demo:
         return _demo_engine(loading)
-    if model == RANDOM:
+    if source.is_random:
         return _random_engine(loading, full_text_encoder)
-    return _weights_engine(model, lora, loading)
+    return _weights_engine(source.folder, lora, loading)
 
 
-def _preview_decoder(model: str | None, request: DecoderRequest, loading: _Loading) -> TaehvDecoder | None:
+def _preview_decoder(source: ModelSource, request: DecoderRequest, loading: _Loading) -> TaehvDecoder | None:
     """The TAEHV decoder where it was asked for: random weights for the demo and random models (the demo's
     narrow), else the file `--decoder-weights` names, or `taew2_1.pth` in the weights folder or the hub cache."""
     if not request.is_tae:
@@ -346,17 +356,17 @@ def _preview_decoder(model: str | None, request: DecoderRequest, loading: _Loadi
     from .tae.files import tae_weights
     from .tae.weights import prepared
 
-    if model in (DEMO, RANDOM):
+    if source.is_demo or source.is_random:
         from .demo import build_demo_taehv
 
-        decoder = build_demo_taehv() if model == DEMO else random_taehv(TAEW2_1)
+        decoder = build_demo_taehv() if source.is_demo else random_taehv(TAEW2_1)
         return prepared(decoder, loading.device, loading.dtype)
-    folder = Path(model).expanduser() if model is not None else None
+    folder = Path(source.folder).expanduser() if source.folder is not None else None
     return load_taehv(tae_weights(request.weights, folder), loading.device, loading.dtype)
 
 
-def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool | None]) -> FastPath:
-    return choose_fast_path(config, device, model_dtype(device), **speed)
+def _fast_path(config: TransformerConfig, device: torch.device, speed: Speed) -> FastPath:
+    return choose_fast_path(config, device, model_dtype(device), compile=speed.compile, fp8=speed.fp8)
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:

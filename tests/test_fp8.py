@@ -23,6 +23,7 @@ from memflow_cli.render import render_story
 from memflow_cli.script import load_scripts
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 from memflow_cli.speed import fp8
+from memflow_cli.speed.compile_cache import CompileChoice
 from memflow_cli.speed.fp8 import (
     Fp8Linear,
     dequantise_rows,
@@ -317,7 +318,7 @@ def test_bench_fp8_off_the_gpu_is_refused_without_a_measurement():
 @needs_cpu_fp8
 def test_an_fp8_engine_renders_a_story_and_says_so_in_the_sidecar(tmp_path: Path):
     """The engine's FP8 hook, run through torch's CPU kernel (the CLI keeps --fp8 to GPUs)."""
-    engine = load_engine("demo", "cpu", compile=False, fp8=True)
+    engine = load_engine("demo", "cpu", compile=CompileChoice.fixed(False), fp8=True)
     assert engine.fp8 and isinstance(engine.transformer.blocks[0].ffn[0], Fp8Linear)
     (story,) = load_scripts(write_story(tmp_path / "fox.yaml", ["0s", "1s"], "3s"), 10.0, engine.geometry)
     target = tmp_path / "fox.mp4"

@@ -14,11 +14,12 @@ import torch
 from memflow_cli import IMPORTED_AT
 from memflow_cli.engine import load_engine
 from memflow_cli.output import sidecar_path
-from memflow_cli.render import compile_choice, graphs_description, render_story
+from memflow_cli.render import render_story
+from memflow_cli.request import CompileMode
 from memflow_cli.script import Segment, Story
 from memflow_cli.settings import GenerationSettings, VideoGeometry
 from memflow_cli.speed import compile_cache, process
-from memflow_cli.speed.compile_cache import CompileKey, CompilePath, choose_compile
+from memflow_cli.speed.compile_cache import CompileCosts, CompileKey, CompilePath, choose_compile
 from memflow_cli.timing import _process_age_from_proc, since_process_start, warmup_seconds
 
 ROUNDING = 3e-3  # the sidecar rounds each phase to the millisecond: five of them may sum 2.5 ms above the total
@@ -113,6 +114,9 @@ def test_process_settings_set_the_cache_environment_for_a_gpu_before_anything_co
     assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")
 
 
+COSTS = CompileCosts(cold_s=70.6, warm_s=10.7, saved_per_chunk_s=0.149)
+
+
 # -- compile or not ---------------------------------------------------------------------------------------------
 
 
@@ -124,12 +128,17 @@ def test_process_settings_set_the_cache_environment_for_a_gpu_before_anything_co
         (False, 4000, True, True, CompilePath.EAGER_ASKED, False),  # --no-compile: plain eager, no graphs
         (True, 2, True, False, CompilePath.COMPILED_COLD, True),  # --compile always compiles
         (True, 2, True, True, CompilePath.COMPILED_WARM, True),
-        (None, 40, True, False, CompilePath.GRAPHED, None),  # the default: graphed, whatever the length or cache
-        (None, 4000, True, True, CompilePath.GRAPHED, None),
+        (None, 40, True, False, CompilePath.GRAPHED, None),  # the default: graphed where compiling does not pay
+        (None, 40, True, True, CompilePath.GRAPHED, None),  # 39 x 0.149 s saved < 10.7 s warm
+        (None, 80, True, True, CompilePath.COMPILED_WARM, True),  # 79 x 0.149 s > 10.7 s
+        (None, 400, True, False, CompilePath.GRAPHED, None),  # 399 x 0.149 s < 70.6 s cold
+        (None, 500, True, False, CompilePath.COMPILED_COLD, True),
+        (None, 4000, True, True, CompilePath.COMPILED_WARM, True),
     ],
 )
-def test_the_default_on_cuda_is_the_graphed_path_and_compiling_is_asked_for(asked, chunks, cuda, warm, path, compile):
-    choice = choose_compile(asked, chunks, cuda=cuda, warm=warm)
+def test_the_default_compiles_only_where_the_video_wins_the_compile_back(asked, chunks, cuda, warm, path, compile):
+    assert COSTS == CompileCosts()  # the defaults: the H200 measurements
+    choice = choose_compile(CompileMode(asked), chunks, cuda=cuda, warm=warm, costs=COSTS)
     assert (choice.path, choice.compile) == (path, compile)
     assert choice.reason
 
@@ -155,19 +164,22 @@ def test_a_render_runs_graphed_unless_asked_and_compiles_warm_once_its_graphs_ar
     monkeypatch.setenv("MEMFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(CompileKey, "current", classmethod(lambda cls, device: H200))
     settings = GenerationSettings(geometry=VideoGeometry())
-    minute = Story(path=tmp_path / "a.yaml", title="a", seed=0, duration_s=60.0, segments=(Segment(0.0, "a fox"),))
-    plans = [(minute, settings)]  # 80 chunks
-    assert compile_choice(None, "cpu", None, plans, None, False).path is CompilePath.EAGER_DEVICE
-    default = compile_choice(None, "cuda", None, plans, None, False)
-    assert default.path is CompilePath.GRAPHED and "80 chunks" in default.reason
-    assert compile_choice(None, "cuda", True, plans, None, False).path is CompilePath.COMPILED_COLD
-    description = graphs_description(None, settings, False)
+    minute, preview = [(80, settings)], [(40, settings)]  # 60 s and 30 s of video: chunks and settings
+    auto, cuda = CompileMode.AUTO, torch.device("cuda")
+
+    def choice(videos, fp8=False, asked=auto, device=cuda):
+        return compile_cache.choose_for_videos(asked, device, "wan2.1-t2v-1.3b", fp8, videos)
+
+    assert choice(minute, device=torch.device("cpu")).path is CompilePath.EAGER_DEVICE
+    cold = choice(minute)
+    assert cold.path is CompilePath.GRAPHED and "80 chunks" in cold.reason and "cold" in cold.reason
+    description = compile_cache.graphs_description("wan2.1-t2v-1.3b", settings, False)
     folder = compile_cache.compile_cache_dir(H200)
     compile_cache.mark_warm(folder, compile_cache.graphs_signature(description), description)
-    assert compile_choice(None, "cuda", True, plans, None, False).path is CompilePath.COMPILED_WARM
-    assert compile_choice(None, "cuda", True, plans, None, True).path is CompilePath.COMPILED_COLD  # fp8: other graphs
-    assert compile_choice(None, "cuda", None, plans, None, False).path is CompilePath.GRAPHED  # warm or not
-    assert compile_choice(None, "cuda", False, plans, None, False).path is CompilePath.EAGER_ASKED
+    assert choice(minute).path is CompilePath.COMPILED_WARM
+    assert choice(minute, fp8=True).path is CompilePath.GRAPHED  # --fp8: other graphs
+    assert choice(preview).path is CompilePath.GRAPHED  # a 40-chunk preview
+    assert choice(minute, asked=CompileMode.NEVER).path is CompilePath.EAGER_ASKED
 
 
 # -- on a GPU: the compiled path's kernels land in memflow's cache, and the next render finds them warm ---------------

@@ -10,6 +10,7 @@ import typer
 
 from ..plan import PlanError, RenderRequest, check_outputs, check_seed, lora_settings, parse_duration
 from ..report import err, out, stop_code, stop_signals_like_ctrl_c, stop_word
+from ..request import CompileMode, GenerationOptions, ModelSource
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
@@ -114,14 +115,16 @@ def render(
         if ranks is not None and not ranks.is_main:
             out.quiet = err.quiet = True  # rank 0 reports, once for all
         check_seed(seed)
+        options = GenerationOptions(
+            model=ModelSource.parse(model), device=device, decode_device=decode_device, memory=memory,
+            window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma, steps=steps,
+            lora=lora_settings(lora_rank, lora_alpha), compile=CompileMode.from_option(compile), fp8=fp8,
+            decoder=decoder_request(model, decoder, decoder_weights),
+        )  # fmt: skip
         request = RenderRequest(
-            scripts=tuple(scripts), output=output, out_dir=out_dir, model=model, device=device,
-            decode_device=decode_device, seed=seed, duration_s=parse_duration(duration), overwrite=overwrite,
-            skip_existing=skip_existing,
-            settings={"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-                      "record_interval": record_interval, "sma": sma, "steps": steps},
-            lora=lora_settings(lora_rank, lora_alpha), compile=compile, fp8=fp8,
-            segment_seconds=segment_seconds, decoder=decoder_request(model, decoder, decoder_weights),
+            scripts=tuple(scripts), output=output, out_dir=out_dir, options=options, seed=seed,
+            duration_s=parse_duration(duration), overwrite=overwrite, skip_existing=skip_existing,
+            segment_seconds=segment_seconds,
         )  # fmt: skip
         check_outputs(request)
         try:
@@ -135,7 +138,7 @@ def _run(request: RenderRequest, ranks, gpus: int | None, quiet: bool) -> int:
     if gpus is not None and ranks is None:
         from ..distributed import launch, launch_problem, without_option
 
-        if problem := launch_problem(gpus, request.device):
+        if problem := launch_problem(gpus, request.options.device):
             raise PlanError(*problem)
         return launch(without_option(sys.argv[1:], "--gpus"), gpus)
     if ranks is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..plan import EXIT_BAD_INPUT
-from ..report import download_hint, out, quiet_libraries
+from ..report import download_hint, out
 from .common import Decoder, DecoderWeights, fail
 
 app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.", rich_markup_mode=None)
@@ -28,7 +28,6 @@ def download(
     """Fetch base.pt + lora.pt (KlingTeam/MemFlow) and the umT5 encoder, tokenizer and VAE of Wan-AI/Wan2.1-T2V-1.3B."""
     if to is not None and to.exists() and not to.is_dir():
         fail(f"--to {to}: it is a file, not a folder", EXIT_BAD_INPUT, "give a folder for the weights")
-    quiet_libraries()
     if _tae_asked(decoder):
         _download_tae(to)
         return
@@ -52,7 +51,6 @@ def verify(
     decoder_weights: DecoderWeights = None,
 ) -> None:
     """Check that every weight file is present and readable, and each released Wan file has its released size."""
-    quiet_libraries()
     if _tae_asked(decoder, decoder_weights):
         _verify_tae(model, decoder_weights)
         return

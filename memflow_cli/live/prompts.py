@@ -73,7 +73,7 @@ class PromptInbox:
         self._clock = clock
         self._queue: deque[Arrival] = deque()
         self._lock = threading.Lock()  # held while bytes are read from stdin and until their lines are queued
-        self._changed = threading.Condition(threading.Lock())
+        self._queued = threading.Lock()  # guards `_queue` and `_arrived`; `wait` wakes through the pipe
         self._buffer = bytearray()
         self._skipping = False  # inside a line already refused as too long: dropped up to its end
         self._overflowing = False  # stdin lines are being dropped: the queue was full
@@ -99,18 +99,18 @@ class PromptInbox:
 
     def take(self) -> Arrival | None:
         """The oldest prompt not taken yet, or None."""
-        with self._changed:
+        with self._queued:
             return self._queue.popleft() if self._queue else None
 
     def pending(self) -> int:
-        with self._changed:
+        with self._queued:
             return len(self._queue)
 
     @contextmanager
     def notifying(self, arrived: Callable[[str], None]) -> Iterator[None]:
         """Within the block, `arrived(prompt)` is called for every prompt waiting at its start and, on the
         thread that queues it, for every prompt queued. It must return quickly: it is told, it does not decide."""
-        with self._changed:
+        with self._queued:
             self._arrived = arrived
             waiting = [arrival.prompt for arrival in self._queue]
         try:
@@ -118,16 +118,15 @@ class PromptInbox:
                 arrived(prompt)
             yield
         finally:
-            with self._changed:
+            with self._queued:
                 self._arrived = None
 
     def _push(self, arrival: Arrival) -> bool:
         """Queue `arrival`; False (nothing queued) where `MAX_PENDING` prompts are waiting already."""
-        with self._changed:
+        with self._queued:
             if len(self._queue) >= MAX_PENDING:
                 return False
             self._queue.append(arrival)
-            self._changed.notify_all()
             arrived = self._arrived
         if arrived is not None:
             try:

@@ -171,7 +171,6 @@ class LiveServer:
         self.clock = clock
         self.frames = _Clients()
         self.events = _Clients()
-        self._shown = 0  # frames played so far
         self._status: dict[str, Any] = {"frame": 0, "time_s": 0.0, "prompt": "", "segments": [], "ended": False}
         self._status_lock = threading.Lock()
         self._playlist: queue.Queue = queue.Queue()  # (due, frame array, status) in order; unbounded, frames are few
