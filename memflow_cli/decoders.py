@@ -9,10 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .request import ModelSource
 
 class DecoderChoice(enum.Enum):
     WAN = "wan"  # the official Wan2.1 VAE: the full quality
@@ -44,48 +41,3 @@ class DecoderRequest:
 
 
 WAN_DECODER = DecoderRequest()
-
-
-def decoder_request(model: ModelSource | str | None, name: str | None, weights: Path | None,
-                    default: DecoderChoice = DecoderChoice.WAN) -> DecoderRequest:  # fmt: skip
-    """`--decoder` and `--decoder-weights` for `--model`, checked before the model loads: a bad option, or a
-    TAEHV file that is missing, cut or of another layout, is a PlanError (one line, exit 2)."""
-    from .plan import PlanError
-    from .request import ModelSource
-
-    source = ModelSource.parse(model)
-
-    if name is None:
-        choice = default
-    else:
-        try:
-            choice = DecoderChoice(name.strip().lower())
-        except ValueError:
-            raise PlanError(f"--decoder {name}: not a decoder", "choose --decoder wan or --decoder tae") from None
-    if weights is not None and choice is not DecoderChoice.TAE:
-        raise PlanError("--decoder-weights is the TAEHV decoder's file", "add --decoder tae, or leave it out")
-    request = DecoderRequest(choice, weights)
-    if request.is_tae and source.built_in:
-        if weights is not None:
-            raise PlanError(f"--decoder-weights: the {source.label} model decodes with random TAEHV weights of its own",
-                            "leave out --decoder-weights")  # fmt: skip
-        return request
-    if request.is_tae:
-        check_tae_file(request, source.folder)
-    return request
-
-
-def check_tae_file(request: DecoderRequest, model: str | None) -> Path:
-    """The TAEHV file the engine will load for `model`, read and checked now (it is small)."""
-    from .loading import WeightsError
-    from .plan import PlanError
-    from .tae.files import tae_weights
-    from .tae.weights import TAE_DOWNLOAD_COMMAND, checked_decoder_state, read_state
-
-    try:
-        path = tae_weights(request.weights, Path(model).expanduser() if model is not None else None)
-        checked_decoder_state(read_state(path), path)
-    except WeightsError as error:
-        hint = None if TAE_DOWNLOAD_COMMAND in str(error) else f"the released file: {TAE_DOWNLOAD_COMMAND}"
-        raise PlanError(str(error), hint) from None
-    return path

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .embed_cache import cache_root
+from .cache_dir import cache_root
 
 log = logging.getLogger(__name__)
 

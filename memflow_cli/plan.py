@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .companions import output_key
-from .decoders import WAN_DECODER, DecoderRequest
+from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .devices import device_problem
 from .output import (
     OutputBusyError,
@@ -500,3 +500,47 @@ def open_engine(
                            embed_cache=embed_cache, decoder=options.decoder)  # fmt: skip
     except WeightsError as error:
         raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
+
+
+# -- the decoder ---------------------------------------------------------------------------------------------
+
+
+def decoder_request(model: ModelSource | str | None, name: str | None, weights: Path | None,
+                    default: DecoderChoice = DecoderChoice.WAN) -> DecoderRequest:  # fmt: skip
+    """`--decoder` and `--decoder-weights` for `--model`, checked before the model loads: a bad option, or a
+    TAEHV file that is missing, cut or of another layout, is a PlanError (one line, exit 2)."""
+    source = ModelSource.parse(model)
+
+    if name is None:
+        choice = default
+    else:
+        try:
+            choice = DecoderChoice(name.strip().lower())
+        except ValueError:
+            raise PlanError(f"--decoder {name}: not a decoder", "choose --decoder wan or --decoder tae") from None
+    if weights is not None and choice is not DecoderChoice.TAE:
+        raise PlanError("--decoder-weights is the TAEHV decoder's file", "add --decoder tae, or leave it out")
+    request = DecoderRequest(choice, weights)
+    if request.is_tae and source.built_in:
+        if weights is not None:
+            raise PlanError(f"--decoder-weights: the {source.label} model decodes with random TAEHV weights of its own",
+                            "leave out --decoder-weights")  # fmt: skip
+        return request
+    if request.is_tae:
+        check_tae_file(request, source.folder)
+    return request
+
+
+def check_tae_file(request: DecoderRequest, model: str | None) -> Path:
+    """The TAEHV file the engine will load for `model`, read and checked now (it is small)."""
+    from .loading import WeightsError
+    from .tae.files import tae_weights
+    from .tae.weights import TAE_DOWNLOAD_COMMAND, checked_decoder_state, read_state
+
+    try:
+        path = tae_weights(request.weights, Path(model).expanduser() if model is not None else None)
+        checked_decoder_state(read_state(path), path)
+    except WeightsError as error:
+        hint = None if TAE_DOWNLOAD_COMMAND in str(error) else f"the released file: {TAE_DOWNLOAD_COMMAND}"
+        raise PlanError(str(error), hint) from None
+    return path

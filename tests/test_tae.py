@@ -12,10 +12,10 @@ import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from memflow_cli.decoders import DecoderChoice, DecoderRequest, decoder_request
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.demo import build_demo_taehv
 from memflow_cli.loading import WeightsError
-from memflow_cli.plan import EXIT_BAD_INPUT, PlanError
+from memflow_cli.plan import EXIT_BAD_INPUT, PlanError, decoder_request
 from memflow_cli.tae import (
     TAE_DOWNLOAD_COMMAND,
     TAEW2_1,

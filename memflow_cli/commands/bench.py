@@ -108,7 +108,7 @@ def bench(
     import torch
 
     from .. import bench as bench_mod
-    from ..decoders import decoder_request
+    from ..plan import decoder_request
 
     with reported():
         dev = torch.device(checked_device(device))

@@ -284,7 +284,8 @@ def _summary(result, fps: int) -> str:
 def _live_decoder(model: ModelSource | str | None, name: str | None, weights: Path | None) -> DecoderRequest:
     """The session's decoder: as asked; unasked, TAEHV where its weights are found for real weights (the
     preview decoder keeps up with real time), else the VAE."""
-    from ..decoders import DecoderChoice, decoder_request
+    from ..decoders import DecoderChoice
+    from ..plan import decoder_request
     from ..tae.files import find_tae_weights
 
     model = ModelSource.parse(model)

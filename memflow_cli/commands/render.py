@@ -104,8 +104,8 @@ def render(
     (`torchrun --nproc-per-node N -m memflow_cli render ...`) the stories are shared out over the
     processes, one GPU each, finished videos are skipped and stopped ones rendered again.
     """
-    from ..decoders import decoder_request
     from ..distributed import rank_env
+    from ..plan import decoder_request
 
     with stop_signals_like_ctrl_c(), reported():
         try:
