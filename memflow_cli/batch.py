@@ -20,7 +20,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -41,6 +41,7 @@ from .plan import (
     finished_difference,
     geometry_for,
     make_out_dir,
+    open_engine,
     plan_jobs,
     story_name,
     text_tokens,
@@ -50,14 +51,18 @@ from .report import (
     err,
     out,
     print_error,
-    quiet_libraries,
     stop_code,
     stop_word,
     warn,
     warn_prompt_cuts,
 )
+from .request import GenerationOptions
 from .script import ScriptError, format_seconds
-from .settings import SettingsError, VideoGeometry
+from .settings import GenerationSettings, SettingsError, VideoGeometry
+from .text import one_line
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 POLL_S = 0.5  # how often rank 0 looks at the others' progress once its own share is done
 
@@ -81,11 +86,12 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
 
     Raises PlanError for a request that cannot be planned (nothing is rendered then).
     """
-    geometry = geometry_for(request.model)
+    options = request.options
+    geometry = geometry_for(options.model)
     jobs, _ = plan_jobs(request, geometry)
-    device = checked_device(request.device)
-    decode_device = checked_device(request.decode_device, "--decode-device") if request.decode_device else None
-    if request.fp8:
+    device = checked_device(options.device)
+    decode_device = None if options.decode_device is None else checked_device(options.decode_device, "--decode-device")
+    if options.fp8:
         check_fp8(device)
     if request.out_dir is not None:
         make_out_dir(request.out_dir)
@@ -100,7 +106,7 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
             return 0
         warn_cut_prompts(todo, request, geometry)
         first_prompts = todo[0].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
-        engine = held.enter_context(load_engine_reported(request, device, decode_device, todo, first_prompts))
+        engine = held.enter_context(opened_engine(options, device, decode_device, todo, first_prompts))
         failures = 0
         for job in todo:
             try:
@@ -130,42 +136,23 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
 def warn_cut_prompts(jobs: list[Job], request: RenderRequest, geometry: VideoGeometry) -> None:
     """One warning per story whose prompts run past the text encoder's limit, counted exactly with the model's
     tokenizer where it has one."""
-    limit, count = text_tokens(request.model)
+    limit, count = text_tokens(request.options.model)
     for job in jobs:
         warn_prompt_cuts(story_name(job.story), cut_prompts(job.story, geometry, limit, count, request.duration_s))
 
 
-def load_engine_reported(
-    request: RenderRequest,
-    device: str,
-    decode_device: str | None,
-    jobs: list[Job] | None = None,
-    prompts: Sequence[str] = (),
-):
-    """The engine for `jobs` (close it, or use it in `with`), `prompts` ready; a weights problem is one line
-    and exit code 1.
-
-    Whether it compiles: as `request.compile` says, or where `jobs` win the compile back (none: an open-ended
-    video such as `memflow live`'s, which compiles only when asked)."""
-    from .engine import load_engine
-
-    quiet_libraries()
-    try:
-        engine = load_engine(request.model, device, request.lora, fp8=request.fp8, decode_device=decode_device,
-                             compile_choice=_compile_choice(request, device, jobs or []), prompts=prompts)  # fmt: skip
-    except WeightsError as error:
-        raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
+def opened_engine(
+    options: GenerationOptions, device: str, decode_device: str | None, jobs: list[Job], prompts: Sequence[str]
+) -> Engine:
+    """The engine for `jobs` (`plan.open_engine`: compiled where they win it back), its notice shown."""
+    engine = open_engine(options, device, decode_device=decode_device, videos=_videos(jobs), prompts=prompts)
     if engine.notice:
         warn(engine.notice)
     return engine
 
 
-def _compile_choice(request: RenderRequest, device: str, jobs: list[Job]):
-    """Compile or not for these jobs together, as `--compile` / `--no-compile` say or their chunks decide."""
-    from .render import compile_choice
-
-    plans = [(job.story, job.settings) for job in jobs]
-    return compile_choice(request.model, device, request.compile, plans, request.duration_s, request.fp8)
+def _videos(jobs: list[Job]) -> list[tuple[int, GenerationSettings]]:
+    return [(job.chunks, job.settings) for job in jobs]
 
 
 class RenderStopped(Exception):
@@ -208,8 +195,8 @@ def story_progress(job: Job, quiet: bool) -> Iterator[ProgressCallback | None]:
         TextColumn("{task.fields[segment]}"), TextColumn("{task.fields[fps]}"), TimeElapsedColumn(),
         TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(escape(job.title), total=None, segment="", fps="")
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
+        task = bar.add_task(escape(one_line(job.title)), total=None, segment="", fps="")
 
         def update(p) -> None:
             fps = p.video_frames / max(p.elapsed_s, 1e-9)
@@ -232,18 +219,18 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
 
     started = time.perf_counter()
     request = dataclasses.replace(request, skip_existing=True)
-    if request.decode_device is not None:
+    options = request.options
+    if options.decode_device is not None:
         raise PlanError("--decode-device is for one process rendering one story at a time",
                         "under torchrun every GPU renders stories of its own; leave --decode-device out")  # fmt: skip
     try:
-        name = rank_device(ranks, request.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        name = rank_device(ranks, options.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     except ValueError as error:
         raise PlanError(str(error), "give --device cuda or --device cpu, or leave it out") from None
     device = torch.device(checked_device(name))
-    if request.fp8:
+    if options.fp8:
         check_fp8(str(device))
-    quiet_libraries()
-    geometry = geometry_for(request.model)
+    geometry = geometry_for(options.model)
     jobs, problems = plan_jobs(request, geometry, keep_going=True)
     for problem in problems:
         print_error(problem)
@@ -294,7 +281,7 @@ def _overall_progress(ranks: RankEnv, quiet: bool, todo: list[Job]) -> Iterator[
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
         TextColumn("{task.fields[stories]}"), TimeElapsedColumn(), TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=err, transient=False) as bar:
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
         description = f"{_count(len(todo), 'story', 'stories')} on {_count(ranks.world_size, 'process', 'processes')}"
         task = bar.add_task(description, total=sum(job.chunks for job in todo), stories="")
 
@@ -315,19 +302,16 @@ def _render_share(
     show: Show,
 ) -> RankReport:
     """Render this rank's stories one after another; a failure is recorded and the next story goes on."""
-    from .engine import load_engine
-
     if not share:
         return RankReport(ranks.rank, str(device), 0.0, 0.0)
     load_started = time.perf_counter()
     first_prompts = todo[share[0]].story.timeline(geometry, request.duration_s).prompts  # encoded while loading
     try:
-        choice = _compile_choice(request, str(device), [todo[index] for index in share])
-        engine = load_engine(request.model, str(device), request.lora, fp8=request.fp8, compile_choice=choice,
-                             prompts=first_prompts)  # fmt: skip
+        videos = _videos([todo[index] for index in share])
+        engine = open_engine(request.options, str(device), videos=videos, prompts=first_prompts)
     except Exception as error:  # noqa: BLE001 - weights/device problems fail this rank's stories, not the job
         board.add_chunks(sum(todo[index].chunks for index in share))
-        message = f"cannot load the model on {device}: {_one_line(error)}"
+        message = f"cannot load the model on {device}: {_error_line(error)}"
         return RankReport(ranks.rank, str(device), time.perf_counter() - load_started, 0.0,
                           tuple(StoryOutcome(index, False, message) for index in share))  # fmt: skip
     load_s = time.perf_counter() - load_started
@@ -372,6 +356,11 @@ def _render_rank_job(
         except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on
             return done(StoryOutcome(index, False, _one_line(error)))
     return done(StoryOutcome(index, True, "", result.seconds, result.timeline.video_frames))
+
+
+def _error_line(error: BaseException) -> str:
+    """A failure as one line: a known problem's message, or the exception's type and first line."""
+    return error.message if isinstance(error, PlanError) else _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

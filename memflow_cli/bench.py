@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,17 +20,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .embed_cache import CACHE_DIR_ENV
-from .engine import RANDOM, Engine, Video, load_engine
-from .output import Mp4Writer, read_sidecar, sidecar_path
-from .settings import GenerationSettings
+from .cache_dir import CACHE_DIR_ENV
+from .decode import StreamingDecoder
+from .decoders import WAN_DECODER, DecoderRequest
+from .engine import Engine, Video
+from .mp4 import Mp4Writer
+from .output import read_sidecar, sidecar_path
+from .plan import open_engine
+from .request import CompileMode, GenerationOptions, ModelSource
+from .settings import GenerationSettings, VideoGeometry
 from .speed.compile_cache import INDUCTOR_ENV, TRITON_ENV
 
-__all__ = ["RANDOM", "BenchError", "BenchOptions", "run"]
+if TYPE_CHECKING:
+    from .tae import StreamingTaeDecoder
+
+__all__ = ["BenchError", "BenchOptions", "run"]
 
 COMPARE_MODES: dict[str, dict[str, Any]] = {  # memory mode and SMA of each compared variant
     "none": {"mode": "none", "sma": False},
@@ -53,14 +62,15 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str | None  # "demo", "random" (full-size random weights) or a weights folder / None (HF cache)
+    model: ModelSource
     device: torch.device
     settings: GenerationSettings  # as `render` takes them; the geometry is the model's
     latent_frames: int = 120
     switches: int = 0
-    # True: the compiled fast path; False: the eager model, no CUDA graphs, plain decoder steps. None: compiled
-    # for the steady state, and the time-to-video renders choose as `memflow render` does by default
-    compile: bool | None = None
+    # ALWAYS: the compiled fast path; NEVER: the eager model, no CUDA graphs, plain decoder steps. AUTO: what
+    # `memflow render` chooses for this video by default (graphed on CUDA unless compiling pays), for the steady
+    # state and the time-to-video renders
+    compile: CompileMode = CompileMode.AUTO
     fp8: bool = False  # the blocks' linear layers in FP8 (check `speed.fp8.fp8_unsupported_reason` first)
     compare: bool = False
     seed: int = 0
@@ -68,6 +78,7 @@ class BenchOptions:
     full_text_encoder: bool = False  # the random model encodes prompts with a full-size random umT5-XXL
     memory_limit_gib: float | None = None  # cap the CUDA allocator here (does the run fit a smaller card?)
     time_to_video: bool = False  # also time whole `memflow render` processes, cold and warm (`time_to_video`)
+    decoder: DecoderRequest = WAN_DECODER  # --decoder: the Wan VAE or the TAEHV preview decoder
 
     def __post_init__(self) -> None:
         if self.switches > self.chunks - 1:
@@ -81,6 +92,13 @@ class BenchOptions:
     def chunks(self) -> int:
         """Chunks of the measured video: `latent_frames` rounded down to whole chunks (one at least)."""
         return max(1, self.latent_frames // self.settings.geometry.frames_per_chunk)
+
+    def render_options(self) -> GenerationOptions:
+        """The options of `memflow render` that make the bench's video: its model, devices and settings."""
+        decode_device = None if self.decode_device is None else str(self.decode_device)
+        options = GenerationOptions(model=self.model, device=str(self.device), decode_device=decode_device,
+                                    compile=self.compile, fp8=self.fp8, decoder=self.decoder)  # fmt: skip
+        return options.with_settings(self.settings)
 
 
 def _sync(device: torch.device) -> None:
@@ -176,6 +194,36 @@ def _timed_run(
     return RunTimes(total, first_frame_s, chunk_ms, peaks)
 
 
+def decode_ms_per_chunk(
+    decoder: StreamingDecoder | StreamingTaeDecoder, geometry: VideoGeometry, repeats: int = 7, seed: int = 0,
+    *, to_cpu: bool = False,
+) -> float:  # fmt: skip
+    """Milliseconds the decoder alone takes for a steady chunk (`frames_per_chunk` latent frames, not the first).
+
+    The decoder runs as in a render (a video's first chunk, then later ones), on the geometry's frame size,
+    on random latents; the first chunk and two later ones are the warm-up (cuDNN's plans, compiled steps,
+    CUDA graph capture). Each of `repeats` later chunks is then timed between two device synchronisations,
+    up to its float frames on the device (with `to_cpu`, up to the uint8 frames on the CPU that the writer
+    takes); the median is returned.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, geometry.frames_per_chunk, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
+    chunk = torch.randn(shape, generator=generator).to(decoder.device)  # [1, F, C, h, w]
+    decode = decoder.decode if to_cpu else decoder.decode_float
+    decoder.reset()
+    for _ in range(3):
+        decode(chunk)
+    times_ms = []
+    for _ in range(repeats):
+        _sync(decoder.device)
+        start = time.perf_counter()
+        decode(chunk)
+        _sync(decoder.device)
+        times_ms.append(1000 * (time.perf_counter() - start))
+    decoder.reset()
+    return statistics.median(times_ms)
+
+
 def _timed_encode(engine: Engine, prompts: list[str]) -> tuple[float, Peaks]:
     """Encode `prompts` as a render does (the text encoder comes to the device and leaves): seconds and peaks."""
     _sync(engine.device)
@@ -203,10 +251,11 @@ def run(options: BenchOptions, status: Callable[[str], None] = lambda _: None) -
     device = options.device
     to_video = time_to_video(options, status) if options.time_to_video else None
     with _memory_limit(device, options.memory_limit_gib):
-        status(f"loading {options.model or 'weights'} on {device}")
-        with load_engine(
-            options.model, device, compile=options.compile is not False, fp8=options.fp8,
-            decode_device=options.decode_device, full_text_encoder=options.full_text_encoder,
+        status(f"loading {options.model.label} on {device}")
+        engine_options = options.render_options()
+        with open_engine(
+            engine_options, str(device), decode_device=engine_options.decode_device,
+            videos=[(options.chunks, options.settings)], full_text_encoder=options.full_text_encoder,
             embed_cache=False,  # every run encodes, so that encode_s and its memory peak measure the encoder
         ) as engine:  # fmt: skip
             result = _measure(engine, options, status)
@@ -258,16 +307,8 @@ def _write_bench_story(path: Path, options: BenchOptions) -> Path:
 
 def render_command(story: Path, target: Path, options: BenchOptions) -> list[str]:
     """`memflow render` of `story` to `target` with the bench's model, devices and settings."""
-    memory, steps = options.settings.memory, options.settings.sampler.steps
     command = [sys.executable, "-m", "memflow_cli", "render", str(story), "-o", str(target), "--quiet"]
-    command += [] if options.model is None else ["--model", options.model]
-    command += ["--device", str(options.device)]
-    command += [] if options.decode_device is None else ["--decode-device", str(options.decode_device)]
-    command += ["--memory", memory.mode, "--window", str(memory.window), "--sink", str(memory.sink)]
-    command += ["--bank-size", str(memory.bank_size), "--record-interval", str(memory.record_interval)]
-    command += ["--sma" if memory.sma else "--no-sma", "--steps", ",".join(map(str, steps))]
-    command += {True: ["--compile"], False: ["--no-compile"], None: []}[options.compile]
-    return command + (["--fp8"] if options.fp8 else [])
+    return command + options.render_options().flags()
 
 
 def _render_process(story: Path, target: Path, options: BenchOptions, env: dict[str, str]) -> dict[str, Any]:
@@ -338,6 +379,12 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
                 _timed_run(engine, mode_settings, warm_chunks, min(switches, 1), seed, Phase.GENERATE, folder)
                 run_times = _timed_run(engine, mode_settings, chunks, switches, seed, Phase.GENERATE, folder)
                 compare[name] = video_frames / run_times.total_s
+        status("decoder alone")
+        decoder, repeats = engine.streaming_decoder(), 10 if engine.device.type == "cuda" else 3
+        decode_ms = {
+            "decode_ms_per_chunk": decode_ms_per_chunk(decoder, geometry, repeats, seed),
+            "decode_to_cpu_ms_per_chunk": decode_ms_per_chunk(decoder, geometry, repeats, seed, to_cpu=True),
+        }
         # a later story of a batch: its prompts are encoded while the first one's CUDA graphs stay
         status("encoding the next story's prompts")
         _, later_encode_peaks = _timed_encode(engine, _prompts(switches + 1, seed, story=1))
@@ -357,6 +404,7 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention": engine.fast.attention_name,
         "compile": engine.fast.compile,
+        "fast_path": engine.fast.name,  # graphed, compiled or eager
         "fp8": engine.fp8,
         "memory": memory_settings.mode,
         "sma": memory_settings.sma,
@@ -375,6 +423,8 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "fps_generate": round(video_frames / generate_s, 2),
         "fps_decode": round(video_frames / decode_s, 2),
         "fps_end_to_end": round(video_frames / end_to_end.total_s, 2),
+        "decoder": engine.decoder.value,
+        **{key: round(value, 3) for key, value in decode_ms.items()},
         "peak_memory_gib": _gib(end_to_end.peaks.allocated_gib),
         "peak_memory_generate_gib": _gib(generate.peaks.allocated_gib),
         "text_encoder": engine.prompts.describe(),  # names it without loading it

@@ -17,7 +17,7 @@ import typer
 
 from . import __version__
 from .commands import register
-from .report import out
+from .report import out, quiet_libraries
 
 app = typer.Typer(
     add_completion=False,
@@ -42,6 +42,7 @@ def main_options(
     # OpenMP threads that wait for work sleep instead of spinning: with every core busy (another program,
     # or the ffmpeg encoder) spinning threads slowed the CPU renders over tenfold. Read when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    quiet_libraries()  # the libraries' own info and warnings stay out of the terminal (nothing imported here)
 
 
 register(app)

@@ -19,10 +19,12 @@ H100 at 832x480, three frames per call were 6% faster than one and needed 4 GiB 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .speed.decoder import DecoderGraphs
 from .vae_stream import PLAIN_KERNELS, DecoderKernels, DecoderStream
 
 if TYPE_CHECKING:
@@ -42,7 +44,10 @@ class StreamingDecoder:
     """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks.
 
     `kernels` are the decoder's steps between convolutions; the fast path passes compiled ones
-    (`fast.decoder_kernels_for`).
+    (`fast.decoder_kernels_for`). With `graphs` a VAE on CUDA replays each decoder call from a CUDA graph,
+    one per call shape (`speed.decoder.DecoderGraphs`); on the CPU every call runs as it is. Off by default:
+    on an H100 with torch 2.11 every capture failed (the caching allocator's internal assert
+    `use_count > 0` in `capture_begin`), so no render replays decoder graphs until that is mended.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class StreamingDecoder:
         frames_per_call: int | None = 1,
         *,
         kernels: DecoderKernels = PLAIN_KERNELS,
+        graphs: bool = False,
     ):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"frames_per_call must be at least 1 or None, got {frames_per_call}")
@@ -67,6 +73,13 @@ class StreamingDecoder:
         self.latent_channels: int = vae.config.z_dim
         self._mean, self._inv_std = self._normalisation(vae.config)
         self._stream = DecoderStream(vae.decoder, kernels)
+        graphed = graphs and self.device.type == "cuda"
+        self._call: Callable[[torch.Tensor], torch.Tensor] = DecoderGraphs(self._stream) if graphed else self._stream
+
+    @property
+    def graphs(self) -> DecoderGraphs | None:
+        """The CUDA graphs the decoder calls replay from; None where every call runs as it is (the CPU)."""
+        return self._call if isinstance(self._call, DecoderGraphs) else None
 
     def _normalisation(self, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and 1/std, shaped [1, C, 1, 1, 1], in the compute dtype (as the reference does)."""
@@ -97,7 +110,7 @@ class StreamingDecoder:
     def decode_z(self, z: torch.Tensor) -> torch.Tensor:
         """VAE latents z [1, C, F, h, w] -> frames [1, 3, N, H, W] in [-1, 1], continuing the cached video."""
         x = self.vae.post_quant_conv(z)  # 1x1x1 conv: frames are independent
-        outputs = [self._stream(piece) for piece in self._calls(x)]
+        outputs = [self._call(piece) for piece in self._calls(x)]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return out.float().clamp(-1.0, 1.0)
 

@@ -11,6 +11,7 @@ sizes are read before any argument is checked.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from memflow_cli.settings import TransformerConfig, VideoGeometry
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
     from transformers import PreTrainedTokenizerFast, UMT5Config
 
+    from memflow_cli.tae import TaehvDecoder
     from memflow_cli.text_encoder import TextEncoder
 
 DEMO_NOTICE = "demo model: tiny random weights, nothing downloaded - the video is noise, not your story"
@@ -43,6 +45,9 @@ DEMO_TRANSFORMER = TransformerConfig(
 # The Wan2.1 VAE (`weights.WAN21_VAE_CONFIG`), narrowed: same strides (8x spatial, 4x temporal), latent
 # channels and latent statistics.
 DEMO_VAE_NARROWING = {"base_dim": 8, "num_res_blocks": 1}
+
+# The TAEHV decoder's layout (`--decoder tae`), narrowed: same stages, memory blocks and 8x/4x upscaling.
+DEMO_TAEHV_WIDTHS = (16, 8, 8)
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in umT5
 _BPE_VOCAB_SIZE = 1024
@@ -147,3 +152,10 @@ def build_demo_vae(seed: int = 0) -> AutoencoderKLWan:
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(**copy.deepcopy({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING}))
     return vae.eval().requires_grad_(False)
+
+
+def build_demo_taehv(seed: int = 0) -> TaehvDecoder:
+    """A narrow TAEHV decoder with seeded random weights (float32, CPU, eval mode): the demo's `--decoder tae`."""
+    from memflow_cli.tae import TAEW2_1, random_taehv
+
+    return random_taehv(replace(TAEW2_1, widths=DEMO_TAEHV_WIDTHS), seed)

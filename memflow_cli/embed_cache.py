@@ -29,26 +29,18 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
+from .cache_dir import cache_root
+
 log = logging.getLogger(__name__)
 
 FORMAT = "memflow-prompt-embedding"
 VERSION = 1
 SUFFIX = ".safetensors"
 DEFAULT_GIB = 2.0
-CACHE_DIR_ENV = "MEMFLOW_CACHE_DIR"
 SIZE_ENV = "MEMFLOW_EMBED_CACHE_GIB"
 _TENSOR = "embeds"
 _TEMPORARY = ".tmp-"
 _STALE_S = 3600  # a temporary file this old was left by a process that died while writing it
-
-
-def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
-    """memflow's cache folder: `$MEMFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/memflow`, else `~/.cache/memflow`."""
-    if folder := environ.get(CACHE_DIR_ENV):
-        return Path(folder).expanduser()
-    if xdg := environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "memflow"
-    return Path.home() / ".cache" / "memflow"
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ writer). `render` writes stories through it; `bench` times it. Nothing else in t
 generator or a decoder.
 
 The stream keeps the GPU busy: no host synchronisation in the chunk loop, decoding on a worker thread
-and side stream beside generation (`overlap.py`), CUDA graphs per video and compiled steps built once
-(the engine's `FastPath`).
+and side stream beside generation (`overlap.py`), CUDA graphs per video (the engine's `FastPath`). Each
+model builder builds the transformer in its final form, with the fast path's kernels; the engine never
+changes it.
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .decode import StreamingDecoder
+from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import BoundaryState, MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
-from .model.transformer import CausalWanTransformer, PassFunction
-from .output import Mp4Writer
+from .merged_cache import MergedCache, MergedCacheSettings
+from .model.build import build_transformer
+from .model.transformer import CausalWanTransformer
+from .mp4 import Mp4Writer
 from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
+from .request import ModelKind, ModelSource
 from .script import Timeline
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
 from .snapshots import ResumePoint
@@ -43,8 +49,10 @@ from .vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
 
-DEMO = "demo"  # the tiny random model (`demo.py`)
-RANDOM = "random"  # the full-size 1.3B transformer and Wan2.1 VAE with random weights (speed does not depend on values)
+    from .tae import StreamingTaeDecoder, TaehvDecoder
+
+DEMO = ModelKind.DEMO.value  # the tiny random model's name in reports and identities (`demo.py`)
+RANDOM = ModelKind.RANDOM.value  # the full-size model with random weights, in identities (speed needs no values)
 
 
 def default_device() -> str:
@@ -120,13 +128,13 @@ class Engine:
     notice: str | None = None  # shown to the user (the demo and random models' warning)
     decode_device: torch.device | None = None  # where the VAE decodes when not on `device` (`decode_on`)
     startup: Startup | None = None  # what the process and the loading took before this engine was ready
-    compile_choice: CompileChoice | None = None  # how `fast.compile` was decided, where it was (`render`)
-    run_pass: PassFunction = field(init=False)  # one pass of the transformer, as the fast path runs it
+    source: ModelSource = field(default_factory=ModelSource)  # what `load_engine` was asked for
+    compile_choice: CompileChoice | None = None  # how the fast path was decided (`load_engine` sets it)
+    tae: TaehvDecoder | None = None  # the TAEHV preview decoder: set, it decodes instead of the VAE (`--decoder tae`)
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
 
     def __post_init__(self) -> None:
         self.fast.prepare_vae(self.vae)
-        self.run_pass = self.fast.pass_function(self.transformer)
         self.overlap = Overlap(self.device)
 
     @property
@@ -137,16 +145,33 @@ class Engine:
         """Decode on `device` from now on: the VAE moves there, and so do the decode worker's stream."""
         self.vae = self.vae.to(device, model_dtype(device))
         self.fast.prepare_vae(self.vae)
+        if self.tae is not None:
+            self.tae = self.tae.to(device, model_dtype(device))
         self.overlap.close()
         self.overlap = Overlap(device)
         self.decode_device = device
 
     @property
+    def decoder(self) -> DecoderChoice:
+        """Which decoder makes the frames."""
+        return DecoderChoice.WAN if self.tae is None else DecoderChoice.TAE
+
+    def streaming_decoder(self) -> StreamingDecoder | StreamingTaeDecoder:
+        """A decoder for one video, as `stream` decodes (`bench` times it alone): TAEHV where the engine has it,
+        else the VAE (compiled steps where the fast path decodes; a CPU decode device runs them plainly)."""
+        if self.tae is not None:
+            from .tae import StreamingTaeDecoder
+
+            return StreamingTaeDecoder(self.tae)
+        kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
+        return StreamingDecoder(self.vae, kernels=kernels)
+
+    @property
     def compile_path(self) -> str:
-        """Which way the model runs, for reports: compiled-warm, compiled-cold, eager..."""
+        """Which way the model runs, for reports: graphed, compiled-warm, compiled-cold, eager..."""
         if self.compile_choice is not None:
             return self.compile_choice.path.value
-        return "compiled" if self.fast.compile else "eager"
+        return self.fast.name
 
     @property
     def fp8(self) -> bool:
@@ -200,9 +225,7 @@ class Engine:
         `resume`, the chunks before that point are its kept latents and only the later ones are generated:
         every chunk is yielded, the same as a stream from the start would yield.
         """
-        generator = MemFlowGenerator(
-            self.transformer, settings, run_pass=self.run_pass, passes=self.fast.graphed_passes
-        )
+        generator = MemFlowGenerator(self.transformer, settings, passes=self.fast.graphed_passes)
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
         boundaries: dict[int, BoundaryState] = {}  # filled before the chunk they precede is made
         generated = generator.stream(
@@ -219,9 +242,7 @@ class Engine:
                     yield Chunk(index, video.segment_of(index), x, None)
                 points.ended()
                 return
-            # compiled decoder steps where the fast path decodes (a CPU decode device runs them plainly)
-            kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
-            decoder = StreamingDecoder(self.vae, kernels=kernels)
+            decoder = self.streaming_decoder()
             latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
             # closed with this stream: the decode worker must be done with the chunks before they go
             with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
@@ -287,45 +308,57 @@ class _ResumePoints:
 
 
 def load_engine(
-    model: str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
-    compile: bool = True, fp8: bool = False, decode_device: str | torch.device | None = None,
-    full_text_encoder: bool = False, compile_choice: CompileChoice | None = None, prompts: Sequence[str] = (),
-    embed_cache: EmbedCacheSettings | bool = True,
+    model: ModelSource | str | None, device: str | torch.device | None = None, lora: LoraSettings | None = None, *,
+    compile: CompileChoice | None = None, fp8: bool = False, decode_device: str | torch.device | None = None,
+    full_text_encoder: bool = False, prompts: Sequence[str] = (), embed_cache: EmbedCacheSettings | bool = True,
+    decoder: DecoderRequest = WAN_DECODER,
 ) -> Engine:  # fmt: skip
-    """Load the demo model, full-size random weights or real weights (a folder, or the HF cache when None).
+    """Load the demo model, full-size random weights or real weights (`ModelSource`; a string is parsed as
+    `--model` is: 'demo', 'random', a folder, or None for the HF cache).
 
-    `compile` turns on the compiled fast path where it exists (CUDA; the first chunk then pays the warm-up).
+    `compile` decides the fast path on CUDA (`speed.choose_fast_path`) and is reported (`Engine.compile_path`):
+    None the graphed path (the default: eager kernels, repeated passes replayed from CUDA graphs), a choice
+    whose `compile` is True the compiled one (the first chunk then pays the compile), False plain eager kernels.
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
-    random model encodes prompts with a full-size random umT5-XXL instead of making them noise. With
-    `compile_choice`, that choice decides `compile` and is reported (`Engine.compile_path`).
+    random model encodes prompts with a full-size random umT5-XXL instead of making them noise.
 
     `prompts` (the first video's) are ready when the engine is: read from the prompt-embedding cache, or
     encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
     (True: from the environment, `EmbedCacheSettings.from_environment`; False: no cache on disk).
+    `decoder` names the decoder (`--decoder tae`: the TAEHV preview decoder, random for the demo and random
+    models, else the `taew2_1` file).
     """
     import_s, started = since_process_start(), time.perf_counter()
-    if compile_choice is not None:
-        compile = compile_choice.compile
+    source = ModelSource.parse(model)
     dev = torch.device(device or default_device())
     if dev.type == "cuda":
         if dev.index is None:  # plain "cuda": the current GPU, named so that everything agrees on it
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
-    speed = {"compile": compile, "fp8": fp8}
     if embed_cache is True:
         embed_cache = EmbedCacheSettings.from_environment()
+    speed = Speed(None if compile is None else compile.compile, fp8)
     loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
-    engine = _engine(model, lora, loading, full_text_encoder)
+    engine = _engine(source, lora, loading, full_text_encoder)
     with ExitStack() as failed:
         failed.callback(engine.close)
         engine.prompts.wait()  # a text encoder that cannot load or encode fails here, as the other weights do
+        engine.tae = _preview_decoder(source, decoder, loading)
         if decode_device is not None:
             engine.decode_on(torch.device(decode_device))
         failed.pop_all()
-    engine.compile_choice = compile_choice
+    engine.source, engine.compile_choice = source, compile
     engine.startup = Startup(import_s=import_s, load_s=time.perf_counter() - started)
     return engine
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The fast path's choices that a model's loader passes on (`choose_fast_path`)."""
+
+    compile: bool | None  # True compiled, None graphed, False plain eager (`choose_fast_path`)
+    fp8: bool
 
 
 @dataclass(frozen=True)
@@ -333,7 +366,7 @@ class _Loading:
     """What every model's loader is asked for."""
 
     device: torch.device
-    speed: dict[str, bool]
+    speed: Speed
     embed_cache: EmbedCacheSettings | None  # None: no prompt-embedding cache on disk
     prompts: tuple[str, ...]  # prepared while the model loads
 
@@ -353,18 +386,36 @@ class _Loading:
         return PromptEmbeddings(load, self.device, cache, name=name)
 
 
-def _engine(model: str | None, lora: LoraSettings | None, loading: _Loading, full_text_encoder: bool) -> Engine:
-    if full_text_encoder and model != RANDOM:
+def _engine(source: ModelSource, lora: LoraSettings | None, loading: _Loading, full_text_encoder: bool) -> Engine:
+    if full_text_encoder and not source.is_random:
         raise ValueError("only the random model takes a full-size random text encoder; the others have their own")
-    if model == DEMO:
+    if source.is_demo:
         return _demo_engine(loading)
-    if model == RANDOM:
+    if source.is_random:
         return _random_engine(loading, full_text_encoder)
-    return _weights_engine(model, lora, loading)
+    return _weights_engine(source.folder, lora, loading)
 
 
-def _fast_path(config: TransformerConfig, device: torch.device, speed: dict[str, bool]) -> FastPath:
-    return choose_fast_path(config, device, model_dtype(device), **speed)
+def _preview_decoder(source: ModelSource, request: DecoderRequest, loading: _Loading) -> TaehvDecoder | None:
+    """The TAEHV decoder where it was asked for: random weights for the demo and random models (the demo's
+    narrow), else the file `--decoder-weights` names, or `taew2_1.pth` in the weights folder or the hub cache."""
+    if not request.is_tae:
+        return None
+    from .tae import TAEW2_1, load_taehv, random_taehv
+    from .tae.files import tae_weights
+    from .tae.weights import prepared
+
+    if source.is_demo or source.is_random:
+        from .demo import build_demo_taehv
+
+        decoder = build_demo_taehv() if source.is_demo else random_taehv(TAEW2_1)
+        return prepared(decoder, loading.device, loading.dtype)
+    folder = Path(source.folder).expanduser() if source.folder is not None else None
+    return load_taehv(tae_weights(request.weights, folder), loading.device, loading.dtype)
+
+
+def _fast_path(config: TransformerConfig, device: torch.device, speed: Speed) -> FastPath:
+    return choose_fast_path(config, device, model_dtype(device), compile=speed.compile, fp8=speed.fp8)
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:
@@ -372,12 +423,17 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
     (unless they are cached) once those libraries are in; here the transformer loads."""
     from . import weights
-    from .checkpoint import load_transformer
+    from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
 
     dev, dtype = loading.device, loading.dtype
     files = weights.resolve_model(model)
-    prefetch_files(files.base, files.lora, files.vae)  # the kernel reads ahead while Python gets ready
+    merged_cache = _merged_cache()
+    key = None if merged_cache is None else merge_key(files.base, files.lora, lora, dtype)
+    # the kernel reads ahead while Python gets ready: the merged transformer where it is cached, else both files
+    cached = key is not None and merged_cache.path(key).is_file()
+    checkpoints = (merged_cache.path(key),) if cached else (files.base, files.lora)
+    prefetch_files(*checkpoints, files.vae)
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
@@ -395,11 +451,12 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
         vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
-        transformer = load_transformer(
-            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels
+        loaded = read_transformer(
+            files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=merged_cache
         )
+        identity["lora_merge"] = loaded.merge.value
         engine = Engine(
-            transformer=transformer,
+            transformer=loaded.model,
             prompts=prompts,
             vae=vae.result(),
             geometry=VideoGeometry(),
@@ -410,6 +467,12 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )
         failed.pop_all()
     return engine
+
+
+def _merged_cache() -> MergedCache | None:
+    """The merged-transformer cache the environment asks for (None: turned off)."""
+    settings = MergedCacheSettings.from_environment()
+    return MergedCache(settings) if settings.enabled else None
 
 
 def _import_model_libraries() -> None:
@@ -434,7 +497,9 @@ def _demo_engine(loading: _Loading) -> Engine:
     device = loading.device
     fast = _fast_path(demo.DEMO_TRANSFORMER, device, loading.speed)
     torch.manual_seed(0)
-    transformer = CausalWanTransformer(demo.DEMO_TRANSFORMER, fast.kernels)
+    weights = CausalWanTransformer(demo.DEMO_TRANSFORMER).state_dict()  # seeded: the same on every device and path
+    state = {name: tensor.to(device, model_dtype(device)) for name, tensor in weights.items()}
+    transformer = build_transformer(demo.DEMO_TRANSFORMER, state, fast.kernels)
     vae = demo.build_demo_vae().to(device, model_dtype(device))
     prompts = loading.prompt_embeddings(
         demo.build_demo_text_encoder, DEMO, torch.float32,
@@ -442,7 +507,7 @@ def _demo_engine(loading: _Loading) -> Engine:
     )  # fmt: skip
     prompts.prefetch(loading.prompts)  # after the seeded parts: the encoder's seeding must not interleave with theirs
     return Engine(
-        transformer=transformer.to(device, model_dtype(device)).eval().requires_grad_(False),
+        transformer=transformer,
         prompts=prompts,
         vae=vae,
         geometry=demo.DEMO_GEOMETRY,
@@ -476,14 +541,9 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
     with ExitStack() as failed:
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
-        with torch.device("meta"):
-            transformer = CausalWanTransformer(WAN_1_3B, fast.kernels).to(dtype)  # no float32 copy is ever made
-        transformer = transformer.to_empty(device=device)
-        generator = torch.Generator(device=device).manual_seed(0)
-        for param in transformer.parameters():
-            param.data.normal_(0.0, 0.02, generator=generator)
+        transformer = build_transformer(WAN_1_3B, _random_weights(device, dtype), fast.kernels)
         engine = Engine(
-            transformer=transformer.eval().requires_grad_(False),
+            transformer=transformer,
             prompts=prompts,
             vae=vae,
             geometry=VideoGeometry(),
@@ -495,3 +555,15 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
         )
         failed.pop_all()
     return engine
+
+
+def _random_weights(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The 1.3B transformer's checkpoint-named weights drawn from N(0, 0.02), seeded, made on `device` in `dtype`
+    (no float32 copy is ever made)."""
+    with torch.device("meta"):
+        plain = CausalWanTransformer(WAN_1_3B).to(dtype)
+    plain = plain.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for param in plain.parameters():
+        param.data.normal_(0.0, 0.02, generator=generator)
+    return plain.state_dict()

@@ -7,7 +7,8 @@ live process renders). Nothing here prints or exits: a problem is a `PlanError` 
 that the command reports as one line.
 
 torch is not imported here, so a wrong output path is refused at once; only the device checks and
-`finished_difference` (which compares a sidecar with the request through the render module) import it.
+`open_engine` import it. The request is typed (`request.GenerationOptions`, `request.ModelSource`): nothing
+here branches on the strings a user typed.
 """
 
 from __future__ import annotations
@@ -18,22 +19,33 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .companions import output_key
+from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
+from .devices import device_problem
 from .output import (
     OutputBusyError,
     OutputError,
     OutputExistsError,
     OutputLock,
     check_existing,
+    check_output_name,
     check_reservable,
     memflow_sidecar,
     partial_path,
     sidecar_path,
 )
+from .record import request_record
+from .report import download_hint
+from .request import GenerationOptions, ModelSource
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
+from .text import lone_surrogate, text_problem
 from .tokens import PromptCut, TokenCounter, counter_from_tokenizer, load_token_counter, prompt_cuts
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -57,19 +69,14 @@ class RenderRequest:
     scripts: tuple[Path, ...]
     output: Path | None = None  # -o: the one video of one story
     out_dir: Path | None = None  # --out-dir: <title>.mp4 for every story
-    model: str | None = None
-    device: str | None = None
-    decode_device: str | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)  # model, devices, settings, speed
     seed: int | None = None  # None: each story's own seed
     duration_s: float | None = None  # a preview: only the first part
     overwrite: bool = False
     skip_existing: bool = False  # resume: skip finished videos, continue dead renders from their last snapshot
     update: bool = False  # replace existing videos, keeping what an edit of the story left unchanged
-    settings: Mapping[str, Any] = field(default_factory=dict)  # generation settings given as options
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    compile: bool | None = None  # --compile / --no-compile; None: where the video wins it back (render.compile_choice)
-    fp8: bool = False
     segment_seconds: float = 10.0
+    decoder: DecoderRequest = WAN_DECODER  # --decoder / --decoder-weights
 
     def seed_for(self, story: Story) -> int:
         return story.seed if self.seed is None else self.seed
@@ -111,7 +118,7 @@ def parse_duration(text: str | None) -> float | None:
     except ValueError as error:
         raise PlanError(f"--duration: {error}") from None
     if seconds == 0:
-        raise PlanError("--duration: must be longer than 0s", "give the preview length, like 5s")
+        raise PlanError("--duration: must be longer than 0s", "give how long the video is to be, like 5s or 1m")
     return seconds
 
 
@@ -160,9 +167,9 @@ def story_settings(story: Story, settings: Mapping[str, Any], geometry: VideoGeo
         ) from None
 
 
-def geometry_for(model: str | None) -> VideoGeometry:
+def geometry_for(model: ModelSource) -> VideoGeometry:
     """The video size of a model (imports torch for the demo model, whose module builds it)."""
-    if model == "demo":
+    if model.is_demo:
         from .demo import DEMO_GEOMETRY
 
         return DEMO_GEOMETRY
@@ -171,6 +178,8 @@ def geometry_for(model: str | None) -> VideoGeometry:
 
 def checked_device(device: str | None, option: str = "--device") -> str:
     """The device to use (imports torch); a name torch does not know, or CUDA where there is none, is bad input."""
+    if device is not None and (problem := device_problem(device, option)):
+        raise PlanError(*problem)  # before torch is imported
     import torch
 
     if device is None:
@@ -211,7 +220,9 @@ def check_fp8(device: str) -> None:
 def printable_path(path: Path, option: str) -> None:
     """Refuse a path with a control character (a newline would print one path as two lines)."""
     text = str(path)
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if lone_surrogate(text) is not None:  # bytes that are not UTF-8: no sidecar or replay script can record it
+        raise PlanError(f"{option} {ascii(text)}: the path is not UTF-8 text", "give a path of UTF-8 characters")
+    if text_problem(text):
         raise PlanError(
             f"{option} {ascii(text)}: the path has a control character (such as a newline) in it",
             "give a path without control characters",
@@ -244,6 +255,15 @@ def check_outputs(request: RenderRequest, stories: int | None = None) -> None:
         raise PlanError(str(error), error.hint) from None
 
 
+def checked_output_name(target: Path) -> Path:
+    """`target` if the names of its files fit and are not memflow's own (before its folder is created)."""
+    try:
+        check_output_name(target)
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+    return target
+
+
 def make_out_dir(folder: Path) -> None:
     """Create `--out-dir` (and its parents) if missing."""
     try:
@@ -274,9 +294,10 @@ def story_name(story: Story) -> str:
 def story_outputs(stories: list[Story], out_dir: Path) -> list[Path]:
     """`DIR/<title>.mp4` for every story; two stories that would write one file are an error naming both."""
     paths = [out_dir / output_name(story) for story in stories]
-    first_writer: dict[Path, Story] = {}
+    first_writer: dict[tuple[str, str], Story] = {}
     for story, path in zip(stories, paths, strict=True):
-        if (other := first_writer.setdefault(path, story)) is not story:
+        checked_output_name(path)
+        if (other := first_writer.setdefault(output_key(path), story)) is not story:
             raise PlanError(
                 f"two stories would both write {path}: {story_name(other)} and {story_name(story)}",
                 "give one of them another title",
@@ -311,13 +332,13 @@ def plan_jobs(
 
     Without `keep_going` the first problem raises PlanError. The options and outputs are checked first.
     """
-    option_settings(request.settings, geometry)
+    option_settings(request.options.settings(), geometry)
     check_outputs(request)
     stories, problems = load_stories(request.scripts, request.segment_seconds, geometry, keep_going=keep_going)
     settled: list[tuple[Story, GenerationSettings]] = []
     for story in stories:
         try:
-            settled.append((story, story_settings(story, request.settings, geometry)))
+            settled.append((story, story_settings(story, request.options.settings(), geometry)))
         except PlanError as error:
             if not keep_going:
                 raise
@@ -337,29 +358,29 @@ def plan_jobs(
     return jobs, problems
 
 
-def text_token_limit(model: str | None) -> int:
+def text_token_limit(model: ModelSource) -> int:
     """Tokens of a prompt the model's text encoder reads (the rest is dropped): 512, or 256 for the demo."""
-    if model == "demo":
+    if model.is_demo:
         from .demo import DEMO_TEXT_LEN
 
         return DEMO_TEXT_LEN
     return RELEASE_TEXT_TOKENS
 
 
-def text_tokens(model: str | None) -> tuple[int, TokenCounter | None]:
+def text_tokens(model: ModelSource) -> tuple[int, TokenCounter | None]:
     """The tokens the model's text encoder reads, and its tokenizer as a counter (None where it cannot be read
     without loading the model: the counts are then estimates). Imports torch for the demo model."""
     limit = text_token_limit(model)
-    if model == "demo":
+    if model.is_demo:
         from .demo import build_demo_tokenizer
 
         return limit, counter_from_tokenizer(build_demo_tokenizer())
-    if model == "random":
+    if model.is_random:
         return limit, None
     from .weights import WeightsError, resolve_model
 
     try:
-        return limit, load_token_counter(resolve_model(model).tokenizer_dir)
+        return limit, load_token_counter(resolve_model(model.folder).tokenizer_dir)
     except WeightsError:  # the model's load says what is missing
         return limit, None
 
@@ -390,8 +411,6 @@ def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometr
     recorded = memflow_sidecar(sidecar_path(target))
     if recorded is None:
         return f"no memflow metadata {sidecar_path(target).name} beside it"
-    from .render import request_record
-
     timeline = job.story.timeline(geometry, request.duration_s)
     asked = json.loads(json.dumps(request_record(job.story, timeline, job.settings, job.seed)))
     if recorded.get("title") != asked["title"]:
@@ -405,8 +424,11 @@ def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometr
         return f"it was rendered with seed {recorded.get('seed')}, not {job.seed}"
     if recorded.get("settings") != asked["settings"]:
         return "it was rendered with other settings"
-    if recorded.get("fp8", False) != request.fp8:
-        return f"it was rendered {'without' if request.fp8 else 'with'} --fp8"
+    fp8 = request.options.fp8
+    if recorded.get("fp8", False) != fp8:
+        return f"it was rendered {'without' if fp8 else 'with'} --fp8"
+    if recorded.get("decoder", "wan") != request.options.decoder.choice.value:
+        return f"it was decoded with --decoder {recorded.get('decoder')}"
     return None
 
 
@@ -447,3 +469,79 @@ def claim(job: Job, request: RenderRequest, geometry: VideoGeometry, held: ExitS
     partial_path(job.target).unlink(missing_ok=True)
     held.callback(lock.release)
     return Claim.RENDER
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The engine: one way for every command to load it
+
+
+def open_engine(
+    options: GenerationOptions, device: str, *, decode_device: str | None = None,
+    videos: list[tuple[int, GenerationSettings]] | None = None, prompts: tuple[str, ...] | list[str] = (),
+    embed_cache: bool = True, full_text_encoder: bool = False,
+) -> Engine:  # fmt: skip
+    """The engine the options ask for, on `device` (close it, or use it in `with`), `prompts` ready; a weights
+    problem is a PlanError with exit code 1. Every command loads its engine here.
+
+    Whether it compiles: as `options.compile` says, or where `videos` (each its chunks and settings) win the
+    compile back together (none: an open-ended video such as `memflow live`'s compiles only when asked).
+    `embed_cache`: False reads and writes no prompt-embedding cache (bench times every encoding);
+    `full_text_encoder`: the random model encodes with a full-size random umT5-XXL (`bench --text-encoder`)."""
+    import torch
+
+    from .engine import load_engine
+    from .loading import WeightsError
+    from .speed.compile_cache import choose_for_videos
+
+    choice = choose_for_videos(options.compile, torch.device(device), options.model.architecture, options.fp8,
+                               videos or [])  # fmt: skip
+    try:
+        return load_engine(options.model, device, options.lora, compile=choice, fp8=options.fp8,
+                           decode_device=decode_device, full_text_encoder=full_text_encoder, prompts=prompts,
+                           embed_cache=embed_cache, decoder=options.decoder)  # fmt: skip
+    except WeightsError as error:
+        raise PlanError(str(error), download_hint(str(error)), EXIT_FAILED) from None
+
+
+# -- the decoder ---------------------------------------------------------------------------------------------
+
+
+def decoder_request(model: ModelSource | str | None, name: str | None, weights: Path | None,
+                    default: DecoderChoice = DecoderChoice.WAN) -> DecoderRequest:  # fmt: skip
+    """`--decoder` and `--decoder-weights` for `--model`, checked before the model loads: a bad option, or a
+    TAEHV file that is missing, cut or of another layout, is a PlanError (one line, exit 2)."""
+    source = ModelSource.parse(model)
+
+    if name is None:
+        choice = default
+    else:
+        try:
+            choice = DecoderChoice(name.strip().lower())
+        except ValueError:
+            raise PlanError(f"--decoder {name}: not a decoder", "choose --decoder wan or --decoder tae") from None
+    if weights is not None and choice is not DecoderChoice.TAE:
+        raise PlanError("--decoder-weights is the TAEHV decoder's file", "add --decoder tae, or leave it out")
+    request = DecoderRequest(choice, weights)
+    if request.is_tae and source.built_in:
+        if weights is not None:
+            raise PlanError(f"--decoder-weights: the {source.label} model decodes with random TAEHV weights of its own",
+                            "leave out --decoder-weights")  # fmt: skip
+        return request
+    if request.is_tae:
+        check_tae_file(request, source.folder)
+    return request
+
+
+def check_tae_file(request: DecoderRequest, model: str | None) -> Path:
+    """The TAEHV file the engine will load for `model`, read and checked now (it is small)."""
+    from .loading import WeightsError
+    from .tae.files import tae_weights
+    from .tae.weights import TAE_DOWNLOAD_COMMAND, checked_decoder_state, read_state
+
+    try:
+        path = tae_weights(request.weights, Path(model).expanduser() if model is not None else None)
+        checked_decoder_state(read_state(path), path)
+    except WeightsError as error:
+        hint = None if TAE_DOWNLOAD_COMMAND in str(error) else f"the released file: {TAE_DOWNLOAD_COMMAND}"
+        raise PlanError(str(error), hint) from None
+    return path

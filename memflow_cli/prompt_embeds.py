@@ -207,18 +207,18 @@ class PromptEmbeddings:
 
     def wait(self) -> None:
         """Wait for the prefetch; raises what it raised."""
-        if self._prefetched is not None:
+        with self._worker_lock:  # `prefetch` sets it from other threads
             prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
             prefetched.result()
 
     def close(self) -> None:
         """Wait for the background thread to finish its prompts (those not started are dropped: a prefetch is
         only ahead of need; its error, if any, was or will not be reported here)."""
         with self._worker_lock:
-            worker, self._worker = self._worker, None
+            worker, self._worker, self._prefetched = self._worker, None, None
         if worker is not None:
             worker.shutdown(wait=True, cancel_futures=True)
-        self._prefetched = None
 
 
 def _nbytes(encoder: PromptEncoder) -> int:

@@ -11,18 +11,15 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from . import __version__
-from .engine import DEMO, Engine
+from .engine import Engine
+from .mp4 import RenderInterrupted
 from .output import write_video_sidecar
+from .record import video_record
 from .script import Story, Timeline
 from .settings import GenerationSettings
 from .snapshots import prefix_digest
 from .speed import compile_cache
-from .speed.compile_cache import CompileChoice, graphs_signature
 from .timing import RenderTimings, Startup, since_process_start, warmup_seconds
 from .update import SnapshotKeeper, StartPoint, find_start, remove_snapshots, render_identity
 
@@ -47,14 +44,6 @@ class RenderResult:
     timeline: Timeline
     seconds: float
     timings: RenderTimings  # its phases, the first frame's time among them
-
-
-class RenderInterrupted(Exception):
-    """The render was stopped (Ctrl-C); `partial` is the playable file of the finished chunks, if any."""
-
-    def __init__(self, partial: Path | None, frames: int):
-        super().__init__(f"interrupted after {frames} frames")
-        self.partial, self.frames = partial, frames
 
 
 def render_story(
@@ -110,7 +99,8 @@ def render_story(
     finished = time.perf_counter()
     timings = _timings(engine.startup, encode_s, chunk_ends, rendered - started, finished - rendered, first_frame_age)
     # 3. the sidecar beside the finished video; compiled graphs of this shape are in the cache from now on
-    metadata = _metadata(engine, story, timeline, settings, seed, timings)
+    metadata = video_record(engine, story, timeline, settings, seed, script=str(story.path),
+                            script_line=story.line, timings=timings.as_dict())  # fmt: skip
     metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
     if keeper is not None:
         metadata |= keeper.finish()
@@ -118,7 +108,7 @@ def render_story(
         remove_snapshots(target)  # an earlier video's, of another story: not this video's
     sidecar = write_video_sidecar(target, metadata)
     if engine.fast.compile and engine.device.type == "cuda":
-        _remember_compiled(engine, settings)
+        compile_cache.remember_compiled(engine.device, engine.source.architecture, settings, engine.fp8)
     return RenderResult(target, sidecar, timeline, finished - started, timings)
 
 
@@ -135,40 +125,6 @@ def _timings(
     )  # fmt: skip
 
 
-# -- compile or not -----------------------------------------------------------------------------------------
-
-
-def graphs_description(model: str | None, settings: GenerationSettings, fp8: bool) -> dict[str, Any]:
-    """What decides the graphs a render compiles: the model's shape, the generation settings, FP8."""
-    return {"model": "demo" if model == DEMO else "wan2.1-t2v-1.3b", "settings": settings.as_dict(), "fp8": fp8}
-
-
-def compile_choice(
-    model: str | None,
-    device: str | torch.device,
-    asked: bool | None,
-    plans: list[tuple[Story, GenerationSettings]],
-    duration_s: float | None,
-    fp8: bool,
-) -> CompileChoice:
-    """Compile or not for these renders (`--compile`: True, `--no-compile`: False, neither: None), from the
-    chunks they make in all and whether their graphs are in the compile cache (`speed.compile_cache`)."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return compile_cache.choose_compile(asked, 0, cuda=False, warm=False)
-    folder = compile_cache.device_cache_dir(dev)
-    chunks = sum(story.timeline(settings.geometry, duration_s).chunks for story, settings in plans)
-    warm = all(compile_cache.is_warm(folder, graphs_signature(graphs_description(model, s, fp8))) for _, s in plans)
-    return compile_cache.choose_compile(asked, chunks, cuda=True, warm=warm)
-
-
-def _remember_compiled(engine: Engine, settings: GenerationSettings) -> None:
-    model = DEMO if engine.name == DEMO else None
-    description = graphs_description(model, settings, engine.fp8)
-    folder = compile_cache.device_cache_dir(engine.device)
-    compile_cache.mark_warm(folder, graphs_signature(description), description)
-
-
 def _progress(timeline: Timeline, chunk: int, video_frames: int, elapsed_s: float) -> ChunkProgress:
     segment = timeline.segments[timeline.prompt_index_for_chunk(chunk)]
     return ChunkProgress(
@@ -179,52 +135,3 @@ def _progress(timeline: Timeline, chunk: int, video_frames: int, elapsed_s: floa
 def _prompt_record(timeline: Timeline, sources: tuple[str, ...]) -> list[dict[str, str]]:
     """Per segment, its prompt and whether its embeddings were "encoded" for this video or "cached"."""
     return [{"prompt": prompt, "embedding": source} for prompt, source in zip(timeline.prompts, sources, strict=True)]
-
-
-def request_record(story: Story, timeline: Timeline, settings: GenerationSettings, seed: int) -> dict[str, Any]:
-    """What a render was asked for, as its sidecar records it: a finished video with the same record is done."""
-    return {
-        "title": story.title,
-        "seed": seed,
-        "timeline": {
-            "chunks": timeline.chunks,
-            "latent_frames": timeline.latent_frames,
-            "video_frames": timeline.video_frames,
-            "duration_s": timeline.duration_s,
-            "segments": [
-                {
-                    "start_s": s.start_s,
-                    "snapped_start_s": s.snapped_start_s,
-                    "start_chunk": s.start_chunk,
-                    "video_frames": s.video_frames,
-                    "prompt": s.prompt,
-                }
-                for s in timeline.segments
-            ],
-        },
-        "settings": settings.as_dict(),
-    }
-
-
-def _metadata(
-    engine: Engine,
-    story: Story,
-    timeline: Timeline,
-    settings: GenerationSettings,
-    seed: int,
-    timings: RenderTimings,
-) -> dict[str, Any]:
-    return {
-        "memflow_version": __version__,
-        "script": str(story.path),
-        "script_line": story.line,
-        **request_record(story, timeline, settings, seed),
-        "weights": engine.identity,
-        "device": str(engine.device),
-        **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "fp8": engine.fp8,
-        "compile": engine.compile_path,
-        **({"compile_reason": engine.compile_choice.reason} if engine.compile_choice else {}),
-        "timings": timings.as_dict(),
-    }

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
-out = Console(highlight=False, emoji=False)
-err = Console(stderr=True, highlight=False, emoji=False)
+from .text import SafeConsole, one_line
+
+# what comes from outside (titles, prompts, paths) never reaches the terminal as a control sequence (text.py)
+out = SafeConsole(highlight=False, emoji=False)
+err = SafeConsole(stderr=True, highlight=False, emoji=False)
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 DOWNLOAD_HINT = "fetch the weights with: memflow weights download"
@@ -30,11 +32,11 @@ def print_error(message: str, hint: str | None = None) -> None:
     """`error: MESSAGE` and `  hint: HINT` on stderr, each one line however long."""
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     if hint:
-        err.print(f"  hint: {escape(hint)}", soft_wrap=True)
+        err.print(f"  hint: {escape(one_line(hint))}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(one_line(message))}", soft_wrap=True)
 
 
 def warn_prompt_cuts(name: str, cuts: list[Any]) -> None:

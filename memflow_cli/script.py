@@ -30,6 +30,7 @@ import yaml
 
 from memflow_cli.preview import WIDTH, cut, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
+from memflow_cli.text import PROMPT_WHITESPACE, lone_surrogate, one_line, text_problem
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl",)
@@ -47,9 +48,11 @@ MAX_STORIES = 10_000  # stories of one JSONL file
 MAX_JSONL_PROMPTS = 100_000  # prompts of one JSONL file, all stories together
 MAX_NESTING = 32  # levels of lists and mappings in YAML; a story uses 4
 MAX_TIME_CHARS = 40  # "1:02:03.5" is 9: anything longer is not a time, and is not matched against the patterns
+MAX_DURATION_S = 24 * 3600.0  # the longest time a script, `--duration` or `live` may name: one day of video
 SNAP_TOLERANCE = 1e-9  # in chunks: 10.5 s is chunk 14 exactly, not 15
 
 TIME_HINT = "write it like 10s, 1m30s, 0:10 or 1:02.5"
+TEXT_HINT = "write plain text: no lone \\ud800 escapes, no control characters (a prompt may hold tabs and newlines)"
 SEGMENTS_HINT = "write segments as a list of `- start: 0s` / `  prompt: ...` entries"
 JSONL_HINT = 'each line must look like {"prompts": ["first segment", "second segment"]}'
 
@@ -70,7 +73,7 @@ class ScriptError(Exception):
     def __str__(self) -> str:
         where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
         text = ": ".join(part for part in (where, self.field, self.message) if part)
-        return f"{text} — {self.hint}" if self.hint else text
+        return one_line(f"{text} — {self.hint}" if self.hint else text)  # a path, a key or a value may hold a newline
 
 
 class InvalidValue(ValueError):
@@ -166,6 +169,9 @@ def _check_order(story: Story) -> None:
 
     if not story.segments:
         raise ScriptError(story.path, story.line, "segments", "a story needs at least one segment", SEGMENTS_HINT)
+    if story.duration_s > MAX_DURATION_S:  # a default duration: the last start + a segment, or JSONL segments
+        message = f"the story lasts {format_seconds(story.duration_s)}, more than 24h, the longest video memflow makes"
+        raise ScriptError(story.path, story.line, "duration", message, "write a shorter story, or split it")
     first = story.segments[0].start_s
     if first != 0:
         message = f"the first segment starts at {format_seconds(first)}, not at 0s"
@@ -264,19 +270,25 @@ def _check_limit(limit_s: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Times
 
-_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
+_NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"  # ASCII digits only: "١s" and "５s" are not times
 _PLAIN_RE = re.compile(_NUMBER)
 _UNITS_RE = re.compile(rf"(?:(?P<h>{_NUMBER})h)?(?:(?P<m>{_NUMBER})m)?(?:(?P<s>{_NUMBER})s)?")
-_CLOCK_RE = re.compile(r"(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+(?:\.\d*)?)")
+_CLOCK_RE = re.compile(r"(?:(?P<h>[0-9]+):)?(?P<m>[0-9]+):(?P<s>[0-9]+(?:\.[0-9]*)?)")
 
 
 def parse_time(value: str | float) -> float:
-    """Seconds from a time as written: "10s", "1m30s", "1h", "0:10", "1:02.5", "1:00:00", "90" or a number."""
+    """Seconds from a time as written: "10s", "1m30s", "1h", "0:10", "1:02.5", "1:00:00", "90" or a number.
+
+    Only these forms, with ASCII digits and no spaces inside, and at most `MAX_DURATION_S`.
+    """
     seconds = _signed_seconds(value)
     if not math.isfinite(seconds):
         raise InvalidValue(f"{preview(value)} is not a finite time", TIME_HINT)
     if seconds < 0:
         raise InvalidValue(f"{preview(value)} is negative", "times count from the start of the video: use 0s or later")
+    if seconds > MAX_DURATION_S:
+        message = f"{preview(value)} is longer than 24h, the longest video memflow makes"
+        raise InvalidValue(message, "give a time of at most 24h (86400s)")
     return seconds + 0.0  # no -0.0
 
 
@@ -295,7 +307,7 @@ def _signed_seconds(value: Any) -> float:
             return float(value)
         except OverflowError:  # an integer beyond any float
             return math.copysign(math.inf, value)
-    text = value.strip().lower().replace(" ", "")
+    text = value.strip().lower()
     if len(text) > MAX_TIME_CHARS:
         raise InvalidValue(f"{preview(value)} is not a time", TIME_HINT)
     seconds = _unsigned_seconds(text.removeprefix("-"))
@@ -323,6 +335,8 @@ def _unsigned_seconds(text: str) -> float | None:
 def _check_title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidValue(f"the title must be non-blank text, got {preview(value)}", "write a short name in quotes")
+    if problem := text_problem(value.strip()):
+        raise InvalidValue(f"the title {problem}", "write the title on one line, without control characters")
     size = len(value.strip().encode("utf-8", "surrogatepass"))
     if size > MAX_TITLE_BYTES:
         message = f"the title is {size} bytes long in UTF-8, at most {MAX_TITLE_BYTES} fit in a file name"
@@ -351,7 +365,39 @@ def _check_prompt(value: Any) -> str:
         raise InvalidValue(f"the prompt must be text, got {preview(value)}", "write the prompt as text, quoted")
     if not value.strip():
         raise InvalidValue("the prompt is blank", "describe what happens in this segment")
+    if problem := text_problem(value, PROMPT_WHITESPACE):
+        raise InvalidValue(f"the prompt {problem}", TEXT_HINT)
     return value.strip()
+
+
+def _strings(value: Any, field_name: str) -> Iterator[tuple[str, str]]:
+    """Every text inside a value read from a script (keys included), with the field it is in, in order.
+
+    A loop over a stack, not a recursion: a JSON line may nest as deep as its parser allows.
+    """
+    stack = [(field_name, value)]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, str):
+            yield name, item
+        elif isinstance(item, dict):
+            entries: list[tuple[str, Any]] = []
+            for key, part in item.items():
+                entries += [(name, key), (f"{name}.{cut(str(key))}" if name else cut(str(key)), part)]
+            stack.extend(reversed(entries))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(f"{name}[{index}]", part) for index, part in enumerate(item)]))
+
+
+def _check_text(path: Path, line: int | None, value: Any, field_name: str) -> None:
+    """Every text of a value holds only what UTF-8 can write, and no control character but tab and newline.
+
+    Checked once for each value as it is read, so no text field (a prompt, a title, a key, a setting) reaches
+    the tokenizer, a file name, a sidecar or the terminal with a lone surrogate or an escape sequence.
+    """
+    for name, text in _strings(value, field_name):
+        if problem := text_problem(text, PROMPT_WHITESPACE):
+            raise ScriptError(path, line, name or None, f"the text {problem}", TEXT_HINT)
 
 
 def _suggest(name: str, known: Iterable[str], label: str) -> str:
@@ -382,12 +428,27 @@ def load_scripts(path: Path | str, segment_seconds: float = 10.0, geometry: Vide
     """
     path = Path(path)
     geometry = geometry or VideoGeometry()
+    _check_path_text(path)
     load, limit = _loader_for(path)
     _check_segment_seconds(path, segment_seconds, geometry)
     stories = load(path, _read_text(path, limit), float(segment_seconds))
     for story in stories:
         story.timeline(geometry)  # raises if two segments snap onto one chunk
     return stories
+
+
+def _check_path_text(path: Path) -> None:
+    """The script's path is text: its bytes are UTF-8 (the sidecar records it)."""
+    if lone_surrogate(str(path)) is not None:
+        raise ScriptError(path, None, None, "the path is not UTF-8 text", "rename the file with UTF-8 characters")
+
+
+def _default_title(path: Path) -> str:
+    """The file name as the title of a story that gives none: it must be a title too (it names the video)."""
+    if problem := text_problem(path.stem):
+        message = f"the file name {problem}; it names the video of a story without a title"
+        raise ScriptError(path, None, None, message, "rename the file without control characters, or give a title")
+    return path.stem
 
 
 def _loader_for(path: Path) -> tuple[Callable[[Path, str, float], list[Story]], int]:
@@ -403,9 +464,14 @@ def _loader_for(path: Path) -> tuple[Callable[[Path, str, float], list[Story]], 
 
 
 def _check_segment_seconds(path: Path, value: float, geometry: VideoGeometry) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not geometry.chunk_seconds <= value < math.inf:
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not geometry.chunk_seconds <= value < math.inf:
         message = f"must be a number of seconds no shorter than one chunk, got {preview(value)}"
         hint = f"use at least {geometry.chunk_seconds:g} s, such as 10"
+        raise ScriptError(path, None, "segment_seconds", message, hint)
+    if value > MAX_DURATION_S:
+        message = f"must be at most 24h, the longest video memflow makes, got {preview(value)}"
+        hint = "use a shorter segment, such as 10"
         raise ScriptError(path, None, "segment_seconds", message, hint)
 
 
@@ -468,7 +534,7 @@ def _load_yaml(path: Path, text: str, segment_seconds: float) -> list[Story]:
     if "segments" not in entries:
         raise reader.error(root, "segments", "the story has no segments", SEGMENTS_HINT)
     segments = reader.segments(entries["segments"])
-    title = reader.optional(entries, "title", _check_title, path.stem)
+    title = reader.read(entries["title"], "title", _check_title) if "title" in entries else _default_title(path)
     seed = reader.optional(entries, "seed", _check_seed, 0)
     duration = reader.optional(entries, "duration", _check_duration, segments[-1].start_s + segment_seconds)
     settings = reader.settings(entries["settings"]) if "settings" in entries else {}
@@ -477,6 +543,41 @@ def _load_yaml(path: Path, text: str, segment_seconds: float) -> list[Story]:
 
 def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Numbers as a person means them (YAML 1.2's core schema): decimal digits only. YAML 1.1 reads `010` as 8,
+# `0x10` as 16, `1_000` as 1000 and `1:30` as 90; here the first is 10 and the others are text, which a time,
+# a seed or a setting then reads or refuses by its own rules.
+_INT_RE = re.compile(r"[-+]?[0-9]+\Z", re.ASCII)
+_FLOAT_RE = re.compile(
+    r"(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z",
+    re.ASCII,
+)
+
+
+def _plain_number_resolvers() -> dict[str, list[tuple[str, re.Pattern]]]:
+    """SafeLoader's implicit types, with its YAML 1.1 int and float forms replaced by decimal ones."""
+    resolvers = {
+        first: [(tag, pattern) for tag, pattern in entries if tag not in (_INT_TAG, _FLOAT_TAG)]
+        for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for tag, pattern, firsts in ((_INT_TAG, _INT_RE, "-+0123456789"), (_FLOAT_TAG, _FLOAT_RE, "-+0123456789.")):
+        for first in firsts:
+            resolvers.setdefault(first, []).append((tag, pattern))
+    return resolvers
+
+
+def _decimal_int(constructor: yaml.constructor.SafeConstructor, node: yaml.ScalarNode) -> int:
+    return int(constructor.construct_scalar(node))  # decimal, leading zeros and all: `010` is 10, never 8
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    """SafeConstructor that reads an int in decimal."""
+
+    yaml_constructors = {**yaml.constructor.SafeConstructor.yaml_constructors, _INT_TAG: _decimal_int}
 
 
 class _TooBig(yaml.YAMLError):
@@ -496,7 +597,10 @@ class _BoundedLoader(yaml.SafeLoader):
     list before ("billion laughs") hold 9**9 values, and stop here after a few thousand events instead
     of expanding in whatever reads or prints them later. An alias to a value that contains it is refused.
     The composer recurses once per level, so the depth limit also keeps Python's stack safe.
+    Plain numbers are decimal (`_plain_number_resolvers`).
     """
+
+    yaml_implicit_resolvers = _plain_number_resolvers()
 
     def __init__(self, stream: str):
         super().__init__(stream)
@@ -538,7 +642,7 @@ class _YamlReader:
 
     def __init__(self, path: Path):
         self.path = path
-        self._constructor = yaml.constructor.SafeConstructor()
+        self._constructor = _Constructor()
 
     def error(self, node: yaml.Node, field_name: str | None, message: str, hint: str = "") -> ScriptError:
         return ScriptError(self.path, _line(node), field_name or None, message, hint)
@@ -561,6 +665,11 @@ class _YamlReader:
         return root
 
     def value(self, node: yaml.Node, field_name: str) -> Any:
+        value = self._construct(node, field_name)
+        _check_text(self.path, _line(node), value, field_name)
+        return value
+
+    def _construct(self, node: yaml.Node, field_name: str) -> Any:
         try:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
@@ -589,6 +698,9 @@ class _YamlReader:
             if not isinstance(key_node, yaml.ScalarNode):
                 message = "a key must be a plain word, not a list or a mapping"
                 raise self.error(key_node, field_name, message, f"known {label}: {', '.join(known)}")
+            if key_node.tag == _MERGE_TAG:
+                message = "merge keys (`<<: *name`) are not read in scripts"
+                raise self.error(key_node, field_name or None, message, "write the keys out in full instead")
             key = str(self.value(key_node, field_name))
             name = f"{field_name}.{key}" if field_name else key
             if key not in known:
@@ -680,7 +792,10 @@ def _load_jsonl(path: Path, text: str, segment_seconds: float) -> list[Story]:
 
 def _jsonl_prompts(path: Path, number: int, raw: str) -> list[str]:
     try:
-        record = json.loads(raw)
+        record = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        message = f"the key {preview(exc.key)} is given twice"
+        raise ScriptError(path, number, cut(exc.key), message, "keep one of them") from None
     except json.JSONDecodeError as exc:
         raise ScriptError(path, number, None, f"not valid JSON: {exc.msg} (column {exc.colno})", JSONL_HINT) from None
     except RecursionError:
@@ -688,6 +803,7 @@ def _jsonl_prompts(path: Path, number: int, raw: str) -> list[str]:
         raise ScriptError(path, number, None, message, JSONL_HINT) from None
     except ValueError:  # json turns an integer of more than 4300 digits into a ValueError of its own
         raise ScriptError(path, number, None, "not valid here: a number too long to read", JSONL_HINT) from None
+    _check_text(path, number, record, "")
     if not isinstance(record, dict):
         raise ScriptError(path, number, None, f"a line must be a JSON object, got {preview(record)}", JSONL_HINT)
     for key in record:
@@ -708,7 +824,22 @@ def _jsonl_prompts(path: Path, number: int, raw: str) -> list[str]:
     return checked
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json keeps the last of a repeated key; YAML refuses it)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return record
+
+
 def _jsonl_story(path: Path, number: int, prompts: list[str], segment_seconds: float) -> Story:
     segments = tuple(Segment(index * segment_seconds, prompt, number) for index, prompt in enumerate(prompts))
-    title = f"{path.stem}-{number:03d}"
+    title = f"{_default_title(path)}-{number:03d}"
     return Story(path, title, 0, len(prompts) * segment_seconds, segments, {}, number)

@@ -8,10 +8,11 @@ time as the convolutions themselves.
 
 `DecoderStream` walks the same diffusers modules in the same order (the Wan2.1 layout: conv_in, mid block,
 up blocks, norm_out, conv_out) but gives each causal conv a persistent history of its last two input
-frames. A call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a
-conv writes its output straight into the window, the conv pads spatially by itself, and only the two
-newest frames are copied back into the history. The steps between convs are `DecoderKernels`, which the
-fast path swaps for compiled ones. The arithmetic is the official Wan VAE's: diffusers' modules and
+frames (`CausalConvCache`: allocated once and updated in place, so a CUDA graph of a call stays valid). A
+call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a conv writes its
+output straight into the window, the conv pads spatially by itself, and only the two newest frames are
+copied back into the history. The steps between convs are `DecoderKernels`, which the CUDA paths swap for
+faster ones (`speed/decoder.py`). The arithmetic is the official Wan VAE's: diffusers' modules and
 weights, except that every RMS norm (the mid block's attention included) normalises in the activation
 dtype as the official code does, where diffusers >= 0.38 upcasts bfloat16 to float32. On the CPU the
 frames are bit for bit the official ones in float32 and bfloat16 (`tests/test_codec_parity.py`); the
@@ -120,25 +121,114 @@ def _copy_into(out: torch.Tensor, x: torch.Tensor) -> None:
     out.copy_(x)
 
 
+class CausalConvCache:
+    """One causal conv's state over a video: its last input frames (its history) and the filters it runs.
+
+    The history is allocated at the conv's first call, when the frame size is known, and from then on only
+    written in place; `reset` zeroes it. Filters tiled to `channel_tile` are made once and refreshed in
+    place from the conv's weights at every `reset`. So every call of a video, and every video after it,
+    reads and writes the same memory: a CUDA graph captured over a decoder call stays valid.
+    """
+
+    def __init__(self, conv: autoencoder_kl_wan.WanCausalConv3d, channel_tile: int | None):
+        self.conv = conv
+        self.keep = conv.kernel_size[0] - 1  # input frames before the current ones that the kernel sees
+        self.spatial_padding = (0, conv._padding[2], conv._padding[0])  # (time, h, w): time is the history
+        self.out_channels = conv.out_channels
+        self.channels = padded_channels(conv.out_channels, channel_tile)  # computed output channels
+        self.history: torch.Tensor | None = None  # [B, C_in, keep, h, w]
+        self._tiled: tuple[torch.Tensor, torch.Tensor] | None = None  # zero filters up to `channels`
+        self.buffers_made = 0  # histories and tiled filters allocated, first ones included
+        self.buffers_moved = 0  # of those, the ones that replaced a buffer (new addresses for old state)
+
+    @torch.inference_mode()  # the buffers were made in inference mode: only there can they change in place
+    def reset(self) -> None:
+        """A new video: the history is zero (a first frame's causal padding); tiled filters follow the weights."""
+        if self.history is not None:
+            self.history.zero_()
+        if self._tiled is not None:
+            weight, bias = self._tiled
+            if weight.device != self.conv.weight.device or weight.dtype != self.conv.weight.dtype:
+                self._tiled = None  # the VAE moved: made again now, not in the middle of a video
+                self.filters()
+                self.buffers_moved += 1
+            else:
+                weight[: self.out_channels].copy_(self.conv.weight)
+                bias[: self.out_channels].copy_(self.conv.bias)
+
+    def __call__(self, x: torch.Tensor, fill: Fill, with_bias: bool = True) -> torch.Tensor:
+        """conv over [history | fill(x)] ([B, C_in, keep + T, h, w]); the history is then the newest frames.
+
+        with_bias=False leaves the conv's bias out of the result (the caller's next step adds it).
+        """
+        b, _, t, h, w = x.shape
+        history = self._history_for(x)
+        # the window is the one buffer a call allocates: the caching allocator (or a CUDA graph's pool) hands
+        # back the same memory every call, and nothing outlives the call
+        window = torch.empty(
+            (b, self.conv.in_channels, self.keep + t, h, w), device=x.device, dtype=x.dtype, memory_format=_layout(x)
+        )
+        window[:, :, : self.keep].copy_(history)
+        fill(window[:, :, self.keep :], x)
+        weight, bias = self.filters()
+        out = F.conv3d(window, weight, bias if with_bias else None, self.conv.stride, self.spatial_padding)
+        history.copy_(window[:, :, t:])
+        return out[:, : self.out_channels]  # the real channels (a view, when the filters were tiled)
+
+    def _history_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The history buffer, made (zero) at the first call or when the frame size, dtype or device change."""
+        b, _, _, h, w = x.shape
+        shape = (b, self.conv.in_channels, self.keep, h, w)
+        history = self.history
+        if history is None or history.shape != shape or history.dtype != x.dtype or history.device != x.device:
+            self.buffers_moved += history is not None
+            history = torch.zeros(shape, device=x.device, dtype=x.dtype).contiguous(memory_format=_layout(x))
+            self.history = history
+            self.buffers_made += 1
+        return history
+
+    def filters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's weight and bias, with zero filters up to `channels` where they are tiled."""
+        if self.channels == self.out_channels:
+            return self.conv.weight, self.conv.bias
+        if self._tiled is None:
+            conv = self.conv
+            weight = conv.weight.new_zeros((self.channels, *conv.weight.shape[1:]))
+            weight[: self.out_channels] = conv.weight
+            bias = conv.bias.new_zeros(self.channels)
+            bias[: self.out_channels] = conv.bias
+            channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+            layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+            self._tiled = (weight.contiguous(memory_format=layout), bias)
+            self.buffers_made += 1
+        return self._tiled
+
+
 class DecoderStream:
-    """Runs a diffusers Wan2.1 `WanDecoder3d` call by call over one video, keeping each causal conv's history.
+    """Runs a diffusers Wan2.1 `WanDecoder3d` call by call over one video; each causal conv keeps its own cache.
 
     `__call__(x)` takes the next latent frames [B, C, T, h, w] (after `post_quant_conv`) and returns their
     decoded frames; the video's first call must carry its first latent frame alone, as in diffusers.
+    `run(x, first)` is that call without the bookkeeping: what a CUDA graph captures (`speed/decoder.py`).
     """
 
     def __init__(self, decoder: nn.Module, kernels: DecoderKernels = PLAIN_KERNELS):
+        from diffusers.models.autoencoders import autoencoder_kl_wan
+
         _check_wan21_layout(decoder)
         self.decoder = decoder
         self.kernels = kernels
-        self.histories: dict[nn.Module, torch.Tensor] = {}  # per causal conv: its last input frames
-        self.padded: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # per causal conv: its tiled filters
+        self.caches: dict[nn.Module, CausalConvCache] = {
+            conv: CausalConvCache(conv, kernels.channel_tile)
+            for conv in decoder.modules()
+            if isinstance(conv, autoencoder_kl_wan.WanCausalConv3d) and conv.kernel_size[0] > 1  # not the shortcuts
+        }
         self.calls = 0
 
     def reset(self) -> None:
-        """Start a new video: every history is zero again (the causal padding of a first frame)."""
-        self.histories.clear()
-        self.padded.clear()  # rebuilt from the VAE's current weights: a few small copies per video
+        """Start a new video: every history is zero again, in place (the causal padding of a first frame)."""
+        for cache in self.caches.values():
+            cache.reset()
         self.calls = 0
 
     @property
@@ -146,13 +236,35 @@ class DecoderStream:
         """No frame of the current video has been decoded yet (the next call must carry one latent frame)."""
         return self.calls == 0
 
+    @property
+    def buffers_made(self) -> int:
+        """Histories and tiled filters allocated so far, over all convs."""
+        return sum(cache.buffers_made for cache in self.caches.values())
+
+    @property
+    def buffers_moved(self) -> int:
+        """Of those, the ones that replaced another (a new frame size, a moved VAE): old addresses are stale."""
+        return sum(cache.buffers_moved for cache in self.caches.values())
+
+    def check(self, x: torch.Tensor) -> None:
+        """A video's first call carries one latent frame; else a ValueError."""
+        if self.at_start and x.shape[2] != 1:
+            raise ValueError(f"a video's first decoder call must carry one latent frame, got {x.shape[2]}")
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        out = self.run(x, self.at_start)
+        self.calls += 1
+        return out
+
+    def run(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        """The decoder over x [B, C, T, h, w]: conv_in, mid block, up blocks, norm_out + SiLU, conv_out.
+
+        `first`: the video's first call (the time upsamplers then skip their convolution).
+        """
         d = self.decoder
-        first = self.at_start
-        if first and x.shape[2] != 1:
-            raise ValueError(f"a video's first decoder call must carry one latent frame, got {x.shape[2]}")
-        x = self._causal_conv(d.conv_in, x, _copy_into)
+        x = self.caches[d.conv_in](x, _copy_into)
         x = self._residual(d.mid_block.resnets[0], x)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:], strict=True):
             x = self._residual(resnet, self._attention(attention, x))
@@ -161,9 +273,7 @@ class DecoderStream:
                 x = self._residual(resnet, x)
             if block.upsamplers is not None:
                 x = self._upsample(block.upsamplers[0], x, first)
-        x = self._causal_conv(d.conv_out, x, self._norm_silu(d.norm_out))
-        self.calls += 1
-        return x
+        return self.caches[d.conv_out](x, self._norm_silu(d.norm_out))
 
     def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm, x_bias: torch.Tensor | None = None) -> Fill:
         return lambda out, x: self.kernels.norm_silu(out, x, x_bias, norm.gamma, norm.bias, norm.scale)
@@ -188,16 +298,16 @@ class DecoderStream:
         shortcut = block.conv_shortcut
         h = x if isinstance(shortcut, nn.Identity) else F.conv3d(x, shortcut.weight, shortcut.bias)
         deferred = self.kernels.bias_after_conv  # then each conv's bias is added by the step after it
-        x = self._causal_conv(block.conv1, x, self._norm_silu(block.norm1), with_bias=not deferred)
+        x = self.caches[block.conv1](x, self._norm_silu(block.norm1), with_bias=not deferred)
         norm2 = self._norm_silu(block.norm2, block.conv1.bias if deferred else None)
-        x = self._causal_conv(block.conv2, x, norm2, with_bias=not deferred)
+        x = self.caches[block.conv2](x, norm2, with_bias=not deferred)
         return self.kernels.residual(x, block.conv2.bias if deferred else None, h)
 
     def _upsample(self, resample: autoencoder_kl_wan.WanResample, x: torch.Tensor, first: bool) -> torch.Tensor:
         """Twice the frames (upsample3d, except on the video's first call), then twice the size per frame."""
         if resample.mode == "upsample3d" and not first:
             b, c, t, h, w = x.shape
-            doubled = self._causal_conv(resample.time_conv, x, _copy_into)  # [B, 2C, T, h, w]
+            doubled = self.caches[resample.time_conv](x, _copy_into)  # [B, 2C, T, h, w]
             # channel half j of time step i becomes frame 2i + j; built frame-major so channels stay last
             frames = doubled.permute(0, 2, 3, 4, 1).unflatten(-1, (2, c)).permute(0, 1, 4, 2, 3, 5)
             x = frames.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3).contiguous(memory_format=_layout(x))
@@ -205,47 +315,6 @@ class DecoderStream:
         upsample, conv = resample.resample
         images = self.kernels.upsample(x.transpose(1, 2).flatten(0, 1), upsample.scale_factor, upsample.mode)
         return conv(images).unflatten(0, (b, t)).transpose(1, 2)
-
-    def _causal_conv(
-        self, conv: autoencoder_kl_wan.WanCausalConv3d, x: torch.Tensor, fill: Fill, with_bias: bool = True
-    ) -> torch.Tensor:
-        """conv over [last inputs | fill(x)]; the last inputs are then the newest frames of that window.
-
-        with_bias=False leaves the conv's bias out of the result (the caller's next step adds it).
-        """
-        keep = conv.kernel_size[0] - 1
-        b, _, t, h, w = x.shape
-        channels = conv.in_channels
-        layout = _layout(x)
-        history = self.histories.get(conv)
-        if history is None:
-            history = torch.zeros((b, channels, keep, h, w), device=x.device, dtype=x.dtype)
-            history = history.contiguous(memory_format=layout)
-            self.histories[conv] = history
-        # a fresh window each call: the caching allocator hands back the same memory, and nothing outlives it
-        window = torch.empty((b, channels, keep + t, h, w), device=x.device, dtype=x.dtype, memory_format=layout)
-        window[:, :, :keep].copy_(history)
-        fill(window[:, :, keep:], x)
-        pad_h, pad_w = conv._padding[2], conv._padding[0]
-        weight, conv_bias = self._filters(conv)
-        out = F.conv3d(window, weight, conv_bias if with_bias else None, conv.stride, (0, pad_h, pad_w))
-        history.copy_(window[:, :, t:])
-        return out[:, : conv.out_channels]  # the real channels (a view, when the filters were tiled)
-
-    def _filters(self, conv: autoencoder_kl_wan.WanCausalConv3d) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv's weight and bias, with zero filters up to `channel_tile` where that pays (made once per video)."""
-        padded = padded_channels(conv.out_channels, self.kernels.channel_tile)
-        if padded == conv.out_channels:
-            return conv.weight, conv.bias
-        if conv not in self.padded:
-            weight = conv.weight.new_zeros((padded, *conv.weight.shape[1:]))
-            weight[: conv.out_channels] = conv.weight
-            bias = conv.bias.new_zeros(padded)
-            bias[: conv.out_channels] = conv.bias
-            channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-            layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-            self.padded[conv] = (weight.contiguous(memory_format=layout), bias)
-        return self.padded[conv]
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

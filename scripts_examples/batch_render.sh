@@ -4,7 +4,8 @@
 #   scripts_examples/batch_render.sh SCRIPTS_DIR OUT_DIR [memflow render options...]
 #   scripts_examples/batch_render.sh scripts_examples out --model demo --duration 3s
 #
-# Scripts are the *.yaml, *.yml and *.jsonl files of SCRIPTS_DIR (not its subfolders), in name order.
+# Scripts are the *.yaml, *.yml and *.jsonl files of SCRIPTS_DIR (not its subfolders), in name order; a folder,
+# pipe or broken link with such a name fails (memflow check says what it is).
 # memflow names the outputs (`memflow check --json`) and decides what is finished (`render --skip-existing`:
 # a video whose metadata records the same story, seed, settings and length); a preview is not a finished
 # full render. Run again after any stop (Ctrl-C, kill -9, a crash), the batch resumes: finished videos are
@@ -22,7 +23,7 @@ set -uo pipefail
 shopt -s nullglob nocasematch
 
 if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 scripts_dir=$1
@@ -43,7 +44,7 @@ failed=0
 in_progress=0
 errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
-declare -A writer_of  # output file (as memflow's JSON writes it) -> the script that renders it in this batch
+declare -A writer_of  # output file (as memflow's JSON writes it, lower-cased: X.mp4 and x.MP4 are one) -> its script
 
 log_failure() {  # script, one-line reason; memflow's messages are in $errors
     local script=$1 reason=$2
@@ -63,7 +64,7 @@ outputs_of() {
 
 for script in "$scripts_dir"/*; do
     case $script in
-        *.yaml | *.yml | *.jsonl) [[ -f $script ]] || continue ;;
+        *.yaml | *.yml | *.jsonl) ;;  # a folder, a pipe or a broken link: memflow check says what it is
         *) continue ;;
     esac
     if ! stories=$("$memflow" check "$script" --out-dir "$out_dir" --json 2>"$errors"); then
@@ -73,8 +74,9 @@ for script in "$scripts_dir"/*; do
     fi
     clash=
     while IFS= read -r output; do
-        if [[ -n ${writer_of[$output]+set} && ${writer_of[$output]} != "$script" ]]; then
-            clash="a story would write $output, which ${writer_of[$output]} writes in this batch"
+        key=${output,,}
+        if [[ -n ${writer_of[$key]+set} && ${writer_of[$key]} != "$script" ]]; then
+            clash="a story would write $output, which ${writer_of[$key]} writes in this batch"
         fi
     done < <(printf '%s\n' "$stories" | outputs_of)
     if [[ -n $clash ]]; then
@@ -84,7 +86,7 @@ for script in "$scripts_dir"/*; do
         continue
     fi
     while IFS= read -r output; do
-        writer_of[$output]=$script
+        writer_of[${output,,}]=$script
     done < <(printf '%s\n' "$stories" | outputs_of)
 
     echo "render: $script" >&2

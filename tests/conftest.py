@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
+from memflow_cli.cache_dir import CACHE_DIR_ENV
 from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
-from memflow_cli.embed_cache import CACHE_DIR_ENV
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -108,11 +108,12 @@ def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return float((ours.double() - expected.double()).norm() / expected.double().norm())
 
 
-def fast_path_error(name: str, device: torch.device, dtype: torch.dtype, *, compile: bool, fp8: bool = False):
+def fast_path_error(name: str, device: torch.device, dtype: torch.dtype, *, compile: bool | None, fp8: bool = False):
     """Run scenario `name` through the fast path chosen for (device, dtype); returns (its relative L2, the model).
 
-    The model is loaded as render loads it and run with the whole fast path (compiled steps and CUDA graphs
-    where `compile`, FP8 layers where `fp8`); the error is against the float32 expectation.
+    The model is loaded as render loads it and run with the whole fast path (`compile`: None the graphed
+    default, True compiled steps, both with CUDA graphs, False plain eager; FP8 layers where `fp8`); the
+    error is against the float32 expectation.
     """
     from memflow_cli.checkpoint import load_transformer
     from memflow_cli.generator import MemFlowGenerator
@@ -130,7 +131,7 @@ def fast_path_error(name: str, device: torch.device, dtype: torch.dtype, *, comp
     inputs = load_inputs()
     frames = scenario.get("frames", man["frames"])
     expected = load_file(d / f"expected_{name}.safetensors")["latents"][:, :frames]
-    generator = MemFlowGenerator(model, settings, run_pass=fast.pass_function(model), passes=fast.graphed_passes)
+    generator = MemFlowGenerator(model, settings, passes=fast.graphed_passes)
     with fast.sdpa_priority():
         chunks = generator.generate(
             prompt_embeds(inputs)[scenario["prompts"]],

@@ -10,10 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from memflow_cli.cli import app
+from memflow_cli.request import CompileMode, ModelSource
 
 REQUIRED = {
     "device", "model", "latent_frames", "video_frames", "fps_end_to_end", "fps_generate",
-    "time_to_first_frame_s", "peak_memory_gib", "warmup_s",
+    "time_to_first_frame_s", "peak_memory_gib", "warmup_s", "decode_ms_per_chunk",
 }  # fmt: skip
 DEMO_CPU = ("bench", "--model", "demo", "--device", "cpu")
 
@@ -28,6 +29,8 @@ def test_bench_demo_cpu_ends_with_json_line():
     assert record["latent_frames"] == 9
     assert record["video_frames"] == 33  # 4 * 9 - 3 decoded frames, never latent frames
     assert record["fps_generate"] > record["fps_end_to_end"] > 0
+    # the decoder alone, a steady 3-latent chunk (12 frames): no longer than a whole decoded chunk took
+    assert 0 < record["decode_ms_per_chunk"] < 1000 * 33 / record["fps_decode"]
     assert record["peak_memory_gib"] is None  # no allocator statistics on the CPU
     assert record["fp8"] is False and record["compile"] is False  # neither runs unless asked (compile: CUDA only)
     assert "measure" in result.stdout  # the Rich table comes before the JSON line
@@ -150,7 +153,9 @@ def test_fps_of_decoding_is_bounded_by_the_run_that_decoded_and_wrote(monkeypatc
 
     monkeypatch.setattr(bench_mod, "_timed_run", fake_run)
     record = bench_mod.run(
-        bench_mod.BenchOptions(model="demo", device=torch.device("cpu"), settings=_demo_settings(), latent_frames=9)
+        bench_mod.BenchOptions(
+            model=ModelSource.parse("demo"), device=torch.device("cpu"), settings=_demo_settings(), latent_frames=9
+        )
     )
     assert record["video_frames"] == 33
     assert record["fps_end_to_end"] == round(33 / 3.0, 2)
@@ -199,8 +204,8 @@ def test_the_time_to_video_render_is_the_bench_video_with_its_settings(tmp_path)
 
     memory, sampler = MemorySettings(mode="sink", window=9, sink=2), SamplerSettings((1000, 500))
     settings = replace(_demo_settings(), memory=memory, sampler=sampler)
-    options = BenchOptions(model="demo", device=torch.device("cpu"), settings=settings, latent_frames=12, switches=2,
-                           compile=False, seed=5)  # fmt: skip
+    options = BenchOptions(model=ModelSource.parse("demo"), device=torch.device("cpu"), settings=settings,
+                           latent_frames=12, switches=2, compile=CompileMode.NEVER, seed=5)  # fmt: skip
     story = load_scripts(_write_bench_story(tmp_path / "story.yaml", options), 10.0, settings.geometry)[0]
     timeline = story.timeline(settings.geometry)
     assert timeline.chunks == 4 and timeline.switch_chunks == (1, 3) and story.seed == 5

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+from memflow_cli import checkpoint
 from memflow_cli.checkpoint import (
+    MergeSource,
     load_transformer,
+    merge_key,
     merge_lora,
     read_base_state,
     read_lora_state,
+    read_transformer,
 )
 from memflow_cli.loading import WeightsError, read_transformer_config
+from memflow_cli.merged_cache import MergedCache, MergedCacheSettings, MergeKey
 from memflow_cli.model.cache import KVMemory, TextCache
 from memflow_cli.model.transformer import CausalWanTransformer, PassState, rope_angles, rope_tables
 from memflow_cli.settings import WAN_1_3B, LoraSettings, MemorySettings, TransformerConfig
@@ -419,6 +425,163 @@ def test_zero_heads_config_is_reported(tmp_path):
     path.write_text(json.dumps({**CONFIG_JSON, "num_heads": 0}))
     with pytest.raises(WeightsError, match="unusable transformer config"):
         read_transformer_config(path)
+
+
+# -- the merged-transformer cache ------------------------------------------------------------------------
+
+
+def sequential_merge(state, lora, alpha):
+    """The merge as memflow did it before it was cached: (W.float() + (B @ A) * scale).to(W.dtype)."""
+    merged = dict(state)
+    for module, (a, b) in lora.items():
+        weight = merged[f"{module}.weight"]
+        delta = (b.float() @ a.float()) * (alpha / a.shape[0])
+        merged[f"{module}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
+
+@pytest.fixture
+def lora_file(tmp_path, lora_sd) -> Path:
+    path = tmp_path / "lora.pt"
+    torch.save({"generator_lora": lora_sd}, path)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path) -> MergedCache:
+    return MergedCache(MergedCacheSettings(tmp_path / "merged"))
+
+
+@pytest.mark.parametrize("alpha", [8.0, float(RANK)], ids=["scaled", "scale-1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_in_place_merge_equals_the_plain_float32_merge_bit_for_bit(weights, lora_file, dtype, alpha):
+    base_state = {k: v.to(dtype) for k, v in weights.items()}
+    lora = read_lora_state(lora_file)
+    merged = merge_lora(base_state, lora, LoraSettings(rank=RANK, alpha=alpha))
+    expected = sequential_merge(base_state, lora, alpha)
+    assert sorted(merged) == sorted(expected)
+    for name, tensor in expected.items():
+        assert merged[name].dtype == dtype and torch.equal(merged[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_load_equals_the_uncached_load_and_the_plain_merge(monkeypatch, base, lora_file, weights, cache, dtype):
+    expected = {k: v.to(dtype) for k, v in sequential_merge(weights, read_lora_state(lora_file), LORA.alpha).items()}
+    uncached = read_transformer(base, lora_file, CONFIG, LORA, dtype=dtype)
+    first = read_transformer(base, lora_file, CONFIG, LORA, dtype=dtype, cache=cache)
+    assert (uncached.merge, first.merge) == (MergeSource.MERGED, MergeSource.MERGED_AND_CACHED)
+    assert len(list(cache.folder.glob("*.safetensors"))) == 1
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the second load merged again")
+
+    monkeypatch.setattr(checkpoint, "merge_lora", no_merge)
+    second = read_transformer(base, lora_file, CONFIG, LORA, dtype=dtype, cache=cache)
+    assert second.merge is MergeSource.CACHED
+    for loaded in (uncached, first, second):
+        assert_state_equal(loaded.model, expected)
+
+
+def test_a_damaged_cache_file_is_warned_about_merged_again_and_rewritten(caplog, base, lora_file, weights, cache):
+    expected = sequential_merge(weights, read_lora_state(lora_file), LORA.alpha)
+    read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
+    (path,) = cache.folder.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])  # cut short
+    with caplog.at_level(logging.WARNING, "memflow_cli.merged_cache"):
+        damaged = read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
+    assert damaged.merge is MergeSource.MERGED_AND_CACHED
+    (warning,) = caplog.records
+    assert str(path) in warning.getMessage() and "merged again" in warning.getMessage()
+    assert_state_equal(damaged.model, expected)
+    caplog.clear()
+    again = read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
+    assert again.merge is MergeSource.CACHED and not caplog.records
+    assert_state_equal(again.model, expected)
+
+
+def test_a_foreign_file_under_the_key_is_not_used(caplog, base, lora_file, cache):
+    read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
+    (path,) = cache.folder.glob("*.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, path, metadata={"format": "something-else"})
+    with caplog.at_level(logging.WARNING, "memflow_cli.merged_cache"):
+        assert read_transformer(base, lora_file, CONFIG, LORA, cache=cache).merge is MergeSource.MERGED_AND_CACHED
+    assert "not a memflow merged-transformer file" in caplog.records[0].getMessage()
+
+
+def test_an_unwritable_cache_is_one_warning_and_the_load_goes_on(caplog, tmp_path, base, lora_file, weights):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    cache = MergedCache(MergedCacheSettings(blocker / "merged"))
+    with caplog.at_level(logging.WARNING, "memflow_cli.merged_cache"):
+        loaded = read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
+    assert loaded.merge is MergeSource.MERGED
+    (warning,) = caplog.records
+    assert "cannot write the merged-transformer cache" in warning.getMessage()
+    assert_state_equal(loaded.model, sequential_merge(weights, read_lora_state(lora_file), LORA.alpha))
+
+
+def test_the_key_changes_with_the_files_the_lora_settings_and_the_dtype(tmp_path, base, lora_file, weights):
+    key = merge_key(base, lora_file, LORA, torch.bfloat16)
+    other_base = save_base(tmp_path / "other.pt", {k: v + 1 for k, v in weights.items()})
+    others = [
+        merge_key(other_base, lora_file, LORA, torch.bfloat16),
+        merge_key(base, base, LORA, torch.bfloat16),
+        merge_key(base, lora_file, LoraSettings(rank=RANK, alpha=4.0), torch.bfloat16),
+        merge_key(base, lora_file, LoraSettings(rank=None, alpha=LORA.alpha), torch.bfloat16),
+        merge_key(base, lora_file, LORA, torch.float32),
+        dataclasses.replace(key, merge=key.merge + 1),
+    ]
+    assert merge_key(base, lora_file, LORA, torch.bfloat16) == key
+    assert len({key.file_name, *(other.file_name for other in others)}) == 1 + len(others)
+
+
+def test_the_cache_keeps_the_most_recently_used_files(tmp_path, base, lora_file):
+    cache = MergedCache(MergedCacheSettings(tmp_path / "merged", keep=1))
+    read_transformer(base, lora_file, CONFIG, LORA, cache=cache)
+    other = LoraSettings(rank=RANK, alpha=4.0)
+    read_transformer(base, lora_file, CONFIG, other, cache=cache)
+    assert [p.name for p in cache.folder.iterdir()] == [merge_key(base, lora_file, other, torch.float32).file_name]
+
+
+def test_tensors_that_share_a_storage_are_cached_and_read_back(cache):
+    whole = torch.arange(12.0)
+    state = {"a": whole[:6], "b": whole[6:].view(2, 3)}  # views of one storage, as a checkpoint may hold
+    key = MergeKey(base="0" * 64, lora="1" * 64, rank=RANK, alpha=8.0, dtype="float32")
+    assert cache.put(key, state)
+    read = cache.get(key, {"a": (6,), "b": (2, 3)}, torch.device("cpu"))
+    assert torch.equal(read["a"], state["a"]) and torch.equal(read["b"], state["b"])
+
+
+def test_with_a_cache_a_missing_file_is_still_named(tmp_path, base, cache):
+    missing = tmp_path / "nope" / "lora.pt"
+    with pytest.raises(WeightsError, match="file not found") as err:
+        load_transformer(base, missing, CONFIG, LORA, cache=cache)
+    assert err.value.path == missing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_cached_bf16_load_equals_the_uncached_one_bit_for_bit(base, lora_file, cache):
+    """The cache casts to bf16 on the CPU; the uncached load copies float32 to the GPU and casts there."""
+    load = {"device": "cuda", "dtype": torch.bfloat16}
+    uncached = read_transformer(base, lora_file, CONFIG, LORA, **load).model.state_dict()
+    first = read_transformer(base, lora_file, CONFIG, LORA, cache=cache, **load)
+    second = read_transformer(base, lora_file, CONFIG, LORA, cache=cache, **load)
+    assert (first.merge, second.merge) == (MergeSource.MERGED_AND_CACHED, MergeSource.CACHED)
+    for loaded in (first, second):
+        state = loaded.model.state_dict()
+        assert all(state[name].is_cuda and torch.equal(state[name], tensor) for name, tensor in uncached.items())
+
+
+def test_merged_cache_settings_from_the_environment(tmp_path, caplog):
+    environ = {"MEMFLOW_CACHE_DIR": str(tmp_path)}
+    assert MergedCacheSettings.from_environment(environ) == MergedCacheSettings(tmp_path / "merged", 2)
+    assert not MergedCacheSettings.from_environment({**environ, "MEMFLOW_MERGED_CACHE_FILES": "0"}).enabled
+    with caplog.at_level(logging.WARNING, "memflow_cli.merged_cache"):
+        assert MergedCacheSettings.from_environment({**environ, "MEMFLOW_MERGED_CACHE_FILES": "two"}).keep == 2
+    assert "MEMFLOW_MERGED_CACHE_FILES='two'" in caplog.text
 
 
 # -- the loaded model runs -----------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def test_render_a_two_prompt_story(tmp_path: Path):
     segments = [(s["start_s"], s["snapped_start_s"], s["start_chunk"], s["video_frames"]) for s in timeline["segments"]]
     assert segments == [(0.0, 0.0, 0, video_frames(2)), (1.0, 1.5, 2, video_frames(4) - video_frames(2))]
     assert meta["settings"]["memory"]["mode"] == "nam"
-    assert meta["weights"]["model"] == "demo" and meta["fp8"] is False
+    assert meta["weights"]["model"] == "demo" and meta["fp8"] is False and meta["decoder"] == "wan"
     assert meta["timings"]["render_s"] > 0
 
 

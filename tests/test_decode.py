@@ -208,7 +208,9 @@ def test_convs_computed_with_tiled_filters_decode_the_same_frames(
     plain = _decode_in_chunks(StreamingDecoder(vae64), latents.double())
     decoder = StreamingDecoder(vae64, kernels=DecoderKernels(bias_after_conv=bias_after_conv, channel_tile=10))
     tiled = _decode_in_chunks(decoder, latents.double())
-    assert sorted({weight.shape[0] for weight, _ in decoder._stream.padded.values()}) == [10]
+    caches = decoder._stream.caches.values()
+    filters = [cache.filters()[0] for cache in caches if cache.channels != cache.out_channels]
+    assert filters and {weight.shape[0] for weight in filters} == {10}
     torch.testing.assert_close(tiled, plain, rtol=1e-12, atol=1e-12)
 
 
@@ -281,3 +283,37 @@ def test_streaming_names_a_diffusers_class_it_cannot_find(monkeypatch, vae: Auto
     monkeypatch.delattr(autoencoder_kl_wan, "WanAttentionBlock")
     with pytest.raises(TypeError, match="its Wan VAE has no WanAttentionBlock"):
         StreamingDecoder(vae)
+
+
+def _buffer_addresses(decoder: StreamingDecoder) -> dict[torch.nn.Module, tuple[int, ...]]:
+    """Where each causal conv keeps its history and computed filters."""
+    caches = decoder._stream.caches
+    return {conv: (cache.history.data_ptr(), cache.filters()[0].data_ptr()) for conv, cache in caches.items()}
+
+
+def test_each_causal_conv_keeps_its_buffers_at_one_address_across_chunks_and_videos(vae, latents) -> None:
+    """What a CUDA graph of a decoder call needs: the state it reads and writes never moves."""
+    decoder = StreamingDecoder(vae, kernels=DecoderKernels(channel_tile=10))
+    first = _decode_in_chunks(decoder, latents[:, :4])
+    addresses = _buffer_addresses(decoder)
+    temporal = [m for m in vae.decoder.modules() if isinstance(m, autoencoder_kl_wan.WanCausalConv3d)]
+    assert len(addresses) == sum(conv.kernel_size[0] == 3 for conv in temporal)  # all but the 1x1x1 shortcuts
+    made = decoder._stream.buffers_made
+    decoder.decode_float(latents[:, 4:])
+    decoder.reset()
+    assert all(not cache.history.any() for cache in decoder._stream.caches.values())  # zeroed in place
+    again = _decode_in_chunks(decoder, latents[:, :4])
+    assert _buffer_addresses(decoder) == addresses and decoder._stream.buffers_made == made
+    assert torch.equal(again, first)
+
+
+def test_a_new_frame_size_gets_new_buffers(vae, latents) -> None:
+    decoder = StreamingDecoder(vae)
+    decoder.decode_float(latents[:, :2])
+    made = decoder._stream.buffers_made
+    decoder.reset()
+    small = latents[:, :2, :, :2, :4]
+    ours = decoder.decode_float(small)
+    assert decoder._stream.buffers_made == 2 * made  # every history again, at the new size
+    assert decoder._stream.buffers_moved == made
+    torch.testing.assert_close(ours, StreamingDecoder(vae).decode_float(small), rtol=0, atol=0)

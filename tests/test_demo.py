@@ -7,6 +7,7 @@ import torch
 from memflow_cli import demo
 from memflow_cli.engine import load_engine
 from memflow_cli.model.transformer import CausalWanTransformer
+from memflow_cli.speed.compile_cache import CompileChoice
 
 
 def test_a_demo_latent_frame_becomes_the_tokens_the_geometry_counts():
@@ -75,7 +76,7 @@ def test_vae_is_seeded():
 
 
 def test_the_demo_engine_warns_in_one_line_that_its_video_is_noise():
-    with load_engine("demo", "cpu", compile=False) as engine:
+    with load_engine("demo", "cpu", compile=CompileChoice.fixed(False)) as engine:
         notice, identity = engine.notice, engine.identity
     assert notice is not None and "noise" in notice and "\n" not in notice
     assert identity["model"] == "demo"

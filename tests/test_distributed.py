@@ -32,6 +32,7 @@ from memflow_cli.distributed import (
 from memflow_cli.handover import handed_over
 from memflow_cli.output import OutputLock, sidecar_path
 from memflow_cli.random_model import RANDOM_NOTICE, NoiseTextEncoder
+from memflow_cli.request import ModelSource
 
 from .cli_helpers import DEMO, assert_video, dead_render, decoded, memflow, video_frames, write_jsonl, write_story
 from .video import probe_video
@@ -307,7 +308,8 @@ def test_bench_times_a_decode_device():
 
     cpu = torch.device("cpu")
     settings = GenerationSettings(geometry=DEMO_GEOMETRY)
-    result = run(BenchOptions(model="demo", device=cpu, settings=settings, latent_frames=3, decode_device=cpu))
+    demo = ModelSource.parse("demo")
+    result = run(BenchOptions(model=demo, device=cpu, settings=settings, latent_frames=3, decode_device=cpu))
     assert result["decode_device"] == "cpu" and result["video_frames"] == 9
     assert result["fps_end_to_end"] > 0
 
@@ -379,7 +381,8 @@ def test_gpu_bench_decodes_on_a_second_gpu():
     from memflow_cli.settings import GenerationSettings
 
     settings = GenerationSettings(geometry=DEMO_GEOMETRY)
-    options = BenchOptions(model="demo", device=torch.device("cuda:0"), settings=settings, latent_frames=12)
+    demo = ModelSource.parse("demo")
+    options = BenchOptions(model=demo, device=torch.device("cuda:0"), settings=settings, latent_frames=12)
     one = run(options)
     two = run(dataclasses.replace(options, decode_device=torch.device("cuda:1")))
     assert "decode_device" not in one and two["decode_device"] == "cuda:1"

@@ -15,14 +15,8 @@ import pytest
 import torch
 
 from memflow_cli import demo
-from memflow_cli.embed_cache import (
-    CACHE_DIR_ENV,
-    DEFAULT_GIB,
-    SIZE_ENV,
-    EmbedCacheSettings,
-    EmbeddingCache,
-    cache_root,
-)
+from memflow_cli.cache_dir import CACHE_DIR_ENV, cache_root
+from memflow_cli.embed_cache import DEFAULT_GIB, SIZE_ENV, EmbedCacheSettings, EmbeddingCache
 from memflow_cli.engine import load_engine
 from memflow_cli.output import memflow_sidecar, sidecar_path
 from memflow_cli.prompt_embeds import CACHED, ENCODED, RENDER_HEADROOM_GIB, PromptEmbeddings, fits_beside_render

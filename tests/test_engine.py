@@ -12,13 +12,15 @@ import torch
 from typer.testing import CliRunner
 
 from memflow_cli import engine as engine_module
-from memflow_cli import output
+from memflow_cli import mp4
 from memflow_cli.cli import app
 from memflow_cli.engine import Video, load_engine
 from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.render import render_story
+from memflow_cli.request import CompileMode
 from memflow_cli.script import Segment, Story
 from memflow_cli.settings import GenerationSettings
+from memflow_cli.speed import compile_cache
 
 from .video import probe_video
 
@@ -66,7 +68,7 @@ def test_a_render_whose_prompt_encoding_fails_leaves_no_ffmpeg_and_no_file(engin
     def failing_encode(prompts, *args, **kwargs):
         raise RuntimeError("the text encoder ran out of memory")
 
-    monkeypatch.setattr(output.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(mp4.subprocess, "Popen", recording_popen)
     monkeypatch.setattr(engine.text_encoder, "encode", failing_encode)
     target = tmp_path / "fox.mp4"
     new_prompts = ("a heron wades through the reeds", "it takes off over the lake")  # not encoded before
@@ -104,19 +106,27 @@ def bench(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("flag", "compile"), [("--no-compile", False), ("--compile", True)])
-def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flag, compile):
-    asked: list[bool] = []
-    choose = engine_module.choose_fast_path
+@pytest.mark.parametrize(
+    ("flags", "mode", "compile"),
+    [
+        (["--no-compile"], CompileMode.NEVER, False),
+        (["--compile"], CompileMode.ALWAYS, True),
+        ([], CompileMode.AUTO, None),
+    ],
+)
+def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flags, mode, compile):
+    """Without a flag bench asks for what render would run for its video (on CUDA: graphed unless compiling pays)."""
+    asked: list[CompileMode] = []
+    choose = compile_cache.choose_compile
 
-    def spy(*args, compile: bool, **kwargs):
-        asked.append(compile)
-        return choose(*args, compile=compile, **kwargs)
+    def spy(mode_asked: CompileMode, *args, **kwargs):
+        asked.append(mode_asked)
+        return choose(mode_asked, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "choose_fast_path", spy)
-    record = bench("--model", "demo", "--device", "cpu", flag)
-    assert asked == [compile]
-    assert record["compile"] is False  # nothing is compiled on a CPU, whatever was asked
+    monkeypatch.setattr(compile_cache, "choose_compile", spy)
+    record = bench("--model", "demo", "--device", "cpu", *flags)
+    assert asked == [mode]
+    assert record["compile"] is False and record["fast_path"] == "eager"  # a CPU runs plain PyTorch, whatever was asked
 
 
 def test_bench_takes_the_generation_options_render_takes():

@@ -1,4 +1,4 @@
-"""FP8 linear layers: the row-wise quantisation arithmetic, the layer swap, and where FP8 is refused.
+"""FP8 linear layers: the row-wise quantisation arithmetic, the model built with them, and where FP8 is refused.
 
 The arithmetic is checked against values computed by hand. torch's CPU build also has a row-wise scaled
 FP8 matmul, so where it does, the layers themselves run here on the CPU through the same `_scaled_mm` call
@@ -16,20 +16,22 @@ import torch.nn.functional as F
 
 from memflow_cli.engine import load_engine
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.model.build import build_transformer
 from memflow_cli.model.transformer import PLAIN_KERNELS, CausalWanTransformer, Kernels
 from memflow_cli.output import sidecar_path
 from memflow_cli.render import render_story
 from memflow_cli.script import load_scripts
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 from memflow_cli.speed import fp8
+from memflow_cli.speed.compile_cache import CompileChoice
 from memflow_cli.speed.fp8 import (
     Fp8Linear,
     dequantise_rows,
+    fp8_kernels,
     fp8_unsupported_reason,
     quantise_rows,
     quantise_with_scales,
     reference_matmul,
-    use_fp8_linears,
 )
 from memflow_cli.speed.linear import LinearGELU
 
@@ -43,6 +45,7 @@ def as_linear_gelu(linear: torch.nn.Linear) -> LinearGELU:
     fused = LinearGELU(linear.in_features, linear.out_features, device=weight.device, dtype=weight.dtype)
     fused.load_state_dict(linear.state_dict())
     return fused
+
 
 E4M3 = torch.float8_e4m3fn
 
@@ -111,11 +114,12 @@ def test_fp8_linear_computes_the_dequantised_matmul():
     out = layer(x)
     assert out.shape == (2, 5, 48) and out.dtype == torch.float32
     x_values, x_scales = quantise_rows(x.flatten(0, 1))
-    expected = reference_matmul(x_values, x_scales, layer.w_values, layer.w_scales, linear.bias)
+    expected = reference_matmul(x_values, x_scales, layer.weight, layer.weight_scale, linear.bias)
     torch.testing.assert_close(out.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
     error = ((out - linear(x)).norm() / linear(x).norm()).item()
     assert 1e-3 < error < 6e-2  # quantised, not exact, and within e4m3's 3 mantissa bits
-    assert layer.state_dict() == {}  # nothing new for a checkpoint
+    assert sorted(layer.state_dict()) == ["bias", "weight", "weight_scale"]  # e4m3 values and their scales
+    assert layer.weight.dtype == E4M3 and layer.weight_scale.shape == (48, 1)
 
 
 @needs_cpu_fp8
@@ -127,7 +131,7 @@ def test_fp8_linear_in_bf16_adds_the_bias_in_bf16():
     out = layer(x)
     assert out.dtype == torch.bfloat16
     x_values, x_scales = quantise_rows(x)
-    expected = reference_matmul(x_values, x_scales, layer.w_values, layer.w_scales, linear.bias)
+    expected = reference_matmul(x_values, x_scales, layer.weight, layer.weight_scale, linear.bias)
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
@@ -141,15 +145,16 @@ def test_the_gelu_variant_applies_the_tanh_gelu_after_the_matmul():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The swap in a transformer
+# A transformer built with FP8 layers
 
 CONFIG = TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
 GEOMETRY = VideoGeometry(height=32, width=48)
 
 
 def tiny_model(config: TransformerConfig = CONFIG, kernels: Kernels = PLAIN_KERNELS) -> CausalWanTransformer:
+    """The seeded tiny model's weights, in a model built with `kernels`."""
     torch.manual_seed(0)
-    return CausalWanTransformer(config, kernels).eval().requires_grad_(False)
+    return build_transformer(config, CausalWanTransformer(config).state_dict(), kernels)
 
 
 def render(model: CausalWanTransformer, chunks: int = 5) -> torch.Tensor:
@@ -159,57 +164,53 @@ def render(model: CausalWanTransformer, chunks: int = 5) -> torch.Tensor:
     return torch.cat(list(generator.generate(prompts, chunks, noise, switch_chunks=(3,))), dim=1)
 
 
-def accelerated() -> CausalWanTransformer:
-    """`tiny_model` with the compiled path's layers (fused q/k/v, GELU in the matmul's epilogue)."""
-    model = tiny_model(kernels=Kernels(linear_gelu=LinearGELU))
-    for block in model.blocks:
-        block.self_attn.fuse_qkv()
-    return model
+ACCELERATED = Kernels(linear_gelu=LinearGELU, fused_qkv=True)  # the graphed and compiled paths' layers
 
 
-def test_every_per_token_linear_of_a_block_becomes_fp8_and_the_rest_stays():
-    model = accelerated()
-    head, text_embedding = model.head.head, model.text_embedding[0]
-    use_fp8_linears(model)
-    for block in model.blocks:
+def test_every_per_token_linear_of_a_block_is_built_in_fp8_and_the_rest_stays():
+    plain = tiny_model()
+    model = tiny_model(kernels=fp8_kernels(ACCELERATED))
+    for plain_block, block in zip(plain.blocks, model.blocks, strict=True):
         attention, cross = block.self_attn, block.cross_attn
-        assert all(isinstance(layer, Fp8Linear) for layer in (attention.q, attention.k, attention.v, attention.o))
-        assert attention.qkv_weight is None and attention.qkv_bias is None  # q, k, v are three FP8 layers again
+        assert isinstance(attention.qkv, Fp8Linear) and isinstance(attention.o, Fp8Linear)
         assert isinstance(cross.q, Fp8Linear) and isinstance(cross.o, Fp8Linear)
         assert type(cross.k) is torch.nn.Linear and type(cross.v) is torch.nn.Linear  # text keys/values: once a prompt
         assert isinstance(block.ffn[0], Fp8Linear) and block.ffn[0].gelu and isinstance(block.ffn[1], torch.nn.Identity)
         assert isinstance(block.ffn[2], Fp8Linear) and not block.ffn[2].gelu
-    assert model.head.head is head and model.text_embedding[0] is text_embedding
+        # the weights quantised at load, one scale per output channel: fused q/k/v rows are q's, k's, v's
+        qkv = torch.cat([getattr(plain_block.self_attn, name).weight for name in "qkv"])
+        values, scales = quantise_rows(qkv)
+        assert torch.equal(attention.qkv.weight.float(), values.float())
+        assert torch.equal(attention.qkv.weight_scale, scales)
+        assert torch.equal(block.ffn[2].bias, plain_block.ffn[2].bias)
+        assert torch.equal(cross.k.weight, plain_block.cross_attn.k.weight)
+    assert type(model.head.head) is torch.nn.Linear and type(model.text_embedding[0]) is torch.nn.Linear
     assert next(model.parameters()).dtype == torch.float32  # the model's dtype is still what reports read
 
 
 def test_the_eager_layout_keeps_its_separate_gelu():
-    model = tiny_model()
-    use_fp8_linears(model)
-    block = model.blocks[0]
+    block = tiny_model(kernels=fp8_kernels(PLAIN_KERNELS)).blocks[0]
+    assert all(isinstance(getattr(block.self_attn, name), Fp8Linear) for name in "qkvo")
     assert isinstance(block.ffn[0], Fp8Linear) and not block.ffn[0].gelu
     assert isinstance(block.ffn[1], torch.nn.GELU) and block.ffn[1].approximate == "tanh"
 
 
 def test_layers_whose_sizes_the_fp8_kernel_cannot_take_stay_as_they_are():
     config = TransformerConfig(dim=40, ffn_dim=80, num_heads=2, num_layers=1, freq_dim=32, text_dim=16, text_len=8)
-    model = tiny_model(config)
-    use_fp8_linears(model)
+    model = tiny_model(config, fp8_kernels(ACCELERATED))
     assert not any(isinstance(module, Fp8Linear) for module in model.modules())
+    assert type(model.blocks[0].ffn[0]) is LinearGELU
 
 
 @needs_cpu_fp8
 def test_an_fp8_model_renders_close_to_the_float32_one():
     expected = render(tiny_model())
-    fp8_model = tiny_model()
-    use_fp8_linears(fp8_model)
-    fp8_video = render(fp8_model)
+    fp8_video = render(tiny_model(kernels=fp8_kernels(PLAIN_KERNELS)))
     error = ((fp8_video - expected).norm() / expected.norm()).item()
     assert torch.isfinite(fp8_video).all()
     assert 1e-4 < error < 5e-2
-    fused_first = accelerated()
-    use_fp8_linears(fused_first)
-    assert torch.equal(render(fused_first), fp8_video)  # per-output-channel scales: fusing first changes nothing
+    fused = render(tiny_model(kernels=fp8_kernels(ACCELERATED)))  # per-output-channel scales: fusing changes little
+    assert ((fused - fp8_video).norm() / fp8_video.norm()).item() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_bench_fp8_off_the_gpu_is_refused_without_a_measurement():
 @needs_cpu_fp8
 def test_an_fp8_engine_renders_a_story_and_says_so_in_the_sidecar(tmp_path: Path):
     """The engine's FP8 hook, run through torch's CPU kernel (the CLI keeps --fp8 to GPUs)."""
-    engine = load_engine("demo", "cpu", compile=False, fp8=True)
+    engine = load_engine("demo", "cpu", compile=CompileChoice.fixed(False), fp8=True)
     assert engine.fp8 and isinstance(engine.transformer.blocks[0].ffn[0], Fp8Linear)
     (story,) = load_scripts(write_story(tmp_path / "fox.yaml", ["0s", "1s"], "3s"), 10.0, engine.geometry)
     target = tmp_path / "fox.mp4"

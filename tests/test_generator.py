@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.model.build import build_transformer
 from memflow_cli.model.transformer import CausalWanTransformer, Kernels
 from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsError, TransformerConfig, VideoGeometry
 from memflow_cli.speed.attention import heads_last
@@ -78,17 +79,12 @@ def test_window_must_hold_a_chunk_beside_the_sink():
 def test_fused_qkv_projection_renders_the_same_video(model):
     memory = MemorySettings(record_interval=1, sma=True)
     expected = render(model, memory, switch_chunks=(3,))
-    fused = CausalWanTransformer(CONFIG).eval().requires_grad_(False)
-    fused.load_state_dict(model.state_dict())
-    names = sorted(fused.state_dict())
-    for block in fused.blocks:
-        block.self_attn.fuse_qkv()
-        block.self_attn.fuse_qkv()  # a second call changes nothing
+    fused = build_transformer(CONFIG, dict(model.state_dict()), Kernels(fused_qkv=True))  # the checkpoint's names
 
     attn = fused.blocks[0].self_attn
-    assert attn.qkv_weight.shape == (3 * CONFIG.dim, CONFIG.dim)
-    assert attn.k.weight.data_ptr() == attn.qkv_weight[CONFIG.dim :].data_ptr()  # views, no second copy
-    assert sorted(fused.state_dict()) == names  # checkpoints keep Wan's names
+    assert attn.qkv.weight.shape == (3 * CONFIG.dim, CONFIG.dim) and not hasattr(attn, "q")
+    source = model.blocks[0].self_attn
+    assert torch.equal(attn.qkv.weight, torch.cat([source.q.weight, source.k.weight, source.v.weight]))
     torch.testing.assert_close(render(fused, memory, switch_chunks=(3,)), expected, rtol=1e-5, atol=1e-5)
 
 

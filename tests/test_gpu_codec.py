@@ -1,11 +1,12 @@
 """bf16 on the GPU: how far render's VAE decode and text embeddings are from the float32 expectation.
 
 On the codec fixtures (`MEMFLOW_CODEC_DIR`), each figure is the relative L2 distance to the fixture's float32
-expectation (the official code in float32 on the CPU). The CUDA fast path (compiled decoder steps,
-channels-last convs, biases folded into the next step) is compared with the official-style bf16 path (the
-plain decoder, every norm in bf16 as the official code) on the same GPU, and may be at most FAST_PATH_MARGIN
-times as far. The text encoder has no separate fast path: render runs it in bf16 with eager attention, the
-official arithmetic; SDPA's figure is printed beside it for scale. Run with `-s` to see the figures.
+expectation (the official code in float32 on the CPU). Each CUDA fast path (compiled decoder steps with
+biases folded into the next step, or torch's RMS norm + SiLU without a compiler; channels-last convs and
+CUDA graphs for both) is compared with the official-style bf16 path (the plain decoder, every norm in bf16
+as the official code) on the same GPU, and may be at most FAST_PATH_MARGIN times as far. The text encoder
+has no separate fast path: render runs it in bf16 with eager attention, the official arithmetic; SDPA's
+figure is printed beside it for scale. Run with `-s` to see the figures.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from safetensors.torch import load_file
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.demo import build_demo_tokenizer
 from memflow_cli.settings import VideoGeometry
-from memflow_cli.speed.decoder import channels_last_convs, fused_decoder_kernels
+from memflow_cli.speed.decoder import EAGER_CUDA_KERNELS, channels_last_convs, fused_decoder_kernels
 from memflow_cli.text_encoder import TextEncoder
-from memflow_cli.vae_stream import PLAIN_KERNELS
+from memflow_cli.vae_stream import PLAIN_KERNELS, DecoderKernels
 from memflow_cli.weights import load_vae, load_wan_t5
 
 from . import codec
@@ -35,28 +36,36 @@ pytestmark = [
 ]
 
 
-def _decode_bf16(case: str, compiled: bool) -> torch.Tensor:
-    """Decode a case's latents in bf16 on the GPU chunk by chunk as render does: [N, 3, H, W] float32 on the CPU."""
+# the CUDA fast paths: Inductor's fused steps (--compile) and torch's RMS norm + SiLU (no compiler)
+FAST_KERNELS = {"compiled": fused_decoder_kernels, "eager-cuda": lambda: EAGER_CUDA_KERNELS}
+
+
+def _decode_bf16(case: str, kernels: DecoderKernels | None) -> torch.Tensor:
+    """Decode a case's latents in bf16 on the GPU chunk by chunk as render does: [N, 3, H, W] float32 on the CPU.
+
+    `kernels`: a fast path's (channels-last convs, CUDA graphs); None: the official-style plain decoder.
+    """
     vae_fixture = MANIFEST["vae"]
     d = codec.CODEC_DIR
     config = codec.diffusers_config(d / vae_fixture["config"])
     vae = load_vae(d / vae_fixture["weights"], "cuda", torch.bfloat16, config=config)
-    if compiled:
+    if kernels is not None:
         channels_last_convs(vae)  # what the engine does on CUDA
-    decoder = StreamingDecoder(vae, kernels=fused_decoder_kernels() if compiled else PLAIN_KERNELS)
+    decoder = StreamingDecoder(vae, kernels=kernels or PLAIN_KERNELS, graphs=kernels is not None)
     latents = load_file(d / vae_fixture["cases"][case]["file"])["latents"].to("cuda", torch.bfloat16)
     chunks = latents.split(VideoGeometry().frames_per_chunk, dim=1)
     return torch.cat([decoder.decode_float(chunk).cpu() for chunk in chunks])
 
 
+@pytest.mark.parametrize("fast_path", sorted(FAST_KERNELS))
 @pytest.mark.parametrize("case", sorted(MANIFEST.get("vae", {}).get("cases", {})))
-def test_fast_bf16_decode_is_as_close_to_float32_as_the_official_style_decode(case: str) -> None:
+def test_fast_bf16_decode_is_as_close_to_float32_as_the_official_style_decode(case: str, fast_path: str) -> None:
     expected = load_file(codec.CODEC_DIR / MANIFEST["vae"]["cases"][case]["file"])["pixels_float32"][0]
-    official_style = codec.relative_l2(_decode_bf16(case, compiled=False), expected)
-    fast = codec.relative_l2(_decode_bf16(case, compiled=True), expected)
+    official_style = codec.relative_l2(_decode_bf16(case, None), expected)
+    fast = codec.relative_l2(_decode_bf16(case, FAST_KERNELS[fast_path]()), expected)
     print(
         f"\nVAE {case} on {torch.cuda.get_device_name()}: bf16 relative L2 to the float32 expectation: "
-        f"official-style {official_style:.3e}, fast path {fast:.3e} ({fast / official_style:.3f}x)"
+        f"official-style {official_style:.3e}, {fast_path} {fast:.3e} ({fast / official_style:.3f}x)"
     )
     assert official_style < 5e-2  # bf16 rounding, not a wrong algorithm (that lands near 1)
     assert fast <= FAST_PATH_MARGIN * official_style

@@ -12,6 +12,7 @@ from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.model.build import build_transformer
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 from memflow_cli.speed import choose_fast_path
@@ -172,11 +173,11 @@ def test_steady_state_chunks_and_later_switches_compile_nothing_new():
     device = torch.device("cuda")
     fast = choose_fast_path(config, device, torch.bfloat16, compile=True)
     torch.manual_seed(0)
-    model = CausalWanTransformer(config, fast.kernels).to(device, torch.bfloat16).eval().requires_grad_(False)
-    run_pass = fast.pass_function(model)
+    weights = {k: v.to(device, torch.bfloat16) for k, v in CausalWanTransformer(config).state_dict().items()}
+    model = build_transformer(config, weights, fast.kernels)
     settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=True), geometry=VideoGeometry(64, 96))
     prompts = torch.randn(3, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
-    generator = MemFlowGenerator(model, settings, run_pass=run_pass, passes=fast.graphed_passes)
+    generator = MemFlowGenerator(model, settings, passes=fast.graphed_passes)
     noise = SeededNoise(3, generator.noise_shape(), device, torch.bfloat16)
     counters = torch._dynamo.utils.counters
     with fast.sdpa_priority():
@@ -189,3 +190,44 @@ def test_steady_state_chunks_and_later_switches_compile_nothing_new():
     assert len(warm) + len(steady) == 16
     assert counters["stats"]["unique_graphs"] == graphs
     assert all(torch.isfinite(chunk).all() for chunk in steady)
+
+
+@pytest.mark.parametrize("sma", [False, True], ids=["nam", "nam+sma"])
+def test_the_default_path_replays_cuda_graphs_of_its_eager_passes_and_compiles_nothing(sma):
+    """The graphed path (the default on CUDA): every repeated pass captured (no capture falls back to eager),
+    nothing compiled by dynamo, and the video of the same layers run without graphs."""
+    import warnings
+
+    import torch._dynamo.utils
+
+    config = TransformerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=32)
+    device = torch.device("cuda")
+    fast = choose_fast_path(config, device, torch.bfloat16)
+    assert fast.name == "graphed" and not fast.compile and fast.kernels.fused_qkv
+    torch.manual_seed(0)
+    weights = {k: v.to(device, torch.bfloat16) for k, v in CausalWanTransformer(config).state_dict().items()}
+    model = build_transformer(config, weights, fast.kernels)
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=sma), geometry=VideoGeometry(64, 96))
+    prompts = torch.randn(2, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
+    made: list[GraphedPasses] = []
+
+    def graphed(run_pass):
+        made.append(GraphedPasses(run_pass))
+        return made[-1]
+
+    def render(passes) -> torch.Tensor:
+        generator = MemFlowGenerator(model, settings, passes=passes)
+        noise = SeededNoise(3, generator.noise_shape(), device, torch.bfloat16)
+        with fast.sdpa_priority():
+            return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1).float()
+
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "CUDA graph capture failed" would be a warning
+        video = render(graphed)
+    expected = render(None)
+    (passes,) = made
+    assert passes.graphs and not passes.uncapturable
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+    print(f"graphed vs plain passes, same layers: equal={torch.equal(video, expected)}, {len(passes.graphs)} graphs")
+    torch.testing.assert_close(video, expected, rtol=1e-2, atol=1e-2)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from memflow_cli.mp4 import Mp4Writer
 from memflow_cli.output import (
-    Mp4Writer,
     OutputBusyError,
     OutputError,
     OutputExistsError,

@@ -28,7 +28,8 @@ from memflow_cli.plan import (
     plan_jobs,
     safe_filename,
 )
-from memflow_cli.render import request_record
+from memflow_cli.record import request_record
+from memflow_cli.request import GenerationOptions, ModelSource
 from memflow_cli.settings import VideoGeometry
 
 from .cli_helpers import EXAMPLES, dead_render, write_jsonl, write_story
@@ -47,7 +48,8 @@ def request(*scripts: Path, **options) -> RenderRequest:
 def test_a_folder_request_plans_one_job_per_story_with_its_seed_settings_and_length(tmp_path: Path):
     fox = write_story(tmp_path / "fox.yaml", ["0s", "1s"], "3s", title="Fox", seed=7)
     boats = write_jsonl(tmp_path / "boats.jsonl", [["a boat", "a storm"], ["a calm", "a wave"]])
-    jobs, problems = plan_jobs(request(fox, boats, out_dir=tmp_path / "out", settings={"window": 9}), GEOMETRY)
+    asked = request(fox, boats, out_dir=tmp_path / "out", options=GenerationOptions(window=9))
+    jobs, problems = plan_jobs(asked, GEOMETRY)
     assert problems == []
     assert [job.target.name for job in jobs] == ["Fox.mp4", "boats-001.mp4", "boats-002.mp4"]
     assert [job.seed for job in jobs] == [7, 0, 0]
@@ -81,7 +83,7 @@ def test_two_titles_that_name_one_file_are_refused_naming_both(tmp_path: Path):
 def test_a_bad_option_is_blamed_on_the_option(tmp_path: Path):
     fox = write_story(tmp_path / "fox.yaml", ["0s"], "3s")
     with pytest.raises(PlanError, match="^--bank-size: must be at least 1, got 0$"):
-        plan_jobs(request(fox, output=tmp_path / "fox.mp4", settings={"bank_size": 0}), GEOMETRY)
+        plan_jobs(request(fox, output=tmp_path / "fox.mp4", options=GenerationOptions(bank_size=0)), GEOMETRY)
     with pytest.raises(PlanError, match="^--duration: must be longer than 0s$"):
         parse_duration("0s")
 
@@ -243,8 +245,9 @@ def test_the_token_limits_are_the_text_encoders():
     from memflow_cli.plan import RELEASE_TEXT_TOKENS, text_token_limit
     from memflow_cli.text_encoder import DEFAULT_MAX_LENGTH
 
-    assert text_token_limit(None) == text_token_limit("/weights") == RELEASE_TEXT_TOKENS == DEFAULT_MAX_LENGTH
-    assert text_token_limit("demo") == DEMO_TEXT_LEN == 256
+    hub, folder = ModelSource.parse(None), ModelSource.parse("/weights")
+    assert text_token_limit(hub) == text_token_limit(folder) == RELEASE_TEXT_TOKENS == DEFAULT_MAX_LENGTH
+    assert text_token_limit(ModelSource.parse("demo")) == DEMO_TEXT_LEN == 256
 
 
 def test_only_the_segments_a_render_reaches_are_reported_cut(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 PROBE = """
 import os, sys
@@ -33,3 +34,16 @@ def test_quiet_libraries_sets_a_library_already_imported():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["['transformers']", "True"]
+
+
+
+def test_every_command_starts_with_the_libraries_quiet():
+    """The command line sets the libraries' level once, at its start (here before `check`, which loads none)."""
+    story = Path(__file__).resolve().parents[1] / "scripts_examples" / "lighthouse.yaml"
+    probe = ("import os, sys\nfrom typer.testing import CliRunner\nfrom memflow_cli.cli import app\n"
+             f"assert CliRunner().invoke(app, ['check', {str(story)!r}]).exit_code == 0\n"
+             "print(os.environ.get('DIFFUSERS_VERBOSITY'), os.environ.get('TRANSFORMERS_VERBOSITY'))")  # fmt: skip
+    environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": ":".join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["error", "error"]

@@ -14,7 +14,8 @@ import torch
 from memflow_cli import IMPORTED_AT
 from memflow_cli.engine import load_engine
 from memflow_cli.output import sidecar_path
-from memflow_cli.render import compile_choice, graphs_description, render_story
+from memflow_cli.render import render_story
+from memflow_cli.request import CompileMode
 from memflow_cli.script import Segment, Story
 from memflow_cli.settings import GenerationSettings, VideoGeometry
 from memflow_cli.speed import compile_cache, process
@@ -113,33 +114,32 @@ def test_process_settings_set_the_cache_environment_for_a_gpu_before_anything_co
     assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")
 
 
-# -- compile or not ---------------------------------------------------------------------------------------------
-
-
 COSTS = CompileCosts(cold_s=70.6, warm_s=10.7, saved_per_chunk_s=0.149)
 
 
+# -- compile or not ---------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("asked", "chunks", "cuda", "warm", "path"),
+    ("asked", "chunks", "cuda", "warm", "path", "compile"),
     [
-        (None, 40, False, False, CompilePath.EAGER_DEVICE),  # CPU: nothing to compile
-        (True, 40, False, True, CompilePath.EAGER_DEVICE),
-        (False, 4000, True, True, CompilePath.EAGER_ASKED),  # --no-compile always wins
-        (True, 2, True, False, CompilePath.COMPILED_COLD),  # --compile always compiles
-        (True, 2, True, True, CompilePath.COMPILED_WARM),
-        (None, 40, True, False, CompilePath.EAGER),  # the 30-second story, cold: 5.8 s saved < 70.6 s
-        (None, 40, True, True, CompilePath.EAGER),  # warm: 5.8 s saved < 10.7 s
-        (None, 72, True, True, CompilePath.EAGER),  # 10.6 s saved < 10.7 s
-        (None, 80, True, True, CompilePath.COMPILED_WARM),  # 11.8 s saved > 10.7 s
-        (None, 400, True, False, CompilePath.EAGER),  # 59.4 s saved < 70.6 s
-        (None, 500, True, False, CompilePath.COMPILED_COLD),  # 74.4 s saved > 70.6 s
+        (None, 40, False, False, CompilePath.EAGER_DEVICE, False),  # CPU: plain PyTorch whatever was asked
+        (True, 40, False, True, CompilePath.EAGER_DEVICE, False),
+        (False, 4000, True, True, CompilePath.EAGER_ASKED, False),  # --no-compile: plain eager, no graphs
+        (True, 2, True, False, CompilePath.COMPILED_COLD, True),  # --compile always compiles
+        (True, 2, True, True, CompilePath.COMPILED_WARM, True),
+        (None, 40, True, False, CompilePath.GRAPHED, None),  # the default: graphed where compiling does not pay
+        (None, 40, True, True, CompilePath.GRAPHED, None),  # 39 x 0.149 s saved < 10.7 s warm
+        (None, 80, True, True, CompilePath.COMPILED_WARM, True),  # 79 x 0.149 s > 10.7 s
+        (None, 400, True, False, CompilePath.GRAPHED, None),  # 399 x 0.149 s < 70.6 s cold
+        (None, 500, True, False, CompilePath.COMPILED_COLD, True),
+        (None, 4000, True, True, CompilePath.COMPILED_WARM, True),
     ],
 )
-def test_the_default_compiles_only_where_the_video_wins_the_compile_back(asked, chunks, cuda, warm, path):
+def test_the_default_compiles_only_where_the_video_wins_the_compile_back(asked, chunks, cuda, warm, path, compile):
     assert COSTS == CompileCosts()  # the defaults: the H200 measurements
-    choice = choose_compile(asked, chunks, cuda=cuda, warm=warm, costs=COSTS)
-    assert choice.path is path
-    assert choice.compile is path.value.startswith("compiled")
+    choice = choose_compile(CompileMode(asked), chunks, cuda=cuda, warm=warm, costs=COSTS)
+    assert (choice.path, choice.compile) == (path, compile)
     assert choice.reason
 
 
@@ -160,22 +160,26 @@ def test_a_cache_that_cannot_be_written_only_costs_the_next_choice(tmp_path):
     assert not compile_cache.is_warm(tmp_path / "a-file" / "compile", "abc")
 
 
-def test_a_render_compiles_once_its_graphs_are_warm_and_its_video_long_enough(monkeypatch, tmp_path):
+def test_a_render_runs_graphed_unless_asked_and_compiles_warm_once_its_graphs_are_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(CompileKey, "current", classmethod(lambda cls, device: H200))
     settings = GenerationSettings(geometry=VideoGeometry())
-    minute = Story(path=tmp_path / "a.yaml", title="a", seed=0, duration_s=60.0, segments=(Segment(0.0, "a fox"),))
-    plans = [(minute, settings)]  # 80 chunks
-    assert compile_choice(None, "cpu", None, plans, None, False).path is CompilePath.EAGER_DEVICE
-    cold = compile_choice(None, "cuda", None, plans, None, False)
-    assert cold.path is CompilePath.EAGER and "80 chunks" in cold.reason and "cold" in cold.reason
-    description = graphs_description(None, settings, False)
+    minute, preview = [(80, settings)], [(40, settings)]  # 60 s and 30 s of video: chunks and settings
+    auto, cuda = CompileMode.AUTO, torch.device("cuda")
+
+    def choice(videos, fp8=False, asked=auto, device=cuda):
+        return compile_cache.choose_for_videos(asked, device, "wan2.1-t2v-1.3b", fp8, videos)
+
+    assert choice(minute, device=torch.device("cpu")).path is CompilePath.EAGER_DEVICE
+    cold = choice(minute)
+    assert cold.path is CompilePath.GRAPHED and "80 chunks" in cold.reason and "cold" in cold.reason
+    description = compile_cache.graphs_description("wan2.1-t2v-1.3b", settings, False)
     folder = compile_cache.compile_cache_dir(H200)
     compile_cache.mark_warm(folder, compile_cache.graphs_signature(description), description)
-    assert compile_choice(None, "cuda", None, plans, None, False).path is CompilePath.COMPILED_WARM
-    assert compile_choice(None, "cuda", None, plans, None, True).path is CompilePath.EAGER  # --fp8: other graphs
-    assert compile_choice(None, "cuda", None, plans, 30.0, False).path is CompilePath.EAGER  # a 40-chunk preview
-    assert compile_choice(None, "cuda", False, plans, None, False).path is CompilePath.EAGER_ASKED
+    assert choice(minute).path is CompilePath.COMPILED_WARM
+    assert choice(minute, fp8=True).path is CompilePath.GRAPHED  # --fp8: other graphs
+    assert choice(preview).path is CompilePath.GRAPHED  # a 40-chunk preview
+    assert choice(minute, asked=CompileMode.NEVER).path is CompilePath.EAGER_ASKED
 
 
 # -- on a GPU: the compiled path's kernels land in memflow's cache, and the next render finds them warm ---------------

@@ -23,6 +23,7 @@ from memflow_cli import weights
 from memflow_cli.loading import read_transformer_config
 from memflow_cli.random_model import wan_vae_name
 from memflow_cli.settings import WAN_1_3B
+from memflow_cli.speed.compile_cache import CompileChoice
 from memflow_cli.weights import (
     TRUNCATED,
     WAN21_VAE_CONFIG,
@@ -629,6 +630,7 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
     expected = load_text_encoder(resolve_model(root), "cpu", torch.float32, max_length=256).encode(PROMPTS)
     with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:
         assert engine.prompts.encoder_loaded and engine.prompts.encoded_prompts == 2  # done while loading
+        assert engine.identity["lora_merge"] == "merged, cached for the next load"
         embeds, sources = engine.prompts.take(PROMPTS)
     torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
     assert sources == (ENCODED, ENCODED)
@@ -636,6 +638,7 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
     with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:  # the same files: the same cache entries
         embeds, sources = engine.prompts.take(PROMPTS)
         assert not engine.prompts.encoder_loaded
+        assert engine.identity["lora_merge"] == "cached"  # the merged transformer read back, not merged again
     torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
     assert sources == (CACHED, CACHED)
 
@@ -669,7 +672,7 @@ def test_on_the_gpu_the_weights_engine_loads_on_three_threads_and_keeps_the_enco
     root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
     lora = LoraSettings(rank=2, alpha=2.0)
     expected = load_text_encoder(resolve_model(root), "cpu", torch.float32, max_length=256).encode(PROMPTS)
-    with load_engine(str(root), "cuda", lora, compile=False, prompts=PROMPTS) as engine:
+    with load_engine(str(root), "cuda", lora, compile=CompileChoice.fixed(False), prompts=PROMPTS) as engine:
         assert engine.prompts.encoder_loaded
         embeds = engine.embeddings(PROMPTS)
         assert engine.text_encoder.device.type == "cuda"  # a tiny encoder always fits beside a render

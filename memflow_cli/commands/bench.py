@@ -8,12 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..plan import EXIT_BAD_INPUT, check_fp8, checked_device, geometry_for, option_settings
-from ..report import download_hint, err, out, quiet_libraries
+from ..plan import EXIT_BAD_INPUT, PlanError, check_fp8, checked_device, geometry_for, option_settings
+from ..report import err, out
+from ..request import CompileMode, GenerationOptions, ModelKind, ModelSource
 from .common import (
     BankSize,
     Compile,
     DecodeDevice,
+    Decoder,
+    DecoderWeights,
     Device,
     Fp8,
     MemoryMode,
@@ -41,6 +44,8 @@ def bench(
     ] = False,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Decoder = None,
+    decoder_weights: DecoderWeights = None,
     frames: Annotated[
         int,
         typer.Option(
@@ -95,37 +100,39 @@ def bench(
             "--text-encoder goes with --random-weights: other models encode with their own text encoder",
             EXIT_BAD_INPUT,
         )
-    given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-             "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
+    source = ModelSource(ModelKind.RANDOM) if random_weights else ModelSource.parse(model)
+    given = GenerationOptions(memory=memory, window=window, sink=sink, bank_size=bank_size,
+                              record_interval=record_interval, sma=sma, steps=steps)  # fmt: skip
     with reported():
-        settings = option_settings(given, geometry_for(model))
+        settings = option_settings(given.settings(), geometry_for(source))
     import torch
 
     from .. import bench as bench_mod
-    from ..engine import RANDOM
-    from ..loading import WeightsError
+    from ..plan import decoder_request
 
     with reported():
         dev = torch.device(checked_device(device))
-        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if decode_device else None
+        given = decode_device is not None  # `--decode-device ""` is refused, not left out
+        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if given else None
         if fp8:
             check_fp8(str(dev))
+        decoder_choice = decoder_request(source, decoder, decoder_weights)
     if memory_limit is not None and dev.type != "cuda":
         fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
-    quiet_libraries()
     try:
         options = bench_mod.BenchOptions(
-            model=RANDOM if random_weights else model, device=dev, settings=settings, latent_frames=frames,
-            switches=switches, compile=compile, fp8=fp8, compare=compare, decode_device=decode_dev,
+            model=source, device=dev, settings=settings, latent_frames=frames, switches=switches,
+            compile=CompileMode.from_option(compile), fp8=fp8, compare=compare, decode_device=decode_dev,
             full_text_encoder=text_encoder, memory_limit_gib=memory_limit, time_to_video=time_to_video,
+            decoder=decoder_choice,
         )  # fmt: skip
     except bench_mod.BenchError as error:
         fail(str(error), EXIT_BAD_INPUT)
     with err.status("benchmark") as spinner:
         try:
             result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
-        except WeightsError as error:
-            fail(str(error), hint=download_hint(str(error)))
+        except PlanError as error:  # the weights cannot be loaded
+            fail(error.message, error.exit_code, error.hint)
         except torch.cuda.OutOfMemoryError as error:
             limit = f"the --memory-limit of {memory_limit:g} GiB" if memory_limit is not None else "the GPU"
             fail(f"the run does not fit {limit}: {str(error).splitlines()[0]}")

@@ -13,6 +13,7 @@ from rich.table import Table
 from ..plan import (
     RELEASE_TEXT_TOKENS,
     PlanError,
+    checked_output_name,
     cut_prompts,
     load_stories,
     output_name,
@@ -24,6 +25,7 @@ from ..plan import (
 from ..report import out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
+from ..text import one_line, plural
 from .common import OutDir, Scripts, SegmentSeconds, reported
 
 EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json"
@@ -31,7 +33,7 @@ EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml -
 
 def timeline_table(story: Story, timeline: Timeline) -> Table:
     name = f"{story.path}" + (f":{story.line}" if story.line else "")
-    table = Table(title=escape(f"{story.title}  ({name}, seed {story.seed})"), title_justify="left")
+    table = Table(title=escape(one_line(f"{story.title}  ({name}, seed {story.seed})")), title_justify="left")
     for column in ("#", "start", "snapped", "chunk", "frames", "prompt"):
         table.add_column(column, overflow="fold" if column == "prompt" else "ellipsis")
     for s in timeline.segments:
@@ -41,7 +43,7 @@ def timeline_table(story: Story, timeline: Timeline) -> Table:
             str(s.start_chunk), str(s.video_frames), escape(prompt),
         )  # fmt: skip
     table.caption = (
-        f"{timeline.chunks} chunks, {timeline.latent_frames} latent frames, "
+        f"{plural(timeline.chunks, 'chunk')}, {timeline.latent_frames} latent frames, "
         f"{timeline.video_frames} video frames, {timeline.duration_s:.2f} s"
     )
     return table
@@ -85,7 +87,8 @@ def check(
             printable_path(out_dir, "--out-dir")
         stories, _ = load_stories(tuple(scripts), segment_seconds, geometry)
         # titles that collide matter only in one folder
-        outputs = story_outputs(stories, out_dir) if out_dir else [Path(output_name(story)) for story in stories]
+        outputs = story_outputs(stories, out_dir) if out_dir else [checked_output_name(Path(output_name(story)))
+                                                                   for story in stories]  # fmt: skip
         if against is not None and len(stories) != 1:
             raise PlanError(f"--against compares one story with its video; {len(stories)} were given")
     for story, output in zip(stories, outputs, strict=True):

@@ -88,3 +88,21 @@ Compile = Annotated[
         "compiles nothing); --no-compile runs the eager model.",
     ),
 ]
+Decoder = Annotated[
+    str | None,
+    typer.Option(
+        "--decoder",
+        help="wan: the Wan2.1 VAE (full quality); tae: the TAEHV taew2_1 preview decoder (several times faster, "
+        "below the VAE's quality; fetch it with `memflow weights download --decoder tae`). Default: wan.",
+        metavar="wan|tae",
+    ),
+]
+DecoderWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--decoder-weights",
+        help="With --decoder tae: a local taew2_1 file (.pth or .safetensors). Default: taew2_1.pth in the weights "
+        "folder, then the HF cache.",
+        metavar="FILE",
+    ),
+]

@@ -7,20 +7,18 @@ the partial video is kept as `render` keeps it, exit code 130 (128 + the signal'
 
 from __future__ import annotations
 
-import io
-import os
-import shlex
-import signal
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from ..output import OutputError, reserved_output
+from ..decoders import DecoderRequest
+from ..output import OutputError
 from ..plan import (
     EXIT_FAILED,
     PlanError,
@@ -31,18 +29,30 @@ from ..plan import (
     checked_device,
     geometry_for,
     lora_settings,
+    open_engine,
     parse_duration,
     story_settings,
 )
-from ..report import STOP_SIGNALS, Terminated, err, out, stop_code, stop_signals_like_ctrl_c, stop_word
-from ..script import ScriptError, Segment, Story, format_seconds, load_scripts
+from ..report import (
+    Terminated,
+    err,
+    out,
+    stop_code,
+    stop_signals_like_ctrl_c,
+    stop_word,
+    warn,
+)
+from ..request import CompileMode, GenerationOptions, ModelSource
+from ..script import Story, format_seconds
 from ..settings import GenerationSettings
+from ..text import one_line, plural
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
     BankSize,
     Compile,
     DecodeDevice,
+    DecoderWeights,
     Device,
     Fp8,
     LoraAlpha,
@@ -60,7 +70,6 @@ EPILOG = (
     "Examples:  memflow live --prompt 'a lighthouse at dusk' -o live.mp4 --serve 8000  |  "
     "printf 'a storm rolls in\\n' | memflow live story.yaml -o live.mp4 --duration 30s"
 )
-MAX_TITLE_BYTES = 200
 
 
 def live(
@@ -82,6 +91,13 @@ def live(
     ] = None,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Annotated[
+        str | None,
+        typer.Option("--decoder", help="wan: the Wan2.1 VAE (full quality); tae: the TAEHV preview decoder (fast). "
+                     "Default: tae where its weights are found (memflow weights download --decoder tae), else wan.",
+                     metavar="wan|tae"),  # fmt: skip
+    ] = None,
+    decoder_weights: DecoderWeights = None,
     seed: Annotated[
         int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
     ] = None,
@@ -129,6 +145,7 @@ def live(
     """
     from ..live.prompts import PromptInbox
     from ..live.server import ServeError, check_bind, parse_address
+    from ..live.start import bound_server, opening_story, replay_options, reserve_outputs, stdin_fd
 
     with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
         # 1. everything checked before the model loads (the output before torch is imported)
@@ -149,58 +166,59 @@ def live(
             raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
         limit_s = parse_duration(duration)
         check_seed(seed)
-        geometry = geometry_for(model)
-        opening, title = _opening(script, prompt, output, geometry)
-        given = {"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-                 "record_interval": record_interval, "sma": sma, "steps": steps}  # fmt: skip
-        settings = story_settings(opening, given, geometry)
+        options = GenerationOptions(
+            model=ModelSource.parse(model), memory=memory, window=window, sink=sink, bank_size=bank_size,
+            record_interval=record_interval, sma=sma, steps=steps, lora=lora_settings(lora_rank, lora_alpha),
+            compile=CompileMode.from_option(compile), fp8=fp8,
+        )  # fmt: skip
+        geometry = geometry_for(options.model)
+        opening, title = opening_story(script, prompt, output, geometry)
+        settings = story_settings(opening, options.settings(), geometry)
         device = checked_device(device)
         if decode_device is not None:
             decode_device = checked_device(decode_device, "--decode-device")
+        options = replace(options, device=device, decode_device=decode_device)
         if fp8:
             check_fp8(device)
-        request = RenderRequest(scripts=(), output=output, model=model, device=device, decode_device=decode_device,
-                                seed=seed, lora=lora_settings(lora_rank, lora_alpha), compile=compile,
-                                fp8=fp8)  # fmt: skip
+        options = replace(options, decoder=_live_decoder(options.model, decoder, decoder_weights))
         try:
             # 2. the outputs claimed, then the model
-            _reserve(stack, output, script, overwrite)
-            inbox = stack.enter_context(PromptInbox(_stdin_fd(), warn=_warn))  # lines typed while loading wait
-            server = _bound(stack, address, inbox, public, geometry.fps) if address is not None else None
-            from ..batch import load_engine_reported
-
+            reserve_outputs(stack, output, script, overwrite)
+            _say_decoder(options.decoder)
+            inbox = stack.enter_context(PromptInbox(stdin_fd(_warn), warn=_warn))  # lines typed while loading wait
+            server = bound_server(stack, address, inbox, public, geometry.fps) if address is not None else None
             opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
-            engine = stack.enter_context(load_engine_reported(request, device, decode_device, prompts=opening_prompts))
+            engine = stack.enter_context(_engine(options, opening_prompts))
         except KeyboardInterrupt as stop:
             err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
             raise typer.Exit(stop_code(stop)) from None
-        story_seed = request.seed_for(opening)
-        options = _replay_options(model, device, decode_device, engine.fast.compile, fp8, lora_rank, lora_alpha)
+        story_seed = opening.seed if seed is None else seed
+        replay = replay_options(options, engine.fast.asked)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 inbox, server, options)  # fmt: skip
+                 inbox, server, replay)  # fmt: skip
 
 
-def _bound(stack: ExitStack, address, inbox, public: bool, fps: int):
-    """The page's server, listening before the model loads (a busy port is found at once), started later."""
-    from ..live.server import LiveServer
-
-    try:
-        return stack.enter_context(closing(LiveServer(address, inbox, public=public, fps=fps)))
-    except OSError as error:
-        raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
-                        "choose another port (0 picks a free one)") from None
+def _engine(options: GenerationOptions, prompts: list[str]):
+    """The session's engine (`plan.open_engine`): compiled only when asked, as an open-ended video cannot win the
+    compile back; its notice shown."""
+    assert options.device is not None
+    engine = open_engine(options, options.device, decode_device=options.decode_device, prompts=prompts)
+    if engine.notice:
+        warn(engine.notice)
+    return engine
 
 
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
              inbox, server, replay_options: str) -> None:  # fmt: skip
     from ..live.session import LiveRequest, SessionStop, run_live
-    from ..render import RenderInterrupted
+    from ..live.start import stop_on_signals
+    from ..mp4 import RenderInterrupted
 
     stop = SessionStop(inbox)
     if server is not None:
         server.start()
-        err.print(f"watch and steer: {server.url}", markup=False, soft_wrap=True)
+        err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
@@ -208,7 +226,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
                           replay_options=replay_options)  # fmt: skip
     events = _Report(engine.geometry.fps, server)
     try:
-        with _stop_on_signals(stop):
+        with stop_on_signals(stop, _warn):
             result = run_live(engine, request, inbox, events, stop)
     except RenderInterrupted as aborted:
         where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
@@ -237,7 +255,7 @@ class _Report:
     def switched(self, segment, waited: int) -> None:
         queued = f" ({waited} more queued)" if waited else ""
         err.print(f"{format_seconds(segment.start_s)} (chunk {segment.start_chunk}) {segment.source}: "
-                  f"{segment.prompt}{queued}", markup=False, soft_wrap=True)  # fmt: skip
+                  f"{one_line(segment.prompt)}{queued}", markup=False, soft_wrap=True)  # fmt: skip
 
     def chunk(self, index: int, frames, first_frame: int, due: Sequence[float], segments) -> None:
         if self.server is not None:
@@ -258,109 +276,33 @@ def _summary(result, fps: int) -> str:
             f"max over {latency['prompts']} prompt(s)") if latency["prompts"] else "no prompt typed"  # fmt: skip
     stalls = (f"playback stalled {result.stalls} time(s), {result.stalled_s:.2f} s in all" if result.stalls
               else "playback never stalled")  # fmt: skip
-    return (f"live: {result.chunks} chunks, {result.video_frames} frames ({result.video_frames / fps:.2f} s of video) "
+    return (f"live: {plural(result.chunks, 'chunk')}, {result.video_frames} frames "
+            f"({result.video_frames / fps:.2f} s of video) "
             f"in {result.seconds:.1f} s, ended by {result.ended_by}; {said}; {stalls}; metadata {result.sidecar}")
 
 
-@contextmanager
-def _stop_on_signals(stop) -> Iterator[None]:
-    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it."""
+def _live_decoder(model: ModelSource | str | None, name: str | None, weights: Path | None) -> DecoderRequest:
+    """The session's decoder: as asked; unasked, TAEHV where its weights are found for real weights (the
+    preview decoder keeps up with real time), else the VAE."""
+    from ..decoders import DecoderChoice
+    from ..plan import decoder_request
+    from ..tae.files import find_tae_weights
 
-    def handle(signum: int, frame: Any) -> None:
-        if stop.finishing:
-            _warn("the video is finished; writing its replay script and metadata")
-            return
-        if stop.is_set():
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
-        stop.set("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower())
-        _warn("stopping after the chunk being made (once more to abort at once)")
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, *STOP_SIGNALS)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    model = ModelSource.parse(model)
+    default = DecoderChoice.TAE if weights is not None else DecoderChoice.WAN
+    if name is None and weights is None and not model.built_in:
+        folder = Path(model.folder).expanduser() if model.folder is not None else None
+        if find_tae_weights(None, folder) is not None:
+            default = DecoderChoice.TAE
+    return decoder_request(model, name, weights, default)
 
 
-def _replay_options(model, device: str, decode_device, compile: bool, fp8: bool, lora_rank: int,
-                    lora_alpha: float) -> str:  # fmt: skip
-    """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml)."""
-    options = [] if model is None else ["--model", shlex.quote(model)]
-    options += ["--device", shlex.quote(device)]
-    if decode_device is not None:
-        options += ["--decode-device", shlex.quote(decode_device)]
-    # compiled and eager kernels round differently on a GPU: the replay runs the path the session ran
-    options.append("--compile" if compile else "--no-compile")
-    if fp8:
-        options.append("--fp8")
-    if (lora_rank, lora_alpha) != (RELEASED_LORA.rank, RELEASED_LORA.alpha):
-        options += ["--lora-rank", str(lora_rank), "--lora-alpha", repr(lora_alpha)]
-    return " ".join(options)
+def _say_decoder(request: DecoderRequest) -> None:
+    """Which decoder the session uses, and how to choose the other (on stderr, once its outputs are claimed)."""
+    other = ("--decoder wan for the full-quality Wan VAE" if request.is_tae
+             else "--decoder tae for the fast preview decoder (memflow weights download --decoder tae)")  # fmt: skip
+    err.print(f"live: decoding with {request.choice.description}; {other}", markup=False, soft_wrap=True)
 
 
 def _warn(text: str) -> None:
     err.print(f"[yellow]live:[/] {escape(text)}", soft_wrap=True)
-
-
-def _stdin_fd() -> int | None:
-    """Where prompt lines come from; None where there is no stdin, or it is a terminal this session runs in
-    the background of (reading it would stop the process)."""
-    try:
-        fd = sys.stdin.fileno() if sys.stdin is not None else None
-    except (io.UnsupportedOperation, ValueError, AttributeError):
-        return None
-    if fd is not None and os.isatty(fd):
-        try:
-            if os.tcgetpgrp(fd) != os.getpgrp():
-                _warn("running in the background of a terminal: prompts come from the page only")
-                return None
-        except OSError:
-            return None
-    return fd
-
-
-def _opening(script: Path | None, prompt: str | None, output: Path, geometry) -> tuple[Story, str]:
-    """The opening story and the replay script's title."""
-    if script is not None:
-        try:
-            stories = load_scripts(script, geometry=geometry)
-        except ScriptError as error:
-            raise PlanError(str(error)) from None
-        if len(stories) != 1:
-            raise PlanError(f"{script} holds {len(stories)} stories; a live session opens with one",
-                            "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
-        return stories[0], stories[0].title
-    from ..live.prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
-
-    assert prompt is not None
-    try:
-        text = checked_prompt(prompt)
-    except PromptRefused:
-        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters") from None
-    title = output.stem.strip() or "live"
-    while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
-        title = title[:-1]
-    story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
-                  segments=(Segment(0.0, text),))  # fmt: skip
-    return story, title
-
-
-def _reserve(stack: ExitStack, output: Path, script: Path | None, overwrite: bool) -> None:
-    """The video's files claimed as `render` claims them, and the replay script checked: nothing clobbered."""
-    from ..live.replay import is_replay_script
-
-    try:
-        stack.enter_context(reserved_output(output, overwrite=overwrite))
-    except OutputError as error:
-        raise PlanError(str(error), error.hint) from None
-    replay = output.with_suffix(".yaml")
-    if script is not None and replay.exists() and replay.resolve() == script.resolve():
-        raise PlanError(f"{replay} is the opening script; the replay script would replace it",
-                        "choose another output name")  # fmt: skip
-    if replay.is_dir():
-        raise PlanError(f"cannot write {replay}: it is a folder", "choose another output name")
-    if replay.exists() and not overwrite:
-        whose = "an earlier live session's replay script" if is_replay_script(replay) else "not written by memflow"
-        raise PlanError(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
-                        "move it away, or use --overwrite")  # fmt: skip

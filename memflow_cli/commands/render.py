@@ -10,12 +10,15 @@ import typer
 
 from ..plan import PlanError, RenderRequest, check_outputs, check_seed, lora_settings, parse_duration
 from ..report import err, out, stop_code, stop_signals_like_ctrl_c, stop_word
+from ..request import CompileMode, GenerationOptions, ModelSource
 from .common import (
     RELEASED_LORA,
     TIME_FORMATS,
     BankSize,
     Compile,
     DecodeDevice,
+    Decoder,
+    DecoderWeights,
     Device,
     Fp8,
     LoraAlpha,
@@ -55,6 +58,8 @@ def render(
     ] = None,
     device: Device = None,
     decode_device: DecodeDevice = None,
+    decoder: Decoder = None,
+    decoder_weights: DecoderWeights = None,
     seed: Annotated[
         int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
     ] = None,
@@ -108,6 +113,7 @@ def render(
     processes, one GPU each, finished videos are skipped and stopped ones rendered again.
     """
     from ..distributed import rank_env
+    from ..plan import decoder_request
 
     with stop_signals_like_ctrl_c(), reported():
         try:
@@ -117,13 +123,15 @@ def render(
         if ranks is not None and not ranks.is_main:
             out.quiet = err.quiet = True  # rank 0 reports, once for all
         check_seed(seed)
+        options = GenerationOptions(
+            model=ModelSource.parse(model), device=device, decode_device=decode_device, memory=memory,
+            window=window, sink=sink, bank_size=bank_size, record_interval=record_interval, sma=sma, steps=steps,
+            lora=lora_settings(lora_rank, lora_alpha), compile=CompileMode.from_option(compile), fp8=fp8,
+            decoder=decoder_request(model, decoder, decoder_weights),
+        )  # fmt: skip
         request = RenderRequest(
-            scripts=tuple(scripts), output=output, out_dir=out_dir, model=model, device=device,
-            decode_device=decode_device, seed=seed, duration_s=parse_duration(duration), overwrite=overwrite,
-            skip_existing=skip_existing, update=update,
-            settings={"memory": memory, "window": window, "sink": sink, "bank_size": bank_size,
-                      "record_interval": record_interval, "sma": sma, "steps": steps},
-            lora=lora_settings(lora_rank, lora_alpha), compile=compile, fp8=fp8,
+            scripts=tuple(scripts), output=output, out_dir=out_dir, options=options, seed=seed,
+            duration_s=parse_duration(duration), overwrite=overwrite, skip_existing=skip_existing, update=update,
             segment_seconds=segment_seconds,
         )  # fmt: skip
         check_outputs(request)
@@ -138,7 +146,7 @@ def _run(request: RenderRequest, ranks, gpus: int | None, quiet: bool) -> int:
     if gpus is not None and ranks is None:
         from ..distributed import launch, launch_problem, without_option
 
-        if problem := launch_problem(gpus, request.device):
+        if problem := launch_problem(gpus, request.options.device):
             raise PlanError(*problem)
         return launch(without_option(sys.argv[1:], "--gpus"), gpus)
     if ranks is not None:

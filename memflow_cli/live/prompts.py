@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..text import PROMPT_WHITESPACE, text_problem
+
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused (the text encoder reads 512 tokens at most)
 MAX_PENDING = 64  # prompts waiting for their chunk: one more is refused (each takes a chunk, 0.75 s of video)
 _READ_BYTES = 65536
@@ -46,6 +48,8 @@ def checked_prompt(text: str) -> str:
     prompt = text.strip()
     if not prompt:
         raise PromptRefused("ignored an empty prompt line (type the prompt, then Enter)")
+    if problem := text_problem(prompt, PROMPT_WHITESPACE):
+        raise PromptRefused(f"refused a prompt that {problem}; the story goes on with the current prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptRefused(
             f"refused a prompt of {len(prompt)} characters: at most {MAX_PROMPT_CHARS} are read; the story goes on "
@@ -69,7 +73,7 @@ class PromptInbox:
         self._clock = clock
         self._queue: deque[Arrival] = deque()
         self._lock = threading.Lock()  # held while bytes are read from stdin and until their lines are queued
-        self._changed = threading.Condition(threading.Lock())
+        self._queued = threading.Lock()  # guards `_queue` and `_arrived`; `wait` wakes through the pipe
         self._buffer = bytearray()
         self._skipping = False  # inside a line already refused as too long: dropped up to its end
         self._overflowing = False  # stdin lines are being dropped: the queue was full
@@ -95,18 +99,18 @@ class PromptInbox:
 
     def take(self) -> Arrival | None:
         """The oldest prompt not taken yet, or None."""
-        with self._changed:
+        with self._queued:
             return self._queue.popleft() if self._queue else None
 
     def pending(self) -> int:
-        with self._changed:
+        with self._queued:
             return len(self._queue)
 
     @contextmanager
     def notifying(self, arrived: Callable[[str], None]) -> Iterator[None]:
         """Within the block, `arrived(prompt)` is called for every prompt waiting at its start and, on the
         thread that queues it, for every prompt queued. It must return quickly: it is told, it does not decide."""
-        with self._changed:
+        with self._queued:
             self._arrived = arrived
             waiting = [arrival.prompt for arrival in self._queue]
         try:
@@ -114,16 +118,15 @@ class PromptInbox:
                 arrived(prompt)
             yield
         finally:
-            with self._changed:
+            with self._queued:
                 self._arrived = None
 
     def _push(self, arrival: Arrival) -> bool:
         """Queue `arrival`; False (nothing queued) where `MAX_PENDING` prompts are waiting already."""
-        with self._changed:
+        with self._queued:
             if len(self._queue) >= MAX_PENDING:
                 return False
             self._queue.append(arrival)
-            self._changed.notify_all()
             arrived = self._arrived
         if arrived is not None:
             try:

@@ -19,6 +19,7 @@ import yaml
 from .. import __version__
 from ..script import Story, load_scripts
 from ..settings import SETTING_NAMES, GenerationSettings, VideoGeometry
+from ..text import plural
 
 MARKER = "# memflow live session"  # the first line of every replay script memflow writes
 
@@ -66,7 +67,7 @@ def replay_text(
     }
     body = yaml.safe_dump(story, sort_keys=False, allow_unicode=True, width=2**31 - 1)
     header = (
-        f"{MARKER} (memflow {__version__}), {chunks} chunks of {geometry.chunk_seconds:g} s: {video.name}\n"
+        f"{MARKER} (memflow {__version__}), {plural(chunks, 'chunk')} of {geometry.chunk_seconds:g} s: {video.name}\n"
         f"# replay on the same kind of device: memflow render {video.with_suffix('.yaml').name} -o replay.mp4"
         f"{options and ' ' + options}\n"
     )

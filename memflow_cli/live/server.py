@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from ..text import one_line
 from .page import PAGE
 from .prompts import PromptInbox, PromptRefused
 
@@ -67,9 +68,22 @@ def parse_address(text: str) -> Address:
     """`[HOST:]PORT` -> Address (host 127.0.0.1 when left out); raises ServeError."""
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ServeError(f"--serve {text}: give a port (0-65535), optionally after HOST:, like 8000 or 0.0.0.0:8000")
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # not "８０": ASCII digits
+        raise ServeError(f"--serve {one_line(text)}: give a port (0-65535), optionally after HOST:, like 8000 or "
+                         "0.0.0.0:8000")
     return Address(host, int(port))
+
+
+def reachable_hosts(unspecified: str) -> list[str]:
+    """This machine's name, then its addresses of the family of `unspecified` (0.0.0.0: IPv4, ::: IPv6)."""
+    name = socket.gethostname()
+    family = socket.AF_INET6 if ":" in unspecified else socket.AF_INET
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)}
+    except OSError:  # a name that does not resolve on this machine
+        found = set()
+    addresses = sorted(address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback)
+    return [name, *addresses] if name else [*addresses] or ["127.0.0.1"]
 
 
 def check_bind(address: Address, public: bool) -> None:
@@ -157,7 +171,6 @@ class LiveServer:
         self.clock = clock
         self.frames = _Clients()
         self.events = _Clients()
-        self._shown = 0  # frames played so far
         self._status: dict[str, Any] = {"frame": 0, "time_s": 0.0, "prompt": "", "segments": [], "ended": False}
         self._status_lock = threading.Lock()
         self._playlist: queue.Queue = queue.Queue()  # (due, frame array, status) in order; unbounded, frames are few
@@ -169,9 +182,17 @@ class LiveServer:
 
     @property
     def url(self) -> str:
+        """The page's address; for a bind on every interface (0.0.0.0, ::), under this machine's name."""
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        """Addresses of the page other machines can use: the bound host, or for 0.0.0.0 / :: the machine's
+        name and its addresses (an address nobody can connect to is never printed)."""
         host, port = self._httpd.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else host
-        return f"http://{shown}:{port}/" + (f"?token={self.token}" if self.token else "")
+        hosts = reachable_hosts(str(host)) if ipaddress.ip_address(str(host)).is_unspecified else [str(host)]
+        query = f"?token={self.token}" if self.token else ""
+        return [f"http://{f'[{name}]' if ':' in name else name}:{port}/{query}" for name in hosts]
 
     def start(self) -> LiveServer:
         for thread in self._threads:
@@ -247,7 +268,8 @@ class _Server(ThreadingHTTPServer):
         """A viewer that left or sent nonsense ends only its own request: no traceback on the session's terminal."""
         error = sys.exc_info()[1]
         if not isinstance(error, (ConnectionError, TimeoutError)):
-            print(f"live: a request from {client_address[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            print(one_line(f"live: a request from {client_address[0]} failed: {type(error).__name__}: {error}"),
+                  file=sys.stderr)
 
 
 def _from_this_machine(host: str | None, origin: str | None) -> bool:
@@ -292,14 +314,21 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             return False
 
         def _send(self, code: int, body: bytes, kind: str) -> None:
+            if code >= 400:
+                self.close_connection = True  # a body left unread must not be read as the next request
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            if self.headers.get_all("Transfer-Encoding") or self.headers.get_all("Content-Length", ["0"]) != ["0"]:
+                self._refuse(400, "a GET request carries no body")  # which would be read as the next request
+                return
             if not self._allowed():
                 return
             route = urlsplit(self.path).path
@@ -320,21 +349,47 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             if urlsplit(self.path).path != "/prompt":
                 self._send(404, b"404: not here\n", "text/plain; charset=utf-8")
                 return
-            length = self.headers.get("Content-Length")
-            if length is None or not (length.isascii() and length.isdigit()):
-                self._send(411, b"411: send the prompt with a Content-Length\n", "text/plain; charset=utf-8")
+            body = self._body()
+            if body is None:
                 return
-            if int(length) > MAX_PROMPT_BODY:
-                self.close_connection = True
-                self._send(413, b"413: the prompt is too long\n", "text/plain; charset=utf-8")
-                return
-            text = self.rfile.read(int(length)).decode("utf-8", errors="replace")
+            text = body.decode("utf-8", errors="replace")
             try:
                 arrival = server.inbox.post(text, "page")
             except PromptRefused as refused:
                 self._send(400, json.dumps({"error": str(refused)}).encode(), "application/json")
                 return
             self._send(202, json.dumps({"queued": arrival.prompt}).encode(), "application/json")
+
+        def _refuse(self, code: int, text: str) -> None:
+            """Answer `code` and close: after a request whose body cannot be framed, the stream is not trusted."""
+            self.close_connection = True
+            self._send(code, f"{code}: {text}\n".encode(), "text/plain; charset=utf-8")
+
+        def _body(self) -> bytes | None:
+            """The request's body, exactly Content-Length bytes; None (refused, answered) for anything else.
+
+            Nothing is taken from a body framed any other way (`Transfer-Encoding`, several or odd lengths),
+            too long, or shorter than it said (the client went away or stopped sending): no part of it is queued.
+            """
+            if self.headers.get_all("Transfer-Encoding"):
+                self._refuse(411, "send the prompt with a Content-Length, not a Transfer-Encoding")
+                return None
+            lengths = self.headers.get_all("Content-Length") or []
+            if len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
+                self._refuse(411, "send the prompt with one Content-Length")
+                return None
+            length = int(lengths[0])
+            if length > MAX_PROMPT_BODY:
+                self._refuse(413, "the prompt is too long")
+                return None
+            try:
+                body = self.rfile.read(length)
+            except (TimeoutError, ConnectionError):
+                body = b""
+            if len(body) != length:
+                self._refuse(400, f"the body ended after {len(body)} of its {length} bytes; nothing was queued")
+                return None
+            return body
 
         def _stream_head(self, kind: str) -> None:
             self.connection.settimeout(None)  # a stream lasts the session; a gone viewer fails its writes

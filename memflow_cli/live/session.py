@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..engine import Chunk, Engine
+from ..mp4 import RenderInterrupted
 from ..output import write_video_sidecar
-from ..render import RenderInterrupted, request_record
+from ..record import video_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
 from ..snapshots import segments_digest
@@ -326,17 +326,10 @@ def _snapshot_keeper(engine: Engine, request: LiveRequest, video: LiveVideo) -> 
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
               started: float) -> dict[str, Any]:  # fmt: skip
     timeline = story.timeline(engine.geometry)
+    record = video_record(engine, story, timeline, settings, request.seed, script=str(request.script),
+                          script_line=None, timings={"render_s": round(result.seconds, 3)})  # fmt: skip
     return {
-        "memflow_version": __version__,
-        "script": str(request.script),
-        "script_line": None,
-        **request_record(story, timeline, settings, request.seed),
-        "weights": engine.identity,
-        "device": str(engine.device),
-        **({"decode_device": str(engine.decode_device)} if engine.decode_device else {}),
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "fp8": engine.fp8,
-        "timings": {"render_s": round(result.seconds, 3)},
+        **record,
         "live": {
             "ended_by": result.ended_by,
             "ahead_chunks": request.ahead,

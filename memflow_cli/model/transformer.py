@@ -3,17 +3,18 @@
 Parameter names follow the original Wan checkpoints (`blocks.0.self_attn.q`, ...),
 so MemFlow's `base.pt` loads without renaming. The module is plain eager
 PyTorch; caching lives in `cache.py` and the chunk loop in `generator.py`.
-Faster kernels come from outside through two declared hooks: the `Kernels` the
-model is built with, and the `steps` a pass may run its blocks' steps through
-(`memflow_cli.speed` chooses both).
+Faster kernels come from outside through one declared hook, the `Kernels` the model
+is built with (`memflow_cli.speed` chooses them); the model never changes after it
+is built. A model built with kernels whose layers hold their weights in another form
+(q/k/v fused, FP8) is given its weights in that form by `model/build.py`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ from .memory import CachePlan, sma_key_set
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # SMA's keys and values of one layer: `memory.sma_key_set`'s signature
 KeySet = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# (in features, out features) -> a layer that computes a Linear's output (an `nn.Linear`, or a faster form)
+LinearFactory = Callable[[int, int], nn.Module]
+# a block's pure step -> what runs it (e.g. a compiled copy)
+StepWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,18 @@ class Kernels:
     """What computes the parts of a block that have other, faster forms; plain PyTorch by default.
 
     The model is built with them and never changes them (the fast path's choice: `speed.FastPath.kernels`).
+    A layer made by `linear` or `linear_gelu` whose class has `state_from_linear(weight, bias)` holds its
+    weights in its own form: `model.build.final_state` converts a checkpoint's Linear into it.
     """
 
     attention: AttentionKernel = F.scaled_dot_product_attention  # self-attention (cross-attention stays SDPA)
     sma_key_set: KeySet = sma_key_set  # SMA's per-head keys and values (`memory.sma_key_set` or a compiled copy)
-    linear: type[nn.Linear] = nn.Linear  # every other Linear of a block: q, k, v, o of both attentions, FFN out
-    linear_gelu: type[nn.Linear] | None = None  # the FFN's first Linear and its tanh GELU as one; None: two modules
+    # the Linears every token of every pass goes through: self-attention's q, k, v (or qkv) and o,
+    # cross-attention's q and o, the FFN's last (cross-attention's k and v, once per prompt, stay `nn.Linear`)
+    linear: LinearFactory = nn.Linear
+    linear_gelu: LinearFactory | None = None  # the FFN's first Linear and its tanh GELU as one; None: two modules
+    fused_qkv: bool = False  # self-attention's q, k and v as one [3*dim, dim] Linear `qkv`: one matmul, not three
+    block_step: StepWrapper | None = None  # what runs each block's two pure steps (None: the methods themselves)
 
 
 PLAIN_KERNELS = Kernels()
@@ -123,13 +134,21 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 class AttentionProjections(nn.Module):
-    """q/k/v/o projections with RMS-normalised queries and keys (named as in Wan checkpoints)."""
+    """q/k/v/o projections with RMS-normalised queries and keys (named as in Wan checkpoints).
 
-    def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
+    `key_value` makes the k and v projections (the per-token `kernels.linear`, or a plain Linear for text);
+    with `fused`, q, k and v are one Linear `qkv` [3*dim, dim], its rows q's, k's, then v's.
+    """
+
+    def __init__(self, config: TransformerConfig, kernels: Kernels, key_value: LinearFactory, fused: bool = False):
         super().__init__()
         dim = config.dim
         self.heads = config.num_heads
-        self.q, self.k, self.v, self.o = (kernels.linear(dim, dim) for _ in range(4))
+        if fused:
+            self.qkv = kernels.linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = kernels.linear(dim, dim), key_value(dim, dim), key_value(dim, dim)
+        self.o = kernels.linear(dim, dim)
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
@@ -139,35 +158,20 @@ class AttentionProjections(nn.Module):
 
 
 class SelfAttention(AttentionProjections):
+    """With `kernels.fused_qkv`, q, k and v are one projection, which fills a GPU better than three."""
+
     def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
-        super().__init__(config, kernels)
-        # q, k, v as one projection once `fuse_qkv` ran (buffers, so compiled code treats them as inputs)
-        self.register_buffer("qkv_weight", None, persistent=False)
-        self.register_buffer("qkv_bias", None, persistent=False)
+        super().__init__(config, kernels, kernels.linear, fused=kernels.fused_qkv)
+        self.fused_qkv = kernels.fused_qkv
         self.attention = kernels.attention
         self.sma_key_set = kernels.sma_key_set
 
-    def fuse_qkv(self) -> None:
-        """Project q, k and v with one [3*dim, dim] matmul, which fills a GPU better than three.
-
-        The q/k/v parameters become views of the fused weight and bias, so the checkpoint names and the
-        memory stay as they were.
-        """
-        if self.qkv_weight is not None:
-            return
-        layers = (self.q, self.k, self.v)
-        self.qkv_weight = torch.cat([layer.weight.detach() for layer in layers])
-        self.qkv_bias = torch.cat([layer.bias.detach() for layer in layers])
-        for layer, w, b in zip(layers, self.qkv_weight.chunk(3), self.qkv_bias.chunk(3), strict=True):
-            layer.weight = nn.Parameter(w, requires_grad=False)
-            layer.bias = nn.Parameter(b, requires_grad=False)
-
     def project(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Rotary-embedded queries and keys, and values, each [B, H, N, D], from u [B, N, dim]."""
-        if self.qkv_weight is None:
-            q, k, v = self.q(u), self.k(u), self.v(u)
+        if self.fused_qkv:
+            q, k, v = self.qkv(u).chunk(3, dim=-1)
         else:
-            q, k, v = F.linear(u, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+            q, k, v = self.q(u), self.k(u), self.v(u)
         q = apply_rope(self.split_heads(self.norm_q(q)), rope).transpose(1, 2)
         k = apply_rope(self.split_heads(self.norm_k(k)), rope).transpose(1, 2)
         v = self.split_heads(v).transpose(1, 2)
@@ -187,6 +191,9 @@ class SelfAttention(AttentionProjections):
 
 
 class CrossAttention(AttentionProjections):
+    def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
+        super().__init__(config, kernels, nn.Linear)
+
     def fill(self, context: torch.Tensor, layer: int, text: TextCache) -> None:
         """Compute this layer's text keys/values [B, H, T, D] into the text cache."""
         text.k[layer] = self.split_heads(self.norm_k(self.k(context))).transpose(1, 2)
@@ -199,7 +206,7 @@ class CrossAttention(AttentionProjections):
 
 
 class BlockSteps(NamedTuple):
-    """A block's two pure steps around its attention: its own methods, or compiled copies of them."""
+    """A block's two pure steps around its attention, as it runs them: its own methods, or compiled copies."""
 
     attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     after_attention: Callable[..., torch.Tensor]
@@ -223,6 +230,8 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
         self.ffn = feed_forward(config, kernels)
         self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
+        run = kernels.block_step or _as_is
+        self.steps = BlockSteps(run(self.attention_inputs), run(self.after_attention))
 
     def attention_inputs(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Modulated, normalised input projected to q, k, v. x: [B, F, P, dim]; e0: [B, F, 6, dim]."""
@@ -241,18 +250,15 @@ class Block(nn.Module):
         ffn_input = layer_norm(x, self.eps) * (1 + scale2) + shift2
         return x + self.ffn(ffn_input) * gate2
 
-    @property
-    def steps(self) -> BlockSteps:
-        return BlockSteps(self.attention_inputs, self.after_attention)
-
-    def forward(
-        self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState, steps: BlockSteps | None = None
-    ) -> torch.Tensor:
-        """One block; `steps` are its pure steps to run (default: its own methods)."""
-        attention_inputs, after_attention = steps or self.steps
-        q, k, v = attention_inputs(x, e0, state.rope)
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
+        """One block: its first step, the attention over the memory, its second step."""
+        q, k, v = self.steps.attention_inputs(x, e0, state.rope)
         attn = self.self_attn.attend(q, k, v, layer, state)
-        return after_attention(x, attn, e0, state.text.k[layer], state.text.v[layer])
+        return self.steps.after_attention(x, attn, e0, state.text.k[layer], state.text.v[layer])
+
+
+def _as_is(step: Callable[..., Any]) -> Callable[..., Any]:
+    return step
 
 
 class Head(nn.Module):
@@ -292,13 +298,8 @@ class CausalWanTransformer(nn.Module):
             block.cross_attn.fill(embedded, layer, text)
         text.valid = True
 
-    def forward(
-        self, x: torch.Tensor, timestep: float, state: PassState, steps: Sequence[BlockSteps] | None = None
-    ) -> torch.Tensor:
-        """Flow prediction for latents x [B, F, C, h, w] at one shared timestep.
-
-        `steps` are the blocks' pure steps to run, one per block (default: the blocks' own methods).
-        """
+    def forward(self, x: torch.Tensor, timestep: float, state: PassState) -> torch.Tensor:
+        """Flow prediction for latents x [B, F, C, h, w] at one shared timestep."""
         b, frames, _, h, w = x.shape
         pt, ph, pw = self.config.patch_size
         dtype = self.patch_embedding.weight.dtype
@@ -311,7 +312,7 @@ class CausalWanTransformer(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (b, frames))  # [B, F, 6, dim]
 
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, layer, state, steps[layer] if steps else None)
+            tokens = block(tokens, e0, layer, state)
 
         out = self.head(tokens, e.unflatten(0, (b, frames)))  # [B, F, P, C*pt*ph*pw]
         # unpatchify: token (f, i, j), channel (a*pw + c_)*C + ch  ->  latent [B, F, C, i*ph + a, j*pw + c_]
@@ -320,5 +321,5 @@ class CausalWanTransformer(nn.Module):
         return out
 
 
-# Computes one pass in place of `model(x, timestep, state)`: the model, or the model with compiled steps.
+# Computes one pass in place of `model(x, timestep, state)` (the model itself, or a CUDA graph replay of it).
 PassFunction = Callable[[torch.Tensor, float, PassState], torch.Tensor]

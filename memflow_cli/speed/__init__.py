@@ -1,9 +1,15 @@
 """Speed, chosen once and applied from outside the model: `choose_fast_path` returns a `FastPath` value.
 
 The model code stays plain eager PyTorch. The value says what computes each part (`Kernels`, which the
-transformer is built with), how its blocks' steps run (compiled or not), what runs the passes of one video
-(CUDA graph replays or the plain pass) and what the VAE decoder's steps between convs are. Whoever
-builds the model and the decoder (the engine) holds it and hands each part to what uses it.
+transformer is built with: attention, linear layers, fused q/k/v, FP8, its blocks' steps compiled or not),
+what runs the passes of one video (CUDA graph replays or the plain pass) and what the VAE decoder's steps
+between convs are. Whoever builds the model and the decoder (the engine) holds it and hands each part to
+what uses it; nothing is applied to a model after it is built.
+
+Three paths on CUDA (`FastPath.name`): "graphed", the default, the eager kernels with q/k/v fused and the
+FFN's GELU in the matmul's epilogue, each video's repeated passes replayed from CUDA graphs (captured in
+seconds, nothing compiled); "compiled" (`--compile`), the same with the blocks' steps compiled by Inductor
+(a minute's compile on an empty cache); "eager" (`--no-compile`), plain PyTorch. The CPU runs plain PyTorch.
 
 By concern: `attention.py` (SDPA's backend priority, the flash-attn 3 probe), `compile.py` (torch.compile
 from any thread, the blocks' compiled steps), `compile_cache.py` (compiled kernels kept across processes,
@@ -16,20 +22,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend
 
 from ..model import memory
-from ..model.transformer import PLAIN_KERNELS, CausalWanTransformer, Kernels, PassFunction
+from ..model.transformer import PLAIN_KERNELS, Kernels
 from ..settings import TransformerConfig
 from ..vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 from ..vae_stream import DecoderKernels
 from . import attention
-from .compile import compiled, compiled_block_steps
+from .compile import compiled, compiled_block_step
 from .decoder import channels_last_convs, fused_decoder_kernels
-from .fp8 import use_fp8_linears
+from .fp8 import fp8_kernels
 from .graphs import GraphedPasses
 from .linear import LinearGELU
 from .process import process_settings
@@ -41,9 +46,9 @@ __all__ = ["FastPath", "choose_fast_path", "EAGER"]
 class FastPath:
     """How the model and the decoder run: chosen once per engine, then only read."""
 
-    compile: bool  # compiled block steps, CUDA graphs of repeated passes, fused decoder steps (CUDA only)
+    compile: bool  # Inductor: compiled block steps and SMA key set, fused decoder steps (CUDA only)
     self_attention: str  # name of the self-attention kernel, for reports
-    kernels: Kernels  # what the transformer is built with: attention kernel, SMA key set, linear layers
+    kernels: Kernels  # what the transformer is built with: attention, SMA key set, linear layers, block steps
     decoder_kernels: DecoderKernels  # the VAE decoder's steps between its convolutions
     graphed_passes: type[GraphedPasses] | None = None  # runs one video's passes from CUDA graphs; None: plainly
     sdpa_backends: tuple[SDPBackend, ...] = ()  # SDPA's backend priority (empty: torch's own choice)
@@ -54,20 +59,17 @@ class FastPath:
         """What computes the model's attention, for reports."""
         return attention.describe(self.self_attention, self.sdpa_backends)
 
-    def pass_function(self, model: CausalWanTransformer) -> PassFunction:
-        """What computes one pass of `model` (built with `kernels`): with compile, its blocks' steps compiled.
+    @property
+    def name(self) -> str:
+        """Which path this is, for reports: "compiled", "graphed" or "eager"."""
+        if self.compile:
+            return "compiled"
+        return "eager" if self.graphed_passes is None else "graphed"
 
-        Call once per model, after its weights are loaded: they are laid out for the fast path first (with
-        compile, q/k/v as one matmul, same values and names; with fp8, the blocks' linear layers quantised).
-        """
-        if self.fp8:
-            use_fp8_linears(model)
-        elif self.compile:
-            for block in model.blocks:
-                block.self_attn.fuse_qkv()
-        if not self.compile:
-            return model
-        return partial(model, steps=compiled_block_steps(model))
+    @property
+    def asked(self) -> bool | None:
+        """The `compile` that chooses this path again: True (`--compile`), False (`--no-compile`), None (neither)."""
+        return {"compiled": True, "graphed": None, "eager": False}[self.name]
 
     def sdpa_priority(self) -> contextlib.AbstractContextManager[None]:
         """Within this block SDPA tries the chosen backends first."""
@@ -84,34 +86,42 @@ EAGER = FastPath(
 
 
 def choose_fast_path(
-    config: TransformerConfig, device: torch.device, dtype: torch.dtype, *, compile: bool, fp8: bool = False
+    config: TransformerConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compile: bool | None = None,
+    fp8: bool = False,
 ) -> FastPath:
     """The fastest faithful way to run a model of `config` on `device` in `dtype`.
 
-    On CUDA: SDPA's fastest backends first, flash-attn 3 for self-attention where it works,
-    and with `compile` the compiled steps, CUDA graphs and fused decoder steps. On the CPU: plain PyTorch.
-    `fp8` (asked for, never chosen here: it changes the video) quantises the blocks' linear layers.
+    On CUDA: SDPA's fastest backends first, flash-attn 3 for self-attention where it works, and then as
+    `compile` says: None (the default) the graphed path, True the compiled one, False plain eager kernels.
+    On the CPU: plain PyTorch, whatever was asked. `fp8` (asked for, never chosen here: it changes the video)
+    builds the blocks' per-token linear layers in FP8.
     """
-    process_settings(device, compile=compile)
+    process_settings(device, compile=compile is True)
     if device.type != "cuda":
-        return replace(EAGER, fp8=fp8)
+        return replace(EAGER, fp8=fp8, kernels=fp8_kernels(PLAIN_KERNELS) if fp8 else PLAIN_KERNELS)
     name, self_attention = attention.self_attention_kernel(device, config.num_heads, config.head_dim, dtype)
-    plain = FastPath(
-        compile=False,
-        self_attention=name,
-        kernels=Kernels(attention=self_attention),
-        decoder_kernels=PLAIN_DECODER_KERNELS,
-        sdpa_backends=attention.sdpa_backends_for(device),
-        fp8=fp8,
-    )
-    if not compile:
-        return plain
+    plain = Kernels(attention=self_attention)
+    if compile is False:
+        kernels, decoder, graphs = plain, PLAIN_DECODER_KERNELS, None
+    elif compile is None:  # graphed: nothing compiled, the same layers as the compiled path
+        kernels = replace(plain, linear_gelu=LinearGELU, fused_qkv=True)
+        decoder, graphs = PLAIN_DECODER_KERNELS, GraphedPasses
+    else:
+        kernels = replace(
+            plain, sma_key_set=compiled(memory.sma_key_set), linear_gelu=LinearGELU, fused_qkv=True,
+            block_step=compiled_block_step(),
+        )  # fmt: skip
+        decoder, graphs = fused_decoder_kernels(), GraphedPasses
     return FastPath(
-        compile=True,
+        compile=compile is True,
         self_attention=name,
-        kernels=Kernels(attention=self_attention, sma_key_set=compiled(memory.sma_key_set), linear_gelu=LinearGELU),
-        decoder_kernels=fused_decoder_kernels(),
-        graphed_passes=GraphedPasses,
-        sdpa_backends=plain.sdpa_backends,
+        kernels=fp8_kernels(kernels) if fp8 else kernels,
+        decoder_kernels=decoder,
+        graphed_passes=graphs,
+        sdpa_backends=attention.sdpa_backends_for(device),
         fp8=fp8,
     )

@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from ..model.transformer import BlockSteps, CausalWanTransformer
-
 # Graphs that one compiled function may build before dynamo gives up and runs it eagerly.
 MODEL_GRAPHS = 16  # per pass kind, and SMA's key set per bank view and window length while the cache fills
 # one per input shape and layout (strided views of tiled convs, with or without a bias) a decoder step
@@ -55,12 +53,11 @@ def eager_rounding() -> dict[str, Any] | None:
     return {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else None
 
 
-def compiled_block_steps(model: CausalWanTransformer) -> tuple[BlockSteps, ...]:
-    """Each block's two pure steps (everything but the cache read/write and the attention call), compiled.
+def compiled_block_step() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """What the compiled path runs each block's two pure steps through (`Kernels.block_step`): `compiled`.
 
-    Static shapes: a pass kind is a few graphs, shared by all blocks.
+    The steps are everything but the cache read/write and the attention call. Static shapes: a pass kind is
+    a few graphs, shared by all blocks.
     """
     allow_recompiles(MODEL_GRAPHS)  # built alone (tests) as well as through `process.process_settings`
-    return tuple(
-        BlockSteps(compiled(block.attention_inputs), compiled(block.after_attention)) for block in model.blocks
-    )
+    return compiled

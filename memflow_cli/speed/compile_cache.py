@@ -10,10 +10,11 @@ second render on the same machine finds its kernels, and another torch never rea
             inductor/  triton/  warm/<graphs>.json
 
 A `warm/` marker is written once a compiled video of that shape finished: its graphs are then in the
-cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, and saves
-a fraction of a second on every chunk after the first, so `choose_compile` compiles only where the video
-is long enough to win that back; a shorter one runs eager, which is never slower than `--no-compile`.
-Deleting the folder is always safe: it only costs the next compiled render its warm-up.
+cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, so it is
+never the default: `choose_compile` picks the graphed path (the eager kernels with q/k/v fused and the
+FFN's GELU in the matmul, each repeated pass replayed from a CUDA graph, captured in seconds) unless
+`--compile` or `--no-compile` says otherwise. Deleting the folder is always safe: it only costs the next
+compiled render its warm-up.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..embed_cache import cache_root
+from ..cache_dir import cache_root
+from ..request import CompileMode
+
+if TYPE_CHECKING:
+    from ..settings import GenerationSettings
 
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_ENV = "TRITON_CACHE_DIR"
@@ -59,7 +64,7 @@ class CompileKey:
 
 
 def compile_cache_dir(key: CompileKey, environ: Mapping[str, str] = os.environ) -> Path:
-    """The folder of `key`'s compiled kernels in memflow's cache folder (`embed_cache.cache_root`)."""
+    """The folder of `key`'s compiled kernels in memflow's cache folder (`cache_dir.cache_root`)."""
     return cache_root(environ) / "compile" / key.folder_name
 
 
@@ -105,9 +110,10 @@ def mark_warm(folder: Path, signature: str, description: dict[str, Any]) -> None
 class CompilePath(str, Enum):
     """Which way a run's model ran, as the sidecar and bench report it."""
 
+    GRAPHED = "graphed"  # the default on CUDA where compiling does not pay: eager kernels, passes from CUDA graphs
     COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
-    COMPILED_COLD = "compiled-cold"  # compiled from scratch: the video is long enough to pay for it
-    EAGER = "eager"  # chosen: too short to win back the compile
+    COMPILED_COLD = "compiled-cold"  # compiled from scratch (--compile, or a video long enough to pay for it)
+    COMPILED = "compiled"  # compiled, the cache not looked at (bench, the Python API)
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"
 
@@ -120,7 +126,8 @@ class CompileCosts:
     eager 48.4 s; compiled with warm caches 53.3 s, with empty caches 113.2 s. The chunks after the first
     took 23.9 s eager and 18.1 s compiled (0.149 s saved each), so the fixed cost of compiling is
     53.3 - 48.4 + 39 x 0.149 = 10.7 s warm (the first chunk's 5.2 s and the compiled engine's build and
-    imports) and 70.6 s cold.
+    imports) and 70.6 s cold. The graphed path ran at the eager path's speed on an H100 (issue #25: 26.9
+    against 26.8 FPS), so it saves the same per chunk.
     """
 
     cold_s: float = 70.6
@@ -133,31 +140,68 @@ H200_COSTS = CompileCosts()
 
 @dataclass(frozen=True)
 class CompileChoice:
-    compile: bool
+    """Whether a run compiles, which way it runs and why: from the option to the engine and the sidecar."""
+
+    compile: bool | None  # what the engine is asked for (`load_engine`): True compiled, None graphed, False eager
     path: CompilePath
     reason: str  # one line, for the sidecar and the log
 
+    @classmethod
+    def fixed(cls, compile: bool | None, reason: str = "asked") -> CompileChoice:
+        """As asked, the cache not looked at: compiled (True), graphed (None) or eager (False)."""
+        path = {True: CompilePath.COMPILED, None: CompilePath.GRAPHED, False: CompilePath.EAGER_ASKED}[compile]
+        return cls(compile, path, reason)
+
 
 def choose_compile(
-    asked: bool | None, chunks: int, *, cuda: bool, warm: bool, costs: CompileCosts = H200_COSTS
+    asked: CompileMode, chunks: int, *, cuda: bool, warm: bool, costs: CompileCosts = H200_COSTS
 ) -> CompileChoice:
-    """Compile or not, for a run of `chunks` chunks in all (every story of a batch shares the compile).
+    """The fast path for a run of `chunks` chunks in all (every story of a batch shares the compile).
 
-    `asked`: True (`--compile`) always compiles, False (`--no-compile`) never, None lets the video's length
-    decide: compiled where the chunks after the first win back the first chunk's extra cost on this cache
-    (`warm`), eager otherwise, so that the default is never slower than `--no-compile`.
+    `asked`: ALWAYS (`--compile`) always compiles with Inductor, NEVER (`--no-compile`) runs plain eager
+    kernels, AUTO lets the video's length decide: compiled where the chunks after the first win back the
+    compile on this cache (`warm`), else the graphed path (eager kernels, repeated passes replayed from CUDA
+    graphs, nothing to compile), so that the default is never slower than `--no-compile`.
     """
     if not cuda:
-        return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled path runs on CUDA only")
-    if asked is False:
+        return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled and graphed paths run on CUDA only")
+    if asked is CompileMode.NEVER:
         return CompileChoice(False, CompilePath.EAGER_ASKED, "--no-compile")
     cost = costs.warm_s if warm else costs.cold_s
     saved = max(0, chunks - 1) * costs.saved_per_chunk_s
     compiled = CompilePath.COMPILED_WARM if warm else CompilePath.COMPILED_COLD
     cache = "warm" if warm else "cold"
-    if asked:
+    if asked is CompileMode.ALWAYS:
         return CompileChoice(True, compiled, f"--compile (compile cache {cache})")
     balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
     if saved > cost:
         return CompileChoice(True, compiled, balance)
-    return CompileChoice(False, CompilePath.EAGER, balance)
+    return CompileChoice(None, CompilePath.GRAPHED, f"{balance}: graphed")
+
+
+# -- the videos of one run ----------------------------------------------------------------------------------
+
+
+def graphs_description(architecture: str, settings: GenerationSettings, fp8: bool) -> dict[str, Any]:
+    """What decides the graphs a run compiles: the transformer's shape (`ModelSource.architecture`), the
+    generation settings and FP8."""
+    return {"model": architecture, "settings": settings.as_dict(), "fp8": fp8}
+
+
+def choose_for_videos(
+    asked: CompileMode, device, architecture: str, fp8: bool, videos: Sequence[tuple[int, GenerationSettings]]
+) -> CompileChoice:
+    """Compile or not for these videos together (each its chunks and settings), from the chunks they make in
+    all and whether their graphs are in the compile cache of `device` (a torch device)."""
+    if device.type != "cuda":
+        return choose_compile(asked, 0, cuda=False, warm=False)
+    folder = device_cache_dir(device)
+    chunks = sum(video_chunks for video_chunks, _ in videos)
+    signatures = [graphs_signature(graphs_description(architecture, settings, fp8)) for _, settings in videos]
+    return choose_compile(asked, chunks, cuda=True, warm=all(is_warm(folder, s) for s in signatures))
+
+
+def remember_compiled(device, architecture: str, settings: GenerationSettings, fp8: bool) -> None:
+    """A compiled video of these graphs finished on `device`: the next run finds them warm."""
+    description = graphs_description(architecture, settings, fp8)
+    mark_warm(device_cache_dir(device), graphs_signature(description), description)

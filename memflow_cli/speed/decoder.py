@@ -1,17 +1,21 @@
-"""The VAE decoder on the fast path: channels-last convolutions and its steps between convs compiled.
+"""The VAE decoder on CUDA: channels-last convolutions, its calls replayed from CUDA graphs, compiled steps.
 
-The compiled steps are its RMS norm and the SiLU after it (seven full passes over the largest activations
-of the whole pipeline in eager mode, one fused), the residual sum with the biases of the residual blocks'
-convs folded in, and the nearest-neighbour upsampling.
+`DecoderGraphs` replays each decoder call from a CUDA graph (one per call shape): the few hundred kernel
+launches of a call cost one. The compiled steps (the fast path's option) are its RMS norm and the SiLU
+after it (seven full passes over the largest activations of the whole pipeline in eager mode, one fused),
+the residual sum with the biases of the residual blocks' convs folded in, and the nearest-neighbour
+upsampling.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ..vae_stream import DecoderKernels, residual_sum, rms_norm_silu_into, upsample_nearest
+from ..vae_stream import DecoderKernels, DecoderStream, plus_bias, residual_sum, rms_norm_silu_into, upsample_nearest
 from .compile import compiled, eager_rounding
 from .process import compile_settings
 
@@ -28,6 +32,39 @@ def channels_last_convs(vae: torch.nn.Module) -> None:
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
         elif isinstance(module, torch.nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def rms_norm_silu_over_channels_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | float,
+    scale: float,
+) -> None:
+    """`rms_norm_silu_into` from two of torch's own kernels, no compiler: its RMS norm over the last dim, then SiLU.
+
+    In channels-last memory the channels are the last dim, so `F.rms_norm` normalises x [B, C, T, h, w] as rows
+    of C (fused on CUDA, in float32 for bf16 input, one rounding), and SiLU writes straight into `out`: two
+    passes over memory where the plain steps take about seven. The official norm is `normalize(x) * scale *
+    gamma`, and normalize(x) * sqrt(C) is x / rms(x); its rounding in bf16 differs from the official one's
+    (fewer roundings), so this is the CUDA eager path's step, not the CPU's.
+    """
+    x = plus_bias(x, x_bias)
+    channels = x.shape[1]
+    weight = gamma.reshape(channels)
+    if scale != channels**0.5:
+        weight = weight * (scale / channels**0.5)
+    # eps: normalize divides by max(|x|, 1e-12), i.e. by sqrt(mean(x^2) + 1e-24 / C) * sqrt(C) near zero
+    normed = F.rms_norm(x.movedim(1, -1), (channels,), weight, eps=1e-24 / channels)  # [B, T, h, w, C]
+    if isinstance(beta, torch.Tensor):
+        normed = normed + beta.reshape(channels)
+    torch.ops.aten.silu.out(normed.movedim(-1, 1), out=out)
+
+
+# The CUDA decoder without a compiler: torch's RMS norm + SiLU, 96-channel convs computed as 128 (`channel_tile`).
+# Biases stay inside the convs: no eager step after a conv could add them for free.
+EAGER_CUDA_KERNELS = DecoderKernels(norm_silu=rms_norm_silu_over_channels_into, channel_tile=128)
 
 
 @functools.cache
@@ -49,3 +86,125 @@ def fused_decoder_kernels() -> DecoderKernels:
         bias_after_conv=True,
         channel_tile=128,
     )
+
+
+@functools.cache
+def _graph_pool(device: torch.device) -> tuple[int, int]:
+    """The memory pool of every decoder graph on `device`.
+
+    A decoder's graphs never run at once, and the decoders on one device decode one at a time (one decode
+    worker per engine, one engine per device), so they can share it. A pool per decoder (the engine makes one
+    decoder per video) would stay reserved after its video: torch frees a dead graph's pool only when the
+    allocator's cache is emptied.
+    """
+    with torch.cuda.device(device):
+        return torch.cuda.graph_pool_handle()
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """What a decoder call's graph depends on besides the caches' buffers."""
+
+    first: bool  # the video's first call: the time upsamplers skip their convolution
+    shape: tuple[int, ...]  # the latent frames' [B, C, T, h, w]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class CapturedCall:
+    """One decoder call captured as a CUDA graph, with the input it reads and the output it writes."""
+
+    graph: torch.cuda.CUDAGraph
+    input: torch.Tensor
+    output: torch.Tensor
+
+    def replay(self, x: torch.Tensor) -> torch.Tensor:
+        """The call on x, on the current stream of x's device; the frames are copied out (the next replay
+        overwrites them)."""
+        with torch.cuda.device(x.device):  # the decode device need not be the current one
+            self.input.copy_(x)
+            self.graph.replay()
+            return self.output.clone()
+
+
+class DecoderGraphs:
+    """Runs a `DecoderStream`'s calls on CUDA from CUDA graphs, one per call shape, each captured at its second use.
+
+    A shape's first call runs eagerly: it is the warm-up capture needs (cuDNN's plans, compiled steps, every
+    conv's history and filters made at their addresses) and its frames are the video's own. The second call
+    captures (capturing runs nothing), then replays; later calls replay. A video's first call (one latent
+    frame, no time upsampling) and the later ones are different graphs, and so is every number of frames per
+    call. The graphs share one memory pool per device (`_graph_pool`). Capture runs on a stream of its own on
+    the decoder's device, in thread-local mode, so that generation in another thread goes on meanwhile; a
+    replay runs on the caller's current stream (the decode worker's side stream).
+
+    The caches' buffers never move (`CausalConvCache`); where they are made again (another frame size, a VAE
+    moved to another device or dtype), or a weight tensor is replaced, every graph is dropped and captured anew.
+    """
+
+    def __init__(self, stream: DecoderStream):
+        self.stream = stream
+        self._graphs: dict[CallShape, CapturedCall] = {}
+        self._seen: set[CallShape] = set()  # shapes run eagerly since the buffers were made
+        self._buffers_moved = stream.buffers_moved
+        self._weights = self._weight_addresses()
+        self._capture_stream: torch.cuda.Stream | None = None
+
+    @property
+    def shapes(self) -> tuple[CallShape, ...]:
+        """The call shapes captured so far."""
+        return tuple(self._graphs)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        stream = self.stream
+        stream.check(x)
+        self._drop_stale_graphs()
+        key = CallShape(stream.at_start, tuple(x.shape), x.dtype, x.device)
+        captured = self._graphs.get(key)
+        if captured is None and key in self._seen:
+            captured = self._graphs[key] = self._capture(key, x)
+        if captured is None:
+            out = stream.run(x, key.first)  # this shape's warm-up (it may make, or move, caches' buffers)
+            self._drop_stale_graphs()
+            self._seen.add(key)
+        else:
+            out = captured.replay(x)
+        stream.calls += 1
+        return out
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(parameter.data_ptr() for parameter in self.stream.decoder.parameters())
+
+    def _drop_stale_graphs(self) -> None:
+        """Forget every graph (and warm-up) when a cache's buffer or a weight tensor was replaced since (`vae.to`,
+        new `.data`): the graphs would read the old addresses. Weights changed in place need nothing."""
+        moved, weights = self.stream.buffers_moved, self._weight_addresses()
+        if moved != self._buffers_moved or weights != self._weights:
+            self._graphs.clear()
+            self._seen.clear()
+            self._buffers_moved, self._weights = moved, weights
+
+    def _capture(self, key: CallShape, x: torch.Tensor) -> CapturedCall:
+        device = x.device
+        with torch.cuda.device(device):  # the decode device need not be the current one
+            if self._capture_stream is None:
+                self._capture_stream = torch.cuda.Stream(device)
+            current = torch.cuda.current_stream(device)
+            static_input = x.clone()
+            self._capture_stream.wait_stream(current)
+            graph = torch.cuda.CUDAGraph()
+            made = self.stream.buffers_made
+            # capture_begin/end rather than `torch.cuda.graph`, whose device-wide sync and emptied allocator cache
+            # would make the decode thread wait for generation's queued work
+            with torch.cuda.stream(self._capture_stream):
+                graph.capture_begin(_graph_pool(device), capture_error_mode="thread_local")
+                try:
+                    static_output = self.stream.run(static_input, key.first)
+                finally:
+                    graph.capture_end()
+            if self.stream.buffers_made != made:
+                raise RuntimeError("a decoder cache was allocated during CUDA graph capture (its warm-up missed it)")
+            current.wait_stream(self._capture_stream)
+        return CapturedCall(graph, static_input, static_output)

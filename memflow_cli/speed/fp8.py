@@ -13,11 +13,13 @@ arithmetic is checked on any machine; `scaled_matmul` is the one call into the F
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.transformer import Block, CausalWanTransformer
+from ..model.transformer import Kernels
 from .linear import LinearGELU
 
 E4M3 = torch.float8_e4m3fn
@@ -86,31 +88,40 @@ def scaled_matmul(
 
 
 class Fp8Linear(nn.Module):
-    """A Linear layer whose matmul runs in FP8: the weight quantised once per output channel, the input per
-    token at every call. With `gelu`, the tanh GELU follows (in place of `LinearGELU`'s fused epilogue).
+    """A Linear layer whose matmul runs in FP8: the weight quantised once per output channel (at load, by
+    `state_from_linear`), the input per token at every call. With `gelu`, the tanh GELU follows (in place of
+    `LinearGELU`'s fused epilogue).
 
-    Holds no parameter: the e4m3 weight and its scales are buffers left out of the state dict, so the
-    checkpoint's names are not shadowed by values it never held.
+    Holds no parameter: `weight` is the e4m3 values [out, in], `weight_scale` their float32 scales [out, 1],
+    `bias` is in the model's dtype. The model is built with it (`fp8_kernels`); its state comes from a
+    checkpoint's Linear through `model.build.final_state`.
     """
 
-    def __init__(self, w_values: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None, gelu: bool):
+    def __init__(self, in_features: int, out_features: int, gelu: bool = False):
         super().__init__()
-        self.out_features, self.in_features = w_values.shape
+        self.in_features, self.out_features = in_features, out_features
         self.gelu = gelu
-        self.register_buffer("w_values", w_values, persistent=False)  # [out, in] e4m3
-        self.register_buffer("w_scales", w_scales, persistent=False)  # [out, 1] float32
-        self.register_buffer("bias", bias, persistent=False)  # [out] in the model's dtype, or None
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=E4M3))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32))
+        self.register_buffer("bias", torch.empty(out_features))
+
+    @staticmethod
+    def state_from_linear(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This layer's state for a Linear's `weight` [out, in] and `bias` [out] (in the model's dtype)."""
+        values, scales = quantise_rows(weight)
+        return {"weight": values, "weight_scale": scales, "bias": bias}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear | LinearGELU, gelu: bool = False) -> Fp8Linear:
-        """The FP8 twin of a Linear layer (or of `LinearGELU`'s Linear, with `gelu`)."""
-        w_values, w_scales = quantise_rows(linear.weight.detach())
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(w_values, w_scales, bias, gelu)
+    def from_linear(cls, linear: nn.Linear, gelu: bool = False) -> Fp8Linear:
+        """A new FP8 layer that computes `linear` (with `gelu`, and its GELU), its weight quantised."""
+        with torch.device(linear.weight.device):
+            layer = cls(linear.in_features, linear.out_features, gelu)
+        layer.load_state_dict(cls.state_from_linear(linear.weight.detach(), linear.bias.detach()), assign=True)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_values, x_scales = quantise_rows(x.flatten(0, -2))  # [tokens, in]
-        out = scaled_matmul(x_values, x_scales, self.w_values, self.w_scales, self.bias, x.dtype)
+        out = scaled_matmul(x_values, x_scales, self.weight, self.weight_scale, self.bias, x.dtype)
         if self.gelu:
             out = F.gelu(out, approximate="tanh")
         return out.unflatten(0, x.shape[:-1])
@@ -119,43 +130,35 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gelu={self.gelu}"
 
 
-def fp8_ready(linear: nn.Module) -> bool:
-    """A Linear layer (or `LinearGELU`) whose sizes the FP8 kernel takes."""
-    if not isinstance(linear, nn.Linear):  # LinearGELU included
-        return False
-    out_features, in_features = linear.weight.shape
-    return out_features % FP8_ALIGNMENT == 0 and in_features % FP8_ALIGNMENT == 0
+def fp8_sizes(in_features: int, out_features: int) -> bool:
+    """Whether the FP8 kernel takes a Linear of these sizes."""
+    return in_features % FP8_ALIGNMENT == 0 and out_features % FP8_ALIGNMENT == 0
 
 
-def use_fp8_linears(model: CausalWanTransformer) -> None:
-    """Run the Linear layers that see every token of every pass in FP8 (`FastPath.pass_function` applies it
-    once, after the weights load: the weights are quantised, the bf16 copies dropped).
+def fp8_linear(in_features: int, out_features: int) -> nn.Module:
+    """An FP8 Linear where the kernel takes its sizes, else a plain one (`Kernels.linear`)."""
+    if fp8_sizes(in_features, out_features):
+        return Fp8Linear(in_features, out_features)
+    return nn.Linear(in_features, out_features)
 
-    In each block: self-attention's q, k, v and output projections, cross-attention's query and output
-    projections and both FFN layers. The rest stays in the model's dtype: cross-attention's keys and values
-    (computed once per prompt from 512 text tokens, then read by every chunk), the embeddings, the head,
-    the norms and the modulation, which together are a small share of the matmul time.
+
+def fp8_linear_gelu(in_features: int, out_features: int) -> nn.Module:
+    """An FP8 Linear and its GELU where the kernel takes its sizes, else `LinearGELU` (`Kernels.linear_gelu`)."""
+    if fp8_sizes(in_features, out_features):
+        return Fp8Linear(in_features, out_features, gelu=True)
+    return LinearGELU(in_features, out_features)
+
+
+def fp8_kernels(kernels: Kernels) -> Kernels:
+    """`kernels` with the Linears that see every token of every pass in FP8.
+
+    In each block: self-attention's q, k, v (or qkv) and output projections, cross-attention's query and
+    output projections and both FFN layers. The rest stays in the model's dtype: cross-attention's keys and
+    values (computed once per prompt from 512 text tokens, then read by every chunk), the embeddings, the
+    head, the norms and the modulation, which together are a small share of the matmul time.
     """
-    for block in model.blocks:
-        _fp8_block(block)
-
-
-def _fp8_block(block: Block) -> None:
-    attention = block.self_attn
-    # a fused q/k/v projection goes back to three, each in FP8 (the fused buffer is freed)
-    attention.qkv_weight, attention.qkv_bias = None, None
-    for owner, name in (
-        (attention, "q"), (attention, "k"), (attention, "v"), (attention, "o"),
-        (block.cross_attn, "q"), (block.cross_attn, "o"),
-    ):  # fmt: skip
-        layer = getattr(owner, name)
-        if fp8_ready(layer):
-            setattr(owner, name, Fp8Linear.from_linear(layer))
-    first, last = block.ffn[0], block.ffn[2]
-    if fp8_ready(first):
-        block.ffn[0] = Fp8Linear.from_linear(first, gelu=isinstance(first, LinearGELU))
-    if fp8_ready(last):
-        block.ffn[2] = Fp8Linear.from_linear(last)
+    linear_gelu = None if kernels.linear_gelu is None else fp8_linear_gelu
+    return replace(kernels, linear=fp8_linear, linear_gelu=linear_gelu)
 
 
 def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -21,11 +21,12 @@ class _Graph:
 class GraphedPasses:
     """The transformer's passes for one video, replayed from CUDA graphs once they repeat.
 
-    `run_pass` computes one pass (the model, or the model with compiled block steps). A pass is fixed by
-    its input shape, its timestep, its cache layout, bank view and SMA setting; the cache and text buffers
-    of one video never move. The first `eager_runs` passes of each kind run normally (compiling and
-    autotuning), the next one is captured, and every later one is a single graph replay: thousands of
-    kernel launches become one, and the GPU no longer waits between kernels. Passes that never repeat
+    `run_pass` computes one pass (the model, whose blocks run eager or compiled steps as it was built). A
+    pass is fixed by its input shape, its timestep, its cache layout, bank view and SMA setting; the cache
+    and text buffers of one video never move. The first `eager_runs` passes of each kind run normally
+    (allocating their workspaces, compiling and autotuning where compiled), the next one is captured, and
+    every later one is a single graph replay: thousands of kernel launches become one, and the GPU no
+    longer waits between kernels. Passes that never repeat
     (the cache filling up, a prompt switch's re-cache) stay eager. A pass's output is valid until the next
     pass: the graphs share one memory pool, so any later replay may overwrite it. A capture synchronises
     the device once; replays never do.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..loading import DOWNLOAD_COMMAND, WeightsError
@@ -24,6 +27,8 @@ from .locate import (
     resolve_model,
 )
 
+REACH_TIMEOUT_S = 10.0  # seconds the hub has to answer one HEAD request before a download starts
+
 
 def download(to: Path | None = None) -> ModelFiles:
     """Fetch whatever is missing into the hub cache, or into the folder `to`; returns the resolved files.
@@ -38,12 +43,52 @@ def download(to: Path | None = None) -> ModelFiles:
             raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded.\n{err}") from None
     cache_dir = None if to is not None else hub_cache_dir()
     wan_dir = None if to is None else Path(to) / WAN_DIR
-    for name in (BASE_FILE, LORA_FILE):
-        fetch_file = partial(hf_hub_download, MEMFLOW_REPO, name, cache_dir=cache_dir, local_dir=to)
-        _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file)
-    fetch_wan = partial(snapshot_download, WAN_REPO, allow_patterns=list(WAN_PATTERNS), cache_dir=cache_dir)
-    _fetch(WAN_REPO, partial(fetch_wan, local_dir=wan_dir))
+    with _no_locks_left(to):
+        for name in (BASE_FILE, LORA_FILE):
+            fetch_file = partial(hf_hub_download, MEMFLOW_REPO, name, cache_dir=cache_dir, local_dir=to)
+            _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file)
+        fetch_wan = partial(snapshot_download, WAN_REPO, allow_patterns=list(WAN_PATTERNS), cache_dir=cache_dir)
+        _fetch(WAN_REPO, partial(fetch_wan, local_dir=wan_dir))
     return resolve_model(to)
+
+
+def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """One request to the hub (`endpoint`, default the hub's) before `download`: without a network, a
+    WeightsError at once instead of the hub client's retries (five, about half a minute) and the lock files
+    it leaves in the target folder. Nothing is asked under HF_HUB_OFFLINE."""
+    if hub_offline():
+        return
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered: whatever it said, it is there
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise WeightsError(
+            f"cannot reach {endpoint}: {getattr(reason, 'strerror', None) or reason}; nothing was downloaded "
+            f"(check the network, or the proxy in HTTPS_PROXY, then run `{DOWNLOAD_COMMAND}` again)"
+        ) from None
+
+
+@contextmanager
+def _no_locks_left(to: Path | None) -> Iterator[None]:
+    """On a failed download into `to`, the lock files the hub client made there are removed (their downloads
+    are over); those that were there before are kept."""
+    if to is None:
+        yield
+        return
+    before = set(_download_locks(Path(to)))
+    try:
+        yield
+    except BaseException:
+        for lock in set(_download_locks(Path(to))) - before:
+            lock.unlink(missing_ok=True)
+        raise
+
+
+def _download_locks(to: Path) -> Iterator[Path]:
+    yield from (to / ".cache" / "huggingface").rglob("*.lock")
 
 
 def _fetch(what: str, fetch: Callable[[], Any]) -> None:

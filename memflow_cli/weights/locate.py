@@ -28,10 +28,12 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError
+from ..text import did_you_mean
 
 MEMFLOW_REPO = "KlingTeam/MemFlow"
 BASE_FILE = "base.pt"
 LORA_FILE = "lora.pt"
+MODEL_WORDS = ("demo", "random")  # what `--model` takes besides a folder
 
 # the layout of the official MemFlow code
 OFFICIAL_CHECKPOINTS_DIR = "checkpoints"
@@ -176,7 +178,8 @@ def _cached_snapshot(repo: str, patterns: tuple[str, ...], cache_dir: Path) -> P
 
 def _resolve_folder(root: Path) -> ModelFiles:
     if not root.is_dir():
-        raise WeightsError(f"{root}: no such weights folder; run `{DOWNLOAD_COMMAND}` or pass an existing folder")
+        raise WeightsError(f"{root}: no such weights folder; {did_you_mean(str(root), MODEL_WORDS, '--model ')}"
+                           f"run `{DOWNLOAD_COMMAND}` or pass an existing folder")  # fmt: skip
     checkpoints = root / OFFICIAL_CHECKPOINTS_DIR if (root / OFFICIAL_CHECKPOINTS_DIR).is_dir() else root
     base, lora = checkpoints / BASE_FILE, checkpoints / LORA_FILE
     missing = [str(p) for p in (base, lora) if not p.is_file()]

@@ -76,7 +76,7 @@ def linear_rows(name: str, k: int, n: int, gelu: bool, iters: int, compile: bool
     x_values, x_scales = quantise_rows(x)
 
     def fp8_gemm() -> torch.Tensor:  # the GELU, where the layer has one, is left out of the timing
-        return scaled_matmul(x_values, x_scales, layer.w_values, layer.w_scales, layer.bias, torch.bfloat16)
+        return scaled_matmul(x_values, x_scales, layer.weight, layer.weight_scale, layer.bias, torch.bfloat16)
 
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "bf16": bf16,

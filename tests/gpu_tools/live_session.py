@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true",
                         help="record both runs' latents and frame hashes (recorded_run.py) and say where they part")
     parser.add_argument("--compile", action="store_true", help="the session compiled (--compile)")
+    parser.add_argument("--decoder", choices=("wan", "tae"), default=None, help="live's --decoder (default: its own)")
     parser.add_argument("--cudnn-benchmark", default="default", help="with --record: on, off or default")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,10 +59,11 @@ def main() -> None:
         return [sys.executable, str(tools / "recorded_run.py"), "--record", str(args.out / record),
                 "--cudnn-benchmark", args.cudnn_benchmark, "--"]  # fmt: skip
 
-    compile_option = ["--compile"] if args.compile else []
+    session_options = ["--compile"] if args.compile else []
+    session_options += [] if args.decoder is None else ["--decoder", args.decoder]
     command = [*memflow("live.pt"), "live", "--prompt", "A white lighthouse on a rocky cliff at dusk",
                "-o", str(target), "--model", args.model, *device, "--duration", args.duration, "--ahead", args.ahead,
-               "--serve", "127.0.0.1:0", "--overwrite", *compile_option]  # fmt: skip
+               "--serve", "127.0.0.1:0", "--overwrite", *session_options]  # fmt: skip
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)  # fmt: skip
     lines: list[tuple[float, str]] = []

@@ -27,7 +27,7 @@ def main() -> None:
     memflow_args = args.memflow_args[1:] if args.memflow_args[:1] == ["--"] else args.memflow_args
 
     import memflow_cli.generator as generator
-    import memflow_cli.output as output
+    import memflow_cli.mp4 as output
     import memflow_cli.speed as speed
 
     if args.cudnn_benchmark != "default":

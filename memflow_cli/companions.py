@@ -1,0 +1,54 @@
+"""The files of one output, compared as a case-insensitive file system would compare them.
+
+A video `X.mp4` comes with companions: its sidecar `X.json`, its lock `.X.mp4.lock`, its hidden partial
+`.X.partial.mp4` and, for `live`, its replay script `X.yaml`. The extension check ignores case, so `X.MP4`
+and `X.mp4` share the sidecar and the replay script; on a case-insensitive file system (macOS, Windows
+shares) `x.mp4` and `X.mp4` are one file altogether. So outputs are compared by their case-folded name on
+every file system: two outputs whose names fold to one are one output, and a second spelling of an output
+already on disk is refused instead of clobbering the first one's companions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def output_key(target: Path) -> tuple[str, str]:
+    """What makes two outputs one: the folder as written, and the file name case-folded."""
+    return str(target.parent), target.name.casefold()
+
+
+def one_file(first: Path, second: Path) -> bool:
+    """Whether two existing paths are one file, or would be on a case-insensitive file system."""
+    try:
+        if first.samefile(second):
+            return True
+    except OSError:  # one of them is missing
+        return False
+    return str(first.resolve()).casefold() == str(second.resolve()).casefold()
+
+
+def other_spelling(target: Path) -> str | None:
+    """The name of a file in `target`'s folder that is `target` spelled in other case (`X.MP4` for `x.mp4`)."""
+    wanted = target.name.casefold()
+    try:
+        with os.scandir(target.parent) as entries:
+            for entry in entries:
+                if entry.name != target.name and entry.name.casefold() == wanted:
+                    return entry.name
+    except OSError:  # a missing or unreadable folder: the folder checks say so
+        return None
+    return None
+
+
+def spelling_problem(target: Path) -> tuple[str, str] | None:
+    """A message and a hint when the folder holds `target` spelled otherwise; None when it does not."""
+    twin = other_spelling(target)
+    if twin is None:
+        return None
+    message = (
+        f"cannot write {target}: {target.parent / twin} is there, and the two names are one output (its metadata "
+        f"{target.with_suffix('.json').name} and partial file would be shared); nothing was rendered"
+    )
+    return message, f"name the output {twin} (with --overwrite to replace it), or choose another name"

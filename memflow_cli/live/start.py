@@ -1,0 +1,131 @@
+"""Starting a live session: its opening story, its files claimed, stdin, the page's server, the signals that end
+it, and the replay line. Everything here happens before or around `session.run_live`; problems are PlanErrors
+(one line for the user), and nothing prints: messages go to the `warn` given."""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..companions import one_file
+from ..output import OutputError, reserved_output
+from ..plan import PlanError
+from ..report import STOP_SIGNALS, Terminated
+from ..request import CompileMode, GenerationOptions
+from ..script import ScriptError, Segment, Story, load_scripts
+from .prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
+from .replay import is_replay_script
+from .server import LiveServer
+
+if TYPE_CHECKING:
+    from .session import SessionStop
+
+MAX_TITLE_BYTES = 200
+
+
+def stdin_fd(warn: Callable[[str], None]) -> int | None:
+    """Where prompt lines come from; None where there is no stdin, or it is a terminal this session runs in
+    the background of (reading it would stop the process)."""
+    try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else None
+    except (io.UnsupportedOperation, ValueError, AttributeError):
+        return None
+    if fd is not None and os.isatty(fd):
+        try:
+            if os.tcgetpgrp(fd) != os.getpgrp():
+                warn("running in the background of a terminal: prompts come from the page only")
+                return None
+        except OSError:
+            return None
+    return fd
+
+
+def opening_story(script: Path | None, prompt: str | None, output: Path, geometry) -> tuple[Story, str]:
+    """The opening story and the replay script's title."""
+    if script is not None:
+        try:
+            stories = load_scripts(script, geometry=geometry)
+        except ScriptError as error:
+            raise PlanError(str(error)) from None
+        if len(stories) != 1:
+            raise PlanError(f"{script} holds {len(stories)} stories; a live session opens with one",
+                            "give a .yaml story, or one line of the .jsonl file in a file of its own")  # fmt: skip
+        return stories[0], stories[0].title
+    assert prompt is not None
+    try:
+        text = checked_prompt(prompt)
+    except PromptRefused:
+        raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
+                        "tab and newline") from None  # fmt: skip
+    title = output.stem.strip() or "live"
+    while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
+        title = title[:-1]
+    story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
+                  segments=(Segment(0.0, text),))  # fmt: skip
+    return story, title
+
+
+def reserve_outputs(stack: ExitStack, output: Path, script: Path | None, overwrite: bool) -> None:
+    """The video's files claimed as `render` claims them, and the replay script checked: nothing clobbered."""
+    try:
+        stack.enter_context(reserved_output(output, overwrite=overwrite))
+    except OutputError as error:
+        raise PlanError(str(error), error.hint) from None
+    replay = output.with_suffix(".yaml")
+    if script is not None and one_file(replay, script):
+        raise PlanError(f"{replay} is the opening script; the replay script would replace it",
+                        "choose another output name")  # fmt: skip
+    if replay.is_dir():
+        raise PlanError(f"cannot write {replay}: it is a folder", "choose another output name")
+    if replay.exists() and not overwrite:
+        whose = "an earlier live session's replay script" if is_replay_script(replay) else "not written by memflow"
+        raise PlanError(f"{replay} exists ({whose}); the replay script would replace it, so nothing was rendered",
+                        "move it away, or use --overwrite")  # fmt: skip
+
+
+def bound_server(stack: ExitStack, address, inbox, public: bool, fps: int):
+    """The page's server, listening before the model loads (a busy port is found at once), started later."""
+    try:
+        return stack.enter_context(closing(LiveServer(address, inbox, public=public, fps=fps)))
+    except OSError as error:
+        raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
+                        "choose another port (0 picks a free one)") from None
+
+
+@contextmanager
+def stop_on_signals(stop: SessionStop, warn: Callable[[str], None]) -> Iterator[None]:
+    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.finishing:
+            warn("the video is finished; writing its replay script and metadata")
+            return
+        if stop.is_set():
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        stop.set("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower())
+        warn("stopping after the chunk being made (once more to abort at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def replay_options(options: GenerationOptions, compile: bool | None) -> str:
+    """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml).
+
+    `compile` is how the session ran (`FastPath.asked`): compiled, graphed (None: render's default) or eager.
+    Compiled, graphed and eager kernels round differently on a GPU: the replay runs the path the session ran.
+    """
+    ran = replace(options.without_settings(), compile=CompileMode.from_option(compile))
+    return shlex.join(ran.flags())

@@ -1,0 +1,54 @@
+"""Streaming TAEHV decode: the generator's latent chunks in, uint8 frames out, the decoder's memory carried.
+
+`StreamingTaeDecoder` has the public interface of `decode.StreamingDecoder` (`decode`, `reset`, `device`), so
+the engine runs either. Each chunk continues the video: the memory blocks' last inputs are carried over
+(`TaeMemory`), and the first `trimmed_frames` raw frames are dropped once per video, so a video's first chunk
+of 3 latents gives 9 frames and every later one 12, the frames of decoding the whole video at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import TaehvDecoder, TaeMemory, frames_from_raw
+
+
+def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """Frames [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3] on the CPU (rounded to the nearest level)."""
+    levels = (frames.float() * 255.0).round_().to(torch.uint8)
+    return levels.permute(0, 2, 3, 1).contiguous().cpu()
+
+
+class StreamingTaeDecoder:
+    """Decodes the latent chunks of one video at a time with a TAEHV decoder, in its dtype and on its device."""
+
+    def __init__(self, decoder: TaehvDecoder):
+        self.decoder = decoder
+        parameter = next(decoder.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.latent_channels = decoder.config.latent_channels
+        self._memory = TaeMemory()
+
+    def reset(self) -> None:
+        """Start a new video: the next chunk's frames have no past, and its first raw frames are dropped."""
+        self._memory.reset()
+
+    @torch.inference_mode()
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """One generator chunk [1, F, C, h, w] -> float frames [N, 3, H, W] in [0, 1], continuing the video."""
+        self._check_latents(latents)
+        trim = 0 if self._memory.started else self.decoder.config.trimmed_frames
+        raw = self.decoder(latents.to(device=self.device, dtype=self.dtype), self._memory)  # [1, 4F, 3, H, W]
+        return frames_from_raw(raw, trim)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """One generator chunk [1, F, C, h, w] -> uint8 frames [N, H, W, 3] on the CPU."""
+        return frames_to_uint8(self.decode_float(latents))
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        shape_ok = latents.dim() == 5 and latents.shape[0] == 1 and latents.shape[2] == self.latent_channels
+        if not shape_ok or latents.shape[1] == 0:
+            raise ValueError(
+                f"latents must be [1, F>0, {self.latent_channels}, h, w] (frame-major, one video), "
+                f"got {list(latents.shape)}"
+            )

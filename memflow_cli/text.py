@@ -1,0 +1,90 @@
+"""Text from outside memflow (scripts, the page, stdin, paths): what may be kept, and how it is shown.
+
+Two rules, used by every command:
+
+- `text_problem` says why a text cannot be used: a lone surrogate (valid as a JSON or YAML escape, but no
+  UTF-8 can hold it: the tokenizer, the sidecar and the terminal would all fail on it), or a control
+  character other than the ones the caller allows (tab and newline in a prompt). Scripts and the page
+  refuse such text where it is read.
+- `shown` / `one_line` escape what a terminal would obey (escape sequences, carriage returns, bells,
+  line and paragraph separators, bidirectional overrides) as `\\x1b`, `\\u2028`...; `one_line` escapes newlines
+  and tabs too, for text printed inside one line. `SafeConsole` applies `shown` to every string it prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import unicodedata
+
+from rich.console import Console
+from rich.text import Text
+
+PROMPT_WHITESPACE = "\t\n"  # control characters a prompt may hold: they mean a space to the tokenizer
+# characters that reorder what follows on a terminal: a file name or prompt could show another text than it holds
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _is_control(char: str) -> bool:
+    """C0, DEL and C1 controls, line and paragraph separators, lone surrogates."""
+    return unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first character UTF-8 cannot hold (half of a surrogate pair), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
+def text_problem(text: str, allowed: str = "") -> str | None:
+    """Why `text` cannot be used, in a few words naming the character and where it is; None if it can."""
+    index = lone_surrogate(text)
+    if index is not None:
+        return f"holds {_escape(text[index])} at character {index + 1}, half of a surrogate pair: UTF-8 cannot hold it"
+    for index, char in enumerate(text):
+        if _is_control(char) and char not in allowed:
+            return f"holds the control character {_escape(char)} at character {index + 1}"
+    return None
+
+
+def shown(text: str, keep: str = "\n\t") -> str:
+    """`text` with every character a terminal would obey escaped (`\\x1b`), but those in `keep`."""
+    if text.isprintable() and not any(char in _BIDI_CONTROLS for char in text):
+        return text  # the usual case, at C speed
+    return "".join(
+        _escape(char) if (_is_control(char) or char in _BIDI_CONTROLS) and char not in keep else char for char in text
+    )
+
+
+def one_line(text: str) -> str:
+    """`text` escaped to print within one line: newlines and tabs escaped too."""
+    return shown(text, keep="")
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """`1 chunk`, `2 chunks`; `words` where adding an s is wrong (`1 story`, `2 stories`)."""
+    return f"{count} {word if count == 1 else words or word + 's'}"
+
+
+def did_you_mean(given: str, known: tuple[str, ...], prefix: str = "") -> str:
+    """`did you mean --model demo? ` for a near miss of one of `known`, else nothing."""
+    match = difflib.get_close_matches(given.casefold(), known, n=1, cutoff=0.6) if len(given) <= 40 else []
+    return f"did you mean {prefix}{match[0]}? " if match else ""
+
+
+class SafeConsole(Console):
+    """A rich Console whose printed strings never reach the terminal as control sequences.
+
+    Every string it prints (messages, table cells and titles) goes through `render_str`: control characters
+    other than newline and tab are shown escaped before markup is read. rich's own styling is unaffected.
+    """
+
+    def render_str(self, text: str, **options) -> Text:  # type: ignore[override]
+        return super().render_str(shown(text), **options)
