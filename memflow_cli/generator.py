@@ -164,6 +164,7 @@ class MemFlowGenerator:
         interactive: bool,
         resume: BoundaryState | None = None,
         boundaries: Callable[[BoundaryState], None] | None = None,
+        last_boundary: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield denoised latent chunks [B, F, C, h, w] until `prompts` ends the video.
 
@@ -172,8 +173,9 @@ class MemFlowGenerator:
         scripted switch does. `interactive` is the memory's recording policy (`KVMemory`).
 
         `boundaries`, if given, gets the state at every switch, before the switch, and after the last chunk
-        (the noise must then be a `ResumableNoise`). With `resume`, the stream starts from such a state: it
-        yields the chunks from `resume.chunk` on, where `prompts` must switch to a new segment.
+        (the noise must then be a `ResumableNoise`), up to chunk `last_boundary` (None: every one). With
+        `resume`, the stream starts from such a state: it yields the chunks from `resume.chunk` on, where
+        `prompts` must switch to a new segment.
         """
         opening = prompts.at(resume.chunk if resume else 0)
         if opening is None:
@@ -191,7 +193,8 @@ class MemFlowGenerator:
             # 1. prompt switch: new text, recent frames re-encoded under it
             if chunk > 0:
                 now = prompts.at(chunk)
-                if boundaries is not None and (now is None or now[0] != segment):  # a story going on would switch
+                wanted = boundaries is not None and (last_boundary is None or chunk <= last_boundary)
+                if wanted and (now is None or now[0] != segment):  # a story going on would switch here
                     boundaries(_boundary(chunk, segment, history, memory, noise))
                 if now is None:
                     return

@@ -75,6 +75,7 @@ class RenderRequest:
     overwrite: bool = False
     skip_existing: bool = False  # resume: skip finished videos, continue dead renders from their last snapshot
     update: bool = False  # replace existing videos, keeping what an edit of the story left unchanged
+    snapshots: bool = False  # keep a snapshot at every segment boundary, for a later --update or resume
     segment_seconds: float = 10.0
     decoder: DecoderRequest = WAN_DECODER  # --decoder / --decoder-weights
 

@@ -18,7 +18,7 @@ from .output import write_video_sidecar
 from .record import video_record
 from .script import Story, Timeline
 from .settings import GenerationSettings
-from .snapshots import prefix_digest
+from .snapshots import SnapshotRecord, prefix_digest
 from .speed import compile_cache
 from .timing import RenderTimings, Startup, since_process_start, warmup_seconds
 from .update import SnapshotKeeper, StartPoint, find_start, remove_snapshots, render_identity
@@ -57,13 +57,15 @@ def render_story(
     overwrite: bool = False,
     progress: Callable[[ChunkProgress], None] | None = None,
     reuse: bool = False,
+    keep_snapshots: bool = False,
     notice: Callable[[str], None] | None = None,
 ) -> RenderResult:
     """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk).
 
-    A story with several prompts keeps a snapshot at each boundary (`update.py`). With `reuse`, the render
-    starts from the latest snapshot of `target` (the finished video's or a stopped render's) that this
-    story and request allow, and `target` is replaced; `notice` hears, in one line, what is kept or why not.
+    With `keep_snapshots`, a story with several prompts keeps a snapshot at each boundary (`update.py`);
+    without, none of that machinery runs. With `reuse`, the render starts from the latest snapshot of `target`
+    (the finished video's or a stopped render's) that this story and request allow, and `target` is replaced;
+    `notice` hears, in one line, what is kept or why not.
     """
     # 1. the timeline and its prompts, encoded before any file or process is touched
     timeline = story.timeline(engine.geometry, duration_s)
@@ -75,7 +77,7 @@ def render_story(
     if notice and start.reason:
         notice(start.reason)
     keeper = None
-    if identity["interactive"]:  # a story that switches prompt (or may, appended to): the memory records so
+    if keep_snapshots and identity["interactive"]:  # a story that switches prompt (or may, appended to)
         prefix = functools.partial(prefix_digest, timeline)
         keeper = SnapshotKeeper(target, identity, prefix, engine.geometry, start)
     # 2. the pipeline, written as it streams; the writer keeps a playable partial file if it stops early
@@ -99,13 +101,14 @@ def render_story(
     finished = time.perf_counter()
     timings = _timings(engine.startup, encode_s, chunk_ends, rendered - started, finished - rendered, first_frame_age)
     # 3. the sidecar beside the finished video; compiled graphs of this shape are in the cache from now on
-    metadata = video_record(engine, story, timeline, settings, seed, script=str(story.path),
-                            script_line=story.line, timings=timings.as_dict())  # fmt: skip
-    metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
     if keeper is not None:
-        metadata |= keeper.finish()
+        kept = keeper.finish()
     else:
-        remove_snapshots(target)  # an earlier video's, of another story: not this video's
+        remove_snapshots(target)  # an earlier video's: not this video's
+        kept = SnapshotRecord(start.reused_frames, start.segment)
+    metadata = video_record(engine, story, timeline, settings, seed, script=str(story.path),
+                            script_line=story.line, timings=timings.as_dict(), snapshots=kept)  # fmt: skip
+    metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
     sidecar = write_video_sidecar(target, metadata)
     if engine.fast.compile and engine.device.type == "cuda":
         compile_cache.remember_compiled(engine.device, engine.source.architecture, settings, engine.fp8)

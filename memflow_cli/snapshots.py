@@ -60,6 +60,10 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written: `check
     from .script import Timeline
 
 SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: about 15 full-size boundaries
+# The latents of the chunks before the next snapshot, which the engine keeps (on the device) while a render
+# keeps snapshots: 0.57 MiB a chunk at 832x480 in bf16, so 512 MiB is the first 896 chunks (11.2 minutes) of
+# a video. No snapshot is taken after that point, and the latents are let go.
+KEPT_LATENTS_BYTES = 512 * 2**20
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1
 _MAX_HEADER_BYTES = 2**24  # a snapshot's header names a few dozen tensors: kilobytes
@@ -94,6 +98,37 @@ class Snapshot:
     @property
     def chunk(self) -> int:
         return self.point.chunk
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """One snapshot of a finished video, as its sidecar lists it."""
+
+    file: str
+    chunk: int
+    video_frames: int  # frames of the video before it
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """What a video's sidecar says of the frames it reused and of the snapshots it keeps (`record.video_record`)."""
+
+    reused_frames: int = 0  # frames before the snapshot the render started from (not generated again)
+    rendered_from_segment: int = 0  # counted from 0
+    identity: dict[str, Any] | None = None  # the render's identity (`update.render_identity`); None: no snapshots
+    budget_bytes: int = SNAPSHOT_BUDGET_BYTES
+    files: tuple[SnapshotFile, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "reused_frames": self.reused_frames, "rendered_from_segment": self.rendered_from_segment,
+        }  # fmt: skip
+        if self.identity is not None:
+            files = [{"file": f.file, "chunk": f.chunk, "video_frames": f.video_frames, "bytes": f.bytes}
+                     for f in self.files]  # fmt: skip
+            record["snapshots"] = {"identity": self.identity, "budget_bytes": self.budget_bytes, "files": files}
+        return record
 
 
 # -- what a snapshot depends on -----------------------------------------------------------------------------------

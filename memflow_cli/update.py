@@ -1,6 +1,7 @@
 """Re-render only from a change: where a render may start from a snapshot, and the snapshots a render keeps.
 
-A render of a story with several prompts saves a snapshot at every segment boundary (`snapshots.py`).
+A render of a story with several prompts asked to keep snapshots (`--snapshots`: about 1 GB each at full
+size) saves one at every segment boundary (`snapshots.py`).
 A later render of the same output (`render --update` after an edit, `--skip-existing` after a crash) may
 start from one of them when two things hold:
 
@@ -26,12 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .output import memflow_sidecar, sidecar_path
+from .output import memflow_sidecar, partial_path, sidecar_path
 from .snapshots import (
     SNAPSHOT_BUDGET_BYTES,
     ResumePoint,
     Snapshot,
     SnapshotError,
+    SnapshotFile,
+    SnapshotRecord,
     digest,
     is_partial_snapshot,
     load_snapshot,
@@ -166,12 +169,15 @@ def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any]) 
     start = "rendering from the start"
     if len(timeline.segments) < 2:
         return f"the story has one prompt, so no boundary to start from: {start}"
+    none_kept = "kept no snapshots (they are kept with --snapshots)"
     sidecar = memflow_sidecar(sidecar_path(target)) if target.is_file() else None
+    if sidecar is None and partial_path(target).exists():
+        return f"the stopped render of {target.name} {none_kept}: {start}"
     if sidecar is None:
         return f"no earlier video at {target}: {start}"
     record = sidecar.get("snapshots")
     if not isinstance(record, dict) or not record.get("files"):
-        return f"{target.name} has no snapshots (one prompt, or rendered before they existed): {start}"
+        return f"the earlier render of {target.name} {none_kept}: {start}"
     difference = identity_difference(record.get("identity") or {}, identity)
     if difference:
         return f"{target.name} was rendered with {difference}: {start}"
@@ -275,7 +281,7 @@ class SnapshotKeeper:
         save_snapshot(snapshot_path(self.target, snapshot.chunk, partial=True), snapshot)
         _within_budget(snapshot_files(self.target, partial=True), self.budget)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> SnapshotRecord:
         """The video is finished: its snapshots get the video's names; returns the sidecar's record of them."""
         self._writer.shutdown(wait=True)
         for written in self._written:
@@ -286,15 +292,12 @@ class SnapshotKeeper:
         for chunk, path in snapshot_files(self.target, partial=True).items():
             path.replace(snapshot_path(self.target, chunk))
         kept = _within_budget(snapshot_files(self.target), self.budget)
-        files = []
-        for chunk, path in kept.items():
-            frames = self.geometry.video_frames(chunk * self.geometry.frames_per_chunk)
-            files.append({"file": path.name, "chunk": chunk, "video_frames": frames, "bytes": path.stat().st_size})
-        return {
-            "reused_frames": self.start.reused_frames,
-            "rendered_from_segment": self.start.segment,
-            "snapshots": {"identity": self.identity, "budget_bytes": self.budget, "files": files},
-        }
+        files = tuple(
+            SnapshotFile(path.name, chunk, self.geometry.video_frames(chunk * self.geometry.frames_per_chunk),
+                         path.stat().st_size)
+            for chunk, path in kept.items()
+        )  # fmt: skip
+        return SnapshotRecord(self.start.reused_frames, self.start.segment, self.identity, self.budget, files)
 
 
 def _within_budget(files: dict[int, Path], budget: int) -> dict[int, Path]:

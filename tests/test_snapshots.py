@@ -103,6 +103,17 @@ def test_the_point_at_the_end_continues_a_story_with_a_segment_appended(engine):
     _assert_same_stream(list(engine.stream(longer, settings, seed=4, decode=False, resume=end)), fresh)
 
 
+def test_the_latents_kept_for_snapshots_are_bounded_and_no_snapshot_is_taken_past_the_bound(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 5, (2, 5, 7, 9), 11)
+    full = list(engine.stream(video, settings, seed=6, decode=False))  # no snapshots asked
+    chunk_bytes = full[0].latents.nbytes  # [1, 3, 16, 8, 12] in float32 for the demo model
+    bounded, points = _streamed(engine, video, settings, 6, decode=False, kept_latents_bytes=5 * chunk_bytes)
+    assert [p.chunk for p in points] == [2, 5]  # the switches at 7 and 9 and the end are past 5 chunks of latents
+    _assert_same_stream(bounded, full)  # taking snapshots changes nothing in the video
+    _assert_same_stream(list(engine.stream(video, settings, seed=6, decode=False, resume=points[-1])), full)
+
+
 def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine, tmp_path):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)

@@ -61,7 +61,7 @@ def edited(prompts: tuple[str, ...], segment: int) -> tuple[str, ...]:
 @pytest.mark.parametrize(("segments", "changed"), [(3, 2), (5, 3)], ids=["3-segments", "5-segments"])
 def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fresh_render(tmp_path, segments, changed):
     target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:segments]), target)
+    render(write(tmp_path / "fox.yaml", PROMPTS[:segments]), target, "--snapshots")
     assert sorted(snapshot_files(target)) == [*range(1, segments), segments]  # each switch, and the end
 
     script = write(tmp_path / "fox.yaml", edited(PROMPTS[:segments], changed))
@@ -72,16 +72,17 @@ def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fres
     rerendered = f"segment {segments}" if changed + 1 == segments else f"segments {changed + 1}-{segments}"
     assert f"{rerendered} would render from {0.75 * changed:.2f} s" in check.stdout
 
-    result = render(script, target, "--update")
+    result = render(script, target, "--update", "--snapshots")
     assert f"keeping the first {kept} frames of the earlier video" in result.stderr
     assert f"rendering from segment {changed + 1}" in result.stderr
     record = sidecar(target)
     assert (record["reused_frames"], record["rendered_from_segment"]) == (kept, changed)
     assert record["timeline"]["segments"][changed]["prompt"] == EDITED
 
-    render(script, fresh)
+    render(script, fresh)  # without snapshots: the same video
     assert decoded(target) == decoded(fresh)
     assert target.read_bytes() == fresh.read_bytes()  # the same encoder fed the same frames
+    assert not snapshot_files(fresh) and "snapshots" not in sidecar(fresh)
     files = record["snapshots"]["files"]
     assert [f["chunk"] for f in files] == [*range(1, segments), segments]
     assert all(f["bytes"] == (tmp_path / f["file"]).stat().st_size for f in files)
@@ -90,7 +91,7 @@ def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fres
 
 def test_appending_a_segment_keeps_every_frame_before_it(tmp_path):
     target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target)
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target, "--snapshots")
     longer = write(tmp_path / "fox.yaml", PROMPTS[:4])
     result = render(longer, target, "--update")
     assert f"keeping the first {video_frames(3)} frames" in result.stderr
@@ -110,7 +111,7 @@ def test_appending_a_segment_keeps_every_frame_before_it(tmp_path):
 )
 def test_a_change_that_prevents_reuse_is_one_line_and_a_full_render(tmp_path, change, reason):
     target = tmp_path / "fox.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target)
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")
     prompts = change.pop("prompts", PROMPTS[:2])
     script = write(tmp_path / "fox.yaml", prompts, **change)
     check = memflow("check", script, "--against", target)
@@ -122,9 +123,26 @@ def test_a_change_that_prevents_reuse_is_one_line_and_a_full_render(tmp_path, ch
     assert (record["reused_frames"], record["rendered_from_segment"]) == (0, 0)
 
 
+def test_without_snapshots_a_render_keeps_none_and_update_renders_from_the_start_saying_why(tmp_path):
+    target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target)
+    assert not snapshot_files(target) and not snapshot_files(target, partial=True)
+    assert [p.name for p in tmp_path.iterdir() if "snap" in p.name] == []
+    assert "snapshots" not in sidecar(target)
+
+    script = write(tmp_path / "fox.yaml", edited(PROMPTS[:3], 2))
+    result = render(script, target, "--update")
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert lines == ["fox: the earlier render of fox.mp4 kept no snapshots (they are kept with --snapshots): "
+                     "rendering from the start"], result.stderr  # fmt: skip
+    assert (sidecar(target)["reused_frames"], sidecar(target)["rendered_from_segment"]) == (0, 0)
+    render(script, fresh)
+    assert decoded(target) == decoded(fresh)
+
+
 def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
     target = tmp_path / "fox.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target)
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")
     assert snapshot_files(target)
     result = render(write(tmp_path / "fox.yaml", PROMPTS[:1]), target, "--update")
     assert "one prompt" in result.stderr
@@ -137,7 +155,7 @@ def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_
     target, whole = tmp_path / "out" / "fox.mp4", tmp_path / "whole.mp4"
     target.parent.mkdir()
     output = ("--out-dir", str(target.parent)) if batch else ("-o", str(target))
-    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, *output, "-q"]
+    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, *output, "-q", "--snapshots"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -152,7 +170,7 @@ def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_
     assert not target.exists() and partial_path(target).exists()
     assert sorted(snapshot_files(target, partial=True)) == [2, 4]
 
-    result = memflow("render", script, *DEMO, *output, "-q", "--skip-existing")
+    result = memflow("render", script, *DEMO, *output, "-q", "--skip-existing", "--snapshots")
     assert result.exit_code == 0, result.stderr
     assert f"keeping the first {video_frames(4)} frames of a stopped render" in result.stderr
     assert "rendering from segment 3" in result.stderr
@@ -171,7 +189,7 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
         encoding="utf-8",
     )
     target, fresh = tmp_path / "live.mp4", tmp_path / "fresh.mp4"
-    process = start_live(opening, "-o", target, "--duration", "3s")
+    process = start_live(opening, "-o", target, "--duration", "3s", "--snapshots")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert sorted(snapshot_files(target)) == [2, 4]  # the switch at 1.5 s, and the end
@@ -189,7 +207,7 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
 def test_a_snapshot_cut_short_is_one_line_and_a_full_render(tmp_path):
     target = tmp_path / "fox.mp4"
     script = write(tmp_path / "fox.yaml", PROMPTS[:2])
-    render(script, target)
+    render(script, target, "--snapshots")
     snapshot = snapshot_path(target, 1)
     snapshot.write_bytes(snapshot.read_bytes()[:-100])  # the header is whole, the tensors are not
     result = render(write(tmp_path / "fox.yaml", (*PROMPTS[:1], EDITED)), target, "--update")

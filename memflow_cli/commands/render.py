@@ -21,6 +21,7 @@ from .common import (
     DecoderWeights,
     Device,
     Fp8,
+    KeepSnapshots,
     LoraAlpha,
     LoraRank,
     MemoryMode,
@@ -76,7 +77,8 @@ def render(
         typer.Option(
             "--skip-existing",
             help="Resume a batch: skip a story whose video is a finished render of the same request (story, seed, "
-            "settings, length), and continue a story whose render was stopped from its last segment boundary.",
+            "settings, length), and continue a story whose render was stopped from its last segment boundary (its "
+            "snapshot, with --snapshots), else from the start.",
         ),
     ] = False,
     update: Annotated[
@@ -84,9 +86,11 @@ def render(
         typer.Option(
             "--update",
             help="Replace the video, re-rendering only from the first segment that changed since it was "
-            "rendered (same seed, settings, model and device kind); anything else renders from the start.",
+            "rendered with --snapshots (same seed, settings, model and device kind); anything else renders from "
+            "the start.",
         ),
     ] = False,
+    snapshots: KeepSnapshots = False,
     memory: MemoryMode = None,
     window: Window = None,
     sink: Sink = None,
@@ -132,7 +136,7 @@ def render(
         request = RenderRequest(
             scripts=tuple(scripts), output=output, out_dir=out_dir, options=options, seed=seed,
             duration_s=parse_duration(duration), overwrite=overwrite, skip_existing=skip_existing, update=update,
-            segment_seconds=segment_seconds,
+            snapshots=snapshots, segment_seconds=segment_seconds,
         )  # fmt: skip
         check_outputs(request)
         try:

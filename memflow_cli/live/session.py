@@ -30,8 +30,8 @@ from ..output import write_video_sidecar
 from ..record import video_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
-from ..snapshots import segments_digest
-from ..update import SnapshotKeeper, StartPoint, render_identity
+from ..snapshots import SnapshotRecord, segments_digest
+from ..update import SnapshotKeeper, StartPoint, remove_snapshots, render_identity
 from .pacing import OnClock, Playback, PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
@@ -72,6 +72,7 @@ class LiveRequest:
     limit_s: float | None = None  # --duration: the session ends there; None: at stop()
     ahead: int = DEFAULT_AHEAD
     overwrite: bool = False
+    snapshots: bool = False  # a snapshot at every prompt switch, for `render OUT.yaml --update` after an edit
     replay_options: str = ""  # the render options that make the same video (model, device, ...), for OUT.yaml
 
     @property
@@ -275,10 +276,11 @@ def run_live(
     # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll).
     # A prompt is encoded as soon as it arrives, beside generation: at its chunk it is (nearly) ready.
     encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt], beside_render=True))
-    keeper = _snapshot_keeper(engine, request, video)  # for `render OUT.yaml --update` after an edit
+    keeper = _snapshot_keeper(engine, request, video) if request.snapshots else None
     with encode_early, engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
         try:
-            with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keeper.save)) as chunks:
+            keep = keeper.save if keeper is not None else None
+            with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keep)) as chunks:
                 for chunk in chunks:
                     assert chunk.frames is not None
                     show(playback.made(chunk, len(chunk.frames), time.perf_counter()))
@@ -308,8 +310,10 @@ def run_live(
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
     )  # fmt: skip
-    metadata = _metadata(engine, request, story, settings, result, started) | keeper.finish()
-    write_video_sidecar(request.target, metadata)
+    kept = keeper.finish() if keeper is not None else None
+    if keeper is None:
+        remove_snapshots(request.target)  # an earlier video's (--overwrite): not this session's
+    write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started, kept))
     return result
 
 
@@ -324,10 +328,11 @@ def _snapshot_keeper(engine: Engine, request: LiveRequest, video: LiveVideo) -> 
 
 
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
-              started: float) -> dict[str, Any]:  # fmt: skip
+              started: float, snapshots: SnapshotRecord | None) -> dict[str, Any]:  # fmt: skip
     timeline = story.timeline(engine.geometry)
     record = video_record(engine, story, timeline, settings, request.seed, script=str(request.script),
-                          script_line=None, timings={"render_s": round(result.seconds, 3)})  # fmt: skip
+                          script_line=None, timings={"render_s": round(result.seconds, 3)},
+                          snapshots=snapshots)  # fmt: skip
     return {
         **record,
         "live": {
