@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_update_after_an_edit_equals_a_fresh_render_at_full_size(tmp_path, compile_option):
     options = ("--model", "random", "--device", "cuda", compile_option, "-q")
     target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
-    assert memflow("render", write(tmp_path / "fox.yaml", PROMPTS[:3], chunks=2), "-o", target, *options).exit_code == 0
+    first = write(tmp_path / "fox.yaml", PROMPTS[:3], chunks=2)
+    assert memflow("render", first, "-o", target, "--snapshots", *options).exit_code == 0
     script = write(tmp_path / "fox.yaml", (*PROMPTS[:2], EDITED), chunks=2)
     result = memflow("render", script, "-o", target, "--update", *options)
     assert result.exit_code == 0, result.stderr
