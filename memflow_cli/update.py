@@ -199,7 +199,7 @@ def preview_update(target: Path, timeline: Timeline, seed: int, settings: dict[s
     sidecar = memflow_sidecar(sidecar_path(target)) if target.is_file() else None
     record = sidecar.get("snapshots") if sidecar else None
     if not isinstance(record, dict) or not record.get("files"):
-        return f"{target} is not a memflow video with snapshots: {everything}"
+        return f"{target} is not a memflow video that kept snapshots (render with --snapshots): {everything}"
     old = record.get("identity") or {}
     story_part = {"seed": seed, "settings": {group: settings[group] for group in ("memory", "sampler")}}
     old_part = {

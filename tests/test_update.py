@@ -131,6 +131,8 @@ def test_without_snapshots_a_render_keeps_none_and_update_renders_from_the_start
     assert "snapshots" not in sidecar(target)
 
     script = write(tmp_path / "fox.yaml", edited(PROMPTS[:3], 2))
+    check = memflow("check", script, "--against", target)
+    assert "kept snapshots (render with --snapshots): every segment would render" in check.stdout
     result = render(script, target, "--update")
     lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
     assert lines == ["fox: the earlier render of fox.mp4 kept no snapshots (they are kept with --snapshots): "
