@@ -9,10 +9,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +42,6 @@ from .cli_helpers import (
     write_jsonl,
     write_story,
 )
-from .video import probe_video
 
 # ---------------------------------------------------------------------------------------------------------------------
 # check: timelines of every shared story
@@ -391,41 +388,6 @@ def test_render_is_deterministic_for_a_seed(tmp_path: Path):
     assert len(videos["a"]) == video_frames(2) * WIDTH * HEIGHT * 3
     assert videos["a"] == videos["b"]
     assert videos["a"] != videos["c"]
-
-
-def test_render_interrupted_leaves_a_playable_partial_file(tmp_path: Path):
-    """Ctrl-C (SIGINT) in a real process: exit 130, the finished chunks stay playable, the target never appears."""
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
-    target = tmp_path / "fox.mp4"
-    partial = partial_path(target)
-    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, "-o", str(target)]
-    process = subprocess.Popen(
-        [*command, "--duration", "15s"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell's background jobs ignore SIGINT, and Python then never raises KeyboardInterrupt
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (partial.exists() and partial.stat().st_size > 2000):  # the header, then a first fragment
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no frames were written in 60 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, stderr
-    assert stdout == ""
-    assert "interrupted" in stderr and str(partial) in stderr and "Traceback" not in stderr
-    assert not target.exists() and not sidecar_path(target).exists()
-
-    frames = probe_video(partial).frames
-    chunks = (frames + 3) // 12
-    assert 0 < chunks < chunks_until(15.0) and frames == video_frames(chunks)
-    assert f"{frames} frames written" in stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
