@@ -171,29 +171,37 @@ def test_the_batch_script_renders_a_preview_again_resumes_after_kill_9_and_skips
 
 
 @needs_bash
-def test_the_batch_script_takes_names_from_memflow_and_reports_a_collision(tmp_path: Path):
+def test_the_batch_script_takes_names_from_memflow_logs_failures_and_skips_finished_scripts(tmp_path: Path):
     scripts, out = tmp_path / "scripts", tmp_path / "out"
     scripts.mkdir()
     stories = {
         "1.yaml": "title: a/b\n",
         "2.yaml": "title: a_b\n",  # the same file name as a/b
         "3.yaml": 'title: "caf\\u00e9 #1"\n',  # a YAML escape
-        "4.yaml": "title: >-\n  folded\n  title\n",  # a block scalar
+        "4.yaml": "title: >-\n  first\n  story\n",  # a block scalar
     }
     for name, title in stories.items():
         (scripts / name).write_text(title + "duration: 1.5s\nsegments:\n  - start: 0s\n    prompt: a fox\n")
+    write_story(scripts / "two.yml", ["0s"], "1.5s")  # no title: the file name
+    write_story(scripts / "dots.yaml", ["0s"], "1.5s", title='"..."')  # memflow names it untitled.mp4
+    (scripts / "broken.yaml").write_text("segments:\n- start: 0s\n  promt: a\n", encoding="utf-8")
+    (scripts / "notes.txt").write_text("not a script\n", encoding="utf-8")
+
     first = run_batch(scripts, out)
-    assert first.returncode == 1
-    assert first.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
-    assert f"{scripts / '2.yaml'}: a story would write {out / 'a_b.mp4'}, which {scripts / '1.yaml'}" in (
-        out / "failures.log"
-    ).read_text(encoding="utf-8")
+    assert first.returncode == 1, first.stderr
+    assert first.stdout.splitlines()[-1] == "batch: 5 rendered, 0 skipped, 2 failed"
+    assert str(out / "two.mp4") in first.stdout.splitlines()
+    log = (out / "failures.log").read_text(encoding="utf-8")
+    assert f"{scripts / '2.yaml'}: a story would write {out / 'a_b.mp4'}, which {scripts / '1.yaml'}" in log
+    assert "broken.yaml" in log and "segments[0].promt" in log and "notes.txt" not in log
     assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"  # not replaced by a_b
-    for name in ("café #1.mp4", "folded title.mp4"):
+    for name in ("a_b.mp4", "café #1.mp4", "first story.mp4", "two.mp4", "untitled.mp4"):
         assert_video(out / name, video_frames(2))
 
     second = run_batch(scripts, out, "--overwrite")  # overwriting never lets one story replace another's video
-    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"
+    assert second.returncode == 1
+    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 5 skipped, 2 failed"
+    assert "skip:" in second.stderr and "4.yaml" in second.stderr and "two.yml" in second.stderr
     assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"
 
 
