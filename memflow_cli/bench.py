@@ -68,7 +68,7 @@ class BenchOptions:
     latent_frames: int = 120
     switches: int = 0
     # ALWAYS: the compiled fast path; NEVER: the eager model, no CUDA graphs, plain decoder steps. AUTO: what
-    # `memflow render` chooses for this video by default (graphed on CUDA unless compiling pays), for the steady
+    # `memflow render` chooses for this video by default (eager on CUDA unless compiling pays), for the steady
     # state and the time-to-video renders
     compile: CompileMode = CompileMode.AUTO
     fp8: bool = False  # the blocks' linear layers in FP8 (check `speed.fp8.fp8_unsupported_reason` first)

@@ -335,8 +335,9 @@ def load_engine(
     `--model` is: 'demo', 'random', a folder, or None for the HF cache).
 
     `compile` decides the fast path on CUDA (`speed.choose_fast_path`) and is reported (`Engine.compile_path`):
-    None the graphed path (the default: eager kernels, repeated passes replayed from CUDA graphs), a choice
-    whose `compile` is True the compiled one (the first chunk then pays the compile), False plain eager kernels.
+    None the graphed path (eager kernels, repeated passes replayed from CUDA graphs; the commands always pass a
+    choice, `plan.open_engine`), a choice whose `compile` is True the compiled one (the first chunk then pays
+    the compile), False plain eager kernels.
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
     random model encodes prompts with a full-size random umT5-XXL instead of making them noise.

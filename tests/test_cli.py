@@ -6,13 +6,7 @@ Expected timelines are computed here from the rules (see `cli_helpers`), not rea
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +21,6 @@ from memflow_cli.script import parse_time
 from memflow_cli.settings import GenerationSettings
 
 from .cli_helpers import (
-    BATCH_RENDER,
     CHUNK_S,
     DEMO,
     EXAMPLES,
@@ -44,7 +37,6 @@ from .cli_helpers import (
     write_jsonl,
     write_story,
 )
-from .video import probe_video
 
 # ---------------------------------------------------------------------------------------------------------------------
 # check: timelines of every shared story
@@ -393,41 +385,6 @@ def test_render_is_deterministic_for_a_seed(tmp_path: Path):
     assert videos["a"] != videos["c"]
 
 
-def test_render_interrupted_leaves_a_playable_partial_file(tmp_path: Path):
-    """Ctrl-C (SIGINT) in a real process: exit 130, the finished chunks stay playable, the target never appears."""
-    script = write_story(tmp_path / "fox.yaml", ["0s"], "30s")
-    target = tmp_path / "fox.mp4"
-    partial = partial_path(target)
-    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, "-o", str(target)]
-    process = subprocess.Popen(
-        [*command, "--duration", "15s"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell's background jobs ignore SIGINT, and Python then never raises KeyboardInterrupt
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (partial.exists() and partial.stat().st_size > 2000):  # the header, then a first fragment
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no frames were written in 60 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, stderr
-    assert stdout == ""
-    assert "interrupted" in stderr and str(partial) in stderr and "Traceback" not in stderr
-    assert not target.exists() and not sidecar_path(target).exists()
-
-    frames = probe_video(partial).frames
-    chunks = (frames + 3) // 12
-    assert 0 < chunks < chunks_until(15.0) and frames == video_frames(chunks)
-    assert f"{frames} frames written" in stderr
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The engine's streaming decode
 
@@ -491,38 +448,7 @@ def test_weights_verify_without_weights_names_the_download_command(no_weights: P
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# scripts_examples/batch_render.sh
-
-
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_batch_render_renders_logs_failures_and_skips_finished_scripts(tmp_path: Path):
-    scripts, out = tmp_path / "scripts", tmp_path / "out"
-    scripts.mkdir()
-    write_story(scripts / "one.yaml", ["0s"], "10s", title="first story")
-    write_story(scripts / "two.yml", ["0s"], "10s")
-    write_story(scripts / "dots.yaml", ["0s"], "10s", title='"..."')  # memflow names it untitled.mp4
-    (scripts / "broken.yaml").write_text("segments:\n- start: 0s\n  promt: a\n", encoding="utf-8")
-    (scripts / "notes.txt").write_text("not a script\n", encoding="utf-8")
-    memflow_command = Path(sys.executable).with_name("memflow")  # the console script of this environment
-    if not memflow_command.is_file():
-        pytest.skip(f"no {memflow_command}")
-    env = {**os.environ, "MEMFLOW": str(memflow_command)}
-    command = ["bash", str(BATCH_RENDER), str(scripts), str(out), *DEMO, "--duration", "1.5s", "-q"]
-
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert first.returncode == 1, first.stderr
-    assert_video(out / "first story.mp4", video_frames(2))
-    assert_video(out / "two.mp4", video_frames(2))
-    assert_video(out / "untitled.mp4", video_frames(2))
-    log = (out / "failures.log").read_text(encoding="utf-8")
-    assert "broken.yaml" in log and "segments[0].promt" in log and "notes.txt" not in log
-    assert first.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
-    assert str(out / "two.mp4") in first.stdout.splitlines()
-
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 1
-    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"
-    assert "skip:" in second.stderr and "one.yaml" in second.stderr and "two.yml" in second.stderr
+# Options, titles, permissions (the batch script: test_cli_robustness.py)
 
 
 def test_a_bad_option_is_blamed_on_the_option_not_the_script(tmp_path: Path):

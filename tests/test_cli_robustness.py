@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memflow_cli import __version__
+from memflow_cli import __version__, output
 from memflow_cli.output import OutputLock, lock_path, partial_path, sidecar_path
 from tests.cli_helpers import (
     BATCH_RENDER,
@@ -81,40 +81,41 @@ def one_error(stderr: str) -> str:
 # Two renders of one output
 
 
-def test_a_second_render_of_the_same_output_stops_at_once(tmp_path: Path):
+def test_ctrl_c_keeps_a_playable_partial_while_a_second_render_of_it_stops_and_another_output_renders(tmp_path: Path):
+    """One render in a real process; while it writes, a second render of its output stops at once and a render of
+    another output runs beside it (both in this process); Ctrl-C (SIGINT) then stops the first: exit 130, its
+    finished chunks stay playable, the target never appears."""
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
-    target = tmp_path / "same.mp4"
+    target, partial = tmp_path / "same.mp4", partial_path(tmp_path / "same.mp4")
+    beside = tmp_path / "beside" / "b.mp4"
+    beside.parent.mkdir()
     first = start_render(script, target, "--seed", "1")
     try:
-        wait_for_frames(partial_path(target), first)
-        second = run_memflow("render", script, *DEMO, "-o", target, "--seed", "2", "--duration", "1.5s")
+        wait_for_frames(partial, first)
+        second = memflow("render", script, *DEMO, "-o", target, "--seed", "2", "--duration", "1.5s")
+        other = memflow("render", script, *DEMO, "-o", beside, "--duration", "1.5s", "-q")
+        assert first.poll() is None  # both ran while the first was still rendering
         first.send_signal(signal.SIGINT)
-        _, first_stderr = first.communicate(timeout=120)
+        stdout, stderr = first.communicate(timeout=120)
     finally:
         first.kill()
-    assert second.returncode == 2
+    assert second.exit_code == 2
     assert one_error(second.stderr) == (
         f"error: another memflow render (process {first.pid}) is writing {target} right now; nothing was rendered"
     )
     assert "demo model" not in second.stderr  # stopped before the model loaded
-    assert first.returncode == 130, first_stderr
+    assert other.exit_code == 0, other.stderr
+    assert_video(beside, video_frames(2))
+    assert json.loads(sidecar_path(beside).read_text())["seed"] == 0
+
+    assert first.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr
     assert not target.exists() and not sidecar_path(target).exists()
-    assert names(tmp_path) == [".same.partial.mp4", "fox.yaml"]  # the first render's frames; its lock is gone
-
-
-def test_renders_of_different_outputs_run_side_by_side(tmp_path: Path):
-    script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
-    first = start_render(script, tmp_path / "a.mp4")
-    try:
-        wait_for_frames(partial_path(tmp_path / "a.mp4"), first)
-        second = run_memflow("render", script, *DEMO, "-o", tmp_path / "b.mp4", "--duration", "1.5s", "-q")
-        first.send_signal(signal.SIGINT)
-        first.communicate(timeout=120)
-    finally:
-        first.kill()
-    assert second.returncode == 0, second.stderr
-    assert_video(tmp_path / "b.mp4", video_frames(2))
-    assert json.loads(sidecar_path(tmp_path / "b.mp4").read_text())["seed"] == 0
+    assert names(tmp_path) == [".same.partial.mp4", "beside", "fox.yaml"]  # the first render's frames; no lock file
+    frames = probe_video(partial).frames
+    chunks = (frames + 3) // 12
+    assert 0 < chunks < chunks_until(600.0) and frames == video_frames(chunks)
+    assert f"interrupted: fox: {frames} frames written; playable partial video: {partial}" in stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 @needs_bash
-def test_the_batch_script_renders_a_preview_again_resumes_after_kill_9_and_skips_finished_videos(tmp_path: Path):
+def test_the_batch_script_renders_a_preview_again_and_skips_a_finished_video(tmp_path: Path):
     scripts, out = tmp_path / "scripts", tmp_path / "out"
     scripts.mkdir()
     write_story(scripts / "fox.yaml", ["0s"], "3s")
@@ -154,46 +155,52 @@ def test_the_batch_script_renders_a_preview_again_resumes_after_kill_9_and_skips
     assert_video(out / "fox.mp4", video_frames(chunks_until(3.0)))
 
     done = run_batch(scripts, out)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "batch: 0 rendered, 1 skipped, 0 failed"
     assert "demo model" not in done.stderr  # nothing to render: the model is not even loaded
-
-    # a second script whose render was killed (kill -9): its partial and lock file stay, no process holds it
-    write_story(scripts / "owl.yaml", ["0s"], "1.5s")
-    dead_render(out / "owl.mp4")
-    finished = (out / "fox.mp4").stat().st_mtime_ns
-    resumed = run_batch(scripts, out, "--overwrite")
-    assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.splitlines()[-1] == "batch: 1 rendered, 1 skipped, 0 failed"
-    assert (out / "fox.mp4").stat().st_mtime_ns == finished  # --overwrite kept --skip-existing
-    assert_video(out / "owl.mp4", video_frames(2))  # its dead render's partial replaced, rendered from the start
-    assert names(out) == ["failures.log", "fox.json", "fox.mp4", "owl.json", "owl.mp4"]  # no partial, no lock file
+    assert names(out) == ["failures.log", "fox.json", "fox.mp4"]
 
 
 @needs_bash
-def test_the_batch_script_takes_names_from_memflow_and_reports_a_collision(tmp_path: Path):
+def test_the_batch_script_takes_names_from_memflow_logs_failures_and_skips_finished_scripts(tmp_path: Path):
     scripts, out = tmp_path / "scripts", tmp_path / "out"
     scripts.mkdir()
     stories = {
         "1.yaml": "title: a/b\n",
         "2.yaml": "title: a_b\n",  # the same file name as a/b
         "3.yaml": 'title: "caf\\u00e9 #1"\n',  # a YAML escape
-        "4.yaml": "title: >-\n  folded\n  title\n",  # a block scalar
+        "4.yaml": "title: >-\n  first\n  story\n",  # a block scalar
     }
     for name, title in stories.items():
         (scripts / name).write_text(title + "duration: 1.5s\nsegments:\n  - start: 0s\n    prompt: a fox\n")
+    write_story(scripts / "two.yml", ["0s"], "1.5s")  # no title: the file name
+    write_story(scripts / "dots.yaml", ["0s"], "1.5s", title='"..."')  # memflow names it untitled.mp4
+    (scripts / "broken.yaml").write_text("segments:\n- start: 0s\n  promt: a\n", encoding="utf-8")
+    (scripts / "notes.txt").write_text("not a script\n", encoding="utf-8")
+    out.mkdir()
+    dead_render(out / "two.mp4")  # a render of two.yml was killed (kill -9): partial and lock file stay, unheld
+
     first = run_batch(scripts, out)
-    assert first.returncode == 1
-    assert first.stdout.splitlines()[-1] == "batch: 3 rendered, 0 skipped, 1 failed"
-    assert f"{scripts / '2.yaml'}: a story would write {out / 'a_b.mp4'}, which {scripts / '1.yaml'}" in (
-        out / "failures.log"
-    ).read_text(encoding="utf-8")
+    assert first.returncode == 1, first.stderr
+    assert first.stdout.splitlines()[-1] == "batch: 5 rendered, 0 skipped, 2 failed"  # the dead render is no failure
+    assert str(out / "two.mp4") in first.stdout.splitlines()
+    log = (out / "failures.log").read_text(encoding="utf-8")
+    assert f"{scripts / '2.yaml'}: a story would write {out / 'a_b.mp4'}, which {scripts / '1.yaml'}" in log
+    assert "broken.yaml" in log and "segments[0].promt" in log and "notes.txt" not in log
     assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"  # not replaced by a_b
-    for name in ("café #1.mp4", "folded title.mp4"):
+    videos = ("a_b.mp4", "café #1.mp4", "first story.mp4", "two.mp4", "untitled.mp4")
+    for name in videos:  # two.mp4: its dead render's partial replaced, rendered from the start
         assert_video(out / name, video_frames(2))
 
+    finished = {name: (out / name).stat().st_mtime_ns for name in videos}
     second = run_batch(scripts, out, "--overwrite")  # overwriting never lets one story replace another's video
-    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 3 skipped, 1 failed"
+    assert second.returncode == 1
+    assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 5 skipped, 2 failed"
+    assert "skip:" in second.stderr and "4.yaml" in second.stderr and "two.yml" in second.stderr
     assert json.loads(sidecar_path(out / "a_b.mp4").read_text())["title"] == "a/b"
+    assert {name: (out / name).stat().st_mtime_ns for name in videos} == finished  # --overwrite kept --skip-existing
+    sidecars = [name.replace(".mp4", ".json") for name in videos]
+    assert names(out) == sorted(["failures.log", *videos, *sidecars])  # no partial, no lock file
 
 
 def test_check_json_names_every_output(tmp_path: Path):
@@ -268,8 +275,8 @@ def test_kill_9_leaves_a_partial_that_a_single_render_names_and_a_batch_renders_
     kept = partial.read_bytes()
     assert lock_path(target).exists()  # kill -9 leaves the lock file, but not the lock
 
-    again = run_memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s")
-    assert again.returncode == 2
+    again = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s")  # the kill is the process part
+    assert again.exit_code == 2
     assert one_error(again.stderr) == (
         f"error: {partial} holds the frames of an earlier render of k9.mp4 that was stopped; nothing was rendered"
     )
@@ -357,27 +364,22 @@ def test_an_output_name_too_long_for_its_temporary_files_stops_before_the_model_
     assert names(tmp_path) == ["fox.yaml"]
 
 
-SIDECAR_DISK_FULL = """
-import resource, sys
-from memflow_cli import output
-from memflow_cli.cli import main
-
-def write_sidecar_on_a_full_disk(path, data):
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))  # the disk fills up now
-    return original(path, data)
-
-original, output.write_sidecar = output.write_sidecar, write_sidecar_on_a_full_disk
-sys.argv = ["memflow", *sys.argv[1:]]
-main()
-"""
-
-
-def test_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: Path):
+def test_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     target = tmp_path / "fox.mp4"
-    command = [sys.executable, "-c", SIDECAR_DISK_FULL, "render", str(script), *DEMO, "-o", str(target), "-q"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    write_sidecar = output.write_sidecar
+
+    def write_sidecar_on_a_full_disk(path: Path, data: dict) -> None:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, limit[1]))  # the disk fills up now (Python ignores SIGXFSZ)
+        try:
+            write_sidecar(path, data)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+    monkeypatch.setattr(output, "write_sidecar", write_sidecar_on_a_full_disk)
+    result = memflow("render", script, *DEMO, "-o", target, "-q")
+    assert result.exit_code == 1
     assert one_error(result.stderr) == (
         f"error: fox: the video {target} is complete, but its metadata {sidecar_path(target)} could not be written: "
         "File too large"

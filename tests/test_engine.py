@@ -115,7 +115,7 @@ def bench(*args: str) -> dict:
     ],
 )
 def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flags, mode, compile):
-    """Without a flag bench asks for what render would run for its video (on CUDA: graphed unless compiling pays)."""
+    """Without a flag bench asks for what render would run for its video (on CUDA: eager unless compiling pays)."""
     asked: list[CompileMode] = []
     choose = compile_cache.choose_compile
 

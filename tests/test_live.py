@@ -15,7 +15,8 @@ import yaml
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS
 from memflow_cli.output import lock_path, partial_path
 
-from .live import piped, render_replay, run_memflow, same_frames, start_live, wait_for_bytes
+from .cli_helpers import memflow
+from .live import DEMO, piped, replay_options, same_frames, start_live, wait_for_bytes
 from .video import probe_video
 
 OPENING = """\
@@ -78,12 +79,14 @@ def test_piped_prompts_and_the_scripts_own_segments_land_on_the_chunk_grid_and_r
     assert "prompt to screen" in stderr.splitlines()[-1]
 
     # the command OUT.yaml's header names, as a user copies it: the options of the path the session ran
-    options = render_replay(target, tmp_path / "replay.mp4")
+    options = replay_options(replay)
     assert options == ["--model", "demo", "--device", "cpu", "--no-compile"]
+    rendered = memflow("render", replay, "-o", tmp_path / "replay.mp4", *options, "-q")  # in-process: same command
+    assert rendered.exit_code == 0, rendered.stderr
     assert same_frames(target, tmp_path / "replay.mp4")
     # the sidecar records the request as render does: the live video is a finished render of its replay script
-    again = run_memflow("render", replay, "-o", target, "--model", "demo", "--device", "cpu", "--skip-existing")
-    assert again.returncode == 0 and "skip:" in again.stderr
+    again = memflow("render", replay, "-o", target, "--model", "demo", "--device", "cpu", "--skip-existing")
+    assert again.exit_code == 0 and "skip:" in again.stderr
 
 
 @pytest.mark.parametrize(("stop", "ended_by"), [(signal.SIGINT, "ctrl-c"), (signal.SIGTERM, "sigterm")])
@@ -105,9 +108,9 @@ def test_ctrl_c_or_sigterm_ends_the_session_with_a_finished_video_that_its_repla
     assert sidecar["live"]["ended_by"] == ended_by and sidecar["timeline"]["chunks"] == chunks
     if stop == signal.SIGINT:  # the replay guarantee holds wherever the session was stopped
         replay = tmp_path / "replay.mp4"
-        rendered = run_memflow("render", target.with_suffix(".yaml"), "-o", replay, "--model", "demo", "--device",
-                               "cpu", "-q")  # fmt: skip
-        assert rendered.returncode == 0, rendered.stderr
+        rendered = memflow("render", target.with_suffix(".yaml"), "-o", replay, "--model", "demo", "--device", "cpu",
+                           "-q")  # fmt: skip
+        assert rendered.exit_code == 0, rendered.stderr
         assert same_frames(target, replay)
 
 
@@ -119,9 +122,8 @@ def test_kill_9_leaves_a_playable_partial_and_a_lock_the_next_session_knows_is_d
     finish(process)
     assert probe_video(partial_path(target)).frames > 0  # plays up to the last fragment
     assert lock_path(target).exists() and not target.exists() and not target.with_suffix(".yaml").exists()
-    again = run_memflow("live", "--prompt", "a lighthouse at dusk", "-o", target, "--model", "demo", "--duration",
-                        "1s")  # fmt: skip
-    assert again.returncode == 2
+    again = memflow("live", "--prompt", "a lighthouse at dusk", "-o", target, "--model", "demo", "--duration", "1s")
+    assert again.exit_code == 2
     assert "holds the frames of an earlier render" in again.stderr  # not "another memflow render is writing"
     assert "--overwrite" in again.stderr
 
@@ -147,34 +149,33 @@ def test_refusals_come_before_anything_is_written(tmp_path):
     script = opening(tmp_path)
     foreign = tmp_path / "notes.yaml"
     foreign.write_text("my own notes\n")
-    result = run_memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "notes.mp4", "--model", "demo")
-    assert result.returncode == 2 and "notes.yaml exists (not written by memflow)" in result.stderr
+    result = memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "notes.mp4", "--model", "demo")
+    assert result.exit_code == 2 and "notes.yaml exists (not written by memflow)" in result.stderr
     assert foreign.read_text() == "my own notes\n" and not (tmp_path / "notes.mp4").exists()
 
-    result = run_memflow("live", script, "-o", tmp_path / "harbour.mp4", "--model", "demo", "--overwrite")
-    assert result.returncode == 2 and "is the opening script" in result.stderr
+    result = memflow("live", script, "-o", tmp_path / "harbour.mp4", "--model", "demo", "--overwrite")
+    assert result.exit_code == 2 and "is the opening script" in result.stderr
     assert script.read_text() == OPENING
 
-    result = run_memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "a.mp4", "--serve", "0.0.0.0:0")
-    assert result.returncode == 2 and "add --public" in result.stderr
-    result = run_memflow("live", "-o", tmp_path / "a.mp4", "--model", "demo")
-    assert result.returncode == 2 and "give an opening script or --prompt" in result.stderr
+    result = memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "a.mp4", "--serve", "0.0.0.0:0")
+    assert result.exit_code == 2 and "add --public" in result.stderr
+    result = memflow("live", "-o", tmp_path / "a.mp4", "--model", "demo")
+    assert result.exit_code == 2 and "give an opening script or --prompt" in result.stderr
     with socket.socket() as busy:  # a port in use: refused before the model loads, nothing left behind
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "a.mp4", "--model", "demo",
-                             "--serve", str(port))  # fmt: skip
-    assert result.returncode == 2 and "cannot listen there" in result.stderr
+        result = memflow("live", "--prompt", "a lighthouse", "-o", tmp_path / "a.mp4", "--model", "demo",
+                         "--serve", str(port))  # fmt: skip
+    assert result.exit_code == 2 and "cannot listen there" in result.stderr
     assert "demo model" not in result.stderr  # its notice comes with the loaded model
     assert sorted(path.name for path in tmp_path.iterdir()) == ["harbour.yaml", "notes.yaml"]
 
 
 def test_a_session_of_one_chunk_ends_inside_the_preroll_and_is_written_whole(tmp_path):
     target = tmp_path / "live.mp4"
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--duration", "0.75s")
-    _, stderr = finish(process)
-    assert process.returncode == 0, stderr
+    result = memflow("live", "--prompt", "a lighthouse at dusk", "-o", target, "--duration", "0.75s", *DEMO)
+    assert result.exit_code == 0, result.stderr
     assert probe_video(target).frames == 9  # one chunk, made before playback would have started
     story = yaml.safe_load(target.with_suffix(".yaml").read_text())
     assert story["duration"] == 0.75 and [s["start"] for s in story["segments"]] == [0.0]

@@ -128,10 +128,10 @@ COSTS = CompileCosts(cold_s=70.6, warm_s=10.7, saved_per_chunk_s=0.149)
         (False, 4000, True, True, CompilePath.EAGER_ASKED, False),  # --no-compile: plain eager, no graphs
         (True, 2, True, False, CompilePath.COMPILED_COLD, True),  # --compile always compiles
         (True, 2, True, True, CompilePath.COMPILED_WARM, True),
-        (None, 40, True, False, CompilePath.GRAPHED, None),  # the default: graphed where compiling does not pay
-        (None, 40, True, True, CompilePath.GRAPHED, None),  # 39 x 0.149 s saved < 10.7 s warm
+        (None, 40, True, False, CompilePath.EAGER, False),  # the default: eager where compiling does not pay
+        (None, 40, True, True, CompilePath.EAGER, False),  # 39 x 0.149 s saved < 10.7 s warm
         (None, 80, True, True, CompilePath.COMPILED_WARM, True),  # 79 x 0.149 s > 10.7 s
-        (None, 400, True, False, CompilePath.GRAPHED, None),  # 399 x 0.149 s < 70.6 s cold
+        (None, 400, True, False, CompilePath.EAGER, False),  # 399 x 0.149 s < 70.6 s cold
         (None, 500, True, False, CompilePath.COMPILED_COLD, True),
         (None, 4000, True, True, CompilePath.COMPILED_WARM, True),
     ],
@@ -160,7 +160,7 @@ def test_a_cache_that_cannot_be_written_only_costs_the_next_choice(tmp_path):
     assert not compile_cache.is_warm(tmp_path / "a-file" / "compile", "abc")
 
 
-def test_a_render_runs_graphed_unless_asked_and_compiles_warm_once_its_graphs_are_cached(monkeypatch, tmp_path):
+def test_a_render_runs_eager_unless_asked_and_compiles_warm_once_its_graphs_are_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(CompileKey, "current", classmethod(lambda cls, device: H200))
     settings = GenerationSettings(geometry=VideoGeometry())
@@ -172,13 +172,13 @@ def test_a_render_runs_graphed_unless_asked_and_compiles_warm_once_its_graphs_ar
 
     assert choice(minute, device=torch.device("cpu")).path is CompilePath.EAGER_DEVICE
     cold = choice(minute)
-    assert cold.path is CompilePath.GRAPHED and "80 chunks" in cold.reason and "cold" in cold.reason
+    assert cold.path is CompilePath.EAGER and "80 chunks" in cold.reason and "cold" in cold.reason
     description = compile_cache.graphs_description("wan2.1-t2v-1.3b", settings, False)
     folder = compile_cache.compile_cache_dir(H200)
     compile_cache.mark_warm(folder, compile_cache.graphs_signature(description), description)
     assert choice(minute).path is CompilePath.COMPILED_WARM
-    assert choice(minute, fp8=True).path is CompilePath.GRAPHED  # --fp8: other graphs
-    assert choice(preview).path is CompilePath.GRAPHED  # a 40-chunk preview
+    assert choice(minute, fp8=True).path is CompilePath.EAGER  # --fp8: other graphs
+    assert choice(preview).path is CompilePath.EAGER  # a 40-chunk preview
     assert choice(minute, asked=CompileMode.NEVER).path is CompilePath.EAGER_ASKED
 
 

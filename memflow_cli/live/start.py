@@ -124,7 +124,8 @@ def stop_on_signals(stop: SessionStop, warn: Callable[[str], None]) -> Iterator[
 def replay_options(options: GenerationOptions, compile: bool | None) -> str:
     """The options of `memflow render OUT.yaml` that make the same video (the settings are in OUT.yaml).
 
-    `compile` is how the session ran (`FastPath.asked`): compiled, graphed (None: render's default) or eager.
+    `compile` is how the session ran (`FastPath.asked`): compiled (True), eager (False; a session never
+    compiles unless asked) or graphed (None, the Python API's).
     Compiled, graphed and eager kernels round differently on a GPU: the replay runs the path the session ran.
     """
     ran = replace(options.without_settings(), compile=CompileMode.from_option(compile))

@@ -6,10 +6,12 @@ what runs the passes of one video (CUDA graph replays or the plain pass) and wha
 between convs are. Whoever builds the model and the decoder (the engine) holds it and hands each part to
 what uses it; nothing is applied to a model after it is built.
 
-Three paths on CUDA (`FastPath.name`): "graphed", the default, the eager kernels with q/k/v fused and the
-FFN's GELU in the matmul's epilogue, each video's repeated passes replayed from CUDA graphs (captured in
-seconds, nothing compiled); "compiled" (`--compile`), the same with the blocks' steps compiled by Inductor
-(a minute's compile on an empty cache); "eager" (`--no-compile`), plain PyTorch. The CPU runs plain PyTorch.
+Three paths on CUDA (`FastPath.name`): "eager", plain PyTorch (`--no-compile`, and `render`'s choice where
+compiling does not pay); "compiled" (`--compile`, or a video long enough to win the compile back), the
+blocks' steps compiled by Inductor (a minute's compile on an empty cache), q/k/v fused, the FFN's GELU in
+the matmul's epilogue and each video's repeated passes replayed from CUDA graphs; "graphed" (the Python
+API's `compile=None`), the compiled path's layers and graphs with nothing compiled, which ran no faster than
+eager on an H100 (issue #25). The CPU runs plain PyTorch.
 
 By concern: `attention.py` (SDPA's backend priority, the flash-attn 3 probe), `compile.py` (torch.compile
 from any thread, the blocks' compiled steps), `compile_cache.py` (compiled kernels kept across processes,

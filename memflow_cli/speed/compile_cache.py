@@ -10,11 +10,10 @@ second render on the same machine finds its kernels, and another torch never rea
             inductor/  triton/  warm/<graphs>.json
 
 A `warm/` marker is written once a compiled video of that shape finished: its graphs are then in the
-cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, so it is
-never the default: `choose_compile` picks the graphed path (the eager kernels with q/k/v fused and the
-FFN's GELU in the matmul, each repeated pass replayed from a CUDA graph, captured in seconds) unless
-`--compile` or `--no-compile` says otherwise. Deleting the folder is always safe: it only costs the next
-compiled render its warm-up.
+cache. Compiling costs a render about a minute on a cold cache and ten seconds on a warm one, and saves
+a fraction of a second on every chunk after the first, so `choose_compile` compiles only where the video
+is long enough to win that back; a shorter one runs eager, which is never slower than `--no-compile`.
+Deleting the folder is always safe: it only costs the next compiled render its warm-up.
 """
 
 from __future__ import annotations
@@ -110,10 +109,11 @@ def mark_warm(folder: Path, signature: str, description: dict[str, Any]) -> None
 class CompilePath(str, Enum):
     """Which way a run's model ran, as the sidecar and bench report it."""
 
-    GRAPHED = "graphed"  # the default on CUDA where compiling does not pay: eager kernels, passes from CUDA graphs
+    GRAPHED = "graphed"  # eager kernels, repeated passes from CUDA graphs (the Python API: `CompileChoice.fixed(None)`)
     COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
     COMPILED_COLD = "compiled-cold"  # compiled from scratch (--compile, or a video long enough to pay for it)
     COMPILED = "compiled"  # compiled, the cache not looked at (bench, the Python API)
+    EAGER = "eager"  # chosen: too short to win back the compile
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"
 
@@ -126,8 +126,7 @@ class CompileCosts:
     eager 48.4 s; compiled with warm caches 53.3 s, with empty caches 113.2 s. The chunks after the first
     took 23.9 s eager and 18.1 s compiled (0.149 s saved each), so the fixed cost of compiling is
     53.3 - 48.4 + 39 x 0.149 = 10.7 s warm (the first chunk's 5.2 s and the compiled engine's build and
-    imports) and 70.6 s cold. The graphed path ran at the eager path's speed on an H100 (issue #25: 26.9
-    against 26.8 FPS), so it saves the same per chunk.
+    imports) and 70.6 s cold.
     """
 
     cold_s: float = 70.6
@@ -160,8 +159,9 @@ def choose_compile(
 
     `asked`: ALWAYS (`--compile`) always compiles with Inductor, NEVER (`--no-compile`) runs plain eager
     kernels, AUTO lets the video's length decide: compiled where the chunks after the first win back the
-    compile on this cache (`warm`), else the graphed path (eager kernels, repeated passes replayed from CUDA
-    graphs, nothing to compile), so that the default is never slower than `--no-compile`.
+    compile on this cache (`warm`), else eager, so that the default is never slower than `--no-compile`.
+    (The graphed path, eager kernels replayed from CUDA graphs, ran no faster than eager on an H100: it is
+    not chosen here; `CompileChoice.fixed(None)` asks for it.)
     """
     if not cuda:
         return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled and graphed paths run on CUDA only")
@@ -176,7 +176,7 @@ def choose_compile(
     balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
     if saved > cost:
         return CompileChoice(True, compiled, balance)
-    return CompileChoice(None, CompilePath.GRAPHED, f"{balance}: graphed")
+    return CompileChoice(False, CompilePath.EAGER, balance)
 
 
 # -- the videos of one run ----------------------------------------------------------------------------------
