@@ -76,6 +76,10 @@ def test_piped_prompts_and_the_scripts_own_segments_land_on_the_chunk_grid_and_r
     assert [(lat["start_chunk"], lat["source"]) for lat in latencies] == [(1, "stdin"), (2, "stdin")]
     assert all(0 < lat["to_written_s"] <= lat["to_screen_s"] for lat in latencies)
     assert sidecar["live"]["latency"]["prompts"] == 2
+    margin = sidecar["live"]["margin"]  # 6 chunks: the times between the 2nd..6th chunks' frames
+    assert margin["chunks"] == 4 and margin["chunk_duration_s"] == 0.75
+    assert 0 < margin["chunk_s_median"] <= margin["chunk_s_max"]
+    assert margin["ratio_median"] == round(margin["chunk_s_median"] / 0.75, 3)
     assert "prompt to screen" in stderr.splitlines()[-1]
 
     # the command OUT.yaml's header names, as a user copies it: the options of the path the session ran

@@ -344,3 +344,13 @@ def test_a_prompt_source_deciding_at_each_boundary_makes_what_the_same_script_ma
         return torch.cat(list(generator.generate(prompts[:1], 8, noise)), dim=1)
 
     assert not torch.equal(one_prompt(single), one_prompt(plain))  # the bank records otherwise: it matters
+
+
+def test_the_margin_is_the_time_between_chunks_against_a_chunks_video_time():
+    from memflow_cli.live.session import margin
+
+    assert margin([0.5, 0.25, 0.6], 0.75) == {
+        "chunks": 3, "chunk_duration_s": 0.75, "chunk_s_median": 0.5, "chunk_s_max": 0.6,
+        "ratio_median": 0.667, "ratio_max": 0.8,
+    }  # fmt: skip
+    assert margin([], 0.75)["ratio_median"] is None  # a session of one or two chunks has no steady time

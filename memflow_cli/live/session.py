@@ -139,6 +139,7 @@ class LiveResult:
     ended_by: str
     unused_prompts: tuple[str, ...] = ()  # arrived too late: the session ended before their chunk
     stalled_frames: tuple[tuple[int, float], ...] = ()  # (frame that came late, seconds the picture stood), first 100
+    chunk_times: tuple[float, ...] = ()  # seconds from one chunk's frames to the next's, after the first chunk
 
     def latency_summary(self) -> dict[str, Any]:
         screen = [latency.to_screen_s for latency in self.latencies]
@@ -255,6 +256,7 @@ def run_live(
     measured = 0  # segments whose first frame is made
     slow_said = False
     started = time.perf_counter()
+    made_at: list[float] = []  # when each chunk's frames were ready
 
     def show(shown: list[OnClock[Chunk]]) -> None:
         nonlocal measured, slow_said
@@ -283,7 +285,8 @@ def run_live(
             with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keep)) as chunks:
                 for chunk in chunks:
                     assert chunk.frames is not None
-                    show(playback.made(chunk, len(chunk.frames), time.perf_counter()))
+                    made_at.append(time.perf_counter())
+                    show(playback.made(chunk, len(chunk.frames), made_at[-1]))
             show(playback.finish(time.perf_counter()))  # a session shorter than the pre-roll
             stopped.finishing = True  # from here on a signal does not cut the files short
         except KeyboardInterrupt:
@@ -309,6 +312,7 @@ def run_live(
         stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=slow_said,
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
+        chunk_times=tuple(later - earlier for earlier, later in zip(made_at[1:], made_at[2:], strict=False)),
     )  # fmt: skip
     kept = keeper.finish() if keeper is not None else None
     if keeper is None:
@@ -350,6 +354,23 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
             "stalled_s": round(result.stalled_s, 3),
             "stalled_frames": [{"frame": frame, "s": round(seconds, 3)} for frame, seconds in result.stalled_frames],
             "slower_than_real_time": result.slower_than_real_time,
+            "margin": margin(result.chunk_times, engine.geometry.chunk_seconds),
             "unused_prompts": list(result.unused_prompts),
         },
     }
+
+
+def margin(chunk_times: Sequence[float], chunk_seconds: float) -> dict[str, float | int | None]:
+    """How close the session ran to real time: the time between one chunk's frames and the next's (the first
+    chunk, which carries the warm-up, left out) against the video time a chunk holds. A ratio below 1 is faster
+    than real time; the margin is what a prompt switch or a slower chunk may take before playback stalls."""
+    times = sorted(chunk_times)
+    if not times:
+        return {"chunks": 0, "chunk_duration_s": chunk_seconds, "chunk_s_median": None, "chunk_s_max": None,
+                "ratio_median": None, "ratio_max": None}  # fmt: skip
+    median, most = statistics.median(times), times[-1]
+    return {
+        "chunks": len(times), "chunk_duration_s": chunk_seconds, "chunk_s_median": round(median, 4),
+        "chunk_s_max": round(most, 4), "ratio_median": round(median / chunk_seconds, 3),
+        "ratio_max": round(most / chunk_seconds, 3),
+    }  # fmt: skip
