@@ -7,17 +7,22 @@ which prompt drives the next chunk (a script's switches known in advance, or the
 prompts of a live session as they arrive); on a switch the loop re-encodes the
 recent frames under the new prompt (the KV re-cache). With one prompt and no
 switch it follows the single-prompt pipeline.
+
+At a prompt switch the loop can hand out a `BoundaryState`, and start from one: the chunks from the
+switch on are then the ones a stream from chunk 0 would make, bit for bit. What that state holds is
+exactly what the rest of the video depends on (`snapshots.py` says why each part is needed).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from .model.cache import KVMemory, PassGroup, TextCache
+from .model.cache import KVMemory, MemoryState, PassGroup, TextCache
 from .model.transformer import CausalWanTransformer, PassFunction, PassState, rope_angles, rope_tables
 from .sampler import FlowSchedule
 from .settings import GenerationSettings
@@ -39,15 +44,39 @@ class SeededNoise:
         self.shape, self.device, self.dtype = shape, device, dtype
 
     def _draw(self) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.generator, device=self.device, dtype=torch.float32).to(
-            self.dtype
-        )
+        return torch.randn(self.shape, generator=self.generator, device=self.device, dtype=torch.float32).to(self.dtype)
 
     def initial(self, chunk: int) -> torch.Tensor:
         return self._draw()
 
     def renoise(self, chunk: int, step: int) -> torch.Tensor:
         return self._draw()
+
+    def state(self) -> torch.Tensor:
+        """The generator's state (uint8, on the CPU): what the next draws depend on."""
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+class ResumableNoise(NoiseSource, Protocol):
+    """A noise source whose position in its sequence can be saved and restored (`SeededNoise`)."""
+
+    def state(self) -> torch.Tensor: ...
+
+    def restore(self, state: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class BoundaryState:
+    """What the chunks from `chunk` on depend on, taken at a prompt switch before the switch runs."""
+
+    chunk: int  # the first chunk of the new segment
+    segment: int  # the segment of the chunk before it
+    history: torch.Tensor  # [B, window, C, h, w]: the latent frames the re-cache re-encodes
+    memory: MemoryState  # sink, bank and staged prototype, the cache's positions
+    noise: torch.Tensor  # the noise generator's state (uint8)
 
 
 class PromptSource(Protocol):
@@ -127,14 +156,28 @@ class MemFlowGenerator:
         yield from self.stream(prompts, noise, interactive=interactive)
 
     @torch.no_grad()
-    def stream(self, prompts: PromptSource, noise: NoiseSource, *, interactive: bool) -> Iterator[torch.Tensor]:
+    def stream(
+        self,
+        prompts: PromptSource,
+        noise: NoiseSource,
+        *,
+        interactive: bool,
+        resume: BoundaryState | None = None,
+        boundaries: Callable[[BoundaryState], None] | None = None,
+        last_boundary: int | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Yield denoised latent chunks [B, F, C, h, w] until `prompts` ends the video.
 
         `prompts` is asked at every chunk boundary, before the chunk starts, which prompt drives it: a
         new segment index switches prompt there (KV re-cache, bank scored under the new text), as a
         scripted switch does. `interactive` is the memory's recording policy (`KVMemory`).
+
+        `boundaries`, if given, gets the state at every switch, before the switch, and after the last chunk
+        (the noise must then be a `ResumableNoise`), up to chunk `last_boundary` (None: every one). With
+        `resume`, the stream starts from such a state: it yields the chunks from `resume.chunk` on, where
+        `prompts` must switch to a new segment.
         """
-        opening = prompts.at(0)
+        opening = prompts.at(resume.chunk if resume else 0)
         if opening is None:
             return
         segment, context = opening[0], self._context(opening[1])  # context: [B, text_len, text_dim]
@@ -144,10 +187,15 @@ class MemFlowGenerator:
         history = self._history(batch)  # the last `window` latent frames, for a re-cache
         run_pass = self.passes(self.run_pass) if self.passes else self.run_pass
         chunk = 0
+        if resume is not None:  # the state before the switch at resume.chunk, which the loop then makes
+            chunk, segment = self._resumed(resume, segment, memory, history, noise)
         while True:
             # 1. prompt switch: new text, recent frames re-encoded under it
             if chunk > 0:
                 now = prompts.at(chunk)
+                wanted = boundaries is not None and (last_boundary is None or chunk <= last_boundary)
+                if wanted and (now is None or now[0] != segment):  # a story going on would switch here
+                    boundaries(_boundary(chunk, segment, history, memory, noise))
                 if now is None:
                     return
                 if now[0] != segment:
@@ -169,6 +217,19 @@ class MemFlowGenerator:
             _push(history, x0)
             yield x0
             chunk += 1
+
+    def _resumed(
+        self, state: BoundaryState, segment: int, memory: KVMemory, history: torch.Tensor, noise: NoiseSource
+    ) -> tuple[int, int]:
+        """Take a boundary's state; returns (its chunk, the segment before it)."""
+        if state.chunk < 1 or segment == state.segment:
+            raise ValueError(f"a stream resumes only where the prompt switches; chunk {state.chunk} does not")
+        if tuple(state.history.shape) != tuple(history.shape):
+            raise ValueError(f"latent history {list(state.history.shape)} does not fit {list(history.shape)}")
+        memory.restore(state.memory)
+        history.copy_(state.history)
+        _resumable(noise).restore(state.noise)
+        return state.chunk, state.segment
 
     def _history(self, batch: int) -> torch.Tensor:
         """Zeros [B, window, C, h, w]: room for the most recent `window` latent frames."""
@@ -222,6 +283,16 @@ class MemFlowGenerator:
         self.run_pass(history[:, -passes.frames :], 0.0, self._state(passes, memory, text))
         memory.end_recache(passes)
         text.reset()
+
+
+def _resumable(noise: NoiseSource) -> ResumableNoise:
+    if not (hasattr(noise, "state") and hasattr(noise, "restore")):
+        raise TypeError(f"{type(noise).__name__} cannot save its place: snapshots need a SeededNoise")
+    return noise  # type: ignore[return-value]
+
+
+def _boundary(chunk: int, segment: int, history: torch.Tensor, memory: KVMemory, noise: NoiseSource) -> BoundaryState:
+    return BoundaryState(chunk, segment, history.clone(), memory.kept_state(), _resumable(noise).state())
 
 
 def _push(history: torch.Tensor, x0: torch.Tensor) -> None:

@@ -73,7 +73,9 @@ class RenderRequest:
     seed: int | None = None  # None: each story's own seed
     duration_s: float | None = None  # a preview: only the first part
     overwrite: bool = False
-    skip_existing: bool = False  # resume: skip finished videos, replace the partials of dead renders
+    skip_existing: bool = False  # resume: skip finished videos, continue dead renders from their last snapshot
+    update: bool = False  # replace existing videos, keeping what an edit of the story left unchanged
+    snapshots: bool = False  # keep a snapshot at every segment boundary, for a later --update or resume
     segment_seconds: float = 10.0
     decoder: DecoderRequest = WAN_DECODER  # --decoder / --decoder-weights
 
@@ -456,7 +458,7 @@ def claim(job: Job, request: RenderRequest, geometry: VideoGeometry, held: ExitS
         if request.skip_existing and finished_difference(job, request, geometry) is None:  # finished meanwhile
             lock.release()
             return Claim.SKIP
-        check_existing(job.target, overwrite=request.overwrite, resume=request.skip_existing)
+        check_existing(job.target, overwrite=request.overwrite or request.update, resume=request.skip_existing)
     except OutputExistsError as error:
         lock.release()
         difference = finished_difference(job, request, geometry) if error.path == job.target else None

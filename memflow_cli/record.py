@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .script import Story, Timeline
 from .settings import GenerationSettings
+from .snapshots import SnapshotRecord
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -40,9 +41,10 @@ def request_record(story: Story, timeline: Timeline, settings: GenerationSetting
 
 def video_record(
     engine: Engine, story: Story, timeline: Timeline, settings: GenerationSettings, seed: int, *,
-    script: str, script_line: int | None, timings: dict[str, float],
+    script: str, script_line: int | None, timings: dict[str, float], snapshots: SnapshotRecord | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The sidecar of a video `engine` made: the request, the weights, devices, dtype, the fast path, timings."""
+    """The sidecar of a video `engine` made: the request, the weights, devices, dtype, the fast path, timings,
+    and (`snapshots`) the frames it reused from an earlier render and the snapshots it keeps."""
     choice = engine.compile_choice
     return {
         "memflow_version": __version__,
@@ -58,4 +60,5 @@ def video_record(
         "compile": engine.compile_path,
         **({"compile_reason": choice.reason} if choice else {}),
         "timings": timings,
+        **(snapshots.as_dict() if snapshots is not None else {}),
     }

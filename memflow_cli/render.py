@@ -5,6 +5,7 @@ Nothing here prints: progress goes to a callback, results come back as values.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -17,8 +18,10 @@ from .output import write_video_sidecar
 from .record import video_record
 from .script import Story, Timeline
 from .settings import GenerationSettings
+from .snapshots import SnapshotRecord, prefix_digest
 from .speed import compile_cache
 from .timing import RenderTimings, Startup, since_process_start, warmup_seconds
+from .update import SnapshotKeeper, StartPoint, find_start, remove_snapshots, render_identity
 
 
 @dataclass(frozen=True)
@@ -53,20 +56,40 @@ def render_story(
     duration_s: float | None = None,
     overwrite: bool = False,
     progress: Callable[[ChunkProgress], None] | None = None,
+    reuse: bool = False,
+    keep_snapshots: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> RenderResult:
-    """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk)."""
+    """Generate, decode and write one story to `target` (an MP4 that grows chunk by chunk).
+
+    With `keep_snapshots`, a story with several prompts keeps a snapshot at each boundary (`update.py`);
+    without, none of that machinery runs. With `reuse`, the render starts from the latest snapshot of `target`
+    (the finished video's or a stopped render's) that this story and request allow, and `target` is replaced;
+    `notice` hears, in one line, what is kept or why not.
+    """
     # 1. the timeline and its prompts, encoded before any file or process is touched
     timeline = story.timeline(engine.geometry, duration_s)
     encode_start = time.perf_counter()
     video = engine.video(timeline)
     encode_s = time.perf_counter() - encode_start
+    identity = render_identity(engine, settings, seed, video.interactive(settings))
+    start = find_start(target, timeline, identity, engine.device) if reuse else StartPoint(None, None, "")
+    if notice and start.reason:
+        notice(start.reason)
+    keeper = None
+    if keep_snapshots and identity["interactive"]:  # a story that switches prompt (or may, appended to)
+        prefix = functools.partial(prefix_digest, timeline)
+        keeper = SnapshotKeeper(target, identity, prefix, engine.geometry, start)
     # 2. the pipeline, written as it streams; the writer keeps a playable partial file if it stops early
     started = time.perf_counter()
     chunk_ends: list[float] = []  # seconds from `started` to each chunk's frames handed to the writer
     first_frame_age = 0.0  # process start -> the first chunk's frames handed to the writer
-    with engine.mp4_writer(target, overwrite=overwrite) as writer:
+    resume = start.snapshot.point if start.snapshot else None
+    with engine.mp4_writer(target, overwrite=overwrite or reuse) as writer:
         try:
-            with closing(engine.stream(video, settings, seed, writer=writer)) as chunks:
+            keep = keeper.save if keeper is not None else None
+            stream = engine.stream(video, settings, seed, writer=writer, resume=resume, snapshots=keep)
+            with closing(stream) as chunks:
                 for chunk in chunks:
                     chunk_ends.append(time.perf_counter() - started)
                     first_frame_age = first_frame_age or since_process_start()
@@ -78,8 +101,13 @@ def render_story(
     finished = time.perf_counter()
     timings = _timings(engine.startup, encode_s, chunk_ends, rendered - started, finished - rendered, first_frame_age)
     # 3. the sidecar beside the finished video; compiled graphs of this shape are in the cache from now on
+    if keeper is not None:
+        kept = keeper.finish()
+    else:
+        remove_snapshots(target)  # an earlier video's: not this video's
+        kept = SnapshotRecord(start.reused_frames, start.segment)
     metadata = video_record(engine, story, timeline, settings, seed, script=str(story.path),
-                            script_line=story.line, timings=timings.as_dict())  # fmt: skip
+                            script_line=story.line, timings=timings.as_dict(), snapshots=kept)  # fmt: skip
     metadata["prompts"] = _prompt_record(timeline, video.prompt_sources)
     sidecar = write_video_sidecar(target, metadata)
     if engine.fast.compile and engine.device.type == "cuda":

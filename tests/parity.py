@@ -33,6 +33,13 @@ class FixedNoise:
     def renoise(self, chunk: int, step: int) -> torch.Tensor:
         return self.renoise_all[chunk * self.transitions + step][None]
 
+    def state(self) -> torch.Tensor:
+        """Nothing to keep: the noise is looked up by chunk (a `generator.ResumableNoise`)."""
+        return torch.empty(0, dtype=torch.uint8)
+
+    def restore(self, state: torch.Tensor) -> None:
+        pass
+
 
 def switch_chunks_from_frames(switch_frames: Sequence[int], frames_per_chunk: int) -> tuple[int, ...]:
     """Chunks where each next prompt starts, given latent switch frames (the official rule).

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..plan import (
     RELEASE_TEXT_TOKENS,
+    PlanError,
     checked_output_name,
     cut_prompts,
     load_stories,
@@ -19,6 +20,7 @@ from ..plan import (
     printable_path,
     story_name,
     story_outputs,
+    story_settings,
 )
 from ..report import out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
@@ -64,6 +66,14 @@ def check(
         bool,
         typer.Option("--json", help="One JSON object per story (script, title, seed, output file, frames) instead."),
     ] = False,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="An earlier render of the (one) story: say which segments `render --update` would keep.",
+            metavar="FILE.mp4",
+        ),
+    ] = None,
 ) -> None:
     """Validate scripts and print each resolved timeline (no GPU, no weights, no torch).
 
@@ -79,6 +89,8 @@ def check(
         # titles that collide matter only in one folder
         outputs = story_outputs(stories, out_dir) if out_dir else [checked_output_name(Path(output_name(story)))
                                                                    for story in stories]  # fmt: skip
+        if against is not None and len(stories) != 1:
+            raise PlanError(f"--against compares one story with its video; {len(stories)} were given")
     for story, output in zip(stories, outputs, strict=True):
         timeline = story.timeline(geometry)
         warn_prompt_cuts(story_name(story), cut_prompts(story, geometry, RELEASE_TEXT_TOKENS))
@@ -87,5 +99,12 @@ def check(
             out.print(record, markup=False, soft_wrap=True)
         else:
             out.print(timeline_table(story, timeline))
+    if against is not None:
+        from ..update import preview_update
+
+        story = stories[0]
+        settings = story_settings(story, {}, geometry).as_dict()
+        out.print(f"against {against}: {preview_update(against, story.timeline(geometry), story.seed, settings)}",
+                  markup=False, soft_wrap=True)  # fmt: skip
     if not as_json:
         out.print(f"ok: {len(scripts)} script(s) valid")

@@ -47,6 +47,15 @@ OutDir = Annotated[
     Path | None,
     typer.Option("--out-dir", help="Folder for one <title>.mp4 per story (created if missing).", metavar="DIR"),
 ]
+KeepSnapshots = Annotated[
+    bool,
+    typer.Option(
+        "--snapshots",
+        help="Keep a snapshot at every segment boundary beside the video (about 1 GB each at full size), so that "
+        "a later `render --update` after an edit, or `--skip-existing` after a crash, continues from there.",
+    ),
+]
+
 Fp8 = Annotated[
     bool,
     typer.Option(

@@ -55,6 +55,7 @@ from .common import (
     DecoderWeights,
     Device,
     Fp8,
+    KeepSnapshots,
     LoraAlpha,
     LoraRank,
     MemoryMode,
@@ -135,6 +136,7 @@ def live(
     lora_alpha: LoraAlpha = RELEASED_LORA.alpha,
     compile: Compile = None,
     fp8: Fp8 = False,
+    snapshots: KeepSnapshots = False,
 ) -> None:
     """Render continuously while you type what happens next; watch it in the browser; replay it exactly.
 
@@ -195,7 +197,7 @@ def live(
         story_seed = opening.seed if seed is None else seed
         replay = replay_options(options, engine.fast.asked)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 inbox, server, replay)  # fmt: skip
+                 snapshots, inbox, server, replay)  # fmt: skip
 
 
 def _engine(options: GenerationOptions, prompts: list[str]):
@@ -210,7 +212,7 @@ def _engine(options: GenerationOptions, prompts: list[str]):
 
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
-             inbox, server, replay_options: str) -> None:  # fmt: skip
+             snapshots: bool, inbox, server, replay_options: str) -> None:  # fmt: skip
     from ..live.session import LiveRequest, SessionStop, run_live
     from ..live.start import stop_on_signals
     from ..mp4 import RenderInterrupted
@@ -222,7 +224,7 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
-                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite,
+                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite, snapshots=snapshots,
                           replay_options=replay_options)  # fmt: skip
     events = _Report(engine.geometry.fps, server)
     try:

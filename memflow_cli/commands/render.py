@@ -21,6 +21,7 @@ from .common import (
     DecoderWeights,
     Device,
     Fp8,
+    KeepSnapshots,
     LoraAlpha,
     LoraRank,
     MemoryMode,
@@ -76,9 +77,20 @@ def render(
         typer.Option(
             "--skip-existing",
             help="Resume a batch: skip a story whose video is a finished render of the same request (story, seed, "
-            "settings, length), and render again from the start a story whose render was stopped.",
+            "settings, length), and continue a story whose render was stopped from its last segment boundary (its "
+            "snapshot, with --snapshots), else from the start.",
         ),
     ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Replace the video, re-rendering only from the first segment that changed since it was "
+            "rendered with --snapshots (same seed, settings, model and device kind); anything else renders from "
+            "the start.",
+        ),
+    ] = False,
+    snapshots: KeepSnapshots = False,
     memory: MemoryMode = None,
     window: Window = None,
     sink: Sink = None,
@@ -123,8 +135,8 @@ def render(
         )  # fmt: skip
         request = RenderRequest(
             scripts=tuple(scripts), output=output, out_dir=out_dir, options=options, seed=seed,
-            duration_s=parse_duration(duration), overwrite=overwrite, skip_existing=skip_existing,
-            segment_seconds=segment_seconds,
+            duration_s=parse_duration(duration), overwrite=overwrite, skip_existing=skip_existing, update=update,
+            snapshots=snapshots, segment_seconds=segment_seconds,
         )  # fmt: skip
         check_outputs(request)
         try:

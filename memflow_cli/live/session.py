@@ -30,6 +30,8 @@ from ..output import write_video_sidecar
 from ..record import video_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
+from ..snapshots import SnapshotRecord, segments_digest
+from ..update import SnapshotKeeper, StartPoint, remove_snapshots, render_identity
 from .pacing import OnClock, Playback, PlaybackClock
 from .prompts import Arrival, PromptInbox
 from .replay import ReplaySegment, read_back, replay_text, write_replay
@@ -70,6 +72,7 @@ class LiveRequest:
     limit_s: float | None = None  # --duration: the session ends there; None: at stop()
     ahead: int = DEFAULT_AHEAD
     overwrite: bool = False
+    snapshots: bool = False  # a snapshot at every prompt switch, for `render OUT.yaml --update` after an edit
     replay_options: str = ""  # the render options that make the same video (model, device, ...), for OUT.yaml
 
     @property
@@ -275,9 +278,11 @@ def run_live(
     # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll).
     # A prompt is encoded as soon as it arrives, beside generation: at its chunk it is (nearly) ready.
     encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt], beside_render=True))
+    keeper = _snapshot_keeper(engine, request, video) if request.snapshots else None
     with encode_early, engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
         try:
-            with closing(engine.stream(video, settings, request.seed, writer=writer)) as chunks:
+            keep = keeper.save if keeper is not None else None
+            with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keep)) as chunks:
                 for chunk in chunks:
                     assert chunk.frames is not None
                     made_at.append(time.perf_counter())
@@ -309,15 +314,29 @@ def run_live(
         ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
         chunk_times=tuple(later - earlier for earlier, later in zip(made_at[1:], made_at[2:], strict=False)),
     )  # fmt: skip
-    write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started))
+    kept = keeper.finish() if keeper is not None else None
+    if keeper is None:
+        remove_snapshots(request.target)  # an earlier video's (--overwrite): not this session's
+    write_video_sidecar(request.target, _metadata(engine, request, story, settings, result, started, kept))
     return result
 
 
+def _snapshot_keeper(engine: Engine, request: LiveRequest, video: LiveVideo) -> SnapshotKeeper:
+    """Snapshots at the session's prompt switches, as `render` of its replay script would take them."""
+    identity = render_identity(engine, request.settings, request.seed, video.interactive(request.settings))
+
+    def prefix(chunk: int) -> str:  # the segments before `chunk` are known once it is reached
+        return segments_digest(((s.prompt, s.start_chunk) for s in video.segments), chunk)
+
+    return SnapshotKeeper(request.target, identity, prefix, engine.geometry, StartPoint(None, None, ""))
+
+
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
-              started: float) -> dict[str, Any]:  # fmt: skip
+              started: float, snapshots: SnapshotRecord | None) -> dict[str, Any]:  # fmt: skip
     timeline = story.timeline(engine.geometry)
     record = video_record(engine, story, timeline, settings, request.seed, script=str(request.script),
-                          script_line=None, timings={"render_s": round(result.seconds, 3)})  # fmt: skip
+                          script_line=None, timings={"render_s": round(result.seconds, 3)},
+                          snapshots=snapshots)  # fmt: skip
     return {
         **record,
         "live": {

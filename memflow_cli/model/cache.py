@@ -58,6 +58,24 @@ class PassGroup:
     frames: int  # latent frames the passes carry
 
 
+@dataclass(frozen=True)
+class MemoryState:
+    """What a `KVMemory` keeps across a prompt switch that a re-cache cannot rebuild (`KVMemory.kept_state`).
+
+    The local window after the sink is left out: the switch's re-cache rewrites every valid token of it
+    from the latent history before anything reads it. The sink (encoded under the prompts before the
+    switch) and the bank (prototypes staged from earlier chunks' cache passes) cannot be recomputed
+    without replaying the video, so they are kept.
+    """
+
+    sink: torch.Tensor  # [2, L, B, H, sink_tokens, D]
+    bank: torch.Tensor  # [2, L, B, H, bank_slots * P, D]
+    staged: torch.Tensor  # [2, L, B, H, P, D]: the prototype waiting for the bank
+    local_end: int
+    global_end: int
+    recorded: int
+
+
 class KVMemory:
     """Self-attention KV cache (sink + local window) and MemFlow memory bank, for all layers, and their policy.
 
@@ -150,6 +168,30 @@ class KVMemory:
         """Frames of sink and bank each head keeps under sparse memory activation; None: SMA off."""
         settings = self.settings
         return settings.sma_top_k if settings.sma and self.sink_tokens else None
+
+    # -- a prompt switch's snapshot -------------------------------------------------------
+
+    def kept_state(self) -> MemoryState:
+        """A copy of what the next prompt switch does not rebuild (take it just before the switch)."""
+        return MemoryState(
+            sink=self.kv[..., : self.sink_tokens, :].clone(),
+            bank=self.kv[..., self.cache_tokens :, :].clone(),
+            staged=self.staged.clone(),
+            local_end=self.local_end,
+            global_end=self.global_end,
+            recorded=self.recorded,
+        )
+
+    def restore(self, state: MemoryState) -> None:
+        """Take `state` (from `kept_state` of a memory of the same shape); the window is zero until the re-cache."""
+        expected = (*self.kv.shape[:-2], self.sink_tokens, self.kv.shape[-1])
+        if tuple(state.sink.shape) != expected or state.bank.shape[-2] != self.kv.shape[-2] - self.cache_tokens:
+            raise ValueError(f"a memory snapshot of shape {list(state.sink.shape)} does not fit this memory")
+        self.kv.zero_()
+        self.kv[..., : self.sink_tokens, :] = state.sink
+        self.kv[..., self.cache_tokens :, :] = state.bank
+        self.staged.copy_(state.staged)
+        self.local_end, self.global_end, self.recorded = state.local_end, state.global_end, state.recorded
 
     # -- the local cache -------------------------------------------------------------
 

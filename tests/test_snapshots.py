@@ -1,0 +1,175 @@
+"""Snapshots at segment boundaries (`snapshots.py`): a stream started from one equals the tail of a stream
+from the start, bit for bit, for latents and decoded frames; and the file round trip keeps that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memflow_cli.engine import Video, load_engine
+from memflow_cli.generator import MemFlowGenerator, ScriptedPrompts
+from memflow_cli.settings import GenerationSettings, MemorySettings
+from memflow_cli.snapshots import (
+    Snapshot,
+    SnapshotError,
+    load_snapshot,
+    read_metadata,
+    save_snapshot,
+    snapshot_files,
+    snapshot_path,
+)
+from tests import parity
+
+PROMPTS = (
+    "a red fox trots across a snowy field",
+    "the fox stops at the edge of a pine forest",
+    "snow begins to fall between the trees",
+    "the fox curls up under a fallen log",
+    "night comes and the forest is quiet",
+)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with load_engine("demo", "cpu") as engine:
+        engine.encode(PROMPTS)
+        yield engine
+
+
+def _video(engine, prompts: int, switch_chunks: tuple[int, ...], chunks: int) -> Video:
+    return Video(engine.embeddings(PROMPTS[:prompts]), chunks=chunks, switch_chunks=switch_chunks)
+
+
+def _streamed(engine, video, settings, seed, **options):
+    """(every chunk, every resume point handed out) of one stream."""
+    points = []
+    chunks = list(engine.stream(video, settings, seed=seed, snapshots=points.append, **options))
+    return chunks, points
+
+
+def _assert_same_stream(resumed, full) -> None:
+    """Every chunk, the kept ones (decoded again) and the generated ones, as the stream from the start made it."""
+    assert [c.index for c in resumed] == [c.index for c in full]
+    for a, b in zip(resumed, full, strict=True):
+        assert a.segment == b.segment
+        assert torch.equal(a.latents, b.latents), f"latents of chunk {a.index}"
+        if b.frames is not None:
+            assert torch.equal(a.frames, b.frames), f"frames of chunk {a.index}"
+
+
+@pytest.mark.parametrize(
+    ("prompts", "switches", "chunks"),
+    [(3, (2, 4), 6), (5, (2, 5, 7, 9), 11)],  # early switches (inside the window), late ones, a compressing bank
+    ids=["3-segments", "5-segments"],
+)
+def test_a_stream_from_each_boundary_is_the_stream_from_the_start(engine, prompts, switches, chunks):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, prompts, switches, chunks)
+    full, points = _streamed(engine, video, settings, 5, decode=False)
+    assert [p.chunk for p in points] == [*switches, chunks]  # one at each switch and one at the end
+    assert [p.latents.shape[1] for p in points] == [3 * c for c in (*switches, chunks)]
+    for point in points[:-1]:
+        resumed = list(engine.stream(video, settings, seed=5, decode=False, resume=point))
+        _assert_same_stream(resumed, full)
+
+
+def test_latents_only_and_sparse_memory_resume_exactly(engine):
+    memory = MemorySettings(sma=True, sma_top_k=2, bank_size=2, record_interval=1)
+    settings = GenerationSettings(geometry=engine.geometry, memory=memory)
+    video = _video(engine, 3, (5, 7), 9)
+    full, points = _streamed(engine, video, settings, 1, decode=False)
+    point = points[1]
+    assert point.latents.shape == (1, 7 * 3, 16, 8, 12)
+    _assert_same_stream(list(engine.stream(video, settings, seed=1, decode=False, resume=point)), full)
+
+
+def test_the_edited_story_continues_from_the_old_storys_snapshot_as_a_fresh_render_does(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    old = _video(engine, 3, (2, 4), 6)
+    edited = Video(engine.embeddings((PROMPTS[0], PROMPTS[1], PROMPTS[4])), chunks=7, switch_chunks=(2, 4))
+    point = _streamed(engine, old, settings, 2, decode=False)[1][1]
+    assert point.chunk == 4
+    fresh = list(engine.stream(edited, settings, seed=2, decode=False))
+    _assert_same_stream(list(engine.stream(edited, settings, seed=2, decode=False, resume=point)), fresh)
+
+
+def test_the_point_at_the_end_continues_a_story_with_a_segment_appended(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    old = _video(engine, 3, (2, 4), 6)
+    longer = _video(engine, 4, (2, 4, 6), 8)
+    end = _streamed(engine, old, settings, 4, decode=False)[1][-1]
+    assert end.chunk == 6
+    fresh = list(engine.stream(longer, settings, seed=4, decode=False))
+    _assert_same_stream(list(engine.stream(longer, settings, seed=4, decode=False, resume=end)), fresh)
+
+
+def test_the_latents_kept_for_snapshots_are_bounded_and_no_snapshot_is_taken_past_the_bound(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 5, (2, 5, 7, 9), 11)
+    full = list(engine.stream(video, settings, seed=6, decode=False))  # no snapshots asked
+    chunk_bytes = full[0].latents.nbytes  # [1, 3, 16, 8, 12] in float32 for the demo model
+    bounded, points = _streamed(engine, video, settings, 6, decode=False, kept_latents_bytes=5 * chunk_bytes)
+    assert [p.chunk for p in points] == [2, 5]  # the switches at 7 and 9 and the end are past 5 chunks of latents
+    _assert_same_stream(bounded, full)  # taking snapshots changes nothing in the video
+    _assert_same_stream(list(engine.stream(video, settings, seed=6, decode=False, resume=points[-1])), full)
+
+
+def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine, tmp_path):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    point = points[1]
+    target = tmp_path / "fox.mp4"
+    path = snapshot_path(target, 4)
+    size = save_snapshot(path, Snapshot(point, video_frames=45, request="r", prefix="p"))
+    assert path.name == ".fox.snap-c0004.safetensors" and size == path.stat().st_size
+    assert size < 2**20  # the demo model's snapshot is small
+    assert snapshot_files(target) == {4: path} and snapshot_files(target, partial=True) == {}
+    assert read_metadata(path)["video_frames"] == 45
+    loaded = load_snapshot(path)
+    assert (loaded.chunk, loaded.video_frames, loaded.request, loaded.prefix) == (4, 45, "r", "p")
+    _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=loaded.point)), full)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
+
+
+def test_a_stream_refuses_to_resume_where_the_prompt_does_not_switch(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    point = _streamed(engine, video, settings, 0, decode=False)[1][0]
+    assert point.chunk == 2
+    later_switch = _video(engine, 2, (4,), 6)  # chunk 2 is still the first prompt's
+    with pytest.raises(ValueError, match="resumes only where the prompt switches"):
+        list(engine.stream(later_switch, settings, seed=0, decode=False, resume=point))
+
+
+def test_a_file_that_is_not_a_snapshot_is_refused_in_one_line(tmp_path):
+    path = tmp_path / ".x.snap-c0002.safetensors"
+    path.write_bytes(b"not a snapshot")
+    with pytest.raises(SnapshotError, match="not a readable snapshot"):
+        read_metadata(path)
+
+
+@pytest.mark.slow  # about 2.5 minutes on a CPU: 7 chunks at full resolution, then 1 from the snapshot
+@pytest.mark.skipif(not parity.manifest()["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
+def test_the_parity_models_three_prompt_scenario_resumes_exactly_at_its_second_switch():
+    """The official scenario whose bank is compressed right after a switch (with an all-zero text query)."""
+    from memflow_cli.checkpoint import load_transformer
+    from memflow_cli.loading import read_transformer_config
+
+    man, folder = parity.manifest(), parity.PARITY_DIR
+    config = read_transformer_config(folder / "config.json")
+    model = load_transformer(folder / "base.pt", folder / "lora.pt", config, parity.lora_settings(man),
+                             device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+    scenario = man["scenarios"]["three_prompts"]
+    settings = parity.scenario_settings(man, scenario)
+    inputs = parity.load_inputs()
+    switches = parity.switch_chunks(scenario, settings)
+    prompts = ScriptedPrompts(parity.prompt_embeds(inputs)[scenario["prompts"]], switches, switches[-1] + 1)
+    generator = MemFlowGenerator(model, settings)
+    states = []
+    full = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True,
+                                 boundaries=states.append))  # fmt: skip
+    state = states[-2]  # at the last switch
+    assert state.chunk == switches[-1]
+    tail = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True, resume=state))
+    assert len(tail) == 1 and torch.equal(tail[0], full[-1])

@@ -1,0 +1,217 @@
+"""`memflow render --update` and the resume of a killed render, through the real command on the demo model.
+
+An edited story re-renders only from its first changed segment, and the video is the one a fresh render
+of the edited story makes (decoded frames compared; the files are even byte for byte the same). Whatever
+prevents reuse is one line, and the render starts from frame 0. A render killed with SIGKILL in segment 3
+continues from segment 3's start with `--skip-existing` and ends as an uninterrupted render.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memflow_cli.output import partial_path, sidecar_path
+from memflow_cli.snapshots import snapshot_files, snapshot_path
+
+from .cli_helpers import DEMO, decoded, memflow, video_frames
+from .live import start_live
+
+PROMPTS = (
+    "a red fox trots across a snowy field",
+    "the fox stops at the edge of a pine forest",
+    "snow begins to fall between the trees",
+    "the fox curls up under a fallen log",
+    "night comes and the forest is quiet",
+)
+EDITED = "an owl watches from a branch"
+
+
+def write(path: Path, prompts: tuple[str, ...], seed: int = 0, chunks: int = 1, **settings: int) -> Path:
+    """A story with one prompt per `chunks` chunks of 0.75 s."""
+    lines = ["title: fox", f"seed: {seed}", f"duration: {0.75 * chunks * len(prompts)}s", "segments:"]
+    for index, prompt in enumerate(prompts):
+        lines += [f"  - start: {0.75 * chunks * index}s", f"    prompt: {prompt}"]
+    if settings:
+        lines += ["settings:", *(f"  {name}: {value}" for name, value in settings.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def render(script: Path, target: Path, *options: str):
+    result = memflow("render", script, *DEMO, "-o", target, "-q", *options)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def sidecar(target: Path) -> dict:
+    return json.loads(sidecar_path(target).read_text(encoding="utf-8"))
+
+
+def edited(prompts: tuple[str, ...], segment: int) -> tuple[str, ...]:
+    return (*prompts[:segment], EDITED, *prompts[segment + 1 :])
+
+
+@pytest.mark.parametrize(("segments", "changed"), [(3, 2), (5, 3)], ids=["3-segments", "5-segments"])
+def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fresh_render(tmp_path, segments, changed):
+    target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:segments]), target, "--snapshots")
+    assert sorted(snapshot_files(target)) == [*range(1, segments), segments]  # each switch, and the end
+
+    script = write(tmp_path / "fox.yaml", edited(PROMPTS[:segments], changed))
+    kept = video_frames(changed)
+    check = memflow("check", script, "--against", target)
+    assert check.exit_code == 0, check.stderr
+    assert f"segments 1-{changed} kept ({kept} frames of fox.mp4)" in check.stdout
+    rerendered = f"segment {segments}" if changed + 1 == segments else f"segments {changed + 1}-{segments}"
+    assert f"{rerendered} would render from {0.75 * changed:.2f} s" in check.stdout
+
+    result = render(script, target, "--update", "--snapshots")
+    assert f"keeping the first {kept} frames of the earlier video" in result.stderr
+    assert f"rendering from segment {changed + 1}" in result.stderr
+    record = sidecar(target)
+    assert (record["reused_frames"], record["rendered_from_segment"]) == (kept, changed)
+    assert record["timeline"]["segments"][changed]["prompt"] == EDITED
+
+    render(script, fresh)  # without snapshots: the same video
+    assert decoded(target) == decoded(fresh)
+    assert target.read_bytes() == fresh.read_bytes()  # the same encoder fed the same frames
+    assert not snapshot_files(fresh) and "snapshots" not in sidecar(fresh)
+    files = record["snapshots"]["files"]
+    assert [f["chunk"] for f in files] == [*range(1, segments), segments]
+    assert all(f["bytes"] == (tmp_path / f["file"]).stat().st_size for f in files)
+    assert not snapshot_files(target, partial=True) and not partial_path(target).exists()
+
+
+def test_appending_a_segment_keeps_every_frame_before_it(tmp_path):
+    target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target, "--snapshots")
+    longer = write(tmp_path / "fox.yaml", PROMPTS[:4])
+    result = render(longer, target, "--update")
+    assert f"keeping the first {video_frames(3)} frames" in result.stderr
+    assert sidecar(target)["rendered_from_segment"] == 3
+    render(longer, fresh)
+    assert decoded(target) == decoded(fresh)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"prompts": (EDITED, *PROMPTS[1:2])}, "segment 1 changed, and every frame depends on it"),
+        ({"seed": 7}, "another seed (0 -> 7)"),
+        ({"window": 9}, "other settings (window)"),
+    ],
+    ids=["first-segment", "seed", "setting"],
+)
+def test_a_change_that_prevents_reuse_is_one_line_and_a_full_render(tmp_path, change, reason):
+    target = tmp_path / "fox.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")
+    prompts = change.pop("prompts", PROMPTS[:2])
+    script = write(tmp_path / "fox.yaml", prompts, **change)
+    check = memflow("check", script, "--against", target)
+    assert f"{reason.split(',')[0]}" in check.stdout and "every segment would render" in check.stdout
+    result = render(script, target, "--update")
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+    record = sidecar(target)
+    assert (record["reused_frames"], record["rendered_from_segment"]) == (0, 0)
+
+
+def test_without_snapshots_a_render_keeps_none_and_update_renders_from_the_start_saying_why(tmp_path):
+    target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target)
+    assert not snapshot_files(target) and not snapshot_files(target, partial=True)
+    assert [p.name for p in tmp_path.iterdir() if "snap" in p.name] == []
+    assert "snapshots" not in sidecar(target)
+
+    script = write(tmp_path / "fox.yaml", edited(PROMPTS[:3], 2))
+    check = memflow("check", script, "--against", target)
+    assert "kept snapshots (render with --snapshots): every segment would render" in check.stdout
+    result = render(script, target, "--update")
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert lines == ["fox: the earlier render of fox.mp4 kept no snapshots (they are kept with --snapshots): "
+                     "rendering from the start"], result.stderr  # fmt: skip
+    assert (sidecar(target)["reused_frames"], sidecar(target)["rendered_from_segment"]) == (0, 0)
+    render(script, fresh)
+    assert decoded(target) == decoded(fresh)
+
+
+def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
+    target = tmp_path / "fox.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")
+    assert snapshot_files(target)
+    result = render(write(tmp_path / "fox.yaml", PROMPTS[:1]), target, "--update")
+    assert "one prompt" in result.stderr
+    assert not snapshot_files(target) and "snapshots" not in sidecar(target)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one-story", "batch"])
+def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_one(tmp_path, batch):
+    script = write(tmp_path / "fox.yaml", PROMPTS[:4], chunks=2)  # segment 3: chunks 4 and 5
+    target, whole = tmp_path / "out" / "fox.mp4", tmp_path / "whole.mp4"
+    target.parent.mkdir()
+    output = ("--out-dir", str(target.parent)) if batch else ("-o", str(target))
+    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, *output, "-q", "--snapshots"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not snapshot_path(target, 4, partial=True).exists():  # chunk 4 is written, chunk 5 on its way
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no snapshot of segment 3 in 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert not target.exists() and partial_path(target).exists()
+    assert sorted(snapshot_files(target, partial=True)) == [2, 4]
+
+    result = memflow("render", script, *DEMO, *output, "-q", "--skip-existing", "--snapshots")
+    assert result.exit_code == 0, result.stderr
+    assert f"keeping the first {video_frames(4)} frames of a stopped render" in result.stderr
+    assert "rendering from segment 3" in result.stderr
+    record = sidecar(target)
+    assert (record["reused_frames"], record["rendered_from_segment"]) == (video_frames(4), 2)
+    assert sorted(snapshot_files(target)) == [2, 4, 6, 8] and not snapshot_files(target, partial=True)
+    render(script, whole)
+    assert decoded(target) == decoded(whole)
+
+
+def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
+    opening = tmp_path / "harbour.yaml"
+    opening.write_text(
+        "title: harbour\nseed: 7\nsegments:\n  - start: 0s\n    prompt: a harbour at dawn\n"
+        "  - start: 1.5s\n    prompt: a storm rolls in over the harbour\n",
+        encoding="utf-8",
+    )
+    target, fresh = tmp_path / "live.mp4", tmp_path / "fresh.mp4"
+    process = start_live(opening, "-o", target, "--duration", "3s", "--snapshots")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert sorted(snapshot_files(target)) == [2, 4]  # the switch at 1.5 s, and the end
+
+    replay = target.with_suffix(".yaml")
+    replay.write_text(replay.read_text().replace("a storm rolls in over the harbour", EDITED), encoding="utf-8")
+    options = ("--no-compile", "-q")
+    result = memflow("render", replay, *DEMO, "-o", target, "--update", *options)
+    assert result.exit_code == 0, result.stderr
+    assert f"keeping the first {video_frames(2)} frames of the earlier video" in result.stderr
+    assert memflow("render", replay, *DEMO, "-o", fresh, *options).exit_code == 0
+    assert decoded(target) == decoded(fresh)
+
+
+def test_a_snapshot_cut_short_is_one_line_and_a_full_render(tmp_path):
+    target = tmp_path / "fox.mp4"
+    script = write(tmp_path / "fox.yaml", PROMPTS[:2])
+    render(script, target, "--snapshots")
+    snapshot = snapshot_path(target, 1)
+    snapshot.write_bytes(snapshot.read_bytes()[:-100])  # the header is whole, the tensors are not
+    result = render(write(tmp_path / "fox.yaml", (*PROMPTS[:1], EDITED)), target, "--update")
+    assert f"{snapshot.name} cannot be read" in result.stderr and "rendering from the start" in result.stderr
+    assert sidecar(target)["reused_frames"] == 0
