@@ -176,7 +176,7 @@ def render_job(engine, job: Job, request: RenderRequest, update: ProgressCallbac
             engine, job.story, job.target, job.settings, seed=job.seed, duration_s=request.duration_s,
             overwrite=request.overwrite, progress=update, reuse=request.update or request.skip_existing,
             keep_snapshots=request.snapshots,
-            notice=lambda line: err.print(f"{job.title}: {line}", markup=False, soft_wrap=True),
+            notice=lambda line: err.print(one_line(f"{job.title}: {line}"), markup=False, soft_wrap=True),
         )  # fmt: skip
     except RenderInterrupted as stopped:
         where = f"playable partial video: {stopped.partial}" if stopped.partial else "no frame was finished"

@@ -44,7 +44,7 @@ class StreamingDecoder:
     """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks.
 
     `kernels` are the decoder's steps between convolutions; the fast path passes compiled ones
-    (`fast.decoder_kernels_for`). With `graphs` a VAE on CUDA replays each decoder call from a CUDA graph,
+    (`FastPath.decoder_kernels`). With `graphs` a VAE on CUDA replays each decoder call from a CUDA graph,
     one per call shape (`speed.decoder.DecoderGraphs`); on the CPU every call runs as it is. Off by default:
     on an H100 with torch 2.11 every capture failed (the caching allocator's internal assert
     `use_count > 0` in `capture_begin`), so no render replays decoder graphs until that is mended.

@@ -6,7 +6,8 @@ writer). `render` writes stories through it; `bench` times it. Nothing else in t
 generator or a decoder.
 
 The stream keeps the GPU busy: no host synchronisation in the chunk loop, decoding on a worker thread
-and side stream beside generation (`overlap.py`), CUDA graphs per video (the engine's `FastPath`). Each
+and side stream beside generation (`overlap.py`), CUDA graphs per video on the compiled path (the engine's
+`FastPath`). Each
 model builder builds the transformer in its final form, with the fast path's kernels; the engine never
 changes it.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .companions import output_key
-from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
+from .decoders import DecoderChoice, DecoderRequest
 from .devices import device_problem
 from .output import (
     OutputBusyError,
@@ -38,7 +38,7 @@ from .output import (
 )
 from .record import request_record
 from .report import download_hint
-from .request import GenerationOptions, ModelSource
+from .request import CompileMode, GenerationOptions, ModelSource
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
 from .text import lone_surrogate, text_problem
@@ -77,7 +77,6 @@ class RenderRequest:
     update: bool = False  # replace existing videos, keeping what an edit of the story left unchanged
     snapshots: bool = False  # keep a snapshot at every segment boundary, for a later --update or resume
     segment_seconds: float = 10.0
-    decoder: DecoderRequest = WAN_DECODER  # --decoder / --decoder-weights
 
     def seed_for(self, story: Story) -> int:
         return story.seed if self.seed is None else self.seed
@@ -492,10 +491,13 @@ def open_engine(
 
     from .engine import load_engine
     from .loading import WeightsError
-    from .speed.compile_cache import choose_for_videos
+    from .speed.compile_cache import CompileChoice, CompilePath, choose_for_videos
 
-    choice = choose_for_videos(options.compile, torch.device(device), options.model.architecture, options.fp8,
-                               videos or [])  # fmt: skip
+    if videos is None and options.compile is CompileMode.AUTO and torch.device(device).type == "cuda":
+        choice = CompileChoice(False, CompilePath.EAGER, "an open-ended video compiles only when asked")
+    else:
+        choice = choose_for_videos(options.compile, torch.device(device), options.model.architecture, options.fp8,
+                                   videos or [])  # fmt: skip
     try:
         return load_engine(options.model, device, options.lora, compile=choice, fp8=options.fp8,
                            decode_device=decode_device, full_text_encoder=full_text_encoder, prompts=prompts,

@@ -3,7 +3,7 @@
 `ModelSource` is what `--model` names, resolved here and nowhere else: the demo model, full-size random
 weights, or the real weights (a folder, or the Hugging Face cache). `CompileMode` is `--compile` /
 `--no-compile` / neither. `GenerationOptions` gathers every option that decides how a video is made
-(model, devices, generation settings, LoRA scale, compile, FP8) and writes itself back as the
+(model, devices, generation settings, LoRA scale, compile, FP8, decoder) and writes itself back as the
 command-line flags that reproduce it. Nothing here imports torch.
 """
 

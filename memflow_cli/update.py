@@ -71,7 +71,7 @@ def render_identity(engine: Engine, settings: GenerationSettings, seed: int, int
         "device": engine.device.type,
         "decode_device": decode_device.type,
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "compile": bool(engine.fast.compile),
+        "compile": engine.fast.name,  # compiled, graphed and eager kernels round differently
         "fp8": engine.fp8,
         "interactive": interactive,
     }

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..plan import EXIT_BAD_INPUT, PlanError, check_fp8, checked_device, geometry_for, option_settings
@@ -112,8 +113,8 @@ def bench(
 
     with reported():
         dev = torch.device(checked_device(device))
-        given = decode_device is not None  # `--decode-device ""` is refused, not left out
-        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if given else None
+        decode_given = decode_device is not None  # `--decode-device ""` is refused, not left out
+        decode_dev = torch.device(checked_device(decode_device, "--decode-device")) if decode_given else None
         if fp8:
             check_fp8(str(dev))
         decoder_choice = decoder_request(source, decoder, decoder_weights)
@@ -130,7 +131,7 @@ def bench(
         fail(str(error), EXIT_BAD_INPUT)
     with err.status("benchmark") as spinner:
         try:
-            result = bench_mod.run(options, status=lambda text: spinner.update(f"benchmark: {text}"))
+            result = bench_mod.run(options, status=lambda text: spinner.update(escape(f"benchmark: {text}")))
         except PlanError as error:  # the weights cannot be loaded
             fail(error.message, error.exit_code, error.hint)
         except torch.cuda.OutOfMemoryError as error:

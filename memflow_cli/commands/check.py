@@ -22,7 +22,7 @@ from ..plan import (
     story_outputs,
     story_settings,
 )
-from ..report import out, warn_prompt_cuts
+from ..report import err, out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
 from ..text import one_line, plural
@@ -85,6 +85,8 @@ def check(
     with reported():
         if out_dir is not None:
             printable_path(out_dir, "--out-dir")
+        if against is not None:
+            printable_path(against, "--against")
         stories, _ = load_stories(tuple(scripts), segment_seconds, geometry)
         # titles that collide matter only in one folder
         outputs = story_outputs(stories, out_dir) if out_dir else [checked_output_name(Path(output_name(story)))
@@ -104,7 +106,8 @@ def check(
 
         story = stories[0]
         settings = story_settings(story, {}, geometry).as_dict()
-        out.print(f"against {against}: {preview_update(against, story.timeline(geometry), story.seed, settings)}",
-                  markup=False, soft_wrap=True)  # fmt: skip
+        console = err if as_json else out  # stdout holds only JSON lines with --json
+        console.print(f"against {against}: {preview_update(against, story.timeline(geometry), story.seed, settings)}",
+                      markup=False, soft_wrap=True)  # fmt: skip
     if not as_json:
         out.print(f"ok: {len(scripts)} script(s) valid")

@@ -11,7 +11,7 @@ import typer
 
 from ..plan import EXIT_FAILED, PlanError
 from ..report import print_error
-from ..settings import LoraSettings
+from ..request import RELEASED_LORA as RELEASED_LORA  # the released lora.pt's rank and alpha: the defaults
 
 TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
 
@@ -77,7 +77,6 @@ RecordInterval = Annotated[
 ]
 Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")]
 Steps = Annotated[str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")]
-RELEASED_LORA = LoraSettings()  # the released lora.pt's rank and alpha: the options' defaults
 LoraRank = Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")]
 LoraAlpha = Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")]
 Device = Annotated[
@@ -93,8 +92,8 @@ Compile = Annotated[
         "--compile/--no-compile",
         help="The compiled fast path on CUDA: compiled blocks and decoder steps, CUDA graphs (a slower start). "
         "Default: render compiles where the video is long enough to win the compile back (sooner once its "
-        "kernels are cached), bench always, live only when asked (eager keeps up with real time on an H200 and "
-        "compiles nothing); --no-compile runs the eager model.",
+        "kernels are cached), bench as render would for its video, live only when asked (an open-ended session "
+        "cannot win the compile back); otherwise eager. --no-compile runs the eager model.",
     ),
 ]
 Decoder = Annotated[

@@ -98,7 +98,8 @@ def choose_fast_path(
     """The fastest faithful way to run a model of `config` on `device` in `dtype`.
 
     On CUDA: SDPA's fastest backends first, flash-attn 3 for self-attention where it works, and then as
-    `compile` says: None (the default) the graphed path, True the compiled one, False plain eager kernels.
+    `compile` says: None the graphed path (the Python API's; no command asks for it), True the compiled one,
+    False plain eager kernels.
     On the CPU: plain PyTorch, whatever was asked. `fp8` (asked for, never chosen here: it changes the video)
     builds the blocks' per-token linear layers in FP8.
     """

@@ -112,7 +112,7 @@ class CompilePath(str, Enum):
     GRAPHED = "graphed"  # eager kernels, repeated passes from CUDA graphs (the Python API: `CompileChoice.fixed(None)`)
     COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
     COMPILED_COLD = "compiled-cold"  # compiled from scratch (--compile, or a video long enough to pay for it)
-    COMPILED = "compiled"  # compiled, the cache not looked at (bench, the Python API)
+    COMPILED = "compiled"  # compiled, the cache not looked at (the Python API: `CompileChoice.fixed(True)`)
     EAGER = "eager"  # chosen: too short to win back the compile
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"

@@ -1,4 +1,5 @@
-"""The VAE decoder on CUDA: channels-last convolutions, its calls replayed from CUDA graphs, compiled steps.
+"""The VAE decoder on CUDA: channels-last convolutions, its calls replayed from CUDA graphs (off by default:
+captures failed on torch 2.11, see `decode.StreamingDecoder`), compiled steps.
 
 `DecoderGraphs` replays each decoder call from a CUDA graph (one per call shape): the few hundred kernel
 launches of a call cost one. The compiled steps (the fast path's option) are its RMS norm and the SiLU

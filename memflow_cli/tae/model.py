@@ -20,7 +20,7 @@ from torch import nn
 @dataclass(frozen=True)
 class TaehvConfig:
     """The decoder's shape. The default is the released `taew2_1` (Wan 2.1: 16 latent channels, 8x in space,
-    4x in time); the demo model uses a narrow one (`DEMO_TAEHV`)."""
+    4x in time); the demo model uses a narrow one (`demo.build_demo_taehv`)."""
 
     latent_channels: int = 16
     widths: tuple[int, ...] = (256, 128, 64)  # channels of each stage's memory blocks
@@ -42,10 +42,6 @@ class TaehvConfig:
     def trimmed_frames(self) -> int:
         """Raw frames dropped once at the start of a video, so that T latents make the Wan count 4T - 3."""
         return self.frames_per_latent - 1
-
-    @property
-    def spatial_factor(self) -> int:
-        return 2 ** len(self.widths)
 
     def video_frames(self, latent_frames: int) -> int:
         return self.frames_per_latent * latent_frames - self.trimmed_frames
