@@ -438,7 +438,8 @@ def claim(job: Job, request: RenderRequest, geometry: VideoGeometry, held: ExitS
     SKIP: a finished render of this request is there and `skip_existing` was asked. IN_PROGRESS: another live
     memflow process holds the output's lock (a PlanError instead for `-o`, where the one story cannot be done).
     RENDER: the lock is ours; with `skip_existing`, the partial video of a render that died is removed (the
-    story starts again from the beginning), with `overwrite` any partial. What would be replaced without being
+    story continues from that render's last snapshot where it kept them with `--snapshots`, else starts again
+    from the beginning), with `overwrite` any partial. What would be replaced without being
     asked raises PlanError.
     """
     if request.skip_existing and finished_difference(job, request, geometry) is None:
