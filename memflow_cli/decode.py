@@ -40,6 +40,14 @@ def frames_from_decoded(x: torch.Tensor) -> torch.Tensor:
     return (video * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
+def check_latent_chunk(latents: torch.Tensor, channels: int) -> None:
+    """A chunk as the generator yields it, [1, F > 0, channels, h, w] (frame-major, one video); else ValueError."""
+    shape_ok = latents.dim() == 5 and latents.shape[0] == 1 and latents.shape[2] == channels
+    if not shape_ok or latents.shape[1] == 0:
+        shape = list(latents.shape)
+        raise ValueError(f"latents must be [1, F>0, {channels}, h, w] (frame-major, one video), got {shape}")
+
+
 class StreamingDecoder:
     """Decodes the latent chunks of one video at a time, keeping the VAE's causal cache between chunks.
 
@@ -99,12 +107,7 @@ class StreamingDecoder:
         return x / self._inv_std + self._mean  # z = latent * std + mean, via the reference's rounded 1/std
 
     def _check_latents(self, latents: torch.Tensor) -> None:
-        shape_ok = latents.dim() == 5 and latents.shape[0] == 1 and latents.shape[2] == self.latent_channels
-        if not shape_ok or latents.shape[1] == 0:
-            raise ValueError(
-                f"latents must be [1, F>0, {self.latent_channels}, h, w] (frame-major, one video), "
-                f"got {list(latents.shape)}"
-            )
+        check_latent_chunk(latents, self.latent_channels)
 
     @torch.inference_mode()
     def decode_z(self, z: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from .cache_dir import cache_root
+from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,6 @@ SUFFIX = ".safetensors"
 DEFAULT_GIB = 2.0
 SIZE_ENV = "MEMFLOW_EMBED_CACHE_GIB"
 _TENSOR = "embeds"
-_TEMPORARY = ".tmp-"
-_STALE_S = 3600  # a temporary file this old was left by a process that died while writing it
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ class EmbeddingCache:
         except ValueError as problem:
             log.warning("ignored the cached prompt embedding %s (%s): the prompt is encoded again", path, problem)
             return None
-        _touch(path)  # recently used: evicted last
+        touch(path)  # recently used: evicted last
         return embeds
 
     def _decode(self, data: bytes, prompt: str) -> torch.Tensor:
@@ -165,15 +162,9 @@ class EmbeddingCache:
         return save({_TENSOR: embeds[:rows].to(self.dtype).contiguous()}, metadata=metadata)
 
     def _write(self, path: Path, data: bytes) -> None:
-        """`data` to `path` atomically: a temporary file in the same folder, renamed over it."""
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=_TEMPORARY, suffix=SUFFIX)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        """`data` to `path` atomically (`cache_dir.cache_file_written`)."""
+        with cache_file_written(path) as temporary:
+            temporary.write_bytes(data)
 
     def _evict(self) -> None:
         """Delete the least recently used files until the folder holds at most `max_bytes`.
@@ -187,8 +178,8 @@ class EmbeddingCache:
                 stat = path.stat()
             except FileNotFoundError:  # another process evicted it
                 continue
-            if path.name.startswith(_TEMPORARY):
-                if now - stat.st_mtime < _STALE_S:
+            if path.name.startswith(TEMPORARY_PREFIX):
+                if now - stat.st_mtime < STALE_TEMPORARY_S:
                     continue
                 files.append((0, stat.st_size, path))
             else:
@@ -218,10 +209,3 @@ def _header_metadata(data: bytes) -> dict[str, str]:
         raise ValueError("not a safetensors file") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata if isinstance(metadata, dict) else {}
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:  # a read-only cache still serves its files
-        pass

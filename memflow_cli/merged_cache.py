@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .cache_dir import cache_root
+from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ MERGE_VERSION = 1
 SUFFIX = ".safetensors"
 KEEP_ENV = "MEMFLOW_MERGED_CACHE_FILES"
 DEFAULT_KEEP = 2
-_TEMPORARY = ".tmp-"
-_STALE_S = 3600  # a temporary file this old was left by a process that died while writing it
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ class MergedCache:
         except ValueError as problem:
             log.warning("ignored the cached merged transformer %s (%s): the LoRA is merged again", path, problem)
             return None
-        _touch(path)  # recently used: evicted last
+        touch(path)  # recently used: evicted last
         return state
 
     def _read(
@@ -150,14 +147,8 @@ class MergedCache:
         files past `keep`; False (warned) where the folder cannot be written."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=_TEMPORARY, suffix=SUFFIX)
-            os.close(handle)
-            try:
+            with cache_file_written(self.path(key)) as temporary:
                 save_file(_own_storage(state), temporary, metadata={"format": FORMAT, "key": key.text})
-                os.replace(temporary, self.path(key))
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
             self._evict()
         except OSError as error:
             log.warning(
@@ -176,8 +167,8 @@ class MergedCache:
                 mtime = path.stat().st_mtime
             except FileNotFoundError:  # another process evicted it
                 continue
-            if path.name.startswith(_TEMPORARY):
-                if now - mtime >= _STALE_S:
+            if path.name.startswith(TEMPORARY_PREFIX):
+                if now - mtime >= STALE_TEMPORARY_S:
                     path.unlink(missing_ok=True)
                 continue
             files.append((mtime, path))
@@ -199,10 +190,3 @@ def _own_storage(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _dtype(key: MergeKey) -> torch.dtype:
     return getattr(torch, key.dtype)
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:  # a read-only cache still serves its files
-        pass

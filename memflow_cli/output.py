@@ -94,18 +94,25 @@ def _reason(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def write_sidecar(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as indented JSON, atomically (temporary file in the same folder, then os.replace)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; once the block ends without error it replaces `path`, readable
+    as the user's other files are (mkstemp makes it private), else it is removed: `path` is whole or untouched."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a sidecar is as readable as its video
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_sidecar(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as indented JSON, atomically (`written_atomically`)."""
+    with written_atomically(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:

@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .output import written_atomically
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `check --against` reads only metadata
     import torch
@@ -192,22 +192,9 @@ def save_snapshot(path: Path, snapshot: Snapshot) -> int:
     from safetensors.torch import save_file
 
     tensors, metadata = _flatten(snapshot)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"memflow_snapshot": json.dumps(metadata)})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a snapshot is as readable as its video
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_atomically(path) as temporary:
+        save_file(tensors, temporary, metadata={"memflow_snapshot": json.dumps(metadata)})
     return path.stat().st_size
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

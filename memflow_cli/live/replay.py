@@ -7,8 +7,6 @@ duration of exactly the chunks that were made. The first line marks it as memflo
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import yaml
 
 from .. import __version__
+from ..output import written_atomically
 from ..script import Story, load_scripts
 from ..settings import SETTING_NAMES, GenerationSettings, VideoGeometry
 from ..text import plural
@@ -75,18 +74,9 @@ def replay_text(
 
 
 def write_replay(path: Path, text: str) -> None:
-    """Write the script atomically (a temporary file in the same folder, then os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the script atomically (`output.written_atomically`)."""
+    with written_atomically(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def read_back(path: Path, geometry: VideoGeometry, chunks: int, starts: Sequence[int]) -> Story:

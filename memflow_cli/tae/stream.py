@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..decode import check_latent_chunk
 from .model import TaehvDecoder, TaeMemory, frames_from_raw
 
 
@@ -46,9 +47,4 @@ class StreamingTaeDecoder:
         return frames_to_uint8(self.decode_float(latents))
 
     def _check_latents(self, latents: torch.Tensor) -> None:
-        shape_ok = latents.dim() == 5 and latents.shape[0] == 1 and latents.shape[2] == self.latent_channels
-        if not shape_ok or latents.shape[1] == 0:
-            raise ValueError(
-                f"latents must be [1, F>0, {self.latent_channels}, h, w] (frame-major, one video), "
-                f"got {list(latents.shape)}"
-            )
+        check_latent_chunk(latents, self.latent_channels)
