@@ -3,7 +3,9 @@
 # render of the edited story (neither keeps snapshots; the first render does), and check that both files are
 # the same.
 #   tests/gpu_tools/update_time.sh WORKDIR [render options, e.g. --model random --device cuda]
+#   MEMFLOW='python3 -m memflow_cli' tests/gpu_tools/update_time.sh ...   # where no `memflow` script is installed
 set -euo pipefail
+read -r -a memflow <<< "${MEMFLOW:-memflow}"
 work=${1:?usage: update_time.sh WORKDIR [render options...]}; shift
 mkdir -p "$work" && cd "$work"
 python3 - <<'PY'
@@ -20,10 +22,10 @@ def story(last):
 open("story.yaml", "w").write(story(prompts[-1]))
 open("edited.yaml", "w").write(story("the fox disappears into the forest on the far bank"))
 PY
-memflow render story.yaml -o a.mp4 -q --overwrite --snapshots "$@"
+"${memflow[@]}" render story.yaml -o a.mp4 -q --overwrite --snapshots "$@"
 cp a.json first.json  # its snapshots' sizes
-t0=$(date +%s.%N); memflow render edited.yaml -o a.mp4 -q --update "$@"
-t1=$(date +%s.%N); memflow render edited.yaml -o b.mp4 -q --overwrite "$@"
+t0=$(date +%s.%N); "${memflow[@]}" render edited.yaml -o a.mp4 -q --update "$@"
+t1=$(date +%s.%N); "${memflow[@]}" render edited.yaml -o b.mp4 -q --overwrite "$@"
 t2=$(date +%s.%N)
 python3 -c "
 import json, sys
