@@ -98,6 +98,12 @@ class DecoderKernels:
     than one, computes zero filters up to a whole tile and hands on a view of its real channels: the
     full-resolution stage has 96 channels, where cuDNN's Hopper kernels run a third slower than at 128.
     Each output channel is its own sum, so the real channels come out as they did.
+
+    With `convs_2d` every causal conv runs as one 2-D conv: the frames its kernel sees (two from the history,
+    one new) are stacked on the channel axis, so its [C_out, C_in, 3, kh, kw] filters become [C_out, 3 C_in,
+    kh, kw], and all output frames of a call are one batch of images. cuDNN's 2-D bf16 kernels are faster
+    than its 3-D ones for the same sums. The 1x1x1 shortcut convs become one matrix product over the
+    channels of every pixel. The sums are the same, in another order: equal to float32 rounding.
     """
 
     norm_silu: NormSiLUInto = rms_norm_silu_into
@@ -105,6 +111,7 @@ class DecoderKernels:
     upsample: Upsample = upsample_nearest
     bias_after_conv: bool = False
     channel_tile: int | None = None
+    convs_2d: bool = False
 
 
 PLAIN_KERNELS = DecoderKernels()
@@ -125,35 +132,48 @@ class CausalConvCache:
     """One causal conv's state over a video: its last input frames (its history) and the filters it runs.
 
     The history is allocated at the conv's first call, when the frame size is known, and from then on only
-    written in place; `reset` zeroes it. Filters tiled to `channel_tile` are made once and refreshed in
-    place from the conv's weights at every `reset`. So every call of a video, and every video after it,
-    reads and writes the same memory: a CUDA graph captured over a decoder call stays valid.
+    written in place; `reset` zeroes it. Filters in another form than the conv's own (tiled to
+    `channel_tile`, or reshaped for `as_2d`) are made at construction and refreshed in place from the conv's
+    weights at every `reset`. So every call of a video, and every video after it, reads and writes the same
+    memory: a CUDA graph captured over a decoder call stays valid.
+
+    `as_2d` computes the conv as a 2-D one over its frames stacked on the channel axis (`DecoderKernels`).
+    Its history and window then hold each pixel's frames side by side ([B, h, w, frames, C] in memory), so
+    the stacked input of one output frame is a view of the window, and that of several is one copy.
     """
 
-    def __init__(self, conv: autoencoder_kl_wan.WanCausalConv3d, channel_tile: int | None):
+    def __init__(self, conv: autoencoder_kl_wan.WanCausalConv3d, channel_tile: int | None, as_2d: bool = False):
         self.conv = conv
+        self.as_2d = as_2d
         self.keep = conv.kernel_size[0] - 1  # input frames before the current ones that the kernel sees
         self.spatial_padding = (0, conv._padding[2], conv._padding[0])  # (time, h, w): time is the history
         self.out_channels = conv.out_channels
         self.channels = padded_channels(conv.out_channels, channel_tile)  # computed output channels
         self.history: torch.Tensor | None = None  # [B, C_in, keep, h, w]
-        self._tiled: tuple[torch.Tensor, torch.Tensor] | None = None  # zero filters up to `channels`
-        self.buffers_made = 0  # histories and tiled filters allocated, first ones included
+        self._made: tuple[torch.Tensor, torch.Tensor] | None = None  # the filters in their computed form
+        self.buffers_made = 0  # histories and computed filters allocated, first ones included
         self.buffers_moved = 0  # of those, the ones that replaced a buffer (new addresses for old state)
+        if self._own_filters:
+            self.filters()
+
+    @property
+    def _own_filters(self) -> bool:
+        """The filters run are not the conv's own tensors (tiled or reshaped): this cache keeps a copy."""
+        return self.as_2d or self.channels != self.out_channels
 
     @torch.inference_mode()  # the buffers were made in inference mode: only there can they change in place
     def reset(self) -> None:
-        """A new video: the history is zero (a first frame's causal padding); tiled filters follow the weights."""
+        """A new video: the history is zero (a first frame's causal padding); computed filters follow the weights."""
         if self.history is not None:
             self.history.zero_()
-        if self._tiled is not None:
-            weight, bias = self._tiled
+        if self._made is not None:
+            weight, bias = self._made
             if weight.device != self.conv.weight.device or weight.dtype != self.conv.weight.dtype:
-                self._tiled = None  # the VAE moved: made again now, not in the middle of a video
+                self._made = None  # the VAE moved: made again now, not in the middle of a video
                 self.filters()
                 self.buffers_moved += 1
             else:
-                weight[: self.out_channels].copy_(self.conv.weight)
+                weight[: self.out_channels].copy_(self._weight_in_form())
                 bias[: self.out_channels].copy_(self.conv.bias)
 
     def __call__(self, x: torch.Tensor, fill: Fill, with_bias: bool = True) -> torch.Tensor:
@@ -163,17 +183,42 @@ class CausalConvCache:
         """
         b, _, t, h, w = x.shape
         history = self._history_for(x)
-        # the window is the one buffer a call allocates: the caching allocator (or a CUDA graph's pool) hands
-        # back the same memory every call, and nothing outlives the call
-        window = torch.empty(
-            (b, self.conv.in_channels, self.keep + t, h, w), device=x.device, dtype=x.dtype, memory_format=_layout(x)
-        )
+        # the window is the one buffer a call allocates (with the stacked frames of a 2-D conv of T > 1): the
+        # caching allocator (or a CUDA graph's pool) hands back the same memory every call; nothing outlives it
+        window = self._empty_window(x)
         window[:, :, : self.keep].copy_(history)
         fill(window[:, :, self.keep :], x)
         weight, bias = self.filters()
-        out = F.conv3d(window, weight, bias if with_bias else None, self.conv.stride, self.spatial_padding)
+        bias = bias if with_bias else None
+        if self.as_2d:
+            images = self._stacked_frames(window, t)  # [B*T, kt*C_in, h, w]
+            out = F.conv2d(images, weight, bias, self.conv.stride[1:], self.spatial_padding[1:])
+            out = out.unflatten(0, (b, t)).transpose(1, 2)  # [B, C, T, h, w]
+        else:
+            out = F.conv3d(window, weight, bias, self.conv.stride, self.spatial_padding)
         history.copy_(window[:, :, t:])
         return out[:, : self.out_channels]  # the real channels (a view, when the filters were tiled)
+
+    def _empty_window(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialised [B, C_in, keep + T, h, w] for x's frames: channels-last, or pixel-major for a 2-D conv."""
+        b, _, t, h, w = x.shape
+        shape = (b, self.conv.in_channels, self.keep + t, h, w)
+        if self.as_2d:
+            return _pixel_major(torch.empty, shape, x)
+        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=_layout(x))
+
+    def _stacked_frames(self, window: torch.Tensor, t: int) -> torch.Tensor:
+        """The kernel's frames of each output frame on the channel axis: [B*T, kt*C_in, h, w], channels-last.
+
+        Output frame i sees window frames i .. i + keep; stacked as tap-major channels (tap k's C_in channels
+        at k*C_in), the order of `_weight_in_form`. One view of the window when T = 1, else one copy.
+        """
+        b, c, _, h, w = window.shape
+        kt = self.keep + 1
+        pixels = window.permute(0, 3, 4, 2, 1)  # [B, h, w, keep + T, C]: the window's memory order
+        taps = pixels.unfold(3, kt, 1).transpose(-1, -2)  # [B, h, w, T, kt, C]
+        stacked = taps.permute(0, 3, 1, 2, 4, 5).reshape(b * t, h, w, kt * c)  # [B*T, h, w, kt*C]
+        return stacked.permute(0, 3, 1, 2)
 
     def _history_for(self, x: torch.Tensor) -> torch.Tensor:
         """The history buffer, made (zero) at the first call or when the frame size, dtype or device change."""
@@ -182,26 +227,51 @@ class CausalConvCache:
         history = self.history
         if history is None or history.shape != shape or history.dtype != x.dtype or history.device != x.device:
             self.buffers_moved += history is not None
-            history = torch.zeros(shape, device=x.device, dtype=x.dtype).contiguous(memory_format=_layout(x))
+            if self.as_2d:
+                history = _pixel_major(torch.zeros, shape, x)
+            else:
+                history = torch.zeros(shape, device=x.device, dtype=x.dtype).contiguous(memory_format=_layout(x))
             self.history = history
             self.buffers_made += 1
         return history
 
+    def _weight_in_form(self) -> torch.Tensor:
+        """The conv's weight as it is computed: [C_out, C_in, kt, kh, kw], or [C_out, kt*C_in, kh, kw] (tap-major)."""
+        weight = self.conv.weight
+        if self.as_2d:
+            c_out, c_in, kt, kh, kw = weight.shape
+            return weight.permute(0, 2, 1, 3, 4).reshape(c_out, kt * c_in, kh, kw)
+        return weight
+
     def filters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv's weight and bias, with zero filters up to `channels` where they are tiled."""
-        if self.channels == self.out_channels:
+        """The weight and bias the conv runs: its own, or this cache's copy (tiled to `channels`, reshaped)."""
+        if not self._own_filters:
             return self.conv.weight, self.conv.bias
-        if self._tiled is None:
-            conv = self.conv
-            weight = conv.weight.new_zeros((self.channels, *conv.weight.shape[1:]))
-            weight[: self.out_channels] = conv.weight
-            bias = conv.bias.new_zeros(self.channels)
-            bias[: self.out_channels] = conv.bias
+        if self._made is None:
+            with torch.inference_mode():
+                self._made = self._make_filters()
+            self.buffers_made += 1
+        return self._made
+
+    def _make_filters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, form = self.conv, self._weight_in_form()
+        weight = form.new_zeros((self.channels, *form.shape[1:]))
+        weight[: self.out_channels] = form
+        bias = conv.bias.new_zeros(self.channels)
+        bias[: self.out_channels] = conv.bias
+        if self.as_2d:
+            layout = torch.channels_last if weight.is_cuda else torch.contiguous_format
+        else:
             channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
             layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-            self._tiled = (weight.contiguous(memory_format=layout), bias)
-            self.buffers_made += 1
-        return self._tiled
+        return weight.contiguous(memory_format=layout), bias
+
+
+def _pixel_major(make: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A [B, C, F, h, w] tensor (`torch.empty` or `torch.zeros`) whose memory is [B, h, w, F, C]: each pixel's
+    frames side by side."""
+    b, c, f, h, w = shape
+    return make((b, h, w, f, c), device=like.device, dtype=like.dtype).permute(0, 4, 3, 1, 2)
 
 
 class DecoderStream:
@@ -219,7 +289,7 @@ class DecoderStream:
         self.decoder = decoder
         self.kernels = kernels
         self.caches: dict[nn.Module, CausalConvCache] = {
-            conv: CausalConvCache(conv, kernels.channel_tile)
+            conv: CausalConvCache(conv, kernels.channel_tile, kernels.convs_2d)
             for conv in decoder.modules()
             if isinstance(conv, autoencoder_kl_wan.WanCausalConv3d) and conv.kernel_size[0] > 1  # not the shortcuts
         }
@@ -295,13 +365,21 @@ class DecoderStream:
 
     def _residual(self, block: autoencoder_kl_wan.WanResidualBlock, x: torch.Tensor) -> torch.Tensor:
         """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1 conv) shortcut. Dropout: eval."""
-        shortcut = block.conv_shortcut
-        h = x if isinstance(shortcut, nn.Identity) else F.conv3d(x, shortcut.weight, shortcut.bias)
+        h = self._shortcut(block.conv_shortcut, x)
         deferred = self.kernels.bias_after_conv  # then each conv's bias is added by the step after it
         x = self.caches[block.conv1](x, self._norm_silu(block.norm1), with_bias=not deferred)
         norm2 = self._norm_silu(block.norm2, block.conv1.bias if deferred else None)
         x = self.caches[block.conv2](x, norm2, with_bias=not deferred)
         return self.kernels.residual(x, block.conv2.bias if deferred else None, h)
+
+    def _shortcut(self, shortcut: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x, or its 1x1x1 conv: a conv3d, or with `convs_2d` one matrix product over the channels of every pixel."""
+        if isinstance(shortcut, nn.Identity):
+            return x
+        if self.kernels.convs_2d:
+            pixels = x.movedim(1, -1)  # [B, T, h, w, C]: a view of channels-last memory
+            return F.linear(pixels, shortcut.weight.flatten(1), shortcut.bias).movedim(-1, 1)
+        return F.conv3d(x, shortcut.weight, shortcut.bias)
 
     def _upsample(self, resample: autoencoder_kl_wan.WanResample, x: torch.Tensor, first: bool) -> torch.Tensor:
         """Twice the frames (upsample3d, except on the video's first call), then twice the size per frame."""

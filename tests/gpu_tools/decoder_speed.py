@@ -83,7 +83,8 @@ def main() -> None:
     geometry = VideoGeometry()  # 832x480, 3 latent frames per chunk -> 12 video frames
     if args.profile:
         profile(vae, args.profile, geometry)
-        return
+        if not args.configs:
+            return
     for name in args.configs or CONFIGS:
         print(json.dumps(measure(vae, name, geometry)), flush=True)
 
