@@ -11,14 +11,23 @@ upsampling.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ..vae_stream import DecoderKernels, DecoderStream, plus_bias, residual_sum, rms_norm_silu_into, upsample_nearest
+from ..vae_stream import (
+    PLAIN_KERNELS,
+    DecoderKernels,
+    DecoderStream,
+    plus_bias,
+    residual_sum,
+    rms_norm_silu_into,
+    upsample_nearest,
+)
 from .compile import compiled, eager_rounding
 from .process import compile_settings
 
@@ -68,6 +77,8 @@ def rms_norm_silu_over_channels_into(
 # The CUDA decoder without a compiler: torch's RMS norm + SiLU, 96-channel convs computed as 128 (`channel_tile`).
 # Biases stay inside the convs: no eager step after a conv could add them for free.
 EAGER_CUDA_KERNELS = DecoderKernels(norm_silu=rms_norm_silu_over_channels_into, channel_tile=128)
+# The same with every causal conv computed as a 2-D conv over its stacked frames (`DecoderKernels.convs_2d`).
+EAGER_CUDA_2D_KERNELS = replace(EAGER_CUDA_KERNELS, convs_2d=True)
 
 
 @functools.cache
@@ -89,6 +100,31 @@ def fused_decoder_kernels() -> DecoderKernels:
         bias_after_conv=True,
         channel_tile=128,
     )
+
+
+class DecoderKernelSet(enum.Enum):
+    """The decoder's kernel sets by name (`tests/gpu_tools/decoder_speed.py` times each on the GPU)."""
+
+    PLAIN = "plain"  # plain PyTorch steps, 3-D convs: the CPU's, bit for bit the official decoder there
+    EAGER_CUDA = "eager-cuda"  # torch's RMS norm + SiLU, 96 channels computed as 128, no compiler
+    EAGER_CUDA_2D = "eager-cuda-2d"  # eager-cuda with causal convs as 2-D convs over stacked frames
+    COMPILED = "compiled"  # Inductor's fused steps, biases folded into them (the --compile path)
+    COMPILED_2D = "compiled-2d"  # compiled with causal convs as 2-D convs
+
+    def kernels(self) -> DecoderKernels:
+        """The set itself (a compiled one is made, once, on first use)."""
+        if self in (DecoderKernelSet.COMPILED, DecoderKernelSet.COMPILED_2D):
+            return replace(fused_decoder_kernels(), convs_2d=self is DecoderKernelSet.COMPILED_2D)
+        return {
+            DecoderKernelSet.PLAIN: PLAIN_KERNELS,
+            DecoderKernelSet.EAGER_CUDA: EAGER_CUDA_KERNELS,
+            DecoderKernelSet.EAGER_CUDA_2D: EAGER_CUDA_2D_KERNELS,
+        }[self]
+
+
+# The decoder of the CUDA paths that compile nothing (eager, graphed): plain until the GPU run of
+# decoder_speed.py names the fastest set within the bf16 bar; switching is this one line.
+EAGER_CUDA_DECODER = DecoderKernelSet.PLAIN
 
 
 @dataclass(frozen=True)
