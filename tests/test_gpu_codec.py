@@ -25,8 +25,8 @@ from memflow_cli.vae_stream import PLAIN_KERNELS, DecoderKernels
 from memflow_cli.weights import load_vae, load_wan_t5
 
 from . import codec
+from .codec import FAST_PATH_MARGIN
 
-FAST_PATH_MARGIN = 1.1  # the fast path's bf16 error may exceed the official-style path's by at most 10%
 MANIFEST = codec.manifest()
 
 pytestmark = [
