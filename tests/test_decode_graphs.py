@@ -22,11 +22,11 @@ from memflow_cli.speed.decoder import (
     EAGER_CUDA_KERNELS,
     CallShape,
     DecoderGraphs,
+    DecoderKernelSet,
     channels_last_convs,
-    fused_decoder_kernels,
     rms_norm_silu_over_channels_into,
 )
-from memflow_cli.vae_stream import PLAIN_KERNELS, DecoderKernels, rms_norm_silu_into
+from memflow_cli.vae_stream import DecoderKernels, rms_norm_silu_into
 from memflow_cli.weights import WAN21_VAE_CONFIG
 
 LATENT_HW = (4, 6)
@@ -209,9 +209,7 @@ def _cuda_vae(vae: AutoencoderKLWan, device: str) -> AutoencoderKLWan:
     return on_device
 
 
-KERNEL_SETS: dict[str, Callable[[], DecoderKernels]] = {
-    "plain": lambda: PLAIN_KERNELS, "eager-cuda": lambda: EAGER_CUDA_KERNELS, "compiled": fused_decoder_kernels
-}
+KERNEL_SETS: dict[str, Callable[[], DecoderKernels]] = {kernels.value: kernels.kernels for kernels in DecoderKernelSet}
 
 
 # MEMFLOW_STRICT_GRAPHS=1: an unexpected pass fails, so the run that shows the capture mended says so (and
@@ -257,9 +255,11 @@ def test_decode_timing_runs_on_the_gpu(vae: AutoencoderKLWan) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_eager_cuda_kernels_are_as_faithful_as_the_plain_ones_on_the_full_width_decoder() -> None:
+@pytest.mark.parametrize("kernel_set", [DecoderKernelSet.EAGER_CUDA, DecoderKernelSet.EAGER_CUDA_2D], ids=str)
+def test_eager_cuda_kernels_are_as_faithful_as_the_plain_ones_on_the_full_width_decoder(kernel_set) -> None:
     """bf16 decodes against the float32 one of a random full-size Wan2.1 VAE: its 96-channel stage is computed
-    as 128 channels and normalised by `F.rms_norm` over a strided view, as at 832x480."""
+    as 128 channels and normalised by `F.rms_norm` over a strided view, as at 832x480; with the 2-D set, every
+    causal conv runs over its stacked frames."""
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to("cuda").eval()
     channels_last_convs(vae)
@@ -267,12 +267,12 @@ def test_eager_cuda_kernels_are_as_faithful_as_the_plain_ones_on_the_full_width_
     expected = _decode(StreamingDecoder(vae, graphs=False), latents)
     vae.to(torch.bfloat16)
     plain = _decode(StreamingDecoder(vae, graphs=False), latents)
-    eager_cuda = _decode(StreamingDecoder(vae, kernels=EAGER_CUDA_KERNELS), latents)
+    eager_cuda = _decode(StreamingDecoder(vae, kernels=kernel_set.kernels()), latents)
 
     def error(x: torch.Tensor) -> float:
         return ((x - expected).norm() / expected.norm()).item()
 
-    print(f"\nbf16 relative L2 to float32: plain {error(plain):.3e}, eager-cuda {error(eager_cuda):.3e}")
+    print(f"\nbf16 relative L2 to float32: plain {error(plain):.3e}, {kernel_set.value} {error(eager_cuda):.3e}")
     assert eager_cuda.shape == expected.shape == (25, 3, 96, 160)
     assert error(eager_cuda) < 5e-2
     assert error(eager_cuda) <= 1.1 * error(plain)
