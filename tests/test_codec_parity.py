@@ -102,9 +102,10 @@ def test_vae_decode_matches_official_frames(case: str, dtype: str) -> None:
 
 @pytest.mark.parametrize("case", VAE_CASES)
 def test_vae_decode_with_2d_convs_matches_official_frames_in_float32(case: str) -> None:
-    """The CUDA option `convs_2d` (causal convs over stacked frames), run on the CPU: the official float32 frames
-    within the bar, and the plain decoder's within float32 rounding."""
-    pixels, frames = _decode_case(case, "float32", DecoderKernels(convs_2d=True, channel_tile=20))  # 16 channels as 20
+    """The CUDA options `convs_2d` (causal convs over stacked frames) and `upsample_subpixel`, run on the CPU: the
+    official float32 frames within the bar, and the plain decoder's within float32 rounding."""
+    kernels = DecoderKernels(convs_2d=True, upsample_subpixel=True, channel_tile=20)  # 16 channels computed as 20
+    pixels, frames = _decode_case(case, "float32", kernels)
     _assert_within_bar(case, "float32", pixels, frames)
     plain, _ = _decode_case(case, "float32", EAGER.decoder_kernels)
     assert codec.relative_l2(pixels, plain) < 2e-6

@@ -77,8 +77,9 @@ def rms_norm_silu_over_channels_into(
 # The CUDA decoder without a compiler: torch's RMS norm + SiLU, 96-channel convs computed as 128 (`channel_tile`).
 # Biases stay inside the convs: no eager step after a conv could add them for free.
 EAGER_CUDA_KERNELS = DecoderKernels(norm_silu=rms_norm_silu_over_channels_into, channel_tile=128)
-# The same with every causal conv computed as a 2-D conv over its stacked frames (`DecoderKernels.convs_2d`).
-EAGER_CUDA_2D_KERNELS = replace(EAGER_CUDA_KERNELS, convs_2d=True)
+# The same with every causal conv computed as a 2-D conv over its stacked frames (`DecoderKernels.convs_2d`) and
+# the convs after the 2x upsamplings on the small images (`upsample_subpixel`).
+EAGER_CUDA_2D_KERNELS = replace(EAGER_CUDA_KERNELS, convs_2d=True, upsample_subpixel=True)
 
 
 @functools.cache
@@ -107,14 +108,15 @@ class DecoderKernelSet(enum.Enum):
 
     PLAIN = "plain"  # plain PyTorch steps, 3-D convs: the CPU's, bit for bit the official decoder there
     EAGER_CUDA = "eager-cuda"  # torch's RMS norm + SiLU, 96 channels computed as 128, no compiler
-    EAGER_CUDA_2D = "eager-cuda-2d"  # eager-cuda with causal convs as 2-D convs over stacked frames
+    EAGER_CUDA_2D = "eager-cuda-2d"  # eager-cuda, causal convs as 2-D convs, upsampling convs on the small image
     COMPILED = "compiled"  # Inductor's fused steps, biases folded into them (the --compile path)
-    COMPILED_2D = "compiled-2d"  # compiled with causal convs as 2-D convs
+    COMPILED_2D = "compiled-2d"  # compiled, causal convs as 2-D convs, upsampling convs on the small image
 
     def kernels(self) -> DecoderKernels:
         """The set itself (a compiled one is made, once, on first use)."""
         if self in (DecoderKernelSet.COMPILED, DecoderKernelSet.COMPILED_2D):
-            return replace(fused_decoder_kernels(), convs_2d=self is DecoderKernelSet.COMPILED_2D)
+            as_2d = self is DecoderKernelSet.COMPILED_2D
+            return replace(fused_decoder_kernels(), convs_2d=as_2d, upsample_subpixel=as_2d)
         return {
             DecoderKernelSet.PLAIN: PLAIN_KERNELS,
             DecoderKernelSet.EAGER_CUDA: EAGER_CUDA_KERNELS,
