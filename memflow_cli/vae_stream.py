@@ -144,9 +144,9 @@ class CausalConvCache:
     weights at every `reset`. So every call of a video, and every video after it, reads and writes the same
     memory: a CUDA graph captured over a decoder call stays valid.
 
-    `as_2d` computes the conv as a 2-D one over its frames stacked on the channel axis (`DecoderKernels`).
-    Its history and window then hold each pixel's frames side by side ([B, h, w, frames, C] in memory), so
-    the stacked input of one output frame is a view of the window, and that of several is one copy.
+    `as_2d` computes the conv as a 2-D one over its frames stacked on the channel axis (`DecoderKernels`):
+    there is no window, the fill and the history write straight into the stacked images. Its history holds
+    each pixel's frames side by side ([B, h, w, keep, C] in memory), as the images do.
     """
 
     def __init__(self, conv: autoencoder_kl_wan.WanCausalConv3d, channel_tile: int | None, as_2d: bool = False):
@@ -188,44 +188,55 @@ class CausalConvCache:
 
         with_bias=False leaves the conv's bias out of the result (the caller's next step adds it).
         """
-        b, _, t, h, w = x.shape
         history = self._history_for(x)
-        # the window is the one buffer a call allocates (with the stacked frames of a 2-D conv of T > 1): the
-        # caching allocator (or a CUDA graph's pool) hands back the same memory every call; nothing outlives it
-        window = self._empty_window(x)
-        window[:, :, : self.keep].copy_(history)
-        fill(window[:, :, self.keep :], x)
         weight, bias = self.filters()
         bias = bias if with_bias else None
         if self.as_2d:
-            images = self._stacked_frames(window, t)  # [B*T, kt*C_in, h, w]
-            out = F.conv2d(images, weight, bias, self.conv.stride[1:], self.spatial_padding[1:])
-            out = out.unflatten(0, (b, t)).transpose(1, 2)  # [B, C, T, h, w]
+            out = self._conv_2d(x, fill, history, weight, bias)
         else:
-            out = F.conv3d(window, weight, bias, self.conv.stride, self.spatial_padding)
-        history.copy_(window[:, :, t:])
+            out = self._conv_3d(x, fill, history, weight, bias)
         return out[:, : self.out_channels]  # the real channels (a view, when the filters were tiled)
 
-    def _empty_window(self, x: torch.Tensor) -> torch.Tensor:
-        """An uninitialised [B, C_in, keep + T, h, w] for x's frames: channels-last, or pixel-major for a 2-D conv."""
+    def _conv_3d(
+        self, x: torch.Tensor, fill: Fill, history: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         b, _, t, h, w = x.shape
-        shape = (b, self.conv.in_channels, self.keep + t, h, w)
-        if self.as_2d:
-            return _pixel_major(torch.empty, shape, x)
-        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=_layout(x))
+        # the window is the one buffer a call allocates: the caching allocator (or a CUDA graph's pool) hands
+        # back the same memory every call, and nothing outlives the call
+        window = torch.empty(
+            (b, self.conv.in_channels, self.keep + t, h, w), device=x.device, dtype=x.dtype, memory_format=_layout(x)
+        )
+        window[:, :, : self.keep].copy_(history)
+        fill(window[:, :, self.keep :], x)
+        out = F.conv3d(window, weight, bias, self.conv.stride, self.spatial_padding)
+        history.copy_(window[:, :, t:])
+        return out
 
-    def _stacked_frames(self, window: torch.Tensor, t: int) -> torch.Tensor:
-        """The kernel's frames of each output frame on the channel axis: [B*T, kt*C_in, h, w], channels-last.
+    def _conv_2d(
+        self, x: torch.Tensor, fill: Fill, history: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The conv as a 2-D one: output frame i's kernel frames (window frames i .. i + keep) side by side
+        on the channel axis, tap-major (the order of `_weight_in_form`), written straight into the images.
 
-        Output frame i sees window frames i .. i + keep; stacked as tap-major channels (tap k's C_in channels
-        at k*C_in), the order of `_weight_in_form`. One view of the window when T = 1, else one copy.
+        Tap `keep` of output frame i is new frame i: the fill writes there. Tap k < keep of output frame i is
+        window frame i + k: a history frame for the first keep - k output frames, else new frame i + k - keep,
+        copied from tap `keep` of output frame i + k - keep. The images are the one buffer a call allocates.
         """
-        b, c, _, h, w = window.shape
-        kt = self.keep + 1
-        pixels = window.permute(0, 3, 4, 2, 1)  # [B, h, w, keep + T, C]: the window's memory order
-        taps = pixels.unfold(3, kt, 1).transpose(-1, -2)  # [B, h, w, T, kt, C]
-        stacked = taps.permute(0, 3, 1, 2, 4, 5).reshape(b * t, h, w, kt * c)  # [B*T, h, w, kt*C]
-        return stacked.permute(0, 3, 1, 2)
+        b, _, t, h, w = x.shape
+        c, keep = self.conv.in_channels, self.keep
+        stacked = torch.empty((b, t, h, w, keep + 1, c), device=x.device, dtype=x.dtype)  # [B, T, h, w, kt, C]
+        taps = stacked.permute(0, 5, 1, 2, 3, 4)  # [B, C, T, h, w, kt]: each tap k as a 5-D view taps[..., k]
+        fill(taps[..., keep], x)
+        for k in range(keep):
+            from_history = min(t, keep - k)
+            taps[:, :, :from_history, :, :, k].copy_(history[:, :, k : k + from_history])
+            if t > from_history:
+                taps[:, :, from_history:, :, :, k].copy_(taps[:, :, : t - from_history, :, :, keep])
+        images = stacked.view(b * t, h, w, (keep + 1) * c).permute(0, 3, 1, 2)  # channels-last [B*T, kt*C, h, w]
+        out = F.conv2d(images, weight, bias, self.conv.stride[1:], self.spatial_padding[1:])
+        # the next history, window frames T .. T + keep - 1, are taps 1 .. keep of the last output frame
+        history.copy_(taps[:, :, t - 1, :, :, 1:].permute(0, 1, 4, 2, 3))
+        return out.unflatten(0, (b, t)).transpose(1, 2)  # [B, C_out, T, h, w]
 
     def _history_for(self, x: torch.Tensor) -> torch.Tensor:
         """The history buffer, made (zero) at the first call or when the frame size, dtype or device change."""
@@ -235,7 +246,7 @@ class CausalConvCache:
         if history is None or history.shape != shape or history.dtype != x.dtype or history.device != x.device:
             self.buffers_moved += history is not None
             if self.as_2d:
-                history = _pixel_major(torch.zeros, shape, x)
+                history = _pixel_major_zeros(shape, x)
             else:
                 history = torch.zeros(shape, device=x.device, dtype=x.dtype).contiguous(memory_format=_layout(x))
             self.history = history
@@ -274,11 +285,10 @@ class CausalConvCache:
         return weight.contiguous(memory_format=layout), bias
 
 
-def _pixel_major(make: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A [B, C, F, h, w] tensor (`torch.empty` or `torch.zeros`) whose memory is [B, h, w, F, C]: each pixel's
-    frames side by side."""
+def _pixel_major_zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A zero [B, C, F, h, w] tensor whose memory is [B, h, w, F, C]: each pixel's frames side by side."""
     b, c, f, h, w = shape
-    return make((b, h, w, f, c), device=like.device, dtype=like.dtype).permute(0, 4, 3, 1, 2)
+    return torch.zeros((b, h, w, f, c), device=like.device, dtype=like.dtype).permute(0, 4, 3, 1, 2)
 
 
 # The taps of a 3x3 filter that each output row (or column) phase of a 2x nearest upsampling sees on the small
