@@ -55,7 +55,8 @@ class StreamingDecoder:
     (`FastPath.decoder_kernels`). With `graphs` a VAE on CUDA replays each decoder call from a CUDA graph,
     one per call shape (`speed.decoder.DecoderGraphs`); on the CPU every call runs as it is. Off by default:
     on an H100 with torch 2.11 every capture failed (the caching allocator's internal assert
-    `use_count > 0` in `capture_begin`), so no render replays decoder graphs until that is mended.
+    `use_count > 0` in `capture_begin`). The cause found since, one pool handle shared by every decoder of
+    the process, is mended (each decoder's graphs own their pool); graphs stay off until a GPU run confirms it.
     """
 
     def __init__(

@@ -22,6 +22,7 @@ from memflow_cli.demo import build_demo_tokenizer
 from memflow_cli.settings import VideoGeometry
 from memflow_cli.speed import EAGER
 from memflow_cli.text_encoder import TextEncoder
+from memflow_cli.vae_stream import DecoderKernels
 from memflow_cli.weights import load_vae, load_wan_t5
 
 from . import codec
@@ -59,26 +60,30 @@ def render_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("case", VAE_CASES)
-def test_vae_decode_matches_official_frames(case: str, dtype: str) -> None:
+def _decode_case(case: str, dtype: str, kernels: DecoderKernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """A VAE case's latents decoded chunk by chunk as `render` does: pixels [N, 3, H, W] and uint8 frames."""
     vae_fixture = MANIFEST["vae"]
     d = codec.CODEC_DIR
     config = codec.diffusers_config(d / vae_fixture["config"])
     vae = load_vae(d / vae_fixture["weights"], dtype=codec.DTYPES[dtype], config=config)
-    tensors = load_file(d / vae_fixture["cases"][case]["file"])
-    latents = tensors["latents"].to(codec.DTYPES[dtype])  # [1, T, 16, h, w], the generator's layout
+    latents = load_file(d / vae_fixture["cases"][case]["file"])["latents"].to(codec.DTYPES[dtype])  # [1, T, 16, h, w]
 
-    decoder = StreamingDecoder(vae, kernels=EAGER.decoder_kernels)  # what `render` builds on the CPU
+    decoder = StreamingDecoder(vae, kernels=kernels)
     pixels, frames = [], []
     for chunk in latents.split(VideoGeometry().frames_per_chunk, dim=1):  # as the generator hands them over
         decoded = decoder.decode_float(chunk)  # [N, 3, H, W]; `decode` = this, then `frames_from_decoded`
         pixels.append(decoded)
         frames.append(frames_from_decoded(decoded))
+    return torch.cat(pixels), torch.cat(frames)
 
-    expected_pixels = tensors[f"pixels_{dtype}"][0]  # [N, 3, H, W]
-    expected_frames = tensors[f"frames_{dtype}"]  # [N, H, W, 3] uint8
-    ours_pixels, ours_frames = torch.cat(pixels), torch.cat(frames)
+
+def _expected(case: str, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = load_file(codec.CODEC_DIR / MANIFEST["vae"]["cases"][case]["file"])
+    return tensors[f"pixels_{dtype}"][0], tensors[f"frames_{dtype}"]  # [N, 3, H, W], [N, H, W, 3] uint8
+
+
+def _assert_within_bar(case: str, dtype: str, ours_pixels: torch.Tensor, ours_frames: torch.Tensor) -> None:
+    expected_pixels, expected_frames = _expected(case, dtype)
     assert ours_pixels.shape == expected_pixels.shape and ours_frames.shape == expected_frames.shape
     assert ours_frames.dtype == torch.uint8
     error = codec.relative_l2(ours_pixels, expected_pixels)
@@ -87,6 +92,24 @@ def test_vae_decode_matches_official_frames(case: str, dtype: str) -> None:
     print(f"vae {case} {dtype}: relative L2 {error:.3e}, uint8 equal {equal:.4%}")
     assert error <= limits["rel_l2_max"], f"relative L2 {error:.3e} > {limits['rel_l2_max']}"
     assert equal >= limits["uint8_equal_min"], f"{equal:.4%} of uint8 values equal < {limits['uint8_equal_min']:.1%}"
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", VAE_CASES)
+def test_vae_decode_matches_official_frames(case: str, dtype: str) -> None:
+    _assert_within_bar(case, dtype, *_decode_case(case, dtype, EAGER.decoder_kernels))  # what `render` runs on the CPU
+
+
+@pytest.mark.parametrize("case", VAE_CASES)
+def test_vae_decode_with_2d_convs_matches_official_frames_in_float32(case: str) -> None:
+    """The CUDA options `convs_2d` (causal convs over stacked frames) and `upsample_subpixel`, run on the CPU: the
+    official float32 frames within the bar, and the plain decoder's within float32 rounding."""
+    kernels = DecoderKernels(convs_2d=True, upsample_subpixel=True, channel_tile=20)  # 16 channels computed as 20
+    pixels, frames = _decode_case(case, "float32", kernels)
+    _assert_within_bar(case, "float32", pixels, frames)
+    plain, _ = _decode_case(case, "float32", EAGER.decoder_kernels)
+    assert codec.relative_l2(pixels, plain) < 2e-6
+    torch.testing.assert_close(pixels, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)

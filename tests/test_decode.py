@@ -12,7 +12,13 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders import autoencoder_kl_wan
 
 from memflow_cli.decode import StreamingDecoder, frames_from_decoded
-from memflow_cli.vae_stream import DecoderKernels, DecoderStream, padded_channels, rms_norm_silu_into
+from memflow_cli.vae_stream import (
+    DecoderKernels,
+    DecoderStream,
+    UpsampledConv,
+    padded_channels,
+    rms_norm_silu_into,
+)
 
 LATENT_FRAMES = 9
 CHUNK = 3
@@ -214,13 +220,75 @@ def test_convs_computed_with_tiled_filters_decode_the_same_frames(
     torch.testing.assert_close(tiled, plain, rtol=1e-12, atol=1e-12)
 
 
-def test_tiled_filters_follow_the_vae_weights_from_one_video_to_the_next(vae: AutoencoderKLWan, latents) -> None:
+@pytest.mark.parametrize("frames_per_call", [1, None], ids=["per-frame", "per-chunk"])
+@pytest.mark.parametrize(
+    "kernels",
+    [DecoderKernels(convs_2d=True), DecoderKernels(bias_after_conv=True, channel_tile=10, convs_2d=True)],
+    ids=["2d", "2d-tiled-bias-after"],
+)
+def test_convs_as_2d_decode_the_plain_frames(vae: AutoencoderKLWan, latents, kernels, frames_per_call) -> None:
+    """Causal convs over stacked frames, shortcuts as matrix products: the plain decoder's sums in another order."""
+    plain = _decode_in_chunks(StreamingDecoder(vae), latents)
+    decoder = StreamingDecoder(vae, frames_per_call=frames_per_call, kernels=kernels)
+    ours = _decode_in_chunks(decoder, latents)
+    assert ours.shape == plain.shape
+    assert _relative_error(ours, plain) < 1e-5  # float32 rounding (about 1.5e-6 here); a wrong tap lands near 1
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=2e-5)
+    filters = [cache.filters()[0] for cache in decoder._stream.caches.values()]
+    assert all(weight.dim() == 4 for weight in filters)  # [C_out, 3 C_in, kh, kw]: every causal conv ran as 2-D
+
+
+def test_convs_as_2d_decode_the_plain_frames_in_float64(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
     vae64 = copy.deepcopy(vae).double()
-    kernels = DecoderKernels(bias_after_conv=True, channel_tile=10)
+    plain = _decode_in_chunks(StreamingDecoder(vae64), latents.double())
+    kernels = DecoderKernels(bias_after_conv=True, channel_tile=10, convs_2d=True)
+    ours = _decode_in_chunks(StreamingDecoder(vae64, frames_per_call=2, kernels=kernels), latents.double())
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_convs_as_2d_stream_the_whole_video_decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    decoder = StreamingDecoder(vae, kernels=DecoderKernels(convs_2d=True))
+    ours = _decode_in_chunks(decoder, latents)
+    with torch.no_grad():
+        expected = vae.decode(decoder.denormalise(latents)).sample[0].permute(1, 0, 2, 3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_upsampled_conv_on_the_small_image_is_the_conv_of_the_upsampled_one() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1).double()
+    images = torch.randn(2, 6, 4, 7, dtype=torch.float64)
+    upsample = autoencoder_kl_wan.WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact")
+    assert UpsampledConv.applies_to(upsample, conv)
+    expected = conv(torch.nn.functional.interpolate(images, scale_factor=2.0, mode="nearest-exact"))  # float64 through
+    ours = UpsampledConv(conv)(images)
+    assert ours.shape == expected.shape == (2, 5, 8, 14)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    assert not UpsampledConv.applies_to(upsample, torch.nn.Conv2d(6, 5, 3, padding=1, stride=2))
+    assert not UpsampledConv.applies_to(torch.nn.Upsample(scale_factor=2.0, mode="bilinear"), conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_subpixel_upsampling_convs_decode_the_plain_frames(vae, latents, dtype: torch.dtype) -> None:
+    own = copy.deepcopy(vae).to(dtype)
+    plain = _decode_in_chunks(StreamingDecoder(own), latents.to(dtype))
+    decoder = StreamingDecoder(own, kernels=DecoderKernels(convs_2d=True, upsample_subpixel=True))
+    ours = _decode_in_chunks(decoder, latents.to(dtype))
+    assert len(decoder._stream.upsampled) == 3  # every 2x upsampling's conv (two with time upsampling, one without)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(ours, plain, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("convs_2d", [False, True], ids=["3d", "2d-subpixel"])
+def test_computed_filters_follow_the_vae_weights_from_one_video_to_the_next(vae, latents, convs_2d: bool) -> None:
+    vae64 = copy.deepcopy(vae).double()
+    kernels = DecoderKernels(bias_after_conv=True, channel_tile=10, convs_2d=convs_2d, upsample_subpixel=convs_2d)
     decoder = StreamingDecoder(vae64, kernels=kernels)
     _decode_in_chunks(decoder, latents.double())
     with torch.no_grad():
         vae64.decoder.up_blocks[-1].resnets[-1].conv2.weight.mul_(0.5)  # a tiled conv's new weights, in place
+        vae64.decoder.conv_in.weight.mul_(0.5)  # an untiled one's (run from a reshaped copy by a 2-D conv)
+        vae64.decoder.up_blocks[0].upsamplers[0].resample[1].bias.add_(0.5)  # an upsampling conv's (summed filters)
     decoder.reset()
     again = _decode_in_chunks(decoder, latents.double())
     fresh = _decode_in_chunks(StreamingDecoder(vae64, kernels=kernels), latents.double())
@@ -291,9 +359,10 @@ def _buffer_addresses(decoder: StreamingDecoder) -> dict[torch.nn.Module, tuple[
     return {conv: (cache.history.data_ptr(), cache.filters()[0].data_ptr()) for conv, cache in caches.items()}
 
 
-def test_each_causal_conv_keeps_its_buffers_at_one_address_across_chunks_and_videos(vae, latents) -> None:
+@pytest.mark.parametrize("convs_2d", [False, True], ids=["3d", "2d"])
+def test_each_causal_conv_keeps_its_buffers_at_one_address_across_chunks_and_videos(vae, latents, convs_2d) -> None:
     """What a CUDA graph of a decoder call needs: the state it reads and writes never moves."""
-    decoder = StreamingDecoder(vae, kernels=DecoderKernels(channel_tile=10))
+    decoder = StreamingDecoder(vae, kernels=DecoderKernels(channel_tile=10, convs_2d=convs_2d))
     first = _decode_in_chunks(decoder, latents[:, :4])
     addresses = _buffer_addresses(decoder)
     temporal = [m for m in vae.decoder.modules() if isinstance(m, autoencoder_kl_wan.WanCausalConv3d)]

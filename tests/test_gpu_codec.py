@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.demo import build_demo_tokenizer
 from memflow_cli.settings import VideoGeometry
-from memflow_cli.speed.decoder import EAGER_CUDA_KERNELS, channels_last_convs, fused_decoder_kernels
+from memflow_cli.speed.decoder import DecoderKernelSet, channels_last_convs
 from memflow_cli.text_encoder import TextEncoder
 from memflow_cli.vae_stream import PLAIN_KERNELS, DecoderKernels
 from memflow_cli.weights import load_vae, load_wan_t5
 
 from . import codec
+from .codec import FAST_PATH_MARGIN
 
-FAST_PATH_MARGIN = 1.1  # the fast path's bf16 error may exceed the official-style path's by at most 10%
 MANIFEST = codec.manifest()
 
 pytestmark = [
@@ -36,8 +36,11 @@ pytestmark = [
 ]
 
 
-# the CUDA fast paths: Inductor's fused steps (--compile) and torch's RMS norm + SiLU (no compiler)
-FAST_KERNELS = {"compiled": fused_decoder_kernels, "eager-cuda": lambda: EAGER_CUDA_KERNELS}
+# the CUDA fast paths: Inductor's fused steps (--compile) and torch's RMS norm + SiLU (no compiler), each with
+# its causal convs as 3-D convs or as 2-D convs over stacked frames
+FAST_KERNELS = {
+    kernel_set.value: kernel_set.kernels for kernel_set in DecoderKernelSet if kernel_set is not DecoderKernelSet.PLAIN
+}
 
 
 def _decode_bf16(case: str, kernels: DecoderKernels | None) -> torch.Tensor:

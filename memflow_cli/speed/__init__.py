@@ -35,7 +35,7 @@ from ..vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 from ..vae_stream import DecoderKernels
 from . import attention
 from .compile import compiled, compiled_block_step
-from .decoder import channels_last_convs, fused_decoder_kernels
+from .decoder import EAGER_CUDA_DECODER, channels_last_convs, fused_decoder_kernels
 from .fp8 import fp8_kernels
 from .graphs import GraphedPasses
 from .linear import LinearGELU
@@ -109,10 +109,10 @@ def choose_fast_path(
     name, self_attention = attention.self_attention_kernel(device, config.num_heads, config.head_dim, dtype)
     plain = Kernels(attention=self_attention)
     if compile is False:
-        kernels, decoder, graphs = plain, PLAIN_DECODER_KERNELS, None
+        kernels, decoder, graphs = plain, EAGER_CUDA_DECODER.kernels(), None
     elif compile is None:  # graphed: nothing compiled, the same layers as the compiled path
         kernels = replace(plain, linear_gelu=LinearGELU, fused_qkv=True)
-        decoder, graphs = PLAIN_DECODER_KERNELS, GraphedPasses
+        decoder, graphs = EAGER_CUDA_DECODER.kernels(), GraphedPasses
     else:
         kernels = replace(
             plain, sma_key_set=compiled(memory.sma_key_set), linear_gelu=LinearGELU, fused_qkv=True,

@@ -1,5 +1,5 @@
 """The VAE decoder on CUDA: channels-last convolutions, its calls replayed from CUDA graphs (off by default:
-captures failed on torch 2.11, see `decode.StreamingDecoder`), compiled steps.
+captures failed on torch 2.11, see `decode.StreamingDecoder`), compiled steps, causal convs as 2-D convs.
 
 `DecoderGraphs` replays each decoder call from a CUDA graph (one per call shape): the few hundred kernel
 launches of a call cost one. The compiled steps (the fast path's option) are its RMS norm and the SiLU
@@ -10,13 +10,24 @@ upsampling.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ..vae_stream import DecoderKernels, DecoderStream, plus_bias, residual_sum, rms_norm_silu_into, upsample_nearest
+from ..vae_stream import (
+    PLAIN_KERNELS,
+    DecoderKernels,
+    DecoderStream,
+    plus_bias,
+    residual_sum,
+    rms_norm_silu_into,
+    upsample_nearest,
+)
 from .compile import compiled, eager_rounding
 from .process import compile_settings
 
@@ -66,6 +77,9 @@ def rms_norm_silu_over_channels_into(
 # The CUDA decoder without a compiler: torch's RMS norm + SiLU, 96-channel convs computed as 128 (`channel_tile`).
 # Biases stay inside the convs: no eager step after a conv could add them for free.
 EAGER_CUDA_KERNELS = DecoderKernels(norm_silu=rms_norm_silu_over_channels_into, channel_tile=128)
+# The same with every causal conv computed as a 2-D conv over its stacked frames (`DecoderKernels.convs_2d`) and
+# the convs after the 2x upsamplings on the small images (`upsample_subpixel`).
+EAGER_CUDA_2D_KERNELS = replace(EAGER_CUDA_KERNELS, convs_2d=True, upsample_subpixel=True)
 
 
 @functools.cache
@@ -89,17 +103,30 @@ def fused_decoder_kernels() -> DecoderKernels:
     )
 
 
-@functools.cache
-def _graph_pool(device: torch.device) -> tuple[int, int]:
-    """The memory pool of every decoder graph on `device`.
+class DecoderKernelSet(enum.Enum):
+    """The decoder's kernel sets by name (`tests/gpu_tools/decoder_speed.py` times each on the GPU)."""
 
-    A decoder's graphs never run at once, and the decoders on one device decode one at a time (one decode
-    worker per engine, one engine per device), so they can share it. A pool per decoder (the engine makes one
-    decoder per video) would stay reserved after its video: torch frees a dead graph's pool only when the
-    allocator's cache is emptied.
-    """
-    with torch.cuda.device(device):
-        return torch.cuda.graph_pool_handle()
+    PLAIN = "plain"  # plain PyTorch steps, 3-D convs: the CPU's, bit for bit the official decoder there
+    EAGER_CUDA = "eager-cuda"  # torch's RMS norm + SiLU, 96 channels computed as 128, no compiler
+    EAGER_CUDA_2D = "eager-cuda-2d"  # eager-cuda, causal convs as 2-D convs, upsampling convs on the small image
+    COMPILED = "compiled"  # Inductor's fused steps, biases folded into them (the --compile path)
+    COMPILED_2D = "compiled-2d"  # compiled, causal convs as 2-D convs, upsampling convs on the small image
+
+    def kernels(self) -> DecoderKernels:
+        """The set itself (a compiled one is made, once, on first use)."""
+        if self in (DecoderKernelSet.COMPILED, DecoderKernelSet.COMPILED_2D):
+            as_2d = self is DecoderKernelSet.COMPILED_2D
+            return replace(fused_decoder_kernels(), convs_2d=as_2d, upsample_subpixel=as_2d)
+        return {
+            DecoderKernelSet.PLAIN: PLAIN_KERNELS,
+            DecoderKernelSet.EAGER_CUDA: EAGER_CUDA_KERNELS,
+            DecoderKernelSet.EAGER_CUDA_2D: EAGER_CUDA_2D_KERNELS,
+        }[self]
+
+
+# The decoder of the CUDA paths that compile nothing (eager, graphed): plain until the GPU run of
+# decoder_speed.py names the fastest set within the bf16 bar; switching is this one line.
+EAGER_CUDA_DECODER = DecoderKernelSet.PLAIN
 
 
 @dataclass(frozen=True)
@@ -120,6 +147,11 @@ class CapturedCall:
     input: torch.Tensor
     output: torch.Tensor
 
+    @property
+    def pool(self) -> tuple[int, int]:
+        """The memory pool the graph allocated from: the one later captures of its decoder share."""
+        return self.graph.pool()
+
     def replay(self, x: torch.Tensor) -> torch.Tensor:
         """The call on x, on the current stream of x's device; the frames are copied out (the next replay
         overwrites them)."""
@@ -136,9 +168,17 @@ class DecoderGraphs:
     conv's history and filters made at their addresses) and its frames are the video's own. The second call
     captures (capturing runs nothing), then replays; later calls replay. A video's first call (one latent
     frame, no time upsampling) and the later ones are different graphs, and so is every number of frames per
-    call. The graphs share one memory pool per device (`_graph_pool`). Capture runs on a stream of its own on
-    the decoder's device, in thread-local mode, so that generation in another thread goes on meanwhile; a
-    replay runs on the caller's current stream (the decode worker's side stream).
+    call. Warm-up and capture run on the decoder's own stream (ordered after the caller's queued work, and the
+    caller's next work after them), capture through `torch.cuda.graph` in thread-local mode, so that
+    generation in another thread goes on launching meanwhile; a replay runs on the caller's current stream
+    (the decode worker's side stream).
+
+    Memory pool: the decoder's graphs share one, the pool of its first live graph; when every graph is
+    dropped, the next capture starts a new one. The caching allocator keeps a pool's entry after its last
+    graph is freed (until its memory goes back to the device) and refuses to capture into it again: sharing
+    one pool handle across decoders, or across a drop, failed every capture after the first decoder's with
+    its internal assert `use_count > 0` (torch 2.11, H100). A dead decoder's pool stays reserved until the
+    allocator next empties its cache (each capture does, and so does an allocation that would run out).
 
     The caches' buffers never move (`CausalConvCache`); where they are made again (another frame size, a VAE
     moved to another device or dtype), or a weight tensor is replaced, every graph is dropped and captured anew.
@@ -150,12 +190,18 @@ class DecoderGraphs:
         self._seen: set[CallShape] = set()  # shapes run eagerly since the buffers were made
         self._buffers_moved = stream.buffers_moved
         self._weights = self._weight_addresses()
-        self._capture_stream: torch.cuda.Stream | None = None
+        self._pool: tuple[int, int] | None = None  # the live graphs' pool; None: the next capture makes one
+        self._own_stream: torch.cuda.Stream | None = None
 
     @property
     def shapes(self) -> tuple[CallShape, ...]:
         """The call shapes captured so far."""
         return tuple(self._graphs)
+
+    @property
+    def pool(self) -> tuple[int, int] | None:
+        """The memory pool of the live graphs (None while there is none)."""
+        return self._pool
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +213,7 @@ class DecoderGraphs:
         if captured is None and key in self._seen:
             captured = self._graphs[key] = self._capture(key, x)
         if captured is None:
-            out = stream.run(x, key.first)  # this shape's warm-up (it may make, or move, caches' buffers)
+            out = self._warm_up(key, x)  # this shape's first call (it may make, or move, caches' buffers)
             self._drop_stale_graphs()
             self._seen.add(key)
         else:
@@ -185,27 +231,48 @@ class DecoderGraphs:
         if moved != self._buffers_moved or weights != self._weights:
             self._graphs.clear()
             self._seen.clear()
+            self._pool = None  # its graphs are gone: the allocator would refuse it to the next capture
             self._buffers_moved, self._weights = moved, weights
 
     def _capture(self, key: CallShape, x: torch.Tensor) -> CapturedCall:
-        device = x.device
+        """Capture the call of this shape into the decoder's pool (the first capture since a drop makes it)."""
+        captured = self._capture_graph(key, x, self._pool)
+        if self._pool is None:
+            self._pool = captured.pool
+        return captured
+
+    @contextlib.contextmanager
+    def _on_own_stream(self, device: torch.device) -> Iterator[torch.cuda.Stream | None]:
+        """Work in this block runs on the decoder's own stream of `device`, after the caller's queued work and
+        before the caller's next; on the CPU, as it is (None)."""
+        if device.type != "cuda":
+            yield None
+            return
         with torch.cuda.device(device):  # the decode device need not be the current one
-            if self._capture_stream is None:
-                self._capture_stream = torch.cuda.Stream(device)
+            if self._own_stream is None or self._own_stream.device != device:
+                self._own_stream = torch.cuda.Stream(device)
             current = torch.cuda.current_stream(device)
+            self._own_stream.wait_stream(current)
+            with torch.cuda.stream(self._own_stream):
+                yield self._own_stream
+            current.wait_stream(self._own_stream)
+
+    def _warm_up(self, key: CallShape, x: torch.Tensor) -> torch.Tensor:
+        """The shape's first call, run eagerly on the stream its capture will use (cuBLAS and cuDNN set up there)."""
+        caller = torch.cuda.current_stream(x.device) if x.is_cuda else None
+        with self._on_own_stream(x.device):
+            out = self.stream.run(x, key.first)
+        if caller is not None:
+            out.record_stream(caller)  # made on the decoder's stream, read on the caller's
+        return out
+
+    def _capture_graph(self, key: CallShape, x: torch.Tensor, pool: tuple[int, int] | None) -> CapturedCall:
+        made = self.stream.buffers_made
+        with self._on_own_stream(x.device) as own:
             static_input = x.clone()
-            self._capture_stream.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
-            made = self.stream.buffers_made
-            # capture_begin/end rather than `torch.cuda.graph`, whose device-wide sync and emptied allocator cache
-            # would make the decode thread wait for generation's queued work
-            with torch.cuda.stream(self._capture_stream):
-                graph.capture_begin(_graph_pool(device), capture_error_mode="thread_local")
-                try:
-                    static_output = self.stream.run(static_input, key.first)
-                finally:
-                    graph.capture_end()
-            if self.stream.buffers_made != made:
-                raise RuntimeError("a decoder cache was allocated during CUDA graph capture (its warm-up missed it)")
-            current.wait_stream(self._capture_stream)
+            with torch.cuda.graph(graph, pool=pool, stream=own, capture_error_mode="thread_local"):
+                static_output = self.stream.run(static_input, key.first)
+        if self.stream.buffers_made != made:
+            raise RuntimeError("a decoder cache was allocated during CUDA graph capture (its warm-up missed it)")
         return CapturedCall(graph, static_input, static_output)
