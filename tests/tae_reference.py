@@ -102,3 +102,27 @@ def plain_taehv(released: dict[str, torch.Tensor], config: TaehvConfig = TAEW2_1
     state = {name: released[next(keys)].float() for name in decoder.state_dict()}
     decoder.load_state_dict(state)
     return decoder.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+class PlainStreamingTae:
+    """The streaming decoder's interface (`decode_float`, `decode`, `reset`, `device`) over the plain module, with
+    the uint8 conversion it had: levels on the device, then a blocking copy to pageable CPU memory."""
+
+    def __init__(self, decoder: PlainTaehv):
+        self.decoder = decoder
+        parameter = next(decoder.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self._memory: list[torch.Tensor | None] = []
+
+    def reset(self) -> None:
+        self._memory = []
+
+    @torch.inference_mode()
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        trim = 0 if self._memory else self.decoder.config.trimmed_frames
+        raw = self.decoder(latents.to(device=self.device, dtype=self.dtype), self._memory)
+        return raw[0, trim:].clamp(0.0, 1.0)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        levels = (self.decode_float(latents).float() * 255.0).round_().to(torch.uint8)
+        return levels.permute(0, 2, 3, 1).contiguous().cpu()

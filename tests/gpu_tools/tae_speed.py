@@ -1,0 +1,112 @@
+"""The TAEHV preview decoder alone on the GPU, before and after its stages became phase convolutions.
+
+Full-size random weights in the released `taew2_1` layout, bf16, channels-last, cuDNN's heuristics as every
+run uses them. For each path (`plain`: the reference's layer order, kept in tests/tae_reference.py; `phase`:
+the module the engine builds) one JSON line: `decode_ms_per_chunk` and `decode_to_cpu_ms_per_chunk` (832x480,
+3 latent frames -> 12 frames, `bench.decode_ms_per_chunk`: warm-up excluded, synchronised, median) and the
+peak memory. Then one JSON line per path of its bf16 error against float32 (TF32 off) over a streamed video
+of 3 chunks, and the float32 distance between the two paths. About 20 s on an H100.
+
+    PYTHONPATH=. python tests/gpu_tools/tae_speed.py
+    PYTHONPATH=. python tests/gpu_tools/tae_speed.py --profile phase   # the top CUDA kernels of one path
+    PYTHONPATH=. python tests/gpu_tools/tae_speed.py --device cpu --size 64x96   # a smoke run without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from memflow_cli.bench import decode_ms_per_chunk
+from memflow_cli.settings import VideoGeometry
+from memflow_cli.speed.process import process_settings
+from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, random_released_state
+from memflow_cli.tae.weights import prepared, taehv_from_released
+from tests.tae_reference import PlainStreamingTae, plain_taehv
+
+PATHS = ("plain", "phase")
+REPEATS = 20
+ERROR_CHUNKS = 3
+
+
+def streaming(
+    path: str, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> StreamingTaeDecoder | PlainStreamingTae:
+    if path == "plain":
+        return PlainStreamingTae(plain_taehv(state).to(device=device, dtype=dtype))
+    return StreamingTaeDecoder(prepared(taehv_from_released(state), device, dtype))
+
+
+def timing(path: str, state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    decoder = streaming(path, state, device, dtype)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    ms = decode_ms_per_chunk(decoder, geometry, REPEATS if cuda else 1)
+    to_cpu_ms = decode_ms_per_chunk(decoder, geometry, REPEATS if cuda else 1, to_cpu=True)
+    return {
+        "path": path, "decode_ms_per_chunk": round(ms, 2), "decode_to_cpu_ms_per_chunk": round(to_cpu_ms, 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "dtype": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "resolution": f"{geometry.width}x{geometry.height}", "video_frames_per_chunk": geometry.video_frames_per_chunk,
+    }  # fmt: skip
+
+
+def streamed_video(decoder: StreamingTaeDecoder | PlainStreamingTae, latents: torch.Tensor) -> torch.Tensor:
+    decoder.reset()
+    return torch.cat([decoder.decode_float(chunk).float() for chunk in latents.split(3, dim=1)])
+
+
+def errors(state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device) -> list[dict[str, object]]:
+    """Each path's bf16 frames against its float32 frames, and the two paths' float32 frames against each other."""
+    shape = (1, 3 * ERROR_CHUNKS, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    exact = {path: streamed_video(streaming(path, state, device, torch.float32), latents) for path in PATHS}
+    lines = []
+    for path in PATHS:
+        difference = (streamed_video(streaming(path, state, device, torch.bfloat16), latents) - exact[path]).abs()
+        lines.append({"path": path, "bf16_vs_float32_max": round(difference.max().item(), 5),
+                      "bf16_vs_float32_mean": round(difference.mean().item(), 6)})  # fmt: skip
+    distance = (exact["phase"] - exact["plain"]).abs().max().item()
+    lines.append({"float32_phase_vs_plain_max": distance, "bar": 1e-4, "frames": exact["phase"].shape[0]})
+    return lines
+
+
+def profile(path: str, state: dict[str, torch.Tensor], geometry: VideoGeometry) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    decoder = streaming(path, state, torch.device("cuda"), torch.bfloat16)
+    decode_ms_per_chunk(decoder, geometry, repeats=1)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_ms_per_chunk(decoder, geometry, repeats=3, to_cpu=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=PATHS, help="print the top CUDA kernels of one path")
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke run (float32 timings)")
+    parser.add_argument("--size", default="480x832", help="video HxW (default 480x832)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    process_settings(device, compile=False)  # cuDNN heuristics (no autotuning), as every run
+    state = random_released_state(TAEW2_1, seed=0)
+    height, width = (int(side) for side in args.size.split("x"))
+    geometry = VideoGeometry(height=height, width=width)  # 3 latent frames per chunk -> 12 video frames
+    if args.profile:
+        profile(args.profile, state, geometry)
+        return
+    for path in PATHS:
+        print(json.dumps(timing(path, state, geometry, device)), flush=True)
+    for line in errors(state, geometry, device):
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
