@@ -1,11 +1,14 @@
 """The TAEHV preview decoder alone on the GPU, before and after its stages became phase convolutions.
 
 Full-size random weights in the released `taew2_1` layout, bf16, channels-last, cuDNN's heuristics as every
-run uses them. For each path (`plain`: the reference's layer order, kept in tests/tae_reference.py; `phase`:
-the module the engine builds) one JSON line: `decode_ms_per_chunk` and `decode_to_cpu_ms_per_chunk` (832x480,
-3 latent frames -> 12 frames, `bench.decode_ms_per_chunk`: warm-up excluded, synchronised, median) and the
-peak memory. Then one JSON line per path of its bf16 error against float32 (TF32 off) over a streamed video
-of 3 chunks, and the float32 distance between the two paths. About 20 s on an H100.
+run uses them. Paths: `plain` (the reference's layer order, kept in tests/tae_reference.py), `phase` (the
+module the engine builds) and `phase+fused` (an experiment, CUDA only: `phase` with the stem's and every
+memory block's conv + bias (+ residual) + ReLU as one cuDNN fused call each). For each path one JSON line:
+`decode_ms_per_chunk` and `decode_to_cpu_ms_per_chunk` (832x480, 3 latent frames -> 12 frames,
+`bench.decode_ms_per_chunk`: warm-up excluded, synchronised, median of 20) and the peak memory; then one
+line per path of its bf16 error against float32 (TF32 off) over a streamed video of 3 chunks, and the
+float32 distance between the plain and phase paths. A path that fails prints its error instead. About 30 s
+on an H100.
 
     PYTHONPATH=. python tests/gpu_tools/tae_speed.py
     PYTHONPATH=. python tests/gpu_tools/tae_speed.py --profile phase   # the top CUDA kernels of one path
@@ -16,17 +19,52 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 
 from memflow_cli.bench import decode_ms_per_chunk
 from memflow_cli.settings import VideoGeometry
 from memflow_cli.speed.process import process_settings
-from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, random_released_state
+from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, TaehvDecoder, TaeMemory, random_released_state
+from memflow_cli.tae.model import MemoryBlock, frames_from_raw
 from memflow_cli.tae.weights import prepared, taehv_from_released
 from tests.tae_reference import PlainStreamingTae, plain_taehv
 
-PATHS = ("plain", "phase")
+PATHS = ("plain", "phase", "phase+fused")
+ONE = (1, 1)  # stride, padding and dilation of every 3x3 conv
+
+
+def fused_block(block: MemoryBlock, x: torch.Tensor, with_past: torch.Tensor) -> torch.Tensor:
+    first, second, third = block.conv[0], block.conv[2], block.conv[4]
+    y = torch.cudnn_convolution_relu(with_past, first.weight, first.bias, ONE, ONE, ONE, 1)
+    y = torch.cudnn_convolution_relu(y, second.weight, second.bias, ONE, ONE, ONE, 1)
+    return torch.cudnn_convolution_add_relu(y, third.weight, x, 1.0, third.bias, ONE, ONE, ONE, 1)
+
+
+def fused_forward(decoder: TaehvDecoder, latents: torch.Tensor, memory: TaeMemory) -> torch.Tensor:
+    """`TaehvDecoder.forward` with cuDNN's fused conv + bias (+ residual) + ReLU in the stem and memory blocks."""
+    videos, clamp = latents.shape[0], decoder.config.latent_clamp
+    x = latents.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    stem = decoder.stem
+    x = torch.cudnn_convolution_relu(clamp * torch.tanh(x / clamp), stem.weight, stem.bias, ONE, ONE, ONE, 1)
+    block = 0
+    for stage in decoder.stages:
+        for memory_block in stage.blocks:
+            x = fused_block(memory_block, x, memory.with_past(block, x, videos))
+            block += 1
+        x = stage.up(x)
+    memory.started = True
+    x = decoder.head(x.relu_())
+    return x.reshape(videos, -1, *x.shape[1:])
+
+
+class FusedStreamingTae(StreamingTaeDecoder):
+    @torch.inference_mode()
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        trim = 0 if self._memory.started else self.decoder.config.trimmed_frames
+        raw = fused_forward(self.decoder, latents.to(device=self.device, dtype=self.dtype), self._memory)
+        return frames_from_raw(raw, trim)[0]
 REPEATS = 20
 ERROR_CHUNKS = 3
 
@@ -36,7 +74,8 @@ def streaming(
 ) -> StreamingTaeDecoder | PlainStreamingTae:
     if path == "plain":
         return PlainStreamingTae(plain_taehv(state).to(device=device, dtype=dtype))
-    return StreamingTaeDecoder(prepared(taehv_from_released(state), device, dtype))
+    stream = FusedStreamingTae if path == "phase+fused" else StreamingTaeDecoder
+    return stream(prepared(taehv_from_released(state), device, dtype))
 
 
 def timing(path: str, state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device) -> dict:
@@ -61,17 +100,33 @@ def streamed_video(decoder: StreamingTaeDecoder | PlainStreamingTae, latents: to
     return torch.cat([decoder.decode_float(chunk).float() for chunk in latents.split(3, dim=1)])
 
 
-def errors(state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device) -> list[dict[str, object]]:
-    """Each path's bf16 frames against its float32 frames, and the two paths' float32 frames against each other."""
+def attempt(measure: Callable[[], dict], path: str) -> dict:
+    """The measurement, or one line with the error (the experimental path may fail with another cuDNN)."""
+    try:
+        return measure()
+    except RuntimeError as err:
+        return {"path": path, "error": str(err).splitlines()[0][:300]}
+
+
+def errors(
+    state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device, paths: tuple[str, ...]
+) -> list[dict[str, object]]:
+    """Each path's bf16 frames against float32 frames of the same path (the fused path against `phase`'s), and
+    the float32 distance between the plain and phase paths."""
     shape = (1, 3 * ERROR_CHUNKS, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    exact = {path: streamed_video(streaming(path, state, device, torch.float32), latents) for path in PATHS}
+    exact = {path: streamed_video(streaming(path, state, device, torch.float32), latents) for path in PATHS[:2]}
     lines = []
-    for path in PATHS:
-        difference = (streamed_video(streaming(path, state, device, torch.bfloat16), latents) - exact[path]).abs()
-        lines.append({"path": path, "bf16_vs_float32_max": round(difference.max().item(), 5),
-                      "bf16_vs_float32_mean": round(difference.mean().item(), 6)})  # fmt: skip
+    for path in paths:
+
+        def measure(path: str = path) -> dict:
+            bf16 = streamed_video(streaming(path, state, device, torch.bfloat16), latents)
+            difference = (bf16 - exact[path.removesuffix("+fused")]).abs()
+            return {"path": path, "bf16_vs_float32_max": round(difference.max().item(), 5),
+                    "bf16_vs_float32_mean": round(difference.mean().item(), 6)}  # fmt: skip
+
+        lines.append(attempt(measure, path))
     distance = (exact["phase"] - exact["plain"]).abs().max().item()
     lines.append({"float32_phase_vs_plain_max": distance, "bar": 1e-4, "frames": exact["phase"].shape[0]})
     return lines
@@ -102,9 +157,10 @@ def main() -> None:
     if args.profile:
         profile(args.profile, state, geometry)
         return
-    for path in PATHS:
-        print(json.dumps(timing(path, state, geometry, device)), flush=True)
-    for line in errors(state, geometry, device):
+    paths = PATHS if device.type == "cuda" else PATHS[:2]
+    for path in paths:
+        print(json.dumps(attempt(lambda path=path: timing(path, state, geometry, device), path)), flush=True)
+    for line in errors(state, geometry, device, paths):
         print(json.dumps(line), flush=True)
 
 
