@@ -96,21 +96,24 @@ def phase_kernel(grow: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
 class GrowUpConv(nn.Module):
     """The end of a stage: time-grow (a 1x1 conv, one frame -> `factor` frames), nearest x2 upsampling and a 3x3
     conv without bias, run as one 2x2 conv on the small frames (`phase_kernel`, 2.25x fewer multiplications and
-    no upsampled copy) whose output channels are then spread over the frames and pixels they belong to."""
+    no upsampled copy) whose output channels are then spread over the frames and pixels they belong to. With
+    `relu`, the ReLU that follows (the head's) runs in that copy."""
 
-    def __init__(self, channels_in: int, channels_out: int, factor: int):
+    def __init__(self, channels_in: int, channels_out: int, factor: int, relu: bool = False):
         super().__init__()
-        self.factor, self.channels_out = factor, channels_out
+        self.factor, self.channels_out, self.relu = factor, channels_out, relu
         self.weight = nn.Parameter(torch.empty(factor * 4 * channels_out, channels_in, 2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C, H, W] -> [T*factor, C', 2H, 2W], frames in time order, channels-last."""
         phases = F.conv2d(x, self.weight, padding=1)  # [T, (j, a, b, C'), H+1, W+1]
-        return spread_phases(phases.contiguous(memory_format=torch.channels_last), self.factor, self.channels_out)
+        phases = phases.contiguous(memory_format=torch.channels_last)
+        return spread_phases(phases, self.factor, self.channels_out, relu=self.relu)
 
 
-def spread_phases(phases: torch.Tensor, factor: int, channels: int) -> torch.Tensor:
-    """phases [T, factor*4*C, H+1, W+1] (channels-last) -> frames [T*factor, C, 2H, 2W] (channels-last).
+def spread_phases(phases: torch.Tensor, factor: int, channels: int, *, relu: bool = False) -> torch.Tensor:
+    """phases [T, factor*4*C, H+1, W+1] (channels-last) -> frames [T*factor, C, 2H, 2W] (channels-last), with
+    `relu` through a ReLU on the way.
 
     Phase (j, a, b) of small pixel (i, w) sits at row i + a, column w + b (the 2x2 conv's window for that phase
     starts a row and a column later when a, b = 1), channel ((j*2 + a)*2 + b)*C + c: every index's offset is
@@ -123,7 +126,11 @@ def spread_phases(phases: torch.Tensor, factor: int, channels: int) -> torch.Ten
     view = phases.as_strided((frames, factor, height, 2, width, 2, channels), strides, phases.storage_offset())
     out = torch.empty((frames * factor, channels, 2 * height, 2 * width), dtype=phases.dtype, device=phases.device,
                       memory_format=torch.channels_last)  # fmt: skip
-    out.permute(0, 2, 3, 1).view(view.shape).copy_(view)  # [T*factor, 2H, 2W, C] = [T, j, H, a, W, b, C]
+    target = out.permute(0, 2, 3, 1).view(view.shape)  # [T*factor, 2H, 2W, C] = [T, j, H, a, W, b, C]
+    if relu:
+        torch.clamp_min(view, 0.0, out=target)
+    else:
+        target.copy_(view)
     return out
 
 
@@ -131,10 +138,10 @@ class Stage(nn.Module):
     """Memory blocks, then time-grow, x2 nearest upsampling and a 3x3 conv to the next width as one `GrowUpConv`
     (the reference upsamples before it grows; a 1x1 conv commutes with nearest upsampling)."""
 
-    def __init__(self, width: int, next_width: int, time_factor: int, blocks: int):
+    def __init__(self, width: int, next_width: int, time_factor: int, blocks: int, relu_after: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(MemoryBlock(width) for _ in range(blocks))
-        self.up = GrowUpConv(width, next_width, time_factor)
+        self.up = GrowUpConv(width, next_width, time_factor, relu=relu_after)
 
 
 class TaeMemory:
@@ -187,9 +194,10 @@ class TaehvDecoder(nn.Module):
         self.config = config
         widths = config.widths
         self.stem = _conv3(config.latent_channels, widths[0])
-        self.stages = nn.ModuleList(
-            Stage(width, next_width, 2 if grows else 1, config.blocks_per_stage)
-            for width, next_width, grows in zip(widths, (*widths[1:], widths[-1]), config.time_upscale, strict=True)
+        stages = list(zip(widths, (*widths[1:], widths[-1]), config.time_upscale, strict=True))
+        self.stages = nn.ModuleList(  # the last stage's copy applies the head's ReLU
+            Stage(width, next_width, 2 if grows else 1, config.blocks_per_stage, relu_after=index == len(stages) - 1)
+            for index, (width, next_width, grows) in enumerate(stages)
         )
         self.head = _conv3(widths[-1], config.rgb_channels)
 
@@ -207,7 +215,7 @@ class TaehvDecoder(nn.Module):
                 block += 1
             x = stage.up(x)
         memory.started = True
-        x = self.head(x.relu_())
+        x = self.head(x)  # the ReLU before it ran in the last stage's copy
         return x.reshape(videos, -1, *x.shape[1:])  # [N, T * frames_per_latent, 3, H, W]
 
 

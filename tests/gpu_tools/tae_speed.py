@@ -57,7 +57,7 @@ def fused_forward(decoder: TaehvDecoder, latents: torch.Tensor, memory: TaeMemor
             block += 1
         x = stage.up(x)
     memory.started = True
-    x = decoder.head(x.relu_())
+    x = decoder.head(x)  # its ReLU ran in the last stage's copy
     return x.reshape(videos, -1, *x.shape[1:])
 
 
