@@ -2,8 +2,8 @@
 
 Full-size random weights in the released `taew2_1` layout, bf16, channels-last, cuDNN's heuristics as every
 run uses them. Paths: `plain` (the reference's layer order, kept in tests/tae_reference.py), `phase` (the
-module the engine builds) and `phase+fused` (an experiment, CUDA only: `phase` with the stem's and every
-memory block's conv + bias (+ residual) + ReLU as one cuDNN fused call each). For each path one JSON line:
+module the engine builds) and `phase+fused` (an experiment, CUDA only: `phase` with every memory block's
+conv + bias (+ residual) + ReLU as one cuDNN fused call each). For each path one JSON line:
 `decode_ms_per_chunk` and `decode_to_cpu_ms_per_chunk` (832x480, 3 latent frames -> 12 frames,
 `bench.decode_ms_per_chunk`: warm-up excluded, synchronised, median of 20) and the peak memory; then one
 line per path of its bf16 error against float32 (TF32 off) over a streamed video of 3 chunks, and the
@@ -38,18 +38,19 @@ ONE = (1, 1)  # stride, padding and dilation of every 3x3 conv
 
 
 def fused_block(block: MemoryBlock, x: torch.Tensor, with_past: torch.Tensor) -> torch.Tensor:
+    """relu(conv + bias + alpha z) three times; z is always a finite tensor of the output's shape (alpha 0 where
+    there is no residual: `cudnn_convolution_relu` hands cuDNN its uninitialised output as z)."""
     first, second, third = block.conv[0], block.conv[2], block.conv[4]
-    y = torch.cudnn_convolution_relu(with_past, first.weight, first.bias, ONE, ONE, ONE, 1)
-    y = torch.cudnn_convolution_relu(y, second.weight, second.bias, ONE, ONE, ONE, 1)
+    y = torch.cudnn_convolution_add_relu(with_past, first.weight, x, 0.0, first.bias, ONE, ONE, ONE, 1)
+    y = torch.cudnn_convolution_add_relu(y, second.weight, y, 0.0, second.bias, ONE, ONE, ONE, 1)
     return torch.cudnn_convolution_add_relu(y, third.weight, x, 1.0, third.bias, ONE, ONE, ONE, 1)
 
 
 def fused_forward(decoder: TaehvDecoder, latents: torch.Tensor, memory: TaeMemory) -> torch.Tensor:
-    """`TaehvDecoder.forward` with cuDNN's fused conv + bias (+ residual) + ReLU in the stem and memory blocks."""
+    """`TaehvDecoder.forward` with cuDNN's fused conv + bias (+ residual) + ReLU in the memory blocks."""
     videos, clamp = latents.shape[0], decoder.config.latent_clamp
     x = latents.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-    stem = decoder.stem
-    x = torch.cudnn_convolution_relu(clamp * torch.tanh(x / clamp), stem.weight, stem.bias, ONE, ONE, ONE, 1)
+    x = decoder.stem(clamp * torch.tanh(x / clamp)).relu_()
     block = 0
     for stage in decoder.stages:
         for memory_block in stage.blocks:
