@@ -5,6 +5,7 @@ and the decoder choice of the commands. Parity with the reference is in test_tae
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from memflow_cli.tae import files as tae_files
 from memflow_cli.tae.model import GrowUpConv, TaeMemory, phase_kernel
 from memflow_cli.tae.weights import taehv_from_released
 
-from .tae_reference import PlainTimeGrow, plain_taehv
+from .tae_reference import PlainStreamingTae, PlainTimeGrow, plain_taehv
 
 CPU = torch.device("cpu")
 
@@ -178,6 +179,19 @@ def test_the_built_decoder_decodes_as_the_plain_one_whole_and_streamed():
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.cat(plain_pieces, dim=1), expected, rtol=0, atol=1e-5)
     assert (expected[:, 3:].clamp(0, 1) - expected[:, 3:].clamp(0, 1).mean()).abs().max() > 0.1  # not a constant
+
+
+def test_the_streamed_uint8_frames_are_the_plain_paths():
+    """Chunk by chunk, the uint8 frames the writer gets are the plain path's, level for level."""
+    config = replace(TAEW2_1, widths=(32, 16, 8))
+    state = random_released_state(config, seed=2)
+    ours, plain = StreamingTaeDecoder(taehv_from_released(state, config)), PlainStreamingTae(plain_taehv(state, config))
+    latents = torch.randn(1, 6, 16, 4, 6, generator=torch.Generator().manual_seed(4))
+    for piece in latents.split(3, dim=1):
+        frames, expected = ours.decode(piece), plain.decode(piece)
+        assert frames.dtype == torch.uint8 and frames.shape == expected.shape
+        assert (frames.int() - expected.int()).abs().max() <= 1  # a level apart only where float rounding straddles
+        assert (frames != expected).float().mean() < 1e-3
 
 
 # -- streaming ------------------------------------------------------------------------------------------------
