@@ -207,7 +207,7 @@ class TaehvDecoder(nn.Module):
         videos, latent_frames = latents.shape[:2]
         clamp = self.config.latent_clamp
         x = latents.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # [N*T, C, h, w]
-        x = F.relu(self.stem(clamp * torch.tanh(x / clamp)))
+        x = self.stem(clamp * torch.tanh(x / clamp)).relu_()
         block = 0
         for stage in self.stages:
             for memory_block in stage.blocks:
