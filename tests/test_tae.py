@@ -28,7 +28,7 @@ from memflow_cli.tae import (
 )
 from memflow_cli.tae import files as tae_files
 from memflow_cli.tae.model import GrowUpConv, TaeMemory, phase_kernel
-from memflow_cli.tae.weights import taehv_from_released
+from memflow_cli.tae.weights import prepared, taehv_from_released
 
 from .tae_reference import PlainStreamingTae, PlainTimeGrow, plain_taehv
 
@@ -220,6 +220,21 @@ def test_decode_gives_rounded_uint8_frames_on_the_cpu():
     assert frames.dtype == torch.uint8 and frames.shape == (9, 16, 24, 3) and frames.device.type == "cpu"
     assert torch.equal(frames, (floats * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
     assert 0 < frames.float().mean() < 255
+
+
+@pytest.mark.gpu
+def test_decode_on_a_gpu_gives_page_locked_uint8_frames_of_its_float_frames():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    decoder = prepared(build_demo_taehv(), torch.device("cuda"), torch.bfloat16)
+    latents = torch.randn(1, 3, 16, 8, 12, generator=torch.Generator().manual_seed(6))
+    floats = StreamingTaeDecoder(decoder).decode_float(latents)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # as the decode worker runs it
+        frames = StreamingTaeDecoder(decoder).decode(latents)
+    assert frames.device.type == "cpu" and frames.is_pinned() and frames.shape == (9, 64, 96, 3)
+    expected = (floats.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    assert torch.equal(frames, expected)
 
 
 def test_the_decoder_refuses_latents_in_the_vae_layout():
