@@ -230,6 +230,7 @@ def test_decode_on_a_gpu_gives_page_locked_uint8_frames_of_its_float_frames():
     latents = torch.randn(1, 3, 16, 8, 12, generator=torch.Generator().manual_seed(6))
     floats = StreamingTaeDecoder(decoder).decode_float(latents)
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # as the decode worker runs it
         frames = StreamingTaeDecoder(decoder).decode(latents)
     assert frames.device.type == "cpu" and frames.is_pinned() and frames.shape == (9, 64, 96, 3)
