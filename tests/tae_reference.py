@@ -51,7 +51,8 @@ class PlainStage(nn.Module):
         self.conv = _conv3(width, next_width, bias=False)
 
 
-def _past(memory: list[torch.Tensor | None], block: int, x: torch.Tensor, videos: int) -> torch.Tensor:
+def past_of(memory: list[torch.Tensor | None], block: int, x: torch.Tensor, videos: int) -> torch.Tensor:
+    """Each frame's input one frame back for block `block` (`memory[block]`: its last input so far)."""
     frames = x.view(videos, -1, *x.shape[1:])  # [N, T, C, H, W]
     if len(memory) == block:
         memory.append(None)
@@ -88,7 +89,7 @@ class PlainTaehv(nn.Module):
         block = 0
         for stage in self.stages:
             for memory_block in stage.blocks:
-                x = memory_block(x, _past(memory, block, x, videos))
+                x = memory_block(x, past_of(memory, block, x, videos))
                 block += 1
             x = stage.conv(F.interpolate(stage.grow(x), scale_factor=2.0, mode="nearest"))
         x = self.head(F.relu(x))

@@ -2,13 +2,14 @@
 
 Full-size random weights in the released `taew2_1` layout, bf16, channels-last, cuDNN's heuristics as every
 run uses them. Paths: `plain` (the reference's layer order, kept in tests/tae_reference.py), `phase` (the
-module the engine builds) and `phase+fused` (an experiment, CUDA only: `phase` with every memory block's
-conv + bias (+ residual) + ReLU as one cuDNN fused call each). For each path one JSON line:
+module the engine builds) and two experiments: `phase+fused` (CUDA only: `phase` with every memory block's
+conv + bias (+ residual) + ReLU as one cuDNN fused call each) and `plain+transposed` (`plain` with each
+stage's upsampling and 3x3 conv as one stride-2 transposed conv, 4x4 kernel). For each path one JSON line:
 `decode_ms_per_chunk` and `decode_to_cpu_ms_per_chunk` (832x480, 3 latent frames -> 12 frames,
 `bench.decode_ms_per_chunk`: warm-up excluded, synchronised, median of 20) and the peak memory; then one
-line per path of its bf16 error against float32 (TF32 off) over a streamed video of 3 chunks, and the
-float32 distance between the plain and phase paths. A path that fails prints its error instead. About 30 s
-on an H100.
+line per path of its float32 distance to the plain path (TF32 off; bar 1e-4) and its bf16 error against
+the plain path's float32 frames, over a streamed video of 3 chunks. A path that fails prints its error
+instead. About 40 s on an H100.
 
     PYTHONPATH=. python tests/gpu_tools/tae_speed.py
     PYTHONPATH=. python tests/gpu_tools/tae_speed.py --profile phase   # the top CUDA kernels of one path
@@ -29,9 +30,9 @@ from memflow_cli.speed.process import process_settings
 from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, TaehvDecoder, TaeMemory, random_released_state
 from memflow_cli.tae.model import MemoryBlock, frames_from_raw
 from memflow_cli.tae.weights import prepared, taehv_from_released
-from tests.tae_reference import PlainStreamingTae, plain_taehv
+from tests.tae_reference import PlainStreamingTae, PlainTaehv, past_of, plain_taehv
 
-PATHS = ("plain", "phase", "phase+fused")
+PATHS = ("plain", "phase", "phase+fused", "plain+transposed")
 REPEATS = 20
 ERROR_CHUNKS = 3
 ONE = (1, 1)  # stride, padding and dilation of every 3x3 conv
@@ -70,11 +71,46 @@ class FusedStreamingTae(StreamingTaeDecoder):
         return frames_from_raw(raw, trim)[0]
 
 
+# transposed-conv tap k (output row 2i + k - 1 for input row i) holds these rows r of the 3x3 kernel
+TRANSPOSED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def transposed_kernel(conv: torch.Tensor) -> torch.Tensor:
+    """A 3x3 conv [C', C, 3, 3] after nearest x2 upsampling as a stride-2 transposed conv's kernel [C, C', 4, 4]."""
+    taps = TRANSPOSED_TAPS.to(torch.float64)
+    return torch.einsum("kr,lc,oirc->iokl", taps, taps, conv.double())
+
+
+class TransposedStreamingTae(PlainStreamingTae):
+    """The plain path with each stage's upsampling + 3x3 conv as one stride-2 transposed conv (no upsampled
+    copy, its output already at the frames' places), after the time-grow layer as before."""
+
+    def __init__(self, decoder: PlainTaehv):
+        super().__init__(decoder)
+        self.kernels = [transposed_kernel(stage.conv.weight).to(self.dtype) for stage in decoder.stages]
+
+    @torch.inference_mode()
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        trim = 0 if self._memory else self.decoder.config.trimmed_frames
+        decoder, clamp = self.decoder, self.decoder.config.latent_clamp
+        x = latents.to(device=self.device, dtype=self.dtype).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        x = decoder.stem(clamp * torch.tanh(x / clamp)).relu_()
+        block = 0
+        for stage, kernel in zip(decoder.stages, self.kernels, strict=True):
+            for memory_block in stage.blocks:
+                x = memory_block(x, past_of(self._memory, block, x, 1))
+                block += 1
+            x = torch.nn.functional.conv_transpose2d(stage.grow(x), kernel, stride=2, padding=1)
+        return decoder.head(x.relu_()).clamp(0.0, 1.0)[trim:]
+
+
 def streaming(
     path: str, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> StreamingTaeDecoder | PlainStreamingTae:
     if path == "plain":
         return PlainStreamingTae(plain_taehv(state).to(device=device, dtype=dtype))
+    if path == "plain+transposed":
+        return TransposedStreamingTae(plain_taehv(state).to(device=device, dtype=dtype))
     stream = FusedStreamingTae if path == "phase+fused" else StreamingTaeDecoder
     return stream(prepared(taehv_from_released(state), device, dtype))
 
@@ -112,21 +148,21 @@ def attempt(measure: Callable[[], dict], path: str) -> dict:
 def errors(
     state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device, paths: tuple[str, ...]
 ) -> list[dict[str, object]]:
-    """Each path's bf16 frames against float32 frames of the same path (the fused path against `phase`'s), and
-    the float32 distance between the plain and phase paths."""
+    """Per path, over a streamed video: its float32 frames (TF32 off) against the plain path's (the reference
+    order; bar 1e-4 on the CPU) and its bf16 frames against the plain path's float32 frames."""
     shape = (1, 3 * ERROR_CHUNKS, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    exact = {path: streamed_video(streaming(path, state, device, torch.float32), latents) for path in PATHS[:2]}
-    distance = (exact["phase"] - exact["plain"]).abs().max().item()
-    lines = [{"float32_phase_vs_plain_max": distance, "bar": 1e-4, "frames": exact["phase"].shape[0]}]
+    exact = streamed_video(streaming("plain", state, device, torch.float32), latents)
+    lines = []
     for path in paths:
 
         def measure(path: str = path) -> dict:
-            bf16 = streamed_video(streaming(path, state, device, torch.bfloat16), latents)
-            difference = (bf16 - exact[path.removesuffix("+fused")]).abs()
-            return {"path": path, "bf16_vs_float32_max": round(difference.max().item(), 5),
-                    "bf16_vs_float32_mean": round(difference.mean().item(), 6)}  # fmt: skip
+            float32 = streamed_video(streaming(path, state, device, torch.float32), latents)
+            bf16 = (streamed_video(streaming(path, state, device, torch.bfloat16), latents) - exact).abs()
+            return {"path": path, "float32_vs_plain_max": (float32 - exact).abs().max().item(),
+                    "bf16_vs_float32_max": round(bf16.max().item(), 5),
+                    "bf16_vs_float32_mean": round(bf16.mean().item(), 6), "frames": exact.shape[0]}  # fmt: skip
 
         lines.append(attempt(measure, path))
     return lines
@@ -157,7 +193,7 @@ def main() -> None:
     if args.profile:
         profile(args.profile, state, geometry)
         return
-    paths = PATHS if device.type == "cuda" else PATHS[:2]
+    paths = PATHS if device.type == "cuda" else tuple(path for path in PATHS if path != "phase+fused")
     for path in paths:
         print(json.dumps(attempt(lambda path=path: timing(path, state, geometry, device), path)), flush=True)
     for line in errors(state, geometry, device, paths):
