@@ -194,6 +194,22 @@ def test_the_streamed_uint8_frames_are_the_plain_paths():
         assert (frames != expected).float().mean() < 1e-3
 
 
+def test_the_fused_memory_blocks_are_chosen_only_for_cuda():
+    """On the CPU no cuDNN fusion is tried; a decoder built with it keeps its weights and, fed CPU tensors,
+    computes the plain way (the same frames, bit for bit)."""
+    from memflow_cli.tae.model import cudnn_fusion_works
+    from memflow_cli.tae.weights import _rebuilt
+
+    assert not cudnn_fusion_works(CPU, torch.float32, TAEW2_1.widths)
+    decoder = build_demo_taehv()
+    assert not prepared(decoder, CPU, torch.float32).fused_cuda
+    fused = _rebuilt(decoder, fused_cuda=True)
+    assert fused.fused_cuda and all(block.fused_cuda for stage in fused.stages for block in stage.blocks)
+    latents = small_latents(3, seed=8)
+    with torch.inference_mode():
+        assert torch.equal(decode_video(fused, latents), decode_video(decoder, latents))
+
+
 # -- streaming ------------------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ frame t-1.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,16 @@ def _conv3(channels_in: int, channels_out: int, bias: bool = True) -> nn.Conv2d:
 
 
 class MemoryBlock(nn.Module):
-    """relu(convs([x_t, x_{t-1}]) + x_t): three 3x3 convs over the frame and this block's input one frame back."""
+    """relu(convs([x_t, x_{t-1}]) + x_t): three 3x3 convs over the frame and this block's input one frame back.
 
-    def __init__(self, channels: int):
+    With `fused_cuda`, on a CUDA tensor each conv with its bias, ReLU (and the residual) is one cuDNN call
+    (`torch.cudnn_convolution_add_relu`): no separate passes over the frames for them, and one rounding in
+    bf16 instead of three. `weights.prepared` chooses it where `cudnn_fusion_works` on the device and dtype.
+    """
+
+    def __init__(self, channels: int, fused_cuda: bool = False):
         super().__init__()
+        self.fused_cuda = fused_cuda
         self.conv = nn.Sequential(
             _conv3(2 * channels, channels), nn.ReLU(inplace=True), _conv3(channels, channels), nn.ReLU(inplace=True),
             _conv3(channels, channels),
@@ -71,7 +78,47 @@ class MemoryBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, with_past: torch.Tensor) -> torch.Tensor:
         """x: [N*T, C, H, W]; with_past: [N*T, 2C, H, W], x beside each frame's input one frame back."""
+        if self.fused_cuda and x.is_cuda:
+            first, second, third = self.conv[0], self.conv[2], self.conv[4]
+            y = conv_bias_add_relu(with_past, first, x, 0.0)  # z must be finite even where alpha is 0
+            y = conv_bias_add_relu(y, second, y, 0.0)
+            return conv_bias_add_relu(y, third, x, 1.0)
         return self.conv(with_past).add_(x).relu_()
+
+
+def conv_bias_add_relu(x: torch.Tensor, conv: nn.Conv2d, z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """relu(conv(x) + bias + alpha z) for a 3x3 conv with padding 1, in one cuDNN call (CUDA only)."""
+    return torch.cudnn_convolution_add_relu(x, conv.weight, z, alpha, conv.bias, (1, 1), (1, 1), (1, 1), 1)
+
+
+@functools.cache
+def cudnn_fusion_works(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
+    """Whether cuDNN's fused conv + bias + add + ReLU runs on `device` in `dtype` for memory blocks of these
+    widths and gives what the separate ops give (float rounding apart): tried once per process, on two small
+    frames, with weights of a local generator (the global random state is left alone)."""
+    if device.type != "cuda" or not torch.backends.cudnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for width in widths:
+        with torch.device("meta"):
+            plain, fused = MemoryBlock(width), MemoryBlock(width, fused_cuda=True)
+        state = {name: torch.randn(tensor.shape, generator=generator) / (tensor[0].numel() ** 0.5)
+                 for name, tensor in plain.state_dict().items()}  # fmt: skip
+        for block in (plain, fused):
+            block.load_state_dict(state, assign=True)
+            block.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        x = torch.randn(2, width, 24, 40, generator=generator).to(device=device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with_past = torch.cat((x, x.roll(1, dims=0)), dim=1)
+        with torch.inference_mode():
+            expected = plain(x, with_past).float()
+            try:
+                got = fused(x, with_past).float()
+            except (RuntimeError, NotImplementedError):  # this cuDNN has no fused engine for it
+                return False
+        if not torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item()):
+            return False
+    return True
 
 
 # Nearest x2 upsampling then a 3x3 conv (padding 1): output row 2i+a sees small-image rows i-1, i, i (a = 0) or
@@ -138,9 +185,12 @@ class Stage(nn.Module):
     """Memory blocks, then time-grow, x2 nearest upsampling and a 3x3 conv to the next width as one `GrowUpConv`
     (the reference upsamples before it grows; a 1x1 conv commutes with nearest upsampling)."""
 
-    def __init__(self, width: int, next_width: int, time_factor: int, blocks: int, relu_after: bool = False):
+    def __init__(
+        self, width: int, next_width: int, time_factor: int, blocks: int, relu_after: bool = False,
+        fused_cuda: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.blocks = nn.ModuleList(MemoryBlock(width) for _ in range(blocks))
+        self.blocks = nn.ModuleList(MemoryBlock(width, fused_cuda) for _ in range(blocks))
         self.up = GrowUpConv(width, next_width, time_factor, relu=relu_after)
 
 
@@ -189,14 +239,14 @@ class TaehvDecoder(nn.Module):
     """Latents [N, T, C, h, w] (as the generator makes them: no Wan un-normalisation) -> raw RGB frames
     [N, 4T, 3, 8h, 8w] before the clamp and the trim (`frames_from_raw` does both)."""
 
-    def __init__(self, config: TaehvConfig = TAEW2_1):
+    def __init__(self, config: TaehvConfig = TAEW2_1, fused_cuda: bool = False):
         super().__init__()
-        self.config = config
+        self.config, self.fused_cuda = config, fused_cuda  # fused_cuda: see MemoryBlock
         widths = config.widths
         self.stem = _conv3(config.latent_channels, widths[0])
         stages = list(zip(widths, (*widths[1:], widths[-1]), config.time_upscale, strict=True))
         self.stages = nn.ModuleList(  # the last stage's copy applies the head's ReLU
-            Stage(width, next_width, 2 if grows else 1, config.blocks_per_stage, relu_after=index == len(stages) - 1)
+            Stage(width, next_width, 2 if grows else 1, config.blocks_per_stage, index == len(stages) - 1, fused_cuda)
             for index, (width, next_width, grows) in enumerate(stages)
         )
         self.head = _conv3(widths[-1], config.rgb_channels)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..loading import DOWNLOAD_COMMAND, WeightsError, read_torch_file
-from .model import TAEW2_1, TaehvConfig, TaehvDecoder, phase_kernel
+from .model import TAEW2_1, TaehvConfig, TaehvDecoder, cudnn_fusion_works, phase_kernel
 
 TAE_REPO = "madebyollin/taehv"
 TAE_FILE = "taew2_1.pth"
@@ -147,9 +147,21 @@ def load_taehv(
 
 
 def prepared(decoder: TaehvDecoder, device: torch.device, dtype: torch.dtype) -> TaehvDecoder:
-    """On `device` in `dtype`, its convolutions' weights channels-last, no gradients."""
+    """On `device` in `dtype`, its convolutions' weights channels-last, no gradients; built with cuDNN's fused
+    memory-block convolutions where they work on that device and dtype (`model.cudnn_fusion_works`)."""
+    fused = cudnn_fusion_works(device, dtype, decoder.config.widths)
+    if fused != decoder.fused_cuda:
+        decoder = _rebuilt(decoder, fused)
     decoder = decoder.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     return decoder.eval().requires_grad_(False)
+
+
+def _rebuilt(decoder: TaehvDecoder, fused_cuda: bool) -> TaehvDecoder:
+    """The same decoder and weights, built with or without the fused memory-block convolutions."""
+    with torch.device("meta"):
+        rebuilt = TaehvDecoder(decoder.config, fused_cuda=fused_cuda)
+    rebuilt.load_state_dict(decoder.state_dict(), assign=True)
+    return rebuilt
 
 
 # -- random weights -----------------------------------------------------------------------------------------

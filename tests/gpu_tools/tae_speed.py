@@ -2,9 +2,10 @@
 
 Full-size random weights in the released `taew2_1` layout, bf16, channels-last, cuDNN's heuristics as every
 run uses them. Paths: `plain` (the reference's layer order, kept in tests/tae_reference.py), `phase` (the
-module the engine builds) and two experiments: `phase+fused` (CUDA only: `phase` with every memory block's
-conv + bias (+ residual) + ReLU as one cuDNN fused call each) and `plain+transposed` (`plain` with each
-stage's upsampling and 3x3 conv as one stride-2 transposed conv, 4x4 kernel). For each path one JSON line:
+module the engine builds: on CUDA each memory block's conv + bias (+ residual) + ReLU is one cuDNN fused
+call where cuDNN offers it, `fused_memory_blocks` says), `phase-unfused` (the same without the fused
+calls) and an experiment, `plain+transposed` (`plain` with each stage's upsampling and 3x3 conv as one
+stride-2 transposed conv, 4x4 kernel). For each path one JSON line:
 `decode_ms_per_chunk` and `decode_to_cpu_ms_per_chunk` (832x480, 3 latent frames -> 12 frames,
 `bench.decode_ms_per_chunk`: warm-up excluded, synchronised, median of 20) and the peak memory; then one
 line per path of its float32 distance to the plain path (TF32 off; bar 1e-4) and its bf16 error against
@@ -27,50 +28,13 @@ import torch
 from memflow_cli.bench import decode_ms_per_chunk
 from memflow_cli.settings import VideoGeometry
 from memflow_cli.speed.process import process_settings
-from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, TaehvDecoder, TaeMemory, random_released_state
-from memflow_cli.tae.model import MemoryBlock, frames_from_raw
+from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, random_released_state
 from memflow_cli.tae.weights import prepared, taehv_from_released
 from tests.tae_reference import PlainStreamingTae, PlainTaehv, past_of, plain_taehv
 
-PATHS = ("plain", "phase", "phase+fused", "plain+transposed")
+PATHS = ("plain", "phase-unfused", "phase", "plain+transposed")
 REPEATS = 20
 ERROR_CHUNKS = 3
-ONE = (1, 1)  # stride, padding and dilation of every 3x3 conv
-
-
-def fused_block(block: MemoryBlock, x: torch.Tensor, with_past: torch.Tensor) -> torch.Tensor:
-    """relu(conv + bias + alpha z) three times; z is always a finite tensor of the output's shape (alpha 0 where
-    there is no residual: `cudnn_convolution_relu` hands cuDNN its uninitialised output as z)."""
-    first, second, third = block.conv[0], block.conv[2], block.conv[4]
-    y = torch.cudnn_convolution_add_relu(with_past, first.weight, x, 0.0, first.bias, ONE, ONE, ONE, 1)
-    y = torch.cudnn_convolution_add_relu(y, second.weight, y, 0.0, second.bias, ONE, ONE, ONE, 1)
-    return torch.cudnn_convolution_add_relu(y, third.weight, x, 1.0, third.bias, ONE, ONE, ONE, 1)
-
-
-def fused_forward(decoder: TaehvDecoder, latents: torch.Tensor, memory: TaeMemory) -> torch.Tensor:
-    """`TaehvDecoder.forward` with cuDNN's fused conv + bias (+ residual) + ReLU in the memory blocks."""
-    videos, clamp = latents.shape[0], decoder.config.latent_clamp
-    x = latents.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-    x = decoder.stem(clamp * torch.tanh(x / clamp)).relu_()
-    block = 0
-    for stage in decoder.stages:
-        for memory_block in stage.blocks:
-            x = fused_block(memory_block, x, memory.with_past(block, x, videos))
-            block += 1
-        x = stage.up(x)
-    memory.started = True
-    x = decoder.head(x)  # its ReLU ran in the last stage's copy
-    return x.reshape(videos, -1, *x.shape[1:])
-
-
-class FusedStreamingTae(StreamingTaeDecoder):
-    @torch.inference_mode()
-    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
-        trim = 0 if self._memory.started else self.decoder.config.trimmed_frames
-        raw = fused_forward(self.decoder, latents.to(device=self.device, dtype=self.dtype), self._memory)
-        return frames_from_raw(raw, trim)[0]
-
-
 # transposed-conv tap k (output row 2i + k - 1 for input row i) holds these rows r of the 3x3 kernel
 TRANSPOSED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
@@ -111,8 +75,10 @@ def streaming(
         return PlainStreamingTae(plain_taehv(state).to(device=device, dtype=dtype))
     if path == "plain+transposed":
         return TransposedStreamingTae(plain_taehv(state).to(device=device, dtype=dtype))
-    stream = FusedStreamingTae if path == "phase+fused" else StreamingTaeDecoder
-    return stream(prepared(taehv_from_released(state), device, dtype))
+    if path == "phase-unfused":  # built without the fused memory blocks, whatever cuDNN offers
+        decoder = taehv_from_released(state).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        return StreamingTaeDecoder(decoder)
+    return StreamingTaeDecoder(prepared(taehv_from_released(state), device, dtype))
 
 
 def timing(path: str, state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device) -> dict:
@@ -129,6 +95,7 @@ def timing(path: str, state: dict[str, torch.Tensor], geometry: VideoGeometry, d
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "dtype": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu",
         "resolution": f"{geometry.width}x{geometry.height}", "video_frames_per_chunk": geometry.video_frames_per_chunk,
+        "fused_memory_blocks": getattr(decoder.decoder, "fused_cuda", False),
     }  # fmt: skip
 
 
@@ -145,9 +112,7 @@ def attempt(measure: Callable[[], dict], path: str) -> dict:
         return {"path": path, "error": str(err).splitlines()[0][:300]}
 
 
-def errors(
-    state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device, paths: tuple[str, ...]
-) -> list[dict[str, object]]:
+def errors(state: dict[str, torch.Tensor], geometry: VideoGeometry, device: torch.device) -> list[dict[str, object]]:
     """Per path, over a streamed video: its float32 frames (TF32 off) against the plain path's (the reference
     order; bar 1e-4 on the CPU) and its bf16 frames against the plain path's float32 frames."""
     shape = (1, 3 * ERROR_CHUNKS, geometry.latent_channels, geometry.latent_height, geometry.latent_width)
@@ -155,7 +120,7 @@ def errors(
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     exact = streamed_video(streaming("plain", state, device, torch.float32), latents)
     lines = []
-    for path in paths:
+    for path in PATHS:
 
         def measure(path: str = path) -> dict:
             float32 = streamed_video(streaming(path, state, device, torch.float32), latents)
@@ -193,10 +158,9 @@ def main() -> None:
     if args.profile:
         profile(args.profile, state, geometry)
         return
-    paths = PATHS if device.type == "cuda" else tuple(path for path in PATHS if path != "phase+fused")
-    for path in paths:
+    for path in PATHS:
         print(json.dumps(attempt(lambda path=path: timing(path, state, geometry, device), path)), flush=True)
-    for line in errors(state, geometry, device, paths):
+    for line in errors(state, geometry, device):
         print(json.dumps(line), flush=True)
 
 
