@@ -4,8 +4,8 @@ and the decoder choice of the commands. Parity with the reference is in test_tae
 
 from __future__ import annotations
 
-import copy
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,10 +23,14 @@ from memflow_cli.tae import (
     TaehvDecoder,
     decode_video,
     load_taehv,
-    random_taehv,
+    random_released_state,
+    released_shapes,
 )
 from memflow_cli.tae import files as tae_files
-from memflow_cli.tae.weights import released_state
+from memflow_cli.tae.model import GrowUpConv, TaeMemory, phase_kernel
+from memflow_cli.tae.weights import prepared, taehv_from_released
+
+from .tae_reference import PlainStreamingTae, PlainTimeGrow, plain_taehv
 
 CPU = torch.device("cpu")
 
@@ -51,15 +55,16 @@ def readme_decoder_shapes() -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def taew2_1() -> TaehvDecoder:
-    return random_taehv(TAEW2_1, seed=5)
+def released() -> dict[str, torch.Tensor]:
+    """Random decoder weights in the released layout and dtype (float16), with an encoder key beside them, as the
+    file holds."""
+    state = {key: tensor.half() for key, tensor in random_released_state(TAEW2_1, seed=5).items()}
+    return state | {"encoder.0.weight": torch.zeros(64, 3, 3, 3, dtype=torch.float16)}
 
 
 @pytest.fixture(scope="module")
-def released(taew2_1) -> dict[str, torch.Tensor]:
-    """The decoder in the released layout and dtype (float16), with an encoder key beside it, as the file holds."""
-    state = {key: tensor.half() for key, tensor in released_state(taew2_1).items()}
-    return state | {"encoder.0.weight": torch.zeros(64, 3, 3, 3, dtype=torch.float16)}
+def taew2_1(released) -> TaehvDecoder:
+    return taehv_from_released({key: t for key, t in released.items() if key.startswith("decoder.")})
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +81,11 @@ def small_latents(frames: int, seed: int = 0) -> torch.Tensor:
 # -- layout and weights files ---------------------------------------------------------------------------------
 
 
-def test_the_released_layout_is_the_readmes(taew2_1):
-    shapes = {key: tuple(tensor.shape) for key, tensor in released_state(taew2_1).items()}
-    assert shapes == readme_decoder_shapes()
-    assert sum(tensor.numel() for tensor in taew2_1.state_dict().values()) == 9_844_611
+def test_the_released_layout_is_the_readmes():
+    assert released_shapes(TAEW2_1) == readme_decoder_shapes()
+    assert sum(torch.Size(shape).numel() for shape in released_shapes(TAEW2_1).values()) == 9_844_611
+    state = random_released_state(TAEW2_1)
+    assert {key: tuple(tensor.shape) for key, tensor in state.items()} == readme_decoder_shapes()
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -94,7 +100,8 @@ def test_a_file_in_the_released_layout_loads_the_same_decoder(tmp_path, taew2_1,
     loaded = load_taehv(path, CPU, torch.float32)
     latents = small_latents(3)
     with torch.inference_mode():
-        expected = decode_video(copy.deepcopy(taew2_1).half().float(), latents)  # the file holds float16 values
+        decoder_state = {key: tensor for key, tensor in released.items() if key.startswith("decoder.")}
+        expected = plain_taehv(decoder_state)(latents)[:, TAEW2_1.trimmed_frames :].clamp(0, 1)  # the file's values
         torch.testing.assert_close(decode_video(loaded, latents), expected, rtol=0, atol=1e-5)
 
 
@@ -136,6 +143,73 @@ def test_a_missing_file_names_the_download_command(tmp_path):
         load_taehv(tmp_path / "nothing.pth", CPU, torch.float32)
 
 
+# -- the built form: phase convolutions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_a_phase_conv_is_time_grow_upsampling_and_a_3x3_conv(factor):
+    """The 2x2 phase kernel and the pixel shuffle give the frames of the reference's order of layers."""
+    generator = torch.Generator().manual_seed(factor)
+    grow = PlainTimeGrow(6, factor)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=False)
+    for weight in (grow.conv.weight, conv.weight):
+        weight.data.normal_(0.0, 0.3, generator=generator)
+    x = torch.randn(3, 6, 4, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    up = GrowUpConv(6, 5, factor)
+    up.weight.data = phase_kernel(grow.conv.weight, conv.weight).float()
+    with torch.inference_mode():
+        expected = conv(torch.nn.functional.interpolate(grow(x), scale_factor=2.0, mode="nearest"))
+        ours = up(x)
+    assert ours.shape == expected.shape == (3 * factor, 5, 8, 14)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, expected, rtol=2e-6, atol=2e-6)  # float32 rounding: values up to ~5
+
+
+def test_the_built_decoder_decodes_as_the_plain_one_whole_and_streamed():
+    """Two videos at once, odd sizes: the whole decode and 2 + 1 + 2 latent chunks give the plain path's frames."""
+    state = random_released_state(TAEW2_1, seed=7)
+    ours, plain = taehv_from_released(state), plain_taehv(state)
+    latents = torch.randn(2, 5, 16, 3, 5, generator=torch.Generator().manual_seed(3))
+    memory, plain_memory = TaeMemory(), []
+    with torch.inference_mode():
+        expected = plain(latents)
+        torch.testing.assert_close(ours(latents), expected, rtol=0, atol=1e-5)
+        pieces = [ours(piece, memory) for piece in latents.split((2, 1, 2), dim=1)]
+        plain_pieces = [plain(piece, plain_memory) for piece in latents.split((2, 1, 2), dim=1)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(plain_pieces, dim=1), expected, rtol=0, atol=1e-5)
+    assert (expected[:, 3:].clamp(0, 1) - expected[:, 3:].clamp(0, 1).mean()).abs().max() > 0.1  # not a constant
+
+
+def test_the_streamed_uint8_frames_are_the_plain_paths():
+    """Chunk by chunk, the uint8 frames the writer gets are the plain path's, level for level."""
+    config = replace(TAEW2_1, widths=(32, 16, 8))
+    state = random_released_state(config, seed=2)
+    ours, plain = StreamingTaeDecoder(taehv_from_released(state, config)), PlainStreamingTae(plain_taehv(state, config))
+    latents = torch.randn(1, 6, 16, 4, 6, generator=torch.Generator().manual_seed(4))
+    for piece in latents.split(3, dim=1):
+        frames, expected = ours.decode(piece), plain.decode(piece)
+        assert frames.dtype == torch.uint8 and frames.shape == expected.shape
+        assert (frames.int() - expected.int()).abs().max() <= 1  # a level apart only where float rounding straddles
+        assert (frames != expected).float().mean() < 1e-3
+
+
+def test_the_fused_memory_blocks_are_chosen_only_for_cuda():
+    """On the CPU no cuDNN fusion is tried; a decoder built with it keeps its weights and, fed CPU tensors,
+    computes the plain way (the same frames, bit for bit)."""
+    from memflow_cli.tae.model import cudnn_fusion_works
+    from memflow_cli.tae.weights import _rebuilt
+
+    assert not cudnn_fusion_works(CPU, torch.float32, TAEW2_1.widths)
+    decoder = build_demo_taehv()
+    assert not prepared(decoder, CPU, torch.float32).fused_cuda
+    fused = _rebuilt(decoder, fused_cuda=True)
+    assert fused.fused_cuda and all(block.fused_cuda for stage in fused.stages for block in stage.blocks)
+    latents = small_latents(3, seed=8)
+    with torch.inference_mode():
+        assert torch.equal(decode_video(fused, latents), decode_video(decoder, latents))
+
+
 # -- streaming ------------------------------------------------------------------------------------------------
 
 
@@ -162,6 +236,22 @@ def test_decode_gives_rounded_uint8_frames_on_the_cpu():
     assert frames.dtype == torch.uint8 and frames.shape == (9, 16, 24, 3) and frames.device.type == "cpu"
     assert torch.equal(frames, (floats * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
     assert 0 < frames.float().mean() < 255
+
+
+@pytest.mark.gpu
+def test_decode_on_a_gpu_gives_page_locked_uint8_frames_of_its_float_frames():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    decoder = prepared(build_demo_taehv(), torch.device("cuda"), torch.bfloat16)
+    latents = torch.randn(1, 3, 16, 8, 12, generator=torch.Generator().manual_seed(6))
+    floats = StreamingTaeDecoder(decoder).decode_float(latents)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # as the decode worker runs it
+        frames = StreamingTaeDecoder(decoder).decode(latents)
+    assert frames.device.type == "cpu" and frames.is_pinned() and frames.shape == (9, 64, 96, 3)
+    expected = (floats.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    assert torch.equal(frames, expected)
 
 
 def test_the_decoder_refuses_latents_in_the_vae_layout():

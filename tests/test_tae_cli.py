@@ -12,9 +12,8 @@ import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from memflow_cli.tae import TAEW2_1, random_taehv
+from memflow_cli.tae import TAEW2_1, random_released_state
 from memflow_cli.tae import files as tae_files
-from memflow_cli.tae.weights import released_state
 
 from .cli_helpers import DEMO, assert_video, memflow, video_frames, write_story
 from .live import render_replay, run_memflow, same_frames
@@ -25,7 +24,7 @@ ONE_LINE_ERRORS = 2  # the error line and its hint, at most
 @pytest.fixture(scope="module")
 def taew2_1_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tae") / "taew2_1.pth"
-    torch.save({key: t.half() for key, t in released_state(random_taehv(TAEW2_1, seed=3)).items()}, path)
+    torch.save({key: t.half() for key, t in random_released_state(TAEW2_1, seed=3).items()}, path)
     return path
 
 

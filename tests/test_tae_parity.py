@@ -156,3 +156,21 @@ def test_bf16_on_gpu_within_guidance(name):
     difference = (ours - reference).abs()
     print(f"\n{name}: bf16 streamed vs reference float32: max {difference.max():.4f}, mean {difference.mean():.5f}")
     assert difference.mean().item() <= 0.005 and difference.max().item() <= 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_float32_on_gpu_meets_the_bars(name):
+    """The phase convolutions and the memory blocks' one buffer in cuDNN's float32 (TF32 off): the CPU's bars."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = _require(name)
+    tensors = _tensors(case["file"])
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        video, chunk_frames = _streamed(_decoder(case["weights"], "cuda", torch.float32), tensors["latents"])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert chunk_frames == tensors["chunk_frames"].tolist()
+    _check_video(case, tensors, video.cpu(), "streamed decode on the GPU in float32")

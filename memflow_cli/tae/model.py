@@ -5,11 +5,17 @@ time is mixed only by the memory blocks (each sees its own input of the frame be
 layers (one frame becomes `s` frames). That makes the decoder causal: a video decoded chunk by chunk, with
 each memory block's last input carried over (`TaeMemory`), gives the frames of decoding it whole.
 
-Tensors inside are [N*T, C, H, W] (frames batched), with N (videos) kept beside them to find frame t-1.
+The module is built in its final form, not the file's: each stage's time-grow layer, nearest upsampling and
+3x3 conv are one 2x2 conv on the small frames and a pixel shuffle (`GrowUpConv`), its kernel made from the
+released weights at load (`phase_kernel`, called by `weights.decoder_state`).
+
+Tensors inside are [N*T, C, H, W] (frames batched, channels-last), with N (videos) kept beside them to find
+frame t-1.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,47 +61,137 @@ def _conv3(channels_in: int, channels_out: int, bias: bool = True) -> nn.Conv2d:
 
 
 class MemoryBlock(nn.Module):
-    """relu(convs([x_t, x_{t-1}]) + x_t): three 3x3 convs over the frame and this block's input one frame back."""
+    """relu(convs([x_t, x_{t-1}]) + x_t): three 3x3 convs over the frame and this block's input one frame back.
 
-    def __init__(self, channels: int):
+    With `fused_cuda`, on a CUDA tensor each conv with its bias, ReLU (and the residual) is one cuDNN call
+    (`torch.cudnn_convolution_add_relu`): no separate passes over the frames for them, and one rounding in
+    bf16 instead of three. `weights.prepared` chooses it where `cudnn_fusion_works` on the device and dtype.
+    """
+
+    def __init__(self, channels: int, fused_cuda: bool = False):
         super().__init__()
+        self.fused_cuda = fused_cuda
         self.conv = nn.Sequential(
-            _conv3(2 * channels, channels), nn.ReLU(), _conv3(channels, channels), nn.ReLU(), _conv3(channels, channels)
-        )
+            _conv3(2 * channels, channels), nn.ReLU(inplace=True), _conv3(channels, channels), nn.ReLU(inplace=True),
+            _conv3(channels, channels),
+        )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        """x, past: [N*T, C, H, W] (past: each frame's input one frame back)."""
-        return F.relu(self.conv(torch.cat((x, past), dim=1)) + x)
+    def forward(self, x: torch.Tensor, with_past: torch.Tensor) -> torch.Tensor:
+        """x: [N*T, C, H, W]; with_past: [N*T, 2C, H, W], x beside each frame's input one frame back."""
+        if self.fused_cuda and x.is_cuda:
+            first, second, third = self.conv[0], self.conv[2], self.conv[4]
+            y = conv_bias_add_relu(with_past, first, x, 0.0)  # z must be finite even where alpha is 0
+            y = conv_bias_add_relu(y, second, y, 0.0)
+            return conv_bias_add_relu(y, third, x, 1.0)
+        return self.conv(with_past).add_(x).relu_()
 
 
-class TimeGrow(nn.Module):
-    """A 1x1 conv to `factor` x C channels; channel slice j of frame t becomes frame factor*t + j."""
+def conv_bias_add_relu(x: torch.Tensor, conv: nn.Conv2d, z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """relu(conv(x) + bias + alpha z) for a 3x3 conv with padding 1, in one cuDNN call (CUDA only)."""
+    return torch.cudnn_convolution_add_relu(x, conv.weight, z, alpha, conv.bias, (1, 1), (1, 1), (1, 1), 1)
 
-    def __init__(self, channels: int, factor: int):
+
+@functools.cache
+def cudnn_fusion_works(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
+    """Whether cuDNN's fused conv + bias + add + ReLU runs on `device` in `dtype` for memory blocks of these
+    widths and gives what the separate ops give (float rounding apart): tried once per process, on two small
+    frames, with weights of a local generator (the global random state is left alone)."""
+    if device.type != "cuda" or not torch.backends.cudnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for width in widths:
+        with torch.device("meta"):
+            plain, fused = MemoryBlock(width), MemoryBlock(width, fused_cuda=True)
+        state = {name: torch.randn(tensor.shape, generator=generator) / (tensor[0].numel() ** 0.5)
+                 for name, tensor in plain.state_dict().items()}  # fmt: skip
+        for block in (plain, fused):
+            block.load_state_dict(state, assign=True)
+            block.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        x = torch.randn(2, width, 24, 40, generator=generator).to(device=device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with_past = torch.cat((x, x.roll(1, dims=0)), dim=1)
+        with torch.inference_mode():
+            expected = plain(x, with_past).float()
+            try:
+                got = fused(x, with_past).float()
+            except (RuntimeError, NotImplementedError):  # this cuDNN has no fused engine for it
+                return False
+        if not torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item()):
+            return False
+    return True
+
+
+# Nearest x2 upsampling then a 3x3 conv (padding 1): output row 2i+a sees small-image rows i-1, i, i (a = 0) or
+# i, i, i+1 (a = 1), so each of the 4 output phases (a, b) is a 2x2 conv of the small image whose taps sum the
+# 3x3 kernel's rows and columns that fall on the same small pixel. PHASE_TAPS[a, u, r]: kernel row r falls on
+# tap u (small row i - 1 + a + u) of phase a. Zero padding of the big image is zero padding of the small one.
+PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def phase_kernel(grow: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+    """A stage's time-grow weight [s*C, C, 1, 1] and its 3x3 conv [C', C, 3, 3] (run on the grown, upsampled
+    frames) as one 2x2 kernel [s*4*C', C, 2, 2] on the small frames: output channel ((j*2 + a)*2 + b)*C' + c is
+    channel c of time phase j (frame s*t + j) at the pixels (2i + a, 2w + b). Computed in float64."""
+    factor, channels = grow.shape[0] // grow.shape[1], grow.shape[1]
+    taps = PHASE_TAPS.to(torch.float64)
+    per_phase = torch.einsum("aur,bvk,omrk->abomuv", taps, taps, conv.double())  # [a, b, C', C, 2, 2]
+    grown = grow.double().view(factor, channels, channels)  # [j, C (grown), C (in)]
+    kernel = torch.einsum("abomuv,jmi->jaboiuv", per_phase, grown)  # [j, a, b, C', C (in), 2, 2]
+    return kernel.reshape(-1, channels, 2, 2)
+
+
+class GrowUpConv(nn.Module):
+    """The end of a stage: time-grow (a 1x1 conv, one frame -> `factor` frames), nearest x2 upsampling and a 3x3
+    conv without bias, run as one 2x2 conv on the small frames (`phase_kernel`, 2.25x fewer multiplications and
+    no upsampled copy) whose output channels are then spread over the frames and pixels they belong to. With
+    `relu`, the ReLU that follows (the head's) runs in that copy."""
+
+    def __init__(self, channels_in: int, channels_out: int, factor: int, relu: bool = False):
         super().__init__()
-        self.factor = factor
-        self.conv = nn.Conv2d(channels, channels * factor, 1, bias=False)
+        self.factor, self.channels_out, self.relu = factor, channels_out, relu
+        self.weight = nn.Parameter(torch.empty(factor * 4 * channels_out, channels_in, 2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N*T, C, H, W] -> [N*T*factor, C, H, W], frames in time order (channels-last in memory)."""
-        if self.factor == 1:
-            return self.conv(x)
-        frames, channels, height, width = x.shape
-        y = self.conv(x).permute(0, 2, 3, 1)  # [T, H, W, factor*C]: a view where the conv wrote channels-last
-        y = y.reshape(frames, height, width, self.factor, channels).permute(0, 3, 1, 2, 4)  # [T, j, H, W, C]
-        y = y.reshape(frames * self.factor, height, width, channels)  # frame factor*t + j
-        return y.permute(0, 3, 1, 2)
+        """[T, C, H, W] -> [T*factor, C', 2H, 2W], frames in time order, channels-last."""
+        phases = F.conv2d(x, self.weight, padding=1)  # [T, (j, a, b, C'), H+1, W+1]
+        phases = phases.contiguous(memory_format=torch.channels_last)
+        return spread_phases(phases, self.factor, self.channels_out, relu=self.relu)
+
+
+def spread_phases(phases: torch.Tensor, factor: int, channels: int, *, relu: bool = False) -> torch.Tensor:
+    """phases [T, factor*4*C, H+1, W+1] (channels-last) -> frames [T*factor, C, 2H, 2W] (channels-last), with
+    `relu` through a ReLU on the way.
+
+    Phase (j, a, b) of small pixel (i, w) sits at row i + a, column w + b (the 2x2 conv's window for that phase
+    starts a row and a column later when a, b = 1), channel ((j*2 + a)*2 + b)*C + c: every index's offset is
+    linear, so one strided view [T, j, H, a, W, b, C] reads them all and one copy writes the frames.
+    """
+    frames, depth, rows, columns = phases.shape  # depth = factor*4*C: the channels-last stride of a pixel
+    height, width = rows - 1, columns - 1
+    row = columns * depth
+    strides = (rows * row, 4 * channels, row, row + 2 * channels, depth, depth + channels, 1)
+    view = phases.as_strided((frames, factor, height, 2, width, 2, channels), strides, phases.storage_offset())
+    out = torch.empty((frames * factor, channels, 2 * height, 2 * width), dtype=phases.dtype, device=phases.device,
+                      memory_format=torch.channels_last)  # fmt: skip
+    target = out.permute(0, 2, 3, 1).view(view.shape)  # [T*factor, 2H, 2W, C] = [T, j, H, a, W, b, C]
+    if relu:
+        torch.clamp_min(view, 0.0, out=target)
+    else:
+        target.copy_(view)
+    return out
 
 
 class Stage(nn.Module):
-    """Memory blocks, then x2 nearest upsampling, the time-grow layer and a 3x3 conv to the next width (the
-    reference's order; `TaehvDecoder.forward` grows before it upsamples, which gives the same frames)."""
+    """Memory blocks, then time-grow, x2 nearest upsampling and a 3x3 conv to the next width as one `GrowUpConv`
+    (the reference upsamples before it grows; a 1x1 conv commutes with nearest upsampling)."""
 
-    def __init__(self, width: int, next_width: int, time_factor: int, blocks: int):
+    def __init__(
+        self, width: int, next_width: int, time_factor: int, blocks: int, relu_after: bool = False,
+        fused_cuda: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.blocks = nn.ModuleList(MemoryBlock(width) for _ in range(blocks))
-        self.grow = TimeGrow(width, time_factor)
-        self.conv = _conv3(width, next_width, bias=False)
+        self.blocks = nn.ModuleList(MemoryBlock(width, fused_cuda) for _ in range(blocks))
+        self.up = GrowUpConv(width, next_width, time_factor, relu=relu_after)
 
 
 class TaeMemory:
@@ -112,16 +208,20 @@ class TaeMemory:
     def reset(self) -> None:
         self.started = False
 
-    def past(self, block: int, x: torch.Tensor, videos: int) -> torch.Tensor:
-        """Block `block`'s input one frame back for every frame of x [N*T, C, H, W]; then remember x's last."""
+    def with_past(self, block: int, x: torch.Tensor, videos: int) -> torch.Tensor:
+        """x [N*T, C, H, W] beside block `block`'s input one frame back: [N*T, 2C, H, W] (x's channels first, as
+        the block's first conv reads them), written in one buffer; then remember x's last frame."""
         frames = x.view(videos, -1, *x.shape[1:])  # [N, T, C, H, W]
+        channels = x.shape[1]
         last = self._last_input(block, frames[:, 0])
-        past = torch.empty_like(x)  # x's memory format
-        shifted = past.view(frames.shape)
-        shifted[:, 0] = last
-        shifted[:, 1:] = frames[:, :-1]
+        both = torch.empty((x.shape[0], 2 * channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)  # fmt: skip
+        paired = both.view(videos, -1, *both.shape[1:])  # [N, T, 2C, H, W]
+        paired[:, :, :channels] = frames
+        paired[:, 0, channels:] = last
+        paired[:, 1:, channels:] = frames[:, :-1]
         last.copy_(frames[:, -1])
-        return past
+        return both
 
     def _last_input(self, block: int, like: torch.Tensor) -> torch.Tensor:
         """Block `block`'s buffer [N, C, H, W], zero at a video's start; (re)allocated when the size changes."""
@@ -139,14 +239,15 @@ class TaehvDecoder(nn.Module):
     """Latents [N, T, C, h, w] (as the generator makes them: no Wan un-normalisation) -> raw RGB frames
     [N, 4T, 3, 8h, 8w] before the clamp and the trim (`frames_from_raw` does both)."""
 
-    def __init__(self, config: TaehvConfig = TAEW2_1):
+    def __init__(self, config: TaehvConfig = TAEW2_1, fused_cuda: bool = False):
         super().__init__()
-        self.config = config
+        self.config, self.fused_cuda = config, fused_cuda  # fused_cuda: see MemoryBlock
         widths = config.widths
         self.stem = _conv3(config.latent_channels, widths[0])
-        self.stages = nn.ModuleList(
-            Stage(width, next_width, 2 if grows else 1, config.blocks_per_stage)
-            for width, next_width, grows in zip(widths, (*widths[1:], widths[-1]), config.time_upscale, strict=True)
+        stages = list(zip(widths, (*widths[1:], widths[-1]), config.time_upscale, strict=True))
+        self.stages = nn.ModuleList(  # the last stage's copy applies the head's ReLU
+            Stage(width, next_width, 2 if grows else 1, config.blocks_per_stage, index == len(stages) - 1, fused_cuda)
+            for index, (width, next_width, grows) in enumerate(stages)
         )
         self.head = _conv3(widths[-1], config.rgb_channels)
 
@@ -156,17 +257,15 @@ class TaehvDecoder(nn.Module):
         videos, latent_frames = latents.shape[:2]
         clamp = self.config.latent_clamp
         x = latents.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # [N*T, C, h, w]
-        x = F.relu(self.stem(clamp * torch.tanh(x / clamp)))
+        x = self.stem(clamp * torch.tanh(x / clamp)).relu_()
         block = 0
         for stage in self.stages:
             for memory_block in stage.blocks:
-                x = memory_block(x, memory.past(block, x, videos))
+                x = memory_block(x, memory.with_past(block, x, videos))
                 block += 1
-            # the reference upsamples, then grows in time: a 1x1 conv commutes with nearest upsampling, so it
-            # runs first, on a quarter of the pixels
-            x = stage.conv(F.interpolate(stage.grow(x), scale_factor=2.0, mode="nearest"))
+            x = stage.up(x)
         memory.started = True
-        x = self.head(F.relu(x))
+        x = self.head(x)  # the ReLU before it ran in the last stage's copy
         return x.reshape(videos, -1, *x.shape[1:])  # [N, T * frames_per_latent, 3, H, W]
 
 
@@ -178,39 +277,3 @@ def frames_from_raw(raw: torch.Tensor, trim: int) -> torch.Tensor:
 def decode_video(decoder: TaehvDecoder, latents: torch.Tensor) -> torch.Tensor:
     """A whole video's latents [N, T, C, h, w] -> frames [N, 4T - 3, 3, H, W] in [0, 1], in one call."""
     return frames_from_raw(decoder(latents), decoder.config.trimmed_frames)
-
-
-# -- random weights -----------------------------------------------------------------------------------------
-
-# gains of the fixtures' random weights (std = gain / sqrt(fan_in)): activations stay O(1) through the decoder
-_GAIN_RELU, _GAIN_BLOCK_LAST, _GAIN_1X1, _GAIN_RGB = 2.0**0.5, 0.6, 1.0, 0.12
-_BIAS_STD, _RGB_BIAS = 0.05, 0.5
-
-
-def random_taehv(config: TaehvConfig = TAEW2_1, seed: int = 0) -> TaehvDecoder:
-    """A decoder with seeded random weights whose output is a plausible image range (mean ~0.5, in [0, 1])
-    rather than a constant: the demo model's and the random-weights model's decoder."""
-    generator = torch.Generator().manual_seed(seed)
-    decoder = TaehvDecoder(config)
-    with torch.no_grad():
-        for name, module in decoder.named_modules():
-            if not isinstance(module, nn.Conv2d):
-                continue
-            gain = _gain(name, module)
-            fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-            module.weight.normal_(0.0, gain / fan_in**0.5, generator=generator)
-            if module is decoder.head:
-                module.weight -= module.weight.mean(dim=(1, 2, 3), keepdim=True)
-            if module.bias is not None:
-                module.bias.normal_(0.0, _BIAS_STD, generator=generator)
-                if module is decoder.head:
-                    module.bias += _RGB_BIAS
-    return decoder.eval().requires_grad_(False)
-
-
-def _gain(name: str, conv: nn.Conv2d) -> float:
-    if name == "head":
-        return _GAIN_RGB
-    if name.endswith("conv.4"):
-        return _GAIN_BLOCK_LAST
-    return _GAIN_1X1 if conv.kernel_size == (1, 1) else _GAIN_RELU

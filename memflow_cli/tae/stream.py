@@ -15,9 +15,22 @@ from .model import TaehvDecoder, TaeMemory, frames_from_raw
 
 
 def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """Frames [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3] on the CPU (rounded to the nearest level)."""
-    levels = (frames.float() * 255.0).round_().to(torch.uint8)
-    return levels.permute(0, 2, 3, 1).contiguous().cpu()
+    """Frames [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3] on the CPU (rounded to the nearest level).
+
+    The levels are made where the frames are (a quarter of float32's bytes cross to the CPU, bf16 frames are
+    rounded in float32); from a GPU they are copied into page-locked memory without blocking, then the
+    decoding stream is waited on. The page-locked block returns to torch's host cache when the caller drops
+    the frames, so a writer that keeps several chunks never sees one overwritten.
+    """
+    levels = torch.empty((frames.shape[0], *frames.shape[2:], frames.shape[1]), dtype=torch.uint8,
+                         device=frames.device)  # fmt: skip
+    levels.permute(0, 3, 1, 2).copy_((frames.float() * 255.0).round_())
+    if levels.device.type != "cuda":
+        return levels
+    host = torch.empty(levels.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(levels, non_blocking=True)
+    torch.cuda.current_stream(levels.device).synchronize()
+    return host
 
 
 class StreamingTaeDecoder:
