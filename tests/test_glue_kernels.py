@@ -168,3 +168,49 @@ def test_the_kernels_in_tritons_interpreter():
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1] and "failed" not in run.stdout.splitlines()[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [True, False], ids=["triton-graphed", "triton"])
+def test_the_triton_paths_render_the_eager_bf16_video(graphs):
+    """bf16 on the GPU, the fast path built as `load_engine` builds it: every repeated pass captured where it
+    has graphs, and the video within bf16 noise of the plain eager model's (relative L2, as test_gpu_fast)."""
+    import warnings
+
+    from memflow_cli.model.build import build_transformer
+    from memflow_cli.speed import choose_fast_path
+    from memflow_cli.speed.graphs import GraphedPasses
+
+    config = TransformerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=32)
+    device = torch.device("cuda")
+    fast = choose_fast_path(config, device, torch.bfloat16, compile=None if graphs else False, glue=True)
+    assert fast.name == ("triton-graphed" if graphs else "triton") and isinstance(fast.kernels.glue, TritonGlue)
+    assert fast.kernels.glue.warm_up_s is not None
+    torch.manual_seed(0)
+    state = {k: v.to(device, torch.bfloat16) for k, v in CausalWanTransformer(config).state_dict().items()}
+    plain = build_transformer(config, dict(state), Kernels())
+    model = build_transformer(config, state, fast.kernels)
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1, sma=True), geometry=VideoGeometry(64, 96))
+    prompts = torch.randn(2, 32, config.text_dim, generator=torch.Generator().manual_seed(1))
+    made: list[GraphedPasses] = []
+
+    def graphed(run_pass):
+        made.append(GraphedPasses(run_pass))
+        return made[-1]
+
+    def video(model: CausalWanTransformer, passes) -> torch.Tensor:
+        generator = MemFlowGenerator(model, settings, passes=passes)
+        noise = SeededNoise(3, generator.noise_shape(), device, torch.bfloat16)
+        with fast.sdpa_priority():
+            return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1).float()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "CUDA graph capture failed" would be a warning
+        ours = video(model, graphed if graphs else None)
+    expected = video(plain, None)
+    if graphs:
+        (passes,) = made
+        assert passes.graphs and not passes.uncapturable
+    error = ((ours - expected).norm() / expected.norm()).item()
+    assert error < 2e-2, error
