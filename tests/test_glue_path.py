@@ -55,3 +55,22 @@ def test_auto_runs_what_the_one_constant_names_where_compiling_does_not_pay(monk
 
 def test_the_default_stays_eager_until_the_gpu_has_measured_the_glue():
     assert compile_cache.AUTO_UNCOMPILED is CompilePath.EAGER
+
+
+CHOICES = [CompileChoice.triton(), CompileChoice.triton(graphs=False), CompileChoice.fixed(None)]
+
+
+@pytest.mark.parametrize("choice", CHOICES, ids=lambda choice: choice.path.value)
+def test_load_engine_passes_the_choice_on_to_the_fast_path(monkeypatch, choice):
+    from memflow_cli import engine as engine_module
+
+    asked: list[dict] = []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs)
+        return choose_fast_path(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "choose_fast_path", recording)
+    with engine_module.load_engine("demo", "cpu", compile=choice, embed_cache=False) as engine:
+        assert engine.fast.name == "eager" and engine.compile_path == choice.path.value  # the CPU runs plain PyTorch
+    assert [(kwargs["compile"], kwargs["glue"]) for kwargs in asked] == [(choice.compile, choice.glue)]
