@@ -13,8 +13,9 @@ the matmul's epilogue and each video's repeated passes replayed from CUDA graphs
 API's `compile=None`), the compiled path's layers and graphs with nothing compiled, which ran no faster than
 eager on an H100 (issue #25); "triton-graphed" and "triton" (`glue=True`, with and without the graphs), the
 graphed path's layers with the blocks' elementwise glue in hand-fused Triton kernels (`glue.py`: what
-Inductor fuses, compiled in a second or two at load, not a minute), awaiting its GPU measurement before
-`compile_cache.AUTO_UNCOMPILED` makes it the default. The CPU runs plain PyTorch.
+Inductor fuses, five small kernels compiled at load instead of a minute of Inductor; Triton's disk cache
+keeps them), awaiting its GPU measurement before `compile_cache.AUTO_UNCOMPILED` makes it the default.
+The CPU runs plain PyTorch.
 
 By concern: `attention.py` (SDPA's backend priority, the flash-attn 3 probe), `compile.py` (torch.compile
 from any thread, the blocks' compiled steps), `compile_cache.py` (compiled kernels kept across processes,
