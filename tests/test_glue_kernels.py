@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise  # noqa: E402
 from memflow_cli.model.glue import PLAIN_GLUE, Glue  # noqa: E402
@@ -179,8 +179,9 @@ def test_the_kernels_in_tritons_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("graphs", [True, False], ids=["triton-graphed", "triton"])
 def test_the_triton_paths_render_the_eager_bf16_video(graphs):
-    """bf16 on the GPU, the fast path built as `load_engine` builds it: every repeated pass captured where it
-    has graphs, and the video within bf16 noise of the plain eager model's (relative L2, as test_gpu_fast)."""
+    """bf16 on the GPU, the fast path built as `load_engine` builds it: no kernel compiled after the load, every
+    repeated pass captured where it has graphs, and the video within bf16 noise of the plain eager model's
+    (relative L2, as test_gpu_fast)."""
     import warnings
 
     from memflow_cli.model.build import build_transformer
@@ -210,9 +211,21 @@ def test_the_triton_paths_render_the_eager_bf16_video(graphs):
         with fast.sdpa_priority():
             return torch.cat(list(generator.generate(prompts, 12, noise, switch_chunks=(8,))), dim=1).float()
 
+    jit_misses: list[str] = []
+
+    def on_jit_miss(*args, **kwargs) -> bool:
+        jit_misses.append(str(kwargs.get("repr")))
+        return False  # compile as usual
+
+    runtime = triton.knobs.runtime
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "CUDA graph capture failed" would be a warning
-        ours = video(model, graphed if graphs else None)
+        runtime.jit_cache_hook = on_jit_miss
+        try:
+            ours = video(model, graphed if graphs else None)
+        finally:
+            runtime.jit_cache_hook = None
+    assert jit_misses == []  # `warm_up` compiled every kernel the render ran: no JIT in the middle of a render
     expected = video(plain, None)
     if graphs:
         (passes,) = made
