@@ -165,6 +165,38 @@ def test_a_model_built_with_the_triton_glue_renders_the_plain_models_video():
     torch.testing.assert_close(video, render(plain), rtol=1e-4, atol=1e-4)
 
 
+def sm90_signature(kernel, pointer: str, rope: str, constants: dict) -> dict:
+    """The argument types of `kernel` for `triton.compile`: pointers to `pointer` (the tables to `rope`)."""
+    types = {"eps": "fp32", "cos_ptr": f"*{rope}", "sin_ptr": f"*{rope}"}
+    names = kernel.arg_names
+    return {n: "constexpr" if n in constants else types.get(n, f"*{pointer}" if n.endswith("_ptr") else "i32")
+            for n in names}  # fmt: skip
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernels (the interpreter has none)")
+def test_the_kernels_compile_for_hopper_without_a_gpu(monkeypatch, tmp_path):
+    """What the interpreter never checks: each kernel, as `warm_up` specialises it for the 1.3B model in bf16,
+    compiles to an sm_90 binary (Triton's own compiler and ptxas, no GPU needed; an empty cache folder)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from memflow_cli.speed import glue
+
+    dim = {"DIM": MODEL[0], "BLOCK": 2048}
+    variants = [
+        (glue._modulated_norm_kernel, {**dim, "RESIDUAL": False}),
+        (glue._modulated_norm_kernel, {**dim, "RESIDUAL": True}),
+        (glue._gated_residual_kernel, dim),
+        (glue._rms_norm_kernel, {**dim, "ROPE": False, "HALF_HEAD": 1}),
+        (glue._rms_norm_kernel, {**dim, "ROPE": True, "HALF_HEAD": MODEL[1] // 2}),
+    ]
+    for kernel, constants in variants:
+        source = ASTSource(kernel, sm90_signature(kernel, "bf16", "fp32", constants), constexprs=constants)
+        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": glue.WARPS})
+        assert binary.asm["cubin"] and f".entry {kernel.__name__}" in binary.asm["ptx"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="runs the tests above where they run")
 def test_the_kernels_in_tritons_interpreter():
     root = Path(__file__).resolve().parents[1]
