@@ -404,7 +404,7 @@ def _measure(engine: Engine, options: BenchOptions, status: Callable[[str], None
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention": engine.fast.attention_name,
         "compile": engine.fast.compile,
-        "fast_path": engine.fast.name,  # graphed, compiled or eager
+        "fast_path": engine.fast.name,  # eager, graphed, compiled, triton-graphed or triton (`FastPath.name`)
         "fp8": engine.fp8,
         "memory": memory_settings.mode,
         "sma": memory_settings.sma,

@@ -338,7 +338,7 @@ def load_engine(
     `compile` decides the fast path on CUDA (`speed.choose_fast_path`) and is reported (`Engine.compile_path`):
     None the graphed path (eager kernels, repeated passes replayed from CUDA graphs; the commands always pass a
     choice, `plan.open_engine`), a choice whose `compile` is True the compiled one (the first chunk then pays
-    the compile), False plain eager kernels.
+    the compile), False plain eager kernels; `CompileChoice.triton()` the fused Triton glue (`FastPath.glue`).
     With `fp8`, the blocks' linear layers run in FP8 (check first with `speed.fp8.fp8_unsupported_reason`).
     With `decode_device`, the VAE decodes there (`--decode-device cuda:1`). With `full_text_encoder`, the
     random model encodes prompts with a full-size random umT5-XXL instead of making them noise.
@@ -358,7 +358,7 @@ def load_engine(
         torch.cuda.set_device(dev)  # events, streams and graph captures of the pipeline use the current device
     if embed_cache is True:
         embed_cache = EmbedCacheSettings.from_environment()
-    speed = Speed(None if compile is None else compile.compile, fp8)
+    speed = Speed(None if compile is None else compile.compile, fp8, glue=compile is not None and compile.glue)
     loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
     engine = _engine(source, lora, loading, full_text_encoder)
     with ExitStack() as failed:
@@ -379,6 +379,7 @@ class Speed:
 
     compile: bool | None  # True compiled, None graphed, False plain eager (`choose_fast_path`)
     fp8: bool
+    glue: bool = False  # the blocks' glue in fused Triton kernels, with CUDA graphs (compile None) or without
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,8 @@ def _preview_decoder(source: ModelSource, request: DecoderRequest, loading: _Loa
 
 
 def _fast_path(config: TransformerConfig, device: torch.device, speed: Speed) -> FastPath:
-    return choose_fast_path(config, device, model_dtype(device), compile=speed.compile, fp8=speed.fp8)
+    dtype = model_dtype(device)
+    return choose_fast_path(config, device, dtype, compile=speed.compile, fp8=speed.fp8, glue=speed.glue)
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:

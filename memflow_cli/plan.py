@@ -492,10 +492,10 @@ def open_engine(
 
     from .engine import load_engine
     from .loading import WeightsError
-    from .speed.compile_cache import CompileChoice, CompilePath, choose_for_videos
+    from .speed.compile_cache import CompileChoice, choose_for_videos
 
     if videos is None and options.compile is CompileMode.AUTO and torch.device(device).type == "cuda":
-        choice = CompileChoice(False, CompilePath.EAGER, "an open-ended video compiles only when asked")
+        choice = CompileChoice.uncompiled("an open-ended video compiles only when asked")
     else:
         choice = choose_for_videos(options.compile, torch.device(device), options.model.architecture, options.fp8,
                                    videos or [])  # fmt: skip

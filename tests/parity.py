@@ -108,12 +108,14 @@ def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return float((ours.double() - expected.double()).norm() / expected.double().norm())
 
 
-def fast_path_error(name: str, device: torch.device, dtype: torch.dtype, *, compile: bool | None, fp8: bool = False):
+def fast_path_error(
+    name: str, device: torch.device, dtype: torch.dtype, *, compile: bool | None, fp8: bool = False, glue: bool = False
+):
     """Run scenario `name` through the fast path chosen for (device, dtype); returns (its relative L2, the model).
 
     The model is loaded as render loads it and run with the whole fast path (`compile`: None the graphed
-    default, True compiled steps, both with CUDA graphs, False plain eager; FP8 layers where `fp8`); the
-    error is against the float32 expectation.
+    default, True compiled steps, both with CUDA graphs, False plain eager; FP8 layers where `fp8`; the fused
+    Triton glue where `glue`); the error is against the float32 expectation.
     """
     from memflow_cli.checkpoint import load_transformer
     from memflow_cli.generator import MemFlowGenerator
@@ -122,7 +124,7 @@ def fast_path_error(name: str, device: torch.device, dtype: torch.dtype, *, comp
 
     man, d = manifest(), PARITY_DIR
     config = read_transformer_config(d / "config.json")
-    fast = choose_fast_path(config, device, dtype, compile=compile, fp8=fp8)
+    fast = choose_fast_path(config, device, dtype, compile=compile, fp8=fp8, glue=glue)
     model = load_transformer(
         d / "base.pt", d / "lora.pt", config, lora_settings(man), device=device, dtype=dtype, kernels=fast.kernels
     )

@@ -17,12 +17,21 @@ pytestmark = [
 ]
 
 
-PATHS = {"eager": False, "graphed": None, "compiled": True}  # `compile` of each path (graphed: the default)
+# `compile` and `glue` of each path (`choose_fast_path`)
+PATHS = {
+    "eager": (False, False),
+    "graphed": (None, False),
+    "compiled": (True, False),
+    "triton-graphed": (None, True),
+    "triton": (False, True),
+}
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("name", sorted(MANIFEST["scenarios"]))
 def test_bf16_gpu_close_to_float32_expectation(name, path):
-    error, _ = parity.fast_path_error(name, torch.device("cuda"), torch.bfloat16, compile=PATHS[path])
+    compile, glue = PATHS[path]
+    error, model = parity.fast_path_error(name, torch.device("cuda"), torch.bfloat16, compile=compile, glue=glue)
+    assert model.blocks[0].glue.name == ("triton" if glue else "pytorch")  # no fallback to the PyTorch glue
     print(f"{name} ({path}): bf16 relative L2 {error:.3e}")
     assert error <= BF16_BAR

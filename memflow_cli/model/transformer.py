@@ -22,6 +22,7 @@ from torch import nn
 
 from ..settings import TransformerConfig
 from .cache import KVMemory, TextCache
+from .glue import PLAIN_GLUE, Glue, layer_norm, rms_norm
 from .memory import CachePlan, sma_key_set
 
 # q, k, v [B, H, N, D] -> [B, H, N, D]
@@ -51,6 +52,7 @@ class Kernels:
     linear_gelu: LinearFactory | None = None  # the FFN's first Linear and its tanh GELU as one; None: two modules
     fused_qkv: bool = False  # self-attention's q, k and v as one [3*dim, dim] Linear `qkv`: one matmul, not three
     block_step: StepWrapper | None = None  # what runs each block's two pure steps (None: the methods themselves)
+    glue: Glue = PLAIN_GLUE  # the blocks' norms, modulation, rotary embedding and residuals (`glue.py`)
 
 
 PLAIN_KERNELS = Kernels()
@@ -75,13 +77,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Non-affine LayerNorm in the input dtype (the kernel accumulates in float32)."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def timestep_sinusoid(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
@@ -124,15 +120,6 @@ def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return torch.cos(angles).to(dtype)[:, None], torch.sin(angles).to(dtype)[:, None]
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate consecutive pairs of x [B, N, H, D] by the table's angles; computed in the table's dtype."""
-    cos, sin = rope
-    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))  # [B, N, H, D/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
 class AttentionProjections(nn.Module):
     """q/k/v/o projections with RMS-normalised queries and keys (named as in Wan checkpoints).
 
@@ -164,6 +151,7 @@ class SelfAttention(AttentionProjections):
         super().__init__(config, kernels, kernels.linear, fused=kernels.fused_qkv)
         self.fused_qkv = kernels.fused_qkv
         self.attention = kernels.attention
+        self.glue = kernels.glue
         self.sma_key_set = kernels.sma_key_set
 
     def project(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
@@ -172,8 +160,8 @@ class SelfAttention(AttentionProjections):
             q, k, v = self.qkv(u).chunk(3, dim=-1)
         else:
             q, k, v = self.q(u), self.k(u), self.v(u)
-        q = apply_rope(self.split_heads(self.norm_q(q)), rope).transpose(1, 2)
-        k = apply_rope(self.split_heads(self.norm_k(k)), rope).transpose(1, 2)
+        q = self.glue.rms_norm_rope(q, self.norm_q.weight, self.norm_q.eps, rope)
+        k = self.glue.rms_norm_rope(k, self.norm_k.weight, self.norm_k.eps, rope)
         v = self.split_heads(v).transpose(1, 2)
         return q, k, v
 
@@ -193,6 +181,7 @@ class SelfAttention(AttentionProjections):
 class CrossAttention(AttentionProjections):
     def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
         super().__init__(config, kernels, nn.Linear)
+        self.glue = kernels.glue
 
     def fill(self, context: torch.Tensor, layer: int, text: TextCache) -> None:
         """Compute this layer's text keys/values [B, H, T, D] into the text cache."""
@@ -200,7 +189,7 @@ class CrossAttention(AttentionProjections):
         text.v[layer] = self.split_heads(self.v(context)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
-        q = self.split_heads(self.norm_q(self.q(x))).transpose(1, 2)
+        q = self.split_heads(self.glue.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, text_k, text_v)
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -230,13 +219,14 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
         self.ffn = feed_forward(config, kernels)
         self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
+        self.glue = kernels.glue
         run = kernels.block_step or _as_is
         self.steps = BlockSteps(run(self.attention_inputs), run(self.after_attention))
 
     def attention_inputs(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Modulated, normalised input projected to q, k, v. x: [B, F, P, dim]; e0: [B, F, 6, dim]."""
         shift, scale = (self.modulation[:, None, :2] + e0[:, :, :2]).chunk(2, dim=2)  # [B, F, 1, dim] each
-        u = layer_norm(x, self.eps) * (1 + scale) + shift
+        u = self.glue.modulated_norm(x, shift, scale, self.eps)
         return self.self_attn.project(u.flatten(1, 2), rope)
 
     def after_attention(
@@ -245,10 +235,10 @@ class Block(nn.Module):
         """Gated self-attention output, cross-attention to the text, gated FFN. attn: [B, F*P, dim]."""
         gate1, shift2, scale2, gate2 = (self.modulation[:, None, 2:] + e0[:, :, 2:]).chunk(4, dim=2)
         frames = x.shape[1]
-        x = x + self.self_attn.o(attn).unflatten(1, (frames, -1)) * gate1
-        x = x + self.cross_attn(self.norm3(x.flatten(1, 2)), text_k, text_v).unflatten(1, (frames, -1))
-        ffn_input = layer_norm(x, self.eps) * (1 + scale2) + shift2
-        return x + self.ffn(ffn_input) * gate2
+        x = self.glue.gated_residual(x, self.self_attn.o(attn).unflatten(1, (frames, -1)), gate1)
+        crossed = self.cross_attn(self.norm3(x.flatten(1, 2)), text_k, text_v).unflatten(1, (frames, -1))
+        x, ffn_input = self.glue.residual_norm(x, crossed, shift2, scale2, self.eps)
+        return self.glue.gated_residual(x, self.ffn(ffn_input), gate2)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, state: PassState) -> torch.Tensor:
         """One block: its first step, the attention over the memory, its second step."""

@@ -110,12 +110,19 @@ class CompilePath(str, Enum):
     """Which way a run's model ran, as the sidecar and bench report it."""
 
     GRAPHED = "graphed"  # eager kernels, repeated passes from CUDA graphs (the Python API: `CompileChoice.fixed(None)`)
+    TRITON_GRAPHED = "triton-graphed"  # the graphed path with the blocks' glue in fused Triton kernels
+    TRITON = "triton"  # the same without CUDA graphs (`CompileChoice.triton`)
     COMPILED_WARM = "compiled-warm"  # compiled, its kernels found in the cache
     COMPILED_COLD = "compiled-cold"  # compiled from scratch (--compile, or a video long enough to pay for it)
     COMPILED = "compiled"  # compiled, the cache not looked at (the Python API: `CompileChoice.fixed(True)`)
     EAGER = "eager"  # chosen: too short to win back the compile
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"
+
+
+# What AUTO (neither --compile nor --no-compile) runs on CUDA where compiling does not pay: plain eager until
+# the GPU has measured the fused Triton glue (issue #25); then TRITON_GRAPHED or TRITON, whichever is faster.
+AUTO_UNCOMPILED = CompilePath.EAGER
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,24 @@ class CompileChoice:
     path: CompilePath
     reason: str  # one line, for the sidecar and the log
 
+    @property
+    def glue(self) -> bool:
+        """The blocks' glue runs in fused Triton kernels (`speed.glue`): `choose_fast_path(glue=True)`."""
+        return self.path in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON)
+
+    @classmethod
+    def triton(cls, graphs: bool = True, reason: str = "asked") -> CompileChoice:
+        """The graphed path's layers with the fused Triton glue, its repeated passes replayed from CUDA graphs
+        or (`graphs` False) launched one by one; nothing compiled by Inductor."""
+        return cls(None, CompilePath.TRITON_GRAPHED, reason) if graphs else cls(False, CompilePath.TRITON, reason)
+
+    @classmethod
+    def uncompiled(cls, reason: str) -> CompileChoice:
+        """What AUTO runs on CUDA where it does not compile: `AUTO_UNCOMPILED`."""
+        if AUTO_UNCOMPILED in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON):
+            return cls.triton(AUTO_UNCOMPILED is CompilePath.TRITON_GRAPHED, reason)
+        return cls(False, CompilePath.EAGER, reason)
+
     @classmethod
     def fixed(cls, compile: bool | None, reason: str = "asked") -> CompileChoice:
         """As asked, the cache not looked at: compiled (True), graphed (None) or eager (False)."""
@@ -159,9 +184,10 @@ def choose_compile(
 
     `asked`: ALWAYS (`--compile`) always compiles with Inductor, NEVER (`--no-compile`) runs plain eager
     kernels, AUTO lets the video's length decide: compiled where the chunks after the first win back the
-    compile on this cache (`warm`), else eager, so that the default is never slower than `--no-compile`.
-    (The graphed path, eager kernels replayed from CUDA graphs, ran no faster than eager on an H100: it is
-    not chosen here; `CompileChoice.fixed(None)` asks for it.)
+    compile on this cache (`warm`), else `AUTO_UNCOMPILED` (eager until the fused Triton glue is measured),
+    so that the default is never slower than `--no-compile`. (The graphed path, eager kernels replayed from
+    CUDA graphs, ran no faster than eager on an H100: it is not chosen here; `CompileChoice.fixed(None)` asks
+    for it.)
     """
     if not cuda:
         return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled and graphed paths run on CUDA only")
@@ -176,7 +202,7 @@ def choose_compile(
     balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
     if saved > cost:
         return CompileChoice(True, compiled, balance)
-    return CompileChoice(False, CompilePath.EAGER, balance)
+    return CompileChoice.uncompiled(balance)
 
 
 # -- the videos of one run ----------------------------------------------------------------------------------

@@ -20,17 +20,18 @@ from .compile import MODEL_GRAPHS, VAE_GRAPHS, allow_recompiles
 from .compile_cache import compile_cache_env, device_cache_dir
 
 
-def process_settings(device: torch.device, *, compile: bool) -> None:
+def process_settings(device: torch.device, *, compile: bool, glue: bool = False) -> None:
     """What the fast path needs torch to do in this whole process, for a model on `device`.
 
     On CUDA: cuDNN chooses each convolution's algorithm by its heuristics, the same choice in every process
     (never by timing them); with `compile`, dynamo may build every graph the model and the decoder need and
-    the compile caches live in the user's cache. Nothing changes on the CPU.
+    the compile caches live in the user's cache, as Triton's does with `glue` (the fused glue's kernels).
+    Nothing changes on the CPU.
     """
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = False
-    if compile:
+    if compile or glue:
         compile_settings(device)
 
 

@@ -1,10 +1,12 @@
 """Where one steady chunk's GPU time goes, by kernel: full-size random weights on one GPU, one fast path.
 
-Loads `--model random` on the path named (eager, graphed or compiled), warms it up (the compiled path
-compiles here; its per-function compile times are printed), times a few generate-only chunks, then profiles
-two more and prints the top CUDA kernels. Not part of the test suite.
+Loads `--model random` on the path named (eager, graphed, compiled, or the fused Triton glue with or
+without CUDA graphs: triton-graphed, triton), warms it up (the compiled path compiles here; its
+per-function compile times are printed; the triton paths compile their kernels in the load, whose time
+`glue_warm_up_s` says), times a few generate-only chunks, then profiles two more and prints the top CUDA
+kernels. Not part of the test suite.
 
-    python tests/gpu_tools/pass_profile.py eager|graphed|compiled [--chunks 6] [--rows 40]
+    python tests/gpu_tools/pass_profile.py eager|graphed|compiled|triton-graphed|triton [--chunks 6] [--rows 40]
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from memflow_cli.engine import load_engine
 from memflow_cli.plan import option_settings
 from memflow_cli.speed.compile_cache import CompileChoice
 
-PATHS = {"eager": False, "graphed": None, "compiled": True}
+PATHS = {
+    "eager": CompileChoice.fixed(False),
+    "graphed": CompileChoice.fixed(None),
+    "compiled": CompileChoice.fixed(True),
+    "triton-graphed": CompileChoice.triton(),
+    "triton": CompileChoice.triton(graphs=False),
+}
 
 
 def main() -> None:
@@ -34,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40)
     args = parser.parse_args()
     started = time.perf_counter()
-    engine = load_engine("random", "cuda", compile=CompileChoice.fixed(PATHS[args.path]), embed_cache=False)
+    engine = load_engine("random", "cuda", compile=PATHS[args.path], embed_cache=False)
     loaded = time.perf_counter()
     settings = option_settings({}, engine.geometry)
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,6 +55,7 @@ def main() -> None:
         steady = timed.chunk_ms[1:]
         print(json.dumps({
             "path": engine.fast.name, "device": torch.cuda.get_device_name(), "load_s": round(loaded - started, 2),
+            "glue_warm_up_s": getattr(engine.fast.kernels.glue, "warm_up_s", None),
             "warmup_s": round(warmed - loaded, 2), "chunk_ms": [round(ms, 1) for ms in timed.chunk_ms],
             "steady_chunk_ms": round(statistics.median(steady), 1) if steady else None,
         }))  # fmt: skip
