@@ -291,7 +291,7 @@ def _live_decoder(model: ModelSource | str | None, name: str | None, weights: Pa
     from ..tae.files import find_tae_weights
 
     model = ModelSource.parse(model)
-    default = DecoderChoice.TAE if weights is not None else DecoderChoice.WAN
+    default = DecoderChoice.WAN  # `--decoder-weights` alone means tae, as in every command (`decoder_request`)
     if name is None and weights is None and not model.built_in:
         folder = Path(model.folder).expanduser() if model.folder is not None else None
         if find_tae_weights(None, folder) is not None:
