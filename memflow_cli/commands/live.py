@@ -60,11 +60,13 @@ from .common import (
     LoraRank,
     MemoryMode,
     RecordInterval,
+    Seed,
     Sink,
     Sma,
     Steps,
     Window,
     reported,
+    whole_number,
 )
 
 EPILOG = (
@@ -99,9 +101,7 @@ def live(
                      metavar="wan|tae"),  # fmt: skip
     ] = None,
     decoder_weights: DecoderWeights = None,
-    seed: Annotated[
-        int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
-    ] = None,
+    seed: Seed = None,
     duration: Annotated[
         str | None,
         typer.Option(help=f"End the session there, e.g. 60s. Times: {TIME_FORMATS}. Default: at Ctrl-C.",
@@ -110,7 +110,8 @@ def live(
     ahead: Annotated[
         int,
         typer.Option(help="Chunks generation may run ahead of playback (0.75 s each): more is smoother, "
-                     "fewer shows a typed prompt sooner.", min=0, max=64, metavar="N"),  # fmt: skip
+                     "fewer shows a typed prompt sooner.", metavar="N",
+                     parser=whole_number("--ahead", 0, 64)),  # fmt: skip
     ] = 2,
     serve: Annotated[
         str | None,

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..text import one_line
+from ..text import ascii_int, one_line
 from .page import PAGE
 from .prompts import PromptInbox, PromptRefused
 
@@ -68,10 +68,11 @@ def parse_address(text: str) -> Address:
     """`[HOST:]PORT` -> Address (host 127.0.0.1 when left out); raises ServeError."""
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # not "８０": ASCII digits
+    number = ascii_int(port)  # not "８０"
+    if number is None or not 0 <= number <= 65535:
         raise ServeError(f"--serve {one_line(text)}: give a port (0-65535), optionally after HOST:, like 8000 or "
                          "0.0.0.0:8000")
-    return Address(host, int(port))
+    return Address(host, number)
 
 
 def reachable_hosts(unspecified: str) -> list[str]:
