@@ -451,8 +451,8 @@ def test_every_integer_option_of_every_command_reads_one_shared_parser():
     from memflow_cli.cli import app
 
     for command in app.registered_commands:
-        options = {name: typing.get_args(hint) for name, hint in
-                   typing.get_type_hints(command.callback, include_extras=True).items() if name != "return"}  # fmt: skip
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        options = {name: typing.get_args(hint) for name, hint in hints.items() if name != "return"}
         integers = {name for name, (kind, *_) in options.items() if int in (kind, *typing.get_args(kind))}
         parsers = {name for name in integers if options[name][1].parser is not None}
         assert integers == parsers, f"{command.callback.__name__}: {sorted(integers - parsers)} read by int()"
