@@ -97,7 +97,7 @@ def replay_options(script: Path) -> list[str]:
 
 
 class Recorder:
-    """What a session loop reports (`live.loop.LiveEvents`), kept; viewers handed to `server` as the command does."""
+    """What a session loop reports (`live.loop.LiveReport`), kept; viewers handed to `server` as the command does."""
 
     def __init__(self, server=None):
         self.server = server

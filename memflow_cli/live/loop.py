@@ -3,7 +3,7 @@
 It takes the events the other threads put on the queue (`events.py`) one at a time, in the order they
 came, and alone decides and reports: which typed prompts are queued (checked as `prompts.checked_prompt`
 says, at most `MAX_PENDING` waiting) and which one starts at a chunk boundary; the prompt latencies; the
-page's viewers; why the session ended. Reports go to `LiveEvents` (printing, and frames for the page's
+page's viewers; why the session ended. Reports go to `LiveReport` (printing, and frames for the page's
 player), from this thread only.
 
 A prompt is accepted as soon as its event is taken and its encoding starts then (`encode`), beside
@@ -79,7 +79,7 @@ class Latency:
     to_screen_s: float
 
 
-class LiveEvents:
+class LiveReport:
     """What a session reports, from its loop's thread only; subclasses print it or serve it. Every method may be
     left out."""
 
@@ -137,7 +137,7 @@ class SessionLoop:
     prompt's encoding (it must return at once).
     """
 
-    def __init__(self, events: EventQueue, report: LiveEvents, *, opening: Mapping[int, str] | None = None,
+    def __init__(self, events: EventQueue, report: LiveReport, *, opening: Mapping[int, str] | None = None,
                  opening_source: str = "prompt", chunk_seconds: float = 0.75,
                  encode: Callable[[str], None] | None = None):  # fmt: skip
         self.events, self.report = events, report

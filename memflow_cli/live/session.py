@@ -35,7 +35,7 @@ from ..settings import GenerationSettings
 from ..snapshots import SnapshotRecord, segments_digest
 from ..update import SnapshotKeeper, StartPoint, remove_snapshots, render_identity
 from .events import Answer, ChunkBoundary, ChunkShown, Event, EventQueue, SessionEnded
-from .loop import Latency, LiveEvents, LiveSegment, SessionLoop, SessionRecord
+from .loop import Latency, LiveReport, LiveSegment, SessionLoop, SessionRecord
 from .pacing import OnClock, Playback
 from .prompts import StdinReader
 from .replay import ReplaySegment, read_back, replay_text, write_replay
@@ -200,7 +200,7 @@ def ask(loop: SessionLoop, event: Callable[[Answer], Event]) -> Any:
 
 
 def run_live(
-    engine: Engine, request: LiveRequest, events: EventQueue, reader: StdinReader, report: LiveEvents,
+    engine: Engine, request: LiveRequest, events: EventQueue, reader: StdinReader, report: LiveReport,
     stopped: SessionStop
 ) -> LiveResult:  # fmt: skip
     """Render the session into `request.target` until its duration or `stopped`; then write the replay
