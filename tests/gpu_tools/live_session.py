@@ -4,8 +4,8 @@ Starts `memflow live --serve 127.0.0.1:0` with the given model and device, waits
 then types a prompt every `--every` seconds on its stdin. A client of the page's event stream notes
 when each prompt shows on the page (the frame on screen is the first of its segment). At the end
 (`--duration`) it prints one JSON line: per prompt, typed-to-page latency measured here, typed-to-accepted
-(the session loop took it; sidecar `accepted_s`) and the session's own figures (sidecar), the stalls, and with `--replay` whether `memflow render OUT.yaml`
-gives the same frames. Not part of the test suite.
+(the session loop took it; sidecar `accepted_s`) and the session's own figures (sidecar), the stalls, and
+with `--replay` whether `memflow render OUT.yaml` gives the same frames. Not part of the test suite.
 
     PYTHONPATH=. python tests/gpu_tools/live_session.py --out $OUT --model random --duration 90s --replay
 """
