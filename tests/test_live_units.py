@@ -128,6 +128,21 @@ def test_a_signal_is_said_by_the_loop_and_its_reason_ends_the_session():
     assert report.warnings[-1] == "the video is finished; writing its replay script and metadata"
 
 
+def test_a_report_that_fails_ends_the_loop_and_its_error_reaches_the_generation_thread():
+    from memflow_cli.live.events import ChunkShown, SessionEnded
+    from memflow_cli.live.session import ask
+
+    class Failing(Recorder):
+        def chunk(self, *args) -> None:
+            raise OSError("the page's player is gone")
+
+    events = EventQueue()
+    with SessionLoop(events, Failing()) as loop:
+        events.put(ChunkShown(0, torch.zeros(1, 2, 2, 3), 0, (0.0,), 0.0, False))
+        with pytest.raises(OSError, match="player is gone"):
+            ask(loop, SessionEnded)
+
+
 def test_stop_wakes_the_wait_for_the_clock():
     from memflow_cli.live.session import SessionStop
 

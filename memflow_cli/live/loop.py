@@ -153,6 +153,7 @@ class SessionLoop:
         self._slow_said = False
         self._ended_by: str | None = None
         self._viewers = _Viewers()
+        self.error: Exception | None = None  # what ended the loop early (a report that failed)
         self._thread = threading.Thread(target=self._run, name="memflow-live-session", daemon=True)
 
     # -- lifetime ----------------------------------------------------------------------------------------------
@@ -169,9 +170,12 @@ class SessionLoop:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        while not isinstance(event := self.events.take(), Closed):
-            if event is not None:
-                self.handle(event)
+        try:
+            while not isinstance(event := self.events.take(), Closed):
+                if event is not None:
+                    self.handle(event)
+        except Exception as error:  # noqa: BLE001 - raised again on the generation thread, at its next question
+            self.error = error
 
     # -- the events ----------------------------------------------------------------------------------------------
 

@@ -196,7 +196,7 @@ def ask(loop: SessionLoop, event: Callable[[Answer], Event]) -> Any:
             return answer.wait(ANSWER_WAIT_S)
         except queue.Empty:
             if not loop.alive():
-                raise RuntimeError("the live session's loop stopped before it answered") from None
+                raise loop.error or RuntimeError("the live session's loop stopped before it answered") from None
 
 
 def run_live(
