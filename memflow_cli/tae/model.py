@@ -191,9 +191,7 @@ def random_taehv(config: TaehvConfig = TAEW2_1, seed: int = 0) -> TaehvDecoder:
     """A decoder with seeded random weights whose output is a plausible image range (mean ~0.5, in [0, 1])
     rather than a constant: the demo model's and the random-weights model's decoder."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):  # every weight is drawn below: the constructor's own draws are not made
-        decoder = TaehvDecoder(config)
-    decoder = decoder.to_empty(device="cpu")
+    decoder = TaehvDecoder(config)
     with torch.no_grad():
         for name, module in decoder.named_modules():
             if not isinstance(module, nn.Conv2d):
