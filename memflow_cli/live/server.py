@@ -26,6 +26,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -393,37 +394,35 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
 
         def _video(self) -> None:
-            for data in self._viewing("video", f"multipart/x-mixed-replace; boundary={BOUNDARY}"):
-                head = f"--{BOUNDARY}\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
-                self.wfile.write(head.encode() + data + b"\r\n")
-                self.wfile.flush()
+            with closing(self._viewing("video", f"multipart/x-mixed-replace; boundary={BOUNDARY}")) as frames:
+                for data in frames:
+                    head = f"--{BOUNDARY}\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
+                    self.wfile.write(head.encode() + data + b"\r\n")
+                    self.wfile.flush()
 
         def _events(self) -> None:
-            for status in self._viewing("events", "text/event-stream", server.status()):
-                self.wfile.write(f"data: {json.dumps(status)}\n\n".encode())
-                self.wfile.flush()
+            with closing(self._viewing("events", "text/event-stream", server.status())) as statuses:
+                for status in statuses:
+                    self.wfile.write(f"data: {json.dumps(status)}\n\n".encode())
+                    self.wfile.flush()
 
         def _viewing(self, kind: str, content: str, first: Any = None) -> Iterator[Any]:
-            """What the player sends this viewer, until the session ends or the viewer leaves (only its stream
-            ends)."""
+            """What the player sends this viewer, until the session ends; the viewer joins the session loop's
+            list while it lasts (closed: it left)."""
             q: queue.Queue = queue.Queue(maxsize=CLIENT_QUEUE)
             server.events.put(ViewerJoined(q, kind))
             try:
                 self._stream_head(content)
                 if first is not None:
                     yield first
-                while True:
+                while not (server.ended and q.empty()):
                     try:
                         item = q.get(timeout=_ENDED_POLL_S)
                     except queue.Empty:
-                        if server.ended:
-                            return
                         continue
                     if item is _END:
                         return
                     yield item
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                pass  # the viewer left
             finally:
                 server.events.put(ViewerLeft(q, kind))
 
