@@ -128,28 +128,26 @@ def demo_text_encoder_config(vocab_size: int) -> UMT5Config:
 
 def build_demo_text_encoder(seed: int = 0) -> TextEncoder:
     """The demo tokenizer with a randomly initialised tiny umT5 encoder (float32, CPU)."""
-    import torch
     from transformers import UMT5EncoderModel
 
+    from memflow_cli.seeding import drawing_from, seeded
     from memflow_cli.text_encoder import TextEncoder
 
     tokenizer = build_demo_tokenizer()
     config = demo_text_encoder_config(len(tokenizer))
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-        torch.manual_seed(seed)
+    with drawing_from(seeded(seed)):  # the global RNG untouched
         encoder = UMT5EncoderModel(config)
     return TextEncoder(tokenizer, encoder, max_length=DEMO_TEXT_LEN)
 
 
 def build_demo_vae(seed: int = 0) -> AutoencoderKLWan:
     """A narrow, randomly initialised Wan VAE (float32, CPU, eval mode)."""
-    import torch
     from diffusers import AutoencoderKLWan
 
+    from memflow_cli.seeding import drawing_from, seeded
     from memflow_cli.weights import WAN21_VAE_CONFIG
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with drawing_from(seeded(seed)):
         vae = AutoencoderKLWan(**copy.deepcopy({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING}))
     return vae.eval().requires_grad_(False)
 

@@ -41,6 +41,7 @@ from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
 from .request import ModelKind, ModelSource
 from .script import Timeline
+from .seeding import drawing_from, seeded
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
 from .snapshots import KEPT_LATENTS_BYTES, ResumePoint
 from .speed import FastPath, choose_fast_path
@@ -518,8 +519,8 @@ def _demo_engine(loading: _Loading) -> Engine:
 
     device = loading.device
     fast = _fast_path(demo.DEMO_TRANSFORMER, device, loading.speed)
-    torch.manual_seed(0)
-    weights = CausalWanTransformer(demo.DEMO_TRANSFORMER).state_dict()  # seeded: the same on every device and path
+    with drawing_from(seeded(0)):  # the same on every device and path; the global RNG untouched
+        weights = CausalWanTransformer(demo.DEMO_TRANSFORMER).state_dict()
     state = {name: tensor.to(device, model_dtype(device)) for name, tensor in weights.items()}
     transformer = build_transformer(demo.DEMO_TRANSFORMER, state, fast.kernels)
     vae = demo.build_demo_vae().to(device, model_dtype(device))
@@ -527,7 +528,7 @@ def _demo_engine(loading: _Loading) -> Engine:
         demo.build_demo_text_encoder, DEMO, torch.float32,
         model=DEMO, memflow=__version__, transformers=version("transformers"), text_len=demo.DEMO_TEXT_LEN,
     )  # fmt: skip
-    prompts.prefetch(loading.prompts)  # after the seeded parts: the encoder's seeding must not interleave with theirs
+    prompts.prefetch(loading.prompts)
     return Engine(
         transformer=transformer,
         prompts=prompts,

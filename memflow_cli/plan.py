@@ -513,18 +513,20 @@ def open_engine(
 def decoder_request(model: ModelSource | str | None, name: str | None, weights: Path | None,
                     default: DecoderChoice = DecoderChoice.WAN) -> DecoderRequest:  # fmt: skip
     """`--decoder` and `--decoder-weights` for `--model`, checked before the model loads: a bad option, or a
-    TAEHV file that is missing, cut or of another layout, is a PlanError (one line, exit 2)."""
+    TAEHV file that is missing, cut or of another layout, is a PlanError (one line, exit 2). Every command reads
+    them alike: `--decoder-weights` given alone means `--decoder tae`; beside `--decoder wan` it is refused."""
     source = ModelSource.parse(model)
 
     if name is None:
-        choice = default
+        choice = DecoderChoice.TAE if weights is not None else default
     else:
         try:
             choice = DecoderChoice(name.strip().lower())
         except ValueError:
             raise PlanError(f"--decoder {name}: not a decoder", "choose --decoder wan or --decoder tae") from None
     if weights is not None and choice is not DecoderChoice.TAE:
-        raise PlanError("--decoder-weights is the TAEHV decoder's file", "add --decoder tae, or leave it out")
+        raise PlanError(f"--decoder-weights is the TAEHV decoder's file, not used with --decoder {choice.value}",
+                        "use --decoder tae, or leave out --decoder-weights")  # fmt: skip
     request = DecoderRequest(choice, weights)
     if request.is_tae and source.built_in:
         if weights is not None:

@@ -72,10 +72,10 @@ def random_vae(device: torch.device, dtype: torch.dtype):
     """The Wan2.1 VAE with weights drawn from seed 0 (diffusers' own initialisation)."""
     from diffusers import AutoencoderKLWan
 
+    from .seeding import drawing_from, seeded
     from .weights import WAN21_VAE_CONFIG
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with drawing_from(seeded(0)):  # the global RNG untouched
         vae = AutoencoderKLWan(**WAN21_VAE_CONFIG)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

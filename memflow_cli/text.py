@@ -68,6 +68,13 @@ def one_line(text: str) -> str:
     return shown(text, keep="")
 
 
+def ascii_int(text: str) -> int | None:
+    """The integer `text` writes in the digits 0-9 (a leading minus allowed), else None: `int()` would also take
+    `1_0`, ` 7`, `+3` and other scripts' digits (`٤٢`, `８`), which no option nor address of memflow means."""
+    digits = text.removeprefix("-")
+    return int(text) if digits.isascii() and digits.isdigit() else None
+
+
 def plural(count: int, word: str, words: str | None = None) -> str:
     """`1 chunk`, `2 chunks`; `words` where adding an s is wrong (`1 story`, `2 stories`)."""
     return f"{count} {word if count == 1 else words or word + 's'}"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .output import memflow_sidecar, partial_path, sidecar_path
+from .output import memflow_sidecar, sidecar_path
 from .snapshots import (
     SNAPSHOT_BUDGET_BYTES,
     ResumePoint,
@@ -169,15 +169,12 @@ def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any]) 
     start = "rendering from the start"
     if len(timeline.segments) < 2:
         return f"the story has one prompt, so no boundary to start from: {start}"
-    none_kept = "kept no snapshots (they are kept with --snapshots)"
     sidecar = memflow_sidecar(sidecar_path(target)) if target.is_file() else None
-    if sidecar is None and partial_path(target).exists():
-        return f"the stopped render of {target.name} {none_kept}: {start}"
-    if sidecar is None:
+    if sidecar is None:  # a stopped render's partial video is gone (`plan.claim`); its snapshots would have been used
         return f"no earlier video at {target}: {start}"
     record = sidecar.get("snapshots")
     if not isinstance(record, dict) or not record.get("files"):
-        return f"the earlier render of {target.name} {none_kept}: {start}"
+        return f"the earlier render of {target.name} kept no snapshots (they are kept with --snapshots): {start}"
     difference = identity_difference(record.get("identity") or {}, identity)
     if difference:
         return f"{target.name} was rendered with {difference}: {start}"

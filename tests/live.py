@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import os
 import shlex
 import signal
@@ -88,3 +91,72 @@ def replay_options(script: Path) -> list[str]:
     command = shlex.split(header.split(": ", 1)[1])
     assert command[:2] == ["memflow", "render"] and command[3:5] == ["-o", "replay.mp4"], header
     return command[5:]
+
+
+# -- a session loop alone, without a model ---------------------------------------------------------------------
+
+
+class Recorder:
+    """What a session loop reports (`live.loop.LiveReport`), kept; viewers handed to `server` as the command does."""
+
+    def __init__(self, server=None):
+        self.server = server
+        self.warnings: list[str] = []
+        self.switches: list[tuple[str, int]] = []  # (prompt, prompts still waiting)
+        self.latencies: list = []
+        self.chunks: list[int] = []
+        self.notices: list[str] = []
+
+    def switched(self, segment, waited: int) -> None:
+        self.switches.append((segment.prompt, waited))
+
+    def chunk(self, index, frames, first_frame, due, segments) -> None:
+        self.chunks.append(index)
+
+    def latency(self, latency) -> None:
+        self.latencies.append(latency)
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def viewers(self, video, events) -> None:
+        if self.server is not None:
+            self.server.watch(video, events)
+
+
+def waiting(loop) -> list[str]:
+    """The prompts the loop holds for their chunks (asked as the generation thread asks, through the queue)."""
+    from memflow_cli.live.events import SessionEnded
+    from memflow_cli.live.session import ask
+
+    return list(ask(loop, SessionEnded).unused_prompts)
+
+
+def taken(loop, first_chunk: int = 1) -> list[str]:
+    """Every prompt the loop holds, taken one chunk boundary each, as generation takes them."""
+    from memflow_cli.live.events import ChunkBoundary
+    from memflow_cli.live.session import ask
+
+    prompts = []
+    for chunk in itertools.count(first_chunk):
+        segment = ask(loop, functools.partial(ChunkBoundary, chunk))
+        if segment is None:
+            return prompts
+        prompts.append(segment.prompt)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def served(address: str = "0", public: bool = False):
+    """The page's server with a session loop and no model: (server, loop, what the loop reported)."""
+    from memflow_cli.live.events import EventQueue
+    from memflow_cli.live.loop import SessionLoop
+    from memflow_cli.live.server import LiveServer, parse_address
+
+    events, report = EventQueue(), Recorder()
+    with LiveServer(parse_address(address), events, public=public) as server, SessionLoop(events, report) as loop:
+        report.server = server
+        yield server, loop, report

@@ -438,6 +438,54 @@ def test_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
     assert_video(tmp_path / "fox.mp4", video_frames(2))
 
 
+INTEGER_OPTIONS = {
+    "render": ["--seed", "--window", "--sink", "--bank-size", "--record-interval", "--lora-rank", "--gpus"],
+    "bench": ["--frames", "--switches", "--window", "--sink", "--bank-size", "--record-interval"],
+    "live": ["--seed", "--ahead", "--window", "--sink", "--bank-size", "--record-interval", "--lora-rank"],
+}
+
+
+def test_every_integer_option_of_every_command_reads_one_shared_parser():
+    import typing
+
+    from memflow_cli.cli import app
+
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        options = {name: typing.get_args(hint) for name, hint in hints.items() if name != "return"}
+        integers = {name for name, (kind, *_) in options.items() if int in (kind, *typing.get_args(kind))}
+        parsers = {name for name in integers if options[name][1].parser is not None}
+        assert integers == parsers, f"{command.callback.__name__}: {sorted(integers - parsers)} read by int()"
+        declared = {f"--{name.replace('_', '-')}" for name in integers}
+        assert declared == set(INTEGER_OPTIONS.get(command.callback.__name__, [])), command.callback.__name__
+
+
+@pytest.mark.parametrize("command", sorted(INTEGER_OPTIONS))
+def test_integer_options_take_ascii_digits_only_in_one_line(tmp_path: Path, command: str):
+    script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
+    before = {"render": [script, "-o", tmp_path / "fox.mp4"], "bench": [],
+              "live": ["--prompt", "a fox", "-o", tmp_path / "fox.mp4"]}[command]  # fmt: skip
+    for option in INTEGER_OPTIONS[command]:
+        for value in ("\u0664\u0662", "1_0", "+3", " 7", "\uff18", "3.0"):  # Arabic-Indic 42, fullwidth 8
+            result = memflow(command, *before, *DEMO, option, value)
+            assert result.exit_code == 2, (option, value, result.output)
+            assert one_error(result.stderr).startswith(f"error: {option} {value}: not a whole number written in the "
+                                                       "digits 0-9"), result.stderr  # fmt: skip
+            assert len(result.stderr.strip().splitlines()) == 2 and "Traceback" not in result.output
+    assert names(tmp_path) == ["fox.yaml"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["bench", "--frames", "2"], "--frames 2: give a number from 3 to 12000"),
+    (["bench", "--switches", "-1"], "--switches -1: give 0 or more"),
+    (["live", "--prompt", "a fox", "-o", "fox.mp4", "--ahead", "65"], "--ahead 65: give a number from 0 to 64"),
+    (["render", "fox.yaml", "-o", "fox.mp4", "--gpus", "0"], "--gpus 0: give 1 or more"),
+])  # fmt: skip
+def test_integer_options_out_of_their_range_are_one_line(arguments: list[str], message: str):
+    result = memflow(*arguments)
+    assert result.exit_code == 2 and one_error(result.stderr) == f"error: {message}", result.output
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Signals: SIGTERM, SIGHUP, Ctrl-C while the model loads
 

@@ -80,3 +80,40 @@ def test_the_demo_engine_warns_in_one_line_that_its_video_is_noise():
         notice, identity = engine.notice, engine.identity
     assert notice is not None and "noise" in notice and "\n" not in notice
     assert identity["model"] == "demo"
+
+
+def _built_from_the_global_rng(build, seed: int) -> dict[str, torch.Tensor]:
+    """What the builders made before they had generators: the global RNG seeded, then the constructor."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().state_dict()
+
+
+def test_the_demo_and_random_builders_draw_from_generators_the_same_weights_as_the_seeded_global_rng():
+    import copy
+
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    from memflow_cli.random_model import random_vae
+    from memflow_cli.weights import WAN21_VAE_CONFIG
+
+    narrow_vae = {**WAN21_VAE_CONFIG, **demo.DEMO_VAE_NARROWING}
+    encoder_config = demo.demo_text_encoder_config(len(demo.build_demo_tokenizer()))
+    torch.manual_seed(1234)  # whatever the caller's stream is, it is neither read nor moved
+    state = torch.random.get_rng_state()
+    with load_engine("demo", "cpu", compile=CompileChoice.fixed(False)) as engine:  # its transformer, seed 0
+        transformer = {name: tensor.float() for name, tensor in engine.transformer.state_dict().items()}
+        engine.embeddings(["a lighthouse"])  # the demo text encoder built and run
+    cases = [
+        (lambda: demo.build_demo_vae(seed=3), lambda: AutoencoderKLWan(**copy.deepcopy(narrow_vae)), 3),
+        (lambda: demo.build_demo_text_encoder(seed=3).encoder, lambda: UMT5EncoderModel(encoder_config), 3),
+        (lambda: random_vae(torch.device("cpu"), torch.float32), lambda: AutoencoderKLWan(**WAN21_VAE_CONFIG), 0),
+    ]
+    built = [(build().state_dict(), _built_from_the_global_rng(before, seed)) for build, before, seed in cases]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for new, old in built:
+        assert new.keys() == old.keys() and all(torch.equal(new[name], old[name]) for name in old)
+    old_transformer = _built_from_the_global_rng(lambda: CausalWanTransformer(demo.DEMO_TRANSFORMER), 0)
+    assert set(transformer) <= set(old_transformer)
+    assert all(torch.equal(tensor, old_transformer[name].float()) for name, tensor in transformer.items())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .cli_helpers import DEMO, memflow
+from .live import taken, waiting
 
 SEGMENTS = "segments:\n  - start: 0s\n    prompt: a lighthouse at dusk\n"
 
@@ -85,12 +86,10 @@ def test_tabs_and_newlines_in_a_prompt_are_text(tmp_path: Path) -> None:
 
 @pytest.fixture
 def page():
-    from memflow_cli.live.prompts import PromptInbox
-    from memflow_cli.live.server import LiveServer, parse_address
+    from .live import served
 
-    warnings: list[str] = []
-    with PromptInbox(None, warnings.append) as inbox, LiveServer(parse_address("0"), inbox) as server:
-        yield server, inbox
+    with served() as (server, loop, _):
+        yield server, loop
 
 
 def exchange(server, raw: bytes, close_after_send: bool = False) -> bytes:
@@ -118,11 +117,11 @@ def status_of(reply: bytes) -> int:
 
 
 def test_a_body_shorter_than_its_length_queues_nothing(page) -> None:
-    server, inbox = page
+    server, loop = page
     for _ in range(8):
         reply = exchange(server, post(b"a storm", "Content-Length: 64"), close_after_send=True)
         assert status_of(reply) == 400 and b"nothing was queued" in reply
-    assert inbox.pending() == 0
+    assert waiting(loop) == []
 
 
 @pytest.mark.parametrize(
@@ -138,33 +137,33 @@ def test_a_body_shorter_than_its_length_queues_nothing(page) -> None:
     ids=["chunked", "chunked and a length", "identity", "two lengths", "a signed length", "an underscored length"],
 )
 def test_a_body_framed_otherwise_than_by_one_length_is_refused(page, headers) -> None:
-    server, inbox = page
+    server, loop = page
     reply = exchange(server, post(b"7\r\na storm\r\n0\r\n\r\n", *headers), close_after_send=True)
     assert status_of(reply) in (400, 411)
-    assert inbox.pending() == 0
+    assert waiting(loop) == []
 
 
 def test_exactly_content_length_bytes_are_one_prompt(page) -> None:
-    server, inbox = page
+    server, loop = page
     reply = exchange(server, post(b"a storm rolls in", "Content-Length: 16"))
     assert status_of(reply) == 202
-    assert inbox.take().prompt == "a storm rolls in" and inbox.pending() == 0
+    assert taken(loop) == ["a storm rolls in"] and waiting(loop) == []
 
 
 @pytest.mark.parametrize("prompt", ["\x1b]0;owned\x07\x1b[2J", "a\rforged", "a\x00b", "a\u2028b", "\x9b2J"])
 def test_page_prompts_with_control_characters_are_refused(page, prompt: str) -> None:
-    server, inbox = page
+    server, loop = page
     body = prompt.encode()
     reply = exchange(server, post(body, f"Content-Length: {len(body)}"))
     assert status_of(reply) == 400 and b"control character" in reply
-    assert inbox.pending() == 0
+    assert waiting(loop) == []
 
 
 def test_page_prompts_keep_tabs_and_newlines_as_text(page) -> None:
-    server, inbox = page
+    server, loop = page
     body = b"a storm\n\trolls in"
     assert status_of(exchange(server, post(body, f"Content-Length: {len(body)}"))) == 202
-    assert inbox.take().prompt == "a storm\n\trolls in"
+    assert taken(loop) == ["a storm\n\trolls in"]
 
 
 def test_the_page_shows_prompts_as_text() -> None:
@@ -175,10 +174,9 @@ def test_the_page_shows_prompts_as_text() -> None:
 
 
 def test_a_public_bind_on_every_interface_prints_addresses_others_can_use() -> None:
-    from memflow_cli.live.prompts import PromptInbox
-    from memflow_cli.live.server import LiveServer, parse_address
+    from .live import served
 
-    with PromptInbox(None, print) as inbox, LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
+    with served("0.0.0.0:0", public=True) as (server, _, _):
         assert server.urls and all("0.0.0.0" not in url and f"?token={server.token}" in url for url in server.urls)
         assert server.url == server.urls[0]
 
@@ -330,17 +328,21 @@ def test_script_names_with_escape_sequences_are_printed_escaped(tmp_path: Path) 
 def test_stdin_prompts_with_control_characters_are_refused_in_one_escaped_line() -> None:
     import os
 
-    from memflow_cli.live.prompts import PromptInbox
+    from memflow_cli.live.events import EventQueue
+    from memflow_cli.live.loop import SessionLoop
+    from memflow_cli.live.prompts import StdinReader
 
-    warnings: list[str] = []
+    from .live import Recorder, taken, waiting
+
+    events, report = EventQueue(), Recorder()
     read, write_end = os.pipe()
-    with PromptInbox(read, warnings.append) as inbox:
+    with StdinReader(read, events) as reader, SessionLoop(events, report) as loop:
         os.write(write_end, b"\x1b]0;owned\x07\x1b[2J\na storm\ta wind\n")
         os.close(write_end)
-        inbox.sync()
-        assert inbox.take().prompt == "a storm\ta wind" and inbox.pending() == 0
+        reader.sync()
+        assert taken(loop) == ["a storm\ta wind"] and waiting(loop) == []
     os.close(read)
-    assert len(warnings) == 1 and "control character \\x1b" in warnings[0]
+    assert len(report.warnings) == 1 and "control character \\x1b" in report.warnings[0]
 
 
 def test_the_consoles_escape_what_they_are_given() -> None:
@@ -515,13 +517,13 @@ def test_a_newline_in_an_unknown_key_does_not_print_a_second_line(tmp_path: Path
 
 
 def test_a_get_with_a_body_is_refused_and_its_body_never_read_as_a_request(page) -> None:
-    server, inbox = page
+    server, loop = page
     smuggled = b"POST /prompt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 7\r\n\r\na storm"
     for framing in (f"Content-Length: {len(smuggled)}", "Transfer-Encoding: chunked"):
         head = f"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n{framing}\r\n\r\n".encode()
         reply = exchange(server, head + smuggled, close_after_send=True)
         assert status_of(reply) == 400 and reply.count(b"HTTP/1.1 ") == 1
-    assert inbox.pending() == 0
+    assert waiting(loop) == []
 
 
 @pytest.mark.parametrize("serve", ["８０００", "127.0.0.1:٨٠٠٠", "80\n00", "+8000"])

@@ -76,6 +76,8 @@ def test_piped_prompts_and_the_scripts_own_segments_land_on_the_chunk_grid_and_r
     assert [(lat["start_chunk"], lat["source"]) for lat in latencies] == [(1, "stdin"), (2, "stdin")]
     assert all(0 < lat["to_written_s"] <= lat["to_screen_s"] for lat in latencies)
     assert sidecar["live"]["latency"]["prompts"] == 2
+    typed = [s for s in sidecar["live"]["segments"] if s["source"] == "stdin"]  # piped while the model loaded:
+    assert len(typed) == 2 and all(s["received_s"] <= s["accepted_s"] for s in typed)  # taken once the loop runs
     margin = sidecar["live"]["margin"]  # 6 chunks: the times between the 2nd..6th chunks' frames
     assert margin["chunks"] == 4 and margin["chunk_duration_s"] == 0.75
     assert 0 < margin["chunk_s_median"] <= margin["chunk_s_max"]

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from memflow_cli.live.prompts import PromptInbox
 from memflow_cli.live.server import (
     BOUNDARY,
     MAX_PROMPT_BODY,
@@ -23,11 +22,7 @@ from memflow_cli.live.server import (
     png,
 )
 
-
-@pytest.fixture
-def inbox():
-    with PromptInbox(None, print) as inbox:
-        yield inbox
+from .live import served, taken, waiting
 
 
 def request(
@@ -58,56 +53,57 @@ def test_only_loopback_binds_without_public():
         parse_address("eighty")
 
 
-def test_a_public_server_answers_403_without_its_token(inbox):
-    with LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
+def test_a_public_server_answers_403_without_its_token():
+    with served("0.0.0.0:0", public=True) as (server, loop, _):
         token = server.token
         assert token and len(token) >= 16 and f"?token={token}" in server.url
         for path in ("/", "/video", "/events", "/status", "/?token=wrong"):
             assert request(server, "GET", path)[0] == 403
         assert request(server, "POST", "/prompt", b"sneaky")[0] == 403
-        assert inbox.pending() == 0
+        assert waiting(loop) == []
         status, page = request(server, "GET", f"/?token={token}")
         assert status == 200 and b"<form" in page
         assert request(server, "POST", f"/prompt?token={token}", b"a storm")[0] == 202
-        assert inbox.take().prompt == "a storm"
+        assert taken(loop) == ["a storm"]
 
 
-def test_the_page_is_self_contained(inbox):
-    with LiveServer(parse_address("0"), inbox) as server:
+def test_the_page_is_self_contained():
+    with served("0") as (server, loop, _):
         status, page = request(server, "GET", "/")
     assert status == 200
     assert b"http://" not in page and b"https://" not in page and b"<link" not in page  # nothing from elsewhere
 
 
-def test_posted_prompts_are_checked_and_bounded(inbox):
-    with LiveServer(parse_address("0"), inbox) as server:
+def test_posted_prompts_are_checked_and_bounded():
+    with served("0") as (server, loop, _):
         assert request(server, "POST", "/prompt", b"  the tide turns \n")[0] == 202
         status, body = request(server, "POST", "/prompt", b"   ")
         assert status == 400 and "empty" in json.loads(body)["error"]
         assert request(server, "POST", "/prompt", b"x" * (MAX_PROMPT_BODY + 1))[0] == 413
-    assert inbox.take().prompt == "the tide turns" and inbox.pending() == 0
+        assert taken(loop) == ["the tide turns"] and waiting(loop) == []
 
 
-def test_a_loopback_session_refuses_other_sites_pages_and_rebound_names(inbox):
-    with LiveServer(parse_address("0"), inbox) as server:
+def test_a_loopback_session_refuses_other_sites_pages_and_rebound_names():
+    with served("0") as (server, loop, _):
         here = f"127.0.0.1:{server._httpd.server_address[1]}"
         other_site = {"Host": here, "Origin": "https://example.org"}
         rebound = {"Host": f"attacker.example:{server._httpd.server_address[1]}"}
         assert request(server, "POST", "/prompt", b"sneaky", other_site)[0] == 403
         assert request(server, "GET", "/status", None, rebound)[0] == 403
-        assert inbox.pending() == 0
+        assert waiting(loop) == []
         same_page = {"Host": here, "Origin": f"http://{here}"}
         assert request(server, "POST", "/prompt", b"from the page", same_page)[0] == 202
-        assert inbox.take().prompt == "from the page"
+        assert taken(loop) == ["from the page"]
 
 
-def test_malformed_requests_are_answered_without_a_traceback(inbox, capfd):
-    with LiveServer(parse_address("0.0.0.0:0"), inbox, public=True) as server:
+def test_malformed_requests_are_answered_without_a_traceback(capfd):
+    with served("0.0.0.0:0", public=True) as (server, loop, _):
         assert request(server, "GET", "/?token=%C3%A9")[0] == 403  # not ASCII: compared as bytes
         token = server.token
         status, _ = request(server, "POST", f"/prompt?token={token}", b"x", {"Content-Length": "\u00b2"})
         assert status in (400, 411)
-    assert "Traceback" not in capfd.readouterr().err and inbox.pending() == 0
+        assert waiting(loop) == []
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_png_frames_decode_to_the_pixels():
@@ -141,11 +137,11 @@ def open_stream(server: LiveServer, path: str = "/video") -> socket.socket:
     return sock
 
 
-def test_viewers_that_leave_or_never_read_disturb_neither_the_render_nor_other_viewers(inbox):
-    with LiveServer(parse_address("0"), inbox) as server:
+def test_viewers_that_leave_or_never_read_disturb_neither_the_render_nor_other_viewers():
+    with served("0") as (server, loop, _):
         leaver, stalled, watcher = open_stream(server), open_stream(server), open_stream(server)
         deadline = time.monotonic() + 10
-        while len(server.frames) < 3:
+        while server.viewers < 3:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         now = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The parts of a live session alone: the prompt inbox, the playback clock, the replay script's round trip."""
+"""The parts of a live session alone: the stdin reader, the session loop, the playback clock, the replay script."""
 
 from __future__ import annotations
 
@@ -10,82 +10,147 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.live.events import EventQueue, LineTooLong, PromptTyped
+from memflow_cli.live.loop import SessionLoop
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
-from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, PromptInbox, PromptRefused
+from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, StdinReader
 from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.prompt_embeds import PromptEmbeddings
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 
+from .live import Recorder, taken, waiting
 
-def inbox_with(data: bytes, warnings: list[str]) -> tuple[PromptInbox, int]:
+
+def reading(data: bytes) -> tuple[StdinReader, EventQueue, int]:
+    """A stdin reader of a pipe that holds `data` (the write end returned: open, no end of input yet)."""
     read, write = os.pipe()
     os.write(write, data)
-    inbox = PromptInbox(read, warnings.append)
-    return inbox, write
+    events = EventQueue()
+    return StdinReader(read, events), events, write
 
 
-def taken(inbox: PromptInbox) -> list[str]:
-    prompts = []
-    while (arrival := inbox.take()) is not None:
-        prompts.append(arrival.prompt)
-    return prompts
+def queued(events: EventQueue) -> list:
+    """The events on the queue now, taken."""
+    found = []
+    while (event := events.take(timeout=0)) is not None:
+        found.append(event)
+    return found
 
 
-def test_lines_written_before_a_boundary_are_all_queued_by_sync_in_order():
-    warnings: list[str] = []
-    inbox, write = inbox_with(b"  first prompt  \r\nsecond prompt\n\nthird", warnings)
-    with inbox:
-        inbox.sync()
-        assert taken(inbox) == ["first prompt", "second prompt"]  # "third" has no newline yet
-        assert warnings == ["ignored an empty prompt line (type the prompt, then Enter)"]
-        os.close(write)  # the end of input: the last line counts, and the inbox keeps working
-        inbox.sync()
-        assert taken(inbox) == ["third"]
-        assert inbox.post("from the page").source == "page"
-        assert taken(inbox) == ["from the page"]
+def test_lines_written_before_a_boundary_are_all_on_the_queue_after_sync_in_order():
+    reader, events, write = reading(b"  first prompt  \r\nsecond prompt\n\nthird")
+    with reader:
+        reader.sync()
+        assert [event.text for event in queued(events)] == ["  first prompt  \r", "second prompt", ""]  # as typed
+        os.close(write)  # the end of input: the last line counts, and the reader stops
+        reader.sync()
+        assert [(event.text, event.source) for event in queued(events)] == [("third", "stdin")]
 
 
-def test_a_line_too_long_is_refused_in_one_warning_and_the_next_line_is_read():
-    warnings: list[str] = []
-    endless = b"y" * (5 * MAX_PROMPT_CHARS * 4)  # longer than any line the inbox keeps: it is dropped as it comes
-    inbox, write = inbox_with(endless + b"\nafter it\n" + b"z" * (MAX_PROMPT_CHARS + 1) + b"\n", warnings)
-    with inbox:
-        inbox.sync()
-        assert taken(inbox) == ["after it"]
-        assert len(warnings) == 2 and all(f"{MAX_PROMPT_CHARS}" in w for w in warnings)
+def test_a_line_too_long_is_dropped_as_it_comes_and_the_next_line_is_read():
+    reader, events, write = reading(b"y" * (5 * MAX_PROMPT_CHARS * 4))  # no end yet: longer than any line kept
+    with reader:
+        reader.sync()
+        assert queued(events) == [LineTooLong()]
+        os.write(write, b"still the same line\nafter it\n")
+        reader.sync()
+        assert [event.text for event in queued(events)] == ["after it"]
     os.close(write)
 
 
-def test_the_page_cannot_queue_a_blank_or_too_long_prompt():
-    with PromptInbox(None, print) as inbox:
-        for bad in ("   ", "x" * (MAX_PROMPT_CHARS + 1)):
-            with pytest.raises(PromptRefused):
-                inbox.post(bad)
-        assert inbox.pending() == 0
+def test_the_loop_queues_checked_prompts_in_order_and_says_why_it_drops_the_others():
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report) as loop:
+        for text in ("  first prompt  \r", "", "x" * (MAX_PROMPT_CHARS + 1), "a\x1bb", "second prompt"):
+            events.put(PromptTyped(text, time.perf_counter(), "stdin"))
+        events.put(LineTooLong())
+        assert taken(loop) == ["first prompt", "second prompt"]
+        assert report.switches == [("first prompt", 1), ("second prompt", 0)]
+    assert report.warnings[0] == "ignored an empty prompt line (type the prompt, then Enter)"
+    assert report.warnings[1].startswith(f"refused a prompt of {MAX_PROMPT_CHARS + 1} characters")
+    assert "control character \\x1b" in report.warnings[2]
+    assert report.warnings[3].startswith(f"refused a prompt line of more than {MAX_PROMPT_CHARS} characters")
+    assert len(report.warnings) == 4
+
+
+def test_the_opening_scripts_segment_comes_at_its_chunk_and_typed_prompts_wait_behind_it():
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report, opening={0: "dawn", 2: "storm"}, opening_source="script") as loop:
+        events.put(PromptTyped("typed", 1.0, "page"))
+        assert taken(loop, first_chunk=0) == ["dawn", "typed", "storm"]
+    assert [prompt for prompt, _ in report.switches] == ["dawn", "typed", "storm"]
+
+
+def test_the_page_is_answered_and_a_blank_or_too_long_prompt_is_not_queued():
+    from memflow_cli.live.events import Answer, PromptAccepted, PromptRejected
+
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report) as loop:
+        answers = []
+        for text in ("   ", "x" * (MAX_PROMPT_CHARS + 1), " the tide turns "):
+            answers.append(Answer())
+            events.put(PromptTyped(text, 1.0, "page", answers[-1]))
+        said = [answer.wait(5.0) for answer in answers]
+        assert [type(s) for s in said] == [PromptRejected, PromptRejected, PromptAccepted]
+        assert said[2].prompt == "the tide turns" and waiting(loop) == ["the tide turns"]
+    assert report.warnings == []  # the page is answered: nothing printed
 
 
 def test_a_flood_of_prompts_is_bounded_with_one_warning_and_the_queue_takes_prompts_again_once_drained():
-    warnings: list[str] = []
-    flood = b"".join(f"prompt {i}\n".encode() for i in range(MAX_PENDING + 100))
-    inbox, write = inbox_with(flood, warnings)
-    with inbox:
-        inbox.sync()
-        assert inbox.pending() == MAX_PENDING
-        assert len(warnings) == 1 and f"{MAX_PENDING} prompts are waiting" in warnings[0]
-        with pytest.raises(PromptRefused, match="waiting for their chunks already"):
-            inbox.post("from the page")
-        assert taken(inbox) == [f"prompt {i}" for i in range(MAX_PENDING)]
-        assert inbox.post("from the page").prompt == "from the page"
-    os.close(write)
+    from memflow_cli.live.events import Answer
+
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report) as loop:
+        for i in range(MAX_PENDING + 100):
+            events.put(PromptTyped(f"prompt {i}", 1.0, "stdin"))
+        assert len(waiting(loop)) == MAX_PENDING
+        assert len(report.warnings) == 1 and f"{MAX_PENDING} prompts are waiting" in report.warnings[0]
+        refused = Answer()
+        events.put(PromptTyped("from the page", 1.0, "page", refused))
+        assert "waiting for their chunks already" in refused.wait(5.0).reason
+        assert taken(loop) == [f"prompt {i}" for i in range(MAX_PENDING)]
+        events.put(PromptTyped("from the page", 1.0, "page"))
+        assert waiting(loop) == ["from the page"]
 
 
-def test_wait_returns_early_when_a_prompt_arrives():
-    with PromptInbox(None, print) as inbox:
-        inbox.post("now")
+def test_a_signal_is_said_by_the_loop_and_its_reason_ends_the_session():
+    from memflow_cli.live.events import SessionEnded, Stop, StopIgnored
+    from memflow_cli.live.session import ask
+
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report) as loop:
+        events.put(Stop("sigterm"))
+        events.put(Stop("ctrl-c"))
+        events.put(StopIgnored())
+        assert ask(loop, SessionEnded).ended_by == "sigterm"
+    assert report.warnings[0] == "stopping after the chunk being made (once more to abort at once)"
+    assert report.warnings[-1] == "the video is finished; writing its replay script and metadata"
+
+
+def test_a_report_that_fails_ends_the_loop_and_its_error_reaches_the_generation_thread():
+    from memflow_cli.live.events import ChunkShown, SessionEnded
+    from memflow_cli.live.session import ask
+
+    class Failing(Recorder):
+        def chunk(self, *args) -> None:
+            raise OSError("the page's player is gone")
+
+    events = EventQueue()
+    with SessionLoop(events, Failing()) as loop:
+        events.put(ChunkShown(0, torch.zeros(1, 2, 2, 3), 0, (0.0,), 0.0, False))
+        with pytest.raises(OSError, match="player is gone"):
+            ask(loop, SessionEnded)
+
+
+def test_stop_wakes_the_wait_for_the_clock():
+    from memflow_cli.live.session import SessionStop
+
+    with SessionStop() as stop:
+        threading.Timer(0.05, stop.set).start()
         started = time.perf_counter()
-        inbox.wait(5.0)
-        assert time.perf_counter() - started < 1.0
+        stop.wait(5.0)
+        assert stop.is_set() and time.perf_counter() - started < 1.0
 
 
 class _SlowEncoder:
@@ -113,14 +178,15 @@ def test_a_live_prompt_is_encoded_on_a_worker_as_it_arrives_not_at_its_chunk():
     encoder = _SlowEncoder()
     embeddings = PromptEmbeddings(lambda: encoder, torch.device("cpu"))
     try:
-        with PromptInbox(None, print) as inbox:
-            inbox.post("typed while the model loaded")
-            with inbox.notifying(lambda prompt: embeddings.prefetch([prompt])):
-                inbox.post("typed during the session", source="page")
-                deadline = time.monotonic() + 10
-                while len(encoder.encoded) < 2 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-            inbox.post("typed after the session")
+        events, report = EventQueue(), Recorder()
+        events.put(PromptTyped("typed while the model loaded", time.perf_counter(), "stdin"))
+        with SessionLoop(events, report, encode=lambda prompt: embeddings.prefetch([prompt])) as loop:
+            events.put(PromptTyped("typed during the session", time.perf_counter(), "page"))
+            assert waiting(loop) == ["typed while the model loaded", "typed during the session"]  # taken at once
+            deadline = time.monotonic() + 10
+            while len(encoder.encoded) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        events.put(PromptTyped("typed after the session", time.perf_counter(), "stdin"))  # nobody takes it
         embeddings.wait()  # whatever was started is done
         assert [prompt for prompt, _ in encoder.encoded] == ["typed while the model loaded", "typed during the session"]
         assert all(thread.startswith("memflow-prompts") for _, thread in encoder.encoded)
@@ -155,16 +221,15 @@ def test_beside_a_render_a_prompt_is_not_encoded_where_the_encoder_would_take_gp
         embeddings.close()
 
 
-def test_a_failing_arrival_call_is_one_warning_and_the_prompt_still_queued():
-    warnings: list[str] = []
-
+def test_a_failing_encoding_start_is_one_warning_and_the_prompt_still_queued():
     def broken(prompt: str) -> None:
         raise RuntimeError("no worker")
 
-    with PromptInbox(None, warnings.append) as inbox, inbox.notifying(broken):
-        inbox.post("a lighthouse")
-        assert taken(inbox) == ["a lighthouse"]
-    assert warnings == ["could not start encoding a prompt as it came (no worker): it is encoded at its chunk"]
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report, encode=broken) as loop:
+        events.put(PromptTyped("a lighthouse", 1.0, "page"))
+        assert taken(loop) == ["a lighthouse"]
+    assert report.warnings == ["could not start encoding a prompt as it came (no worker): it is encoded at its chunk"]
 
 
 def test_the_clock_plays_frames_at_the_frame_rate_and_counts_late_chunks_as_stalls():

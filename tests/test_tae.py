@@ -329,11 +329,13 @@ def test_decoder_options_resolve_once_and_bad_ones_are_one_line(tmp_path, pth_fi
     assert decoder_request("demo", None, None) == DecoderRequest(DecoderChoice.WAN)
     assert decoder_request("demo", "TAE", None).is_tae
     assert decoder_request(None, "tae", pth_file) == DecoderRequest(DecoderChoice.TAE, pth_file)
+    assert decoder_request(None, None, pth_file) == DecoderRequest(DecoderChoice.TAE, pth_file)  # alone: tae
     assert DecoderRequest(DecoderChoice.TAE, pth_file).options() == ["--decoder", "tae", "--decoder-weights",
                                                                      str(pth_file)]  # fmt: skip
     refusals = [
         (("demo", "vae", None), "--decoder vae: not a decoder"),
-        (("demo", None, pth_file), "--decoder-weights is the TAEHV decoder's file"),
+        (("demo", "wan", pth_file), "--decoder-weights is the TAEHV decoder's file, not used with --decoder wan"),
+        (("demo", None, pth_file), "--decoder-weights: the demo model decodes with random TAEHV weights"),
         (("demo", "tae", pth_file), "--decoder-weights: the demo model decodes with random TAEHV weights"),
         ((None, "tae", tmp_path / "nothing.pth"), "--decoder-weights: no such file"),
     ]

@@ -100,7 +100,28 @@ def test_bad_decoder_options_are_refused(tmp_path, story, taew2_1_file):
     result = memflow("render", story, "-o", tmp_path / "out.mp4", *DEMO, "--decoder", "vae")
     assert result.exit_code == 2 and "--decoder vae: not a decoder" in result.stderr
     result = memflow("render", story, "-o", tmp_path / "out.mp4", *DEMO, "--decoder-weights", taew2_1_file)
-    assert result.exit_code == 2 and "add --decoder tae" in result.stderr
+    assert result.exit_code == 2 and "the demo model decodes with random TAEHV weights" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["render", "bench", "live", "weights"])
+def test_decoder_weights_alone_means_tae_and_beside_wan_is_refused_in_every_command(tmp_path, story, command):
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(b"not a checkpoint")
+    arguments = {
+        "render": ["render", story, "-o", tmp_path / "out.mp4"],
+        "bench": ["bench", "--device", "cpu"],
+        "live": ["live", "--prompt", "a fox", "-o", tmp_path / "live.mp4", "--device", "cpu"],
+        "weights": ["weights", "verify"],
+    }[command]
+    alone = memflow(*arguments, "--decoder-weights", cut)  # read as the TAEHV file: found cut
+    as_tae = memflow(*arguments, "--decoder", "tae", "--decoder-weights", cut)
+    assert alone.exit_code == as_tae.exit_code == (1 if command == "weights" else 2)  # verify: a failed check
+    assert (alone.stdout, alone.stderr) == (as_tae.stdout, as_tae.stderr) and str(cut) in alone.output
+    beside_wan = memflow(*arguments, "--decoder", "wan", "--decoder-weights", cut)
+    assert beside_wan.exit_code == 2, beside_wan.output
+    assert "--decoder-weights is the TAEHV decoder's file, not used with --decoder wan" in beside_wan.stderr
+    assert len(beside_wan.stderr.strip().splitlines()) <= ONE_LINE_ERRORS
+    assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "live.mp4").exists()
 
 
 def test_weights_download_and_verify_with_a_local_stand_in_of_the_hub(tmp_path, taew2_1_file, monkeypatch):

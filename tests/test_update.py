@@ -142,6 +142,15 @@ def test_without_snapshots_a_render_keeps_none_and_update_renders_from_the_start
     assert decoded(target) == decoded(fresh)
 
 
+def test_a_stopped_render_without_snapshots_resumes_from_the_start_saying_why(tmp_path):
+    target = tmp_path / "fox.mp4"
+    partial_path(target).write_bytes(b"the frames of a render that died")  # and, without --snapshots, nothing else
+    result = render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--skip-existing")
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert lines == [f"fox: no earlier video at {target}: rendering from the start"], result.stderr
+    assert not partial_path(target).exists() and sidecar(target)["reused_frames"] == 0
+
+
 def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
     target = tmp_path / "fox.mp4"
     render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")

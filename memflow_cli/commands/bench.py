@@ -28,6 +28,7 @@ from .common import (
     Window,
     fail,
     reported,
+    whole_number,
 )
 
 EPILOG = "Examples:  memflow bench --random-weights  |  memflow bench --model demo --device cpu --frames 9"
@@ -51,12 +52,13 @@ def bench(
         int,
         typer.Option(
             help="Latent frames to generate (video frames = 4*frames - 3), 3 to 12000 (50 minutes of video).",
-            min=3,
-            max=12000,
             metavar="N",
+            parser=whole_number("--frames", 3, 12000),
         ),
     ] = 120,
-    switches: Annotated[int, typer.Option(help="Prompt switches, evenly spaced.", min=0, metavar="N")] = 0,
+    switches: Annotated[
+        int, typer.Option(help="Prompt switches, evenly spaced.", metavar="N", parser=whole_number("--switches", 0))
+    ] = 0,
     memory: MemoryMode = None,
     window: Window = None,
     sink: Sink = None,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from ..plan import EXIT_FAILED, PlanError
+from ..plan import EXIT_BAD_INPUT, EXIT_FAILED, PlanError
 from ..report import print_error
 from ..request import RELEASED_LORA as RELEASED_LORA  # the released lora.pt's rank and alpha: the defaults
+from ..text import ascii_int, one_line
 
 TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
 
@@ -20,6 +21,32 @@ def fail(message: str, code: int = EXIT_FAILED, hint: str | None = None) -> NoRe
     """Report one error and leave with `code`."""
     print_error(message, hint)
     raise typer.Exit(code)
+
+
+def whole_number(option: str, low: int | None = None, high: int | None = None) -> Callable[[Any], int | None]:
+    """The parser of an integer option (`typer.Option(parser=...)`), one for every command: the digits 0-9 only
+    (`text.ascii_int`), from `low` to `high` where given; anything else is one line naming the option, exit 2."""
+
+    def parse(value: Any) -> int | None:
+        if value is None or isinstance(value, int):  # the option's default
+            return value
+        number = ascii_int(str(value))
+        if number is None:
+            fail(f"{option} {one_line(str(value))}: not a whole number written in the digits 0-9", EXIT_BAD_INPUT,
+                 f"give it like {option} {low if low is not None and low > 0 else 0}")  # fmt: skip
+        if (low is not None and number < low) or (high is not None and number > high):
+            fail(f"{option} {number}: {_bounds(low, high)}", EXIT_BAD_INPUT)
+        return number
+
+    return parse
+
+
+def _bounds(low: int | None, high: int | None) -> str:
+    if high is None:
+        return f"give {low} or more"
+    if low is None:
+        return f"give {high} or less"
+    return f"give a number from {low} to {high}"
 
 
 @contextmanager
@@ -68,16 +95,29 @@ Fp8 = Annotated[
 # The generation options `render` and `bench` share (names as in settings.SETTING_NAMES; None: not given).
 MemoryMode = Annotated[str | None, typer.Option(help="Memory: nam, sink or none. Default: nam.", metavar="MODE")]
 Window = Annotated[
-    int | None, typer.Option(help="Local attention window, latent frames, sink included. Default: 12.", metavar="N")
+    int | None,
+    typer.Option(help="Local attention window, latent frames, sink included. Default: 12.", metavar="N",
+                 parser=whole_number("--window")),  # fmt: skip
 ]
-Sink = Annotated[int | None, typer.Option(help="Attention-sink frames. Default: 3.", metavar="N")]
-BankSize = Annotated[int | None, typer.Option(help="Memory-bank frames. Default: 3.", metavar="N")]
+Sink = Annotated[
+    int | None, typer.Option(help="Attention-sink frames. Default: 3.", metavar="N", parser=whole_number("--sink"))
+]
+BankSize = Annotated[
+    int | None, typer.Option(help="Memory-bank frames. Default: 3.", metavar="N", parser=whole_number("--bank-size"))
+]
 RecordInterval = Annotated[
-    int | None, typer.Option(help="Chunks between memory-bank recordings. Default: 3.", metavar="N")
+    int | None,
+    typer.Option(help="Chunks between memory-bank recordings. Default: 3.", metavar="N",
+                 parser=whole_number("--record-interval")),  # fmt: skip
 ]
 Sma = Annotated[bool | None, typer.Option("--sma/--no-sma", help="Sparse memory activation. Default: off.")]
 Steps = Annotated[str | None, typer.Option(help="Denoising steps. Default: 1000,750,500,250.", metavar="T,T,...")]
-LoraRank = Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N")]
+LoraRank = Annotated[int, typer.Option(help="Rank of lora.pt.", metavar="N", parser=whole_number("--lora-rank"))]
+Seed = Annotated[
+    int | None,
+    typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N",
+                 parser=whole_number("--seed")),  # fmt: skip
+]
 LoraAlpha = Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")]
 Device = Annotated[
     str | None,

@@ -60,11 +60,13 @@ from .common import (
     LoraRank,
     MemoryMode,
     RecordInterval,
+    Seed,
     Sink,
     Sma,
     Steps,
     Window,
     reported,
+    whole_number,
 )
 
 EPILOG = (
@@ -99,9 +101,7 @@ def live(
                      metavar="wan|tae"),  # fmt: skip
     ] = None,
     decoder_weights: DecoderWeights = None,
-    seed: Annotated[
-        int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
-    ] = None,
+    seed: Seed = None,
     duration: Annotated[
         str | None,
         typer.Option(help=f"End the session there, e.g. 60s. Times: {TIME_FORMATS}. Default: at Ctrl-C.",
@@ -110,7 +110,8 @@ def live(
     ahead: Annotated[
         int,
         typer.Option(help="Chunks generation may run ahead of playback (0.75 s each): more is smoother, "
-                     "fewer shows a typed prompt sooner.", min=0, max=64, metavar="N"),  # fmt: skip
+                     "fewer shows a typed prompt sooner.", metavar="N",
+                     parser=whole_number("--ahead", 0, 64)),  # fmt: skip
     ] = 2,
     serve: Annotated[
         str | None,
@@ -145,7 +146,8 @@ def live(
     (growing as it renders), its sidecar .json and FILE.yaml: `memflow render FILE.yaml` makes the
     same video, frame for frame.
     """
-    from ..live.prompts import PromptInbox
+    from ..live.events import EventQueue
+    from ..live.prompts import StdinReader
     from ..live.server import ServeError, check_bind, parse_address
     from ..live.start import bound_server, opening_story, replay_options, reserve_outputs, stdin_fd
 
@@ -187,8 +189,9 @@ def live(
             # 2. the outputs claimed, then the model
             reserve_outputs(stack, output, script, overwrite)
             _say_decoder(options.decoder)
-            inbox = stack.enter_context(PromptInbox(stdin_fd(_warn), warn=_warn))  # lines typed while loading wait
-            server = bound_server(stack, address, inbox, public, geometry.fps) if address is not None else None
+            events = EventQueue()  # the session's one queue: lines typed while the model loads wait there
+            reader = stack.enter_context(StdinReader(stdin_fd(_warn), events))
+            server = bound_server(stack, address, events, public, geometry.fps) if address is not None else None
             opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
             engine = stack.enter_context(_engine(options, opening_prompts))
         except KeyboardInterrupt as stop:
@@ -197,7 +200,7 @@ def live(
         story_seed = opening.seed if seed is None else seed
         replay = replay_options(options, engine.fast.asked)
         _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 snapshots, inbox, server, replay)  # fmt: skip
+                 snapshots, events, reader, server, replay)  # fmt: skip
 
 
 def _engine(options: GenerationOptions, prompts: list[str]):
@@ -212,12 +215,12 @@ def _engine(options: GenerationOptions, prompts: list[str]):
 
 def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
-             snapshots: bool, inbox, server, replay_options: str) -> None:  # fmt: skip
+             snapshots: bool, events, reader, server, replay_options: str) -> None:  # fmt: skip
     from ..live.session import LiveRequest, SessionStop, run_live
     from ..live.start import stop_on_signals
     from ..mp4 import RenderInterrupted
 
-    stop = SessionStop(inbox)
+    stop = stack.enter_context(SessionStop())
     if server is not None:
         server.start()
         err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
@@ -226,10 +229,9 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
                           seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite, snapshots=snapshots,
                           replay_options=replay_options)  # fmt: skip
-    events = _Report(engine.geometry.fps, server)
     try:
-        with stop_on_signals(stop, _warn):
-            result = run_live(engine, request, inbox, events, stop)
+        with stop_on_signals(stop, events):
+            result = run_live(engine, request, events, reader, _Report(engine.geometry.fps, server), stop)
     except RenderInterrupted as aborted:
         where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
         stop = aborted.__context__
@@ -249,7 +251,8 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
 
 
 class _Report:
-    """Prints the session's switches and latencies on stderr, and hands frames to the page's server."""
+    """Prints the session's switches, latencies and warnings on stderr, and hands frames and viewers to the page's
+    server: called by the session loop alone (`live.loop`)."""
 
     def __init__(self, fps: int, server):
         self.fps, self.server = fps, server
@@ -271,6 +274,13 @@ class _Report:
     def notice(self, text: str) -> None:
         err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
 
+    def warn(self, text: str) -> None:
+        _warn(text)
+
+    def viewers(self, video, events) -> None:
+        if self.server is not None:
+            self.server.watch(video, events)
+
 
 def _summary(result, fps: int) -> str:
     latency = result.latency_summary()
@@ -291,7 +301,7 @@ def _live_decoder(model: ModelSource | str | None, name: str | None, weights: Pa
     from ..tae.files import find_tae_weights
 
     model = ModelSource.parse(model)
-    default = DecoderChoice.TAE if weights is not None else DecoderChoice.WAN
+    default = DecoderChoice.WAN  # `--decoder-weights` alone means tae, as in every command (`decoder_request`)
     if name is None and weights is None and not model.built_in:
         folder = Path(model.folder).expanduser() if model.folder is not None else None
         if find_tae_weights(None, folder) is not None:

@@ -28,12 +28,14 @@ from .common import (
     OutDir,
     RecordInterval,
     Scripts,
+    Seed,
     SegmentSeconds,
     Sink,
     Sma,
     Steps,
     Window,
     reported,
+    whole_number,
 )
 
 EPILOG = (
@@ -61,9 +63,7 @@ def render(
     decode_device: DecodeDevice = None,
     decoder: Decoder = None,
     decoder_weights: DecoderWeights = None,
-    seed: Annotated[
-        int | None, typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N")
-    ] = None,
+    seed: Seed = None,
     duration: Annotated[
         str | None,
         typer.Option(help=f"Render only the first part (a preview), e.g. 5s. Times: {TIME_FORMATS}.", metavar="TIME"),
@@ -106,7 +106,8 @@ def render(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     gpus: Annotated[
         int | None,
-        typer.Option(help="Share the stories over N processes on this machine, one GPU each (torchrun).", min=1),
+        typer.Option(help="Share the stories over N processes on this machine, one GPU each (torchrun).", metavar="N",
+                     parser=whole_number("--gpus", 1)),  # fmt: skip
     ] = None,
 ) -> None:
     """Render scripts to MP4s that grow on disk chunk by chunk; prints the path of each finished video.

@@ -69,10 +69,14 @@ def verify(
 
 
 def _tae_asked(decoder: str | None, weights: Path | None = None) -> bool:
-    """Whether `--decoder` names the TAEHV decoder (`wan`, or nothing: the model's files)."""
-    if decoder is None or decoder.strip().lower() == "wan":
+    """Whether the TAEHV decoder is asked: `--decoder tae`, or `--decoder-weights` alone (as every command reads
+    them); `--decoder wan` or nothing: the model's files."""
+    if decoder is None:
+        return weights is not None
+    if decoder.strip().lower() == "wan":
         if weights is not None:
-            fail("--decoder-weights is the TAEHV decoder's file", EXIT_BAD_INPUT, "add --decoder tae")
+            fail("--decoder-weights is the TAEHV decoder's file, not used with --decoder wan", EXIT_BAD_INPUT,
+                 "use --decoder tae, or leave out --decoder-weights")
         return False
     if decoder.strip().lower() != "tae":
         fail(f"--decoder {decoder}: not a decoder", EXIT_BAD_INPUT, "choose --decoder tae (or leave it out)")

@@ -5,7 +5,9 @@ stream of PNG frames (an `<img>` plays it) paced by the playback clock; `GET /ev
 with the frame on screen, the current prompt and the timeline; `POST /prompt` queues the next prompt.
 
 The render never waits for a viewer: frames go to each client through a small queue of its own, and a
-client too slow to take them loses the oldest. A client that goes away only ends its own handler.
+client too slow to take them loses the oldest. A client that goes away only ends its own handler. The
+handlers and the player take no decision: prompts and viewers go to the session loop as events
+(`events.py`), and a posted prompt is answered as the loop says.
 
 Loopback binds need nothing else; any other bind needs `public=True` and then every request must carry
 the random token (`?token=...`, printed once in the URL), or it gets 403.
@@ -23,7 +25,8 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,14 +34,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..text import one_line
+from ..text import ascii_int, one_line
+from .events import Answer, EventQueue, PromptAccepted, PromptRejected, PromptTyped, ViewerJoined, ViewerLeft
 from .page import PAGE
-from .prompts import PromptInbox, PromptRefused
 
 CLIENT_QUEUE = 4  # frames (or events) waiting for one client; beyond, the oldest is dropped
 MAX_PROMPT_BODY = 16 * 1024  # bytes of a POST /prompt body
 BOUNDARY = "memflowframe"
+PROMPT_ANSWER_S = 5.0  # how long a posted prompt waits for the session loop's answer
 _END = None  # queue sentinel: the session is over
+_ENDED_POLL_S = 1.0  # how often a stream with nothing to send looks whether the session is over
 
 
 class ServeError(ValueError):
@@ -68,10 +73,11 @@ def parse_address(text: str) -> Address:
     """`[HOST:]PORT` -> Address (host 127.0.0.1 when left out); raises ServeError."""
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # not "８０": ASCII digits
+    number = ascii_int(port)  # not "８０"
+    if number is None or not 0 <= number <= 65535:
         raise ServeError(f"--serve {one_line(text)}: give a port (0-65535), optionally after HOST:, like 8000 or "
                          "0.0.0.0:8000")
-    return Address(host, int(port))
+    return Address(host, number)
 
 
 def reachable_hosts(unspecified: str) -> list[str]:
@@ -110,42 +116,6 @@ def png(frame: np.ndarray, level: int = 1) -> bytes:
         part(b"IEND", b"")  # fmt: skip
 
 
-class _Clients:
-    """Per-client bounded queues; `publish` never blocks (a full queue loses its oldest item)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queues: set[queue.Queue] = set()
-        self.closed = False
-
-    def join(self) -> queue.Queue:
-        q: queue.Queue = queue.Queue(maxsize=CLIENT_QUEUE)
-        with self._lock:
-            if self.closed:
-                q.put_nowait(_END)
-            self._queues.add(q)
-        return q
-
-    def leave(self, q: queue.Queue) -> None:
-        with self._lock:
-            self._queues.discard(q)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._queues)
-
-    def publish(self, item: Any) -> None:
-        with self._lock:
-            targets = list(self._queues)
-        for q in targets:
-            _put_dropping_oldest(q, item)
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-        self.publish(_END)
-
-
 def _put_dropping_oldest(q: queue.Queue, item: Any) -> None:
     while True:
         try:
@@ -158,21 +128,33 @@ def _put_dropping_oldest(q: queue.Queue, item: Any) -> None:
                 pass
 
 
-class LiveServer:
-    """The page's server and its player thread; use as a context manager (`start`/`close`)."""
+def _publish(viewers: frozenset[queue.Queue], item: Any) -> None:
+    """To every viewer's queue; never blocks (a full queue loses its oldest item)."""
+    for q in viewers:
+        _put_dropping_oldest(q, item)
 
-    def __init__(self, address: Address, inbox: PromptInbox, *, public: bool = False, fps: int = 16,
+
+class LiveServer:
+    """The page's server and its player thread; use as a context manager (`start`/`close`).
+
+    Its threads only move bytes: a handler puts what a viewer sends (a prompt, joining, leaving) on the session's
+    queue (`events`) and answers with what the session loop says; the player sends each frame when it is due
+    to the viewers the loop last listed (`watch`). Nothing here takes a lock: the viewer lists and the status are
+    replaced whole, never changed in place.
+    """
+
+    def __init__(self, address: Address, events: EventQueue, *, public: bool = False, fps: int = 16,
                  clock: Callable[[], float] = time.perf_counter):  # fmt: skip
         check_bind(address, public)
         self.address = address
-        self.inbox = inbox
+        self.events = events
         self.token = secrets.token_urlsafe(16) if public else None
         self.fps = fps
         self.clock = clock
-        self.frames = _Clients()
-        self.events = _Clients()
+        self.ended = False  # the last frame has played: the streams end
+        self._video_viewers: frozenset[queue.Queue] = frozenset()
+        self._event_viewers: frozenset[queue.Queue] = frozenset()
         self._status: dict[str, Any] = {"frame": 0, "time_s": 0.0, "prompt": "", "segments": [], "ended": False}
-        self._status_lock = threading.Lock()
         self._playlist: queue.Queue = queue.Queue()  # (due, frame array, status) in order; unbounded, frames are few
         self._httpd = _server_class(address.host)((address.host, address.port), _handler(self))
         self._threads = [
@@ -199,12 +181,21 @@ class LiveServer:
             thread.start()
         return self
 
-    # -- what the session hands over ---------------------------------------------------------------------
+    # -- what the session loop hands over ------------------------------------------------------------------------
 
     def show(self, frames: np.ndarray, first_frame: int, due: Sequence[float], segments: list[dict[str, Any]]) -> None:
         """Frames [N, H, W, 3] of the video, from frame `first_frame`, to play at `due`; never blocks."""
         for offset, (frame, at) in enumerate(zip(frames, due, strict=True)):
             self._playlist.put((at, first_frame + offset, frame, segments))
+
+    def watch(self, video: frozenset[queue.Queue], events: frozenset[queue.Queue]) -> None:
+        """The viewers now: the queues of the video streams and of the event streams."""
+        self._video_viewers, self._event_viewers = video, events
+
+    @property
+    def viewers(self) -> int:
+        """Video streams open now (as the session loop last counted them)."""
+        return len(self._video_viewers)
 
     def end(self) -> None:
         """The session is over: streams finish once the last frame has played."""
@@ -218,29 +209,18 @@ class LiveServer:
             late = self.clock() - due
             if late < 0:
                 time.sleep(-late)
-            status = self._status_at(index, segments)
-            if len(self.frames) and (late < 1.0 / self.fps or self._playlist.empty()):  # behind: skip the picture
-                self.frames.publish(png(np.asarray(frame)))
-            self.events.publish(status)
-        with self._status_lock:
-            self._status = {**self._status, "ended": True}
-            ended = dict(self._status)
-        self.events.publish(ended)
-        self.frames.close()
-        self.events.close()
-
-    def _status_at(self, index: int, segments: list[dict[str, Any]]) -> dict[str, Any]:
-        time_s = index / self.fps
-        current = [s for s in segments if s["start_s"] <= time_s + 1e-9]
-        status = {"frame": index, "time_s": round(time_s, 3), "prompt": current[-1]["prompt"] if current else "",
-                  "segment": len(current) - 1, "segments": segments, "ended": False}  # fmt: skip
-        with self._status_lock:
-            self._status = status
-        return status
+            self._status = status = _status_at(index, segments, self.fps)
+            video = self._video_viewers
+            if video and (late < 1.0 / self.fps or self._playlist.empty()):  # behind: skip the picture
+                _publish(video, png(np.asarray(frame)))
+            _publish(self._event_viewers, status)
+        self._status = {**self._status, "ended": True}
+        _publish(self._event_viewers, self._status)
+        self.ended = True
+        _publish(self._video_viewers | self._event_viewers, _END)
 
     def status(self) -> dict[str, Any]:
-        with self._status_lock:
-            return dict(self._status)
+        return dict(self._status)
 
     # -- lifetime --------------------------------------------------------------------------------------------
 
@@ -250,6 +230,7 @@ class LiveServer:
         player, http = self._threads[1], self._threads[0]
         if player.is_alive():
             player.join(timeout=5.0)
+        self.ended = True
         if http.is_alive():
             self._httpd.shutdown()
         self._httpd.server_close()
@@ -259,6 +240,14 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _status_at(index: int, segments: list[dict[str, Any]], fps: int) -> dict[str, Any]:
+    """What the page shows with frame `index`: its time, the prompt on screen, the timeline."""
+    time_s = index / fps
+    current = [s for s in segments if s["start_s"] <= time_s + 1e-9]
+    return {"frame": index, "time_s": round(time_s, 3), "prompt": current[-1]["prompt"] if current else "",
+            "segment": len(current) - 1, "segments": segments, "ended": False}  # fmt: skip
 
 
 class _Server(ThreadingHTTPServer):
@@ -352,13 +341,17 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             if body is None:
                 return
-            text = body.decode("utf-8", errors="replace")
+            answer: Answer[PromptAccepted | PromptRejected] = Answer()
+            server.events.put(PromptTyped(body.decode("utf-8", errors="replace"), server.clock(), "page", answer))
             try:
-                arrival = server.inbox.post(text, "page")
-            except PromptRefused as refused:
-                self._send(400, json.dumps({"error": str(refused)}).encode(), "application/json")
+                said = answer.wait(PROMPT_ANSWER_S)
+            except queue.Empty:  # the session is not taking prompts (it is being written down)
+                self._send(503, json.dumps({"error": "the session takes no prompts now"}).encode(), "application/json")
                 return
-            self._send(202, json.dumps({"queued": arrival.prompt}).encode(), "application/json")
+            if isinstance(said, PromptRejected):
+                self._send(400, json.dumps({"error": said.reason}).encode(), "application/json")
+                return
+            self._send(202, json.dumps({"queued": said.prompt}).encode(), "application/json")
 
         def _refuse(self, code: int, text: str) -> None:
             """Answer `code` and close: after a request whose body cannot be framed, the stream is not trusted."""
@@ -401,30 +394,36 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
 
         def _video(self) -> None:
-            q = server.frames.join()
-            try:
-                self._stream_head(f"multipart/x-mixed-replace; boundary={BOUNDARY}")
-                while (data := q.get()) is not _END:
+            with closing(self._viewing("video", f"multipart/x-mixed-replace; boundary={BOUNDARY}")) as frames:
+                for data in frames:
                     head = f"--{BOUNDARY}\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
                     self.wfile.write(head.encode() + data + b"\r\n")
                     self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                pass  # the viewer left: only this stream ends
-            finally:
-                server.frames.leave(q)
 
         def _events(self) -> None:
-            q = server.events.join()
-            try:
-                self._stream_head("text/event-stream")
-                self.wfile.write(f"data: {json.dumps(server.status())}\n\n".encode())
-                self.wfile.flush()
-                while (status := q.get()) is not _END:
+            with closing(self._viewing("events", "text/event-stream", server.status())) as statuses:
+                for status in statuses:
                     self.wfile.write(f"data: {json.dumps(status)}\n\n".encode())
                     self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                pass
+
+        def _viewing(self, kind: str, content: str, first: Any = None) -> Iterator[Any]:
+            """What the player sends this viewer, until the session ends; the viewer joins the session loop's
+            list while it lasts (closed: it left)."""
+            q: queue.Queue = queue.Queue(maxsize=CLIENT_QUEUE)
+            server.events.put(ViewerJoined(q, kind))
+            try:
+                self._stream_head(content)
+                if first is not None:
+                    yield first
+                while not (server.ended and q.empty()):
+                    try:
+                        item = q.get(timeout=_ENDED_POLL_S)
+                    except queue.Empty:
+                        continue
+                    if item is _END:
+                        return
+                    yield item
             finally:
-                server.events.leave(q)
+                server.events.put(ViewerLeft(q, kind))
 
     return Handler

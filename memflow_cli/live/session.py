@@ -1,22 +1,24 @@
 """A live session: the story rendered continuously while prompts arrive, then written down to replay it.
 
-`LiveVideo` is the generator's prompt source. At every chunk boundary it waits for the playback clock
-(`pacing.Playback`: at most `ahead` chunks ahead of what the viewer sees, never so late that playback
-runs dry), takes in the prompts that arrived (each encoded on a worker since it came), and says
-which prompt drives the chunk: the opening script's own segment where one starts at that chunk, else
-the oldest prompt not used yet (one switch a chunk, in the order they came), else the current one.
-`run_live` streams that video through the engine into the MP4 (growing, as `render` writes it), and at
-the end writes the replay script (`OUT.yaml`) and the sidecar. Nothing here prints or handles signals:
-reports go to `LiveEvents`, and `stop()` ends the session at the next chunk boundary.
+This is the generation thread's side. `LiveVideo` is the generator's prompt source: at every chunk
+boundary it waits for the playback clock (`pacing.Playback`: at most `ahead` chunks ahead of what the
+viewer sees, never so late that playback runs dry), waits until the stdin lines already written are on
+the session's queue, and asks the session loop (`loop.py`) which prompt drives the chunk. `run_live`
+streams that video through the engine into the MP4 (growing, as `render` writes it), puts each chunk
+on the queue as it goes on the playback clock, and at the end writes the replay script (`OUT.yaml`) and
+the sidecar. Nothing here prints or decides about prompts: the loop does; `SessionStop` ends the session
+at the next chunk boundary.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
+import queue
+import select
 import statistics
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,31 +34,50 @@ from ..script import Story, chunk_for
 from ..settings import GenerationSettings
 from ..snapshots import SnapshotRecord, segments_digest
 from ..update import SnapshotKeeper, StartPoint, remove_snapshots, render_identity
-from .pacing import OnClock, Playback, PlaybackClock
-from .prompts import Arrival, PromptInbox
+from .events import Answer, ChunkBoundary, ChunkShown, Event, EventQueue, SessionEnded
+from .loop import Latency, LiveReport, LiveSegment, SessionLoop, SessionRecord
+from .pacing import OnClock, Playback
+from .prompts import StdinReader
 from .replay import ReplaySegment, read_back, replay_text, write_replay
 
 DEFAULT_AHEAD = 2
 
 
 class SessionStop:
-    """Ends a session at the next chunk boundary (waking it if it waits); safe from a signal handler."""
+    """Ends a session at the next chunk boundary, waking the generation thread if it waits for the clock; set from
+    a signal handler (a flag and a byte on a pipe: nothing there takes a lock). Use as a context manager."""
 
-    def __init__(self, inbox: PromptInbox | None = None):
-        self.inbox = inbox
-        self.reason: str | None = None
+    def __init__(self) -> None:
         self.finishing = False  # the video is made; only its files are being written
-        self._event = threading.Event()
+        self._set = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
 
-    def set(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self._event.set()
-        if self.inbox is not None:
-            self.inbox.wake()
+    def set(self) -> None:
+        self._set = True
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._set
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds; returns early once set."""
+        if timeout <= 0 or self._set:
+            return
+        try:
+            select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:  # a signal: let the caller look again
+            pass
+
+    def __enter__(self) -> SessionStop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -78,49 +99,6 @@ class LiveRequest:
     @property
     def script(self) -> Path:
         return self.target.with_suffix(".yaml")
-
-
-@dataclass(frozen=True)
-class LiveSegment:
-    """A prompt of the session, placed on the chunk grid where it took over."""
-
-    index: int
-    start_chunk: int
-    start_s: float  # on the video's timeline
-    prompt: str
-    source: str  # "script" (the opening script's), "prompt" (--prompt), "stdin" or "page"
-    received_s: float | None  # perf_counter time it arrived (typed prompts)
-
-    def as_dict(self, started: float) -> dict[str, Any]:
-        received = None if self.received_s is None else round(self.received_s - started, 3)
-        return {"start_chunk": self.start_chunk, "start_s": self.start_s, "prompt": self.prompt,
-                "source": self.source, "received_s": received}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Latency:
-    """From a typed prompt's arrival to the first frame of its segment: made (written) and on screen."""
-
-    segment: LiveSegment
-    to_written_s: float
-    to_screen_s: float
-
-
-class LiveEvents:
-    """What a session reports as it goes; subclasses print it or serve it. Every method may be left out."""
-
-    def switched(self, segment: LiveSegment, waited: int) -> None:
-        """`segment` drives the chunk about to start; `waited`: prompts still queued behind it."""
-
-    def chunk(self, index: int, frames: torch.Tensor, first_frame: int, due: Sequence[float],
-              segments: Sequence[LiveSegment]) -> None:  # fmt: skip
-        """Chunk `index` is written: its frames [N, H, W, 3] (frame `first_frame` on) play at `due`."""
-
-    def latency(self, latency: Latency) -> None:
-        """A typed prompt's first frame is made."""
-
-    def notice(self, text: str) -> None:
-        """Something to say once (generation slower than real time)."""
 
 
 @dataclass(frozen=True)
@@ -153,18 +131,18 @@ class LiveResult:
         }  # fmt: skip
 
 
+ANSWER_WAIT_S = 0.5  # how often a wait for the session loop looks whether it is still there
+
+
 class LiveVideo:
     """The prompt source of a live session (`generator.PromptSource`) and the record of its segments."""
 
-    def __init__(self, engine: Engine, request: LiveRequest, inbox: PromptInbox, playback: Playback[Chunk],
-                 events: LiveEvents, stopped: SessionStop):  # fmt: skip
-        self.engine, self.inbox, self.playback, self.events, self.stopped = engine, inbox, playback, events, stopped
-        self.clock: PlaybackClock = playback.clock
+    def __init__(self, engine: Engine, request: LiveRequest, reader: StdinReader, loop: SessionLoop,
+                 playback: Playback[Chunk], stopped: SessionStop):  # fmt: skip
+        self.engine, self.reader, self.loop, self.playback, self.stopped = engine, reader, loop, playback, stopped
         self.geometry = request.settings.geometry
         self.limit = None if request.limit_s is None else max(1, chunk_for(request.limit_s, self.geometry))
-        self._scheduled = {chunk_for(s.start_s, self.geometry): s.prompt for s in request.opening.segments}
-        self._opening_source = "script" if request.opening_script is not None else "prompt"
-        self.segments: list[LiveSegment] = []
+        self.segments: list[LiveSegment] = []  # as the loop answered: the segments generated
         self._starts: list[int] = []
         self._embeds: torch.Tensor | None = None  # the current segment's embeddings [text_len, text_dim]
 
@@ -188,16 +166,13 @@ class LiveVideo:
             if self.stopped.is_set():
                 return None
         self.playback.started(time.perf_counter())
-        self.inbox.sync()
-        segment = self._next_segment(chunk)
+        self.reader.sync()  # the lines written before this boundary are on the queue before the question
+        segment: LiveSegment | None = ask(self.loop, lambda answer: ChunkBoundary(chunk, answer))
         if segment is not None:
             self._embeds = self.engine.embeddings([segment.prompt])[0]  # held for the segment's chunks
             self.segments.append(segment)
             self._starts.append(chunk)
-            self.events.switched(segment, self.inbox.pending())
         return self.segments[-1].index, self._embeds
-
-    # -- the boundary ----------------------------------------------------------------------------------
 
     def _pace(self, chunk: int) -> None:
         """Wait until the pacer lets `chunk` start (or the session stops).
@@ -209,94 +184,80 @@ class LiveVideo:
             remaining = self.playback.start_time(chunk) - time.perf_counter()
             if remaining <= 0:
                 return
-            self.inbox.wait(remaining)
+            self.stopped.wait(remaining)
 
-    def _next_segment(self, chunk: int) -> LiveSegment | None:
-        start_s = chunk * self.geometry.chunk_seconds
-        index = len(self.segments)
-        if chunk in self._scheduled:
-            return LiveSegment(index, chunk, start_s, self._scheduled[chunk], self._opening_source, None)
-        arrival: Arrival | None = self.inbox.take()
-        if arrival is None:
-            return None
-        return LiveSegment(index, chunk, start_s, arrival.prompt, arrival.source, arrival.received_s)
 
-    def segments_shown(self) -> int:
-        """Segments whose first frame is made."""
-        return sum(1 for segment in self.segments if self.first_frame_of(segment) < self.clock.frames)
-
-    def latencies_measured(self, since: int, until: int) -> list[Latency]:
-        """The latencies of the typed segments `since` to `until` (segments whose first frame is made)."""
-        latencies = []
-        for segment in self.segments[since:until]:
-            if segment.received_s is None:  # the opening script's: nobody waited for it
-                continue
-            frame = self.first_frame_of(segment)
-            made, due = self.clock.made[frame], self.clock.due[frame]
-            latencies.append(Latency(segment, made - segment.received_s, due - segment.received_s))
-        return latencies
-
-    def first_frame_of(self, segment: LiveSegment) -> int:
-        return self.geometry.video_frames(segment.start_chunk * self.geometry.frames_per_chunk)
+def ask(loop: SessionLoop, event: Callable[[Answer], Event]) -> Any:
+    """Put the event `event(answer)` on the loop's queue and wait for the loop's answer."""
+    answer: Answer = Answer()
+    loop.events.put(event(answer))
+    while True:
+        try:
+            return answer.wait(ANSWER_WAIT_S)
+        except queue.Empty:
+            if not loop.alive():
+                raise loop.error or RuntimeError("the live session's loop stopped before it answered") from None
 
 
 def run_live(
-    engine: Engine, request: LiveRequest, inbox: PromptInbox, events: LiveEvents, stopped: SessionStop
-) -> LiveResult:
+    engine: Engine, request: LiveRequest, events: EventQueue, reader: StdinReader, report: LiveReport,
+    stopped: SessionStop
+) -> LiveResult:  # fmt: skip
     """Render the session into `request.target` until its duration or `stopped`; then write the replay
-    script and the sidecar. Raises RenderInterrupted (the partial file kept) on a KeyboardInterrupt."""
+    script and the sidecar. The session loop runs meanwhile, taking `events` and reporting to `report`.
+    Raises RenderInterrupted (the partial file kept) on a KeyboardInterrupt."""
     settings = request.settings
     if settings.memory.interactive is None:  # recorded, so that the replay records the bank the same way
         settings = replace(settings, memory=replace(settings.memory, interactive=True))
         request = replace(request, settings=settings)
-    playback: Playback[Chunk] = Playback(engine.geometry.fps, engine.geometry.chunk_seconds, request.ahead)
-    clock = playback.clock
-    video = LiveVideo(engine, request, inbox, playback, events, stopped)
-    latencies: list[Latency] = []
-    measured = 0  # segments whose first frame is made
-    slow_said = False
+    geometry = engine.geometry
+    playback: Playback[Chunk] = Playback(geometry.fps, geometry.chunk_seconds, request.ahead)
+    opening = {chunk_for(s.start_s, geometry): s.prompt for s in request.opening.segments}
+    # a prompt is encoded as soon as the loop takes it, beside generation: at its chunk it is (nearly) ready
+    loop = SessionLoop(events, report, opening=opening, chunk_seconds=geometry.chunk_seconds,
+                       opening_source="script" if request.opening_script is not None else "prompt",
+                       encode=lambda prompt: engine.prefetch([prompt], beside_render=True))  # fmt: skip
     started = time.perf_counter()
     made_at: list[float] = []  # when each chunk's frames were ready
+    with loop:
+        video = LiveVideo(engine, request, reader, loop, playback, stopped)
+        keeper = _snapshot_keeper(engine, request, video) if request.snapshots else None
+        # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll)
+        with engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
+            try:
+                keep = keeper.save if keeper is not None else None
+                with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keep)) as chunks:
+                    for chunk in chunks:
+                        assert chunk.frames is not None
+                        made_at.append(time.perf_counter())
+                        _shown(events, playback, playback.made(chunk, len(chunk.frames), made_at[-1]))
+                _shown(events, playback, playback.finish(time.perf_counter()))  # shorter than the pre-roll
+                stopped.finishing = True  # from here on a signal does not cut the files short
+            except KeyboardInterrupt:
+                raise RenderInterrupted(writer.abort(), writer.frames_written) from None
+        seconds = time.perf_counter() - started
+        record: SessionRecord = ask(loop, SessionEnded)
+        # 2. the replay script and the sidecar, the loop still reporting (a signal now is answered)
+        return _write_down(engine, request, settings, video, playback, record, keeper, started, seconds, made_at)
 
-    def show(shown: list[OnClock[Chunk]]) -> None:
-        nonlocal measured, slow_said
-        for on_clock in shown:
-            chunk = on_clock.item
-            assert chunk.frames is not None
-            shown_now = video.segments_shown()
-            for latency in video.latencies_measured(measured, shown_now):
-                latencies.append(latency)
-                events.latency(latency)
-            measured = shown_now
-            events.chunk(chunk.index, chunk.frames, on_clock.first_frame, on_clock.due, tuple(video.segments))
-            late = clock.stalls and clock.stalls[-1].frame == on_clock.first_frame
-            if late and not slow_said:  # never in the pre-roll: its chunks go on the clock together
-                slow_said = True
-                events.notice("generation is slower than real time here: frames come as they are made, "
-                              "and playback stalls while the next chunk is made")  # fmt: skip
 
-    # 1. the stream, written as it comes; every chunk's frames go on the playback clock (after the pre-roll).
-    # A prompt is encoded as soon as it arrives, beside generation: at its chunk it is (nearly) ready.
-    encode_early = inbox.notifying(lambda prompt: engine.prefetch([prompt], beside_render=True))
-    keeper = _snapshot_keeper(engine, request, video) if request.snapshots else None
-    with encode_early, engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
-        try:
-            keep = keeper.save if keeper is not None else None
-            with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keep)) as chunks:
-                for chunk in chunks:
-                    assert chunk.frames is not None
-                    made_at.append(time.perf_counter())
-                    show(playback.made(chunk, len(chunk.frames), made_at[-1]))
-            show(playback.finish(time.perf_counter()))  # a session shorter than the pre-roll
-            stopped.finishing = True  # from here on a signal does not cut the files short
-        except KeyboardInterrupt:
-            raise RenderInterrupted(writer.abort(), writer.frames_written) from None
-    seconds = time.perf_counter() - started
+def _shown(events: EventQueue, playback: Playback[Chunk], shown: list[OnClock[Chunk]]) -> None:
+    """The chunks put on the playback clock, told to the loop."""
+    clock = playback.clock
+    for on_clock in shown:
+        chunk = on_clock.item
+        assert chunk.frames is not None
+        late = bool(clock.stalls) and clock.stalls[-1].frame == on_clock.first_frame  # never in the pre-roll
+        events.put(ChunkShown(chunk.index, chunk.frames, on_clock.first_frame, on_clock.due,
+                              clock.made[on_clock.first_frame], late))  # fmt: skip
+
+
+def _write_down(engine: Engine, request: LiveRequest, settings: GenerationSettings, video: LiveVideo,
+                playback: Playback[Chunk], record: SessionRecord, keeper: SnapshotKeeper | None, started: float,
+                seconds: float, made_at: list[float]) -> LiveResult:  # fmt: skip
+    """The replay script, read back as `render` will read it, then the sidecar."""
+    clock = playback.clock
     made = playback.chunks_on_clock
-    unused = []  # prompts that came after the last chunk started
-    while (arrival := inbox.take()) is not None:
-        unused.append(arrival.prompt)
-    # 2. the replay script, read back as `render` will read it
     segments = tuple(s for s in video.segments if s.start_chunk < made)
     text = replay_text(
         title=request.title, seed=request.seed, settings=settings,
@@ -305,13 +266,12 @@ def run_live(
     )  # fmt: skip
     write_replay(request.script, text)
     story = read_back(request.script, engine.geometry, made, [s.start_chunk for s in segments])
-    # 3. the sidecar: the request as render records it, and how the session went
     result = LiveResult(
         path=request.target, script=request.script, sidecar=request.target.with_suffix(".json"), chunks=made,
-        video_frames=clock.frames, seconds=seconds, segments=segments, latencies=tuple(latencies),
-        stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=slow_said,
+        video_frames=clock.frames, seconds=seconds, segments=segments, latencies=record.latencies,
+        stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=record.slower_than_real_time,
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
-        ended_by=stopped.reason or "duration", unused_prompts=tuple(unused),
+        ended_by=record.ended_by or "duration", unused_prompts=record.unused_prompts,
         chunk_times=tuple(later - earlier for earlier, later in zip(made_at[1:], made_at[2:], strict=False)),
     )  # fmt: skip
     kept = keeper.finish() if keeper is not None else None

@@ -21,6 +21,7 @@ from ..plan import PlanError
 from ..report import STOP_SIGNALS, Terminated
 from ..request import CompileMode, GenerationOptions
 from ..script import ScriptError, Segment, Story, load_scripts
+from .events import EventQueue, Stop, StopIgnored
 from .prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
 from .replay import is_replay_script
 from .server import LiveServer
@@ -91,27 +92,28 @@ def reserve_outputs(stack: ExitStack, output: Path, script: Path | None, overwri
                         "move it away, or use --overwrite")  # fmt: skip
 
 
-def bound_server(stack: ExitStack, address, inbox, public: bool, fps: int):
+def bound_server(stack: ExitStack, address, events: EventQueue, public: bool, fps: int):
     """The page's server, listening before the model loads (a busy port is found at once), started later."""
     try:
-        return stack.enter_context(closing(LiveServer(address, inbox, public=public, fps=fps)))
+        return stack.enter_context(closing(LiveServer(address, events, public=public, fps=fps)))
     except OSError as error:
         raise PlanError(f"--serve {address.host}:{address.port}: cannot listen there: {error.strerror or error}",
                         "choose another port (0 picks a free one)") from None
 
 
 @contextmanager
-def stop_on_signals(stop: SessionStop, warn: Callable[[str], None]) -> Iterator[None]:
-    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it."""
+def stop_on_signals(stop: SessionStop, events: EventQueue) -> Iterator[None]:
+    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it. The handler
+    only sets the stop and tells the session loop (which says it)."""
 
     def handle(signum: int, frame: Any) -> None:
         if stop.finishing:
-            warn("the video is finished; writing its replay script and metadata")
+            events.put(StopIgnored())
             return
         if stop.is_set():
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
-        stop.set("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower())
-        warn("stopping after the chunk being made (once more to abort at once)")
+        stop.set()
+        events.put(Stop("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower()))
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:

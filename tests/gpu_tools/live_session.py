@@ -3,9 +3,9 @@
 Starts `memflow live --serve 127.0.0.1:0` with the given model and device, waits for its first frame,
 then types a prompt every `--every` seconds on its stdin. A client of the page's event stream notes
 when each prompt shows on the page (the frame on screen is the first of its segment). At the end
-(`--duration`) it prints one JSON line: per prompt, typed-to-page latency measured here and the
-session's own figures (sidecar), the stalls, and with `--replay` whether `memflow render OUT.yaml`
-gives the same frames. Not part of the test suite.
+(`--duration`) it prints one JSON line: per prompt, typed-to-page latency measured here, typed-to-accepted
+(the session loop took it; sidecar `accepted_s`) and the session's own figures (sidecar), the stalls, and
+with `--replay` whether `memflow render OUT.yaml` gives the same frames. Not part of the test suite.
 
     PYTHONPATH=. python tests/gpu_tools/live_session.py --out $OUT --model random --duration 90s --replay
 """
@@ -112,8 +112,10 @@ def main() -> None:
     reader.join(timeout=10)
     sidecar = json.loads(target.with_suffix(".json").read_text())
     page = {p: round(shown[p] - t, 3) for p, t in typed.items() if p in shown}
+    accepted = [round(1000 * (s["accepted_s"] - s["received_s"]), 3) for s in sidecar["live"]["segments"]
+                if s.get("accepted_s") is not None]  # the session loop took the prompt and started its encoding
     result = {"returncode": process.returncode, "model": args.model, "ahead": int(args.ahead),
-              "typed_to_page_s": list(page.values()), "session": sidecar["live"],
+              "typed_to_page_s": list(page.values()), "typed_to_accepted_ms": accepted, "session": sidecar["live"],
               "chunks": sidecar["timeline"]["chunks"], "render_s": sidecar["timings"]["render_s"]}  # fmt: skip
     if args.replay:
         replay = args.out / "replay.mp4"
