@@ -136,7 +136,11 @@ COSTS = CompileCosts(cold_s=70.6, warm_s=10.7, saved_per_chunk_s=0.149)
         (None, 4000, True, True, CompilePath.COMPILED_WARM, True),
     ],
 )
-def test_the_default_compiles_only_where_the_video_wins_the_compile_back(asked, chunks, cuda, warm, path, compile):
+def test_the_default_compiles_only_where_the_video_wins_the_compile_back(
+    monkeypatch, asked, chunks, cuda, warm, path, compile
+):  # fmt: skip
+    # where AUTO's uncompiled path is plain eager (compiled code is faster than it: the balance decides)
+    monkeypatch.setattr(compile_cache, "AUTO_UNCOMPILED", CompilePath.EAGER)
     assert COSTS == CompileCosts()  # the defaults: the H200 measurements
     choice = choose_compile(CompileMode(asked), chunks, cuda=cuda, warm=warm, costs=COSTS)
     assert (choice.path, choice.compile) == (path, compile)
@@ -160,7 +164,18 @@ def test_a_cache_that_cannot_be_written_only_costs_the_next_choice(tmp_path):
     assert not compile_cache.is_warm(tmp_path / "a-file" / "compile", "abc")
 
 
+@pytest.mark.parametrize("chunks", [2, 40, 80, 4000])
+@pytest.mark.parametrize("warm", [False, True])
+def test_by_default_cuda_runs_the_triton_glue_which_beats_compiled_code_at_any_length(chunks, warm):
+    choice = choose_compile(CompileMode.AUTO, chunks, cuda=True, warm=warm)
+    assert (choice.path, choice.compile, choice.glue) == (CompilePath.TRITON_GRAPHED, None, True)
+    assert choice.reason == "triton-graphed runs a chunk faster than compiled code"
+    assert choose_compile(CompileMode.ALWAYS, chunks, cuda=True, warm=warm).compile is True  # --compile still does
+    assert choose_compile(CompileMode.NEVER, chunks, cuda=True, warm=warm).path is CompilePath.EAGER_ASKED
+
+
 def test_a_render_runs_eager_unless_asked_and_compiles_warm_once_its_graphs_are_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(compile_cache, "AUTO_UNCOMPILED", CompilePath.EAGER)  # the balance of eager and compiled
     monkeypatch.setenv("MEMFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(CompileKey, "current", classmethod(lambda cls, device: H200))
     settings = GenerationSettings(geometry=VideoGeometry())
@@ -206,7 +221,8 @@ def test_compiled_kernels_are_cached_per_gpu_and_found_by_the_next_render(tmp_pa
     story.write_text(json.dumps({"title": "fox", "duration": "3s", "segments": [{"start": "0s", "prompt": "a fox"}]}))
     cache = tmp_path / "cache"
     short = _render_process(story, tmp_path / "short.mp4", cache)
-    assert short["compile"] == "eager" and not (cache / "compile").exists()  # 4 chunks: not worth a compile
+    assert short["compile"] == "triton-graphed"  # the default: the Triton glue, nothing compiled by Inductor
+    assert not list(cache.glob("compile/*/warm/*")) and not list(cache.glob("compile/*/inductor/*"))
     cold = _render_process(story, tmp_path / "cold.mp4", cache, "--compile")
     (folder,) = (cache / "compile").iterdir()
     assert folder.name == CompileKey.current(torch.device("cuda")).folder_name

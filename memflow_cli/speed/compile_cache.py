@@ -120,9 +120,10 @@ class CompilePath(str, Enum):
     EAGER_DEVICE = "eager (no compiled path on this device)"
 
 
-# What AUTO (neither --compile nor --no-compile) runs on CUDA where compiling does not pay: plain eager until
-# the GPU has measured the fused Triton glue (issue #25); then TRITON_GRAPHED or TRITON, whichever is faster.
-AUTO_UNCOMPILED = CompilePath.EAGER
+# What AUTO (neither --compile nor --no-compile) runs on CUDA where compiling does not pay. Measured on an
+# H100 (issue #25): a steady chunk took 435 ms eager, 303 ms compiled and 283 ms with the fused Triton glue and
+# CUDA graphs (the glue's kernels build in about 2 s on an empty Triton cache), so compiling never pays.
+AUTO_UNCOMPILED = CompilePath.TRITON_GRAPHED
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,15 @@ class CompileCosts:
 
     cold_s: float = 70.6
     warm_s: float = 10.7
-    saved_per_chunk_s: float = 0.149
+    saved_per_chunk_s: float = 0.149  # against plain eager
+    # against the fused Triton glue with CUDA graphs: on an H100 (issue #25) a steady chunk took 283 ms that
+    # way and 303 ms compiled, so compiling loses time on every chunk
+    saved_per_chunk_vs_triton_s: float = -0.020
+
+    def saved_per_chunk(self, uncompiled: CompilePath) -> float:
+        """Seconds a compiled chunk saves against the path AUTO runs otherwise."""
+        triton = uncompiled in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON)
+        return self.saved_per_chunk_vs_triton_s if triton else self.saved_per_chunk_s
 
 
 H200_COSTS = CompileCosts()
@@ -184,21 +193,23 @@ def choose_compile(
 
     `asked`: ALWAYS (`--compile`) always compiles with Inductor, NEVER (`--no-compile`) runs plain eager
     kernels, AUTO lets the video's length decide: compiled where the chunks after the first win back the
-    compile on this cache (`warm`), else `AUTO_UNCOMPILED` (eager until the fused Triton glue is measured),
-    so that the default is never slower than `--no-compile`. (The graphed path, eager kernels replayed from
-    CUDA graphs, ran no faster than eager on an H100: it is not chosen here; `CompileChoice.fixed(None)` asks
-    for it.)
+    compile on this cache (`warm`), else `AUTO_UNCOMPILED`. That is the fused Triton glue with CUDA graphs,
+    which runs a chunk faster than compiled code, so AUTO never compiles. (The graphed path, eager kernels
+    replayed from CUDA graphs, ran no faster than eager on an H100: `CompileChoice.fixed(None)` asks for it.)
     """
     if not cuda:
         return CompileChoice(False, CompilePath.EAGER_DEVICE, "the compiled and graphed paths run on CUDA only")
     if asked is CompileMode.NEVER:
         return CompileChoice(False, CompilePath.EAGER_ASKED, "--no-compile")
     cost = costs.warm_s if warm else costs.cold_s
-    saved = max(0, chunks - 1) * costs.saved_per_chunk_s
+    per_chunk = costs.saved_per_chunk(AUTO_UNCOMPILED)
+    saved = max(0, chunks - 1) * per_chunk
     compiled = CompilePath.COMPILED_WARM if warm else CompilePath.COMPILED_COLD
     cache = "warm" if warm else "cold"
     if asked is CompileMode.ALWAYS:
         return CompileChoice(True, compiled, f"--compile (compile cache {cache})")
+    if per_chunk <= 0:
+        return CompileChoice.uncompiled(f"{AUTO_UNCOMPILED.value} runs a chunk faster than compiled code")
     balance = f"{chunks} chunks save {saved:.1f} s, compiling costs {cost:.1f} s (compile cache {cache})"
     if saved > cost:
         return CompileChoice(True, compiled, balance)
