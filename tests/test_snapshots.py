@@ -149,27 +149,20 @@ def test_a_file_that_is_not_a_snapshot_is_refused_in_one_line(tmp_path):
         read_metadata(path)
 
 
-@pytest.mark.slow  # about 2.5 minutes on a CPU: 7 chunks at full resolution, then 1 from the snapshot
+@pytest.mark.slow  # the scenario's 8 chunks at full resolution (shared with the parity test), then 1 from the snapshot
+@pytest.mark.xdist_group("parity-three-prompts")
 @pytest.mark.skipif(not parity.manifest()["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
-def test_the_parity_models_three_prompt_scenario_resumes_exactly_at_its_second_switch():
+def test_the_parity_models_three_prompt_scenario_resumes_exactly_at_its_second_switch(parity_renders):
     """The official scenario whose bank is compressed right after a switch (with an all-zero text query)."""
-    from memflow_cli.checkpoint import load_transformer
-    from memflow_cli.loading import read_transformer_config
-
-    man, folder = parity.manifest(), parity.PARITY_DIR
-    config = read_transformer_config(folder / "config.json")
-    model = load_transformer(folder / "base.pt", folder / "lora.pt", config, parity.lora_settings(man),
-                             device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+    man = parity.manifest()
     scenario = man["scenarios"]["three_prompts"]
     settings = parity.scenario_settings(man, scenario)
-    inputs = parity.load_inputs()
     switches = parity.switch_chunks(scenario, settings)
-    prompts = ScriptedPrompts(parity.prompt_embeds(inputs)[scenario["prompts"]], switches, switches[-1] + 1)
-    generator = MemFlowGenerator(model, settings)
-    states = []
-    full = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True,
-                                 boundaries=states.append))  # fmt: skip
-    state = states[-2]  # at the last switch
+    full = parity_renders.scenario("three_prompts")  # through `generate`: interactive, as the scenario switches
+    state = full.boundaries[-2]  # at the last switch
     assert state.chunk == switches[-1]
+    inputs = parity_renders.inputs
+    prompts = ScriptedPrompts(parity.prompt_embeds(inputs)[scenario["prompts"]], switches, switches[-1] + 1)
+    generator = MemFlowGenerator(parity_renders.model, settings)
     tail = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True, resume=state))
-    assert len(tail) == 1 and torch.equal(tail[0], full[-1])
+    assert len(tail) == 1 and torch.equal(tail[0], full.chunks[switches[-1]])
