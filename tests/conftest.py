@@ -64,5 +64,5 @@ def umt5(tokenizer) -> UMT5EncoderModel:
 
 @pytest.fixture(scope="session")
 def parity_renders() -> ParityRenders:
-    """The parity scenarios, each rendered once per session (the parity and snapshot tests share them)."""
+    """The parity scenarios, each rendered once per session (pytest-xdist: once per worker that runs them)."""
     return ParityRenders()

@@ -135,8 +135,8 @@ class Rendered:
 
 class ParityRenders:
     """Each scenario rendered once per process, from the fixture's embeddings and noise, in float32 on CPU,
-    through `MemFlowGenerator.generate` (about a minute each on one core): the parity test compares the chunks,
-    the snapshot test resumes from a boundary. The model loads on first use."""
+    through `MemFlowGenerator.generate` (about a minute each on one core): test_parity.py compares the chunks
+    and resumes one from a boundary. The model loads on first use."""
 
     def __init__(self):
         self._model: CausalWanTransformer | None = None
