@@ -33,6 +33,27 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+# The files whose tests take longest (seconds on 2 idle cores, one process), run first: pytest-xdist's
+# --dist loadfile hands files to its workers in this order, and a long file started last would finish alone.
+LONGEST_FILES = (
+    "test_parity.py",  # the three full-resolution scenarios, about a minute each
+    "test_cli_robustness.py",  # the batch script, signals, kill -9: real processes
+    "test_distributed.py",  # torchrun
+    "test_update.py",
+    "test_tae_parity.py",  # a full-size decode
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (each file's tests in their own order), the rest as collected."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache_dir(tmp_path_factory) -> Iterator[None]:
     """No test touches the user's cache: memflow's cache folder is a temporary one (engines of module-scoped
