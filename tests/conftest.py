@@ -21,7 +21,8 @@ def worker_threads() -> int | None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is None or "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, len(os.sched_getaffinity(0)) // int(workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not macOS
+    return max(1, cores // int(workers))
 
 
 def pytest_configure(config: pytest.Config) -> None:
