@@ -140,12 +140,14 @@ class MemFlowGenerator:
         num_chunks: int,
         noise: NoiseSource,
         switch_chunks: Sequence[int] = (),
+        boundaries: Callable[[BoundaryState], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield `num_chunks` denoised latent chunks [B, F, C, h, w] of a scripted video.
 
         prompt_embeds: [n_prompts, text_len, text_dim] (or [n_prompts, B, ...]); prompt i+1
         takes over at chunk `switch_chunks[i]`. The memory records as an interactive story's does
         when there are switches, unless the memory settings say which way (`interactive`).
+        `boundaries` gets the state at every switch and after the last chunk, as in `stream`.
         """
         if len(switch_chunks) != len(prompt_embeds) - 1:
             raise ValueError(f"{len(prompt_embeds)} prompts need {len(prompt_embeds) - 1} switch chunks")
@@ -153,7 +155,7 @@ class MemFlowGenerator:
         if interactive is None:
             interactive = len(switch_chunks) > 0
         prompts = ScriptedPrompts(prompt_embeds, switch_chunks, num_chunks)
-        yield from self.stream(prompts, noise, interactive=interactive)
+        yield from self.stream(prompts, noise, interactive=interactive, boundaries=boundaries)
 
     @torch.no_grad()
     def stream(

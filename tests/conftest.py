@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,48 @@ from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 from memflow_cli.cache_dir import CACHE_DIR_ENV
 from memflow_cli.demo import build_demo_tokenizer, demo_text_encoder_config
+
+from .parity import ParityRenders
+
+
+def worker_threads() -> int | None:
+    """Under pytest-xdist, the cores this worker's torch may use: its share of this machine's (None: not a
+    worker, or OMP_NUM_THREADS says already)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not macOS
+    return max(1, cores // int(workers))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist workers share the cores instead of each taking all of them: torch's threads in this process,
+    and OMP_NUM_THREADS for the `memflow` processes its tests start."""
+    threads = worker_threads()
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+# The files whose tests take longest (seconds on 2 idle cores, one process), run first: pytest-xdist's
+# --dist loadfile hands files to its workers in this order, and a long file started last would finish alone.
+LONGEST_FILES = (
+    "test_parity.py",  # the three full-resolution scenarios, about a minute each
+    "test_cli_robustness.py",  # the batch script, signals, kill -9: real processes
+    "test_distributed.py",  # torchrun
+    "test_update.py",
+    "test_tae_parity.py",  # a full-size decode
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (each file's tests in their own order), the rest as collected."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,3 +82,9 @@ def umt5(tokenizer) -> UMT5EncoderModel:
     config = demo_text_encoder_config(len(tokenizer))
     torch.manual_seed(0)
     return UMT5EncoderModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def parity_renders() -> ParityRenders:
+    """The parity scenarios, each rendered once per session (pytest-xdist: once per worker that runs them)."""
+    return ParityRenders()

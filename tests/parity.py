@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from memflow_cli.checkpoint import load_transformer
+from memflow_cli.generator import BoundaryState, MemFlowGenerator
+from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, LoraSettings, MemorySettings, SamplerSettings, VideoGeometry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +112,72 @@ def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return float((ours.double() - expected.double()).norm() / expected.double().norm())
 
 
+def load_float32_model() -> CausalWanTransformer:
+    """The fixture's transformer through our own checkpoint loader, in float32 on CPU."""
+    config = PARITY_DIR / "config.json"
+    return load_transformer(
+        PARITY_DIR / "base.pt",
+        PARITY_DIR / "lora.pt",
+        config if config.is_file() else None,
+        lora_settings(manifest()),
+        dtype=torch.float32,
+    )
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A scenario rendered by our generator: its latent chunks [B, F, C, h, w] and the state at every boundary
+    (each switch, before it runs, and the end)."""
+
+    chunks: tuple[torch.Tensor, ...]
+    boundaries: tuple[BoundaryState, ...]
+
+
+class ParityRenders:
+    """Each scenario rendered once per process, from the fixture's embeddings and noise, in float32 on CPU,
+    through `MemFlowGenerator.generate` (about a minute each on one core): test_parity.py compares the chunks
+    and resumes one from a boundary. The model loads on first use."""
+
+    def __init__(self):
+        self._model: CausalWanTransformer | None = None
+        self._inputs: dict[str, torch.Tensor] | None = None
+        self._rendered: dict[str, Rendered] = {}
+
+    @property
+    def model(self) -> CausalWanTransformer:
+        if self._model is None:
+            self._model = load_float32_model()
+        return self._model
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        if self._inputs is None:
+            self._inputs = load_inputs()
+        return self._inputs
+
+    def scenario(self, name: str) -> Rendered:
+        if name not in self._rendered:
+            self._rendered[name] = self._render(name)
+        return self._rendered[name]
+
+    def _render(self, name: str) -> Rendered:
+        man = manifest()
+        scenario = man["scenarios"][name]
+        settings = scenario_settings(man, scenario)
+        frames = scenario.get("frames", man["frames"])
+        embeds = prompt_embeds(self.inputs)[scenario["prompts"]]
+        boundaries: list[BoundaryState] = []
+        generator = MemFlowGenerator(self.model, settings)
+        chunks = generator.generate(
+            embeds,
+            frames // settings.geometry.frames_per_chunk,
+            fixed_noise(self.inputs, settings),
+            switch_chunks(scenario, settings),
+            boundaries=boundaries.append,
+        )
+        return Rendered(tuple(chunks), tuple(boundaries))
+
+
 def fast_path_error(
     name: str, device: torch.device, dtype: torch.dtype, *, compile: bool | None, fp8: bool = False, glue: bool = False
 ):
@@ -117,8 +187,6 @@ def fast_path_error(
     default, True compiled steps, both with CUDA graphs, False plain eager; FP8 layers where `fp8`; the fused
     Triton glue where `glue`); the error is against the float32 expectation.
     """
-    from memflow_cli.checkpoint import load_transformer
-    from memflow_cli.generator import MemFlowGenerator
     from memflow_cli.loading import read_transformer_config
     from memflow_cli.speed import choose_fast_path
 

@@ -51,3 +51,14 @@ def test_every_docs_page_opens_with_its_contents_and_links_back(page: Path):
     first_section = re.search(r"^## .*$", text, re.MULTILINE)
     assert first_section and first_section.group(0) == "## Contents"
     assert "](../README.md)" in text
+
+
+def test_ci_runs_the_tests_as_the_install_page_says():
+    """`.ci/run` runs the commands of docs/install.md's "Run the tests" block, and no other pytest command."""
+    page = (REPO / "docs" / "install.md").read_text(encoding="utf-8")
+    block = page.split("\n## Run the tests\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = block.strip().splitlines()
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert all(command in ci for command in commands), commands
+    (pytest_command,) = [command for command in commands if command.startswith("pytest")]
+    assert {line for line in ci if line.startswith("pytest")} == {pytest_command}

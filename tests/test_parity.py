@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memflow_cli.checkpoint import load_transformer
-from memflow_cli.generator import MemFlowGenerator
+from memflow_cli.generator import MemFlowGenerator, ScriptedPrompts
 
 from . import parity
 
@@ -29,24 +28,6 @@ def test_fixtures_present():
     assert MANIFEST["scenarios"], f"no parity scenarios found in {parity.PARITY_DIR}/manifest.json"
 
 
-@pytest.fixture(scope="module")
-def model():
-    d = parity.PARITY_DIR
-    config = d / "config.json"
-    return load_transformer(
-        d / "base.pt",
-        d / "lora.pt",
-        config if config.is_file() else None,
-        parity.lora_settings(MANIFEST),
-        dtype=torch.float32,
-    )
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return parity.load_inputs()
-
-
 def test_manifest_geometry_matches_derived_sizes():
     for scenario in MANIFEST["scenarios"].values():
         geometry = parity.scenario_settings(MANIFEST, scenario).geometry
@@ -55,23 +36,38 @@ def test_manifest_geometry_matches_derived_sizes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MANIFEST["scenarios"]))
-def test_scenario_matches_official_latents(name, model, inputs):
+def test_scenario_matches_official_latents(name, parity_renders):
     scenario = MANIFEST["scenarios"][name]
-    settings = parity.scenario_settings(MANIFEST, scenario)
+    per_chunk = MANIFEST["frames_per_chunk"]
     frames = scenario.get("frames", MANIFEST["frames"])
-    per_chunk = settings.geometry.frames_per_chunk
-    embeds = parity.prompt_embeds(inputs)[scenario["prompts"]]
     expected = load_file(parity.PARITY_DIR / f"expected_{name}.safetensors")["latents"][:, :frames]
 
-    generator = MemFlowGenerator(model, settings)
-    chunks = list(
-        generator.generate(
-            embeds, frames // per_chunk, parity.fixed_noise(inputs, settings), parity.switch_chunks(scenario, settings)
-        )
-    )
+    chunks = parity_renders.scenario(name).chunks
 
     errors = [
         parity.relative_l2(chunk, expected[:, i * per_chunk : (i + 1) * per_chunk]) for i, chunk in enumerate(chunks)
     ]
     assert max(errors) <= BAR, f"per-chunk relative L2 errors: {[f'{e:.2e}' for e in errors]}"
     assert parity.relative_l2(torch.cat(chunks, dim=1), expected) <= BAR
+
+
+# A snapshot (`snapshots.py`) at full resolution; the file keeps the rendered scenarios: under pytest-xdist's
+# --dist loadfile one worker runs them all and renders each once.
+
+
+@pytest.mark.slow  # the scenario's render above (`parity_renders` keeps it), then 1 chunk from the snapshot
+@pytest.mark.skipif(not MANIFEST["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
+def test_the_parity_models_three_prompt_scenario_resumes_exactly_at_its_second_switch(parity_renders):
+    """The official scenario whose bank is compressed right after a switch (with an all-zero text query)."""
+    man = parity.manifest()
+    scenario = man["scenarios"]["three_prompts"]
+    settings = parity.scenario_settings(man, scenario)
+    switches = parity.switch_chunks(scenario, settings)
+    full = parity_renders.scenario("three_prompts")  # through `generate`: interactive, as the scenario switches
+    state = full.boundaries[-2]  # at the last switch
+    assert state.chunk == switches[-1]
+    inputs = parity_renders.inputs
+    prompts = ScriptedPrompts(parity.prompt_embeds(inputs)[scenario["prompts"]], switches, switches[-1] + 1)
+    generator = MemFlowGenerator(parity_renders.model, settings)
+    tail = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True, resume=state))
+    assert len(tail) == 1 and torch.equal(tail[0], full.chunks[switches[-1]])

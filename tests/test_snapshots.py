@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from memflow_cli.engine import Video, load_engine
-from memflow_cli.generator import MemFlowGenerator, ScriptedPrompts
 from memflow_cli.settings import GenerationSettings, MemorySettings
 from memflow_cli.snapshots import (
     Snapshot,
@@ -18,7 +17,6 @@ from memflow_cli.snapshots import (
     snapshot_files,
     snapshot_path,
 )
-from tests import parity
 
 PROMPTS = (
     "a red fox trots across a snowy field",
@@ -147,29 +145,3 @@ def test_a_file_that_is_not_a_snapshot_is_refused_in_one_line(tmp_path):
     path.write_bytes(b"not a snapshot")
     with pytest.raises(SnapshotError, match="not a readable snapshot"):
         read_metadata(path)
-
-
-@pytest.mark.slow  # about 2.5 minutes on a CPU: 7 chunks at full resolution, then 1 from the snapshot
-@pytest.mark.skipif(not parity.manifest()["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
-def test_the_parity_models_three_prompt_scenario_resumes_exactly_at_its_second_switch():
-    """The official scenario whose bank is compressed right after a switch (with an all-zero text query)."""
-    from memflow_cli.checkpoint import load_transformer
-    from memflow_cli.loading import read_transformer_config
-
-    man, folder = parity.manifest(), parity.PARITY_DIR
-    config = read_transformer_config(folder / "config.json")
-    model = load_transformer(folder / "base.pt", folder / "lora.pt", config, parity.lora_settings(man),
-                             device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
-    scenario = man["scenarios"]["three_prompts"]
-    settings = parity.scenario_settings(man, scenario)
-    inputs = parity.load_inputs()
-    switches = parity.switch_chunks(scenario, settings)
-    prompts = ScriptedPrompts(parity.prompt_embeds(inputs)[scenario["prompts"]], switches, switches[-1] + 1)
-    generator = MemFlowGenerator(model, settings)
-    states = []
-    full = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True,
-                                 boundaries=states.append))  # fmt: skip
-    state = states[-2]  # at the last switch
-    assert state.chunk == switches[-1]
-    tail = list(generator.stream(prompts, parity.fixed_noise(inputs, settings), interactive=True, resume=state))
-    assert len(tail) == 1 and torch.equal(tail[0], full[-1])

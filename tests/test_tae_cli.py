@@ -16,7 +16,7 @@ from memflow_cli.tae import TAEW2_1, random_released_state
 from memflow_cli.tae import files as tae_files
 
 from .cli_helpers import DEMO, assert_video, memflow, video_frames, write_story
-from .live import render_replay, run_memflow, same_frames
+from .live import replay_options, same_frames
 
 ONE_LINE_ERRORS = 2  # the error line and its hint, at most
 
@@ -157,11 +157,13 @@ def test_weights_download_and_verify_with_a_local_stand_in_of_the_hub(tmp_path, 
 
 def test_live_with_tae_records_it_and_its_replay_remakes_the_video(tmp_path):
     target = tmp_path / "live.mp4"
-    session = run_memflow("live", "--prompt", "a fox in the snow", "-o", target, "--duration", "1.5s", *DEMO,
-                          "--decoder", "tae")  # fmt: skip
-    assert session.returncode == 0, session.stderr
+    session = memflow("live", "--prompt", "a fox in the snow", "-o", target, "--duration", "1.5s", *DEMO,
+                      "--decoder", "tae")  # in-process: no stdin, as a session started without one  # fmt: skip
+    assert session.exit_code == 0, session.stderr
     assert "live: decoding with tae" in session.stderr and "--decoder wan for the full-quality" in session.stderr
     assert json.loads(target.with_suffix(".json").read_text())["decoder"] == "tae"
-    options = render_replay(target, tmp_path / "replay.mp4")
+    options = replay_options(target.with_suffix(".yaml"))
     assert options[-2:] == ["--decoder", "tae"]
+    replayed = memflow("render", target.with_suffix(".yaml"), "-o", tmp_path / "replay.mp4", *options, "-q")
+    assert replayed.exit_code == 0, replayed.stderr
     assert same_frames(target, tmp_path / "replay.mp4")

@@ -21,7 +21,6 @@ from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.snapshots import snapshot_files, snapshot_path
 
 from .cli_helpers import DEMO, decoded, memflow, video_frames
-from .live import start_live
 
 PROMPTS = (
     "a red fox trots across a snowy field",
@@ -200,9 +199,8 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
         encoding="utf-8",
     )
     target, fresh = tmp_path / "live.mp4", tmp_path / "fresh.mp4"
-    process = start_live(opening, "-o", target, "--duration", "3s", "--snapshots")
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    session = memflow("live", opening, "-o", target, "--duration", "3s", "--snapshots", *DEMO)  # in-process
+    assert session.exit_code == 0, session.stderr
     assert sorted(snapshot_files(target)) == [2, 4]  # the switch at 1.5 s, and the end
 
     replay = target.with_suffix(".yaml")
