@@ -10,8 +10,8 @@ import torch
 from memflow_cli import engine as engine_module
 from memflow_cli.checkpoint import load_transformer
 from memflow_cli.engine import Video, load_engine
-from memflow_cli.model.transformer import Kernels
-from memflow_cli.settings import GenerationSettings
+from memflow_cli.model.transformer import CausalWanTransformer, Kernels
+from memflow_cli.settings import GenerationSettings, TransformerConfig
 from memflow_cli.speed import EAGER, FastPath
 from memflow_cli.speed.linear import LinearGELU
 
@@ -89,3 +89,26 @@ def test_load_transformer_builds_the_final_form_from_a_checkpoints_names(tmp_pat
     names = set(fast.state_dict())
     assert "blocks.0.self_attn.qkv.weight" in names and "blocks.0.self_attn.q.weight" not in names
     assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+
+
+def test_building_on_the_meta_device_loads_no_python_decompositions():
+    """A load builds the model on the meta device: arithmetic there would import torch's Python
+    decompositions and dynamo (about a second of every load); the real build keeps Wan's initialisation."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from memflow_cli.model.transformer import CausalWanTransformer\n"
+        "from memflow_cli.settings import TransformerConfig\n"
+        "with torch.device('meta'):\n"
+        "    model = CausalWanTransformer(TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2))\n"
+        "assert model.blocks[0].modulation.is_meta and model.head.modulation.shape == (1, 2, 64)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    real = CausalWanTransformer(TransformerConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=1))
+    modulation = real.blocks[0].modulation
+    assert not modulation.is_meta and 0.08 < modulation.std().item() < 0.17  # randn / sqrt(64): std 0.125

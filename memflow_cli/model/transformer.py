@@ -210,6 +210,15 @@ def feed_forward(config: TransformerConfig, kernels: Kernels) -> nn.Sequential:
     return nn.Sequential(first, activation, kernels.linear(config.ffn_dim, config.dim))
 
 
+def modulation_parameter(rows: int, dim: int) -> nn.Parameter:
+    """A learned modulation [1, rows, dim], initialised randn / sqrt(dim) as Wan does; left uninitialised where
+    the model is built on the meta device (the checkpoint gives its values), because arithmetic on meta tensors
+    loads torch's Python decompositions and dynamo, about a second of every process's load."""
+    if torch.get_default_device().type == "meta":
+        return nn.Parameter(torch.empty(1, rows, dim))
+    return nn.Parameter(torch.randn(1, rows, dim) / dim**0.5)
+
+
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig, kernels: Kernels = PLAIN_KERNELS):
         super().__init__()
@@ -218,7 +227,7 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(config, kernels)
         self.norm3 = nn.LayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
         self.ffn = feed_forward(config, kernels)
-        self.modulation = nn.Parameter(torch.randn(1, 6, config.dim) / config.dim**0.5)
+        self.modulation = modulation_parameter(6, config.dim)
         self.glue = kernels.glue
         run = kernels.block_step or _as_is
         self.steps = BlockSteps(run(self.attention_inputs), run(self.after_attention))
@@ -256,7 +265,7 @@ class Head(nn.Module):
         super().__init__()
         self.eps = config.eps
         self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+        self.modulation = modulation_parameter(2, config.dim)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         # x: [B, F, P, dim]; e: [B, F, dim]
