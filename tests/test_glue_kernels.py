@@ -178,8 +178,13 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(monkeypatch, tmp_path):
     """What the interpreter never checks: each kernel, as `warm_up` specialises it for the 1.3B model in bf16,
     compiles to an sm_90 binary (Triton's own compiler and ptxas, no GPU needed; an empty cache folder)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    import inspect
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:  # Triton < 3.3 (torch < 2.7) compiles otherwise
+        pytest.skip(f"Triton {triton.__version__}: this test uses the compile API of Triton 3.3 and later")
 
     from memflow_cli.speed import glue
 
