@@ -18,13 +18,7 @@ from memflow_cli.snapshots import (
     snapshot_path,
 )
 
-PROMPTS = (
-    "a red fox trots across a snowy field",
-    "the fox stops at the edge of a pine forest",
-    "snow begins to fall between the trees",
-    "the fox curls up under a fallen log",
-    "night comes and the forest is quiet",
-)
+from .test_update import PROMPTS  # the same five-segment fox story
 
 
 @pytest.fixture(scope="module")

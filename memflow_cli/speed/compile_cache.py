@@ -119,6 +119,11 @@ class CompilePath(str, Enum):
     EAGER_ASKED = "eager (--no-compile)"
     EAGER_DEVICE = "eager (no compiled path on this device)"
 
+    @property
+    def triton(self) -> bool:
+        """The blocks' glue runs in the fused Triton kernels on this path."""
+        return self in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON)
+
 
 # What AUTO (neither --compile nor --no-compile) runs on CUDA where compiling does not pay. Measured on an
 # H100 (issue #25): a steady chunk took 435 ms eager, 303 ms compiled and 283 ms with the fused Triton glue and
@@ -146,8 +151,7 @@ class CompileCosts:
 
     def saved_per_chunk(self, uncompiled: CompilePath) -> float:
         """Seconds a compiled chunk saves against the path AUTO runs otherwise."""
-        triton = uncompiled in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON)
-        return self.saved_per_chunk_vs_triton_s if triton else self.saved_per_chunk_s
+        return self.saved_per_chunk_vs_triton_s if uncompiled.triton else self.saved_per_chunk_s
 
 
 H200_COSTS = CompileCosts()
@@ -164,7 +168,7 @@ class CompileChoice:
     @property
     def glue(self) -> bool:
         """The blocks' glue runs in fused Triton kernels (`speed.glue`): `choose_fast_path(glue=True)`."""
-        return self.path in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON)
+        return self.path.triton
 
     @classmethod
     def triton(cls, graphs: bool = True, reason: str = "asked") -> CompileChoice:
@@ -175,7 +179,7 @@ class CompileChoice:
     @classmethod
     def uncompiled(cls, reason: str) -> CompileChoice:
         """What AUTO runs on CUDA where it does not compile: `AUTO_UNCOMPILED`."""
-        if AUTO_UNCOMPILED in (CompilePath.TRITON_GRAPHED, CompilePath.TRITON):
+        if AUTO_UNCOMPILED.triton:
             return cls.triton(AUTO_UNCOMPILED is CompilePath.TRITON_GRAPHED, reason)
         return cls(False, CompilePath.EAGER, reason)
 

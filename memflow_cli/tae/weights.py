@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..loading import DOWNLOAD_COMMAND, WeightsError, read_torch_file
+from ..seeding import seeded
 from .model import TAEW2_1, TaehvConfig, TaehvDecoder, cudnn_fusion_works, phase_kernel
 
 TAE_REPO = "madebyollin/taehv"
@@ -174,7 +175,7 @@ _BIAS_STD, _RGB_BIAS = 0.05, 0.5
 def random_released_state(config: TaehvConfig = TAEW2_1, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded random decoder weights in the released layout (float32), whose frames are a plausible image range
     (mean ~0.5, in [0, 1]) rather than a constant: what `random_taehv` loads, and what tests write to files."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     head = f"decoder.{_head_index(config)}."
     state: dict[str, torch.Tensor] = {}
     for key, shape in released_shapes(config).items():
