@@ -41,7 +41,8 @@ def test_a_gpu_session_replays_frame_for_frame(tmp_path, stop):
     print(json.dumps(sidecar["live"]["latency"]), sidecar["live"]["stalls"])
     replay = tmp_path / "replay.mp4"
     options = render_replay(target, replay, timeout=600)
-    assert "--no-compile" in options  # live runs eager unless asked; its replay names that path
+    assert "--compile" not in options and "--no-compile" not in options  # asked for neither: the default path
+    assert json.loads(replay.with_suffix(".json").read_text())["compile"] == sidecar["compile"] == "triton-graphed"
     assert same_frames(target, replay)
 
 

@@ -76,7 +76,23 @@ def compile_cache_env(folder: Path, environ: Mapping[str, str] = os.environ) -> 
     """The environment that points torch's compile caches into `folder`; a cache folder the user set
     (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) is left as it is."""
     wanted = {INDUCTOR_ENV: str(folder / "inductor"), TRITON_ENV: str(folder / "triton")}
-    return {name: value for name, value in wanted.items() if not environ.get(name)}
+    return {name: value for name, value in wanted.items() if not _set_by_user(name, environ)}
+
+
+def _set_by_user(name: str, environ: Mapping[str, str]) -> bool:
+    """Whether the user chose the folder of `name`. torch writes its own default into TORCHINDUCTOR_CACHE_DIR
+    when dynamo is imported (diffusers imports it, before any model is built), so that value is torch's, not
+    the user's."""
+    value = environ.get(name)
+    if not value:
+        return False
+    if name != INDUCTOR_ENV:
+        return True
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: whatever is set stays
+        return True
+    return os.path.abspath(value) != os.path.abspath(default_cache_dir())
 
 
 def graphs_signature(description: dict[str, Any]) -> str:
