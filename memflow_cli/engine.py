@@ -219,11 +219,15 @@ class Engine:
         resume: ResumePoint | None = None,
         snapshots: Callable[[ResumePoint], None] | None = None,
         kept_latents_bytes: int = KEPT_LATENTS_BYTES,
+        decode_trail: int = 2,
     ) -> Iterator[Chunk]:
         """Generate `video` chunk by chunk; with `decode` decode each chunk, with `writer` also append its frames.
 
-        Decoding trails generation by up to two chunks on CUDA; a chunk is yielded once it is as far
-        along as asked (its frames written, when there is a writer). `snapshots` gets the state to resume
+        On CUDA decoding runs beside generation and may trail it by up to `decode_trail` chunks: 2 keeps
+        the GPU busy (a whole video's throughput); 0 hands each chunk out as soon as it is decoded, before
+        the next chunk is asked for (a live session, where the next chunk may wait for the viewer's clock and
+        a decoded chunk must not wait with it). A chunk is yielded once it is as far along as asked (its
+        frames written, when there is a writer). `snapshots` gets the state to resume
         from at every segment boundary and at the end of the video (where a story that goes on would
         switch), once the chunks before it are as far along, before the next chunk is yielded. With
         `resume`, the chunks before that point are its kept latents and only the later ones are generated:
@@ -253,7 +257,8 @@ class Engine:
             decoder = self.streaming_decoder()
             latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
             # closed with this stream: the decode worker must be done with the chunks before they go
-            with closing(self.overlap.map(latents, lambda x: (x, decoder.decode(x)))) as decoded:
+            decoding = self.overlap.map(latents, lambda x: (x, decoder.decode(x)), depth=decode_trail)
+            with closing(decoding) as decoded:
                 for index, (x, frames) in enumerate(decoded):
                     if writer is not None:
                         writer.write(frames)

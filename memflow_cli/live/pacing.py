@@ -3,8 +3,8 @@
 A frame plays at its due time: one frame period after the previous one, or when it is made if that is
 later, and then playback has stalled (the viewer saw a frozen picture). Playback starts once the first
 `PREROLL_CHUNKS` chunks are made, as a player buffers before it plays: the first chunk is short (9
-frames), and on CUDA a chunk's frames reach the clock only when the chunk after it is made, so with one
-chunk in hand the picture would stand still while the second is made and handed over.
+frames, 0.56 s), and the second one is the video's first prompt switch or warm-up at the earliest, so
+with one chunk in hand the picture could stand still while the second is made and handed over.
 
 Generation is paced against this clock (`Playback`): the next chunk starts once the video made but not
 played yet is down to `ahead` chunks, so a prompt typed now shows within about `ahead + 1` chunks; and

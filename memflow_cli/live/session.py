@@ -177,8 +177,8 @@ class LiveVideo:
     def _pace(self, chunk: int) -> None:
         """Wait until the pacer lets `chunk` start (or the session stops).
 
-        The chunks made before `chunk` but not on the clock yet are decoding (on CUDA decoding trails
-        generation) or held for the pre-roll; they reach the clock once this returns.
+        The chunks made before `chunk` but not on the clock yet are held for the pre-roll (the session's
+        stream hands each chunk out once it is decoded, before asking for the next one).
         """
         while not self.stopped.is_set():
             remaining = self.playback.start_time(chunk) - time.perf_counter()
@@ -226,7 +226,9 @@ def run_live(
         with engine.mp4_writer(request.target, overwrite=request.overwrite) as writer:
             try:
                 keep = keeper.save if keeper is not None else None
-                with closing(engine.stream(video, settings, request.seed, writer=writer, snapshots=keep)) as chunks:
+                # each chunk's frames out as soon as they are decoded: the next chunk waits for the clock
+                stream = engine.stream(video, settings, request.seed, writer=writer, snapshots=keep, decode_trail=0)
+                with closing(stream) as chunks:
                     for chunk in chunks:
                         assert chunk.frames is not None
                         made_at.append(time.perf_counter())
