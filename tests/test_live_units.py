@@ -411,7 +411,16 @@ def test_a_prompt_source_deciding_at_each_boundary_makes_what_the_same_script_ma
     assert not torch.equal(one_prompt(single), one_prompt(plain))  # the bank records otherwise: it matters
 
 
-def test_the_margin_is_the_time_between_chunks_against_a_chunks_video_time():
+def test_a_chunks_time_is_its_work_not_its_wait_for_the_clock():
+    """Paced chunks come out a chunk's duration apart; what they took to make is what the margin reads."""
+    playback: Playback[int] = Playback(fps=16, chunk_s=0.75, ahead=1)
+    for chunk, start in enumerate([0.0, 0.4, 1.0, 1.75, 2.5]):  # from the third on, each started by the clock
+        playback.started(start)
+        playback.made(chunk, 12, start + 0.3 + 0.1 * (chunk == 3))  # chunk 3 switches prompt: a re-cache more
+    assert playback.work_s == pytest.approx([0.3, 0.3, 0.3, 0.4, 0.3])
+
+
+def test_the_margin_is_the_time_a_chunk_takes_against_a_chunks_video_time():
     from memflow_cli.live.session import margin
 
     assert margin([0.5, 0.25, 0.6], 0.75) == {

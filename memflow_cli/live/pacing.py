@@ -107,6 +107,7 @@ class Playback(Generic[T]):
         self.clock = PlaybackClock(fps)
         self.chunk_s, self.ahead = chunk_s, ahead
         self._handovers: deque[float] = deque(maxlen=RECENT_CHUNKS)
+        self.work_s: list[float] = []  # per chunk, from its start (after its wait) to its frames out
         self._started: float | None = None
         self._held: list[tuple[T, int, float]] = []  # the pre-roll: (chunk, frames, when made)
         self.chunks_on_clock = 0
@@ -119,9 +120,10 @@ class Playback(Generic[T]):
         """A chunk's `frames` frames came out of the pipeline at `now`; returns what goes on the clock now
         (nothing while the pre-roll fills, then the held chunks too)."""
         if self._started is not None:
+            self.work_s.append(now - self._started)
             # longer than a chunk plays (a warm-up, a compile) is slower than real time there: no earlier
             # start would keep up, so it counts as a chunk's duration
-            self._handovers.append(min(now - self._started, self.chunk_s))
+            self._handovers.append(min(self.work_s[-1], self.chunk_s))
         self._held.append((item, frames, now))
         if self.clock.frames or len(self._held) >= PREROLL_CHUNKS:
             return self.finish(now)

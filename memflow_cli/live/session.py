@@ -117,7 +117,8 @@ class LiveResult:
     ended_by: str
     unused_prompts: tuple[str, ...] = ()  # arrived too late: the session ended before their chunk
     stalled_frames: tuple[tuple[int, float], ...] = ()  # (frame that came late, seconds the picture stood), first 100
-    chunk_times: tuple[float, ...] = ()  # seconds from one chunk's frames to the next's, after the first chunk
+    chunk_times: tuple[float, ...] = ()  # per chunk after the first: from its start (after its wait for the
+    # clock) to its frames out: generation, a switch's re-cache, the decode
 
     def latency_summary(self) -> dict[str, Any]:
         screen = [latency.to_screen_s for latency in self.latencies]
@@ -218,7 +219,6 @@ def run_live(
                        opening_source="script" if request.opening_script is not None else "prompt",
                        encode=lambda prompt: engine.prefetch([prompt], beside_render=True))  # fmt: skip
     started = time.perf_counter()
-    made_at: list[float] = []  # when each chunk's frames were ready
     with loop:
         video = LiveVideo(engine, request, reader, loop, playback, stopped)
         keeper = _snapshot_keeper(engine, request, video) if request.snapshots else None
@@ -231,8 +231,7 @@ def run_live(
                 with closing(stream) as chunks:
                     for chunk in chunks:
                         assert chunk.frames is not None
-                        made_at.append(time.perf_counter())
-                        _shown(events, playback, playback.made(chunk, len(chunk.frames), made_at[-1]))
+                        _shown(events, playback, playback.made(chunk, len(chunk.frames), time.perf_counter()))
                 _shown(events, playback, playback.finish(time.perf_counter()))  # shorter than the pre-roll
                 stopped.finishing = True  # from here on a signal does not cut the files short
             except KeyboardInterrupt:
@@ -240,7 +239,7 @@ def run_live(
         seconds = time.perf_counter() - started
         record: SessionRecord = ask(loop, SessionEnded)
         # 2. the replay script and the sidecar, the loop still reporting (a signal now is answered)
-        return _write_down(engine, request, settings, video, playback, record, keeper, started, seconds, made_at)
+        return _write_down(engine, request, settings, video, playback, record, keeper, started, seconds)
 
 
 def _shown(events: EventQueue, playback: Playback[Chunk], shown: list[OnClock[Chunk]]) -> None:
@@ -256,7 +255,7 @@ def _shown(events: EventQueue, playback: Playback[Chunk], shown: list[OnClock[Ch
 
 def _write_down(engine: Engine, request: LiveRequest, settings: GenerationSettings, video: LiveVideo,
                 playback: Playback[Chunk], record: SessionRecord, keeper: SnapshotKeeper | None, started: float,
-                seconds: float, made_at: list[float]) -> LiveResult:  # fmt: skip
+                seconds: float) -> LiveResult:  # fmt: skip
     """The replay script, read back as `render` will read it, then the sidecar."""
     clock = playback.clock
     made = playback.chunks_on_clock
@@ -274,7 +273,7 @@ def _write_down(engine: Engine, request: LiveRequest, settings: GenerationSettin
         stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=record.slower_than_real_time,
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=record.ended_by or "duration", unused_prompts=record.unused_prompts,
-        chunk_times=tuple(later - earlier for earlier, later in zip(made_at[1:], made_at[2:], strict=False)),
+        chunk_times=tuple(playback.work_s[1:]),
     )  # fmt: skip
     kept = keeper.finish() if keeper is not None else None
     if keeper is None:
@@ -323,9 +322,10 @@ def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: Gene
 
 
 def margin(chunk_times: Sequence[float], chunk_seconds: float) -> dict[str, float | int | None]:
-    """How close the session ran to real time: the time between one chunk's frames and the next's (the first
-    chunk, which carries the warm-up, left out) against the video time a chunk holds. A ratio below 1 is faster
-    than real time; the margin is what a prompt switch or a slower chunk may take before playback stalls."""
+    """How close the session ran to real time: the time each chunk took to make (from its start, after any wait
+    for the viewer's clock, to its frames out; the first chunk, which carries the warm-up, left out) against the
+    video time a chunk holds. A ratio below 1 is faster than real time; 1 - ratio is the share of a chunk's
+    playing time left for a prompt switch, a slower chunk or the machine's other work before playback stalls."""
     times = sorted(chunk_times)
     if not times:
         return {"chunks": 0, "chunk_duration_s": chunk_seconds, "chunk_s_median": None, "chunk_s_max": None,
