@@ -8,8 +8,9 @@ with one chunk in hand the picture could stand still while the second is made an
 
 Generation is paced against this clock (`Playback`): the next chunk starts once the video made but not
 played yet is down to `ahead` chunks, so a prompt typed now shows within about `ahead + 1` chunks; and
-never later than the time it takes to get frames to the clock (measured on the last few chunks) before
-playback would run dry, whatever `ahead` says. Where playback runs dry anyway (a machine slower than
+never later than the time it takes to get frames to the clock (measured on the last few chunks and on
+the latest prompt switch, whose re-cache makes its chunk the longest) before playback would run dry,
+whatever `ahead` says. Where playback runs dry anyway (a machine slower than
 real time) a chunk starts at once.
 """
 
@@ -108,6 +109,8 @@ class Playback(Generic[T]):
         self.chunk_s, self.ahead = chunk_s, ahead
         self._handovers: deque[float] = deque(maxlen=RECENT_CHUNKS)
         self.work_s: list[float] = []  # per chunk, from its start (after its wait) to its frames out
+        self._switching = False  # the chunk in the making starts a new prompt
+        self._switch_handover_s = 0.0  # the latest switch's handover time: a re-cache pass more than a chunk
         self._started: float | None = None
         self._held: list[tuple[T, int, float]] = []  # the pre-roll: (chunk, frames, when made)
         self.chunks_on_clock = 0
@@ -115,6 +118,10 @@ class Playback(Generic[T]):
     def started(self, now: float) -> None:
         """A chunk starts (after its wait)."""
         self._started = now
+
+    def switching(self) -> None:
+        """The chunk that started switches to a new prompt (its re-cache makes it longer than the others)."""
+        self._switching = True
 
     def made(self, item: T, frames: int, now: float) -> list[OnClock[T]]:
         """A chunk's `frames` frames came out of the pipeline at `now`; returns what goes on the clock now
@@ -124,6 +131,9 @@ class Playback(Generic[T]):
             # longer than a chunk plays (a warm-up, a compile) is slower than real time there: no earlier
             # start would keep up, so it counts as a chunk's duration
             self._handovers.append(min(self.work_s[-1], self.chunk_s))
+            if self._switching:
+                self._switch_handover_s = self._handovers[-1]
+        self._switching = False
         self._held.append((item, frames, now))
         if self.clock.frames or len(self._held) >= PREROLL_CHUNKS:
             return self.finish(now)
@@ -141,8 +151,9 @@ class Playback(Generic[T]):
 
     @property
     def handover_s(self) -> float:
-        """The longest handover time of the recent chunks (0 before the first)."""
-        return max(self._handovers, default=0.0)
+        """The longest handover time of the recent chunks and of the latest prompt switch (0 before the first
+        chunk): whether the next chunk switches is known only once it starts, so the pace allows for it."""
+        return max(max(self._handovers, default=0.0), self._switch_handover_s)
 
     def start_time(self, chunk: int) -> float:
         """When chunk `chunk` may start: the chunks before it that are not on the clock yet are made (decoding

@@ -170,6 +170,8 @@ class LiveVideo:
         self.reader.sync()  # the lines written before this boundary are on the queue before the question
         segment: LiveSegment | None = ask(self.loop, lambda answer: ChunkBoundary(chunk, answer))
         if segment is not None:
+            if chunk > 0:
+                self.playback.switching()
             self._embeds = self.engine.embeddings([segment.prompt])[0]  # held for the segment's chunks
             self.segments.append(segment)
             self._starts.append(chunk)
