@@ -33,7 +33,7 @@ from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import BoundaryState, MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
-from .merged_cache import MergedCache, MergedCacheSettings
+from .merged_cache import CONVERTED_VAE, MERGED_TRANSFORMER, CachedKind, MergedCache, MergedCacheSettings
 from .model.build import build_transformer
 from .model.transformer import CausalWanTransformer
 from .mp4 import Mp4Writer
@@ -442,29 +442,30 @@ def _fast_path(config: TransformerConfig, device: torch.device, speed: Speed) ->
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:
-    """The real weights. Three things load at once: on one background thread diffusers and transformers are
-    imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
-    (unless they are cached) once those libraries are in; here the transformer loads."""
+    """The real weights. Three things load at once: on one background thread diffusers is imported (seconds),
+    then the VAE loads; on another the text encoder loads and encodes the first prompts once diffusers is in
+    (never where they are all cached: then transformers' text-encoder modules are not even imported); here
+    the transformer loads."""
     from . import weights
     from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
 
     dev, dtype = loading.device, loading.dtype
     files = weights.resolve_model(model)
-    merged_cache = _merged_cache()
+    merged_cache, vae_cache = _state_cache(MERGED_TRANSFORMER), _state_cache(CONVERTED_VAE)
     key = None if merged_cache is None else merge_key(files.base, files.lora, lora, dtype)
     # the kernel reads ahead while Python gets ready: the merged transformer where it is cached, else both files
     cached = key is not None and merged_cache.path(key).is_file()
     checkpoints = (merged_cache.path(key),) if cached else (files.base, files.lora)
-    prefetch_files(*checkpoints, files.vae)
+    prefetch_files(*checkpoints, weights.converted_vae_file(files.vae, dtype, vae_cache))
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
     with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
-        libraries = pool.submit(_import_model_libraries)  # one thread imports them: never two at once
+        diffusers = pool.submit(_import_vae_library)  # first, alone: two threads never import at once
 
         def load_text_encoder() -> PromptEncoder:
-            libraries.result()
+            diffusers.result()
             return weights.load_text_encoder(files, dev, dtype, config.text_len)
 
         prompts = loading.prompt_embeddings(
@@ -473,7 +474,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )  # fmt: skip
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
-        vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
+        vae = pool.submit(weights.load_vae, files.vae, dev, dtype, cache=vae_cache)
         loaded = read_transformer(
             files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=merged_cache
         )
@@ -492,17 +493,19 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     return engine
 
 
-def _merged_cache() -> MergedCache | None:
-    """The merged-transformer cache the environment asks for (None: turned off)."""
-    settings = MergedCacheSettings.from_environment()
+def _state_cache(kind: CachedKind) -> MergedCache | None:
+    """The cache of merged transformers or converted VAEs the environment asks for (None: turned off)."""
+    settings = MergedCacheSettings.from_environment(kind=kind)
     return MergedCache(settings) if settings.enabled else None
 
 
-def _import_model_libraries() -> None:
-    """Import what loading the VAE and the text encoder needs of diffusers and transformers."""
-    import diffusers.loaders.single_file_utils  # noqa: F401
+def _import_vae_library() -> None:
+    """Import diffusers' Wan VAE: seconds of the GIL (it imports torch's dynamo and transformers' core too).
+
+    Its module is imported by the package's own `autoencoders` and `loaders`, whichever name is asked, so
+    the short name costs no more. transformers' text-encoder modules are left to the text encoder's load.
+    """
     from diffusers import AutoencoderKLWan  # noqa: F401
-    from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
 
 
 def _text_encoder_files(identity: dict[str, Any]) -> list[dict[str, Any]]:

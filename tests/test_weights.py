@@ -598,8 +598,8 @@ def write_runnable_official(root: Path, tokenizer, umt5, vae, monkeypatch) -> Pa
     """The official layout with a tiny transformer that fits the tiny umT5 (its config.json says so); the
     engine reads the tiny VAE with its config (the original file has none: the engine assumes Wan2.1's)."""
     real_load_vae = weights.load_vae
-    monkeypatch.setattr(weights, "load_vae", lambda path, device, dtype: real_load_vae(path, device, dtype,
-                                                                                        TINY_VAE_CONFIG))
+    monkeypatch.setattr(weights, "load_vae", lambda path, device, dtype, cache=None: real_load_vae(
+        path, device, dtype, TINY_VAE_CONFIG, cache))
     from memflow_cli.demo import DEMO_TEXT_LEN, DEMO_TRANSFORMER
     from memflow_cli.model.transformer import CausalWanTransformer
 
