@@ -122,7 +122,7 @@ class Engine:
 
     transformer: CausalWanTransformer
     prompts: PromptEmbeddings  # prompt -> embeddings; the text encoder is loaded there on first need
-    vae: AutoencoderKLWan
+    vae: AutoencoderKLWan | None  # None where the TAEHV decoder decodes instead (`--decoder tae`): never loaded
     geometry: VideoGeometry
     device: torch.device
     name: str  # for reports: "demo", "random-weights 1.3B", "weights <folder>"
@@ -137,7 +137,8 @@ class Engine:
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
 
     def __post_init__(self) -> None:
-        self.fast.prepare_vae(self.vae)
+        if self.vae is not None:
+            self.fast.prepare_vae(self.vae)
         self.overlap = Overlap(self.device)
 
     @property
@@ -145,9 +146,10 @@ class Engine:
         return next(self.transformer.parameters()).dtype
 
     def decode_on(self, device: torch.device) -> None:
-        """Decode on `device` from now on: the VAE moves there, and so do the decode worker's stream."""
-        self.vae = self.vae.to(device, model_dtype(device))
-        self.fast.prepare_vae(self.vae)
+        """Decode on `device` from now on: the decoder moves there, and so do the decode worker's stream."""
+        if self.vae is not None:
+            self.vae = self.vae.to(device, model_dtype(device))
+            self.fast.prepare_vae(self.vae)
         if self.tae is not None:
             self.tae = self.tae.to(device, model_dtype(device))
         self.overlap.close()
@@ -166,6 +168,8 @@ class Engine:
             from .tae import StreamingTaeDecoder
 
             return StreamingTaeDecoder(self.tae)
+        if self.vae is None:
+            raise ValueError("this engine was loaded for the TAEHV decoder and has no Wan VAE")
         kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
         return StreamingDecoder(self.vae, kernels=kernels)
 
@@ -348,7 +352,7 @@ def load_engine(
     encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
     (True: from the environment, `EmbedCacheSettings.from_environment`; False: no cache on disk).
     `decoder` names the decoder (`--decoder tae`: the TAEHV preview decoder, random for the demo and random
-    models, else the `taew2_1` file).
+    models, else the `taew2_1` file); the Wan VAE is then not loaded, nor diffusers imported.
     """
     import_s, started = since_process_start(), time.perf_counter()
     source = ModelSource.parse(model)
@@ -360,7 +364,7 @@ def load_engine(
     if embed_cache is True:
         embed_cache = EmbedCacheSettings.from_environment()
     speed = Speed(None if compile is None else compile.compile, fp8, glue=compile is not None and compile.glue)
-    loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
+    loading = _Loading(dev, speed, embed_cache or None, tuple(prompts), wan_vae=not decoder.is_tae)
     engine = _engine(source, lora, loading, full_text_encoder)
     with ExitStack() as failed:
         failed.callback(engine.close)
@@ -391,6 +395,7 @@ class _Loading:
     speed: Speed
     embed_cache: EmbedCacheSettings | None  # None: no prompt-embedding cache on disk
     prompts: tuple[str, ...]  # prepared while the model loads
+    wan_vae: bool = True  # the Wan VAE decodes (False: the TAEHV decoder does, and the VAE is not loaded)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -445,7 +450,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     """The real weights. Three things load at once: on one background thread diffusers is imported (seconds),
     then the VAE loads; on another the text encoder loads and encodes the first prompts once diffusers is in
     (never where they are all cached: then transformers' text-encoder modules are not even imported); here
-    the transformer loads."""
+    the transformer loads. Where the TAEHV decoder decodes, the VAE is not loaded and diffusers not imported."""
     from . import weights
     from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
@@ -457,15 +462,18 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     # the kernel reads ahead while Python gets ready: the merged transformer where it is cached, else both files
     cached = key is not None and merged_cache.path(key).is_file()
     checkpoints = (merged_cache.path(key),) if cached else (files.base, files.lora)
-    prefetch_files(*checkpoints, weights.converted_vae_file(files.vae, dtype, vae_cache))
+    vae_file = weights.converted_vae_file(files.vae, dtype, vae_cache) if loading.wan_vae else None
+    prefetch_files(*checkpoints, vae_file)
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
     with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
-        diffusers = pool.submit(_import_vae_library)  # first, alone: two threads never import at once
+        # diffusers first, alone: two threads never import at once
+        diffusers = pool.submit(_import_vae_library) if loading.wan_vae else None
 
         def load_text_encoder() -> PromptEncoder:
-            diffusers.result()
+            if diffusers is not None:
+                diffusers.result()
             return weights.load_text_encoder(files, dev, dtype, config.text_len)
 
         prompts = loading.prompt_embeddings(
@@ -474,7 +482,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )  # fmt: skip
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
-        vae = pool.submit(weights.load_vae, files.vae, dev, dtype, cache=vae_cache)
+        vae = pool.submit(weights.load_vae, files.vae, dev, dtype, cache=vae_cache) if loading.wan_vae else None
         loaded = read_transformer(
             files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=merged_cache
         )
@@ -482,7 +490,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         engine = Engine(
             transformer=loaded.model,
             prompts=prompts,
-            vae=vae.result(),
+            vae=None if vae is None else vae.result(),
             geometry=VideoGeometry(),
             device=dev,
             name=f"weights {model or 'HF cache'}",
@@ -526,7 +534,7 @@ def _demo_engine(loading: _Loading) -> Engine:
         weights = CausalWanTransformer(demo.DEMO_TRANSFORMER).state_dict()
     state = {name: tensor.to(device, model_dtype(device)) for name, tensor in weights.items()}
     transformer = build_transformer(demo.DEMO_TRANSFORMER, state, fast.kernels)
-    vae = demo.build_demo_vae().to(device, model_dtype(device))
+    vae = demo.build_demo_vae().to(device, model_dtype(device)) if loading.wan_vae else None
     prompts = loading.prompt_embeddings(
         demo.build_demo_text_encoder, DEMO, torch.float32,
         model=DEMO, memflow=__version__, transformers=version("transformers"), text_len=demo.DEMO_TEXT_LEN,
@@ -553,7 +561,7 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
 
     device, dtype = loading.device, loading.dtype
     fast = _fast_path(WAN_1_3B, device, loading.speed)
-    vae = random_vae(device, dtype)  # seeded from the global generator: before the text encoder's thread starts
+    vae = random_vae(device, dtype) if loading.wan_vae else None  # before the text encoder's thread starts
     if full_text_encoder:
         prompts = loading.prompt_embeddings(
             lambda: random_text_encoder(device, dtype, max_length=WAN_1_3B.text_len), "random-weights 1.3B", dtype,

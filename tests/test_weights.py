@@ -741,6 +741,24 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
         assert engine.prompts.encoded_prompts == 1  # another text encoder: nothing of the old one's is used
 
 
+def test_with_the_taehv_decoder_the_weights_engine_loads_no_vae(tmp_path, tokenizer, umt5, vae, monkeypatch):
+    from memflow_cli.decoders import DecoderChoice, DecoderRequest
+    from memflow_cli.engine import load_engine
+    from memflow_cli.settings import LoraSettings
+    from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, random_released_state
+
+    root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
+    tae = tmp_path / "taew2_1.pth"
+    torch.save({key: t.half() for key, t in random_released_state(TAEW2_1, seed=3).items()}, tae)
+    monkeypatch.setattr(weights, "load_vae", no_conversion)  # the VAE is never read
+    request = DecoderRequest(DecoderChoice.TAE, tae)
+    with load_engine(str(root), "cpu", LoraSettings(rank=2, alpha=2.0), prompts=PROMPTS, decoder=request) as engine:
+        assert engine.vae is None and engine.decoder is DecoderChoice.TAE
+        assert isinstance(engine.streaming_decoder(), StreamingTaeDecoder)
+        assert engine.prompts.encoded_prompts == 2  # the text encoder loads without diffusers' import before it
+    assert not (cache_root() / "vae").exists()
+
+
 def test_a_text_encoder_that_cannot_load_fails_the_engine_load_with_its_file_named(
     tmp_path, tokenizer, umt5, vae, monkeypatch
 ):
