@@ -185,7 +185,7 @@ def _timed_run(
                     _sync(device)
                     first_frame_s = time.perf_counter() - start
         _sync(device)
-        _sync(engine.vae.device)
+        _sync(engine.decode_device or device)  # the decoder's, where it is another device
     total = time.perf_counter() - start
     if cuda:
         chunk_ms = [events[i].elapsed_time(events[i + 1]) for i in range(chunks)]

@@ -11,6 +11,7 @@ sizes are read before any argument is checked.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from memflow_cli.settings import TransformerConfig, VideoGeometry
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, UMT5Config
 
     from memflow_cli.tae import TaehvDecoder
@@ -83,8 +85,23 @@ between, behind, beside, near, far, up, down, left, right, then, now, still, aga
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained here on `_CORPUS`: no unknown text, pad id 0, EOS appended."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_demo_bpe(), pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=DEMO_TEXT_LEN
+    )
+
+
+def demo_token_counter() -> Callable[[str], int]:
+    """Tokens of a prompt as the demo text encoder reads it, EOS included, as `build_demo_tokenizer` counts
+    them, with the `tokenizers` library alone: counting costs no transformers import."""
+    tokenizer = _demo_bpe()
+    return lambda text: len(tokenizer.encode(text).ids)
+
+
+def _demo_bpe() -> Tokenizer:
+    """The demo tokenizer's `tokenizers` model: byte-level BPE trained on `_CORPUS`, EOS appended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFKC()
@@ -101,9 +118,7 @@ def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, eos_id)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=DEMO_TEXT_LEN
-    )
+    return tokenizer
 
 
 def demo_text_encoder_config(vocab_size: int) -> UMT5Config:

@@ -33,7 +33,7 @@ from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
 from .generator import BoundaryState, MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
-from .merged_cache import MergedCache, MergedCacheSettings
+from .merged_cache import CONVERTED_VAE, MERGED_TRANSFORMER, CachedKind, MergedCache, MergedCacheSettings
 from .model.build import build_transformer
 from .model.transformer import CausalWanTransformer
 from .mp4 import Mp4Writer
@@ -122,7 +122,7 @@ class Engine:
 
     transformer: CausalWanTransformer
     prompts: PromptEmbeddings  # prompt -> embeddings; the text encoder is loaded there on first need
-    vae: AutoencoderKLWan
+    vae: AutoencoderKLWan | None  # None where the TAEHV decoder decodes instead (`--decoder tae`): never loaded
     geometry: VideoGeometry
     device: torch.device
     name: str  # for reports: "demo", "random-weights 1.3B", "weights <folder>"
@@ -137,7 +137,8 @@ class Engine:
     overlap: Overlap = field(init=False)  # the decode worker and its side stream
 
     def __post_init__(self) -> None:
-        self.fast.prepare_vae(self.vae)
+        if self.vae is not None:
+            self.fast.prepare_vae(self.vae)
         self.overlap = Overlap(self.device)
 
     @property
@@ -145,9 +146,10 @@ class Engine:
         return next(self.transformer.parameters()).dtype
 
     def decode_on(self, device: torch.device) -> None:
-        """Decode on `device` from now on: the VAE moves there, and so do the decode worker's stream."""
-        self.vae = self.vae.to(device, model_dtype(device))
-        self.fast.prepare_vae(self.vae)
+        """Decode on `device` from now on: the decoder moves there, and so do the decode worker's stream."""
+        if self.vae is not None:
+            self.vae = self.vae.to(device, model_dtype(device))
+            self.fast.prepare_vae(self.vae)
         if self.tae is not None:
             self.tae = self.tae.to(device, model_dtype(device))
         self.overlap.close()
@@ -166,6 +168,8 @@ class Engine:
             from .tae import StreamingTaeDecoder
 
             return StreamingTaeDecoder(self.tae)
+        if self.vae is None:
+            raise ValueError("this engine was loaded for the TAEHV decoder and has no Wan VAE")
         kernels = self.fast.decoder_kernels if self.vae.device.type == self.device.type else PLAIN_DECODER_KERNELS
         return StreamingDecoder(self.vae, kernels=kernels)
 
@@ -353,7 +357,7 @@ def load_engine(
     encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
     (True: from the environment, `EmbedCacheSettings.from_environment`; False: no cache on disk).
     `decoder` names the decoder (`--decoder tae`: the TAEHV preview decoder, random for the demo and random
-    models, else the `taew2_1` file).
+    models, else the `taew2_1` file); the Wan VAE is then not loaded, nor diffusers imported.
     """
     import_s, started = since_process_start(), time.perf_counter()
     source = ModelSource.parse(model)
@@ -365,7 +369,7 @@ def load_engine(
     if embed_cache is True:
         embed_cache = EmbedCacheSettings.from_environment()
     speed = Speed(None if compile is None else compile.compile, fp8, glue=compile is not None and compile.glue)
-    loading = _Loading(dev, speed, embed_cache or None, tuple(prompts))
+    loading = _Loading(dev, speed, embed_cache or None, tuple(prompts), wan_vae=not decoder.is_tae)
     engine = _engine(source, lora, loading, full_text_encoder)
     with ExitStack() as failed:
         failed.callback(engine.close)
@@ -396,6 +400,7 @@ class _Loading:
     speed: Speed
     embed_cache: EmbedCacheSettings | None  # None: no prompt-embedding cache on disk
     prompts: tuple[str, ...]  # prepared while the model loads
+    wan_vae: bool = True  # the Wan VAE decodes (False: the TAEHV decoder does, and the VAE is not loaded)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -447,29 +452,33 @@ def _fast_path(config: TransformerConfig, device: torch.device, speed: Speed) ->
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:
-    """The real weights. Three things load at once: on one background thread diffusers and transformers are
-    imported (seconds), then the VAE loads; on another the text encoder loads and encodes the first prompts
-    (unless they are cached) once those libraries are in; here the transformer loads."""
+    """The real weights. Three things load at once: on one background thread diffusers is imported (seconds),
+    then the VAE loads; on another the text encoder loads and encodes the first prompts once diffusers is in
+    (never where they are all cached: then transformers' text-encoder modules are not even imported); here
+    the transformer loads. Where the TAEHV decoder decodes, the VAE is not loaded and diffusers not imported."""
     from . import weights
     from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
 
     dev, dtype = loading.device, loading.dtype
     files = weights.resolve_model(model)
-    merged_cache = _merged_cache()
+    merged_cache, vae_cache = _state_cache(MERGED_TRANSFORMER), _state_cache(CONVERTED_VAE)
     key = None if merged_cache is None else merge_key(files.base, files.lora, lora, dtype)
     # the kernel reads ahead while Python gets ready: the merged transformer where it is cached, else both files
     cached = key is not None and merged_cache.path(key).is_file()
     checkpoints = (merged_cache.path(key),) if cached else (files.base, files.lora)
-    prefetch_files(*checkpoints, files.vae)
+    vae_file = weights.converted_vae_file(files.vae, dtype, vae_cache) if loading.wan_vae else None
+    prefetch_files(*checkpoints, vae_file)
     config = read_transformer_config(files.transformer_config)
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
     with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
-        libraries = pool.submit(_import_model_libraries)  # one thread imports them: never two at once
+        # diffusers first, alone: two threads never import at once
+        diffusers = pool.submit(_import_vae_library) if loading.wan_vae else None
 
         def load_text_encoder() -> PromptEncoder:
-            libraries.result()
+            if diffusers is not None:
+                diffusers.result()
             return weights.load_text_encoder(files, dev, dtype, config.text_len)
 
         prompts = loading.prompt_embeddings(
@@ -478,7 +487,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         )  # fmt: skip
         failed.callback(prompts.close)
         prompts.prefetch(loading.prompts)
-        vae = pool.submit(weights.load_vae, files.vae, dev, dtype)
+        vae = pool.submit(weights.load_vae, files.vae, dev, dtype, cache=vae_cache) if loading.wan_vae else None
         loaded = read_transformer(
             files.base, files.lora, config, lora, device=dev, dtype=dtype, kernels=fast.kernels, cache=merged_cache
         )
@@ -486,7 +495,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
         engine = Engine(
             transformer=loaded.model,
             prompts=prompts,
-            vae=vae.result(),
+            vae=None if vae is None else vae.result(),
             geometry=VideoGeometry(),
             device=dev,
             name=f"weights {model or 'HF cache'}",
@@ -497,17 +506,19 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     return engine
 
 
-def _merged_cache() -> MergedCache | None:
-    """The merged-transformer cache the environment asks for (None: turned off)."""
-    settings = MergedCacheSettings.from_environment()
+def _state_cache(kind: CachedKind) -> MergedCache | None:
+    """The cache of merged transformers or converted VAEs the environment asks for (None: turned off)."""
+    settings = MergedCacheSettings.from_environment(kind=kind)
     return MergedCache(settings) if settings.enabled else None
 
 
-def _import_model_libraries() -> None:
-    """Import what loading the VAE and the text encoder needs of diffusers and transformers."""
-    import diffusers.loaders.single_file_utils  # noqa: F401
+def _import_vae_library() -> None:
+    """Import diffusers' Wan VAE: seconds of the GIL (it imports torch's dynamo and transformers' core too).
+
+    Its module is imported by the package's own `autoencoders` and `loaders`, whichever name is asked, so
+    the short name costs no more. transformers' text-encoder modules are left to the text encoder's load.
+    """
     from diffusers import AutoencoderKLWan  # noqa: F401
-    from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
 
 
 def _text_encoder_files(identity: dict[str, Any]) -> list[dict[str, Any]]:
@@ -528,7 +539,7 @@ def _demo_engine(loading: _Loading) -> Engine:
         weights = CausalWanTransformer(demo.DEMO_TRANSFORMER).state_dict()
     state = {name: tensor.to(device, model_dtype(device)) for name, tensor in weights.items()}
     transformer = build_transformer(demo.DEMO_TRANSFORMER, state, fast.kernels)
-    vae = demo.build_demo_vae().to(device, model_dtype(device))
+    vae = demo.build_demo_vae().to(device, model_dtype(device)) if loading.wan_vae else None
     prompts = loading.prompt_embeddings(
         demo.build_demo_text_encoder, DEMO, torch.float32,
         model=DEMO, memflow=__version__, transformers=version("transformers"), text_len=demo.DEMO_TEXT_LEN,
@@ -555,7 +566,7 @@ def _random_engine(loading: _Loading, full_text_encoder: bool = False) -> Engine
 
     device, dtype = loading.device, loading.dtype
     fast = _fast_path(WAN_1_3B, device, loading.speed)
-    vae = random_vae(device, dtype)  # seeded from the global generator: before the text encoder's thread starts
+    vae = random_vae(device, dtype) if loading.wan_vae else None  # before the text encoder's thread starts
     if full_text_encoder:
         prompts = loading.prompt_embeddings(
             lambda: random_text_encoder(device, dtype, max_length=WAN_1_3B.text_len), "random-weights 1.3B", dtype,

@@ -1,11 +1,13 @@
-"""The merged-transformer cache on disk: `base.pt` with `lora.pt` merged in, kept so that the merge runs once.
+"""State dicts kept on disk so that a load does its work once: the merged transformer (`base.pt` with
+`lora.pt` merged in) and the converted VAE (`Wan2.1_VAE.pth` in diffusers' names).
 
 Merging the LoRA is most of a load (a float32 `B @ A` and an add for every adapted Linear, on the CPU). The
 merged state dict, in the dtype the model runs (bf16 on CUDA, float32 on the CPU), is written once as
 safetensors and read back straight to the device by later loads:
 
     $MEMFLOW_CACHE_DIR (else $XDG_CACHE_HOME/memflow, else ~/.cache/memflow)
-        merged/<sha256 of the key>.safetensors
+        merged/<sha256 of the key>.safetensors     the merged transformer (`MergeKey`)
+        vae/<sha256 of the key>.safetensors        the converted VAE (`ConvertKey`)
 
 The key (`MergeKey`) is what the merged values depend on: the fingerprints of `base.pt` and `lora.pt`
 (`weights.identity.file_fingerprint`: size, first and last MiB), the LoRA settings, the dtype and the
@@ -14,6 +16,12 @@ cut short, of another format or key, or whose tensors are not the transformer's 
 warning and written again; a folder that cannot be written costs one warning and the load goes on. Files
 are written to a temporary name and renamed, and only the `keep` most recently used stay (about 2.6 GiB
 each for the 1.3B model in bf16). Deleting the folder is always safe: the next load merges again.
+
+The original `Wan2.1_VAE.pth` is kept the same way, converted by diffusers' converter and cast to the
+model's dtype (0.25 GiB in bf16): a later load reads it without the pickle, the conversion or the cast.
+Its key (`ConvertKey`) is the file's fingerprint, the VAE's configuration, the dtype and the converter's
+version (diffusers'); its folder keeps as many files as the merged transformer's (one setting, `CachedKind`
+says which folder and format).
 """
 
 from __future__ import annotations
@@ -35,25 +43,32 @@ from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, 
 
 log = logging.getLogger(__name__)
 
-FORMAT = "memflow-merged-transformer"
 # memflow's merge: W + (alpha / rank) * (B @ A) in float32, rounded to the base's dtype, then to the model's.
 # A change to that arithmetic must change this number, so that no earlier file is read.
 MERGE_VERSION = 1
+# memflow's conversion of the original VAE: diffusers' converter, then a cast to the model's dtype.
+CONVERT_VERSION = 1
 SUFFIX = ".safetensors"
 KEEP_ENV = "MEMFLOW_MERGED_CACHE_FILES"
 DEFAULT_KEEP = 2
 
 
 @dataclass(frozen=True)
-class MergeKey:
-    """What the merged weights depend on; two loads with equal keys merge to the same values."""
+class CachedKind:
+    """One kind of state dict the cache keeps: its folder, its files' format and what a load does without it."""
 
-    base: str  # fingerprint of base.pt
-    lora: str  # fingerprint of lora.pt
-    rank: int | None  # the LoRA settings (None: the file's rank)
-    alpha: float
-    dtype: str  # e.g. "bfloat16"
-    merge: int = MERGE_VERSION
+    folder: str  # under `cache_root()`
+    format: str  # in every file's header
+    label: str  # for messages: "merged-transformer"
+    remade: str  # what a load does when the file is not usable: "the LoRA is merged"
+
+
+MERGED_TRANSFORMER = CachedKind("merged", "memflow-merged-transformer", "merged-transformer", "the LoRA is merged")
+CONVERTED_VAE = CachedKind("vae", "memflow-converted-vae", "converted-VAE", "the VAE file is converted")
+
+
+class _Key:
+    """A key's text (stored in its file's header) and its file's name (the text's sha256)."""
 
     @property
     def text(self) -> str:
@@ -65,48 +80,76 @@ class MergeKey:
 
 
 @dataclass(frozen=True)
+class MergeKey(_Key):
+    """What the merged weights depend on; two loads with equal keys merge to the same values."""
+
+    base: str  # fingerprint of base.pt
+    lora: str  # fingerprint of lora.pt
+    rank: int | None  # the LoRA settings (None: the file's rank)
+    alpha: float
+    dtype: str  # e.g. "bfloat16"
+    merge: int = MERGE_VERSION
+
+
+@dataclass(frozen=True)
+class ConvertKey(_Key):
+    """What the converted VAE depends on; two loads with equal keys convert to the same values."""
+
+    vae: str  # fingerprint of Wan2.1_VAE.pth
+    config: str  # the AutoencoderKLWan arguments, as JSON
+    dtype: str  # e.g. "bfloat16"
+    converter: str  # diffusers' version: its converter names the tensors
+    convert: int = CONVERT_VERSION
+
+
+@dataclass(frozen=True)
 class MergedCacheSettings:
-    """Where merged transformers are kept and how many files at most (0: none, the merge runs every load)."""
+    """Where a kind of state dict is kept and how many files at most (0: none, the work is done every load)."""
 
     folder: Path
     keep: int = DEFAULT_KEEP
+    kind: CachedKind = MERGED_TRANSFORMER
 
     @property
     def enabled(self) -> bool:
         return self.keep > 0
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> MergedCacheSettings:
-        """`merged/` of `cache_root()`, keeping `$MEMFLOW_MERGED_CACHE_FILES` files (default 2; 0 turns it off)."""
-        folder = cache_root(environ) / "merged"
+    def from_environment(
+        cls, environ: Mapping[str, str] = os.environ, kind: CachedKind = MERGED_TRANSFORMER
+    ) -> MergedCacheSettings:
+        """`kind`'s folder of `cache_root()` (`merged/`), keeping `$MEMFLOW_MERGED_CACHE_FILES` files (default 2;
+        0 turns it off)."""
+        folder = cache_root(environ) / kind.folder
         raw = environ.get(KEEP_ENV, "").strip()
         if not raw:
-            return cls(folder)
+            return cls(folder, kind=kind)
         if not raw.isdigit():
             log.warning(
-                "%s=%r is not a whole number of files (like 2; 0 turns the cache off): the merged-transformer "
-                "cache keeps its default of %d files", KEEP_ENV, raw, DEFAULT_KEEP,
+                "%s=%r is not a whole number of files (like 2; 0 turns the cache off): the %s "
+                "cache keeps its default of %d files", KEEP_ENV, raw, kind.label, DEFAULT_KEEP,
             )  # fmt: skip
-            return cls(folder)
-        return cls(folder, int(raw))
+            return cls(folder, kind=kind)
+        return cls(folder, int(raw), kind)
 
 
 class MergedCache:
-    """Merged transformer state dicts on disk, one file per `MergeKey`."""
+    """State dicts of one kind (the merged transformer, the converted VAE) on disk, one file per key."""
 
     def __init__(self, settings: MergedCacheSettings):
         self.folder = settings.folder
         self.keep = settings.keep
+        self.kind = settings.kind
 
-    def path(self, key: MergeKey) -> Path:
+    def path(self, key: MergeKey | ConvertKey) -> Path:
         return self.folder / key.file_name
 
     def get(
-        self, key: MergeKey, shapes: Mapping[str, tuple[int, ...]], device: torch.device
+        self, key: MergeKey | ConvertKey, shapes: Mapping[str, tuple[int, ...]], device: torch.device
     ) -> dict[str, torch.Tensor] | None:
-        """The merged state dict of `key` on `device`, or None: not cached, or not usable (warned).
+        """The state dict of `key` on `device`, or None: not cached, or not usable (warned).
 
-        `shapes` are the transformer's tensors (name -> shape): a file that holds anything else is not used.
+        `shapes` are the model's tensors (name -> shape): a file that holds anything else is not used.
         """
         path = self.path(key)
         if not path.is_file():
@@ -114,24 +157,25 @@ class MergedCache:
         try:
             state = self._read(path, key, shapes, device)
         except ValueError as problem:
-            log.warning("ignored the cached merged transformer %s (%s): the LoRA is merged again", path, problem)
+            kind = self.kind
+            log.warning("ignored the cached %s file %s (%s): %s again", kind.label, path, problem, kind.remade)
             return None
         touch(path)  # recently used: evicted last
         return state
 
     def _read(
-        self, path: Path, key: MergeKey, shapes: Mapping[str, tuple[int, ...]], device: torch.device
+        self, path: Path, key: MergeKey | ConvertKey, shapes: Mapping[str, tuple[int, ...]], device: torch.device
     ) -> dict[str, torch.Tensor]:
         try:
             with safe_open(path, framework="pt", device=str(device)) as file:
                 metadata = file.metadata() or {}
-                if metadata.get("format") != FORMAT:
-                    raise ValueError("not a memflow merged-transformer file")
+                if metadata.get("format") != self.kind.format:
+                    raise ValueError(f"not a memflow {self.kind.label} file")
                 if metadata.get("key") != key.text:
                     raise ValueError("made from other files or settings")
                 names = set(file.keys())
                 if names != set(shapes):
-                    raise ValueError(f"holds {len(names)} tensors that are not the transformer's {len(shapes)}")
+                    raise ValueError(f"holds {len(names)} tensors that are not the model's {len(shapes)}")
                 state = {name: file.get_tensor(name) for name in shapes}
         except ValueError:
             raise
@@ -142,18 +186,18 @@ class MergedCache:
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}")
         return state
 
-    def put(self, key: MergeKey, state: Mapping[str, torch.Tensor]) -> bool:
+    def put(self, key: MergeKey | ConvertKey, state: Mapping[str, torch.Tensor]) -> bool:
         """Store `state` (CPU tensors in the key's dtype) under `key`, then evict the least recently used
         files past `keep`; False (warned) where the folder cannot be written."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with cache_file_written(self.path(key)) as temporary:
-                save_file(_own_storage(state), temporary, metadata={"format": FORMAT, "key": key.text})
+                save_file(_own_storage(state), temporary, metadata={"format": self.kind.format, "key": key.text})
             self._evict()
         except OSError as error:
             log.warning(
-                "cannot write the merged-transformer cache in %s (%s): the LoRA is merged at every load",
-                self.folder, error.strerror or error,
+                "cannot write the %s cache in %s (%s): %s at every load",
+                self.kind.label, self.folder, error.strerror or error, self.kind.remade,
             )  # fmt: skip
             return False
         return True
@@ -188,5 +232,5 @@ def _own_storage(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _dtype(key: MergeKey) -> torch.dtype:
+def _dtype(key: MergeKey | ConvertKey) -> torch.dtype:
     return getattr(torch, key.dtype)

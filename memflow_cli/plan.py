@@ -42,7 +42,7 @@ from .request import CompileMode, GenerationOptions, ModelSource
 from .script import MAX_SEED, ScriptError, Story, load_scripts, parse_time
 from .settings import SETTING_NAMES, GenerationSettings, LoraSettings, SettingsError, VideoGeometry
 from .text import lone_surrogate, text_problem
-from .tokens import PromptCut, TokenCounter, counter_from_tokenizer, load_token_counter, prompt_cuts
+from .tokens import PromptCut, TokenCounter, load_token_counter, prompt_cuts
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -369,12 +369,12 @@ def text_token_limit(model: ModelSource) -> int:
 
 def text_tokens(model: ModelSource) -> tuple[int, TokenCounter | None]:
     """The tokens the model's text encoder reads, and its tokenizer as a counter (None where it cannot be read
-    without loading the model: the counts are then estimates). Imports torch for the demo model."""
+    without loading the model: the counts are then estimates). Neither torch nor transformers is imported."""
     limit = text_token_limit(model)
     if model.is_demo:
-        from .demo import build_demo_tokenizer
+        from .demo import demo_token_counter
 
-        return limit, counter_from_tokenizer(build_demo_tokenizer())
+        return limit, demo_token_counter()
     if model.is_random:
         return limit, None
     from .weights import WeightsError, resolve_model

@@ -44,6 +44,14 @@ def test_tokenizer_is_deterministic():
     assert first(text)["input_ids"] == second(text)["input_ids"]
 
 
+def test_the_token_counter_counts_as_the_tokenizer_does():
+    tokenizer, count = demo.build_demo_tokenizer(), demo.demo_token_counter()
+    texts = ["", "a fox", "a zebra in Zürich, 日本 🦊", "The beekeeper kneels beside her son. " * 60, "  two\n lines\t"]
+    counts = [count(text) for text in texts]
+    assert counts == [len(tokenizer(text, truncation=False, verbose=False)["input_ids"]) for text in texts]
+    assert counts[0] == 1 and counts[3] > demo.DEMO_TEXT_LEN  # EOS alone; a prompt the encoder cuts is counted whole
+
+
 def test_text_encoder_is_seeded_and_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     prompts = ["a dog on a beach", "a castle in the fog"]

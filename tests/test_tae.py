@@ -325,6 +325,21 @@ def test_verify_reports_a_cut_file_and_a_foreign_one(tmp_path, pth_file):
 # -- the choice -----------------------------------------------------------------------------------------------
 
 
+def test_a_demo_engine_for_the_taehv_decoder_has_no_wan_vae_and_decodes_with_taehv():
+    from memflow_cli.engine import Video, load_engine
+    from memflow_cli.settings import GenerationSettings
+
+    prompt = ["a fox runs through the snow"]
+    with load_engine("demo", "cpu", decoder=DecoderRequest(DecoderChoice.TAE), embed_cache=False) as engine:
+        assert engine.vae is None and engine.decoder is DecoderChoice.TAE
+        engine.encode(prompt)
+        video = Video(engine.embeddings(prompt), chunks=2)
+        chunks = list(engine.stream(video, GenerationSettings(geometry=engine.geometry), seed=0))
+    geometry = engine.geometry
+    assert [tuple(c.frames.shape) for c in chunks] == [(9, geometry.height, geometry.width, 3),
+                                                       (12, geometry.height, geometry.width, 3)]  # fmt: skip
+
+
 def test_decoder_options_resolve_once_and_bad_ones_are_one_line(tmp_path, pth_file):
     assert decoder_request("demo", None, None) == DecoderRequest(DecoderChoice.WAN)
     assert decoder_request("demo", "TAE", None).is_tae

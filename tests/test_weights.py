@@ -8,6 +8,7 @@ independently of the loader's own maps.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +21,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import UMT5EncoderModel
 
 from memflow_cli import weights
+from memflow_cli.cache_dir import cache_root
 from memflow_cli.loading import read_transformer_config
+from memflow_cli.merged_cache import CONVERTED_VAE, MergedCache, MergedCacheSettings
 from memflow_cli.random_model import wan_vae_name
 from memflow_cli.settings import WAN_1_3B
 from memflow_cli.speed.compile_cache import CompileChoice
@@ -38,6 +41,7 @@ from memflow_cli.weights import (
     weights_identity,
 )
 from memflow_cli.weights import fetch as download_module
+from memflow_cli.weights import load as load_module
 
 TINY_VAE_CONFIG = {**WAN21_VAE_CONFIG, "base_dim": 4}  # keeps num_res_blocks 2: the converter's block indices
 PROMPTS = ["a dog runs on the beach", "the knight rides toward the castle in the fog"]
@@ -468,7 +472,7 @@ def test_verify_reports_a_truncated_original_pth(tmp_path, tokenizer, umt5, vae)
 def _decode(vae: AutoencoderKLWan) -> torch.Tensor:
     latents = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return vae.decode(latents).sample
+        return vae.decode(latents.to(vae.dtype)).sample
 
 
 def test_load_vae_from_a_diffusers_folder(tmp_path, vae):
@@ -583,6 +587,92 @@ def test_load_vae_casts_a_single_file_to_the_requested_dtype(tmp_path, vae):
     assert not any(p.is_meta for p in loaded.parameters()) and not loaded.training
 
 
+# -- the converted-VAE cache ------------------------------------------------------------------------------
+
+
+def vae_cache(folder: Path) -> MergedCache:
+    return MergedCache(MergedCacheSettings(folder / "vae", kind=CONVERTED_VAE))
+
+
+def assert_same_weights(loaded: AutoencoderKLWan, expected: AutoencoderKLWan) -> None:
+    """Every tensor of the two VAEs' state dicts equal, bit for bit and in dtype; none left on the meta device."""
+    got, want = loaded.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in got.items():
+        assert not tensor.is_meta and tensor.dtype == want[name].dtype, name
+        assert torch.equal(tensor, want[name]), name
+
+
+def no_conversion(*args, **kwargs):
+    raise AssertionError("the VAE file was converted again instead of read from the cache")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_converted_vae_is_kept_and_read_back_bit_for_bit(tmp_path, vae, monkeypatch, dtype):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(original_vae_state(vae), path)
+    cache = vae_cache(tmp_path)
+    converted = load_vae(path, "cpu", dtype, TINY_VAE_CONFIG)  # no cache: converted at every load
+    first = load_vae(path, "cpu", dtype, TINY_VAE_CONFIG, cache)
+    [kept] = cache.folder.glob("*.safetensors")
+    assert weights.converted_vae_file(path, dtype, cache) == path  # keyed by the config too: Wan2.1's is not kept
+    assert kept == cache.path(weights.convert_key(path, TINY_VAE_CONFIG, dtype))
+
+    monkeypatch.setattr(load_module, "_converted_vae", no_conversion)
+    second = load_vae(path, "cpu", dtype, TINY_VAE_CONFIG, cache)
+    assert_same_weights(first, converted)
+    assert_same_weights(second, converted)
+    assert list(second.config.latents_std) == WAN21_VAE_CONFIG["latents_std"] and not second.training
+    torch.testing.assert_close(_decode(second), _decode(converted), rtol=0, atol=0)
+
+
+def test_a_changed_vae_file_is_converted_again_not_read_from_the_cache(tmp_path, vae):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(original_vae_state(vae), path)
+    cache = vae_cache(tmp_path)
+    load_vae(path, "cpu", torch.float32, TINY_VAE_CONFIG, cache)
+    torch.save({name: tensor + 1 for name, tensor in original_vae_state(vae).items()}, path)  # same names and size
+
+    loaded = load_vae(path, "cpu", torch.float32, TINY_VAE_CONFIG, cache)
+    assert_same_weights(loaded, load_vae(path, "cpu", torch.float32, TINY_VAE_CONFIG))
+    assert torch.equal(loaded.decoder.conv_in.bias, vae.decoder.conv_in.bias + 1)
+    assert len(list(cache.folder.glob("*.safetensors"))) == 2  # the new file's conversion kept beside the old
+
+
+def test_a_damaged_converted_vae_file_is_warned_about_converted_again_and_rewritten(tmp_path, vae, caplog, monkeypatch):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(original_vae_state(vae), path)
+    cache = vae_cache(tmp_path)
+    expected = load_vae(path, "cpu", torch.float32, TINY_VAE_CONFIG, cache)
+    [kept] = cache.folder.glob("*.safetensors")
+    kept.write_bytes(kept.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, "memflow_cli.merged_cache"):
+        assert_same_weights(load_vae(path, "cpu", torch.float32, TINY_VAE_CONFIG, cache), expected)
+    [warning] = caplog.records
+    message = warning.getMessage()
+    assert str(kept) in message and "converted-VAE" in message and "the VAE file is converted again" in message
+    monkeypatch.setattr(load_module, "_converted_vae", no_conversion)  # written again: read from now on
+    assert_same_weights(load_vae(path, "cpu", torch.float32, TINY_VAE_CONFIG, cache), expected)
+
+
+def test_a_vae_file_that_does_not_fit_is_refused_and_not_kept(tmp_path, vae):
+    state = original_vae_state(vae)
+    del state["decoder.head.2.weight"]
+    torch.save(state, tmp_path / "Wan2.1_VAE.pth")
+    cache = vae_cache(tmp_path)
+    with pytest.raises(WeightsError, match="1 missing"):
+        load_vae(tmp_path / "Wan2.1_VAE.pth", config=TINY_VAE_CONFIG, cache=cache)
+    assert not list(cache.folder.glob("*.safetensors"))
+
+
+def test_the_converted_vae_cache_shares_the_merged_transformers_setting(tmp_path):
+    environ = {"MEMFLOW_CACHE_DIR": str(tmp_path)}
+    settings = MergedCacheSettings.from_environment(environ, kind=CONVERTED_VAE)
+    assert settings == MergedCacheSettings(tmp_path / "vae", 2, CONVERTED_VAE)
+    turned_off = {**environ, "MEMFLOW_MERGED_CACHE_FILES": "0"}
+    assert not MergedCacheSettings.from_environment(turned_off, CONVERTED_VAE).enabled
+
+
 def test_verify_calls_random_bytes_corrupt_not_unsafe(local_folder):
     files = resolve_model(local_folder)
     files.base.write_bytes(bytes(range(256)) * 20)  # neither a zip archive nor a pickle
@@ -598,8 +688,8 @@ def write_runnable_official(root: Path, tokenizer, umt5, vae, monkeypatch) -> Pa
     """The official layout with a tiny transformer that fits the tiny umT5 (its config.json says so); the
     engine reads the tiny VAE with its config (the original file has none: the engine assumes Wan2.1's)."""
     real_load_vae = weights.load_vae
-    monkeypatch.setattr(weights, "load_vae", lambda path, device, dtype: real_load_vae(path, device, dtype,
-                                                                                        TINY_VAE_CONFIG))
+    monkeypatch.setattr(weights, "load_vae", lambda path, device, dtype, cache=None: real_load_vae(
+        path, device, dtype, TINY_VAE_CONFIG, cache))
     from memflow_cli.demo import DEMO_TEXT_LEN, DEMO_TRANSFORMER
     from memflow_cli.model.transformer import CausalWanTransformer
 
@@ -634,6 +724,9 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
         embeds, sources = engine.prompts.take(PROMPTS)
     torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
     assert sources == (ENCODED, ENCODED)
+    assert len(list((cache_root() / "vae").glob("*.safetensors"))) == 1  # the converted VAE, kept
+
+    monkeypatch.setattr(load_module, "_converted_vae", no_conversion)
 
     with load_engine(str(root), "cpu", lora, prompts=PROMPTS) as engine:  # the same files: the same cache entries
         embeds, sources = engine.prompts.take(PROMPTS)
@@ -646,6 +739,24 @@ def test_the_weights_engine_encodes_while_loading_then_reads_its_prompts_from_th
     torch.save({k: v + 1 for k, v in torch.load(t5, weights_only=True).items()}, t5)  # other weights, same names
     with load_engine(str(root), "cpu", lora, prompts=PROMPTS[:1]) as engine:
         assert engine.prompts.encoded_prompts == 1  # another text encoder: nothing of the old one's is used
+
+
+def test_with_the_taehv_decoder_the_weights_engine_loads_no_vae(tmp_path, tokenizer, umt5, vae, monkeypatch):
+    from memflow_cli.decoders import DecoderChoice, DecoderRequest
+    from memflow_cli.engine import load_engine
+    from memflow_cli.settings import LoraSettings
+    from memflow_cli.tae import TAEW2_1, StreamingTaeDecoder, random_released_state
+
+    root = write_runnable_official(tmp_path / "model", tokenizer, umt5, vae, monkeypatch)
+    tae = tmp_path / "taew2_1.pth"
+    torch.save({key: t.half() for key, t in random_released_state(TAEW2_1, seed=3).items()}, tae)
+    monkeypatch.setattr(weights, "load_vae", no_conversion)  # the VAE is never read
+    request = DecoderRequest(DecoderChoice.TAE, tae)
+    with load_engine(str(root), "cpu", LoraSettings(rank=2, alpha=2.0), prompts=PROMPTS, decoder=request) as engine:
+        assert engine.vae is None and engine.decoder is DecoderChoice.TAE
+        assert isinstance(engine.streaming_decoder(), StreamingTaeDecoder)
+        assert engine.prompts.encoded_prompts == 2  # the text encoder loads without diffusers' import before it
+    assert not (cache_root() / "vae").exists()
 
 
 def test_a_text_encoder_that_cannot_load_fails_the_engine_load_with_its_file_named(

@@ -10,7 +10,9 @@ from .fetch import download
 from .identity import file_fingerprint, weights_identity
 from .load import (
     WAN21_VAE_CONFIG,
+    convert_key,
     convert_wan_t5_to_umt5,
+    converted_vae_file,
     load_text_encoder,
     load_vae,
     load_wan_t5,
@@ -37,7 +39,8 @@ from .verify import CheckResult, verify
 __all__ = [
     "BASE_FILE", "CheckResult", "DOWNLOAD_COMMAND", "LORA_FILE", "MEMFLOW_REPO", "ModelFiles", "OFFICIAL_T5_FILE",
     "OFFICIAL_VAE_FILE", "RELEASE_BYTES", "TRUNCATED", "WAN21_VAE_CONFIG", "WAN_DIFFUSERS_DIR",
-    "WAN_DIFFUSERS_REPO", "WAN_DIR", "WAN_REPO", "WeightsError", "convert_wan_t5_to_umt5", "download",
+    "WAN_DIFFUSERS_REPO", "WAN_DIR", "WAN_REPO", "WeightsError", "convert_key", "convert_wan_t5_to_umt5",
+    "converted_vae_file", "download",
     "file_fingerprint", "hub_cache_dir", "hub_offline", "load_text_encoder", "load_vae", "load_wan_t5",
     "resolve_model", "umt5_config_from_wan_t5", "verify", "weights_identity",
 ]

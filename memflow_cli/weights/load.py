@@ -1,20 +1,26 @@
 """Load the text encoder and the VAE of either layout; the original `.pth` files are converted on load.
 
-The VAE by diffusers' own converter, the umT5 by the key map of spec §11.3. diffusers and transformers are
-imported when a model is loaded, not with this module (`memflow weights verify` needs neither).
+The VAE by diffusers' own converter, the umT5 by the key map of spec §11.3. The converted VAE can be kept in
+memflow's cache (`merged_cache.CONVERTED_VAE`), so that later loads read it as it is. diffusers and
+transformers are imported when a model is loaded, not with this module (`memflow weights verify` needs
+neither); transformers' text-encoder modules only when a text encoder is loaded.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..loading import WeightsError, read_torch_file
+from ..merged_cache import ConvertKey, MergedCache
 from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
+from .identity import file_fingerprint
 from .locate import ModelFiles
 
 if TYPE_CHECKING:
@@ -46,10 +52,13 @@ def load_vae(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     config: dict[str, Any] | None = None,
+    cache: MergedCache | None = None,
 ) -> AutoencoderKLWan:
     """A diffusers `vae/` folder, or an original `Wan2.1_VAE.pth` converted by diffusers' Wan VAE converter.
 
-    `config` (diffusers `AutoencoderKLWan` arguments) applies to a single file only; default: Wan2.1.
+    `config` (diffusers `AutoencoderKLWan` arguments) applies to a single file only; default: Wan2.1. With
+    `cache` (of `CONVERTED_VAE`), a single file's converted weights are read from it where they are there,
+    else converted and kept there: the same values either way.
     """
     from diffusers import AutoencoderKLWan
 
@@ -57,24 +66,57 @@ def load_vae(
     if path.is_dir():
         vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype)
     else:
-        vae = _vae_from_original(path, config or WAN21_VAE_CONFIG, dtype)
+        vae = _vae_from_original(path, config or WAN21_VAE_CONFIG, torch.device(device), dtype, cache)
     # dtype is already right: diffusers' `to(dtype=...)` warns about fp32 modules even when there are none
     return vae.to(device).eval().requires_grad_(False)
 
 
-def _vae_from_original(path: Path, config: dict[str, Any], dtype: torch.dtype) -> AutoencoderKLWan:
-    """What `AutoencoderKLWan.from_single_file` does, offline, and strict about missing keys."""
+def convert_key(path: Path, config: dict[str, Any], dtype: torch.dtype) -> ConvertKey:
+    """The converted-VAE cache's key of an original VAE file converted with `config` to `dtype`."""
+    return ConvertKey(
+        vae=file_fingerprint(path), config=json.dumps(config, sort_keys=True, separators=(",", ":")),
+        dtype=str(dtype).removeprefix("torch."), converter=version("diffusers"),
+    )  # fmt: skip
+
+
+def converted_vae_file(path: Path, dtype: torch.dtype, cache: MergedCache | None) -> Path:
+    """The file a load of the Wan2.1 VAE at `path` reads: its converted weights where the cache has them."""
+    if cache is None or not Path(path).is_file():
+        return path
+    cached = cache.path(convert_key(path, WAN21_VAE_CONFIG, dtype))
+    return cached if cached.is_file() else path
+
+
+def _vae_from_original(
+    path: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype, cache: MergedCache | None
+) -> AutoencoderKLWan:
+    """What `AutoencoderKLWan.from_single_file` does, offline, and strict about missing keys; the converted
+    weights read from `cache` (straight to `device`) where it has them, else converted and written to it."""
     from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):  # the converted tensors become the parameters: no random init, no copy
+        vae = AutoencoderKLWan(**copy.deepcopy(config))
+    key = convert_key(path, config, dtype) if cache is not None and path.is_file() else None
+    if key is not None:
+        shapes = {name: tuple(tensor.shape) for name, tensor in vae.state_dict().items()}
+        if (state := cache.get(key, shapes, device)) is not None:
+            _load_strict(vae, state, path, assign=True)
+            return vae
+    state = _converted_vae(path, dtype)
+    _load_strict(vae, state, path, assign=True)  # a file that does not fit is refused before it is kept
+    if key is not None:
+        cache.put(key, state)
+    return vae
+
+
+def _converted_vae(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An original Wan VAE file's weights in diffusers' names (its converter), in `dtype`, on the CPU."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     checkpoint = read_torch_file(path)
     while "state_dict" in checkpoint:  # some exports nest the weights, as diffusers allows
         checkpoint = checkpoint["state_dict"]
-    state = {key: tensor.to(dtype) for key, tensor in convert_wan_vae_to_diffusers(checkpoint).items()}
-    with torch.device("meta"):  # the converted tensors become the parameters: no random init, no copy
-        vae = AutoencoderKLWan(**copy.deepcopy(config))
-    _load_strict(vae, state, path, assign=True)
-    return vae
+    return {key: tensor.to(dtype) for key, tensor in convert_wan_vae_to_diffusers(checkpoint).items()}
 
 
 def load_text_encoder(
