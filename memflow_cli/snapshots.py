@@ -64,6 +64,10 @@ SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: about 15 full-size boundaries
 # keeps snapshots: 0.57 MiB a chunk at 832x480 in bf16, so 512 MiB is the first 896 chunks (11.2 minutes) of
 # a video. No snapshot is taken after that point, and the latents are let go.
 KEPT_LATENTS_BYTES = 512 * 2**20
+# The frames of those chunks and the decoder's causal state after them, kept (on the CPU) while both fit in this
+# bound: a few minutes of the demo model's video (0.2 MiB a chunk, 3.3 MiB of state); never the full-size
+# model's, whose decoder state alone is 1.9 GB. A snapshot with them lets a render skip decoding its kept part.
+KEPT_FRAMES_BYTES = 256 * 2**20
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1
 _MAX_HEADER_BYTES = 2**24  # a snapshot's header names a few dozen tensors: kilobytes
@@ -80,6 +84,10 @@ class ResumePoint:
 
     boundary: BoundaryState
     latents: torch.Tensor  # [B, chunk * F, C, h, w]
+    # where they fit in `KEPT_FRAMES_BYTES`: the decoded frames of those chunks, uint8 [N, H, W, 3] on the CPU,
+    # and the decoder's causal state after them (`StreamingDecoder.causal_state`); else None and ()
+    frames: torch.Tensor | None = None
+    decoder: tuple[torch.Tensor, ...] = ()
 
     @property
     def chunk(self) -> int:
@@ -157,7 +165,7 @@ def on_cpu(point: ResumePoint) -> ResumePoint:
         memory, sink=memory.sink.cpu(), bank=memory.bank.cpu(), staged=memory.staged.cpu()
     )  # fmt: skip
     boundary = replace(boundary, history=boundary.history.cpu(), memory=memory, noise=boundary.noise.cpu())
-    return ResumePoint(boundary, point.latents.cpu())
+    return replace(point, boundary=boundary, latents=point.latents.cpu())  # frames and decoder state: on the CPU
 
 
 # -- files ----------------------------------------------------------------------------------------------------
@@ -217,13 +225,17 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
-    """Read a snapshot written by `save_snapshot`, its tensors on `device`; SnapshotError if it cannot be."""
+    """Read a snapshot written by `save_snapshot`, the generator's tensors on `device` (the noise state, frames and
+    decoder state stay on the CPU, where they are used); SnapshotError if it cannot be."""
     from safetensors import SafetensorError, safe_open
 
     metadata = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+        for name in tensors:
+            if not name.startswith(("noise", "frames", "decoder.")):
+                tensors[name] = tensors[name].to(device)
         return _unflatten(tensors, metadata)
     except (SafetensorError, OSError, KeyError) as error:
         raise SnapshotError(f"{path} cannot be read: {error}") from None
@@ -235,6 +247,9 @@ def _flatten(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any
         "history": boundary.history, "memory.sink": memory.sink, "memory.bank": memory.bank,
         "memory.staged": memory.staged, "noise": boundary.noise, "latents": snapshot.point.latents,
     }  # fmt: skip
+    if snapshot.point.frames is not None:
+        tensors["frames"] = snapshot.point.frames
+        tensors.update({f"decoder.{index:03d}": history for index, history in enumerate(snapshot.point.decoder)})
     metadata = {
         "format": _FORMAT, "chunk": boundary.chunk, "segment": boundary.segment,
         "video_frames": snapshot.video_frames, "request": snapshot.request, "prefix": snapshot.prefix,
@@ -252,7 +267,8 @@ def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Sn
         sink=tensors["memory.sink"], bank=tensors["memory.bank"], staged=tensors["memory.staged"],
         local_end=positions["local_end"], global_end=positions["global_end"], recorded=positions["recorded"],
     )  # fmt: skip
-    noise = tensors["noise"].cpu()  # a generator's state is always a CPU tensor
+    noise = tensors["noise"]  # a generator's state is always a CPU tensor
     boundary = BoundaryState(metadata["chunk"], metadata["segment"], tensors["history"], memory, noise)
-    point = ResumePoint(boundary, tensors["latents"])
+    decoder = tuple(tensors[name] for name in sorted(tensors) if name.startswith("decoder."))
+    point = ResumePoint(boundary, tensors["latents"], tensors.get("frames"), decoder)
     return Snapshot(point, metadata["video_frames"], metadata["request"], metadata["prefix"])
