@@ -20,20 +20,24 @@ bit for bit, for latents and decoded frames):
   (reset by the switch, recomputed from the new prompt), the rope positions (absolute frame index), the
   bank's view and recording schedule (chunk index and `recorded`), SMA's candidate list.
 - The latents of every chunk before the boundary [B, c*F, C, h, w] (0.2 MB a latent frame at 832x480 in
-  bf16: 24 MB for 30 s of video). They are what the frames before the boundary are decoded from again,
-  and that is needed twice over. The decoder is causal: each of the Wan VAE decoder's 32 causal convs
-  keeps its last two input frames, and that state depends on every frame before it, so no short tail
-  of latents rebuilds it exactly; storing it instead costs 1.9 GB at 832x480 in bf16 (measured with the
-  real decoder layout). And the MP4 encoder carries state too: libx264's rate control in CRF mode
-  blends the complexity of every earlier frame into each frame's quantiser, so the frames after the
-  boundary encode to the same bits only when the encoder has seen the same frames before them. Copying
-  the old file's packets would not do; decoding the kept latents again and encoding every frame does,
-  and the finished MP4 is then the same file a fresh render writes. The cost is the decode time of the
-  kept part (no generation): a fraction of a render on a GPU, most of one for the demo model on a CPU.
+  bf16: 24 MB for 30 s of video). A render from the snapshot yields them as the chunks before the boundary.
+- The frames before the boundary must be rebuilt exactly too, twice over. The decoder is causal: each of
+  the Wan VAE decoder's 32 causal convs keeps its last two input frames, and that state depends on every
+  frame before it, so no short tail of latents rebuilds it. And the MP4 encoder carries state: libx264's
+  rate control in CRF mode blends the complexity of every earlier frame into each frame's quantiser, so
+  the frames after the boundary encode to the same bits only when the encoder has seen the same frames
+  before them (copying the old file's packets would not do). So the render encodes every frame again, and
+  the finished MP4 is the same file a fresh render writes. Where they fit in `KEPT_FRAMES_BYTES` (the demo
+  model's: 0.2 MB a chunk of frames, 3.3 MB of decoder state), the snapshot keeps the decoded frames before
+  the boundary (uint8) and the decoder's causal state after them: the render writes those frames as they
+  are and decodes only the chunks it generates. Otherwise (the full-size model: its decoder state alone is
+  1.9 GB at 832x480 in bf16) the kept latents are decoded again, which rebuilds both states; that costs the
+  decode time of the kept part (no generation): a fraction of a render on a GPU, but most of one for the
+  demo model on a CPU, whose transformer is tiny and whose decoding is 95% of a render.
 
-So a full-size snapshot is about 1 GB plus its latents (the demo model's: a few hundred KB). A video keeps
-at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes from the last one,
-and edits tend to be late); the sidecar lists them with their sizes.
+So a full-size snapshot is about 1 GB plus its latents; the demo model's a few MB (its frames and decoder
+state). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes
+from the last one, and edits tend to be late); the sidecar lists them with their sizes.
 
 Each snapshot is one safetensors file, hidden beside the video (`.out.snap-c0042.safetensors`; while
 rendering, `.out.partial.snap-c0042.safetensors`), written atomically, with its metadata (chunk,
