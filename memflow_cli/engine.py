@@ -257,8 +257,9 @@ class Engine:
             start = 0
             if resume is not None and _restored(decoder, resume, settings.geometry):
                 # the kept chunks' frames as the earlier render made them, and the decoder as it left them
-                points.resumed(resume)
-                for index, (x, frames) in enumerate(_kept_chunks(resume, settings.geometry, self.device, self.dtype)):
+                kept = resume.latents.to(self.device, self.dtype)
+                points.resumed(kept, resume)
+                for index, (x, frames) in enumerate(_kept_chunks(kept, resume.frames, settings.geometry)):
                     if writer is not None:
                         writer.write(frames)
                     yield Chunk(index, video.segment_of(index), x, frames)
@@ -328,13 +329,12 @@ def _restored(decoder: StreamingDecoder | StreamingTaeDecoder, resume: ResumePoi
 
 
 def _kept_chunks(
-    resume: ResumePoint, geometry: VideoGeometry, device: torch.device, dtype: torch.dtype
+    latents: torch.Tensor, frames: torch.Tensor, geometry: VideoGeometry
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(latents [1, F, C, h, w] on `device`, frames [N, H, W, 3]) of each chunk that `resume` keeps."""
-    latents = resume.latents.to(device, dtype).split(geometry.frames_per_chunk, dim=1)
-    for chunk, x in enumerate(latents):
+    """Latents [1, c * F, C, h, w] and their frames [N, H, W, 3] -> (latents, frames) of each of the c chunks."""
+    for chunk, x in enumerate(latents.split(geometry.frames_per_chunk, dim=1)):
         first, end = (geometry.video_frames(c * geometry.frames_per_chunk) for c in (chunk, chunk + 1))
-        yield x, resume.frames[first:end]
+        yield x, frames[first:end]
 
 
 class _ResumePoints:
@@ -358,11 +358,12 @@ class _ResumePoints:
     def boundary(self, state: BoundaryState) -> None:
         self.boundaries[state.chunk] = state
 
-    def resumed(self, point: ResumePoint) -> None:
-        """The stream starts from `point`, its frames and decoder state included: its chunks count as made."""
+    def resumed(self, latents: torch.Tensor, point: ResumePoint) -> None:
+        """The stream starts from `point` (its `latents` on the device), its frames and decoder state included:
+        its chunks count as made."""
         if self.take is None:
             return
-        self.chunks, self.made, self.frames, self.decoder = point.chunk, [point.latents], [], ()
+        self.chunks, self.made, self.frames, self.decoder = point.chunk, [latents], [], ()
         self._keep_frames(point.frames, point.decoder)
         self._within_bound()
 

@@ -144,6 +144,18 @@ def test_a_point_with_frames_writes_them_as_kept_and_decodes_only_the_new_chunks
     _assert_same_stream(resumed[4:], full[4:])  # the decoder went on from the kept causal state
 
 
+def test_a_stream_resumed_from_frames_hands_out_the_later_points_a_stream_from_the_start_does(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    resumed, later = _streamed(engine, video, settings, 3, resume=points[0])
+    _assert_same_stream(resumed, full)
+    assert [p.chunk for p in later] == [2, 4, 6]
+    for a, b in zip(later, points, strict=True):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
+        assert all(torch.equal(x, y) for x, y in zip(a.decoder, b.decoder, strict=True)) and a.decoder
+
+
 def test_a_point_without_frames_or_with_another_decoders_state_decodes_its_latents_again(engine):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)
