@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.engine import Video, load_engine
 from memflow_cli.settings import GenerationSettings, MemorySettings
 from memflow_cli.snapshots import (
@@ -162,6 +163,18 @@ def test_a_point_without_frames_or_with_another_decoders_state_decodes_its_laten
     full, points = _streamed(engine, video, settings, 3)
     for point in (replace(points[1], frames=None, decoder=()), replace(points[1], decoder=points[1].decoder[1:])):
         _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=point)), full)
+
+
+def test_the_preview_decoder_keeps_no_frames_and_decodes_the_kept_latents_of_any_point_again(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    wan_point = _streamed(engine, video, settings, 3)[1][1]
+    with load_engine("demo", "cpu", decoder=DecoderRequest(DecoderChoice.TAE)) as tae:
+        tae.encode(PROMPTS[:3])
+        full, points = _streamed(tae, video, settings, 3)
+        assert [p.frames for p in points] == [None, None, None] and all(p.decoder == () for p in points)
+        resumed = list(tae.stream(video, settings, seed=3, resume=wan_point))  # the VAE's frames are not TAEHV's
+    _assert_same_stream(resumed, full)
 
 
 def test_the_frames_kept_for_snapshots_are_bounded_and_the_later_points_keep_latents_only(engine):
