@@ -101,6 +101,18 @@ class StreamingDecoder:
         """Start a new video: drop the causal cache."""
         self._stream.reset()
 
+    def causal_state(self) -> tuple[torch.Tensor, ...]:
+        """A CPU copy of what the next chunk's frames depend on of the video so far (`DecoderStream.causal_state`)."""
+        return self._stream.causal_state()
+
+    @property
+    def causal_state_bytes(self) -> int:
+        return self._stream.causal_state_bytes
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        """Go on with a video whose `causal_state` was `state` (a ValueError if it is another decoder's)."""
+        self._stream.restore(state)
+
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """Generator latents [1, F, C, h, w] (normalised) -> VAE latents z [1, C, F, h, w]."""
         self._check_latents(latents)

@@ -43,7 +43,7 @@ from .request import ModelKind, ModelSource
 from .script import Timeline
 from .seeding import drawing_from, seeded
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
-from .snapshots import KEPT_LATENTS_BYTES, ResumePoint
+from .snapshots import KEPT_FRAMES_BYTES, KEPT_LATENTS_BYTES, ResumePoint
 from .speed import FastPath, choose_fast_path
 from .speed.compile_cache import CompileChoice
 from .timing import Startup, since_process_start
@@ -223,6 +223,7 @@ class Engine:
         resume: ResumePoint | None = None,
         snapshots: Callable[[ResumePoint], None] | None = None,
         kept_latents_bytes: int = KEPT_LATENTS_BYTES,
+        kept_frames_bytes: int = KEPT_FRAMES_BYTES,
         decode_trail: int = 2,
     ) -> Iterator[Chunk]:
         """Generate `video` chunk by chunk; with `decode` decode each chunk, with `writer` also append its frames.
@@ -235,46 +236,63 @@ class Engine:
         from at every segment boundary and at the end of the video (where a story that goes on would
         switch), once the chunks before it are as far along, before the next chunk is yielded. With
         `resume`, the chunks before that point are its kept latents and only the later ones are generated:
-        every chunk is yielded, the same as a stream from the start would yield.
+        every chunk is yielded, the same as a stream from the start would yield. Where `resume` keeps their
+        frames and the decoder's causal state after them, those frames are yielded (and written) as they are
+        and the decoder goes on from that state; else the kept latents are decoded again.
 
         A snapshot holds the latents of every chunk before it, so while `snapshots` is given the stream keeps
-        them, up to `kept_latents_bytes`; no snapshot is taken after that point. Without `snapshots` nothing
-        is kept and nothing is copied.
+        them, up to `kept_latents_bytes`; no snapshot is taken after that point. It keeps their frames and a
+        copy of the decoder's causal state too while both fit in `kept_frames_bytes`. Without `snapshots`
+        nothing is kept and nothing is copied.
         """
         generator = MemFlowGenerator(self.transformer, settings, passes=self.fast.graphed_passes)
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
         chunk_bytes = math.prod(generator.noise_shape()) * self.dtype.itemsize
-        points = _ResumePoints(snapshots, kept_latents_bytes // chunk_bytes)
+        points = _ResumePoints(snapshots, kept_latents_bytes // chunk_bytes, kept_frames_bytes)
         generated = generator.stream(
             video.prompts(), noise, interactive=video.interactive(settings),
             resume=resume.boundary if resume else None,
             boundaries=points.boundary if snapshots else None, last_boundary=points.last_chunk,
         )  # fmt: skip
-        latents = self._replayed(resume, settings, generated)
         with self.fast.sdpa_priority():
             if not decode:
-                for index, x in enumerate(latents):
+                for index, x in enumerate(self._replayed(resume, settings, generated)):
                     points.reached(x)
                     yield Chunk(index, video.segment_of(index), x, None)
                 points.ended()
                 return
             decoder = self.streaming_decoder()
-            latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
-            # closed with this stream: the decode worker must be done with the chunks before they go
-            decoding = self.overlap.map(latents, lambda x: (x, decoder.decode(x)), depth=decode_trail)
-            with closing(decoding) as decoded:
-                for index, (x, frames) in enumerate(decoded):
+            start = 0
+            if resume is not None and _restored(decoder, resume, settings.geometry):
+                # the kept chunks' frames as the earlier render made them, and the decoder as it left them
+                kept = resume.latents.to(self.device, self.dtype)
+                points.resumed(kept, resume)
+                for index, (x, frames) in enumerate(_kept_chunks(kept, resume.frames, settings.geometry)):
                     if writer is not None:
                         writer.write(frames)
-                    points.reached(x)
+                    yield Chunk(index, video.segment_of(index), x, frames)
+                start, latents = resume.chunk, generated
+            else:
+                latents = self._replayed(resume, settings, generated)
+            latents = handed_over(latents, decoder.device)  # a decode device of its own: each chunk copied there
+
+            def decoded_chunk(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+                return x, decoder.decode(x), points.decoder_state(decoder)  # the state after x, where it is kept
+
+            # closed with this stream: the decode worker must be done with the chunks before they go
+            with closing(self.overlap.map(latents, decoded_chunk, depth=decode_trail)) as decoded:
+                for index, (x, frames, state) in enumerate(decoded, start=start):
+                    if writer is not None:
+                        writer.write(frames)
+                    points.reached(x, frames, state)
                     yield Chunk(index, video.segment_of(index), x, frames)
             points.ended()
 
     def _replayed(
         self, resume: ResumePoint | None, settings: GenerationSettings, generated: Iterator[torch.Tensor]
     ) -> Iterator[torch.Tensor]:
-        """The chunks before `resume` as it keeps them (they are decoded again: the decoder's causal state and
-        the MP4 encoder's are rebuilt by the same frames), then the generated ones."""
+        """The chunks before `resume` as it keeps them (where they are decoded again, the decoder's causal state
+        and the MP4 encoder's are rebuilt by the same frames), then the generated ones."""
         if resume is not None:
             kept = resume.latents.to(self.device, self.dtype)
             yield from kept.split(settings.geometry.frames_per_chunk, dim=1)
@@ -303,37 +321,105 @@ class Engine:
         self.close()
 
 
-class _ResumePoints:
-    """Pairs the generator's state at each boundary with the latents of every chunk before it.
+def _restored(decoder: StreamingDecoder | StreamingTaeDecoder, resume: ResumePoint, geometry: VideoGeometry) -> bool:
+    """Whether `resume` keeps the frames of its chunks and a causal state this decoder goes on from (then it does)."""
+    if resume.frames is None or not isinstance(decoder, StreamingDecoder):  # TAEHV keeps no state to restore
+        return False
+    frames = (geometry.video_frames(resume.chunk * geometry.frames_per_chunk), geometry.height, geometry.width, 3)
+    if tuple(resume.frames.shape) != frames:
+        return False
+    try:
+        decoder.restore(resume.decoder)
+    except ValueError:  # another decoder's state: the kept latents are decoded again
+        decoder.reset()
+        return False
+    return True
 
-    Those latents are kept (on the device: 0.57 MiB a chunk at 832x480 in bf16) for the first `last_chunk`
-    chunks only; the boundaries after them are not asked for, and the latents are let go at that point.
+
+def _kept_chunks(
+    latents: torch.Tensor, frames: torch.Tensor, geometry: VideoGeometry
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Latents [1, c * F, C, h, w] and their frames [N, H, W, 3] -> (latents, frames) of each of the c chunks."""
+    for chunk, x in enumerate(latents.split(geometry.frames_per_chunk, dim=1)):
+        first, end = (geometry.video_frames(c * geometry.frames_per_chunk) for c in (chunk, chunk + 1))
+        yield x, frames[first:end]
+
+
+class _ResumePoints:
+    """Pairs the generator's state at each boundary with the latents of every chunk before it, and where they
+    fit in `frames_bytes` with those chunks' frames and the decoder's causal state after them.
+
+    The latents are kept (on the device: 0.57 MiB a chunk at 832x480 in bf16) for the first `last_chunk`
+    chunks only; the boundaries after them are not asked for, and the latents are let go at that point. The
+    frames and the decoder state (on the CPU) are let go at the first chunk they do not fit: the points after
+    it have none, and a render from them decodes their kept latents again.
     """
 
-    def __init__(self, take: Callable[[ResumePoint], None] | None, last_chunk: int):
-        self.take, self.last_chunk = take, last_chunk
+    def __init__(self, take: Callable[[ResumePoint], None] | None, last_chunk: int, frames_bytes: int):
+        self.take, self.last_chunk, self.frames_bytes = take, last_chunk, frames_bytes
         self.boundaries: dict[int, BoundaryState] = {}  # filled before the chunk they precede is made
-        self.made: list[torch.Tensor] = []  # each chunk's latents so far
+        self.chunks = 0  # chunks made (or kept) so far
+        self.made: list[torch.Tensor] = []  # their latents
+        self.frames: list[torch.Tensor] | None = [] if take is not None else None  # their frames; None: not kept
+        self.decoder: tuple[torch.Tensor, ...] = ()  # the decoder's causal state after them, with the frames
 
     def boundary(self, state: BoundaryState) -> None:
         self.boundaries[state.chunk] = state
 
-    def reached(self, latents: torch.Tensor) -> None:
-        """The next chunk is done: hand out the point before it if it starts a segment, then keep its latents."""
+    def resumed(self, latents: torch.Tensor, point: ResumePoint) -> None:
+        """The stream starts from `point` (its `latents` on the device), its frames and decoder state included:
+        its chunks count as made."""
+        if self.take is None:
+            return
+        self.chunks, self.made, self.frames, self.decoder = point.chunk, [latents], [], ()
+        self._keep_frames(point.frames, point.decoder)
+        self._within_bound()
+
+    def decoder_state(self, decoder: StreamingDecoder | StreamingTaeDecoder) -> tuple[torch.Tensor, ...]:
+        """The decoder's causal state now, copied, where the frames are still kept and it fits beside them."""
+        kept = self.frames  # read once: the stream's thread may let them go meanwhile
+        if kept is None or not isinstance(decoder, StreamingDecoder):
+            return ()
+        if sum(f.nbytes for f in kept) + decoder.causal_state_bytes > self.frames_bytes:
+            return ()
+        return decoder.causal_state()
+
+    def reached(
+        self, latents: torch.Tensor, frames: torch.Tensor | None = None, decoder: tuple[torch.Tensor, ...] = ()
+    ) -> None:
+        """The next chunk is done: hand out the point before it if it starts a segment, then keep its latents
+        (and its frames with the decoder state after it, `decoder_state`)."""
         if self.take is None:
             return
         self.ended()
-        if len(self.made) >= self.last_chunk:  # past the bound: no more snapshots, nothing more kept
-            self.take = None
-            self.made.clear()
-            return
+        self.chunks += 1
         self.made.append(latents)
+        self._keep_frames(frames, decoder)
+        self._within_bound()
+
+    def _keep_frames(self, frames: torch.Tensor | None, decoder: tuple[torch.Tensor, ...]) -> None:
+        kept = self.frames
+        if kept is None or frames is None or not decoder:
+            self.frames, self.decoder = None, ()
+        elif sum(f.nbytes for f in kept) + frames.nbytes + sum(t.nbytes for t in decoder) > self.frames_bytes:
+            self.frames, self.decoder = None, ()
+        else:
+            kept.append(frames)
+            self.decoder = decoder
+
+    def _within_bound(self) -> None:
+        if self.chunks > self.last_chunk:  # past the bound: no more snapshots, nothing more kept
+            self.take, self.frames = None, None
+            self.made.clear()
 
     def ended(self) -> None:
         """Hand out the point after every chunk made so far, if the generator stopped (or switches) there."""
-        boundary = self.boundaries.pop(len(self.made), None)
-        if self.take is not None and boundary is not None:
-            self.take(ResumePoint(boundary, torch.cat(self.made, dim=1)))
+        boundary = self.boundaries.pop(self.chunks, None)
+        if self.take is None or boundary is None:
+            return
+        frames = torch.cat(self.frames) if self.frames else None
+        decoder = self.decoder if frames is not None else ()
+        self.take(ResumePoint(boundary, torch.cat(self.made, dim=1), frames, decoder))
 
 
 def load_engine(

@@ -20,20 +20,24 @@ bit for bit, for latents and decoded frames):
   (reset by the switch, recomputed from the new prompt), the rope positions (absolute frame index), the
   bank's view and recording schedule (chunk index and `recorded`), SMA's candidate list.
 - The latents of every chunk before the boundary [B, c*F, C, h, w] (0.2 MB a latent frame at 832x480 in
-  bf16: 24 MB for 30 s of video). They are what the frames before the boundary are decoded from again,
-  and that is needed twice over. The decoder is causal: each of the Wan VAE decoder's 32 causal convs
-  keeps its last two input frames, and that state depends on every frame before it, so no short tail
-  of latents rebuilds it exactly; storing it instead costs 1.9 GB at 832x480 in bf16 (measured with the
-  real decoder layout). And the MP4 encoder carries state too: libx264's rate control in CRF mode
-  blends the complexity of every earlier frame into each frame's quantiser, so the frames after the
-  boundary encode to the same bits only when the encoder has seen the same frames before them. Copying
-  the old file's packets would not do; decoding the kept latents again and encoding every frame does,
-  and the finished MP4 is then the same file a fresh render writes. The cost is the decode time of the
-  kept part (no generation): a fraction of a render on a GPU, most of one for the demo model on a CPU.
+  bf16: 24 MB for 30 s of video). A render from the snapshot yields them as the chunks before the boundary.
+- The frames before the boundary must be rebuilt exactly too, twice over. The decoder is causal: each of
+  the Wan VAE decoder's 32 causal convs keeps its last two input frames, and that state depends on every
+  frame before it, so no short tail of latents rebuilds it. And the MP4 encoder carries state: libx264's
+  rate control in CRF mode blends the complexity of every earlier frame into each frame's quantiser, so
+  the frames after the boundary encode to the same bits only when the encoder has seen the same frames
+  before them (copying the old file's packets would not do). So the render encodes every frame again, and
+  the finished MP4 is the same file a fresh render writes. Where they fit in `KEPT_FRAMES_BYTES` (the demo
+  model's: 0.2 MB a chunk of frames, 3.3 MB of decoder state), the snapshot keeps the decoded frames before
+  the boundary (uint8) and the decoder's causal state after them: the render writes those frames as they
+  are and decodes only the chunks it generates. Otherwise (the full-size model: its decoder state alone is
+  1.9 GB at 832x480 in bf16) the kept latents are decoded again, which rebuilds both states; that costs the
+  decode time of the kept part (no generation): a fraction of a render on a GPU, but most of one for the
+  demo model on a CPU, whose transformer is tiny and whose decoding is 95% of a render.
 
-So a full-size snapshot is about 1 GB plus its latents (the demo model's: a few hundred KB). A video keeps
-at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes from the last one,
-and edits tend to be late); the sidecar lists them with their sizes.
+So a full-size snapshot is about 1 GB plus its latents; the demo model's a few MB (its frames and decoder
+state). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes
+from the last one, and edits tend to be late); the sidecar lists them with their sizes.
 
 Each snapshot is one safetensors file, hidden beside the video (`.out.snap-c0042.safetensors`; while
 rendering, `.out.partial.snap-c0042.safetensors`), written atomically, with its metadata (chunk,
@@ -64,6 +68,10 @@ SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: about 15 full-size boundaries
 # keeps snapshots: 0.57 MiB a chunk at 832x480 in bf16, so 512 MiB is the first 896 chunks (11.2 minutes) of
 # a video. No snapshot is taken after that point, and the latents are let go.
 KEPT_LATENTS_BYTES = 512 * 2**20
+# The frames of those chunks and the decoder's causal state after them, kept (on the CPU) while both fit in this
+# bound: a few minutes of the demo model's video (0.2 MiB a chunk, 3.3 MiB of state); never the full-size
+# model's, whose decoder state alone is 1.9 GB. A snapshot with them lets a render skip decoding its kept part.
+KEPT_FRAMES_BYTES = 256 * 2**20
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1
 _MAX_HEADER_BYTES = 2**24  # a snapshot's header names a few dozen tensors: kilobytes
@@ -80,6 +88,10 @@ class ResumePoint:
 
     boundary: BoundaryState
     latents: torch.Tensor  # [B, chunk * F, C, h, w]
+    # where they fit in `KEPT_FRAMES_BYTES`: the decoded frames of those chunks, uint8 [N, H, W, 3] on the CPU,
+    # and the decoder's causal state after them (`StreamingDecoder.causal_state`); else None and ()
+    frames: torch.Tensor | None = None
+    decoder: tuple[torch.Tensor, ...] = ()
 
     @property
     def chunk(self) -> int:
@@ -157,7 +169,7 @@ def on_cpu(point: ResumePoint) -> ResumePoint:
         memory, sink=memory.sink.cpu(), bank=memory.bank.cpu(), staged=memory.staged.cpu()
     )  # fmt: skip
     boundary = replace(boundary, history=boundary.history.cpu(), memory=memory, noise=boundary.noise.cpu())
-    return ResumePoint(boundary, point.latents.cpu())
+    return replace(point, boundary=boundary, latents=point.latents.cpu())  # frames and decoder state: on the CPU
 
 
 # -- files ----------------------------------------------------------------------------------------------------
@@ -217,13 +229,17 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
-    """Read a snapshot written by `save_snapshot`, its tensors on `device`; SnapshotError if it cannot be."""
+    """Read a snapshot written by `save_snapshot`, the generator's tensors on `device` (the noise state, frames and
+    decoder state stay on the CPU, where they are used); SnapshotError if it cannot be."""
     from safetensors import SafetensorError, safe_open
 
     metadata = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+        for name in tensors:
+            if not name.startswith(("noise", "frames", "decoder.")):
+                tensors[name] = tensors[name].to(device)
         return _unflatten(tensors, metadata)
     except (SafetensorError, OSError, KeyError) as error:
         raise SnapshotError(f"{path} cannot be read: {error}") from None
@@ -235,6 +251,9 @@ def _flatten(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any
         "history": boundary.history, "memory.sink": memory.sink, "memory.bank": memory.bank,
         "memory.staged": memory.staged, "noise": boundary.noise, "latents": snapshot.point.latents,
     }  # fmt: skip
+    if snapshot.point.frames is not None:
+        tensors["frames"] = snapshot.point.frames
+        tensors.update({f"decoder.{index:03d}": history for index, history in enumerate(snapshot.point.decoder)})
     metadata = {
         "format": _FORMAT, "chunk": boundary.chunk, "segment": boundary.segment,
         "video_frames": snapshot.video_frames, "request": snapshot.request, "prefix": snapshot.prefix,
@@ -252,7 +271,8 @@ def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Sn
         sink=tensors["memory.sink"], bank=tensors["memory.bank"], staged=tensors["memory.staged"],
         local_end=positions["local_end"], global_end=positions["global_end"], recorded=positions["recorded"],
     )  # fmt: skip
-    noise = tensors["noise"].cpu()  # a generator's state is always a CPU tensor
+    noise = tensors["noise"]  # a generator's state is always a CPU tensor
     boundary = BoundaryState(metadata["chunk"], metadata["segment"], tensors["history"], memory, noise)
-    point = ResumePoint(boundary, tensors["latents"])
+    decoder = tuple(tensors[name] for name in sorted(tensors) if name.startswith("decoder."))
+    point = ResumePoint(boundary, tensors["latents"], tensors.get("frames"), decoder)
     return Snapshot(point, metadata["video_frames"], metadata["request"], metadata["prefix"])

@@ -183,6 +183,15 @@ class CausalConvCache:
                 weight[: self.out_channels].copy_(self._weight_in_form())
                 bias[: self.out_channels].copy_(self.conv.bias)
 
+    @torch.inference_mode()
+    def restore(self, saved: torch.Tensor) -> None:
+        """Take `saved` ([B, C_in, keep, h, w], from a copy of `history`) as the history: the video goes on from it."""
+        if saved.dim() != 5 or saved.shape[1] != self.conv.in_channels or saved.shape[2] != self.keep:
+            raise ValueError(f"a history of shape {list(saved.shape)} does not fit a conv of {self.conv.in_channels}"
+                             f" input channels keeping {self.keep} frames")  # fmt: skip
+        like = saved.to(self.conv.weight.device, self.conv.weight.dtype)
+        self._history_for(like).copy_(like)
+
     def __call__(self, x: torch.Tensor, fill: Fill, with_bias: bool = True) -> torch.Tensor:
         """conv over [history | fill(x)] ([B, C_in, keep + T, h, w]); the history is then the newest frames.
 
@@ -403,6 +412,27 @@ class DecoderStream:
         for cache in (*self.caches.values(), *self.upsampled.values()):
             cache.reset()
         self.calls = 0
+
+    def causal_state(self) -> tuple[torch.Tensor, ...]:
+        """What the next frames depend on of the video so far: every causal conv's history, copied to the CPU
+        (nothing before the video's first frames, when some conv has not run yet)."""
+        histories = [cache.history for cache in self.caches.values()]
+        if self.at_start or any(history is None for history in histories):
+            return ()
+        return tuple(history.to("cpu", copy=True) for history in histories)
+
+    @property
+    def causal_state_bytes(self) -> int:
+        """The size of `causal_state` (0 before the video's first frames)."""
+        return sum(cache.history.nbytes for cache in self.caches.values() if cache.history is not None)
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        """Go on with a video whose `causal_state` was `state`: the next call decodes what follows it."""
+        if len(state) != len(self.caches):
+            raise ValueError(f"a causal state of {len(state)} histories does not fit a decoder of {len(self.caches)}")
+        for cache, saved in zip(self.caches.values(), state, strict=True):
+            cache.restore(saved)
+        self.calls = max(self.calls, 1)
 
     @property
     def at_start(self) -> bool:

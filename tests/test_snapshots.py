@@ -3,9 +3,12 @@ from the start, bit for bit, for latents and decoded frames; and the file round 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.engine import Video, load_engine
 from memflow_cli.settings import GenerationSettings, MemorySettings
 from memflow_cli.snapshots import (
@@ -115,13 +118,77 @@ def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine
     path = snapshot_path(target, 4)
     size = save_snapshot(path, Snapshot(point, video_frames=45, request="r", prefix="p"))
     assert path.name == ".fox.snap-c0004.safetensors" and size == path.stat().st_size
-    assert size < 2**20  # the demo model's snapshot is small
+    # the demo model's snapshot is small: 45 frames of 64x96 (0.8 MB), its decoder's causal state (3.4 MB), latents
+    assert size < 5 * 2**20
     assert snapshot_files(target) == {4: path} and snapshot_files(target, partial=True) == {}
     assert read_metadata(path)["video_frames"] == 45
     loaded = load_snapshot(path)
     assert (loaded.chunk, loaded.video_frames, loaded.request, loaded.prefix) == (4, 45, "r", "p")
+    assert torch.equal(loaded.point.frames, torch.cat([c.frames for c in full[:4]]))
+    assert len(loaded.point.decoder) == len(point.decoder) > 0
+    assert all(torch.equal(a, b) for a, b in zip(loaded.point.decoder, point.decoder, strict=True))
     _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=loaded.point)), full)
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
+
+
+def test_a_point_with_frames_writes_them_as_kept_and_decodes_only_the_new_chunks(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    point = points[1]
+    assert point.chunk == 4 and torch.equal(point.frames, torch.cat([c.frames for c in full[:4]]))
+    # frames that no decoder makes: a stream that yields them did not decode the kept chunks
+    marked = replace(point, frames=torch.full_like(point.frames, 7))
+    resumed = list(engine.stream(video, settings, seed=3, resume=marked))
+    assert all(torch.equal(c.frames, torch.full_like(c.frames, 7)) for c in resumed[:4])
+    assert [c.frames.shape[0] for c in resumed[:4]] == [c.frames.shape[0] for c in full[:4]]
+    _assert_same_stream(resumed[4:], full[4:])  # the decoder went on from the kept causal state
+
+
+def test_a_stream_resumed_from_frames_hands_out_the_later_points_a_stream_from_the_start_does(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    resumed, later = _streamed(engine, video, settings, 3, resume=points[0])
+    _assert_same_stream(resumed, full)
+    assert [p.chunk for p in later] == [2, 4, 6]
+    for a, b in zip(later, points, strict=True):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
+        assert all(torch.equal(x, y) for x, y in zip(a.decoder, b.decoder, strict=True)) and a.decoder
+
+
+def test_a_point_without_frames_or_with_another_decoders_state_decodes_its_latents_again(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    for point in (replace(points[1], frames=None, decoder=()), replace(points[1], decoder=points[1].decoder[1:])):
+        _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=point)), full)
+
+
+def test_the_preview_decoder_keeps_no_frames_and_decodes_the_kept_latents_of_any_point_again(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    wan_point = _streamed(engine, video, settings, 3)[1][1]
+    with load_engine("demo", "cpu", decoder=DecoderRequest(DecoderChoice.TAE)) as tae:
+        tae.encode(PROMPTS[:3])
+        full, points = _streamed(tae, video, settings, 3)
+        assert [p.frames for p in points] == [None, None, None] and all(p.decoder == () for p in points)
+        resumed = list(tae.stream(video, settings, seed=3, resume=wan_point))  # the VAE's frames are not TAEHV's
+    _assert_same_stream(resumed, full)
+
+
+def test_the_frames_kept_for_snapshots_are_bounded_and_the_later_points_keep_latents_only(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    state_bytes = sum(t.nbytes for t in points[0].decoder)
+    bound = state_bytes + sum(c.frames.nbytes for c in full[:3])  # the frames of 3 chunks and the state
+    bounded, limited = _streamed(engine, video, settings, 3, kept_frames_bytes=bound)
+    _assert_same_stream(bounded, full)
+    assert [p.frames is not None for p in limited] == [True, False, False]
+    assert [len(p.decoder) > 0 for p in limited] == [True, False, False]
+    for point in limited:  # each resumes to the same video, the later ones by decoding their latents again
+        _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=point)), full)
 
 
 def test_a_stream_refuses_to_resume_where_the_prompt_does_not_switch(engine):
