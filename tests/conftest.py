@@ -37,7 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # The files whose tests take longest (seconds on 2 idle cores, one process), run first: pytest-xdist's
 # --dist loadfile hands files to its workers in this order, and a long file started last would finish alone.
 LONGEST_FILES = (
-    "test_parity.py",  # the three full-resolution scenarios, about a minute each
+    "test_parity.py",  # a full-resolution scenario (about 2 minutes on one core) and its resume
+    "test_parity_share_1.py",  # the other scenarios, about 1.5 minutes each: the second worker takes both
+    "test_parity_share_2.py",
     "test_cli_robustness.py",  # the batch script, signals, kill -9: real processes
     "test_distributed.py",  # torchrun
     "test_update.py",
