@@ -9,6 +9,8 @@ test_parity_share_2.py take the others (`parity.scenario_share`), so that two py
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,10 +36,12 @@ def test_manifest_geometry_matches_derived_sizes():
         assert geometry.tokens_per_frame == MANIFEST["tokens_per_frame"]
 
 
-def test_every_scenario_is_in_one_share():
+def test_every_scenario_is_in_one_share_and_every_share_in_its_file():
     shares = [[parity.RESUMED] if parity.RESUMED in MANIFEST["scenarios"] else []]
     shares += [parity.scenario_share(MANIFEST["scenarios"], share) for share in range(1, parity.SHARES + 1)]
     assert sorted(name for share in shares for name in share) == sorted(MANIFEST["scenarios"])
+    files = sorted(path.name for path in Path(__file__).parent.glob("test_parity_share_*.py"))
+    assert files == [f"test_parity_share_{share}.py" for share in range(1, parity.SHARES + 1)]
 
 
 @pytest.mark.slow
