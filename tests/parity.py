@@ -63,6 +63,21 @@ def manifest() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"scenarios": {}}
 
 
+# The scenario test_parity.py also resumes from a snapshot at full resolution (its render is reused).
+RESUMED = "three_prompts"
+# The scenarios are shared out over three files, which pytest-xdist's --dist loadfile gives to its workers
+# whole: the resumed one (about 2.5 minutes on one core with its resume) in test_parity.py, the others in turn
+# in test_parity_share_1.py and test_parity_share_2.py (about 1.5 minutes each), so that two workers get
+# about the same time, each rendering only its own scenarios.
+SHARES = 2
+
+
+def scenario_share(names: Sequence[str], share: int) -> list[str]:
+    """Share `share` (1 or 2) of the scenarios other than `RESUMED`, taken in turn from the sorted names."""
+    others = sorted(name for name in names if name != RESUMED)
+    return others[share - 1 :: SHARES]
+
+
 def scenario_settings(man: dict, scenario: dict) -> GenerationSettings:
     channels, latent_h, latent_w = man["latent_shape"]
     geometry = VideoGeometry(
@@ -176,6 +191,23 @@ class ParityRenders:
             boundaries=boundaries.append,
         )
         return Rendered(tuple(chunks), tuple(boundaries))
+
+
+BAR = 1e-4  # relative L2 to the official latents, over the whole video and for each chunk
+
+
+def assert_matches_official(name: str, renders: ParityRenders) -> None:
+    """Scenario `name`, as `renders` rendered it, within `BAR` of the official latents, whole and per chunk."""
+    man = manifest()
+    per_chunk = man["frames_per_chunk"]
+    frames = man["scenarios"][name].get("frames", man["frames"])
+    expected = load_file(PARITY_DIR / f"expected_{name}.safetensors")["latents"][:, :frames]
+
+    chunks = renders.scenario(name).chunks
+
+    errors = [relative_l2(chunk, expected[:, i * per_chunk : (i + 1) * per_chunk]) for i, chunk in enumerate(chunks)]
+    assert max(errors) <= BAR, f"per-chunk relative L2 errors: {[f'{e:.2e}' for e in errors]}"
+    assert relative_l2(torch.cat(chunks, dim=1), expected) <= BAR
 
 
 def fast_path_error(

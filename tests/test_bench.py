@@ -19,11 +19,22 @@ REQUIRED = {
 DEMO_CPU = ("bench", "--model", "demo", "--device", "cpu")
 
 
-def test_bench_demo_cpu_ends_with_json_line():
-    result = CliRunner().invoke(app, ["bench", "--model", "demo", "--device", "cpu", "--frames", "9"])
+@pytest.fixture(scope="module")
+def demo_run():
+    """One `memflow bench` of 9 latent frames with 2 switches on the demo model, which the tests below only read
+    (each run takes seconds of CPU, most of it in the decoder's timing)."""
+    result = CliRunner().invoke(app, [*DEMO_CPU, "--frames", "9", "--switches", "2"])
     assert result.exit_code == 0, result.output
-    last = result.stdout.strip().splitlines()[-1]
-    record = json.loads(last)
+    return result
+
+
+def last_json(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bench_demo_cpu_ends_with_json_line(demo_run):
+    result = demo_run
+    record = last_json(result)
     assert REQUIRED <= set(record)
     assert record["device"] == "cpu" and record["model"] == "demo"
     assert record["latent_frames"] == 9
@@ -48,10 +59,8 @@ def test_bench_rejects_unknown_memory_mode():
     assert "memory" in result.output and "nam, sink, none" in result.output
 
 
-def test_bench_encodes_its_prompts_as_a_render_does_and_reports_it():
-    result = CliRunner().invoke(app, ["bench", "--model", "demo", "--device", "cpu", "--frames", "6"])
-    assert result.exit_code == 0, result.output
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+def test_bench_encodes_its_prompts_as_a_render_does_and_reports_it(demo_run):
+    record = last_json(demo_run)
     assert record["text_encoder"] == "umT5 2 layers x 32"  # the demo's tiny umT5 ran, not random embeddings
     assert record["encode_s"] > 0
     assert record["peak_memory_encode_gib"] is None and record["peak_reserved_gib"] is None  # CPU: no statistics
@@ -119,10 +128,8 @@ def test_bench_refuses_a_length_it_could_not_finish_at_once():
     assert result.output == "error: --frames 100000000: give a number from 3 to 12000\n"  # one line: option, bound
 
 
-def test_bench_reports_the_switches_it_made():
-    result = CliRunner().invoke(app, [*DEMO_CPU, "--frames", "9", "--switches", "2"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["switches"] == 2
+def test_bench_reports_the_switches_it_made(demo_run):
+    assert last_json(demo_run)["switches"] == 2
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3, 5, 7, 9, 40])
@@ -151,6 +158,7 @@ def test_fps_of_decoding_is_bounded_by_the_run_that_decoded_and_wrote(monkeypatc
         return bench_mod.RunTimes(seconds[phase], 0.5, [100.0] * chunks, bench_mod.Peaks(None, None))
 
     monkeypatch.setattr(bench_mod, "_timed_run", fake_run)
+    monkeypatch.setattr(bench_mod, "decode_ms_per_chunk", lambda *args, **kwargs: 50.0)  # not read here: 12 decodes
     record = bench_mod.run(
         bench_mod.BenchOptions(
             model=ModelSource.parse("demo"), device=torch.device("cpu"), settings=_demo_settings(), latent_frames=9
@@ -190,10 +198,8 @@ def test_bench_times_whole_render_processes_cold_and_warm():
         assert run["exit_s"] == pytest.approx(run["process_s"] - run["total_s"], abs=2e-3)
 
 
-def test_bench_without_time_to_video_runs_no_render_process():
-    result = CliRunner().invoke(app, ["bench", "--model", "demo", "--device", "cpu", "--frames", "6"])
-    assert result.exit_code == 0, result.output
-    assert "time_to_video_s" not in json.loads(result.stdout.strip().splitlines()[-1])
+def test_bench_without_time_to_video_runs_no_render_process(demo_run):
+    assert "time_to_video_s" not in last_json(demo_run)
 
 
 def test_the_time_to_video_render_is_the_bench_video_with_its_settings(tmp_path):

@@ -3,19 +3,21 @@
 Each scenario of the fixture's manifest is rendered through our own checkpoint
 loader and chunk loop from the fixture's embeddings and noise, in float32 on
 CPU, and must be within relative L2 1e-4 of the expected latents, whole and per chunk.
+This file takes the scenario it also resumes from a snapshot; test_parity_share_1.py and
+test_parity_share_2.py take the others (`parity.scenario_share`), so that two pytest-xdist workers share them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from memflow_cli.generator import MemFlowGenerator, ScriptedPrompts
 
 from . import parity
 
-BAR = 1e-4
 MANIFEST = parity.manifest()
 
 pytestmark = pytest.mark.skipif(
@@ -34,36 +36,33 @@ def test_manifest_geometry_matches_derived_sizes():
         assert geometry.tokens_per_frame == MANIFEST["tokens_per_frame"]
 
 
+def test_every_scenario_is_in_one_share_and_every_share_in_its_file():
+    shares = [[parity.RESUMED] if parity.RESUMED in MANIFEST["scenarios"] else []]
+    shares += [parity.scenario_share(MANIFEST["scenarios"], share) for share in range(1, parity.SHARES + 1)]
+    assert sorted(name for share in shares for name in share) == sorted(MANIFEST["scenarios"])
+    files = sorted(path.name for path in Path(__file__).parent.glob("test_parity_share_*.py"))
+    assert files == [f"test_parity_share_{share}.py" for share in range(1, parity.SHARES + 1)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(MANIFEST["scenarios"]))
+@pytest.mark.parametrize("name", [name for name in MANIFEST["scenarios"] if name == parity.RESUMED])
 def test_scenario_matches_official_latents(name, parity_renders):
-    scenario = MANIFEST["scenarios"][name]
-    per_chunk = MANIFEST["frames_per_chunk"]
-    frames = scenario.get("frames", MANIFEST["frames"])
-    expected = load_file(parity.PARITY_DIR / f"expected_{name}.safetensors")["latents"][:, :frames]
-
-    chunks = parity_renders.scenario(name).chunks
-
-    errors = [
-        parity.relative_l2(chunk, expected[:, i * per_chunk : (i + 1) * per_chunk]) for i, chunk in enumerate(chunks)
-    ]
-    assert max(errors) <= BAR, f"per-chunk relative L2 errors: {[f'{e:.2e}' for e in errors]}"
-    assert parity.relative_l2(torch.cat(chunks, dim=1), expected) <= BAR
+    parity.assert_matches_official(name, parity_renders)
 
 
-# A snapshot (`snapshots.py`) at full resolution; the file keeps the rendered scenarios: under pytest-xdist's
-# --dist loadfile one worker runs them all and renders each once.
+# A snapshot (`snapshots.py`) at full resolution, from the render of the scenario above (`parity_renders` keeps it:
+# under pytest-xdist's --dist loadfile one worker runs this file and renders it once).
 
 
-@pytest.mark.slow  # the scenario's render above (`parity_renders` keeps it), then 1 chunk from the snapshot
+@pytest.mark.slow  # the scenario's render above, then 1 chunk from the snapshot
 @pytest.mark.skipif(not MANIFEST["scenarios"], reason=f"no parity fixtures at {parity.PARITY_DIR}")
 def test_the_parity_models_three_prompt_scenario_resumes_exactly_at_its_second_switch(parity_renders):
     """The official scenario whose bank is compressed right after a switch (with an all-zero text query)."""
     man = parity.manifest()
-    scenario = man["scenarios"]["three_prompts"]
+    scenario = man["scenarios"][parity.RESUMED]
     settings = parity.scenario_settings(man, scenario)
     switches = parity.switch_chunks(scenario, settings)
-    full = parity_renders.scenario("three_prompts")  # through `generate`: interactive, as the scenario switches
+    full = parity_renders.scenario(parity.RESUMED)  # through `generate`: interactive, as the scenario switches
     state = full.boundaries[-2]  # at the last switch
     assert state.chunk == switches[-1]
     inputs = parity_renders.inputs

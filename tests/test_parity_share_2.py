@@ -1,0 +1,15 @@
+"""The official MemFlow scenarios of share 2 (`parity.scenario_share`): see test_parity.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from . import parity
+
+MANIFEST = parity.manifest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", parity.scenario_share(MANIFEST["scenarios"], 2))
+def test_scenario_matches_official_latents(name, parity_renders):
+    parity.assert_matches_official(name, parity_renders)
