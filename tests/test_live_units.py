@@ -280,13 +280,14 @@ def _session_stalls(**machine) -> list:
 
 def _simulated_session(
     *, ahead: int, generate_s: float, decode_s: float, trailing: bool, chunks: int = 60, slow_first: float = 0.0,
-    slow_chunks: int = 3, switches: tuple[int, ...] = (), switch_s: float = 0.0,
+    slow_chunks: int = 3, switches: tuple[int, ...] = (), switch_s: float = 0.0, foresee: bool = True,
 ) -> tuple[list, list[float]]:  # fmt: skip
     """The stalls of a session on a simulated machine, and the video made but not played (seconds) as each
     chunk from the fifth on starts: `Playback` paced as the session paces it, chunks made in `generate_s`
     (`slow_first` more for the first `slow_chunks`, `switch_s` more at a switch), decoded in `decode_s`
     either after each chunk or beside generation on a worker, handed over as `Overlap.map` hands them
-    over (up to two trailing)."""
+    over (up to two trailing). With `foresee` the pacer knows a switch is coming (a prompt is waiting), as the
+    session tells it."""
     playback: Playback[int] = Playback(fps=16, chunk_s=0.75, ahead=ahead)
     buffered: list[float] = []
     frames = [9] + [12] * (chunks - 1)
@@ -294,7 +295,7 @@ def _simulated_session(
     decoding: list[tuple[int, float]] = []  # (chunk, decoded at)
     for chunk in range(chunks):
         if chunk:
-            now = max(now, playback.start_time(chunk))
+            now = max(now, playback.start_time(chunk, switching=foresee and chunk in switches))
             if chunk > 3:
                 pending = chunk - playback.chunks_on_clock
                 buffered.append(max(playback.clock.runs_dry_at() - now, 0.0) + pending * 0.75)
@@ -346,22 +347,38 @@ def test_a_slow_warm_up_does_not_let_generation_run_further_ahead_than_asked(ahe
     assert max(buffered[10:]) <= max(ahead * 0.75, 0.3 + HANDOVER_MARGIN_S + 0.75) + 1e-9  # then as asked
 
 
-def test_with_no_buffer_only_the_first_switch_stalls_by_what_it_adds_beyond_the_margin():
-    # the later switches are foreseen: the pace allows for the latest switch's time, long after it
-    stalls = _session_stalls(ahead=0, **CLOSE_TO_REAL_TIME, **SWITCHES)
-    assert [stall.frame for stall in stalls] == [9 + 12 * 8]  # the chunk before the first switch's
-    assert stalls[0].seconds == pytest.approx(0.1 - HANDOVER_MARGIN_S)
+def test_a_foreseen_switch_starts_sooner_and_does_not_stall_even_with_no_buffer():
+    assert _session_stalls(ahead=0, **CLOSE_TO_REAL_TIME, **SWITCHES) == []
 
 
-def test_the_pace_remembers_the_latest_switch_beyond_the_recent_chunks():
+def test_an_unforeseen_switch_with_no_buffer_stalls_by_what_it_adds_beyond_the_margin():
+    stalls = _session_stalls(ahead=0, **CLOSE_TO_REAL_TIME, **SWITCHES, foresee=False)
+    assert [stall.frame for stall in stalls] == [9 + 12 * 8, 9 + 12 * 28, 9 + 12 * 48]  # the chunk before each
+    assert all(stall.seconds == pytest.approx(0.1 - HANDOVER_MARGIN_S) for stall in stalls)
+
+
+# a live session on an H100 with the Wan VAE: each chunk decoded at once (not trailing), a switch a re-cache more
+H100_WAN_LIVE = dict(generate_s=0.28, decode_s=0.17, trailing=False, switches=(10, 30, 50), switch_s=0.45)
+
+
+def test_one_chunk_ahead_rides_out_switches_longer_than_a_chunk_when_they_are_foreseen():
+    assert _session_stalls(ahead=1, **H100_WAN_LIVE) == []
+    assert len(_session_stalls(ahead=1, **H100_WAN_LIVE, foresee=False)) == 3  # what starting sooner saves
+
+
+def test_the_pace_allows_a_switch_the_latest_switchs_time_and_other_chunks_their_own():
     playback: Playback[int] = Playback(fps=16, chunk_s=0.75, ahead=0)
     playback.started(0.0)
+    playback.made(0, 9, now=0.3)
+    assert playback.switch_handover_s == pytest.approx(0.6)  # before any switch: twice a chunk's
+    playback.started(1.0)
     playback.switching()
-    playback.made(0, 9, now=0.5)
-    for chunk in range(1, 20):
+    playback.made(1, 12, now=1.5)
+    for chunk in range(2, 20):
         playback.started(chunk * 1.0)
         playback.made(chunk, 12, now=chunk * 1.0 + 0.3)
-    assert playback.handover_s == pytest.approx(0.5)
+    assert playback.handover_s == pytest.approx(0.3) and playback.switch_handover_s == pytest.approx(0.5)
+    assert playback.start_time(20, switching=True) < playback.start_time(20)
 
 
 def test_a_machine_slower_than_real_time_stalls_and_the_stalls_are_counted():

@@ -153,6 +153,8 @@ class SessionLoop:
         self._slow_said = False
         self._ended_by: str | None = None
         self._viewers = _Viewers()
+        # set while a typed prompt waits for its chunk: the pacer starts a switching chunk sooner (`switches_at`)
+        self._prompt_waiting = threading.Event()
         self.error: Exception | None = None  # what ended the loop early (a report that failed)
         self._thread = threading.Thread(target=self._run, name="memflow-live-session", daemon=True)
 
@@ -168,6 +170,11 @@ class SessionLoop:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def switches_at(self, chunk: int) -> bool:
+        """Whether `chunk` will start a new segment, as far as is known now: the opening script's, or a typed
+        prompt waiting (any thread may ask; the answer at the boundary itself is `ChunkBoundary`'s)."""
+        return chunk in self._opening or self._prompt_waiting.is_set()
 
     def _run(self) -> None:
         try:
@@ -215,6 +222,7 @@ class SessionLoop:
         if typed.source == "stdin":
             self._stdin_overflowing = False
         self._pending.append(Accepted(prompt, typed.source, typed.received_s, time.perf_counter()))
+        self._prompt_waiting.set()
         if typed.answer is not None:
             typed.answer.give(PromptAccepted(prompt))
         self._start_encoding(prompt)
@@ -241,6 +249,8 @@ class SessionLoop:
             segment = LiveSegment(index, chunk, start_s, self._opening[chunk], self._opening_source, None)
         elif self._pending:
             typed = self._pending.popleft()
+            if not self._pending:
+                self._prompt_waiting.clear()
             segment = LiveSegment(index, chunk, start_s, typed.prompt, typed.source, typed.received_s,
                                   typed.accepted_s)  # fmt: skip
         else:

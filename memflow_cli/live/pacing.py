@@ -8,9 +8,11 @@ with one chunk in hand the picture could stand still while the second is made an
 
 Generation is paced against this clock (`Playback`): the next chunk starts once the video made but not
 played yet is down to `ahead` chunks, so a prompt typed now shows within about `ahead + 1` chunks; and
-never later than the time it takes to get frames to the clock (measured on the last few chunks and on
-the latest prompt switch, whose re-cache makes its chunk the longest) before playback would run dry,
-whatever `ahead` says. Where playback runs dry anyway (a machine slower than
+never later than the time it takes to get frames to the clock (measured on the last few chunks; for a
+chunk that will switch prompt, on the latest switch, whose re-cache makes its chunk the longest) before
+playback would run dry, whatever `ahead` says. A chunk that switches starts as soon as that allows once a
+prompt waits for it: the video in hand plays out as it would, so the prompt shows no later, and the
+longer chunk lands before playback runs dry. Where playback runs dry anyway (a machine slower than
 real time) a chunk starts at once.
 """
 
@@ -24,6 +26,7 @@ STALL_TOLERANCE_S = 0.002  # a frame later than this past its period counts as a
 HANDOVER_MARGIN_S = 0.05  # frames reach the clock at least this long before it would run dry
 PREROLL_CHUNKS = 2  # chunks made before playback starts
 RECENT_CHUNKS = 8  # chunks whose handover times bound the next one's
+SWITCH_CHUNKS = 2.0  # a prompt switch's chunk is allowed up to this many chunks' duration (its re-cache pass)
 
 T = TypeVar("T")
 
@@ -110,7 +113,7 @@ class Playback(Generic[T]):
         self._handovers: deque[float] = deque(maxlen=RECENT_CHUNKS)
         self.work_s: list[float] = []  # per chunk, from its start (after its wait) to its frames out
         self._switching = False  # the chunk in the making starts a new prompt
-        self._switch_handover_s = 0.0  # the latest switch's handover time: a re-cache pass more than a chunk
+        self._switch_handover_s: float | None = None  # the latest switch's handover time (a re-cache pass more)
         self._started: float | None = None
         self._held: list[tuple[T, int, float]] = []  # the pre-roll: (chunk, frames, when made)
         self.chunks_on_clock = 0
@@ -130,9 +133,10 @@ class Playback(Generic[T]):
             self.work_s.append(now - self._started)
             # longer than a chunk plays (a warm-up, a compile) is slower than real time there: no earlier
             # start would keep up, so it counts as a chunk's duration
-            self._handovers.append(min(self.work_s[-1], self.chunk_s))
             if self._switching:
-                self._switch_handover_s = self._handovers[-1]
+                self._switch_handover_s = min(self.work_s[-1], SWITCH_CHUNKS * self.chunk_s)
+            else:
+                self._handovers.append(min(self.work_s[-1], self.chunk_s))
         self._switching = False
         self._held.append((item, frames, now))
         if self.clock.frames or len(self._held) >= PREROLL_CHUNKS:
@@ -151,12 +155,22 @@ class Playback(Generic[T]):
 
     @property
     def handover_s(self) -> float:
-        """The longest handover time of the recent chunks and of the latest prompt switch (0 before the first
-        chunk): whether the next chunk switches is known only once it starts, so the pace allows for it."""
-        return max(max(self._handovers, default=0.0), self._switch_handover_s)
+        """The longest handover time of the recent chunks that kept their prompt (0 before the first)."""
+        return max(self._handovers, default=0.0)
 
-    def start_time(self, chunk: int) -> float:
+    @property
+    def switch_handover_s(self) -> float:
+        """The handover time allowed for a chunk that switches prompt: the latest switch's; before the first,
+        twice a chunk's (the re-cache runs the window through the model once more)."""
+        if self._switch_handover_s is not None:
+            return self._switch_handover_s
+        return min(SWITCH_CHUNKS * self.handover_s, SWITCH_CHUNKS * self.chunk_s)
+
+    def start_time(self, chunk: int, switching: bool = False) -> float:
         """When chunk `chunk` may start: the chunks before it that are not on the clock yet are made (decoding
-        beside generation, or held for the pre-roll) and count as video ahead of playback."""
+        beside generation, or held for the pre-roll) and count as video ahead of playback. A chunk that will
+        switch prompt (`switching`: one is waiting) may start sooner, by what a switch takes more: that costs
+        no latency (the video in hand plays out as it would) and keeps playback from running dry."""
         pending_s = (chunk - self.chunks_on_clock) * self.chunk_s
-        return self.clock.start_time(self.ahead * self.chunk_s, pending_s, self.handover_s)
+        handover_s = self.switch_handover_s if switching else self.handover_s
+        return self.clock.start_time(self.ahead * self.chunk_s, pending_s, handover_s)

@@ -41,6 +41,7 @@ from .prompts import StdinReader
 from .replay import ReplaySegment, read_back, replay_text, write_replay
 
 DEFAULT_AHEAD = 2
+PACE_POLL_S = 0.01  # how often a chunk waiting for the clock looks whether a prompt came
 
 
 class SessionStop:
@@ -184,10 +185,11 @@ class LiveVideo:
         stream hands each chunk out once it is decoded, before asking for the next one).
         """
         while not self.stopped.is_set():
-            remaining = self.playback.start_time(chunk) - time.perf_counter()
+            switching = self.loop.switches_at(chunk)
+            remaining = self.playback.start_time(chunk, switching) - time.perf_counter()
             if remaining <= 0:
                 return
-            self.stopped.wait(remaining)
+            self.stopped.wait(min(remaining, PACE_POLL_S))  # a prompt typed meanwhile may let it start sooner
 
 
 def ask(loop: SessionLoop, event: Callable[[Answer], Event]) -> Any:
