@@ -8,7 +8,6 @@ also on a second device, and the bench's decode timing runs.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -212,18 +211,10 @@ def _cuda_vae(vae: AutoencoderKLWan, device: str) -> AutoencoderKLWan:
 KERNEL_SETS: dict[str, Callable[[], DecoderKernels]] = {kernels.value: kernels.kernels for kernels in DecoderKernelSet}
 
 
-# MEMFLOW_STRICT_GRAPHS=1: an unexpected pass fails, so the run that shows the capture mended says so (and
-# `pytest --runxfail` runs these tests as unmarked ones, failures with their tracebacks)
-BROKEN_CAPTURE = pytest.mark.xfail(
-    reason="on an H100 (torch 2.11) every decoder graph capture failed: CUDACachingAllocator's use_count > 0 assert"
-    " (a pool handle shared across decoders; each decoder now owns its pool: awaiting a GPU run)",
-    strict=os.environ.get("MEMFLOW_STRICT_GRAPHS") == "1",
-)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@BROKEN_CAPTURE
 @pytest.mark.parametrize("kernels", sorted(KERNEL_SETS))
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 @pytest.mark.parametrize("frames_per_call", [1, None], ids=["per-frame", "per-chunk"])
@@ -244,7 +235,6 @@ def test_graph_replays_equal_the_eager_decode(vae, kernels: str, device: str, fr
 
 @pytest.mark.gpu
 @needs_cuda
-@BROKEN_CAPTURE
 def test_decode_timing_runs_on_the_gpu(vae: AutoencoderKLWan) -> None:
     geometry = VideoGeometry(height=64, width=96)
     decoder = StreamingDecoder(_cuda_vae(vae, "cuda"), kernels=EAGER_CUDA_KERNELS, graphs=True)
