@@ -349,6 +349,10 @@ class _ResumePoints:
     """Pairs the generator's state at each boundary with the latents of every chunk before it, and where they
     fit in `frames_bytes` with those chunks' frames and the decoder's causal state after them.
 
+    A point holds every frame before it, so the points of one video would hold its frames many times over
+    (their sum grows with the square of the video's length): `frames_bytes` bounds the frames and states of
+    all the points handed out together, not each one's.
+
     The latents are kept (on the device: 0.57 MiB a chunk at 832x480 in bf16) for the first `last_chunk`
     chunks only; the boundaries after them are not asked for, and the latents are let go at that point. The
     frames and the decoder state (on the CPU) are let go at the first chunk they do not fit: the points after
@@ -362,6 +366,7 @@ class _ResumePoints:
         self.made: list[torch.Tensor] = []  # their latents
         self.frames: list[torch.Tensor] | None = [] if take is not None else None  # their frames; None: not kept
         self.decoder: tuple[torch.Tensor, ...] = ()  # the decoder's causal state after them, with the frames
+        self.handed_out = 0  # bytes of frames and decoder state in the points handed out so far
 
     def boundary(self, state: BoundaryState) -> None:
         self.boundaries[state.chunk] = state
@@ -419,6 +424,12 @@ class _ResumePoints:
             return
         frames = torch.cat(self.frames) if self.frames else None
         decoder = self.decoder if frames is not None else ()
+        if frames is not None:
+            size = frames.nbytes + sum(t.nbytes for t in decoder)
+            if self.handed_out + size > self.frames_bytes:  # every later point's are larger: none from here on
+                frames, decoder, self.frames, self.decoder = None, (), None, ()
+            else:
+                self.handed_out += size
         self.take(ResumePoint(boundary, torch.cat(self.made, dim=1), frames, decoder))
 
 

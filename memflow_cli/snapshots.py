@@ -35,8 +35,9 @@ bit for bit, for latents and decoded frames):
   decode time of the kept part (no generation): a fraction of a render on a GPU, but most of one for the
   demo model on a CPU, whose transformer is tiny and whose decoding is 95% of a render.
 
-So a full-size snapshot is about 1 GB plus its latents; the demo model's a few MB (its frames and decoder
-state). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes
+So a full-size snapshot is about 1 GB plus its latents; the demo model's grows with its boundary (its frames
+and decoder state: 39 MB at 110 s), and the frames and states of one render's snapshots stay within
+`KEPT_FRAMES_BYTES` together (the later boundaries of a long video keep latents only). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes
 from the last one, and edits tend to be late); the sidecar lists them with their sizes.
 
 Each snapshot is one safetensors file, hidden beside the video (`.out.snap-c0042.safetensors`; while
@@ -68,9 +69,11 @@ SNAPSHOT_BUDGET_BYTES = 16 * 2**30  # per video: about 15 full-size boundaries
 # keeps snapshots: 0.57 MiB a chunk at 832x480 in bf16, so 512 MiB is the first 896 chunks (11.2 minutes) of
 # a video. No snapshot is taken after that point, and the latents are let go.
 KEPT_LATENTS_BYTES = 512 * 2**20
-# The frames of those chunks and the decoder's causal state after them, kept (on the CPU) while both fit in this
-# bound: a few minutes of the demo model's video (0.2 MiB a chunk, 3.3 MiB of state); never the full-size
-# model's, whose decoder state alone is 1.9 GB. A snapshot with them lets a render skip decoding its kept part.
+# The frames of those chunks and the decoder's causal state after them, kept (on the CPU) while the snapshots of
+# one render hold no more than this of them in all (each holds every frame before it, so the early boundaries of
+# a long video fill it): about two minutes of the demo model's video with a switch every 10 s (0.2 MiB a chunk,
+# 3.3 MiB of state); never the full-size model's, whose decoder state alone is 1.9 GB. A snapshot with them lets
+# a render skip decoding its kept part.
 KEPT_FRAMES_BYTES = 256 * 2**20
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1

@@ -191,6 +191,20 @@ def test_the_frames_kept_for_snapshots_are_bounded_and_the_later_points_keep_lat
         _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=point)), full)
 
 
+def test_the_frames_of_all_the_points_together_are_bounded_not_each_points(engine):
+    settings = GenerationSettings(geometry=engine.geometry)
+    video = _video(engine, 3, (2, 4), 6)
+    full, points = _streamed(engine, video, settings, 3)
+    state_bytes = sum(t.nbytes for t in points[0].decoder)
+    bound = 2 * state_bytes + sum(c.frames.nbytes for c in full[:6])  # each point alone fits, not all three
+    bounded, limited = _streamed(engine, video, settings, 3, kept_frames_bytes=bound)
+    _assert_same_stream(bounded, full)
+    assert [p.frames is not None for p in limited] == [True, True, False]
+    held = sum(p.frames.nbytes + sum(t.nbytes for t in p.decoder) for p in limited if p.frames is not None)
+    assert held <= bound
+    _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=limited[2])), full)
+
+
 def test_a_stream_refuses_to_resume_where_the_prompt_does_not_switch(engine):
     settings = GenerationSettings(geometry=engine.geometry)
     video = _video(engine, 3, (2, 4), 6)
