@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -80,6 +81,23 @@ def test_the_opening_scripts_segment_comes_at_its_chunk_and_typed_prompts_wait_b
         events.put(PromptTyped("typed", 1.0, "page"))
         assert taken(loop, first_chunk=0) == ["dawn", "typed", "storm"]
     assert [prompt for prompt, _ in report.switches] == ["dawn", "typed", "storm"]
+
+
+def test_the_loop_tells_the_pacer_a_switch_is_coming_while_a_prompt_waits_or_the_script_has_one():
+    from memflow_cli.live.events import ChunkBoundary
+    from memflow_cli.live.session import ask
+
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report, opening={0: "dawn", 5: "storm"}, opening_source="script") as loop:
+        assert not loop.switches_at(1) and loop.switches_at(5)  # nothing typed; the script's own at chunk 5
+        for text in ("first", "second"):
+            events.put(PromptTyped(text, 1.0, "stdin"))
+        assert waiting(loop) == ["first", "second"]  # answered after the loop took both
+        assert loop.switches_at(1)
+        assert ask(loop, functools.partial(ChunkBoundary, 1)).prompt == "first"
+        assert loop.switches_at(2)  # "second" still waits
+        assert ask(loop, functools.partial(ChunkBoundary, 2)).prompt == "second"
+        assert not loop.switches_at(3) and loop.switches_at(5)
 
 
 def test_the_page_is_answered_and_a_blank_or_too_long_prompt_is_not_queued():
