@@ -326,7 +326,9 @@ def _restored(decoder: StreamingDecoder | StreamingTaeDecoder, resume: ResumePoi
     if resume.frames is None or not isinstance(decoder, StreamingDecoder):  # TAEHV keeps no state to restore
         return False
     frames = (geometry.video_frames(resume.chunk * geometry.frames_per_chunk), geometry.height, geometry.width, 3)
-    if tuple(resume.frames.shape) != frames:
+    if tuple(resume.frames.shape) != frames or resume.frames.dtype != torch.uint8:
+        return False
+    if not all(_history_fits(history, geometry) for history in resume.decoder):
         return False
     try:
         decoder.restore(resume.decoder)
@@ -334,6 +336,15 @@ def _restored(decoder: StreamingDecoder | StreamingTaeDecoder, resume: ResumePoi
         decoder.reset()
         return False
     return True
+
+
+def _history_fits(history: torch.Tensor, geometry: VideoGeometry) -> bool:
+    """A causal conv's history of one video at one of the decoder's scales: the latent frame's size times 1, 2, 4
+    or 8 (a history of another size would be replaced by zeros at the first call, not go on from the state)."""
+    if history.dim() != 5 or history.shape[0] != 1:
+        return False
+    h, w = history.shape[-2:]
+    return any((h, w) == (geometry.latent_height * 2**k, geometry.latent_width * 2**k) for k in range(4))
 
 
 def _kept_chunks(
