@@ -31,7 +31,7 @@ import torch
 from .decode import StreamingDecoder
 from .decoders import WAN_DECODER, DecoderChoice, DecoderRequest
 from .embed_cache import EmbedCacheSettings, EmbeddingCache, encoder_key
-from .generator import BoundaryState, MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
+from .generator import MemFlowGenerator, PromptSource, ScriptedPrompts, SeededNoise
 from .handover import handed_over
 from .merged_cache import CONVERTED_VAE, MERGED_TRANSFORMER, CachedKind, MergedCache, MergedCacheSettings
 from .model.build import build_transformer
@@ -40,6 +40,7 @@ from .mp4 import Mp4Writer
 from .overlap import Overlap
 from .prompt_embeds import PromptEmbeddings, PromptEncoder
 from .request import ModelKind, ModelSource
+from .resume import ResumePoints, kept_chunks, restore_decoder
 from .script import Timeline
 from .seeding import drawing_from, seeded
 from .settings import WAN_1_3B, GenerationSettings, LoraSettings, TransformerConfig, VideoGeometry
@@ -248,7 +249,7 @@ class Engine:
         generator = MemFlowGenerator(self.transformer, settings, passes=self.fast.graphed_passes)
         noise = SeededNoise(seed, generator.noise_shape(), self.device, self.dtype)
         chunk_bytes = math.prod(generator.noise_shape()) * self.dtype.itemsize
-        points = _ResumePoints(snapshots, kept_latents_bytes // chunk_bytes, kept_frames_bytes)
+        points = ResumePoints(snapshots, kept_latents_bytes // chunk_bytes, kept_frames_bytes)
         generated = generator.stream(
             video.prompts(), noise, interactive=video.interactive(settings),
             resume=resume.boundary if resume else None,
@@ -263,11 +264,11 @@ class Engine:
                 return
             decoder = self.streaming_decoder()
             start = 0
-            if resume is not None and _restored(decoder, resume, settings.geometry):
+            if resume is not None and restore_decoder(decoder, resume, settings.geometry):
                 # the kept chunks' frames as the earlier render made them, and the decoder as it left them
                 kept = resume.latents.to(self.device, self.dtype)
                 points.resumed(kept, resume)
-                for index, (x, frames) in enumerate(_kept_chunks(kept, resume.frames, settings.geometry)):
+                for index, (x, frames) in enumerate(kept_chunks(kept, resume.frames, settings.geometry)):
                     if writer is not None:
                         writer.write(frames)
                     yield Chunk(index, video.segment_of(index), x, frames)
@@ -319,129 +320,6 @@ class Engine:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def _restored(decoder: StreamingDecoder | StreamingTaeDecoder, resume: ResumePoint, geometry: VideoGeometry) -> bool:
-    """Whether `resume` keeps the frames of its chunks and a causal state this decoder goes on from (then it does)."""
-    if resume.frames is None or not isinstance(decoder, StreamingDecoder):  # TAEHV keeps no state to restore
-        return False
-    frames = (geometry.video_frames(resume.chunk * geometry.frames_per_chunk), geometry.height, geometry.width, 3)
-    if tuple(resume.frames.shape) != frames or resume.frames.dtype != torch.uint8:
-        return False
-    if not all(_history_fits(history, geometry) for history in resume.decoder):
-        return False
-    try:
-        decoder.restore(resume.decoder)
-    except ValueError:  # another decoder's state: the kept latents are decoded again
-        decoder.reset()
-        return False
-    return True
-
-
-def _history_fits(history: torch.Tensor, geometry: VideoGeometry) -> bool:
-    """A causal conv's history of one video at one of the decoder's scales: the latent frame's size times 1, 2, 4
-    or 8 (a history of another size would be replaced by zeros at the first call, not go on from the state)."""
-    if history.dim() != 5 or history.shape[0] != 1:
-        return False
-    h, w = history.shape[-2:]
-    return any((h, w) == (geometry.latent_height * 2**k, geometry.latent_width * 2**k) for k in range(4))
-
-
-def _kept_chunks(
-    latents: torch.Tensor, frames: torch.Tensor, geometry: VideoGeometry
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Latents [1, c * F, C, h, w] and their frames [N, H, W, 3] -> (latents, frames) of each of the c chunks."""
-    for chunk, x in enumerate(latents.split(geometry.frames_per_chunk, dim=1)):
-        first, end = (geometry.video_frames(c * geometry.frames_per_chunk) for c in (chunk, chunk + 1))
-        yield x, frames[first:end]
-
-
-class _ResumePoints:
-    """Pairs the generator's state at each boundary with the latents of every chunk before it, and where they
-    fit in `frames_bytes` with those chunks' frames and the decoder's causal state after them.
-
-    A point holds every frame before it, so the points of one video would hold its frames many times over
-    (their sum grows with the square of the video's length): `frames_bytes` bounds the frames and states of
-    all the points handed out together, not each one's.
-
-    The latents are kept (on the device: 0.57 MiB a chunk at 832x480 in bf16) for the first `last_chunk`
-    chunks only; the boundaries after them are not asked for, and the latents are let go at that point. The
-    frames and the decoder state (on the CPU) are let go at the first chunk they do not fit: the points after
-    it have none, and a render from them decodes their kept latents again.
-    """
-
-    def __init__(self, take: Callable[[ResumePoint], None] | None, last_chunk: int, frames_bytes: int):
-        self.take, self.last_chunk, self.frames_bytes = take, last_chunk, frames_bytes
-        self.boundaries: dict[int, BoundaryState] = {}  # filled before the chunk they precede is made
-        self.chunks = 0  # chunks made (or kept) so far
-        self.made: list[torch.Tensor] = []  # their latents
-        self.frames: list[torch.Tensor] | None = [] if take is not None else None  # their frames; None: not kept
-        self.decoder: tuple[torch.Tensor, ...] = ()  # the decoder's causal state after them, with the frames
-        self.handed_out = 0  # bytes of frames and decoder state in the points handed out so far
-
-    def boundary(self, state: BoundaryState) -> None:
-        self.boundaries[state.chunk] = state
-
-    def resumed(self, latents: torch.Tensor, point: ResumePoint) -> None:
-        """The stream starts from `point` (its `latents` on the device), its frames and decoder state included:
-        its chunks count as made."""
-        if self.take is None:
-            return
-        self.chunks, self.made, self.frames, self.decoder = point.chunk, [latents], [], ()
-        self._keep_frames(point.frames, point.decoder)
-        self._within_bound()
-
-    def decoder_state(self, decoder: StreamingDecoder | StreamingTaeDecoder) -> tuple[torch.Tensor, ...]:
-        """The decoder's causal state now, copied, where the frames are still kept and it fits beside them."""
-        kept = self.frames  # read once: the stream's thread may let them go meanwhile
-        if kept is None or not isinstance(decoder, StreamingDecoder):
-            return ()
-        if sum(f.nbytes for f in kept) + decoder.causal_state_bytes > self.frames_bytes:
-            return ()
-        return decoder.causal_state()
-
-    def reached(
-        self, latents: torch.Tensor, frames: torch.Tensor | None = None, decoder: tuple[torch.Tensor, ...] = ()
-    ) -> None:
-        """The next chunk is done: hand out the point before it if it starts a segment, then keep its latents
-        (and its frames with the decoder state after it, `decoder_state`)."""
-        if self.take is None:
-            return
-        self.ended()
-        self.chunks += 1
-        self.made.append(latents)
-        self._keep_frames(frames, decoder)
-        self._within_bound()
-
-    def _keep_frames(self, frames: torch.Tensor | None, decoder: tuple[torch.Tensor, ...]) -> None:
-        kept = self.frames
-        if kept is None or frames is None or not decoder:
-            self.frames, self.decoder = None, ()
-        elif sum(f.nbytes for f in kept) + frames.nbytes + sum(t.nbytes for t in decoder) > self.frames_bytes:
-            self.frames, self.decoder = None, ()
-        else:
-            kept.append(frames)
-            self.decoder = decoder
-
-    def _within_bound(self) -> None:
-        if self.chunks > self.last_chunk:  # past the bound: no more snapshots, nothing more kept
-            self.take, self.frames = None, None
-            self.made.clear()
-
-    def ended(self) -> None:
-        """Hand out the point after every chunk made so far, if the generator stopped (or switches) there."""
-        boundary = self.boundaries.pop(self.chunks, None)
-        if self.take is None or boundary is None:
-            return
-        frames = torch.cat(self.frames) if self.frames else None
-        decoder = self.decoder if frames is not None else ()
-        if frames is not None:
-            size = frames.nbytes + sum(t.nbytes for t in decoder)
-            if self.handed_out + size > self.frames_bytes:  # every later point's are larger: none from here on
-                frames, decoder, self.frames, self.decoder = None, (), None, ()
-            else:
-                self.handed_out += size
-        self.take(ResumePoint(boundary, torch.cat(self.made, dim=1), frames, decoder))
 
 
 def load_engine(

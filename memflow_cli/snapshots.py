@@ -37,8 +37,9 @@ bit for bit, for latents and decoded frames):
 
 So a full-size snapshot is about 1 GB plus its latents; the demo model's grows with its boundary (its frames
 and decoder state: 39 MB at 110 s), and the frames and states of one render's snapshots stay within
-`KEPT_FRAMES_BYTES` together (the later boundaries of a long video keep latents only). A video keeps at most `SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes
-from the last one, and edits tend to be late); the sidecar lists them with their sizes.
+`KEPT_FRAMES_BYTES` together (the later boundaries of a long video keep latents only). A video keeps at most
+`SNAPSHOT_BUDGET_BYTES` of them (the latest boundaries first: a crash resumes from the last one, and edits tend
+to be late); the sidecar lists them with their sizes.
 
 Each snapshot is one safetensors file, hidden beside the video (`.out.snap-c0042.safetensors`; while
 rendering, `.out.partial.snap-c0042.safetensors`), written atomically, with its metadata (chunk,

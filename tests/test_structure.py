@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [  # top first; a name is a module, or a package
         "memflow_cli.prompt_embeds", "memflow_cli.embed_cache", "memflow_cli.text_encoder", "memflow_cli.demo",
         "memflow_cli.random_model", "memflow_cli.record", "memflow_cli.output", "memflow_cli.mp4",
         "memflow_cli.checkpoint", "memflow_cli.merged_cache", "memflow_cli.tae", "memflow_cli.snapshots",
+        "memflow_cli.resume",
         "memflow_cli.weights",  # the package and its loaders, which build models from the files
     ),  # fmt: skip
     (  # the files: where they are, fetching, checking, reading
