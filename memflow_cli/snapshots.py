@@ -232,6 +232,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
+_ON_CPU = ("noise", "frames", "decoder.")  # the tensors of a snapshot used on the CPU, wherever the model runs
+
+
 def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
     """Read a snapshot written by `save_snapshot`, the generator's tensors on `device` (the noise state, frames and
     decoder state stay on the CPU, where they are used); SnapshotError if it cannot be."""
@@ -239,11 +242,11 @@ def load_snapshot(path: Path, device: torch.device | str = "cpu") -> Snapshot:
 
     metadata = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-        for name in tensors:
-            if not name.startswith(("noise", "frames", "decoder.")):
-                tensors[name] = tensors[name].to(device)
+        tensors: dict[str, torch.Tensor] = {}
+        for on_cpu in (True, False):  # each tensor read straight to where it is used: no staging copy of 1 GB
+            with safe_open(str(path), framework="pt", device="cpu" if on_cpu else str(device)) as f:
+                names = [name for name in f.keys() if name.startswith(_ON_CPU) == on_cpu]  # noqa: SIM118
+                tensors.update({name: f.get_tensor(name) for name in names})
         return _unflatten(tensors, metadata)
     except (SafetensorError, OSError, KeyError) as error:
         raise SnapshotError(f"{path} cannot be read: {error}") from None
