@@ -196,7 +196,7 @@ def test_the_batch_script_takes_names_from_memflow_logs_failures_and_skips_finis
         assert_video(out / name, video_frames(2))
 
     finished = {name: (out / name).stat().st_mtime_ns for name in videos}
-    second = run_batch(scripts, out, *TAE, "--overwrite")  # overwriting never lets one story replace another's
+    second = run_batch(scripts, out, *TAE, "--overwrite")  # never lets one story replace another's video
     assert second.returncode == 1
     assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 5 skipped, 2 failed"
     assert "skip:" in second.stderr and "4.yaml" in second.stderr and "two.yml" in second.stderr
