@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .devices import device_problem
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
 from .loading import WeightsError
 from .output import OutputError
@@ -89,6 +90,10 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     options = request.options
     geometry = geometry_for(options.model)
     jobs, _ = plan_jobs(request, geometry)
+    if every_video_finished(jobs, request, geometry):  # nothing needs the device: torch is not even imported
+        for job in jobs:
+            report_claim(job, Claim.SKIP)
+        return 0
     device = checked_device(options.device)
     decode_device = None if options.decode_device is None else checked_device(options.decode_device, "--decode-device")
     if options.fp8:
@@ -131,6 +136,15 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
                     markup=False, soft_wrap=True,
                 )  # fmt: skip
     return EXIT_FAILED if failures else 0
+
+
+def every_video_finished(jobs: list[Job], request: RenderRequest, geometry: VideoGeometry) -> bool:
+    """With --skip-existing, whether every job's video is a finished render of this request (a batch run again
+    over finished stories). The device names are still checked, by name alone."""
+    for device, option in ((request.options.device, "--device"), (request.options.decode_device, "--decode-device")):
+        if device is not None and (problem := device_problem(device, option)):
+            raise PlanError(*problem)
+    return request.skip_existing and all(finished_difference(job, request, geometry) is None for job in jobs)
 
 
 def warn_cut_prompts(jobs: list[Job], request: RenderRequest, geometry: VideoGeometry) -> None:

@@ -32,6 +32,10 @@ FPS = 16
 WIDTH, HEIGHT = 96, 64  # the demo model
 JSONL_SEGMENT_S = 10.0  # `--segment-seconds` default
 DEMO = ("--model", "demo", "--device", "cpu")
+# The demo model's tiny random TAEHV decoder: the whole render path runs, and a process imports neither diffusers
+# nor transformers (about 3 CPU-s less a process). For process tests whose subject is not the decoder (signals,
+# locks, exit codes, the batch script, torchrun); each command keeps process tests on the default Wan VAE.
+TAE = ("--decoder", "tae")
 
 runner = CliRunner()
 

@@ -2,7 +2,9 @@
 kills, signals, full disks and wrong outputs.
 
 Renders run the real `memflow` in real processes on the demo model where processes matter (two renders at
-once, kill -9, SIGTERM, a full disk); the rest run in-process through Typer's runner.
+once, kill -9, SIGTERM, a full disk); the rest run in-process through Typer's runner. Ctrl-C mid-render, Ctrl-C
+while the model loads and a batch script test run the default Wan VAE; the other process tests decode with the
+demo's TAEHV decoder (`TAE`), their subject being the process, not the decoder.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.cli_helpers import (
     DEMO,
     EXAMPLES,
     REPO,
+    TAE,
     assert_video,
     chunks_until,
     dead_render,
@@ -180,7 +183,7 @@ def test_the_batch_script_takes_names_from_memflow_logs_failures_and_skips_finis
     out.mkdir()
     dead_render(out / "two.mp4")  # a render of two.yml was killed (kill -9): partial and lock file stay, unheld
 
-    first = run_batch(scripts, out)
+    first = run_batch(scripts, out, *TAE)
     assert first.returncode == 1, first.stderr
     assert first.stdout.splitlines()[-1] == "batch: 5 rendered, 0 skipped, 2 failed"  # the dead render is no failure
     assert str(out / "two.mp4") in first.stdout.splitlines()
@@ -193,7 +196,7 @@ def test_the_batch_script_takes_names_from_memflow_logs_failures_and_skips_finis
         assert_video(out / name, video_frames(2))
 
     finished = {name: (out / name).stat().st_mtime_ns for name in videos}
-    second = run_batch(scripts, out, "--overwrite")  # overwriting never lets one story replace another's video
+    second = run_batch(scripts, out, *TAE, "--overwrite")  # never lets one story replace another's video
     assert second.returncode == 1
     assert second.stdout.splitlines()[-1] == "batch: 0 rendered, 5 skipped, 2 failed"
     assert "skip:" in second.stderr and "4.yaml" in second.stderr and "two.yml" in second.stderr
@@ -264,7 +267,7 @@ def test_kill_9_leaves_a_partial_that_a_single_render_names_and_a_batch_renders_
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG, title="k9")
     target = tmp_path / "k9.mp4"
     partial = partial_path(target)
-    killed = start_render(script, target)
+    killed = start_render(script, target, *TAE)
     try:
         wait_for_frames(partial, killed)
     finally:
@@ -275,7 +278,7 @@ def test_kill_9_leaves_a_partial_that_a_single_render_names_and_a_batch_renders_
     kept = partial.read_bytes()
     assert lock_path(target).exists()  # kill -9 leaves the lock file, but not the lock
 
-    again = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s")  # the kill is the process part
+    again = memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s")  # the kill: the process part
     assert again.exit_code == 2
     assert one_error(again.stderr) == (
         f"error: {partial} holds the frames of an earlier render of k9.mp4 that was stopped; nothing was rendered"
@@ -283,7 +286,8 @@ def test_kill_9_leaves_a_partial_that_a_single_render_names_and_a_batch_renders_
     assert "--overwrite" in again.stderr
     assert partial.read_bytes() == kept
 
-    resumed = memflow("render", script, *DEMO, "--out-dir", tmp_path, "--skip-existing", "--duration", "1.5s", "-q")
+    resumed = memflow("render", script, *DEMO, *TAE, "--out-dir", tmp_path, "--skip-existing", "--duration", "1.5s",
+                      "-q")  # fmt: skip
     assert resumed.exit_code == 0, resumed.stderr
     assert resumed.stdout == f"{target}\n"
     assert_video(target, video_frames(2))  # rendered again from the start
@@ -412,7 +416,7 @@ def test_a_full_disk_is_one_line_that_names_the_partial(tmp_path: Path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, resource.RLIM_INFINITY))
 
     result = subprocess.run(
-        [*MEMFLOW, "render", str(script), *DEMO, "-o", str(target), "--duration", "10s", "-q"],
+        [*MEMFLOW, "render", str(script), *DEMO, *TAE, "-o", str(target), "--duration", "10s", "-q"],
         capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
     )  # fmt: skip
     assert result.returncode == 1
@@ -497,7 +501,7 @@ def test_sigterm_and_sighup_stop_like_ctrl_c_and_name_the_partial(tmp_path: Path
     script = write_story(tmp_path / "fox.yaml", ["0s"], LONG)
     target = tmp_path / "fox.mp4"
     partial = partial_path(target)
-    process = start_render(script, target)
+    process = start_render(script, target, *TAE)
     try:
         wait_for_frames(partial, process)
         process.send_signal(stop)

@@ -3,6 +3,8 @@
 
 The torchrun runs start `python -m torch.distributed.run --standalone` (a free port of its own) in a subprocess,
 with stories of 1.5 s (two chunks) so that two processes on a CI machine's two cores finish in seconds.
+The first runs the default Wan VAE (and so does the Ctrl-C of `--gpus 2`); the others decode with the demo's
+TAEHV decoder (`TAE`), their subject being how the processes share the stories, not the decoder.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from memflow_cli.output import OutputLock, sidecar_path
 from memflow_cli.random_model import RANDOM_NOTICE, NoiseTextEncoder
 from memflow_cli.request import ModelSource
 
-from .cli_helpers import DEMO, assert_video, dead_render, decoded, memflow, video_frames, write_jsonl, write_story
+from .cli_helpers import DEMO, TAE, assert_video, dead_render, decoded, memflow, video_frames, write_jsonl, write_story
 from .video import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +225,7 @@ def test_gpus_a_failed_story_is_one_line_a_story_rendered_elsewhere_is_in_progre
     other = OutputLock(out / "Elk.mp4")  # another live memflow process renders Elk now
     other.acquire()
     try:
-        result = run_python("-m", "memflow_cli", "render", owl, fox, elk, "--out-dir", out, *DEMO, *PREVIEW,
+        result = run_python("-m", "memflow_cli", "render", owl, fox, elk, "--out-dir", out, *DEMO, *TAE, *PREVIEW,
                             "--gpus", "2", cwd=tmp_path)  # fmt: skip
     finally:
         other.release()
@@ -266,8 +268,10 @@ def test_gpus_ctrl_c_is_one_message_per_stop_and_the_batch_resumes(tmp_path: Pat
     assert "interrupted: the batch was stopped; finished videos stay, run it again to resume" in stderr
     assert all(path.name.startswith(".") for path in out.iterdir())  # no finished video; the partials stay
 
-    resumed = run_python("-m", "memflow_cli", "render", *stories, "--out-dir", out, *DEMO, *PREVIEW, "--gpus", "2",
-                         cwd=tmp_path)  # fmt: skip
+    # the Ctrl-C ran the default Wan VAE; the resume, whose subject is the batch, the TAEHV decoder (no finished
+    # video to match: the partials of the stopped renders are rendered again from the start)
+    resumed = run_python("-m", "memflow_cli", "render", *stories, "--out-dir", out, *DEMO, *TAE, *PREVIEW,
+                         "--gpus", "2", cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "batch: 2 rendered, 0 skipped, 0 failed on 2 processes" in resumed.stdout
     assert sorted(path.name for path in out.iterdir()) == ["Elk.json", "Elk.mp4", "Yak.json", "Yak.mp4"]

@@ -1,4 +1,8 @@
-"""`memflow live` as a user runs it on the demo model: prompts piped in, the replay script, the ways it ends."""
+"""`memflow live` as a user runs it on the demo model: prompts piped in, the replay script, the ways it ends.
+
+The piped session and Ctrl-C run the default Wan VAE; SIGTERM, kill -9 and a second Ctrl-C decode with the demo's
+TAEHV decoder (`TAE`: a process that imports neither diffusers nor transformers), their subject being the process.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import yaml
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS
 from memflow_cli.output import lock_path, partial_path
 
-from .cli_helpers import memflow
+from .cli_helpers import TAE, memflow
 from .live import DEMO, piped, replay_options, same_frames, start_live, wait_for_bytes
 from .video import probe_video
 
@@ -95,12 +99,14 @@ def test_piped_prompts_and_the_scripts_own_segments_land_on_the_chunk_grid_and_r
     assert again.exit_code == 0 and "skip:" in again.stderr
 
 
-@pytest.mark.parametrize(("stop", "ended_by"), [(signal.SIGINT, "ctrl-c"), (signal.SIGTERM, "sigterm")])
+@pytest.mark.parametrize(
+    ("stop", "ended_by", "decoder"), [(signal.SIGINT, "ctrl-c", ()), (signal.SIGTERM, "sigterm", TAE)]
+)
 def test_ctrl_c_or_sigterm_ends_the_session_with_a_finished_video_that_its_replay_script_remakes(
-    tmp_path, stop, ended_by
+    tmp_path, stop, ended_by, decoder
 ):
     target = tmp_path / "live.mp4"
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--seed", "3")
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--seed", "3", *decoder)
     wait_for_bytes(partial_path(target), 40_000, process)  # a few chunks made: an arbitrary chunk to stop at
     process.send_signal(stop)
     _, stderr = finish(process)
@@ -122,7 +128,7 @@ def test_ctrl_c_or_sigterm_ends_the_session_with_a_finished_video_that_its_repla
 
 def test_kill_9_leaves_a_playable_partial_and_a_lock_the_next_session_knows_is_dead(tmp_path):
     target = tmp_path / "live.mp4"
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target)
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, *TAE)
     wait_for_bytes(partial_path(target), 20_000, process)
     process.kill()
     finish(process)
@@ -137,7 +143,7 @@ def test_kill_9_leaves_a_playable_partial_and_a_lock_the_next_session_knows_is_d
 def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_partial_video(tmp_path):
     target = tmp_path / "live.mp4"
     slow = ",".join(str(t) for t in range(1000, 0, -50))  # 20 steps a chunk: the second Ctrl-C lands mid-chunk
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow)
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow, *TAE)
     wait_for_bytes(partial_path(target), 20_000, process)
     process.send_signal(signal.SIGINT)
     assert process.stderr is not None

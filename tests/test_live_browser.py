@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from .cdp import find_chromium, headless_page
+from .cli_helpers import TAE
 from .live import start_live
 
 CHROMIUM = find_chromium()
@@ -19,7 +20,7 @@ FRAME = "Number(document.getElementById('frame').textContent)"
 
 def test_the_page_plays_the_session_and_its_prompt_box_steers_it(tmp_path):
     target = tmp_path / "live.mp4"
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--serve", "127.0.0.1:0")
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--serve", "127.0.0.1:0", *TAE)  # the page
     try:
         assert process.stderr is not None
         url = None

@@ -1,7 +1,7 @@
 """The plan below the commands, in-process: a request -> jobs -> what to do with each output.
 
 No model is loaded here; outputs are claimed on real files (locks, partials, sidecars) in a temporary folder.
-The one subprocess shows that output problems are found before torch is imported.
+Subprocesses show that output problems are found, and finished videos skipped, before torch is imported.
 """
 
 from __future__ import annotations
@@ -168,6 +168,32 @@ def one_job(tmp_path: Path, **options):
     (tmp_path / "out").mkdir(exist_ok=True)
     (job,), _ = plan_jobs(req, GEOMETRY)
     return req, job
+
+
+def test_a_render_over_finished_videos_skips_them_without_importing_torch(tmp_path: Path):
+    """A batch run again over finished stories (the batch script's `render --skip-existing` per script): no
+    device is needed, so torch is not imported; a device name is still checked."""
+    fox = write_story(tmp_path / "fox.yaml", ["0s"], "3s", title="fox")
+    owl = write_story(tmp_path / "owl.yaml", ["0s"], "1.5s", title="owl")
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs, _ = plan_jobs(request(fox, owl, out_dir=out, skip_existing=True), GEOMETRY)
+    for job in jobs:
+        finished_render(job)
+    stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    again = ["render", str(fox), str(owl), "--out-dir", str(out), "--skip-existing"]
+    runs = [[*again, "--device", "cpu"], [*again, "--device", "cdua"]]
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(runs)], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"codes": [0, 2], "torch": False}, result.stderr
+    assert result.stdout.splitlines()[:-1] == [str(out / "fox.mp4"), str(out / "owl.mp4")]
+    assert result.stderr.splitlines()[:3] == [
+        f"skip: {out / 'fox.mp4'} (a finished render of this request)",
+        f"skip: {out / 'owl.mp4'} (a finished render of this request)",
+        "error: --device cdua: memflow does not run on cdua devices",
+    ]
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == stamps
 
 
 def test_resuming_replaces_the_partial_of_a_dead_render(tmp_path: Path):

@@ -20,7 +20,7 @@ import pytest
 from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.snapshots import snapshot_files, snapshot_path
 
-from .cli_helpers import DEMO, decoded, memflow, video_frames
+from .cli_helpers import DEMO, TAE, decoded, memflow, video_frames
 
 PROMPTS = (
     "a red fox trots across a snowy field",
@@ -159,12 +159,14 @@ def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
     assert not snapshot_files(target) and "snapshots" not in sidecar(target)
 
 
-@pytest.mark.parametrize("batch", [False, True], ids=["one-story", "batch"])
-def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_one(tmp_path, batch):
+@pytest.mark.parametrize(("batch", "decoder"), [(False, ()), (True, TAE)], ids=["one-story", "batch"])
+def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_one(tmp_path, batch, decoder):
+    """One story on the default Wan VAE; a batch (`--out-dir`) on the TAEHV decoder, whose resume decodes the
+    kept latents again."""
     script = write(tmp_path / "fox.yaml", PROMPTS[:4], chunks=2)  # segment 3: chunks 4 and 5
     target, whole = tmp_path / "out" / "fox.mp4", tmp_path / "whole.mp4"
     target.parent.mkdir()
-    output = ("--out-dir", str(target.parent)) if batch else ("-o", str(target))
+    output = ("--out-dir", str(target.parent), *decoder) if batch else ("-o", str(target), *decoder)
     command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, *output, "-q", "--snapshots"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -187,7 +189,7 @@ def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_
     record = sidecar(target)
     assert (record["reused_frames"], record["rendered_from_segment"]) == (video_frames(4), 2)
     assert sorted(snapshot_files(target)) == [2, 4, 6, 8] and not snapshot_files(target, partial=True)
-    render(script, whole)
+    render(script, whole, *decoder)
     assert decoded(target) == decoded(whole)
 
 
