@@ -79,6 +79,7 @@ class ResumePoints:
         self.chunks = 0  # chunks made (or kept) so far
         self.made: list[torch.Tensor] = []  # their latents
         self.frames: list[torch.Tensor] | None = [] if take is not None else None  # their frames; None: not kept
+        self.frames_held = 0  # their bytes
         self.decoder: tuple[torch.Tensor, ...] = ()  # the decoder's causal state after them, with the frames
         self.handed_out = 0  # bytes of frames and decoder state in the points handed out so far
 
@@ -90,18 +91,15 @@ class ResumePoints:
         its chunks count as made."""
         if self.take is None:
             return
-        self.chunks, self.made, self.frames, self.decoder = point.chunk, [latents], [], ()
+        self.chunks, self.made, self.frames, self.frames_held, self.decoder = point.chunk, [latents], [], 0, ()
         self._keep_frames(point.frames, point.decoder)
         self._within_bound()
 
     def decoder_state(self, decoder: StreamingDecoder | StreamingTaeDecoder) -> tuple[torch.Tensor, ...]:
         """The decoder's causal state now, copied, where the frames are still kept and it fits beside them."""
-        kept = self.frames  # read once: the stream's thread may let them go meanwhile
-        if kept is None or not isinstance(decoder, StreamingDecoder):
+        if self.frames is None or not isinstance(decoder, StreamingDecoder):
             return ()
-        if sum(f.nbytes for f in kept) + decoder.causal_state_bytes > self.frames_bytes:
-            return ()
-        return decoder.causal_state()
+        return decoder.causal_state() if self._fits(decoder.causal_state_bytes) else ()
 
     def reached(
         self, latents: torch.Tensor, frames: torch.Tensor | None = None, decoder: tuple[torch.Tensor, ...] = ()
@@ -116,14 +114,19 @@ class ResumePoints:
         self._keep_frames(frames, decoder)
         self._within_bound()
 
+    def _fits(self, more: int) -> bool:
+        """Whether the next point could carry the frames held and `more` bytes beside what was handed out: a
+        point holds every frame before it, so once the next one cannot, no later one can."""
+        return self.handed_out + self.frames_held + more <= self.frames_bytes
+
     def _keep_frames(self, frames: torch.Tensor | None, decoder: tuple[torch.Tensor, ...]) -> None:
-        kept = self.frames
-        if kept is None or frames is None or not decoder:
+        if self.frames is None or frames is None or not decoder:
             self.frames, self.decoder = None, ()
-        elif sum(f.nbytes for f in kept) + frames.nbytes + sum(t.nbytes for t in decoder) > self.frames_bytes:
+        elif not self._fits(frames.nbytes + sum(t.nbytes for t in decoder)):
             self.frames, self.decoder = None, ()
         else:
-            kept.append(frames)
+            self.frames.append(frames)
+            self.frames_held += frames.nbytes
             self.decoder = decoder
 
     def _within_bound(self) -> None:
@@ -136,12 +139,8 @@ class ResumePoints:
         boundary = self.boundaries.pop(self.chunks, None)
         if self.take is None or boundary is None:
             return
-        frames = torch.cat(self.frames) if self.frames else None
+        frames = torch.cat(self.frames) if self.frames else None  # within the bound: `_keep_frames` saw to it
         decoder = self.decoder if frames is not None else ()
         if frames is not None:
-            size = frames.nbytes + sum(t.nbytes for t in decoder)
-            if self.handed_out + size > self.frames_bytes:  # every later point's are larger: none from here on
-                frames, decoder, self.frames, self.decoder = None, (), None, ()
-            else:
-                self.handed_out += size
+            self.handed_out += frames.nbytes + sum(t.nbytes for t in decoder)
         self.take(ResumePoint(boundary, torch.cat(self.made, dim=1), frames, decoder))
