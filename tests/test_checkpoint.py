@@ -608,3 +608,25 @@ def test_loaded_model_forward_matches_source_model(base, config_json, weights):
     assert outputs[0].shape == (1, 1, 16, 4, 4)
     assert torch.isfinite(outputs[0]).all()
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_files_fingerprint_is_read_once_unless_it_changed_or_was_just_written(tmp_path):
+    import os
+    import time
+
+    from memflow_cli.weights import identity
+
+    path = tmp_path / "base.pt"
+    path.write_bytes(b"a" * 3000)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(hour_ago, hour_ago))
+    first = identity.file_fingerprint(path)
+    hits = identity._remembered_fingerprint.cache_info().hits
+    assert identity.file_fingerprint(path) == first  # asked again (identity, cache key): not read again
+    assert identity._remembered_fingerprint.cache_info().hits == hits + 1
+    path.write_bytes(b"b" * 3000)  # the same size, written now: read at every ask
+    changed = identity.file_fingerprint(path)
+    assert changed != first
+    path.write_bytes(b"c" * 3000)
+    os.utime(path, ns=(hour_ago + 1, hour_ago + 1))  # an old file changed since: another version, read again
+    assert identity.file_fingerprint(path) not in (first, changed)
