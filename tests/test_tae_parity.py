@@ -140,12 +140,14 @@ def test_memory_across_chunks_matters(name):
     assert (second - reference).abs().max().item() > 100 * FLOAT32_BAR
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.gpu
+@NEEDS_CUDA
 @pytest.mark.parametrize("name", CASES)
 def test_bf16_on_gpu_within_guidance(name):
     """bf16 on the GPU, as the engine runs it: the README's guidance (mean <= 0.005, max <= 0.05), error printed."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     case = _require(name)
     tensors = _tensors(case["file"])
     video, _ = _streamed(_decoder(case["weights"], "cuda", torch.bfloat16), tensors["latents"])
@@ -160,11 +162,10 @@ def test_bf16_on_gpu_within_guidance(name):
 
 
 @pytest.mark.gpu
+@NEEDS_CUDA
 @pytest.mark.parametrize("name", CASES)
 def test_float32_on_gpu_meets_the_bars(name):
     """The phase convolutions and the memory blocks' one buffer in cuDNN's float32 (TF32 off): the CPU's bars."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     case = _require(name)
     tensors = _tensors(case["file"])
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
