@@ -306,14 +306,18 @@ def test_decode_device_cpu_gives_the_frames_of_one_device(tmp_path: Path):
 
 
 def test_bench_times_a_decode_device():
+    """On the demo's TAEHV decoder: the subject is the decode device, and the bench times about 20 decodes
+    (test_bench.py benches the Wan VAE)."""
     from memflow_cli.bench import BenchOptions, run
+    from memflow_cli.decoders import DecoderChoice, DecoderRequest
     from memflow_cli.demo import DEMO_GEOMETRY
     from memflow_cli.settings import GenerationSettings
 
     cpu = torch.device("cpu")
     settings = GenerationSettings(geometry=DEMO_GEOMETRY)
-    demo = ModelSource.parse("demo")
-    result = run(BenchOptions(model=demo, device=cpu, settings=settings, latent_frames=3, decode_device=cpu))
+    demo, tae = ModelSource.parse("demo"), DecoderRequest(DecoderChoice.TAE)
+    options = BenchOptions(model=demo, device=cpu, settings=settings, latent_frames=3, decode_device=cpu, decoder=tae)
+    result = run(options)
     assert result["decode_device"] == "cpu" and result["video_frames"] == 9
     assert result["fps_end_to_end"] > 0
 
