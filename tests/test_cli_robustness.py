@@ -173,11 +173,11 @@ def test_the_batch_script_takes_names_from_memflow_logs_failures_and_skips_finis
         "2.yaml": "title: a_b\n",  # the same file name as a/b
         "3.yaml": 'title: "caf\\u00e9 #1"\n',  # a YAML escape
         "4.yaml": "title: >-\n  first\n  story\n",  # a block scalar
+        "dots.yaml": 'title: "..."\n',  # memflow names it untitled.mp4
+        "two.yml": "",  # no title: the file name
     }
-    for name, title in stories.items():
+    for name, title in stories.items():  # one prompt: encoded once, the later renders find it in the cache
         (scripts / name).write_text(title + "duration: 1.5s\nsegments:\n  - start: 0s\n    prompt: a fox\n")
-    write_story(scripts / "two.yml", ["0s"], "1.5s")  # no title: the file name
-    write_story(scripts / "dots.yaml", ["0s"], "1.5s", title='"..."')  # memflow names it untitled.mp4
     (scripts / "broken.yaml").write_text("segments:\n- start: 0s\n  promt: a\n", encoding="utf-8")
     (scripts / "notes.txt").write_text("not a script\n", encoding="utf-8")
     out.mkdir()
