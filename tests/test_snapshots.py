@@ -3,6 +3,7 @@ from the start, bit for bit, for latents and decoded frames; and the file round 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -40,6 +41,22 @@ def _streamed(engine, video, settings, seed, **options):
     points = []
     chunks = list(engine.stream(video, settings, seed=seed, snapshots=points.append, **options))
     return chunks, points
+
+
+@pytest.fixture(scope="module")
+def _fox_from_start(engine):
+    """The three-segment fox story of 6 chunks (switches at chunks 2 and 4), seed 3, decoded: streamed once for
+    the tests below that resume it."""
+    video = _video(engine, 3, (2, 4), 6)
+    return video, _streamed(engine, video, GenerationSettings(geometry=engine.geometry), 3)
+
+
+@pytest.fixture
+def fox(_fox_from_start):
+    """(video, every chunk, every resume point) of the fox story from the start; the points are each test's own
+    copies (a test may change them), the chunks are only read."""
+    video, (full, points) = _fox_from_start
+    return video, full, copy.deepcopy(points)
 
 
 def _assert_same_stream(resumed, full) -> None:
@@ -109,10 +126,9 @@ def test_the_latents_kept_for_snapshots_are_bounded_and_no_snapshot_is_taken_pas
     _assert_same_stream(list(engine.stream(video, settings, seed=6, decode=False, resume=points[-1])), full)
 
 
-def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine, tmp_path):
+def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine, fox, tmp_path):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    full, points = _streamed(engine, video, settings, 3)
+    video, full, points = fox
     point = points[1]
     target = tmp_path / "fox.mp4"
     path = snapshot_path(target, 4)
@@ -131,10 +147,9 @@ def test_a_snapshot_file_round_trip_resumes_exactly_to_the_decoded_frames(engine
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
-def test_a_point_with_frames_writes_them_as_kept_and_decodes_only_the_new_chunks(engine):
+def test_a_point_with_frames_writes_them_as_kept_and_decodes_only_the_new_chunks(engine, fox):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    full, points = _streamed(engine, video, settings, 3)
+    video, full, points = fox
     point = points[1]
     assert point.chunk == 4 and torch.equal(point.frames, torch.cat([c.frames for c in full[:4]]))
     # frames that no decoder makes: a stream that yields them did not decode the kept chunks
@@ -145,10 +160,9 @@ def test_a_point_with_frames_writes_them_as_kept_and_decodes_only_the_new_chunks
     _assert_same_stream(resumed[4:], full[4:])  # the decoder went on from the kept causal state
 
 
-def test_a_stream_resumed_from_frames_hands_out_the_later_points_a_stream_from_the_start_does(engine):
+def test_a_stream_resumed_from_frames_hands_out_the_later_points_a_stream_from_the_start_does(engine, fox):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    full, points = _streamed(engine, video, settings, 3)
+    video, full, points = fox
     resumed, later = _streamed(engine, video, settings, 3, resume=points[0])
     _assert_same_stream(resumed, full)
     assert [p.chunk for p in later] == [2, 4, 6]
@@ -157,10 +171,9 @@ def test_a_stream_resumed_from_frames_hands_out_the_later_points_a_stream_from_t
         assert all(torch.equal(x, y) for x, y in zip(a.decoder, b.decoder, strict=True)) and a.decoder
 
 
-def test_a_point_without_frames_or_with_another_decoders_state_decodes_its_latents_again(engine):
+def test_a_point_without_frames_or_with_another_decoders_state_decodes_its_latents_again(engine, fox):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    full, points = _streamed(engine, video, settings, 3)
+    video, full, points = fox
     point = points[1]
     cropped = tuple(history[..., :-1, :] for history in point.decoder)  # another frame size: would go on from zeros
     for odd in (replace(point, frames=None, decoder=()), replace(point, decoder=point.decoder[1:]),
@@ -168,10 +181,9 @@ def test_a_point_without_frames_or_with_another_decoders_state_decodes_its_laten
         _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=odd)), full)
 
 
-def test_the_preview_decoder_keeps_no_frames_and_decodes_the_kept_latents_of_any_point_again(engine):
+def test_the_preview_decoder_keeps_no_frames_and_decodes_the_kept_latents_of_any_point_again(engine, fox):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    wan_point = _streamed(engine, video, settings, 3)[1][1]
+    video, _, (_, wan_point, _) = fox
     with load_engine("demo", "cpu", decoder=DecoderRequest(DecoderChoice.TAE)) as tae:
         tae.encode(PROMPTS[:3])
         full, points = _streamed(tae, video, settings, 3)
@@ -180,10 +192,9 @@ def test_the_preview_decoder_keeps_no_frames_and_decodes_the_kept_latents_of_any
     _assert_same_stream(resumed, full)
 
 
-def test_the_frames_kept_for_snapshots_are_bounded_and_the_later_points_keep_latents_only(engine):
+def test_the_frames_kept_for_snapshots_are_bounded_and_the_later_points_keep_latents_only(engine, fox):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    full, points = _streamed(engine, video, settings, 3)
+    video, full, points = fox
     state_bytes = sum(t.nbytes for t in points[0].decoder)
     bound = state_bytes + sum(c.frames.nbytes for c in full[:3])  # the frames of 3 chunks and the state
     bounded, limited = _streamed(engine, video, settings, 3, kept_frames_bytes=bound)
@@ -194,10 +205,9 @@ def test_the_frames_kept_for_snapshots_are_bounded_and_the_later_points_keep_lat
         _assert_same_stream(list(engine.stream(video, settings, seed=3, resume=point)), full)
 
 
-def test_the_frames_of_all_the_points_together_are_bounded_not_each_points(engine):
+def test_the_frames_of_all_the_points_together_are_bounded_not_each_points(engine, fox):
     settings = GenerationSettings(geometry=engine.geometry)
-    video = _video(engine, 3, (2, 4), 6)
-    full, points = _streamed(engine, video, settings, 3)
+    video, full, points = fox
     state_bytes = sum(t.nbytes for t in points[0].decoder)
     bound = 2 * state_bytes + sum(c.frames.nbytes for c in full[:6])  # each point alone fits, not all three
     bounded, limited = _streamed(engine, video, settings, 3, kept_frames_bytes=bound)
