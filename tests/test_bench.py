@@ -181,14 +181,14 @@ def _demo_settings():
 
 
 def test_bench_times_whole_render_processes_cold_and_warm():
-    args = ["bench", "--model", "demo", "--device", "cpu", "--frames", "6", "--switches", "1", "--time-to-video"]
+    args = ["bench", "--model", "demo", "--device", "cpu", "--frames", "3", "--time-to-video"]  # one chunk
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     to_video = record["time_to_video_s"]
     assert set(to_video) == {"cold", "warm"}
     for start, run in to_video.items():
-        assert run["video_frames"] == 4 * 6 - 3, start  # the bench's video, rendered by `memflow render`
+        assert run["video_frames"] == 4 * 3 - 3, start  # the bench's video, rendered by `memflow render`
         assert run["compile"] == "eager (no compiled path on this device)"
         phases = [run[name] for name in ("import_s", "load_s", "encode_s", "render_s", "finish_s")]
         assert all(value >= 0 for value in phases) and run["import_s"] > 0 and run["render_s"] > 0
