@@ -34,21 +34,25 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
-# The files whose tests take longest (CPU seconds of one worker), longest first: pytest-xdist's --dist loadfile
-# hands files to its workers in this order, and a long file started last would finish alone. A worker with two
-# tests or fewer left takes the next file at once: the worker that starts test_parity_share_1.py takes
-# test_parity_share_2.py with it, and the other takes test_cli_robustness.py once test_parity.py's quick tests ran.
+# The files whose tests take longest (CPU seconds of one worker, its `memflow` processes included), longest first:
+# pytest-xdist's --dist loadfile hands files to its workers in this order, and a long file started last would
+# finish alone. A worker with two tests or fewer left takes the next file at once, so the worker of a parity file
+# whose long scenarios come last queues the next file behind them: the files after the parity ones are each well
+# under the half of the suite that the other worker runs meanwhile. Measured one file at a time on one thread
+# (2026-12-07, a busy machine; the first figure includes about 9 s of imports per pytest run).
 LONGEST_FILES = (
-    "test_parity.py",  # a full-resolution scenario (about 2 minutes on one core) and its resume from a snapshot
-    "test_parity_share_1.py",  # the other scenarios, about 1.5 minutes each
+    "test_parity.py",  # full-resolution scenarios (about 2 minutes each on one core) and a resume from a snapshot
+    "test_parity_share_1.py",  # the other scenarios, 1.5 to 2 minutes each
     "test_parity_share_2.py",
-    "test_cli_robustness.py",  # the batch script, signals, kill -9: real processes (about 2 minutes)
-    "test_live.py",  # live sessions stopped by signals: real processes
-    "test_distributed.py",  # torchrun
-    "test_update.py",
-    "test_bench.py",  # time to video: two render processes
-    "test_tae_parity.py",  # a full-size decode
-    "test_live_browser.py",
+    "test_cli_robustness.py",  # 88 CPU-s: the batch script, signals, kill -9: real processes
+    "test_distributed.py",  # 77 CPU-s: torchrun
+    "test_update.py",  # 48 CPU-s: a render killed and resumed, renders on the Wan VAE
+    "test_live.py",  # 43 CPU-s: live sessions stopped by signals: real processes
+    "test_snapshots.py",  # 34 CPU-s
+    "test_bench.py",  # 31 CPU-s: time to video: two render processes
+    "test_cli.py",  # 31 CPU-s
+    "test_tae_parity.py",  # 25 CPU-s: a full-size decode
+    "test_live_browser.py",  # 15 CPU-s: a browser
     "test_embed_cache.py",
 )
 
