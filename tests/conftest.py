@@ -36,12 +36,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The files whose tests take longest (CPU seconds of one worker), longest first: pytest-xdist's --dist loadfile
 # hands files to its workers in this order, and a long file started last would finish alone. A worker with two
-# tests or fewer left takes the next file at once: the worker that starts test_parity_share_1.py takes
-# test_parity_share_2.py with it, and the other takes test_cli_robustness.py once test_parity.py's quick tests ran.
+# tests or fewer left takes the next file at once: the worker that starts test_parity_share_1.py (one scenario)
+# takes test_cli_robustness.py with it, and the other the next once test_parity.py's quick tests ran.
 LONGEST_FILES = (
-    "test_parity.py",  # a full-resolution scenario (about 2 minutes on one core) and its resume from a snapshot
-    "test_parity_share_1.py",  # the other scenarios, about 1.5 minutes each
-    "test_parity_share_2.py",
+    "test_parity.py",  # two full-resolution scenarios, one forked from the other, a resume (about 4 minutes)
+    "test_parity_share_1.py",  # the other scenario (about 2 minutes on one core)
     "test_cli_robustness.py",  # the batch script, signals, kill -9: real processes (about 2 minutes)
     "test_live.py",  # live sessions stopped by signals: real processes
     "test_distributed.py",  # torchrun
