@@ -110,6 +110,13 @@ class DecoderKernels:
     land on the same small pixel summed (`UpsampledConv`). 4/9 of the multiplications, and the upsampled
     image is never made. The summed filters are rounded once to the weights' dtype: equal to float32
     rounding in float32; in bf16 one more rounding of the filters than the official decoder.
+
+    With `late_frames` the stages after the last time upsampling (the up blocks that keep the frame count, the
+    last norm and conv) run on that many frames at a time. Each causal conv's history carries the video on from
+    one piece to the next as it does from call to call, and every other step there works frame by frame, so each
+    output frame is the same sum of the same inputs; the largest activations (full size, four frames per latent
+    frame) are made for that many frames instead of all of a call's. The decoder runs beside generation, so its
+    peak adds to the generator's.
     """
 
     norm_silu: NormSiLUInto = rms_norm_silu_into
@@ -119,6 +126,7 @@ class DecoderKernels:
     channel_tile: int | None = None
     convs_2d: bool = False
     upsample_subpixel: bool = False
+    late_frames: int | None = None
 
 
 PLAIN_KERNELS = DecoderKernels()
@@ -390,6 +398,7 @@ class DecoderStream:
         _check_wan21_layout(decoder)
         self.decoder = decoder
         self.kernels = kernels
+        self.late_blocks = _first_late_block(decoder)  # the up blocks from here on keep the frame count
         self.caches: dict[nn.Module, CausalConvCache] = {
             conv: CausalConvCache(conv, kernels.channel_tile, kernels.convs_2d)
             for conv in decoder.modules()
@@ -471,12 +480,25 @@ class DecoderStream:
         x = self._residual(d.mid_block.resnets[0], x)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:], strict=True):
             x = self._residual(resnet, self._attention(attention, x))
-        for block in d.up_blocks:
-            for resnet in block.resnets:
-                x = self._residual(resnet, x)
-            if block.upsamplers is not None:
-                x = self._upsample(block.upsamplers[0], x, first)
+        for block in d.up_blocks[: self.late_blocks]:
+            x = self._up_block(block, x, first)
+        step = self.kernels.late_frames or x.shape[2]
+        pieces = [self._late_stages(x[:, :, i : i + step], first) for i in range(0, x.shape[2], step)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def _late_stages(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        """The up blocks from `_late_blocks` on, norm_out + SiLU and conv_out, over frames x [B, C, T, h, w]."""
+        d = self.decoder
+        for block in d.up_blocks[self.late_blocks :]:
+            x = self._up_block(block, x, first)
         return self.caches[d.conv_out](x, self._norm_silu(d.norm_out))
+
+    def _up_block(self, block: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
+        for resnet in block.resnets:
+            x = self._residual(resnet, x)
+        if block.upsamplers is not None:
+            x = self._upsample(block.upsamplers[0], x, first)
+        return x
 
     def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm, x_bias: torch.Tensor | None = None) -> Fill:
         return lambda out, x: self.kernels.norm_silu(out, x, x_bias, norm.gamma, norm.bias, norm.scale)
@@ -529,6 +551,13 @@ class DecoderStream:
             return self.upsampled[conv](images).unflatten(0, (b, t)).transpose(1, 2)
         images = self.kernels.upsample(images, upsample.scale_factor, upsample.mode)
         return conv(images).unflatten(0, (b, t)).transpose(1, 2)
+
+
+def _first_late_block(decoder: nn.Module) -> int:
+    """The index of the first up block after the decoder's last time upsampling (0 where none upsamples in time)."""
+    blocks = list(decoder.up_blocks)
+    in_time = [i for i, b in enumerate(blocks) if b.upsamplers is not None and b.upsamplers[0].mode == "upsample3d"]
+    return in_time[-1] + 1 if in_time else 0
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -220,6 +220,19 @@ def test_convs_computed_with_tiled_filters_decode_the_same_frames(
     torch.testing.assert_close(tiled, plain, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("late_frames", [1, 3])
+def test_the_late_stages_in_pieces_of_frames_decode_the_plain_frames(vae, latents, late_frames: int) -> None:
+    """The up blocks after the last time upsampling run `late_frames` frames at a time (whole chunks per call: 12
+    frames, so 3 leaves a piece of 3 and one of 1 at the first call's end too): the same sums, in float64."""
+    vae64 = copy.deepcopy(vae).double()
+    plain = _decode_in_chunks(StreamingDecoder(vae64, frames_per_call=None), latents.double())
+    decoder = StreamingDecoder(vae64, frames_per_call=None, kernels=DecoderKernels(late_frames=late_frames))
+    assert decoder._stream.late_blocks == 2  # the two time upsamplers are up blocks 0 and 1
+    pieces = _decode_in_chunks(decoder, latents.double())
+    assert pieces.shape == plain.shape
+    torch.testing.assert_close(pieces, plain, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("frames_per_call", [1, None], ids=["per-frame", "per-chunk"])
 @pytest.mark.parametrize(
     "kernels",
