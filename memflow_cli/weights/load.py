@@ -93,17 +93,25 @@ def convert_key(path: Path, config: dict[str, Any], dtype: torch.dtype) -> Conve
     )  # fmt: skip
 
 
-def converted_vae_file(path: Path, dtype: torch.dtype, cache: MergedCache | None) -> Path:
-    """The file a load of the Wan2.1 VAE at `path` reads: its converted weights where the cache has them."""
-    if cache is None or not Path(path).is_file():
+def converted_vae_file(
+    path: Path, dtype: torch.dtype, cache: MergedCache | None, config: dict[str, Any] | None = None
+) -> Path:
+    """The file a load of the VAE at `path` (`config`: Wan2.1's) reads: its converted weights where the cache
+    has them."""
+    path = Path(path)
+    if cache is None or not path.is_file():
         return path
-    cached = cache.path(convert_key(path, WAN21_VAE_CONFIG, dtype))
+    cached = cache.path(convert_key(path, config or WAN21_VAE_CONFIG, dtype))
     return cached if cached.is_file() else path
 
 
-def vae_needs_converter(path: Path, dtype: torch.dtype, cache: MergedCache | None) -> bool:
-    """A load of the Wan2.1 VAE at `path` converts it (diffusers' converter): an original file not in the cache."""
-    return Path(path).is_file() and converted_vae_file(path, dtype, cache) == Path(path)
+def vae_needs_converter(
+    path: Path, dtype: torch.dtype, cache: MergedCache | None, config: dict[str, Any] | None = None
+) -> bool:
+    """A load of the VAE at `path` (`config`: Wan2.1's) converts it (diffusers' converter, so diffusers is
+    imported): an original file whose conversion is not in the cache."""
+    path = Path(path)
+    return path.is_file() and converted_vae_file(path, dtype, cache, config) == path
 
 
 def _empty_vae(config: WanVAEConfig) -> WanVAE:
