@@ -23,7 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 RGB = 3  # the video's channels
-# Keys of a diffusers config that this decoder's shape does not depend on (the encoder's, and diffusers' own).
+# The keys of a diffusers `AutoencoderKLWan` config: those the decoder's shape needs, those it may have, and
+# those it does not depend on (the encoder's and the training's).
+_REQUIRED_KEYS = frozenset({"base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "latents_mean",
+                            "latents_std"})  # fmt: skip
+_OPTIONAL_KEYS = frozenset({"decoder_base_dim", "scale_factor_temporal", "scale_factor_spatial"})
 _IGNORED_KEYS = frozenset({"attn_scales", "dropout", "in_channels", "clip_output"})
 _NOT_WAN21 = "memflow decodes with the Wan2.1 VAE only"
 
@@ -57,20 +61,7 @@ class WanVAEConfig:
         """From diffusers `AutoencoderKLWan` arguments (a `vae/config.json`: its `_` keys are skipped); a
         ValueError naming the field for a config that is not Wan2.1's."""
         values = {key: value for key, value in config.items() if not key.startswith("_")}
-        if values.pop("is_residual", False):
-            raise ValueError(f"is_residual is true (the Wan2.2 VAE): {_NOT_WAN21}")
-        if values.pop("patch_size", None) not in (None, 1):
-            raise ValueError(f"patch_size is {config['patch_size']} (frames patchified, Wan2.2): {_NOT_WAN21}")
-        if values.pop("out_channels", RGB) != RGB:
-            raise ValueError(f"out_channels is {config['out_channels']}, not {RGB} (RGB): {_NOT_WAN21}")
-        known = {"base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "latents_mean",
-                 "latents_std", "decoder_base_dim", "scale_factor_temporal", "scale_factor_spatial"}  # fmt: skip
-        unknown = sorted(set(values) - known - _IGNORED_KEYS)
-        if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}: {_NOT_WAN21}")
-        missing = sorted(known - {"decoder_base_dim", "scale_factor_temporal", "scale_factor_spatial"} - set(values))
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}: not a Wan VAE config")
+        _refuse_other_vaes(values)
         made = cls(
             base_dim=int(values["base_dim"]),
             z_dim=int(values["z_dim"]),
@@ -107,6 +98,21 @@ class WanVAEConfig:
     def temporal_ratio(self) -> int:
         """Video frames per latent frame, after a video's first."""
         return 2 ** sum(self.temporal_downsample)
+
+
+def _refuse_other_vaes(values: dict[str, Any]) -> None:
+    """A ValueError naming the field where a config is not the Wan2.1 VAE's (Wan2.2's residual decoder, frames
+    patchified, other outputs, fields unknown or missing); the fields that say Wan2.1 are taken out of `values`."""
+    if values.pop("is_residual", False):
+        raise ValueError(f"is_residual is true (the Wan2.2 VAE): {_NOT_WAN21}")
+    if (patch := values.pop("patch_size", None)) not in (None, 1):
+        raise ValueError(f"patch_size is {patch} (frames patchified, Wan2.2): {_NOT_WAN21}")
+    if (outputs := values.pop("out_channels", RGB)) != RGB:
+        raise ValueError(f"out_channels is {outputs}, not {RGB} (RGB): {_NOT_WAN21}")
+    if unknown := sorted(set(values) - _REQUIRED_KEYS - _OPTIONAL_KEYS - _IGNORED_KEYS):
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}: {_NOT_WAN21}")
+    if missing := sorted(_REQUIRED_KEYS - set(values)):
+        raise ValueError(f"no {', '.join(missing)}: not a Wan VAE config")
 
 
 class CausalConv3d(nn.Conv3d):

@@ -92,6 +92,12 @@ def test_a_config_that_is_not_wan21_is_refused_naming_the_field(change, message)
         WanVAEConfig.from_diffusers({**WAN21_VAE_CONFIG, **change})
 
 
+def test_a_config_without_a_size_is_refused_naming_it() -> None:
+    config = {key: value for key, value in WAN21_VAE_CONFIG.items() if key != "z_dim"}
+    with pytest.raises(ValueError, match="no z_dim: not a Wan VAE config"):
+        WanVAEConfig.from_diffusers(config)
+
+
 def test_a_causal_conv_computes_diffusers_causal_conv_over_a_whole_video() -> None:
     torch.manual_seed(0)
     theirs = autoencoder_kl_wan.WanCausalConv3d(4, 6, 3, padding=1).double()
