@@ -28,11 +28,12 @@ from ..vae_stream import (
     rms_norm_silu_into,
     upsample_nearest,
 )
+from ..wan_vae import WanVAE
 from .compile import compiled, eager_rounding
 from .process import compile_settings
 
 
-def channels_last_convs(vae: torch.nn.Module) -> None:
+def channels_last_convs(vae: WanVAE) -> None:
     """The VAE's conv weights in channels-last layout on CUDA (cuDNN's fast 3-D convs); nothing elsewhere.
 
     Only the weights' memory layout changes, not their values.
