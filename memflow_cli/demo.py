@@ -4,13 +4,12 @@ Nothing is downloaded. The tokenizer is a byte-level BPE trained in-process on a
 text encoder is a two-layer umT5 and the VAE a narrow Wan VAE, both initialised from a seed. Every command
 (render, check, bench) can run end to end on a CPU with them, but the weights are random: the video is
 noise, and `DEMO_NOTICE` says so. The tiny transformer is built elsewhere from `DEMO_TRANSFORMER`.
-torch, diffusers, tokenizers and transformers are imported by the builders, not with the module: its
+torch, tokenizers and transformers are imported by the builders, not with the module: its
 sizes are read before any argument is checked.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -18,12 +17,12 @@ from typing import TYPE_CHECKING
 from memflow_cli.settings import TransformerConfig, VideoGeometry
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKLWan
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, UMT5Config
 
     from memflow_cli.tae import TaehvDecoder
     from memflow_cli.text_encoder import TextEncoder
+    from memflow_cli.wan_vae import WanVAE
 
 DEMO_NOTICE = "demo model: tiny random weights, nothing downloaded - the video is noise, not your story"
 
@@ -155,15 +154,14 @@ def build_demo_text_encoder(seed: int = 0) -> TextEncoder:
     return TextEncoder(tokenizer, encoder, max_length=DEMO_TEXT_LEN)
 
 
-def build_demo_vae(seed: int = 0) -> AutoencoderKLWan:
-    """A narrow, randomly initialised Wan VAE (float32, CPU, eval mode)."""
-    from diffusers import AutoencoderKLWan
-
+def build_demo_vae(seed: int = 0) -> WanVAE:
+    """A narrow, randomly initialised Wan VAE, its decode side (float32, CPU, eval mode)."""
     from memflow_cli.seeding import drawing_from, seeded
+    from memflow_cli.wan_vae import WanVAE, WanVAEConfig
     from memflow_cli.weights import WAN21_VAE_CONFIG
 
     with drawing_from(seeded(seed)):
-        vae = AutoencoderKLWan(**copy.deepcopy({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING}))
+        vae = WanVAE(WanVAEConfig.from_diffusers({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING}))
     return vae.eval().requires_grad_(False)
 
 

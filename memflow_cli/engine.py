@@ -51,9 +51,8 @@ from .timing import Startup, since_process_start
 from .vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKLWan
-
     from .tae import StreamingTaeDecoder, TaehvDecoder
+    from .wan_vae import WanVAE
 
 DEMO = ModelKind.DEMO.value  # the tiny random model's name in reports and identities (`demo.py`)
 RANDOM = ModelKind.RANDOM.value  # the full-size model with random weights, in identities (speed needs no values)
@@ -123,7 +122,7 @@ class Engine:
 
     transformer: CausalWanTransformer
     prompts: PromptEmbeddings  # prompt -> embeddings; the text encoder is loaded there on first need
-    vae: AutoencoderKLWan | None  # None where the TAEHV decoder decodes instead (`--decoder tae`): never loaded
+    vae: WanVAE | None  # None where the TAEHV decoder decodes instead (`--decoder tae`): never loaded
     geometry: VideoGeometry
     device: torch.device
     name: str  # for reports: "demo", "random-weights 1.3B", "weights <folder>"
@@ -343,7 +342,7 @@ def load_engine(
     encoded in a background thread while the transformer loads. `embed_cache` is that cache's settings
     (True: from the environment, `EmbedCacheSettings.from_environment`; False: no cache on disk).
     `decoder` names the decoder (`--decoder tae`: the TAEHV preview decoder, random for the demo and random
-    models, else the `taew2_1` file); the Wan VAE is then not loaded, nor diffusers imported.
+    models, else the `taew2_1` file); the Wan VAE is then not loaded.
     """
     import_s, started = since_process_start(), time.perf_counter()
     source = ModelSource.parse(model)
@@ -438,10 +437,11 @@ def _fast_path(config: TransformerConfig, device: torch.device, speed: Speed) ->
 
 
 def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Loading) -> Engine:
-    """The real weights. Three things load at once: on one background thread diffusers is imported (seconds),
-    then the VAE loads; on another the text encoder loads and encodes the first prompts once diffusers is in
-    (never where they are all cached: then transformers' text-encoder modules are not even imported); here
-    the transformer loads. Where the TAEHV decoder decodes, the VAE is not loaded and diffusers not imported."""
+    """The real weights. Three things load at once: on one background thread the VAE loads (memflow's modules;
+    diffusers is imported first, seconds, only where an original VAE file is converted: its first load); on
+    another the text encoder loads and encodes the first prompts, after that import if there is one (never
+    where they are all cached: then transformers' text-encoder modules are not even imported); here the
+    transformer loads. Where the TAEHV decoder decodes, the VAE is not loaded."""
     from . import weights
     from .checkpoint import merge_key, read_transformer
     from .loading import prefetch_files, read_transformer_config
@@ -459,8 +459,9 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     fast = _fast_path(config, dev, loading.speed)
     identity = weights.weights_identity(files)
     with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
-        # diffusers first, alone: two threads never import at once
-        diffusers = pool.submit(_import_vae_library) if loading.wan_vae else None
+        # diffusers first, alone, where it converts the VAE file: two threads never import at once
+        converts = loading.wan_vae and weights.vae_needs_converter(files.vae, dtype, vae_cache)
+        diffusers = pool.submit(_import_vae_converter) if converts else None
 
         def load_text_encoder() -> PromptEncoder:
             if diffusers is not None:
@@ -498,13 +499,12 @@ def _state_cache(kind: CachedKind) -> MergedCache | None:
     return MergedCache(settings) if settings.enabled else None
 
 
-def _import_vae_library() -> None:
-    """Import diffusers' Wan VAE: seconds of the GIL (it imports torch's dynamo and transformers' core too).
-
-    Its module is imported by the package's own `autoencoders` and `loaders`, whichever name is asked, so
-    the short name costs no more. transformers' text-encoder modules are left to the text encoder's load.
-    """
+def _import_vae_converter() -> None:
+    """Import diffusers' Wan VAE and its converter (a first load of an original VAE file converts and checks
+    it): seconds of the GIL (it imports torch's dynamo and transformers' core too). transformers'
+    text-encoder modules are left to the text encoder's load."""
     from diffusers import AutoencoderKLWan  # noqa: F401
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: F401
 
 
 def _text_encoder_files(identity: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ exactly what the rest of the video depends on (`snapshots.py` says why each part
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,7 +70,8 @@ class ResumableNoise(NoiseSource, Protocol):
 
 @dataclass(frozen=True)
 class BoundaryState:
-    """What the chunks from `chunk` on depend on, taken at a prompt switch before the switch runs."""
+    """What the chunks from `chunk` on depend on, taken at a prompt switch before the switch runs (or where a
+    switch could run: a stream that switches prompt at `chunk` can resume from it)."""
 
     chunk: int  # the first chunk of the new segment
     segment: int  # the segment of the chunk before it
@@ -141,13 +142,15 @@ class MemFlowGenerator:
         noise: NoiseSource,
         switch_chunks: Sequence[int] = (),
         boundaries: Callable[[BoundaryState], None] | None = None,
+        switchable: Collection[int] = (),
     ) -> Iterator[torch.Tensor]:
         """Yield `num_chunks` denoised latent chunks [B, F, C, h, w] of a scripted video.
 
         prompt_embeds: [n_prompts, text_len, text_dim] (or [n_prompts, B, ...]); prompt i+1
         takes over at chunk `switch_chunks[i]`. The memory records as an interactive story's does
         when there are switches, unless the memory settings say which way (`interactive`).
-        `boundaries` gets the state at every switch and after the last chunk, as in `stream`.
+        `boundaries` gets the state at every switch and after the last chunk, and at the chunks of `switchable`,
+        as in `stream`.
         """
         if len(switch_chunks) != len(prompt_embeds) - 1:
             raise ValueError(f"{len(prompt_embeds)} prompts need {len(prompt_embeds) - 1} switch chunks")
@@ -155,7 +158,7 @@ class MemFlowGenerator:
         if interactive is None:
             interactive = len(switch_chunks) > 0
         prompts = ScriptedPrompts(prompt_embeds, switch_chunks, num_chunks)
-        yield from self.stream(prompts, noise, interactive=interactive, boundaries=boundaries)
+        yield from self.stream(prompts, noise, interactive=interactive, boundaries=boundaries, switchable=switchable)
 
     @torch.no_grad()
     def stream(
@@ -167,6 +170,7 @@ class MemFlowGenerator:
         resume: BoundaryState | None = None,
         boundaries: Callable[[BoundaryState], None] | None = None,
         last_boundary: int | None = None,
+        switchable: Collection[int] = (),
     ) -> Iterator[torch.Tensor]:
         """Yield denoised latent chunks [B, F, C, h, w] until `prompts` ends the video.
 
@@ -175,7 +179,8 @@ class MemFlowGenerator:
         scripted switch does. `interactive` is the memory's recording policy (`KVMemory`).
 
         `boundaries`, if given, gets the state at every switch, before the switch, and after the last chunk
-        (the noise must then be a `ResumableNoise`), up to chunk `last_boundary` (None: every one). With
+        (the noise must then be a `ResumableNoise`), up to chunk `last_boundary` (None: every one), and at the
+        chunks of `switchable` where the prompt goes on (where another story could switch). With
         `resume`, the stream starts from such a state: it yields the chunks from `resume.chunk` on, where
         `prompts` must switch to a new segment.
         """
@@ -196,7 +201,9 @@ class MemFlowGenerator:
             if chunk > 0:
                 now = prompts.at(chunk)
                 wanted = boundaries is not None and (last_boundary is None or chunk <= last_boundary)
-                if wanted and (now is None or now[0] != segment):  # a story going on would switch here
+                # a point a story could switch at: this one switches, ends here (and may be appended to), or is asked
+                point = now is None or now[0] != segment or chunk in switchable
+                if wanted and point:
                     boundaries(_boundary(chunk, segment, history, memory, noise))
                 if now is None:
                     return

@@ -145,17 +145,22 @@ class MergedCache:
         return self.folder / key.file_name
 
     def get(
-        self, key: MergeKey | ConvertKey, shapes: Mapping[str, tuple[int, ...]], device: torch.device
+        self,
+        key: MergeKey | ConvertKey,
+        shapes: Mapping[str, tuple[int, ...]],
+        device: torch.device,
+        unread: tuple[str, ...] = (),
     ) -> dict[str, torch.Tensor] | None:
         """The state dict of `key` on `device`, or None: not cached, or not usable (warned).
 
-        `shapes` are the model's tensors (name -> shape): a file that holds anything else is not used.
+        `shapes` are the model's tensors (name -> shape): a file that holds anything else is not used, except
+        tensors whose names start with one of `unread`, which are left unread (the VAE's encoder).
         """
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            state = self._read(path, key, shapes, device)
+            state = self._read(path, key, shapes, device, unread)
         except ValueError as problem:
             kind = self.kind
             log.warning("ignored the cached %s file %s (%s): %s again", kind.label, path, problem, kind.remade)
@@ -164,7 +169,12 @@ class MergedCache:
         return state
 
     def _read(
-        self, path: Path, key: MergeKey | ConvertKey, shapes: Mapping[str, tuple[int, ...]], device: torch.device
+        self,
+        path: Path,
+        key: MergeKey | ConvertKey,
+        shapes: Mapping[str, tuple[int, ...]],
+        device: torch.device,
+        unread: tuple[str, ...],
     ) -> dict[str, torch.Tensor]:
         try:
             with safe_open(path, framework="pt", device=str(device)) as file:
@@ -173,7 +183,7 @@ class MergedCache:
                     raise ValueError(f"not a memflow {self.kind.label} file")
                 if metadata.get("key") != key.text:
                     raise ValueError("made from other files or settings")
-                names = set(file.keys())
+                names = {name for name in file.keys() if not name.startswith(unread)}  # noqa: SIM118
                 if names != set(shapes):
                     raise ValueError(f"holds {len(names)} tensors that are not the model's {len(shapes)}")
                 state = {name: file.get_tensor(name) for name in shapes}

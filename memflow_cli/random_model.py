@@ -26,6 +26,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from .settings import WAN_1_3B, TransformerConfig
 from .text_encoder import TextEncoder
+from .wan_vae import WanVAE, WanVAEConfig
 from .weights.load import UMT5_BLOCK_NAMES, UMT5_NAMES
 
 RANDOM = "random"
@@ -68,15 +69,13 @@ class NoiseTextEncoder:
         return self
 
 
-def random_vae(device: torch.device, dtype: torch.dtype):
-    """The Wan2.1 VAE with weights drawn from seed 0 (diffusers' own initialisation)."""
-    from diffusers import AutoencoderKLWan
-
+def random_vae(device: torch.device, dtype: torch.dtype) -> WanVAE:
+    """The Wan2.1 VAE's decode side with weights drawn from seed 0 (torch's default initialisation)."""
     from .seeding import drawing_from, seeded
     from .weights import WAN21_VAE_CONFIG
 
     with drawing_from(seeded(0)):  # the global RNG untouched
-        vae = AutoencoderKLWan(**WAN21_VAE_CONFIG)
+        vae = WanVAE(WanVAEConfig.from_diffusers(WAN21_VAE_CONFIG))
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

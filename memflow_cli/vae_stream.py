@@ -1,4 +1,4 @@
-"""The Wan2.1 VAE decoder as a stream: diffusers' modules and weights, with our own causal bookkeeping.
+"""The Wan2.1 VAE decoder as a stream: memflow's decoder modules (`wan_vae.py`), with causal bookkeeping.
 
 The decoder is causal in time: each 3-D conv with a temporal kernel of 3 sees the current frames and the
 two input frames before them. diffusers keeps those two frames in a list (`feat_cache`) and, for every conv
@@ -6,31 +6,29 @@ of every call, clones them, concatenates them in front of the new frames and pad
 about nine frame copies per conv whose own input is three frames. At 832x480 those copies cost as much GPU
 time as the convolutions themselves.
 
-`DecoderStream` walks the same diffusers modules in the same order (the Wan2.1 layout: conv_in, mid block,
-up blocks, norm_out, conv_out) but gives each causal conv a persistent history of its last two input
-frames (`CausalConvCache`: allocated once and updated in place, so a CUDA graph of a call stays valid). A
-call assembles `[history | new frames]` in a scratch window: the RMS norm + SiLU before a conv writes its
-output straight into the window, the conv pads spatially by itself, and only the two newest frames are
-copied back into the history. The steps between convs are `DecoderKernels`, which the CUDA paths swap for
-faster ones (`speed/decoder.py`). The arithmetic is the official Wan VAE's: diffusers' modules and
-weights, except that every RMS norm (the mid block's attention included) normalises in the activation
-dtype as the official code does, where diffusers >= 0.38 upcasts bfloat16 to float32. On the CPU the
-frames are bit for bit the official ones in float32 and bfloat16 (`tests/test_codec_parity.py`); the
-memory traffic around each conv drops to about a third.
+`DecoderStream` walks the decoder's modules (`wan_vae.WanDecoder`, diffusers' names and weights) in the
+official order (the Wan2.1 layout: conv_in, mid block, up blocks, norm_out, conv_out) but gives each causal
+conv a persistent history of its last two input frames (`CausalConvCache`: allocated once and updated in
+place, so a CUDA graph of a call stays valid). A call assembles `[history | new frames]` in a scratch
+window: the RMS norm + SiLU before a conv writes its output straight into the window, the conv pads
+spatially by itself, and only the two newest frames are copied back into the history. The steps between
+convs are `DecoderKernels`, which the CUDA paths swap for faster ones (`speed/decoder.py`). The arithmetic
+is the official Wan VAE's: every RMS norm (the mid block's attention included) normalises in the
+activation dtype as the official code does, where diffusers >= 0.38 upcasts bfloat16 to float32. On the
+CPU the frames are bit for bit the official ones in float32 and bfloat16 (`tests/test_codec_parity.py`);
+the memory traffic around each conv drops to about a third.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # imported where a decoder is checked, not with this module: diffusers takes seconds to import
-    from diffusers.models.autoencoders import autoencoder_kl_wan
+from .wan_vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm, UpBlock, WanDecoder
 
 # Writes SiLU(RMS norm of x + x_bias) into out: (out, x, x_bias or None, gamma, beta, scale).
 NormSiLUInto = Callable[
@@ -110,6 +108,13 @@ class DecoderKernels:
     land on the same small pixel summed (`UpsampledConv`). 4/9 of the multiplications, and the upsampled
     image is never made. The summed filters are rounded once to the weights' dtype: equal to float32
     rounding in float32; in bf16 one more rounding of the filters than the official decoder.
+
+    With `late_frames` the stages after the last time upsampling (the up blocks that keep the frame count, the
+    last norm and conv) run on that many frames at a time. Each causal conv's history carries the video on from
+    one piece to the next as it does from call to call, and every other step there works frame by frame, so each
+    output frame is the same sum of the same inputs; the largest activations (full size, four frames per latent
+    frame) are made for that many frames instead of all of a call's. The decoder runs beside generation, so its
+    peak adds to the generator's.
     """
 
     norm_silu: NormSiLUInto = rms_norm_silu_into
@@ -119,6 +124,7 @@ class DecoderKernels:
     channel_tile: int | None = None
     convs_2d: bool = False
     upsample_subpixel: bool = False
+    late_frames: int | None = None
 
 
 PLAIN_KERNELS = DecoderKernels()
@@ -149,11 +155,11 @@ class CausalConvCache:
     each pixel's frames side by side ([B, h, w, keep, C] in memory), as the images do.
     """
 
-    def __init__(self, conv: autoencoder_kl_wan.WanCausalConv3d, channel_tile: int | None, as_2d: bool = False):
+    def __init__(self, conv: CausalConv3d, channel_tile: int | None, as_2d: bool = False):
         self.conv = conv
         self.as_2d = as_2d
-        self.keep = conv.kernel_size[0] - 1  # input frames before the current ones that the kernel sees
-        self.spatial_padding = (0, conv._padding[2], conv._padding[0])  # (time, h, w): time is the history
+        self.keep = conv.time_keep  # input frames before the current ones that the kernel sees
+        self.spatial_padding = (0, *conv.spatial_padding)  # (time, h, w): time is the history
         self.out_channels = conv.out_channels
         self.channels = padded_channels(conv.out_channels, channel_tile)  # computed output channels
         self.history: torch.Tensor | None = None  # [B, C_in, keep, h, w]
@@ -377,31 +383,27 @@ class UpsampledConv:
 
 
 class DecoderStream:
-    """Runs a diffusers Wan2.1 `WanDecoder3d` call by call over one video; each causal conv keeps its own cache.
+    """Runs a Wan2.1 `WanDecoder` call by call over one video; each causal conv keeps its own cache.
 
     `__call__(x)` takes the next latent frames [B, C, T, h, w] (after `post_quant_conv`) and returns their
-    decoded frames; the video's first call must carry its first latent frame alone, as in diffusers.
+    decoded frames; the video's first call must carry its first latent frame alone, as in the official code.
     `run(x, first)` is that call without the bookkeeping: what a CUDA graph captures (`speed/decoder.py`).
     """
 
-    def __init__(self, decoder: nn.Module, kernels: DecoderKernels = PLAIN_KERNELS):
-        from diffusers.models.autoencoders import autoencoder_kl_wan
-
-        _check_wan21_layout(decoder)
+    def __init__(self, decoder: WanDecoder, kernels: DecoderKernels = PLAIN_KERNELS):
+        if not isinstance(decoder, WanDecoder):
+            raise TypeError(f"expected memflow's Wan2.1 decoder (wan_vae.WanDecoder), got {type(decoder).__name__}")
         self.decoder = decoder
         self.kernels = kernels
+        self.late_blocks = _first_late_block(decoder)  # the up blocks from here on keep the frame count
         self.caches: dict[nn.Module, CausalConvCache] = {
             conv: CausalConvCache(conv, kernels.channel_tile, kernels.convs_2d)
             for conv in decoder.modules()
-            if isinstance(conv, autoencoder_kl_wan.WanCausalConv3d) and conv.kernel_size[0] > 1  # not the shortcuts
+            if isinstance(conv, CausalConv3d) and conv.time_keep > 0  # not the shortcuts
         }
         self.upsampled: dict[nn.Module, UpsampledConv] = {}  # the convs after 2x upsamplings, on the small image
         if kernels.upsample_subpixel:
-            resamplings = (
-                m.resample
-                for m in decoder.modules()
-                if isinstance(m, autoencoder_kl_wan.WanResample) and m.mode in ("upsample2d", "upsample3d")
-            )
+            resamplings = (m.resample for m in decoder.modules() if isinstance(m, Resample))
             self.upsampled = {
                 conv: UpsampledConv(conv) for upsample, conv in resamplings if UpsampledConv.applies_to(upsample, conv)
             }
@@ -471,21 +473,33 @@ class DecoderStream:
         x = self._residual(d.mid_block.resnets[0], x)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:], strict=True):
             x = self._residual(resnet, self._attention(attention, x))
-        for block in d.up_blocks:
-            for resnet in block.resnets:
-                x = self._residual(resnet, x)
-            if block.upsamplers is not None:
-                x = self._upsample(block.upsamplers[0], x, first)
+        for block in d.up_blocks[: self.late_blocks]:
+            x = self._up_block(block, x, first)
+        step = self.kernels.late_frames or x.shape[2]
+        pieces = [self._late_stages(x[:, :, i : i + step], first) for i in range(0, x.shape[2], step)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def _late_stages(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        """The up blocks from `_late_blocks` on, norm_out + SiLU and conv_out, over frames x [B, C, T, h, w]."""
+        d = self.decoder
+        for block in d.up_blocks[self.late_blocks :]:
+            x = self._up_block(block, x, first)
         return self.caches[d.conv_out](x, self._norm_silu(d.norm_out))
 
-    def _norm_silu(self, norm: autoencoder_kl_wan.WanRMS_norm, x_bias: torch.Tensor | None = None) -> Fill:
+    def _up_block(self, block: UpBlock, x: torch.Tensor, first: bool) -> torch.Tensor:
+        for resnet in block.resnets:
+            x = self._residual(resnet, x)
+        if block.upsamplers is not None:
+            x = self._upsample(block.upsamplers[0], x, first)
+        return x
+
+    def _norm_silu(self, norm: RMSNorm, x_bias: torch.Tensor | None = None) -> Fill:
         return lambda out, x: self.kernels.norm_silu(out, x, x_bias, norm.gamma, norm.bias, norm.scale)
 
-    def _attention(self, block: autoencoder_kl_wan.WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    def _attention(self, block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
         """The mid block's single-head self-attention over the pixels of each frame, plus x.
 
-        diffusers' block normalises through its own `WanRMS_norm` (float32 for bf16 input); this is the block
-        with `rms_norm` in its place, so the whole decoder normalises as the official one does.
+        Normalised by `rms_norm` (in the activation dtype), as the whole decoder is, as the official one does.
         """
         b, c, t, h, w = x.shape
         images = x.transpose(1, 2).flatten(0, 1)  # [B*T, C, h, w]
@@ -496,7 +510,7 @@ class DecoderStream:
         out = block.proj(attended).unflatten(0, (b, t)).transpose(1, 2)
         return out + x
 
-    def _residual(self, block: autoencoder_kl_wan.WanResidualBlock, x: torch.Tensor) -> torch.Tensor:
+    def _residual(self, block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
         """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1 conv) shortcut. Dropout: eval."""
         h = self._shortcut(block.conv_shortcut, x)
         deferred = self.kernels.bias_after_conv  # then each conv's bias is added by the step after it
@@ -514,7 +528,7 @@ class DecoderStream:
             return F.linear(pixels, shortcut.weight.flatten(1), shortcut.bias).movedim(-1, 1)
         return F.conv3d(x, shortcut.weight, shortcut.bias)
 
-    def _upsample(self, resample: autoencoder_kl_wan.WanResample, x: torch.Tensor, first: bool) -> torch.Tensor:
+    def _upsample(self, resample: Resample, x: torch.Tensor, first: bool) -> torch.Tensor:
         """Twice the frames (upsample3d, except on the video's first call), then twice the size per frame."""
         if resample.mode == "upsample3d" and not first:
             b, c, t, h, w = x.shape
@@ -531,61 +545,13 @@ class DecoderStream:
         return conv(images).unflatten(0, (b, t)).transpose(1, 2)
 
 
+def _first_late_block(decoder: WanDecoder) -> int:
+    """The index of the first up block after the decoder's last time upsampling (0 where none upsamples in time)."""
+    blocks = list(decoder.up_blocks)
+    in_time = [i for i, b in enumerate(blocks) if b.upsamplers is not None and b.upsamplers[0].mode == "upsample3d"]
+    return in_time[-1] + 1 if in_time else 0
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """Channels-last on CUDA (cuDNN's fast 3-D convs); the plain layout elsewhere, where it is diffusers' own."""
     return torch.channels_last_3d if x.is_cuda else torch.contiguous_format
-
-
-# What the walk above reads of diffusers' Wan VAE modules besides their weights. None of it is diffusers' public
-# API (`_padding` is private), so each is checked before a video is decoded, with an error naming it.
-_READ_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "WanDecoder3d": ("conv_in", "mid_block", "up_blocks", "norm_out", "conv_out", "nonlinearity"),
-    "WanMidBlock": ("resnets", "attentions"),
-    "WanUpBlock": ("resnets", "upsamplers"),
-    "WanResidualBlock": ("norm1", "conv1", "norm2", "conv2", "conv_shortcut", "nonlinearity"),
-    "WanAttentionBlock": ("norm", "to_qkv", "proj"),
-    "WanResample": ("mode", "resample"),
-    "WanRMS_norm": ("gamma", "bias", "scale"),
-    "WanCausalConv3d": ("_padding", "kernel_size", "stride"),
-}
-
-
-def _check_diffusers_internals(decoder: nn.Module) -> None:
-    """Every diffusers class and attribute the walk reads is there; else a TypeError naming the missing one."""
-    import diffusers
-    from diffusers.models.autoencoders import autoencoder_kl_wan
-
-    advice = f"diffusers {diffusers.__version__} is not a version memflow supports (see pyproject.toml)"
-    classes = {}
-    for name in _READ_ATTRIBUTES:
-        if not hasattr(autoencoder_kl_wan, name):
-            raise TypeError(f"{advice}: its Wan VAE has no {name}, which memflow's streaming decoder walks")
-        classes[name] = getattr(autoencoder_kl_wan, name)
-    for module in decoder.modules():
-        for name, cls in classes.items():
-            missing = [attribute for attribute in _READ_ATTRIBUTES[name] if not hasattr(module, attribute)]
-            if isinstance(module, cls) and missing:
-                raise TypeError(f"{advice}: its {name} has no {', '.join(missing)}, which memflow's decoder reads")
-        if isinstance(module, classes["WanResample"]) and module.mode == "upsample3d" and not hasattr(
-            module, "time_conv"
-        ):
-            raise TypeError(f"{advice}: its WanResample has no time_conv, which memflow's decoder reads")
-
-
-def _check_wan21_layout(decoder: nn.Module) -> None:
-    """The walk above is the Wan2.1 decoder's; refuse others (Wan2.2's residual decoder) with a clear error."""
-    from diffusers.models.autoencoders import autoencoder_kl_wan
-
-    _check_diffusers_internals(decoder)
-    if not isinstance(decoder, autoencoder_kl_wan.WanDecoder3d):
-        raise TypeError(f"expected diffusers' WanDecoder3d, got {type(decoder).__name__}")
-    other = [type(b).__name__ for b in decoder.up_blocks if not isinstance(b, autoencoder_kl_wan.WanUpBlock)]
-    if other:
-        raise TypeError(f"only the Wan2.1 VAE decoder can be streamed; this one has {', '.join(sorted(set(other)))}")
-    owners = [decoder, *(m for m in decoder.modules() if isinstance(m, autoencoder_kl_wan.WanResidualBlock))]
-    for owner in owners:
-        if not isinstance(owner.nonlinearity, nn.SiLU):
-            raise TypeError(f"{type(owner).__name__}'s activation is {owner.nonlinearity}, not SiLU")
-    for conv in decoder.modules():
-        if isinstance(conv, autoencoder_kl_wan.WanCausalConv3d) and conv.kernel_size[0] - 1 != conv._padding[4]:
-            raise TypeError(f"causal conv with temporal kernel {conv.kernel_size[0]} and padding {conv._padding[4]}")

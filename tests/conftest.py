@@ -36,14 +36,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The files whose tests take longest (CPU seconds of one worker, its `memflow` processes included), longest first:
 # pytest-xdist's --dist loadfile hands files to its workers in this order, and a long file started last would
-# finish alone. A worker with two tests or fewer left takes the next file at once, so the worker of a parity file
-# whose long scenarios come last queues the next file behind them: the files after the parity ones are each well
-# under the half of the suite that the other worker runs meanwhile. Measured one file at a time on one thread
-# (2026-12-07, a busy machine; the first figure includes about 9 s of imports per pytest run).
+# finish alone. A worker with two tests or fewer left takes the next file at once: the worker that starts
+# test_parity_share_1.py (one scenario) takes test_cli_robustness.py with it, and the other queues the next file
+# behind test_parity.py's long scenarios once its quick tests ran; every file after the parity ones is well under
+# the half of the suite that a worker runs. Measured one file at a time on one thread (2026-12-07, a busy machine,
+# the Wan decoder still diffusers'; each figure includes about 9 s of imports per pytest run).
 LONGEST_FILES = (
-    "test_parity.py",  # full-resolution scenarios (about 2 minutes each on one core) and a resume from a snapshot
-    "test_parity_share_1.py",  # the other scenarios, 1.5 to 2 minutes each
-    "test_parity_share_2.py",
+    "test_parity.py",  # two full-resolution scenarios, one forked from the other, a resume (about 4 minutes)
+    "test_parity_share_1.py",  # the other scenario (about 2 minutes on one core)
     "test_cli_robustness.py",  # 88 CPU-s: the batch script, signals, kill -9: real processes
     "test_distributed.py",  # 77 CPU-s: torchrun
     "test_update.py",  # 48 CPU-s: a render killed and resumed, renders on the Wan VAE

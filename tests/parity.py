@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from memflow_cli.checkpoint import load_transformer
-from memflow_cli.generator import BoundaryState, MemFlowGenerator
+from memflow_cli.generator import BoundaryState, MemFlowGenerator, ScriptedPrompts
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.settings import GenerationSettings, LoraSettings, MemorySettings, SamplerSettings, VideoGeometry
 
@@ -65,17 +65,78 @@ def manifest() -> dict:
 
 # The scenario test_parity.py also resumes from a snapshot at full resolution (its render is reused).
 RESUMED = "three_prompts"
-# The scenarios are shared out over three files, which pytest-xdist's --dist loadfile gives to its workers
-# whole: the resumed one (about 2.5 minutes on one core with its resume) in test_parity.py, the others in turn
-# in test_parity_share_1.py and test_parity_share_2.py (about 1.5 minutes each), so that two workers get
-# about the same time, each rendering only its own scenarios.
-SHARES = 2
+# The scenarios are shared out over files, which pytest-xdist's --dist loadfile gives to its workers whole: the
+# resumed one's family (`families`: it and the scenarios it forks from or that fork from it, each rendered once,
+# the forks from their parents' states) in test_parity.py, the other families in turn in the share files
+# (test_parity_share_1.py, ...), so that two workers get about the same time, each rendering only its own.
+SHARES = 1
 
 
-def scenario_share(names: Sequence[str], share: int) -> list[str]:
-    """Share `share` (1 or 2) of the scenarios other than `RESUMED`, taken in turn from the sorted names."""
-    others = sorted(name for name in names if name != RESUMED)
-    return others[share - 1 :: SHARES]
+def first_switch(man: dict, scenario: dict) -> int | None:
+    """The chunk of a scenario's first prompt switch; None where it has none."""
+    chunks = switch_chunks_from_frames(scenario["switch_frames"], man["frames_per_chunk"])
+    return chunks[0] if chunks else None
+
+
+def forks_from(man: dict, name: str) -> tuple[str, int] | None:
+    """(parent, k): a scenario whose first k chunks are scenario `name`'s, computed the same way, k being `name`'s
+    first switch; `name` then resumes from the parent's state at chunk k (`MemFlowGenerator.stream`'s
+    `switchable`). None where no scenario is such a parent.
+
+    A parent has the same settings but for its prompts and switches, the same first prompt, enough frames, no
+    switch before k, and a memory that records those chunks as `name`'s does (every chunk, or interactive as
+    `name` is); it forks from none itself. Of two scenarios switching at the same chunk only the later-named
+    can fork from the other, so no two fork from each other.
+    """
+    scenarios = man["scenarios"]
+    scenario, k = scenarios[name], first_switch(man, scenarios[name])
+    if k is None:
+        return None
+
+    def shared_part(s: dict) -> dict:
+        return {key: value for key, value in s.items() if key not in ("prompts", "switch_frames", "frames")}
+
+    def is_parent(other: str) -> bool:
+        candidate = scenarios[other]
+        other_first = first_switch(man, candidate)
+        return (
+            shared_part(candidate) == shared_part(scenario)
+            and candidate["prompts"][0] == scenario["prompts"][0]
+            and candidate.get("frames", man["frames"]) >= k * man["frames_per_chunk"]
+            and (other_first is None or (other_first, other) > (k, name))
+            and (candidate["record_interval"] == 1 or other_first is not None)
+            and forks_from(man, other) is None  # ends: each step asks about a scenario switching later
+        )
+
+    return next(((other, k) for other in sorted(scenarios) if other != name and is_parent(other)), None)
+
+
+def fork_points(man: dict, parent: str) -> set[int]:
+    """The chunks where scenarios fork from `parent` (`forks_from`)."""
+    forks = (forks_from(man, name) for name in man["scenarios"])
+    return {fork[1] for fork in forks if fork is not None and fork[0] == parent}
+
+
+def families(man: dict) -> list[list[str]]:
+    """The scenarios grouped with those they fork from (`forks_from`), each family sorted, in sorted order."""
+    family = {name: {name} for name in man["scenarios"]}
+    for name in sorted(man["scenarios"]):
+        if (fork := forks_from(man, name)) is not None:
+            joined = family[name] | family[fork[0]]
+            for member in joined:
+                family[member] = joined
+    return [list(members) for members in sorted({tuple(sorted(members)) for members in family.values()})]
+
+
+def resumed_family(man: dict) -> list[str]:
+    """The scenarios test_parity.py renders: `RESUMED` and its family (none without fixtures)."""
+    return next((f for f in families(man) if RESUMED in f), [])
+
+
+def scenario_share(man: dict, share: int) -> list[str]:
+    """Share `share` (1 .. SHARES) of the scenarios outside `RESUMED`'s family: the families taken in turn."""
+    others = [f for f in families(man) if RESUMED not in f]
+    return [name for f in others[share - 1 :: SHARES] for name in f]
 
 
 def scenario_settings(man: dict, scenario: dict) -> GenerationSettings:
@@ -176,21 +237,28 @@ class ParityRenders:
         return self._rendered[name]
 
     def _render(self, name: str) -> Rendered:
+        """The scenario through `generate`; a fork (`forks_from`) from its parent's state at its first switch."""
         man = manifest()
         scenario = man["scenarios"][name]
         settings = scenario_settings(man, scenario)
         frames = scenario.get("frames", man["frames"])
         embeds = prompt_embeds(self.inputs)[scenario["prompts"]]
+        switches = switch_chunks(scenario, settings)
         boundaries: list[BoundaryState] = []
         generator = MemFlowGenerator(self.model, settings)
-        chunks = generator.generate(
-            embeds,
-            frames // settings.geometry.frames_per_chunk,
-            fixed_noise(self.inputs, settings),
-            switch_chunks(scenario, settings),
-            boundaries=boundaries.append,
-        )
-        return Rendered(tuple(chunks), tuple(boundaries))
+        noise = fixed_noise(self.inputs, settings)
+        if (fork := forks_from(man, name)) is None:
+            chunks = generator.generate(
+                embeds, frames // settings.geometry.frames_per_chunk, noise, switches,
+                boundaries=boundaries.append, switchable=fork_points(man, name),
+            )  # fmt: skip
+            return Rendered(tuple(chunks), tuple(boundaries))
+        parent, k = fork
+        before = self.scenario(parent)
+        state = next(point for point in before.boundaries if point.chunk == k)
+        prompts = ScriptedPrompts(embeds, switches, frames // settings.geometry.frames_per_chunk)
+        chunks = generator.stream(prompts, noise, interactive=True, resume=state, boundaries=boundaries.append)
+        return Rendered(before.chunks[:k] + tuple(chunks), tuple(boundaries))
 
 
 BAR = 1e-4  # relative L2 to the official latents, over the whole video and for each chunk

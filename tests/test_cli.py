@@ -5,6 +5,7 @@ Expected timelines are computed here from the rules (see `cli_helpers`), not rea
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -395,6 +396,19 @@ def engine():
         yield engine
 
 
+def _diffusers_vae_of(vae):
+    """diffusers' Wan VAE (the one-shot reference decode) holding the decode-side weights of memflow's VAE."""
+    from diffusers import AutoencoderKLWan
+
+    from memflow_cli.demo import DEMO_VAE_NARROWING
+    from memflow_cli.weights import WAN21_VAE_CONFIG
+
+    reference = AutoencoderKLWan(**copy.deepcopy({**WAN21_VAE_CONFIG, **DEMO_VAE_NARROWING})).eval()
+    missing, unexpected = reference.load_state_dict(vae.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith(("encoder.", "quant_conv.")) for name in missing)
+    return reference
+
+
 def test_streaming_decode_of_generated_chunks_equals_one_shot_decode(engine):
     settings = GenerationSettings(geometry=engine.geometry)
     prompts = ("a red fox in the snow",)
@@ -412,7 +426,7 @@ def test_streaming_decode_of_generated_chunks_equals_one_shot_decode(engine):
     std = torch.tensor(vae.config.latents_std).view(shape)
     z = torch.cat(chunks, dim=1).permute(0, 2, 1, 3, 4) * std + mean  # [1, F, C, h, w] -> [1, C, F, h, w]
     with torch.no_grad():
-        whole = vae.decode(z).sample[0].permute(1, 0, 2, 3).clamp(-1, 1)  # [N, 3, H, W]
+        whole = _diffusers_vae_of(vae).decode(z).sample[0].permute(1, 0, 2, 3).clamp(-1, 1)  # [N, 3, H, W]
 
     assert streamed.shape == whole.shape == (video_frames(3), 3, HEIGHT, WIDTH)
     torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-4)

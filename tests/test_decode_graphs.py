@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan
 
 from memflow_cli.bench import decode_ms_per_chunk
 from memflow_cli.decode import StreamingDecoder
@@ -26,6 +25,7 @@ from memflow_cli.speed.decoder import (
     rms_norm_silu_over_channels_into,
 )
 from memflow_cli.vae_stream import DecoderKernels, rms_norm_silu_into
+from memflow_cli.wan_vae import WanVAE, WanVAEConfig
 from memflow_cli.weights import WAN21_VAE_CONFIG
 
 LATENT_HW = (4, 6)
@@ -41,9 +41,10 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def vae() -> AutoencoderKLWan:
+def vae() -> WanVAE:
     torch.manual_seed(0)
-    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
+    narrow = {**WAN21_VAE_CONFIG, "base_dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}
+    return WanVAE(WanVAEConfig.from_diffusers(narrow)).eval()
 
 
 def _latents(frames: int, hw: tuple[int, int] = LATENT_HW, seed: int = 1) -> torch.Tensor:
@@ -84,13 +85,13 @@ class RecordingGraphs(DecoderGraphs):
         return RecordedCapture(lambda y: self.stream.run(y, key.first), self.replayed, key, made)
 
 
-def _recording_decoder(vae: AutoencoderKLWan, frames_per_call: int | None = 1) -> StreamingDecoder:
+def _recording_decoder(vae: WanVAE, frames_per_call: int | None = 1) -> StreamingDecoder:
     decoder = StreamingDecoder(vae, frames_per_call=frames_per_call)
     decoder._call = RecordingGraphs(decoder._stream)
     return decoder
 
 
-def test_a_call_shape_is_captured_at_its_second_use_and_replayed_after(vae: AutoencoderKLWan) -> None:
+def test_a_call_shape_is_captured_at_its_second_use_and_replayed_after(vae: WanVAE) -> None:
     latents = _latents(9)
     decoder = _recording_decoder(vae)
     ours = _decode(decoder, latents)
@@ -107,7 +108,7 @@ def test_a_call_shape_is_captured_at_its_second_use_and_replayed_after(vae: Auto
     torch.testing.assert_close(again, ours, rtol=0, atol=0)
 
 
-def test_whole_chunk_calls_make_one_graph_per_shape(vae: AutoencoderKLWan) -> None:
+def test_whole_chunk_calls_make_one_graph_per_shape(vae: WanVAE) -> None:
     decoder = _recording_decoder(vae, frames_per_call=None)
     _decode(decoder, _latents(12))
     shapes = [(key.first, key.shape[2]) for key in decoder._call._seen]
@@ -116,7 +117,7 @@ def test_whole_chunk_calls_make_one_graph_per_shape(vae: AutoencoderKLWan) -> No
     assert [(key.first, key.shape[2]) for key in decoder._call.captured] == [(False, 3)]
 
 
-def test_new_buffers_drop_every_graph(vae: AutoencoderKLWan) -> None:
+def test_new_buffers_drop_every_graph(vae: WanVAE) -> None:
     """Another frame size makes every history anew: graphs reading the old ones must not replay."""
     decoder = _recording_decoder(vae)
     _decode(decoder, _latents(6))
@@ -128,7 +129,7 @@ def test_new_buffers_drop_every_graph(vae: AutoencoderKLWan) -> None:
     torch.testing.assert_close(ours, _decode(StreamingDecoder(vae), small), rtol=0, atol=0)
 
 
-def test_replaced_weights_drop_every_graph_and_weights_changed_in_place_keep_them(vae: AutoencoderKLWan) -> None:
+def test_replaced_weights_drop_every_graph_and_weights_changed_in_place_keep_them(vae: WanVAE) -> None:
     own = copy.deepcopy(vae)
     decoder = _recording_decoder(own)
     latents = _latents(6)
@@ -148,7 +149,7 @@ def test_replaced_weights_drop_every_graph_and_weights_changed_in_place_keep_the
     torch.testing.assert_close(ours, _decode(StreamingDecoder(own), latents), rtol=0, atol=0)
 
 
-def test_a_decoders_graphs_share_one_pool_and_start_a_new_one_after_a_drop(vae: AutoencoderKLWan) -> None:
+def test_a_decoders_graphs_share_one_pool_and_start_a_new_one_after_a_drop(vae: WanVAE) -> None:
     """The allocator refuses a pool whose graphs all died: a capture after a drop, or in another decoder,
     must make its own pool (passing None), never reuse the old handle (torch 2.11's `use_count > 0` assert)."""
     own = copy.deepcopy(vae)
@@ -168,7 +169,7 @@ def test_a_decoders_graphs_share_one_pool_and_start_a_new_one_after_a_drop(vae: 
     assert other._call.pools_asked == [None]
 
 
-def test_graphs_only_on_cuda(vae: AutoencoderKLWan) -> None:
+def test_graphs_only_on_cuda(vae: WanVAE) -> None:
     assert StreamingDecoder(vae).graphs is None  # a CPU decoder runs every call as it is
 
 
@@ -189,7 +190,7 @@ def test_norm_silu_over_channels_is_the_official_norm_then_silu() -> None:
     assert ours.is_contiguous(memory_format=torch.channels_last_3d)  # written into the given window, in place
 
 
-def test_eager_cuda_kernels_decode_the_plain_frames_in_float64(vae: AutoencoderKLWan) -> None:
+def test_eager_cuda_kernels_decode_the_plain_frames_in_float64(vae: WanVAE) -> None:
     vae64 = copy.deepcopy(vae).double()
     latents = _latents(6).double()
     plain = _decode(StreamingDecoder(vae64), latents)
@@ -202,7 +203,7 @@ def test_eager_cuda_kernels_decode_the_plain_frames_in_float64(vae: AutoencoderK
 # -- on a GPU --------------------------------------------------------------------------------------------------
 
 
-def _cuda_vae(vae: AutoencoderKLWan, device: str) -> AutoencoderKLWan:
+def _cuda_vae(vae: WanVAE, device: str) -> WanVAE:
     on_device = copy.deepcopy(vae).to(device, torch.bfloat16)
     channels_last_convs(on_device)  # what the engine does on CUDA
     return on_device
@@ -235,7 +236,7 @@ def test_graph_replays_equal_the_eager_decode(vae, kernels: str, device: str, fr
 
 @pytest.mark.gpu
 @needs_cuda
-def test_decode_timing_runs_on_the_gpu(vae: AutoencoderKLWan) -> None:
+def test_decode_timing_runs_on_the_gpu(vae: WanVAE) -> None:
     geometry = VideoGeometry(height=64, width=96)
     decoder = StreamingDecoder(_cuda_vae(vae, "cuda"), kernels=EAGER_CUDA_KERNELS, graphs=True)
     ms = decode_ms_per_chunk(decoder, geometry, repeats=3)
@@ -251,7 +252,7 @@ def test_eager_cuda_kernels_are_as_faithful_as_the_plain_ones_on_the_full_width_
     as 128 channels and normalised by `F.rms_norm` over a strided view, as at 832x480; with the 2-D set, every
     causal conv runs over its stacked frames."""
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to("cuda").eval()
+    vae = WanVAE(WanVAEConfig.from_diffusers(WAN21_VAE_CONFIG)).to("cuda").eval()
     channels_last_convs(vae)
     latents = torch.randn(1, 7, 16, 12, 20, device="cuda")
     expected = _decode(StreamingDecoder(vae, graphs=False), latents)

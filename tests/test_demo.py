@@ -65,14 +65,14 @@ def test_text_encoder_is_seeded_and_leaves_the_global_rng_alone():
 
 def test_vae_has_the_wan_strides_and_latent_statistics():
     geometry = demo.DEMO_GEOMETRY
+    from memflow_cli.decode import StreamingDecoder
+
     vae = demo.build_demo_vae()
     assert len(vae.config.latents_mean) == len(vae.config.latents_std) == geometry.latent_channels
+    assert (vae.config.spatial_ratio, vae.config.temporal_ratio) == (8, 4)
     latents = torch.randn(1, geometry.latent_channels, 3, geometry.latent_height, geometry.latent_width)
-    with torch.no_grad():
-        video = vae.decode(latents).sample
-        assert video.shape == (1, 3, geometry.video_frames(3), geometry.height, geometry.width)
-        encoded = vae.encode(video).latent_dist.mode()
-    assert encoded.shape == latents.shape
+    video = StreamingDecoder(vae).decode_z(latents)
+    assert video.shape == (1, 3, geometry.video_frames(3), geometry.height, geometry.width)
 
 
 def test_vae_is_seeded():
@@ -98,15 +98,14 @@ def _built_from_the_global_rng(build, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_the_demo_and_random_builders_draw_from_generators_the_same_weights_as_the_seeded_global_rng():
-    import copy
-
-    from diffusers import AutoencoderKLWan
     from transformers import UMT5EncoderModel
 
     from memflow_cli.random_model import random_vae
+    from memflow_cli.wan_vae import WanVAE, WanVAEConfig
     from memflow_cli.weights import WAN21_VAE_CONFIG
 
-    narrow_vae = {**WAN21_VAE_CONFIG, **demo.DEMO_VAE_NARROWING}
+    narrow_vae = WanVAEConfig.from_diffusers({**WAN21_VAE_CONFIG, **demo.DEMO_VAE_NARROWING})
+    wan21_vae = WanVAEConfig.from_diffusers(WAN21_VAE_CONFIG)
     encoder_config = demo.demo_text_encoder_config(len(demo.build_demo_tokenizer()))
     torch.manual_seed(1234)  # whatever the caller's stream is, it is neither read nor moved
     state = torch.random.get_rng_state()
@@ -114,9 +113,9 @@ def test_the_demo_and_random_builders_draw_from_generators_the_same_weights_as_t
         transformer = {name: tensor.float() for name, tensor in engine.transformer.state_dict().items()}
         engine.embeddings(["a lighthouse"])  # the demo text encoder built and run
     cases = [
-        (lambda: demo.build_demo_vae(seed=3), lambda: AutoencoderKLWan(**copy.deepcopy(narrow_vae)), 3),
+        (lambda: demo.build_demo_vae(seed=3), lambda: WanVAE(narrow_vae), 3),
         (lambda: demo.build_demo_text_encoder(seed=3).encoder, lambda: UMT5EncoderModel(encoder_config), 3),
-        (lambda: random_vae(torch.device("cpu"), torch.float32), lambda: AutoencoderKLWan(**WAN21_VAE_CONFIG), 0),
+        (lambda: random_vae(torch.device("cpu"), torch.float32), lambda: WanVAE(wan21_vae), 0),
     ]
     built = [(build().state_dict(), _built_from_the_global_rng(before, seed)) for build, before, seed in cases]
     assert torch.equal(torch.random.get_rng_state(), state)

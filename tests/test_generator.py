@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_cli.generator import MemFlowGenerator, SeededNoise
+from memflow_cli.generator import MemFlowGenerator, ScriptedPrompts, SeededNoise
 from memflow_cli.model.build import build_transformer
 from memflow_cli.model.transformer import CausalWanTransformer, Kernels
 from memflow_cli.settings import GenerationSettings, MemorySettings, SettingsError, TransformerConfig, VideoGeometry
@@ -62,6 +62,28 @@ def test_prompt_switch_changes_only_later_chunks(model):
     switched = render(model, MemorySettings(), chunks=6, switch_chunks=(4,))
     assert torch.allclose(steady[:, :12], switched[:, :12])
     assert not torch.allclose(steady[:, 12:], switched[:, 12:])
+
+
+def test_a_story_switching_later_resumes_from_a_switchable_point_of_one_that_goes_on(model):
+    """A point at a chunk where the prompt goes on (`switchable`) is where another story could switch: a story that
+    does switch there, resumed from it, equals that story rendered whole. Chunk 0-3 are the same in both."""
+    settings = GenerationSettings(memory=MemorySettings(record_interval=1), geometry=GEOMETRY)
+    prompts = torch.randn((2, 5, CONFIG.text_dim), generator=torch.Generator().manual_seed(1))
+
+    def stream(embeds, switches, **kwargs):
+        generator = MemFlowGenerator(model, settings)
+        noise = SeededNoise(3, generator.noise_shape(), "cpu", torch.float32)
+        prompts = ScriptedPrompts(embeds, switches, 6)
+        return list(generator.stream(prompts, noise, interactive=True, **kwargs))
+
+    points = []
+    going_on = stream(prompts[:1], (), boundaries=points.append, switchable={4})
+    assert [point.chunk for point in points] == [4, 6]  # the asked one and the end
+    switching = stream(prompts, (4,))
+    resumed = stream(prompts, (4,), resume=points[0])
+    assert all(torch.equal(a, b) for a, b in zip(going_on[:4], switching[:4], strict=True))
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, switching[4:], strict=True))
+    assert not torch.allclose(switching[4], going_on[4])
 
 
 def test_switch_count_must_match_prompts(model):

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan
 
 from memflow_cli.decode import StreamingDecoder
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
@@ -27,6 +26,7 @@ from memflow_cli.speed.decoder import channels_last_convs, fused_decoder_kernels
 from memflow_cli.speed.graphs import GraphedPasses
 from memflow_cli.speed.linear import LinearGELU
 from memflow_cli.vae_stream import padded_channels, residual_sum, upsample_nearest
+from memflow_cli.wan_vae import WanVAE, WanVAEConfig
 from memflow_cli.weights import WAN21_VAE_CONFIG
 
 from .attention import flash_layout_sdpa
@@ -59,7 +59,7 @@ def test_compiled_decoder_kernels_are_as_faithful_as_the_eager_ones():
     Its last stage has the real 96 channels, so the compiled path computes them with tiled filters.
     """
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).to("cuda").eval()
+    vae = WanVAE(WanVAEConfig.from_diffusers(WAN21_VAE_CONFIG)).to("cuda").eval()
     channels_last_convs(vae)
     latents = torch.randn(1, 7, 16, 12, 20, device="cuda")
     expected = _decode(StreamingDecoder(vae), latents)

@@ -3,8 +3,10 @@
 Each scenario of the fixture's manifest is rendered through our own checkpoint
 loader and chunk loop from the fixture's embeddings and noise, in float32 on
 CPU, and must be within relative L2 1e-4 of the expected latents, whole and per chunk.
-This file takes the scenario it also resumes from a snapshot; test_parity_share_1.py and
-test_parity_share_2.py take the others (`parity.scenario_share`), so that two pytest-xdist workers share them.
+This file takes the scenario it also resumes from a snapshot and its family (`parity.families`: a scenario
+whose first switch comes after another's first chunks resumes from that one's state there, as a story edited
+at its switch does); test_parity_share_1.py takes the others (`parity.scenario_share`), so that two pytest-xdist
+workers share them.
 """
 
 from __future__ import annotations
@@ -37,15 +39,15 @@ def test_manifest_geometry_matches_derived_sizes():
 
 
 def test_every_scenario_is_in_one_share_and_every_share_in_its_file():
-    shares = [[parity.RESUMED] if parity.RESUMED in MANIFEST["scenarios"] else []]
-    shares += [parity.scenario_share(MANIFEST["scenarios"], share) for share in range(1, parity.SHARES + 1)]
+    shares = [parity.resumed_family(MANIFEST)]
+    shares += [parity.scenario_share(MANIFEST, share) for share in range(1, parity.SHARES + 1)]
     assert sorted(name for share in shares for name in share) == sorted(MANIFEST["scenarios"])
     files = sorted(path.name for path in Path(__file__).parent.glob("test_parity_share_*.py"))
     assert files == [f"test_parity_share_{share}.py" for share in range(1, parity.SHARES + 1)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in MANIFEST["scenarios"] if name == parity.RESUMED])
+@pytest.mark.parametrize("name", parity.resumed_family(MANIFEST))
 def test_scenario_matches_official_latents(name, parity_renders):
     parity.assert_matches_official(name, parity_renders)
 

@@ -10,6 +10,6 @@ MANIFEST = parity.manifest()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", parity.scenario_share(MANIFEST["scenarios"], 1))
+@pytest.mark.parametrize("name", parity.scenario_share(MANIFEST, 1))
 def test_scenario_matches_official_latents(name, parity_renders):
     parity.assert_matches_official(name, parity_renders)

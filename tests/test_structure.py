@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [  # top first; a name is a module, or a package
     ("memflow_cli.plan", "memflow_cli.distributed", "memflow_cli.update"),
     ("memflow_cli.engine",),
     (
-        "memflow_cli.model", "memflow_cli.speed", "memflow_cli.decode", "memflow_cli.vae_stream",
+        "memflow_cli.model", "memflow_cli.speed", "memflow_cli.decode", "memflow_cli.vae_stream", "memflow_cli.wan_vae",
         "memflow_cli.generator", "memflow_cli.sampler", "memflow_cli.overlap", "memflow_cli.handover",
         "memflow_cli.prompt_embeds", "memflow_cli.embed_cache", "memflow_cli.text_encoder", "memflow_cli.demo",
         "memflow_cli.random_model", "memflow_cli.record", "memflow_cli.output", "memflow_cli.mp4",

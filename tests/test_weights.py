@@ -22,11 +22,13 @@ from transformers import UMT5EncoderModel
 
 from memflow_cli import weights
 from memflow_cli.cache_dir import cache_root
+from memflow_cli.decode import StreamingDecoder
 from memflow_cli.loading import read_transformer_config
 from memflow_cli.merged_cache import CONVERTED_VAE, MergedCache, MergedCacheSettings
 from memflow_cli.random_model import wan_vae_name
 from memflow_cli.settings import WAN_1_3B
 from memflow_cli.speed.compile_cache import CompileChoice
+from memflow_cli.wan_vae import WanVAE, WanVAEConfig
 from memflow_cli.weights import (
     TRUNCATED,
     WAN21_VAE_CONFIG,
@@ -469,22 +471,30 @@ def test_verify_reports_a_truncated_original_pth(tmp_path, tokenizer, umt5, vae)
 # -- load -------------------------------------------------------------------------------------------------
 
 
-def _decode(vae: AutoencoderKLWan) -> torch.Tensor:
+def _decode(vae: WanVAE) -> torch.Tensor:
     latents = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return vae.decode(latents.to(vae.dtype)).sample
+    return StreamingDecoder(vae).decode_z(latents.to(vae.dtype))
+
+
+def assert_decode_side_of(loaded: WanVAE, vae: AutoencoderKLWan) -> None:
+    """memflow's VAE holds exactly diffusers' decoder and post_quant_conv tensors, bit for bit."""
+    decode_side = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    got = loaded.state_dict()
+    assert isinstance(loaded, WanVAE) and got.keys() == decode_side.keys()
+    assert all(torch.equal(got[name], tensor) for name, tensor in decode_side.items())
 
 
 def test_load_vae_from_a_diffusers_folder(tmp_path, vae):
     vae.save_pretrained(tmp_path / "vae")
     loaded = load_vae(tmp_path / "vae", "cpu", torch.float32)
-    torch.testing.assert_close(_decode(loaded), _decode(vae), rtol=0, atol=0)
+    assert_decode_side_of(loaded, vae)
+    assert loaded.config == WanVAEConfig.from_diffusers(TINY_VAE_CONFIG) and not loaded.training
 
 
 def test_load_vae_from_an_original_single_file(tmp_path, vae):
     torch.save(original_vae_state(vae), tmp_path / "Wan2.1_VAE.pth")
     loaded = load_vae(tmp_path / "Wan2.1_VAE.pth", "cpu", torch.float32, config=TINY_VAE_CONFIG)
-    torch.testing.assert_close(_decode(loaded), _decode(vae), rtol=0, atol=0)
+    assert_decode_side_of(loaded, vae)
     assert list(loaded.config.latents_std) == WAN21_VAE_CONFIG["latents_std"]
 
 
@@ -594,7 +604,7 @@ def vae_cache(folder: Path) -> MergedCache:
     return MergedCache(MergedCacheSettings(folder / "vae", kind=CONVERTED_VAE))
 
 
-def assert_same_weights(loaded: AutoencoderKLWan, expected: AutoencoderKLWan) -> None:
+def assert_same_weights(loaded: WanVAE, expected: WanVAE) -> None:
     """Every tensor of the two VAEs' state dicts equal, bit for bit and in dtype; none left on the meta device."""
     got, want = loaded.state_dict(), expected.state_dict()
     assert got.keys() == want.keys()

@@ -40,6 +40,7 @@ from ..model.transformer import PLAIN_KERNELS, Kernels
 from ..settings import TransformerConfig
 from ..vae_stream import PLAIN_KERNELS as PLAIN_DECODER_KERNELS
 from ..vae_stream import DecoderKernels
+from ..wan_vae import WanVAE
 from . import attention
 from .compile import compiled, compiled_block_step
 from .decoder import EAGER_CUDA_DECODER, channels_last_convs, fused_decoder_kernels
@@ -105,7 +106,7 @@ class FastPath:
         """Within this block SDPA tries the chosen backends first."""
         return attention.sdpa_priority(self.sdpa_backends)
 
-    def prepare_vae(self, vae: torch.nn.Module) -> None:
+    def prepare_vae(self, vae: WanVAE) -> None:
         """The VAE's conv weights in the layout its fast convolutions read (channels-last on CUDA)."""
         channels_last_convs(vae)
 

@@ -1,5 +1,6 @@
 """The model's files, by job: where they are (`locate`), fetching them (`fetch`), checking them
-(`verify`), naming them in a video's sidecar (`identity`) and loading the text encoder and VAE (`load`).
+(`verify`), naming them in a video's sidecar (`identity`) and loading the text encoder and VAE (`load`;
+the VAE as memflow's own `wan_vae.WanVAE`).
 
 The transformer's own checkpoints are parsed by `checkpoint.py`; every file is read through
 `loading.read_torch_file`, and every problem is a `WeightsError`.
@@ -17,6 +18,7 @@ from .load import (
     load_vae,
     load_wan_t5,
     umt5_config_from_wan_t5,
+    vae_needs_converter,
 )
 from .locate import (
     BASE_FILE,
@@ -42,5 +44,5 @@ __all__ = [
     "WAN_DIFFUSERS_REPO", "WAN_DIR", "WAN_REPO", "WeightsError", "convert_key", "convert_wan_t5_to_umt5",
     "converted_vae_file", "download",
     "file_fingerprint", "hub_cache_dir", "hub_offline", "load_text_encoder", "load_vae", "load_wan_t5",
-    "resolve_model", "umt5_config_from_wan_t5", "verify", "weights_identity",
+    "resolve_model", "umt5_config_from_wan_t5", "vae_needs_converter", "verify", "weights_identity",
 ]

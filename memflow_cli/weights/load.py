@@ -1,9 +1,11 @@
 """Load the text encoder and the VAE of either layout; the original `.pth` files are converted on load.
 
-The VAE by diffusers' own converter, the umT5 by the key map of spec §11.3. The converted VAE can be kept in
-memflow's cache (`merged_cache.CONVERTED_VAE`), so that later loads read it as it is. diffusers and
-transformers are imported when a model is loaded, not with this module (`memflow weights verify` needs
-neither); transformers' text-encoder modules only when a text encoder is loaded.
+The VAE is memflow's own decoder modules (`wan_vae.WanVAE`), read from a diffusers `vae/` folder or from an
+original `Wan2.1_VAE.pth` converted by diffusers' own converter; the umT5 by the key map of spec §11.3. The
+converted VAE is kept in memflow's cache (`merged_cache.CONVERTED_VAE`), so that later loads read its
+decoder tensors as they are, without diffusers: diffusers is imported only to convert an original file
+(its first load). transformers is imported when a text encoder is loaded, not with this module (`memflow
+weights verify` needs neither).
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..loading import WeightsError, read_torch_file
+from ..loading import TRUNCATED, WeightsError, read_torch_file
 from ..merged_cache import ConvertKey, MergedCache
 from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
+from ..wan_vae import WanVAE, WanVAEConfig
 from .identity import file_fingerprint
-from .locate import ModelFiles
+from .locate import ModelFiles, weight_files
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
 # The Wan2.1 VAE (diffusers `AutoencoderKLWan` names); the original `Wan2.1_VAE.pth` has no config of its own.
@@ -45,6 +48,10 @@ WAN21_VAE_CONFIG: dict[str, Any] = {
         3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
     ],
 }
+# A VAE file's tensors by side: a decode reads the first; the second (the encoder's) are never read.
+DECODE_PREFIXES = ("post_quant_conv.", "decoder.")
+ENCODE_PREFIXES = ("quant_conv.", "encoder.")
+_VAE_WEIGHTS_STEM = "diffusion_pytorch_model"  # a diffusers `vae/` folder's safetensors file (or index)
 
 
 def load_vae(
@@ -53,22 +60,29 @@ def load_vae(
     dtype: torch.dtype = torch.float32,
     config: dict[str, Any] | None = None,
     cache: MergedCache | None = None,
-) -> AutoencoderKLWan:
-    """A diffusers `vae/` folder, or an original `Wan2.1_VAE.pth` converted by diffusers' Wan VAE converter.
+) -> WanVAE:
+    """memflow's Wan2.1 VAE (the decode side) from a diffusers `vae/` folder, or from an original
+    `Wan2.1_VAE.pth` converted by diffusers' Wan VAE converter; its tensors on `device` in `dtype`.
 
     `config` (diffusers `AutoencoderKLWan` arguments) applies to a single file only; default: Wan2.1. With
-    `cache` (of `CONVERTED_VAE`), a single file's converted weights are read from it where they are there,
-    else converted and kept there: the same values either way.
+    `cache` (of `CONVERTED_VAE`), a single file's converted decoder tensors are read from it where they are
+    there (no diffusers import), else the file is converted, checked whole and kept there: the same values
+    either way. A file or config that is not the Wan2.1 VAE's is one `WeightsError` naming the file.
     """
-    from diffusers import AutoencoderKLWan
-
-    path = Path(path)
+    path, device = Path(path), torch.device(device)
     if path.is_dir():
-        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype)
+        vae = _vae_from_folder(path, device, dtype)
     else:
-        vae = _vae_from_original(path, config or WAN21_VAE_CONFIG, torch.device(device), dtype, cache)
-    # dtype is already right: diffusers' `to(dtype=...)` warns about fp32 modules even when there are none
-    return vae.to(device).eval().requires_grad_(False)
+        vae = _vae_from_original(path, config or WAN21_VAE_CONFIG, device, dtype, cache)
+    return vae.eval().requires_grad_(False)
+
+
+def vae_config(config: Mapping[str, Any], source: Path) -> WanVAEConfig:
+    """The typed config of diffusers `AutoencoderKLWan` arguments; a WeightsError naming `source` if not Wan2.1's."""
+    try:
+        return WanVAEConfig.from_diffusers(config)
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"not a Wan2.1 VAE config: {err}", source) from None
 
 
 def convert_key(path: Path, config: dict[str, Any], dtype: torch.dtype) -> ConvertKey:
@@ -79,34 +93,97 @@ def convert_key(path: Path, config: dict[str, Any], dtype: torch.dtype) -> Conve
     )  # fmt: skip
 
 
-def converted_vae_file(path: Path, dtype: torch.dtype, cache: MergedCache | None) -> Path:
-    """The file a load of the Wan2.1 VAE at `path` reads: its converted weights where the cache has them."""
-    if cache is None or not Path(path).is_file():
+def converted_vae_file(
+    path: Path, dtype: torch.dtype, cache: MergedCache | None, config: dict[str, Any] | None = None
+) -> Path:
+    """The file a load of the VAE at `path` (`config`: Wan2.1's) reads: its converted weights where the cache
+    has them."""
+    path = Path(path)
+    if cache is None or not path.is_file():
         return path
-    cached = cache.path(convert_key(path, WAN21_VAE_CONFIG, dtype))
+    cached = cache.path(convert_key(path, config or WAN21_VAE_CONFIG, dtype))
     return cached if cached.is_file() else path
+
+
+def vae_needs_converter(
+    path: Path, dtype: torch.dtype, cache: MergedCache | None, config: dict[str, Any] | None = None
+) -> bool:
+    """A load of the VAE at `path` (`config`: Wan2.1's) converts it (diffusers' converter, so diffusers is
+    imported): an original file whose conversion is not in the cache."""
+    path = Path(path)
+    return path.is_file() and converted_vae_file(path, dtype, cache, config) == path
+
+
+def _empty_vae(config: WanVAEConfig) -> WanVAE:
+    """The modules without memory (meta tensors): the loaded tensors are assigned, nothing is initialised."""
+    with torch.device("meta"):
+        return WanVAE(config)
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+
+def _vae_from_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> WanVAE:
+    """A diffusers `vae/` folder: its config.json and its safetensors (one file, or an index and its shards);
+    only the decoder's tensors are read, straight to `device`."""
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsError("config file not found", config_file) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"not a readable JSON config ({err})", config_file) from None
+    if not isinstance(config, dict):
+        raise WeightsError("expected a JSON object with the VAE's config", config_file)
+    vae = _empty_vae(vae_config(config, config_file))
+    shards = [file for file in weight_files(folder, _VAE_WEIGHTS_STEM) if file.suffix == ".safetensors"]
+    if not shards:
+        raise WeightsError(f"no {_VAE_WEIGHTS_STEM}.safetensors (or its index and shards)", folder)
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for shard in shards:
+        unexpected += _read_decode_tensors(shard, device, dtype, state)
+    return _assigned(vae, state, folder, unexpected)
+
+
+def _read_decode_tensors(
+    path: Path, device: torch.device, dtype: torch.dtype, into: dict[str, torch.Tensor]
+) -> list[str]:
+    """The decode tensors of a safetensors file read into `into` (on `device`, in `dtype`); its names that are
+    of neither side of a Wan VAE are returned."""
+    from safetensors import safe_open
+
+    unexpected = []
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as file:
+            for name in file.keys():  # noqa: SIM118 - a safetensors file is no dict
+                if name.startswith(DECODE_PREFIXES):
+                    into[name] = file.get_tensor(name).to(dtype)
+                elif not name.startswith(ENCODE_PREFIXES):
+                    unexpected.append(name)
+    except FileNotFoundError:
+        raise WeightsError("file not found", path) from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a cut file
+        raise WeightsError(f"{TRUNCATED} ({type(err).__name__})", path) from None
+    return unexpected
 
 
 def _vae_from_original(
     path: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype, cache: MergedCache | None
-) -> AutoencoderKLWan:
-    """What `AutoencoderKLWan.from_single_file` does, offline, and strict about missing keys; the converted
-    weights read from `cache` (straight to `device`) where it has them, else converted and written to it."""
-    from diffusers import AutoencoderKLWan
-
-    with torch.device("meta"):  # the converted tensors become the parameters: no random init, no copy
-        vae = AutoencoderKLWan(**copy.deepcopy(config))
+) -> WanVAE:
+    """An original VAE file: its converted decoder tensors read from `cache` (straight to `device`) where it has
+    them, else converted by diffusers, checked whole against diffusers' VAE and written to the cache."""
+    vae = _empty_vae(vae_config(config, path))
     key = convert_key(path, config, dtype) if cache is not None and path.is_file() else None
-    if key is not None:
-        shapes = {name: tuple(tensor.shape) for name, tensor in vae.state_dict().items()}
-        if (state := cache.get(key, shapes, device)) is not None:
-            _load_strict(vae, state, path, assign=True)
-            return vae
+    if key is not None and (state := cache.get(key, _shapes(vae), device, unread=ENCODE_PREFIXES)) is not None:
+        return _assigned(vae, state, path)
     state = _converted_vae(path, dtype)
-    _load_strict(vae, state, path, assign=True)  # a file that does not fit is refused before it is kept
+    _check_converted(state, config, path)  # a file that does not fit is refused before it is kept
     if key is not None:
         cache.put(key, state)
-    return vae
+    decode = {name: tensor.to(device) for name, tensor in state.items() if name.startswith(DECODE_PREFIXES)}
+    return _assigned(vae, decode, path)
 
 
 def _converted_vae(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -117,6 +194,44 @@ def _converted_vae(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     while "state_dict" in checkpoint:  # some exports nest the weights, as diffusers allows
         checkpoint = checkpoint["state_dict"]
     return {key: tensor.to(dtype) for key, tensor in convert_wan_vae_to_diffusers(checkpoint).items()}
+
+
+def _check_converted(state: Mapping[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+    """Every tensor of the converted file is one of diffusers' whole `AutoencoderKLWan` (encoder included), of
+    its shape, and none is missing; else one WeightsError naming the file."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        whole = AutoencoderKLWan(**copy.deepcopy(config))
+    _check_tensors(_shapes(whole), state, path, "AutoencoderKLWan")
+
+
+def _assigned(vae: WanVAE, state: dict[str, torch.Tensor], path: Path, unexpected: Iterable[str] = ()) -> WanVAE:
+    """`vae` with `state`'s tensors as its parameters, after `_check_tensors`."""
+    _check_tensors(_shapes(vae), state, path, type(vae).__name__, unexpected)
+    vae.load_state_dict(state, assign=True)
+    return vae
+
+
+def _check_tensors(
+    shapes: Mapping[str, tuple[int, ...]],
+    state: Mapping[str, torch.Tensor],
+    path: Path,
+    model: str,
+    unexpected: Iterable[str] = (),
+) -> None:
+    """`state` has exactly the tensors `shapes` names, of those shapes; else one WeightsError naming the file,
+    the counts and the first few names. `unexpected`: more names of the file that fit no tensor."""
+    missing = [name for name in shapes if name not in state]
+    unexpected = [*unexpected, *(name for name in state if name not in shapes)]
+    reshaped = [name for name in shapes if name in state and tuple(state[name].shape) != shapes[name]]
+    if missing or unexpected or reshaped:
+        problems = [f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in unexpected[:5]]
+        problems += [f"{k} of shape {list(state[k].shape)}, not {list(shapes[k])}" for k in reshaped[:5]]
+        raise WeightsError(
+            f"does not match {model} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+            f"{len(reshaped)} of another shape: {', '.join(problems)})", path,
+        )  # fmt: skip
 
 
 def load_text_encoder(

@@ -1,6 +1,6 @@
 """The Wan2.1 VAE decoder alone on the GPU: ms per steady 12-frame chunk (832x480) for each way it can run.
 
-Full-size random weights (diffusers' default `AutoencoderKLWan`, bf16, channels-last convs as the engine
+Full-size random weights (memflow's `WanVAE` of the Wan2.1 config, bf16, channels-last convs as the engine
 lays them out); each configuration is timed by `bench.decode_ms_per_chunk` (warm-up excluded, device
 synchronised, median), with its peak memory, and its frames are checked against the plain decoder in float32
 (same weights, same latents, TF32 off): relative L2 over the first two chunks of a video. A configuration is
@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKLWan
 
 from memflow_cli.bench import decode_ms_per_chunk
 from memflow_cli.decode import StreamingDecoder
@@ -35,6 +34,8 @@ from memflow_cli.speed.compile import VAE_GRAPHS, allow_recompiles
 from memflow_cli.speed.decoder import EAGER_CUDA_DECODER, DecoderKernelSet, channels_last_convs
 from memflow_cli.speed.process import process_settings
 from memflow_cli.vae_stream import PLAIN_KERNELS
+from memflow_cli.wan_vae import WanVAE, WanVAEConfig
+from memflow_cli.weights import WAN21_VAE_CONFIG
 from tests.codec import FAST_PATH_MARGIN
 
 ERROR_CHUNKS = 2  # a video's first chunk (its first latent frame alone) and a steady one
@@ -53,7 +54,7 @@ class Config:
     def name(self) -> str:
         return f"{self.kernels.value}{'+graphs' if self.graphs else ''}{'+chunk' if self.per_chunk else ''}"
 
-    def decoder(self, vae: AutoencoderKLWan) -> StreamingDecoder:
+    def decoder(self, vae: WanVAE) -> StreamingDecoder:
         per_call = None if self.per_chunk else 1
         return StreamingDecoder(vae, frames_per_call=per_call, kernels=self.kernels.kernels(), graphs=self.graphs)
 
@@ -87,7 +88,7 @@ def decode_video(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> torch
     return frames
 
 
-def float32_frames(vae: AutoencoderKLWan, chunks: list[torch.Tensor]) -> torch.Tensor:
+def float32_frames(vae: WanVAE, chunks: list[torch.Tensor]) -> torch.Tensor:
     """The plain decoder in float32, TF32 off: the reference every configuration's error is measured against."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -102,7 +103,7 @@ def relative_l2(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return ((ours.double() - expected).norm() / expected.norm()).item()
 
 
-def measure(vae: AutoencoderKLWan, config: Config, geometry: VideoGeometry, chunks, expected) -> dict[str, object]:
+def measure(vae: WanVAE, config: Config, geometry: VideoGeometry, chunks, expected) -> dict[str, object]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -132,7 +133,7 @@ def verdict(results: list[dict[str, object]], official_style_error: float) -> di
     }  # fmt: skip
 
 
-def profile(vae: AutoencoderKLWan, config: Config, geometry: VideoGeometry) -> None:
+def profile(vae: WanVAE, config: Config, geometry: VideoGeometry) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -156,7 +157,7 @@ def main() -> None:
     process_settings(device, compile=True)  # cuDNN heuristics (no autotuning), as every run; compile caches
     allow_recompiles(4 * VAE_GRAPHS)  # both compiled sets share their steps' graphs in this one process
     torch.manual_seed(0)
-    vae = AutoencoderKLWan().to(device).eval()  # float32 here: the reference is decoded first
+    vae = WanVAE(WanVAEConfig.from_diffusers(WAN21_VAE_CONFIG)).to(device).eval()  # float32: the reference first
     geometry = VideoGeometry()  # 832x480, 3 latent frames per chunk -> 12 video frames
     chunks = video_chunks(geometry)
     expected = float32_frames(vae, chunks)
