@@ -4,6 +4,10 @@ An edited story re-renders only from its first changed segment, and the video is
 of the edited story makes (decoded frames compared; the files are even byte for byte the same). Whatever
 prevents reuse is one line, and the render starts from frame 0. A render killed with SIGKILL in segment 3
 continues from segment 3's start with `--skip-existing` and ends as an uninterrupted render.
+
+The Wan VAE's snapshots keep its frames and causal state, and a render from one decodes only the new chunks: an
+update and a resume of one story run on it. The other tests, whose subject is which frames are kept and why, render
+on the demo's TAEHV decoder (`TAE`, whose resume decodes the kept latents again), a fraction of the CPU time.
 """
 
 from __future__ import annotations
@@ -57,10 +61,15 @@ def edited(prompts: tuple[str, ...], segment: int) -> tuple[str, ...]:
     return (*prompts[:segment], EDITED, *prompts[segment + 1 :])
 
 
-@pytest.mark.parametrize(("segments", "changed"), [(3, 2), (5, 3)], ids=["3-segments", "5-segments"])
-def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fresh_render(tmp_path, segments, changed):
+@pytest.mark.parametrize(
+    ("segments", "changed", "decoder"), [(3, 2, ()), (5, 3, TAE)], ids=["3-segments", "5-segments"]
+)
+def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fresh_render(
+    tmp_path, segments, changed, decoder
+):
+    """Three segments on the Wan VAE (the kept frames and causal state); five on the TAEHV decoder."""
     target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:segments]), target, "--snapshots")
+    render(write(tmp_path / "fox.yaml", PROMPTS[:segments]), target, "--snapshots", *decoder)
     assert sorted(snapshot_files(target)) == [*range(1, segments), segments]  # each switch, and the end
 
     script = write(tmp_path / "fox.yaml", edited(PROMPTS[:segments], changed))
@@ -71,14 +80,14 @@ def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fres
     rerendered = f"segment {segments}" if changed + 1 == segments else f"segments {changed + 1}-{segments}"
     assert f"{rerendered} would render from {0.75 * changed:.2f} s" in check.stdout
 
-    result = render(script, target, "--update", "--snapshots")
+    result = render(script, target, "--update", "--snapshots", *decoder)
     assert f"keeping the first {kept} frames of the earlier video" in result.stderr
     assert f"rendering from segment {changed + 1}" in result.stderr
     record = sidecar(target)
     assert (record["reused_frames"], record["rendered_from_segment"]) == (kept, changed)
     assert record["timeline"]["segments"][changed]["prompt"] == EDITED
 
-    render(script, fresh)  # without snapshots: the same video
+    render(script, fresh, *decoder)  # without snapshots: the same video
     assert decoded(target) == decoded(fresh)
     assert target.read_bytes() == fresh.read_bytes()  # the same encoder fed the same frames
     assert not snapshot_files(fresh) and "snapshots" not in sidecar(fresh)
@@ -90,12 +99,12 @@ def test_update_after_an_edit_renders_from_the_changed_segment_and_equals_a_fres
 
 def test_appending_a_segment_keeps_every_frame_before_it(tmp_path):
     target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target, "--snapshots")
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target, "--snapshots", *TAE)
     longer = write(tmp_path / "fox.yaml", PROMPTS[:4])
-    result = render(longer, target, "--update")
+    result = render(longer, target, "--update", *TAE)
     assert f"keeping the first {video_frames(3)} frames" in result.stderr
     assert sidecar(target)["rendered_from_segment"] == 3
-    render(longer, fresh)
+    render(longer, fresh, *TAE)
     assert decoded(target) == decoded(fresh)
 
 
@@ -110,12 +119,12 @@ def test_appending_a_segment_keeps_every_frame_before_it(tmp_path):
 )
 def test_a_change_that_prevents_reuse_is_one_line_and_a_full_render(tmp_path, change, reason):
     target = tmp_path / "fox.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots", *TAE)
     prompts = change.pop("prompts", PROMPTS[:2])
     script = write(tmp_path / "fox.yaml", prompts, **change)
     check = memflow("check", script, "--against", target)
     assert f"{reason.split(',')[0]}" in check.stdout and "every segment would render" in check.stdout
-    result = render(script, target, "--update")
+    result = render(script, target, "--update", *TAE)
     lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
     assert len(lines) == 1 and reason in lines[0], result.stderr
     record = sidecar(target)
@@ -124,7 +133,7 @@ def test_a_change_that_prevents_reuse_is_one_line_and_a_full_render(tmp_path, ch
 
 def test_without_snapshots_a_render_keeps_none_and_update_renders_from_the_start_saying_why(tmp_path):
     target, fresh = tmp_path / "fox.mp4", tmp_path / "fresh.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target)
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target, *TAE)
     assert not snapshot_files(target) and not snapshot_files(target, partial=True)
     assert [p.name for p in tmp_path.iterdir() if "snap" in p.name] == []
     assert "snapshots" not in sidecar(target)
@@ -132,19 +141,19 @@ def test_without_snapshots_a_render_keeps_none_and_update_renders_from_the_start
     script = write(tmp_path / "fox.yaml", edited(PROMPTS[:3], 2))
     check = memflow("check", script, "--against", target)
     assert "kept snapshots (render with --snapshots): every segment would render" in check.stdout
-    result = render(script, target, "--update")
+    result = render(script, target, "--update", *TAE)
     lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
     assert lines == ["fox: the earlier render of fox.mp4 kept no snapshots (they are kept with --snapshots): "
                      "rendering from the start"], result.stderr  # fmt: skip
     assert (sidecar(target)["reused_frames"], sidecar(target)["rendered_from_segment"]) == (0, 0)
-    render(script, fresh)
+    render(script, fresh, *TAE)
     assert decoded(target) == decoded(fresh)
 
 
 def test_a_stopped_render_without_snapshots_resumes_from_the_start_saying_why(tmp_path):
     target = tmp_path / "fox.mp4"
     partial_path(target).write_bytes(b"the frames of a render that died")  # and, without --snapshots, nothing else
-    result = render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--skip-existing")
+    result = render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--skip-existing", *TAE)
     lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
     assert lines == [f"fox: no earlier video at {target}: rendering from the start"], result.stderr
     assert not partial_path(target).exists() and sidecar(target)["reused_frames"] == 0
@@ -152,9 +161,9 @@ def test_a_stopped_render_without_snapshots_resumes_from_the_start_saying_why(tm
 
 def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
     target = tmp_path / "fox.mp4"
-    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots")
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots", *TAE)
     assert snapshot_files(target)
-    result = render(write(tmp_path / "fox.yaml", PROMPTS[:1]), target, "--update")
+    result = render(write(tmp_path / "fox.yaml", PROMPTS[:1]), target, "--update", *TAE)
     assert "one prompt" in result.stderr
     assert not snapshot_files(target) and "snapshots" not in sidecar(target)
 
@@ -201,13 +210,13 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
         encoding="utf-8",
     )
     target, fresh = tmp_path / "live.mp4", tmp_path / "fresh.mp4"
-    session = memflow("live", opening, "-o", target, "--duration", "3s", "--snapshots", *DEMO)  # in-process
+    session = memflow("live", opening, "-o", target, "--duration", "3s", "--snapshots", *DEMO, *TAE)  # in-process
     assert session.exit_code == 0, session.stderr
     assert sorted(snapshot_files(target)) == [2, 4]  # the switch at 1.5 s, and the end
 
     replay = target.with_suffix(".yaml")
     replay.write_text(replay.read_text().replace("a storm rolls in over the harbour", EDITED), encoding="utf-8")
-    options = ("--no-compile", "-q")
+    options = ("--no-compile", "-q", *TAE)
     result = memflow("render", replay, *DEMO, "-o", target, "--update", *options)
     assert result.exit_code == 0, result.stderr
     assert f"keeping the first {video_frames(2)} frames of the earlier video" in result.stderr
@@ -218,9 +227,9 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
 def test_a_snapshot_cut_short_is_one_line_and_a_full_render(tmp_path):
     target = tmp_path / "fox.mp4"
     script = write(tmp_path / "fox.yaml", PROMPTS[:2])
-    render(script, target, "--snapshots")
+    render(script, target, "--snapshots", *TAE)
     snapshot = snapshot_path(target, 1)
     snapshot.write_bytes(snapshot.read_bytes()[:-100])  # the header is whole, the tensors are not
-    result = render(write(tmp_path / "fox.yaml", (*PROMPTS[:1], EDITED)), target, "--update")
+    result = render(write(tmp_path / "fox.yaml", (*PROMPTS[:1], EDITED)), target, "--update", *TAE)
     assert f"{snapshot.name} cannot be read" in result.stderr and "rendering from the start" in result.stderr
     assert sidecar(target)["reused_frames"] == 0
