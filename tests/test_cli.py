@@ -1,6 +1,8 @@
 """The `memflow` commands, run for real on the demo model: check, render, weights, and batch_render.sh.
 
-Expected timelines are computed here from the rules (see `cli_helpers`), not read back from the code.
+Expected timelines are computed here from the rules (see `cli_helpers`), not read back from the code. A render
+whose subject is not the decoder (options, names, sidecars, determinism) runs on the demo's TAEHV decoder (`TAE`);
+the two-prompt story and the streaming decode run on the default Wan VAE.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .cli_helpers import (
     HEIGHT,
     JSONL_SEGMENT_S,
     STORIES,
+    TAE,
     WIDTH,
     assert_video,
     chunks_until,
@@ -162,7 +165,7 @@ def test_check_warns_about_a_prompt_the_text_encoder_cuts(tmp_path: Path):
 
 def test_render_counts_a_cut_prompt_with_the_models_tokenizer(tmp_path: Path, tokenizer):
     script = write_long_prompt_story(tmp_path / "long.yaml", 600)
-    result = memflow("render", script, *DEMO, "-o", tmp_path / "long.mp4", "-q", "--duration", "2.25s")
+    result = memflow("render", script, *DEMO, *TAE, "-o", tmp_path / "long.mp4", "-q", "--duration", "2.25s")
     assert result.exit_code == 0, result.stderr
     words = (" ".join(["a lighthouse keeper climbs the stairs"] * 100)).split()
     tokens = len(tokenizer(" ".join(words))["input_ids"])
@@ -297,7 +300,7 @@ def test_render_options_reach_the_settings_and_the_sidecar(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "10s", seed=3)
     target = tmp_path / "fox.mp4"
     options = ("--seed", "9", "--steps", "1000,500", "--memory", "sink", "--window", "9", "--sink", "3", "-q")
-    result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", *options)
+    result = memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s", *options)
     assert result.exit_code == 0, result.stderr
     assert_video(target, video_frames(2))
     meta = json.loads(sidecar_path(target).read_text(encoding="utf-8"))
@@ -310,7 +313,7 @@ def test_render_several_scripts_into_a_folder(tmp_path: Path):
     first = write_story(tmp_path / "a.yaml", ["0s", "0.75s"], "2s", title='"[draft] first"')
     second = write_story(tmp_path / "b.yaml", ["0s"], "1.5s")  # no title: the file name
     out = tmp_path / f"renders-{'x' * 80}"  # stdout is one path a line, however long
-    result = memflow("render", first, second, *DEMO, "--out-dir", out)
+    result = memflow("render", first, second, *DEMO, *TAE, "--out-dir", out)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [str(out / "[draft] first.mp4"), str(out / "b.mp4")]
     assert result.stderr.count("demo model") == 1  # the model is loaded once
@@ -322,7 +325,7 @@ def test_render_several_scripts_into_a_folder(tmp_path: Path):
 def test_render_a_jsonl_file_of_several_stories(tmp_path: Path):
     script = write_jsonl(tmp_path / "batch.jsonl", [["a fox", "a forest"], ["a boat", "a storm"]])
     out = tmp_path / "out"
-    result = memflow("render", script, *DEMO, "--out-dir", out, "--duration", "1.5s", "-q")
+    result = memflow("render", script, *DEMO, *TAE, "--out-dir", out, "--duration", "1.5s", "-q")
     assert result.exit_code == 0, result.stderr
     targets = [out / "batch-001.mp4", out / "batch-002.mp4"]
     assert result.stdout.splitlines() == [str(path) for path in targets]
@@ -358,7 +361,7 @@ def test_render_never_clobbers_without_overwrite(tmp_path: Path):
     assert target.read_bytes() == b"precious"
     assert not partial_path(target).exists() and not sidecar_path(target).exists()
 
-    result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--overwrite", "-q")
+    result = memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s", "--overwrite", "-q")
     assert result.exit_code == 0, result.stderr
     assert_video(target, video_frames(2))
 
@@ -378,7 +381,7 @@ def test_render_is_deterministic_for_a_seed(tmp_path: Path):
     videos = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         target = tmp_path / f"{name}.mp4"
-        result = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--seed", str(seed), "-q")
+        result = memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s", "--seed", str(seed), "-q")
         assert result.exit_code == 0, result.stderr
         videos[name] = decoded(target)
     assert len(videos["a"]) == video_frames(2) * WIDTH * HEIGHT * 3
@@ -476,7 +479,7 @@ def test_a_bad_option_is_blamed_on_the_option_not_the_script(tmp_path: Path):
 def test_a_title_with_a_slash_still_names_one_file_in_the_folder(tmp_path: Path):
     script = write_story(tmp_path / "a.yaml", ["0s"], "1.5s", title='"fox/night: take 2"')
     out = tmp_path / "renders"
-    result = memflow("render", script, *DEMO, "--out-dir", out)
+    result = memflow("render", script, *DEMO, *TAE, "--out-dir", out)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [str(out / "fox_night_ take 2.mp4")]
     assert_video(out / "fox_night_ take 2.mp4", video_frames(chunks_until(1.5)))
@@ -485,12 +488,12 @@ def test_a_title_with_a_slash_still_names_one_file_in_the_folder(tmp_path: Path)
 def test_the_sidecar_is_as_readable_as_the_video(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     target = tmp_path / "fox.mp4"
-    assert memflow("render", script, *DEMO, "-o", target).exit_code == 0
+    assert memflow("render", script, *DEMO, *TAE, "-o", target).exit_code == 0
     assert sidecar_path(target).stat().st_mode & 0o777 == target.stat().st_mode & 0o777
 
 
 def test_render_without_compile(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
-    result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--no-compile", "-q")
+    result = memflow("render", script, *DEMO, *TAE, "-o", tmp_path / "fox.mp4", "--no-compile", "-q")
     assert result.exit_code == 0, result.stderr
     assert_video(tmp_path / "fox.mp4", video_frames(chunks_until(1.5)))
