@@ -1,5 +1,8 @@
 """The one pipeline (`Engine.stream`) on the demo model, how `render` scopes its resources, and what
-`bench --no-compile` runs (the flag reaches the engine; on a GPU the eager path is what gets timed)."""
+`bench --no-compile` runs (the flag reaches the engine; on a GPU the eager path is what gets timed).
+
+The decoder is not the subject here: the demo engine decodes with its TAEHV decoder, a fraction of the Wan VAE's
+CPU time (the Wan VAE's stream and MP4: test_cli.py, test_wan_vae.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typer.testing import CliRunner
 from memflow_cli import engine as engine_module
 from memflow_cli import mp4
 from memflow_cli.cli import app
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.engine import Video, load_engine
 from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.render import render_story
@@ -25,11 +29,12 @@ from memflow_cli.speed import compile_cache
 from .video import probe_video
 
 PROMPTS = ("a red fox trots across a snowy field", "the fox stops at the edge of a pine forest")
+TAE = ("--decoder", "tae")
 
 
 @pytest.fixture(scope="module")
 def engine():
-    with load_engine("demo", "cpu") as engine:
+    with load_engine("demo", "cpu", decoder=DecoderRequest(DecoderChoice.TAE)) as engine:
         yield engine
 
 
@@ -126,7 +131,7 @@ def test_bench_hands_the_compile_flag_to_the_engine(monkeypatch, flags, mode, co
         return choose(mode_asked, *args, **kwargs)
 
     monkeypatch.setattr(compile_cache, "choose_compile", spy)
-    record = bench(monkeypatch, "--model", "demo", "--device", "cpu", *flags)
+    record = bench(monkeypatch, "--model", "demo", "--device", "cpu", *TAE, *flags)
     assert asked == [mode]
     assert record["compile"] is False and record["fast_path"] == "eager"  # a CPU runs plain PyTorch, whatever was asked
 
@@ -135,7 +140,7 @@ def test_bench_takes_the_generation_options_render_takes(monkeypatch):
     record = bench(
         monkeypatch,
         "--model", "demo", "--device", "cpu", "--window", "9", "--sink", "2", "--record-interval", "2",
-        "--bank-size", "2", "--steps", "1000,500", "--sma",
+        "--bank-size", "2", "--steps", "1000,500", "--sma", *TAE,
     )  # fmt: skip
     assert (record["window"], record["sink"], record["record_interval"], record["bank_size"]) == (9, 2, 2, 2)
     assert record["steps"] == [1000, 500] and record["sma"] is True
@@ -152,7 +157,7 @@ def test_bench_refuses_a_bad_option_as_render_does():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bench_no_compile_times_the_eager_model_on_the_gpu():
+def test_bench_no_compile_times_the_eager_model_on_the_gpu(monkeypatch):
     """--no-compile: no graph is compiled and no CUDA graph captured while bench times the demo model on CUDA."""
     import torch._dynamo.utils
 
@@ -167,7 +172,7 @@ def test_bench_no_compile_times_the_eager_model_on_the_gpu():
 
     torch.cuda.CUDAGraph.capture_begin = counting_capture
     try:
-        eager = bench("--model", "demo", "--device", "cuda", "--no-compile")
+        eager = bench(monkeypatch, "--model", "demo", "--device", "cuda", "--no-compile")
     finally:
         torch.cuda.CUDAGraph.capture_begin = original
     assert eager["compile"] is False
@@ -175,6 +180,6 @@ def test_bench_no_compile_times_the_eager_model_on_the_gpu():
     assert eager["chunk_latency_ms"] > 0 and eager["peak_memory_gib"] > 0
     assert eager["fps_generate"] > eager["fps_end_to_end"] > 0
 
-    compiled = bench("--model", "demo", "--device", "cuda", "--compile")
+    compiled = bench(monkeypatch, "--model", "demo", "--device", "cuda", "--compile")
     assert compiled["compile"] is True
     assert counters["stats"]["unique_graphs"] > graphs_before

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.engine import load_engine
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
 from memflow_cli.model.build import build_transformer
@@ -317,8 +318,10 @@ def test_bench_fp8_off_the_gpu_is_refused_without_a_measurement():
 
 @needs_cpu_fp8
 def test_an_fp8_engine_renders_a_story_and_says_so_in_the_sidecar(tmp_path: Path):
-    """The engine's FP8 hook, run through torch's CPU kernel (the CLI keeps --fp8 to GPUs)."""
-    engine = load_engine("demo", "cpu", compile=CompileChoice.fixed(False), fp8=True)
+    """The engine's FP8 hook, run through torch's CPU kernel (the CLI keeps --fp8 to GPUs); decoded by the demo's
+    TAEHV decoder (the decoder is not the subject)."""
+    tae = DecoderRequest(DecoderChoice.TAE)
+    engine = load_engine("demo", "cpu", compile=CompileChoice.fixed(False), fp8=True, decoder=tae)
     assert engine.fp8 and isinstance(engine.transformer.blocks[0].ffn[0], Fp8Linear)
     (story,) = load_scripts(write_story(tmp_path / "fox.yaml", ["0s", "1s"], "3s"), 10.0, engine.geometry)
     target = tmp_path / "fox.mp4"
