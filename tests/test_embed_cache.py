@@ -16,6 +16,7 @@ import torch
 
 from memflow_cli import demo
 from memflow_cli.cache_dir import CACHE_DIR_ENV, cache_root
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.embed_cache import DEFAULT_GIB, SIZE_ENV, EmbedCacheSettings, EmbeddingCache
 from memflow_cli.engine import load_engine
 from memflow_cli.output import memflow_sidecar, sidecar_path
@@ -27,6 +28,8 @@ from memflow_cli.settings import GenerationSettings
 LOGGER = "memflow_cli.embed_cache"
 PROMPTS = ("a lighthouse on a cliff at dusk", "waves break against the rocks below")
 KEY = '{"model":"test"}'
+# The demo engines decode with the demo's TAEHV decoder: the prompts are the subject here, not the decoder
+TAEHV = DecoderRequest(DecoderChoice.TAE)
 
 
 def embeds(seed: int, text_len: int = 16, dim: int = 8, used: int = 5) -> torch.Tensor:
@@ -210,14 +213,14 @@ class CountingEncoders:
 
 def test_a_second_render_reads_every_prompt_from_the_cache_and_never_loads_the_text_encoder(tmp_path, monkeypatch):
     encoders = CountingEncoders(monkeypatch)
-    with load_engine("demo", "cpu") as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV) as engine:
         first = render(engine, tmp_path, "first")
         first_embeds = engine.embeddings(PROMPTS)
     assert first["prompts"] == [{"prompt": p, "embedding": ENCODED} for p in PROMPTS]
     assert "prompts" not in first["timeline"]  # the request record (`--skip-existing`) is as it was
     assert encoders.built == 1 and sorted(encoders.encoded) == sorted(PROMPTS)
 
-    with load_engine("demo", "cpu") as engine:  # a new run: nothing in memory
+    with load_engine("demo", "cpu", decoder=TAEHV) as engine:  # a new run: nothing in memory
         second = render(engine, tmp_path, "second")
         assert not engine.prompts.encoder_loaded
         assert torch.equal(engine.embeddings(PROMPTS), first_embeds)
@@ -227,11 +230,11 @@ def test_a_second_render_reads_every_prompt_from_the_cache_and_never_loads_the_t
 
 def test_a_story_with_one_prompt_edited_encodes_only_that_prompt(tmp_path, monkeypatch):
     encoders = CountingEncoders(monkeypatch)
-    with load_engine("demo", "cpu") as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV) as engine:
         render(engine, tmp_path, "first")
     edited = (PROMPTS[0], "waves break against the rocks below, gulls circle")
     encoders.encoded.clear()
-    with load_engine("demo", "cpu") as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV) as engine:
         sidecar = render(engine, tmp_path, "edited", edited)
         assert engine.prompts.encoded_prompts == 1
     assert encoders.encoded == [edited[1]]
@@ -240,7 +243,7 @@ def test_a_story_with_one_prompt_edited_encodes_only_that_prompt(tmp_path, monke
 
 def test_the_first_prompts_are_ready_when_the_engine_is(tmp_path, monkeypatch):
     encoders = CountingEncoders(monkeypatch)
-    with load_engine("demo", "cpu", prompts=PROMPTS) as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV, prompts=PROMPTS) as engine:
         assert engine.prompts.encoder_loaded and sorted(encoders.encoded) == sorted(PROMPTS)
         sidecar = render(engine, tmp_path, "prefetched")
     assert [p["embedding"] for p in sidecar["prompts"]] == [ENCODED, ENCODED]  # encoded for this video
@@ -250,12 +253,15 @@ def test_the_first_prompts_are_ready_when_the_engine_is(tmp_path, monkeypatch):
 def test_a_damaged_cache_file_is_encoded_again_with_one_warning(tmp_path, monkeypatch, caplog):
     encoders = CountingEncoders(monkeypatch)
     settings = EmbedCacheSettings(tmp_path / "cache")
-    with load_engine("demo", "cpu", prompts=PROMPTS, embed_cache=settings) as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV, prompts=PROMPTS, embed_cache=settings) as engine:
         expected = engine.embeddings(PROMPTS)
         damaged = engine.prompts.cache.path(PROMPTS[1])
     damaged.write_bytes(damaged.read_bytes()[:100])
     encoders.encoded.clear()
-    with caplog.at_level(logging.WARNING, LOGGER), load_engine("demo", "cpu", embed_cache=settings) as engine:
+    with (
+        caplog.at_level(logging.WARNING, LOGGER),
+        load_engine("demo", "cpu", decoder=TAEHV, embed_cache=settings) as engine,
+    ):
         assert torch.equal(engine.embeddings(PROMPTS), expected)
     assert encoders.encoded == [PROMPTS[1]]
     [warning] = warnings_of(caplog)
@@ -266,7 +272,7 @@ def test_a_render_goes_on_when_the_cache_folder_cannot_be_written(tmp_path, monk
     blocker = tmp_path / "cache"
     blocker.write_text("a file, not a folder")
     monkeypatch.setenv(CACHE_DIR_ENV, str(blocker))
-    with caplog.at_level(logging.WARNING, LOGGER), load_engine("demo", "cpu") as engine:
+    with caplog.at_level(logging.WARNING, LOGGER), load_engine("demo", "cpu", decoder=TAEHV) as engine:
         sidecar = render(engine, tmp_path, "uncached")
         render(engine, tmp_path, "again", (PROMPTS[1], "a third prompt, never cached"))
     assert [p["embedding"] for p in sidecar["prompts"]] == [ENCODED, ENCODED]
@@ -277,7 +283,7 @@ def test_a_render_goes_on_when_the_cache_folder_cannot_be_written(tmp_path, monk
 def test_with_the_cache_off_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv(SIZE_ENV, "0")
-    with load_engine("demo", "cpu", prompts=PROMPTS) as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV, prompts=PROMPTS) as engine:
         assert engine.prompts.cache is None
     assert not (tmp_path / "cache").exists()
 
@@ -297,7 +303,7 @@ def live_tensor_bytes() -> int:
 
 
 def test_the_engine_holds_no_more_embeddings_after_twenty_stories_than_after_a_few(tmp_path):
-    with load_engine("demo", "cpu") as engine:
+    with load_engine("demo", "cpu", decoder=TAEHV) as engine:
         held, live = [], {}
         for index in range(20):
             prompts = (f"story {index}: a lighthouse at dusk", f"story {index}: waves on the rocks")
@@ -357,14 +363,14 @@ def test_a_temporary_file_left_by_a_dead_writer_is_evicted_and_one_being_written
 
 
 def test_memflow_render_encodes_a_story_once_and_reads_it_back_on_the_next_run(tmp_path, monkeypatch):
-    from .cli_helpers import DEMO, memflow, write_story
+    from .cli_helpers import DEMO, TAE, memflow, write_story
 
     encoders = CountingEncoders(monkeypatch)
     script = write_story(tmp_path / "fox.yaml", ["0s", "0.75s"], "1.5s")
-    first = memflow("render", script, *DEMO, "-o", tmp_path / "first.mp4", "--quiet")
+    first = memflow("render", script, *DEMO, *TAE, "-o", tmp_path / "first.mp4", "--quiet")
     assert first.exit_code == 0, first.output
     assert encoders.built == 1 and len(encoders.encoded) == 2  # the story's two prompts, once
-    again = memflow("render", script, *DEMO, "-o", tmp_path / "again.mp4", "--quiet")
+    again = memflow("render", script, *DEMO, *TAE, "-o", tmp_path / "again.mp4", "--quiet")
     assert again.exit_code == 0, again.output
     assert encoders.built == 1  # the second run never built the text encoder
     sources = [[p["embedding"] for p in memflow_sidecar(tmp_path / f"{name}.json")["prompts"]]
