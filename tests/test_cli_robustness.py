@@ -3,8 +3,9 @@ kills, signals, full disks and wrong outputs.
 
 Renders run the real `memflow` in real processes on the demo model where processes matter (two renders at
 once, kill -9, SIGTERM, a full disk); the rest run in-process through Typer's runner. Ctrl-C mid-render, Ctrl-C
-while the model loads and a batch script test run the default Wan VAE; the other process tests decode with the
-demo's TAEHV decoder (`TAE`), their subject being the process, not the decoder.
+while the model loads and a batch script test run the default Wan VAE; the other process tests, and the in-process
+renders whose subject is a file or a request, decode with the demo's TAEHV decoder (`TAE`), their subject being
+the process or the files, not the decoder.
 """
 
 from __future__ import annotations
@@ -218,12 +219,12 @@ def test_check_json_names_every_output(tmp_path: Path):
 def test_skip_existing_skips_only_a_finished_render_of_the_same_request(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "10s", seed=4)
     target = tmp_path / "fox.mp4"
-    assert memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "-q").exit_code == 0
+    assert memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s", "-q").exit_code == 0
     before = target.read_bytes()
-    same = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--skip-existing")
+    same = memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s", "--skip-existing")
     assert same.exit_code == 0
     assert same.stdout == f"{target}\n" and f"skip: {target}" in same.stderr and "demo model" not in same.stderr
-    other = memflow("render", script, *DEMO, "-o", target, "--duration", "1.5s", "--seed", "5", "--skip-existing")
+    other = memflow("render", script, *DEMO, *TAE, "-o", target, "--duration", "1.5s", "--seed", "5", "--skip-existing")
     assert other.exit_code == 2
     assert one_error(other.stderr).endswith("(it was rendered with seed 4, not 5)")
     assert target.read_bytes() == before
@@ -252,7 +253,7 @@ def test_a_story_titled_like_a_partial_file_keeps_its_video(tmp_path: Path):
     first = write_story(tmp_path / "a.yaml", ["0s"], "1.5s", title="x.partial")
     second = write_story(tmp_path / "b.yaml", ["0s"], "1.5s", title="x")
     out = tmp_path / "out"
-    result = memflow("render", first, second, *DEMO, "--out-dir", out, "-q")
+    result = memflow("render", first, second, *DEMO, *TAE, "--out-dir", out, "-q")
     assert result.exit_code == 0, result.stderr
     assert names(out) == ["x.json", "x.mp4", "x.partial.json", "x.partial.mp4"]
     assert_video(out / "x.partial.mp4", video_frames(2))
@@ -302,7 +303,7 @@ def test_a_story_another_live_process_renders_is_in_progress_not_failed(tmp_path
     other = OutputLock(out / "b.mp4")  # what another memflow process holds while it renders b.mp4
     other.acquire()
     try:
-        result = memflow("render", first, second, *DEMO, "--out-dir", out, "-q")
+        result = memflow("render", first, second, *DEMO, *TAE, "--out-dir", out, "-q")
     finally:
         other.release()
     assert result.exit_code == 0, result.stderr
@@ -382,7 +383,7 @@ def test_a_sidecar_that_cannot_be_written_names_the_complete_video(tmp_path: Pat
             resource.setrlimit(resource.RLIMIT_FSIZE, limit)
 
     monkeypatch.setattr(output, "write_sidecar", write_sidecar_on_a_full_disk)
-    result = memflow("render", script, *DEMO, "-o", target, "-q")
+    result = memflow("render", script, *DEMO, *TAE, "-o", target, "-q")
     assert result.exit_code == 1
     assert one_error(result.stderr) == (
         f"error: fox: the video {target} is complete, but its metadata {sidecar_path(target)} could not be written: "
@@ -437,7 +438,7 @@ def test_a_seed_too_large_is_bad_input_and_leaves_nothing(tmp_path: Path):
     assert result.exit_code == 2
     assert one_error(result.stderr) == "error: --seed: must be between 0 and 2**64-1, got 99999999999999999999"
     assert names(tmp_path) == ["fox.yaml"]
-    largest = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--seed", str(2**64 - 1), "-q")
+    largest = memflow("render", script, *DEMO, *TAE, "-o", tmp_path / "fox.mp4", "--seed", str(2**64 - 1), "-q")
     assert largest.exit_code == 0, largest.stderr
     assert_video(tmp_path / "fox.mp4", video_frames(2))
 
