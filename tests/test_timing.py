@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from memflow_cli import IMPORTED_AT
+from memflow_cli.decoders import DecoderChoice, DecoderRequest
 from memflow_cli.engine import load_engine
 from memflow_cli.output import sidecar_path
 from memflow_cli.render import render_story
@@ -47,7 +48,7 @@ def test_the_warm_up_is_what_the_first_chunk_took_beyond_a_steady_one(chunk_s, w
 def test_a_render_sidecar_records_its_phases(tmp_path: Path):
     story = Story(path=tmp_path / "fox.yaml", title="fox", seed=0, duration_s=3.0,
                   segments=(Segment(0.0, "a red fox"), Segment(1.5, "the fox sleeps")))  # fmt: skip
-    with load_engine("demo", "cpu") as engine:
+    with load_engine("demo", "cpu", decoder=DecoderRequest(DecoderChoice.TAE)) as engine:  # not the subject
         settings = GenerationSettings(geometry=engine.geometry)
         result = render_story(engine, story, tmp_path / "fox.mp4", settings, seed=0)
     meta = json.loads(sidecar_path(tmp_path / "fox.mp4").read_text(encoding="utf-8"))
