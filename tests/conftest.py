@@ -46,13 +46,13 @@ LONGEST_FILES = (
     "test_parity_share_1.py",  # the other scenario (about 2 minutes on one core)
     "test_cli_robustness.py",  # 88 CPU-s: the batch script, signals, kill -9: real processes
     "test_distributed.py",  # 77 CPU-s: torchrun
-    "test_update.py",  # 48 CPU-s: a render killed and resumed, renders on the Wan VAE
     "test_live.py",  # 43 CPU-s: live sessions stopped by signals: real processes
-    "test_snapshots.py",  # 34 CPU-s
-    "test_bench.py",  # 31 CPU-s: time to video: two render processes
-    "test_cli.py",  # 31 CPU-s
+    "test_snapshots.py",  # 29 CPU-s (19:20, an idle machine): resumes decoded by the Wan VAE
+    "test_update.py",  # 27 CPU-s (19:20, idle): a render killed and resumed; the rest on the TAEHV decoder
     "test_tae_parity.py",  # 25 CPU-s: a full-size decode
+    "test_bench.py",  # 17 CPU-s (19:20, idle): time to video: two render processes
     "test_live_browser.py",  # 15 CPU-s: a browser
+    "test_cli.py",  # 14 CPU-s (19:20, idle)
     "test_embed_cache.py",
 )
 
