@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 import zlib
@@ -130,6 +131,24 @@ def read_parts(sock: socket.socket, parts: int, timeout: float = 10.0) -> int:
     return data.count(f"--{BOUNDARY}".encode())
 
 
+def largest_part(sock: socket.socket, at_least: int, timeout: float = 10.0) -> int:
+    """Read from a /video stream until a frame of at least `at_least` bytes has begun; returns the largest frame's
+    size (its Content-Length) seen by then."""
+    sock.settimeout(timeout)
+    data, largest = b"", 0
+    while largest < at_least:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+        lengths = re.findall(rb"Content-Length: (\d+)\r\n", data)
+        largest = max((int(length) for length in lengths), default=0)
+    return largest
+
+
 def open_stream(server: LiveServer, path: str = "/video") -> socket.socket:
     host, port = server._httpd.server_address[:2]
     sock = socket.create_connection((host, port), timeout=10)
@@ -155,7 +174,10 @@ def test_viewers_that_leave_or_never_read_disturb_neither_the_render_nor_other_v
         for start in range(0, 192, 12):
             server.show(big[start : start + 12], 4 + start, [time.perf_counter() + 0.001 * i for i in range(12)], [])
         assert time.perf_counter() - started < 1.0
-        assert read_parts(watcher, 6, timeout=10.0) >= 6  # the viewer that reads keeps getting frames
+        # the viewer that reads keeps getting frames: at least one of the big ones (the player drops a picture over
+        # 1/16 s late while newer ones wait, and these are all due within 0.2 s: on a busy CPU only the last may
+        # show); a viewer held up by the stalled one would get none of them
+        assert largest_part(watcher, at_least=big[0].size // 2, timeout=10.0) >= big[0].size // 2
         deadline = time.monotonic() + 20
         while json.loads(request(server, "GET", "/status")[1])["frame"] < 195:  # playback went through to the end
             assert time.monotonic() < deadline
