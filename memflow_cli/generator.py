@@ -180,7 +180,9 @@ class MemFlowGenerator:
 
         `boundaries`, if given, gets the state at every switch, before the switch, and after the last chunk
         (the noise must then be a `ResumableNoise`), up to chunk `last_boundary` (None: every one), and at the
-        chunks of `switchable` where the prompt goes on (where another story could switch). With
+        chunks of `switchable` where the prompt goes on (where another story could switch; a story resuming from
+        such a point must record its memory as this one does: the same `interactive`, or a `record_interval` of
+        1, since the point does not say which way it recorded). With
         `resume`, the stream starts from such a state: it yields the chunks from `resume.chunk` on, where
         `prompts` must switch to a new segment.
         """

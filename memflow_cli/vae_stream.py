@@ -480,7 +480,7 @@ class DecoderStream:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
     def _late_stages(self, x: torch.Tensor, first: bool) -> torch.Tensor:
-        """The up blocks from `_late_blocks` on, norm_out + SiLU and conv_out, over frames x [B, C, T, h, w]."""
+        """The up blocks from `late_blocks` on, norm_out + SiLU and conv_out, over frames x [B, C, T, h, w]."""
         d = self.decoder
         for block in d.up_blocks[self.late_blocks :]:
             x = self._up_block(block, x, first)
@@ -553,5 +553,5 @@ def _first_late_block(decoder: WanDecoder) -> int:
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
-    """Channels-last on CUDA (cuDNN's fast 3-D convs); the plain layout elsewhere, where it is diffusers' own."""
+    """Channels-last on CUDA (cuDNN's fast 3-D convs); the plain layout elsewhere (bit for bit the official decoder)."""
     return torch.channels_last_3d if x.is_cuda else torch.contiguous_format

@@ -14,7 +14,7 @@ frames) with an error naming the field.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,8 @@ class WanVAEConfig:
                 raise ValueError(f"{name} has {len(values)} values, not one per latent channel ({self.z_dim})")
         if min(self.base_dim, self.z_dim, self.num_res_blocks + 1, *self.dim_mult) < 1:
             raise ValueError("base_dim, z_dim, dim_mult must be positive and num_res_blocks not negative")
+        if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
+            raise ValueError(f"decoder_base_dim is {self.decoder_base_dim}: it must be positive")
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> WanVAEConfig:
@@ -62,15 +64,16 @@ class WanVAEConfig:
         ValueError naming the field for a config that is not Wan2.1's."""
         values = {key: value for key, value in config.items() if not key.startswith("_")}
         _refuse_other_vaes(values)
+        width = values.get("decoder_base_dim")
         made = cls(
-            base_dim=int(values["base_dim"]),
-            z_dim=int(values["z_dim"]),
-            dim_mult=tuple(int(m) for m in values["dim_mult"]),
-            num_res_blocks=int(values["num_res_blocks"]),
-            temporal_downsample=tuple(bool(t) for t in values["temperal_downsample"]),
-            latents_mean=tuple(float(v) for v in values["latents_mean"]),
-            latents_std=tuple(float(v) for v in values["latents_std"]),
-            decoder_base_dim=values.get("decoder_base_dim"),
+            base_dim=_field(values, "base_dim", int),
+            z_dim=_field(values, "z_dim", int),
+            dim_mult=_field(values, "dim_mult", lambda ms: tuple(int(m) for m in ms)),
+            num_res_blocks=_field(values, "num_res_blocks", int),
+            temporal_downsample=_field(values, "temperal_downsample", lambda ts: tuple(bool(t) for t in ts)),
+            latents_mean=_field(values, "latents_mean", lambda vs: tuple(float(v) for v in vs)),
+            latents_std=_field(values, "latents_std", lambda vs: tuple(float(v) for v in vs)),
+            decoder_base_dim=None if width is None else _field(values, "decoder_base_dim", int),
         )
         derived = {"scale_factor_spatial": made.spatial_ratio, "scale_factor_temporal": made.temporal_ratio}
         for name, ratio in derived.items():
@@ -100,6 +103,14 @@ class WanVAEConfig:
         return 2 ** sum(self.temporal_downsample)
 
 
+def _field(values: Mapping[str, Any], name: str, read: Callable[[Any], Any]) -> Any:
+    """`read(values[name])`; a ValueError naming the field where its value is not of the kind `read` takes."""
+    try:
+        return read(values[name])
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} is {values[name]!r}: not a number or list of numbers of its kind") from None
+
+
 def _refuse_other_vaes(values: dict[str, Any]) -> None:
     """A ValueError naming the field where a config is not the Wan2.1 VAE's (Wan2.2's residual decoder, frames
     patchified, other outputs, fields unknown or missing); the fields that say Wan2.1 are taken out of `values`."""
@@ -119,7 +130,13 @@ class CausalConv3d(nn.Conv3d):
     """A 3-D conv causal in time: it sees its current frames and the `time_keep` input frames before them
     (zeros before a video's first), and pads space by `spatial_padding` (h, w). Stride 1."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int], spatial_padding=(0, 0)):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: tuple[int, int, int],
+        spatial_padding: tuple[int, int] = (0, 0),
+    ):
         super().__init__(in_channels, out_channels, kernel)
         self.time_keep = kernel[0] - 1  # input frames before the current ones that the kernel sees
         self.spatial_padding: tuple[int, int] = tuple(spatial_padding)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -248,6 +249,20 @@ def test_the_late_stages_in_pieces_of_frames_decode_the_plain_frames(vae, latent
     pieces = _decode_in_chunks(decoder, latents.double())
     assert pieces.shape == plain.shape
     torch.testing.assert_close(pieces, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_the_late_stages_in_pieces_with_the_cuda_paths_options_decode_a_batch_as_without(vae, latents) -> None:
+    """`late_frames` beside the options the CUDA sets pair it with (2-D convs, convs on the small image, biases after
+    the convs, tiled filters), on a batch of two videos whose pieces are not contiguous: the same frames."""
+    vae64 = copy.deepcopy(vae).double()
+    batch = torch.cat([latents, latents.flip(1)]).double()
+    options = DecoderKernels(bias_after_conv=True, channel_tile=10, convs_2d=True, upsample_subpixel=True)
+    whole = StreamingDecoder(vae64, frames_per_call=None, kernels=options)
+    pieces = StreamingDecoder(vae64, frames_per_call=None, kernels=replace(options, late_frames=2))
+    for chunk in batch.split(CHUNK, dim=1):
+        z = chunk.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]: VAE latents (their scale does not matter here)
+        assert z.shape[0] == 2
+        torch.testing.assert_close(pieces.decode_z(z), whole.decode_z(z), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("frames_per_call", [1, None], ids=["per-frame", "per-chunk"])

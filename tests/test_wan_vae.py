@@ -85,6 +85,9 @@ def test_the_wan21_config_derives_the_decoders_sizes() -> None:
         ({"latents_std": [1.0] * 8}, "latents_std has 8 values, not one per latent channel (16)"),
         ({"temperal_downsample": [True]}, "temperal_downsample has 1 entries; a VAE of 4 stages"),
         ({"attention_heads": 2}, "unknown field(s) attention_heads"),
+        ({"decoder_base_dim": -8}, "decoder_base_dim is -8: it must be positive"),
+        ({"decoder_base_dim": "eight"}, "decoder_base_dim is 'eight': not a number"),
+        ({"dim_mult": 4}, "dim_mult is 4: not a number or list of numbers"),
     ],
 )
 def test_a_config_that_is_not_wan21_is_refused_naming_the_field(change, message) -> None:

@@ -506,6 +506,21 @@ def test_load_vae_refuses_a_single_file_that_does_not_match_the_config(tmp_path,
         load_vae(tmp_path / "Wan2.1_VAE.pth", config=TINY_VAE_CONFIG)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([1, 2], "holds a list, not a VAE's named tensors"),
+        ({"epoch": 3}, r"holds entries that are not tensors \(epoch\)"),
+    ],
+    ids=["a-list", "a-number"],
+)
+def test_load_vae_refuses_a_single_file_that_holds_no_named_tensors_naming_it(tmp_path, content, message):
+    torch.save(content, tmp_path / "Wan2.1_VAE.pth")
+    with pytest.raises(WeightsError, match=message) as refused:
+        load_vae(tmp_path / "Wan2.1_VAE.pth", config=TINY_VAE_CONFIG)
+    assert str(refused.value).startswith(str(tmp_path / "Wan2.1_VAE.pth"))
+
+
 def test_load_text_encoder_from_the_diffusers_layout(local_folder, tokenizer, umt5):
     from memflow_cli.text_encoder import TextEncoder
 

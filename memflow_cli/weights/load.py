@@ -188,11 +188,16 @@ def _vae_from_original(
 
 def _converted_vae(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """An original Wan VAE file's weights in diffusers' names (its converter), in `dtype`, on the CPU."""
+    checkpoint = read_torch_file(path)  # before diffusers' import (seconds): a missing file says so at once
+    while isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # some exports nest the weights
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f"holds a {type(checkpoint).__name__}, not a VAE's named tensors", path)
+    others = sorted(str(key) for key, value in checkpoint.items() if not isinstance(value, torch.Tensor))
+    if others:
+        raise WeightsError(f"holds entries that are not tensors ({', '.join(others[:3])}): not a Wan VAE file", path)
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    checkpoint = read_torch_file(path)
-    while "state_dict" in checkpoint:  # some exports nest the weights, as diffusers allows
-        checkpoint = checkpoint["state_dict"]
     return {key: tensor.to(dtype) for key, tensor in convert_wan_vae_to_diffusers(checkpoint).items()}
 
 
