@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
@@ -189,7 +189,7 @@ class MergedCache:
                 state = {name: file.get_tensor(name) for name in shapes}
         except ValueError:
             raise
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut file
+        except (OSError, SafetensorError) as error:  # a cut or garbled file (not an out-of-memory: that is raised)
             raise ValueError(f"unreadable: {type(error).__name__}") from None
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != _dtype(key):

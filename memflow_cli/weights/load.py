@@ -152,7 +152,7 @@ def _read_decode_tensors(
 ) -> list[str]:
     """The decode tensors of a safetensors file read into `into` (on `device`, in `dtype`); its names that are
     of neither side of a Wan VAE are returned."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     unexpected = []
     try:
@@ -164,7 +164,7 @@ def _read_decode_tensors(
                     unexpected.append(name)
     except FileNotFoundError:
         raise WeightsError("file not found", path) from None
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a cut file
+    except (OSError, SafetensorError) as err:  # a cut or garbled file; anything else (out of memory) is no file's fault
         raise WeightsError(f"{TRUNCATED} ({type(err).__name__})", path) from None
     return unexpected
 
