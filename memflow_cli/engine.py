@@ -460,7 +460,7 @@ def _weights_engine(model: str | None, lora: LoraSettings | None, loading: _Load
     identity = weights.weights_identity(files)
     with ExitStack() as failed, ThreadPoolExecutor(1, thread_name_prefix="memflow-vae") as pool:
         # diffusers first, alone, where it converts the VAE file: two threads never import at once
-        converts = loading.wan_vae and weights.vae_needs_converter(files.vae, dtype, vae_cache)
+        converts = vae_file is not None and vae_file == files.vae and files.vae.is_file()  # `vae_needs_converter`
         diffusers = pool.submit(_import_vae_converter) if converts else None
 
         def load_text_encoder() -> PromptEncoder:

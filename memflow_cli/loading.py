@@ -83,11 +83,9 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
     return match.group(1) if match else type(err).__name__
 
 
-def read_transformer_config(path: Path | str | None) -> TransformerConfig:
-    """The transformer's shape from a Wan `config.json` (original or diffusers naming); Wan2.1 1.3B if None."""
-    if path is None:
-        return WAN_1_3B
-    path = Path(path)
+def read_json_config(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a config file; a WeightsError naming the file if it is missing, unreadable or not an
+    object (`what` it should hold, for the message)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -95,7 +93,16 @@ def read_transformer_config(path: Path | str | None) -> TransformerConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeightsError(f"not a readable JSON config ({err})", path) from None
     if not isinstance(data, dict):
-        raise WeightsError("expected a JSON object with the Wan transformer config", path)
+        raise WeightsError(f"expected a JSON object with {what}", path)
+    return data
+
+
+def read_transformer_config(path: Path | str | None) -> TransformerConfig:
+    """The transformer's shape from a Wan `config.json` (original or diffusers naming); Wan2.1 1.3B if None."""
+    if path is None:
+        return WAN_1_3B
+    path = Path(path)
+    data = read_json_config(path, "the Wan transformer config")
     try:
         if data.get("_class_name") == "WanTransformer3DModel":
             data = _wan_config_from_diffusers(data)

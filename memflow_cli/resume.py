@@ -120,9 +120,9 @@ class ResumePoints:
         return self.handed_out + self.frames_held + more <= self.frames_bytes
 
     def _keep_frames(self, frames: torch.Tensor | None, decoder: tuple[torch.Tensor, ...]) -> None:
-        if self.frames is None or frames is None or not decoder:
-            self.frames, self.decoder = None, ()
-        elif not self._fits(frames.nbytes + sum(t.nbytes for t in decoder)):
+        if self.frames is None or frames is None or not decoder or not self._fits(
+            frames.nbytes + sum(t.nbytes for t in decoder)
+        ):
             self.frames, self.decoder = None, ()
         else:
             self.frames.append(frames)

@@ -116,11 +116,11 @@ def test_png_frames_decode_to_the_pixels():
     assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:].reshape(8, 12, 3), frame)
 
 
-def read_parts(sock: socket.socket, parts: int, timeout: float = 10.0) -> int:
-    """Read from a /video stream until `parts` frames have begun; returns how many did."""
+def read_stream(sock: socket.socket, done, timeout: float = 10.0) -> bytes:
+    """Read from a /video stream until `done(data so far)`, the stream ends or `timeout` passes between reads."""
     sock.settimeout(timeout)
     data = b""
-    while data.count(f"--{BOUNDARY}".encode()) < parts:
+    while not done(data):
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
@@ -128,25 +128,23 @@ def read_parts(sock: socket.socket, parts: int, timeout: float = 10.0) -> int:
         if not chunk:
             break
         data += chunk
-    return data.count(f"--{BOUNDARY}".encode())
+    return data
+
+
+def read_parts(sock: socket.socket, parts: int, timeout: float = 10.0) -> int:
+    """Read from a /video stream until `parts` frames have begun; returns how many did."""
+    boundary = f"--{BOUNDARY}".encode()
+    return read_stream(sock, lambda data: data.count(boundary) >= parts, timeout).count(boundary)
 
 
 def largest_part(sock: socket.socket, at_least: int, timeout: float = 10.0) -> int:
     """Read from a /video stream until a frame of at least `at_least` bytes has begun; returns the largest frame's
     size (its Content-Length) seen by then."""
-    sock.settimeout(timeout)
-    data, largest = b"", 0
-    while largest < at_least:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        data += chunk
-        lengths = re.findall(rb"Content-Length: (\d+)\r\n", data)
-        largest = max((int(length) for length in lengths), default=0)
-    return largest
+
+    def largest(data: bytes) -> int:
+        return max((int(length) for length in re.findall(rb"Content-Length: (\d+)\r\n", data)), default=0)
+
+    return largest(read_stream(sock, lambda data: largest(data) >= at_least, timeout))
 
 
 def open_stream(server: LiveServer, path: str = "/video") -> socket.socket:

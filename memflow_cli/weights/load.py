@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..loading import TRUNCATED, WeightsError, read_torch_file
+from ..loading import TRUNCATED, WeightsError, read_json_config, read_torch_file
 from ..merged_cache import ConvertKey, MergedCache
 from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 from ..wan_vae import WanVAE, WanVAEConfig
@@ -128,15 +128,7 @@ def _vae_from_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
     """A diffusers `vae/` folder: its config.json and its safetensors (one file, or an index and its shards);
     only the decoder's tensors are read, straight to `device`."""
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError("config file not found", config_file) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"not a readable JSON config ({err})", config_file) from None
-    if not isinstance(config, dict):
-        raise WeightsError("expected a JSON object with the VAE's config", config_file)
-    vae = _empty_vae(vae_config(config, config_file))
+    vae = _empty_vae(vae_config(read_json_config(config_file, "the VAE's config"), config_file))
     shards = [file for file in weight_files(folder, _VAE_WEIGHTS_STEM) if file.suffix == ".safetensors"]
     if not shards:
         raise WeightsError(f"no {_VAE_WEIGHTS_STEM}.safetensors (or its index and shards)", folder)
@@ -212,9 +204,8 @@ def _check_converted(state: Mapping[str, torch.Tensor], config: dict[str, Any], 
 
 
 def _assigned(vae: WanVAE, state: dict[str, torch.Tensor], path: Path, unexpected: Iterable[str] = ()) -> WanVAE:
-    """`vae` with `state`'s tensors as its parameters, after `_check_tensors`."""
-    _check_tensors(_shapes(vae), state, path, type(vae).__name__, unexpected)
-    vae.load_state_dict(state, assign=True)
+    """`vae` with `state`'s tensors as its parameters (`_load_strict`)."""
+    _load_strict(vae, state, path, assign=True, unexpected=unexpected)
     return vae
 
 
@@ -336,13 +327,10 @@ def _load_strict(
     path: Path,
     assign: bool = False,
     tied: frozenset[str] = frozenset(),
+    unexpected: Iterable[str] = (),
 ) -> None:
-    """load_state_dict that names missing and unexpected keys in one WeightsError; `tied` may be missing."""
-    missing, unexpected = module.load_state_dict(state, strict=False, assign=assign)
-    missing = [key for key in missing if key not in tied]
-    if missing or unexpected:
-        problems = [f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in unexpected[:5]]
-        raise WeightsError(
-            f"{path}: does not match {type(module).__name__} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys: {', '.join(problems)})"
-        )
+    """load_state_dict after `_check_tensors` (one WeightsError naming the file); `tied` may be missing;
+    `unexpected`: more names of the file that fit no tensor."""
+    shapes = {name: shape for name, shape in _shapes(module).items() if name not in tied or name in state}
+    _check_tensors(shapes, state, path, type(module).__name__, unexpected)
+    module.load_state_dict(state, strict=False, assign=assign)
