@@ -29,24 +29,33 @@ def one_file(first: Path, second: Path) -> bool:
     return str(first.resolve()).casefold() == str(second.resolve()).casefold()
 
 
-def other_spelling(target: Path) -> str | None:
-    """The name of a file in `target`'s folder that is `target` spelled in other case (`X.MP4` for `x.mp4`)."""
-    wanted = target.name.casefold()
+def other_spelling(target: Path, *companions: Path) -> str | None:
+    """The name of a file in `target`'s folder that is `target`, or one of its `companions` in that folder,
+    spelled in other case (`X.MP4` for `x.mp4`, `.X.partial.mp4` for `.x.partial.mp4`)."""
+    wanted = {path.name.casefold(): path.name for path in (target, *companions)}
     try:
         with os.scandir(target.parent) as entries:
             for entry in entries:
-                if entry.name != target.name and entry.name.casefold() == wanted:
+                written = wanted.get(entry.name.casefold())
+                if written is not None and entry.name != written:
                     return entry.name
     except OSError:  # a missing or unreadable folder: the folder checks say so
         return None
     return None
 
 
-def spelling_problem(target: Path) -> tuple[str, str] | None:
-    """A message and a hint when the folder holds `target` spelled otherwise; None when it does not."""
-    twin = other_spelling(target)
+def spelling_problem(target: Path, *companions: Path) -> tuple[str, str] | None:
+    """A message and a hint when the folder holds `target`, or one of its `companions` (its partial file),
+    spelled otherwise; None when it does not."""
+    twin = other_spelling(target, *companions)
     if twin is None:
         return None
+    if twin.casefold() != target.name.casefold():  # a companion: another spelling's render left or is writing it
+        message = (
+            f"cannot write {target}: {target.parent / twin} is there, the partial video of an output whose name "
+            f"differs from {target.name} only in case, and the two names are one output; nothing was rendered"
+        )
+        return message, "render to that output's name (watch or move its partial file first), or choose another name"
     message = (
         f"cannot write {target}: {target.parent / twin} is there, and the two names are one output (its metadata "
         f"{target.with_suffix('.json').name} and partial file would be shared); nothing was rendered"

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +58,9 @@ def partial_path(target: Path) -> Path:
 
 
 def lock_path(target: Path) -> Path:
-    """The lock file of a render to `target`: `out.mp4` (and `out.MP4`: one output) -> `.out.mp4.lock`, same folder."""
-    return target.with_name(f".{target.stem}{target.suffix.lower()}{LOCK_SUFFIX}")
+    """The lock file of a render to `target`, named by the case-folded name (`Out.MP4`, `out.mp4`: one output,
+    one lock): `.out.mp4.lock`, same folder."""
+    return target.with_name(f".{target.name.casefold()}{LOCK_SUFFIX}")
 
 
 def sidecar_path(target: Path) -> Path:
@@ -189,12 +191,26 @@ class OutputLock:
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR):  # a link: the file it names is not memflow's to write
+                raise self._not_a_lock_file("a link" if error.errno == errno.ELOOP else "a folder") from None
             raise OutputError(
                 f"cannot write in {self.target.parent}: {_reason(error)}",
                 hint="choose a folder you can write to" if error.errno != errno.ENAMETOOLONG else "shorten the name",
             ) from None
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:  # a hard link is another name of someone's file
+            os.close(fd)
+            raise self._not_a_lock_file("not a plain file" if not stat.S_ISREG(found.st_mode) else "a hard link")
+        return fd
+
+    def _not_a_lock_file(self, what: str) -> OutputExistsError:
+        return OutputExistsError(
+            f"{self.path} is where memflow locks {self.target.name}, but it is {what}; nothing was rendered",
+            hint="remove it (memflow makes that file itself), or choose another output name",
+            path=self.path,
+        )
 
     def release(self) -> None:
         if self._fd is None:
@@ -255,7 +271,7 @@ def check_reservable(target: Path) -> None:
     """The folder of `target` exists and every file name of the render fits: checked before any lock is taken."""
     check_folder(target)
     check_output_name(target)
-    if problem := spelling_problem(target):  # one look at the folder, as each output is claimed
+    if problem := spelling_problem(target, partial_path(target)):  # one look at the folder, as each is claimed
         raise OutputError(*problem)
 
 

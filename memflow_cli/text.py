@@ -14,19 +14,27 @@ Two rules, used by every command:
 from __future__ import annotations
 
 import difflib
-import unicodedata
+import functools
+import json
+import re
 
 from rich.console import Console
 from rich.text import Text
 
 PROMPT_WHITESPACE = "\t\n"  # control characters a prompt may hold: they mean a space to the tokenizer
 # characters that reorder what follows on a terminal: a file name or prompt could show another text than it holds
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # a regex class
 
 
-def _is_control(char: str) -> bool:
-    """C0, DEL and C1 controls, line and paragraph separators, lone surrogates."""
-    return unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp")
+# C0, DEL and C1 controls, line and paragraph separators, lone surrogates: Unicode's categories Cc, Zl, Zp, Cs
+_CONTROLS = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+
+
+@functools.cache
+def _pattern(characters: str, allowed: str) -> re.Pattern[str]:
+    """A regex of one character of the class `characters` that is not in `allowed` (searched at C speed)."""
+    unless = f"(?![{re.escape(allowed)}])" if allowed else ""
+    return re.compile(f"{unless}[{characters}]")
 
 
 def _escape(char: str) -> str:
@@ -48,19 +56,21 @@ def text_problem(text: str, allowed: str = "") -> str | None:
     index = lone_surrogate(text)
     if index is not None:
         return f"holds {_escape(text[index])} at character {index + 1}, half of a surrogate pair: UTF-8 cannot hold it"
-    for index, char in enumerate(text):
-        if _is_control(char) and char not in allowed:
-            return f"holds the control character {_escape(char)} at character {index + 1}"
+    if found := _pattern(_CONTROLS, allowed).search(text):
+        return f"holds the control character {_escape(found.group())} at character {found.start() + 1}"
     return None
 
 
 def shown(text: str, keep: str = "\n\t") -> str:
     """`text` with every character a terminal would obey escaped (`\\x1b`), but those in `keep`."""
-    if text.isprintable() and not any(char in _BIDI_CONTROLS for char in text):
-        return text  # the usual case, at C speed
-    return "".join(
-        _escape(char) if (_is_control(char) or char in _BIDI_CONTROLS) and char not in keep else char for char in text
-    )
+    return _pattern(_CONTROLS + _BIDI_CONTROLS, keep).sub(lambda found: _escape(found.group()), text)
+
+
+def json_line(value: object) -> str:
+    """`value` as one line of JSON whose text a terminal shows as it is: what it would obey (C1 controls, line
+    separators, bidirectional overrides) written as JSON's `\\uXXXX` escapes, other characters as they are."""
+    text = json.dumps(value, ensure_ascii=False)  # C0 controls are escaped by JSON itself
+    return _pattern(_CONTROLS + _BIDI_CONTROLS, "").sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
 def one_line(text: str) -> str:

@@ -33,6 +33,7 @@ TokenCounter = Callable[[str], int]  # tokens of one prompt as the encoder reads
 END_OF_SEQUENCE = 1  # tokens the encoder appends to every prompt (umT5's </s>)
 CONTEXT_WORDS = 6  # words shown before a cut
 CONTEXT_CHARS = 60  # at most this many characters of them
+COUNTED_WORDS = 20_000  # a longer prompt's tokens are not all counted: it is cut anyway (see _cut)
 
 _PIECE = re.compile(r"[A-Za-z]+|\S")
 
@@ -54,11 +55,14 @@ class PromptCut:
     kept_words: int  # words read before the cut: words[kept_words:] are dropped
     last_kept: str  # the few words just before the cut
     exact: bool  # counted by the model's tokenizer, not estimated
+    at_least: bool = False  # `tokens` is a lower bound: the prompt has more than COUNTED_WORDS words
 
     def describe(self) -> str:
         """One line for a warning, such as `segment 2 (at 20s): 10000 words, 13012 tokens; ...`."""
         about = "" if self.exact else "about "
         counted = f"{self.tokens} tokens" if self.exact else f"about {self.tokens} tokens by a rough count"
+        if self.at_least:
+            counted += f" in its first {COUNTED_WORDS} words alone"
         start = f"{self.start_s:.3f}".rstrip("0").rstrip(".") + "s"
         where = "the start of its first word"
         if self.kept_words:
@@ -87,28 +91,37 @@ def prompt_cuts(story: Any, limit: int, count: TokenCounter | None = None) -> li
 
 
 def _cut(index: int, segment: _SegmentLike, limit: int, count: TokenCounter | None) -> PromptCut | None:
+    """A prompt of more than COUNTED_WORDS words is counted no further (its count then a lower bound), and the
+    cut is looked for among the first words (a word is at least one token, but for characters the tokenizer
+    drops): time and memory stay bounded for any prompt."""
     words = segment.prompt.split()
+    at_least = len(words) > max(COUNTED_WORDS, limit)
+    counted = words[: max(COUNTED_WORDS, limit)]
     if count is None:
-        per_word = [estimate_tokens(word) - END_OF_SEQUENCE for word in words]
+        per_word = [estimate_tokens(word) - END_OF_SEQUENCE for word in counted]
         tokens = END_OF_SEQUENCE + sum(per_word)
         if tokens <= limit:
             return None
         kept, total = 0, END_OF_SEQUENCE
-        while total + per_word[kept] <= limit:  # the cut falls inside the prompt, so this stops in range
+        while total + per_word[kept] <= limit:  # the cut falls inside the counted words, so this stops in range
             total += per_word[kept]
             kept += 1
     else:
-        tokens = count(" ".join(words))
+        tokens = count(" ".join(counted))
         if tokens <= limit:
             return None
-        kept = _words_that_fit(words, limit, count)
+        kept = _words_that_fit(counted, limit, count)
     last = " ".join(words[max(0, kept - CONTEXT_WORDS) : kept])[-CONTEXT_CHARS:]
-    return PromptCut(index, segment.start_s, len(words), tokens, limit, kept, last, exact=count is not None)
+    return PromptCut(index, segment.start_s, len(words), tokens, limit, kept, last, count is not None, at_least)
 
 
 def _words_that_fit(words: list[str], limit: int, count: TokenCounter) -> int:
-    """The most leading words whose text still fits `limit` tokens (binary search: a few dozen counts)."""
-    low, high = 0, len(words)  # words[:low] fits, words[:high] does not
+    """The most leading of `words` whose text still fits `limit` tokens, all of them not (binary search: a few
+    dozen counts, of at most about `limit` words each where every word is a token or more)."""
+    low, high = 0, min(len(words), limit)
+    while high < len(words) and count(" ".join(words[:high])) <= limit:  # words the tokenizer dropped
+        low, high = high, min(len(words), 2 * high)
+    # words[:low] fits, words[:high] does not
     while high - low > 1:
         middle = (low + high) // 2
         if count(" ".join(words[:middle])) <= limit:

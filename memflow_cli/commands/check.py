@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +24,7 @@ from ..plan import (
 from ..report import err, out, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
-from ..text import one_line, plural
+from ..text import json_line, one_line, plural
 from .common import OutDir, Scripts, SegmentSeconds, reported
 
 EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json"
@@ -97,8 +96,7 @@ def check(
         timeline = story.timeline(geometry)
         warn_prompt_cuts(story_name(story), cut_prompts(story, geometry, RELEASE_TEXT_TOKENS))
         if as_json:
-            record = json.dumps(story_record(story, timeline, output), ensure_ascii=False)
-            out.print(record, markup=False, soft_wrap=True)
+            out.print(json_line(story_record(story, timeline, output)), markup=False, soft_wrap=True)
         else:
             out.print(timeline_table(story, timeline))
     if against is not None:

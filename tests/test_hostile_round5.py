@@ -1,0 +1,145 @@
+"""Hostile input, round 5: what a prober found with stories and files the earlier rounds did not try.
+
+An output spelled in other case while the first spelling's render runs or left its partial file; a link at the
+lock file's place; a prompt of millions of words; control characters in `check --json`'s lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from memflow_cli.output import OutputBusyError, OutputExistsError, lock_path, partial_path, reserved_output
+from memflow_cli.script import Segment, Story
+from memflow_cli.text import json_line, shown, text_problem
+from memflow_cli.tokens import COUNTED_WORDS, prompt_cuts
+
+from .cli_helpers import DEMO, TAE, memflow
+from .test_hostile_round4 import SEGMENTS, files_under, refused, write
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One output in any case: one lock, and a partial file of another spelling is that output's
+
+
+def test_the_lock_is_named_by_the_case_folded_name() -> None:
+    assert lock_path(Path("d/Clip.mp4")) == lock_path(Path("d/CLIP.MP4")) == Path("d/.clip.mp4.lock")
+
+
+def test_a_render_in_another_spelling_waits_for_no_file_to_show_it_is_busy(tmp_path: Path) -> None:
+    with reserved_output(tmp_path / "clip.mp4"):  # nothing written yet: the lock alone tells
+        for other in ("Clip.mp4", "CLIP.MP4"):
+            with pytest.raises(OutputBusyError, match="is writing"):
+                with reserved_output(tmp_path / other):
+                    pass
+    assert files_under(tmp_path) == {}
+
+
+def test_another_spellings_partial_video_is_refused_and_kept(tmp_path: Path) -> None:
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    partial_path(tmp_path / "clip.mp4").write_bytes(b"frames of a stopped render")
+    before = files_under(tmp_path)
+    for extra in ((), ("--overwrite",)):
+        error = refused(memflow("render", script, "-o", tmp_path / "Clip.mp4", *DEMO, *TAE, *extra), "one output")
+        assert ".clip.partial.mp4" in error
+    assert files_under(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lock file is memflow's own: never written through a link
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_link_at_the_lock_files_place_is_refused_and_its_file_untouched(tmp_path: Path, link: str) -> None:
+    victim = write(tmp_path, "notes.txt", "a user's notes\n")
+    lock = lock_path(tmp_path / "v.mp4")
+    (os.symlink if link == "symbolic" else os.link)(victim, lock)
+    with pytest.raises(OutputExistsError, match=f"{lock.name} is where memflow locks v.mp4, but it is a") as error:
+        with reserved_output(tmp_path / "v.mp4"):
+            pass
+    assert error.value.hint and "remove it" in error.value.hint
+    script = write(tmp_path, "story.yaml", SEGMENTS)
+    refused(memflow("render", script, "-o", tmp_path / "v.mp4", *DEMO, *TAE), lock.name)
+    assert victim.read_text() == "a user's notes\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([lock.name, "notes.txt", "story.yaml"])
+
+
+def test_a_folder_at_the_lock_files_place_is_refused(tmp_path: Path) -> None:
+    lock_path(tmp_path / "v.mp4").mkdir()
+    with pytest.raises(OutputExistsError, match="v.mp4, but it is a folder"):
+        with reserved_output(tmp_path / "v.mp4"):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A prompt of millions of words: bounded counting
+
+
+def test_a_prompt_of_a_million_words_is_counted_in_bounded_pieces() -> None:
+    words = 1_000_000
+    seen: list[int] = []
+
+    def counter(text: str) -> int:  # a word a token, and end-of-sequence
+        seen.append(len(text.split()))
+        return len(text.split()) + 1
+
+    segment = Segment(0.0, " ".join(f"w{index}" for index in range(words)))
+    story = Story(Path("story.yaml"), "story", 0, 10.0, (segment,))
+    (cut,) = prompt_cuts(story, 512, counter)
+    assert cut.kept_words == 511 and cut.last_kept.endswith("w510") and cut.words == words
+    assert cut.at_least and cut.tokens == COUNTED_WORDS + 1
+    assert max(seen) <= COUNTED_WORDS and len(seen) <= 40
+    assert f"{words} words, {COUNTED_WORDS + 1} tokens in its first {COUNTED_WORDS} words alone" in cut.describe()
+    (estimated,) = prompt_cuts(story, 512)
+    assert estimated.at_least and estimated.words == words and 0 < estimated.kept_words < 511
+
+
+def test_a_tokenizer_that_drops_characters_still_finds_the_cut() -> None:
+    """Words of no tokens (characters a tokenizer drops) before the cut: the search widens, the cut is exact."""
+
+    def counter(text: str) -> int:
+        return sum(1 for word in text.split() if word != "~") + 1
+
+    prompt = " ".join(["~"] * 2000 + [f"w{index}" for index in range(600)])
+    (cut,) = prompt_cuts(Story(Path("s.yaml"), "s", 0, 10.0, (Segment(0.0, prompt),)), 512, counter)
+    assert cut.kept_words == 2000 + 511 and cut.last_kept.endswith("w510")
+
+
+def test_check_warns_about_a_huge_prompt_at_once(tmp_path: Path) -> None:
+    script = tmp_path / "huge.jsonl"
+    script.write_text(json.dumps({"prompts": ["word " * 2_000_000]}) + "\n", encoding="utf-8")
+    result = memflow("check", script)
+    assert result.exit_code == 0, result.stderr
+    assert "2000000 words, about" in result.stderr and "in its first" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Control characters: the regex classes are Unicode's categories; JSON lines stay JSON
+
+
+def test_the_control_characters_are_unicodes_categories() -> None:
+    for code in range(0x110000):
+        char = chr(code)
+        control = unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp")
+        assert (text_problem(f"a{char}") is not None) == control, hex(code)
+
+
+def test_a_huge_text_is_checked_and_shown_at_once() -> None:
+    text = "word " * 3_000_000 + "\x85"
+    assert text_problem(text) == "holds the control character \\x85 at character 15000001"
+    assert shown(text).endswith("word \\x85")
+
+
+def test_check_json_lines_are_json_with_the_terminals_characters_escaped(tmp_path: Path) -> None:
+    folder = tmp_path / "dir\x85x\u202ey"
+    folder.mkdir()
+    script = write(folder, "t.yaml", f"title: ok\n{SEGMENTS}")
+    result = memflow("check", "--json", script)
+    assert result.exit_code == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert "\x85" not in line and "\u202e" not in line and "\\u0085x\\u202ey" in line
+    assert json.loads(line)["script"] == str(script)
+    assert json.loads(json_line({"é": "\u2028ü\t"})) == {"é": "\u2028ü\t"} and "é" in json_line("é")
