@@ -29,10 +29,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a kill, a closed terminal or S
 
 
 def print_error(message: str, hint: str | None = None) -> None:
-    """`error: MESSAGE` and `  hint: HINT` on stderr, each one line however long."""
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    if hint:
-        err.print(f"  hint: {escape(one_line(hint))}", soft_wrap=True)
+    """`error: MESSAGE — HINT` on stderr: one line however long, what went wrong and then what to do (as a
+    script's errors say it)."""
+    fix = f" — {one_line(hint)}" if hint else ""
+    err.print(f"[bold red]error:[/] {escape(message + fix)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:

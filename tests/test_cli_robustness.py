@@ -74,7 +74,7 @@ def run_memflow(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
 
 
 def one_error(stderr: str) -> str:
-    """The error line of a known error: no traceback, one `error:` line (a `hint:` line may follow)."""
+    """The error line of a known error: no traceback, one `error:` line (its fix after ` — ` on that line)."""
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr

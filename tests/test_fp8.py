@@ -295,8 +295,8 @@ def test_render_fp8_off_the_gpu_is_one_line_and_nothing_written(tmp_path: Path):
     result = memflow("render", script, *DEMO, "-o", tmp_path / "fox.mp4", "--fp8")
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
-        "error: --fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper or later); this run uses cpu",
-        "  hint: leave out --fp8 to run the linear layers in bf16",
+        "error: --fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper or later); this run uses cpu"
+        " — leave out --fp8 to run the linear layers in bf16",
     ]
     assert sorted(tmp_path.iterdir()) == [script]
 

@@ -144,5 +144,5 @@ def test_render_refuses_a_setting_out_of_range_before_loading_anything(tmp_path,
     result = CliRunner().invoke(app, ["render", "story.yaml", "--model", "demo", "--device", "cpu", "-o", "out.mp4"])
     assert result.exit_code == 2
     assert message in result.stderr
-    assert len(result.stderr.splitlines()) <= 2  # the error and its hint
+    assert len(result.stderr.splitlines()) == 1  # the error and its fix
     assert sorted(path.name for path in tmp_path.iterdir()) == ["story.yaml"]  # no video, partial, lock or sidecar

@@ -18,7 +18,7 @@ from memflow_cli.tae import files as tae_files
 from .cli_helpers import DEMO, assert_video, memflow, video_frames, write_story
 from .live import replay_options, same_frames
 
-ONE_LINE_ERRORS = 2  # the error line and its hint, at most
+ONE_LINE_ERRORS = 1  # the error and its fix, on one line
 
 
 @pytest.fixture(scope="module")
