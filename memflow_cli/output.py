@@ -82,6 +82,12 @@ def _umask() -> int:
 def write_video_sidecar(video: Path, data: dict[str, Any]) -> Path:
     """Write the sidecar of a finished `video`; a failure is an OutputError that says the video is complete."""
     path = sidecar_path(video)
+    if path.is_dir() or (path.exists() and memflow_sidecar(path) is None):  # made while the video was rendered
+        raise OutputError(
+            f"the video {video} is complete, but {path} appeared while it was rendered and was not written by "
+            f"memflow, so the video's metadata was not written over it",
+            hint="move that file away; the video itself is fine",
+        )
     try:
         write_sidecar(path, data)
     except OSError as error:

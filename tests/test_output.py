@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import resource
 import signal
@@ -382,11 +384,35 @@ def test_a_full_disk_is_one_line_naming_the_partial(tmp_path: Path) -> None:
     assert partial_path(target).exists() and not target.exists()
 
 
-def test_a_sidecar_that_cannot_be_written_says_the_video_is_complete(tmp_path: Path) -> None:
+def test_a_sidecar_that_cannot_be_written_says_the_video_is_complete(tmp_path: Path, monkeypatch) -> None:
     video = tmp_path / "out.mp4"
     video.write_bytes(b"a finished video")
-    (tmp_path / "out.json").mkdir()  # where the sidecar goes, something that cannot be replaced
-    with pytest.raises(OutputError, match=f"the video {video} is complete, but its metadata") as error:
+
+    def full_disk(*_args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OutputError, match=f"the video {video} is complete, but its metadata .* No space") as error:
         write_video_sidecar(video, {"memflow_version": "0"})
     assert error.value.hint and "\n" not in str(error.value)
+    assert video.read_bytes() == b"a finished video" and names(tmp_path) == ["out.mp4"]
+
+
+@pytest.mark.parametrize("found", ["a user's JSON", "a folder", "an earlier memflow sidecar"])
+def test_a_file_made_at_the_sidecars_place_during_a_render_is_not_replaced(tmp_path: Path, found: str) -> None:
+    """The sidecar is checked again when the video is finished: a render can take hours."""
+    video = tmp_path / "out.mp4"
+    video.write_bytes(b"a finished video")
+    sidecar = sidecar_path(video)
+    if found == "a folder":
+        sidecar.mkdir()
+    else:
+        sidecar.write_text('{"memflow_version": "0"}' if found.startswith("an earlier") else '{"my": "notes"}')
+    if found.startswith("an earlier"):
+        write_video_sidecar(video, {"memflow_version": "1"})
+        assert json.loads(sidecar.read_text()) == {"memflow_version": "1"}
+        return
+    with pytest.raises(OutputError, match=f"{sidecar} appeared while it was rendered and was not written by memflow"):
+        write_video_sidecar(video, {"memflow_version": "1"})
+    assert sidecar.is_dir() or sidecar.read_text() == '{"my": "notes"}'
     assert video.read_bytes() == b"a finished video"
