@@ -30,7 +30,7 @@ import yaml
 
 from memflow_cli.preview import WIDTH, cut, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
-from memflow_cli.text import PROMPT_WHITESPACE, lone_surrogate, one_line, text_problem
+from memflow_cli.text import PROMPT_WHITESPACE, lone_surrogate, one_line, plural, text_problem
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl",)
@@ -169,9 +169,8 @@ def _check_order(story: Story) -> None:
 
     if not story.segments:
         raise ScriptError(story.path, story.line, "segments", "a story needs at least one segment", SEGMENTS_HINT)
-    if story.duration_s > MAX_DURATION_S:  # a default duration: the last start + a segment, or JSONL segments
-        message = f"the story lasts {format_seconds(story.duration_s)}, more than 24h, the longest video memflow makes"
-        raise ScriptError(story.path, story.line, "duration", message, "write a shorter story, or split it")
+    if story.duration_s > MAX_DURATION_S:  # a default duration (a written one is checked as it is read)
+        raise _too_long_by_default(story)
     first = story.segments[0].start_s
     if first != 0:
         message = f"the first segment starts at {format_seconds(first)}, not at 0s"
@@ -192,6 +191,26 @@ def _check_order(story: Story) -> None:
                 f"(duration {format_seconds(story.duration_s)})"
             )
             raise fail(index, message, "make the duration longer or remove this segment")
+
+
+def _too_long_by_default(story: Story) -> ScriptError:
+    """A story longer than a day by its default length: a JSONL story's prompts of `segment_seconds` each, or a YAML
+    story's last start and one more segment."""
+    ends = f"{format_seconds(story.duration_s)}, more than 24h, the longest video memflow makes"
+    if story.line is not None:  # a JSONL story
+        each = format_seconds(story.duration_s / len(story.segments))
+        message = f"{plural(len(story.segments), 'prompt')} of {each} each last {ends}"
+        return ScriptError(
+            story.path, story.line, "prompts", message, "give fewer prompts or a shorter --segment-seconds"
+        )
+    index, last = len(story.segments) - 1, story.segments[-1]
+    message = (
+        f"without a duration the story ends a segment's length ({format_seconds(story.duration_s - last.start_s)}) "
+        f"after its last start, at {ends}"
+    )
+    return ScriptError(
+        story.path, last.line, f"segments[{index}].start", message, "give the story a duration of 24h or less"
+    )
 
 
 def chunk_for(seconds: float, geometry: VideoGeometry) -> int:
@@ -293,8 +312,9 @@ def parse_time(value: str | float) -> float:
 
 
 def format_seconds(seconds: float) -> str:
-    """A time for messages: 10s, 10.2s, 0.75s."""
-    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    """A time for messages: 10s, 10.2s, 0.75s, 5.0004s (to the microsecond: two times a message tells apart never
+    read alike)."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
 
 
 def _signed_seconds(value: Any) -> float:

@@ -492,10 +492,13 @@ def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path
 
 def test_stories_made_longer_than_a_day_by_their_defaults_are_refused(tmp_path: Path) -> None:
     jsonl = write(tmp_path, "p.jsonl", json.dumps({"prompts": ["a"] * 10}) + "\n")
-    refused(memflow("check", jsonl, "--segment-seconds", "9000"), "24h")  # ten segments of 2.5 hours
+    error = refused(memflow("check", jsonl, "--segment-seconds", "9000"), "24h")  # ten segments of 2.5 hours
+    assert f"{jsonl}:1: prompts: 10 prompts of 9000s each last 90000s" in error and "--segment-seconds" in error
     refused(memflow("check", jsonl, "--segment-seconds", "86401"), "segment_seconds", "24h")
     late = write(tmp_path, "late.yaml", SEGMENTS + "  - start: '23:59:55'\n    prompt: b\n")  # + a 10 s segment
-    refused(memflow("check", late), "24h")
+    error = refused(memflow("check", late), "24h")
+    assert f"{late}:4: segments[1].start: without a duration the story ends a segment's length (10s)" in error
+    assert "duration of 24h or less" in error
     refused(memflow("render", late, "--out-dir", tmp_path / "renders", *DEMO), "24h")
     assert not (tmp_path / "renders").exists()
 

@@ -7,6 +7,7 @@ lock file's place; a prompt of millions of words; control characters in `check -
 from __future__ import annotations
 
 import json
+import math
 import os
 import unicodedata
 from pathlib import Path
@@ -143,3 +144,27 @@ def test_check_json_lines_are_json_with_the_terminals_characters_escaped(tmp_pat
     assert "\x85" not in line and "\u202e" not in line and "\\u0085x\\u202ey" in line
     assert json.loads(line)["script"] == str(script)
     assert json.loads(json_line({"é": "\u2028ü\t"})) == {"é": "\u2028ü\t"} and "é" in json_line("é")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Times as the scripts write them
+
+
+@pytest.mark.parametrize("given,seconds", [("10s", 10.0), ("1m", 60.0), ("0:20", 20.0), ("12.5", 12.5)])
+def test_segment_seconds_takes_the_times_scripts_take(tmp_path: Path, given: str, seconds: float) -> None:
+    script = write(tmp_path, "p.jsonl", '{"prompts": ["a", "b"]}\n')
+    result = memflow("check", script, "--json", "--segment-seconds", given)
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["chunks"] == math.ceil(2 * seconds / 0.75)  # two segments of that length, on the chunk grid
+
+
+@pytest.mark.parametrize("given", ["abc", "nan", "-1", "1e3", ""])
+def test_a_segment_length_that_is_no_time_is_one_line_naming_the_option(tmp_path: Path, given: str) -> None:
+    script = write(tmp_path, "p.jsonl", '{"prompts": ["a"]}\n')
+    refused(memflow("check", script, "--segment-seconds", given), f"--segment-seconds {given}:")
+
+
+def test_messages_tell_apart_times_that_differ_below_a_millisecond(tmp_path: Path) -> None:
+    close = write(tmp_path, "close.yaml", SEGMENTS.replace("start: 0s", "start: 0.0004s"))
+    refused(memflow("check", close), "starts at 0.0004s, not at 0s")

@@ -41,6 +41,23 @@ def whole_number(option: str, low: int | None = None, high: int | None = None) -
     return parse
 
 
+def time_option(option: str) -> Callable[[Any], float | None]:
+    """The parser of a time option (`typer.Option(parser=...)`): any form a script's times take (`10s`, `1m30s`,
+    `90`, `0:10`...); anything else is one line naming the option, exit 2."""
+
+    def parse(value: Any) -> float | None:
+        if value is None or isinstance(value, float):  # the option's default
+            return value
+        from ..script import parse_time
+
+        try:
+            return parse_time(str(value))
+        except ValueError as error:
+            fail(f"{option} {one_line(str(value))}: {error}", EXIT_BAD_INPUT)
+
+    return parse
+
+
 def _bounds(low: int | None, high: int | None) -> str:
     if high is None:
         return f"give {low} or more"
@@ -68,7 +85,8 @@ Scripts = Annotated[
 ]
 SegmentSeconds = Annotated[
     float,
-    typer.Option("--segment-seconds", help="Length of each segment of a JSONL story, in seconds.", metavar="SECONDS"),
+    typer.Option("--segment-seconds", help=f"Length of each segment of a JSONL story: seconds, or {TIME_FORMATS}.",
+                 metavar="TIME", parser=time_option("--segment-seconds")),  # fmt: skip
 ]
 OutDir = Annotated[
     Path | None,
