@@ -43,6 +43,7 @@ from .plan import (
     geometry_for,
     make_out_dir,
     open_engine,
+    out_dir_made,
     plan_jobs,
     story_name,
     text_tokens,
@@ -98,9 +99,9 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     decode_device = None if options.decode_device is None else checked_device(options.decode_device, "--decode-device")
     if options.fp8:
         check_fp8(device)
-    if request.out_dir is not None:
-        make_out_dir(request.out_dir)
     with ExitStack() as held:
+        if request.out_dir is not None:
+            held.enter_context(out_dir_made(request.out_dir))  # removed again if nothing is written in it
         todo = []
         for job in jobs:
             outcome = claim(job, request, geometry, held)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,9 +234,7 @@ def check_outputs(request: RenderRequest, stories: int | None = None) -> None:
     if (request.output is None) == (request.out_dir is None):
         raise PlanError("give exactly one of -o/--output FILE.mp4 or --out-dir DIR")
     if request.out_dir is not None:
-        printable_path(request.out_dir, "--out-dir")
-        if request.out_dir.exists() and not request.out_dir.is_dir():
-            raise PlanError(f"--out-dir {request.out_dir}: it is a file, not a folder", "give a folder for the videos")
+        check_out_dir(request.out_dir)
         return
     output = request.output
     assert output is not None
@@ -255,6 +253,13 @@ def check_outputs(request: RenderRequest, stories: int | None = None) -> None:
         raise PlanError(str(error), error.hint) from None
 
 
+def check_out_dir(folder: Path) -> None:
+    """`--out-dir`: a printable path that is a folder, or nothing yet (it is created)."""
+    printable_path(folder, "--out-dir")
+    if folder.exists() and not folder.is_dir():
+        raise PlanError(f"--out-dir {folder}: it is a file, not a folder", "give a folder for the videos")
+
+
 def checked_output_name(target: Path) -> Path:
     """`target` if the names of its files fit and are not memflow's own (before its folder is created)."""
     try:
@@ -262,6 +267,20 @@ def checked_output_name(target: Path) -> Path:
     except OutputError as error:
         raise PlanError(str(error), error.hint) from None
     return target
+
+
+@contextmanager
+def out_dir_made(folder: Path) -> Iterator[Path]:
+    """`--out-dir` created (and its parents) for the block; those it created are removed again when the block
+    leaves them empty (a run that wrote nothing, such as one whose weights are missing, leaves no folder)."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    make_out_dir(folder)
+    try:
+        yield folder
+    finally:
+        for path in missing:  # the deepest first
+            with suppress(OSError):  # not empty, or gone: left as it is
+                path.rmdir()
 
 
 def make_out_dir(folder: Path) -> None:
@@ -298,6 +317,10 @@ def story_outputs(stories: list[Story], out_dir: Path) -> list[Path]:
     for story, path in zip(stories, paths, strict=True):
         checked_output_name(path)
         if (other := first_writer.setdefault(output_key(path), story)) is not story:
+            if (other.path.resolve(), other.line) == (story.path.resolve(), story.line):
+                where = f"{story.path}{f' line {story.line}' if story.line else ''}"
+                raise PlanError(f"{where} is given twice; its story would be rendered twice to {path}",
+                                "name each script once")  # fmt: skip
             raise PlanError(
                 f"two stories would both write {path}: {story_name(other)} and {story_name(story)}",
                 "give one of them another title",

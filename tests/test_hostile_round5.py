@@ -168,3 +168,34 @@ def test_a_segment_length_that_is_no_time_is_one_line_naming_the_option(tmp_path
 def test_messages_tell_apart_times_that_differ_below_a_millisecond(tmp_path: Path) -> None:
     close = write(tmp_path, "close.yaml", SEGMENTS.replace("start: 0s", "start: 0.0004s"))
     refused(memflow("check", close), "starts at 0.0004s, not at 0s")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output folders
+
+
+def test_a_script_given_twice_is_named_as_such(tmp_path: Path) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS)
+    for command in ("check", "render"):
+        model = DEMO[:2] if command == "render" else ()
+        error = refused(memflow(command, script, tmp_path / "." / "s.yaml", "--out-dir", tmp_path / "d", *model))
+        assert f"{script} is given twice" in error and "name each script once" in error
+    assert not (tmp_path / "d").exists()
+
+
+def test_check_refuses_an_out_dir_that_is_a_file_as_render_does(tmp_path: Path) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS)
+    notes = write(tmp_path, "notes", "a file")
+    for command, model in (("check", ()), ("render", DEMO[:2])):
+        refused(memflow(command, script, "--out-dir", notes, *model), f"--out-dir {notes}: it is a file")
+    assert notes.read_text() == "a file"
+
+
+def test_a_run_that_writes_nothing_leaves_no_out_dir_it_made(tmp_path: Path) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS)
+    result = memflow("render", script, "--out-dir", tmp_path / "new" / "sub", "--model", tmp_path / "no-weights")
+    assert result.exit_code == 1 and "no such weights folder" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+    (tmp_path / "kept").mkdir()
+    memflow("render", script, "--out-dir", tmp_path / "kept", "--model", tmp_path / "no-weights")
+    assert (tmp_path / "kept").is_dir()  # a folder the user made stays

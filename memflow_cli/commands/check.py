@@ -12,6 +12,7 @@ from rich.table import Table
 from ..plan import (
     RELEASE_TEXT_TOKENS,
     PlanError,
+    check_out_dir,
     checked_output_name,
     cut_prompts,
     load_stories,
@@ -83,7 +84,7 @@ def check(
     geometry = VideoGeometry()
     with reported():
         if out_dir is not None:
-            printable_path(out_dir, "--out-dir")
+            check_out_dir(out_dir)
         if against is not None:
             printable_path(against, "--against")
         stories, _ = load_stories(tuple(scripts), segment_seconds, geometry)
