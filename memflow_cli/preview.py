@@ -51,7 +51,9 @@ class _Preview(reprlib.Repr):
     def repr_instance(self, value: Any, level: int) -> str:
         if isinstance(value, (bytes, bytearray)):
             return repr(value[: self.maxother])
-        if isinstance(value, (float, complex, datetime.date, datetime.time, datetime.timedelta)):
+        if isinstance(value, (datetime.date, datetime.time)):  # YAML reads 2024-01-01 as a date: shown as written
+            return f"the date {value.isoformat()}" if isinstance(value, datetime.date) else value.isoformat()
+        if isinstance(value, (float, complex, datetime.timedelta)):
             return repr(value)  # a few dozen characters at most
         return f"<{type(value).__name__}>"
 

@@ -30,7 +30,7 @@ import yaml
 
 from memflow_cli.preview import WIDTH, cut, preview
 from memflow_cli.settings import SETTING_NAMES, GenerationSettings, SettingsError, VideoGeometry
-from memflow_cli.text import PROMPT_WHITESPACE, lone_surrogate, one_line, plural, text_problem
+from memflow_cli.text import PROMPT_WHITESPACE, bidi_control, blank, lone_surrogate, one_line, plural, text_problem
 
 YAML_SUFFIXES: tuple[str, ...] = (".yaml", ".yml")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl",)
@@ -353,10 +353,13 @@ def _unsigned_seconds(text: str) -> float | None:
 
 
 def _check_title(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or blank(value):
         raise InvalidValue(f"the title must be non-blank text, got {preview(value)}", "write a short name in quotes")
     if problem := text_problem(value.strip()):
         raise InvalidValue(f"the title {problem}", "write the title on one line, without control characters")
+    if control := bidi_control(value):
+        message = f"the title holds \\u{ord(control):04x}, which reorders the text after it: the file name misleads"
+        raise InvalidValue(message, "remove it from the title")
     size = len(value.strip().encode("utf-8", "surrogatepass"))
     if size > MAX_TITLE_BYTES:
         message = f"the title is {size} bytes long in UTF-8, at most {MAX_TITLE_BYTES} fit in a file name"
@@ -383,7 +386,7 @@ def _check_duration(value: Any) -> float:
 def _check_prompt(value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidValue(f"the prompt must be text, got {preview(value)}", "write the prompt as text, quoted")
-    if not value.strip():
+    if blank(value):
         raise InvalidValue("the prompt is blank", "describe what happens in this segment")
     if problem := text_problem(value, PROMPT_WHITESPACE):
         raise InvalidValue(f"the prompt {problem}", TEXT_HINT)
@@ -657,6 +660,11 @@ class _BoundedLoader(yaml.SafeLoader):
             raise _TooBig(mark, message, "write a shorter story, or split it into several scripts")
 
 
+def _codepoint(character: str | int) -> str:
+    """`U+0000` for a character or its code."""
+    return f"U+{character if isinstance(character, int) else ord(character):04X}"
+
+
 class _YamlReader:
     """Reads a composed YAML document node by node, so that every error can name its line."""
 
@@ -678,6 +686,10 @@ class _YamlReader:
             detail = ", ".join(part for part in (exc.context, exc.problem) if part)
             message = f"not valid YAML: {detail}"
             raise ScriptError(self.path, line, None, message, "check the indentation and quoting here") from None
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow: its line, and the character
+            line = text.count("\n", 0, exc.position) + 1
+            message = f"not valid YAML: the character {_codepoint(exc.character)} is not allowed in a YAML file"
+            raise ScriptError(self.path, line, None, message, "remove it") from None
         except yaml.YAMLError as exc:
             raise ScriptError(self.path, None, None, f"not valid YAML: {exc}", "save the file as plain text") from None
         if root is None:
@@ -784,10 +796,13 @@ def _setting_hint(name: str, written: bool) -> str:
 # JSONL: the official MemFlow prompt files, one story per line, equal-length segments
 
 
+_JSONL_LINE_END = re.compile(r"\r\n|\r|\n")  # Unix, Windows and old Mac files (not str.splitlines: U+2028 is text)
+
+
 def _load_jsonl(path: Path, text: str, segment_seconds: float) -> list[Story]:
     stories: list[Story] = []
     prompts_in_file = 0
-    for number, raw in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(_JSONL_LINE_END.split(text), start=1):  # a JSON text holds no raw CR or LF
         if not raw.strip():
             continue
         if len(stories) == MAX_STORIES:

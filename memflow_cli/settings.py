@@ -301,9 +301,12 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise SettingsError(name, f"must be one of {', '.join(MEMORY_MODES)}, got {preview(value)}")
         return value
+    if name == "interactive" and value is None:  # the default: interactive when the story switches prompt
+        return None
     if name in ("sma", "interactive"):
         if not isinstance(value, bool):
-            raise SettingsError(name, f"must be true or false, got {preview(value)}")
+            also = ", or null for interactive when the story switches prompt" if name == "interactive" else ""
+            raise SettingsError(name, f"must be true or false{also}, got {preview(value)}")
         return value
     if name == "shift":
         if isinstance(value, bool) or not isinstance(value, (int, float)):

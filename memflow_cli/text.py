@@ -17,6 +17,7 @@ import difflib
 import functools
 import json
 import re
+import unicodedata
 
 from rich.console import Console
 from rich.text import Text
@@ -59,6 +60,18 @@ def text_problem(text: str, allowed: str = "") -> str | None:
     if found := _pattern(_CONTROLS, allowed).search(text):
         return f"holds the control character {_escape(found.group())} at character {found.start() + 1}"
     return None
+
+
+def blank(text: str) -> bool:
+    """Whether `text` shows nothing: whitespace and invisible format characters (zero-width spaces, joiners, BOMs)
+    only. Stops at the first visible character."""
+    return not any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
+
+
+def bidi_control(text: str) -> str | None:
+    """The first character of `text` that reorders what a terminal or file browser shows after it, or None."""
+    found = _pattern(_BIDI_CONTROLS, "").search(text)
+    return found.group() if found else None
 
 
 def shown(text: str, keep: str = "\n\t") -> str:

@@ -494,7 +494,7 @@ def test_stories_made_longer_than_a_day_by_their_defaults_are_refused(tmp_path: 
     jsonl = write(tmp_path, "p.jsonl", json.dumps({"prompts": ["a"] * 10}) + "\n")
     error = refused(memflow("check", jsonl, "--segment-seconds", "9000"), "24h")  # ten segments of 2.5 hours
     assert f"{jsonl}:1: prompts: 10 prompts of 9000s each last 90000s" in error and "--segment-seconds" in error
-    refused(memflow("check", jsonl, "--segment-seconds", "86401"), "segment_seconds", "24h")
+    refused(memflow("check", jsonl, "--segment-seconds", "86401"), "--segment-seconds 86401", "24h")
     late = write(tmp_path, "late.yaml", SEGMENTS + "  - start: '23:59:55'\n    prompt: b\n")  # + a 10 s segment
     error = refused(memflow("check", late), "24h")
     assert f"{late}:4: segments[1].start: without a duration the story ends a segment's length (10s)" in error

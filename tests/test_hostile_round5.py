@@ -199,3 +199,49 @@ def test_a_run_that_writes_nothing_leaves_no_out_dir_it_made(tmp_path: Path) -> 
     (tmp_path / "kept").mkdir()
     memflow("render", script, "--out-dir", tmp_path / "kept", "--model", tmp_path / "no-weights")
     assert (tmp_path / "kept").is_dir()  # a folder the user made stays
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scripts as other tools write them
+
+
+def test_interactive_null_is_the_default(tmp_path: Path) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS + "settings:\n  interactive: null\n")
+    result = memflow("check", "--json", script)
+    assert result.exit_code == 0, result.stderr
+    wrong = write(tmp_path, "w.yaml", SEGMENTS + "settings:\n  interactive: 3\n")
+    refused(memflow("check", wrong), "must be true or false, or null")
+
+
+def test_jsonl_files_with_old_mac_line_ends_are_read_line_by_line(tmp_path: Path) -> None:
+    script = tmp_path / "cr.jsonl"
+    script.write_bytes(b'{"prompts": ["a"]}\r{"prompts": ["b"]}\r\n{"prompts": ["c"]}\n')
+    result = memflow("check", "--json", script)
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["line"] for line in result.stdout.splitlines()] == [1, 2, 3]
+
+
+def test_a_character_yaml_does_not_allow_is_named_with_its_line(tmp_path: Path) -> None:
+    script = tmp_path / "nul.yaml"
+    script.write_bytes(b'segments:\n  - start: 0\n    prompt: "a\x00b"\n')
+    error = refused(memflow("check", script), f"{script}:3: not valid YAML: the character U+0000 is not allowed")
+    assert "<unicode string>" not in error and "\\x0a" not in error
+
+
+def test_a_date_is_shown_as_written(tmp_path: Path) -> None:
+    script = write(tmp_path, "d.yaml", "segments:\n  - start: 2024-01-01\n    prompt: a\n")
+    refused(memflow("check", script), "segments[0].start: the date 2024-01-01 is not a time")
+
+
+@pytest.mark.parametrize("title", ["\\u202egnp.exe", "a\\u2067b"])
+def test_a_title_that_reorders_its_file_name_is_refused(tmp_path: Path, title: str) -> None:
+    script = write(tmp_path, "t.yaml", f'title: "{title}"\n{SEGMENTS}')
+    refused(memflow("check", script), "title: the title holds", "reorders the text after it")
+
+
+@pytest.mark.parametrize("invisible", ["\\u200b", "\\ufeff \\u2060", "\\u00ad"])
+def test_a_prompt_or_title_of_invisible_characters_is_blank(tmp_path: Path, invisible: str) -> None:
+    prompt = write(tmp_path, "p.yaml", f'segments:\n  - start: 0\n    prompt: "{invisible}"\n')
+    refused(memflow("check", prompt), "the prompt is blank")
+    title = write(tmp_path, "t.yaml", f'title: "{invisible}"\n{SEGMENTS}')
+    refused(memflow("check", title), "the title must be non-blank text")

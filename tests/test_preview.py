@@ -33,5 +33,5 @@ def test_mappings_keep_the_order_written():
 
 def test_small_values_read_as_written():
     assert [preview(value) for value in (None, True, 1.5, float("nan"), [1, 2], datetime.date(2024, 1, 2))] == [
-        "nothing", "true", "1.5", "nan", "[1, 2]", "datetime.date(2024, 1, 2)",
+        "nothing", "true", "1.5", "nan", "[1, 2]", "the date 2024-01-02",
     ]  # fmt: skip

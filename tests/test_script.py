@@ -444,7 +444,7 @@ YAML_ERRORS = [
     (
         "date for a time",
         HEAD + "  - start: 2024-01-01\n    prompt: x\n",
-        "story.yaml:4: segments[1].start: datetime.date(2024, 1, 1) is not a time — " + TIME_HINT,
+        "story.yaml:4: segments[1].start: the date 2024-01-01 is not a time — " + TIME_HINT,
     ),
     (
         "negative start",
