@@ -27,6 +27,7 @@ from .companions import spelling_problem
 
 PARTIAL_SUFFIX = ".partial.mp4"
 LOCK_SUFFIX = ".lock"
+MAX_SIDECAR_BYTES = 128 * 2**20  # a sidecar holds a story's prompts (a JSONL file is at most 16 MiB) twice, escaped
 SIDECAR_MARKER = "memflow_version"  # every sidecar memflow writes has it; a JSON file without it is not ours
 DEFAULT_NAME_MAX_BYTES = 255
 _SIDECAR_TMP_EXTRA_BYTES = len(".") + len(".XXXXXXXX.tmp")  # mkstemp's name around the sidecar's
@@ -123,15 +124,29 @@ def write_sidecar(path: Path, data: dict[str, Any]) -> None:
         temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def read_sidecar(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_sidecar(path: Path) -> Any:
+    """The JSON at `path`: a regular file of at most MAX_SIDECAR_BYTES (a FIFO, a device or a huge file beside an
+    output is never read), else ValueError; OSError where it cannot be read."""
+    found = path.stat()
+    if not stat.S_ISREG(found.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if found.st_size > MAX_SIDECAR_BYTES:
+        raise ValueError(f"{path} is larger than any sidecar memflow writes")
+    with path.open("rb") as file:
+        text = file.read(MAX_SIDECAR_BYTES + 1).decode("utf-8")
+    if len(text) > MAX_SIDECAR_BYTES:  # grew since its size was looked at
+        raise ValueError(f"{path} is larger than any sidecar memflow writes")
+    try:
+        return json.loads(text)
+    except RecursionError:  # lists nested thousands deep: no sidecar of memflow's
+        raise ValueError(f"{path} nests too deep to be a sidecar") from None
 
 
 def memflow_sidecar(path: Path) -> dict[str, Any] | None:
     """The sidecar at `path` if memflow wrote it (a JSON object with its marker key), else None."""
     try:
         data = read_sidecar(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) and SIDECAR_MARKER in data else None
 

@@ -43,6 +43,7 @@ MAX_TITLE_BYTES = 200  # a title names its video file: 255 bytes at most, less w
 MAX_YAML_BYTES = 2**18  # 256 KiB: 400 prompts of 100 words; PyYAML reads that in about 0.3 s on an idle core
 MAX_JSONL_BYTES = 16 * 2**20  # 16 MiB: ten thousand stories of ten prompts
 MAX_YAML_VALUES = 20_000  # values in one YAML story (an alias counts as the values it repeats)
+MAX_YAML_TEXT = 4_000_000  # characters of text in one YAML story, an alias counting as the text it repeats
 MAX_SEGMENTS = 2_000  # segments of one story: one every 10 s makes 5.5 hours
 MAX_STORIES = 10_000  # stories of one JSONL file
 MAX_JSONL_PROMPTS = 100_000  # prompts of one JSONL file, all stories together
@@ -614,11 +615,13 @@ class _TooBig(yaml.YAMLError):
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, whose composer stops at `MAX_NESTING` levels and `MAX_YAML_VALUES` values.
+    """PyYAML's safe loader, whose composer stops at `MAX_NESTING` levels, `MAX_YAML_VALUES` values and
+    `MAX_YAML_TEXT` characters of text.
 
-    Aliases are allowed, but each counts as every value it repeats: nine lists of nine aliases to the
-    list before ("billion laughs") hold 9**9 values, and stop here after a few thousand events instead
-    of expanding in whatever reads or prints them later. An alias to a value that contains it is refused.
+    Aliases are allowed, but each counts as every value and character it repeats: nine lists of nine aliases
+    to the list before ("billion laughs") hold 9**9 values, and a long prompt repeated by a thousand aliases
+    holds a thousand times its text; both stop here after a few thousand events instead of expanding in
+    whatever reads, checks or prints them later. An alias to a value that contains it is refused.
     The composer recurses once per level, so the depth limit also keeps Python's stack safe.
     Plain numbers are decimal (`_plain_number_resolvers`).
     """
@@ -628,8 +631,8 @@ class _BoundedLoader(yaml.SafeLoader):
     def __init__(self, stream: str):
         super().__init__(stream)
         self._depth = 0
-        self._values = 0
-        self._anchored: dict[str, int] = {}  # values under each finished anchor
+        self._values = self._text = 0
+        self._anchored: dict[str, tuple[int, int]] = {}  # values and characters under each finished anchor
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         event = self.peek_event()
@@ -637,27 +640,32 @@ class _BoundedLoader(yaml.SafeLoader):
             if event.anchor in self.anchors and event.anchor not in self._anchored:
                 message = f"the alias *{event.anchor[:WIDTH]} repeats a value that contains it"
                 raise _TooBig(event.start_mark, message, "write the value out instead of an alias")
-            self._count(self._anchored.get(event.anchor, 1), event.start_mark)  # an unknown alias: PyYAML says so
+            self._count(*self._anchored.get(event.anchor, (1, 0)), event.start_mark)  # unknown: PyYAML says so
             return super().compose_node(parent, index)
         if self._depth >= MAX_NESTING:
             message = f"lists and mappings nest more than {MAX_NESTING} levels deep here"
             raise _TooBig(event.start_mark, message, "a story nests four levels: story, segments, segment, value")
-        before = self._values
-        self._count(1, event.start_mark)
+        before = self._values, self._text
+        self._count(1, len(event.value) if isinstance(event, yaml.ScalarEvent) else 0, event.start_mark)
         self._depth += 1
         try:
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
         if event.anchor is not None:
-            self._anchored[event.anchor] = self._values - before
+            self._anchored[event.anchor] = (self._values - before[0], self._text - before[1])
         return node
 
-    def _count(self, values: int, mark: yaml.Mark) -> None:
+    def _count(self, values: int, text: int, mark: yaml.Mark) -> None:
         self._values += values
+        self._text += text
+        hint = "write a shorter story, or split it into several scripts"
         if self._values > MAX_YAML_VALUES:
             message = f"the story holds more than {MAX_YAML_VALUES} values (aliases count as what they repeat)"
-            raise _TooBig(mark, message, "write a shorter story, or split it into several scripts")
+            raise _TooBig(mark, message, hint)
+        if self._text > MAX_YAML_TEXT:
+            message = f"the story holds more than {MAX_YAML_TEXT} characters (aliases count as what they repeat)"
+            raise _TooBig(mark, message, hint)
 
 
 def _codepoint(character: str | int) -> str:

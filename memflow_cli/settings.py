@@ -318,7 +318,9 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "steps":
         problem = f"must be a list of integers like [1000, 750, 500, 250], got {preview(value)}"
         if isinstance(value, str):
-            words = value.replace(",", " ").split()
+            words = [part.strip() for part in value.split(",")] if "," in value else value.split()
+            if "" in words:
+                raise SettingsError(name, f"{preview(value)} has an empty step; write the steps like 1000,750,500,250")
             whole = [word.isascii() and word.isdigit() for word in words]
             if not words or not all(whole):
                 bad = next((word for word, ok in zip(words, whole, strict=True) if not ok), value)

@@ -2,7 +2,9 @@
 
 It does what the official Wan text-encoder wrapper does (spec §11): clean each prompt ('whitespace' mode),
 tokenise with EOS, pad with id 0 and truncate to `max_length`, run the encoder under the attention mask,
-then set every row at or past the prompt's true length (EOS included) to exactly zero. The encoder is
+then set every row at or past the prompt's true length (EOS included) to exactly zero. A prompt longer than
+`tokens.prompt_head` keeps for `max_length` tokens (thousands of words) is cleaned and tokenised by that head
+alone, whose first `max_length` tokens are the whole prompt's: a prompt of megabytes costs no more. The encoder is
 transformers' own `UMT5EncoderModel`; nothing of it is re-implemented here.
 
 The engine loads it on first need (`prompt_embeds.py`); where the card is small it calls `offload()` after
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from .tokens import prompt_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
@@ -163,7 +167,7 @@ class TextEncoder:
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned prompts -> token ids and attention mask, both [n, max_length] int64 on the CPU."""
         batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
+            [clean_prompt(prompt_head(p, self.max_length)) for p in prompts],  # a prompt of megabytes: its head
             padding="max_length",
             truncation=True,
             max_length=self.max_length,

@@ -33,9 +33,30 @@ TokenCounter = Callable[[str], int]  # tokens of one prompt as the encoder reads
 END_OF_SEQUENCE = 1  # tokens the encoder appends to every prompt (umT5's </s>)
 CONTEXT_WORDS = 6  # words shown before a cut
 CONTEXT_CHARS = 60  # at most this many characters of them
-COUNTED_WORDS = 20_000  # a longer prompt's tokens are not all counted: it is cut anyway (see _cut)
+COUNTED_CHARS = 200_000  # a longer prompt's tokens are counted in its head (see _cut)
+COUNTED_LIMITS = 2  # the head where a prompt's cut is looked for holds twice the limit's tokens (see prompt_head)
+# The head of a prompt that holds its first N tokens: whitespace parts words, and every word is a token or more (4x
+# for words of characters a tokenizer drops); no token covers more than a few dozen characters, however HTML
+# entities unescape (256x). A prompt shorter than that is its own head.
+HEAD_WORDS_PER_TOKEN = 4
+HEAD_CHARS_PER_TOKEN = 256
 
 _PIECE = re.compile(r"[A-Za-z]+|\S")
+_WORD = re.compile(r"\S+")
+
+
+def prompt_head(text: str, tokens: int) -> str:
+    """The start of `text` that holds its first `tokens` tokens and more (whole words where it can): `text` itself
+    unless it is longer. Read in time and memory of the head, not of `text`: a prompt of millions of words is
+    tokenised, cleaned and counted by its head alone."""
+    words, chars = HEAD_WORDS_PER_TOKEN * tokens, HEAD_CHARS_PER_TOKEN * tokens
+    for count, word in enumerate(_WORD.finditer(text), start=1):
+        chars -= len(word.group())
+        if chars <= 0:  # within a long run of characters without whitespace (a CJK prompt)
+            return text[: word.end() + chars]
+        if count == words:
+            return text[: word.end()]
+    return text
 
 
 class _SegmentLike(Protocol):
@@ -55,14 +76,14 @@ class PromptCut:
     kept_words: int  # words read before the cut: words[kept_words:] are dropped
     last_kept: str  # the few words just before the cut
     exact: bool  # counted by the model's tokenizer, not estimated
-    at_least: bool = False  # `tokens` is a lower bound: the prompt has more than COUNTED_WORDS words
+    at_least: bool = False  # `tokens` is a lower bound, counted in the prompt's head (`prompt_head`)
 
     def describe(self) -> str:
         """One line for a warning, such as `segment 2 (at 20s): 10000 words, 13012 tokens; ...`."""
         about = "" if self.exact else "about "
         counted = f"{self.tokens} tokens" if self.exact else f"about {self.tokens} tokens by a rough count"
         if self.at_least:
-            counted += f" in its first {COUNTED_WORDS} words alone"
+            counted = f"at least {counted}"
         start = f"{self.start_s:.3f}".rstrip("0").rstrip(".") + "s"
         where = "the start of its first word"
         if self.kept_words:
@@ -91,28 +112,29 @@ def prompt_cuts(story: Any, limit: int, count: TokenCounter | None = None) -> li
 
 
 def _cut(index: int, segment: _SegmentLike, limit: int, count: TokenCounter | None) -> PromptCut | None:
-    """A prompt of more than COUNTED_WORDS words is counted no further (its count then a lower bound), and the
-    cut is looked for among the first words (a word is at least one token, but for characters the tokenizer
-    drops): time and memory stay bounded for any prompt."""
-    words = segment.prompt.split()
-    at_least = len(words) > max(COUNTED_WORDS, limit)
-    counted = words[: max(COUNTED_WORDS, limit)]
+    """The cut is looked for in the prompt's head (`prompt_head`), and a prompt of more than COUNTED_CHARS
+    characters is counted there alone (its count then a lower bound): time and memory stay bounded."""
+    head = prompt_head(segment.prompt, COUNTED_LIMITS * limit)
+    counted = segment.prompt if len(segment.prompt) <= COUNTED_CHARS else head
+    at_least = len(counted) < len(segment.prompt.rstrip())
+    words = counted.split()
     if count is None:
-        per_word = [estimate_tokens(word) - END_OF_SEQUENCE for word in counted]
+        per_word = [estimate_tokens(word) - END_OF_SEQUENCE for word in words]
         tokens = END_OF_SEQUENCE + sum(per_word)
         if tokens <= limit:
             return None
         kept, total = 0, END_OF_SEQUENCE
-        while total + per_word[kept] <= limit:  # the cut falls inside the counted words, so this stops in range
+        while total + per_word[kept] <= limit:  # the cut falls inside the head, so this stops in range
             total += per_word[kept]
             kept += 1
     else:
-        tokens = count(" ".join(counted))
+        tokens = count(" ".join(words))  # whitespace as the encoder's cleaning leaves it
         if tokens <= limit:
             return None
-        kept = _words_that_fit(counted, limit, count)
+        kept = _words_that_fit(head.split(), limit, count)
+    total_words = len(segment.prompt.split()) if at_least else len(words)
     last = " ".join(words[max(0, kept - CONTEXT_WORDS) : kept])[-CONTEXT_CHARS:]
-    return PromptCut(index, segment.start_s, len(words), tokens, limit, kept, last, count is not None, at_least)
+    return PromptCut(index, segment.start_s, total_words, tokens, limit, kept, last, count is not None, at_least)
 
 
 def _words_that_fit(words: list[str], limit: int, count: TokenCounter) -> int:

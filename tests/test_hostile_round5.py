@@ -14,10 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from memflow_cli.output import OutputBusyError, OutputExistsError, lock_path, partial_path, reserved_output
-from memflow_cli.script import Segment, Story
+from memflow_cli.output import (
+    MAX_SIDECAR_BYTES,
+    OutputBusyError,
+    OutputExistsError,
+    lock_path,
+    partial_path,
+    reserved_output,
+)
+from memflow_cli.script import MAX_YAML_TEXT, Segment, Story
 from memflow_cli.text import json_line, shown, text_problem
-from memflow_cli.tokens import COUNTED_WORDS, prompt_cuts
+from memflow_cli.tokens import COUNTED_LIMITS, HEAD_CHARS_PER_TOKEN, HEAD_WORDS_PER_TOKEN, prompt_cuts, prompt_head
 
 from .cli_helpers import DEMO, TAE, memflow
 from .test_hostile_round4 import SEGMENTS, files_under, refused, write
@@ -90,10 +97,11 @@ def test_a_prompt_of_a_million_words_is_counted_in_bounded_pieces() -> None:
     segment = Segment(0.0, " ".join(f"w{index}" for index in range(words)))
     story = Story(Path("story.yaml"), "story", 0, 10.0, (segment,))
     (cut,) = prompt_cuts(story, 512, counter)
+    head_words = HEAD_WORDS_PER_TOKEN * COUNTED_LIMITS * 512
     assert cut.kept_words == 511 and cut.last_kept.endswith("w510") and cut.words == words
-    assert cut.at_least and cut.tokens == COUNTED_WORDS + 1
-    assert max(seen) <= COUNTED_WORDS and len(seen) <= 40
-    assert f"{words} words, {COUNTED_WORDS + 1} tokens in its first {COUNTED_WORDS} words alone" in cut.describe()
+    assert cut.at_least and cut.tokens == head_words + 1
+    assert max(seen) <= head_words and len(seen) <= 40
+    assert f"{words} words, at least {head_words + 1} tokens; the text encoder reads 512" in cut.describe()
     (estimated,) = prompt_cuts(story, 512)
     assert estimated.at_least and estimated.words == words and 0 < estimated.kept_words < 511
 
@@ -111,10 +119,32 @@ def test_a_tokenizer_that_drops_characters_still_finds_the_cut() -> None:
 
 def test_check_warns_about_a_huge_prompt_at_once(tmp_path: Path) -> None:
     script = tmp_path / "huge.jsonl"
-    script.write_text(json.dumps({"prompts": ["word " * 2_000_000]}) + "\n", encoding="utf-8")
+    script.write_text(json.dumps({"prompts": ["word " * 2_000_000, "灯" * 1_000_000]}, ensure_ascii=False) + "\n")
     result = memflow("check", script)
     assert result.exit_code == 0, result.stderr
-    assert "2000000 words, about" in result.stderr and "in its first" in result.stderr
+    assert "segment 0 (at 0s): 2000000 words, at least about" in result.stderr
+    assert "segment 1 (at 10s): 1 words, at least about" in result.stderr
+
+
+def test_a_prompts_head_holds_its_first_tokens_and_is_the_prompt_when_short() -> None:
+    assert prompt_head("a  few words\n", 512) == "a  few words\n"  # as it is, whitespace and all
+    words = " ".join(f"w{index}" for index in range(10_000))
+    assert prompt_head(words, 100) == " ".join(f"w{index}" for index in range(HEAD_WORDS_PER_TOKEN * 100))
+    run = "灯" * 100_000  # no whitespace: cut by characters
+    assert prompt_head("x " + run, 100) == "x " + run[: HEAD_CHARS_PER_TOKEN * 100 - 1]
+
+
+def test_the_text_encoder_reads_a_huge_prompt_as_its_head(tmp_path: Path) -> None:
+    """The first tokens of a prompt of megabytes are those of its head: tokenised in time of the head."""
+    from memflow_cli.demo import build_demo_text_encoder
+    from memflow_cli.text_encoder import clean_prompt
+
+    encoder = build_demo_text_encoder()
+    prompt = "a lighthouse at dusk, " * 400_000
+    ids, mask = encoder.tokenize([prompt])
+    start = clean_prompt(prompt[:200_000])  # more than the encoder reads, far less than the prompt
+    whole = encoder.tokenizer(start, truncation=True, max_length=encoder.max_length)["input_ids"]
+    assert ids[0, : len(whole)].tolist() == whole and int(mask.sum()) == encoder.max_length
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,3 +275,50 @@ def test_a_prompt_or_title_of_invisible_characters_is_blank(tmp_path: Path, invi
     refused(memflow("check", prompt), "the prompt is blank")
     title = write(tmp_path, "t.yaml", f'title: "{invisible}"\n{SEGMENTS}')
     refused(memflow("check", title), "the title must be non-blank text")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What sits at a sidecar's place is read within bounds, and text repeated by aliases counts
+
+
+@pytest.mark.parametrize("kind", ["nested", "fifo", "endless", "huge"])
+def test_a_sidecar_place_holding_what_memflow_never_wrote_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS)
+    sidecar = tmp_path / "v.json"
+    if kind == "nested":
+        sidecar.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "fifo":
+        os.mkfifo(sidecar)  # a read would wait for a writer forever
+    elif kind == "endless":
+        sidecar.symlink_to("/dev/zero")
+    else:
+        with sidecar.open("wb") as file:
+            file.truncate(MAX_SIDECAR_BYTES + 1)  # sparse: no disk used
+    for extra in ((), ("--overwrite",), ("--skip-existing",)):
+        refused(memflow("render", script, "-o", tmp_path / "v.mp4", *DEMO, *TAE, *extra), "was not written by memflow")
+    result = memflow("check", script, "--against", tmp_path / "v.mp4")
+    assert result.exit_code == 0 and "Traceback" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml", "v.json"]
+
+
+def test_a_long_prompt_repeated_by_aliases_is_refused_at_once(tmp_path: Path) -> None:
+    prompt = "lighthouse " * 17_000
+    lines = ["segments:", f'  - {{start: 0, prompt: &p "{prompt}"}}']
+    lines += [f"  - {{start: {index * 0.75}, prompt: *p}}" for index in range(1, 2000)]
+    script = write(tmp_path, "aliases.yaml", "\n".join(lines) + "\n")
+    refused(memflow("check", script), f"more than {MAX_YAML_TEXT} characters (aliases count as what they repeat)")
+
+
+@pytest.mark.parametrize("steps", ["1000,,500", "1000,750,", ",,,"])
+def test_an_empty_step_is_refused_not_dropped(tmp_path: Path, steps: str) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS + f'settings:\n  steps: "{steps}"\n')
+    refused(memflow("check", script), "settings.steps", "has an empty step")
+
+
+def test_the_check_table_shows_a_prompt_on_one_line(tmp_path: Path) -> None:
+    lines = "\\n".join(f"line {index} of the prompt" for index in range(40))
+    script = write(tmp_path, "s.yaml", f'segments:\n  - start: 0\n    prompt: "{lines}"\n')
+    result = memflow("check", script)
+    assert result.exit_code == 0, result.stderr
+    assert "line 0 of the prompt line 1 of" in result.stdout  # the newline is a space
+    assert "line 5 of" not in result.stdout and len(result.stdout.splitlines()) < 15  # not forty lines of a cell

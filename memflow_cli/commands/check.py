@@ -37,7 +37,8 @@ def timeline_table(story: Story, timeline: Timeline) -> Table:
     for column in ("#", "start", "snapped", "chunk", "frames", "prompt"):
         table.add_column(column, overflow="fold" if column == "prompt" else "ellipsis")
     for s in timeline.segments:
-        prompt = s.prompt if len(s.prompt) <= 80 else s.prompt[:77] + "..."
+        prompt = " ".join(s.prompt[:400].split())  # one line: newlines and tabs of the prompt are spaces
+        prompt = prompt if len(prompt) <= 80 and len(s.prompt) <= 400 else prompt[:77] + "..."
         table.add_row(
             str(s.index), format_seconds(s.start_s), format_seconds(s.snapped_start_s),
             str(s.start_chunk), str(s.video_frames), escape(prompt),
