@@ -283,12 +283,12 @@ def test_an_update_stopped_and_run_again_keeps_the_snapshots_before_its_start(tm
     """Ctrl-C in an update from segment 3's snapshot, then the update again: it goes on from the stopped render's
     snapshot of segment 3, and the earlier video's snapshot of segment 2 (still valid) stays with the new video."""
     script, target = tmp_path / "fox.yaml", tmp_path / "fox.mp4"
-    story = "title: fox\nduration: 12s\nsegments:\n" + "".join(
+    story = "title: fox\nduration: 9s\nsegments:\n" + "".join(
         f"  - start: {start}s\n    prompt: {prompt}\n" for start, prompt in zip((0, 1.5, 3), PROMPTS, strict=False)
-    )  # segments 1 and 2: two chunks each; segment 3: chunks 4-15
+    )  # segments 1 and 2: two chunks each; segment 3: chunks 4-11
     script.write_text(story, encoding="utf-8")
     render(script, target, "--snapshots", *TAE)
-    assert sorted(snapshot_files(target)) == [2, 4, 16]
+    assert sorted(snapshot_files(target)) == [2, 4, 12]
 
     script.write_text(story.replace(PROMPTS[2], EDITED), encoding="utf-8")
     command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, "-o", str(target), *TAE, "-q",
@@ -305,11 +305,11 @@ def test_an_update_stopped_and_run_again_keeps_the_snapshots_before_its_start(tm
     finally:
         process.kill()
     assert process.returncode == 130 and "playable partial video" in stderr, stderr
-    assert sorted(snapshot_files(target, partial=True)) == [4] and sorted(snapshot_files(target)) == [2, 4, 16]
+    assert sorted(snapshot_files(target, partial=True)) == [4] and sorted(snapshot_files(target)) == [2, 4, 12]
 
     result = render(script, target, "--update", "--snapshots", *TAE)
     assert f"keeping the first {video_frames(4)} frames of a stopped render (segments 1-2)" in result.stderr
     record = sidecar(target)
-    assert [f["chunk"] for f in record["snapshots"]["files"]] == [2, 4, 16]
-    assert sorted(snapshot_files(target)) == [2, 4, 16] and not snapshot_files(target, partial=True)
+    assert [f["chunk"] for f in record["snapshots"]["files"]] == [2, 4, 12]
+    assert sorted(snapshot_files(target)) == [2, 4, 12] and not snapshot_files(target, partial=True)
     assert snapshot_path(target, 2).stat().st_mtime_ns < snapshot_path(target, 4).stat().st_mtime_ns  # the video's
