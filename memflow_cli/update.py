@@ -118,7 +118,7 @@ class StartPoint:
     path: Path | None
     reason: str
     segment: int = 0  # the segment the render generates from
-    unreadable: tuple[str, ...] = ()  # one line per snapshot that fitted but could not be read (passed over)
+    unreadable: tuple[str, ...] = ()  # one line per snapshot passed over: it could not be read
 
     @property
     def chunk(self) -> int:
@@ -155,6 +155,7 @@ def find_start(
 
 
 def _passed_over(error: SnapshotError) -> str:
+    """The line of a snapshot that cannot be read (its error names the file)."""
     return f"{error}: looking for an earlier snapshot"
 
 
@@ -183,32 +184,38 @@ def _usable(
 def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any], stopped: bool, readable: bool) -> str:
     """One line: why this render starts from frame 0; '' where nothing of an earlier render of `target` is there
     (the normal case of a new output). `readable`: no snapshot was passed over as unreadable."""
-    start = "rendering from the start"
     partials = snapshot_files(target, partial=True)
-    if not target.is_file() and not stopped and not partials and readable:
-        return ""
-    if len(timeline.segments) < 2:
-        return f"the story has one prompt, so no boundary to start from: {start}"
+    if not (target.is_file() or stopped or partials):
+        return ""  # a new output: nothing to continue, nothing to say
     snapshot = "snapshot" if readable else "readable snapshot"
-    if not target.is_file():
-        if not partials:
-            return f"the stopped render of {target.name} kept no snapshots (they are kept with --snapshots): {start}"
-        return f"the stopped render of {target.name} kept no {snapshot} that fits this story and request: {start}"
+    if len(timeline.segments) < 2:
+        why = "the story has one prompt, so no boundary to start from"
+    elif target.is_file():
+        why = _why_not_from_the_video(target, timeline, identity, snapshot)
+    elif partials:
+        why = f"the stopped render of {target.name} kept no {snapshot} that fits this story and request"
+    else:
+        why = f"the stopped render of {target.name} kept no snapshots (they are kept with --snapshots)"
+    return f"{why}: rendering from the start"
+
+
+def _why_not_from_the_video(target: Path, timeline: Timeline, identity: dict[str, Any], snapshot: str) -> str:
+    """Why the finished video `target` gives this render no snapshot to start from (`snapshot`: the word for one)."""
     sidecar = memflow_sidecar(sidecar_path(target))
     if sidecar is None:
-        return f"{target.name} has no memflow sidecar ({sidecar_path(target).name}), so nothing of it is kept: {start}"
+        return f"{target.name} has no memflow sidecar ({sidecar_path(target).name}), so nothing of it is kept"
     record = sidecar.get("snapshots")
     if not isinstance(record, dict) or not record.get("files"):
-        return f"the earlier render of {target.name} kept no snapshots (they are kept with --snapshots): {start}"
+        return f"the earlier render of {target.name} kept no snapshots (they are kept with --snapshots)"
     difference = identity_difference(record.get("identity") or {}, identity)
     if difference:
-        return f"{target.name} was rendered with {difference}: {start}"
+        return f"{target.name} was rendered with {difference}"
     changed = first_changed_segment(sidecar, timeline)
     if changed == 0:
-        return f"segment 1 changed, and every frame depends on it: {start}"
+        return "segment 1 changed, and every frame depends on it"
     if changed is None:
-        return f"no {snapshot} of {target.name} fits this story: {start}"
-    return f"no {snapshot} of {target.name} before the first change (segment {changed + 1}): {start}"
+        return f"no {snapshot} of {target.name} fits this story"
+    return f"no {snapshot} of {target.name} before the first change (segment {changed + 1})"
 
 
 def preview_update(target: Path, timeline: Timeline, seed: int, settings: dict[str, Any]) -> str:

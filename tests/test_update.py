@@ -160,6 +160,22 @@ def test_a_stopped_render_without_snapshots_resumes_from_the_start_saying_why(tm
     assert not partial_path(target).exists() and sidecar(target)["reused_frames"] == 0
 
 
+def test_a_stopped_render_whose_snapshots_do_not_fit_the_story_says_so(tmp_path):
+    """What a render with --snapshots leaves when it stops after its last boundary: its partial video and its
+    snapshots under the partial's names (made here from a finished render's, the same files)."""
+    target = tmp_path / "fox.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots", *TAE)
+    target.replace(partial_path(target))
+    sidecar_path(target).unlink()
+    for chunk, path in snapshot_files(target).items():
+        path.replace(snapshot_path(target, chunk, partial=True))
+    result = render(write(tmp_path / "fox.yaml", (EDITED, PROMPTS[1])), target, "--skip-existing", *TAE)
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert lines == ["fox: the stopped render of fox.mp4 kept no snapshot that fits this story and request: "
+                     "rendering from the start"], result.stderr  # fmt: skip
+    assert sidecar(target)["reused_frames"] == 0 and not snapshot_files(target, partial=True)
+
+
 @pytest.mark.parametrize(
     ("prompts", "option"), [(1, "--skip-existing"), (2, "--skip-existing"), (2, "--update")],
     ids=["one-prompt-resume", "resume", "update"],
