@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .devices import device_problem
 from .distributed import Board, RankEnv, RankReport, StoryOutcome, assign, from_main, process_group, rank_device
 from .loading import WeightsError
-from .output import OutputError
+from .output import OutputError, partial_path
 from .plan import (
     EXIT_FAILED,
     Claim,
@@ -61,7 +61,7 @@ from .report import (
 from .request import GenerationOptions
 from .script import ScriptError, format_seconds
 from .settings import GenerationSettings, SettingsError, VideoGeometry
-from .text import one_line
+from .text import SafeConsole, one_line
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -102,12 +102,14 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
     with ExitStack() as held:
         if request.out_dir is not None:
             held.enter_context(out_dir_made(request.out_dir))  # removed again if nothing is written in it
-        todo = []
+        todo, stopped = [], set()
         for job in jobs:
-            outcome = claim(job, request, geometry, held)
+            outcome, was_stopped = claim_output(job, request, geometry, held)
             report_claim(job, outcome)
             if outcome is Claim.RENDER:
                 todo.append(job)
+            if was_stopped:
+                stopped.add(job.target)
         if not todo:
             return 0
         warn_cut_prompts(todo, request, geometry)
@@ -117,8 +119,9 @@ def render_here(request: RenderRequest, quiet: bool) -> int:
         for job in todo:
             try:
                 with story_progress(job, quiet) as update:
-                    result = render_job(engine, job, request, update)
+                    result = render_job(engine, job, request, update, stopped=job.target in stopped)
             except RenderStopped as stop:
+                err.print(stop.line, soft_wrap=True)
                 return stop.exit_code
             except WeightsError as error:  # the text encoder, loaded when a story first needs it
                 print_error(f"{job.title}: {error}", download_hint(str(error)))
@@ -170,34 +173,44 @@ def _videos(jobs: list[Job]) -> list[tuple[int, GenerationSettings]]:
     return [(job.chunks, job.settings) for job in jobs]
 
 
-class RenderStopped(Exception):
-    """A render was stopped by Ctrl-C or a signal; its partial video was reported. `exit_code` to leave with."""
+def claim_output(job: Job, request: RenderRequest, geometry: VideoGeometry, held: ExitStack) -> tuple[Claim, bool]:
+    """`plan.claim`, and whether the partial video of a stopped render of the output was there before it (the
+    claim replaces it; the render says what it keeps of that render, `render_job`'s `stopped`)."""
+    stopped = partial_path(job.target).exists()
+    return claim(job, request, geometry, held), stopped
 
-    def __init__(self, exit_code: int, stop: BaseException | None):
+
+class RenderStopped(Exception):
+    """A render was stopped by Ctrl-C or a signal. `line`: what it kept (its partial video), to report (markup);
+    `exit_code` to leave with."""
+
+    def __init__(self, exit_code: int, stop: BaseException | None, line: str):
         super().__init__(exit_code)
         self.exit_code = exit_code
         self.stop = stop
+        self.line = line
 
 
 ProgressCallback = Callable[[Any], None]  # takes render.ChunkProgress
 
 
-def render_job(engine, job: Job, request: RenderRequest, update: ProgressCallback | None):
-    """Render one job (its output already claimed); a stop reports the partial and raises RenderStopped."""
+def render_job(engine, job: Job, request: RenderRequest, update: ProgressCallback | None, *, stopped: bool = False):
+    """Render one job (its output already claimed; `stopped`: a stopped render's partial video of it was there);
+    a stop raises RenderStopped, which names the partial video kept."""
     from .render import RenderInterrupted, render_story
 
     try:
         return render_story(
             engine, job.story, job.target, job.settings, seed=job.seed, duration_s=request.duration_s,
             overwrite=request.overwrite, progress=update, reuse=request.update or request.skip_existing,
-            keep_snapshots=request.snapshots,
+            stopped=stopped, keep_snapshots=request.snapshots,
             notice=lambda line: err.print(one_line(f"{job.title}: {line}"), markup=False, soft_wrap=True),
         )  # fmt: skip
     except RenderInterrupted as stopped:
         where = f"playable partial video: {stopped.partial}" if stopped.partial else "no frame was finished"
         message = escape(f"{job.title}: {stopped.frames} frames written; {where}")
-        err.print(f"[yellow]{stop_word(stopped.__context__)}:[/] {message}", soft_wrap=True)
-        raise RenderStopped(stop_code(stopped.__context__), stopped.__context__) from None
+        line = f"[yellow]{stop_word(stopped.__context__)}:[/] {message}"
+        raise RenderStopped(stop_code(stopped.__context__), stopped.__context__, line) from None
 
 
 @contextmanager
@@ -273,6 +286,7 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
                     time.sleep(POLL_S)
                 show(board)
         except RenderStopped as stopped:
+            _rank_console(ranks).print(stopped.line, soft_wrap=True)  # every rank: only it knows its partial
             err.print(f"[yellow]{stop_word(stopped.stop)}:[/] the batch was stopped; finished videos stay, "
                       "run it again to resume")  # fmt: skip
             return stopped.exit_code
@@ -282,6 +296,12 @@ def render_on_ranks(ranks: RankEnv, request: RenderRequest, quiet: bool) -> int:
             return stop_code(stop)
         reports = board.reports()
     return _summary(jobs, todo, reports, skipped, problems=len(problems), seconds=time.perf_counter() - started)
+
+
+def _rank_console(ranks: RankEnv) -> SafeConsole:
+    """Where a rank says what only it knows (the partial video it kept when stopped): rank 0's `err`; a console of
+    its own on another rank, whose `err` is quiet (rank 0 reports the rest, once for all)."""
+    return err if ranks.is_main else SafeConsole(stderr=True, highlight=False, emoji=False)
 
 
 Show = Callable[[Board], None]
@@ -357,7 +377,7 @@ def _render_rank_job(
 
     with ExitStack() as held:
         try:
-            outcome = claim(job, request, geometry, held)
+            outcome, stopped = claim_output(job, request, geometry, held)
         except PlanError as error:  # not ours to replace
             hint = f" ({error.hint})" if error.hint else ""
             return done(StoryOutcome(index, False, f"{error.message}{hint}"))
@@ -366,7 +386,7 @@ def _render_rank_job(
         if outcome is Claim.IN_PROGRESS:
             return done(StoryOutcome(index, False, in_progress=True))
         try:
-            result = render_job(engine, job, request, progress)
+            result = render_job(engine, job, request, progress, stopped=stopped)
         except RenderStopped:
             raise
         except Exception as error:  # noqa: BLE001 - one story's failure is reported; the batch goes on

@@ -57,6 +57,7 @@ def render_story(
     overwrite: bool = False,
     progress: Callable[[ChunkProgress], None] | None = None,
     reuse: bool = False,
+    stopped: bool = False,
     keep_snapshots: bool = False,
     notice: Callable[[str], None] | None = None,
 ) -> RenderResult:
@@ -65,7 +66,9 @@ def render_story(
     With `keep_snapshots`, a story with several prompts keeps a snapshot at each boundary (`update.py`);
     without, none of that machinery runs. With `reuse`, the render starts from the latest snapshot of `target`
     (the finished video's or a stopped render's) that this story and request allow, and `target` is replaced;
-    `notice` hears, in one line, what is kept or why not.
+    `stopped`: a stopped render's partial video of `target` was there (and has been replaced). `notice` hears,
+    in one line, what is kept or why not (nothing where no earlier render of `target` is there), after a line
+    for each snapshot that could not be read.
     """
     # 1. the timeline and its prompts, encoded before any file or process is touched
     timeline = story.timeline(engine.geometry, duration_s)
@@ -73,9 +76,12 @@ def render_story(
     video = engine.video(timeline)
     encode_s = time.perf_counter() - encode_start
     identity = render_identity(engine, settings, seed, video.interactive(settings))
-    start = find_start(target, timeline, identity, engine.device) if reuse else StartPoint(None, None, "")
-    if notice and start.reason:
-        notice(start.reason)
+    start = StartPoint(None, None, "")
+    if reuse:
+        start = find_start(target, timeline, identity, engine.device, stopped=stopped)
+    for line in (*start.unreadable, start.reason):
+        if notice and line:
+            notice(line)
     keeper = None
     if keep_snapshots and identity["interactive"]:  # a story that switches prompt (or may, appended to)
         prefix = functools.partial(prefix_digest, timeline)

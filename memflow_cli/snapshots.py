@@ -79,6 +79,7 @@ KEPT_FRAMES_BYTES = 256 * 2**20
 SNAPSHOT_SUFFIX = ".safetensors"
 _FORMAT = 1
 _MAX_HEADER_BYTES = 2**24  # a snapshot's header names a few dozen tensors: kilobytes
+_METADATA_KEYS = ("chunk", "segment", "video_frames", "request", "prefix", "memory")  # as `_flatten` writes them
 _NAME = re.compile(r"^\.(?P<stem>.+?)(?P<partial>\.partial)?\.snap-c(?P<chunk>\d+)\.safetensors$")
 
 
@@ -229,6 +230,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise SnapshotError(f"{path} is not a memflow snapshot (no metadata)")
     if metadata.get("format") != _FORMAT:
         raise SnapshotError(f"{path} is a snapshot of another format ({metadata.get('format')})")
+    missing = [key for key in _METADATA_KEYS if key not in metadata]
+    if missing or not isinstance(metadata["memory"], dict):
+        raise SnapshotError(f"{path} is not a whole memflow snapshot (no {', '.join(missing or ['memory'])})")
     return metadata
 
 

@@ -11,16 +11,17 @@ start from one of them when two things hold:
 - the story before the snapshot's boundary is the same: every earlier segment's prompt and first chunk
   (`snapshots.prefix_digest`).
 
-The latest snapshot that satisfies both is the start (`find_start`); anything else is one line saying why
-the render starts from frame 0. `SnapshotKeeper` writes a render's snapshots under the partial's names
-while it runs, and when the video is finished makes them the video's (with those of the old video that
-are still valid), within `SNAPSHOT_BUDGET_BYTES`.
+The latest snapshot that satisfies both and can be read is the start (`find_start`: one that cannot be read
+is passed over, in one line, for the next earlier one); anything else is one line saying why the render starts
+from frame 0 (none where nothing of an earlier render of the output is there). `SnapshotKeeper` writes a
+render's snapshots under the partial's names while it runs, and when the video is finished makes them the
+video's (with those of the old video that are still valid), within `SNAPSHOT_BUDGET_BYTES`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +111,14 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class StartPoint:
-    """Where a render starts: a snapshot (None: frame 0) and, in one line, what is kept or why nothing is."""
+    """Where a render starts: a snapshot (None: frame 0) and, in one line, what is kept or why nothing is ('':
+    nothing to say, there was no earlier render of the output)."""
 
     snapshot: Snapshot | None
     path: Path | None
     reason: str
     segment: int = 0  # the segment the render generates from
+    unreadable: tuple[str, ...] = ()  # one line per snapshot passed over: it could not be read
 
     @property
     def chunk(self) -> int:
@@ -127,28 +130,41 @@ class StartPoint:
 
 
 def find_start(
-    target: Path, timeline: Timeline, identity: dict[str, Any], device: torch.device | str = "cpu"
-) -> StartPoint:
-    """The latest snapshot of `target` (its finished video's, or a stopped render's) valid for this render."""
-    path = _usable(target, timeline, digest(identity))
-    if path is None:
-        return StartPoint(None, None, _why_from_start(target, timeline, identity))
-    try:
-        snapshot = load_snapshot(path, device)
-    except SnapshotError as error:  # cut short (a full disk): the render starts over
-        return StartPoint(None, None, f"{error}: rendering from the start")
-    segment = timeline.prompt_index_for_chunk(snapshot.chunk)
-    how = "a stopped render" if is_partial_snapshot(path) else "the earlier video"
-    reason = (
-        f"keeping the first {snapshot.video_frames} frames of {how} ({_segments(1, segment)}); "
-        f"rendering from segment {segment + 1} at {timeline.segments[segment].snapped_start_s:.2f} s"
-    )
-    return StartPoint(snapshot, path, reason, segment)
+    target: Path, timeline: Timeline, identity: dict[str, Any], device: torch.device | str = "cpu", *,
+    stopped: bool = False,
+) -> StartPoint:  # fmt: skip
+    """The latest readable snapshot of `target` (its finished video's, or a stopped render's) valid for this
+    render; one that cannot be read is passed over for the next earlier one. `stopped`: the partial video of a
+    stopped render of `target` was there (the render that claimed the output has replaced it since)."""
+    unreadable: list[str] = []
+    for path in _usable(target, timeline, digest(identity), unreadable):
+        try:
+            snapshot = load_snapshot(path, device)
+        except SnapshotError as error:  # cut short (a full disk), damaged: an earlier one may do
+            unreadable.append(_passed_over(error))
+            continue
+        segment = timeline.prompt_index_for_chunk(snapshot.chunk)
+        how = "a stopped render" if is_partial_snapshot(path) else "the earlier video"
+        reason = (
+            f"keeping the first {snapshot.video_frames} frames of {how} ({_segments(1, segment)}); "
+            f"rendering from segment {segment + 1} at {timeline.segments[segment].snapped_start_s:.2f} s"
+        )
+        return StartPoint(snapshot, path, reason, segment, tuple(unreadable))
+    reason = _why_from_start(target, timeline, identity, stopped, readable=not unreadable)
+    return StartPoint(None, None, reason, unreadable=tuple(unreadable))
 
 
-def _usable(target: Path, timeline: Timeline, request: str | None) -> Path | None:
-    """The latest snapshot file valid for `timeline` and the `request` digest (None: any request); a stopped
-    render's before the finished video's at the same boundary."""
+def _passed_over(error: SnapshotError) -> str:
+    """The line of a snapshot that cannot be read (its error names the file)."""
+    return f"{error}: looking for an earlier snapshot"
+
+
+def _usable(
+    target: Path, timeline: Timeline, request: str | None, unreadable: list[str] | None = None
+) -> Iterator[Path]:
+    """The snapshot files valid for `timeline` and the `request` digest (None: any request), latest first; a
+    stopped render's before the finished video's at the same boundary. One whose header cannot be read is
+    passed over (a line for it in `unreadable`)."""
     candidates = [(chunk, True, path) for chunk, path in snapshot_files(target, partial=True).items()]
     if target.is_file():
         candidates += [(chunk, False, path) for chunk, path in snapshot_files(target).items()]
@@ -157,31 +173,49 @@ def _usable(target: Path, timeline: Timeline, request: str | None) -> Path | Non
             continue
         try:
             metadata = read_metadata(path)
-        except SnapshotError:
+        except SnapshotError as error:
+            if unreadable is not None:
+                unreadable.append(_passed_over(error))
             continue
         if request in (None, metadata["request"]) and metadata["prefix"] == prefix_digest(timeline, chunk):
-            return path
-    return None
+            yield path
 
 
-def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any]) -> str:
-    """One line: why this render starts from frame 0."""
-    start = "rendering from the start"
+def _why_from_start(target: Path, timeline: Timeline, identity: dict[str, Any], stopped: bool, readable: bool) -> str:
+    """One line: why this render starts from frame 0; '' where nothing of an earlier render of `target` is there
+    (the normal case of a new output). `readable`: no snapshot was passed over as unreadable."""
+    partials = snapshot_files(target, partial=True)
+    if not (target.is_file() or stopped or partials):
+        return ""  # a new output: nothing to continue, nothing to say
+    snapshot = "snapshot" if readable else "readable snapshot"
     if len(timeline.segments) < 2:
-        return f"the story has one prompt, so no boundary to start from: {start}"
-    sidecar = memflow_sidecar(sidecar_path(target)) if target.is_file() else None
-    if sidecar is None:  # a stopped render's partial video is gone (`plan.claim`); its snapshots would have been used
-        return f"no earlier video at {target}: {start}"
+        why = "the story has one prompt, so no boundary to start from"
+    elif target.is_file():
+        why = _why_not_from_the_video(target, timeline, identity, snapshot)
+    elif partials:
+        why = f"the stopped render of {target.name} kept no {snapshot} that fits this story and request"
+    else:
+        why = f"the stopped render of {target.name} kept no snapshots (they are kept with --snapshots)"
+    return f"{why}: rendering from the start"
+
+
+def _why_not_from_the_video(target: Path, timeline: Timeline, identity: dict[str, Any], snapshot: str) -> str:
+    """Why the finished video `target` gives this render no snapshot to start from (`snapshot`: the word for one)."""
+    sidecar = memflow_sidecar(sidecar_path(target))
+    if sidecar is None:
+        return f"{target.name} has no memflow sidecar ({sidecar_path(target).name}), so nothing of it is kept"
     record = sidecar.get("snapshots")
     if not isinstance(record, dict) or not record.get("files"):
-        return f"the earlier render of {target.name} kept no snapshots (they are kept with --snapshots): {start}"
+        return f"the earlier render of {target.name} kept no snapshots (they are kept with --snapshots)"
     difference = identity_difference(record.get("identity") or {}, identity)
     if difference:
-        return f"{target.name} was rendered with {difference}: {start}"
+        return f"{target.name} was rendered with {difference}"
     changed = first_changed_segment(sidecar, timeline)
     if changed == 0:
-        return f"segment 1 changed, and every frame depends on it: {start}"
-    return f"no snapshot of {target.name} before the first change (segment {(changed or 0) + 1}): {start}"
+        return "segment 1 changed, and every frame depends on it"
+    if changed is None:
+        return f"no {snapshot} of {target.name} fits this story"
+    return f"no {snapshot} of {target.name} before the first change (segment {changed + 1})"
 
 
 def preview_update(target: Path, timeline: Timeline, seed: int, settings: dict[str, Any]) -> str:
@@ -206,7 +240,7 @@ def preview_update(target: Path, timeline: Timeline, seed: int, settings: dict[s
     difference = identity_difference(old_part, json.loads(json.dumps(story_part)))
     if difference:
         return f"{target.name} was rendered with {difference}: {everything}"
-    path = _usable(target, timeline, None)
+    path = next(_usable(target, timeline, None), None)
     if path is None:
         changed = first_changed_segment(sidecar, timeline)
         where = "segment 1 changed" if changed == 0 else "no snapshot before the first change"
@@ -243,9 +277,11 @@ def first_changed_segment(sidecar: dict[str, Any], timeline: Timeline) -> int | 
 class SnapshotKeeper:
     """Writes a render's snapshots beside its partial video and, once the video is done, makes them the video's.
 
-    Snapshots of the earlier video before `start` stay valid (the story before them is the same) and are
-    kept; the others are removed when the new video replaces the old one, not before: a render that stops
-    leaves the old video and its snapshots as they were, and its own partial snapshots to resume from.
+    Snapshots of the earlier video before `start` that still hold (the same request, the same story before
+    them) are kept, whether the render started from that video or from a stopped render of it (an `--update`
+    stopped and run again); the others are removed when the new video replaces the old one, not before: a
+    render that stops leaves the old video and its snapshots as they were, and its own partial snapshots to
+    resume from.
     """
 
     def __init__(self, target: Path, identity: dict[str, Any], prefix: Callable[[int], str], geometry: VideoGeometry,
@@ -284,7 +320,7 @@ class SnapshotKeeper:
         for written in self._written:
             written.result()  # a snapshot that could not be written fails here, before the old ones go
         for chunk, path in snapshot_files(self.target).items():
-            if not (self.from_video and chunk < self.start.chunk):  # the story before those is unchanged
+            if not (chunk < self.start.chunk and self._fits(chunk, path)):
                 path.unlink(missing_ok=True)
         for chunk, path in snapshot_files(self.target, partial=True).items():
             path.replace(snapshot_path(self.target, chunk))
@@ -295,6 +331,15 @@ class SnapshotKeeper:
             for chunk, path in kept.items()
         )  # fmt: skip
         return SnapshotRecord(self.start.reused_frames, self.start.segment, self.identity, self.budget, files)
+
+    def _fits(self, chunk: int, path: Path) -> bool:
+        """Whether the earlier video's snapshot at `chunk` holds for the new video: the same request and the same
+        story before it (whether this render started from that video or from a stopped render of it)."""
+        try:
+            metadata = read_metadata(path)
+        except SnapshotError:
+            return False
+        return metadata["request"] == self.request and metadata["prefix"] == self.prefix(chunk)
 
 
 def _within_budget(files: dict[int, Path], budget: int) -> dict[int, Path]:

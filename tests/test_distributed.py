@@ -245,7 +245,8 @@ def test_gpus_a_failed_story_is_one_line_a_story_rendered_elsewhere_is_in_progre
 
 
 def test_gpus_ctrl_c_is_one_message_per_stop_and_the_batch_resumes(tmp_path: Path):
-    """Ctrl-C in the terminal (SIGINT to the whole process group) of `--gpus 2`: no launcher traceback."""
+    """Ctrl-C in the terminal (SIGINT to the whole process group) of `--gpus 2`: no launcher traceback, and each
+    rank names the partial video it kept."""
     scripts, out = tmp_path / "scripts", tmp_path / "out"
     scripts.mkdir()
     stories = [write_story(scripts / f"{name}.yaml", ["0s"], "10m", title=name) for name in ("Elk", "Yak")]
@@ -255,7 +256,7 @@ def test_gpus_ctrl_c_is_one_message_per_stop_and_the_batch_resumes(tmp_path: Pat
                                text=True, env=env, cwd=tmp_path, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not any(path.stat().st_size > 2000 for path in out.glob(".*.partial.mp4")):
+        while sum(path.stat().st_size > 2000 for path in out.glob(".*.partial.mp4")) < 2:  # both ranks wrote
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no frames were written in 300 s"
             time.sleep(0.1)
@@ -267,6 +268,10 @@ def test_gpus_ctrl_c_is_one_message_per_stop_and_the_batch_resumes(tmp_path: Pat
     assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
     assert "interrupted: the batch was stopped; finished videos stay, run it again to resume" in stderr
     assert all(path.name.startswith(".") for path in out.iterdir())  # no finished video; the partials stay
+    partials = sorted(out.glob(".*.partial.mp4"))
+    assert len(partials) == 2, partials
+    for partial in partials:  # each named once, by the rank that wrote it (rank 1's stderr is otherwise quiet)
+        assert stderr.count(f"playable partial video: {partial}") == 1, stderr
 
     # the Ctrl-C ran the default Wan VAE; the resume, whose subject is the batch, the TAEHV decoder (no finished
     # video to match: the partials of the stopped renders are rendered again from the start)

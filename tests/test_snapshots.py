@@ -233,3 +233,13 @@ def test_a_file_that_is_not_a_snapshot_is_refused_in_one_line(tmp_path):
     path.write_bytes(b"not a snapshot")
     with pytest.raises(SnapshotError, match="not a readable snapshot"):
         read_metadata(path)
+
+
+def test_a_snapshot_without_the_metadata_a_render_reads_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / ".x.snap-c0002.safetensors"
+    save_file({"noise": torch.zeros(2)}, path, metadata={"memflow_snapshot": '{"format": 1, "chunk": 2}'})
+    with pytest.raises(SnapshotError, match=r"is not a whole memflow snapshot \(no segment, video_frames, request, "
+                                            r"prefix, memory\)"):  # fmt: skip
+        read_metadata(path)

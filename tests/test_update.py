@@ -155,8 +155,37 @@ def test_a_stopped_render_without_snapshots_resumes_from_the_start_saying_why(tm
     partial_path(target).write_bytes(b"the frames of a render that died")  # and, without --snapshots, nothing else
     result = render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--skip-existing", *TAE)
     lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
-    assert lines == [f"fox: no earlier video at {target}: rendering from the start"], result.stderr
+    assert lines == ["fox: the stopped render of fox.mp4 kept no snapshots (they are kept with --snapshots): "
+                     "rendering from the start"], result.stderr  # fmt: skip
     assert not partial_path(target).exists() and sidecar(target)["reused_frames"] == 0
+
+
+def test_a_stopped_render_whose_snapshots_do_not_fit_the_story_says_so(tmp_path):
+    """What a render with --snapshots leaves when it stops after its last boundary: its partial video and its
+    snapshots under the partial's names (made here from a finished render's, the same files)."""
+    target = tmp_path / "fox.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:2]), target, "--snapshots", *TAE)
+    target.replace(partial_path(target))
+    sidecar_path(target).unlink()
+    for chunk, path in snapshot_files(target).items():
+        path.replace(snapshot_path(target, chunk, partial=True))
+    result = render(write(tmp_path / "fox.yaml", (EDITED, PROMPTS[1])), target, "--skip-existing", *TAE)
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert lines == ["fox: the stopped render of fox.mp4 kept no snapshot that fits this story and request: "
+                     "rendering from the start"], result.stderr  # fmt: skip
+    assert sidecar(target)["reused_frames"] == 0 and not snapshot_files(target, partial=True)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "option"), [(1, "--skip-existing"), (2, "--skip-existing"), (2, "--update")],
+    ids=["one-prompt-resume", "resume", "update"],
+)  # fmt: skip
+def test_a_new_output_has_nothing_to_resume_and_says_nothing_of_it(tmp_path, prompts, option):
+    """No earlier video, partial video or snapshot of the output: the normal case of a batch, no line."""
+    target = tmp_path / "fox.mp4"
+    result = render(write(tmp_path / "fox.yaml", PROMPTS[:prompts]), target, option, "--snapshots", *TAE)
+    assert "rendering from the start" not in result.stderr and "keeping" not in result.stderr, result.stderr
+    assert sidecar(target)["reused_frames"] == 0
 
 
 def test_overwrite_with_one_prompt_removes_the_old_videos_snapshots(tmp_path):
@@ -224,12 +253,79 @@ def test_a_live_sessions_replay_script_updates_from_its_edited_prompt(tmp_path):
     assert decoded(target) == decoded(fresh)
 
 
+DAMAGE = {
+    "cut-short": lambda data: data[:-100],  # the header is whole, the tensors are not (a full disk)
+    "random-bytes": lambda data: bytes(range(256)) * (len(data) // 256),  # no header at all
+}
+
+
+def unreadable_lines(stderr: str, snapshot: Path) -> list[str]:
+    return [line for line in stderr.splitlines() if str(snapshot) in line]
+
+
 def test_a_snapshot_cut_short_is_one_line_and_a_full_render(tmp_path):
     target = tmp_path / "fox.mp4"
     script = write(tmp_path / "fox.yaml", PROMPTS[:2])
     render(script, target, "--snapshots", *TAE)
     snapshot = snapshot_path(target, 1)
-    snapshot.write_bytes(snapshot.read_bytes()[:-100])  # the header is whole, the tensors are not
+    snapshot.write_bytes(DAMAGE["cut-short"](snapshot.read_bytes()))
     result = render(write(tmp_path / "fox.yaml", (*PROMPTS[:1], EDITED)), target, "--update", *TAE)
-    assert f"{snapshot.name} cannot be read" in result.stderr and "rendering from the start" in result.stderr
+    (unreadable,) = unreadable_lines(result.stderr, snapshot)
+    assert unreadable.startswith(f"fox: {snapshot} cannot be read: ") and "rendering" not in unreadable
+    lines = [line for line in result.stderr.splitlines() if "rendering from the start" in line]
+    assert lines == ["fox: no readable snapshot of fox.mp4 before the first change (segment 2): rendering from the "
+                     "start"], result.stderr  # fmt: skip
     assert sidecar(target)["reused_frames"] == 0
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_an_unreadable_snapshot_is_one_line_and_the_one_before_it_is_used(tmp_path, damage):
+    """However a snapshot is damaged, the update goes on from the latest readable one before it."""
+    target = tmp_path / "fox.mp4"
+    render(write(tmp_path / "fox.yaml", PROMPTS[:3]), target, "--snapshots", *TAE)
+    snapshot = snapshot_path(target, 2)
+    snapshot.write_bytes(DAMAGE[damage](snapshot.read_bytes()))
+    result = render(write(tmp_path / "fox.yaml", edited(PROMPTS[:3], 2)), target, "--update", "--snapshots", *TAE)
+    (unreadable,) = unreadable_lines(result.stderr, snapshot)
+    assert unreadable.startswith(f"fox: {snapshot} ") and unreadable.endswith(": looking for an earlier snapshot")
+    assert f"keeping the first {video_frames(1)} frames of the earlier video (segment 1)" in result.stderr
+    record = sidecar(target)
+    assert (record["reused_frames"], record["rendered_from_segment"]) == (video_frames(1), 1)
+    assert [f["chunk"] for f in record["snapshots"]["files"]] == [1, 2, 3]  # the damaged one written again
+    assert sorted(snapshot_files(target)) == [1, 2, 3]
+
+
+def test_an_update_stopped_and_run_again_keeps_the_snapshots_before_its_start(tmp_path):
+    """Ctrl-C in an update from segment 3's snapshot, then the update again: it goes on from the stopped render's
+    snapshot of segment 3, and the earlier video's snapshot of segment 2 (still valid) stays with the new video."""
+    script, target = tmp_path / "fox.yaml", tmp_path / "fox.mp4"
+    story = "title: fox\nduration: 9s\nsegments:\n" + "".join(
+        f"  - start: {start}s\n    prompt: {prompt}\n" for start, prompt in zip((0, 1.5, 3), PROMPTS, strict=False)
+    )  # segments 1 and 2: two chunks each; segment 3: chunks 4-11
+    script.write_text(story, encoding="utf-8")
+    render(script, target, "--snapshots", *TAE)
+    assert sorted(snapshot_files(target)) == [2, 4, 12]
+
+    script.write_text(story.replace(PROMPTS[2], EDITED), encoding="utf-8")
+    command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, "-o", str(target), *TAE, "-q",
+               "--update", "--snapshots"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not snapshot_path(target, 4, partial=True).exists():  # segment 3's first chunk is written
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the update kept no snapshot in 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "playable partial video" in stderr, stderr
+    assert sorted(snapshot_files(target, partial=True)) == [4] and sorted(snapshot_files(target)) == [2, 4, 12]
+
+    result = render(script, target, "--update", "--snapshots", *TAE)
+    assert f"keeping the first {video_frames(4)} frames of a stopped render (segments 1-2)" in result.stderr
+    record = sidecar(target)
+    assert [f["chunk"] for f in record["snapshots"]["files"]] == [2, 4, 12]
+    assert sorted(snapshot_files(target)) == [2, 4, 12] and not snapshot_files(target, partial=True)
+    assert snapshot_path(target, 2).stat().st_mtime_ns < snapshot_path(target, 4).stat().st_mtime_ns  # the video's
