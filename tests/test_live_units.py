@@ -15,9 +15,18 @@ from memflow_cli.live.events import EventQueue, LineTooLong, PromptTyped
 from memflow_cli.live.loop import SessionLoop
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
 from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, StdinReader
-from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
+from memflow_cli.live.replay import (
+    ReplayError,
+    ReplaySegment,
+    is_replay_script,
+    read_back,
+    replay_story,
+    replay_text,
+    write_replay,
+)
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.prompt_embeds import PromptEmbeddings
+from memflow_cli.script import load_scripts
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 
 from .live import Recorder, taken, waiting
@@ -406,20 +415,82 @@ def test_a_machine_slower_than_real_time_stalls_and_the_stalls_are_counted():
     assert [round(stall.seconds, 3) for stall in stalls[1:]] == [0.15] * 6
 
 
+def _replay(path, title, prompts, settings, chunks=None):
+    """The replay script of a session with `prompts` at chunks 0, 1, 2, ... written at `path` and read back."""
+    segments = [ReplaySegment(chunk, prompt) for chunk, prompt in enumerate(prompts)]
+    chunks = chunks or len(prompts)
+    story = replay_story(path=path, title=title, seed=5, settings=settings, segments=segments, chunks=chunks)
+    text = replay_text(title=title, seed=5, settings=settings, segments=segments, chunks=chunks,
+                       video=path.with_suffix(".mp4"))  # fmt: skip
+    return write_replay(path, text, story, settings.geometry)
+
+
 def test_the_replay_script_snaps_back_to_the_chunks_of_the_session(tmp_path):
     geometry = VideoGeometry(height=64, width=96)
     settings = GenerationSettings(geometry=geometry).with_overrides({"interactive": True, "window": 9, "shift": 3.5})
     segments = [ReplaySegment(0, "opening"), ReplaySegment(1, 'quotes " and: colons'), ReplaySegment(1001, "ü 🌊")]
     path = tmp_path / "session.yaml"
+    expected = replay_story(path=path, title="t", seed=2**64 - 1, settings=settings, segments=segments, chunks=1003)
     write_replay(path, replay_text(title="t", seed=2**64 - 1, settings=settings, segments=segments, chunks=1003,
-                                   video=tmp_path / "session.mp4"))  # fmt: skip
+                                   video=tmp_path / "session.mp4"), expected, geometry)  # fmt: skip
     assert is_replay_script(path)
-    story = read_back(path, settings.geometry, 1003, [0, 1, 1001])
+    story = load_scripts(path, geometry=geometry)[0]
     assert [s.prompt for s in story.segments] == ["opening", 'quotes " and: colons', "ü 🌊"]
-    assert story.seed == 2**64 - 1
+    assert [s.start_chunk for s in story.timeline(geometry).segments] == [0, 1, 1001]
+    assert story.timeline(geometry).chunks == 1003 and story.seed == 2**64 - 1
     assert GenerationSettings(geometry=geometry).with_overrides(story.settings) == settings  # every setting
-    with pytest.raises(AssertionError):
-        read_back(path, settings.geometry, 1002, [0, 1, 1001])
+    other = replay_story(path=path, title="t", seed=2**64 - 1, settings=settings, segments=segments, chunks=1002)
+    with pytest.raises(ReplayError, match="would not replay the session"):
+        read_back(path, other, geometry)
+
+
+AWKWARD = [
+    "1e5", "1E5", "-1e5", "+1e5", "1.5e3", "+.5", "1e-3", ".5", "5.", "010", "0x10", "0o17", "1_000", "12",
+    "1:30", "1:30:00", "2024-01-02", "2024-01-02 10:00:00", ".inf", "-.inf", ".nan", "NaN", "inf",
+    "yes", "no", "on", "off", "y", "n", "true", "False", "TRUE", "null", "Null", "~", "none",
+    "'single'", '"double"', "it's", 'say "hi"', "a # not a comment", "#hash", "key: value", "a:b", "- item",
+    "[1, 2]", "{a: 1}", "&anchor", "*alias", "!tag", "!!str", "%TAG", "@at", "`tick`", "|", ">", "?", "---", "...",
+    "back\\slash \\n", "tab\there", "two\nlines", "trailing tab\t", "ü 🌊 日本語", "\u00a0nbsp", "zero\u200bwidth",
+    "\ufeffbom", "é" * 300, "word " * 399 + "end",
+]
+
+
+def awkward_texts(count: int = 150) -> list[str]:
+    """The awkward strings above, and `count` more made of their pieces, spaces and punctuation (seeded)."""
+    import random
+
+    pieces = [*AWKWARD[:-2], " ", "  ", ": ", " #", "\t", "\n", "'", '"', "\\", "-", "=", "<", ">", "%", "&"]
+    made = random.Random(11)
+    texts = list(AWKWARD)
+    while len(texts) < len(AWKWARD) + count:
+        text = "".join(made.choice(pieces) for _ in range(made.randint(1, 6)))
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def test_every_text_reads_back_as_it_was_written_however_it_looks(tmp_path):
+    geometry = VideoGeometry(height=64, width=96)
+    settings = GenerationSettings(geometry=geometry).with_overrides({"interactive": True})
+    texts = awkward_texts()
+    prompts = [text.strip() for text in texts]  # a prompt is taken stripped (`checked_prompt`), as a script's is
+    story = _replay(tmp_path / "prompts.yaml", "title", prompts, settings)
+    assert [segment.prompt for segment in story.segments] == prompts
+    for index, text in enumerate(texts):  # a title is one line: every text without a tab or newline
+        if "\t" not in text and "\n" not in text and len(text.encode()) <= 200:
+            path = tmp_path / f"title{index}.yaml"
+            assert _replay(path, text.strip(), ["a fox"], settings).title == text.strip(), text
+    long = "x" * MAX_PROMPT_CHARS
+    assert _replay(tmp_path / "long.yaml", "1e5", [long, "1e5"], settings).segments[0].prompt == long
+
+
+def test_a_replay_script_that_cannot_be_written_is_one_error_and_leaves_nothing(tmp_path):
+    settings = GenerationSettings(geometry=VideoGeometry(height=64, width=96))
+    folder = tmp_path / "session.yaml"
+    folder.mkdir()
+    with pytest.raises(ReplayError, match=r"cannot write the replay script .*session.yaml: Is a directory"):
+        _replay(folder, "t", ["a fox"], settings)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["session.yaml"]  # no temporary file left
 
 
 def test_a_prompt_source_deciding_at_each_boundary_makes_what_the_same_script_makes():

@@ -244,10 +244,14 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
         if server is not None:
             server.end()
     out.print(str(result.path), markup=False, soft_wrap=True)
-    out.print(str(result.script), markup=False, soft_wrap=True)
+    if result.script is not None:
+        out.print(str(result.script), markup=False, soft_wrap=True)
     if result.unused_prompts:
         _warn(f"{len(result.unused_prompts)} prompt(s) came after the last chunk started and are not in the video")
     err.print(_summary(result, engine.geometry.fps), markup=False, soft_wrap=True)
+    if result.replay_problem is not None:
+        raise PlanError(result.replay_problem, f"the video {result.path} and its sidecar {result.sidecar} are "
+                        "complete and kept; the sidecar's timeline lists every segment", EXIT_FAILED)  # fmt: skip
 
 
 class _Report:

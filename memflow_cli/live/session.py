@@ -38,7 +38,7 @@ from .events import Answer, ChunkBoundary, ChunkShown, Event, EventQueue, Sessio
 from .loop import Latency, LiveReport, LiveSegment, SessionLoop, SessionRecord
 from .pacing import OnClock, Playback
 from .prompts import StdinReader
-from .replay import ReplaySegment, read_back, replay_text, write_replay
+from .replay import ReplayError, ReplaySegment, replay_story, replay_text, write_replay
 
 DEFAULT_AHEAD = 2
 PACE_POLL_S = 0.01  # how often a chunk waiting for the clock looks whether a prompt came
@@ -105,7 +105,7 @@ class LiveRequest:
 @dataclass(frozen=True)
 class LiveResult:
     path: Path
-    script: Path
+    script: Path | None  # None: it could not be written (`replay_problem` says why)
     sidecar: Path
     chunks: int
     video_frames: int
@@ -120,6 +120,7 @@ class LiveResult:
     stalled_frames: tuple[tuple[int, float], ...] = ()  # (frame that came late, seconds the picture stood), first 100
     chunk_times: tuple[float, ...] = ()  # per chunk after the first: from its start (after its wait for the
     # clock) to its frames out: generation, a switch's re-cache, the decode
+    replay_problem: str | None = None  # why the replay script could not be written (the video and sidecar are)
 
     def latency_summary(self) -> dict[str, Any]:
         screen = [latency.to_screen_s for latency in self.latencies]
@@ -260,24 +261,28 @@ def _shown(events: EventQueue, playback: Playback[Chunk], shown: list[OnClock[Ch
 def _write_down(engine: Engine, request: LiveRequest, settings: GenerationSettings, video: LiveVideo,
                 playback: Playback[Chunk], record: SessionRecord, keeper: SnapshotKeeper | None, started: float,
                 seconds: float) -> LiveResult:  # fmt: skip
-    """The replay script, read back as `render` will read it, then the sidecar."""
+    """The replay script, read back as `render` will read it, then the sidecar (written even where the replay
+    script could not be)."""
     clock = playback.clock
     made = playback.chunks_on_clock
     segments = tuple(s for s in video.segments if s.start_chunk < made)
-    text = replay_text(
-        title=request.title, seed=request.seed, settings=settings,
-        segments=[ReplaySegment(s.start_chunk, s.prompt) for s in segments], chunks=made, video=request.target,
-        options=request.replay_options,
-    )  # fmt: skip
-    write_replay(request.script, text)
-    story = read_back(request.script, engine.geometry, made, [s.start_chunk for s in segments])
+    replayed = [ReplaySegment(s.start_chunk, s.prompt) for s in segments]
+    story = replay_story(path=request.script, title=request.title, seed=request.seed, settings=settings,
+                         segments=replayed, chunks=made)  # fmt: skip
+    text = replay_text(title=request.title, seed=request.seed, settings=settings, segments=replayed, chunks=made,
+                       video=request.target, options=request.replay_options)  # fmt: skip
+    problem = None
+    try:
+        story = write_replay(request.script, text, story, engine.geometry)
+    except ReplayError as error:
+        problem = str(error)
     result = LiveResult(
-        path=request.target, script=request.script, sidecar=request.target.with_suffix(".json"), chunks=made,
-        video_frames=clock.frames, seconds=seconds, segments=segments, latencies=record.latencies,
+        path=request.target, script=None if problem else request.script, sidecar=request.target.with_suffix(".json"),
+        chunks=made, video_frames=clock.frames, seconds=seconds, segments=segments, latencies=record.latencies,
         stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=record.slower_than_real_time,
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=record.ended_by or "duration", unused_prompts=record.unused_prompts,
-        chunk_times=tuple(playback.work_s[1:]),
+        chunk_times=tuple(playback.work_s[1:]), replay_problem=problem,
     )  # fmt: skip
     kept = keeper.finish() if keeper is not None else None
     if keeper is None:

@@ -21,6 +21,7 @@ from ..plan import PlanError
 from ..report import STOP_SIGNALS, Terminated
 from ..request import CompileMode, GenerationOptions
 from ..script import ScriptError, Segment, Story, load_scripts
+from ..text import text_problem
 from .events import EventQueue, Stop, StopIgnored
 from .prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
 from .replay import is_replay_script
@@ -66,7 +67,9 @@ def opening_story(script: Path | None, prompt: str | None, output: Path, geometr
     except PromptRefused:
         raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
                         "tab and newline") from None  # fmt: skip
-    title = output.stem.strip() or "live"
+    title = output.stem.strip()
+    if not title or text_problem(title):  # the replay script's title names a video: text on one line
+        title = "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
     story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
