@@ -18,6 +18,7 @@ import yaml
 
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS
 from memflow_cli.output import lock_path, partial_path
+from memflow_cli.script import load_scripts
 
 from .cli_helpers import TAE, memflow
 from .live import DEMO, piped, replay_options, same_frames, start_live, wait_for_bytes
@@ -193,3 +194,25 @@ def test_a_session_of_one_chunk_ends_inside_the_preroll_and_is_written_whole(tmp
     assert story["duration"] == 0.75 and [s["start"] for s in story["segments"]] == [0.0]
     sidecar = json.loads(target.with_suffix(".json").read_text())
     assert sidecar["live"]["stalls"] == 0 and sidecar["live"]["ended_by"] == "duration"
+
+
+def test_a_prompt_and_a_title_that_look_like_numbers_are_written_as_text_and_replay(tmp_path):
+    target = tmp_path / "1e5.mp4"
+    result = memflow("live", "--prompt", "1e5", "-o", target, "--duration", "1s", *DEMO, *TAE)
+    assert result.exit_code == 0, result.stderr
+    story = load_scripts(target.with_suffix(".yaml"))[0]  # as `memflow render` reads it
+    assert story.title == "1e5" and [segment.prompt for segment in story.segments] == ["1e5"]
+
+
+def test_a_replay_script_that_cannot_be_written_is_one_error_and_the_video_and_sidecar_are_kept(tmp_path):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--duration", "3s", *TAE)
+    wait_for_bytes(partial_path(target), 0, process)
+    target.with_suffix(".yaml").mkdir()  # a folder where the replay script goes, made during the session
+    stdout, stderr = finish(process)
+    assert process.returncode == 1, stderr
+    assert stdout.splitlines() == [str(target)] and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot write the replay script" in errors[0] and "Is a directory" in errors[0]
+    assert probe_video(target).frames == 4 * 12 - 3  # the video is complete, 4 chunks
+    assert json.loads(target.with_suffix(".json").read_text())["timeline"]["chunks"] == 4
