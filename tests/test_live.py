@@ -216,3 +216,36 @@ def test_a_replay_script_that_cannot_be_written_is_one_error_and_the_video_and_s
     assert len(errors) == 1 and "cannot write the replay script" in errors[0] and "Is a directory" in errors[0]
     assert probe_video(target).frames == 4 * 12 - 3  # the video is complete, 4 chunks
     assert json.loads(target.with_suffix(".json").read_text())["timeline"]["chunks"] == 4
+
+
+def test_a_second_ctrl_c_once_the_video_is_complete_changes_nothing(tmp_path):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, *TAE)
+    wait_for_bytes(partial_path(target), 0, process)
+    process.send_signal(signal.SIGINT)
+    assert process.stderr is not None
+    while "stopping after the chunk being made" not in process.stderr.readline():
+        assert process.poll() is None
+    while not target.exists():  # the video is finished: what is left is writing down, reporting and exiting
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)  # lands in the writing down, the teardown or Python's shutdown
+    _, stderr = finish(process)
+    assert process.returncode == 0, stderr
+    assert "aborted" not in stderr and "Traceback" not in stderr
+    assert target.with_suffix(".yaml").exists() and target.with_suffix(".json").exists()
+    assert not partial_path(target).exists() and not lock_path(target).exists()
+
+
+@pytest.mark.parametrize(("stop", "said", "code"), [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM,
+                                                    "terminated", 143)])  # fmt: skip
+def test_a_signal_while_the_model_loads_is_said_as_render_says_it(tmp_path, stop, said, code):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target)  # the Wan VAE: seconds to load
+    assert process.stderr is not None
+    while "decoding with" not in process.stderr.readline():  # said once the outputs are claimed, before the load
+        assert process.poll() is None
+    process.send_signal(stop)
+    _, stderr = finish(process)
+    assert process.returncode == code, stderr
+    assert f"{said}: before the session started; nothing was written" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.live.events import EventQueue, LineTooLong, PromptTyped
+from memflow_cli.live.events import EventQueue, LineTooLong, PromptTyped, Stop, StopIgnored
 from memflow_cli.live.loop import SessionLoop
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
 from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, StdinReader
@@ -24,8 +25,10 @@ from memflow_cli.live.replay import (
     replay_text,
     write_replay,
 )
+from memflow_cli.live.start import SessionStop, stop_on_signals
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.prompt_embeds import PromptEmbeddings
+from memflow_cli.report import Terminated
 from memflow_cli.script import load_scripts
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
 
@@ -171,13 +174,28 @@ def test_a_report_that_fails_ends_the_loop_and_its_error_reaches_the_generation_
 
 
 def test_stop_wakes_the_wait_for_the_clock():
-    from memflow_cli.live.session import SessionStop
-
     with SessionStop() as stop:
         threading.Timer(0.05, stop.set).start()
         started = time.perf_counter()
         stop.wait(5.0)
         assert stop.is_set() and time.perf_counter() - started < 1.0
+
+
+def test_a_signal_stops_the_command_before_the_session_ends_it_while_it_runs_and_is_ignored_once_it_finishes():
+    events = EventQueue()
+    with SessionStop() as stop, stop_on_signals(stop, events):
+        with pytest.raises(Terminated):  # before the session runs (its checks, the model's load): as in `render`
+            signal.raise_signal(signal.SIGTERM)
+        stop.running = True
+        signal.raise_signal(signal.SIGINT)  # the first one ends the session at the next chunk
+        assert stop.is_set() and [type(event) for event in queued(events)] == [Stop]
+        with pytest.raises(KeyboardInterrupt):  # a second one aborts it
+            signal.raise_signal(signal.SIGINT)
+        stop.finishing = True  # no chunk is made any more: the files are finished whatever comes
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert [type(event) for event in queued(events)] == [StopIgnored, StopIgnored]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
 
 
 class _SlowEncoder:

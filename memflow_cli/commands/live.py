@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -146,61 +146,87 @@ def live(
     (growing as it renders), its sidecar .json and FILE.yaml: `memflow render FILE.yaml` makes the
     same video, frame for frame.
     """
-    from ..live.events import EventQueue
-    from ..live.prompts import StdinReader
-    from ..live.server import ServeError, check_bind, parse_address
-    from ..live.start import bound_server, opening_story, replay_options, reserve_outputs, stdin_fd
-
-    with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
-        # 1. everything checked before the model loads (the output before torch is imported)
-        if (script is None) == (prompt is None):
-            raise PlanError("give an opening script or --prompt TEXT (one of them)",
-                            "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
-        if output is None:
-            raise PlanError("give the output video with -o FILE.mp4")
-        check_outputs(RenderRequest(scripts=(), output=output))
-        address = None
-        if serve is not None:
-            try:
-                address = parse_address(serve)
-                check_bind(address, public)
-            except ServeError as error:
-                raise PlanError(str(error)) from None
-        elif public:
-            raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
-        limit_s = parse_duration(duration)
-        check_seed(seed)
-        options = GenerationOptions(
-            model=ModelSource.parse(model), memory=memory, window=window, sink=sink, bank_size=bank_size,
-            record_interval=record_interval, sma=sma, steps=steps, lora=lora_settings(lora_rank, lora_alpha),
-            compile=CompileMode.from_option(compile), fp8=fp8,
-        )  # fmt: skip
-        geometry = geometry_for(options.model)
-        opening, title = opening_story(script, prompt, output, geometry)
-        settings = story_settings(opening, options.settings(), geometry)
-        device = checked_device(device)
-        if decode_device is not None:
-            decode_device = checked_device(decode_device, "--decode-device")
-        options = replace(options, device=device, decode_device=decode_device)
-        if fp8:
-            check_fp8(device)
-        options = replace(options, decoder=_live_decoder(options.model, decoder, decoder_weights))
+    with stop_signals_like_ctrl_c():  # a signal before the session's own handler is said as in `render`
         try:
-            # 2. the outputs claimed, then the model
-            reserve_outputs(stack, output, script, overwrite)
-            _say_decoder(options.decoder)
-            events = EventQueue()  # the session's one queue: lines typed while the model loads wait there
-            reader = stack.enter_context(StdinReader(stdin_fd(_warn), events))
-            server = bound_server(stack, address, events, public, geometry.fps) if address is not None else None
-            opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
-            engine = stack.enter_context(_engine(options, opening_prompts))
-        except KeyboardInterrupt as stop:
-            err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
-            raise typer.Exit(stop_code(stop)) from None
-        story_seed = opening.seed if seed is None else seed
-        replay = replay_options(options, engine.fast.asked)
-        _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 snapshots, events, reader, server, replay)  # fmt: skip
+            from ..live.events import EventQueue
+            from ..live.prompts import StdinReader
+            from ..live.start import (
+                SessionStop,
+                bound_server,
+                opening_story,
+                replay_options,
+                reserve_outputs,
+                stdin_fd,
+                stop_on_signals,
+            )
+        except KeyboardInterrupt as stopped:
+            _not_started(stopped)
+
+        events = EventQueue()  # the session's one queue: lines typed while the model loads wait there, as signals do
+        with SessionStop() as stop, stop_on_signals(stop, events), reported(), ExitStack() as stack:
+            try:
+                # 1. everything checked before the model loads (the output before torch is imported)
+                if (script is None) == (prompt is None):
+                    raise PlanError("give an opening script or --prompt TEXT (one of them)",
+                                    "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
+                if output is None:
+                    raise PlanError("give the output video with -o FILE.mp4")
+                check_outputs(RenderRequest(scripts=(), output=output))
+                address = _address(serve, public)
+                limit_s = parse_duration(duration)
+                check_seed(seed)
+                options = GenerationOptions(
+                    model=ModelSource.parse(model), memory=memory, window=window, sink=sink, bank_size=bank_size,
+                    record_interval=record_interval, sma=sma, steps=steps, lora=lora_settings(lora_rank, lora_alpha),
+                    compile=CompileMode.from_option(compile), fp8=fp8,
+                )  # fmt: skip
+                geometry = geometry_for(options.model)
+                opening, title = opening_story(script, prompt, output, geometry)
+                settings = story_settings(opening, options.settings(), geometry)
+                device = checked_device(device)
+                if decode_device is not None:
+                    decode_device = checked_device(decode_device, "--decode-device")
+                options = replace(options, device=device, decode_device=decode_device)
+                if fp8:
+                    check_fp8(device)
+                options = replace(options, decoder=_live_decoder(options.model, decoder, decoder_weights))
+                # 2. the outputs claimed, then the model
+                reserve_outputs(stack, output, script, overwrite)
+                _say_decoder(options.decoder)
+                reader = stack.enter_context(StdinReader(stdin_fd(_warn), events))
+                server = bound_server(stack, address, events, public, geometry.fps) if address is not None else None
+                opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
+                engine = stack.enter_context(_engine(options, opening_prompts))
+                replay = replay_options(options, engine.fast.asked)
+                stop.running = True  # from here a first signal ends the session at the next chunk (`stop_on_signals`)
+            except KeyboardInterrupt as stopped:  # a signal before the session began (its checks, the model's load)
+                stop.finishing = True  # a further one does not cut the teardown short
+                _not_started(stopped)
+            story_seed = opening.seed if seed is None else seed
+            _session(engine, stop, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
+                     snapshots, events, reader, server, replay)  # fmt: skip
+
+
+def _address(serve: str | None, public: bool):
+    """Where the page is served (`--serve`, `--public`), checked; None: no page."""
+    from ..live.server import ServeError, check_bind, parse_address
+
+    if serve is None:
+        if public:
+            raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
+        return None
+    try:
+        address = parse_address(serve)
+        check_bind(address, public)
+    except ServeError as error:
+        raise PlanError(str(error)) from None
+    return address
+
+
+def _not_started(stop: KeyboardInterrupt) -> NoReturn:
+    """A signal before the session began: said as `render` says it, with its exit code."""
+    err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
+    raise typer.Exit(stop_code(stop)) from None
 
 
 def _engine(options: GenerationOptions, prompts: list[str]):
@@ -213,14 +239,12 @@ def _engine(options: GenerationOptions, prompts: list[str]):
     return engine
 
 
-def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
+def _session(engine, stop, output: Path, opening: Story, title: str, script: Path | None,
              settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
              snapshots: bool, events, reader, server, replay_options: str) -> None:  # fmt: skip
-    from ..live.session import LiveRequest, SessionStop, run_live
-    from ..live.start import stop_on_signals
+    from ..live.session import LiveRequest, run_live
     from ..mp4 import RenderInterrupted
 
-    stop = stack.enter_context(SessionStop())
     if server is not None:
         server.start()
         err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
@@ -230,14 +254,14 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
                           seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite, snapshots=snapshots,
                           replay_options=replay_options)  # fmt: skip
     try:
-        with stop_on_signals(stop, events):
-            result = run_live(engine, request, events, reader, _Report(engine.geometry.fps, server), stop)
+        result = run_live(engine, request, events, reader, _Report(engine.geometry.fps, server), stop)
     except RenderInterrupted as aborted:
-        where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
-        stop = aborted.__context__
-        how = stop_word(stop) if isinstance(stop, Terminated) else "aborted"
-        err.print(f"[yellow]{how}:[/] {escape(f'{aborted.frames} frames written; {where}')}", soft_wrap=True)
-        raise typer.Exit(stop_code(stop)) from None
+        kept = aborted.partial is not None and aborted.partial.exists()
+        where = f"playable partial video: {aborted.partial}" if kept else "no frame was finished"
+        _aborted(aborted.__context__, f"{aborted.frames} frames written; {where}")
+    except KeyboardInterrupt as stopped:  # a second signal before the video's file was opened
+        stop.finishing = True
+        _aborted(stopped, "no frame was written")
     except OutputError as error:
         raise PlanError(str(error), error.hint, EXIT_FAILED) from None
     finally:
@@ -252,6 +276,13 @@ def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str,
     if result.replay_problem is not None:
         raise PlanError(result.replay_problem, f"the video {result.path} and its sidecar {result.sidecar} are "
                         "complete and kept; the sidecar's timeline lists every segment", EXIT_FAILED)  # fmt: skip
+
+
+def _aborted(stop: BaseException | None, what: str) -> NoReturn:
+    """A session aborted by a second signal: said in one line, and the exit code of that signal."""
+    how = stop_word(stop) if isinstance(stop, Terminated) else "aborted"
+    err.print(f"[yellow]{how}:[/] {escape(what)}", soft_wrap=True)
+    raise typer.Exit(stop_code(stop))
 
 
 class _Report:

@@ -13,9 +13,7 @@ at the next chunk boundary.
 from __future__ import annotations
 
 import bisect
-import os
 import queue
-import select
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,46 +37,10 @@ from .loop import Latency, LiveReport, LiveSegment, SessionLoop, SessionRecord
 from .pacing import OnClock, Playback
 from .prompts import StdinReader
 from .replay import ReplayError, ReplaySegment, replay_story, replay_text, write_replay
+from .start import SessionStop
 
 DEFAULT_AHEAD = 2
 PACE_POLL_S = 0.01  # how often a chunk waiting for the clock looks whether a prompt came
-
-
-class SessionStop:
-    """Ends a session at the next chunk boundary, waking the generation thread if it waits for the clock; set from
-    a signal handler (a flag and a byte on a pipe: nothing there takes a lock). Use as a context manager."""
-
-    def __init__(self) -> None:
-        self.finishing = False  # the video is made; only its files are being written
-        self._set = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-
-    def set(self) -> None:
-        self._set = True
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: float) -> None:
-        """Sleep up to `timeout` seconds; returns early once set."""
-        if timeout <= 0 or self._set:
-            return
-        try:
-            select.select([self._wake_r], [], [], timeout)
-        except InterruptedError:  # a signal: let the caller look again
-            pass
-
-    def __enter__(self) -> SessionStop:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -163,11 +125,11 @@ class LiveVideo:
     def at(self, chunk: int) -> tuple[int, torch.Tensor] | None:
         """Which prompt drives `chunk`, once the clock lets it start; None: the session ends before it."""
         if self.limit is not None and chunk >= self.limit:
-            return None
+            return self._last()
         if chunk > 0:
             self._pace(chunk)
             if self.stopped.is_set():
-                return None
+                return self._last()
         self.playback.started(time.perf_counter())
         self.reader.sync()  # the lines written before this boundary are on the queue before the question
         segment: LiveSegment | None = ask(self.loop, lambda answer: ChunkBoundary(chunk, answer))
@@ -178,6 +140,10 @@ class LiveVideo:
             self.segments.append(segment)
             self._starts.append(chunk)
         return self.segments[-1].index, self._embeds
+
+    def _last(self) -> None:
+        """No chunk is made any more: from here a signal does not cut the video's files short."""
+        self.stopped.finishing = True
 
     def _pace(self, chunk: int) -> None:
         """Wait until the pacer lets `chunk` start (or the session stops).
@@ -238,8 +204,9 @@ def run_live(
                         assert chunk.frames is not None
                         _shown(events, playback, playback.made(chunk, len(chunk.frames), time.perf_counter()))
                 _shown(events, playback, playback.finish(time.perf_counter()))  # shorter than the pre-roll
-                stopped.finishing = True  # from here on a signal does not cut the files short
+                stopped.finishing = True  # (where the stream ended without asking for another chunk)
             except KeyboardInterrupt:
+                stopped.finishing = True  # a further signal does not cut the partial file short
                 raise RenderInterrupted(writer.abort(), writer.frames_written) from None
         seconds = time.perf_counter() - started
         record: SessionRecord = ask(loop, SessionEnded)
