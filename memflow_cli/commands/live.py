@@ -27,11 +27,14 @@ from ..plan import (
     check_outputs,
     check_seed,
     checked_device,
+    cut_prompts,
     geometry_for,
     lora_settings,
     open_engine,
     parse_duration,
+    story_name,
     story_settings,
+    text_tokens,
 )
 from ..report import (
     Terminated,
@@ -41,10 +44,10 @@ from ..report import (
     stop_signals_like_ctrl_c,
     stop_word,
     warn,
+    warn_prompt_cuts,
 )
 from ..request import CompileMode, GenerationOptions, ModelSource
-from ..script import Story, format_seconds
-from ..settings import GenerationSettings
+from ..script import format_seconds
 from ..text import one_line, plural
 from .common import (
     RELEASED_LORA,
@@ -193,6 +196,8 @@ def live(
                 # 2. the outputs claimed, then the model
                 reserve_outputs(stack, output, script, overwrite)
                 _say_decoder(options.decoder)
+                token_limit, count_tokens = text_tokens(options.model)  # a prompt past it is told, as in `render`
+                warn_prompt_cuts(story_name(opening), cut_prompts(opening, geometry, token_limit, count_tokens))
                 reader = stack.enter_context(StdinReader(stdin_fd(_warn), events))
                 server = bound_server(stack, address, events, public, geometry.fps) if address is not None else None
                 opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
@@ -202,9 +207,14 @@ def live(
             except KeyboardInterrupt as stopped:  # a signal before the session began (its checks, the model's load)
                 stop.finishing = True  # a further one does not cut the teardown short
                 _not_started(stopped)
+            from ..live.session import LiveRequest  # torch is loaded by now
+
             story_seed = opening.seed if seed is None else seed
-            _session(engine, stop, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                     snapshots, events, reader, server, replay)  # fmt: skip
+            request = LiveRequest(target=output, opening=opening, title=title, opening_script=script,
+                                  settings=settings, seed=story_seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite,
+                                  snapshots=snapshots, replay_options=replay, token_limit=token_limit,
+                                  count_tokens=count_tokens)  # fmt: skip
+            _session(engine, stop, request, events, reader, server)
 
 
 def _address(serve: str | None, public: bool):
@@ -239,10 +249,9 @@ def _engine(options: GenerationOptions, prompts: list[str]):
     return engine
 
 
-def _session(engine, stop, output: Path, opening: Story, title: str, script: Path | None,
-             settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
-             snapshots: bool, events, reader, server, replay_options: str) -> None:  # fmt: skip
-    from ..live.session import LiveRequest, run_live
+def _session(engine, stop, request, events, reader, server) -> None:
+    """The session (`live.session.run_live`) with its page, reported; a second signal's abort said in one line."""
+    from ..live.session import run_live
     from ..mp4 import RenderInterrupted
 
     if server is not None:
@@ -250,9 +259,6 @@ def _session(engine, stop, output: Path, opening: Story, title: str, script: Pat
         err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
-    request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
-                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite, snapshots=snapshots,
-                          replay_options=replay_options)  # fmt: skip
     try:
         result = run_live(engine, request, events, reader, _Report(engine.geometry.fps, server), stop)
     except RenderInterrupted as aborted:

@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..record import video_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
 from ..snapshots import SnapshotRecord, segments_digest
+from ..tokens import TokenCounter
 from ..update import SnapshotKeeper, StartPoint, remove_snapshots, render_identity
 from .events import Answer, ChunkBoundary, ChunkShown, Event, EventQueue, SessionEnded
 from .loop import Latency, LiveReport, LiveSegment, SessionLoop, SessionRecord
@@ -58,6 +59,8 @@ class LiveRequest:
     overwrite: bool = False
     snapshots: bool = False  # a snapshot at every prompt switch, for `render OUT.yaml --update` after an edit
     replay_options: str = ""  # the render options that make the same video (model, device, ...), for OUT.yaml
+    token_limit: int | None = None  # tokens of a prompt the text encoder reads: a typed prompt past it is told
+    count_tokens: TokenCounter | None = field(default=None, compare=False)  # the model's tokenizer (None: estimated)
 
     @property
     def script(self) -> Path:
@@ -188,7 +191,8 @@ def run_live(
     # a prompt is encoded as soon as the loop takes it, beside generation: at its chunk it is (nearly) ready
     loop = SessionLoop(events, report, opening=opening, chunk_seconds=geometry.chunk_seconds,
                        opening_source="script" if request.opening_script is not None else "prompt",
-                       encode=lambda prompt: engine.prefetch([prompt], beside_render=True))  # fmt: skip
+                       encode=lambda prompt: engine.prefetch([prompt], beside_render=True),
+                       token_limit=request.token_limit, count_tokens=request.count_tokens)  # fmt: skip
     started = time.perf_counter()
     with loop:
         video = LiveVideo(engine, request, reader, loop, playback, stopped)
