@@ -143,8 +143,10 @@ def test_kill_9_leaves_a_playable_partial_and_a_lock_the_next_session_knows_is_d
 
 def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_partial_video(tmp_path):
     target = tmp_path / "live.mp4"
-    slow = ",".join(str(t) for t in range(1000, 0, -50))  # 20 steps a chunk: the second Ctrl-C lands mid-chunk
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow, *TAE)
+    # 200 steps a chunk (about 1 s on the CPU), never waiting for the clock: both land mid-chunk (once the last
+    # chunk is made a second Ctrl-C changes nothing: test_a_second_ctrl_c_once_the_video_is_complete_changes_nothing)
+    slow = ",".join(str(t) for t in range(1000, 0, -5))
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow, "--ahead", "64", *TAE)
     wait_for_bytes(partial_path(target), 20_000, process)
     process.send_signal(signal.SIGINT)
     assert process.stderr is not None

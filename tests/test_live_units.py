@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.live.events import EventQueue, LineTooLong, PromptTyped, Stop, StopIgnored
+from memflow_cli.live.events import EventQueue, LineNotText, LineTooLong, PromptTyped, Stop, StopIgnored
 from memflow_cli.live.loop import SessionLoop
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
 from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, StdinReader
@@ -87,6 +87,34 @@ def test_the_loop_queues_checked_prompts_in_order_and_says_why_it_drops_the_othe
     assert len(report.warnings) == 4
 
 
+def test_a_line_that_is_not_utf8_is_refused_with_one_warning_and_a_leading_bom_is_dropped():
+    reader, events, write = reading(b"a \xff line\n\xef\xbb\xbfwith a mark\nafter\n")
+    with reader:
+        reader.sync()
+        lines = queued(events)
+    os.close(write)
+    assert lines[0] == LineNotText(3)  # never read with U+FFFD in its place
+    report = Recorder()
+    with SessionLoop(events, report) as loop:
+        for event in lines:
+            events.put(event)
+        assert taken(loop) == ["with a mark", "after"]
+    assert report.warnings == ["refused a prompt line that is not UTF-8 text (byte 3): save or type it as UTF-8; "
+                               "the story goes on with the current prompt"]  # fmt: skip
+
+
+def test_a_typed_prompt_longer_than_the_text_encoder_reads_is_told_at_its_chunk_as_render_tells_it():
+    events, report = EventQueue(), Recorder()
+    words = " ".join(f"w{i}" for i in range(300))
+    with SessionLoop(events, report, opening={0: "a long opening is told by the command"}, opening_source="script",
+                     token_limit=256, count_tokens=lambda text: len(text.split()) + 1) as loop:  # fmt: skip
+        for text in ("short", words):
+            events.put(PromptTyped(text, 1.0, "stdin"))
+        assert taken(loop, first_chunk=0)[1:] == ["short", words]
+    assert report.warnings == ["segment 2 (at 1.5s): 300 words, 301 tokens; the text encoder reads 256, so "
+                               "everything after word 255 ('...w249 w250 w251 w252 w253 w254') is dropped"]  # fmt: skip
+
+
 def test_the_opening_scripts_segment_comes_at_its_chunk_and_typed_prompts_wait_behind_it():
     events, report = EventQueue(), Recorder()
     with SessionLoop(events, report, opening={0: "dawn", 2: "storm"}, opening_source="script") as loop:
@@ -124,6 +152,7 @@ def test_the_page_is_answered_and_a_blank_or_too_long_prompt_is_not_queued():
         said = [answer.wait(5.0) for answer in answers]
         assert [type(s) for s in said] == [PromptRejected, PromptRejected, PromptAccepted]
         assert said[2].prompt == "the tide turns" and waiting(loop) == ["the tide turns"]
+        assert said[0].reason == "the prompt is empty: write what happens next"  # not the terminal's words
     assert report.warnings == []  # the page is answered: nothing printed
 
 
