@@ -1,8 +1,10 @@
 """`memflow live`: parse, check everything that can be checked before the model loads, then report the session.
 
-Signals: the first Ctrl-C (SIGINT), SIGTERM or SIGHUP ends the session at the next chunk boundary: the
-MP4 is finished and the replay script and sidecar are written, exit code 0. A second one aborts at once:
-the partial video is kept as `render` keeps it, exit code 130 (128 + the signal's number otherwise).
+Signals (`live.start.stop_on_signals`, over the whole command): before the session begins, Ctrl-C (SIGINT),
+SIGTERM or SIGHUP stops it as it stops `render`. The first one while it runs ends it at the next chunk
+boundary: the MP4 is finished and the replay script and sidecar are written, exit code 0. A second one while a
+chunk is being made aborts at once: the partial video is kept as `render` keeps it, exit code 130 (128 + the
+signal's number otherwise). Once the last chunk is made, a signal changes nothing.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ EPILOG = (
 
 def live(
     script: Annotated[
-        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times.",
+        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times; its "
+                                    "duration is not used (the session runs until --duration or Ctrl-C).",
                                     metavar="SCRIPT", show_default=False)  # fmt: skip
     ] = None,
     prompt: Annotated[
