@@ -18,6 +18,7 @@ import yaml
 
 from memflow_cli.live.prompts import MAX_PROMPT_CHARS
 from memflow_cli.output import lock_path, partial_path
+from memflow_cli.script import load_scripts
 
 from .cli_helpers import TAE, memflow
 from .live import DEMO, piped, replay_options, same_frames, start_live, wait_for_bytes
@@ -142,8 +143,10 @@ def test_kill_9_leaves_a_playable_partial_and_a_lock_the_next_session_knows_is_d
 
 def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_partial_video(tmp_path):
     target = tmp_path / "live.mp4"
-    slow = ",".join(str(t) for t in range(1000, 0, -50))  # 20 steps a chunk: the second Ctrl-C lands mid-chunk
-    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow, *TAE)
+    # 200 steps a chunk (about 1 s on the CPU), never waiting for the clock: both land mid-chunk (once the last
+    # chunk is made a second Ctrl-C changes nothing: test_a_second_ctrl_c_once_the_video_is_complete_changes_nothing)
+    slow = ",".join(str(t) for t in range(1000, 0, -5))
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--steps", slow, "--ahead", "64", *TAE)
     wait_for_bytes(partial_path(target), 20_000, process)
     process.send_signal(signal.SIGINT)
     assert process.stderr is not None
@@ -193,3 +196,58 @@ def test_a_session_of_one_chunk_ends_inside_the_preroll_and_is_written_whole(tmp
     assert story["duration"] == 0.75 and [s["start"] for s in story["segments"]] == [0.0]
     sidecar = json.loads(target.with_suffix(".json").read_text())
     assert sidecar["live"]["stalls"] == 0 and sidecar["live"]["ended_by"] == "duration"
+
+
+def test_a_prompt_and_a_title_that_look_like_numbers_are_written_as_text_and_replay(tmp_path):
+    target = tmp_path / "1e5.mp4"
+    result = memflow("live", "--prompt", "1e5", "-o", target, "--duration", "1s", *DEMO, *TAE)
+    assert result.exit_code == 0, result.stderr
+    story = load_scripts(target.with_suffix(".yaml"))[0]  # as `memflow render` reads it
+    assert story.title == "1e5" and [segment.prompt for segment in story.segments] == ["1e5"]
+
+
+def test_a_replay_script_that_cannot_be_written_is_one_error_and_the_video_and_sidecar_are_kept(tmp_path):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, "--duration", "3s", *TAE)
+    wait_for_bytes(partial_path(target), 0, process)
+    target.with_suffix(".yaml").mkdir()  # a folder where the replay script goes, made during the session
+    stdout, stderr = finish(process)
+    assert process.returncode == 1, stderr
+    assert stdout.splitlines() == [str(target)] and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot write the replay script" in errors[0] and "Is a directory" in errors[0]
+    assert probe_video(target).frames == 4 * 12 - 3  # the video is complete, 4 chunks
+    assert json.loads(target.with_suffix(".json").read_text())["timeline"]["chunks"] == 4
+
+
+def test_a_second_ctrl_c_once_the_video_is_complete_changes_nothing(tmp_path):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target, *TAE)
+    wait_for_bytes(partial_path(target), 0, process)
+    process.send_signal(signal.SIGINT)
+    assert process.stderr is not None
+    while "stopping after the chunk being made" not in process.stderr.readline():
+        assert process.poll() is None
+    while " ended by ctrl-c; " not in process.stderr.readline():  # the summary: the session is over and said
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)  # lands in the teardown or Python's shutdown (about a second with torch)
+    _, stderr = finish(process)
+    assert process.returncode == 0, stderr
+    assert "aborted" not in stderr and "Traceback" not in stderr
+    assert target.with_suffix(".yaml").exists() and target.with_suffix(".json").exists()
+    assert not partial_path(target).exists() and not lock_path(target).exists()
+
+
+@pytest.mark.parametrize(("stop", "said", "code"), [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM,
+                                                    "terminated", 143)])  # fmt: skip
+def test_a_signal_while_the_model_loads_is_said_as_render_says_it(tmp_path, stop, said, code):
+    target = tmp_path / "live.mp4"
+    process = start_live("--prompt", "a lighthouse at dusk", "-o", target)  # the Wan VAE: seconds to load
+    assert process.stderr is not None
+    while "decoding with" not in process.stderr.readline():  # said once the outputs are claimed, before the load
+        assert process.poll() is None
+    process.send_signal(stop)
+    _, stderr = finish(process)
+    assert process.returncode == code, stderr
+    assert f"{said}: before the session started; nothing was written" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -81,6 +81,9 @@ def test_posted_prompts_are_checked_and_bounded():
         status, body = request(server, "POST", "/prompt", b"   ")
         assert status == 400 and "empty" in json.loads(body)["error"]
         assert request(server, "POST", "/prompt", b"x" * (MAX_PROMPT_BODY + 1))[0] == 413
+        status, body = request(server, "POST", "/prompt", b"a \xff prompt")
+        assert status == 400
+        assert json.loads(body) == {"error": "the prompt is not UTF-8 text (byte 3); nothing was queued"}
         assert taken(loop) == ["the tide turns"] and waiting(loop) == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 import time
 
@@ -11,14 +12,26 @@ import pytest
 import torch
 
 from memflow_cli.generator import MemFlowGenerator, SeededNoise
-from memflow_cli.live.events import EventQueue, LineTooLong, PromptTyped
+from memflow_cli.live.events import EventQueue, LineNotText, LineTooLong, PromptTyped, Stop, StopIgnored
 from memflow_cli.live.loop import SessionLoop
 from memflow_cli.live.pacing import HANDOVER_MARGIN_S, Playback, PlaybackClock
-from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, StdinReader
-from memflow_cli.live.replay import ReplaySegment, is_replay_script, read_back, replay_text, write_replay
+from memflow_cli.live.prompts import MAX_PENDING, MAX_PROMPT_CHARS, PromptRefused, StdinReader, checked_prompt
+from memflow_cli.live.replay import (
+    ReplayError,
+    ReplaySegment,
+    is_replay_script,
+    read_back,
+    replay_story,
+    replay_text,
+    write_replay,
+)
+from memflow_cli.live.start import SessionStop, stop_on_signals
 from memflow_cli.model.transformer import CausalWanTransformer
 from memflow_cli.prompt_embeds import PromptEmbeddings
+from memflow_cli.report import Terminated
+from memflow_cli.script import load_scripts
 from memflow_cli.settings import GenerationSettings, MemorySettings, TransformerConfig, VideoGeometry
+from memflow_cli.text import text_problem
 
 from .live import Recorder, taken, waiting
 
@@ -75,6 +88,34 @@ def test_the_loop_queues_checked_prompts_in_order_and_says_why_it_drops_the_othe
     assert len(report.warnings) == 4
 
 
+def test_a_line_that_is_not_utf8_is_refused_with_one_warning_and_a_leading_bom_is_dropped():
+    reader, events, write = reading(b"a \xff line\n\xef\xbb\xbfwith a mark\nafter\n")
+    with reader:
+        reader.sync()
+        lines = queued(events)
+    os.close(write)
+    assert lines[0] == LineNotText(3)  # never read with U+FFFD in its place
+    report = Recorder()
+    with SessionLoop(events, report) as loop:
+        for event in lines:
+            events.put(event)
+        assert taken(loop) == ["with a mark", "after"]
+    assert report.warnings == ["refused a prompt line that is not UTF-8 text (byte 3): save or type it as UTF-8; "
+                               "the story goes on with the current prompt"]  # fmt: skip
+
+
+def test_a_typed_prompt_longer_than_the_text_encoder_reads_is_told_at_its_chunk_as_render_tells_it():
+    events, report = EventQueue(), Recorder()
+    words = " ".join(f"w{i}" for i in range(300))
+    with SessionLoop(events, report, opening={0: "a long opening is told by the command"}, opening_source="script",
+                     token_limit=256, count_tokens=lambda text: len(text.split()) + 1) as loop:  # fmt: skip
+        for text in ("short", words):
+            events.put(PromptTyped(text, 1.0, "stdin"))
+        assert taken(loop, first_chunk=0)[1:] == ["short", words]
+    assert report.warnings == ["segment 2 (at 1.5s): 300 words, 301 tokens; the text encoder reads 256, so "
+                               "everything after word 255 ('...w249 w250 w251 w252 w253 w254') is dropped"]  # fmt: skip
+
+
 def test_the_opening_scripts_segment_comes_at_its_chunk_and_typed_prompts_wait_behind_it():
     events, report = EventQueue(), Recorder()
     with SessionLoop(events, report, opening={0: "dawn", 2: "storm"}, opening_source="script") as loop:
@@ -112,6 +153,7 @@ def test_the_page_is_answered_and_a_blank_or_too_long_prompt_is_not_queued():
         said = [answer.wait(5.0) for answer in answers]
         assert [type(s) for s in said] == [PromptRejected, PromptRejected, PromptAccepted]
         assert said[2].prompt == "the tide turns" and waiting(loop) == ["the tide turns"]
+        assert said[0].reason == "the prompt is empty: write what happens next"  # not the terminal's words
     assert report.warnings == []  # the page is answered: nothing printed
 
 
@@ -162,13 +204,28 @@ def test_a_report_that_fails_ends_the_loop_and_its_error_reaches_the_generation_
 
 
 def test_stop_wakes_the_wait_for_the_clock():
-    from memflow_cli.live.session import SessionStop
-
     with SessionStop() as stop:
         threading.Timer(0.05, stop.set).start()
         started = time.perf_counter()
         stop.wait(5.0)
         assert stop.is_set() and time.perf_counter() - started < 1.0
+
+
+def test_a_signal_stops_the_command_before_the_session_ends_it_while_it_runs_and_is_ignored_once_it_finishes():
+    events = EventQueue()
+    with SessionStop() as stop, stop_on_signals(stop, events):
+        with pytest.raises(Terminated):  # before the session runs (its checks, the model's load): as in `render`
+            signal.raise_signal(signal.SIGTERM)
+        stop.running = True
+        signal.raise_signal(signal.SIGINT)  # the first one ends the session at the next chunk
+        assert stop.is_set() and [type(event) for event in queued(events)] == [Stop]
+        with pytest.raises(KeyboardInterrupt):  # a second one aborts it
+            signal.raise_signal(signal.SIGINT)
+        stop.finishing = True  # no chunk is made any more: the files are finished whatever comes
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert [type(event) for event in queued(events)] == [StopIgnored, StopIgnored]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
 
 
 class _SlowEncoder:
@@ -406,20 +463,91 @@ def test_a_machine_slower_than_real_time_stalls_and_the_stalls_are_counted():
     assert [round(stall.seconds, 3) for stall in stalls[1:]] == [0.15] * 6
 
 
+def _replay(path, title, prompts, settings, chunks=None):
+    """The replay script of a session with `prompts` at chunks 0, 1, 2, ... written at `path` and read back."""
+    segments = [ReplaySegment(chunk, prompt) for chunk, prompt in enumerate(prompts)]
+    chunks = chunks or len(prompts)
+    story = replay_story(path=path, title=title, seed=5, settings=settings, segments=segments, chunks=chunks)
+    text = replay_text(title=title, seed=5, settings=settings, segments=segments, chunks=chunks,
+                       video=path.with_suffix(".mp4"))  # fmt: skip
+    return write_replay(path, text, story, settings.geometry)
+
+
 def test_the_replay_script_snaps_back_to_the_chunks_of_the_session(tmp_path):
     geometry = VideoGeometry(height=64, width=96)
     settings = GenerationSettings(geometry=geometry).with_overrides({"interactive": True, "window": 9, "shift": 3.5})
     segments = [ReplaySegment(0, "opening"), ReplaySegment(1, 'quotes " and: colons'), ReplaySegment(1001, "ü 🌊")]
     path = tmp_path / "session.yaml"
+    expected = replay_story(path=path, title="t", seed=2**64 - 1, settings=settings, segments=segments, chunks=1003)
     write_replay(path, replay_text(title="t", seed=2**64 - 1, settings=settings, segments=segments, chunks=1003,
-                                   video=tmp_path / "session.mp4"))  # fmt: skip
+                                   video=tmp_path / "session.mp4"), expected, geometry)  # fmt: skip
     assert is_replay_script(path)
-    story = read_back(path, settings.geometry, 1003, [0, 1, 1001])
+    story = load_scripts(path, geometry=geometry)[0]
     assert [s.prompt for s in story.segments] == ["opening", 'quotes " and: colons', "ü 🌊"]
-    assert story.seed == 2**64 - 1
+    assert [s.start_chunk for s in story.timeline(geometry).segments] == [0, 1, 1001]
+    assert story.timeline(geometry).chunks == 1003 and story.seed == 2**64 - 1
     assert GenerationSettings(geometry=geometry).with_overrides(story.settings) == settings  # every setting
-    with pytest.raises(AssertionError):
-        read_back(path, settings.geometry, 1002, [0, 1, 1001])
+    other = replay_story(path=path, title="t", seed=2**64 - 1, settings=settings, segments=segments, chunks=1002)
+    with pytest.raises(ReplayError, match="would not replay the session"):
+        read_back(path, other, geometry)
+
+
+AWKWARD = [
+    "1e5", "1E5", "-1e5", "+1e5", "1.5e3", "+.5", "1e-3", ".5", "5.", "010", "0x10", "0o17", "1_000", "12",
+    "1:30", "1:30:00", "2024-01-02", "2024-01-02 10:00:00", ".inf", "-.inf", ".nan", "NaN", "inf",
+    "yes", "no", "on", "off", "y", "n", "true", "False", "TRUE", "null", "Null", "~", "none",
+    "'single'", '"double"', "it's", 'say "hi"', "a # not a comment", "#hash", "key: value", "a:b", "- item",
+    "[1, 2]", "{a: 1}", "&anchor", "*alias", "!tag", "!!str", "%TAG", "@at", "`tick`", "|", ">", "?", "---", "...",
+    "back\\slash \\n", "tab\there", "two\nlines", "trailing tab\t", "ü 🌊 日本語", "\u00a0nbsp", "zero\u200bwidth",
+    "\ufeffbom", "a\u2028b", "a\x85b", "\u200b", "a\ud800b", "x\u00a0", "\u00a0\u00a0", "\tlead", "a\n\nb", "a\r\nb",
+    "? x", "x:", "\U0001f600", "\u202egnp", "a\x7fb", "a\u200db", "--- x", "... x", "<<", "=", "1,000", "1 000",
+    "0b101", "Infinity", "2001-12-14t21:59:43.10-05:00", "12:30:45.5", "10s", "é" * 300, "word " * 399 + "end",
+]
+
+
+def awkward_texts(count: int = 150) -> list[str]:
+    """The awkward strings above, and `count` more made of their pieces, spaces and punctuation (seeded)."""
+    import random
+
+    pieces = [*AWKWARD[:-2], " ", "  ", ": ", " #", "\t", "\n", "'", '"', "\\", "-", "=", "<", ">", "%", "&"]
+    made = random.Random(11)
+    texts = list(AWKWARD)
+    while len(texts) < len(AWKWARD) + count:
+        text = "".join(made.choice(pieces) for _ in range(made.randint(1, 6)))
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def _taken(text: str) -> str | None:
+    """`text` as a session takes it from stdin or the page (`checked_prompt`), or None where it is refused."""
+    try:
+        return checked_prompt(text)
+    except PromptRefused:
+        return None
+
+
+def test_every_text_reads_back_as_it_was_written_however_it_looks(tmp_path):
+    geometry = VideoGeometry(height=64, width=96)
+    settings = GenerationSettings(geometry=geometry).with_overrides({"interactive": True})
+    prompts = [prompt for text in awkward_texts() if (prompt := _taken(text)) is not None]
+    assert len(prompts) > 200 and {"1e5", "1:30", "yes", "null", "~", "a\n\nb"} <= set(prompts)
+    story = _replay(tmp_path / "prompts.yaml", "title", prompts, settings)
+    assert [segment.prompt for segment in story.segments] == prompts
+    for index, prompt in enumerate(prompts):  # a title is one line of text that fits a file name
+        if not text_problem(prompt) and len(prompt.encode()) <= 200:
+            assert _replay(tmp_path / f"title{index}.yaml", prompt, ["a fox"], settings).title == prompt, prompt
+    long = "x" * MAX_PROMPT_CHARS
+    assert _replay(tmp_path / "long.yaml", "1e5", [long, "1e5"], settings).segments[0].prompt == long
+
+
+def test_a_replay_script_that_cannot_be_written_is_one_error_and_leaves_nothing(tmp_path):
+    settings = GenerationSettings(geometry=VideoGeometry(height=64, width=96))
+    folder = tmp_path / "session.yaml"
+    folder.mkdir()
+    with pytest.raises(ReplayError, match=r"cannot write the replay script .*session.yaml: Is a directory"):
+        _replay(folder, "t", ["a fox"], settings)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["session.yaml"]  # no temporary file left
 
 
 def test_a_prompt_source_deciding_at_each_boundary_makes_what_the_same_script_makes():

@@ -1,8 +1,10 @@
 """`memflow live`: parse, check everything that can be checked before the model loads, then report the session.
 
-Signals: the first Ctrl-C (SIGINT), SIGTERM or SIGHUP ends the session at the next chunk boundary: the
-MP4 is finished and the replay script and sidecar are written, exit code 0. A second one aborts at once:
-the partial video is kept as `render` keeps it, exit code 130 (128 + the signal's number otherwise).
+Signals (`live.start.stop_on_signals`, over the whole command): before the session begins, Ctrl-C (SIGINT),
+SIGTERM or SIGHUP stops it as it stops `render`. The first one while it runs ends it at the next chunk
+boundary: the MP4 is finished and the replay script and sidecar are written, exit code 0. A second one while a
+chunk is being made aborts at once: the partial video is kept as `render` keeps it, exit code 130 (128 + the
+signal's number otherwise). Once the last chunk is made, a signal changes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -27,11 +29,14 @@ from ..plan import (
     check_outputs,
     check_seed,
     checked_device,
+    cut_prompts,
     geometry_for,
     lora_settings,
     open_engine,
     parse_duration,
+    story_name,
     story_settings,
+    text_tokens,
 )
 from ..report import (
     Terminated,
@@ -41,10 +46,10 @@ from ..report import (
     stop_signals_like_ctrl_c,
     stop_word,
     warn,
+    warn_prompt_cuts,
 )
 from ..request import CompileMode, GenerationOptions, ModelSource
-from ..script import Story, format_seconds
-from ..settings import GenerationSettings
+from ..script import format_seconds
 from ..text import one_line, plural
 from .common import (
     RELEASED_LORA,
@@ -77,7 +82,8 @@ EPILOG = (
 
 def live(
     script: Annotated[
-        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times.",
+        Path | None, typer.Argument(help="Opening script (.yaml/.yml): its segments come at their times; its "
+                                    "duration is not used (the session runs until --duration or Ctrl-C).",
                                     metavar="SCRIPT", show_default=False)  # fmt: skip
     ] = None,
     prompt: Annotated[
@@ -146,61 +152,94 @@ def live(
     (growing as it renders), its sidecar .json and FILE.yaml: `memflow render FILE.yaml` makes the
     same video, frame for frame.
     """
-    from ..live.events import EventQueue
-    from ..live.prompts import StdinReader
-    from ..live.server import ServeError, check_bind, parse_address
-    from ..live.start import bound_server, opening_story, replay_options, reserve_outputs, stdin_fd
-
-    with stop_signals_like_ctrl_c(), reported(), ExitStack() as stack:
-        # 1. everything checked before the model loads (the output before torch is imported)
-        if (script is None) == (prompt is None):
-            raise PlanError("give an opening script or --prompt TEXT (one of them)",
-                            "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
-        if output is None:
-            raise PlanError("give the output video with -o FILE.mp4")
-        check_outputs(RenderRequest(scripts=(), output=output))
-        address = None
-        if serve is not None:
-            try:
-                address = parse_address(serve)
-                check_bind(address, public)
-            except ServeError as error:
-                raise PlanError(str(error)) from None
-        elif public:
-            raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
-        limit_s = parse_duration(duration)
-        check_seed(seed)
-        options = GenerationOptions(
-            model=ModelSource.parse(model), memory=memory, window=window, sink=sink, bank_size=bank_size,
-            record_interval=record_interval, sma=sma, steps=steps, lora=lora_settings(lora_rank, lora_alpha),
-            compile=CompileMode.from_option(compile), fp8=fp8,
-        )  # fmt: skip
-        geometry = geometry_for(options.model)
-        opening, title = opening_story(script, prompt, output, geometry)
-        settings = story_settings(opening, options.settings(), geometry)
-        device = checked_device(device)
-        if decode_device is not None:
-            decode_device = checked_device(decode_device, "--decode-device")
-        options = replace(options, device=device, decode_device=decode_device)
-        if fp8:
-            check_fp8(device)
-        options = replace(options, decoder=_live_decoder(options.model, decoder, decoder_weights))
+    with stop_signals_like_ctrl_c():  # a signal before the session's own handler is said as in `render`
         try:
-            # 2. the outputs claimed, then the model
-            reserve_outputs(stack, output, script, overwrite)
-            _say_decoder(options.decoder)
-            events = EventQueue()  # the session's one queue: lines typed while the model loads wait there
-            reader = stack.enter_context(StdinReader(stdin_fd(_warn), events))
-            server = bound_server(stack, address, events, public, geometry.fps) if address is not None else None
-            opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
-            engine = stack.enter_context(_engine(options, opening_prompts))
-        except KeyboardInterrupt as stop:
-            err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
-            raise typer.Exit(stop_code(stop)) from None
-        story_seed = opening.seed if seed is None else seed
-        replay = replay_options(options, engine.fast.asked)
-        _session(engine, stack, output, opening, title, script, settings, story_seed, limit_s, ahead, overwrite,
-                 snapshots, events, reader, server, replay)  # fmt: skip
+            from ..live.events import EventQueue
+            from ..live.prompts import StdinReader
+            from ..live.start import (
+                SessionStop,
+                bound_server,
+                opening_story,
+                replay_options,
+                reserve_outputs,
+                stdin_fd,
+                stop_on_signals,
+            )
+        except KeyboardInterrupt as stopped:
+            _not_started(stopped)
+
+        events = EventQueue()  # the session's one queue: lines typed while the model loads wait there, as signals do
+        with SessionStop() as stop, stop_on_signals(stop, events), reported(), ExitStack() as stack:
+            try:
+                # 1. everything checked before the model loads (the output before torch is imported)
+                if (script is None) == (prompt is None):
+                    raise PlanError("give an opening script or --prompt TEXT (one of them)",
+                                    "memflow live --prompt 'a lighthouse at dusk' -o live.mp4")  # fmt: skip
+                if output is None:
+                    raise PlanError("give the output video with -o FILE.mp4")
+                check_outputs(RenderRequest(scripts=(), output=output))
+                address = _address(serve, public)
+                limit_s = parse_duration(duration)
+                check_seed(seed)
+                options = GenerationOptions(
+                    model=ModelSource.parse(model), memory=memory, window=window, sink=sink, bank_size=bank_size,
+                    record_interval=record_interval, sma=sma, steps=steps, lora=lora_settings(lora_rank, lora_alpha),
+                    compile=CompileMode.from_option(compile), fp8=fp8,
+                )  # fmt: skip
+                geometry = geometry_for(options.model)
+                opening, title = opening_story(script, prompt, output, geometry)
+                settings = story_settings(opening, options.settings(), geometry)
+                device = checked_device(device)
+                if decode_device is not None:
+                    decode_device = checked_device(decode_device, "--decode-device")
+                options = replace(options, device=device, decode_device=decode_device)
+                if fp8:
+                    check_fp8(device)
+                options = replace(options, decoder=_live_decoder(options.model, decoder, decoder_weights))
+                # 2. the outputs claimed, then the model
+                reserve_outputs(stack, output, script, overwrite)
+                _say_decoder(options.decoder)
+                token_limit, count_tokens = text_tokens(options.model)  # a prompt past it is told, as in `render`
+                warn_prompt_cuts(story_name(opening), cut_prompts(opening, geometry, token_limit, count_tokens))
+                reader = stack.enter_context(StdinReader(stdin_fd(_warn), events))
+                server = bound_server(stack, address, events, public, geometry.fps) if address is not None else None
+                opening_prompts = [segment.prompt for segment in opening.segments]  # encoded while the model loads
+                engine = stack.enter_context(_engine(options, opening_prompts))
+                replay = replay_options(options, engine.fast.asked)
+                stop.running = True  # from here a first signal ends the session at the next chunk (`stop_on_signals`)
+            except KeyboardInterrupt as stopped:  # a signal before the session began (its checks, the model's load)
+                stop.finishing = True  # a further one does not cut the teardown short
+                _not_started(stopped)
+            from ..live.session import LiveRequest  # torch is loaded by now
+
+            story_seed = opening.seed if seed is None else seed
+            request = LiveRequest(target=output, opening=opening, title=title, opening_script=script,
+                                  settings=settings, seed=story_seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite,
+                                  snapshots=snapshots, replay_options=replay, token_limit=token_limit,
+                                  count_tokens=count_tokens)  # fmt: skip
+            _session(engine, stop, request, events, reader, server)
+
+
+def _address(serve: str | None, public: bool):
+    """Where the page is served (`--serve`, `--public`), checked; None: no page."""
+    from ..live.server import ServeError, check_bind, parse_address
+
+    if serve is None:
+        if public:
+            raise PlanError("--public only applies to --serve", "add --serve 0.0.0.0:PORT, or leave out --public")
+        return None
+    try:
+        address = parse_address(serve)
+        check_bind(address, public)
+    except ServeError as error:
+        raise PlanError(str(error)) from None
+    return address
+
+
+def _not_started(stop: KeyboardInterrupt) -> NoReturn:
+    """A signal before the session began: said as `render` says it, with its exit code."""
+    err.print(f"[yellow]{stop_word(stop)}:[/] before the session started; nothing was written")
+    raise typer.Exit(stop_code(stop)) from None
 
 
 def _engine(options: GenerationOptions, prompts: list[str]):
@@ -213,41 +252,46 @@ def _engine(options: GenerationOptions, prompts: list[str]):
     return engine
 
 
-def _session(engine, stack: ExitStack, output: Path, opening: Story, title: str, script: Path | None,
-             settings: GenerationSettings, seed: int, limit_s: float | None, ahead: int, overwrite: bool,
-             snapshots: bool, events, reader, server, replay_options: str) -> None:  # fmt: skip
-    from ..live.session import LiveRequest, SessionStop, run_live
-    from ..live.start import stop_on_signals
+def _session(engine, stop, request, events, reader, server) -> None:
+    """The session (`live.session.run_live`) with its page, reported; a second signal's abort said in one line."""
+    from ..live.session import run_live
     from ..mp4 import RenderInterrupted
 
-    stop = stack.enter_context(SessionStop())
     if server is not None:
         server.start()
         err.print(f"watch and steer: {'  or  '.join(server.urls)}", markup=False, soft_wrap=True)
     if sys.stdin is not None and sys.stdin.isatty():
         err.print("type what happens next and press Enter; Ctrl-C ends the session", markup=False)
-    request = LiveRequest(target=output, opening=opening, title=title, opening_script=script, settings=settings,
-                          seed=seed, limit_s=limit_s, ahead=ahead, overwrite=overwrite, snapshots=snapshots,
-                          replay_options=replay_options)  # fmt: skip
     try:
-        with stop_on_signals(stop, events):
-            result = run_live(engine, request, events, reader, _Report(engine.geometry.fps, server), stop)
+        result = run_live(engine, request, events, reader, _Report(engine.geometry.fps, server), stop)
     except RenderInterrupted as aborted:
-        where = f"playable partial video: {aborted.partial}" if aborted.partial else "no frame was finished"
-        stop = aborted.__context__
-        how = stop_word(stop) if isinstance(stop, Terminated) else "aborted"
-        err.print(f"[yellow]{how}:[/] {escape(f'{aborted.frames} frames written; {where}')}", soft_wrap=True)
-        raise typer.Exit(stop_code(stop)) from None
+        kept = aborted.partial is not None and aborted.partial.exists()
+        where = f"playable partial video: {aborted.partial}" if kept else "no frame was finished"
+        _aborted(aborted.__context__, f"{aborted.frames} frames written; {where}")
+    except KeyboardInterrupt as stopped:  # a second signal before the video's file was opened
+        stop.finishing = True
+        _aborted(stopped, "no frame was written")
     except OutputError as error:
         raise PlanError(str(error), error.hint, EXIT_FAILED) from None
     finally:
         if server is not None:
             server.end()
     out.print(str(result.path), markup=False, soft_wrap=True)
-    out.print(str(result.script), markup=False, soft_wrap=True)
+    if result.script is not None:
+        out.print(str(result.script), markup=False, soft_wrap=True)
     if result.unused_prompts:
         _warn(f"{len(result.unused_prompts)} prompt(s) came after the last chunk started and are not in the video")
     err.print(_summary(result, engine.geometry.fps), markup=False, soft_wrap=True)
+    if result.replay_problem is not None:
+        raise PlanError(result.replay_problem, f"the video {result.path} and its sidecar {result.sidecar} are "
+                        "complete and kept; the sidecar's timeline lists every segment", EXIT_FAILED)  # fmt: skip
+
+
+def _aborted(stop: BaseException | None, what: str) -> NoReturn:
+    """A session aborted by a second signal: said in one line, and the exit code of that signal."""
+    how = stop_word(stop) if isinstance(stop, Terminated) else "aborted"
+    err.print(f"[yellow]{how}:[/] {escape(what)}", soft_wrap=True)
+    raise typer.Exit(stop_code(stop))
 
 
 class _Report:

@@ -3,7 +3,7 @@
 Every thread but the session loop (`loop.py`) only puts events here and, where it needs one, waits for
 the answer; none changes the session's state or prints:
 
-- the stdin reader: `PromptTyped` for each line, `LineTooLong` for a line dropped as it came;
+- the stdin reader: `PromptTyped` for each line, `LineTooLong` or `LineNotText` for a line dropped as it came;
 - the page's handlers: `PromptTyped` (answered `PromptAccepted` or `PromptRejected`), `ViewerJoined`,
   `ViewerLeft`;
 - the generation thread: `ChunkBoundary` (answered with the segment that starts there, if any),
@@ -73,6 +73,13 @@ class PromptTyped:
 @dataclass(frozen=True)
 class LineTooLong:
     """The stdin reader dropped a line longer than any prompt, as it came."""
+
+
+@dataclass(frozen=True)
+class LineNotText:
+    """The stdin reader dropped a line that is not UTF-8 text; `byte`: where the first bad byte is (1 the first)."""
+
+    byte: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,6 @@ class Closed:
 
 
 Event = (
-    PromptTyped | LineTooLong | ViewerJoined | ViewerLeft | ChunkBoundary | ChunkShown | SessionEnded | Stop
-    | StopIgnored | Closed
+    PromptTyped | LineTooLong | LineNotText | ViewerJoined | ViewerLeft | ChunkBoundary | ChunkShown | SessionEnded
+    | Stop | StopIgnored | Closed
 )  # fmt: skip

@@ -20,12 +20,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..tokens import TokenCounter, prompt_cuts
 from .events import (
     ChunkBoundary,
     ChunkShown,
     Closed,
     Event,
     EventQueue,
+    LineNotText,
     LineTooLong,
     PromptAccepted,
     PromptRejected,
@@ -36,7 +38,15 @@ from .events import (
     ViewerJoined,
     ViewerLeft,
 )
-from .prompts import LINE_TOO_LONG, MAX_PENDING, PAGE_FULL, STDIN_FULL, PromptRefused, checked_prompt
+from .prompts import (
+    LINE_TOO_LONG,
+    MAX_PENDING,
+    PAGE_FULL,
+    STDIN_FULL,
+    PromptRefused,
+    checked_prompt,
+    line_not_text,
+)
 
 if TYPE_CHECKING:
     import queue
@@ -134,13 +144,16 @@ class SessionLoop:
 
     `opening`: the opening script's prompts by their first chunk (`opening_source` says whose: "script" or
     "prompt"); `chunk_seconds` places a segment on the video's timeline; `encode(prompt)` starts a queued
-    prompt's encoding (it must return at once).
+    prompt's encoding (it must return at once); a typed prompt longer than `token_limit` tokens (counted by
+    `count_tokens`, else estimated) is told as `render` tells it (`tokens.PromptCut`), once it has its chunk.
     """
 
     def __init__(self, events: EventQueue, report: LiveReport, *, opening: Mapping[int, str] | None = None,
                  opening_source: str = "prompt", chunk_seconds: float = 0.75,
-                 encode: Callable[[str], None] | None = None):  # fmt: skip
+                 encode: Callable[[str], None] | None = None, token_limit: int | None = None,
+                 count_tokens: TokenCounter | None = None):  # fmt: skip
         self.events, self.report = events, report
+        self._token_limit, self._count_tokens = token_limit, count_tokens
         self._opening = dict(opening or {})
         self._opening_source = opening_source
         self._chunk_seconds = chunk_seconds
@@ -192,6 +205,8 @@ class SessionLoop:
             self._typed(event)
         elif isinstance(event, LineTooLong):
             self.report.warn(LINE_TOO_LONG)
+        elif isinstance(event, LineNotText):
+            self.report.warn(line_not_text(event.byte))
         elif isinstance(event, ChunkBoundary):
             event.answer.give(self._boundary(event.chunk))
         elif isinstance(event, ChunkShown):
@@ -208,7 +223,7 @@ class SessionLoop:
 
     def _typed(self, typed: PromptTyped) -> None:
         try:
-            prompt = checked_prompt(typed.text)
+            prompt = checked_prompt(typed.text, typed.source)
         except PromptRefused as refused:
             self._refuse(typed, str(refused))
             return
@@ -257,6 +272,9 @@ class SessionLoop:
             return None
         self._segments.append(segment)
         self.report.switched(segment, len(self._pending))
+        if segment.received_s is not None and self._token_limit is not None:  # typed (the opening's are told before)
+            for cut in prompt_cuts([segment], self._token_limit, self._count_tokens):
+                self.report.warn(cut.describe())
         return segment
 
     def _shown(self, shown: ChunkShown) -> None:

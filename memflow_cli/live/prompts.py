@@ -6,8 +6,9 @@ checks and queues them (`loop.py`). Before each chunk the generation thread call
 until every byte already written to stdin is read and put on the queue: prompts written before a chunk
 boundary are always seen at that boundary, so a session fed from a pipe is deterministic.
 
-A line is one prompt, stripped of surrounding spaces (`checked_prompt`). A blank line is ignored and a line
-longer than `MAX_PROMPT_CHARS` is refused: either way one line on stderr, and the session goes on.
+A line is one prompt, stripped of surrounding spaces and a leading byte order mark (`checked_prompt`). A blank
+line is ignored, and a line longer than `MAX_PROMPT_CHARS` or not UTF-8 is refused: either way one line on
+stderr, and the session goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from ..text import PROMPT_WHITESPACE, text_problem
-from .events import EventQueue, LineTooLong, PromptTyped
+from .events import EventQueue, LineNotText, LineTooLong, PromptTyped
 
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused (the text encoder reads 512 tokens at most)
 MAX_PENDING = 64  # prompts waiting for their chunk: one more is refused (each takes a chunk, 0.75 s of video)
@@ -32,11 +33,13 @@ class PromptRefused(ValueError):
     """A prompt line that is not used; the message says why, in one line."""
 
 
-def checked_prompt(text: str) -> str:
-    """The prompt of a line (surrounding spaces dropped); raises PromptRefused for a blank or too long one."""
-    prompt = text.strip()
+def checked_prompt(text: str, source: str = "stdin") -> str:
+    """The prompt of a line (surrounding spaces and a leading byte order mark dropped); raises PromptRefused for a
+    blank or too long one, in words for its `source` ("stdin" or "page")."""
+    prompt = text.removeprefix(BOM).strip()
     if not prompt:
-        raise PromptRefused("ignored an empty prompt line (type the prompt, then Enter)")
+        raise PromptRefused(EMPTY_PAGE_PROMPT if source == "page" else "ignored an empty prompt line (type the prompt, "
+                            "then Enter)")  # fmt: skip
     if problem := text_problem(prompt, PROMPT_WHITESPACE):
         raise PromptRefused(f"refused a prompt that {problem}; the story goes on with the current prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -47,11 +50,19 @@ def checked_prompt(text: str) -> str:
     return prompt
 
 
+BOM = "\ufeff"  # a byte order mark: some editors and Windows tools start a text with it
+EMPTY_PAGE_PROMPT = "the prompt is empty: write what happens next"
 LINE_TOO_LONG = (f"refused a prompt line of more than {MAX_PROMPT_CHARS} characters: at most {MAX_PROMPT_CHARS} are "
                  "read; the story goes on with the current prompt")  # fmt: skip
 STDIN_FULL = (f"refused prompt lines: {MAX_PENDING} prompts are waiting for their chunks already; lines are dropped "
               "until one of them has its chunk")  # fmt: skip
 PAGE_FULL = f"{MAX_PENDING} prompts are waiting for their chunks already: send it later"
+
+
+def line_not_text(byte: int) -> str:
+    """The warning for a stdin line that is not UTF-8 (`byte`: its first bad byte, 1 the first)."""
+    return (f"refused a prompt line that is not UTF-8 text (byte {byte}): save or type it as UTF-8; the story goes "
+            "on with the current prompt")  # fmt: skip
 
 
 class StdinReader:
@@ -129,7 +140,12 @@ class StdinReader:
                 self._skipping = True
 
     def _line(self, raw: bytes, now: float) -> None:
-        self._events.put(PromptTyped(raw.decode("utf-8", errors="replace"), now, "stdin"))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:  # refused as a script's text is, not read with U+FFFD in its place
+            self._events.put(LineNotText(error.start + 1))
+            return
+        self._events.put(PromptTyped(text, now, "stdin"))
 
     def close(self) -> None:
         self._closed.set()

@@ -341,8 +341,14 @@ def _handler(server: LiveServer) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             if body is None:
                 return
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as error:  # refused as a script's text is, not read with U+FFFD in its place
+                reason = f"the prompt is not UTF-8 text (byte {error.start + 1}); nothing was queued"
+                self._send(400, json.dumps({"error": reason}).encode(), "application/json")
+                return
             answer: Answer[PromptAccepted | PromptRejected] = Answer()
-            server.events.put(PromptTyped(body.decode("utf-8", errors="replace"), server.clock(), "page", answer))
+            server.events.put(PromptTyped(text, server.clock(), "page", answer))
             try:
                 said = answer.wait(PROMPT_ANSWER_S)
             except queue.Empty:  # the session is not taking prompts (it is being written down)

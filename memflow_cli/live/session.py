@@ -13,14 +13,12 @@ at the next chunk boundary.
 from __future__ import annotations
 
 import bisect
-import os
 import queue
-import select
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,52 +31,17 @@ from ..record import video_record
 from ..script import Story, chunk_for
 from ..settings import GenerationSettings
 from ..snapshots import SnapshotRecord, segments_digest
+from ..tokens import TokenCounter
 from ..update import SnapshotKeeper, StartPoint, remove_snapshots, render_identity
 from .events import Answer, ChunkBoundary, ChunkShown, Event, EventQueue, SessionEnded
 from .loop import Latency, LiveReport, LiveSegment, SessionLoop, SessionRecord
 from .pacing import OnClock, Playback
 from .prompts import StdinReader
-from .replay import ReplaySegment, read_back, replay_text, write_replay
+from .replay import ReplayError, ReplaySegment, replay_story, replay_text, write_replay
+from .start import SessionStop
 
 DEFAULT_AHEAD = 2
 PACE_POLL_S = 0.01  # how often a chunk waiting for the clock looks whether a prompt came
-
-
-class SessionStop:
-    """Ends a session at the next chunk boundary, waking the generation thread if it waits for the clock; set from
-    a signal handler (a flag and a byte on a pipe: nothing there takes a lock). Use as a context manager."""
-
-    def __init__(self) -> None:
-        self.finishing = False  # the video is made; only its files are being written
-        self._set = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-
-    def set(self) -> None:
-        self._set = True
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: float) -> None:
-        """Sleep up to `timeout` seconds; returns early once set."""
-        if timeout <= 0 or self._set:
-            return
-        try:
-            select.select([self._wake_r], [], [], timeout)
-        except InterruptedError:  # a signal: let the caller look again
-            pass
-
-    def __enter__(self) -> SessionStop:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -96,6 +59,8 @@ class LiveRequest:
     overwrite: bool = False
     snapshots: bool = False  # a snapshot at every prompt switch, for `render OUT.yaml --update` after an edit
     replay_options: str = ""  # the render options that make the same video (model, device, ...), for OUT.yaml
+    token_limit: int | None = None  # tokens of a prompt the text encoder reads: a typed prompt past it is told
+    count_tokens: TokenCounter | None = field(default=None, compare=False)  # the model's tokenizer (None: estimated)
 
     @property
     def script(self) -> Path:
@@ -105,7 +70,7 @@ class LiveRequest:
 @dataclass(frozen=True)
 class LiveResult:
     path: Path
-    script: Path
+    script: Path | None  # None: it could not be written (`replay_problem` says why)
     sidecar: Path
     chunks: int
     video_frames: int
@@ -120,6 +85,7 @@ class LiveResult:
     stalled_frames: tuple[tuple[int, float], ...] = ()  # (frame that came late, seconds the picture stood), first 100
     chunk_times: tuple[float, ...] = ()  # per chunk after the first: from its start (after its wait for the
     # clock) to its frames out: generation, a switch's re-cache, the decode
+    replay_problem: str | None = None  # why the replay script could not be written (the video and sidecar are)
 
     def latency_summary(self) -> dict[str, Any]:
         screen = [latency.to_screen_s for latency in self.latencies]
@@ -162,11 +128,11 @@ class LiveVideo:
     def at(self, chunk: int) -> tuple[int, torch.Tensor] | None:
         """Which prompt drives `chunk`, once the clock lets it start; None: the session ends before it."""
         if self.limit is not None and chunk >= self.limit:
-            return None
+            return self._last()
         if chunk > 0:
             self._pace(chunk)
             if self.stopped.is_set():
-                return None
+                return self._last()
         self.playback.started(time.perf_counter())
         self.reader.sync()  # the lines written before this boundary are on the queue before the question
         segment: LiveSegment | None = ask(self.loop, lambda answer: ChunkBoundary(chunk, answer))
@@ -177,6 +143,10 @@ class LiveVideo:
             self.segments.append(segment)
             self._starts.append(chunk)
         return self.segments[-1].index, self._embeds
+
+    def _last(self) -> None:
+        """No chunk is made any more: from here a signal does not cut the video's files short."""
+        self.stopped.finishing = True
 
     def _pace(self, chunk: int) -> None:
         """Wait until the pacer lets `chunk` start (or the session stops).
@@ -221,7 +191,8 @@ def run_live(
     # a prompt is encoded as soon as the loop takes it, beside generation: at its chunk it is (nearly) ready
     loop = SessionLoop(events, report, opening=opening, chunk_seconds=geometry.chunk_seconds,
                        opening_source="script" if request.opening_script is not None else "prompt",
-                       encode=lambda prompt: engine.prefetch([prompt], beside_render=True))  # fmt: skip
+                       encode=lambda prompt: engine.prefetch([prompt], beside_render=True),
+                       token_limit=request.token_limit, count_tokens=request.count_tokens)  # fmt: skip
     started = time.perf_counter()
     with loop:
         video = LiveVideo(engine, request, reader, loop, playback, stopped)
@@ -237,8 +208,9 @@ def run_live(
                         assert chunk.frames is not None
                         _shown(events, playback, playback.made(chunk, len(chunk.frames), time.perf_counter()))
                 _shown(events, playback, playback.finish(time.perf_counter()))  # shorter than the pre-roll
-                stopped.finishing = True  # from here on a signal does not cut the files short
+                stopped.finishing = True  # (where the stream ended without asking for another chunk)
             except KeyboardInterrupt:
+                stopped.finishing = True  # a further signal does not cut the partial file short
                 raise RenderInterrupted(writer.abort(), writer.frames_written) from None
         seconds = time.perf_counter() - started
         record: SessionRecord = ask(loop, SessionEnded)
@@ -260,24 +232,28 @@ def _shown(events: EventQueue, playback: Playback[Chunk], shown: list[OnClock[Ch
 def _write_down(engine: Engine, request: LiveRequest, settings: GenerationSettings, video: LiveVideo,
                 playback: Playback[Chunk], record: SessionRecord, keeper: SnapshotKeeper | None, started: float,
                 seconds: float) -> LiveResult:  # fmt: skip
-    """The replay script, read back as `render` will read it, then the sidecar."""
+    """The replay script, read back as `render` will read it, then the sidecar (written even where the replay
+    script could not be)."""
     clock = playback.clock
     made = playback.chunks_on_clock
     segments = tuple(s for s in video.segments if s.start_chunk < made)
-    text = replay_text(
-        title=request.title, seed=request.seed, settings=settings,
-        segments=[ReplaySegment(s.start_chunk, s.prompt) for s in segments], chunks=made, video=request.target,
-        options=request.replay_options,
-    )  # fmt: skip
-    write_replay(request.script, text)
-    story = read_back(request.script, engine.geometry, made, [s.start_chunk for s in segments])
+    replayed = [ReplaySegment(s.start_chunk, s.prompt) for s in segments]
+    story = replay_story(path=request.script, title=request.title, seed=request.seed, settings=settings,
+                         segments=replayed, chunks=made)  # fmt: skip
+    text = replay_text(title=request.title, seed=request.seed, settings=settings, segments=replayed, chunks=made,
+                       video=request.target, options=request.replay_options)  # fmt: skip
+    problem = None
+    try:
+        story = write_replay(request.script, text, story, engine.geometry)
+    except ReplayError as error:
+        problem = str(error)
     result = LiveResult(
-        path=request.target, script=request.script, sidecar=request.target.with_suffix(".json"), chunks=made,
-        video_frames=clock.frames, seconds=seconds, segments=segments, latencies=record.latencies,
+        path=request.target, script=None if problem else request.script, sidecar=request.target.with_suffix(".json"),
+        chunks=made, video_frames=clock.frames, seconds=seconds, segments=segments, latencies=record.latencies,
         stalls=len(clock.stalls), stalled_s=clock.stalled_s, slower_than_real_time=record.slower_than_real_time,
         stalled_frames=tuple((stall.frame, stall.seconds) for stall in clock.stalls[:100]),
         ended_by=record.ended_by or "duration", unused_prompts=record.unused_prompts,
-        chunk_times=tuple(playback.work_s[1:]),
+        chunk_times=tuple(playback.work_s[1:]), replay_problem=problem,
     )  # fmt: skip
     kept = keeper.finish() if keeper is not None else None
     if keeper is None:

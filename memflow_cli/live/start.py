@@ -4,8 +4,10 @@ it, and the replay line. Everything here happens before or around `session.run_l
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import select
 import shlex
 import signal
 import sys
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..companions import one_file
 from ..output import OutputError, reserved_output
@@ -21,13 +23,11 @@ from ..plan import PlanError
 from ..report import STOP_SIGNALS, Terminated
 from ..request import CompileMode, GenerationOptions
 from ..script import ScriptError, Segment, Story, load_scripts
+from ..text import text_problem
 from .events import EventQueue, Stop, StopIgnored
 from .prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
 from .replay import is_replay_script
 from .server import LiveServer
-
-if TYPE_CHECKING:
-    from .session import SessionStop
 
 MAX_TITLE_BYTES = 200
 
@@ -66,7 +66,9 @@ def opening_story(script: Path | None, prompt: str | None, output: Path, geometr
     except PromptRefused:
         raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
                         "tab and newline") from None  # fmt: skip
-    title = output.stem.strip() or "live"
+    title = output.stem.strip()
+    if not title or text_problem(title):  # the replay script's title names a video: text on one line
+        title = "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
     story = Story(path=Path("--prompt"), title=title, seed=0, duration_s=geometry.chunk_seconds,
@@ -101,16 +103,64 @@ def bound_server(stack: ExitStack, address, events: EventQueue, public: bool, fp
                         "choose another port (0 picks a free one)") from None
 
 
+class SessionStop:
+    """How far a session is, as the signal handler (`stop_on_signals`) reads it, and the stop that ends it at the
+    next chunk boundary, waking the generation thread if it waits for the clock (a flag and a byte on a pipe:
+    nothing there takes a lock). Use as a context manager."""
+
+    def __init__(self) -> None:
+        self.running = False  # the session has begun: a first signal ends it at the next chunk boundary
+        self.finishing = False  # no chunk is made any more (the last one is, or the video is aborted): its files
+        # are being written and reported, and a signal changes nothing
+        self._set = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def set(self) -> None:
+        self._set = True
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds; returns early once set."""
+        if timeout <= 0 or self._set:
+            return
+        try:
+            select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:  # a signal: let the caller look again
+            pass
+
+    def __enter__(self) -> SessionStop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
 @contextmanager
 def stop_on_signals(stop: SessionStop, events: EventQueue) -> Iterator[None]:
-    """The first SIGINT, SIGTERM or SIGHUP ends the session at the next chunk; a second one aborts it. The handler
-    only sets the stop and tells the session loop (which says it)."""
+    """SIGINT, SIGTERM and SIGHUP over the whole command, by how far the session is (`stop`):
+
+    - before it runs (checks, the model's load), one stops the command at once, as in `render`
+      (KeyboardInterrupt, or `Terminated`);
+    - while it runs, the first one ends it at the next chunk and a second one aborts it (the same exceptions);
+    - once no chunk is made any more (the video's files are being finished, written down and reported), one
+      changes nothing: the session loop, while it runs, says so.
+
+    The handler only sets the stop and tells the session loop (which says it), or raises.
+    """
 
     def handle(signum: int, frame: Any) -> None:
         if stop.finishing:
             events.put(StopIgnored())
             return
-        if stop.is_set():
+        if not stop.running or stop.is_set():
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
         stop.set()
         events.put(Stop("ctrl-c" if signum == signal.SIGINT else signal.Signals(signum).name.lower()))
@@ -121,6 +171,17 @@ def stop_on_signals(stop: SessionStop, events: EventQueue) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if stop.finishing:  # the files are complete (or kept partial) and said: a late signal changes nothing ...
+            atexit.unregister(_ignore_stop_signals)
+            atexit.register(_ignore_stop_signals)  # ... nor kills the process while Python shuts down
+
+
+def _ignore_stop_signals() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP while the interpreter shuts down (with torch loaded, about a second), once
+    a session has ended and said how: Python's own handlers are gone by then, and a signal would kill the process
+    with another exit code than the one the session reported."""
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def replay_options(options: GenerationOptions, compile: bool | None) -> str:
