@@ -17,7 +17,6 @@ load too; the official files win where both are present.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError
+from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError, not_a_file, read_json_file
 from ..text import did_you_mean
 
 MEMFLOW_REPO = "KlingTeam/MemFlow"
@@ -246,10 +245,13 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
         return [single]
     if not index.is_file():
         return []
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, AttributeError) as err:
-        raise WeightsError(f"{index}: {TRUNCATED} ({err})") from None
+    content = read_json_file(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise WeightsError(f"no `weight_map` of tensor names to shard files: {TRUNCATED}", index)
+    shards = sorted(set(weight_map.values()))
+    if any(Path(name).name != name or name in ("", ".", "..") for name in shards):
+        raise WeightsError(f"a shard named outside its folder: {TRUNCATED}", index)
     return [index] + [folder / name for name in shards]
 
 
@@ -261,7 +263,7 @@ def _diffusers_files(base: Path, lora: Path, wan_root: Path) -> ModelFiles:
         text_encoder_dir=wan_root / "text_encoder",
         tokenizer_dir=wan_root / "tokenizer",
         vae=wan_root / "vae",
-        transformer_config=config if config.is_file() else None,
+        transformer_config=_given(config),
     )
 
 
@@ -273,7 +275,11 @@ def _official_files(base: Path, lora: Path, wan_dir: Path) -> ModelFiles:
         text_encoder_dir=wan_dir / OFFICIAL_T5_FILE,
         tokenizer_dir=wan_dir / OFFICIAL_TOKENIZER_DIR,
         vae=wan_dir / OFFICIAL_VAE_FILE,
-        transformer_config=config if config.is_file() else None,
+        transformer_config=_given(config),
     )
 
 
+def _given(config: Path) -> Path | None:
+    """The transformer's config.json where something is at its place (read and refused there if it is no JSON
+    file: a FIFO, a device, a folder or a link to nothing are not taken as no config); None where nothing is."""
+    return config if config.is_file() or not_a_file(config) else None
