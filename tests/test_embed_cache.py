@@ -169,8 +169,8 @@ def test_the_bound_comes_from_the_environment_and_zero_turns_the_cache_off(tmp_p
         settings = EmbedCacheSettings.from_environment({**env, SIZE_ENV: "lots"})
     assert settings.max_bytes == DEFAULT_GIB * 2**30
     assert warnings_of(caplog) == [
-        f"{SIZE_ENV}='lots' is not a size in GiB (like 2 or 0.5; 0 turns the cache off): the prompt-embedding "
-        "cache keeps its default of 2 GiB"
+        f"{SIZE_ENV}='lots' is not a size in GiB (like 2 or 0.5, at most 2**20; 0 turns the cache off): the "
+        "prompt-embedding cache keeps its default of 2 GiB"
     ]
 
 
