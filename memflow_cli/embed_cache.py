@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load, save
 
 from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
+from .loading import error_words
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class EmbeddingCache:
             rows = load(data)[_TENSOR]
             text_len, dim = int(metadata["text_len"]), int(metadata["dim"])
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut file
-            raise ValueError(f"unreadable: {type(error).__name__}") from None
+            raise ValueError(f"unreadable: {error_words(error)}") from None
         if rows.dim() != 2 or rows.shape[0] > text_len or rows.shape[1] != dim:
             raise ValueError(f"holds a tensor of shape {tuple(rows.shape)}, not up to [{text_len}, {dim}]")
         if rows.dtype != self.dtype:  # the file is written in the encoder's dtype: another one was not written so

@@ -64,10 +64,22 @@ def _load_failure(err: Exception) -> str:
     """What torch.load's exception says about the file, in words."""
     if isinstance(err, EOFError):
         return "the file ends early"
+    if isinstance(err, KeyError):  # torch's legacy reader looks the first byte up as a pickle opcode
+        return "torch cannot read it: it starts with no pickle nor zip header"
+    return f"torch cannot read it: {error_words(err)}"
+
+
+def error_words(err: BaseException) -> str:
+    """What a library's exception says, in words: the first sentence of its message (at most 160 characters), or
+    what its kind means where it says nothing."""
+    first = str(err).strip().split("\n")[0].split(". ")[0].strip()
+    if first and not isinstance(err, KeyError):  # a KeyError's message is the bare key
+        return first[:160]
     if isinstance(err, MemoryError):
-        return "its contents claim more memory than there is"
-    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-    return f"torch cannot read it: {first}" if first else f"torch cannot read it ({type(err).__name__})"
+        return "its sizes claim more memory than there is"
+    if isinstance(err, (EOFError, KeyError, IndexError)):
+        return "it ends early or lacks a part it names"
+    return f"an unexpected {type(err).__name__}"
 
 
 def not_a_file(path: Path | str) -> str | None:
@@ -153,8 +165,10 @@ def prefetch_files(*paths: Path | str | None) -> None:
 
 def _unpickler_reason(err: pickle.UnpicklingError) -> str:
     """The one informative line of torch's long weights_only message."""
+    if blocked := re.search(r"unsupported GLOBAL (\S+?) whose module", str(err)):  # a blocked module's function
+        return f"Unsupported global: {blocked.group(1)}"
     match = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)", str(err))
-    return match.group(1) if match else type(err).__name__
+    return match.group(1) if match else "no pickle torch can read"
 
 
 def read_json_config(path: Path, what: str) -> dict[str, Any]:

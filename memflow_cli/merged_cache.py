@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
+from .loading import error_words
 from .text import ascii_int
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class MergedCache:
         except ValueError:
             raise
         except (OSError, SafetensorError) as error:  # a cut or garbled file (not an out-of-memory: that is raised)
-            raise ValueError(f"unreadable: {type(error).__name__}") from None
+            raise ValueError(f"unreadable: {error_words(error)}") from None
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != _dtype(key):
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}")

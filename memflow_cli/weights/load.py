@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..loading import TRUNCATED, WeightsError, read_json_config, read_torch_file
+from ..loading import TRUNCATED, WeightsError, error_words, read_json_config, read_torch_file
 from ..merged_cache import ConvertKey, MergedCache
 from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 from ..wan_vae import WanVAE, WanVAEConfig
@@ -157,7 +157,7 @@ def _read_decode_tensors(
     except FileNotFoundError:
         raise WeightsError("file not found", path) from None
     except (OSError, SafetensorError) as err:  # a cut or garbled file; anything else (out of memory) is no file's fault
-        raise WeightsError(f"{TRUNCATED} ({type(err).__name__})", path) from None
+        raise WeightsError(f"{TRUNCATED} ({error_words(err)})", path) from None
     return unexpected
 
 

@@ -176,12 +176,16 @@ def _cached_snapshot(repo: str, patterns: tuple[str, ...], cache_dir: Path) -> P
 
 
 def _resolve_folder(root: Path) -> ModelFiles:
+    if root.is_file():
+        raise WeightsError(f"{root}: a file, not a weights folder; give the folder that holds {BASE_FILE}, "
+                           f"{LORA_FILE} and {WAN_DIR}/")  # fmt: skip
     if not root.is_dir():
-        raise WeightsError(f"{root}: no such weights folder; {did_you_mean(str(root), MODEL_WORDS, '--model ')}"
+        what = (not_a_file(root) or "no such weights folder").replace("not a file", "not a weights folder")
+        raise WeightsError(f"{root}: {what}; {did_you_mean(str(root), MODEL_WORDS, '--model ')}"
                            f"run `{DOWNLOAD_COMMAND}` or pass an existing folder")  # fmt: skip
     checkpoints = root / OFFICIAL_CHECKPOINTS_DIR if (root / OFFICIAL_CHECKPOINTS_DIR).is_dir() else root
     base, lora = checkpoints / BASE_FILE, checkpoints / LORA_FILE
-    missing = [str(p) for p in (base, lora) if not p.is_file()]
+    missing = [_named(p) for p in (base, lora) if not p.is_file()]
     layout, wan_root = _find_wan_root(root)
     parts_missing = _diffusers_missing(wan_root) if layout == "diffusers" else _official_missing(wan_root)
     missing += [str(wan_root / item) for item in parts_missing]
@@ -190,6 +194,12 @@ def _resolve_folder(root: Path) -> ModelFiles:
     if layout == "diffusers":
         return _diffusers_files(base, lora, wan_root)
     return _official_files(base, lora, wan_root)
+
+
+def _named(path: Path) -> str:
+    """A missing file's path, with what is there instead where something is (`a folder, not a file`)."""
+    kind = not_a_file(path)
+    return f"{path} ({kind})" if kind else str(path)
 
 
 def _find_wan_root(root: Path) -> tuple[str, Path]:
