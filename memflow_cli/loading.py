@@ -152,7 +152,7 @@ def prefetch_files(*paths: Path | str | None) -> None:
         path = Path(path)
         for file in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
             try:
-                descriptor = os.open(file, os.O_RDONLY)
+                descriptor = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO is not waited on
             except OSError:
                 continue
             try:
