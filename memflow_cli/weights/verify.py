@@ -86,6 +86,8 @@ def _against_release(result: CheckResult, expected_bytes: int | None) -> CheckRe
         detail = f"{actual:,} bytes where the release has {expected_bytes:,}: not the released file: {TRUNCATED}"
     else:
         return replace(result, detail=f"{result.detail}; size as released") if result.ok else result
+    if not result.ok and not result.detail.startswith(("missing", "empty")):  # what its contents say, then its size
+        detail = f"{result.detail.removesuffix(f': {TRUNCATED}')}; {detail}"
     return CheckResult(result.name, result.path, False, detail)
 
 
