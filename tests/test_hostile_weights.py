@@ -17,7 +17,7 @@ import pytest
 from memflow_cli.loading import CONFIG_MAX_BYTES, WeightsError, read_json_file, read_transformer_config
 from memflow_cli.merged_cache import CONVERTED_VAE, DEFAULT_KEEP, KEEP_ENV, MergedCacheSettings
 from memflow_cli.settings import LORA_ALPHA_MAX, LoraSettings, SettingsError
-from memflow_cli.weights import resolve_model, verify
+from memflow_cli.weights import load_text_encoder, resolve_model, verify
 from memflow_cli.weights.locate import weight_files
 
 from .cli_helpers import EXAMPLES, memflow
@@ -275,3 +275,18 @@ def test_a_plain_pickle_or_a_text_at_base_pt_is_one_line_in_words(tmp_path):
     rows = {row.name: row for row in verify(resolve_model(root))}
     assert rows["base"].detail.endswith("(torch cannot read it: it starts with no pickle nor zip header)")
     assert "KeyError" not in rows["base"].detail
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"])
+def test_tokenizer_json_that_transformers_would_choke_on_is_refused_first(tmp_path, name):
+    root = weights_folder(tmp_path / "w")
+    files = resolve_model(root)
+    bad = files.tokenizer_dir / name
+    if name == "tokenizer.json":
+        bad.unlink()
+        os.mkfifo(bad)  # transformers would wait on it for ever
+    else:
+        bad.write_text(DEEP)
+    refused = at_once(load_text_encoder, files)
+    assert isinstance(refused, WeightsError) and str(refused).startswith(f"{bad}: ")
+    assert ("a named pipe (FIFO)" if name == "tokenizer.json" else "nested too deeply") in str(refused)
