@@ -220,9 +220,8 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             return f"the field {name!r} is {preview(value)}: it must be a whole number from 1 to {high:,}"
     patch = config.get("patch_size", [1, 1, 1])
-    if not isinstance(patch, list) or len(patch) != 3 or not all(
-        isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= _PATCH_MAX for side in patch
-    ):
+    sides = patch if isinstance(patch, list) and len(patch) == 3 else [0]
+    if not all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= _PATCH_MAX for side in sides):
         return f"the field 'patch_size' is {preview(patch)}: it must be 3 whole numbers from 1 to {_PATCH_MAX}"
     eps = config.get("eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:  # NaN fails here too
