@@ -47,8 +47,8 @@ def read_torch_file(path: Path | str) -> Any:
         kind = not_a_file(path)
         raise WeightsError(f"{kind}: {NOT_A_FILE_FIX}" if kind else f"file not found: run `{DOWNLOAD_COMMAND}`", path)
     try:
-        with warnings.catch_warnings():  # a legacy (non-zip) file warns that mmap needs the zip format: memflow
-            warnings.simplefilter("ignore")  # reports what is wrong with a file in its own line
+        with warnings.catch_warnings():  # torch warns of a plain pickle's protocol before refusing it: memflow
+            warnings.simplefilter("ignore")  # says what is wrong with a file in its own one line
             return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(err)
@@ -197,7 +197,7 @@ def read_transformer_config(path: Path | str | None) -> TransformerConfig:
         raise WeightsError(f"unusable transformer config: {problem}", path)
     try:
         return TransformerConfig.from_wan_config(data)
-    except SettingsError as err:
+    except (SettingsError, TypeError, ValueError) as err:
         raise WeightsError(f"unusable transformer config: {err}", path) from None
 
 
@@ -234,10 +234,12 @@ def _config_problem(config: dict[str, Any]) -> str | None:
 
 def _wan_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
     """diffusers `WanTransformer3DModel` config -> original Wan config.json names."""
-    heads = config["num_attention_heads"]
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    if not all(isinstance(size, int) and not isinstance(size, bool) for size in (heads, head_dim)):
+        raise TypeError("the fields 'num_attention_heads' and 'attention_head_dim' must be whole numbers")
     return {
         "model_type": "t2v" if config.get("image_dim") is None else "i2v",
-        "dim": heads * config["attention_head_dim"],
+        "dim": heads * head_dim,
         "ffn_dim": config["ffn_dim"],
         "num_heads": heads,
         "num_layers": config["num_layers"],

@@ -174,6 +174,9 @@ def test_a_nan_eps_and_an_overflowing_diffusers_config_are_refused(tmp_path):
     path.write_text(json.dumps(diffusers))
     with pytest.raises(WeightsError, match="the field 'ffn_dim' is missing"):
         read_transformer_config(path)
+    path.write_text(json.dumps({**diffusers, "num_attention_heads": [1], "attention_head_dim": 10**12}))
+    with pytest.raises(WeightsError, match="'num_attention_heads' and 'attention_head_dim' must be whole numbers"):
+        read_transformer_config(path)  # a list times 1e12 would take all memory
 
 
 def test_a_huge_dim_is_one_line_from_render_not_an_overflow(tmp_path):
