@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load, save
 
 from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
+from .loading import error_words
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,10 @@ FORMAT = "memflow-prompt-embedding"
 VERSION = 1
 SUFFIX = ".safetensors"
 DEFAULT_GIB = 2.0
+MAX_GIB = 2.0**20  # a PiB: more than any disk; a larger bound is no size (and 1e308 GiB no whole number of bytes)
 SIZE_ENV = "MEMFLOW_EMBED_CACHE_GIB"
 _TENSOR = "embeds"
+MAX_FILE_BYTES = 64 << 20  # the real model's file is 4 MiB at most (512 x 4096 bf16 values)
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,14 @@ class EmbedCacheSettings:
         raw = environ.get(SIZE_ENV, "").strip()
         if not raw:
             return cls(folder)
-        try:
-            gib = float(raw)
+        try:  # the digits 0-9 only: float() would also read `1_0` and other scripts' digits
+            gib = float(raw) if raw.isascii() and "_" not in raw else math.nan
         except ValueError:
             gib = math.nan
-        if not math.isfinite(gib) or gib < 0:
+        if not math.isfinite(gib) or not 0 <= gib <= MAX_GIB:
             log.warning(
-                "%s=%r is not a size in GiB (like 2 or 0.5; 0 turns the cache off): the prompt-embedding "
-                "cache keeps its default of %g GiB", SIZE_ENV, raw, DEFAULT_GIB,
+                "%s=%r is not a size in GiB (like 2 or 0.5, at most 2**20; 0 turns the cache off): the "
+                "prompt-embedding cache keeps its default of %g GiB", SIZE_ENV, raw, DEFAULT_GIB,
             )  # fmt: skip
             return cls(folder)
         return cls(folder, int(gib * 2**30))
@@ -99,14 +103,12 @@ class EmbeddingCache:
         """The cached embeddings of `prompt` (float32 on the CPU), or None: not cached, or not usable (warned)."""
         path = self.path(prompt)
         try:
-            data = path.read_bytes()
+            embeds = self._decode(_file_bytes(path), prompt)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as error:
             log.warning("cannot read the cached prompt embedding %s (%s): the prompt is encoded again", path, error)
             return None
-        try:
-            embeds = self._decode(data, prompt)
         except ValueError as problem:
             log.warning("ignored the cached prompt embedding %s (%s): the prompt is encoded again", path, problem)
             return None
@@ -126,9 +128,13 @@ class EmbeddingCache:
             rows = load(data)[_TENSOR]
             text_len, dim = int(metadata["text_len"]), int(metadata["dim"])
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut file
-            raise ValueError(f"unreadable: {type(error).__name__}") from None
+            raise ValueError(f"unreadable: {error_words(error)}") from None
         if rows.dim() != 2 or rows.shape[0] > text_len or rows.shape[1] != dim:
             raise ValueError(f"holds a tensor of shape {tuple(rows.shape)}, not up to [{text_len}, {dim}]")
+        if rows.dtype != self.dtype:  # the file is written in the encoder's dtype: another one was not written so
+            raise ValueError(f"holds {rows.dtype} values where the text encoder's are {self.dtype}")
+        if not torch.isfinite(rows).all():  # a render from such embeddings is a black video
+            raise ValueError("holds values that are not finite (NaN or infinity)")
         embeds = torch.zeros(text_len, dim, dtype=torch.float32)
         embeds[: rows.shape[0]] = rows.float()
         return embeds
@@ -196,6 +202,22 @@ class EmbeddingCache:
         return sum(path.stat().st_size for path in self.folder.glob("*" + SUFFIX)) if self.folder.is_dir() else 0
 
 
+def _file_bytes(path: Path) -> bytes:
+    """A cache file's bytes: OSError where it cannot be read (FileNotFoundError where it is not there), ValueError
+    where it is no regular file (a FIFO is not waited on, a device not read) or larger than any cache file."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{info.st_size:,} bytes, larger than any prompt's embeddings")
+        with os.fdopen(os.dup(descriptor), "rb") as file:
+            return file.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(descriptor)
+
+
 def _header_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors file's header (8-byte little-endian length, then JSON)."""
     if len(data) < 8:
@@ -205,7 +227,7 @@ def _header_metadata(data: bytes) -> dict[str, str]:
         raise ValueError("truncated")
     try:
         header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError("not a safetensors file") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata if isinstance(metadata, dict) else {}

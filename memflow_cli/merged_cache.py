@@ -40,6 +40,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
+from .loading import error_words
+from .text import ascii_int
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ CONVERT_VERSION = 1
 SUFFIX = ".safetensors"
 KEEP_ENV = "MEMFLOW_MERGED_CACHE_FILES"
 DEFAULT_KEEP = 2
+MAX_KEEP = 1000  # files of GiBs each: more is no bound
 
 
 @dataclass(frozen=True)
@@ -124,13 +127,14 @@ class MergedCacheSettings:
         raw = environ.get(KEEP_ENV, "").strip()
         if not raw:
             return cls(folder, kind=kind)
-        if not raw.isdigit():
+        keep = ascii_int(raw) if len(raw) <= len(str(MAX_KEEP)) else None
+        if keep is None or not 0 <= keep <= MAX_KEEP:
             log.warning(
-                "%s=%r is not a whole number of files (like 2; 0 turns the cache off): the %s "
-                "cache keeps its default of %d files", KEEP_ENV, raw, kind.label, DEFAULT_KEEP,
+                "%s=%r is not a whole number of files (like 2, at most %d; 0 turns the cache off): the %s "
+                "cache keeps its default of %d files", KEEP_ENV, raw, MAX_KEEP, kind.label, DEFAULT_KEEP,
             )  # fmt: skip
             return cls(folder, kind=kind)
-        return cls(folder, int(raw), kind)
+        return cls(folder, keep, kind)
 
 
 class MergedCache:
@@ -190,7 +194,7 @@ class MergedCache:
         except ValueError:
             raise
         except (OSError, SafetensorError) as error:  # a cut or garbled file (not an out-of-memory: that is raised)
-            raise ValueError(f"unreadable: {type(error).__name__}") from None
+            raise ValueError(f"unreadable: {error_words(error)}") from None
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != _dtype(key):
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}")

@@ -212,6 +212,9 @@ class SamplerSettings:
         _check_range("shift", self.shift)
 
 
+LORA_ALPHA_MAX = 1e6  # the released alpha is 256: a million scales the adapter 4000 times as much, still finite
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """How `lora.pt` is scaled when merged: alpha / rank (released: rank 256, alpha 256)."""
@@ -224,6 +227,9 @@ class LoraSettings:
             raise SettingsError("lora_rank", f"must be a whole number from 1 up, got {preview(self.rank)}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise SettingsError("lora_alpha", f"must be a finite number, got {preview(self.alpha)}")
+        if abs(self.alpha) > LORA_ALPHA_MAX:  # alpha / rank scales B @ A: a larger scale overflows merged weights
+            bound = f"{LORA_ALPHA_MAX:,.0f}"
+            raise SettingsError("lora_alpha", f"must be from -{bound} to {bound}, got {self.alpha:g}")
 
 
 @dataclass(frozen=True)

@@ -383,17 +383,17 @@ def test_read_wan_1_3b_config(tmp_path):
 
 def test_config_errors(tmp_path):
     missing = tmp_path / "config.json"
-    with pytest.raises(WeightsError, match="config file not found") as err:
+    with pytest.raises(WeightsError, match="file not found") as err:
         read_transformer_config(missing)
     assert err.value.path == missing
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"dim": 64,')
-    with pytest.raises(WeightsError, match="not a readable JSON config") as err:
+    with pytest.raises(WeightsError, match="not valid JSON") as err:
         read_transformer_config(bad)
     assert str(bad) in str(err.value)
 
-    with pytest.raises(WeightsError, match="not a readable JSON config"):
+    with pytest.raises(WeightsError, match="a folder, not a file"):
         read_transformer_config(tmp_path)  # a directory
 
     array = tmp_path / "array.json"
@@ -416,7 +416,7 @@ def test_config_errors(tmp_path):
 def test_binary_config_is_reported(tmp_path):
     path = tmp_path / "config.json"
     path.write_bytes(b"\xff\xfe\x00\x81binary")
-    with pytest.raises(WeightsError, match="not a readable JSON config"):
+    with pytest.raises(WeightsError, match="not valid JSON"):
         read_transformer_config(path)
 
 

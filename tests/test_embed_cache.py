@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 import warnings
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load, save
 
 from memflow_cli import demo
 from memflow_cli.cache_dir import CACHE_DIR_ENV, cache_root
 from memflow_cli.decoders import DecoderChoice, DecoderRequest
-from memflow_cli.embed_cache import DEFAULT_GIB, SIZE_ENV, EmbedCacheSettings, EmbeddingCache
+from memflow_cli.embed_cache import DEFAULT_GIB, MAX_FILE_BYTES, SIZE_ENV, EmbedCacheSettings, EmbeddingCache
 from memflow_cli.engine import load_engine
 from memflow_cli.output import memflow_sidecar, sidecar_path
 from memflow_cli.prompt_embeds import CACHED, ENCODED, RENDER_HEADROOM_GIB, PromptEmbeddings, fits_beside_render
@@ -118,6 +121,53 @@ def test_a_damaged_file_is_ignored_with_one_warning_and_replaced(tmp_path, caplo
     assert torch.equal(cache.get(PROMPTS[0]), embeds(0))
 
 
+def with_values(path: Path, change) -> None:
+    """Rewrite a cache file with its header (format, key) as it is and its tensor changed by `change`."""
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+    rows = load(path.read_bytes())["embeds"]
+    path.write_bytes(save({"embeds": change(rows).contiguous()}, metadata=metadata))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda rows: torch.full_like(rows, math.nan), "holds values that are not finite (NaN or infinity)"),
+        (lambda rows: torch.where(rows == 0, rows, math.inf), "holds values that are not finite (NaN or infinity)"),
+        (lambda rows: rows.half(), "holds torch.float16 values where the text encoder's are torch.float32"),
+    ],
+    ids=["nan", "inf", "float16"],
+)
+def test_a_file_with_its_header_intact_but_values_unusable_is_ignored_with_one_warning(tmp_path, caplog, change,
+                                                                                       reason):  # fmt: skip
+    cache = cache_at(tmp_path)
+    cache.put_many({PROMPTS[0]: embeds(0)})
+    path = cache.path(PROMPTS[0])
+    with_values(path, change)
+    with caplog.at_level(logging.WARNING, LOGGER):
+        assert cache.get(PROMPTS[0]) is None
+    [warning] = warnings_of(caplog)
+    assert warning == f"ignored the cached prompt embedding {path} ({reason}): the prompt is encoded again"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_fifo_device_or_huge_file_at_a_cache_files_place_is_ignored_at_once(tmp_path, caplog, kind):
+    cache = cache_at(tmp_path)
+    path = cache.path(PROMPTS[0])
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # reading it would never end
+    else:
+        with path.open("wb") as file:
+            file.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk space taken
+    with caplog.at_level(logging.WARNING, LOGGER):
+        assert cache.get(PROMPTS[0]) is None
+    [warning] = warnings_of(caplog)
+    assert warning.startswith(f"ignored the cached prompt embedding {path} (")
+    assert ("not a regular file" if kind != "huge" else "larger than any prompt's embeddings") in warning
+
+
 def test_a_file_of_another_prompt_or_version_is_ignored_with_a_warning(tmp_path, caplog):
     cache = cache_at(tmp_path)
     cache.put_many({PROMPTS[0]: embeds(0), PROMPTS[1]: embeds(1)})
@@ -169,9 +219,18 @@ def test_the_bound_comes_from_the_environment_and_zero_turns_the_cache_off(tmp_p
         settings = EmbedCacheSettings.from_environment({**env, SIZE_ENV: "lots"})
     assert settings.max_bytes == DEFAULT_GIB * 2**30
     assert warnings_of(caplog) == [
-        f"{SIZE_ENV}='lots' is not a size in GiB (like 2 or 0.5; 0 turns the cache off): the prompt-embedding "
-        "cache keeps its default of 2 GiB"
+        f"{SIZE_ENV}='lots' is not a size in GiB (like 2 or 0.5, at most 2**20; 0 turns the cache off): the "
+        "prompt-embedding cache keeps its default of 2 GiB"
     ]
+
+
+@pytest.mark.parametrize("value", ["1e308", "inf", "nan", "-1", "-0.5", "²", "١", "1_0", "2 GiB", "9" * 5000])
+def test_a_bound_that_is_no_size_keeps_the_default_with_the_warning(tmp_path, caplog, value):
+    with caplog.at_level(logging.WARNING, LOGGER):
+        settings = EmbedCacheSettings.from_environment({CACHE_DIR_ENV: str(tmp_path), SIZE_ENV: value})
+    assert settings.max_bytes == DEFAULT_GIB * 2**30
+    [warning] = warnings_of(caplog)
+    assert warning.startswith(f"{SIZE_ENV}=") and warning.endswith("cache keeps its default of 2 GiB")
 
 
 # -- in the engine (demo model, CPU) --------------------------------------------------------------------
@@ -250,13 +309,17 @@ def test_the_first_prompts_are_ready_when_the_engine_is(tmp_path, monkeypatch):
     assert sorted(encoders.encoded) == sorted(PROMPTS)  # once
 
 
-def test_a_damaged_cache_file_is_encoded_again_with_one_warning(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("damage", ["cut", "nan"])
+def test_a_damaged_cache_file_is_encoded_again_with_one_warning(tmp_path, monkeypatch, caplog, damage):
     encoders = CountingEncoders(monkeypatch)
     settings = EmbedCacheSettings(tmp_path / "cache")
     with load_engine("demo", "cpu", decoder=TAEHV, prompts=PROMPTS, embed_cache=settings) as engine:
         expected = engine.embeddings(PROMPTS)
         damaged = engine.prompts.cache.path(PROMPTS[1])
-    damaged.write_bytes(damaged.read_bytes()[:100])
+    if damage == "cut":
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    else:  # its header as it was: read as it is, these values would render a black video
+        with_values(damaged, lambda rows: torch.full_like(rows, math.nan))
     encoders.encoded.clear()
     with (
         caplog.at_level(logging.WARNING, LOGGER),

@@ -26,10 +26,14 @@ from .common import (
     Sma,
     Steps,
     Window,
+    decimal_number,
     fail,
     reported,
     whole_number,
 )
+
+# --memory-limit: below half a GiB nothing runs; above 4 TiB is no card's memory
+MEMORY_LIMIT_MIN_GIB, MEMORY_LIMIT_MAX_GIB = 0.5, 4096.0
 
 EPILOG = "Examples:  memflow bench --random-weights  |  memflow bench --model demo --device cpu --frames 9"
 
@@ -82,8 +86,8 @@ def bench(
         typer.Option(
             "--memory-limit",
             help="Let PyTorch take at most this many GiB of the --device GPU (does the run fit a smaller card?).",
-            min=0.5,
             metavar="GIB",
+            parser=decimal_number("--memory-limit", MEMORY_LIMIT_MIN_GIB, MEMORY_LIMIT_MAX_GIB, example=24),
         ),
     ] = None,
     time_to_video: Annotated[

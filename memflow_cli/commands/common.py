@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from ..plan import EXIT_BAD_INPUT, EXIT_FAILED, PlanError
 from ..report import print_error
 from ..request import RELEASED_LORA as RELEASED_LORA  # the released lora.pt's rank and alpha: the defaults
+from ..settings import LORA_ALPHA_MAX
 from ..text import ascii_int, one_line
 
 TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
@@ -39,6 +41,34 @@ def whole_number(option: str, low: int | None = None, high: int | None = None) -
         return number
 
     return parse
+
+
+_DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def decimal_number(option: str, low: float, high: float, *, example: float) -> Callable[[Any], float | None]:
+    """The parser of a number option (`typer.Option(parser=...)`): a decimal number in the digits 0-9 (`0.5`,
+    `256`, `1e3`), from `low` to `high`; anything else (nan, inf, other scripts' digits) is one line naming the
+    option, exit 2."""
+
+    def parse(value: Any) -> float | None:
+        if value is None or isinstance(value, float):  # the option's default
+            return value
+        text = str(value)
+        given = one_line(text) or "''"
+        if not _DECIMAL.fullmatch(text):
+            fail(f"{option} {given}: not a number", EXIT_BAD_INPUT, f"give it like {option} {_written(example)}")
+        number = float(text)
+        if not low <= number <= high:
+            fail(f"{option} {given}: give a number from {_written(low)} to {_written(high)}", EXIT_BAD_INPUT)
+        return number
+
+    return parse
+
+
+def _written(number: float) -> str:
+    """`1000000` as `1,000,000` and `0.5` as `0.5`: how a bound reads in a message."""
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
 def time_option(option: str) -> Callable[[Any], float | None]:
@@ -136,7 +166,14 @@ Seed = Annotated[
     typer.Option(help="The noise seed, 0 to 2**64-1. Default: the script's seed (0).", metavar="N",
                  parser=whole_number("--seed")),  # fmt: skip
 ]
-LoraAlpha = Annotated[float, typer.Option(help="Alpha of lora.pt.", metavar="X")]
+LoraAlpha = Annotated[
+    float,
+    typer.Option(
+        help="Alpha of lora.pt.",
+        metavar="X",
+        parser=decimal_number("--lora-alpha", -LORA_ALPHA_MAX, LORA_ALPHA_MAX, example=RELEASED_LORA.alpha),
+    ),
+]
 Device = Annotated[
     str | None,
     typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda if present, else cpu.", metavar="DEVICE"),

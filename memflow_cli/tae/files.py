@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from ..loading import WeightsError
+from ..loading import WeightsError, not_a_file
 from ..weights.locate import hub_cache_dir, hub_offline
 from ..weights.verify import CheckResult
 from .weights import TAE_DOWNLOAD_COMMAND, TAE_FILE, TAE_REPO, TAEW2_1_MIN_BYTES, checked_decoder_state, read_state
@@ -24,7 +24,8 @@ def find_tae_weights(weights: Path | None = None, model_folder: Path | None = No
     """The TAEHV file, or None where there is none (a named file that is missing is an error)."""
     if weights is not None:
         if not weights.expanduser().is_file():
-            raise WeightsError(f"--decoder-weights: no such file; run `{TAE_DOWNLOAD_COMMAND}` or give the path of "
+            what = not_a_file(weights.expanduser()) or "no such file"
+            raise WeightsError(f"--decoder-weights: {what}; run `{TAE_DOWNLOAD_COMMAND}` or give the path of "
                                f"{TAE_FILE}", weights)  # fmt: skip
         return weights.expanduser()
     if model_folder is not None and (model_folder / TAE_FILE).is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import DOWNLOAD_COMMAND, WeightsError, read_torch_file
+from ..loading import DOWNLOAD_COMMAND, WeightsError, error_words, read_torch_file
 from ..seeding import seeded
 from .model import TAEW2_1, TaehvConfig, TaehvDecoder, cudnn_fusion_works, phase_kernel
 
@@ -112,8 +112,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError...: a cut or foreign file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise WeightsError(f"{TAE_TRUNCATED} ({reason})", path) from None
+        raise WeightsError(f"{TAE_TRUNCATED} ({error_words(err)})", path) from None
 
 
 def checked_decoder_state(

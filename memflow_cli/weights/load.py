@@ -20,7 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..loading import TRUNCATED, WeightsError, read_json_config, read_torch_file
+from ..loading import (
+    NOT_A_FILE_FIX,
+    TOKENIZER_JSON_MAX_BYTES,
+    TRUNCATED,
+    WeightsError,
+    error_words,
+    not_a_file,
+    read_json_config,
+    read_json_file,
+    read_torch_file,
+)
 from ..merged_cache import ConvertKey, MergedCache
 from ..text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, load_tokenizer
 from ..wan_vae import WanVAE, WanVAEConfig
@@ -157,7 +167,7 @@ def _read_decode_tensors(
     except FileNotFoundError:
         raise WeightsError("file not found", path) from None
     except (OSError, SafetensorError) as err:  # a cut or garbled file; anything else (out of memory) is no file's fault
-        raise WeightsError(f"{TRUNCATED} ({type(err).__name__})", path) from None
+        raise WeightsError(f"{TRUNCATED} ({error_words(err)})", path) from None
     return unexpected
 
 
@@ -237,10 +247,26 @@ def load_text_encoder(
     max_length: int = DEFAULT_MAX_LENGTH,
 ) -> TextEncoder:
     """The tokenizer and umT5 encoder of either layout, on `device` in `dtype`."""
+    _check_json_files(files.tokenizer_dir, files.text_encoder_dir if files.layout == "diffusers" else None)
     if files.layout == "diffusers":
         return TextEncoder.from_folders(files.tokenizer_dir, files.text_encoder_dir, device, dtype, max_length)
     tokenizer = load_tokenizer(files.tokenizer_dir)
     return TextEncoder(tokenizer, load_wan_t5(files.text_encoder_dir, device, dtype), max_length)
+
+
+def _check_json_files(*folders: Path | None) -> None:
+    """The JSON files transformers will read from the tokenizer's (and a diffusers text encoder's) folder, checked
+    first as memflow reads JSON (`loading.read_json_file`): a WeightsError names a FIFO, a device, a file past its
+    bound or nesting too deep, where transformers would block, read forever or fail with a traceback.
+    `tokenizer.json` (16 MiB) is only checked to be a file of bounded size: its parser (Rust) has a depth limit."""
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []:
+            if path.name != "tokenizer.json":
+                read_json_file(path)
+            elif kind := not_a_file(path):
+                raise WeightsError(f"{kind}: {NOT_A_FILE_FIX}", path)
+            elif path.stat().st_size > TOKENIZER_JSON_MAX_BYTES:
+                raise WeightsError(f"larger than {TOKENIZER_JSON_MAX_BYTES:,} bytes: {TRUNCATED}", path)
 
 
 def load_wan_t5(

@@ -17,7 +17,6 @@ load too; the official files win where both are present.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError
+from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError, not_a_file, read_json_file
 from ..text import did_you_mean
 
 MEMFLOW_REPO = "KlingTeam/MemFlow"
@@ -177,12 +176,16 @@ def _cached_snapshot(repo: str, patterns: tuple[str, ...], cache_dir: Path) -> P
 
 
 def _resolve_folder(root: Path) -> ModelFiles:
+    if root.is_file():
+        raise WeightsError(f"{root}: a file, not a weights folder; give the folder that holds {BASE_FILE}, "
+                           f"{LORA_FILE} and {WAN_DIR}/")  # fmt: skip
     if not root.is_dir():
-        raise WeightsError(f"{root}: no such weights folder; {did_you_mean(str(root), MODEL_WORDS, '--model ')}"
+        what = (not_a_file(root) or "no such weights folder").replace("not a file", "not a weights folder")
+        raise WeightsError(f"{root}: {what}; {did_you_mean(str(root), MODEL_WORDS, '--model ')}"
                            f"run `{DOWNLOAD_COMMAND}` or pass an existing folder")  # fmt: skip
     checkpoints = root / OFFICIAL_CHECKPOINTS_DIR if (root / OFFICIAL_CHECKPOINTS_DIR).is_dir() else root
     base, lora = checkpoints / BASE_FILE, checkpoints / LORA_FILE
-    missing = [str(p) for p in (base, lora) if not p.is_file()]
+    missing = [_named(p) for p in (base, lora) if not p.is_file()]
     layout, wan_root = _find_wan_root(root)
     parts_missing = _diffusers_missing(wan_root) if layout == "diffusers" else _official_missing(wan_root)
     missing += [str(wan_root / item) for item in parts_missing]
@@ -191,6 +194,12 @@ def _resolve_folder(root: Path) -> ModelFiles:
     if layout == "diffusers":
         return _diffusers_files(base, lora, wan_root)
     return _official_files(base, lora, wan_root)
+
+
+def _named(path: Path) -> str:
+    """A missing file's path, with what is there instead where something is (`a folder, not a file`)."""
+    kind = not_a_file(path)
+    return f"{path} ({kind})" if kind else str(path)
 
 
 def _find_wan_root(root: Path) -> tuple[str, Path]:
@@ -246,10 +255,13 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
         return [single]
     if not index.is_file():
         return []
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, AttributeError) as err:
-        raise WeightsError(f"{index}: {TRUNCATED} ({err})") from None
+    content = read_json_file(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise WeightsError(f"no `weight_map` of tensor names to shard files: {TRUNCATED}", index)
+    shards = sorted(set(weight_map.values()))
+    if any(Path(name).name != name or name in ("", ".", "..") for name in shards):
+        raise WeightsError(f"a shard named outside its folder: {TRUNCATED}", index)
     return [index] + [folder / name for name in shards]
 
 
@@ -261,7 +273,7 @@ def _diffusers_files(base: Path, lora: Path, wan_root: Path) -> ModelFiles:
         text_encoder_dir=wan_root / "text_encoder",
         tokenizer_dir=wan_root / "tokenizer",
         vae=wan_root / "vae",
-        transformer_config=config if config.is_file() else None,
+        transformer_config=_given(config),
     )
 
 
@@ -273,7 +285,11 @@ def _official_files(base: Path, lora: Path, wan_dir: Path) -> ModelFiles:
         text_encoder_dir=wan_dir / OFFICIAL_T5_FILE,
         tokenizer_dir=wan_dir / OFFICIAL_TOKENIZER_DIR,
         vae=wan_dir / OFFICIAL_VAE_FILE,
-        transformer_config=config if config.is_file() else None,
+        transformer_config=_given(config),
     )
 
 
+def _given(config: Path) -> Path | None:
+    """The transformer's config.json where something is at its place (read and refused there if it is no JSON
+    file: a FIFO, a device, a folder or a link to nothing are not taken as no config); None where nothing is."""
+    return config if config.is_file() or not_a_file(config) else None

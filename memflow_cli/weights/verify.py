@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,7 +10,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..loading import DOWNLOAD_COMMAND, TRUNCATED, WeightsError, read_torch_file
+from ..loading import (
+    CONFIG_MAX_BYTES,
+    DOWNLOAD_COMMAND,
+    NOT_A_FILE_FIX,
+    TOKENIZER_JSON_MAX_BYTES,
+    TRUNCATED,
+    WeightsError,
+    not_a_file,
+    read_json_file,
+    read_torch_file,
+)
 from .locate import RELEASE_BYTES, ModelFiles, tokenizer_missing, weight_files
 
 
@@ -77,13 +86,17 @@ def _against_release(result: CheckResult, expected_bytes: int | None) -> CheckRe
         detail = f"{actual:,} bytes where the release has {expected_bytes:,}: not the released file: {TRUNCATED}"
     else:
         return replace(result, detail=f"{result.detail}; size as released") if result.ok else result
+    if not result.ok and not result.detail.startswith(("missing", "empty")):  # what its contents say, then its size
+        detail = f"{result.detail.removesuffix(f': {TRUNCATED}')}; {detail}"
     return CheckResult(result.name, result.path, False, detail)
 
 
 
 
 def _present(name: str, path: Path) -> CheckResult | None:
-    """A failed result when the file is absent or empty, else None."""
+    """A failed result when the file is absent, no regular file (a folder, a FIFO, a device) or empty, else None."""
+    if kind := not_a_file(path):
+        return CheckResult(name, path, False, f"{kind}: {NOT_A_FILE_FIX}")
     if not path.is_file():
         return CheckResult(name, path, False, f"missing: run `{DOWNLOAD_COMMAND}`")
     if path.stat().st_size == 0:
@@ -129,10 +142,10 @@ def _check_safetensors(name: str, path: Path) -> CheckResult:
 def _check_json(name: str, path: Path) -> CheckResult:
     if failed := _present(name, path):
         return failed
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        return CheckResult(name, path, False, f"{TRUNCATED} (bad JSON: {err})")
+    try:  # a tokenizer's tokenizer.json is MiBs; every other JSON of the model a config of KiBs
+        read_json_file(path, TOKENIZER_JSON_MAX_BYTES if name.startswith("tokenizer/") else CONFIG_MAX_BYTES)
+    except WeightsError as err:
+        return CheckResult(name, path, False, str(err).removeprefix(f"{path}: "))
     return CheckResult(name, path, True, "valid JSON")
 
 
@@ -140,9 +153,10 @@ def _check_model_dir(role: str, folder: Path, stem: str) -> list[CheckResult]:
     results = [_check_json(f"{role}/config.json", folder / "config.json")]
     try:
         weights = weight_files(folder, stem)
-    except WeightsError:
+    except WeightsError as err:
         index = folder / f"{stem}.safetensors.index.json"
-        return results + [CheckResult(f"{role}/{index.name}", index, False, f"{TRUNCATED} (unreadable shard index)")]
+        detail = str(err).removeprefix(f"{index}: ")
+        return results + [CheckResult(f"{role}/{index.name}", index, False, detail)]
     if not weights:
         single = folder / f"{stem}.safetensors"
         return results + [CheckResult(f"{role}/{single.name}", single, False, f"missing: run `{DOWNLOAD_COMMAND}`")]
