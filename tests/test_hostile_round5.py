@@ -336,3 +336,8 @@ def test_check_prints_a_line_a_story_beyond_fifty_tables(tmp_path: Path, stories
     else:
         assert "┏" not in result.stdout and len(lines) == 51
         assert lines[6] == f"many-007  ({script}:7, seed 0): 2 segments, 27 chunks, 321 video frames, 20.06 s"
+
+
+def test_a_duration_too_short_for_one_chunk_says_so(tmp_path: Path) -> None:
+    script = write(tmp_path, "tiny.yaml", "duration: 1e-17\n" + SEGMENTS)
+    refused(memflow("check", script), "duration: the duration (1e-17s) is too short for one chunk of video (0.75s)")
