@@ -226,6 +226,9 @@ def launch_problem(processes: int, device: str | None, gpus_here: int | None = N
     if device != "cpu" and processes > gpus_here:
         hint = f"use --gpus {gpus_here}" if gpus_here else "add --device cpu to share the stories over CPU processes"
         return f"--gpus {processes}: {gpus_here} CUDA GPU(s) here", hint
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device == "cpu" and processes > cores:  # each process renders with a core or more: more only wait
+        return f"--gpus {processes} --device cpu: {cores} CPU core(s) here", f"use --gpus {cores} or fewer"
     return None
 
 

@@ -260,6 +260,9 @@ def _place(index: int, segment: Segment, start: int, end: int, geometry: VideoGe
 def _check_grid(story: Story, starts: list[int], chunks: int, geometry: VideoGeometry) -> None:
     """At most one prompt switch per chunk, and every segment keeps at least one chunk."""
     spacing = format_seconds(geometry.chunk_seconds)
+    if chunks == 0:  # a duration that snaps to no chunk at all
+        message = f"the duration ({story.duration_s:g}s) is too short for one chunk of video ({spacing})"
+        raise ScriptError(story.path, story.line, "duration", message, f"give a duration of at least {spacing}")
     for index in range(1, len(starts)):
         if starts[index] == starts[index - 1]:
             segment, before = story.segments[index], story.segments[index - 1]

@@ -436,7 +436,12 @@ def test_without_option_drops_the_option_and_its_value():
 
 def test_launch_problem():
     assert launch_problem(2, None, gpus_here=8) is None
-    assert launch_problem(4, "cpu", gpus_here=0) is None
+    cores = len(os.sched_getaffinity(0))
+    assert launch_problem(cores, "cpu", gpus_here=0) is None
+    for many in (cores + 1, 100_000):  # never a process a core more than the machine has
+        assert launch_problem(many, "cpu", gpus_here=0) == (
+            f"--gpus {many} --device cpu: {cores} CPU core(s) here", f"use --gpus {cores} or fewer"
+        )
     assert launch_problem(4, None, gpus_here=2) == ("--gpus 4: 2 CUDA GPU(s) here", "use --gpus 2")
     assert launch_problem(1, None, gpus_here=0)[1] == "add --device cpu to share the stories over CPU processes"
     assert "each process renders on a GPU of its own" in launch_problem(2, "cuda:1", gpus_here=2)[0]

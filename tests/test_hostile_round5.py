@@ -322,3 +322,22 @@ def test_the_check_table_shows_a_prompt_on_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert "line 0 of the prompt line 1 of" in result.stdout  # the newline is a space
     assert "line 5 of" not in result.stdout and len(result.stdout.splitlines()) < 15  # not forty lines of a cell
+
+
+@pytest.mark.parametrize("stories", [50, 51])
+def test_check_prints_a_line_a_story_beyond_fifty_tables(tmp_path: Path, stories: int) -> None:
+    script = tmp_path / "many.jsonl"
+    script.write_text("".join(json.dumps({"prompts": [f"story {i}", "and on"]}) + "\n" for i in range(stories)))
+    result = memflow("check", script)
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("many-")]
+    if stories == 50:
+        assert len(lines) == 50 and "┏" in result.stdout  # a table each (its title line starts with the name)
+    else:
+        assert "┏" not in result.stdout and len(lines) == 51
+        assert lines[6] == f"many-007  ({script}:7, seed 0): 2 segments, 27 chunks, 321 video frames, 20.06 s"
+
+
+def test_a_duration_too_short_for_one_chunk_says_so(tmp_path: Path) -> None:
+    script = write(tmp_path, "tiny.yaml", "duration: 1e-17\n" + SEGMENTS)
+    refused(memflow("check", script), "duration: the duration (1e-17s) is too short for one chunk of video (0.75s)")

@@ -251,3 +251,26 @@ def test_a_signal_while_the_model_loads_is_said_as_render_says_it(tmp_path, stop
     assert process.returncode == code, stderr
     assert f"{said}: before the session started; nothing was written" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flood", ["random bytes", "the same prompt"])
+def test_stdin_that_never_pauses_neither_holds_the_session_nor_floods_its_messages(tmp_path, flood):
+    """`cat /dev/urandom | memflow live` or `yes | memflow live`: each chunk reads a bounded part of stdin (the
+    writer waits in the pipe), refused lines beyond a few a chunk are counted in one line, the session ends."""
+    source = "/dev/urandom" if flood == "random bytes" else None
+    writer = subprocess.Popen(["cat", source] if source else ["yes", "a storm rolls in"], stdout=subprocess.PIPE)
+    try:
+        target = tmp_path / "flood.mp4"
+        session = start_live("--prompt", "a lighthouse", "-o", target, "--duration", "1.5s", *TAE,
+                             stdin=writer.stdout.fileno())  # fmt: skip
+        stdout, stderr = finish(session, timeout=240)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert session.returncode == 0, stderr
+    assert probe_video(target).frames == 21 and "Traceback" not in stderr
+    assert len(stderr.splitlines()) < 60, stderr[-2000:]
+    if flood == "random bytes":
+        assert "more stdin lines since the last chunk (not told one by one)" in stderr
+    else:
+        assert "prompt(s) came after the last chunk started and are not in the video" in stderr

@@ -31,6 +31,18 @@ from .common import OutDir, Scripts, SegmentSeconds, reported
 EPILOG = "Examples:  memflow check story.yaml  |  memflow check scripts/*.yaml --out-dir renders --json"
 
 
+MAX_TABLES = 50  # more stories than this are a line each: ten thousand tables are neither read nor quick to print
+
+
+def story_line(story: Story, timeline: Timeline) -> str:
+    """One story in one line: where it is written, its seed and its timeline's totals."""
+    name = f"{story.path}" + (f":{story.line}" if story.line else "")
+    return one_line(
+        f"{story.title}  ({name}, seed {story.seed}): {plural(len(timeline.segments), 'segment')}, "
+        f"{plural(timeline.chunks, 'chunk')}, {timeline.video_frames} video frames, {timeline.duration_s:.2f} s"
+    )
+
+
 def timeline_table(story: Story, timeline: Timeline) -> Table:
     name = f"{story.path}" + (f":{story.line}" if story.line else "")
     table = Table(title=escape(one_line(f"{story.title}  ({name}, seed {story.seed})")), title_justify="left")
@@ -99,6 +111,8 @@ def check(
         warn_prompt_cuts(story_name(story), cut_prompts(story, geometry, RELEASE_TEXT_TOKENS))
         if as_json:
             out.print(json_line(story_record(story, timeline, output)), markup=False, soft_wrap=True)
+        elif len(stories) > MAX_TABLES:
+            out.print(story_line(story, timeline), markup=False, soft_wrap=True)
         else:
             out.print(timeline_table(story, timeline))
     if against is not None:

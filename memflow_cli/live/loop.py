@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..text import plural
 from ..tokens import TokenCounter, prompt_cuts
 from .events import (
     ChunkBoundary,
@@ -57,6 +58,7 @@ SLOWER_THAN_REAL_TIME = ("generation is slower than real time here: frames come 
                          "stalls while the next chunk is made")  # fmt: skip
 STOPPING = "stopping after the chunk being made (once more to abort at once)"
 FINISHING = "the video is finished; writing its replay script and metadata"
+STDIN_WARNINGS = 5  # refused stdin lines told one by one in a chunk (more than anyone types); the rest counted
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class SessionLoop:
         self._segments: list[LiveSegment] = []
         self._latencies: list[Latency] = []
         self._stdin_overflowing = False  # stdin lines are being dropped: the queue was full
+        self._stdin_refused = 0  # stdin lines refused since the last boundary (`_warn_stdin`)
         self._slow_said = False
         self._ended_by: str | None = None
         self._viewers = _Viewers()
@@ -204,9 +207,9 @@ class SessionLoop:
         if isinstance(event, PromptTyped):
             self._typed(event)
         elif isinstance(event, LineTooLong):
-            self.report.warn(LINE_TOO_LONG)
+            self._warn_stdin(LINE_TOO_LONG)
         elif isinstance(event, LineNotText):
-            self.report.warn(line_not_text(event.byte))
+            self._warn_stdin(line_not_text(event.byte))
         elif isinstance(event, ChunkBoundary):
             event.answer.give(self._boundary(event.chunk))
         elif isinstance(event, ChunkShown):
@@ -246,7 +249,19 @@ class SessionLoop:
         if typed.answer is not None:
             typed.answer.give(PromptRejected(reason))
         else:
-            self.report.warn(reason)
+            self._warn_stdin(reason)
+
+    def _warn_stdin(self, text: str) -> None:
+        """A refused stdin line's warning: the first `STDIN_WARNINGS` of a chunk told, the others counted and told
+        as one line at the next boundary (a flood of bad lines is not a flood of warnings)."""
+        self._stdin_refused += 1
+        if self._stdin_refused <= STDIN_WARNINGS:
+            self.report.warn(text)
+
+    def _tell_unwarned(self) -> None:
+        if (untold := self._stdin_refused - STDIN_WARNINGS) > 0:
+            self.report.warn(f"refused {plural(untold, 'more stdin line')} since the last chunk (not told one by one)")
+        self._stdin_refused = 0
 
     def _start_encoding(self, prompt: str) -> None:
         if self._encode is None:
@@ -258,6 +273,7 @@ class SessionLoop:
 
     def _boundary(self, chunk: int) -> LiveSegment | None:
         """The segment that starts at `chunk`: the opening script's own, else the oldest typed prompt, else none."""
+        self._tell_unwarned()
         start_s = chunk * self._chunk_seconds
         index = len(self._segments)
         if chunk in self._opening:

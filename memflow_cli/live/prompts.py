@@ -19,12 +19,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..text import PROMPT_WHITESPACE, text_problem
+from ..text import PROMPT_WHITESPACE, blank, text_problem
 from .events import EventQueue, LineNotText, LineTooLong, PromptTyped
 
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused (the text encoder reads 512 tokens at most)
 MAX_PENDING = 64  # prompts waiting for their chunk: one more is refused (each takes a chunk, 0.75 s of video)
 _READ_BYTES = 65536
+# What stdin may bring between two chunk boundaries: more waits in the pipe, and a writer that never pauses
+# (`cat /dev/urandom`, `yes`) is held there by the pipe, so memory, the queue and each boundary's wait stay bounded.
+_BYTES_PER_CHUNK = 4 * _READ_BYTES
 _MAX_LINE_BYTES = 4 * MAX_PROMPT_CHARS + 4  # UTF-8: at most 4 bytes a character (and a CR)
 _SYNC_POLL_S = 0.002
 
@@ -37,7 +40,7 @@ def checked_prompt(text: str, source: str = "stdin") -> str:
     """The prompt of a line (surrounding spaces and a leading byte order mark dropped); raises PromptRefused for a
     blank or too long one, in words for its `source` ("stdin" or "page")."""
     prompt = text.removeprefix(BOM).strip()
-    if not prompt:
+    if blank(prompt):  # nothing, or only invisible characters (a script refuses them too)
         raise PromptRefused(EMPTY_PAGE_PROMPT if source == "page" else "ignored an empty prompt line (type the prompt, "
                             "then Enter)")  # fmt: skip
     if problem := text_problem(prompt, PROMPT_WHITESPACE):
@@ -76,6 +79,8 @@ class StdinReader:
         self._events = events
         self._clock = clock
         self._reading = threading.Lock()  # held while bytes are read from stdin and until their lines are put
+        self._allowance = threading.Condition()
+        self._left = _BYTES_PER_CHUNK  # bytes the thread may still read before the next boundary (`sync`)
         self._buffer = bytearray()
         self._skipping = False  # inside a line already dropped as too long: dropped up to its end
         self._eof = fd is None
@@ -87,13 +92,17 @@ class StdinReader:
             self._thread.start()
 
     def sync(self) -> None:
-        """Return once every byte already written to stdin has been read and its lines put on the queue."""
+        """Return once every byte already written to stdin has been read and its lines put on the queue, up to
+        `_BYTES_PER_CHUNK` bytes since the last boundary (the rest is read for the next ones)."""
         if self._fd is None:
             return
-        while not self._eof and not self._closed.is_set() and _readable(self._fd):
+        while not self._eof and not self._closed.is_set() and _readable(self._fd) and self._left > 0:
             time.sleep(_SYNC_POLL_S)  # the thread is about to read it
         with self._reading:  # ... or is reading it now
             pass
+        with self._allowance:  # the next chunk's bytes
+            self._left = _BYTES_PER_CHUNK
+            self._allowance.notify()
 
     def _read(self) -> None:
         assert self._fd is not None
@@ -106,13 +115,19 @@ class StdinReader:
                 break
             if not _readable(self._fd):
                 continue
+            with self._allowance:  # this boundary's bytes are read: the rest waits in the pipe for the next one
+                while self._left <= 0 and not self._closed.is_set():
+                    self._allowance.wait()
+            if self._closed.is_set():
+                break
             with self._reading:
                 try:
-                    data = os.read(self._fd, _READ_BYTES)
+                    data = os.read(self._fd, min(_READ_BYTES, self._left))
                 except BlockingIOError:
                     continue
                 except OSError:
                     data = b""
+                self._left -= len(data)
                 self._take_bytes(data)
                 if not data:
                     self._eof = True  # the end of piped input does not end the session
@@ -149,6 +164,8 @@ class StdinReader:
 
     def close(self) -> None:
         self._closed.set()
+        with self._allowance:
+            self._allowance.notify()
         os.write(self._stop_w, b"!")
         if self._thread is not None:
             self._thread.join(timeout=1.0)

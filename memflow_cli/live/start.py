@@ -23,7 +23,7 @@ from ..plan import PlanError
 from ..report import STOP_SIGNALS, Terminated
 from ..request import CompileMode, GenerationOptions
 from ..script import ScriptError, Segment, Story, load_scripts
-from ..text import text_problem
+from ..text import bidi_control, blank, text_problem
 from .events import EventQueue, Stop, StopIgnored
 from .prompts import MAX_PROMPT_CHARS, PromptRefused, checked_prompt
 from .replay import is_replay_script
@@ -67,7 +67,7 @@ def opening_story(script: Path | None, prompt: str | None, output: Path, geometr
         raise PlanError(f"--prompt: give a prompt of 1 to {MAX_PROMPT_CHARS} characters, no control characters but "
                         "tab and newline") from None  # fmt: skip
     title = output.stem.strip()
-    if not title or text_problem(title):  # the replay script's title names a video: text on one line
+    if blank(title) or text_problem(title) or bidi_control(title):  # a title names a video: plain text on one line
         title = "live"
     while len(title.encode("utf-8")) > MAX_TITLE_BYTES:
         title = title[:-1]
