@@ -206,11 +206,12 @@ def render_job(engine, job: Job, request: RenderRequest, update: ProgressCallbac
             stopped=stopped, keep_snapshots=request.snapshots,
             notice=lambda line: err.print(one_line(f"{job.title}: {line}"), markup=False, soft_wrap=True),
         )  # fmt: skip
-    except RenderInterrupted as stopped:
-        where = f"playable partial video: {stopped.partial}" if stopped.partial else "no frame was finished"
-        message = escape(f"{job.title}: {stopped.frames} frames written; {where}")
-        line = f"[yellow]{stop_word(stopped.__context__)}:[/] {message}"
-        raise RenderStopped(stop_code(stopped.__context__), stopped.__context__, line) from None
+    except RenderInterrupted as interrupted:
+        partial = interrupted.partial
+        where = f"playable partial video: {partial}" if partial else "no frame was finished"
+        message = escape(f"{job.title}: {interrupted.frames} frames written; {where}")
+        line = f"[yellow]{stop_word(interrupted.__context__)}:[/] {message}"
+        raise RenderStopped(stop_code(interrupted.__context__), interrupted.__context__, line) from None
 
 
 @contextmanager

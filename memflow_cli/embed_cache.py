@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import load, save
 
 from .cache_dir import STALE_TEMPORARY_S, TEMPORARY_PREFIX, cache_file_written, cache_root, touch
-from .loading import error_words
+from .loading import error_words, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +204,7 @@ class EmbeddingCache:
 def _file_bytes(path: Path) -> bytes:
     """A cache file's bytes: OSError where it cannot be read (FileNotFoundError where it is not there), ValueError
     where it is no regular file (a FIFO is not waited on, a device not read) or larger than any cache file."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise ValueError(f"{info.st_size:,} bytes, larger than any prompt's embeddings")
-        with os.fdopen(os.dup(descriptor), "rb") as file:
-            return file.read(MAX_FILE_BYTES + 1)
-    finally:
-        os.close(descriptor)
+    return read_regular_file(path, MAX_FILE_BYTES)
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:

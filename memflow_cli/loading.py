@@ -107,25 +107,44 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+class NotARegularFile(ValueError):
+    """What `read_regular_file` found is no regular file, or larger than asked; the message says which."""
+
+
+def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of the regular file at `path`, of at most `max_bytes`, read in bounded time and memory: opened
+    without blocking (a FIFO is never waited on) and checked once open (no device is read, whatever a link
+    names). OSError where it cannot be opened (FileNotFoundError where it is not there); NotARegularFile where it is
+    no regular file, or holds more than `max_bytes`."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(_kind(mode))
+        with os.fdopen(os.dup(descriptor), "rb") as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise NotARegularFile(f"larger than {max_bytes:,} bytes")
+    return data
+
+
 def read_json_file(path: Path | str, max_bytes: int = CONFIG_MAX_BYTES) -> Any:
     """The JSON value of a small file memflow reads from a weights folder or cache; a WeightsError naming the file
     if it is missing, no regular file (a FIFO is never waited on, a device never read), larger than `max_bytes`,
     or no JSON (nesting too deep for Python's parser included)."""
     path = Path(path)
-    try:  # non-blocking: opening a FIFO for reading would otherwise wait for a writer
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        raw = read_regular_file(path, max_bytes)
     except FileNotFoundError:
         raise WeightsError("file not found", path) from None
     except OSError as err:
         raise WeightsError(f"{not_a_file(path) or 'cannot be opened'} ({err.strerror or err})", path) from None
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(descriptor)
-        raise WeightsError(f"{_kind(mode)}: {NOT_A_FILE_FIX}", path)
-    with os.fdopen(descriptor, "rb") as file:
-        raw = file.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise WeightsError(f"larger than {max_bytes:,} bytes, more than such a JSON file holds: {TRUNCATED}", path)
+    except NotARegularFile as found:
+        if str(found).startswith("larger"):
+            raise WeightsError(f"{found}, more than such a JSON file holds: {TRUNCATED}", path) from None
+        raise WeightsError(f"{found}: {NOT_A_FILE_FIX}", path) from None
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:

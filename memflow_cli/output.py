@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .companions import spelling_problem
+from .loading import read_regular_file
 
 PARTIAL_SUFFIX = ".partial.mp4"
 LOCK_SUFFIX = ".lock"
@@ -83,7 +84,7 @@ def _umask() -> int:
 def write_video_sidecar(video: Path, data: dict[str, Any]) -> Path:
     """Write the sidecar of a finished `video`; a failure is an OutputError that says the video is complete."""
     path = sidecar_path(video)
-    if path.is_dir() or (path.exists() and memflow_sidecar(path) is None):  # made while the video was rendered
+    if _foreign_sidecar(path):  # made while the video was rendered
         raise OutputError(
             f"the video {video} is complete, but {path} appeared while it was rendered and was not written by "
             f"memflow, so the video's metadata was not written over it",
@@ -126,20 +127,16 @@ def write_sidecar(path: Path, data: dict[str, Any]) -> None:
 
 def read_sidecar(path: Path) -> Any:
     """The JSON at `path`: a regular file of at most MAX_SIDECAR_BYTES (a FIFO, a device or a huge file beside an
-    output is never read), else ValueError; OSError where it cannot be read."""
-    found = path.stat()
-    if not stat.S_ISREG(found.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    if found.st_size > MAX_SIDECAR_BYTES:
-        raise ValueError(f"{path} is larger than any sidecar memflow writes")
-    with path.open("rb") as file:
-        text = file.read(MAX_SIDECAR_BYTES + 1).decode("utf-8")
-    if len(text) > MAX_SIDECAR_BYTES:  # grew since its size was looked at
-        raise ValueError(f"{path} is larger than any sidecar memflow writes")
+    output is never read: ValueError), OSError where it cannot be read."""
     try:
-        return json.loads(text)
+        return json.loads(read_regular_file(path, MAX_SIDECAR_BYTES).decode("utf-8"))
     except RecursionError:  # lists nested thousands deep: no sidecar of memflow's
         raise ValueError(f"{path} nests too deep to be a sidecar") from None
+
+
+def _foreign_sidecar(path: Path) -> bool:
+    """Whether something memflow did not write is at a sidecar's place (a folder, a file not memflow's)."""
+    return path.is_dir() or (path.exists() and memflow_sidecar(path) is None)
 
 
 def memflow_sidecar(path: Path) -> dict[str, Any] | None:
@@ -267,7 +264,7 @@ def check_existing(target: Path, *, overwrite: bool, resume: bool = False) -> No
     if target.is_dir():
         raise OutputError(f"cannot write {target}: it is a folder", hint="name an .mp4 file")
     sidecar = sidecar_path(target)
-    if sidecar.is_dir() or (sidecar.exists() and memflow_sidecar(sidecar) is None):
+    if _foreign_sidecar(sidecar):
         raise OutputExistsError(
             f"{sidecar} exists and was not written by memflow; the video's metadata would replace it, so nothing "
             f"was rendered",

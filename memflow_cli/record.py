@@ -41,7 +41,7 @@ def request_record(story: Story, timeline: Timeline, settings: GenerationSetting
 
 def video_record(
     engine: Engine, story: Story, timeline: Timeline, settings: GenerationSettings, seed: int, *,
-    script: str, script_line: int | None, timings: dict[str, float], snapshots: SnapshotRecord | None = None,
+    script: str | None, script_line: int | None, timings: dict[str, float], snapshots: SnapshotRecord | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The sidecar of a video `engine` made: the request, the weights, devices, dtype, the fast path, timings,
     and (`snapshots`) the frames it reused from an earlier render and the snapshots it keeps."""

@@ -262,7 +262,7 @@ def _check_grid(story: Story, starts: list[int], chunks: int, geometry: VideoGeo
     spacing = format_seconds(geometry.chunk_seconds)
     if chunks == 0:  # a duration that snaps to no chunk at all
         message = f"the duration ({story.duration_s:g}s) is too short for one chunk of video ({spacing})"
-        raise ScriptError(story.path, story.line, "duration", message, f"give a duration of at least {spacing}")
+        raise ScriptError(story.path, story.line, "duration", message, "give a longer duration, such as 1s")
     for index in range(1, len(starts)):
         if starts[index] == starts[index - 1]:
             segment, before = story.segments[index], story.segments[index - 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -324,7 +325,9 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "steps":
         problem = f"must be a list of integers like [1000, 750, 500, 250], got {preview(value)}"
         if isinstance(value, str):
-            words = [part.strip() for part in value.split(",")] if "," in value else value.split()
+            words = re.split(r"\s*,\s*|\s+", value.strip())  # commas, spaces or both; `,,` leaves an empty step
+            if not value.strip():
+                raise SettingsError(name, "no steps given; write the steps like 1000,750,500,250")
             if "" in words:
                 raise SettingsError(name, f"{preview(value)} has an empty step; write the steps like 1000,750,500,250")
             whole = [word.isascii() and word.isdigit() for word in words]

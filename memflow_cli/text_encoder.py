@@ -3,8 +3,9 @@
 It does what the official Wan text-encoder wrapper does (spec §11): clean each prompt ('whitespace' mode),
 tokenise with EOS, pad with id 0 and truncate to `max_length`, run the encoder under the attention mask,
 then set every row at or past the prompt's true length (EOS included) to exactly zero. A prompt longer than
-`tokens.prompt_head` keeps for `max_length` tokens (thousands of words) is cleaned and tokenised by that head
-alone, whose first `max_length` tokens are the whole prompt's: a prompt of megabytes costs no more. The encoder is
+`tokens.prompt_head` keeps for `max_length` tokens (thousands of words) is cleaned and tokenised by a head that
+holds twice the tokens read (`_cleaned`): its first `max_length` tokens are the whole prompt's, and a prompt of
+megabytes costs no more than its head. The encoder is
 transformers' own `UMT5EncoderModel`; nothing of it is re-implemented here.
 
 The engine loads it on first need (`prompt_embeds.py`); where the card is small it calls `offload()` after
@@ -167,7 +168,7 @@ class TextEncoder:
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned prompts -> token ids and attention mask, both [n, max_length] int64 on the CPU."""
         batch = self.tokenizer(
-            [clean_prompt(prompt_head(p, self.max_length)) for p in prompts],  # a prompt of megabytes: its head
+            [self._cleaned(prompt) for prompt in prompts],
             padding="max_length",
             truncation=True,
             max_length=self.max_length,
@@ -176,6 +177,21 @@ class TextEncoder:
             return_tensors="pt",
         )
         return batch["input_ids"], batch["attention_mask"]
+
+    def _cleaned(self, prompt: str) -> str:
+        """The cleaned prompt; of a prompt of megabytes, its cleaned head (`tokens.prompt_head`), taken four times
+        longer until it is the whole prompt or holds twice the tokens the encoder reads: its first `max_length`
+        tokens are then the whole prompt's, whatever the cleaning drops (an `&nbsp;` unescapes to a space)."""
+        tokens = self.max_length
+        while True:
+            head = prompt_head(prompt, tokens)
+            cleaned = clean_prompt(head)
+            if len(head) == len(prompt) or self._token_count(cleaned) >= 2 * self.max_length:
+                return cleaned
+            tokens *= 4
+
+    def _token_count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
     @torch.no_grad()
     def encode(self, prompts: list[str], keep_on_device: bool = False, batch_size: int = 1) -> torch.Tensor:

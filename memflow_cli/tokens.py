@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .script import format_seconds
+
 TokenCounter = Callable[[str], int]  # tokens of one prompt as the encoder reads it, end-of-sequence included
 
 END_OF_SEQUENCE = 1  # tokens the encoder appends to every prompt (umT5's </s>)
@@ -35,9 +37,10 @@ CONTEXT_WORDS = 6  # words shown before a cut
 CONTEXT_CHARS = 60  # at most this many characters of them
 COUNTED_CHARS = 200_000  # a longer prompt's tokens are counted in its head (see _cut)
 COUNTED_LIMITS = 2  # the head where a prompt's cut is looked for holds twice the limit's tokens (see prompt_head)
-# The head of a prompt that holds its first N tokens: whitespace parts words, and every word is a token or more (4x
-# for words of characters a tokenizer drops); no token covers more than a few dozen characters, however HTML
-# entities unescape (256x). A prompt shorter than that is its own head.
+# The head of a prompt kept for N tokens: whitespace parts words, and a word is a token or more, a token a few
+# characters; 4 words and 256 characters a token leave room for words the cleaning or the tokenizer drop. That is
+# a bound by construction only with a check: the text encoder tokenises a longer head where one falls short
+# (`TextEncoder.tokenize`). A prompt shorter than its head is its own head.
 HEAD_WORDS_PER_TOKEN = 4
 HEAD_CHARS_PER_TOKEN = 256
 
@@ -52,9 +55,9 @@ def prompt_head(text: str, tokens: int) -> str:
     words, chars = HEAD_WORDS_PER_TOKEN * tokens, HEAD_CHARS_PER_TOKEN * tokens
     for count, word in enumerate(_WORD.finditer(text), start=1):
         chars -= len(word.group())
-        if chars <= 0:  # within a long run of characters without whitespace (a CJK prompt)
+        if chars < 0:  # within a long run of characters without whitespace (a CJK prompt)
             return text[: word.end() + chars]
-        if count == words:
+        if (count == words or chars == 0) and _WORD.search(text, word.end()):  # more words follow
             return text[: word.end()]
     return text
 
@@ -83,8 +86,8 @@ class PromptCut:
         about = "" if self.exact else "about "
         counted = f"{self.tokens} tokens" if self.exact else f"about {self.tokens} tokens by a rough count"
         if self.at_least:
-            counted = f"at least {counted}"
-        start = f"{self.start_s:.3f}".rstrip("0").rstrip(".") + "s"
+            counted = f"at least {self.tokens} tokens" + ("" if self.exact else " by a rough count")
+        start = format_seconds(self.start_s)
         where = "the start of its first word"
         if self.kept_words:
             where = f"{about}word {self.kept_words} ('...{self.last_kept}')"
@@ -132,7 +135,7 @@ def _cut(index: int, segment: _SegmentLike, limit: int, count: TokenCounter | No
         if tokens <= limit:
             return None
         kept = _words_that_fit(head.split(), limit, count)
-    total_words = len(segment.prompt.split()) if at_least else len(words)
+    total_words = sum(1 for _ in _WORD.finditer(segment.prompt)) if at_least else len(words)  # no list of them
     last = " ".join(words[max(0, kept - CONTEXT_WORDS) : kept])[-CONTEXT_CHARS:]
     return PromptCut(index, segment.start_s, total_words, tokens, limit, kept, last, count is not None, at_least)
 

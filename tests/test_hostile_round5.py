@@ -122,8 +122,8 @@ def test_check_warns_about_a_huge_prompt_at_once(tmp_path: Path) -> None:
     script.write_text(json.dumps({"prompts": ["word " * 2_000_000, "灯" * 1_000_000]}, ensure_ascii=False) + "\n")
     result = memflow("check", script)
     assert result.exit_code == 0, result.stderr
-    assert "segment 0 (at 0s): 2000000 words, at least about" in result.stderr
-    assert "segment 1 (at 10s): 1 words, at least about" in result.stderr
+    assert "segment 0 (at 0s): 2000000 words, at least " in result.stderr
+    assert "segment 1 (at 10s): 1 words, at least " in result.stderr and "tokens by a rough count" in result.stderr
 
 
 def test_a_prompts_head_holds_its_first_tokens_and_is_the_prompt_when_short() -> None:
@@ -341,3 +341,22 @@ def test_check_prints_a_line_a_story_beyond_fifty_tables(tmp_path: Path, stories
 def test_a_duration_too_short_for_one_chunk_says_so(tmp_path: Path) -> None:
     script = write(tmp_path, "tiny.yaml", "duration: 1e-17\n" + SEGMENTS)
     refused(memflow("check", script), "duration: the duration (1e-17s) is too short for one chunk of video (0.75s)")
+
+
+@pytest.mark.parametrize("prompt", [
+    "&nbsp; " * 2100 + "a lighthouse at dusk",  # words the cleaning turns into whitespace
+    ("&#" + "0" * 300 + "65; ") * 1000,  # entities that unescape to one character from hundreds
+])  # fmt: skip
+def test_a_huge_prompt_whose_cleaning_drops_words_is_encoded_as_the_whole_prompt(prompt: str) -> None:
+    from memflow_cli.demo import build_demo_text_encoder
+    from memflow_cli.text_encoder import clean_prompt
+
+    encoder = build_demo_text_encoder()
+    ids, mask = encoder.tokenize([prompt])
+    whole = encoder.tokenizer(clean_prompt(prompt), truncation=True, max_length=encoder.max_length)["input_ids"]
+    assert ids[0, : len(whole)].tolist() == whole and int(mask.sum()) == len(whole)
+
+
+def test_steps_may_mix_commas_and_spaces(tmp_path: Path) -> None:
+    script = write(tmp_path, "s.yaml", SEGMENTS + 'settings:\n  steps: "1000 750, 500 250"\n')
+    assert memflow("check", script).exit_code == 0

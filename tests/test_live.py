@@ -217,7 +217,8 @@ def test_a_replay_script_that_cannot_be_written_is_one_error_and_the_video_and_s
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot write the replay script" in errors[0] and "Is a directory" in errors[0]
     assert probe_video(target).frames == 4 * 12 - 3  # the video is complete, 4 chunks
-    assert json.loads(target.with_suffix(".json").read_text())["timeline"]["chunks"] == 4
+    sidecar = json.loads(target.with_suffix(".json").read_text())
+    assert sidecar["timeline"]["chunks"] == 4 and sidecar["script"] is None  # it names no script that is not there
 
 
 def test_a_second_ctrl_c_once_the_video_is_complete_changes_nothing(tmp_path):

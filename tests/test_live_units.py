@@ -107,6 +107,15 @@ def test_a_flood_of_refused_lines_is_told_a_few_at_a_time_and_counted_at_the_nex
     assert report.warnings[-1] == "refused 40 more stdin lines since the last chunk (not told one by one)"
 
 
+def test_refused_lines_after_the_last_chunk_are_counted_when_the_session_ends():
+    events, report = EventQueue(), Recorder()
+    with SessionLoop(events, report) as loop:
+        for _ in range(STDIN_WARNINGS + 2):
+            events.put(LineTooLong())
+        assert waiting(loop) == []  # the session's end: its record asked for
+    assert report.warnings[-1] == "refused 2 more stdin lines since the last chunk (not told one by one)"
+
+
 def test_stdin_is_read_a_bounded_part_a_chunk_and_the_rest_waits_in_the_pipe():
     line = b"x" * 999 + b"\n"
     read, write = os.pipe()

@@ -80,10 +80,16 @@ def time_option(option: str) -> Callable[[Any], float | None]:
             return value
         from ..script import parse_time
 
+        text = one_line(str(value))
+        if text.strip().startswith("-"):  # a length, not a start: "times count from the start" would mislead
+            fail(f"{option} {text}: a length must be longer than 0s", EXIT_BAD_INPUT, "give it like 10s")
         try:
-            return parse_time(str(value))
+            seconds = parse_time(str(value))
         except ValueError as error:
-            fail(f"{option} {one_line(str(value))}: {error}", EXIT_BAD_INPUT)
+            fail(f"{option} {text}: {error}", EXIT_BAD_INPUT)
+        if seconds == 0:
+            fail(f"{option} {text}: a length must be longer than 0s", EXIT_BAD_INPUT, "give it like 10s")
+        return seconds
 
     return parse
 

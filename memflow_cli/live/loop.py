@@ -215,6 +215,7 @@ class SessionLoop:
         elif isinstance(event, ChunkShown):
             self._shown(event)
         elif isinstance(event, SessionEnded):
+            self._tell_unwarned()  # refused lines since the last boundary
             event.answer.give(self._record())
         elif isinstance(event, (ViewerJoined, ViewerLeft)):
             self._viewer(event)

@@ -100,7 +100,7 @@ class StdinReader:
             time.sleep(_SYNC_POLL_S)  # the thread is about to read it
         with self._reading:  # ... or is reading it now
             pass
-        with self._allowance:  # the next chunk's bytes
+        with self._reading, self._allowance:  # the next chunk's bytes (the reader counts under `_reading`)
             self._left = _BYTES_PER_CHUNK
             self._allowance.notify()
 

@@ -275,7 +275,8 @@ def _snapshot_keeper(engine: Engine, request: LiveRequest, video: LiveVideo) -> 
 def _metadata(engine: Engine, request: LiveRequest, story: Story, settings: GenerationSettings, result: LiveResult,
               started: float, snapshots: SnapshotRecord | None) -> dict[str, Any]:  # fmt: skip
     timeline = story.timeline(engine.geometry)
-    record = video_record(engine, story, timeline, settings, request.seed, script=str(request.script),
+    script = str(result.script) if result.script is not None else None  # none where it could not be written
+    record = video_record(engine, story, timeline, settings, request.seed, script=script,
                           script_line=None, timings={"render_s": round(result.seconds, 3)},
                           snapshots=snapshots)  # fmt: skip
     return {

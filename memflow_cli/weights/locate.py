@@ -180,7 +180,8 @@ def _resolve_folder(root: Path) -> ModelFiles:
         raise WeightsError(f"{root}: a file, not a weights folder; give the folder that holds {BASE_FILE}, "
                            f"{LORA_FILE} and {WAN_DIR}/")  # fmt: skip
     if not root.is_dir():
-        what = (not_a_file(root) or "no such weights folder").replace("not a file", "not a weights folder")
+        found = not_a_file(root)  # "a named pipe (FIFO), not a file"...: what is there, instead of a folder
+        what = f"{found.removesuffix(', not a file')}, not a weights folder" if found else "no such weights folder"
         raise WeightsError(f"{root}: {what}; {did_you_mean(str(root), MODEL_WORDS, '--model ')}"
                            f"run `{DOWNLOAD_COMMAND}` or pass an existing folder")  # fmt: skip
     checkpoints = root / OFFICIAL_CHECKPOINTS_DIR if (root / OFFICIAL_CHECKPOINTS_DIR).is_dir() else root
