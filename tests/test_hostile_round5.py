@@ -360,3 +360,13 @@ def test_a_huge_prompt_whose_cleaning_drops_words_is_encoded_as_the_whole_prompt
 def test_steps_may_mix_commas_and_spaces(tmp_path: Path) -> None:
     script = write(tmp_path, "s.yaml", SEGMENTS + 'settings:\n  steps: "1000 750, 500 250"\n')
     assert memflow("check", script).exit_code == 0
+
+
+def test_check_names_every_bad_script_a_line_each(tmp_path: Path) -> None:
+    good = write(tmp_path, "good.yaml", SEGMENTS)
+    first = write(tmp_path, "first.yaml", "segments: []\n")
+    second = write(tmp_path, "second.yaml", SEGMENTS.replace("0s", "1s"))
+    result = memflow("check", first, good, second)
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: {first}") and lines[1].startswith(f"error: {second}:2: segments[0].start")

@@ -22,7 +22,7 @@ from ..plan import (
     story_outputs,
     story_settings,
 )
-from ..report import err, out, warn_prompt_cuts
+from ..report import err, out, print_error, warn_prompt_cuts
 from ..script import Story, Timeline, format_seconds
 from ..settings import VideoGeometry
 from ..text import json_line, one_line, plural
@@ -100,7 +100,11 @@ def check(
             check_out_dir(out_dir)
         if against is not None:
             printable_path(against, "--against")
-        stories, _ = load_stories(tuple(scripts), segment_seconds, geometry)
+        stories, problems = load_stories(tuple(scripts), segment_seconds, geometry, keep_going=True)
+        for problem in problems[:-1]:  # every bad script named, a line each, before any table
+            print_error(problem)
+        if problems:
+            raise PlanError(problems[-1])
         # titles that collide matter only in one folder
         outputs = story_outputs(stories, out_dir) if out_dir else [checked_output_name(Path(output_name(story)))
                                                                    for story in stories]  # fmt: skip
