@@ -744,7 +744,8 @@ class _YamlReader:
             if key_node.tag == _MERGE_TAG:
                 message = "merge keys (`<<: *name`) are not read in scripts"
                 raise self.error(key_node, field_name or None, message, "write the keys out in full instead")
-            key = str(self.value(key_node, field_name))
+            value = self.value(key_node, field_name)
+            key = value if isinstance(value, str) else key_node.value  # `~`, `1`, `yes` as written, not None or 1
             name = f"{field_name}.{key}" if field_name else key
             if key not in known:
                 name = f"{field_name}.{cut(key)}" if field_name else cut(key)

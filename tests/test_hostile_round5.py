@@ -370,3 +370,9 @@ def test_check_names_every_bad_script_a_line_each(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"error: {first}") and lines[1].startswith(f"error: {second}:2: segments[0].start")
+
+
+@pytest.mark.parametrize("key", ["~", "1", "null"])
+def test_an_unknown_key_is_named_as_written(tmp_path: Path, key: str) -> None:
+    script = write(tmp_path, "k.yaml", SEGMENTS + f"{key}: 3\n")
+    refused(memflow("check", script), f"{script}:4: {key}: unknown key '{key}'")
