@@ -369,7 +369,8 @@ def test_check_names_every_bad_script_a_line_each(tmp_path: Path) -> None:
     result = memflow("check", first, good, second)
     assert result.exit_code == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"error: {first}") and lines[1].startswith(f"error: {second}:2: segments[0].start")
+    assert len(lines) == 2 and lines[0].startswith(f"error: {first}")
+    assert lines[1].startswith(f"error: {second}:2: segments[0].start")
 
 
 @pytest.mark.parametrize("key", ["~", "1", "null"])
