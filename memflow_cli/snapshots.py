@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -217,13 +219,19 @@ def save_snapshot(path: Path, snapshot: Snapshot) -> int:
 def read_metadata(path: Path) -> dict[str, Any]:
     """The JSON metadata of a snapshot file, from its safetensors header alone (no tensor is read)."""
     try:
-        with path.open("rb") as f:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO there is not waited on
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise ValueError("not a regular file")
+        with os.fdopen(descriptor, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > _MAX_HEADER_BYTES:
                 raise ValueError(f"a header of {length} bytes")
             header = json.loads(f.read(length))
         text = header.get("__metadata__", {}).get("memflow_snapshot")
         metadata = json.loads(text) if text is not None else None
+    except RecursionError:
+        raise SnapshotError(f"{path} is not a readable snapshot: its metadata nests too deep") from None
     except (OSError, ValueError, struct.error, AttributeError) as error:
         raise SnapshotError(f"{path} is not a readable snapshot: {error}") from None
     if not isinstance(metadata, dict):

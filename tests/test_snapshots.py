@@ -4,6 +4,9 @@ from the start, bit for bit, for latents and decoded frames; and the file round 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import struct
 from dataclasses import replace
 
 import pytest
@@ -242,4 +245,19 @@ def test_a_snapshot_without_the_metadata_a_render_reads_is_refused_in_one_line(t
     save_file({"noise": torch.zeros(2)}, path, metadata={"memflow_snapshot": '{"format": 1, "chunk": 2}'})
     with pytest.raises(SnapshotError, match=r"is not a whole memflow snapshot \(no segment, video_frames, request, "
                                             r"prefix, memory\)"):  # fmt: skip
+        read_metadata(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "nested"])
+def test_what_is_no_snapshot_at_a_snapshots_place_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / ".v.snap-c0003.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)  # a read would wait for a writer forever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        header = json.dumps({"__metadata__": {"memflow_snapshot": "[" * 100_000 + "]" * 100_000}}).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+    said = {"fifo": "not a regular file", "folder": "not a regular file", "nested": "nests too deep"}[kind]
+    with pytest.raises(SnapshotError, match=said):
         read_metadata(path)
