@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -73,6 +73,14 @@ from .common import (
     reported,
     whole_number,
 )
+
+if TYPE_CHECKING:  # torch and the page's server are imported when a session starts, not with the command
+    from ..engine import Engine
+    from ..live.events import EventQueue
+    from ..live.prompts import StdinReader
+    from ..live.server import Address, LiveServer
+    from ..live.session import LiveRequest
+    from ..live.start import SessionStop
 
 EPILOG = (
     "Examples:  memflow live --prompt 'a lighthouse at dusk' -o live.mp4 --serve 8000  |  "
@@ -220,7 +228,7 @@ def live(
             _session(engine, stop, request, events, reader, server)
 
 
-def _address(serve: str | None, public: bool):
+def _address(serve: str | None, public: bool) -> Address | None:
     """Where the page is served (`--serve`, `--public`), checked; None: no page."""
     from ..live.server import ServeError, check_bind, parse_address
 
@@ -242,7 +250,7 @@ def _not_started(stop: KeyboardInterrupt) -> NoReturn:
     raise typer.Exit(stop_code(stop)) from None
 
 
-def _engine(options: GenerationOptions, prompts: list[str]):
+def _engine(options: GenerationOptions, prompts: list[str]) -> Engine:
     """The session's engine (`plan.open_engine`): compiled only when asked, as an open-ended video cannot win the
     compile back; its notice shown."""
     assert options.device is not None
@@ -252,7 +260,10 @@ def _engine(options: GenerationOptions, prompts: list[str]):
     return engine
 
 
-def _session(engine, stop, request, events, reader, server) -> None:
+def _session(
+    engine: Engine, stop: SessionStop, request: LiveRequest, events: EventQueue, reader: StdinReader,
+    server: LiveServer | None,
+) -> None:  # fmt: skip
     """The session (`live.session.run_live`) with its page, reported; a second signal's abort said in one line."""
     from ..live.session import run_live
     from ..mp4 import RenderInterrupted
