@@ -1,7 +1,7 @@
 """The `memflow` command line: the Typer app, its version and its commands (one module each in `commands/`).
 
-Results go to stdout; progress, warnings and errors to stderr. A known error is one line and a hint,
-with exit code 2 for bad input and 1 for a failed run.
+Results go to stdout; progress, warnings and errors to stderr. A known error is one line, what went wrong and
+what to do, with exit code 2 for bad input (a usage mistake too) and 1 for a failed run.
 
 torch, diffusers and transformers are imported inside the commands that need them, so `--help`,
 `--version` and `check` start at once.
@@ -17,7 +17,8 @@ import typer
 
 from . import __version__
 from .commands import register
-from .report import out, quiet_libraries
+from .report import EXIT_INTERRUPTED, out, print_error, quiet_libraries
+from .text import one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -48,8 +49,27 @@ def main_options(
 register(app)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app(prog_name="memflow")
+def main() -> None:
+    """The console entry point: a usage mistake (an unknown option, a missing argument) is one error line with
+    exit code 2, as memflow's own errors are, not click's usage block."""
+    try:
+        code = app(prog_name="memflow", standalone_mode=False)
+    except Exception as error:  # click's exceptions, told by their kind: typer may bring a click of its own
+        if _is_a(error, "NoArgsIsHelpError"):  # `memflow` alone: the help, as asked for
+            error.show()
+        elif _is_a(error, "ClickException"):
+            command = error.ctx.command_path if getattr(error, "ctx", None) else "memflow"
+            print_error(one_line(error.format_message()), f"see `{command} --help`")
+        elif _is_a(error, "Abort"):  # Ctrl-C before a command took over its own stopping
+            sys.exit(EXIT_INTERRUPTED)
+        else:
+            raise
+        sys.exit(error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_a(error: BaseException, kind: str) -> bool:
+    return any(cls.__name__ == kind for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":  # pragma: no cover

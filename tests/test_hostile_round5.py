@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -377,3 +379,24 @@ def test_check_names_every_bad_script_a_line_each(tmp_path: Path) -> None:
 def test_an_unknown_key_is_named_as_written(tmp_path: Path, key: str) -> None:
     script = write(tmp_path, "k.yaml", SEGMENTS + f"{key}: 3\n")
     refused(memflow("check", script), f"{script}:4: {key}: unknown key '{key}'")
+
+
+@pytest.mark.parametrize(("arguments", "said"), [
+    (["render", "x.yaml", "-o", "x.mp4", "--bogus"], "--bogus"),
+    (["render"], "SCRIPT"),
+    (["bogus"], "bogus"),
+])  # fmt: skip
+def test_a_usage_mistake_is_one_error_line_from_the_installed_command(arguments: list[str], said: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "memflow_cli", *arguments], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and said in line and "--help`" in line
+
+
+def test_memflow_alone_shows_its_help_and_help_exits_0() -> None:
+    alone = subprocess.run([sys.executable, "-m", "memflow_cli"], capture_output=True, text=True, timeout=120)
+    assert "Commands:" in alone.stdout + alone.stderr and "check" in alone.stdout + alone.stderr
+    helped = subprocess.run([sys.executable, "-m", "memflow_cli", "check", "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert helped.returncode == 0 and "Usage:" in helped.stdout
