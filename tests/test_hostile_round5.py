@@ -400,3 +400,15 @@ def test_memflow_alone_shows_its_help_and_help_exits_0() -> None:
     helped = subprocess.run([sys.executable, "-m", "memflow_cli", "check", "--help"], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert helped.returncode == 0 and "Usage:" in helped.stdout
+
+
+def test_the_preview_decoders_download_without_a_network_is_one_line_at_once_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memflow_cli.weights import fetch
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    result = memflow("weights", "download", "--decoder", "tae", "--to", tmp_path / "tae")
+    assert result.exit_code == 1 and "cannot reach" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "tae").exists()

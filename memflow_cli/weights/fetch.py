@@ -40,10 +40,10 @@ def download(to: Path | None = None) -> ModelFiles:
         try:
             return resolve_model(to)
         except WeightsError as err:
-            raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded.\n{err}") from None
+            raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded; {err}") from None
     cache_dir = None if to is not None else hub_cache_dir()
     wan_dir = None if to is None else Path(to) / WAN_DIR
-    with _no_locks_left(to):
+    with no_locks_left(to):
         for name in (BASE_FILE, LORA_FILE):
             fetch_file = partial(hf_hub_download, MEMFLOW_REPO, name, cache_dir=cache_dir, local_dir=to)
             _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file)
@@ -72,7 +72,7 @@ def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOU
 
 
 @contextmanager
-def _no_locks_left(to: Path | None) -> Iterator[None]:
+def no_locks_left(to: Path | None) -> Iterator[None]:
     """On a failed download into `to`, the lock files the hub client made there are removed (their downloads
     are over); those that were there before are kept."""
     if to is None:
@@ -96,6 +96,11 @@ def _fetch(what: str, fetch: Callable[[], Any]) -> None:
         fetch()
     except (HfHubHTTPError, OSError) as err:  # LocalEntryNotFoundError (no network) is an OSError
         raise WeightsError(
-            f"could not download {what}: {err}\ncheck the network (and HF_TOKEN if the repo needs one), "
+            f"could not download {what}: {first_line(err)}; check the network (and HF_TOKEN if the repo needs one), "
             f"then run `{DOWNLOAD_COMMAND}` again"
         ) from None
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's message (the hub client's run over several)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

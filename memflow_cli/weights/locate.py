@@ -132,9 +132,10 @@ def hub_offline() -> bool:
 
 
 def _missing_error(missing: list[str], where: str, command: str = DOWNLOAD_COMMAND) -> WeightsError:
-    listing = "\n".join(f"  - {item}" for item in missing)
+    """One line: what is missing where (`repo: file; repo: file`), and the command that fetches it."""
     offline = " (HF_HUB_OFFLINE is set: unset it to download)" if hub_offline() else ""
-    return WeightsError(f"model files missing from {where}:\n{listing}\nrun `{command}` to fetch them{offline}")
+    listing = "; ".join(missing)
+    return WeightsError(f"model files missing from {where}: {listing}; run `{command}` to fetch them{offline}")
 
 
 def _resolve_cache() -> ModelFiles:
