@@ -412,3 +412,8 @@ def test_the_preview_decoders_download_without_a_network_is_one_line_at_once_and
     result = memflow("weights", "download", "--decoder", "tae", "--to", tmp_path / "tae")
     assert result.exit_code == 1 and "cannot reach" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "tae").exists()
+
+
+@pytest.mark.parametrize("model", ["demo", "random"])
+def test_verifying_a_built_in_model_says_it_has_no_files(model: str) -> None:
+    refused(memflow("weights", "verify", "--model", model), f"--model {model}: that model is built with random weights")

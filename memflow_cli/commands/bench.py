@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..plan import EXIT_BAD_INPUT, PlanError, check_fp8, checked_device, geometry_for, option_settings
-from ..report import err, out
+from ..report import err, out, warn
 from ..request import CompileMode, GenerationOptions, ModelKind, ModelSource
 from .common import (
     BankSize,
@@ -126,6 +126,9 @@ def bench(
         decoder_choice = decoder_request(source, decoder, decoder_weights)
     if memory_limit is not None and dev.type != "cuda":
         fail(f"--memory-limit caps a CUDA device's memory; --device is {dev}", EXIT_BAD_INPUT)
+    if source.is_random and dev.type != "cuda":  # minutes a chunk on a CPU: said before the wait, not after
+        warn(f"--random-weights on {dev}: the full-size 1.3B model runs there for minutes a chunk before anything "
+             "prints; `memflow bench --model demo --device cpu` measures the pipeline on a CPU in seconds")  # fmt: skip
     try:
         options = bench_mod.BenchOptions(
             model=source, device=dev, settings=settings, latent_frames=frames, switches=switches,

@@ -9,6 +9,7 @@ import typer
 
 from ..plan import EXIT_BAD_INPUT
 from ..report import download_hint, out
+from ..request import ModelSource
 from .common import Decoder, DecoderWeights, fail
 
 app = typer.Typer(no_args_is_help=True, help="Fetch and check the model weights.", rich_markup_mode=None)
@@ -51,6 +52,9 @@ def verify(
     decoder_weights: DecoderWeights = None,
 ) -> None:
     """Check that every weight file is present and readable, and each released Wan file has its released size."""
+    if ModelSource.parse(model).built_in:  # `--model demo` or `random`: made in memory, no file to check
+        fail(f"--model {model}: that model is built with random weights in memory, so there are no files to verify",
+             EXIT_BAD_INPUT, "give a weights folder, or leave out --model for the Hugging Face cache")  # fmt: skip
     if _tae_asked(decoder, decoder_weights):
         _verify_tae(model, decoder_weights)
         return
