@@ -9,7 +9,8 @@
 # memflow names the outputs (`memflow check --json`) and decides what is finished (`render --skip-existing`:
 # a video whose metadata records the same story, seed, settings and length); a preview is not a finished
 # full render. Run again after any stop (Ctrl-C, kill -9, a crash), the batch resumes: finished videos are
-# skipped, a story whose render died is rendered again from the start, and a story another memflow process
+# skipped, a story whose render died continues from its last snapshot (with --snapshots), else from the start,
+# and a story another memflow process
 # is rendering now is left to it ("in progress"). With --overwrite, videos that are not a finished render of
 # the same request (a preview, other settings) are replaced; finished ones are still skipped. Two scripts
 # whose stories would write the same file: the later one fails. A failed script is logged to
