@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from memflow_cli.text_encoder import TextEncoder
     from memflow_cli.wan_vae import WanVAE
 
-DEMO_NOTICE = "demo model: tiny random weights, nothing downloaded - the video is noise, not your story"
+DEMO_NOTICE = "demo model: tiny random weights, nothing downloaded — the video is noise, not your story"
 
 # 64x96 pixels -> latent 8x12 -> 4x6 = 24 tokens per latent frame
 DEMO_GEOMETRY = VideoGeometry(height=64, width=96)

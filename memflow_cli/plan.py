@@ -150,7 +150,8 @@ def option_settings(settings: Mapping[str, Any], geometry: VideoGeometry) -> Gen
         return GenerationSettings(geometry=geometry).with_overrides(given)
     except SettingsError as error:
         blamed = next((name for name in (error.field, *error.related) if name in given), error.field)
-        raise PlanError(f"--{blamed.replace('_', '-')}: {error.message}") from None
+        option = f"--{blamed.replace('_', '-')}"
+        raise PlanError(f"{option}: {error.message}", f"see `{option}` in the command's --help") from None
 
 
 def story_settings(story: Story, settings: Mapping[str, Any], geometry: VideoGeometry) -> GenerationSettings:

@@ -357,6 +357,8 @@ def _unsigned_seconds(text: str) -> float | None:
 
 
 def _check_title(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # `title: 2024` is a number to YAML
+        raise InvalidValue(f"the title must be text, got the number {preview(value)}", f'quote it: title: "{value}"')
     if not isinstance(value, str) or blank(value):
         raise InvalidValue(f"the title must be non-blank text, got {preview(value)}", "write a short name in quotes")
     if problem := text_problem(value.strip()):

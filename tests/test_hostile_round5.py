@@ -417,3 +417,17 @@ def test_the_preview_decoders_download_without_a_network_is_one_line_at_once_and
 @pytest.mark.parametrize("model", ["demo", "random"])
 def test_verifying_a_built_in_model_says_it_has_no_files(model: str) -> None:
     refused(memflow("weights", "verify", "--model", model), f"--model {model}: that model is built with random weights")
+
+
+def test_a_title_that_yaml_reads_as_a_number_says_to_quote_it(tmp_path: Path) -> None:
+    script = write(tmp_path, "t.yaml", f"title: 2024\n{SEGMENTS}")
+    refused(memflow("check", script), "title: the title must be text, got the number 2024", 'quote it: title: "2024"')
+
+
+def test_the_missing_preview_decoder_names_the_weights_folder_too(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    (tmp_path / "weights").mkdir()
+    result = memflow("weights", "verify", "--decoder", "tae", "--model", tmp_path / "weights")
+    assert result.exit_code == 1, result.stderr  # missing weights, as for the model's own files
+    assert f"are neither in {tmp_path / 'weights'} nor in the Hugging Face cache" in result.stderr

@@ -143,7 +143,7 @@ def test_weights_download_and_verify_with_a_local_stand_in_of_the_hub(tmp_path, 
     monkeypatch.setattr(tae_files, "hf_hub_download", stand_in)
     monkeypatch.setattr(tae_files, "check_reachable", lambda: None)  # the stand-in hub answers
     before = memflow("weights", "verify", "--decoder", "tae")
-    assert before.exit_code == 2 and "memflow weights download --decoder tae" in before.stderr
+    assert before.exit_code == 1 and "memflow weights download --decoder tae" in before.stderr  # missing weights
     result = memflow("weights", "download", "--decoder", "tae")
     assert result.exit_code == 0, result.output
     assert fetched == ["madebyollin/taehv/taew2_1.pth"]

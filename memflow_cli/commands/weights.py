@@ -104,8 +104,8 @@ def _verify_tae(model: str | None, weights: Path | None) -> None:
 
     try:
         path = tae_weights(weights, Path(model).expanduser() if model is not None else None)
-    except WeightsError as error:
-        fail(str(error), EXIT_BAD_INPUT)
+    except WeightsError as error:  # missing weights: exit code 1, as for the model's own files
+        fail(str(error))
     result = verify_tae(path)
     out.print(str(result), markup=False, soft_wrap=True)
     if not result.ok:

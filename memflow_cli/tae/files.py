@@ -41,8 +41,9 @@ def tae_weights(weights: Path | None = None, model_folder: Path | None = None) -
     """The TAEHV file; missing, a WeightsError that names the download command."""
     found = find_tae_weights(weights, model_folder)
     if found is None:
+        where = f"neither in {model_folder} nor" if model_folder is not None else "not"
         raise WeightsError(
-            f"the TAEHV decoder weights {TAE_FILE} are not in the Hugging Face cache ({hub_cache_dir()}): "
+            f"the TAEHV decoder weights {TAE_FILE} are {where} in the Hugging Face cache ({hub_cache_dir()}): "
             f"run `{TAE_DOWNLOAD_COMMAND}`, or give --decoder-weights PATH"
         )
     return found
