@@ -150,7 +150,8 @@ def test_bench_refuses_a_bad_option_as_render_does():
     result = CliRunner().invoke(app, ["bench", "--model", "demo", "--device", "cpu", "--window", "2"])
     assert result.exit_code == 2
     assert result.stderr.splitlines()[0] == (
-        "error: --window: the sink (3 frames) must be smaller than the window (2 frames)"
+        "error: --window: the sink (3 frames) must be smaller than the window (2 frames) — see `--window` in the "
+        "command's --help"
     )
     assert "Traceback" not in result.output
 

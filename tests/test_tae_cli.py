@@ -14,6 +14,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from memflow_cli.tae import TAEW2_1, random_released_state
 from memflow_cli.tae import files as tae_files
+from memflow_cli.weights import fetch
 
 from .cli_helpers import DEMO, assert_video, memflow, video_frames, write_story
 from .live import replay_options, same_frames
@@ -141,7 +142,7 @@ def test_weights_download_and_verify_with_a_local_stand_in_of_the_hub(tmp_path, 
         return shutil.copy(taew2_1_file, snapshot / name)
 
     monkeypatch.setattr(tae_files, "hf_hub_download", stand_in)
-    monkeypatch.setattr(tae_files, "check_reachable", lambda: None)  # the stand-in hub answers
+    monkeypatch.setattr(fetch, "check_reachable", lambda: None)  # the stand-in hub answers
     before = memflow("weights", "verify", "--decoder", "tae")
     assert before.exit_code == 1 and "memflow weights download --decoder tae" in before.stderr  # missing weights
     result = memflow("weights", "download", "--decoder", "tae")

@@ -90,8 +90,10 @@ def _tae_asked(decoder: str | None, weights: Path | None = None) -> bool:
 def _download_tae(to: Path | None) -> None:
     from ..tae.files import download_tae
     from ..weights import WeightsError
+    from ..weights.fetch import check_reachable
 
     try:
+        check_reachable()  # no network: one line at once, not the hub client's retries
         path = download_tae(to)
     except WeightsError as error:
         fail(str(error))
