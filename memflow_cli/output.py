@@ -200,10 +200,13 @@ class OutputLock:
                     f"{who} is writing {self.target} right now; nothing was rendered",
                     hint="wait for it to finish, or choose another output",
                 ) from None
-            if _same_file(fd, self.path):
-                self._fd = fd
-            else:
+            if not _same_file(fd, self.path):
                 os.close(fd)
+            elif os.fstat(fd).st_nlink > 1:  # another name of this file (a backup's hard link, or planted): memflow
+                self.path.unlink()  # lets its own name go and makes a fresh lock file; the file is never written
+                os.close(fd)
+            else:
+                self._fd = fd
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
 
@@ -217,10 +220,9 @@ class OutputLock:
                 f"cannot write in {self.target.parent}: {_reason(error)}",
                 hint="choose a folder you can write to" if error.errno != errno.ENAMETOOLONG else "shorten the name",
             ) from None
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:  # a hard link is another name of someone's file
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: no file memflow made
             os.close(fd)
-            raise self._not_a_lock_file("not a plain file" if not stat.S_ISREG(found.st_mode) else "a hard link")
+            raise self._not_a_lock_file("not a plain file")
         return fd
 
     def _not_a_lock_file(self, what: str) -> OutputExistsError:

@@ -437,22 +437,27 @@ def finished_difference(job: Job, request: RenderRequest, geometry: VideoGeometr
         return f"no memflow metadata {sidecar_path(target).name} beside it"
     timeline = job.story.timeline(geometry, request.duration_s)
     asked = json.loads(json.dumps(request_record(job.story, timeline, job.settings, job.seed)))
-    if recorded.get("title") != asked["title"]:
-        return f"it holds {recorded.get('title')!r} from {recorded.get('script')}"
-    was, now = recorded.get("timeline", {}).get("duration_s"), asked["timeline"]["duration_s"]
+    recorded_timeline = recorded.get("timeline")
+    if not isinstance(recorded_timeline, dict) or not isinstance(recorded.get("title"), str):
+        return f"its metadata {sidecar_path(target).name} is not that of a finished render"  # edited, or another kind
+    if recorded["title"] != asked["title"]:
+        return f"it holds {recorded['title']!r} from {recorded.get('script')}"
+    was, now = recorded_timeline.get("duration_s"), asked["timeline"]["duration_s"]
     if was != now:
         return f"it is {was:.2f} s long, {now:.2f} s were asked" if isinstance(was, float) else "another length"
-    if recorded.get("timeline") != asked["timeline"]:
+    if recorded_timeline != asked["timeline"]:
         return "its segments differ from the script's"
     if recorded.get("seed") != asked["seed"]:
-        return f"it was rendered with seed {recorded.get('seed')}, not {job.seed}"
+        return f"it was rendered with seed {recorded.get('seed')!r}, not {job.seed}"
     if recorded.get("settings") != asked["settings"]:
         return "it was rendered with other settings"
     fp8 = request.options.fp8
-    if recorded.get("fp8", False) != fp8:
-        return f"it was rendered {'without' if fp8 else 'with'} --fp8"
+    if recorded.get("fp8", False) is not fp8:
+        return f"it was rendered {'without' if fp8 else 'with'} --fp8" if isinstance(recorded.get("fp8"), bool) \
+            else "it was rendered with other settings"
     if recorded.get("decoder", "wan") != request.options.decoder.choice.value:
-        return f"it was decoded with --decoder {recorded.get('decoder')}"
+        decoder = recorded.get("decoder")
+        return f"it was decoded with --decoder {decoder}" if isinstance(decoder, str) else "another decoder"
     return None
 
 

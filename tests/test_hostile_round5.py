@@ -62,12 +62,11 @@ def test_another_spellings_partial_video_is_refused_and_kept(tmp_path: Path) -> 
 # The lock file is memflow's own: never written through a link
 
 
-@pytest.mark.parametrize("link", ["symbolic", "hard"])
-def test_a_link_at_the_lock_files_place_is_refused_and_its_file_untouched(tmp_path: Path, link: str) -> None:
+def test_a_symbolic_link_at_the_lock_files_place_is_refused_and_its_file_untouched(tmp_path: Path) -> None:
     victim = write(tmp_path, "notes.txt", "a user's notes\n")
     lock = lock_path(tmp_path / "v.mp4")
-    (os.symlink if link == "symbolic" else os.link)(victim, lock)
-    with pytest.raises(OutputExistsError, match=f"{lock.name} is where memflow locks v.mp4, but it is a") as error:
+    os.symlink(victim, lock)
+    with pytest.raises(OutputExistsError, match=f"{lock.name} is where memflow locks v.mp4, but it is a link") as error:
         with reserved_output(tmp_path / "v.mp4"):
             pass
     assert error.value.hint and "remove it" in error.value.hint
@@ -75,6 +74,24 @@ def test_a_link_at_the_lock_files_place_is_refused_and_its_file_untouched(tmp_pa
     refused(memflow("render", script, "-o", tmp_path / "v.mp4", *DEMO, *TAE), lock.name)
     assert victim.read_text() == "a user's notes\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([lock.name, "notes.txt", "story.yaml"])
+
+
+def test_a_hard_link_at_the_lock_files_place_is_let_go_and_its_file_never_written(tmp_path: Path) -> None:
+    """A user's file linked there, or a backup's link to a lock a killed render left: memflow lets its own name
+    go and makes a fresh lock; the other name's file keeps its bytes."""
+    victim = write(tmp_path, "notes.txt", "a user's notes\n")
+    os.link(victim, lock_path(tmp_path / "v.mp4"))
+    with reserved_output(tmp_path / "v.mp4"):
+        assert lock_path(tmp_path / "v.mp4").read_text().strip() == str(os.getpid())
+    assert victim.read_text() == "a user's notes\n" and victim.stat().st_nlink == 1
+
+
+def test_a_busy_output_is_said_busy_whatever_links_its_lock_has(tmp_path: Path) -> None:
+    with reserved_output(tmp_path / "v.mp4"):
+        os.link(lock_path(tmp_path / "v.mp4"), tmp_path / "backup-of-the-lock")  # `cp -al` while it renders
+        with pytest.raises(OutputBusyError, match="is writing"):
+            with reserved_output(tmp_path / "v.mp4"):
+                pass
 
 
 def test_a_folder_at_the_lock_files_place_is_refused(tmp_path: Path) -> None:
