@@ -477,6 +477,9 @@ def _default_title(path: Path) -> str:
     if problem := text_problem(path.stem):
         message = f"the file name {problem}; it names the video of a story without a title"
         raise ScriptError(path, None, None, message, "rename the file without control characters, or give a title")
+    if control := bidi_control(path.stem):
+        message = f"the file name holds \\u{ord(control):04x}, which reorders the text after it (it names the video)"
+        raise ScriptError(path, None, None, message, "rename the file without it, or give a title")
     return path.stem
 
 

@@ -24,7 +24,8 @@ from rich.text import Text
 
 PROMPT_WHITESPACE = "\t\n"  # control characters a prompt may hold: they mean a space to the tokenizer
 # characters that reorder what follows on a terminal: a file name or prompt could show another text than it holds
-_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # a regex class
+_REORDERING = "\u202a-\u202e\u2066-\u2069"  # embeddings, overrides, isolates: a regex class
+_BIDI_CONTROLS = "\u061c\u200e\u200f" + _REORDERING  # those and the direction marks: escaped when shown
 
 
 # C0, DEL and C1 controls, line and paragraph separators, lone surrogates: Unicode's categories Cc, Zl, Zp, Cs
@@ -69,8 +70,10 @@ def blank(text: str) -> bool:
 
 
 def bidi_control(text: str) -> str | None:
-    """The first character of `text` that reorders what a terminal or file browser shows after it, or None."""
-    found = _pattern(_BIDI_CONTROLS, "").search(text)
+    """The first character of `text` that reorders what a terminal or file browser shows after it (an embedding,
+    override or isolate: U+202A-U+202E, U+2066-U+2069), or None. The invisible direction marks of Hebrew and
+    Arabic text (U+200E, U+200F, U+061C) reorder nothing: they are text."""
+    found = _pattern(_REORDERING, "").search(text)
     return found.group() if found else None
 
 

@@ -448,3 +448,15 @@ def test_the_missing_preview_decoder_names_the_weights_folder_too(tmp_path: Path
     result = memflow("weights", "verify", "--decoder", "tae", "--model", tmp_path / "weights")
     assert result.exit_code == 1, result.stderr  # missing weights, as for the model's own files
     assert f"are neither in {tmp_path / 'weights'} nor in the Hugging Face cache" in result.stderr
+
+
+@pytest.mark.parametrize("mark", ["\\u200f", "\\u200e", "\\u061c"])
+def test_a_title_with_a_direction_mark_of_hebrew_or_arabic_text_is_text(tmp_path: Path, mark: str) -> None:
+    script = write(tmp_path, "t.yaml", f'title: "מגדלור{mark} 2"\n{SEGMENTS}')
+    result = memflow("check", "--json", script)
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_script_file_name_that_reorders_its_video_name_is_refused_without_a_title(tmp_path: Path) -> None:
+    script = write(tmp_path, "evil\u202e4pm.yaml", SEGMENTS)
+    refused(memflow("check", script), "the file name holds \\u202e, which reorders the text after it")

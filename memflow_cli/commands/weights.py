@@ -34,10 +34,10 @@ def download(
         return
     from ..weights import WeightsError
     from ..weights import download as fetch
-    from ..weights.fetch import check_reachable
+    from ..weights.fetch import check_reachable, download_command
 
     try:
-        check_reachable()
+        check_reachable(command=download_command(to))
         files = fetch(to)
     except WeightsError as error:
         fail(str(error))
@@ -90,10 +90,10 @@ def _tae_asked(decoder: str | None, weights: Path | None = None) -> bool:
 def _download_tae(to: Path | None) -> None:
     from ..tae.files import download_tae
     from ..weights import WeightsError
-    from ..weights.fetch import check_reachable
+    from ..weights.fetch import check_reachable, download_command
 
     try:
-        check_reachable()  # no network: one line at once, not the hub client's retries
+        check_reachable(command=download_command(to, tae=True))  # no network: one line at once, no retries
         path = download_tae(to)
     except WeightsError as error:
         fail(str(error))

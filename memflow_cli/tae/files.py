@@ -13,7 +13,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from ..loading import WeightsError, not_a_file
-from ..weights.fetch import first_line, no_locks_left
+from ..weights.fetch import download_command, first_line, no_locks_left
 from ..weights.locate import hub_cache_dir, hub_offline
 from ..weights.verify import CheckResult
 from .weights import TAE_DOWNLOAD_COMMAND, TAE_FILE, TAE_REPO, TAEW2_1_MIN_BYTES, checked_decoder_state, read_state
@@ -56,7 +56,7 @@ def download_tae(to: Path | None = None) -> Path:
         if found is None:
             raise WeightsError(f"HF_HUB_OFFLINE is set, so {TAE_REPO}/{TAE_FILE} cannot be downloaded; unset it")
         return found
-    again = TAE_DOWNLOAD_COMMAND + (f" --to {to}" if to is not None else "")
+    again = download_command(to, tae=True)
     try:
         cache_dir = None if to is not None else hub_cache_dir()
         with no_locks_left(to):

@@ -46,13 +46,15 @@ def download(to: Path | None = None) -> ModelFiles:
     with no_locks_left(to):
         for name in (BASE_FILE, LORA_FILE):
             fetch_file = partial(hf_hub_download, MEMFLOW_REPO, name, cache_dir=cache_dir, local_dir=to)
-            _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file)
+            _fetch(f"{MEMFLOW_REPO}/{name}", fetch_file, download_command(to))
         fetch_wan = partial(snapshot_download, WAN_REPO, allow_patterns=list(WAN_PATTERNS), cache_dir=cache_dir)
-        _fetch(WAN_REPO, partial(fetch_wan, local_dir=wan_dir))
+        _fetch(WAN_REPO, partial(fetch_wan, local_dir=wan_dir), download_command(to))
     return resolve_model(to)
 
 
-def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+def check_reachable(
+    endpoint: str | None = None, timeout_s: float = REACH_TIMEOUT_S, command: str = DOWNLOAD_COMMAND
+) -> None:
     """One request to the hub (`endpoint`, default the hub's) before `download`: without a network, a
     WeightsError at once instead of the hub client's retries (five, about half a minute) and the lock files
     it leaves in the target folder. Nothing is asked under HF_HUB_OFFLINE."""
@@ -67,7 +69,7 @@ def check_reachable(endpoint: str | None = None, timeout_s: float = REACH_TIMEOU
         reason = getattr(error, "reason", None) or error
         raise WeightsError(
             f"cannot reach {endpoint}: {getattr(reason, 'strerror', None) or reason}; nothing was downloaded "
-            f"(check the network, or the proxy in HTTPS_PROXY, then run `{DOWNLOAD_COMMAND}` again)"
+            f"(check the network, or the proxy in HTTPS_PROXY, then run `{command}` again)"
         ) from None
 
 
@@ -91,13 +93,18 @@ def _download_locks(to: Path) -> Iterator[Path]:
     yield from (to / ".cache" / "huggingface").rglob("*.lock")
 
 
-def _fetch(what: str, fetch: Callable[[], Any]) -> None:
+def download_command(to: Path | None = None, *, tae: bool = False) -> str:
+    """The command that runs this download again: `--decoder tae` and `--to DIR` as given."""
+    return DOWNLOAD_COMMAND + (" --decoder tae" if tae else "") + (f" --to {to}" if to is not None else "")
+
+
+def _fetch(what: str, fetch: Callable[[], Any], command: str = DOWNLOAD_COMMAND) -> None:
     try:
         fetch()
     except (HfHubHTTPError, OSError) as err:  # LocalEntryNotFoundError (no network) is an OSError
         raise WeightsError(
             f"could not download {what}: {first_line(err)}; check the network (and HF_TOKEN if the repo needs one), "
-            f"then run `{DOWNLOAD_COMMAND}` again"
+            f"then run `{command}` again"
         ) from None
 
 
