@@ -60,9 +60,9 @@ def partial_path(target: Path) -> Path:
 
 
 def lock_path(target: Path) -> Path:
-    """The lock file of a render to `target`, named by the case-folded name (`Out.MP4`, `out.mp4`: one output,
+    """The lock file of a render to `target`, named by the name in lower case (`Out.MP4`, `out.mp4`: one output,
     one lock): `.out.mp4.lock`, same folder."""
-    return target.with_name(f".{target.name.casefold()}{LOCK_SUFFIX}")
+    return target.with_name(f".{target.name.lower()}{LOCK_SUFFIX}")
 
 
 def sidecar_path(target: Path) -> Path:

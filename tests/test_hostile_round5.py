@@ -460,3 +460,13 @@ def test_a_title_with_a_direction_mark_of_hebrew_or_arabic_text_is_text(tmp_path
 def test_a_script_file_name_that_reorders_its_video_name_is_refused_without_a_title(tmp_path: Path) -> None:
     script = write(tmp_path, "evil\u202e4pm.yaml", SEGMENTS)
     refused(memflow("check", script), "the file name holds \\u202e, which reorders the text after it")
+
+
+def test_names_equal_only_under_unicode_case_folding_are_two_outputs(tmp_path: Path) -> None:
+    """`Straße` and `Strasse` are two files on every file system: only case makes two names one output."""
+    with reserved_output(tmp_path / "Straße.mp4"):
+        with reserved_output(tmp_path / "Strasse.mp4"):
+            assert lock_path(tmp_path / "Straße.mp4") != lock_path(tmp_path / "Strasse.mp4")
+    (tmp_path / "Straße.mp4").write_bytes(b"video")
+    with reserved_output(tmp_path / "Strasse.mp4"):
+        pass
