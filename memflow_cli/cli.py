@@ -58,14 +58,30 @@ def main() -> None:
         if _is_a(error, "NoArgsIsHelpError"):  # `memflow` alone: the help, as asked for
             error.show()
         elif _is_a(error, "ClickException"):
-            command = error.ctx.command_path if getattr(error, "ctx", None) else "memflow"
-            print_error(one_line(error.format_message()), f"see `{command} --help`")
+            command = error.ctx.command_path if getattr(error, "ctx", None) else _command_named(sys.argv[1:])
+            print_error(one_line(error.format_message()).rstrip("."), f"see `{command} --help`")
         elif _is_a(error, "Abort"):  # Ctrl-C before a command took over its own stopping
             sys.exit(EXIT_INTERRUPTED)
         else:
             raise
         sys.exit(error.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _command_named(arguments: list[str]) -> str:
+    """`memflow render`, `memflow weights verify`...: the command the arguments name, as far as they do."""
+    words = ["memflow"]
+    group = app
+    for word in arguments:
+        names = {command.name or command.callback.__name__ for command in group.registered_commands}
+        groups = {sub.name: sub.typer_instance for sub in group.registered_groups}
+        if word in names:
+            return " ".join([*words, word])
+        if word not in groups:
+            break
+        words.append(word)
+        group = groups[word]
+    return " ".join(words)
 
 
 def _is_a(error: BaseException, kind: str) -> bool:

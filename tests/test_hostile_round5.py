@@ -470,3 +470,20 @@ def test_names_equal_only_under_unicode_case_folding_are_two_outputs(tmp_path: P
     (tmp_path / "Straße.mp4").write_bytes(b"video")
     with reserved_output(tmp_path / "Strasse.mp4"):
         pass
+
+
+def test_a_segment_length_shorter_than_a_chunk_names_the_option(tmp_path: Path) -> None:
+    script = write(tmp_path, "p.jsonl", '{"prompts": ["a"]}\n')
+    refused(memflow("check", script, "--segment-seconds", "0.5"), "--segment-seconds 0.5: shorter than one chunk")
+
+
+@pytest.mark.parametrize(("arguments", "command"), [
+    (["render", "x.yaml", "-o", "x.mp4", "--seed"], "memflow render"),
+    (["weights", "verify", "--model"], "memflow weights verify"),
+])  # fmt: skip
+def test_a_missing_option_value_names_its_commands_help(arguments: list[str], command: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "memflow_cli", *arguments], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "requires an argument — see" in line and line.endswith(f"see `{command} --help`")

@@ -13,7 +13,7 @@ import typer
 from ..plan import EXIT_BAD_INPUT, EXIT_FAILED, PlanError
 from ..report import print_error
 from ..request import RELEASED_LORA as RELEASED_LORA  # the released lora.pt's rank and alpha: the defaults
-from ..settings import LORA_ALPHA_MAX
+from ..settings import LORA_ALPHA_MAX, VideoGeometry
 from ..text import ascii_int, one_line
 
 TIME_FORMATS = "10s, 1.5s, 1m30s, 1h, 0:10 or 1:02.5"
@@ -71,7 +71,7 @@ def _written(number: float) -> str:
     return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
-def time_option(option: str) -> Callable[[Any], float | None]:
+def time_option(option: str, at_least: float = 0.0) -> Callable[[Any], float | None]:
     """The parser of a time option (`typer.Option(parser=...)`): any form a script's times take (`10s`, `1m30s`,
     `90`, `0:10`...); anything else is one line naming the option, exit 2."""
 
@@ -89,6 +89,9 @@ def time_option(option: str) -> Callable[[Any], float | None]:
             fail(f"{option} {text}: {error}", EXIT_BAD_INPUT)
         if seconds == 0:
             fail(f"{option} {text}: a length must be longer than 0s", EXIT_BAD_INPUT, "give it like 10s")
+        if seconds < at_least:
+            fail(f"{option} {text}: shorter than one chunk of video ({at_least:g} s)", EXIT_BAD_INPUT,
+                 f"give at least {at_least:g}s, such as 10s")  # fmt: skip
         return seconds
 
     return parse
@@ -122,7 +125,7 @@ Scripts = Annotated[
 SegmentSeconds = Annotated[
     float,
     typer.Option("--segment-seconds", help=f"Length of each segment of a JSONL story: seconds, or {TIME_FORMATS}.",
-                 metavar="TIME", parser=time_option("--segment-seconds")),  # fmt: skip
+                 metavar="TIME", parser=time_option("--segment-seconds", VideoGeometry().chunk_seconds)),  # fmt: skip
 ]
 OutDir = Annotated[
     Path | None,
