@@ -142,7 +142,7 @@ def test_weights_download_and_verify_with_a_local_stand_in_of_the_hub(tmp_path, 
         return shutil.copy(taew2_1_file, snapshot / name)
 
     monkeypatch.setattr(tae_files, "hf_hub_download", stand_in)
-    monkeypatch.setattr(fetch, "check_reachable", lambda: None)  # the stand-in hub answers
+    monkeypatch.setattr(fetch, "check_reachable", lambda **_: None)  # the stand-in hub answers
     before = memflow("weights", "verify", "--decoder", "tae")
     assert before.exit_code == 1 and "memflow weights download --decoder tae" in before.stderr  # missing weights
     result = memflow("weights", "download", "--decoder", "tae")
