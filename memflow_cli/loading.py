@@ -111,6 +111,10 @@ class NotARegularFile(ValueError):
     """What `read_regular_file` found is no regular file, or larger than asked; the message says which."""
 
 
+class FileTooLarge(NotARegularFile):
+    """`read_regular_file` found a regular file larger than asked."""
+
+
 def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
     """The bytes of the regular file at `path`, of at most `max_bytes`, read in bounded time and memory: opened
     without blocking (a FIFO is never waited on) and checked once open (no device is read, whatever a link
@@ -126,7 +130,7 @@ def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
     finally:
         os.close(descriptor)
     if len(data) > max_bytes:
-        raise NotARegularFile(f"larger than {max_bytes:,} bytes")
+        raise FileTooLarge(f"larger than {max_bytes:,} bytes")
     return data
 
 
@@ -141,9 +145,9 @@ def read_json_file(path: Path | str, max_bytes: int = CONFIG_MAX_BYTES) -> Any:
         raise WeightsError("file not found", path) from None
     except OSError as err:
         raise WeightsError(f"{not_a_file(path) or 'cannot be opened'} ({err.strerror or err})", path) from None
+    except FileTooLarge as found:
+        raise WeightsError(f"{found}, more than such a JSON file holds: {TRUNCATED}", path) from None
     except NotARegularFile as found:
-        if str(found).startswith("larger"):
-            raise WeightsError(f"{found}, more than such a JSON file holds: {TRUNCATED}", path) from None
         raise WeightsError(f"{found}: {NOT_A_FILE_FIX}", path) from None
     try:
         return json.loads(raw.decode("utf-8"))

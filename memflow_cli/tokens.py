@@ -134,7 +134,7 @@ def _cut(index: int, segment: _SegmentLike, limit: int, count: TokenCounter | No
         tokens = count(" ".join(words))  # whitespace as the encoder's cleaning leaves it
         if tokens <= limit:
             return None
-        kept = _words_that_fit(head.split(), limit, count)
+        kept = _words_that_fit(words if head is counted else head.split(), limit, count)  # split once if one text
     total_words = sum(1 for _ in _WORD.finditer(segment.prompt)) if at_least else len(words)  # no list of them
     last = " ".join(words[max(0, kept - CONTEXT_WORDS) : kept])[-CONTEXT_CHARS:]
     return PromptCut(index, segment.start_s, total_words, tokens, limit, kept, last, count is not None, at_least)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -90,3 +93,14 @@ def dead_render(target: Path) -> None:
     """What kill -9 leaves of a render: its partial video and its lock file, with no process holding the lock."""
     partial_path(target).write_bytes(b"the frames of a render that died")
     lock_path(target).write_text("999999999\n")
+
+
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen, failed: str, timeout: float = 120,
+               poll_s: float = 0.05) -> None:  # fmt: skip
+    """Until `ready()` while `process` runs: its output if it ends first, `failed` (what did not happen) with the
+    timeout if that comes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{failed} in {timeout:g} s"
+        time.sleep(poll_s)

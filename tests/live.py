@@ -10,11 +10,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+
+from .cli_helpers import wait_until
 
 MEMFLOW = [sys.executable, "-m", "memflow_cli"]
 DEMO = ("--model", "demo", "--device", "cpu")
@@ -56,11 +57,8 @@ def run_memflow(*args: str | Path, timeout: float = 300) -> subprocess.Completed
 
 def wait_for_bytes(path: Path, size: int, process: subprocess.Popen, timeout: float = 180) -> None:
     """Until `path` holds more than `size` bytes (the growing partial video)."""
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.stat().st_size > size):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} did not grow past {size} bytes in {timeout} s"
-        time.sleep(0.05)
+    wait_until(lambda: path.exists() and path.stat().st_size > size, process, f"{path} did not grow past {size} bytes",
+               timeout)  # fmt: skip
 
 
 def decoded_frames(path: Path) -> list[np.ndarray]:

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ from tests.cli_helpers import (
     dead_render,
     memflow,
     video_frames,
+    wait_until,
     write_story,
 )
 from tests.video import probe_video
@@ -62,11 +62,7 @@ def start_render(script: Path, target: Path, *options: str) -> subprocess.Popen:
 
 def wait_for_frames(partial: Path, process: subprocess.Popen) -> None:
     """Until the partial video holds a first fragment (its header is about 800 bytes)."""
-    deadline = time.monotonic() + 120
-    while not (partial.exists() and partial.stat().st_size > 2000):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no frames were written in 120 s"
-        time.sleep(0.05)
+    wait_until(lambda: partial.exists() and partial.stat().st_size > 2000, process, "no frames were written")
 
 
 def run_memflow(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
@@ -529,12 +525,8 @@ def test_ctrl_c_while_torch_and_the_model_load_is_reported(tmp_path: Path):
     script = write_story(tmp_path / "fox.yaml", ["0s"], "1.5s")
     process = start_render(script, tmp_path / "fox.mp4")
     try:
-        deadline = time.monotonic() + 120
-        maps = Path(f"/proc/{process.pid}/maps")
-        while "libtorch" not in maps.read_text():  # the command has begun importing torch
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "torch was not loaded in 120 s"
-            time.sleep(0.02)
+        maps = Path(f"/proc/{process.pid}/maps")  # "libtorch" there: the command has begun importing torch
+        wait_until(lambda: "libtorch" in maps.read_text(), process, "torch was not loaded", poll_s=0.02)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
     finally:

@@ -16,7 +16,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from memflow_cli.output import partial_path, sidecar_path
 from memflow_cli.snapshots import snapshot_files, snapshot_path
 
-from .cli_helpers import DEMO, TAE, decoded, memflow, video_frames
+from .cli_helpers import DEMO, TAE, decoded, memflow, video_frames, wait_until
 
 PROMPTS = (
     "a red fox trots across a snowy field",
@@ -208,11 +207,8 @@ def test_a_render_killed_in_segment_3_resumes_there_and_equals_an_uninterrupted_
     command = [sys.executable, "-m", "memflow_cli.cli", "render", str(script), *DEMO, *output, "-q", "--snapshots"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not snapshot_path(target, 4, partial=True).exists():  # chunk 4 is written, chunk 5 on its way
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no snapshot of segment 3 in 120 s"
-            time.sleep(0.02)
+        fourth = snapshot_path(target, 4, partial=True)  # chunk 4 is written, chunk 5 on its way
+        wait_until(fourth.exists, process, "no snapshot of segment 3", poll_s=0.02)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
     finally:
@@ -311,11 +307,8 @@ def test_an_update_stopped_and_run_again_keeps_the_snapshots_before_its_start(tm
                "--update", "--snapshots"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not snapshot_path(target, 4, partial=True).exists():  # segment 3's first chunk is written
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the update kept no snapshot in 120 s"
-            time.sleep(0.02)
+        first_chunk = snapshot_path(target, 4, partial=True)  # segment 3's first chunk is written
+        wait_until(first_chunk.exists, process, "the update kept no snapshot", poll_s=0.02)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
